@@ -1,0 +1,209 @@
+"""Run folders: run-id parsing, metadata files, discovery in a data root.
+
+A run id is ``YYYYMMDD-HHMMSS-<model>-tp<N>-<workload>`` (real runs) with an optional
+``-synth`` suffix for StepML's synthetic runs, so a synthetic id never equals a real one.
+Ids are validated before they become paths or Dagster partition keys.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .catalog import canonical_model_name
+
+RUN_ID_RE = re.compile(
+    r"^(?P<date>\d{8})-(?P<time>\d{6})-(?P<model>[a-z0-9][a-z0-9.-]*?)-tp(?P<tp>\d{1,2})"
+    r"-(?P<workload>[a-z][a-z0-9]*)(?P<synth>-synth)?$"
+)
+MAX_RUN_ID_LEN = 120
+TRACE_FILE_NAMES = ("traces.json", "traces.json.gz")
+PROVENANCE_FILE = "provenance.json"
+
+
+class RunIdError(ValueError):
+    """A folder name that is not a valid run id."""
+
+
+class RunMetadataError(ValueError):
+    """A run's metadata file is missing or unreadable."""
+
+
+@dataclass(frozen=True)
+class RunId:
+    experiment_id: str
+    started_at: datetime
+    model_slug: str
+    tp: int
+    workload: str
+    synthetic_suffix: bool
+
+    @property
+    def model(self) -> str:
+        """Catalogue key of the model (raises UnknownModelError with what to add)."""
+        return canonical_model_name(self.model_slug)
+
+
+def parse_run_id(text: str) -> RunId:
+    """Parse and validate a run id; raises RunIdError naming the problem."""
+    if not isinstance(text, str) or not text or len(text) > MAX_RUN_ID_LEN:
+        raise RunIdError(f"run id {text!r}: empty or longer than {MAX_RUN_ID_LEN} characters")
+    m = RUN_ID_RE.match(text)
+    if not m:
+        raise RunIdError(
+            f"run id {text!r} does not match YYYYMMDD-HHMMSS-<model>-tp<N>-<workload>[-synth] "
+            "(lower-case letters, digits, '.', '-')"
+        )
+    try:
+        started = datetime.strptime(m["date"] + m["time"], "%Y%m%d%H%M%S")
+    except ValueError as e:
+        raise RunIdError(f"run id {text!r}: bad date/time ({e})") from None
+    tp = int(m["tp"])
+    if tp < 1:
+        raise RunIdError(f"run id {text!r}: tensor-parallel degree must be >= 1")
+    return RunId(text, started, m["model"], tp, m["workload"], bool(m["synth"]))
+
+
+def safe_load_yaml(path: Path) -> Any:
+    """yaml.safe_load: plain data only, never Python object tags."""
+    try:
+        with open(path, "rb") as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RunMetadataError(f"{path}:{where} not safe/plain YAML: {getattr(e, 'problem', e)}") from None
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunMetadataError(f"{path}: not valid JSON ({e})") from None
+
+
+@dataclass
+class RunMetadata:
+    """Everything about one run folder except its traces."""
+
+    run: RunId
+    folder: Path
+    trace_path: Path | None
+    source: str  # "real" or "synthetic"
+    stands_for: str | None  # the real run a synthetic run is modelled on
+    exp_config: dict = field(default_factory=dict)
+    profile: dict = field(default_factory=dict)
+    summary: dict | None = None  # inference-perf summary_lifecycle_metrics.json
+    stages: list = field(default_factory=list)  # stage_<n>_lifecycle_metrics.json, in order
+    provenance: dict | None = None
+
+    @property
+    def experiment_id(self) -> str:
+        return self.run.experiment_id
+
+    @property
+    def model(self) -> str:
+        return self.run.model
+
+    @property
+    def tp(self) -> int:
+        return int(self.exp_config.get("tensor_parallelism", self.run.tp))
+
+    @property
+    def workload(self) -> str:
+        return self.run.workload
+
+    def as_record(self) -> dict:
+        return {
+            "experiment_id": self.experiment_id, "model": self.model, "tp": self.tp,
+            "workload": self.workload, "source": self.source, "stands_for": self.stands_for,
+            "trace_file": str(self.trace_path) if self.trace_path else None,
+        }
+
+
+def find_trace_file(folder: Path) -> Path | None:
+    for name in TRACE_FILE_NAMES:
+        p = folder / name
+        if p.is_file():
+            return p
+    return None
+
+
+def read_run_metadata(folder: Path, *, data_root: Path | None = None) -> RunMetadata:
+    """Read a run folder's id and metadata files.
+
+    Requires exp-config.yaml (vLLM server args). profile.yaml, results/*.json and
+    provenance.json are optional. A provenance.json with ``"source": "synthetic"`` marks the
+    run synthetic.
+    """
+    folder = Path(folder)
+    if data_root is not None:
+        check_inside_root(folder, data_root)
+    run = parse_run_id(folder.name)
+    run.model  # fail early and clearly for a model not in the catalogue
+    exp_path = folder / "exp-config.yaml"
+    if not exp_path.is_file():
+        raise RunMetadataError(f"{exp_path}: missing (every run folder needs its vLLM exp-config.yaml)")
+    exp_config = safe_load_yaml(exp_path) or {}
+    if not isinstance(exp_config, dict):
+        raise RunMetadataError(f"{exp_path}: expected a mapping, got {type(exp_config).__name__}")
+    profile = {}
+    prof_path = folder / "profile.yaml"
+    if prof_path.is_file():
+        p = safe_load_yaml(prof_path)
+        profile = p if isinstance(p, dict) else {}
+    results = folder / "results"
+    summary = _load_json(results / "summary_lifecycle_metrics.json") if (results / "summary_lifecycle_metrics.json").is_file() else None
+    stage_files = sorted(results.glob("stage_*_lifecycle_metrics.json"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0)) if results.is_dir() else []
+    stages = [_load_json(p) for p in stage_files]
+    provenance = _load_json(folder / PROVENANCE_FILE) if (folder / PROVENANCE_FILE).is_file() else None
+    synthetic = bool(provenance and provenance.get("source") == "synthetic") or run.synthetic_suffix
+    return RunMetadata(
+        run=run, folder=folder, trace_path=find_trace_file(folder),
+        source="synthetic" if synthetic else "real",
+        stands_for=(provenance or {}).get("stands_for"),
+        exp_config=exp_config, profile=profile, summary=summary, stages=stages, provenance=provenance,
+    )
+
+
+def check_inside_root(folder: Path, data_root: Path) -> None:
+    """Refuse folders (or symlinks) that resolve outside the data root."""
+    root = Path(data_root).resolve()
+    real = Path(folder).resolve()
+    if real != root and root not in real.parents:
+        raise RunMetadataError(f"{folder}: resolves to {real}, outside the data root {root} (symlink or path traversal)")
+
+
+def discover_run_folders(data_root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Run folders under a data root: (valid folders, [(rejected path, reason)]).
+
+    Accepts either a root whose children are run folders or a root with an
+    ``experiments/`` sub-folder. Rejected: names that are not run ids, symlinks out of the
+    root, folders without a trace file.
+    """
+    root = Path(data_root)
+    if (root / "experiments").is_dir() and not any(RUN_ID_RE.match(p.name) for p in root.iterdir()):
+        root = root / "experiments"
+    good, bad = [], []
+    if not root.is_dir():
+        return good, bad
+    for p in sorted(root.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        try:
+            check_inside_root(p, root)
+            parse_run_id(p.name)
+        except (RunIdError, RunMetadataError) as e:
+            bad.append((p, str(e)))
+            continue
+        if find_trace_file(p) is None:
+            bad.append((p, f"{p}: no traces.json or traces.json.gz"))
+            continue
+        good.append(p)
+    return good, bad
