@@ -1,0 +1,98 @@
+"""Validated step table and targets.
+
+`validate_steps` splits raw BATCH_SUMMARY rows into kept rows (which pass
+`StepTableSchema`) and quarantined rows with file, line and reason, so that
+rows in = rows kept + rows quarantined, always.
+
+Targets (µs):
+  schedule_us = step.duration_us   (CPU time of the scheduler's schedule() call; the original target)
+  cycle_us    = (step.ts_start_ns[id+1] − step.ts_start_ns[id]) / 1000, only where step id+1 is
+                also sampled (the engine cycle a simulator advances its clock by); null otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandera.polars as pa
+import polars as pl
+
+from .schemas import QUARANTINE_COLUMNS, STEP_COLUMNS, StepTableSchema
+
+
+@dataclass
+class ValidatedSteps:
+    kept: pl.DataFrame
+    quarantine: pl.DataFrame  # columns file, line, kind, reason, excerpt
+    rows_in: int
+
+    @property
+    def counts(self) -> dict:
+        return {"rows_in": self.rows_in, "rows_kept": self.kept.height, "rows_quarantined": self.quarantine.height}
+
+
+def _excerpt(df: pl.DataFrame) -> pl.Expr:
+    return pl.concat_str([pl.lit("step.id="), pl.col("step.id").cast(pl.Utf8).fill_null("null")])
+
+
+def _quarantine_rows(df: pl.DataFrame, file: str, reason: pl.Expr) -> pl.DataFrame:
+    line = pl.col("source_line").cast(pl.Int64) if "source_line" in df.columns else pl.lit(None, pl.Int64)
+    return df.select(
+        file=pl.lit(file), line=line, kind=pl.lit("row"), reason=reason.cast(pl.Utf8), excerpt=_excerpt(df),
+    ).cast(QUARANTINE_COLUMNS)
+
+
+def validate_steps(raw: pl.DataFrame, file: str) -> ValidatedSteps:
+    """Kept rows pass StepTableSchema; every other row is quarantined with its reason."""
+    rows_in = raw.height
+    df = raw.with_row_index("_row")
+    parts = []
+    if "parse_issue" in df.columns:
+        bad = df.filter(pl.col("parse_issue").is_not_null())
+        parts.append(_quarantine_rows(bad, file, pl.lit("parse: ") + pl.col("parse_issue")))
+        df = df.filter(pl.col("parse_issue").is_null())
+    # duplicate step ids: keep the first occurrence in file order, quarantine the rest
+    dup = pl.col("_row").rank("ordinal").over("step.id") > 1
+    dups = df.filter(dup & pl.col("step.id").is_not_null())
+    if dups.height:
+        first = df.group_by("step.id").agg(first_line=pl.col("source_line").min() if "source_line" in df.columns else pl.lit(None))
+        dups = dups.join(first, on="step.id", how="left")
+        parts.append(_quarantine_rows(dups, file, pl.format("duplicate step.id {} (first seen at line {})", pl.col("step.id"), pl.col("first_line"))))
+        df = df.filter(~(dup & pl.col("step.id").is_not_null()))
+    try:
+        StepTableSchema.validate(df, lazy=True)
+    except pa.errors.SchemaErrors as e:
+        fc = e.failure_cases
+        if "index" not in fc.columns or fc["index"].null_count() == fc.height:
+            raise  # a whole-table failure (e.g. wrong dtype): a bug in the reader, not bad data
+        why = (
+            fc.filter(pl.col("index").is_not_null())
+            .with_columns(msg=pl.format("{}: {} (value {})", pl.col("column"), pl.col("check"), pl.col("failure_case")))
+            .group_by("index").agg(reason=pl.col("msg").unique().sort().str.join("; "))
+        )
+        failing = df.with_row_index("index").join(why.with_columns(pl.col("index").cast(pl.UInt32)), on="index", how="inner")
+        parts.append(_quarantine_rows(failing, file, pl.lit("schema: ") + pl.col("reason")))
+        keep_idx = set(range(df.height)) - set(failing["index"].to_list())
+        df = df.with_row_index("index").filter(pl.col("index").is_in(sorted(keep_idx))).drop("index")
+        StepTableSchema.validate(df)  # what is kept must pass
+    quarantine = pl.concat(parts) if parts else pl.DataFrame(schema=QUARANTINE_COLUMNS)
+    kept = df.drop("_row").sort("step.id")
+    if "parse_issue" in kept.columns:
+        kept = kept.drop("parse_issue")
+    assert kept.height + quarantine.height == rows_in
+    return ValidatedSteps(kept=kept, quarantine=quarantine, rows_in=rows_in)
+
+
+def add_targets(steps: pl.DataFrame) -> pl.DataFrame:
+    """Add schedule_us and cycle_us (see module docstring) to a kept step table."""
+    s = steps.sort("step.id")
+    nxt_id = pl.col("step.id").shift(-1)
+    nxt_ts = pl.col("step.ts_start_ns").shift(-1)
+    return s.with_columns(
+        schedule_us=pl.col("step.duration_us").cast(pl.Float64),
+        cycle_us=pl.when(nxt_id == pl.col("step.id") + 1).then((nxt_ts - pl.col("step.ts_start_ns")).cast(pl.Float64) / 1000.0).otherwise(None),
+    )
+
+
+TARGETS = ("schedule_us", "cycle_us")
+__all__ = ["ValidatedSteps", "validate_steps", "add_targets", "TARGETS", "STEP_COLUMNS"]
