@@ -180,6 +180,14 @@ def check_inside_root(folder: Path, data_root: Path) -> None:
         raise RunMetadataError(f"{folder}: resolves to {real}, outside the data root {root} (symlink or path traversal)")
 
 
+def resolve_data_root(data_root: Path) -> Path:
+    """The folder holding run folders: data_root itself, or its experiments/ sub-folder."""
+    root = Path(data_root)
+    if root.is_dir() and (root / "experiments").is_dir() and not any(RUN_ID_RE.match(p.name) for p in root.iterdir()):
+        return root / "experiments"
+    return root
+
+
 def discover_run_folders(data_root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Run folders under a data root: (valid folders, [(rejected path, reason)]).
 
@@ -187,9 +195,7 @@ def discover_run_folders(data_root: Path) -> tuple[list[Path], list[tuple[Path, 
     ``experiments/`` sub-folder. Rejected: names that are not run ids, symlinks out of the
     root, folders without a trace file.
     """
-    root = Path(data_root)
-    if (root / "experiments").is_dir() and not any(RUN_ID_RE.match(p.name) for p in root.iterdir()):
-        root = root / "experiments"
+    root = resolve_data_root(data_root)
     good, bad = [], []
     if not root.is_dir():
         return good, bad

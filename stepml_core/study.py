@@ -176,3 +176,29 @@ def h1_verdict(metrics: pl.DataFrame, predictions: pl.DataFrame, *, seed: int = 
         res["clearly_beats_baselines"] = all(res["baselines"][b]["significant"] for b in res["baselines"])
         out["targets"][target] = res
     return out
+
+
+def with_split(fm: pl.DataFrame, split: pl.DataFrame) -> pl.DataFrame:
+    """Attach split and load_stage columns to a feature matrix."""
+    return fm.join(split.select("step.id", "split", "load_stage"), on="step.id", how="inner")
+
+
+def fit_experiment(fm_split: pl.DataFrame, scope: str = "per_experiment") -> dict[str, list[dict]]:
+    """{target: [fitted model dicts]} for one matrix with splits (per experiment or pooled)."""
+    return {t: [m.to_dict() for m in fit_models(fm_split, t, scope)] for t in TARGETS}
+
+
+def predict_experiment(fm_split: pl.DataFrame, fitted: dict[str, list[dict]], scope: str = "per_experiment") -> pl.DataFrame:
+    models = [LinearStepModel.from_dict(d) for t in TARGETS for d in fitted.get(t, [])]
+    return predict(fm_split, models, scope)
+
+
+def fit_global(matrices: dict[str, pl.DataFrame]) -> dict:
+    """One pooled model per target over all experiments' train blocks, scored per experiment slice."""
+    frames = [m for m in matrices.values() if m.height]
+    if not frames:
+        return {"models": {}, "predictions": pl.DataFrame(), "metrics": pl.DataFrame(schema={c: pl.Utf8 for c in METRIC_COLUMNS})}
+    pooled = pl.concat(frames, how="diagonal_relaxed")
+    fitted = fit_experiment(pooled, "global")
+    pred = predict_experiment(pooled, fitted, "global")
+    return {"models": fitted, "predictions": pred, "metrics": metrics_from_predictions(pred)}

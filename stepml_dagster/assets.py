@@ -1,0 +1,137 @@
+"""StepML assets. Bodies stay a few lines: the work is in stepml_core."""
+
+
+import dagster as dg
+import polars as pl
+
+from stepml_core import study
+from stepml_core.ingest import ingest_run
+from stepml_core.report import render_report, write_outputs
+from stepml_core.splits import split_summary, split_table
+from stepml_core.tables import add_targets, validate_steps
+
+from .resources import StepMLSettings
+
+experiment_partitions = dg.DynamicPartitionsDefinition(name="experiment")
+PART = dict(partitions_def=experiment_partitions)
+
+
+def _lineage(meta: dict) -> dict:
+    c = meta.get("counters", {})
+    return {
+        "source": meta["source"], "stands_for": meta.get("stands_for") or "–", "model": meta["model"],
+        "tp": meta["tp"], "workload": meta["workload"], "data_version": meta["data_version"],
+        "files": dg.MetadataValue.json(meta["files"]),
+        "lines": c.get("lines_total", 0), "lines_quarantined": c.get("lines_quarantined", 0),
+        "events_by_name": dg.MetadataValue.json(c.get("events_by_name", {})),
+    }
+
+
+@dg.asset(**PART, group_name="ingest", description="A run folder read: metadata, file fingerprints (size, sha256), trace tables.")
+def raw_traces(context: dg.AssetExecutionContext, settings: StepMLSettings) -> dict:
+    out = ingest_run(settings.run_folder(context.partition_key), settings.data_root())
+    context.add_output_metadata({**_lineage(out["meta"]), "steps_read": out["steps"].height,
+                                 "snapshots_read": out["snapshots"].height, "journey_events_read": out["journey"].height})
+    return out
+
+
+@dg.multi_asset(
+    **PART, group_name="ingest",
+    outs={"step_table": dg.AssetOut(description="Sampled steps (BATCH_SUMMARY) that pass StepTableSchema, with targets schedule_us and cycle_us."),
+          "quarantine": dg.AssetOut(description="Every rejected line, event or step row with file, line and reason.")},
+    check_specs=[dg.AssetCheckSpec("schema_valid", asset="step_table", description="Kept rows pass the pandera StepTableSchema."),
+                 dg.AssetCheckSpec("counts_balance", asset="step_table", description="rows in = rows kept + rows quarantined."),
+                 dg.AssetCheckSpec("no_unreadable_lines", asset="quarantine", description="Every trace line parsed (warns otherwise).")],
+)
+def step_tables(context: dg.AssetExecutionContext, raw_traces: dict):
+    v = validate_steps(raw_traces["steps"], raw_traces["meta"]["trace_file"])
+    steps = add_targets(v.kept)
+    quarantine = pl.concat([raw_traces["quarantine"], v.quarantine], how="diagonal_relaxed")
+    counts = {**v.counts, "cycle_rows": int(steps["cycle_us"].is_not_null().sum())}
+    yield dg.Output(steps, "step_table", metadata={**counts, "source": raw_traces["meta"]["source"]})
+    yield dg.Output(quarantine, "quarantine", metadata={"rows": quarantine.height,
+                    "by_reason": dg.MetadataValue.json(quarantine.group_by("kind").len().to_dicts())})
+    yield dg.AssetCheckResult(check_name="schema_valid", asset_key="step_table", passed=True, metadata={"rows": steps.height})
+    yield dg.AssetCheckResult(check_name="counts_balance", asset_key="step_table",
+                              passed=v.rows_in == v.kept.height + v.quarantine.height, metadata=v.counts)
+    lines_q = raw_traces["meta"]["counters"].get("lines_quarantined", 0)
+    yield dg.AssetCheckResult(check_name="no_unreadable_lines", asset_key="quarantine", passed=lines_q == 0,
+                              severity=dg.AssetCheckSeverity.WARN, metadata={"lines_quarantined": lines_q})
+
+
+@dg.asset(**PART, group_name="features", description="The seed's 30 features (+ original-study features) and both targets per kept step.")
+def feature_matrix(context: dg.AssetExecutionContext, raw_traces: dict, step_table: pl.DataFrame) -> pl.DataFrame:
+    m = raw_traces["meta"]
+    fm = study.build_feature_matrix(step_table, raw_traces["snapshots"], model=m["model"], tp=m["tp"],
+                                    experiment_id=m["experiment_id"], source=m["source"])
+    context.add_output_metadata({"rows": fm.height, "kv_source": dg.MetadataValue.json(dict(fm["kv_source"].value_counts().iter_rows()))})
+    return fm
+
+
+@dg.asset(**PART, group_name="features", description="Temporal 60/20/20 split by step id, with the load stage of each row.")
+def split(context: dg.AssetExecutionContext, raw_traces: dict, step_table: pl.DataFrame) -> pl.DataFrame:
+    s = split_table(step_table, raw_traces["meta"]["stage_durations_s"])
+    context.add_output_metadata({"blocks": dg.MetadataValue.json(split_summary(s))})
+    return s
+
+
+@dg.asset(**PART, group_name="models", description="Per-experiment fitted models per target, as plain JSON coefficients.")
+def fitted_models(feature_matrix: pl.DataFrame, split: pl.DataFrame) -> dict:
+    return study.fit_experiment(study.with_split(feature_matrix, split))
+
+
+@dg.asset(**PART, group_name="models", description="Per-step predictions of every per-experiment model on every split.")
+def predictions(feature_matrix: pl.DataFrame, split: pl.DataFrame, fitted_models: dict) -> pl.DataFrame:
+    return study.predict_experiment(study.with_split(feature_matrix, split), fitted_models)
+
+
+@dg.asset(**PART, group_name="models", description="n, MAPE, median/p90 APE, Pearson r, MSPE per target × model × split.")
+def metrics(context: dg.AssetExecutionContext, predictions: pl.DataFrame) -> pl.DataFrame:
+    m = study.metrics_from_predictions(predictions)
+    test = m.filter(pl.col("split") == "test").select("target", "model", "n", "mape_pct")
+    context.add_output_metadata({"test": dg.MetadataValue.md(_md(test))})
+    return m
+
+
+@dg.asset(**PART, group_name="study", description="Small per-run record for the study report (lineage, counts, KV sources).")
+def run_summary(raw_traces: dict, step_table: pl.DataFrame, quarantine: pl.DataFrame, feature_matrix: pl.DataFrame) -> dict:
+    m = raw_traces["meta"]
+    kv = dict(feature_matrix["kv_source"].value_counts().iter_rows())
+    return {**{k: m[k] for k in ("experiment_id", "source", "stands_for", "model", "tp", "workload", "data_version", "files")},
+            "steps_read": raw_traces["steps"].height, "steps_kept": step_table.height, "steps_quarantined": quarantine.filter(pl.col("kind") == "row").height,
+            "lines_quarantined": m["counters"].get("lines_quarantined", 0), "quarantine_rows": quarantine.height,
+            "kv_source": ", ".join(f"{k} {v}" for k, v in sorted(kv.items())), "kv_source_counts": kv}
+
+
+@dg.asset(group_name="study", description="One model per target pooled over all experiments, scored per experiment.")
+def global_models(settings: StepMLSettings, feature_matrix: dict, split: dict) -> dict:
+    present = {e for e in feature_matrix if e in split and (settings.data_root() / e).is_dir()}
+    return study.fit_global({e: study.with_split(feature_matrix[e], split[e]) for e in sorted(present)})
+
+
+@dg.asset(group_name="study", description="H1 verdict, metrics.csv, verdict.json and the study report over all experiments.")
+def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, metrics: dict, predictions: dict,
+                 global_models: dict, run_summary: dict) -> dict:
+    present = {e for e in run_summary if (settings.data_root() / e).is_dir()}  # runs still in the landing zone
+    run_summary = {e: r for e, r in run_summary.items() if e in present}
+    gm, gp = global_models["metrics"], global_models["predictions"]
+    all_metrics = pl.concat([*(metrics[e] for e in present if e in metrics), gm.filter(pl.col("experiment_id").is_in(sorted(present)))], how="diagonal_relaxed")
+    all_pred = pl.concat([*(predictions[e] for e in present if e in predictions), gp.filter(pl.col("experiment_id").is_in(sorted(present)))], how="diagonal_relaxed")
+    verdict = study.h1_verdict(all_metrics, all_pred, seed=settings.seed)
+    write_outputs(settings.out_dir, all_metrics, verdict)
+    md = render_report(runs=list(run_summary.values()), metrics=all_metrics, predictions=all_pred, verdict=verdict, out_dir=settings.out_dir)
+    context.add_output_metadata({"report": dg.MetadataValue.md(md), "out_dir": dg.MetadataValue.path(settings.out_dir),
+                                 **{f"verdict_{t}": v["verdict"] for t, v in verdict["targets"].items()}})
+    return {"verdict": verdict, "experiments": sorted(run_summary)}
+
+
+def _md(df: pl.DataFrame) -> str:
+    cols = df.columns
+    rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in df.iter_rows():
+        rows.append("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in r) + " |")
+    return "\n".join(rows)
+
+
+PARTITIONED_ASSETS = [raw_traces, step_tables, feature_matrix, split, fitted_models, predictions, metrics, run_summary]
+STUDY_ASSETS = [global_models, study_report]

@@ -1,0 +1,110 @@
+"""`stepml` command line: run the study in-process, synthesize runs, backfill partitions.
+
+  stepml run   [--data DIR] [--out DIR]   materialize every experiment partition + the study (no UI)
+  stepml synth --out DIR [--runs ID ...] [--scale F] [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from stepml_core.paths import DEFAULT_EXPERIMENTS_DIR, PROJECT_ROOT
+
+
+def _ensure_dagster_home() -> Path:
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / ".dagster_home")))
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, seed: int = 0, scale: float = 1.0,
+              quiet: bool = False, experiments: list[str] | None = None) -> dict:
+    """Register partitions for the run folders under data_dir and materialize everything in-process."""
+    _ensure_dagster_home()
+    import dagster as dg
+
+    from stepml_core.runs import discover_run_folders, resolve_data_root
+
+    from .definitions import build_definitions
+    from .resources import StepMLSettings
+
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    root = resolve_data_root(data_dir)
+    folders, rejected = discover_run_folders(root)
+    if not folders and synth_if_empty:
+        say(f"No run folders in {root}: synthesizing the 16 runs modelled on the H100 study (scale {scale}, seed {seed}) ...")
+        synthesize(root, None, scale=scale, seed=seed, quiet=quiet)
+        folders, rejected = discover_run_folders(root)
+    for path, why in rejected:
+        say(f"skipped {path}: {why}")
+    keys = [f.name for f in folders]
+    if experiments:
+        keys = [k for k in keys if k in set(experiments)]
+    if not keys:
+        raise SystemExit(f"stepml run: no run folders to process in {root}")
+    instance = dg.DagsterInstance.get()
+    new = [k for k in keys if not instance.has_dynamic_partition("experiment", k)]
+    if new:
+        instance.add_dynamic_partitions("experiment", new)
+    defs = build_definitions(StepMLSettings(data_dir=str(root), out_dir=str(out_dir), seed=seed))
+    job, failed = defs.resolve_job_def("experiment_job"), []
+    t0 = time.perf_counter()
+    for i, key in enumerate(keys, 1):
+        t = time.perf_counter()
+        res = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
+        say(f"[{i}/{len(keys)}] {key}: {'ok' if res.success else 'FAILED'} ({time.perf_counter() - t:.1f} s)")
+        if not res.success:
+            failed.append(key)
+            for ev in res.all_events:
+                if ev.is_failure and ev.event_specific_data is not None and getattr(ev.event_specific_data, "error", None):
+                    say("   " + ev.event_specific_data.error.message.strip().splitlines()[-1])
+    res = defs.resolve_job_def("study_job").execute_in_process(instance=instance, raise_on_error=False)
+    say(f"study: {'ok' if res.success else 'FAILED'}; {len(keys) - len(failed)} experiment(s) in {time.perf_counter() - t0:.1f} s; outputs in {out_dir}")
+    return {"experiments": keys, "failed": failed, "study_ok": res.success, "out_dir": str(out_dir)}
+
+
+def synthesize(out_dir: Path, runs: list[str] | None, *, scale: float, seed: int, quiet: bool = False) -> list[Path]:
+    from stepml_core.synth import synthesize_runs
+
+    progress = None
+    if not quiet:
+        try:
+            from stepml_core.synth import text_progress
+            progress = text_progress()
+        except ImportError:
+            progress = None
+    return synthesize_runs(Path(out_dir), runs, scale=scale, seed=seed, progress=progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="stepml", description="StepML: step-time models of LLM serving engines from vLLM traces.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="materialize the whole study in-process (no UI)")
+    r.add_argument("--data", type=Path, default=DEFAULT_EXPERIMENTS_DIR, help="folder of run folders (default: data/experiments)")
+    r.add_argument("--out", type=Path, default=PROJECT_ROOT / "out", help="where report.md, metrics.csv, verdict.json go (default: out/)")
+    r.add_argument("--no-synth", action="store_true", help="do not synthesize runs when the data folder has none")
+    r.add_argument("--scale", type=float, default=1.0, help="duration fraction when synthesizing (default 1.0)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--experiment", action="append", help="only these experiment ids (repeatable)")
+    s = sub.add_parser("synth", help="synthesize run folders modelled on the 16 H100 runs")
+    s.add_argument("--out", type=Path, default=DEFAULT_EXPERIMENTS_DIR)
+    s.add_argument("--runs", nargs="*", default=None, help="real run ids (or their -synth ids); default all 16")
+    s.add_argument("--scale", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    if a.cmd == "run":
+        res = run_study(a.data, a.out, synth_if_empty=not a.no_synth, seed=a.seed, scale=a.scale, experiments=a.experiment)
+        return 0 if res["study_ok"] and not res["failed"] else 1
+    if a.cmd == "synth":
+        paths = synthesize(a.out, a.runs, scale=a.scale, seed=a.seed)
+        print(f"wrote {len(paths)} run folder(s) under {a.out}")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Dagster Definitions for StepML (`dagster dev -w workspace.yaml` or `dg dev`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from .assets import PARTITIONED_ASSETS, STUDY_ASSETS, experiment_partitions
+from .io_manager import ParquetIOManager
+from .resources import StepMLSettings, settings_from_env
+
+experiment_job = dg.define_asset_job(
+    "experiment_job", selection=dg.AssetSelection.assets(*PARTITIONED_ASSETS), partitions_def=experiment_partitions,
+    description="Ingest, validate, featurize, split, fit and score one experiment partition.")
+study_job = dg.define_asset_job(
+    "study_job", selection=dg.AssetSelection.assets(*STUDY_ASSETS),
+    description="Pooled models, H1 verdict and the study report over all materialized experiments.")
+
+
+def build_definitions(settings: StepMLSettings | None = None, *, max_concurrent: int = 2) -> dg.Definitions:
+    settings = settings or settings_from_env()
+    return dg.Definitions(
+        assets=[*PARTITIONED_ASSETS, *STUDY_ASSETS],
+        jobs=[experiment_job, study_job],
+        resources={"settings": settings, "io_manager": ParquetIOManager(base_dir=str(Path(settings.out_dir) / "assets"))},
+        executor=dg.multiprocess_executor.configured({"max_concurrent": max_concurrent}),
+    )
+
+
+defs = build_definitions()

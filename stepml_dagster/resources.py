@@ -1,0 +1,38 @@
+"""Where StepML reads runs and writes outputs (one resource, set per deployment)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from stepml_core.paths import DEFAULT_EXPERIMENTS_DIR, PROJECT_ROOT
+from stepml_core.runs import check_inside_root, parse_run_id
+
+DEFAULT_OUT_DIR = PROJECT_ROOT / "out"
+
+
+class StepMLSettings(dg.ConfigurableResource):
+    """data_dir: folder of run folders (the landing zone); out_dir: report, metrics.csv, verdict.json, stored assets."""
+
+    data_dir: str = str(DEFAULT_EXPERIMENTS_DIR)
+    out_dir: str = str(DEFAULT_OUT_DIR)
+    seed: int = 0
+
+    def data_root(self) -> Path:
+        return Path(self.data_dir)
+
+    def run_folder(self, experiment_id: str) -> Path:
+        """The run folder of a partition key, validated (run-id syntax, inside the data root)."""
+        parse_run_id(experiment_id)
+        folder = self.data_root() / experiment_id
+        check_inside_root(folder, self.data_root())
+        return folder
+
+
+def settings_from_env() -> StepMLSettings:
+    return StepMLSettings(
+        data_dir=os.environ.get("STEPML_DATA_DIR", str(DEFAULT_EXPERIMENTS_DIR)),
+        out_dir=os.environ.get("STEPML_OUT_DIR", str(DEFAULT_OUT_DIR)),
+    )
