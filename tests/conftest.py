@@ -1,0 +1,27 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_REAL = REPO.parent / "shared" / "real"
+REAL_EXPERIMENTS = SHARED_REAL / "experiments"
+
+
+@pytest.fixture(scope="session")
+def real_experiments() -> Path:
+    if not REAL_EXPERIMENTS.is_dir() or not any(REAL_EXPERIMENTS.iterdir()):
+        pytest.skip(f"real H100 runs not available at {REAL_EXPERIMENTS}")
+    return REAL_EXPERIMENTS
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_dagster_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("dagster_home")
+    old = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("DAGSTER_HOME", None)
+    else:
+        os.environ["DAGSTER_HOME"] = old
