@@ -171,9 +171,28 @@ def features_from_aggregates(agg: dict, model: ModelSpec, gpu: GpuSpec, tp: int)
 
 
 def batch_features(requests: Sequence[RequestInBatch], model: ModelSpec, gpu: GpuSpec, tp: int) -> dict[str, float]:
-    """The 30 features of one batch (pure; per-request records in, floats out)."""
-    f = features_from_aggregates(aggregate_batch(requests), model, gpu, tp)
-    return {k: float(v) for k, v in f.items()}
+    """The 30 features of one batch (pure; per-request records in, floats out).
+
+    Plain-Python implementation in `reference_predictor.batch_features`, independent of the
+    vectorized path below; tests check that both agree.
+    """
+    from .reference_predictor import batch_features as scalar_features
+
+    batch = [(r.progress_index, r.new_tokens, r.prompt_len) for r in requests]
+    return scalar_features(batch, spec_dict(model), gpu_dict(gpu), tp, known_model_names())
+
+
+def spec_dict(model: ModelSpec) -> dict:
+    """A ModelSpec as the plain dict the reference predictor takes."""
+    from dataclasses import asdict
+
+    return asdict(model)
+
+
+def gpu_dict(gpu: GpuSpec) -> dict:
+    from dataclasses import asdict
+
+    return asdict(gpu)
 
 
 # ---------------------------------------------------------------- vectorized ---

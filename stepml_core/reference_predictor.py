@@ -1,0 +1,139 @@
+"""Dependency-light reference step-time predictor for simulators (stdlib only).
+
+    predict_step_time(batch, exported_model, model_spec, gpu_spec, tp) -> µs
+
+`batch` is a list of (progress_index, new_tokens, prompt_len) per scheduled request;
+`exported_model` is the JSON written by `stepml_core.export`; `model_spec` / `gpu_spec` are
+plain dicts (the catalogue's fields). The features are the seed's 30 (feature-spec §4.5),
+computed here in plain Python — an independent implementation of `features.step_table_features`
+(tests check both agree to 1e-9).
+"""
+
+from __future__ import annotations
+
+import math
+
+BYTES = 2  # bf16 / fp16 weights and KV
+
+
+def _consts(m: dict, tp: int) -> dict:
+    d, h, hkv, dff = m["hidden_size"], m["num_attention_heads"], m["num_kv_heads"], m["intermediate_size"]
+    e, k, v, L = m["num_experts"], m["experts_per_token"], m["vocab_size"], m["num_layers"]
+    dh = d // h
+    a = 2 * d * d + 2 * d * hkv * dh
+    mm = 3 * d * dff
+    r = d * e if e > 1 else 0
+    return {
+        "L": L, "lin": 2 * (a + k * mm + r) / tp, "attn_b": BYTES * a / tp, "exp_b": BYTES * mm / tp, "rtr_b": BYTES * r / tp,
+        "kv_tok": BYTES * 2 * (hkv / tp) * dh, "pair": 4 * (h / tp) * dh, "lm_f": 2 * v * d / tp, "lm_b": BYTES * v * d / tp,
+        "E": e, "k": k, "active": (a + k * mm + r) / (a + e * mm + r), "moe": 1.0 if e > 1 else 0.0,
+    }
+
+
+def batch_features(batch, model: dict, gpu: dict, tp: int, model_names: list[str]) -> dict:
+    """The 30 features (model_id one-hot over model_names) of one batch, plain Python."""
+    c = _consts(model, tp)
+    P = D = npf = ndc = 0
+    pf_pairs = dc_pairs = pf_ctx = dc_ctx = 0.0
+    n_logit = 0
+    s1 = s2 = 0.0
+    kmax, kmin = -math.inf, math.inf
+    for ci, qi, pi in batch:
+        if qi <= 0:
+            continue
+        if ci < pi:
+            P += qi; npf += 1
+            pf_pairs += qi * ci + qi * (qi + 1) / 2
+            pf_ctx += ci
+            if ci + qi >= pi:
+                n_logit += 1
+        else:
+            D += qi; ndc += 1
+            dc_pairs += ci + 1
+            dc_ctx += ci
+            s1 += ci; s2 += ci * ci
+            kmax = max(kmax, ci); kmin = min(kmin, ci)
+            n_logit += 1
+    S = P + D
+    if ndc:
+        kv_mean = s1 / ndc
+        kv_std = math.sqrt(max(s2 / ndc - kv_mean * kv_mean, 0.0))
+        kv_max, kv_min, kv_sum = float(kmax), float(kmin), s1
+    else:
+        kv_mean = kv_std = kv_max = kv_min = kv_sum = 0.0
+    L = c["L"]
+    f_lin = L * S * c["lin"] + n_logit * c["lm_f"]
+    f_attn = L * c["pair"] * (pf_pairs + dc_pairs)
+    f_tot = f_lin + f_attn
+    if S > 0:
+        n_eff = c["E"] * (1 - (1 - c["k"] / c["E"]) ** S) if c["E"] > 1 else 1.0
+        w = L * (c["attn_b"] + n_eff * c["exp_b"] + c["rtr_b"]) + c["lm_b"]
+    else:
+        w = 0.0
+    kvb = lambda ctx, tok: L * c["kv_tok"] * (ctx + tok)
+    b_tot = w + kvb(pf_ctx + dc_ctx, S)
+    ai = f_tot / b_tot if b_tot else 0.0
+    f_pf = L * P * c["lin"] + L * c["pair"] * pf_pairs
+    f_dc = L * D * c["lin"] + ndc * c["lm_f"] + L * c["pair"] * dc_pairs
+    den_pf = w + kvb(pf_ctx, P)
+    balance = gpu["peak_flops"] / gpu["hbm_bandwidth_bytes_per_s"]
+    out = {
+        "prefill_tokens": float(P), "decode_tokens": float(D), "scheduled_tokens": float(S),
+        "num_prefill_reqs": float(npf), "num_decode_reqs": float(ndc),
+        "kv_mean": kv_mean, "kv_max": kv_max, "kv_min": kv_min, "kv_std": kv_std, "kv_sum": kv_sum,
+        "prefill_fraction": P / S if S else 0.0, "decode_fraction": D / S if S else 0.0,
+        "is_mixed_batch": 1.0 if npf and ndc else 0.0, "is_pure_prefill": 1.0 if npf and not ndc else 0.0,
+        "total_flops_estimate": f_tot, "arithmetic_intensity": ai, "compute_bound_indicator": 1.0 if ai > balance else 0.0,
+        "prefill_compute_intensity": (f_pf / den_pf if den_pf else 0.0) if P > 0 else 0.0,
+        "decode_memory_intensity": ((w + kvb(dc_ctx, D)) / f_dc if f_dc else 0.0) if D > 0 else 0.0,
+        "attention_flops_ratio": f_attn / f_tot if f_tot else 0.0, "gemm_flops_ratio": f_lin / f_tot if f_tot else 0.0,
+        "active_param_ratio": c["active"],
+    }
+    for name in model_names:
+        out[f"model_id={name}"] = 1.0 if name == model["name"] else 0.0
+    out["tp_degree"] = float(tp)
+    out["is_moe"] = c["moe"]
+    out["prefill_tokens×decode_tokens"] = float(P * D)
+    out["kv_max×num_decode_reqs"] = kv_max * ndc
+    out["arithmetic_intensity×is_moe"] = ai * c["moe"]
+    out["prefill_tokens×kv_mean"] = P * kv_mean
+    out["batch_size×kv_max"] = (npf + ndc) * kv_max
+    out["t_compute_us"] = f_tot / gpu["peak_flops"] * 1e6
+    out["t_memory_us"] = b_tot / gpu["hbm_bandwidth_bytes_per_s"] * 1e6
+    return out
+
+
+def _tree_value(nodes: list, x: list) -> float:
+    i = 0
+    while True:
+        n = nodes[i]
+        if n[0] < 0:  # leaf: [-1, value]
+            return n[1]
+        feat, thr, left, right, missing_left = n
+        v = x[feat]
+        i = left if (v <= thr if v == v else missing_left) else right
+
+
+def predict_from_features(feats: dict, exported: dict) -> float:
+    """Apply an exported model (linear, log-linear or boosted trees) to a feature dict."""
+    x = [feats[f] for f in exported["features"]]
+    kind = exported["kind"]
+    if kind in ("linear", "log_linear"):
+        s = exported["intercept"]
+        for xi, mu, sd, w in zip(x, exported["mean"], exported["scale"], exported["coef"]):
+            s += w * (xi - mu) / sd
+        y = math.exp(s) * exported.get("smearing", 1.0) if kind == "log_linear" else s
+    elif kind == "trees":
+        s = exported["baseline"]
+        for nodes in exported["trees"]:
+            s += _tree_value(nodes, x)
+        y = math.exp(s) if exported.get("log_target") else s
+    else:
+        raise ValueError(f"unknown exported model kind {kind!r}")
+    return max(y, exported.get("floor_us", 0.0))
+
+
+def predict_step_time(batch, exported: dict, model_spec: dict, gpu_spec: dict, tp: int) -> float:
+    """Predicted step time (µs, the exported model's target) of one batch."""
+    feats = batch_features(batch, model_spec, gpu_spec, tp, exported["model_names"])
+    return predict_from_features(feats, exported)
