@@ -111,3 +111,108 @@ def fit_ridge_original(name, target, features, X_tr, y_tr) -> LinearStepModel:
     """Original recipe Ridge: StandardScaler on train, Ridge(alpha=1), train only, no validation."""
     pipe = _pipe(Ridge(alpha=1.0)).fit(clean_matrix(X_tr), y_tr)
     return _from_pipeline(pipe, name, target, features, 1.0, ["train"], len(y_tr), "original")
+
+
+# ------------------------------------------------------------ stronger models ---
+
+def fit_ridge_log_validated(name, target, features, X_tr, y_tr, X_va, y_va, alphas=ALPHA_GRID) -> dict:
+    """Ridge on log y (y > 0), alpha by validation MAPE, refit train+valid; ŷ = exp(·) (median back-transform)."""
+    X_tr, X_va = clean_matrix(X_tr), clean_matrix(X_va)
+    ok_tr, ok_va = y_tr > 0, y_va > 0
+    best_alpha, best = alphas[0], np.inf
+    if ok_va.any():
+        for a in alphas:
+            p = _pipe(Ridge(alpha=a)).fit(X_tr[ok_tr], np.log(y_tr[ok_tr]))
+            s = mape_pct(y_va[ok_va], np.exp(p.predict(X_va[ok_va])))
+            if s < best:
+                best, best_alpha = s, a
+    X, y = np.vstack([X_tr[ok_tr], X_va[ok_va]]), np.concatenate([y_tr[ok_tr], y_va[ok_va]])
+    m = _from_pipeline(_pipe(Ridge(alpha=best_alpha)).fit(X, np.log(y)), name, target, features, best_alpha, ["train", "valid"], len(y), "stepml")
+    return {**m.to_dict(), "kind": "log_linear"}
+
+
+def fit_nnls_basis(name, target, features, X_tr, y_tr, X_va, y_va) -> dict:
+    """Non-negative least squares on µs-valued basis terms + intercept, weighted by 1/y (relative error), train+valid."""
+    from scipy.optimize import nnls
+
+    X, y = clean_matrix(np.vstack([X_tr, X_va])), np.concatenate([y_tr, y_va])
+    ok = y > 0
+    X, y = X[ok], y[ok]
+    A = np.hstack([X, np.ones((len(y), 1))]) / y[:, None]
+    coef, _ = nnls(A, np.ones(len(y)), maxiter=50 * A.shape[1])
+    return {"name": name, "target": target, "kind": "linear", "features": list(features), "mean": [0.0] * len(features),
+            "scale": [1.0] * len(features), "coef": coef[:-1].tolist(), "intercept": float(coef[-1]), "alpha": None,
+            "fitted_on": ["train", "valid"], "n_fit": int(len(y)), "recipe": "stepml"}
+
+
+def hgb_to_trees(est) -> dict:
+    """A fitted HistGradientBoostingRegressor as plain nodes: leaf [-1, value], split [feature, threshold, left, right, missing_left]."""
+    trees = []
+    for (pred,) in est._predictors:
+        nodes = []
+        for nd in pred.nodes:
+            if nd["is_leaf"]:
+                nodes.append([-1, float(nd["value"])])
+            else:
+                nodes.append([int(nd["feature_idx"]), float(nd["num_threshold"]), int(nd["left"]), int(nd["right"]), bool(nd["missing_go_to_left"])])
+        trees.append(nodes)
+    return {"baseline": float(np.ravel(est._baseline_prediction)[0]), "trees": trees}
+
+
+def predict_trees(model: dict, X: np.ndarray) -> np.ndarray:
+    """Vectorized evaluation of exported trees (same rule as the reference predictor)."""
+    X = np.asarray(X, float)
+    out = np.full(X.shape[0], model["baseline"])
+    rows = np.arange(X.shape[0])
+    for nodes in model["trees"]:
+        feat = np.array([n[0] for n in nodes]); thr = np.array([n[1] if n[0] >= 0 else 0.0 for n in nodes])
+        left = np.array([n[2] if n[0] >= 0 else 0 for n in nodes]); right = np.array([n[3] if n[0] >= 0 else 0 for n in nodes])
+        mleft = np.array([n[4] if n[0] >= 0 else False for n in nodes]); val = np.array([n[1] if n[0] < 0 else 0.0 for n in nodes])
+        idx = np.zeros(X.shape[0], dtype=np.int64)
+        while True:
+            inner = feat[idx] >= 0
+            if not inner.any():
+                break
+            f = np.where(inner, feat[idx], 0)
+            x = X[rows, f]
+            go_left = np.where(np.isnan(x), mleft[idx], x <= thr[idx])
+            idx = np.where(inner, np.where(go_left, left[idx], right[idx]), idx)
+        out += val[idx]
+    return out
+
+
+def fit_hgb_validated(name, target, features, X_tr, y_tr, X_va, y_va, seed: int = 0) -> dict:
+    """HistGradientBoosting on log y; (max_iter, max_leaf_nodes) by validation MAPE; refit on train+valid."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    X_tr, X_va = clean_matrix(X_tr), clean_matrix(X_va)
+    ok_tr, ok_va = y_tr > 0, y_va > 0
+    grid = [(100, 15), (200, 31), (400, 31)]
+    best, best_cfg = np.inf, grid[1]
+    if ok_va.sum() >= 5:
+        for it, leaves in grid:
+            est = HistGradientBoostingRegressor(max_iter=it, max_leaf_nodes=leaves, learning_rate=0.05, early_stopping=False, random_state=seed)
+            est.fit(X_tr[ok_tr], np.log(y_tr[ok_tr]))
+            s = mape_pct(y_va[ok_va], np.exp(est.predict(X_va[ok_va])))
+            if s < best:
+                best, best_cfg = s, (it, leaves)
+    X, y = np.vstack([X_tr[ok_tr], X_va[ok_va]]), np.concatenate([y_tr[ok_tr], y_va[ok_va]])
+    est = HistGradientBoostingRegressor(max_iter=best_cfg[0], max_leaf_nodes=best_cfg[1], learning_rate=0.05, early_stopping=False, random_state=seed)
+    est.fit(X, np.log(y))
+    return {"name": name, "target": target, "kind": "trees", "log_target": True, "features": list(features),
+            **hgb_to_trees(est), "config": {"max_iter": best_cfg[0], "max_leaf_nodes": best_cfg[1], "learning_rate": 0.05},
+            "fitted_on": ["train", "valid"], "n_fit": int(len(y)), "recipe": "stepml", "_sklearn": est}
+
+
+def predict_model(model: dict, X: np.ndarray) -> np.ndarray:
+    """Predictions of a stored model dict of any kind (linear, log_linear, trees)."""
+    X = clean_matrix(X)
+    kind = model.get("kind", "linear")
+    if kind == "trees":
+        s = predict_trees(model, X)
+        return np.exp(s) if model.get("log_target") else s
+    if not model["features"]:
+        lin = np.full(X.shape[0], model["intercept"])
+    else:
+        lin = model["intercept"] + ((X - np.asarray(model["mean"])) / np.asarray(model["scale"])) @ np.asarray(model["coef"])
+    return np.exp(lin) if kind == "log_linear" else lin

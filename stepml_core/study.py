@@ -17,18 +17,25 @@ import polars as pl
 from scipy import stats
 
 from .catalog import gpu_spec, model_spec
-from .estimators import LinearStepModel, fit_naive_mean, fit_ols_original, fit_ridge_original, fit_ridge_validated
+from .estimators import (LinearStepModel, fit_hgb_validated, fit_naive_mean, fit_nnls_basis, fit_ols_original,
+                         fit_ridge_log_validated, fit_ridge_original, fit_ridge_validated, predict_model)
 from .features import ORIGINAL_FEATURES, feature_columns, original_study_features, snapshot_aggregates, step_table_features
 from .tables import TARGETS
 
 BLACKBOX_FEATURES = ["prefill_tokens", "decode_tokens"]
-MODELS = {
+PHYSICS_BASIS = ["t_compute_us", "t_memory_us", "num_prefill_reqs", "num_decode_reqs", "prefill_tokens", "decode_tokens"]
+MODELS = {  # name: (recipe, features)
     "naive_mean": ("stepml", None),
     "blackbox_2f": ("stepml", BLACKBOX_FEATURES),
     "ridge_30f": ("stepml", "seed30"),
     "blackbox_ols_orig": ("original", BLACKBOX_FEATURES),
     "ridge_30f_orig": ("original", ORIGINAL_FEATURES),
+    # beyond H1
+    "ridge_log_30f": ("stepml", "seed30"),
+    "nnls_physics": ("stepml", PHYSICS_BASIS),
+    "hgb_30f": ("stepml", "seed30"),
 }
+H1_MODELS = ("naive_mean", "blackbox_2f", "ridge_30f", "blackbox_ols_orig", "ridge_30f_orig")
 H1_MODEL, SUPPORT_BELOW_PCT, REFUTE_ABOVE_PCT = "ridge_30f", 25.0, 30.0
 METRIC_COLUMNS = ["experiment_id", "source", "target", "model", "scope", "split", "n", "mape_pct",
                   "median_ape_pct", "p90_ape_pct", "pearson_r", "mspe_pct"]
@@ -59,40 +66,49 @@ def _xy(fm: pl.DataFrame, features: list[str], target: str, splits: tuple[str, .
     return X, rows[target].to_numpy().astype(float)
 
 
-def fit_models(fm: pl.DataFrame, target: str, scope: str) -> list[LinearStepModel]:
-    """Fit every model in MODELS for one target on a matrix with a `split` column."""
+def fit_models(fm: pl.DataFrame, target: str, scope: str, names: tuple[str, ...] | None = None, seed: int = 0) -> list[dict]:
+    """Fit the models in MODELS (or `names`) for one target on a matrix with a `split` column; plain dicts out."""
     out = []
-    for name, (recipe, _) in MODELS.items():
+    for name in names or tuple(MODELS):
+        recipe = MODELS[name][0]
         feats = model_features(name)
         X_tr, y_tr = _xy(fm, feats, target, ("train",))
         if len(y_tr) < 2:
             continue
+        X_va, y_va = _xy(fm, feats, target, ("valid",))
         if name == "naive_mean":
-            m = fit_naive_mean(target, y_tr)
+            m = fit_naive_mean(target, y_tr).to_dict()
         elif recipe == "original" and name.startswith("blackbox"):
-            m = fit_ols_original(name, target, feats, X_tr, y_tr)
+            m = fit_ols_original(name, target, feats, X_tr, y_tr).to_dict()
         elif recipe == "original":
-            m = fit_ridge_original(name, target, feats, X_tr, y_tr)
+            m = fit_ridge_original(name, target, feats, X_tr, y_tr).to_dict()
+        elif name == "ridge_log_30f":
+            m = fit_ridge_log_validated(name, target, feats, X_tr, y_tr, X_va, y_va)
+        elif name == "nnls_physics":
+            m = fit_nnls_basis(name, target, feats, X_tr, y_tr, X_va, y_va)
+        elif name == "hgb_30f":
+            m = fit_hgb_validated(name, target, feats, X_tr, y_tr, X_va, y_va, seed=seed)
+            m.pop("_sklearn", None)
         else:
-            X_va, y_va = _xy(fm, feats, target, ("valid",))
-            m = fit_ridge_validated(name, target, feats, X_tr, y_tr, X_va, y_va)
-        m.name = name
+            m = fit_ridge_validated(name, target, feats, X_tr, y_tr, X_va, y_va).to_dict()
+        m.setdefault("kind", "linear")
+        m["name"], m["scope"] = name, scope
         out.append(m)
     return out
 
 
-def predict(fm: pl.DataFrame, models: list[LinearStepModel], scope: str) -> pl.DataFrame:
+def predict(fm: pl.DataFrame, models: list[dict], scope: str) -> pl.DataFrame:
     """Long table: experiment_id, source, step.id, split, target, model, scope, y, y_pred (rows with a target)."""
     parts = []
     for m in models:
-        rows = fm.filter(pl.col(m.target).is_not_null() & pl.col(m.target).is_finite())
+        rows = fm.filter(pl.col(m["target"]).is_not_null() & pl.col(m["target"]).is_finite())
         if rows.height == 0:
             continue
-        X = rows.select(m.features).to_numpy() if m.features else np.zeros((rows.height, 0))
-        yhat = m.predict(np.nan_to_num(X.astype(float), nan=0.0, posinf=0.0, neginf=0.0))
+        X = rows.select(m["features"]).to_numpy() if m["features"] else np.zeros((rows.height, 0))
+        yhat = predict_model(m, X)
         parts.append(rows.select("experiment_id", "source", "step.id", "split", "load_stage").with_columns(
-            target=pl.lit(m.target), model=pl.lit(m.name), scope=pl.lit(scope),
-            y=rows[m.target].cast(pl.Float64), y_pred=pl.Series(yhat, dtype=pl.Float64)))
+            target=pl.lit(m["target"]), model=pl.lit(m["name"]), scope=pl.lit(scope),
+            y=rows[m["target"]].cast(pl.Float64), y_pred=pl.Series(yhat, dtype=pl.Float64)))
     return pl.concat(parts) if parts else pl.DataFrame()
 
 
@@ -185,12 +201,11 @@ def with_split(fm: pl.DataFrame, split: pl.DataFrame) -> pl.DataFrame:
 
 def fit_experiment(fm_split: pl.DataFrame, scope: str = "per_experiment") -> dict[str, list[dict]]:
     """{target: [fitted model dicts]} for one matrix with splits (per experiment or pooled)."""
-    return {t: [m.to_dict() for m in fit_models(fm_split, t, scope)] for t in TARGETS}
+    return {t: fit_models(fm_split, t, scope) for t in TARGETS}
 
 
 def predict_experiment(fm_split: pl.DataFrame, fitted: dict[str, list[dict]], scope: str = "per_experiment") -> pl.DataFrame:
-    models = [LinearStepModel.from_dict(d) for t in TARGETS for d in fitted.get(t, [])]
-    return predict(fm_split, models, scope)
+    return predict(fm_split, [d for t in TARGETS for d in fitted.get(t, [])], scope)
 
 
 def fit_global(matrices: dict[str, pl.DataFrame]) -> dict:
