@@ -43,7 +43,7 @@ def raw_traces(context: dg.AssetExecutionContext, settings: StepMLSettings) -> d
                  dg.AssetCheckSpec("counts_balance", asset="step_table", description="rows in = rows kept + rows quarantined."),
                  dg.AssetCheckSpec("no_unreadable_lines", asset="quarantine", description="Every trace line parsed (warns otherwise).")],
 )
-def step_tables(context: dg.AssetExecutionContext, raw_traces: dict):
+def step_tables(context: dg.AssetExecutionContext, raw_traces):
     v = validate_steps(raw_traces["steps"], raw_traces["meta"]["trace_file"])
     steps = add_targets(v.kept)
     quarantine = pl.concat([raw_traces["quarantine"], v.quarantine], how="diagonal_relaxed")
@@ -60,7 +60,7 @@ def step_tables(context: dg.AssetExecutionContext, raw_traces: dict):
 
 
 @dg.asset(**PART, group_name="features", description="The seed's 30 features (+ original-study features) and both targets per kept step.")
-def feature_matrix(context: dg.AssetExecutionContext, raw_traces: dict, step_table: pl.DataFrame) -> pl.DataFrame:
+def feature_matrix(context: dg.AssetExecutionContext, raw_traces, step_table: pl.DataFrame) -> pl.DataFrame:
     m = raw_traces["meta"]
     fm = study.build_feature_matrix(step_table, raw_traces["snapshots"], model=m["model"], tp=m["tp"],
                                     experiment_id=m["experiment_id"], source=m["source"])
@@ -69,7 +69,7 @@ def feature_matrix(context: dg.AssetExecutionContext, raw_traces: dict, step_tab
 
 
 @dg.asset(**PART, group_name="features", description="Temporal 60/20/20 split by step id, with the load stage of each row.")
-def split(context: dg.AssetExecutionContext, raw_traces: dict, step_table: pl.DataFrame) -> pl.DataFrame:
+def split(context: dg.AssetExecutionContext, raw_traces, step_table: pl.DataFrame) -> pl.DataFrame:
     s = split_table(step_table, raw_traces["meta"]["stage_durations_s"])
     context.add_output_metadata({"blocks": dg.MetadataValue.json(split_summary(s))})
     return s
@@ -81,7 +81,7 @@ def fitted_models(feature_matrix: pl.DataFrame, split: pl.DataFrame) -> dict:
 
 
 @dg.asset(**PART, group_name="models", description="Per-step predictions of every per-experiment model on every split.")
-def predictions(feature_matrix: pl.DataFrame, split: pl.DataFrame, fitted_models: dict) -> pl.DataFrame:
+def predictions(feature_matrix: pl.DataFrame, split: pl.DataFrame, fitted_models) -> pl.DataFrame:
     return study.predict_experiment(study.with_split(feature_matrix, split), fitted_models)
 
 
@@ -94,7 +94,7 @@ def metrics(context: dg.AssetExecutionContext, predictions: pl.DataFrame) -> pl.
 
 
 @dg.asset(**PART, group_name="study", description="Small per-run record for the study report (lineage, counts, KV sources).")
-def run_summary(raw_traces: dict, step_table: pl.DataFrame, quarantine: pl.DataFrame, feature_matrix: pl.DataFrame) -> dict:
+def run_summary(raw_traces, step_table: pl.DataFrame, quarantine: pl.DataFrame, feature_matrix: pl.DataFrame) -> dict:
     m = raw_traces["meta"]
     kv = dict(feature_matrix["kv_source"].value_counts().iter_rows())
     return {**{k: m[k] for k in ("experiment_id", "source", "stands_for", "model", "tp", "workload", "data_version", "files")},
@@ -104,14 +104,14 @@ def run_summary(raw_traces: dict, step_table: pl.DataFrame, quarantine: pl.DataF
 
 
 @dg.asset(group_name="study", description="One model per target pooled over all experiments, scored per experiment.")
-def global_models(settings: StepMLSettings, feature_matrix: dict, split: dict) -> dict:
+def global_models(settings: StepMLSettings, feature_matrix, split) -> dict:
     present = {e for e in feature_matrix if e in split and (settings.data_root() / e).is_dir()}
     return study.fit_global({e: study.with_split(feature_matrix[e], split[e]) for e in sorted(present)})
 
 
 @dg.asset(group_name="study", description="H1 verdict, metrics.csv, verdict.json and the study report over all experiments.")
-def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, metrics: dict, predictions: dict,
-                 global_models: dict, run_summary: dict) -> dict:
+def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, metrics, predictions,
+                 global_models, run_summary) -> dict:
     present = {e for e in run_summary if (settings.data_root() / e).is_dir()}  # runs still in the landing zone
     run_summary = {e: r for e, r in run_summary.items() if e in present}
     gm, gp = global_models["metrics"], global_models["predictions"]

@@ -11,7 +11,7 @@ from .io_manager import ParquetIOManager
 from .resources import StepMLSettings, settings_from_env
 
 experiment_job = dg.define_asset_job(
-    "experiment_job", selection=dg.AssetSelection.assets(*PARTITIONED_ASSETS), partitions_def=experiment_partitions,
+    "experiment_job", selection=dg.AssetSelection.assets(*PARTITIONED_ASSETS),
     description="Ingest, validate, featurize, split, fit and score one experiment partition.")
 study_job = dg.define_asset_job(
     "study_job", selection=dg.AssetSelection.assets(*STUDY_ASSETS),
