@@ -15,9 +15,16 @@ from pathlib import Path
 from stepml_core.paths import DEFAULT_EXPERIMENTS_DIR, PROJECT_ROOT
 
 
+QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
 def _ensure_dagster_home() -> Path:
+    """DAGSTER_HOME (default: .dagster_home in the project), with a dagster.yaml if it has none."""
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / ".dagster_home")))
     home.mkdir(parents=True, exist_ok=True)
+    cfg = home / "dagster.yaml"
+    if not cfg.exists():
+        cfg.write_text("# StepML default: embedded SQLite storage under DAGSTER_HOME\ntelemetry:\n  enabled: false\n")
     return home
 
 
@@ -55,14 +62,14 @@ def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, see
     t0 = time.perf_counter()
     for i, key in enumerate(keys, 1):
         t = time.perf_counter()
-        res = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
+        res = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False, run_config=QUIET_LOGS)
         say(f"[{i}/{len(keys)}] {key}: {'ok' if res.success else 'FAILED'} ({time.perf_counter() - t:.1f} s)")
         if not res.success:
             failed.append(key)
             for ev in res.all_events:
                 if ev.is_failure and ev.event_specific_data is not None and getattr(ev.event_specific_data, "error", None):
                     say("   " + ev.event_specific_data.error.message.strip().splitlines()[-1])
-    res = defs.resolve_job_def("study_job").execute_in_process(instance=instance, raise_on_error=False)
+    res = defs.resolve_job_def("study_job").execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET_LOGS)
     say(f"study: {'ok' if res.success else 'FAILED'}; {len(keys) - len(failed)} experiment(s) in {time.perf_counter() - t0:.1f} s; outputs in {out_dir}")
     return {"experiments": keys, "failed": failed, "study_ok": res.success, "out_dir": str(out_dir)}
 
