@@ -181,15 +181,16 @@ def predict_trees(model: dict, X: np.ndarray) -> np.ndarray:
     return out
 
 
-def fit_hgb_validated(name, target, features, X_tr, y_tr, X_va, y_va, seed: int = 0) -> dict:
-    """HistGradientBoosting on log y; (max_iter, max_leaf_nodes) by validation MAPE; refit on train+valid."""
+def fit_hgb_validated(name, target, features, X_tr, y_tr, X_va, y_va, seed: int = 0, max_grid_rows: int = 20000) -> dict:
+    """HistGradientBoosting on log y; (max_iter, max_leaf_nodes) by validation MAPE (when train has at most
+    max_grid_rows rows, else the middle configuration); refit on train+valid."""
     from sklearn.ensemble import HistGradientBoostingRegressor
 
     X_tr, X_va = clean_matrix(X_tr), clean_matrix(X_va)
     ok_tr, ok_va = y_tr > 0, y_va > 0
     grid = [(100, 15), (200, 31), (400, 31)]
     best, best_cfg = np.inf, grid[1]
-    if ok_va.sum() >= 5:
+    if ok_va.sum() >= 5 and ok_tr.sum() <= max_grid_rows:
         for it, leaves in grid:
             est = HistGradientBoostingRegressor(max_iter=it, max_leaf_nodes=leaves, learning_rate=0.05, early_stopping=False, random_state=seed)
             est.fit(X_tr[ok_tr], np.log(y_tr[ok_tr]))

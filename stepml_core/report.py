@@ -184,3 +184,90 @@ def write_outputs(out_dir: Path, metrics: pl.DataFrame, verdict: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics.write_csv(out_dir / "metrics.csv")
     (out_dir / "verdict.json").write_text(json.dumps(verdict, indent=2, sort_keys=True, default=float))
+
+
+BEYOND_MODELS = ["naive_mean", "blackbox_2f", "ridge_30f", "ridge_log_30f", "nnls_physics", "hgb_30f", "blackbox_ols_orig", "ridge_30f_orig"]
+
+
+def _real_id(experiment_id: str) -> str:
+    return experiment_id[: -len("-synth")] if experiment_id.endswith("-synth") else experiment_id
+
+
+def model_ranking(metrics: pl.DataFrame, target: str) -> pl.DataFrame:
+    """Mean / median test MAPE over experiments per model and scope (per_experiment, per_model, global)."""
+    t = metrics.filter((pl.col("target") == target) & (pl.col("split") == "test") & pl.col("scope").is_in(["per_experiment", "per_model", "global"]))
+    return (t.group_by("model", "scope").agg(mean_mape_pct=pl.col("mape_pct").mean(), median_mape_pct=pl.col("mape_pct").median(),
+                                             n_experiments=pl.len(), test_rows=pl.col("n").sum())
+            .sort("mean_mape_pct"))
+
+
+def plot_residuals(predictions: pl.DataFrame, target: str, model: str, scope: str, path: Path) -> Path | None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p = predictions.filter((pl.col("target") == target) & (pl.col("split") == "test") & (pl.col("model") == model)
+                           & (pl.col("scope") == scope) & (pl.col("y") > 0))
+    if p.height == 0 or "batch_size" not in p.columns:
+        return None
+    r = (100 * (p["y_pred"] - p["y"]) / p["y"]).to_numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, col, label in ((axes[0], "batch_size", "batch size (requests)"), (axes[1], "kv_mean", "mean decode context (tokens)")):
+        ax.scatter(p[col].to_numpy(), r, s=2, alpha=0.3)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xlabel(label)
+    axes[0].set_ylabel("signed error (%)")
+    fig.suptitle(f"Residuals of {model} ({scope}), test split — {target}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def beyond_h1_sections(metrics: pl.DataFrame, predictions: pl.DataFrame, generalization: pl.DataFrame | None,
+                       ablation: pl.DataFrame | None, out_dir: Path) -> list[str]:
+    """Report sections past H1: ranking with a recommendation, ablation, generalization, residual plots."""
+    out_dir = Path(out_dir)
+    pub = published_results()
+    lines = ["## Beyond H1: which step-time model a simulator should use", ""]
+    for target in ("cycle_us", "schedule_us"):
+        rank = model_ranking(metrics, target)
+        if rank.height == 0:
+            continue
+        exps = sorted(set(metrics.filter(pl.col("target") == target)["experiment_id"].to_list()))
+        xgb = [float(pub[_real_id(e)]["r1_xgb30f_per_exp_step_mape_pct"]) for e in exps if _real_id(e) in pub]
+        rows = [[r["model"], r["scope"], _fmt(r["mean_mape_pct"]), _fmt(r["median_mape_pct"]), r["n_experiments"], r["test_rows"]]
+                for r in rank.iter_rows(named=True)]
+        if target == "schedule_us" and xgb:
+            rows.append(["XGBoost (original study, published, real runs these stand for)", "per_experiment", _fmt(float(np.mean(xgb))),
+                         _fmt(float(np.median(xgb))), len(xgb), "–"])
+        lines += [f"### Ranking — {target} (test MAPE over experiments)", "",
+                  _md_table(["model", "scope", "mean MAPE %", "median MAPE %", "experiments", "test rows"], rows), ""]
+        deploy = rank.filter(pl.col("scope") == "per_model")
+        best_pe = rank.filter(pl.col("scope") == "per_experiment").row(0, named=True)
+        if deploy.height:
+            best = deploy.row(0, named=True)
+            lines += [f"**Recommendation for `{target}`: `{best['model']}` fitted per model over its workloads** "
+                      f"(mean test MAPE {_fmt(best['mean_mape_pct'])} %; the best per-experiment fit is `{best_pe['model']}` at "
+                      f"{_fmt(best_pe['mean_mape_pct'])} %). " + (
+                          "This is the target a simulator advances its clock by." if target == "cycle_us" else
+                          "This target is scheduler CPU time, not the step a simulator needs; use it only to model scheduler overhead."), ""]
+        png = plot_residuals(predictions, target, deploy.row(0, named=True)["model"] if deploy.height else best_pe["model"],
+                             "per_model" if deploy.height else "per_experiment", out_dir / f"residuals_{target}.png")
+        if png:
+            lines += [f"![{png.stem}]({png.name})", ""]
+    if ablation is not None and ablation.height:
+        a = ablation.group_by("target", "group").agg(all=pl.col("mape_all_pct").mean(), without=pl.col("mape_without_pct").mean(),
+                                                     only=pl.col("mape_only_pct").mean(), n=pl.len()).sort("target", "group")
+        rows = [[r["target"], r["group"], _fmt(r["all"]), _fmt(r["without"]), _fmt(r["without"] - r["all"]) if r["without"] is not None else "–",
+                 _fmt(r["only"]), r["n"]] for r in a.iter_rows(named=True)]
+        lines += ["### Feature-group ablation (ridge_30f, per experiment, mean test MAPE %)", "",
+                  "'without' drops the group from the 30 features; 'only' keeps just that group. A positive change means the group carried the fit.", "",
+                  _md_table(["target", "group", "all 30", "without group", "change", "only group", "experiments"], rows), ""]
+    if generalization is not None and generalization.height:
+        g = (generalization.filter(pl.col("split") == "test").group_by("target", "scope", "model")
+             .agg(mean=pl.col("mape_pct").mean(), median=pl.col("mape_pct").median(), n=pl.len()).sort("target", "scope", "mean"))
+        rows = [[r["target"], r["scope"], r["model"], _fmt(r["mean"]), _fmt(r["median"]), r["n"]] for r in g.iter_rows(named=True)]
+        lines += ["### Generalization (held-out experiments' test blocks, mean over held-out experiments)", "",
+                  _md_table(["target", "scope", "model", "mean MAPE %", "median MAPE %", "held-out experiments"], rows), ""]
+    return lines

@@ -19,7 +19,7 @@ from scipy import stats
 from .catalog import gpu_spec, model_spec
 from .estimators import (LinearStepModel, fit_hgb_validated, fit_naive_mean, fit_nnls_basis, fit_ols_original,
                          fit_ridge_log_validated, fit_ridge_original, fit_ridge_validated, predict_model)
-from .features import ORIGINAL_FEATURES, feature_columns, original_study_features, snapshot_aggregates, step_table_features
+from .features import FEATURE_GROUPS, ORIGINAL_FEATURES, feature_columns, feature_group_columns, original_study_features, snapshot_aggregates, step_table_features
 from .tables import TARGETS
 
 BLACKBOX_FEATURES = ["prefill_tokens", "decode_tokens"]
@@ -106,7 +106,8 @@ def predict(fm: pl.DataFrame, models: list[dict], scope: str) -> pl.DataFrame:
             continue
         X = rows.select(m["features"]).to_numpy() if m["features"] else np.zeros((rows.height, 0))
         yhat = predict_model(m, X)
-        parts.append(rows.select("experiment_id", "source", "step.id", "split", "load_stage").with_columns(
+        parts.append(rows.select("experiment_id", "source", "step.id", "split", "load_stage", "kv_mean",
+                                 batch_size=pl.col("num_prefill_reqs") + pl.col("num_decode_reqs")).with_columns(
             target=pl.lit(m["target"]), model=pl.lit(m["name"]), scope=pl.lit(scope),
             y=rows[m["target"]].cast(pl.Float64), y_pred=pl.Series(yhat, dtype=pl.Float64)))
     return pl.concat(parts) if parts else pl.DataFrame()
@@ -208,12 +209,86 @@ def predict_experiment(fm_split: pl.DataFrame, fitted: dict[str, list[dict]], sc
     return predict(fm_split, [d for t in TARGETS for d in fitted.get(t, [])], scope)
 
 
+def _run_attr(experiment_id: str, attr: str) -> str:
+    from .runs import parse_run_id
+
+    r = parse_run_id(experiment_id)
+    return r.model if attr == "model" else r.workload
+
+
+def pooled_folds(experiments: list[str], scope: str) -> list[tuple[str, list[str], list[str]]]:
+    """(group, train experiments, scored experiments) for a pooled scope.
+
+    global: all on all; per_model: each model's runs on themselves; leave_one_model_out /
+    leave_one_workload_out: all other models' (workloads') runs → the held-out ones.
+    """
+    if scope == "global":
+        return [("all", experiments, experiments)]
+    attr = "model" if scope in ("per_model", "leave_one_model_out") else "workload"
+    groups = sorted({_run_attr(e, attr) for e in experiments})
+    folds = []
+    for g in groups:
+        inside = [e for e in experiments if _run_attr(e, attr) == g]
+        outside = [e for e in experiments if _run_attr(e, attr) != g]
+        if scope == "per_model":
+            folds.append((g, inside, inside))
+        elif outside:
+            folds.append((g, outside, inside))
+    return folds
+
+
+def fit_pooled(matrices: dict[str, pl.DataFrame], scopes: tuple[str, ...] = ("global", "per_model"),
+               names: tuple[str, ...] | None = None, seed: int = 0) -> dict:
+    """Pooled fits per scope and fold, each scored on its fold's experiments (all splits)."""
+    models, preds = {}, []
+    exps = sorted(e for e, m in matrices.items() if m.height)
+    for scope in scopes:
+        for group, train_exps, score_exps in pooled_folds(exps, scope):
+            train = pl.concat([matrices[e] for e in train_exps], how="diagonal_relaxed")
+            fitted = {t: fit_models(train, t, scope, names, seed) for t in TARGETS}
+            models.setdefault(scope, {})[group] = fitted
+            scored = pl.concat([matrices[e] for e in score_exps], how="diagonal_relaxed")
+            p = predict_experiment(scored, fitted, scope)
+            if p.height:
+                preds.append(p)
+    pred = pl.concat(preds, how="diagonal_relaxed") if preds else pl.DataFrame()
+    met = metrics_from_predictions(pred) if pred.height else pl.DataFrame(schema={c: pl.Utf8 for c in METRIC_COLUMNS})
+    return {"models": models, "predictions": pred, "metrics": met}
+
+
 def fit_global(matrices: dict[str, pl.DataFrame]) -> dict:
-    """One pooled model per target over all experiments' train blocks, scored per experiment slice."""
-    frames = [m for m in matrices.values() if m.height]
-    if not frames:
-        return {"models": {}, "predictions": pl.DataFrame(), "metrics": pl.DataFrame(schema={c: pl.Utf8 for c in METRIC_COLUMNS})}
-    pooled = pl.concat(frames, how="diagonal_relaxed")
-    fitted = fit_experiment(pooled, "global")
-    pred = predict_experiment(pooled, fitted, "global")
-    return {"models": fitted, "predictions": pred, "metrics": metrics_from_predictions(pred)}
+    """Global (all experiments) and per-model pooled fits."""
+    return fit_pooled(matrices, ("global", "per_model"))
+
+
+GENERALIZATION_MODELS = ("naive_mean", "blackbox_2f", "ridge_30f", "ridge_log_30f", "nnls_physics", "hgb_30f")
+
+
+def fit_generalization(matrices: dict[str, pl.DataFrame], seed: int = 0) -> dict:
+    """Leave-one-model-out and leave-one-workload-out cross-validation over experiments."""
+    return fit_pooled(matrices, ("leave_one_model_out", "leave_one_workload_out"), GENERALIZATION_MODELS, seed)
+
+
+def feature_group_ablation(fm_split: pl.DataFrame, model: str = "ridge_30f") -> pl.DataFrame:
+    """Test MAPE of `model` with all 30 features, without each group, and with only that group."""
+    all_cols = feature_columns()
+    rows = []
+    exp = fm_split["experiment_id"][0] if fm_split.height else ""
+    for target in TARGETS:
+        def test_mape(cols):
+            X_tr, y_tr = _xy(fm_split, cols, target, ("train",))
+            X_va, y_va = _xy(fm_split, cols, target, ("valid",))
+            X_te, y_te = _xy(fm_split, cols, target, ("test",))
+            if len(y_tr) < 2 or len(y_te) == 0:
+                return None
+            m = fit_ridge_validated(model, target, cols, X_tr, y_tr, X_va, y_va)
+            from .estimators import mape_pct
+            return mape_pct(y_te, m.predict(np.nan_to_num(X_te, nan=0.0, posinf=0.0, neginf=0.0)))
+        full = test_mape(all_cols)
+        for group in FEATURE_GROUPS:
+            gcols = feature_group_columns(group)
+            rows.append({"experiment_id": exp, "target": target, "model": model, "group": group, "mape_all_pct": full,
+                         "mape_without_pct": test_mape([c for c in all_cols if c not in gcols]),
+                         "mape_only_pct": test_mape(gcols)})
+    return pl.DataFrame(rows, schema={"experiment_id": pl.Utf8, "target": pl.Utf8, "model": pl.Utf8, "group": pl.Utf8,
+                                      "mape_all_pct": pl.Float64, "mape_without_pct": pl.Float64, "mape_only_pct": pl.Float64})

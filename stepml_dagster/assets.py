@@ -6,7 +6,7 @@ import polars as pl
 
 from stepml_core import study
 from stepml_core.ingest import ingest_run
-from stepml_core.report import render_report, write_outputs
+from stepml_core.report import beyond_h1_sections, render_report, write_outputs
 from stepml_core.splits import split_summary, split_table
 from stepml_core.tables import add_targets, validate_steps
 
@@ -103,7 +103,18 @@ def run_summary(raw_traces, step_table: pl.DataFrame, quarantine: pl.DataFrame, 
             "kv_source": ", ".join(f"{k} {v}" for k, v in sorted(kv.items())), "kv_source_counts": kv}
 
 
-@dg.asset(group_name="study", description="One model per target pooled over all experiments, scored per experiment.")
+@dg.asset(**PART, group_name="beyond_h1", description="Test MAPE of ridge_30f with all features, without each feature group, and with only it.")
+def ablation(feature_matrix: pl.DataFrame, split: pl.DataFrame) -> pl.DataFrame:
+    return study.feature_group_ablation(study.with_split(feature_matrix, split))
+
+
+@dg.asset(group_name="beyond_h1", description="Leave-one-model-out and leave-one-workload-out cross-validation over experiments.")
+def generalization(settings: StepMLSettings, feature_matrix, split) -> dict:
+    present = {e for e in feature_matrix if e in split and (settings.data_root() / e).is_dir()}
+    return study.fit_generalization({e: study.with_split(feature_matrix[e], split[e]) for e in sorted(present)}, seed=settings.seed)
+
+
+@dg.asset(group_name="study", description="Models pooled over all experiments (global) and per model over its workloads, scored per experiment.")
 def global_models(settings: StepMLSettings, feature_matrix, split) -> dict:
     present = {e for e in feature_matrix if e in split and (settings.data_root() / e).is_dir()}
     return study.fit_global({e: study.with_split(feature_matrix[e], split[e]) for e in sorted(present)})
@@ -111,15 +122,20 @@ def global_models(settings: StepMLSettings, feature_matrix, split) -> dict:
 
 @dg.asset(group_name="study", description="H1 verdict, metrics.csv, verdict.json and the study report over all experiments.")
 def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, metrics, predictions,
-                 global_models, run_summary) -> dict:
+                 global_models, run_summary, ablation, generalization) -> dict:
     present = {e for e in run_summary if (settings.data_root() / e).is_dir()}  # runs still in the landing zone
     run_summary = {e: r for e, r in run_summary.items() if e in present}
     gm, gp = global_models["metrics"], global_models["predictions"]
     all_metrics = pl.concat([*(metrics[e] for e in present if e in metrics), gm.filter(pl.col("experiment_id").is_in(sorted(present)))], how="diagonal_relaxed")
     all_pred = pl.concat([*(predictions[e] for e in present if e in predictions), gp.filter(pl.col("experiment_id").is_in(sorted(present)))], how="diagonal_relaxed")
     verdict = study.h1_verdict(all_metrics, all_pred, seed=settings.seed)
-    write_outputs(settings.out_dir, all_metrics, verdict)
-    md = render_report(runs=list(run_summary.values()), metrics=all_metrics, predictions=all_pred, verdict=verdict, out_dir=settings.out_dir)
+    gen = generalization["metrics"]
+    beyond = beyond_h1_sections(all_metrics, all_pred, gen.filter(pl.col("experiment_id").is_in(sorted(present))) if gen.height else gen,
+                                pl.concat([ablation[e] for e in present if e in ablation], how="diagonal_relaxed") if ablation else None,
+                                settings.out_dir)
+    write_outputs(settings.out_dir, pl.concat([all_metrics, gen], how="diagonal_relaxed") if gen.height else all_metrics, verdict)
+    md = render_report(runs=list(run_summary.values()), metrics=all_metrics, predictions=all_pred, verdict=verdict,
+                       out_dir=settings.out_dir, extra_sections=beyond)
     context.add_output_metadata({"report": dg.MetadataValue.md(md), "out_dir": dg.MetadataValue.path(settings.out_dir),
                                  **{f"verdict_{t}": v["verdict"] for t, v in verdict["targets"].items()}})
     return {"verdict": verdict, "experiments": sorted(run_summary)}
@@ -133,5 +149,5 @@ def _md(df: pl.DataFrame) -> str:
     return "\n".join(rows)
 
 
-PARTITIONED_ASSETS = [raw_traces, step_tables, feature_matrix, split, fitted_models, predictions, metrics, run_summary]
-STUDY_ASSETS = [global_models, study_report]
+PARTITIONED_ASSETS = [raw_traces, step_tables, feature_matrix, split, fitted_models, predictions, metrics, run_summary, ablation]
+STUDY_ASSETS = [global_models, generalization, study_report]
