@@ -40,7 +40,7 @@ def test_metrics_csv_columns_and_sources(real_study):
                              "median_ape_pct", "p90_ape_pct", "pearson_r", "mspe_pct"]
     assert {r["source"] for r in rows} == {"real"}
     assert {r["target"] for r in rows} == {"schedule_us", "cycle_us"}
-    assert {r["scope"] for r in rows} == {"per_experiment", "global"}
+    assert {r["scope"] for r in rows} == {"per_experiment", "global", "per_model", "leave_one_model_out", "leave_one_workload_out"}
 
 
 def test_original_recipe_reproduces_published_test_mape(real_study):
