@@ -161,7 +161,12 @@ class EngineSim:
         self.ing_base += P["models"][spec.model].get("api_ingress_ms", 0.0) * 1e-3
         self.ing_per_ktps = api.get("api_to_engine_per_1k_tokens_per_s_ms", 0.0) * 1e-6  # s per (token/s)
         self._blk_i = RNG_BLOCK
-        self._step_in_block = 0
+        # warm-up: the first eager batch of each token-count bucket early in the run stalls
+        # (kernel JIT / autotuning of a new shape); magnitudes per model
+        slo, shi = P["models"][spec.model].get("warmup_stall_ms", [0.0, 0.0])
+        self._stalls = (rng.uniform(slo, shi, 64) * 1e-3).tolist()
+        self._warm_window = float(self.noise.get("warmup_window_s", 0.0))
+        self._warm_bucket = int(self.noise.get("warmup_bucket_tokens", 256))
 
     # ------------------------------------------------------------------ random blocks
     def _refill(self, step0: int):
@@ -324,6 +329,9 @@ class EngineSim:
                                 "scheduled_tokens", "decode_reqs")} if rec else None
         log1p, exp = math.log1p, math.exp
         prog = self.progress
+        max_graph = phys.max_graph
+        warm_window, warm_bucket, warm_seen = self._warm_window, self._warm_bucket, set()
+        t_first = now
         next_prog = 0
         n_done = 0
 
@@ -656,6 +664,11 @@ class EngineSim:
             # ---------------------------------------------------------- GPU + CPU timing
             gpu = phys.step_time(T, n_sched, pf_tok + dec_extra_tok == 0, sum_ctx, pf_attn)
             gpu = gpu * self._mult[bi] + self._add[bi]
+            if T > max_graph and ts0 * 1e-9 - t_first < warm_window:
+                b = T // warm_bucket
+                if b not in warm_seen and len(warm_seen) < len(self._stalls):
+                    gpu += self._stalls[len(warm_seen)]
+                    warm_seen.add(b)
             L = ts1 * 1e-9 + post_fixed + post_per_req * n_sched
             g_start = L if L > g_end_prev else g_end_prev
             g_end = g_start + gpu
