@@ -125,8 +125,9 @@ class SimResult:
 
 class EngineSim:
     def __init__(self, spec: RunSpec, wl: Workload, rng: np.random.Generator, *, mono0: float,
-                 sched_model: ScheduleTimeModel | None = None, record_all: bool = False, progress=None):
-        P = engine_params()
+                 sched_model: ScheduleTimeModel | None = None, record_all: bool = False, progress=None,
+                 params: dict | None = None):
+        P = params or engine_params()
         self.P = P
         self.spec = spec
         self.wl = wl

@@ -296,6 +296,8 @@ def text_progress(stream=None, min_interval_s: float = 1.0) -> Progress:
         with lock:
             prev = state.get(run_id)
             state[run_id] = frac
+            if frac <= 0.0:
+                return
             now = time.monotonic()
             if frac >= 1.0 and (prev is None or prev < 1.0):
                 done = sum(1 for v in state.values() if v >= 1.0)
