@@ -183,7 +183,18 @@ def predict_trees(model: dict, X: np.ndarray) -> np.ndarray:
 
 def fit_hgb_validated(name, target, features, X_tr, y_tr, X_va, y_va, seed: int = 0, max_grid_rows: int = 20000) -> dict:
     """HistGradientBoosting on log y; (max_iter, max_leaf_nodes) by validation MAPE (when train has at most
-    max_grid_rows rows, else the middle configuration); refit on train+valid."""
+    max_grid_rows rows, else the middle configuration); refit on train+valid.
+
+    Runs single-threaded: OpenMP threads spin-wait and slow down 40× when the cores are
+    shared (Dagster's multiprocess executor, other jobs); one thread is also faster on small data.
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return _fit_hgb(name, target, features, X_tr, y_tr, X_va, y_va, seed, max_grid_rows)
+
+
+def _fit_hgb(name, target, features, X_tr, y_tr, X_va, y_va, seed, max_grid_rows) -> dict:
     from sklearn.ensemble import HistGradientBoostingRegressor
 
     X_tr, X_va = clean_matrix(X_tr), clean_matrix(X_va)
