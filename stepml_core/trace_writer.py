@@ -45,7 +45,7 @@ DEFAULT_RESOURCE = (
 
 def _json_str(s: str) -> str:
     # attribute strings here are ids, names and enum values; escape the two JSON specials anyway
-    if '"' in s or "\\" in s or any(ord(c) < 32 for c in s):
+    if not (s.isascii() and s.isprintable()) or '"' in s or "\\" in s:
         import json
 
         return json.dumps(s)

@@ -25,14 +25,36 @@ import numpy as np
 from .spec import QUANTILE_KEYS, QUANTILE_PROBS, RunSpec, client_token_counts, engine_params
 
 
-def quantile_sampler(qvals: dict[str, float], prefix: str):
+def quantile_sampler(qvals: dict[str, float], prefix: str, target_mean: float | None = None):
+    """Inverse CDF through the transcribed quantile knots (min, p0.1, …, max).
+
+    Within each segment between knots, x = x_i + (x_{i+1} − x_i)·t^γ (t the position of u in
+    the segment); γ (one per variable) is chosen so that the distribution's mean equals the
+    real run's mean when it is given (straight lines, γ = 1, under-state the mean of the
+    skewed output-length distributions); the knots themselves are kept.
+    """
     xs = np.array([qvals[f"{prefix}_{k}"] for k in QUANTILE_KEYS], dtype=np.float64)
     ps = np.array(QUANTILE_PROBS, dtype=np.float64)
 
-    def draw(u: np.ndarray) -> np.ndarray:
-        return np.interp(u, ps, xs)
+    def make(gamma: float):
+        def draw(u: np.ndarray) -> np.ndarray:
+            u = np.clip(np.asarray(u, dtype=np.float64), 0.0, 1.0)
+            i = np.clip(np.searchsorted(ps, u, side="right") - 1, 0, len(ps) - 2)
+            t = (u - ps[i]) / (ps[i + 1] - ps[i])
+            return xs[i] + (xs[i + 1] - xs[i]) * t**gamma
+        return draw
 
-    return draw
+    if target_mean is None or not np.isfinite(target_mean):
+        return make(1.0)
+    grid = (np.arange(20000) + 0.5) / 20000
+    lo, hi = np.log(0.05), np.log(20.0)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if make(float(np.exp(mid)))(grid).mean() > target_mean:
+            lo = mid  # larger gamma -> smaller values
+        else:
+            hi = mid
+    return make(float(np.exp(0.5 * (lo + hi))))
 
 
 @dataclass
@@ -56,7 +78,7 @@ def build_workload(spec: RunSpec, scale: float, rng: np.random.Generator) -> Wor
     base = spec.system_prompt_len + spec.question_len
     if q is not None:
         u = (np.arange(n_prompts) + rng.random(n_prompts)) / n_prompts
-        lens = np.rint(quantile_sampler(q, "prompt_len")(rng.permutation(u))).astype(np.int64)
+        lens = np.rint(quantile_sampler(q, "prompt_len", spec.prompt_len_mean)(rng.permutation(u))).astype(np.int64)
     else:  # a run without transcribed quantiles: mean offset from runs.csv, ±12 tokens
         off = spec.prompt_len_mean - base if np.isfinite(spec.prompt_len_mean) else 30.0
         lens = np.rint(base + off + rng.uniform(-12, 12, n_prompts)).astype(np.int64)
@@ -78,7 +100,7 @@ def build_workload(spec: RunSpec, scale: float, rng: np.random.Generator) -> Wor
     start = send + rng.normal(mu, sd, n) * 1e-3
     prompt_id = rng.integers(0, n_prompts, n)
     if q is not None:
-        outc = np.rint(quantile_sampler(q, "output_len")(rng.random(n))).astype(np.int64)
+        outc = np.rint(quantile_sampler(q, "output_len", spec.output_len_mean)(rng.random(n))).astype(np.int64)
     else:
         outc = np.full(n, spec.output_len, dtype=np.int64)
     lo, hi = P["client_timeout_s"]
