@@ -271,3 +271,39 @@ def beyond_h1_sections(metrics: pl.DataFrame, predictions: pl.DataFrame, general
         lines += ["### Generalization (held-out experiments' test blocks, mean over held-out experiments)", "",
                   _md_table(["target", "scope", "model", "mean MAPE %", "median MAPE %", "held-out experiments"], rows), ""]
     return lines
+
+
+def calibration_sections(public: pl.DataFrame | None, step_quantiles: pl.DataFrame | None) -> list[str]:
+    """Calibration of synthetic runs against the real runs they stand for (figures computed by the calibration asset)."""
+    if (public is None or public.height == 0) and (step_quantiles is None or step_quantiles.height == 0):
+        return []
+    lines = ["## Calibration: synthetic runs against the real runs they stand for", ""]
+    if public is not None and public.height:
+        metrics = ["ttft_mean_s", "e2e_mean_s", "decode_interval_ms", "throughput_requests_per_s", "successes", "sampled_steps"]
+        rows = []
+        for run in sorted(set(public["experiment_id"].to_list())):
+            r = public.filter(pl.col("experiment_id") == run)
+            cells = []
+            for m in metrics:
+                x = r.filter(pl.col("metric") == m)
+                if x.height == 0 or x["ratio"][0] is None:
+                    cells.append("–")
+                    continue
+                flag = "" if x["within"][0] is None else (" ✓" if x["within"][0] else " ✗")
+                cells.append(f"{x['synthetic'][0]:.4g} / {x['real'][0]:.4g} ({x['ratio'][0]:.2f}){flag}")
+            rows.append([f"`{run}`", "yes" if r["saturated"][0] else "no", *cells])
+        judged = public.filter(pl.col("within").is_not_null())
+        n_ok = int(judged["within"].sum()) if judged.height else 0
+        lines += ["Each cell: synthetic / real (ratio). Counts are compared per unit of synthesis scale. ✓/✗: within the aim "
+                  "(15 % on mean TTFT, mean E2E and per-token decode interval for non-saturated runs; 25 % on successes for "
+                  f"saturated ones). Within aim: {n_ok} of {judged.height} judged figures. Real figures: the public "
+                  "inference-perf summaries of the original runs (data/reference/runs.csv).", "",
+                  _md_table(["synthetic run", "saturated", "mean TTFT (s)", "mean E2E (s)", "decode interval (ms/token)",
+                             "throughput (req/s)", "successes", "sampled steps"], rows), ""]
+    if step_quantiles is not None and step_quantiles.height:
+        rows = [[f"`{r['experiment_id']}`", r["metric"], _fmt(r["quantile"], 2), _fmt(r["synthetic"]), _fmt(r["real"]), _fmt(r["ratio"], 2)]
+                for r in step_quantiles.filter(pl.col("quantile").is_in([0.05, 0.5, 0.95])).iter_rows(named=True)]
+        lines += ["### Step-level quantiles against the real BATCH_SUMMARY rows", "",
+                  "For synthetic runs whose real run's step table is available (the two real runs in `shared/real`).", "",
+                  _md_table(["synthetic run", "quantity", "quantile", "synthetic", "real", "ratio"], rows), ""]
+    return lines
