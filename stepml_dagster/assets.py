@@ -1,5 +1,6 @@
 """StepML assets. Bodies stay a few lines: the work is in stepml_core."""
 
+import warnings
 
 import dagster as dg
 import polars as pl
@@ -28,11 +29,17 @@ def _lineage(meta: dict) -> dict:
 
 
 @dg.asset(**PART, group_name="ingest", description="A run folder read: metadata, file fingerprints (size, sha256), trace tables.")
-def raw_traces(context: dg.AssetExecutionContext, settings: StepMLSettings) -> dict:
-    out = ingest_run(settings.run_folder(context.partition_key), settings.data_root())
-    context.add_output_metadata({**_lineage(out["meta"]), "steps_read": out["steps"].height,
-                                 "snapshots_read": out["snapshots"].height, "journey_events_read": out["journey"].height})
-    return out
+def raw_traces(context: dg.AssetExecutionContext, settings: StepMLSettings) -> dg.Output[dict]:
+    folder = settings.run_folder(context.partition_key)
+    out = ingest_run(folder, settings.data_root())
+    # data version = fingerprint digest of the input files: new content → downstream shows as stale
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)  # Output(data_version=...) is beta in 1.13
+        return dg.Output(out, data_version=dg.DataVersion(out["meta"]["data_version"]), metadata={
+            **_lineage(out["meta"]), "run_folder": dg.MetadataValue.path(str(folder)), "steps_read": out["steps"].height,
+            "snapshots_read": out["snapshots"].height, "journey_events_read": out["journey"].height,
+            "api_spans_read": out["api"].height, "step_spans_read": out["step_spans"].height,
+            "reader_quarantine_records": out["quarantine"].height})
 
 
 @dg.multi_asset(
@@ -49,8 +56,10 @@ def step_tables(context: dg.AssetExecutionContext, raw_traces):
     quarantine = pl.concat([raw_traces["quarantine"], v.quarantine], how="diagonal_relaxed")
     counts = {**v.counts, "cycle_rows": int(steps["cycle_us"].is_not_null().sum())}
     yield dg.Output(steps, "step_table", metadata={**counts, "source": raw_traces["meta"]["source"]})
+    by_kind = dict(quarantine.group_by("kind").len().iter_rows())
     yield dg.Output(quarantine, "quarantine", metadata={"rows": quarantine.height,
-                    "by_reason": dg.MetadataValue.json(quarantine.group_by("kind").len().to_dicts())})
+                    "by_reason": dg.MetadataValue.json(quarantine.group_by("kind").len().to_dicts()),
+                    **{f"quarantined_{k}s": int(by_kind.get(k, 0)) for k in ("line", "event", "row")}})
     yield dg.AssetCheckResult(check_name="schema_valid", asset_key="step_table", passed=True, metadata={"rows": steps.height})
     yield dg.AssetCheckResult(check_name="counts_balance", asset_key="step_table",
                               passed=v.rows_in == v.kept.height + v.quarantine.height, metadata=v.counts)

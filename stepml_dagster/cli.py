@@ -2,6 +2,8 @@
 
   stepml run   [--data DIR] [--out DIR]   materialize every experiment partition + the study (no UI)
   stepml synth --out DIR [--runs ID ...] [--scale F] [--seed N]
+  stepml backfill [--data DIR] [--out DIR] (--experiment ID ... | --all)
+                                          re-materialize those partitions, then the study assets
 """
 
 from __future__ import annotations
@@ -102,7 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--runs", nargs="*", default=None, help="real run ids (or their -synth ids); default all 16")
     s.add_argument("--scale", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
+    b = sub.add_parser("backfill", help="re-materialize chosen experiment partitions, then the study (in-process)")
+    b.add_argument("--data", type=Path, default=DEFAULT_EXPERIMENTS_DIR, help="folder of run folders (default: data/experiments)")
+    b.add_argument("--out", type=Path, default=PROJECT_ROOT / "out", help="output folder (default: out/)")
+    b.add_argument("--experiment", action="append", help="experiment (run folder) id; repeatable")
+    b.add_argument("--all", action="store_true", help="every run folder in --data")
+    b.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    if a.cmd == "backfill":
+        from .backfill import backfill
+        res = backfill(a.data, a.out, a.experiment, all_=a.all, seed=a.seed)
+        return 0 if res["study_ok"] and not res["failed"] else 1
     if a.cmd == "run":
         res = run_study(a.data, a.out, synth_if_empty=not a.no_synth, seed=a.seed, scale=a.scale, experiments=a.experiment)
         return 0 if res["study_ok"] and not res["failed"] else 1

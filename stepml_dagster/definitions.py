@@ -9,6 +9,7 @@ import dagster as dg
 from .assets import PARTITIONED_ASSETS, STUDY_ASSETS, experiment_partitions
 from .io_manager import ParquetIOManager
 from .resources import StepMLSettings, settings_from_env
+from .sensors import build_automation
 
 experiment_job = dg.define_asset_job(
     "experiment_job", selection=dg.AssetSelection.assets(*PARTITIONED_ASSETS),
@@ -20,9 +21,11 @@ study_job = dg.define_asset_job(
 
 def build_definitions(settings: StepMLSettings | None = None, *, max_concurrent: int = 2) -> dg.Definitions:
     settings = settings or settings_from_env()
+    sensors, schedules = build_automation()  # experiment_sensor, study_sensor, rerun_schedule (sensors.py)
     return dg.Definitions(
         assets=[*PARTITIONED_ASSETS, *STUDY_ASSETS],
         jobs=[experiment_job, study_job],
+        sensors=sensors, schedules=schedules,
         resources={"settings": settings, "io_manager": ParquetIOManager(base_dir=str(Path(settings.out_dir) / "assets"))},
         executor=dg.multiprocess_executor.configured({"max_concurrent": max_concurrent}),
     )

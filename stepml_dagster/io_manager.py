@@ -101,7 +101,10 @@ class ParquetIOManager(dg.ConfigurableIOManager):
             return
         partition = context.partition_key if context.has_asset_partitions else None
         path = write_object(self._stem(context.asset_key, partition), obj)
-        context.add_output_metadata({"path": dg.MetadataValue.path(str(path))})
+        meta = {"path": dg.MetadataValue.path(str(path))}
+        if isinstance(obj, pl.DataFrame):  # shown as "Row count" in the UI
+            meta["dagster/row_count"] = obj.height
+        context.add_output_metadata(meta)
 
     def load_input(self, context: dg.InputContext) -> Any:
         key = context.asset_key

@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from stepml_core.paths import DEFAULT_EXPERIMENTS_DIR, PROJECT_ROOT
-from stepml_core.runs import check_inside_root, parse_run_id
+from stepml_core.runs import check_inside_root, parse_run_id, resolve_data_root
 
 DEFAULT_OUT_DIR = PROJECT_ROOT / "out"
 
@@ -32,7 +32,8 @@ class StepMLSettings(dg.ConfigurableResource):
 
 
 def settings_from_env() -> StepMLSettings:
+    """STEPML_DATA_DIR may name the run folders' parent or a folder with an experiments/ sub-folder."""
     return StepMLSettings(
-        data_dir=os.environ.get("STEPML_DATA_DIR", str(DEFAULT_EXPERIMENTS_DIR)),
+        data_dir=str(resolve_data_root(Path(os.environ.get("STEPML_DATA_DIR", str(DEFAULT_EXPERIMENTS_DIR))))),
         out_dir=os.environ.get("STEPML_OUT_DIR", str(DEFAULT_OUT_DIR)),
     )

@@ -1,0 +1,325 @@
+"""Automation: a sensor on the data folder, a sensor that refreshes the study, a re-run schedule.
+
+* ``experiment_sensor`` watches ``settings.data_dir``. A new run folder, or a run whose input files
+  changed (size/mtime first; sha256 only when those changed), registers the ``experiment`` partition
+  and requests ``experiment_job`` for it with run key ``<run id>:<data version>`` (the data version is
+  the fingerprint digest that ``raw_traces`` also records as its Dagster data version). Folders still
+  being written are left for a later tick: any file or folder whose size/mtime changed since the last
+  tick (unless everything is older than ``STEPML_SENSOR_SETTLE_S``), a plain ``traces.json`` without a
+  trailing newline, a ``traces.json.gz`` whose gzip stream does not end cleanly. The cursor is JSON
+  of per-run fingerprints, stored by Dagster with the sensor, so it survives daemon restarts.
+* ``study_sensor`` requests ``study_job`` once no ``experiment_job`` run is queued or in progress and
+  an experiment-level asset the study reads was materialized after the last study run started; the
+  run key ``study:<storage id of that materialization>`` makes one burst of partitions give one
+  study run.
+* ``rerun_schedule`` (cron ``STEPML_RERUN_CRON``, default ``0 3 * * *``, STOPPED by default)
+  requests one ``experiment_job`` run per registered partition whose folder still exists; the study
+  sensor then refreshes the study once they are done.
+
+Environment (read when the code location loads): ``STEPML_SENSOR_INTERVAL_S`` (30),
+``STEPML_SENSOR_SETTLE_S`` (60), ``STEPML_SENSOR_STATUS`` (``running``/``stopped``, default
+running), ``STEPML_RERUN_CRON``, ``STEPML_RERUN_TZ`` (UTC).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from pathlib import Path
+
+import dagster as dg
+
+from stepml_core.ingest import fingerprint, fingerprint_digest
+from stepml_core.runs import RunIdError, RunMetadataError, discover_run_folders, find_trace_file, resolve_data_root
+
+from .resources import StepMLSettings
+
+PARTITIONS_DEF_NAME = "experiment"
+EXPERIMENT_JOB = "experiment_job"
+STUDY_JOB = "study_job"
+# experiment-level assets the study assets read (a new materialization of any makes the study stale)
+STUDY_INPUTS = ("feature_matrix", "split", "metrics", "predictions", "run_summary")
+STUDY_OUTPUT = "study_report"
+CURSOR_VERSION = 1
+DATA_VERSION_TAG = "stepml/data_version"
+TRIGGER_TAG = "stepml/trigger"
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name, default)))
+    except ValueError:
+        return default
+
+
+def sensor_interval_s() -> int:
+    return _env_int("STEPML_SENSOR_INTERVAL_S", 30)
+
+
+def settle_s() -> float:
+    try:
+        return max(0.0, float(os.environ.get("STEPML_SENSOR_SETTLE_S", 60)))
+    except ValueError:
+        return 60.0
+
+
+def sensor_default_status() -> dg.DefaultSensorStatus:
+    v = os.environ.get("STEPML_SENSOR_STATUS", "running").strip().lower()
+    return dg.DefaultSensorStatus.STOPPED if v in {"stopped", "off", "0", "false", "no"} else dg.DefaultSensorStatus.RUNNING
+
+
+def rerun_cron() -> str:
+    return os.environ.get("STEPML_RERUN_CRON", "0 3 * * *").strip() or "0 3 * * *"
+
+
+# --------------------------------------------------------------------------------------------
+# Is a run folder finished being written?
+# --------------------------------------------------------------------------------------------
+
+def trace_file_complete(path: Path) -> tuple[bool, str]:
+    """(complete, why not). Plain: ends with a newline. Gzip: every member's stream ends cleanly."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        return False, f"{path.name} is empty"
+    if path.suffix != ".gz":
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                return False, f"{path.name}: last line has no trailing newline (still being written?)"
+        return True, ""
+    try:
+        ended = _gzip_ends_cleanly(path)
+    except zlib.error as e:
+        return False, f"{path.name}: gzip stream is corrupt ({e})"
+    return (True, "") if ended else (False, f"{path.name}: gzip stream does not end cleanly (still being written?)")
+
+
+def _gzip_ends_cleanly(path: Path) -> bool:
+    """Inflate every gzip member (bounded chunks; output discarded); True if the last one ended."""
+    d = zlib.decompressobj(wbits=31)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 18):
+            while chunk:
+                if d.eof:  # the previous member ended; another one follows
+                    d = zlib.decompressobj(wbits=31)
+                d.decompress(chunk)
+                chunk = d.unused_data if d.eof else b""
+    return d.eof
+
+
+def _quick_state(folder: Path) -> dict:
+    """size/mtime of each input file plus the mtimes of the run folder and its results/ folder."""
+    state = {f["file"]: [f["size_bytes"], f["mtime_ns"]] for f in fingerprint(folder, with_hash=False)}
+    for d in (folder, folder / "results"):
+        if d.is_dir():
+            state[f"{d.relative_to(folder)}/"] = [0, d.stat().st_mtime_ns]
+    return state
+
+
+def _same_files(fp: list[dict], quick: dict) -> bool:
+    files = {k: v for k, v in quick.items() if not k.endswith("/")}
+    return {f["file"]: [f["size_bytes"], f["mtime_ns"]] for f in fp} == files
+
+
+def load_cursor(text: str | None) -> dict:
+    try:
+        c = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        c = {}
+    if not isinstance(c, dict) or c.get("v") != CURSOR_VERSION:
+        c = {}
+    return {"v": CURSOR_VERSION, "runs": dict(c.get("runs") or {}), "pending": dict(c.get("pending") or {}),
+            "rejected": list(c.get("rejected") or [])}
+
+
+def scan_data_folder(settings: StepMLSettings, cursor: dict, *, now: float | None = None, log=None) -> tuple[list[dict], dict]:
+    """One sensor tick without Dagster: ([{run_id, data_version, run_key, new, reason}], new cursor).
+
+    Pure function of the folder and the cursor (testable without a daemon).
+    """
+    now = time.time() if now is None else now
+    settle = settle_s()
+    say = log or (lambda level, msg: None)
+    runs, pending = dict(cursor["runs"]), dict(cursor["pending"])
+    root = resolve_data_root(settings.data_root())
+    folders, rejected = discover_run_folders(root)
+    seen_rejected = set(cursor.get("rejected", []))
+    for path, why in rejected:
+        if path.name not in seen_rejected:
+            say("warning", f"not a run folder, ignored: {why}")
+    launches: list[dict] = []
+    present = set()
+    for folder in folders:
+        rid = folder.name
+        try:  # validated again by the resource: the same check the assets use
+            checked = settings.run_folder(rid)
+        except (RunIdError, RunMetadataError) as e:
+            say("warning", f"rejected {rid!r}: {e}")
+            continue
+        if checked.resolve() != folder.resolve():
+            say("warning", f"{folder}: run folders must sit directly in the data folder {settings.data_root()} "
+                           f"(set STEPML_DATA_DIR to {root})")
+            continue
+        present.add(rid)
+        try:
+            quick = _quick_state(folder)
+        except OSError as e:  # vanished or unreadable mid-scan
+            say("info", f"{rid}: cannot stat yet ({e}); later tick")
+            continue
+        prev = runs.get(rid)
+        if prev and _same_files(prev["files"], quick):
+            pending.pop(rid, None)
+            continue
+        newest = max((v[1] for v in quick.values()), default=0) / 1e9
+        settled = pending.get(rid) == quick or (now - newest) >= settle
+        if not settled:
+            pending[rid] = quick
+            say("info", f"{rid}: files changed since the last tick (still being written?); later tick")
+            continue
+        trace = find_trace_file(folder)
+        ok, why = trace_file_complete(trace) if trace else (False, "no trace file")
+        if not ok:
+            if (now - newest) < settle:
+                pending[rid] = quick
+                say("info", f"{rid}: {why}; later tick")
+                continue
+            say("warning", f"{rid}: {why}, but unchanged for {settle:.0f} s: launching (the reader quarantines or reports it)")
+        full = fingerprint(folder)
+        if not _same_files(full, quick):  # changed while hashing
+            pending[rid] = _quick_state(folder)
+            continue
+        pending.pop(rid, None)
+        digest = fingerprint_digest(full)
+        history = list(prev.get("history", [])) if prev else []
+        runs[rid] = {"version": digest, "files": full, "history": history}
+        if prev and prev.get("version") == digest:  # touched, same content
+            continue
+        run_key = f"{rid}:{digest}" if digest not in history else f"{rid}:{digest}:{len(history)}"
+        runs[rid]["history"] = (history + [digest])[-20:]
+        launches.append({"run_id": rid, "data_version": digest, "run_key": run_key, "new": prev is None,
+                         "reason": "new run folder" if prev is None else "changed input files"})
+    for gone in set(runs) - present:
+        say("info", f"{gone}: run folder no longer in the data folder; forgotten (the study report drops it)")
+        runs.pop(gone)
+    for gone in set(pending) - present:
+        pending.pop(gone)
+    new_cursor = {"v": CURSOR_VERSION, "runs": runs, "pending": pending, "rejected": sorted(p.name for p, _ in rejected)}
+    return launches, new_cursor
+
+
+# --------------------------------------------------------------------------------------------
+# Dagster definitions
+# --------------------------------------------------------------------------------------------
+
+def _logger(context):
+    def say(level: str, msg: str) -> None:
+        getattr(context.log, level)(msg)
+    return say
+
+
+def build_experiment_sensor(*, minimum_interval_seconds: int | None = None,
+                            default_status: dg.DefaultSensorStatus | None = None) -> dg.SensorDefinition:
+    @dg.sensor(
+        name="experiment_sensor", job_name=EXPERIMENT_JOB,
+        minimum_interval_seconds=minimum_interval_seconds or sensor_interval_s(),
+        default_status=default_status or sensor_default_status(),
+        description="Watches the data folder: a new run folder or changed input files register the experiment "
+                    "partition and launch experiment_job (run key <run id>:<data version>); folders still being "
+                    "written wait for a later tick.",
+    )
+    def experiment_sensor(context: dg.SensorEvaluationContext, settings: StepMLSettings):
+        launches, cursor = scan_data_folder(settings, load_cursor(context.cursor), log=_logger(context))
+        new_keys = [l["run_id"] for l in launches if not context.instance.has_dynamic_partition(PARTITIONS_DEF_NAME, l["run_id"])]
+        requests = [dg.RunRequest(run_key=l["run_key"], partition_key=l["run_id"],
+                                  tags={DATA_VERSION_TAG: l["data_version"], TRIGGER_TAG: l["reason"]})
+                    for l in launches]
+        for l in launches:
+            context.log.info(f"{l['run_id']}: {l['reason']}, data version {l['data_version']}: requesting experiment_job")
+        cursor_text = json.dumps(cursor, sort_keys=True, separators=(",", ":"))
+        if not requests:
+            n_pending = len(cursor["pending"])
+            why = f"{n_pending} run folder(s) still being written" if n_pending else "no new or changed run folders"
+            return dg.SensorResult(skip_reason=why, cursor=cursor_text)
+        return dg.SensorResult(
+            run_requests=requests, cursor=cursor_text,
+            dynamic_partitions_requests=[dg.AddDynamicPartitionsRequest(PARTITIONS_DEF_NAME, new_keys)] if new_keys else [],
+        )
+
+    return experiment_sensor
+
+
+ACTIVE_STATUSES = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+                   dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+
+
+def study_staleness(instance: dg.DagsterInstance) -> dict:
+    """{'active_experiment_runs', 'latest_input' (storage id, timestamp) or None, 'study_started' (timestamp) or None}."""
+    active = instance.get_runs_count(dg.RunsFilter(job_name=EXPERIMENT_JOB, statuses=ACTIVE_STATUSES))
+    latest = None
+    for name in STUDY_INPUTS:
+        recs = instance.fetch_materializations(dg.AssetKey(name), limit=1).records
+        if recs and (latest is None or recs[0].storage_id > latest[0]):
+            latest = (recs[0].storage_id, recs[0].timestamp)
+    study_started = None
+    recs = instance.fetch_materializations(dg.AssetKey(STUDY_OUTPUT), limit=1).records
+    if recs:
+        rr = instance.get_run_record_by_id(recs[0].run_id) if recs[0].run_id else None
+        study_started = (rr.start_time or rr.create_timestamp.timestamp()) if rr else recs[0].timestamp
+    return {"active_experiment_runs": active, "latest_input": latest, "study_started": study_started}
+
+
+def build_study_sensor(*, minimum_interval_seconds: int | None = None,
+                       default_status: dg.DefaultSensorStatus | None = None) -> dg.SensorDefinition:
+    @dg.sensor(
+        name="study_sensor", job_name=STUDY_JOB,
+        minimum_interval_seconds=minimum_interval_seconds or sensor_interval_s(),
+        default_status=default_status or sensor_default_status(),
+        description="Re-materializes the study assets (global_models, study_report) once no experiment_job run is "
+                    "queued or in progress and an experiment was materialized after the last study run started.",
+    )
+    def study_sensor(context: dg.SensorEvaluationContext):
+        s = study_staleness(context.instance)
+        if s["active_experiment_runs"]:
+            return dg.SkipReason(f"{s['active_experiment_runs']} experiment_job run(s) queued or in progress; waiting for the burst to end")
+        if s["latest_input"] is None:
+            return dg.SkipReason("no experiment materialized yet")
+        storage_id, ts = s["latest_input"]
+        if s["study_started"] is not None and s["study_started"] >= ts:
+            return dg.SkipReason("study report is up to date with every materialized experiment")
+        return dg.RunRequest(run_key=f"study:{storage_id}", tags={TRIGGER_TAG: "experiments materialized"})
+
+    return study_sensor
+
+
+def build_rerun_schedule(*, cron: str | None = None,
+                         default_status: dg.DefaultScheduleStatus = dg.DefaultScheduleStatus.STOPPED) -> dg.ScheduleDefinition:
+    @dg.schedule(
+        name="rerun_schedule", job_name=EXPERIMENT_JOB, cron_schedule=cron or rerun_cron(),
+        execution_timezone=os.environ.get("STEPML_RERUN_TZ", "UTC"), default_status=default_status,
+        description="Re-materializes every registered experiment whose run folder still exists (one run per "
+                    "partition); study_sensor then refreshes the study. Off by default.",
+    )
+    def rerun_schedule(context: dg.ScheduleEvaluationContext, settings: StepMLSettings):
+        stamp = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else str(time.time())
+        requests = []
+        for key in context.instance.get_dynamic_partitions(PARTITIONS_DEF_NAME):
+            try:
+                folder = settings.run_folder(key)
+            except (RunIdError, RunMetadataError) as e:
+                context.log.warning(f"partition {key!r} skipped: {e}")
+                continue
+            if folder.is_dir() and find_trace_file(folder):
+                requests.append(dg.RunRequest(run_key=f"{key}@{stamp}", partition_key=key, tags={TRIGGER_TAG: "rerun_schedule"}))
+        if not requests:
+            return dg.SkipReason("no registered experiment with a run folder")
+        return requests
+
+    return rerun_schedule
+
+
+def build_automation() -> tuple[list[dg.SensorDefinition], list[dg.ScheduleDefinition]]:
+    """Sensors and schedules, configured from the environment at load time."""
+    return [build_experiment_sensor(), build_study_sensor()], [build_rerun_schedule()]

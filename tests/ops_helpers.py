@@ -1,0 +1,57 @@
+"""Helpers shared by the operations tests (sensor, backfill, postgres, daemon, browser)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_A = "20260217-203421-llama-2-70b-hf-tp4-codegen"  # the smaller real run
+RUN_B = "20260218-150304-codellama-34b-tp2-general"
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """Copy a run folder (keeps mtimes: the sensor sees it as settled) and make it writable."""
+    shutil.copytree(src, dst)
+    for p in [dst, *dst.rglob("*")]:
+        p.chmod(p.stat().st_mode | stat.S_IWUSR)
+    return dst
+
+
+def drop_run(src: Path, data_dir: Path, name: str | None = None) -> Path:
+    """Copy into a hidden staging folder, then rename into place (how a landing zone should be fed)."""
+    name = name or src.name
+    staging = data_dir / f".incoming-{name}"
+    copy_run(src, staging)
+    final = data_dir / name
+    os.rename(staging, final)
+    return final
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred, timeout: float, interval: float = 1.0, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def write_instance_yaml(home: Path, extra: str = "") -> Path:
+    home.mkdir(parents=True, exist_ok=True)
+    p = home / "dagster.yaml"
+    p.write_text("telemetry:\n  enabled: false\n" + extra)
+    return p
