@@ -87,7 +87,7 @@ def build_workload(spec: RunSpec, scale: float, rng: np.random.Generator) -> Wor
     t0 = 0.0
     for k, (rate, dur) in enumerate(zip(spec.stage_rates, spec.stage_durations)):
         d = dur * scale
-        n = int(round(rate * d))
+        n = max(1, int(round(rate * d)))
         ts = np.sort(rng.random(n)) * d + t0
         sends.append(ts)
         stages.append(np.full(n, k, dtype=np.int64))
