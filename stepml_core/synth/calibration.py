@@ -56,11 +56,21 @@ def _summary_figures(summary: dict, output_len: int) -> dict:
             "successes": s.get("count"), "failures": (summary.get("failures") or {}).get("count")}
 
 
-def compare_run(meta: RunMetadata | Path, reference: dict[str, dict] | None = None) -> list[dict]:
-    """Rows (one per metric) comparing a synthetic run with the real run it stands for."""
+def _reference(reference) -> dict[str, dict]:
+    if reference is None or isinstance(reference, (str, Path)):
+        return load_reference(Path(reference) if reference is not None else None)
+    return reference
+
+
+def compare_run(meta: RunMetadata | Path, reference: dict[str, dict] | Path | None = None) -> list[dict]:
+    """Rows (one per metric) comparing a synthetic run with the real run it stands for.
+
+    ``meta``: the run's RunMetadata (or its folder); ``reference``: data/reference/runs.csv (default),
+    another runs.csv path, or its rows as returned by :func:`load_reference`.
+    """
     if not isinstance(meta, RunMetadata):
         meta = read_run_metadata(Path(meta))
-    reference = reference if reference is not None else load_reference()
+    reference = _reference(reference)
     real_id = meta.stands_for or meta.experiment_id.removesuffix("-synth")
     ref = reference.get(real_id)
     if ref is None:
@@ -100,9 +110,13 @@ def compare_run(meta: RunMetadata | Path, reference: dict[str, dict] | None = No
     return rows
 
 
-def compare_runs(metas, reference: dict[str, dict] | None = None) -> pl.DataFrame:
-    """Long table (run × metric) for several synthetic runs (RunMetadata objects or folders)."""
-    reference = reference if reference is not None else load_reference()
+def compare_runs(metas, reference: dict[str, dict] | Path | None = None) -> pl.DataFrame:
+    """Long table (run × metric) for several synthetic runs (RunMetadata objects or folders).
+
+    Columns: experiment_id, stands_for, workload, model, saturated, scale, metric, synthetic,
+    real, ratio (synthetic/real), tolerance (the aim, where one applies), within.
+    """
+    reference = _reference(reference)
     rows = [r for m in metas for r in compare_run(m, reference)]
     schema = {"experiment_id": pl.Utf8, "stands_for": pl.Utf8, "workload": pl.Utf8, "model": pl.Utf8,
               "saturated": pl.Boolean, "scale": pl.Float64, "metric": pl.Utf8, "synthetic": pl.Float64,
