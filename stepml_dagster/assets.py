@@ -1,13 +1,15 @@
 """StepML assets. Bodies stay a few lines: the work is in stepml_core."""
 
 import warnings
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
 from stepml_core import study
 from stepml_core.ingest import ingest_run
-from stepml_core.report import beyond_h1_sections, render_report, write_outputs
+from stepml_core.report import (beyond_h1_sections, calibration_sections, feature_provenance_section, render_report,
+                                write_outputs)
 from stepml_core.splits import split_summary, split_table
 from stepml_core.tables import add_targets, validate_steps
 
@@ -129,9 +131,22 @@ def global_models(settings: StepMLSettings, feature_matrix, split) -> dict:
     return study.fit_global({e: study.with_split(feature_matrix[e], split[e]) for e in sorted(present)})
 
 
+@dg.asset(group_name="synthetic", description="Synthetic runs against the real runs they stand for: public latency/throughput figures and step-level quantiles.")
+def calibration(context: dg.AssetExecutionContext, settings: StepMLSettings, run_summary, step_table) -> dict:
+    from stepml_core.synth.calibration import calibration_tables
+
+    runs = [r for e, r in run_summary.items() if (settings.data_root() / e).is_dir()]
+    out = calibration_tables(runs, step_table, settings.data_root(), Path(settings.real_reference_dir) if settings.real_reference_dir else None)
+    judged = out["public"].filter(pl.col("within").is_not_null())
+    context.add_output_metadata({"synthetic_runs": len({r["experiment_id"] for r in runs if r["source"] == "synthetic"}),
+                                 "within_aim": f"{int(judged['within'].sum()) if judged.height else 0}/{judged.height}",
+                                 "step_quantile_runs": out["steps"]["experiment_id"].n_unique() if out["steps"].height else 0})
+    return out
+
+
 @dg.asset(group_name="study", description="H1 verdict, metrics.csv, verdict.json and the study report over all experiments.")
 def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, metrics, predictions,
-                 global_models, run_summary, ablation, generalization) -> dict:
+                 global_models, run_summary, ablation, generalization, calibration) -> dict:
     present = {e for e in run_summary if (settings.data_root() / e).is_dir()}  # runs still in the landing zone
     run_summary = {e: r for e, r in run_summary.items() if e in present}
     gm, gp = global_models["metrics"], global_models["predictions"]
@@ -139,9 +154,11 @@ def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, me
     all_pred = pl.concat([*(predictions[e] for e in present if e in predictions), gp.filter(pl.col("experiment_id").is_in(sorted(present)))], how="diagonal_relaxed")
     verdict = study.h1_verdict(all_metrics, all_pred, seed=settings.seed)
     gen = generalization["metrics"]
+    abl = pl.concat([ablation[e] for e in present if e in ablation], how="diagonal_relaxed") if ablation else None
     beyond = beyond_h1_sections(all_metrics, all_pred, gen.filter(pl.col("experiment_id").is_in(sorted(present))) if gen.height else gen,
-                                pl.concat([ablation[e] for e in present if e in ablation], how="diagonal_relaxed") if ablation else None,
-                                settings.out_dir)
+                                abl, settings.out_dir)
+    beyond += feature_provenance_section(list(run_summary.values()), abl)
+    beyond += calibration_sections(calibration["public"], calibration["steps"])
     write_outputs(settings.out_dir, pl.concat([all_metrics, gen], how="diagonal_relaxed") if gen.height else all_metrics, verdict)
     md = render_report(runs=list(run_summary.values()), metrics=all_metrics, predictions=all_pred, verdict=verdict,
                        out_dir=settings.out_dir, extra_sections=beyond)
@@ -159,4 +176,4 @@ def _md(df: pl.DataFrame) -> str:
 
 
 PARTITIONED_ASSETS = [raw_traces, step_tables, feature_matrix, split, fitted_models, predictions, metrics, run_summary, ablation]
-STUDY_ASSETS = [global_models, generalization, study_report]
+STUDY_ASSETS = [global_models, generalization, calibration, study_report]

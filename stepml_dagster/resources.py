@@ -11,6 +11,8 @@ from stepml_core.paths import DEFAULT_EXPERIMENTS_DIR, PROJECT_ROOT
 from stepml_core.runs import check_inside_root, parse_run_id, resolve_data_root
 
 DEFAULT_OUT_DIR = PROJECT_ROOT / "out"
+_SHARED_REAL = PROJECT_ROOT.parent / "shared" / "real" / "experiments"
+DEFAULT_REAL_REFERENCE_DIR = str(_SHARED_REAL) if _SHARED_REAL.is_dir() else ""
 
 
 class StepMLSettings(dg.ConfigurableResource):
@@ -19,6 +21,7 @@ class StepMLSettings(dg.ConfigurableResource):
     data_dir: str = str(DEFAULT_EXPERIMENTS_DIR)
     out_dir: str = str(DEFAULT_OUT_DIR)
     seed: int = 0
+    real_reference_dir: str = DEFAULT_REAL_REFERENCE_DIR  # real run folders to calibrate synthetic runs against ("" = none)
 
     def data_root(self) -> Path:
         return Path(self.data_dir)
@@ -36,4 +39,5 @@ def settings_from_env() -> StepMLSettings:
     return StepMLSettings(
         data_dir=str(resolve_data_root(Path(os.environ.get("STEPML_DATA_DIR", str(DEFAULT_EXPERIMENTS_DIR))))),
         out_dir=os.environ.get("STEPML_OUT_DIR", str(DEFAULT_OUT_DIR)),
+        real_reference_dir=os.environ.get("STEPML_REAL_REFERENCE_DIR", DEFAULT_REAL_REFERENCE_DIR),
     )

@@ -164,3 +164,38 @@ def compare_step_quantiles(synth_steps: pl.DataFrame, real_steps: pl.DataFrame, 
     return pl.DataFrame(rows, schema={"metric": pl.Utf8, "quantile": pl.Float64, "synthetic": pl.Float64,
                                       "real": pl.Float64, "ratio": pl.Float64, "n_synthetic": pl.Int64,
                                       "n_real": pl.Int64})
+
+
+def calibration_tables(run_records: list[dict], step_tables: dict[str, pl.DataFrame], data_root: Path,
+                       real_reference_dir: Path | None = None) -> dict[str, pl.DataFrame]:
+    """Calibration of every synthetic run in a study.
+
+    public: compare_run() for each synthetic run (its own inference-perf summary vs runs.csv).
+    steps: compare_step_quantiles() where the real run's step table is available — as a real
+    partition of the same study, or as a run folder under real_reference_dir (e.g. shared/real).
+    """
+    from ..tables import add_targets, validate_steps
+    from ..traces import read_traces
+    from ..runs import find_trace_file
+
+    reference = load_reference()
+    synth = [r for r in run_records if r.get("source") == "synthetic"]
+    public = compare_runs([Path(data_root) / r["experiment_id"] for r in synth], reference) if synth else compare_runs([], reference)
+    real_tables = {r["experiment_id"]: step_tables[r["experiment_id"]] for r in run_records
+                   if r.get("source") == "real" and r["experiment_id"] in step_tables}
+    parts = []
+    for r in synth:
+        real_id = r.get("stands_for") or r["experiment_id"].removesuffix("-synth")
+        real = real_tables.get(real_id)
+        if real is None and real_reference_dir is not None:
+            tf = find_trace_file(Path(real_reference_dir) / real_id) if (Path(real_reference_dir) / real_id).is_dir() else None
+            if tf is not None:
+                real = add_targets(validate_steps(read_traces(tf).steps, str(tf)).kept)
+        if real is None or r["experiment_id"] not in step_tables:
+            continue
+        q = compare_step_quantiles(step_tables[r["experiment_id"]], real)
+        parts.append(q.with_columns(experiment_id=pl.lit(r["experiment_id"]), real_run=pl.lit(real_id)))
+    steps = pl.concat(parts) if parts else pl.DataFrame(schema={"metric": pl.Utf8, "quantile": pl.Float64, "synthetic": pl.Float64,
+                                                                 "real": pl.Float64, "ratio": pl.Float64, "n_synthetic": pl.Int64,
+                                                                 "n_real": pl.Int64, "experiment_id": pl.Utf8, "real_run": pl.Utf8})
+    return {"public": public, "steps": steps}
