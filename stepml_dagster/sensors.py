@@ -18,7 +18,7 @@
 
 Environment (read when the code location loads): ``STEPML_SENSOR_INTERVAL_S`` (30),
 ``STEPML_SENSOR_SETTLE_S`` (60), ``STEPML_SENSOR_STATUS`` (``running``/``stopped``, default
-running), ``STEPML_RERUN_CRON``, ``STEPML_RERUN_TZ`` (UTC).
+running), ``STEPML_SENSOR_HASH_BUDGET_MB`` (4096 per tick), ``STEPML_RERUN_CRON``, ``STEPML_RERUN_TZ`` (UTC).
 """
 
 from __future__ import annotations
@@ -68,6 +68,14 @@ def settle_s() -> float:
 def sensor_default_status() -> dg.DefaultSensorStatus:
     v = os.environ.get("STEPML_SENSOR_STATUS", "running").strip().lower()
     return dg.DefaultSensorStatus.STOPPED if v in {"stopped", "off", "0", "false", "no"} else dg.DefaultSensorStatus.RUNNING
+
+
+def hash_budget_bytes() -> int:
+    """Bytes the sensor may hash or inflate per tick (big landing zones spread over several ticks)."""
+    try:
+        return max(1, int(float(os.environ.get("STEPML_SENSOR_HASH_BUDGET_MB", 4096)) * 2**20))
+    except ValueError:
+        return 4096 * 2**20
 
 
 def rerun_cron() -> str:
@@ -152,6 +160,7 @@ def scan_data_folder(settings: StepMLSettings, cursor: dict, *, now: float | Non
             say("warning", f"not a run folder, ignored: {why}")
     launches: list[dict] = []
     present = set()
+    budget, spent = hash_budget_bytes(), 0
     for folder in folders:
         rid = folder.name
         try:  # validated again by the resource: the same check the assets use
@@ -179,6 +188,11 @@ def scan_data_folder(settings: StepMLSettings, cursor: dict, *, now: float | Non
             pending[rid] = quick
             say("info", f"{rid}: files changed since the last tick (still being written?); later tick")
             continue
+        if spent >= budget:  # keep the tick short (sensor evaluations time out); the rest next tick
+            pending[rid] = quick
+            say("info", f"{rid}: hashing budget of this tick used up; later tick")
+            continue
+        spent += sum(v[0] for v in quick.values()) * 2  # inflate the trace + hash every file
         trace = find_trace_file(folder)
         ok, why = trace_file_complete(trace) if trace else (False, "no trace file")
         if not ok:

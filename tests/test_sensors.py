@@ -212,3 +212,14 @@ def test_study_sensor_waits_for_experiments(instance):
     st = S.build_study_sensor(minimum_interval_seconds=1)
     res = st(dg.build_sensor_context(instance=instance))
     assert isinstance(res, dg.SkipReason) and "no experiment materialized" in res.skip_message
+
+
+def test_hash_budget_spreads_big_landing_zone_over_ticks(instance, root, monkeypatch):
+    monkeypatch.setenv("STEPML_SENSOR_HASH_BUDGET_MB", "0.000001")  # one run folder per tick
+    make_run(root, RID)
+    make_run(root, RID2)
+    reqs1, cursor, _ = tick(instance, root)
+    reqs2, cursor, _ = tick(instance, root, cursor)
+    reqs3, cursor, _ = tick(instance, root, cursor)
+    assert [len(reqs1), len(reqs2), len(reqs3)] == [1, 1, 0]
+    assert {reqs1[0].partition_key, reqs2[0].partition_key} == {RID, RID2}
