@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 import shutil
 import socket
 import stat
@@ -55,3 +56,23 @@ def write_instance_yaml(home: Path, extra: str = "") -> Path:
     p = home / "dagster.yaml"
     p.write_text("telemetry:\n  enabled: false\n" + extra)
     return p
+
+
+@contextmanager
+def open_instance(home: Path):
+    """A persistent DagsterInstance on `home`, disposed afterwards but never entered with `with`.
+
+    dagster 1.13.27: DagsterInstance.__enter__ puts its defs-state storage in a ContextVar that
+    __exit__ does not reset, so any later definitions load in the same thread (e.g. run_study in
+    another test) fails with "Attempted to resolve undefined DagsterInstance weakref".
+    """
+    import dagster as dg
+
+    home = Path(home)
+    if not (home / "dagster.yaml").exists():
+        write_instance_yaml(home)
+    inst = dg.DagsterInstance.from_config(str(home))
+    try:
+        yield inst
+    finally:
+        inst.dispose()

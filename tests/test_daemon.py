@@ -17,7 +17,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from ops_helpers import ARTIFACTS, REPO, RUN_A, drop_run, wait_for
+from ops_helpers import ARTIFACTS, REPO, RUN_A, drop_run, open_instance, wait_for
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = float(os.environ.get("STEPML_DAEMON_TEST_TIMEOUT_S", 240))
@@ -52,7 +52,7 @@ def daemon(tmp_path, real_experiments):
 
 def test_daemon_picks_up_new_run_folder_and_refreshes_study(daemon, real_experiments):
     home, data, out = daemon["home"], daemon["data"], daemon["out"]
-    with dg.DagsterInstance.from_config(str(home)) as instance:
+    with open_instance(home) as instance:
         # the sensor daemon is up and has evaluated the (empty) data folder at least once
         wait_for(lambda: daemon["proc"].poll() is None and instance.get_daemon_heartbeats().get("SENSOR"), 90, 1,
                  "the sensor daemon's heartbeat")

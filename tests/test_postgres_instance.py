@@ -16,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from ops_helpers import REPO, RUN_A, copy_run, free_port
+from ops_helpers import REPO, RUN_A, copy_run, free_port, open_instance
 
 PG_USER, PG_PASSWORD, PG_DB = "stepml", "stepml-test-pw", "stepml_dagster"
 
@@ -98,7 +98,7 @@ def test_materialize_one_partition_on_postgres_instance(pg_server, real_experime
     data = tmp_path / "data"
     copy_run(real_experiments / RUN_A, data / RUN_A)
     defs = build_definitions(StepMLSettings(data_dir=str(data), out_dir=str(tmp_path / "out")))
-    with dg.DagsterInstance.get() as instance:
+    with open_instance(home) as instance:
         assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         assert type(instance.schedule_storage).__name__ == "PostgresScheduleStorage"
@@ -107,7 +107,7 @@ def test_materialize_one_partition_on_postgres_instance(pg_server, real_experime
             partition_key=RUN_A, instance=instance, run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
         assert res.success
     # a fresh instance from the same DAGSTER_HOME (e.g. the daemon) sees it; so does the database itself
-    with dg.DagsterInstance.from_config(str(home)) as again:
+    with open_instance(home) as again:
         ev = again.get_latest_materialization_event(dg.AssetKey("metrics"))
         assert ev is not None and ev.dagster_event.partition == RUN_A
         assert again.get_dynamic_partitions("experiment") == [RUN_A]

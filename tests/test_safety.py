@@ -11,6 +11,8 @@ import pytest
 from stepml_core.runs import RunIdError, RunMetadataError, read_run_metadata
 from stepml_dagster.resources import StepMLSettings
 
+from ops_helpers import open_instance
+
 REPO = Path(__file__).resolve().parents[1]
 RID = "20260101-120000-llama-2-70b-hf-tp4-codegen"
 
@@ -40,7 +42,7 @@ def test_asset_fails_with_the_yaml_error_naming_the_file(tmp_path):
     (run / "profile.yaml").write_text(f'x: !!python/object/new:os.system ["touch {marker}"]\n')
     (run / "exp-config.yaml").write_text("tensor_parallelism: 4\n")
     defs = build_definitions(StepMLSettings(data_dir=str(data), out_dir=str(tmp_path / "out")))
-    with dg.instance_for_test() as inst:
+    with open_instance(tmp_path / "home") as inst:
         inst.add_dynamic_partitions("experiment", [RID])
         res = defs.resolve_job_def("experiment_job").execute_in_process(partition_key=RID, instance=inst, raise_on_error=False)
     assert not res.success

@@ -15,6 +15,8 @@ from stepml_core.ingest import fingerprint, fingerprint_digest
 from stepml_dagster import sensors as S
 from stepml_dagster.resources import StepMLSettings
 
+from ops_helpers import open_instance
+
 RID = "20260101-120000-llama-2-70b-hf-tp4-codegen"
 RID2 = "20260102-120000-codellama-34b-tp2-general"
 OLD = time.time() - 3600  # an hour ago: settled
@@ -36,8 +38,8 @@ def age(folder: Path, t: float = OLD) -> None:
 
 
 @pytest.fixture
-def instance():
-    with dg.instance_for_test() as inst:
+def instance(tmp_path):
+    with open_instance(tmp_path / "home") as inst:  # not dg.instance_for_test(): see open_instance
         yield inst
 
 
