@@ -245,4 +245,4 @@ def predict_model(model: dict, X: np.ndarray) -> np.ndarray:
         lin = np.full(X.shape[0], model["intercept"])
     else:
         lin = model["intercept"] + ((X - np.asarray(model["mean"])) / np.asarray(model["scale"])) @ np.asarray(model["coef"])
-    return np.exp(lin) if kind == "log_linear" else lin
+    return np.exp(np.minimum(lin, 50.0)) if kind == "log_linear" else lin  # exp(50) µs ≈ 160 years: a cap, not a value

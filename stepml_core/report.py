@@ -339,3 +339,83 @@ def feature_provenance_section(runs: list[dict], ablation: pl.DataFrame | None) 
             "journey events; `proxy_blocks` = BATCH_SUMMARY proxies (documented in stepml_core/features.py). 'Carried the fit' = "
             "mean rise of ridge_30f test MAPE (percentage points) when the group is dropped.", "",
             _md_table(["group", "values from", "carried the fit: cycle_us", "carried the fit: schedule_us"], rows), ""]
+
+
+def reconstruction_section(agreements: dict[str, dict]) -> list[str]:
+    """Agreement of the journey-based batch reconstruction with REQUEST_SNAPSHOT and BATCH_SUMMARY, per run."""
+    rows, tot_pairs, tot_ok = [], 0, 0.0
+    for e, a in sorted(agreements.items()):
+        if not a or not a.get("available"):
+            rows.append([f"`{e}`", "–", "–", "–", "–", "–", (a or {}).get("why", "no journey events")])
+            continue
+        s = a.get("snapshots") or {}
+        b = a.get("batch_summary") or {}
+        pairs = s.get("pairs_scheduled_both") or 0
+        if s.get("all_fields") is not None:
+            tot_pairs += pairs
+            tot_ok += pairs * s["all_fields"]
+        bs_rate = b.get("all") if b else None
+        rows.append([f"`{e}`", a.get("steps", "–"), a.get("pairs", "–"), pairs, _fmt(100 * s["all_fields"], 3) if s.get("all_fields") is not None else "–",
+                     _fmt(100 * bs_rate, 2) if isinstance(bs_rate, (int, float)) else "–",
+                     " · ".join(f"{k} {_fmt(100 * v, 2)}" for k, v in s.items() if k in ("membership", "new_tokens", "progress_index", "prompt_len") and v is not None)])
+    if not rows:
+        return []
+    overall = f"{100 * tot_ok / tot_pairs:.3f} % of {tot_pairs:,} (step, request) pairs" if tot_pairs else "no pairs to compare"
+    return ["## Per-request context for every step (journey reconstruction)", "",
+            "Each step's batch (requests, new tokens, context length before the step) is rebuilt from journey events for every "
+            "step, sampled or not, and checked against REQUEST_SNAPSHOT wherever both exist (exact match of all fields) and "
+            f"against BATCH_SUMMARY token and request counts. Overall agreement with snapshots: **{overall}**.", "",
+            _md_table(["experiment", "steps rebuilt", "(step, request) pairs", "pairs also in snapshots", "all fields match %",
+                       "BATCH_SUMMARY steps fully matching %", "per field %"], rows), ""]
+
+
+def plot_e2e(per_request: pl.DataFrame, model: str, path: Path) -> Path | None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p = per_request.filter(pl.col("model") == model) if per_request.height else per_request
+    if p.height == 0:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, m in zip(axes, ("ttft", "e2e")):
+        o, q = p[f"obs_{m}_us"].to_numpy() / 1e3, p[f"pred_{m}_us"].to_numpy() / 1e3
+        ok = np.isfinite(o) & np.isfinite(q) & (o > 0) & (q > 0)
+        ax.scatter(o[ok], q[ok], s=2, alpha=0.3)
+        if ok.any():
+            lo, hi = min(o[ok].min(), q[ok].min()), max(o[ok].max(), q[ok].max())
+            ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_xscale("log"); ax.set_yscale("log")
+        ax.set_xlabel(f"observed {m.upper()} (ms)"); ax.set_ylabel(f"predicted {m.upper()} (ms)")
+    fig.suptitle(f"Teacher-forced E2E fidelity: {model} cycle-time predictions summed per request")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def e2e_section(summary: pl.DataFrame, per_request: pl.DataFrame, out_dir: Path) -> list[str]:
+    """Teacher-forced end-to-end fidelity per experiment and model (error of the mean, and MAPE over requests)."""
+    if summary is None or summary.height == 0:
+        return []
+    s = summary.filter(pl.col("metric").is_in(["ttft", "decode_interval", "e2e"]) & (pl.col("n") > 0))
+    agg = (s.group_by("model", "metric").agg(mean_abs_err_of_mean=pl.col("abs_mean_error_pct").mean(),
+                                             mean_mape=pl.col("mape_pct").mean(), experiments=pl.len())
+           .sort("metric", "mean_abs_err_of_mean"))
+    rows = [[r["metric"], r["model"], _fmt(r["mean_abs_err_of_mean"]), _fmt(r["mean_mape"]), r["experiments"]] for r in agg.iter_rows(named=True)]
+    detail = [[f"`{r['experiment_id']}`", r["model"], r["metric"], r["n"], _fmt(r["mean_error_pct"]), _fmt(r["mape_pct"]),
+               _fmt(r.get("error_p05_pct")), _fmt(r.get("error_p50_pct")), _fmt(r.get("error_p95_pct"))]
+              for r in s.filter(pl.col("model") == "hgb_30f").sort("experiment_id", "metric").iter_rows(named=True)]
+    lines = ["## End-to-end fidelity (teacher-forced)", "",
+             "Each per-experiment `cycle_us` model predicts the cycle of **every** step from its reconstructed batch; a request's "
+             "predicted TTFT and E2E are the sums of the predicted cycles from its arrival to its first token / last token, "
+             "compared with the journey time stamps. 'Error of the mean' is the original study's E2E metric "
+             "(|mean predicted − mean observed| / mean observed); MAPE is over requests.", "",
+             _md_table(["metric", "model", "mean |error of the mean| %", "mean MAPE over requests %", "experiments"], rows), ""]
+    if detail:
+        lines += ["Per experiment (hgb_30f): signed error of the mean and the distribution of per-request errors.", "",
+                  _md_table(["experiment", "model", "metric", "requests", "error of the mean %", "MAPE %", "p5 %", "median %", "p95 %"], detail), ""]
+    png = plot_e2e(per_request, "hgb_30f", Path(out_dir) / "e2e_pred_vs_obs.png")
+    if png:
+        lines += [f"![{png.stem}]({png.name})", ""]
+    return lines

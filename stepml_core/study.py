@@ -292,3 +292,64 @@ def feature_group_ablation(fm_split: pl.DataFrame, model: str = "ridge_30f") -> 
                          "mape_only_pct": test_mape(gcols)})
     return pl.DataFrame(rows, schema={"experiment_id": pl.Utf8, "target": pl.Utf8, "model": pl.Utf8, "group": pl.Utf8,
                                       "mape_all_pct": pl.Float64, "mape_without_pct": pl.Float64, "mape_only_pct": pl.Float64})
+
+
+# ------------------------------------------------------------- per-request context ---
+
+def request_context(raw: dict, max_num_batched_tokens: int = 2048) -> dict:
+    """Every step's batch reconstructed from journey events, its per-step inputs and the agreement checks.
+
+    Returns {"batches", "step_inputs", "agreement"}; empty tables when the run has no journey events.
+    """
+    from .e2e import compare_step_table, step_inputs
+    from .reconstruct import compare_with_batch_summary, compare_with_snapshots, reconstruct
+
+    journey, steps, snaps = raw["journey"], raw["steps"], raw["snapshots"]
+    if journey.height == 0:
+        return {"batches": pl.DataFrame(), "step_inputs": pl.DataFrame(),
+                "agreement": {"available": False, "why": "no journey events in this run (BATCH_SUMMARY-only traces)"}}
+    steps_ok = steps.filter(pl.col("parse_issue").is_null()) if "parse_issue" in steps.columns else steps
+    rec = reconstruct(journey, steps=steps_ok, snapshots=snaps, max_num_batched_tokens=max_num_batched_tokens)
+    table = step_inputs(rec.batches, journey, steps=steps_ok)
+    agreement = {"available": True, "pairs": rec.batches.height, "steps": table.height,
+                 "snapshots": compare_with_snapshots(rec.batches, snaps, steps=steps_ok) if snaps.height else None,
+                 "batch_summary": compare_with_batch_summary(rec.batches, steps_ok) if steps_ok.height else None,
+                 "step_table": compare_step_table(table, steps_ok) if steps_ok.height else None,
+                 "diagnostics": rec.diagnostics}
+    return {"batches": rec.batches, "step_inputs": table, "agreement": agreement}
+
+
+def journey_aggregates(step_inputs: pl.DataFrame) -> pl.DataFrame | None:
+    """The request-aggregate columns of request_context()'s step_inputs (for step_table_features)."""
+    if step_inputs is None or step_inputs.height == 0:
+        return None
+    cols = ["step.id", "snap_prefill_tokens", "snap_decode_tokens", "snap_num_prefill_reqs", "snap_num_decode_reqs",
+            "kv_mean", "kv_max", "kv_min", "kv_std", "kv_sum", "prefill_attn_pairs", "decode_attn_pairs",
+            "prefill_context_tokens", "decode_context_tokens", "num_logit_seqs"]
+    return step_inputs.select(cols)
+
+
+def e2e_fidelity_for_models(raw: dict, context: dict, fitted: dict, *, model: str, tp: int, experiment_id: str,
+                            names: tuple[str, ...] = ("naive_mean", "blackbox_2f", "ridge_30f", "nnls_physics", "hgb_30f")) -> dict:
+    """Teacher-forced E2E: each cycle_us model predicts every step; sums per request vs observed TTFT/decode/E2E."""
+    from .e2e import e2e_fidelity
+
+    table = context["step_inputs"]
+    if table.height == 0:
+        return {"summary": pl.DataFrame(), "per_request": pl.DataFrame()}
+    spec, gpu = model_spec(model), gpu_spec()
+    feats = step_table_features(table, spec, gpu, tp, request_aggregates=journey_aggregates(table), request_source="journey")
+    rows, per_req = [], []
+    for m in fitted.get("cycle_us", []):
+        if m["name"] not in names:
+            continue
+        X = feats.select(m["features"]).to_numpy() if m["features"] else np.zeros((feats.height, 0))
+        cyc = predict_model(m, X)
+        res = e2e_fidelity(context["batches"], raw["journey"], cyc, table=table, experiment_id=experiment_id)
+        for metric, s in res.summary.items():
+            if isinstance(s, dict) and "n" in s:
+                rows.append({"experiment_id": experiment_id, "model": m["name"], "metric": metric, **s})
+        keep = [c for c in res.per_request.columns if c.startswith(("obs_", "pred_"))]
+        per_req.append(res.per_request.select(keep).with_columns(experiment_id=pl.lit(experiment_id), model=pl.lit(m["name"])))
+    return {"summary": pl.DataFrame(rows) if rows else pl.DataFrame(),
+            "per_request": pl.concat(per_req, how="diagonal_relaxed") if per_req else pl.DataFrame()}

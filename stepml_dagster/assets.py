@@ -8,8 +8,8 @@ import polars as pl
 
 from stepml_core import study
 from stepml_core.ingest import ingest_run
-from stepml_core.report import (beyond_h1_sections, calibration_sections, feature_provenance_section, render_report,
-                                write_outputs)
+from stepml_core.report import (beyond_h1_sections, calibration_sections, e2e_section, feature_provenance_section,
+                                reconstruction_section, render_report, write_outputs)
 from stepml_core.splits import split_summary, split_table
 from stepml_core.tables import add_targets, validate_steps
 
@@ -70,13 +70,34 @@ def step_tables(context: dg.AssetExecutionContext, raw_traces):
                               severity=dg.AssetCheckSeverity.WARN, metadata={"lines_quarantined": lines_q})
 
 
+@dg.asset(**PART, group_name="ingest", description="Every step's batch rebuilt from journey events (requests, new tokens, context lengths), checked against snapshots and BATCH_SUMMARY.")
+def request_context(context: dg.AssetExecutionContext, raw_traces) -> dict:
+    cfg = raw_traces["meta"].get("exp_config") or {}
+    out = study.request_context(raw_traces, int(cfg.get("max_num_batched_tokens", 2048)))
+    a, snap = out["agreement"], (out["agreement"].get("snapshots") or {})
+    context.add_output_metadata({"available": a["available"], "steps": a.get("steps", 0), "pairs": a.get("pairs", 0),
+                                 "snapshot_pairs": snap.get("pairs_scheduled_both", 0),
+                                 "snapshot_agreement_all_fields": snap.get("all_fields") if snap.get("all_fields") is not None else -1.0,
+                                 "agreement": dg.MetadataValue.json(a)})
+    return out
+
+
 @dg.asset(**PART, group_name="features", description="The seed's 30 features (+ original-study features) and both targets per kept step.")
-def feature_matrix(context: dg.AssetExecutionContext, raw_traces, step_table: pl.DataFrame) -> pl.DataFrame:
+def feature_matrix(context: dg.AssetExecutionContext, raw_traces, step_table: pl.DataFrame, request_context) -> pl.DataFrame:
     m = raw_traces["meta"]
+    journey_agg = study.journey_aggregates(request_context["step_inputs"])
     fm = study.build_feature_matrix(step_table, raw_traces["snapshots"], model=m["model"], tp=m["tp"],
-                                    experiment_id=m["experiment_id"], source=m["source"])
+                                    experiment_id=m["experiment_id"], source=m["source"],
+                                    request_aggregates=journey_agg, request_source="journey")
     context.add_output_metadata({"rows": fm.height, "kv_source": dg.MetadataValue.json(dict(fm["kv_source"].value_counts().iter_rows()))})
     return fm
+
+
+@dg.asset(**PART, group_name="beyond_h1", description="Teacher-forced E2E: each cycle_us model predicts every step; per-request sums vs observed TTFT, decode interval, E2E.")
+def e2e_fidelity(raw_traces, request_context, fitted_models) -> dict:
+    m = raw_traces["meta"]
+    return study.e2e_fidelity_for_models(raw_traces, request_context, fitted_models, model=m["model"], tp=m["tp"],
+                                         experiment_id=m["experiment_id"])
 
 
 @dg.asset(**PART, group_name="features", description="Temporal 60/20/20 split by step id, with the load stage of each row.")
@@ -146,7 +167,7 @@ def calibration(context: dg.AssetExecutionContext, settings: StepMLSettings, run
 
 @dg.asset(group_name="study", description="H1 verdict, metrics.csv, verdict.json and the study report over all experiments.")
 def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, metrics, predictions,
-                 global_models, run_summary, ablation, generalization, calibration) -> dict:
+                 global_models, run_summary, ablation, generalization, calibration, request_context, e2e_fidelity) -> dict:
     present = {e for e in run_summary if (settings.data_root() / e).is_dir()}  # runs still in the landing zone
     run_summary = {e: r for e, r in run_summary.items() if e in present}
     gm, gp = global_models["metrics"], global_models["predictions"]
@@ -158,6 +179,11 @@ def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, me
     beyond = beyond_h1_sections(all_metrics, all_pred, gen.filter(pl.col("experiment_id").is_in(sorted(present))) if gen.height else gen,
                                 abl, settings.out_dir)
     beyond += feature_provenance_section(list(run_summary.values()), abl)
+    beyond += reconstruction_section({e: request_context[e]["agreement"] for e in present if e in request_context})
+    e2e_parts = [e2e_fidelity[e] for e in present if e in e2e_fidelity]
+    beyond += e2e_section(pl.concat([p["summary"] for p in e2e_parts if p["summary"].height], how="diagonal_relaxed") if any(p["summary"].height for p in e2e_parts) else None,
+                          pl.concat([p["per_request"] for p in e2e_parts if p["per_request"].height], how="diagonal_relaxed") if any(p["per_request"].height for p in e2e_parts) else pl.DataFrame(),
+                          settings.out_dir)
     beyond += calibration_sections(calibration["public"], calibration["steps"])
     write_outputs(settings.out_dir, pl.concat([all_metrics, gen], how="diagonal_relaxed") if gen.height else all_metrics, verdict)
     md = render_report(runs=list(run_summary.values()), metrics=all_metrics, predictions=all_pred, verdict=verdict,
@@ -175,5 +201,5 @@ def _md(df: pl.DataFrame) -> str:
     return "\n".join(rows)
 
 
-PARTITIONED_ASSETS = [raw_traces, step_tables, feature_matrix, split, fitted_models, predictions, metrics, run_summary, ablation]
+PARTITIONED_ASSETS = [raw_traces, step_tables, request_context, feature_matrix, split, fitted_models, predictions, metrics, run_summary, ablation, e2e_fidelity]
 STUDY_ASSETS = [global_models, generalization, calibration, study_report]
