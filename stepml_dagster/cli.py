@@ -30,9 +30,37 @@ def _ensure_dagster_home() -> Path:
     return home
 
 
+def _materialize_partition(defs, instance, key: str) -> tuple[str, bool, float, str | None]:
+    t = time.perf_counter()
+    res = defs.resolve_job_def("experiment_job").execute_in_process(partition_key=key, instance=instance, raise_on_error=False,
+                                                                    run_config=QUIET_LOGS)
+    err = None
+    if not res.success:
+        for ev in res.all_events:
+            if ev.is_failure and ev.event_specific_data is not None and getattr(ev.event_specific_data, "error", None):
+                err = ev.event_specific_data.error.message.strip().splitlines()[-1]
+    return key, res.success, time.perf_counter() - t, err
+
+
+def _partition_worker(data_dir: str, out_dir: str, seed: int, key: str):
+    """One experiment partition in a worker process (same DAGSTER_HOME instance, in-process executor)."""
+    import dagster as dg
+
+    from .definitions import build_definitions
+    from .resources import StepMLSettings
+
+    defs = build_definitions(StepMLSettings(data_dir=data_dir, out_dir=out_dir, seed=seed))
+    return _materialize_partition(defs, dg.DagsterInstance.get(), key)
+
+
 def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, seed: int = 0, scale: float = 1.0,
-              quiet: bool = False, experiments: list[str] | None = None) -> dict:
-    """Register partitions for the run folders under data_dir and materialize everything in-process."""
+              quiet: bool = False, experiments: list[str] | None = None, workers: int | None = None) -> dict:
+    """Register partitions for the run folders under data_dir and materialize everything.
+
+    Each partition runs with Dagster's in-process executor; with workers > 1, independent
+    partitions run in that many processes at once (default: the number of cores, at most 2
+    — more only adds memory on this kind of machine). The study job runs in-process last.
+    """
     _ensure_dagster_home()
     import dagster as dg
 
@@ -59,18 +87,28 @@ def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, see
     new = [k for k in keys if not instance.has_dynamic_partition("experiment", k)]
     if new:
         instance.add_dynamic_partitions("experiment", new)
-    defs = build_definitions(StepMLSettings(data_dir=str(root), out_dir=str(out_dir), seed=seed))
-    job, failed = defs.resolve_job_def("experiment_job"), []
+    settings = StepMLSettings(data_dir=str(root), out_dir=str(out_dir), seed=seed)
+    defs = build_definitions(settings)
     t0 = time.perf_counter()
-    for i, key in enumerate(keys, 1):
-        t = time.perf_counter()
-        res = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False, run_config=QUIET_LOGS)
-        say(f"[{i}/{len(keys)}] {key}: {'ok' if res.success else 'FAILED'} ({time.perf_counter() - t:.1f} s)")
-        if not res.success:
-            failed.append(key)
-            for ev in res.all_events:
-                if ev.is_failure and ev.event_specific_data is not None and getattr(ev.event_specific_data, "error", None):
-                    say("   " + ev.event_specific_data.error.message.strip().splitlines()[-1])
+    workers = max(1, min(workers or 1, len(keys)))
+    failed = []
+    if workers == 1:
+        for i, key in enumerate(keys, 1):
+            key, ok, secs, err = _materialize_partition(defs, instance, key)
+            say(f"[{i}/{len(keys)}] {key}: {'ok' if ok else 'FAILED'} ({secs:.1f} s)" + (f"\n   {err}" if err else ""))
+            if not ok:
+                failed.append(key)
+    else:  # independent partitions in parallel processes, each in-process Dagster on the same instance
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            futs = [pool.submit(_partition_worker, settings.data_dir, settings.out_dir, seed, key) for key in keys]
+            for i, fut in enumerate(cf.as_completed(futs), 1):
+                key, ok, secs, err = fut.result()
+                say(f"[{i}/{len(keys)}] {key}: {'ok' if ok else 'FAILED'} ({secs:.1f} s)" + (f"\n   {err}" if err else ""))
+                if not ok:
+                    failed.append(key)
     res = defs.resolve_job_def("study_job").execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET_LOGS)
     say(f"study: {'ok' if res.success else 'FAILED'}; {len(keys) - len(failed)} experiment(s) in {time.perf_counter() - t0:.1f} s; outputs in {out_dir}")
     return {"experiments": keys, "failed": failed, "study_ok": res.success, "out_dir": str(out_dir)}
@@ -99,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--scale", type=float, default=1.0, help="duration fraction when synthesizing (default 1.0)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--experiment", action="append", help="only these experiment ids (repeatable)")
+    r.add_argument("--workers", type=int, default=None, help="partitions processed in parallel (default: min(2, cores))")
     s = sub.add_parser("synth", help="synthesize run folders modelled on the 16 H100 runs")
     s.add_argument("--out", type=Path, default=DEFAULT_EXPERIMENTS_DIR)
     s.add_argument("--runs", nargs="*", default=None, help="real run ids (or their -synth ids); default all 16")
@@ -116,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         res = backfill(a.data, a.out, a.experiment, all_=a.all, seed=a.seed)
         return 0 if res["study_ok"] and not res["failed"] else 1
     if a.cmd == "run":
-        res = run_study(a.data, a.out, synth_if_empty=not a.no_synth, seed=a.seed, scale=a.scale, experiments=a.experiment)
+        res = run_study(a.data, a.out, synth_if_empty=not a.no_synth, seed=a.seed, scale=a.scale, experiments=a.experiment,
+                        workers=a.workers if a.workers is not None else min(2, os.cpu_count() or 1))
         return 0 if res["study_ok"] and not res["failed"] else 1
     if a.cmd == "synth":
         paths = synthesize(a.out, a.runs, scale=a.scale, seed=a.seed)
