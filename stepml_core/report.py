@@ -128,8 +128,10 @@ def render_report(*, runs: list[dict], metrics: pl.DataFrame, predictions: pl.Da
                       "yes" if v.get("clearly_beats_baselines") else "no"])
     lines += [_md_table(["target", "verdict", "mean test MAPE % (ridge_30f)", "median", "experiments", "test rows (n)",
                          "blackbox_2f mean % (Wilcoxon p)", "naive_mean mean % (Wilcoxon p)", "significantly beats both"], vrows), ""]
-    lines += ["A Wilcoxon signed-rank test across experiments cannot reach p < 0.05 with fewer than 5 experiments; the "
-              "per-experiment 95 % moving-block bootstrap intervals below are then the evidence.", ""]
+    n_exp = max((v.get("n_experiments") or 0 for v in verdict.get("targets", {}).values()), default=0)
+    if n_exp < 5:
+        lines += [f"With {n_exp} experiment(s) a Wilcoxon signed-rank test across experiments cannot reach p < 0.05; the "
+                  "per-experiment 95 % moving-block bootstrap intervals below are then the evidence.", ""]
     for target, v in verdict.get("targets", {}).items():
         brow = []
         for base, b in v.get("baselines", {}).items():
