@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_REAL = REPO.parent / "shared" / "real"
+# ../shared/real (the two real H100 runs); STEPML_SHARED_REAL overrides it (e.g. to check that tests skip cleanly without it)
+SHARED_REAL = Path(os.environ.get("STEPML_SHARED_REAL", str(REPO.parent / "shared" / "real")))
 REAL_EXPERIMENTS = SHARED_REAL / "experiments"
 
 

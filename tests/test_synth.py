@@ -27,7 +27,7 @@ from stepml_core.traces import read_traces
 RUN_70B = "20260217-203421-llama-2-70b-hf-tp4-codegen"
 RUN_7B_REASONING = "20260217-170634-llama-2-7b-tp1-reasoning"
 RUN_CL = "20260218-150304-codellama-34b-tp2-general"
-REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
+from conftest import SHARED_REAL as REAL  # noqa: E402
 SCALE = 0.02
 
 
