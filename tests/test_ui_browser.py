@@ -90,7 +90,7 @@ def webserver(tmp_path, real_experiments):
 def browser(webserver):
     from cdp import Browser, find_chromium
 
-    b = Browser(find_chromium(), width=2000, height=1200)
+    b = Browser(find_chromium(), width=2000, height=1400)
     yield b
     b.close()
 
@@ -104,10 +104,22 @@ def test_ui_shows_assets_and_materializes_a_partition(webserver, browser):
 
     # 1. the asset graph page, every group expanded (⌥E, the UI's "Expand all groups")
     browser.goto(f"{ws.url}/asset-groups")
-    browser.wait_text(["ingest", "features", "models", "study"], 90)
-    time.sleep(1)
-    browser.key("e", "KeyE", 69, modifiers=1)
-    browser.wait_text(["raw_traces"], 60)
+    collapsed = "document.querySelectorAll('[class*=\"CollapsedGroupNode_collapsedGroupNodeContainer\"]').length"
+    expanded = "document.querySelectorAll('[class*=\"ExpandedGroupNode\"]').length"
+    browser.wait_js(f"{collapsed} >= 4", 120, "the collapsed group nodes of the asset graph")
+    for attempt in range(4):  # the shortcut works once the graph has mounted its key handler: retry
+        time.sleep(2)
+        browser.key("e", "KeyE", 69, modifiers=1)
+        try:
+            browser.wait_js(f"{expanded} > 0", 20, "expanded asset groups")
+            break
+        except TimeoutError:
+            browser.screenshot(ARTIFACTS / f"ui-asset-graph-not-expanded-{attempt}.png")
+    any_name = " || ".join(f"document.body.innerText.includes({json.dumps(n)})" for n in STEPML_ASSETS)
+    try:
+        browser.wait_js(f"{expanded} > 0 && ({any_name})", 60, "asset names in the expanded graph")
+    finally:
+        browser.screenshot(ARTIFACTS / "ui-asset-graph-expanded.png")
     time.sleep(2)
     seen, best = set(), -1
     for _ in range(4):  # the graph renders only nodes in view: zoom out (ctrl+wheel) until all are shown
