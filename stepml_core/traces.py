@@ -1,28 +1,38 @@
 """Streaming reader of instrumented-vLLM ``traces.json[.gz]`` (OTLP/JSON lines) into polars tables.
 
-The file is read as a stream of chunks of whole lines (a background thread inflates the gzip
-stream while the previous chunk is parsed). Each chunk goes through two paths:
+    tables = read_traces("data/experiments/<run>/traces.json.gz")
+    tables.steps, tables.snapshots, tables.journey, tables.api, tables.step_spans, tables.quarantine
+    tables.counters  # lines_total = lines_blank + lines_ok + lines_quarantined, spans/events, ...
 
-* **Fast path** (numpy, no JSON objects): a line qualifies when it is *exactly* in the compact
-  canonical form the OTEL collector writes (trace-format §1, §9): fixed key order, no escapes,
-  ``intValue`` as strings, known span kinds and event names with their usual attribute lists. Every
-  byte of such a line is checked: span heads, events and span tails are matched against
-  templates (literal bytes compared, value holes checked by character class and then parsed), the
-  matched pieces must tile the line without gaps or overlaps in a legal order, and the glue
-  between them (resource/scope headers) must match a small grammar. Anything else - one odd
-  value, an unknown attribute, different key order, a backslash - sends the whole line to ...
+The file is read as a stream of chunks of whole lines (~2 MiB; a background thread inflates the
+gzip stream while the previous chunk is parsed). Each line of a chunk takes one of two paths:
+
+* **Fast path** (numpy, no Python objects per value) for lines *exactly* in the compact canonical
+  form the OTEL collector writes (trace-format 1, 9): fixed key order, no escapes, ``intValue`` as
+  strings, the three known span kinds and their event names with their usual attribute lists.
+  Every byte of such a line is checked: span heads, events and span tails are matched against
+  templates in lock-step over all instances of a chunk (literal bytes compared; the ends of quoted
+  values come from the chunk's quote positions, so no scanning), the matched pieces must tile the
+  line without gaps or overlaps in a legal order, the glue between them (resource and scope
+  headers) must match a small grammar, and every value must parse as the general path would read
+  it. Anything else - one odd value, an unknown attribute, another key order, a backslash, raw
+  control characters - sends the whole line to ...
 * **General path**: ``orjson.loads`` of the line and a walk of the OTLP structure with per-field
-  coercion (trace-format §1.1, §6.1). It is the reference; it produces ``parse_issue`` texts and
-  quarantine records. On canonical lines both paths give identical rows (tested).
+  coercion (trace-format 1.1, 6.1). It is the reference: it writes the ``parse_issue`` texts and
+  the quarantine records. On canonical lines both paths give identical tables (tested).
 
-Both paths keep rows in file order. ``workers=2`` parses chunks in a process pool while the
-calling process inflates and assembles.
+Rows stay in file order. ``workers=2`` parses chunks in a process pool (started once, reused)
+while the calling process inflates and assembles; it pays off for large files or when many lines
+need the general path.
 
 Value rules (per field, not per value tag): ``intValue`` arrives as a JSON string (bare numbers
 accepted); a float field delivered as ``intValue`` is fine; ``"NaN"``/``"Infinity"`` doubles,
 integers beyond signed 64 bit and wrong kinds (``stringValue`` for a number) give a null value and
 a ``parse_issue``; absent attributes give null (and ``missing attributes: ...`` when required).
-Unsupported value kinds (arrays, kvlists, bytes) on known attributes quarantine the event.
+Unsupported value kinds (arrays, kvlists, bytes) on known attributes quarantine the event; so do
+unknown event names on known span kinds. Malformed lines (invalid JSON or UTF-8, not an OTLP
+export, a truncated last line) are quarantined with their line number; a corrupt or truncated
+gzip stream raises :class:`TraceReadError`.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ import numpy as np
 import orjson
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 __all__ = ["TraceTables", "TraceReadError", "read_traces", "TABLE_SCHEMAS"]
 
@@ -545,14 +556,13 @@ class _Sink:
         row["source_line"] = line_no
         self._add(table, row)
 
-    def frames(self) -> dict[str, pl.DataFrame]:
+    def columns(self) -> dict[str, dict]:
+        """Per table with rows: its columns as Arrow arrays (schema order and types)."""
         out = {}
         for t, cols in self.cols.items():
-            if not next(iter(cols.values())):
-                out[t] = _EMPTY[t]
-                continue
-            schema = {**TABLE_SCHEMAS[t], **_INTERNAL.get(t, {})}
-            out[t] = pl.DataFrame(cols, schema=schema, strict=False)
+            if next(iter(cols.values())):
+                schema = {**TABLE_SCHEMAS[t], **_INTERNAL.get(t, {})}
+                out[t] = {c: pa.array(cols[c], _ARROW[dt]) for c, dt in schema.items()}
         return out
 
     def quarantine_frame(self) -> pl.DataFrame:
@@ -566,7 +576,8 @@ class _Sink:
 # --------------------------------------------------------------------------------------------
 
 PAD = 4096  # bytes after a chunk's data so that window reads of failing matches stay in bounds
-_NQSENT = 256  # the padding starts with this many quote characters (sentinels for quote lookups)
+_NQSENT = 512  # the padding starts with this many quote characters (sentinels for quote lookups; more
+# than the quotes of any template, so a failing match never indexes past them)
 PAD_BYTES = b'"' * _NQSENT + b"\0" * (PAD - _NQSENT)
 
 
@@ -695,6 +706,28 @@ _SPAN_TAIL = _compile([_alt([_lit(b',"status":{}}')],  # the usual tail, one lit
                        ("sep", "sep")])
 _SPAN_KIND_SCOPE = {"step": SCOPE_STEP, "core": SCOPE_CORE, "api": SCOPE_API}
 
+
+def _max_quotes(items) -> int:
+    """Upper bound of the quotes a template can step over (literals, quoted values, all branches)."""
+    n = 0
+    for it in items:
+        if it[0] == "lit":
+            n += it[2]
+        elif it[0] in ("i", "if", "s"):
+            n += 1
+        elif it[0] == "opt":
+            n += _max_quotes(it[1])
+        elif it[0] == "alt":
+            n += max(_max_quotes(x) for x in it[1])
+        elif it[0] == "flag":
+            n += it[1][2]
+    return n
+
+
+assert 3 + _max_quotes(_EV_HEAD) + max(_max_quotes(t) for t in _EV_BODIES.values()) < _NQSENT
+assert 3 + _max_quotes(_SPAN_HEAD) + max(_max_quotes(t) for t in _SPAN_BODIES.values()) < _NQSENT
+assert _max_quotes(_SPAN_TAIL) < _NQSENT
+
 # glue between span chains: line start, scope/resource changes, line end (bytes regexes)
 _J_S = rb'"[^"\\\x00-\x1f]*"'
 _J_NUM = rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
@@ -788,22 +821,23 @@ class _Cur:
             if tag == "lit":
                 self.ok &= sc.eq(self.pos, it[1])
                 self.pos += len(it[1])
-                self.qi += it[2]
+                if it[2]:
+                    self.qi += it[2]
             elif tag in ("i", "if", "s"):  # quoted value: ends at the next quote
-                end = sc.q[np.minimum(self.qi, len(sc.q) - 1)]
-                self._frag(tag, it[1], self.pos.copy(), end - self.pos)
+                end = sc.q[self.qi]
+                self._frag(tag, it[1], self.pos, end - self.pos)  # pos is rebound below, not mutated
                 self.pos = end + 1
                 self.qi += 1
-                np.minimum(self.qi, len(sc.q) - 1, out=self.qi)
             elif tag in ("u", "n"):  # bare number
                 if it[2] is not None:
-                    end = sc.q[np.minimum(self.qi, len(sc.q) - 1)] - it[2]
+                    end = sc.q[self.qi] - it[2]
                     L = end - self.pos
                     self.ok &= (L > 0) & (L <= 32)
                 else:
                     L = self._scan_number()
-                self._frag(tag, it[1], self.pos.copy(), np.clip(L, 0, 32))
-                self.pos += np.clip(L, 0, 32)
+                L = np.clip(L, 0, 32)
+                self._frag(tag, it[1], self.pos, L)
+                self.pos = self.pos + L
             elif tag == "opt":  # the probe is the block's first literal: matched rows skip it
                 probe = it[1][0]
                 m = sc.eq(self.pos, probe[1])
@@ -869,22 +903,81 @@ class _Cur:
         return L
 
 
-def _gather_strings(a: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> pl.Series:
-    """The byte ranges [start, start+len) of the chunk as one polars String Series."""
+def _gather_strings(a: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> pa.Array:
+    """The byte ranges [start, start+len) of the chunk as one Arrow large_string array."""
     n = len(starts)
     lens = lens.astype(np.int64)
     offs = np.zeros(n + 1, np.int64)
     np.cumsum(lens, out=offs[1:])
     idx = np.repeat(starts - offs[:-1], lens) + np.arange(offs[-1])
-    arr = pa.Array.from_buffers(pa.large_utf8(), n, [None, pa.py_buffer(offs), pa.py_buffer(a[idx])])
-    return pl.from_arrow(arr)
+    return pa.Array.from_buffers(pa.large_utf8(), n, [None, pa.py_buffer(offs), pa.py_buffer(a[idx])])
 
 
-_JSON_NUMBER = r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?$"
+def _json_numbers_ok(s: pa.Array) -> np.ndarray:
+    """Which strings of ``s`` (already parsed as finite floats) are JSON numbers
+    (-?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?): the float parser also takes '+1', '.5', '5.',
+    '01', '1.e3'. Checks first/last characters, leading zeros and the neighbours of '.', 'e', signs."""
+    n = len(s)
+    if not n:
+        return np.zeros(0, bool)
+    offs = np.frombuffer(s.buffers()[1], np.int64, n + 1, s.offset * 8)
+    buf = np.frombuffer(s.buffers()[2], np.uint8)
+    st, en = offs[:-1], offs[1:]
+    ok = en > st
+    c = np.concatenate([buf, np.zeros(2, np.uint8)])  # room to look one past the end
+    dig = (c - 48) < 10
+    f0 = c[st]
+    neg = f0 == 45
+    fd = st + neg  # first digit
+    ok &= dig[fd] & (fd < en)
+    ok &= ~((c[fd] == 48) & (fd + 1 < en) & dig[fd + 1])  # no leading zeros
+    ok &= dig[np.maximum(en - 1, 0)]  # ends with a digit
+    special = np.flatnonzero((c == 46) | (c == 101) | (c == 69) | (c == 43) | (c == 45))
+    if special.size:
+        owner = np.searchsorted(en, special, side="right")  # value that holds each character
+        inside = owner < n
+        inside[inside] = special[inside] >= st[owner[inside]]
+        special, owner = special[inside], owner[inside]
+        ch = c[special]
+        at_start = special == st[owner]
+        prev_dig = dig[special - 1] & ~at_start
+        nxt = c[special + 1]
+        next_dig = dig[special + 1] & (special + 1 < en[owner])
+        is_e = (ch == 101) | (ch == 69)
+        is_sign = (ch == 43) | (ch == 45)
+        prev_e = ((c[special - 1] == 101) | (c[special - 1] == 69)) & ~at_start
+        good = np.where(ch == 46, prev_dig & next_dig,
+                        np.where(is_e, prev_dig & (next_dig | (((nxt == 43) | (nxt == 45)) & (special + 2 < en[owner])
+                                                              & dig[special + 2])),
+                                 np.where(is_sign, (at_start & (ch == 45)) | (prev_e & next_dig), True)))
+        ok[owner[~good]] = False
+        # at most one '.', one exponent, and the '.' before the exponent
+        dots = np.bincount(owner[ch == 46], minlength=n)
+        exps = np.bincount(owner[is_e], minlength=n)
+        ok &= (dots <= 1) & (exps <= 1)
+        if (dots & exps).any():
+            dpos = np.full(n, -1, np.int64)
+            dpos[owner[ch == 46]] = special[ch == 46]
+            epos = np.full(n, -1, np.int64)
+            epos[owner[is_e]] = special[is_e]
+            ok &= ~((dpos >= 0) & (epos >= 0) & (dpos > epos))
+    return ok
+_ARROW = {I64: pa.int64(), F64: pa.float64(), STR: pa.large_string()}
+
+
+def _parse_numbers(s: pa.Array, typ) -> tuple[np.ndarray, np.ndarray]:
+    """Arrow strings -> (values, parsed) with a strict cast; a failing batch is redone per value."""
+    try:
+        v = pc.cast(s, typ)
+        return v.to_numpy(zero_copy_only=False), np.ones(len(s), bool)
+    except pa.ArrowInvalid:
+        v = pl.from_arrow(s).cast(I64 if typ == pa.int64() else F64, strict=False)
+        ok = ~v.is_null().to_numpy()
+        return v.fill_null(0).to_numpy(), ok
 
 
 class _Fields:
-    """Values of the matched holes: numbers as numpy arrays, strings as polars Series.
+    """Values of the matched holes: numbers as numpy arrays, strings as Arrow arrays.
 
     A hole is *bad* where the general path would not read a clean value from it (overflow, a
     leading '+', leading zeros in a bare number, a double that is not a finite JSON number); the
@@ -911,17 +1004,20 @@ class _Fields:
             if kind == "s":
                 vals = s
             elif kind == "n":
-                vals = s.cast(F64, strict=False).to_numpy()
-                bad = ~np.isfinite(vals) | ~s.str.contains(_JSON_NUMBER).to_numpy()
-            else:
-                v = s.cast(I64, strict=False)
+                vals, ok = _parse_numbers(s, pa.float64())
+                ok &= np.isfinite(vals)
+                ok &= _json_numbers_ok(s)
+                bad = ~ok
+            else:  # quoted integers (i, if) and bare unsigned integers (u)
+                vals, ok = _parse_numbers(s, pa.int64())
                 first = a[starts]
-                bad = v.is_null().to_numpy()
                 if kind == "u":
-                    bad |= ((first - 48) >= 10) | ((first == 48) & (lens > 1))
+                    ok &= ((first - 48) < 10) & ~((first == 48) & (lens > 1))
                 else:
-                    bad |= first == 43  # '+': not an integer to the general path
-                vals = v.fill_null(0).to_numpy() if kind != "if" else s.cast(F64, strict=False).fill_null(0).to_numpy()
+                    ok &= first != 43  # '+': not an integer to the general path
+                if kind == "if":
+                    vals = vals.astype(np.float64)
+                bad = ~ok
             store = self.txt if kind == "s" else self.num
             off = 0
             for f in frs:
@@ -943,41 +1039,42 @@ class _Fields:
             valid[rows] = True
         return vals, valid
 
-    def text(self, owner: str, name: str) -> pl.Series:
+    def text(self, owner: str, name: str) -> pa.Array:
+        """A string field over all rows of ``owner`` (null where absent)."""
         n = self.sizes[owner]
         ps = self.txt.get((owner, name))
         if not ps:
-            return pl.Series(name, [None] * n, dtype=STR)
+            return pa.nulls(n, pa.large_string())
         if len(ps) == 1 and len(ps[0][0]) == n:
             return ps[0][1]
-        vals = pl.concat([p[1] for p in ps])
+        vals = pa.concat_arrays([p[1] for p in ps])
         idx = np.full(n, -1, np.int64)
         idx[np.concatenate([p[0] for p in ps])] = np.arange(len(vals))
-        return vals.gather(_nullable_index(idx))
+        return vals.take(_nullable_index(idx))
 
 
-def _nullable_index(idx: np.ndarray) -> pl.Series:
-    """An index Series with nulls where ``idx`` < 0 (gather gives null there)."""
-    return pl.from_arrow(pa.array(idx, mask=idx < 0))
+def _nullable_index(idx: np.ndarray) -> pa.Array:
+    """An Arrow index array, null where ``idx`` < 0 (take gives null there)."""
+    return pa.array(idx, mask=idx < 0) if (idx < 0).any() else pa.array(idx)
 
 
-def _frame(table: str, cols: dict, n: int) -> pl.DataFrame:
-    """A table in schema order from numpy (values, present) pairs, numpy arrays or polars Series."""
-    schema = {**TABLE_SCHEMAS[table], **_INTERNAL.get(table, {})}
-    arrays = []
-    for c, dt in schema.items():
+def _columns(table: str, cols: dict, n: int) -> dict[str, pa.Array]:
+    """A table's columns in schema order as Arrow arrays, from numpy (values, present) pairs,
+    numpy arrays or Arrow arrays; absent columns are all null."""
+    out = {}
+    for c, dt in {**TABLE_SCHEMAS[table], **_INTERNAL.get(table, {})}.items():
         spec = cols.get(c)
+        typ = _ARROW[dt]
         if spec is None:
-            arrays.append(pa.nulls(n, pa.large_string() if dt == STR else pa.int64() if dt == I64 else pa.float64()))
-        elif isinstance(spec, pl.Series):
-            arrays.append(spec.to_arrow())
+            out[c] = pa.nulls(n, typ)
         elif isinstance(spec, tuple):
             vals, valid = spec
-            arrays.append(pa.array(vals) if valid.all() else pa.array(vals, mask=~valid))
+            out[c] = pa.array(vals, typ) if valid.all() else pa.array(vals, typ, mask=~valid)
+        elif isinstance(spec, np.ndarray):
+            out[c] = pa.array(spec, typ)
         else:
-            arrays.append(pa.array(spec))
-    df = pl.from_arrow(pa.Table.from_arrays(arrays, names=list(schema)))
-    return df if df.schema == schema else df.cast(schema)
+            out[c] = spec if spec.type == typ else spec.cast(typ)
+    return out
 
 
 def _ffill_index(has: np.ndarray) -> np.ndarray:
@@ -996,7 +1093,9 @@ _GROUPS = ("bs", "snap", "journey", "api")  # event groups (codes 0..3)
 _GROUP_OF_NAME = np.array([_GROUPS.index(g) for _, g, _ in _EVENT_NAMES] + [-1])  # index -1: unknown
 _SPAN_KINDS = ("step", "core", "api")  # span kinds (codes 0..2)
 _SPAN_OF_GROUP = np.array([0, 0, 1, 2, -9])  # span kind an event group belongs to
-_EV_LABELS = np.array([lbl for _, _, lbl in _EVENT_NAMES], object)
+_EV_SUFFIX = pa.array([lbl.split(".", 1)[1] for _, _, lbl in _EVENT_NAMES], pa.large_string())  # journey/api type
+_SCHEDULED_CODE = [lbl for _, _, lbl in _EVENT_NAMES].index("journey.SCHEDULED")
+_FINISHED_CODE = [lbl for _, _, lbl in _EVENT_NAMES].index("journey.FINISHED")
 
 
 def _fast_chunk(data: bytes, a: np.ndarray, n: int, starts: np.ndarray, ends: np.ndarray,
@@ -1010,7 +1109,7 @@ def _fast_chunk(data: bytes, a: np.ndarray, n: int, starts: np.ndarray, ends: np
         return np.searchsorted(starts, p, side="right") - 1
 
     # escapes (backslash), raw control characters / JSON whitespace, non-ASCII: decided per line
-    if data.find(b"\\", 0, n) >= 0 or not data.isascii() or np.count_nonzero(body < 32) != n_newlines:
+    if not data.isascii() or np.count_nonzero(body < 32) != n_newlines or (body == 92).any():
         odd = body < 32
         odd |= body == 92
         odd |= body >= 128
@@ -1217,14 +1316,13 @@ def _fast_chunk(data: bytes, a: np.ndarray, n: int, starts: np.ndarray, ends: np
     # journey consistency: event.type attribute = name; SCHEDULED/FINISHED carry their extra attribute
     jrows = groups["journey"]
     if jrows.size:
-        jk = keep["journey"]
-        etype = pl.Series(_EV_LABELS[ev_code[jrows]].tolist(), dtype=STR).str.slice(8)
-        incons = pl.select(
-            ((fl.text("journey", "event.type") != etype)
-             | ((etype == "SCHEDULED") & fl.text("journey", "schedule.kind").is_null())
-             | ((etype == "FINISHED") & fl.text("journey", "finish.status").is_null())).fill_null(True)
-        ).to_series().to_numpy()
-        bad[ev_line[jrows[incons & jk]]] = True
+        codes = ev_code[jrows]
+        etype = _EV_SUFFIX.take(pa.array(codes))
+        same = pc.fill_null(pc.equal(fl.text("journey", "event.type"), etype), False).to_numpy(zero_copy_only=False)
+        no_kind = pc.is_null(fl.text("journey", "schedule.kind")).to_numpy(zero_copy_only=False)
+        no_status = pc.is_null(fl.text("journey", "finish.status")).to_numpy(zero_copy_only=False)
+        incons = ~same | ((codes == _SCHEDULED_CODE) & no_kind) | ((codes == _FINISHED_CODE) & no_status)
+        bad[ev_line[jrows[incons & keep["journey"]]]] = True
     good_line = ~bad
 
     # ---- tables of the verified lines
@@ -1253,7 +1351,7 @@ def _fast_chunk(data: bytes, a: np.ndarray, n: int, starts: np.ndarray, ends: np
 
     sp_start, sp_end_t = span_number("start"), span_number("end")
 
-    tables: dict[str, pl.DataFrame] = {}
+    tables: dict[str, dict] = {}
     for g, rows in groups.items():
         sel = np.flatnonzero(good_line[ev_line[rows]])
         if not sel.size:
@@ -1266,39 +1364,42 @@ def _fast_chunk(data: bytes, a: np.ndarray, n: int, starts: np.ndarray, ends: np
             for k, t in STEP_ATTRS:
                 cols[k] = take(fl.number("bs", k, np.float64 if t is float else np.int64), sel)
             cols["span_sequence"] = take(fl.number("sp_step", "span_sequence"), pk)
-            tables["steps"] = _frame("steps", cols, len(er))
+            tables["steps"] = _columns("steps", cols, len(er))
         elif g == "snap":
             for k, t in SNAPSHOT_ATTRS:
-                cols[k] = fl.text("snap", k).gather(sel) if t is str else take(fl.number("snap", k), sel)
-            tables["snapshots"] = _frame("snapshots", cols, len(er))
+                cols[k] = fl.text("snap", k).take(pa.array(sel)) if t is str else take(fl.number("snap", k), sel)
+            tables["snapshots"] = _columns("snapshots", cols, len(er))
         else:
-            cols.update({"request.id": fl.text("sp_core" if g == "journey" else "sp_api", "request.id").gather(pk),
-                         "trace_id": fl.text("span", "trace_id").gather(spn),
-                         "span_id": fl.text("span", "span_id").gather(spn),
+            kind_owner = "sp_core" if g == "journey" else "sp_api"
+            ispn = pa.array(spn)
+            cols.update({"request.id": fl.text(kind_owner, "request.id").take(pa.array(pk)),
+                         "trace_id": fl.text("span", "trace_id").take(ispn),
+                         "span_id": fl.text("span", "span_id").take(ispn),
                          "span_start_unix_nano": take(sp_start, spn),
                          "span_end_unix_nano": take(sp_end_t, spn)})
-            label = pl.Series(_EV_LABELS[ev_code[er]].tolist(), dtype=STR)
+            label = _EV_SUFFIX.take(pa.array(ev_code[er]))
+            isel = pa.array(sel)
             if g == "journey":
-                cols["parent_span_id"] = fl.text("span", "parent_span_id").gather(spn)
-                cols["event.type"] = label.str.slice(8)
+                cols["parent_span_id"] = fl.text("span", "parent_span_id").take(ispn)
+                cols["event.type"] = label
                 for k, t in JOURNEY_ATTRS:
                     if k in ("event.type", "ts.monotonic"):
                         continue
-                    cols[k] = fl.text("journey", k).gather(sel) if t is str else take(fl.number("journey", k), sel)
+                    cols[k] = fl.text("journey", k).take(isel) if t is str else take(fl.number("journey", k), sel)
                 cols["_ts_monotonic"] = take(fl.number("journey", "ts.monotonic", np.float64), sel)
                 cols["span_dropped_events"] = sp_dropped[spn]
-                tables["journey"] = _frame("journey", cols, len(er))
+                tables["journey"] = _columns("journey", cols, len(er))
             else:
-                cols["event"] = label.str.slice(4)
+                cols["event"] = label
                 cols["event.ts.monotonic"] = take(fl.number("api", "event.ts.monotonic", np.float64), sel)
-                cols["reason"] = fl.text("api", "reason").gather(sel)
+                cols["reason"] = fl.text("api", "reason").take(isel)
                 cols["prompt_tokens"] = take(fl.number("sp_api", "prompt_tokens"), pk)
                 cols["max_tokens"] = take(fl.number("sp_api", "max_tokens"), pk)
-                cols["model"] = fl.text("sp_api", "model").gather(pk)
+                cols["model"] = fl.text("sp_api", "model").take(pa.array(pk))
                 code_vals, code_ok = fl.number("tail", "status_code")
                 ti = tail_idx[spn]
                 cols["status_code"] = (code_vals[np.maximum(ti, 0)], code_ok[np.maximum(ti, 0)] & (ti >= 0))
-                tables["api"] = _frame("api", cols, len(er))
+                tables["api"] = _columns("api", cols, len(er))
     rows = span_groups["step"]
     sel = np.flatnonzero(good_line[sp_line[rows]]) if rows.size else rows
     if sel.size:
@@ -1308,10 +1409,9 @@ def _fast_chunk(data: bytes, a: np.ndarray, n: int, starts: np.ndarray, ends: np
         cols = {c: take(fl.number("sp_step", c), sel)
                 for c in ("span_sequence", "step_range_start", "step_range_end", "closure_interval")}
         cols.update({"dropped_events_count": sp_dropped[sr], "n_events": n_ev[sr],
-                     "start_unix_nano": take(sp_start, sr),
-                     "end_unix_nano": take(sp_end_t, sr),
+                     "start_unix_nano": take(sp_start, sr), "end_unix_nano": take(sp_end_t, sr),
                      "source_line": first_line + sp_line[sr]})
-        tables["step_spans"] = _frame("step_spans", cols, len(sr))
+        tables["step_spans"] = _columns("step_spans", cols, len(sr))
 
     # ---- counters over verified lines
     cnt = _new_counters()
@@ -1386,7 +1486,7 @@ def _process_chunk(data: bytes, n: int, first_line: int, unterminated: bool, lab
     blank = (ends - starts) == 0
     sink = _Sink(label)
     general = ~blank
-    tables: dict[str, pl.DataFrame] = {}
+    tables: dict[str, dict] = {}
     fast_counters = _new_counters()
     if fast and nlines:
         verified, tables, fast_counters = _fast_chunk(data, a, n, starts, ends, ~blank, first_line, {}, len(nl))
@@ -1400,16 +1500,10 @@ def _process_chunk(data: bytes, n: int, first_line: int, unterminated: bool, lab
     c["lines_total"] += nb
     c["lines_blank"] += nb
     _merge_counters(c, fast_counters)
-    gen = sink.frames()
-    out = {}
+    gen = sink.columns()
+    out = {}  # table -> list of column dicts (fast rows, general rows); assembly merges them
     for t in TABLES:
-        f, g = tables.get(t), gen[t]
-        if f is None or not f.height:
-            out[t] = g
-        elif not g.height:
-            out[t] = f
-        else:
-            out[t] = pl.concat([f, g], how="vertical_relaxed").sort("source_line", maintain_order=True)
+        out[t] = [x for x in (tables.get(t), gen.get(t)) if x]
     return _Part(out, sink.quarantine_frame(), c)
 
 
@@ -1419,8 +1513,9 @@ _GZ_MAGIC = b"\x1f\x8b"
 class _ChunkStream:
     """Inflate/read a trace file in a background thread; yield chunks of whole lines in order."""
 
-    def __init__(self, path: Path, chunk_bytes: int):
+    def __init__(self, path: Path, chunk_bytes: int, first_chunk_bytes: int | None = None):
         self.path, self.chunk_bytes = path, chunk_bytes
+        self.first_chunk_bytes = first_chunk_bytes or chunk_bytes
         self.bytes_uncompressed = 0
         self._q: queue.Queue = queue.Queue(maxsize=3)
         self._stop = threading.Event()
@@ -1476,11 +1571,12 @@ class _ChunkStream:
             pending: list[bytes] = []
             size = 0
             self._pending = pending
+            first = True  # a small first chunk: parsing starts while the rest is inflated
             for b in self._blocks():
                 self.bytes_uncompressed += len(b)
                 pending.append(b)
                 size += len(b)
-                if size < self.chunk_bytes:
+                if size < (self.first_chunk_bytes if first else self.chunk_bytes):
                     continue
                 # cut after the last newline (searching back through the pieces), one join with padding
                 for k in range(len(pending) - 1, -1, -1):
@@ -1498,6 +1594,7 @@ class _ChunkStream:
                 size = sum(len(x) for x in pending)
                 if not self._put((chunk, n, False)):
                     return
+                first = False
             if size:
                 chunk = b"".join(pending + [PAD_BYTES])
                 self._put((chunk, size, chunk[size - 1:size] != b"\n"))
@@ -1574,13 +1671,10 @@ def _estimate_uncompressed(path: Path) -> int:
 
 
 def _auto_workers(est: int) -> int:
-    """Worker processes when the caller does not say: a pool costs ~1 s to start, so one process
-    unless the pool is already running (then from 8 MB) or the file is large (256 MB)."""
-    cpus = os.cpu_count() or 1
-    if cpus < 2:
+    """Worker processes when the caller does not say: one below 256 MB uncompressed (the fast path
+    parses faster than gzip inflates plus IPC would gain, and a pool costs ~1 s to start), else 2."""
+    if (os.cpu_count() or 1) < 2:
         return 1
-    if _POOL is not None and est >= (8 << 20):
-        return _POOL_SIZE
     return 2 if est >= (256 << 20) else 1
 
 
@@ -1588,12 +1682,14 @@ def read_traces(path: str | Path, *, workers: int | None = None, fast: bool = Tr
                 chunk_bytes: int | None = None) -> TraceTables:
     """Read ``traces.json`` or ``traces.json.gz`` into :class:`TraceTables`.
 
-    ``workers``: processes parsing chunks (None: automatic, see ``_auto_workers``); the calling
-    process inflates and assembles. ``fast=False`` disables the canonical-line fast path (every
-    line through orjson; same result, slower). ``chunk_bytes``: uncompressed bytes per chunk
-    (None: about a quarter of the file per worker, 1-16 MiB).
-    Raises :class:`TraceReadError` for a corrupt or truncated gzip stream; malformed lines and
-    events are quarantined, never raised.
+    ``workers``: processes that parse chunks (None: 1, or 2 for files over 256 MB); the calling
+    process inflates and assembles. With ``workers`` > 1 a spawned pool is started once and kept
+    (scripts must guard their entry point with ``if __name__ == "__main__":``).
+    ``fast=False`` sends every line through the general orjson path (same tables, slower; for
+    checks). ``chunk_bytes``: uncompressed bytes per chunk (None: 2 MiB, the first one 1 MiB).
+
+    Malformed lines and events are quarantined, never raised; a corrupt or truncated gzip stream
+    raises :class:`TraceReadError`; a missing file raises FileNotFoundError.
     """
     path = Path(path)
     label = str(path)
@@ -1601,9 +1697,11 @@ def read_traces(path: str | Path, *, workers: int | None = None, fast: bool = Tr
         raise FileNotFoundError(f"{path}: no such trace file")
     est = _estimate_uncompressed(path)
     workers = _auto_workers(est) if workers is None else max(1, int(workers))
-    if chunk_bytes is None:
-        chunk_bytes = min(16 << 20, max(1 << 20, est // (2 * workers) + 1))
-    stream = _ChunkStream(path, max(1 << 12, int(chunk_bytes)))
+    first_chunk = None
+    if chunk_bytes is None:  # ~2 MiB: the parse's working set stays in cache; a 1 MiB first chunk
+        chunk_bytes = 2 << 20  # starts parsing while the rest is inflated
+        first_chunk = 1 << 20
+    stream = _ChunkStream(path, max(1 << 12, int(chunk_bytes)), first_chunk)
     parts: list[_Part] = []
     pending: deque = deque()
     try:
@@ -1636,28 +1734,39 @@ def _assemble(parts: list[_Part], nbytes: int) -> TraceTables:
         _merge_counters(counters, p.counters)
     counters["bytes_uncompressed"] = nbytes
     # chunks were parsed with line numbers from 1: shift them by the lines of the chunks before
+    pieces: dict[str, list] = {t: [] for t in TABLES}
+    mixed = {t: False for t in TABLES}
+    quarantine = []
     offset = 0
     for p in parts:
-        if offset:
-            for t in TABLES:
-                if p.tables[t].height:
-                    p.tables[t] = p.tables[t].with_columns(pl.col("source_line") + offset)
-            if p.quarantine.height:
-                p.quarantine = p.quarantine.with_columns(pl.col("line") + offset)
+        for t in TABLES:
+            batches = p.tables[t]
+            mixed[t] |= len(batches) > 1  # fast and general rows of one chunk: sort by line
+            for cols in batches:
+                if offset:
+                    cols = {**cols, "source_line": pc.add(cols["source_line"], offset)}
+                pieces[t].append(cols)
+        if p.quarantine.height:
+            quarantine.append(p.quarantine.with_columns(pl.col("line") + offset) if offset else p.quarantine)
         offset += p.counters["lines_total"]
     out = {}
     for t in TABLES:
-        frames = [p.tables[t] for p in parts if p.tables[t].height]
-        df = (frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical_relaxed")) if frames else _EMPTY[t]
         schema = {**TABLE_SCHEMAS[t], **_INTERNAL.get(t, {})}
-        if df.schema != schema:
-            df = df.select([pl.col(c).cast(dt) for c, dt in schema.items()])
+        if not pieces[t]:
+            df = _EMPTY[t]
+        else:
+            arrays = [pa.concat_arrays([c[name] for c in pieces[t]]) if len(pieces[t]) > 1 else pieces[t][0][name]
+                      for name in schema]
+            df = pl.from_arrow(pa.Table.from_arrays(arrays, names=list(schema)))
+            if df.schema != schema:
+                df = df.cast(schema)
+            if mixed[t]:
+                df = df.sort("source_line", maintain_order=True)
         if t == "journey":
             df = df.with_columns(
                 pl.when(pl.col("ts.monotonic_ns").is_null())
                 .then((pl.col("_ts_monotonic") * 1e9).round().cast(I64, strict=False))
                 .otherwise(pl.col("ts.monotonic_ns")).alias("ts.monotonic_ns")).drop("_ts_monotonic")
         out[t] = df
-    qs = [p.quarantine for p in parts if p.quarantine.height]
-    out["quarantine"] = pl.concat(qs) if qs else _EMPTY["quarantine"]
+    out["quarantine"] = pl.concat(quarantine) if quarantine else _EMPTY["quarantine"]
     return TraceTables(**out, counters=counters)

@@ -15,7 +15,7 @@ from polars.testing import assert_frame_equal
 
 from stepml_core.traces import TABLE_SCHEMAS, TraceReadError, read_traces
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "real"
+from conftest import SHARED_REAL as REAL  # noqa: E402
 TABLES = ("steps", "snapshots", "journey", "api", "step_spans", "quarantine")
 
 # ---------------------------------------------------------------------------------------------
@@ -459,6 +459,29 @@ def test_non_finite_overflow_and_wrong_types(tmp_path):
     assert s["step.duration_us"][4] == 150 and s["kv.usage_gpu_ratio"][4] == 1.0
     assert s["batch.num_finished"][6] == 2 and s["step.id"][7] is None
     assert t.quarantine.height == 0 and t.counters["lines_general"] == 1
+
+
+def test_number_grammar_matches_json():
+    from stepml_core.traces import _json_numbers_ok
+    import pyarrow as pa
+
+    rx = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\Z")
+    rng = random.Random(5)
+    cases = ["".join(rng.choice("0123456789.eE+-") for _ in range(rng.randint(0, 8))) for _ in range(5000)]
+    cases += ["0", "-0", "0.5", "1e5", "1E+05", "+1", ".5", "5.", "01", "1.e3", "1e", "-", "0.0024237785431815430"]
+    got = _json_numbers_ok(pa.array(cases, pa.large_string()))
+    assert got.tolist() == [bool(rx.match(c)) for c in cases]
+
+
+def test_numbers_that_are_not_json(tmp_path):
+    good = line(export(("vllm.scheduler.step", [step_span(1, [batch_event(10)])])))
+    lines = [good]
+    for bad in (b"+0.125", b".125", b"00.125", b"1e400", b"0.125."):
+        lines.append(good.replace(b'"doubleValue":0.125', b'"doubleValue":' + bad))
+    t = read_both(write(tmp_path, lines))
+    assert t.quarantine["line"].to_list() == [2, 3, 4, 5, 6]
+    assert all(r.startswith("invalid JSON") for r in t.quarantine["reason"])
+    assert t.steps.height == 1
 
 
 def test_missing_attributes(tmp_path):
