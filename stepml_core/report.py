@@ -15,7 +15,7 @@ import polars as pl
 
 from .paths import REFERENCE_DIR
 
-MODEL_ORDER = ["naive_mean", "blackbox_2f", "ridge_30f", "blackbox_ols_orig", "ridge_30f_orig"]
+MODEL_ORDER = ["naive_mean", "blackbox_2f", "ridge_30f", "blackbox_ols_orig", "ridge_30f_orig", "ridge_log_30f", "nnls_physics", "hgb_30f"]
 PUBLISHED_COLUMNS = {
     "blackbox_ols_orig": "r1_blackbox2f_per_exp_step_mape_pct",
     "ridge_30f_orig": "r1_ridge30f_per_exp_step_mape_pct",
@@ -167,14 +167,14 @@ def render_report(*, runs: list[dict], metrics: pl.DataFrame, predictions: pl.Da
         g = lambda m: _fmt(ours[m][0]) if ours.get(m) else "–"
         prow.append([f"`{r['experiment_id']}`", r["source"], g("blackbox_ols_orig"), _fmt(float(p["r1_blackbox2f_per_exp_step_mape_pct"])),
                      g("ridge_30f_orig"), _fmt(float(p["r1_ridge30f_per_exp_step_mape_pct"])), g("ridge_30f"),
-                     _fmt(float(p["r1_xgb30f_per_exp_step_mape_pct"]))])
+                     g("hgb_30f"), _fmt(float(p["r1_xgb30f_per_exp_step_mape_pct"]))])
     if prow:
         lines += ["## Beside the original study's published numbers (target `schedule_us`, test MAPE %)", "",
                   "Published figures: round 1 of the original study (per experiment, temporal 60/20/20). For synthetic runs "
                   "the published figure belongs to the real run it stands for, so only real rows are reproductions.", "",
                   _md_table(["experiment", "source", "OLS blackbox (ours, original recipe)", "published blackbox",
                              "Ridge 30f α=1 (ours, original recipe)", "published Ridge 30f", "Ridge 30f (StepML recipe)",
-                             "published XGBoost"], prow), ""]
+                             "gradient boosting hgb_30f (ours)", "published XGBoost"], prow), ""]
     lines += list(extra_sections or [])
     md = "\n".join(lines) + "\n"
     (out_dir / "report.md").write_text(md)
