@@ -39,9 +39,15 @@ from .resources import StepMLSettings
 PARTITIONS_DEF_NAME = "experiment"
 EXPERIMENT_JOB = "experiment_job"
 STUDY_JOB = "study_job"
-# experiment-level assets the study assets read (a new materialization of any makes the study stale)
-STUDY_INPUTS = ("feature_matrix", "split", "metrics", "predictions", "run_summary")
 STUDY_OUTPUT = "study_report"
+
+
+def study_inputs() -> list[dg.AssetKey]:
+    """Experiment-level assets the study assets read: a new materialization of any makes the study stale."""
+    from .assets import PARTITIONED_ASSETS, STUDY_ASSETS
+
+    partitioned = {k for a in PARTITIONED_ASSETS for k in a.keys}
+    return sorted({k for a in STUDY_ASSETS for k in a.dependency_keys if k in partitioned}, key=lambda k: k.to_user_string())
 CURSOR_VERSION = 1
 DATA_VERSION_TAG = "stepml/data_version"
 TRIGGER_TAG = "stepml/trigger"
@@ -273,8 +279,8 @@ def study_staleness(instance: dg.DagsterInstance) -> dict:
     """{'active_experiment_runs', 'latest_input' (storage id, timestamp) or None, 'study_started' (timestamp) or None}."""
     active = instance.get_runs_count(dg.RunsFilter(job_name=EXPERIMENT_JOB, statuses=ACTIVE_STATUSES))
     latest = None
-    for name in STUDY_INPUTS:
-        recs = instance.fetch_materializations(dg.AssetKey(name), limit=1).records
+    for key in study_inputs():
+        recs = instance.fetch_materializations(key, limit=1).records
         if recs and (latest is None or recs[0].storage_id > latest[0]):
             latest = (recs[0].storage_id, recs[0].timestamp)
     study_started = None

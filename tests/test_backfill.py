@@ -101,3 +101,13 @@ def test_changed_input_marks_downstream_partition_stale(study):
     assert resolver.get_status(dg.AssetKey("step_table"), RUN_A) == StaleStatus.STALE
     assert resolver.get_status(dg.AssetKey("step_table"), RUN_B) == StaleStatus.FRESH
     assert resolver.get_status(dg.AssetKey("raw_traces"), RUN_A) == StaleStatus.FRESH
+
+
+def test_study_sensor_requests_one_study_run_after_new_experiment_materialization(study):
+    _, _, instance = study
+    sensor = S.build_study_sensor(minimum_interval_seconds=1)
+    assert isinstance(sensor(dg.build_sensor_context(instance=instance)), dg.SkipReason)  # raw_traces alone: no
+    instance.report_runless_asset_event(dg.AssetMaterialization("run_summary", partition=RUN_A))
+    req = sensor(dg.build_sensor_context(instance=instance))
+    assert isinstance(req, dg.RunRequest) and req.run_key.startswith("study:")
+    assert sensor(dg.build_sensor_context(instance=instance)).run_key == req.run_key  # same key: Dagster launches it once
