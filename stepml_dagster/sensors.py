@@ -252,6 +252,10 @@ def build_experiment_sensor(*, minimum_interval_seconds: int | None = None,
     )
     def experiment_sensor(context: dg.SensorEvaluationContext, settings: StepMLSettings):
         launches, cursor = scan_data_folder(settings, load_cursor(context.cursor), log=_logger(context))
+        done = [l for l in launches if partition_up_to_date(context.instance, l["run_id"], l["data_version"])]
+        for l in done:  # e.g. materialized by `stepml run`/`backfill` on the same instance, or a reset cursor
+            context.log.info(f"{l['run_id']}: already materialized from data version {l['data_version']}; not launched")
+        launches = [l for l in launches if l not in done]
         new_keys = [l["run_id"] for l in launches if not context.instance.has_dynamic_partition(PARTITIONS_DEF_NAME, l["run_id"])]
         requests = [dg.RunRequest(run_key=l["run_key"], partition_key=l["run_id"],
                                   tags={DATA_VERSION_TAG: l["data_version"], TRIGGER_TAG: l["reason"]})
@@ -269,6 +273,25 @@ def build_experiment_sensor(*, minimum_interval_seconds: int | None = None,
         )
 
     return experiment_sensor
+
+
+def partition_up_to_date(instance: dg.DagsterInstance, run_id: str, data_version: str) -> bool:
+    """raw_traces of this partition was materialized from this data version and every other
+    experiment-level asset of the partition was materialized after it."""
+    from .assets import PARTITIONED_ASSETS
+
+    if not instance.has_dynamic_partition(PARTITIONS_DEF_NAME, run_id):
+        return False
+    latest = {}
+    for key in {k for a in PARTITIONED_ASSETS for k in a.keys}:
+        recs = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[run_id]), limit=1).records
+        if not recs:
+            return False
+        latest[key] = recs[0]
+    raw = latest.get(dg.AssetKey("raw_traces"))
+    if raw is None or raw.asset_materialization is None or raw.asset_materialization.tags.get("dagster/data_version") != data_version:
+        return False
+    return all(r.storage_id >= raw.storage_id for r in latest.values())
 
 
 ACTIVE_STATUSES = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,

@@ -111,3 +111,21 @@ def test_study_sensor_requests_one_study_run_after_new_experiment_materializatio
     req = sensor(dg.build_sensor_context(instance=instance))
     assert isinstance(req, dg.RunRequest) and req.run_key.startswith("study:")
     assert sensor(dg.build_sensor_context(instance=instance)).run_key == req.run_key  # same key: Dagster launches it once
+
+
+def test_experiment_sensor_does_not_relaunch_what_the_cli_materialized(study):
+    """Same instance as `stepml run`: a fresh sensor (empty cursor) launches only the run whose inputs
+    changed after its last materialization, not the one `stepml run` already materialized."""
+    from stepml_dagster.resources import StepMLSettings
+
+    data, out, instance = study
+    with open(data / RUN_A / "profile.yaml", "a") as f:
+        f.write("# changed once more\n")
+    sensor = S.build_experiment_sensor(minimum_interval_seconds=1)
+    ctx = lambda cursor: dg.build_sensor_context(instance=instance, cursor=cursor,  # noqa: E731
+                                                 resources={"settings": StepMLSettings(data_dir=str(data), out_dir=str(out))})
+    first = sensor(ctx(None))  # RUN_B: up to date → not launched; RUN_A: just written → later tick
+    assert not first.run_requests
+    second = sensor(ctx(first.cursor))
+    assert [r.partition_key for r in second.run_requests] == [RUN_A]
+    assert not second.dynamic_partitions_requests
