@@ -97,6 +97,11 @@ def fit_models(fm: pl.DataFrame, target: str, scope: str, names: tuple[str, ...]
     return out
 
 
+PREDICTION_SCHEMA = {"experiment_id": pl.Utf8, "source": pl.Utf8, "step.id": pl.Int64, "split": pl.Utf8, "load_stage": pl.Int64,
+                     "kv_mean": pl.Float64, "batch_size": pl.Float64, "target": pl.Utf8, "model": pl.Utf8, "scope": pl.Utf8,
+                     "y": pl.Float64, "y_pred": pl.Float64}
+
+
 def predict(fm: pl.DataFrame, models: list[dict], scope: str) -> pl.DataFrame:
     """Long table: experiment_id, source, step.id, split, target, model, scope, y, y_pred (rows with a target)."""
     parts = []
@@ -110,7 +115,7 @@ def predict(fm: pl.DataFrame, models: list[dict], scope: str) -> pl.DataFrame:
                                  batch_size=pl.col("num_prefill_reqs") + pl.col("num_decode_reqs")).with_columns(
             target=pl.lit(m["target"]), model=pl.lit(m["name"]), scope=pl.lit(scope),
             y=rows[m["target"]].cast(pl.Float64), y_pred=pl.Series(yhat, dtype=pl.Float64)))
-    return pl.concat(parts) if parts else pl.DataFrame()
+    return pl.concat(parts) if parts else pl.DataFrame(schema=PREDICTION_SCHEMA)  # an empty run still has the columns
 
 
 def metrics_from_predictions(pred: pl.DataFrame) -> pl.DataFrame:

@@ -38,7 +38,10 @@ def _materialize_partition(defs, instance, key: str) -> tuple[str, bool, float, 
     if not res.success:
         for ev in res.all_events:
             if ev.is_failure and ev.event_specific_data is not None and getattr(ev.event_specific_data, "error", None):
-                err = ev.event_specific_data.error.message.strip().splitlines()[-1]
+                e = ev.event_specific_data.error
+                while getattr(e, "cause", None) is not None:  # the user error under Dagster's wrapper
+                    e = e.cause
+                err = e.message.strip().splitlines()[-1]
     return key, res.success, time.perf_counter() - t, err
 
 
@@ -91,13 +94,14 @@ def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, see
     defs = build_definitions(settings)
     t0 = time.perf_counter()
     workers = max(1, min(workers or 1, len(keys)))
-    failed = []
+    failed, errors = [], {}
     if workers == 1:
         for i, key in enumerate(keys, 1):
             key, ok, secs, err = _materialize_partition(defs, instance, key)
             say(f"[{i}/{len(keys)}] {key}: {'ok' if ok else 'FAILED'} ({secs:.1f} s)" + (f"\n   {err}" if err else ""))
             if not ok:
                 failed.append(key)
+                errors[key] = err
     else:  # independent partitions in parallel processes, each in-process Dagster on the same instance
         import concurrent.futures as cf
         import multiprocessing as mp
@@ -109,9 +113,11 @@ def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, see
                 say(f"[{i}/{len(keys)}] {key}: {'ok' if ok else 'FAILED'} ({secs:.1f} s)" + (f"\n   {err}" if err else ""))
                 if not ok:
                     failed.append(key)
+                    errors[key] = err
     res = defs.resolve_job_def("study_job").execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET_LOGS)
     say(f"study: {'ok' if res.success else 'FAILED'}; {len(keys) - len(failed)} experiment(s) in {time.perf_counter() - t0:.1f} s; outputs in {out_dir}")
-    return {"experiments": keys, "failed": failed, "study_ok": res.success, "out_dir": str(out_dir)}
+    return {"experiments": keys, "failed": failed, "errors": errors, "skipped": {str(p.name): why for p, why in rejected},
+            "study_ok": res.success, "out_dir": str(out_dir)}
 
 
 def synthesize(out_dir: Path, runs: list[str] | None, *, scale: float, seed: int, quiet: bool = False) -> list[Path]:
