@@ -244,20 +244,29 @@ def pooled_folds(experiments: list[str], scope: str) -> list[tuple[str, list[str
 
 def fit_pooled(matrices: dict[str, pl.DataFrame], scopes: tuple[str, ...] = ("global", "per_model"),
                names: tuple[str, ...] | None = None, seed: int = 0) -> dict:
-    """Pooled fits per scope and fold, each scored on its fold's experiments (all splits)."""
-    models, preds = {}, []
+    """Pooled fits per scope and fold, each scored on its fold's experiments (metrics on all splits).
+
+    The returned predictions keep the test split only (what the report's verdict and plots read):
+    all-split predictions of every pooled model grow with the study (≈ 16 rows per step per
+    scope) and are reduced to metrics fold by fold instead of being held all at once.
+    """
+    models, preds, mets = {}, [], []
     exps = sorted(e for e, m in matrices.items() if m.height)
     for scope in scopes:
         for group, train_exps, score_exps in pooled_folds(exps, scope):
             train = pl.concat([matrices[e] for e in train_exps], how="diagonal_relaxed")
             fitted = {t: fit_models(train, t, scope, names, seed) for t in TARGETS}
+            del train
             models.setdefault(scope, {})[group] = fitted
             scored = pl.concat([matrices[e] for e in score_exps], how="diagonal_relaxed")
             p = predict_experiment(scored, fitted, scope)
             if p.height:
-                preds.append(p)
+                mets.append(metrics_from_predictions(p))
+                preds.append(p.filter(pl.col("split") == "test"))
+            del scored, p
     pred = pl.concat(preds, how="diagonal_relaxed") if preds else pl.DataFrame()
-    met = metrics_from_predictions(pred) if pred.height else pl.DataFrame(schema={c: pl.Utf8 for c in METRIC_COLUMNS})
+    met = (pl.concat(mets, how="diagonal_relaxed").sort(["experiment_id", "source", "target", "model", "scope", "split"]) if mets
+           else pl.DataFrame(schema={c: pl.Utf8 for c in METRIC_COLUMNS}))
     return {"models": models, "predictions": pred, "metrics": met}
 
 

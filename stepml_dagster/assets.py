@@ -172,7 +172,9 @@ def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, me
     run_summary = {e: r for e, r in run_summary.items() if e in present}
     gm, gp = global_models["metrics"], global_models["predictions"]
     all_metrics = pl.concat([*(metrics[e] for e in present if e in metrics), gm.filter(pl.col("experiment_id").is_in(sorted(present)))], how="diagonal_relaxed")
-    all_pred = pl.concat([*(predictions[e] for e in present if e in predictions), gp.filter(pl.col("experiment_id").is_in(sorted(present)))], how="diagonal_relaxed")
+    test = pl.col("split") == "test"  # the verdict and the plots read test rows only; one partition in memory at a time
+    all_pred = pl.concat([*(predictions[e].filter(test) for e in present if e in predictions),
+                          gp.filter(pl.col("experiment_id").is_in(sorted(present)) & test)], how="diagonal_relaxed")
     verdict = study.h1_verdict(all_metrics, all_pred, seed=settings.seed)
     gen = generalization["metrics"]
     abl = pl.concat([ablation[e] for e in present if e in ablation], how="diagonal_relaxed") if ablation else None

@@ -19,7 +19,8 @@ study_job = dg.define_asset_job(
     description="Pooled models, H1 verdict and the study report over all materialized experiments.")
 
 
-def build_definitions(settings: StepMLSettings | None = None, *, max_concurrent: int = 2) -> dg.Definitions:
+def build_definitions(settings: StepMLSettings | None = None, *, max_concurrent: int = 2,
+                      executor: dg.ExecutorDefinition | None = None) -> dg.Definitions:
     settings = settings or settings_from_env()
     sensors, schedules = build_automation()  # experiment_sensor, study_sensor, rerun_schedule (sensors.py)
     return dg.Definitions(
@@ -27,7 +28,8 @@ def build_definitions(settings: StepMLSettings | None = None, *, max_concurrent:
         jobs=[experiment_job, study_job],
         sensors=sensors, schedules=schedules,
         resources={"settings": settings, "io_manager": ParquetIOManager(base_dir=str(Path(settings.out_dir) / "assets"))},
-        executor=dg.multiprocess_executor.configured({"max_concurrent": max_concurrent}),
+        # default: steps as local processes; stepml_dagster.distributed passes the Celery executor (several machines)
+        executor=executor or dg.multiprocess_executor.configured({"max_concurrent": max_concurrent}),
     )
 
 

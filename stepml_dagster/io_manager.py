@@ -4,7 +4,7 @@ Layout: <base_dir>/<asset key path>/<partition key or __all__>{.parquet|.json|/}
   polars DataFrame → one parquet file
   dict             → a folder: one parquet per DataFrame value, the rest in _values.json
   anything else    → JSON
-Loading several partitions returns {partition key: object}.
+Loading several partitions returns a {partition key: object} mapping that reads each value on lookup.
 """
 
 from __future__ import annotations
@@ -88,6 +88,29 @@ class StoredTables(Mapping):
         return len(self._values) + len(self._tables)
 
 
+class StoredPartitions(Mapping):
+    """{partition key: stored value} for a study-level input, each value read when it is looked up.
+
+    Not cached: a study asset that walks the partitions one at a time holds one at a time
+    (at 10× the study, every partition's predictions at once would be gigabytes).
+    """
+
+    def __init__(self, stems: dict[str, Path]):
+        self._stems = stems
+
+    def __getitem__(self, key):
+        return read_object(self._stems[key])
+
+    def __contains__(self, key):  # without reading the value (Mapping's default would)
+        return key in self._stems
+
+    def __iter__(self):
+        return iter(self._stems)
+
+    def __len__(self):
+        return len(self._stems)
+
+
 class ParquetIOManager(dg.ConfigurableIOManager):
     """Stores asset values under base_dir as parquet (tables) and JSON (everything else)."""
 
@@ -112,7 +135,7 @@ class ParquetIOManager(dg.ConfigurableIOManager):
             keys = list(context.asset_partition_keys)
             if context.has_partition_key and len(keys) == 1:  # partition → same partition
                 return read_object(self._stem(key, keys[0]))
-            return {k: read_object(self._stem(key, k)) for k in keys if self._exists(key, k)}
+            return StoredPartitions({k: self._stem(key, k) for k in keys if self._exists(key, k)})
         return read_object(self._stem(key, None))
 
     def _exists(self, key, partition) -> bool:

@@ -1,0 +1,51 @@
+"""The one-Gram alpha search in fit_ridge_validated / fit_ridge_log_validated equals sklearn's per-alpha fits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.linear_model import Ridge
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from stepml_core.estimators import ALPHA_GRID, _ridge_path, fit_ridge_log_validated, fit_ridge_validated, mape_pct
+
+
+def _data(seed, n=3000, p=12):
+    rng = np.random.default_rng(seed)
+    X = rng.lognormal(2, 1, (n, p))
+    X[:, 3] = 7.0  # a constant column (scale 1 in StandardScaler)
+    X[:, 5] = X[:, 4] * 2 + rng.normal(0, 1e-6, n)  # nearly collinear
+    y = 500 + X[:, :6] @ rng.uniform(1, 20, 6) + rng.normal(0, 20, n)
+    return X, np.abs(y)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ridge_path_matches_sklearn_per_alpha(seed):
+    X, y = _data(seed)
+    Xv, yv = _data(seed + 10, 500)
+    for a, yhat in _ridge_path(X, y, ALPHA_GRID, Xv):
+        ref = Pipeline([("s", StandardScaler()), ("r", Ridge(alpha=a))]).fit(X, y).predict(Xv)
+        np.testing.assert_allclose(yhat, ref, rtol=1e-8, atol=1e-8 * np.abs(ref).max())
+
+
+def _old_alpha(X_tr, y_tr, X_va, y_va, log=False):
+    best, best_a = np.inf, ALPHA_GRID[0]
+    for a in ALPHA_GRID:
+        p = Pipeline([("s", StandardScaler()), ("r", Ridge(alpha=a))]).fit(X_tr, np.log(y_tr) if log else y_tr)
+        yhat = p.predict(X_va)
+        s = mape_pct(y_va, np.exp(yhat) if log else yhat)
+        if s < best:
+            best, best_a = s, a
+    return best_a
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_validated_fits_choose_the_same_alpha_as_before(seed):
+    X, y = _data(seed)
+    Xv, yv = _data(seed + 20, 800)
+    cols = [f"f{i}" for i in range(X.shape[1])]
+    m = fit_ridge_validated("r", "t", cols, X, y, Xv, yv)
+    assert m.alpha == _old_alpha(X, y, Xv, yv)
+    ml = fit_ridge_log_validated("rl", "t", cols, X, y, Xv, yv)
+    assert ml["alpha"] == _old_alpha(X, y, Xv, yv, log=True)
