@@ -31,33 +31,46 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def tree_rss_bytes(pid: int) -> int:
-    """Sum of VmRSS over a process and all its descendants (Linux /proc)."""
-    total, todo, seen = 0, [pid], set()
+def tree_rss(pid: int) -> dict[int, int]:
+    """{pid: VmRSS bytes} for a process and all its descendants (Linux /proc)."""
+    out, todo = {}, [pid]
     while todo:
         p = todo.pop()
-        if p in seen:
+        if p in out:
             continue
-        seen.add(p)
         try:
             with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                out[p] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except OSError:
             continue
         todo += _children(p)
-    return total
+    return out
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Sum of VmRSS over a process and all its descendants."""
+    return sum(tree_rss(pid).values())
 
 
 class PeakRSS:
-    """Polls the RSS of a process tree every `interval` seconds; .peak in bytes."""
+    """Polls the RSS of a process tree every `interval` seconds: .peak (sum over the tree, bytes), .peak_at
+    (seconds after start), .peak_root (the root process alone), .peak_one (largest single process)."""
 
     def __init__(self, pid: int, interval: float = 0.2):
-        self.pid, self.interval, self.peak, self._stop = pid, interval, 0, threading.Event()
+        self.pid, self.interval, self._stop = pid, interval, threading.Event()
+        self.peak = self.peak_root = self.peak_one = 0
+        self.peak_at = 0.0
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
+        t0 = time.perf_counter()
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss_bytes(self.pid))
+            r = tree_rss(self.pid)
+            tot = sum(r.values())
+            if tot > self.peak:
+                self.peak, self.peak_at = tot, time.perf_counter() - t0
+            self.peak_root = max(self.peak_root, r.get(self.pid, 0))
+            self.peak_one = max([self.peak_one, *r.values()])
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -100,6 +113,7 @@ def run_stepml(args: list[str], dagster_home: Path, log: Path | None = None) -> 
             out.close()
     wall = time.perf_counter() - t0
     return {"rc": rc, "wall_s": wall, "cpu_s": children_cpu_s() - cpu0, "peak_rss_gb": mem.peak / 1e9,
+            "peak_at_s": mem.peak_at, "peak_main_gb": mem.peak_root / 1e9, "peak_one_process_gb": mem.peak_one / 1e9,
             "load_before": load0, "load_after": load_avg()}
 
 

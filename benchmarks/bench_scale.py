@@ -65,7 +65,8 @@ def main(argv=None) -> int:
                          "out_gb": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e9})
             x = rows[-1]
             print(f"  wall {x['wall_s']:.1f} s (partitions {x['partition_phase_s'] or float('nan'):.1f} s, study "
-                  f"{x['study_phase_s'] or float('nan'):.1f} s), {x['cpu_s']:.0f} CPU-s, peak RSS {x['peak_rss_gb']:.2f} GB, "
+                  f"{x['study_phase_s'] or float('nan'):.1f} s), {x['cpu_s']:.0f} CPU-s, peak RSS {x['peak_rss_gb']:.2f} GB at {x['peak_at_s']:.0f} s "
+                  f"(main process alone {x['peak_main_gb']:.2f} GB, largest process {x['peak_one_process_gb']:.2f} GB), "
                   f"{x['us_per_step']:.0f} µs/step wall, {x['cpu_us_per_step']:.0f} µs/step CPU; outputs {x['out_gb']:.2f} GB; "
                   f"load {x['load_before']:.1f} → {x['load_after']:.1f}", flush=True)
             shutil.rmtree(out, ignore_errors=True)

@@ -166,7 +166,8 @@ def main(argv=None) -> int:
 
         print(f"\nWhole study: {len(folders)} runs, {res['sampled_steps']} sampled steps, {a.workers} worker(s); "
               f"load average {r['load_before']:.1f} → {r['load_after']:.1f}; stepml run used {r['cpu_s']:.0f} CPU-s "
-              f"({r['cpu_s'] / r['wall_s']:.2f} cores busy), peak RSS {r['peak_rss_gb']:.2f} GB")
+              f"({r['cpu_s'] / r['wall_s']:.2f} cores busy), peak RSS {r['peak_rss_gb']:.2f} GB at {r['peak_at_s']:.0f} s "
+              f"(main process {r['peak_main_gb']:.2f} GB, largest process {r['peak_one_process_gb']:.2f} GB)")
         _row("stepml run, wall", TARGET_STUDY_S, r["wall_s"], B.get("wall_s"))
         _row("  partition phase (16 experiment_job runs)", None, d["partition_phase_s"], B.get("partition_phase_s"))
         _row("  study phase (study_job)", None, d["study_phase_s"], B.get("study_phase_s"))

@@ -186,7 +186,7 @@ def hgb_to_trees(est) -> dict:
 
 
 def predict_trees(model: dict, X: np.ndarray) -> np.ndarray:
-    """Vectorized evaluation of exported trees (same rule as the reference predictor): all trees walked at once."""
+    """Vectorized evaluation of exported trees (same rule as the reference predictor), several trees walked at once."""
     X = np.asarray(X, float)
     trees = model["trees"]
     sizes = np.array([len(t) for t in trees])
@@ -199,22 +199,33 @@ def predict_trees(model: dict, X: np.ndarray) -> np.ndarray:
     right = np.array([n[3] + off if n[0] >= 0 else 0 for n, off in flat], dtype=np.int64)
     mleft = np.array([bool(n[4]) if n[0] >= 0 else False for n, _ in flat])
     val = np.array([n[1] if n[0] < 0 else 0.0 for n, _ in flat])
-    # walk every (row, tree) pair at once, dropping pairs as they reach a leaf
+    # walk (row, tree) pairs, dropping pairs as they reach a leaf; trees in groups of about PAIRS_PER_WALK
+    # pairs (all trees at once for a few rows; one tree at a time from 65 k rows, which keeps the
+    # arrays in cache: 2-3x faster there than all pairs at once)
     n = X.shape[0]
     out = np.full(n, float(model["baseline"]))
-    row = np.repeat(np.arange(n), len(trees))
-    node = np.tile(offset, n)
-    while row.size:
-        leaf = ~inner[node]
-        if leaf.any():
-            np.add.at(out, row[leaf], val[node[leaf]])
-            row, node = row[~leaf], node[~leaf]
-            if not row.size:
-                break
-        x = X[row, feat[node]]
-        go_left = np.where(np.isnan(x), mleft[node], x <= thr[node])
-        node = np.where(go_left, left[node], right[node])
+    group = max(1, PAIRS_PER_WALK // max(n, 1))
+    for g in range(0, len(trees), group):
+        offs = offset[g:g + group]
+        row = np.repeat(np.arange(n), len(offs))
+        node = np.tile(offs, n)
+        while row.size:
+            leaf = ~inner[node]
+            if leaf.any():
+                if len(offs) == 1:  # one tree: each row at most once, plain fancy-index add
+                    out[row[leaf]] += val[node[leaf]]
+                else:
+                    np.add.at(out, row[leaf], val[node[leaf]])
+                row, node = row[~leaf], node[~leaf]
+                if not row.size:
+                    break
+            x = X[row, feat[node]]
+            go_left = np.where(np.isnan(x), mleft[node], x <= thr[node])
+            node = np.where(go_left, left[node], right[node])
     return out
+
+
+PAIRS_PER_WALK = 1 << 16
 
 
 def fit_hgb_validated(name, target, features, X_tr, y_tr, X_va, y_va, seed: int = 0, max_grid_rows: int = 20000) -> dict:
