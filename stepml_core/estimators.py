@@ -242,7 +242,7 @@ def fit_hgb_validated(name, target, features, X_tr, y_tr, X_va, y_va, seed: int 
         return _fit_hgb(name, target, features, X_tr, y_tr, X_va, y_va, seed, max_grid_rows)
 
 
-HGB_CHUNK, HGB_PATIENCE = 50, 100
+HGB_CHUNK, HGB_PATIENCE = 25, 50
 
 
 def _staged_best_iter(est, X, log_y, X_va, y_va, max_iter: int, chunk: int = HGB_CHUNK, patience: int = HGB_PATIENCE) -> int:
