@@ -259,11 +259,13 @@ def fit_pooled(matrices: dict[str, pl.DataFrame], scopes: tuple[str, ...] = ("gl
             del train
             models.setdefault(scope, {})[group] = fitted
             scored = pl.concat([matrices[e] for e in score_exps], how="diagonal_relaxed")
-            p = predict_experiment(scored, fitted, scope)
-            if p.height:
-                mets.append(metrics_from_predictions(p))
-                preds.append(p.filter(pl.col("split") == "test"))
-            del scored, p
+            for m in (d for t in TARGETS for d in fitted.get(t, [])):  # one model at a time: 1 row per step, not 16
+                p = predict(scored, [m], scope)
+                if p.height:
+                    mets.append(metrics_from_predictions(p))
+                    preds.append(p.filter(pl.col("split") == "test"))
+                del p
+            del scored
     pred = pl.concat(preds, how="diagonal_relaxed") if preds else pl.DataFrame()
     met = (pl.concat(mets, how="diagonal_relaxed").sort(["experiment_id", "source", "target", "model", "scope", "split"]) if mets
            else pl.DataFrame(schema={c: pl.Utf8 for c in METRIC_COLUMNS}))

@@ -121,6 +121,8 @@ def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, see
                 if not ok:
                     failed.append(key)
                     errors[key] = err
+            pool.close()
+            pool.join()  # workers gone (and their memory back) before the study phase starts
     res = defs.resolve_job_def("study_job").execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET_LOGS)
     say(f"study: {'ok' if res.success else 'FAILED'}; {len(keys) - len(failed)} experiment(s) in {time.perf_counter() - t0:.1f} s; outputs in {out_dir}")
     return {"experiments": keys, "failed": failed, "errors": errors, "skipped": {str(p.name): why for p, why in rejected},
