@@ -8,6 +8,7 @@ files of the study phase (into out_dir).
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,7 +83,7 @@ def bare_partition_worker(folder: str, data_root: str, seed: int = 0) -> tuple[s
 
 
 def bare_study(parts: dict[str, dict], data_root: Path, out_dir: Path, seed: int = 0,
-               real_reference_dir: str = "") -> tuple[dict, dict]:
+               real_reference_dir: str = "", threads: int = min(2, os.cpu_count() or 1)) -> tuple[dict, dict]:
     """The study assets' work over {experiment: bare_partition values}."""
     from stepml_core.report import (beyond_h1_sections, calibration_sections, e2e_section, feature_provenance_section,
                                     reconstruction_section, render_report, write_outputs)
@@ -91,10 +92,9 @@ def bare_study(parts: dict[str, dict], data_root: Path, out_dir: Path, seed: int
     t = Timer()
     present = sorted(parts)
     mats = {e: study.with_split(parts[e]["feature_matrix"], parts[e]["split"]) for e in present}
-    with t("global_models"):
-        gm = study.fit_global(mats)
-    with t("generalization"):
-        gen = study.fit_generalization(mats, seed=seed)
+    with t("pooled_models"):  # global_models + generalization, one pool of folds, no fold cache (the cold cost)
+        pooled = study.fit_study_pooled(mats, seed=seed, threads=threads)
+        gm, gen = pooled["global_models"], pooled["generalization"]
     with t("calibration"):
         cal = calibration_tables([parts[e]["run_summary"] for e in present], {e: parts[e]["step_table"] for e in present},
                                  Path(data_root), Path(real_reference_dir) if real_reference_dir else None)

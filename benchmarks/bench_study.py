@@ -44,7 +44,7 @@ TARGET_STUDY_S, TARGET_INCREMENTAL_S = 120.0, 20.0
 DEFAULT_INCREMENTAL_RUN = "20260218-150304-codellama-34b-tp2-general"  # a mid-sized run (≈ 6.5 k sampled steps)
 PARTITIONED = ["raw_traces", "step_tables", "request_context", "feature_matrix", "split", "fitted_models", "predictions",
                "metrics", "run_summary", "ablation", "e2e_fidelity"]
-STUDY = ["global_models", "generalization", "calibration", "study_report"]
+STUDY = ["pooled_models", "calibration", "study_report"]  # step keys (pooled_models materializes global_models + generalization)
 
 
 def bare_baseline(folders: list[Path], root: Path, out: Path, workers: int) -> dict:

@@ -51,7 +51,7 @@ import polars as pl
 from .reconstruct import DEFAULT_BLOCK_SIZE, batch_summary_counts, journey_episodes, request_aggregates
 
 __all__ = ["step_table", "step_inputs", "e2e_fidelity", "E2EResult", "observed_cycle_us", "gap_cycle_us",
-           "summarize_errors", "compare_step_table"]
+           "summarize_errors", "compare_step_table", "scheduled_counts_of"]
 
 Predictor = Union[Callable[[pl.DataFrame], "np.ndarray | pl.Series | list"], pl.DataFrame, np.ndarray]
 QUANTILES = (0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95)
@@ -288,10 +288,15 @@ def _api_latency(api: pl.DataFrame | None) -> pl.DataFrame | None:
                     obs_api_e2e_us=((pl.col("departed") - pl.col("arrived")) * 1e6))
 
 
+def scheduled_counts_of(batches: pl.DataFrame) -> pl.DataFrame:
+    """request.id, n_steps_scheduled: the steps each request took part in."""
+    return batches.group_by("request.id").agg(n_steps_scheduled=pl.len())
+
+
 def e2e_fidelity(batches: pl.DataFrame, journey: pl.DataFrame, predict: Predictor, *,
                  steps: pl.DataFrame | None = None, api: pl.DataFrame | None = None,
                  table: pl.DataFrame | None = None, output_lag: int = 1, experiment_id: str | None = None,
-                 **table_kw) -> E2EResult:
+                 episodes: pl.DataFrame | None = None, scheduled_counts: pl.DataFrame | None = None, **table_kw) -> E2EResult:
     """Per-request predicted vs observed TTFT / decode interval / E2E, and a summary.
 
     ``predict``: a function mapping the per-step table (``table``, default
@@ -306,6 +311,9 @@ def e2e_fidelity(batches: pl.DataFrame, journey: pl.DataFrame, predict: Predicto
     admission: observed to the SCHEDULED time stamp, predicted over steps q+1 … s−1), the
     errors in %, and ``obs_api_e2e_us`` when ``api`` is given. ``summary``: per metric the
     error of the mean and the distribution (:func:`summarize_errors`).
+
+    Scoring several models on one run: pass ``episodes`` (the per-request table of
+    :func:`journey_episodes`) and ``scheduled_counts`` (:func:`scheduled_counts`) computed once.
     """
     if table is None:
         table = step_inputs(batches, journey, steps=steps, output_lag=output_lag, **table_kw)
@@ -318,7 +326,7 @@ def e2e_fidelity(batches: pl.DataFrame, journey: pl.DataFrame, predict: Predicto
     nan = ~np.isfinite(c)
     C = np.cumsum(np.where(nan, 0.0, c))
     Cn = np.cumsum(nan)
-    _, req = journey_episodes(journey, output_lag=output_lag)
+    req = episodes if episodes is not None else journey_episodes(journey, output_lag=output_lag)[1]
 
     def span(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Σ cycle[a+1 … b] (NaN where a step in range has no prediction or the range is invalid)."""
@@ -346,7 +354,7 @@ def e2e_fidelity(batches: pl.DataFrame, journey: pl.DataFrame, predict: Predicto
     multi = natural & (ft >= 0) & (out_tok > 1)
     pred_di = np.where(multi, (pred_e2e - pred_ttft) / np.maximum(out_tok - 1, 1), np.nan)
     obs_di = np.where(multi, (obs_e2e - obs_ttft) / np.maximum(out_tok - 1, 1), np.nan)
-    part = batches.group_by("request.id").agg(n_steps_scheduled=pl.len())
+    part = scheduled_counts if scheduled_counts is not None else scheduled_counts_of(batches)
     pct = lambda p, o: np.where(np.isfinite(p) & np.isfinite(o) & (o > 0), 100.0 * (p - o) / np.where(o > 0, o, 1), np.nan)
     per = req.select("request.id", "prompt_len", "output_tokens", "finish_status", "num_preemptions", "queued_step",
                      "first_sched_step", "first_token_step", "finished_step").with_columns(

@@ -636,7 +636,7 @@ def reconstruct(journey: pl.DataFrame, *, steps: pl.DataFrame | None = None, sna
     rank = np.empty(n, np.int64)
     rank[order] = np.arange(n)
     step_all = np.concatenate([pf_step, d_step])
-    srt = np.lexsort((rank[ep_all], step_all))
+    srt = np.argsort(step_all * max(n, 1) + rank[ep_all], kind="stable")  # = lexsort((rank, step)), 2.4x faster on one int key
     ep_all, step_all = ep_all[srt], step_all[srt]
     out_all = np.concatenate([pf_out, d_out])[srt]
     ids = episodes["request.id"]
@@ -646,10 +646,11 @@ def reconstruct(journey: pl.DataFrame, *, steps: pl.DataFrame | None = None, sna
         "progress_index": np.concatenate([pf_c, d_c])[srt],
         "new_tokens": np.concatenate([pf_q, np.ones(len(de), np.int64)])[srt],
         "prompt_len": prompt[ep_all],
-        "phase": np.where(out_all == 0, "PREFILL", "DECODE"),
         "num_output_tokens": out_all,
         "episode": episodes["episode"].to_numpy()[ep_all].astype(np.int32),
-    })
+    }).with_columns(  # a polars expression: 4 M numpy strings would take 0.4 s to convert
+        phase=pl.when(pl.col("num_output_tokens") == 0).then(pl.lit("PREFILL")).otherwise(pl.lit("DECODE"))
+    ).select("step.id", "request.id", "progress_index", "new_tokens", "prompt_len", "phase", "num_output_tokens", "episode")
     episodes = episodes.with_columns(
         F=pl.Series(F).replace(-1, None),
         F_source=pl.Series([F_SOURCES[i] for i in Fsrc.tolist()], dtype=pl.Utf8),

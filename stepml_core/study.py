@@ -243,46 +243,183 @@ def pooled_folds(experiments: list[str], scope: str) -> list[tuple[str, list[str
 
 
 def fit_pooled(matrices: dict[str, pl.DataFrame], scopes: tuple[str, ...] = ("global", "per_model"),
-               names: tuple[str, ...] | None = None, seed: int = 0) -> dict:
-    """Pooled fits per scope and fold, each scored on its fold's experiments (metrics on all splits).
+               names: tuple[str, ...] | None = None, seed: int = 0, threads: int = 1, cache: "FoldCache | None" = None) -> dict:
+    """Pooled fits per scope and fold, each scored on its fold's experiments (see fit_pooled_sets)."""
+    return fit_pooled_sets(matrices, {"pooled": (scopes, names)}, seed, threads, {"pooled": cache} if cache else None)["pooled"]
 
-    The returned predictions keep the test split only (what the report's verdict and plots read):
-    all-split predictions of every pooled model grow with the study (≈ 16 rows per step per
-    scope) and are reduced to metrics fold by fold instead of being held all at once.
+
+def fit_pooled_sets(matrices: dict[str, pl.DataFrame], sets: dict[str, tuple[tuple[str, ...], tuple[str, ...] | None]],
+                    seed: int = 0, threads: int = 1, caches: "dict[str, FoldCache] | None" = None) -> dict[str, dict]:
+    """Several sets of pooled fits ({set: (scopes, model names)}) over one pool of folds.
+
+    Every fold (scope, group) is fitted on its training experiments and scored on its scored ones
+    (metrics on all splits; predictions kept for the test split only, what the verdict and plots
+    read — all-split predictions of every pooled model grow with the study and are reduced to
+    metrics one model at a time). Folds run in `threads` threads, largest training set first
+    (scikit-learn, numpy and polars release the GIL; each fit stays single-threaded inside);
+    results are assembled in fold order, so any thread count gives the same output. With
+    `caches`, a fold whose training matrices, model names, seed and code are unchanged reuses its
+    stored fit (one new run leaves most per-model and leave-one-out folds untouched); scoring
+    always runs on the current matrices.
     """
-    models, preds, mets = {}, [], []
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
     exps = sorted(e for e, m in matrices.items() if m.height)
-    for scope in scopes:
-        for group, train_exps, score_exps in pooled_folds(exps, scope):
+    prints = {e: matrix_fingerprint(matrices[e]) for e in exps} if caches else {}
+    jobs = []  # (set, scope, group, train experiments, scored experiments, names, cache key)
+    for name, (scopes, names) in sets.items():
+        for scope in scopes:
+            for group, train_exps, score_exps in pooled_folds(exps, scope):
+                key = fold_key(scope, group, [prints[e] for e in train_exps], names, seed) if caches else None
+                jobs.append((name, scope, group, train_exps, score_exps, names, key))
+
+    def run_fold(job):
+        name, scope, _, train_exps, score_exps, names, key = job
+        cache = caches.get(name) if caches else None
+        fitted = cache.get(key) if cache is not None else None
+        reused = fitted is not None
+        if fitted is None:
             train = pl.concat([matrices[e] for e in train_exps], how="diagonal_relaxed")
             fitted = {t: fit_models(train, t, scope, names, seed) for t in TARGETS}
             del train
+            if cache is not None:
+                cache.put(key, fitted)
+        mets, preds = [], []
+        scored = pl.concat([matrices[e] for e in score_exps], how="diagonal_relaxed")
+        for m in (d for t in TARGETS for d in fitted.get(t, [])):  # one model at a time: 1 row per step, not 16
+            p = predict(scored, [m], scope)
+            if p.height:
+                mets.append(metrics_from_predictions(p))
+                preds.append(p.filter(pl.col("split") == "test"))
+        return fitted, mets, preds, reused
+
+    rows = {e: matrices[e].height for e in exps}
+    order = sorted(range(len(jobs)), key=lambda i: -sum(rows[e] for e in jobs[i][3]))  # largest first: threads end together
+    with threadpool_limits(1):  # set once, outside the threads: nested limits inside threads would race
+        if threads > 1 and len(jobs) > 1:
+            with ThreadPoolExecutor(threads) as pool:
+                done = dict(zip(order, pool.map(run_fold, [jobs[i] for i in order])))
+        else:
+            done = {i: run_fold(jobs[i]) for i in order}
+    out = {}
+    for name in sets:
+        models, preds, mets, reused, total = {}, [], [], 0, 0
+        for i, (jname, scope, group, *_rest) in enumerate(jobs):
+            if jname != name:
+                continue
+            fitted, m, p, r = done[i]
             models.setdefault(scope, {})[group] = fitted
-            scored = pl.concat([matrices[e] for e in score_exps], how="diagonal_relaxed")
-            for m in (d for t in TARGETS for d in fitted.get(t, [])):  # one model at a time: 1 row per step, not 16
-                p = predict(scored, [m], scope)
-                if p.height:
-                    mets.append(metrics_from_predictions(p))
-                    preds.append(p.filter(pl.col("split") == "test"))
-                del p
-            del scored
-    pred = pl.concat(preds, how="diagonal_relaxed") if preds else pl.DataFrame()
-    met = (pl.concat(mets, how="diagonal_relaxed").sort(["experiment_id", "source", "target", "model", "scope", "split"]) if mets
-           else pl.DataFrame(schema={c: pl.Utf8 for c in METRIC_COLUMNS}))
-    return {"models": models, "predictions": pred, "metrics": met}
+            mets += m
+            preds += p
+            reused, total = reused + r, total + 1
+        if caches and caches.get(name) is not None:
+            caches[name].keep_only([j[6] for j in jobs if j[0] == name])
+        pred = pl.concat(preds, how="diagonal_relaxed") if preds else pl.DataFrame()
+        met = (pl.concat(mets, how="diagonal_relaxed").sort(["experiment_id", "source", "target", "model", "scope", "split"]) if mets
+               else pl.DataFrame(schema={c: pl.Utf8 for c in METRIC_COLUMNS}))
+        out[name] = {"models": models, "predictions": pred, "metrics": met, "folds": {"total": total, "reused": reused}}
+    return out
 
 
-def fit_global(matrices: dict[str, pl.DataFrame]) -> dict:
-    """Global (all experiments) and per-model pooled fits."""
-    return fit_pooled(matrices, ("global", "per_model"))
+def matrix_fingerprint(fm: pl.DataFrame) -> str:
+    """Content digest of a feature matrix with splits (column names + every row), for the fold cache."""
+    import hashlib
+
+    fm = fm.sort("step.id") if "step.id" in fm.columns else fm
+    h = hashlib.sha256(",".join(fm.columns).encode())
+    h.update(fm.hash_rows(seed=0).to_numpy().tobytes())
+    return h.hexdigest()
+
+
+def _code_digest() -> str:
+    """Digest of the source that decides a pooled fit (study, estimators, features)."""
+    import hashlib
+    from pathlib import Path
+
+    from . import estimators, features
+
+    h = hashlib.sha256()
+    for mod in (__file__, estimators.__file__, features.__file__):
+        h.update(Path(mod).read_bytes())
+    return h.hexdigest()
+
+
+def fold_key(scope: str, group: str, train_prints: list[str], names, seed: int) -> str:
+    import hashlib
+
+    parts = [_code_digest(), scope, group, ",".join(names or MODELS), str(seed), *sorted(train_prints)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+class FoldCache:
+    """Fitted pooled folds as JSON files in a folder, keyed by fold_key (content, not time)."""
+
+    def __init__(self, folder):
+        from pathlib import Path
+
+        self.folder = Path(folder)
+
+    def get(self, key: str):
+        import json
+
+        p = self.folder / f"{key}.json"
+        try:
+            return json.loads(p.read_text()) if p.is_file() else None
+        except (OSError, ValueError):
+            return None  # a damaged entry is refitted
+
+    def put(self, key: str, fitted: dict) -> None:
+        import json
+        import os
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{key}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(fitted, default=_json_default))
+        tmp.replace(self.folder / f"{key}.json")  # atomic: readers never see half a file
+
+    def keep_only(self, keys: list[str]) -> None:
+        """Drop entries of folds the current study no longer has (the cache stays one study in size)."""
+        if not self.folder.is_dir():
+            return
+        keep = {f"{k}.json" for k in keys}
+        for p in self.folder.glob("*.json"):
+            if p.name not in keep:
+                p.unlink(missing_ok=True)
+
+
+def _json_default(o):
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"not JSON: {type(o)}")
 
 
 GENERALIZATION_MODELS = ("naive_mean", "blackbox_2f", "ridge_30f", "ridge_log_30f", "nnls_physics", "hgb_30f")
+POOLED_SETS = {  # study asset: (scopes, model names; None = all of MODELS)
+    "global_models": (("global", "per_model"), None),
+    "generalization": (("leave_one_model_out", "leave_one_workload_out"), GENERALIZATION_MODELS),
+}
 
 
-def fit_generalization(matrices: dict[str, pl.DataFrame], seed: int = 0) -> dict:
+def fit_global(matrices: dict[str, pl.DataFrame], threads: int = 1, cache: FoldCache | None = None) -> dict:
+    """Global (all experiments) and per-model pooled fits."""
+    return fit_pooled(matrices, *POOLED_SETS["global_models"], threads=threads, cache=cache)
+
+
+def fit_generalization(matrices: dict[str, pl.DataFrame], seed: int = 0, threads: int = 1, cache: FoldCache | None = None) -> dict:
     """Leave-one-model-out and leave-one-workload-out cross-validation over experiments."""
-    return fit_pooled(matrices, ("leave_one_model_out", "leave_one_workload_out"), GENERALIZATION_MODELS, seed)
+    return fit_pooled(matrices, *POOLED_SETS["generalization"], seed, threads, cache)
+
+
+def fit_study_pooled(matrices: dict[str, pl.DataFrame], seed: int = 0, threads: int = 1,
+                     caches: dict[str, FoldCache] | None = None) -> dict[str, dict]:
+    """{"global_models": fit_global(...), "generalization": fit_generalization(...)} over one pool of folds."""
+    return fit_pooled_sets(matrices, POOLED_SETS, seed, threads, caches)
 
 
 def feature_group_ablation(fm_split: pl.DataFrame, model: str = "ridge_30f") -> pl.DataFrame:
@@ -348,7 +485,8 @@ def journey_aggregates(step_inputs: pl.DataFrame) -> pl.DataFrame | None:
 def e2e_fidelity_for_models(raw: dict, context: dict, fitted: dict, *, model: str, tp: int, experiment_id: str,
                             names: tuple[str, ...] = ("naive_mean", "blackbox_2f", "ridge_30f", "nnls_physics", "hgb_30f")) -> dict:
     """Teacher-forced E2E: each cycle_us model predicts every step; sums per request vs observed TTFT/decode/E2E."""
-    from .e2e import e2e_fidelity
+    from .e2e import e2e_fidelity, scheduled_counts_of
+    from .reconstruct import journey_episodes
 
     table = context["step_inputs"]
     if table.height == 0:
@@ -356,12 +494,14 @@ def e2e_fidelity_for_models(raw: dict, context: dict, fitted: dict, *, model: st
     spec, gpu = model_spec(model), gpu_spec()
     feats = step_table_features(table, spec, gpu, tp, request_aggregates=journey_aggregates(table), request_source="journey")
     rows, per_req = [], []
+    episodes, counts = journey_episodes(raw["journey"], output_lag=1)[1], scheduled_counts_of(context["batches"])  # once, not per model
     for m in fitted.get("cycle_us", []):
         if m["name"] not in names:
             continue
         X = feats.select(m["features"]).to_numpy() if m["features"] else np.zeros((feats.height, 0))
         cyc = predict_model(m, X)
-        res = e2e_fidelity(context["batches"], raw["journey"], cyc, table=table, experiment_id=experiment_id)
+        res = e2e_fidelity(context["batches"], raw["journey"], cyc, table=table, experiment_id=experiment_id,
+                           episodes=episodes, scheduled_counts=counts)
         for metric, s in res.summary.items():
             if isinstance(s, dict) and "n" in s:
                 rows.append({"experiment_id": experiment_id, "model": m["name"], "metric": metric, **s})

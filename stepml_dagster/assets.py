@@ -140,16 +140,18 @@ def ablation(feature_matrix: pl.DataFrame, split: pl.DataFrame) -> pl.DataFrame:
     return study.feature_group_ablation(study.with_split(feature_matrix, split))
 
 
-@dg.asset(group_name="beyond_h1", description="Leave-one-model-out and leave-one-workload-out cross-validation over experiments.")
-def generalization(settings: StepMLSettings, feature_matrix, split) -> dict:
+@dg.multi_asset(
+    outs={"global_models": dg.AssetOut(group_name="study", description="Models pooled over all experiments (global) and per model over its workloads, scored per experiment."),
+          "generalization": dg.AssetOut(group_name="beyond_h1", description="Leave-one-model-out and leave-one-workload-out cross-validation over experiments.")},
+)
+def pooled_models(context: dg.AssetExecutionContext, settings: StepMLSettings, feature_matrix, split):
+    """Both sets of pooled folds in one thread pool; unchanged folds reuse their stored fit."""
     present = {e for e in feature_matrix if e in split and (settings.data_root() / e).is_dir()}
-    return study.fit_generalization({e: study.with_split(feature_matrix[e], split[e]) for e in sorted(present)}, seed=settings.seed)
-
-
-@dg.asset(group_name="study", description="Models pooled over all experiments (global) and per model over its workloads, scored per experiment.")
-def global_models(settings: StepMLSettings, feature_matrix, split) -> dict:
-    present = {e for e in feature_matrix if e in split and (settings.data_root() / e).is_dir()}
-    return study.fit_global({e: study.with_split(feature_matrix[e], split[e]) for e in sorted(present)})
+    caches = {name: settings.fold_cache(name) for name in study.POOLED_SETS} if settings.reuse_fits else None
+    out = study.fit_study_pooled({e: study.with_split(feature_matrix[e], split[e]) for e in sorted(present)}, seed=settings.seed,
+                                 threads=settings.fit_threads, caches=caches)
+    for name, value in out.items():
+        yield dg.Output(value, name, metadata={"experiments": len(present), "folds": value["folds"]["total"], "folds_reused": value["folds"]["reused"]})
 
 
 @dg.asset(group_name="synthetic", description="Synthetic runs against the real runs they stand for: public latency/throughput figures and step-level quantiles.")
@@ -204,4 +206,4 @@ def _md(df: pl.DataFrame) -> str:
 
 
 PARTITIONED_ASSETS = [raw_traces, step_tables, request_context, feature_matrix, split, fitted_models, predictions, metrics, run_summary, ablation, e2e_fidelity]
-STUDY_ASSETS = [global_models, generalization, calibration, study_report]
+STUDY_ASSETS = [pooled_models, calibration, study_report]

@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from stepml_core.paths import DEFAULT_EXPERIMENTS_DIR, PROJECT_ROOT
+from stepml_core.study import FoldCache
 from stepml_core.runs import check_inside_root, parse_run_id, resolve_data_root
 
 DEFAULT_OUT_DIR = PROJECT_ROOT / "out"
@@ -22,6 +23,12 @@ class StepMLSettings(dg.ConfigurableResource):
     out_dir: str = str(DEFAULT_OUT_DIR)
     seed: int = 0
     real_reference_dir: str = DEFAULT_REAL_REFERENCE_DIR  # real run folders to calibrate synthetic runs against ("" = none)
+    fit_threads: int = min(2, os.cpu_count() or 1)  # threads for the pooled folds of the study assets
+    reuse_fits: bool = True  # pooled folds whose training data and code are unchanged reuse their stored fit
+
+    def fold_cache(self, asset: str) -> FoldCache | None:
+        """<out_dir>/cache/<asset>/: fitted pooled folds keyed by content (see stepml_core.study.fold_key)."""
+        return FoldCache(Path(self.out_dir) / "cache" / asset) if self.reuse_fits else None
 
     def data_root(self) -> Path:
         return Path(self.data_dir)
