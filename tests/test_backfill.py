@@ -58,6 +58,9 @@ def test_backfill_one_experiment_recomputes_only_it_and_the_study(study):
         elif f"/{RUN_A}" in rel or "/__all__" in rel:
             assert files_after[rel] > mtime, f"{rel} was not rewritten"
     assert (out / "report.md").stat().st_mtime_ns > report_before
+    for key in ("global_models", "generalization"):  # same traces again: every pooled fold reuses its stored fit
+        meta = instance.fetch_materializations(dg.AssetKey(key), limit=1).records[0].asset_materialization.metadata
+        assert meta["folds_reused"].value == meta["folds"].value > 0, (key, meta)
     assert not [p for p in out.rglob("*") if p.suffix in {".pkl", ".pickle"}]  # nothing pickled
 
 
