@@ -320,7 +320,7 @@ def build_study_sensor(*, minimum_interval_seconds: int | None = None,
         name="study_sensor", job_name=STUDY_JOB,
         minimum_interval_seconds=minimum_interval_seconds or sensor_interval_s(),
         default_status=default_status or sensor_default_status(),
-        description="Re-materializes the study assets (global_models, study_report) once no experiment_job run is "
+        description="Re-materializes the study assets (pooled models, calibration, study_report) once no experiment_job run is "
                     "queued or in progress and an experiment was materialized after the last study run started.",
     )
     def study_sensor(context: dg.SensorEvaluationContext):
