@@ -68,3 +68,37 @@ def test_export_matches_sklearn(training, kind):
     np.testing.assert_allclose(via_json, sk, rtol=1e-9)
     np.testing.assert_allclose(predict_model(fitted, X[320:]), sk, rtol=1e-9)
     assert exported["training_data"]["fingerprint"] and exported["feature_units"]["kv_mean"] == "tokens"
+
+
+def test_compiled_tree_walk_equals_the_format_rule():
+    """_trees_sum (compiled walk) = Σ _tree_value over random trees and rows, NaN features included."""
+    import math
+    import random
+
+    from stepml_core.reference_predictor import _tree_value, _trees_sum
+
+    rnd = random.Random(5)
+
+    def tree(depth=0):  # nodes in pre-order: [feat, thr, left, right, missing_left] / [-1, value]
+        nodes = []
+
+        def grow(d):
+            i = len(nodes)
+            if d >= 4 or rnd.random() < 0.2:
+                nodes.append([-1, rnd.uniform(-1, 1)])
+                return i
+            nodes.append(None)
+            left = grow(d + 1)
+            right = grow(d + 1)
+            nodes[i] = [rnd.randrange(3), rnd.uniform(-1, 1), left, right, rnd.random() < 0.5]
+            return i
+        grow(depth)
+        return nodes
+
+    trees = [tree() for _ in range(30)]
+    for _ in range(200):
+        x = [math.nan if rnd.random() < 0.2 else rnd.uniform(-1.5, 1.5) for _ in range(3)]
+        s = 0.25
+        for t in trees:
+            s += _tree_value(t, x)
+        assert _trees_sum(trees, x, 0.25) == s
