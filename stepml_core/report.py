@@ -40,6 +40,12 @@ def _md_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
+def _margins(fig, *, left: float = 0.85, right: float = 0.2, bottom: float = 0.6, top: float = 0.4, wspace: float | None = None) -> None:
+    """Fixed margins in inches (tight_layout measured every text box: 1.2 s of the report's 2.3 s)."""
+    w, h = fig.get_size_inches()
+    fig.subplots_adjust(left=left / w, right=1 - right / w, bottom=bottom / h, top=1 - top / h, wspace=wspace)
+
+
 def plot_mape_by_experiment(metrics: pl.DataFrame, target: str, path: Path) -> Path | None:
     import matplotlib
     matplotlib.use("Agg")
@@ -62,7 +68,7 @@ def plot_mape_by_experiment(metrics: pl.DataFrame, target: str, path: Path) -> P
     ax.axhline(25, color="k", ls="--", lw=0.8)
     ax.set_title(f"Per-step test MAPE by experiment and model — target {target}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
+    _margins(fig, bottom=1.75)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -88,7 +94,7 @@ def plot_pred_vs_actual(predictions: pl.DataFrame, target: str, path: Path, mode
     ax.set_title(f"{model}, test split — {target}")
     if len(set(p["experiment_id"].to_list())) <= 8:
         ax.legend(fontsize=6, markerscale=3)
-    fig.tight_layout()
+    _margins(fig)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -220,7 +226,7 @@ def plot_residuals(predictions: pl.DataFrame, target: str, model: str, scope: st
         ax.set_xlabel(label)
     axes[0].set_ylabel("signed error (%)")
     fig.suptitle(f"Residuals of {model} ({scope}), test split — {target}")
-    fig.tight_layout()
+    _margins(fig, top=0.55, wspace=0.06)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -390,7 +396,7 @@ def plot_e2e(per_request: pl.DataFrame, model: str, path: Path) -> Path | None:
         ax.set_xscale("log"); ax.set_yscale("log")
         ax.set_xlabel(f"observed {m.upper()} (ms)"); ax.set_ylabel(f"predicted {m.upper()} (ms)")
     fig.suptitle(f"Teacher-forced E2E fidelity: {model} cycle-time predictions summed per request")
-    fig.tight_layout()
+    _margins(fig, top=0.55, wspace=0.25)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -58,7 +58,27 @@ def _partition_worker(data_dir: str, out_dir: str, seed: int, key: str):
     from .resources import StepMLSettings
 
     defs = build_definitions(StepMLSettings(data_dir=data_dir, out_dir=out_dir, seed=seed))
-    return _materialize_partition(defs, dg.DagsterInstance.get(), key)
+    try:
+        return _materialize_partition(defs, dg.DagsterInstance.get(), key)
+    finally:
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS between partitions (glibc malloc_trim; no-op elsewhere).
+
+    numpy's large temporaries leave the heap fragmented: a worker kept 2.7 GB after four big
+    partitions, 1.7 GB with a trim after each (peak 2.78 → 2.37 GB).
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, seed: int = 0, scale: float = 1.0,
@@ -103,6 +123,7 @@ def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, see
     if workers == 1:
         for i, key in enumerate(keys, 1):
             key, ok, secs, err = _materialize_partition(defs, instance, key)
+            release_freed_memory()
             say(f"[{i}/{len(keys)}] {key}: {'ok' if ok else 'FAILED'} ({secs:.1f} s)" + (f"\n   {err}" if err else ""))
             if not ok:
                 failed.append(key)
@@ -123,6 +144,7 @@ def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, see
                     errors[key] = err
             pool.close()
             pool.join()  # workers gone (and their memory back) before the study phase starts
+    release_freed_memory()
     res = defs.resolve_job_def("study_job").execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET_LOGS)
     say(f"study: {'ok' if res.success else 'FAILED'}; {len(keys) - len(failed)} experiment(s) in {time.perf_counter() - t0:.1f} s; outputs in {out_dir}")
     return {"experiments": keys, "failed": failed, "errors": errors, "skipped": {str(p.name): why for p, why in rejected},

@@ -19,6 +19,8 @@ import dagster as dg
 import polars as pl
 
 UNPARTITIONED = "__all__"
+# lz4: reads 3x faster than zstd (polars' default) for ~10 % more disk (4 M-row batch table: 33 vs 92 ms, 11.2 vs 10.2 MB)
+PARQUET_COMPRESSION = "lz4"
 
 
 def _json_default(o):
@@ -37,14 +39,14 @@ def write_object(path_stem: Path, obj: Any) -> Path:
         shutil.rmtree(path_stem)
     if isinstance(obj, pl.DataFrame):
         p = path_stem.with_suffix(".parquet")
-        obj.write_parquet(p)
+        obj.write_parquet(p, compression=PARQUET_COMPRESSION)
         return p
     if isinstance(obj, dict) and any(isinstance(v, pl.DataFrame) for v in obj.values()):
         path_stem.mkdir(parents=True)
         rest = {}
         for k, v in obj.items():
             if isinstance(v, pl.DataFrame):
-                v.write_parquet(path_stem / f"{k}.parquet")
+                v.write_parquet(path_stem / f"{k}.parquet", compression=PARQUET_COMPRESSION)
             else:
                 rest[k] = v
         (path_stem / "_values.json").write_text(json.dumps(rest, default=_json_default, sort_keys=True))
