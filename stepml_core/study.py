@@ -296,7 +296,9 @@ def fit_pooled_sets(matrices: dict[str, pl.DataFrame], sets: dict[str, tuple[tup
         return fitted, mets, preds, reused
 
     rows = {e: matrices[e].height for e in exps}
-    order = sorted(range(len(jobs)), key=lambda i: -sum(rows[e] for e in jobs[i][3]))  # largest first: threads end together
+    cached = [bool(caches) and caches.get(j[0]) is not None and caches[j[0]].has(j[6]) for j in jobs]
+    # folds to fit first, largest training set first, reused folds (scoring only) last: the threads end together
+    order = sorted(range(len(jobs)), key=lambda i: (cached[i], -sum(rows[e] for e in jobs[i][3])))
     with threadpool_limits(1):  # set once, outside the threads: nested limits inside threads would race
         if threads > 1 and len(jobs) > 1:
             with ThreadPoolExecutor(threads) as pool:
@@ -360,6 +362,9 @@ class FoldCache:
         from pathlib import Path
 
         self.folder = Path(folder)
+
+    def has(self, key: str) -> bool:
+        return (self.folder / f"{key}.json").is_file()
 
     def get(self, key: str):
         import json
