@@ -241,7 +241,7 @@ def _logger(context):
 
 
 def build_experiment_sensor(*, minimum_interval_seconds: int | None = None,
-                            default_status: dg.DefaultSensorStatus | None = None) -> dg.SensorDefinition:
+                            default_status: dg.DefaultSensorStatus | None = None, run_config: dict | None = None) -> dg.SensorDefinition:
     @dg.sensor(
         name="experiment_sensor", job_name=EXPERIMENT_JOB,
         minimum_interval_seconds=minimum_interval_seconds or sensor_interval_s(),
@@ -257,7 +257,7 @@ def build_experiment_sensor(*, minimum_interval_seconds: int | None = None,
             context.log.info(f"{l['run_id']}: already materialized from data version {l['data_version']}; not launched")
         launches = [l for l in launches if l not in done]
         new_keys = [l["run_id"] for l in launches if not context.instance.has_dynamic_partition(PARTITIONS_DEF_NAME, l["run_id"])]
-        requests = [dg.RunRequest(run_key=l["run_key"], partition_key=l["run_id"],
+        requests = [dg.RunRequest(run_key=l["run_key"], partition_key=l["run_id"], run_config=run_config or {},
                                   tags={DATA_VERSION_TAG: l["data_version"], TRIGGER_TAG: l["reason"]})
                     for l in launches]
         for l in launches:
@@ -315,7 +315,7 @@ def study_staleness(instance: dg.DagsterInstance) -> dict:
 
 
 def build_study_sensor(*, minimum_interval_seconds: int | None = None,
-                       default_status: dg.DefaultSensorStatus | None = None) -> dg.SensorDefinition:
+                       default_status: dg.DefaultSensorStatus | None = None, run_config: dict | None = None) -> dg.SensorDefinition:
     @dg.sensor(
         name="study_sensor", job_name=STUDY_JOB,
         minimum_interval_seconds=minimum_interval_seconds or sensor_interval_s(),
@@ -332,13 +332,14 @@ def build_study_sensor(*, minimum_interval_seconds: int | None = None,
         storage_id, ts = s["latest_input"]
         if s["study_started"] is not None and s["study_started"] >= ts:
             return dg.SkipReason("study report is up to date with every materialized experiment")
-        return dg.RunRequest(run_key=f"study:{storage_id}", tags={TRIGGER_TAG: "experiments materialized"})
+        return dg.RunRequest(run_key=f"study:{storage_id}", run_config=run_config or {}, tags={TRIGGER_TAG: "experiments materialized"})
 
     return study_sensor
 
 
 def build_rerun_schedule(*, cron: str | None = None,
-                         default_status: dg.DefaultScheduleStatus = dg.DefaultScheduleStatus.STOPPED) -> dg.ScheduleDefinition:
+                         default_status: dg.DefaultScheduleStatus = dg.DefaultScheduleStatus.STOPPED,
+                         run_config: dict | None = None) -> dg.ScheduleDefinition:
     @dg.schedule(
         name="rerun_schedule", job_name=EXPERIMENT_JOB, cron_schedule=cron or rerun_cron(),
         execution_timezone=os.environ.get("STEPML_RERUN_TZ", "UTC"), default_status=default_status,
@@ -355,7 +356,8 @@ def build_rerun_schedule(*, cron: str | None = None,
                 context.log.warning(f"partition {key!r} skipped: {e}")
                 continue
             if folder.is_dir() and find_trace_file(folder):
-                requests.append(dg.RunRequest(run_key=f"{key}@{stamp}", partition_key=key, tags={TRIGGER_TAG: "rerun_schedule"}))
+                requests.append(dg.RunRequest(run_key=f"{key}@{stamp}", partition_key=key, run_config=run_config or {},
+                                              tags={TRIGGER_TAG: "rerun_schedule"}))
         if not requests:
             return dg.SkipReason("no registered experiment with a run folder")
         return requests
@@ -363,6 +365,7 @@ def build_rerun_schedule(*, cron: str | None = None,
     return rerun_schedule
 
 
-def build_automation() -> tuple[list[dg.SensorDefinition], list[dg.ScheduleDefinition]]:
-    """Sensors and schedules, configured from the environment at load time."""
-    return [build_experiment_sensor(), build_study_sensor()], [build_rerun_schedule()]
+def build_automation(run_config: dict | None = None) -> tuple[list[dg.SensorDefinition], list[dg.ScheduleDefinition]]:
+    """Sensors and schedules, configured from the environment at load time; run_config goes on every RunRequest."""
+    return ([build_experiment_sensor(run_config=run_config), build_study_sensor(run_config=run_config)],
+            [build_rerun_schedule(run_config=run_config)])

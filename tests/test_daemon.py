@@ -20,7 +20,7 @@ import pytest
 from ops_helpers import ARTIFACTS, REPO, RUN_A, drop_run, open_instance, wait_for
 
 pytestmark = pytest.mark.slow
-TIMEOUT_S = float(os.environ.get("STEPML_DAEMON_TEST_TIMEOUT_S", 480))  # 80-110 s on an idle machine; headroom for a loaded one
+TIMEOUT_S = float(os.environ.get("STEPML_DAEMON_TEST_TIMEOUT_S", 480))  # ~22 s on an idle machine (80-110 s with a process per step); headroom for a loaded one
 
 
 @pytest.fixture
@@ -78,4 +78,6 @@ def test_daemon_picks_up_new_run_folder_and_refreshes_study(daemon, real_experim
         assert exp_runs[0].tags.get("dagster/run_key", "").startswith(RUN_A + ":")
         assert len(study_runs) == 1 and study_runs[0].tags.get("dagster/sensor_name") == "study_sensor"
         assert instance.get_dynamic_partitions("experiment") == [RUN_A]
+        for run in (*exp_runs, *study_runs):  # sensor runs execute their steps in the run's own process
+            assert run.run_config["execution"]["config"] == {"in_process": {}}, run.run_config
         print(f"dropped → metrics + report in {elapsed:.0f} s")
