@@ -249,7 +249,8 @@ def fit_pooled(matrices: dict[str, pl.DataFrame], scopes: tuple[str, ...] = ("gl
 
 
 def fit_pooled_sets(matrices: dict[str, pl.DataFrame], sets: dict[str, tuple[tuple[str, ...], tuple[str, ...] | None]],
-                    seed: int = 0, threads: int = 1, caches: "dict[str, FoldCache] | None" = None) -> dict[str, dict]:
+                    seed: int = 0, threads: int = 1, caches: "dict[str, FoldCache] | None" = None,
+                    score: bool = True) -> dict[str, dict]:
     """Several sets of pooled fits ({set: (scopes, model names)}) over one pool of folds.
 
     Every fold (scope, group) is fitted on its training experiments and scored on its scored ones
@@ -260,7 +261,8 @@ def fit_pooled_sets(matrices: dict[str, pl.DataFrame], sets: dict[str, tuple[tup
     results are assembled in fold order, so any thread count gives the same output. With
     `caches`, a fold whose training matrices, model names, seed and code are unchanged reuses its
     stored fit (one new run leaves most per-model and leave-one-out folds untouched); scoring
-    always runs on the current matrices.
+    always runs on the current matrices. score=False only fills the caches (fits missing folds; no
+    scoring, no pruning): a caller can fit ahead while other work runs.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -287,6 +289,8 @@ def fit_pooled_sets(matrices: dict[str, pl.DataFrame], sets: dict[str, tuple[tup
             if cache is not None:
                 cache.put(key, fitted)
         mets, preds = [], []
+        if not score:
+            return fitted, mets, preds, reused
         scored = pl.concat([matrices[e] for e in score_exps], how="diagonal_relaxed")
         for m in (d for t in TARGETS for d in fitted.get(t, [])):  # one model at a time: 1 row per step, not 16
             p = predict(scored, [m], scope)
@@ -316,7 +320,7 @@ def fit_pooled_sets(matrices: dict[str, pl.DataFrame], sets: dict[str, tuple[tup
             mets += m
             preds += p
             reused, total = reused + r, total + 1
-        if caches and caches.get(name) is not None:
+        if score and caches and caches.get(name) is not None:
             caches[name].keep_only([j[6] for j in jobs if j[0] == name])
         pred = pl.concat(preds, how="diagonal_relaxed") if preds else pl.DataFrame()
         met = (pl.concat(mets, how="diagonal_relaxed").sort(["experiment_id", "source", "target", "model", "scope", "split"]) if mets
@@ -422,9 +426,9 @@ def fit_generalization(matrices: dict[str, pl.DataFrame], seed: int = 0, threads
 
 
 def fit_study_pooled(matrices: dict[str, pl.DataFrame], seed: int = 0, threads: int = 1,
-                     caches: dict[str, FoldCache] | None = None) -> dict[str, dict]:
+                     caches: dict[str, FoldCache] | None = None, score: bool = True) -> dict[str, dict]:
     """{"global_models": fit_global(...), "generalization": fit_generalization(...)} over one pool of folds."""
-    return fit_pooled_sets(matrices, POOLED_SETS, seed, threads, caches)
+    return fit_pooled_sets(matrices, POOLED_SETS, seed, threads, caches, score)
 
 
 def feature_group_ablation(fm_split: pl.DataFrame, model: str = "ridge_30f") -> pl.DataFrame:

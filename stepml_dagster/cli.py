@@ -31,10 +31,10 @@ def _ensure_dagster_home() -> Path:
     return home
 
 
-def _materialize_partition(defs, instance, key: str) -> tuple[str, bool, float, str | None]:
+def _materialize_partition(defs, instance, key: str, selection: list | None = None) -> tuple[str, bool, float, str | None]:
     t = time.perf_counter()
     res = defs.resolve_job_def("experiment_job").execute_in_process(partition_key=key, instance=instance, raise_on_error=False,
-                                                                    run_config=QUIET_LOGS)
+                                                                    run_config=QUIET_LOGS, asset_selection=selection)
     err = None
     if not res.success:
         for ev in res.all_events:
@@ -62,6 +62,49 @@ def _partition_worker(data_dir: str, out_dir: str, seed: int, key: str):
         return _materialize_partition(defs, dg.DagsterInstance.get(), key)
     finally:
         release_freed_memory()
+
+
+FEATURE_ASSETS = ["raw_traces", "step_table", "quarantine", "request_context", "feature_matrix", "split"]  # what pooled folds read
+
+
+def _materialize_with_prefit(defs, instance, key: str, settings) -> tuple[str, bool, float, str | None]:
+    """One partition in two in-process runs (its feature assets, then the rest) with the study's pooled
+    folds fitted in between, in a thread, into the fold cache: the study job then finds them fitted.
+    Same assets materialized once each; the cache is content-keyed, so the study's result is the same."""
+    import threading
+
+    part = defs.resolve_job_def("experiment_job")
+    first = [k for k in part.asset_layer.executable_asset_keys if k.to_user_string() in FEATURE_ASSETS]
+    rest = [k for k in part.asset_layer.executable_asset_keys if k.to_user_string() not in FEATURE_ASSETS]
+    key, ok, secs1, err = _materialize_partition(defs, instance, key, first)
+    if not ok:
+        return key, ok, secs1, err
+    prefit = threading.Thread(target=prefit_pooled_folds, args=(settings, instance.get_dynamic_partitions("experiment")), daemon=True)
+    prefit.start()
+    key, ok, secs2, err = _materialize_partition(defs, instance, key, rest)
+    prefit.join()
+    return key, ok, secs1 + secs2, err
+
+
+def prefit_pooled_folds(settings, keys: list[str]) -> None:
+    """Fill the fold cache from the stored feature matrices and splits (what pooled_models will read)."""
+    import polars as pl
+
+    from stepml_core import study
+
+    if not settings.reuse_fits:
+        return
+    base = Path(settings.out_dir) / "assets"
+    mats = {}
+    for e in keys:
+        fm, sp = base / "feature_matrix" / f"{e}.parquet", base / "split" / f"{e}.parquet"
+        if fm.is_file() and sp.is_file() and (settings.data_root() / e).is_dir():
+            mats[e] = study.with_split(pl.read_parquet(fm), pl.read_parquet(sp))
+    try:
+        study.fit_study_pooled(mats, seed=settings.seed, threads=settings.fit_threads,
+                               caches={n: settings.fold_cache(n) for n in study.POOLED_SETS}, score=False)
+    except Exception:  # noqa: BLE001 - an optimisation only: pooled_models fits whatever is missing
+        pass
 
 
 def release_freed_memory() -> None:
@@ -122,7 +165,10 @@ def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, see
     failed, errors = [], {}
     if workers == 1:
         for i, key in enumerate(keys, 1):
-            key, ok, secs, err = _materialize_partition(defs, instance, key)
+            if i == len(keys):  # the last one: fit the study's pooled folds while its models and scores run
+                key, ok, secs, err = _materialize_with_prefit(defs, instance, key, settings)
+            else:
+                key, ok, secs, err = _materialize_partition(defs, instance, key)
             release_freed_memory()
             say(f"[{i}/{len(keys)}] {key}: {'ok' if ok else 'FAILED'} ({secs:.1f} s)" + (f"\n   {err}" if err else ""))
             if not ok:
