@@ -47,6 +47,9 @@ def test_backfill_one_experiment_recomputes_only_it_and_the_study(study):
     before, files_before = mat_counts(instance), stored_mtimes(out)
     report_before = (out / "report.md").stat().st_mtime_ns
     assert all(v == 1 for v in before.values()), before
+    for key in ("global_models", "generalization"):  # stepml run fitted the pooled folds while the last partition finished
+        meta = instance.fetch_materializations(dg.AssetKey(key), limit=1).records[0].asset_materialization.metadata
+        assert meta["folds_reused"].value == meta["folds"].value > 0, (key, meta)
     assert main(["backfill", "--data", str(data), "--out", str(out), "--experiment", RUN_A]) == 0
     after, files_after = mat_counts(instance), stored_mtimes(out)
     changed = {k for k in after if after[k] != before[k]}
