@@ -12,6 +12,8 @@ pooled over all experiments' train blocks, scored on each experiment's slice).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import polars as pl
 from scipy import stats
@@ -242,12 +244,6 @@ def pooled_folds(experiments: list[str], scope: str) -> list[tuple[str, list[str
     return folds
 
 
-def fit_pooled(matrices: dict[str, pl.DataFrame], scopes: tuple[str, ...] = ("global", "per_model"),
-               names: tuple[str, ...] | None = None, seed: int = 0, threads: int = 1, cache: "FoldCache | None" = None) -> dict:
-    """Pooled fits per scope and fold, each scored on its fold's experiments (see fit_pooled_sets)."""
-    return fit_pooled_sets(matrices, {"pooled": (scopes, names)}, seed, threads, {"pooled": cache} if cache else None)["pooled"]
-
-
 def fit_pooled_sets(matrices: dict[str, pl.DataFrame], sets: dict[str, tuple[tuple[str, ...], tuple[str, ...] | None]],
                     seed: int = 0, threads: int = 1, caches: "dict[str, FoldCache] | None" = None,
                     score: bool = True) -> dict[str, dict]:
@@ -280,6 +276,8 @@ def fit_pooled_sets(matrices: dict[str, pl.DataFrame], sets: dict[str, tuple[tup
     def run_fold(job):
         name, scope, _, train_exps, score_exps, names, key = job
         cache = caches.get(name) if caches else None
+        if not score and cache is not None and cache.has(key):
+            return None, [], [], True  # fitting ahead: a stored fold needs no reading
         fitted = cache.get(key) if cache is not None else None
         reused = fitted is not None
         if fitted is None:
@@ -339,6 +337,7 @@ def matrix_fingerprint(fm: pl.DataFrame) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
 def _code_digest() -> str:
     """Digest of the source that decides a pooled fit (study, estimators, features)."""
     import hashlib
@@ -385,7 +384,7 @@ class FoldCache:
 
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{key}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(fitted, default=_json_default))
+        tmp.write_text(json.dumps(fitted, default=json_default))
         tmp.replace(self.folder / f"{key}.json")  # atomic: readers never see half a file
 
     def keep_only(self, keys: list[str]) -> None:
@@ -398,7 +397,8 @@ class FoldCache:
                 p.unlink(missing_ok=True)
 
 
-def _json_default(o):
+def json_default(o):
+    """json.dumps default for fitted models: numpy scalars and arrays, sets and tuples; anything else is an error."""
     if hasattr(o, "item"):
         return o.item()
     if hasattr(o, "tolist"):
@@ -415,19 +415,9 @@ POOLED_SETS = {  # study asset: (scopes, model names; None = all of MODELS)
 }
 
 
-def fit_global(matrices: dict[str, pl.DataFrame], threads: int = 1, cache: FoldCache | None = None) -> dict:
-    """Global (all experiments) and per-model pooled fits."""
-    return fit_pooled(matrices, *POOLED_SETS["global_models"], threads=threads, cache=cache)
-
-
-def fit_generalization(matrices: dict[str, pl.DataFrame], seed: int = 0, threads: int = 1, cache: FoldCache | None = None) -> dict:
-    """Leave-one-model-out and leave-one-workload-out cross-validation over experiments."""
-    return fit_pooled(matrices, *POOLED_SETS["generalization"], seed, threads, cache)
-
-
 def fit_study_pooled(matrices: dict[str, pl.DataFrame], seed: int = 0, threads: int = 1,
                      caches: dict[str, FoldCache] | None = None, score: bool = True) -> dict[str, dict]:
-    """{"global_models": fit_global(...), "generalization": fit_generalization(...)} over one pool of folds."""
+    """{"global_models": global and per-model fits, "generalization": leave-one-model/workload-out folds}, one pool of folds."""
     return fit_pooled_sets(matrices, POOLED_SETS, seed, threads, caches, score)
 
 

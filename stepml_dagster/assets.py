@@ -146,12 +146,16 @@ def ablation(feature_matrix: pl.DataFrame, split: pl.DataFrame) -> pl.DataFrame:
 )
 def pooled_models(context: dg.AssetExecutionContext, settings: StepMLSettings, feature_matrix, split):
     """Both sets of pooled folds in one thread pool; unchanged folds reuse their stored fit."""
-    present = {e for e in feature_matrix if e in split and (settings.data_root() / e).is_dir()}
-    caches = {name: settings.fold_cache(name) for name in study.POOLED_SETS} if settings.reuse_fits else None
-    out = study.fit_study_pooled({e: study.with_split(feature_matrix[e], split[e]) for e in sorted(present)}, seed=settings.seed,
-                                 threads=settings.fit_threads, caches=caches)
+    matrices = pooled_matrices(settings, feature_matrix, split)
+    out = study.fit_study_pooled(matrices, seed=settings.seed, threads=settings.fit_threads, caches=settings.fold_caches())
     for name, value in out.items():
-        yield dg.Output(value, name, metadata={"experiments": len(present), "folds": value["folds"]["total"], "folds_reused": value["folds"]["reused"]})
+        yield dg.Output(value, name, metadata={"experiments": len(matrices), "folds": value["folds"]["total"], "folds_reused": value["folds"]["reused"]})
+
+
+def pooled_matrices(settings: StepMLSettings, feature_matrix, split) -> dict[str, pl.DataFrame]:
+    """{experiment: feature matrix with splits} for the partitions stored and still in the data folder."""
+    present = {e for e in feature_matrix if e in split and (settings.data_root() / e).is_dir()}
+    return {e: study.with_split(feature_matrix[e], split[e]) for e in sorted(present)}
 
 
 @dg.asset(group_name="synthetic", description="Synthetic runs against the real runs they stand for: public latency/throughput figures and step-level quantiles.")

@@ -87,22 +87,18 @@ def _materialize_with_prefit(defs, instance, key: str, settings) -> tuple[str, b
 
 
 def prefit_pooled_folds(settings, keys: list[str]) -> None:
-    """Fill the fold cache from the stored feature matrices and splits (what pooled_models will read)."""
-    import polars as pl
-
+    """Fill the fold cache from the stored feature matrices and splits: what pooled_models will read."""
     from stepml_core import study
+
+    from .assets import pooled_matrices
+    from .io_manager import ParquetIOManager
 
     if not settings.reuse_fits:
         return
-    base = Path(settings.out_dir) / "assets"
-    mats = {}
-    for e in keys:
-        fm, sp = base / "feature_matrix" / f"{e}.parquet", base / "split" / f"{e}.parquet"
-        if fm.is_file() and sp.is_file() and (settings.data_root() / e).is_dir():
-            mats[e] = study.with_split(pl.read_parquet(fm), pl.read_parquet(sp))
+    io = ParquetIOManager(base_dir=str(settings.assets_dir()))
     try:
-        study.fit_study_pooled(mats, seed=settings.seed, threads=settings.fit_threads,
-                               caches={n: settings.fold_cache(n) for n in study.POOLED_SETS}, score=False)
+        matrices = pooled_matrices(settings, io.stored_partitions("feature_matrix", keys), io.stored_partitions("split", keys))
+        study.fit_study_pooled(matrices, seed=settings.seed, threads=settings.fit_threads, caches=settings.fold_caches(), score=False)
     except Exception:  # noqa: BLE001 - an optimisation only: pooled_models fits whatever is missing
         pass
 

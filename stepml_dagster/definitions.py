@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import dagster as dg
 
 from .assets import PARTITIONED_ASSETS, STUDY_ASSETS, experiment_partitions
@@ -37,7 +35,7 @@ def build_definitions(settings: StepMLSettings | None = None, *, max_concurrent:
         assets=[*PARTITIONED_ASSETS, *STUDY_ASSETS],
         jobs=build_jobs(max_concurrent=max_concurrent, local=local),
         sensors=sensors, schedules=schedules,
-        resources={"settings": settings, "io_manager": ParquetIOManager(base_dir=str(Path(settings.out_dir) / "assets"))},
+        resources={"settings": settings, "io_manager": ParquetIOManager(base_dir=str(settings.assets_dir()))},
         # default: steps as local processes; stepml_dagster.distributed passes the Celery executor (several machines)
         executor=executor or dg.multiprocess_executor.configured({"max_concurrent": max_concurrent}),
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from stepml_core.paths import DEFAULT_EXPERIMENTS_DIR, PROJECT_ROOT
-from stepml_core.study import FoldCache
+from stepml_core.study import POOLED_SETS, FoldCache
 from stepml_core.runs import check_inside_root, parse_run_id, resolve_data_root
 
 DEFAULT_OUT_DIR = PROJECT_ROOT / "out"
@@ -26,9 +26,13 @@ class StepMLSettings(dg.ConfigurableResource):
     fit_threads: int = min(2, os.cpu_count() or 1)  # threads for the pooled folds of the study assets
     reuse_fits: bool = True  # pooled folds whose training data and code are unchanged reuse their stored fit
 
-    def fold_cache(self, asset: str) -> FoldCache | None:
-        """<out_dir>/cache/<asset>/: fitted pooled folds keyed by content (see stepml_core.study.fold_key)."""
-        return FoldCache(Path(self.out_dir) / "cache" / asset) if self.reuse_fits else None
+    def fold_caches(self) -> dict[str, FoldCache] | None:
+        """<out_dir>/cache/<asset>/ per pooled asset: fitted folds keyed by content (see stepml_core.study.fold_key)."""
+        return {name: FoldCache(Path(self.out_dir) / "cache" / name) for name in POOLED_SETS} if self.reuse_fits else None
+
+    def assets_dir(self) -> Path:
+        """Where the parquet IO manager stores asset values."""
+        return Path(self.out_dir) / "assets"
 
     def data_root(self) -> Path:
         return Path(self.data_dir)
