@@ -77,7 +77,7 @@ class StagedArrivals:
 
 
 class FixedArrivals:
-    """Recorded arrival times (s from the first request); ingress = ``ingress_s_of(prompt_len)``;
+    """Recorded arrival times (s from the first request); ingress = ``ingress_s_of(prompt_len, api_tokens_per_s)``;
     a client that has no answer after ``timeout_s`` aborts (the engine learns it ``abort_lag_s`` later)."""
 
     def __init__(self, arrival_s: np.ndarray, timeout_s: float, ingress_s_of, *, mono0: float = 1.0,
@@ -97,7 +97,7 @@ class FixedArrivals:
         heapq.heapify(heap)
 
     def ingress_s(self, R, api_tokens_per_s: float) -> float:
-        return self.ingress_of(R.prompt_len)
+        return self.ingress_of(R.prompt_len, api_tokens_per_s)
 
     def on_done(self, engine, R, t: float) -> None:
         pass

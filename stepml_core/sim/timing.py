@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from ..synth.physics import EnginePhysics
-from ..synth.schedtime import ScheduleTimeModel
+if TYPE_CHECKING:  # the physics lives with the synthesizer's data (imported lazily: synth builds on sim)
+    from ..synth.schedtime import ScheduleTimeModel
 
 RNG_BLOCK = 8192  # steps of pre-drawn randomness per refill
 
@@ -38,7 +40,7 @@ class StepRandomness:
 
     Drawn in blocks of RNG_BLOCK steps in a fixed order, so the same seed gives the same run."""
 
-    def __init__(self, rng: np.random.Generator, noise: dict, sched_model: ScheduleTimeModel):
+    def __init__(self, rng: np.random.Generator, noise: dict, sched_model: "ScheduleTimeModel"):
         self.rng = rng
         self.noise = noise
         self.sched_model = sched_model
@@ -83,7 +85,9 @@ class PhysicsClock:
     """The synthesizer's engine timing: roofline GPU time with noise and warm-up stalls, empirical
     schedule() time, host work per step and per request (parameters: data/synth/engine_params.json)."""
 
-    def __init__(self, model: str, tp: int, params: dict, rng: np.random.Generator, sched_model: ScheduleTimeModel):
+    def __init__(self, model: str, tp: int, params: dict, rng: np.random.Generator, sched_model: "ScheduleTimeModel"):
+        from ..synth.physics import EnginePhysics
+
         P = params
         self.phys = EnginePhysics(model, tp, P)
         self.sched_model = sched_model
