@@ -218,8 +218,11 @@ def replay(w: ReplayWorkload, model, ctx: RunContext, *, seed: int = 0, progress
     table = pl.DataFrame({"index": w.index, "arrival_time_us": np.rint(w.arrival_s * 1e6).astype(np.int64), "ttft_s": ttft,
                           "e2e_s": e2e, "success": success, "output_tokens": w.max_tokens}, schema=PER_REQUEST_COLUMNS)
     span = float(U[-1] - arrivals.mono0) if U.size else 0.0
+    counters = dict(sim.counters)
+    if isinstance(clock, CycleClock):
+        counters.update({f"step_time_{k}": v for k, v in clock.clamped.items()})
     return ReplayResult(per_request=table.with_columns(pl.col("ttft_s").fill_nan(None)), steps=sim.steps,
-                        counters=dict(sim.counters), sim_seconds=span)
+                        counters=counters, sim_seconds=span)
 
 
 # ---------------------------------------------------------------------------- scoring

@@ -159,14 +159,19 @@ class PhysicsClock:
 
 
 class CycleClock:
-    """Engine cycle from a step-time model: ts_start(N+1) = ts_start(N) + max(floor, step_time_us(batch N)).
+    """Engine cycle from a step-time model: ts_start(N+1) = ts_start(N) + clamp(step_time_us(batch N)).
 
-    ``model`` has ``step_time_us(batch) -> float`` (µs). schedule() takes no separate window here
-    (the cycle includes it); the output of step N is processed at the end of its cycle."""
+    ``model`` has ``step_time_us(batch) -> float`` (µs). Predictions are clamped to
+    [``floor_us``, ``ceiling_us``] (1 µs … 10 s: a model extrapolating far outside its data can
+    predict ≤ 0 or astronomically large steps); non-finite predictions count as the ceiling.
+    ``clamped`` counts both. schedule() has no separate window here (the cycle includes it); the
+    output of step N is processed at the end of its cycle."""
 
-    def __init__(self, model, floor_us: float = 1.0):
+    def __init__(self, model, floor_us: float = 1.0, ceiling_us: float = 1e7):
         self.model = model
         self.floor_us = float(floor_us)
+        self.ceiling_us = float(ceiling_us)
+        self.clamped = {"below_floor": 0, "above_ceiling": 0, "not_finite": 0}
 
     def start(self, now_s: float) -> None:
         pass
@@ -179,7 +184,16 @@ class CycleClock:
 
     def gpu_s(self, b, ts0_ns: int) -> float:
         t = self.model.step_time_us(b)
-        return (t if t > self.floor_us else self.floor_us) * 1e-6
+        if t < self.floor_us:
+            self.clamped["below_floor"] += 1
+            t = self.floor_us
+        elif t > self.ceiling_us:
+            self.clamped["above_ceiling"] += 1
+            t = self.ceiling_us
+        elif t != t:
+            self.clamped["not_finite"] += 1
+            t = self.ceiling_us
+        return t * 1e-6
 
     def launch_ready_s(self, ts1_ns: int, n_sched: int) -> float:
         return ts1_ns * 1e-9
