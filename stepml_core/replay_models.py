@@ -87,14 +87,19 @@ def serving_model(spec: dict):
 
 
 def specs_for_run(specs: list[dict], experiment_id: str, llm_model: str) -> list[dict]:
-    """The specs a run is replayed with: physics, every request-calibrated model of its LLM model, and per
-    step-trained model name one source run of the same LLM model — the largest other traced run (out of
-    sample) where there is one, else the run itself (in sample)."""
+    """The specs a run is replayed with: physics; every other spec of its LLM model that applies to it (a spec
+    with ``for_runs`` applies to those runs only, e.g. the fold of a leave-one-workload-out calibration that
+    held the run out); and per step-trained model name (specs with ``source_run``) one source run of the same
+    LLM model — the largest other traced run (out of sample) where there is one, else the run itself (in sample)."""
     chosen, by_name = [], {}
     for s in specs:
-        if s["kind"] == "physics" or (s.get("llm_model") == llm_model and "source_run" not in s):
+        if s["kind"] == "physics":
             chosen.append(s)
-        elif s.get("llm_model") == llm_model:
+        elif s.get("llm_model") != llm_model or ("for_runs" in s and experiment_id not in s["for_runs"]):
+            continue
+        elif "source_run" not in s:
+            chosen.append(s)
+        else:
             by_name.setdefault(s["name"], []).append(s)
     for name in sorted(by_name):
         cands = sorted(by_name[name], key=lambda s: (s["source_run"] == experiment_id, -(s.get("n_fit") or 0), s["source_run"]))

@@ -109,14 +109,30 @@ def test_changed_input_marks_downstream_partition_stale(study):
     assert resolver.get_status(dg.AssetKey("raw_traces"), RUN_A) == StaleStatus.FRESH
 
 
-def test_study_sensor_requests_one_study_run_after_new_experiment_materialization(study):
+def test_study_sensor_chains_models_replays_and_study(study):
+    """New experiment data → models_job; then one replay_job per partition with a request log; then study_job;
+    each request has a stable run key (Dagster launches it once) and nothing is requested while a phase runs."""
     _, _, instance = study
     sensor = S.build_study_sensor(minimum_interval_seconds=1)
-    assert isinstance(sensor(dg.build_sensor_context(instance=instance)), dg.SkipReason)  # raw_traces alone: no
+    tick = lambda: sensor(dg.build_sensor_context(instance=instance))  # noqa: E731
+    assert isinstance(tick(), dg.SkipReason)  # raw_traces alone: no
     instance.report_runless_asset_event(dg.AssetMaterialization("run_summary", partition=RUN_A))
-    req = sensor(dg.build_sensor_context(instance=instance))
-    assert isinstance(req, dg.RunRequest) and req.run_key.startswith("study:")
-    assert sensor(dg.build_sensor_context(instance=instance)).run_key == req.run_key  # same key: Dagster launches it once
+    req = tick()
+    assert [r.job_name for r in req] == ["models_job"] and req[0].run_key.startswith("models:")
+    assert tick()[0].run_key == req[0].run_key  # same key: Dagster launches it once
+    instance.report_runless_asset_event(dg.AssetMaterialization("replay_models"))
+    instance.report_runless_asset_event(dg.AssetMaterialization("request_log", partition=RUN_B))
+    req = tick()  # the new request log is also an input of the models phase: models first
+    assert [r.job_name for r in req] == ["models_job"]
+    instance.report_runless_asset_event(dg.AssetMaterialization("replay_models"))
+    req = tick()
+    assert [(r.job_name, r.partition_key) for r in req] == [("replay_job", RUN_B)] and req[0].run_key.startswith("replay:")
+    instance.report_runless_asset_event(dg.AssetMaterialization("replay", partition=RUN_B))
+    req = tick()
+    assert [r.job_name for r in req] == ["study_job"] and req[0].run_key.startswith("study:")
+    instance.report_runless_asset_event(dg.AssetMaterialization("study_report"))
+    res = tick()
+    assert isinstance(res, dg.SkipReason) and "up to date" in res.skip_message
 
 
 def test_experiment_sensor_does_not_relaunch_what_the_cli_materialized(study):

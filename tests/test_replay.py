@@ -217,3 +217,34 @@ def test_physics_replay_of_a_real_run_and_an_unscored_one(real_runs):
     assert all(r["sample"] == "in_sample" for r in out[real_runs[0].name]["rows"].iter_rows(named=True))
     rp = out[real_runs[1].name]["rows"]
     assert rp["observed"].is_null().all() and rp["rel_err_pct"].is_null().all() and rp["predicted"].is_not_null().all()
+
+
+def test_exported_model_sees_the_proxy_features_it_was_trained_on():
+    """On a BATCH_SUMMARY-only run a model is fitted on proxy KV features (features.step_table_features); in a replay
+    ExportedStepTime computes the same features from the simulator's batch counts and KV pool."""
+    from types import SimpleNamespace
+
+    from stepml_core import reference_predictor as rp
+    from stepml_core.catalog import gpu_spec, known_model_names, model_spec
+    from stepml_core.features import SEED_FEATURES, gpu_dict, spec_dict, step_table_features
+    from stepml_core.sim.step_models import ExportedStepTime
+
+    spec, gpu = model_spec("llama-2-70b"), gpu_spec()
+    exported = {"model_spec": spec_dict(spec), "gpu_spec": gpu_dict(gpu), "tp": 4, "model_names": known_model_names()}
+    st = ExportedStepTime(exported, kv_source="proxy_blocks", name="x")
+    cases = [dict(prefill_tokens=700, decode_tokens=60, num_prefill_reqs=3, num_decode_reqs=60, num_running=66,
+                  kv_blocks_free=20000, kv_blocks_total=31356), dict(prefill_tokens=0, decode_tokens=128, num_prefill_reqs=0,
+                  num_decode_reqs=128, num_running=128, kv_blocks_free=9000, kv_blocks_total=31356),
+             dict(prefill_tokens=2048, decode_tokens=0, num_prefill_reqs=1, num_decode_reqs=0, num_running=1,
+                  kv_blocks_free=31000, kv_blocks_total=31356)]
+    steps = pl.DataFrame([{"step.id": i + 1, "batch.prefill_tokens": c["prefill_tokens"], "batch.decode_tokens": c["decode_tokens"],
+                           "batch.scheduled_tokens": c["prefill_tokens"] + c["decode_tokens"],
+                           "batch.num_prefill_reqs": c["num_prefill_reqs"], "batch.num_decode_reqs": c["num_decode_reqs"],
+                           "queue.running_depth": c["num_running"], "kv.blocks_total_gpu": c["kv_blocks_total"],
+                           "kv.blocks_free_gpu": c["kv_blocks_free"]} for i, c in enumerate(cases)])
+    vec = step_table_features(steps, spec, gpu, 4)
+    assert set(vec["kv_source"]) == {"proxy_blocks"}
+    for i, c in enumerate(cases):
+        f = rp.features_from_sums(st.sums(SimpleNamespace(**c)), st._consts, st._gpu, 4, st._names, "llama-2-70b")
+        for name in [n for n in SEED_FEATURES if n != "model_id"]:
+            assert f[name] == pytest.approx(vec[name][i], rel=1e-9, abs=1e-9), (i, name)

@@ -173,25 +173,30 @@ class ExportedStepTime:
 
     ``kv_source``: what the model's KV features were computed from when it was fitted —
     ``proxy_blocks`` (BATCH_SUMMARY-only runs: every decoder at the mean context
-    (blocks_total − blocks_free)·16 / max(running, 1), prompt chunks from c = 0, the features'
-    documented proxies) or ``journey``/``snapshot`` (the batch's own requests)."""
+    (blocks_total − blocks_free)·16 / max(running, 1), prompt chunks from c = 0 with the mean chunk
+    size, the documented proxies of ``stepml_core.features``) or ``journey``/``snapshot`` (the batch's own
+    requests). Token counts follow the trace's BATCH_SUMMARY labels either way."""
 
     def __init__(self, exported: dict, *, kv_source: str, name: str):
-        from ..reference_predictor import predict_step_time
+        from .. import reference_predictor as rp
 
         self.exported = exported
         self.kv_source = kv_source
         self.name = name
-        self._predict = predict_step_time
-        self._model, self._gpu, self._tp = exported["model_spec"], exported["gpu_spec"], int(exported["tp"])
+        self._rp = rp
+        m = exported["model_spec"]
+        self._consts = rp._consts(m, int(exported["tp"]))
+        self._gpu, self._tp, self._names, self._model = exported["gpu_spec"], int(exported["tp"]), exported["model_names"], m["name"]
 
-    def batch(self, b) -> list:
+    def sums(self, b) -> tuple:
+        """The batch sums the features are computed from (reference_predictor.batch_sums' layout)."""
         if self.kv_source != "proxy_blocks":
-            return b.requests()
-        n_pf, n_dc, P = b.num_prefill_reqs, b.num_decode_reqs, b.prefill_tokens
+            return self._rp.batch_sums(b.requests())
+        P, D, n_pf, n_dc = b.prefill_tokens, b.decode_tokens, b.num_prefill_reqs, b.num_decode_reqs
         pm = (b.kv_blocks_total - b.kv_blocks_free) * 16 / max(b.num_running, 1) if n_dc else 0.0
         q = P / n_pf if n_pf else 0.0
-        return [(pm, 1, 0)] * n_dc + ([(0, q, q)] * n_pf if q > 0 else [])
+        return (P, D, n_pf, n_dc, n_pf * q * (q + 1) / 2, 0.0, n_pf + n_dc, pm, 0.0, pm, pm, pm * n_dc)
 
     def step_time_us(self, b) -> float:
-        return self._predict(self.batch(b), self.exported, self._model, self._gpu, self._tp)
+        f = self._rp.features_from_sums(self.sums(b), self._consts, self._gpu, self._tp, self._names, self._model)
+        return self._rp.predict_from_features(f, self.exported)
