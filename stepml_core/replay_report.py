@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 
 from .paths import REFERENCE_DIR
-from .replay_models import REPLAY_COLUMNS
+from .replay_models import INTERVAL_COLUMNS, REPLAY_COLUMNS
 
 SATURATED_TTFT_S = 5.0
 BLIS_FILE = REFERENCE_DIR / "blis_iter4a_replay.csv"
@@ -91,6 +91,11 @@ def replay_fidelity_tables(replays: dict[str, dict], headers: dict[str, dict], o
     tmp = out_dir / ".replay.csv.tmp"
     rows.write_csv(tmp)
     os.replace(tmp, path)
+    ivs = [iv for r in replays.values() if (iv := r.get("intervals")) is not None and iv.height]
+    intervals = pl.concat(ivs) if ivs else pl.DataFrame(schema=INTERVAL_COLUMNS)
+    tmp = out_dir / ".replay_intervals.csv.tmp"
+    intervals.write_csv(tmp)
+    os.replace(tmp, out_dir / "replay_intervals.csv")
     det = [r["details"].with_columns(experiment_id=pl.lit(e)) for e, r in replays.items() if r["details"].height]
     runs = pl.DataFrame([{"experiment_id": e, "llm_model": r.get("model"), "role": r.get("role") or "",
                           "requests": int(r.get("requests") or 0), "ground_truth": bool(r.get("has_ground_truth"))}
@@ -98,7 +103,7 @@ def replay_fidelity_tables(replays: dict[str, dict], headers: dict[str, dict], o
     if runs.height:
         runs = runs.join(status, on="experiment_id", how="left")
     return {"replay": rows, "details": pl.concat(det, how="diagonal_relaxed") if det else pl.DataFrame(), "runs": runs,
-            "blis4a": load_blis4a(), "replay_csv": path}
+            "blis4a": load_blis4a(), "replay_csv": path, "intervals": intervals}
 
 
 # ---------------------------------------------------------------------------- report section

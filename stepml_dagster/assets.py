@@ -18,7 +18,7 @@ from stepml_core.tables import add_targets, validate_steps
 from .resources import StepMLSettings
 
 from .partitions import PART, experiment_partitions  # noqa: F401 (re-exported)
-from .replay_assets import replay, replay_fidelity, replay_models, request_log
+from .replay_assets import calibration_fidelity, replay, replay_fidelity, replay_models, request_calibration, request_log
 
 
 def _lineage(meta: dict) -> dict:
@@ -181,9 +181,9 @@ def calibration(context: dg.AssetExecutionContext, settings: StepMLSettings, run
 @dg.asset(group_name="study", description="H1 verdict, metrics.csv, verdict.json and the study report over all experiments.")
 def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, metrics, predictions,
                  global_models, run_summary, ablation, generalization, calibration, request_context, e2e_fidelity,
-                 replay_fidelity) -> dict:
+                 replay_fidelity, calibration_fidelity) -> dict:
     present = {e for e in run_summary if (settings.data_root() / e).is_dir()}  # runs still in the landing zone
-    replay_lines = replay_section(replay_fidelity, settings.out_dir)
+    replay_lines = replay_section(replay_fidelity, settings.out_dir) + list(calibration_fidelity["lines"])
     if not present:  # request logs only: no step data, no H1 study; the replay is the report
         md = requests_only_report(replay_fidelity, replay_lines, settings.out_dir)
         context.add_output_metadata({"report": dg.MetadataValue.md(md), "out_dir": dg.MetadataValue.path(settings.out_dir)})
@@ -226,8 +226,8 @@ def _md(df: pl.DataFrame) -> str:
 STEP_ASSETS = [raw_traces, step_tables, request_context, feature_matrix, split, fitted_models, predictions, metrics, run_summary, ablation, e2e_fidelity]
 # the pipeline's four phases (a job each): partitions → study-level models → replays per partition → report
 PARTITIONED_ASSETS = [*STEP_ASSETS, request_log]  # experiment_job
-MODEL_ASSETS = [pooled_models, calibration, replay_models]  # models_job
+MODEL_ASSETS = [pooled_models, calibration, request_calibration, replay_models]  # models_job
 REPLAY_ASSETS = [replay]  # replay_job (partitioned: reads the study-level replay_models)
-REPORT_ASSETS = [replay_fidelity, study_report]  # study_job
+REPORT_ASSETS = [replay_fidelity, calibration_fidelity, study_report]  # study_job
 STUDY_ASSETS = [*MODEL_ASSETS, *REPORT_ASSETS]  # every unpartitioned asset
 ALL_ASSETS = [*PARTITIONED_ASSETS, *MODEL_ASSETS, *REPLAY_ASSETS, *REPORT_ASSETS]

@@ -4,6 +4,8 @@
   stepml synth --out DIR [--runs ID ...] [--scale F] [--seed N]
   stepml backfill [--data DIR] [--out DIR] (--experiment ID ... | --all)
                                           re-materialize those partitions, then the study assets
+  stepml export --format blis|stepml [--study OUT] --out DIR
+                                          the recommended step-time model per LLM model (stepml_dagster/export_cli.py)
 """
 
 from __future__ import annotations
@@ -250,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--experiment", action="append", help="experiment (run folder) id; repeatable")
     b.add_argument("--all", action="store_true", help="every run folder in --data")
     b.add_argument("--seed", type=int, default=0)
+    from . import export_cli  # `stepml export` (its own module)
+    export_cli.add_parser(sub)
     a = ap.parse_args(argv)
+    if a.cmd == "export":
+        return export_cli.run(a)
     if a.cmd == "backfill":
         from .backfill import backfill
         res = backfill(a.data, a.out, a.experiment, all_=a.all, seed=a.seed)

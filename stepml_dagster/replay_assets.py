@@ -6,7 +6,9 @@ import warnings
 import dagster as dg
 import polars as pl
 
+from stepml_core import calibration_protocols as cp
 from stepml_core import replay_models as rm
+from stepml_core.calibrate import CalibrationRun
 from stepml_core.ingest import fingerprint, fingerprint_digest, sha256_file
 from stepml_core.replay import run_context
 from stepml_core.replay_report import replay_fidelity_tables
@@ -44,16 +46,44 @@ def request_log(context: dg.AssetExecutionContext, settings: StepMLSettings):
                               metadata=log.counts)
 
 
-@dg.asset(group_name="replay", description="Step-time models a replay can use: the synthesizer's physics and every traced "
-                                            "run's cycle_us models (StepML export JSON / BLIS model file), with what each was fitted on.")
-def replay_models(context: dg.AssetExecutionContext, settings: StepMLSettings, fitted_models, run_summary) -> list:
+@dg.asset(group_name="replay", description="Step-time models calibrated from request logs alone (BLIS model files): per LLM "
+                                            "model on its train runs (requests_roles), leaving one workload out (requests_lowo), "
+                                            "leaving one model out (requests_lomo), and on all runs (requests_all, for export).")
+def request_calibration(context: dg.AssetExecutionContext, settings: StepMLSettings, request_log) -> dict:
+    present = sorted(e for e in request_log if (settings.data_root() / e).is_dir())
+    metas = {e: read_run_metadata(settings.run_folder(e), data_root=settings.data_root()) for e in present}
+    logs = {e: request_log[e] for e in present}
+    infos = [cp.run_info(e, metas[e], logs[e]["requests"], logs[e]["header"], logs[e]["has_ground_truth"]) for e in present]
+
+    def load(e: str) -> CalibrationRun:  # called for calibration runs only (calibration_protocols.run_calibrations)
+        m = metas[e]
+        ctx = run_context(m.folder, experiment_id=e, model=m.model, tp=m.tp, exp_config=m.exp_config, profile=m.profile,
+                          header=logs[e]["header"], kv_blocks_from_traces=_synth_kv_blocks(m))
+        return CalibrationRun(e, m.model, m.workload, logs[e]["header"].get("role"), logs[e]["requests"], ctx)
+
+    out = cp.study_calibration(infos, load, seed=settings.seed, workers=settings.fit_threads,
+                               cache=cp.CalibrationCache(settings.out_dir_path() / "cache" / "request_calibration"),
+                               progress=lambda i, n, what: context.log.info(f"calibration {i}/{n}: {what}"))
+    context.add_output_metadata({"specs": len(out["specs"]), "calibrations": len(out["calibrations"]),
+                                 "reused": out["reused"], "computed": out["computed"], "seconds": out["seconds"],
+                                 "folds": dg.MetadataValue.json([{k: f[k] for k in ("name", "llm_model", "calibrate_on", "for_runs")}
+                                                                 for f in out["folds"]])})
+    return out
+
+
+@dg.asset(group_name="replay", description="Step-time models a replay can use: the synthesizer's physics, every traced "
+                                            "run's cycle_us models (StepML export JSON / BLIS model file) and the models "
+                                            "calibrated from request logs, with what each was fitted on.")
+def replay_models(context: dg.AssetExecutionContext, settings: StepMLSettings, fitted_models, run_summary,
+                  request_calibration) -> list:
     present = [e for e in run_summary if (settings.data_root() / e).is_dir()]
     runs = {}
     for e in present:
         r = run_summary[e]
         kv = r.get("kv_source_counts") or {}
         runs[e] = {**r, "kv_source": max(kv, key=kv.get) if kv else "proxy_blocks"}
-    specs = [rm.physics_spec(), *rm.step_trained_specs({e: fitted_models[e] for e in present if e in fitted_models}, runs)]
+    specs = [rm.physics_spec(), *rm.step_trained_specs({e: fitted_models[e] for e in present if e in fitted_models}, runs),
+             *request_calibration["specs"]]
     context.add_output_metadata({"models": len(specs), "by_kind": dg.MetadataValue.json(
         {k: sum(1 for s in specs if s["kind"] == k) for k in sorted({s["kind"] for s in specs})})})
     return specs
@@ -73,7 +103,7 @@ def replay(context: dg.AssetExecutionContext, settings: StepMLSettings, request_
     out = rm.replay_run(log, ctx, specs, source=meta.source, stands_for=meta.stands_for, seed=settings.seed)
     paths = rm.write_per_request(settings.out_dir, key, out["per_request"])
     details = pl.DataFrame(out["runs"])
-    yield dg.Output({"rows": out["rows"], "details": details, "assumptions": out["assumptions"],
+    yield dg.Output({"rows": out["rows"], "details": details, "assumptions": out["assumptions"], "intervals": out["intervals"],
                      "has_ground_truth": out["has_ground_truth"], "model": meta.model, "role": log.role or "",
                      "requests": log.table.height},
                     metadata={"step_models": len(specs), "per_request_files": dg.MetadataValue.json([str(p) for p in paths]),
@@ -91,6 +121,26 @@ def replay_fidelity(context: dg.AssetExecutionContext, settings: StepMLSettings,
     context.add_output_metadata({"runs": len(present), "rows": tables["replay"].height,
                                  "replay_csv": dg.MetadataValue.path(str(tables["replay_csv"]))})
     return {k: v for k, v in tables.items() if k != "replay_csv"}
+
+
+@dg.asset(group_name="replay", description="The request-calibrated models against the real steps (per-step MAPE on cycle_us "
+                                            "of traced runs) and their replays per protocol beside BLIS 4a, interval coverage, "
+                                            "the issue's goals; the report's calibration section.")
+def calibration_fidelity(context: dg.AssetExecutionContext, settings: StepMLSettings, request_calibration, replay_fidelity,
+                         step_table) -> dict:
+    from stepml_core.calibration_report import calibration_fidelity as gather
+    from stepml_core.calibration_report import calibration_section
+    from stepml_core.runs import parse_run_id
+
+    present = [e for e in step_table if (settings.data_root() / e).is_dir()]
+    steps = {e: step_table[e] for e in present}
+    runs = replay_fidelity.get("runs")
+    ids = set(runs["experiment_id"].to_list()) if runs is not None and runs.height else set()
+    llm_of = {e: parse_run_id(e).model for e in ids | set(steps)}
+    t = gather(request_calibration, replay_fidelity, steps, llm_of, settings.out_dir_path())
+    lines = calibration_section(t)
+    context.add_output_metadata({"goals": dg.MetadataValue.json([{k: g[k] for k in ("goal", "measured", "met")} for g in t["goals"]])})
+    return {"lines": lines, **{k: v for k, v in t.items() if isinstance(v, pl.DataFrame)}, "goals": t["goals"]}
 
 
 def _log_from_stored(stored):
@@ -113,6 +163,6 @@ def _synth_kv_blocks(meta) -> int | None:
 
 
 REQUEST_ASSETS = [request_log]
-MODEL_ASSETS = [replay_models]
+MODEL_ASSETS = [request_calibration, replay_models]
 REPLAY_ASSETS = [replay]
-REPORT_ASSETS = [replay_fidelity]
+REPORT_ASSETS = [replay_fidelity, calibration_fidelity]

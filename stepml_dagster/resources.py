@@ -30,6 +30,9 @@ class StepMLSettings(dg.ConfigurableResource):
         """<out_dir>/cache/<asset>/ per pooled asset: fitted folds keyed by content (see stepml_core.study.fold_key)."""
         return {name: FoldCache(Path(self.out_dir) / "cache" / name) for name in POOLED_SETS} if self.reuse_fits else None
 
+    def out_dir_path(self) -> Path:
+        return Path(self.out_dir)
+
     def assets_dir(self) -> Path:
         """Where the parquet IO manager stores asset values."""
         return Path(self.out_dir) / "assets"
