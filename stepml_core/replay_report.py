@@ -172,7 +172,7 @@ def replay_section(fid: dict, out_dir: Path) -> list[str]:
             m = rec_of.get(e)
             r = w.filter((pl.col("experiment_id") == e) & (pl.col("step_model") == m)).to_dicts() if m else []
             p = w.filter((pl.col("experiment_id") == e) & (pl.col("step_model") == "physics")).to_dicts()
-            r, p, b = (r[0] if r else {}), (p[0] if p else {}), blis.get(_real_id(e), {})
+            r, p, b = (r[0] if r else {}), (p[0] if p else {}), blis.get(e, {})  # BLIS 4a replayed the real runs only
             body.append([e, st[e]["role"] or "–", f"{m} ({'in' if r.get('sample') == 'in_sample' else 'out'})" if m else "none out of sample",
                          _pct(r.get("ttft_mean_err")), _pct(r.get("e2e_mean_err")), _pct(r.get("e2e_p99_err")),
                          _pct(r.get("successes_err")), _pct(p.get("ttft_mean_err")), _pct(p.get("e2e_mean_err")),
@@ -221,10 +221,6 @@ def replay_section(fid: dict, out_dir: Path) -> list[str]:
               "(10 groups × 10 prompts; requests of equal length may share a prompt), clients time out after 300 s, "
               "serving limits and KV blocks from the run's own files.", ""]
     return lines
-
-
-def _real_id(e: str) -> str:
-    return e[: -len("-synth")] if e.endswith("-synth") else e
 
 
 def _f(x, nd: int = 1) -> str:
