@@ -252,11 +252,21 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--experiment", action="append", help="experiment (run folder) id; repeatable")
     b.add_argument("--all", action="store_true", help="every run folder in --data")
     b.add_argument("--seed", type=int, default=0)
+    rd = sub.add_parser("real-data", help="assemble the 16 real runs (request logs, metadata, step traces) from ../shared into run folders")
+    rd.add_argument("--shared", type=Path, default=PROJECT_ROOT.parent / "shared", help="the shared folder (default: ../shared)")
+    rd.add_argument("--out", type=Path, default=PROJECT_ROOT / "data" / "real", help="where the run folders go (default: data/real)")
+    rd.add_argument("--runs", nargs="*", default=None, help="only these run ids (default: all)")
     from . import export_cli  # `stepml export` (its own module)
     export_cli.add_parser(sub)
     a = ap.parse_args(argv)
     if a.cmd == "export":
         return export_cli.run(a)
+    if a.cmd == "real-data":
+        from stepml_core.real_data import assemble_real_runs
+
+        folders = assemble_real_runs(a.shared, a.out, a.runs)
+        print(f"wrote {len(folders)} real run folder(s) under {a.out}; run the study on them with: stepml run --data {a.out}")
+        return 0
     if a.cmd == "backfill":
         from .backfill import backfill
         res = backfill(a.data, a.out, a.experiment, all_=a.all, seed=a.seed)

@@ -6,6 +6,7 @@ import dagster as dg
 
 from .assets import ALL_ASSETS, MODEL_ASSETS, PARTITIONED_ASSETS, REPLAY_ASSETS, REPORT_ASSETS, experiment_partitions
 from .io_manager import ParquetIOManager
+from .replay_assets import REQUEST_CHECKS
 from .resources import StepMLSettings, settings_from_env
 from .sensors import build_automation
 
@@ -41,6 +42,7 @@ def build_definitions(settings: StepMLSettings | None = None, *, max_concurrent:
     sensors, schedules = build_automation(run_config=IN_PROCESS_RUN_CONFIG if local else None, jobs=jobs)  # sensors.py
     return dg.Definitions(
         assets=ALL_ASSETS,
+        asset_checks=REQUEST_CHECKS,
         jobs=jobs,
         sensors=sensors, schedules=schedules,
         resources={"settings": settings, "io_manager": ParquetIOManager(base_dir=str(settings.assets_dir()))},

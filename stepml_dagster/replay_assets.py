@@ -21,9 +21,7 @@ from .resources import StepMLSettings
 
 @dg.asset(**PART, group_name="requests", output_required=False,
           description="Every request the run's load generator sent (arrival, tokens, role) and the TTFT/E2E its client saw, "
-                      "pandera-validated; bad records quarantined with file and record index.",
-          check_specs=[dg.AssetCheckSpec("records_balance", asset="request_log",
-                                         description="records in = records kept + records quarantined.")])
+                      "pandera-validated; bad records quarantined with file and record index.")
 def request_log(context: dg.AssetExecutionContext, settings: StepMLSettings):
     folder = settings.run_folder(context.partition_key)
     log = read_request_log(folder)
@@ -42,8 +40,20 @@ def request_log(context: dg.AssetExecutionContext, settings: StepMLSettings):
                                   "ground_truth": log.has_ground_truth, "files": dg.MetadataValue.json(files), **log.counts,
                                   "dagster/row_count": log.table.height})
     yield out
-    yield dg.AssetCheckResult(check_name="records_balance", passed=log.records_in == log.table.height + log.quarantine.height,
-                              metadata=log.counts)
+
+
+@dg.asset_check(asset=request_log, description="records in = records kept + records quarantined (runs only where a "
+                                               "request log was materialized).")
+def records_balance(request_log) -> dg.AssetCheckResult:
+    from .io_manager import StoredPartitions
+
+    # a check on a partitioned asset is handed the partition(s) of its run as {partition key: value}
+    parts = dict(request_log.items()) if isinstance(request_log, StoredPartitions) else {"": request_log}
+    counts = {k: {**v["counts"], "rows_stored": v["requests"].height, "quarantine_rows_stored": v["quarantine"].height}
+              for k, v in parts.items()}
+    bad = [k for k, c in counts.items() if c["records_in"] != c["rows_stored"] + c["quarantine_rows_stored"]]
+    return dg.AssetCheckResult(passed=not bad, metadata={"partitions": dg.MetadataValue.json(counts),
+                                                         "unbalanced": dg.MetadataValue.json(bad)})
 
 
 @dg.asset(group_name="replay", description="Step-time models calibrated from request logs alone (BLIS model files): per LLM "
@@ -163,6 +173,7 @@ def _synth_kv_blocks(meta) -> int | None:
 
 
 REQUEST_ASSETS = [request_log]
+REQUEST_CHECKS = [records_balance]
 MODEL_ASSETS = [request_calibration, replay_models]
 REPLAY_ASSETS = [replay]
 REPORT_ASSETS = [replay_fidelity, calibration_fidelity]

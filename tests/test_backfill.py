@@ -7,10 +7,10 @@ import pytest
 
 from ops_helpers import RUN_A, RUN_B, copy_run
 from stepml_dagster import sensors as S
-from stepml_dagster.assets import PARTITIONED_ASSETS, STUDY_ASSETS
+from stepml_dagster.assets import ALL_ASSETS, STEP_ASSETS, STUDY_ASSETS
 from stepml_dagster.cli import main, run_study
 
-PART_KEYS = [k for a in PARTITIONED_ASSETS for k in a.keys]
+PART_KEYS = [k for a in STEP_ASSETS for k in a.keys]  # the real traced runs here have no request logs: no request_log, no replay
 STUDY_KEYS = [k for a in STUDY_ASSETS for k in a.keys]
 
 
@@ -100,10 +100,10 @@ def test_changed_input_marks_downstream_partition_stale(study):
     with open(data / RUN_A / "profile.yaml", "a") as f:
         f.write("# edited after the run\n")
     defs = build_definitions(StepMLSettings(data_dir=str(data), out_dir=str(out)))
-    res = dg.materialize([*PARTITIONED_ASSETS, *STUDY_ASSETS], selection=["raw_traces"], partition_key=RUN_A,
+    res = dg.materialize(ALL_ASSETS, selection=["raw_traces"], partition_key=RUN_A,
                          instance=instance, resources=dict(defs.resources))
     assert res.success
-    resolver = get_stale_status_resolver(instance, [*PARTITIONED_ASSETS, *STUDY_ASSETS])
+    resolver = get_stale_status_resolver(instance, ALL_ASSETS)
     assert resolver.get_status(dg.AssetKey("step_table"), RUN_A) == StaleStatus.STALE
     assert resolver.get_status(dg.AssetKey("step_table"), RUN_B) == StaleStatus.FRESH
     assert resolver.get_status(dg.AssetKey("raw_traces"), RUN_A) == StaleStatus.FRESH

@@ -62,11 +62,39 @@ def test_report_states_data_targets_and_verdicts(real_study):
     md = (out / "report.md").read_text()
     verdict = json.loads((out / "verdict.json").read_text())
     assert "2 real run(s)" in md
+    summary = md[md.index("## Summary"):md.index("## Data")]
     for target in ("schedule_us", "cycle_us"):
         v = verdict["targets"][target]
         assert v["verdict"] in {"supported", "refuted", "inconclusive"} and v["n_experiments"] == 2
-        assert f"| {target} | **{v['verdict']}** |" in md
+        assert f"| `{target}` | **{v['verdict']}** |" in summary
+        if v["verdict"] == "supported":  # the threshold and both comparisons, never the threshold alone
+            assert v["threshold"] == "below" and all(b["outcome"] == "clearly_beats" for b in v["baselines"].values())
+        for b in v["baselines"].values():  # 2 runs: no signed-rank p-value as evidence
+            assert b["wilcoxon_p_one_sided"] is None and "run by run" in b["decided_by"]
+        if not v["threshold_separates"]:
+            assert f"does not separate models on {target}" in summary
+    assert "Wilcoxon p =" not in md and "cannot reach p < 0.05" in summary
+    assert "What a simulator builder should use" in summary and "Nothing transfers to an unseen model" in summary
     assert "published blackbox" in md and "90.76" in md
+
+
+def test_method_checks_on_the_real_runs(real_study):
+    """Stage mix, split schemes, cycle rule counts and the batch N / N−1 comparison are computed on the real runs and reported."""
+    _, out = real_study
+    md = (out / "report.md").read_text()
+    for e in PUBLISHED_BLACKBOX:
+        base = out / "assets" / "method_checks" / e
+        align = pl.read_parquet(base / "alignment.parquet")
+        assert set(align["alignment"]) == {"N", "N-1", "N and N-1"} and align["mape_pct"].null_count() == 0 and (align["n_test"] > 0).all()
+        mix = pl.read_parquet(base / "stage_mix.parquet")
+        temporal_test = mix.filter((pl.col("scheme") == "temporal") & (pl.col("block") == "test"))
+        assert temporal_test["load_stage"].max() == 1  # the test block is the high-rate stage
+        rule = pl.read_parquet(base / "cycle_rule.parquet")
+        steps = pl.read_parquet(out / "assets" / "step_table" / f"{e}.parquet")
+        assert (rule["removed_idle"] + rule["removed_stall"]).max() == steps["cycle_excluded"].is_not_null().sum()
+    for heading in ("### Load stages in each block", "### The H1 models under three splits", "### Cycle rule (`cycle_us`)",
+                    "### Batch N or batch N−1 for `cycle_us`", "### Ridge alpha"):
+        assert heading in md, heading
 
 
 def _count_steps(line: bytes) -> int:

@@ -113,93 +113,104 @@ class EngineCore:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> SimResult:
-        reqs, clock, rec = self.reqs, self.clock, self.recorder
-        n_req = len(reqs)
+        """Step until every request finished (or its client gave up) and the last output was processed."""
+        n_req = len(self.reqs)
         self.arrivals.start(self)
-        N = 0
-        now = reqs[0].api_arrival if n_req else self.arrivals.mono0
-        ts_start_l, dur_l, upd_l = [], [], []
-        self.update_s = upd_l
-        inflight = None  # (step, GPU end s, requests scheduled)
-        g_end_prev = 0.0
-        last_ts = None
-        clock.start(now)
-        prog, next_prog = self.progress, 0
+        now_s = self.reqs[0].api_arrival if n_req else self.arrivals.mono0
+        self.clock.start(now_s)
+        self.ts_start_ns, self.dur_us, self.update_s = [], [], []
+        self._inflight = None  # (step, GPU end s, requests scheduled) of the step whose output is pending
+        self._gpu_end_prev_s = 0.0
+        self._last_ts_ns = None
+        N, next_prog = 0, 0
         while True:
-            self._enqueue_arrivals(now, N)
-            self._apply_client_aborts(now, N)
+            self._enqueue_arrivals(now_s, N)
+            self._apply_client_aborts(now_s, N)
             if not self.running and not self.waiting:
-                if inflight is not None:  # the last step's output: FIRST_TOKEN / FINISHED
-                    s_prev, g_prev, _n = inflight
-                    w = g_prev if g_prev > now else now
-                    upd_l.append(w)
-                    self._update(s_prev, w)
-                    now = clock.idle_after_update(w)
-                    inflight = None
-                    continue
-                nxt = self._next_visible_s()
-                if nxt is None:
+                now_s = self._idle(now_s)
+                if now_s is None:
                     break
-                now = max(now, nxt)
                 continue
-
-            # ---------------------------------------------------------- schedule(N)
             N += 1
-            clock.begin_step(N)
-            ts0 = int(now * 1e9)
-            self._n_pre = 0
-            self._sched_events = []  # (request, event type, kind)
-            self._sched_list = None  # requests with a prompt chunk in this step
-            self._allocate_decode_blocks(N)
-            budget = self.cfg.max_num_batched_tokens - self.n_dec
-            if self.prefillers:
-                budget = self._continue_prefills(N, budget)
-            if self._n_pre == 0 and self.waiting and budget > 0:
-                self._admit_waiting(N, budget)
-            b = self._batch_view(N)
-            d_ns = clock.schedule_ns(b)
-            ts1 = ts0 + d_ns
-            if rec is not None:
-                rec.on_schedule(self, b, ts0, ts1, d_ns, self._sched_events)
-            self.finished_since = 0
-            if last_ts is not None:
-                cyc = (ts0 - last_ts) * 1e-9
-                if cyc > 0:
-                    r_now = self.n_dec / cyc if cyc > 0.002 else self.n_dec / 0.002
-                    self.tok_rate += 0.02 * (r_now - self.tok_rate)
-            last_ts = ts0
-            ts_start_l.append(ts0)
-            dur_l.append(d_ns // 1000)
-            if b.scheduled_tokens == 0:
-                self.counters["empty_steps"] += 1
-            if self._sched_list:
-                self._apply_scheduled(N)
-            # ---------------------------------------------------------- GPU + CPU timing
-            gpu = clock.gpu_s(b, ts0)
-            L = clock.launch_ready_s(ts1, b.num_scheduled)
-            g_start = L if L > g_end_prev else g_end_prev
-            g_end = g_start + gpu
-            if inflight is not None:
-                s_prev, g_prev, n_prev = inflight
-                w = g_prev if g_prev > L else L
-                upd_l.append(w)
-                nfin = self._update(s_prev, w)
-                now = clock.after_update(w, g_end, n_prev, nfin)
-            else:
-                now = clock.first_launch(L, g_end)
-            inflight = (N, g_end, b.num_scheduled)
-            g_end_prev = g_end
-            if prog is not None and self.ai >= next_prog:
-                prog(self.ai / max(1, n_req))
+            b = self._schedule(N, int(now_s * 1e9))
+            now_s = self._finish_step(N, b)
+            if self.progress is not None and self.ai >= next_prog:
+                self.progress(self.ai / max(1, n_req))
                 next_prog = self.ai + max(1, n_req // 50)
-        return SimResult(steps=N, ts_start_ns=ts_start_l, dur_us=dur_l, update_s=upd_l,
-                         sampled=rec.sampled if rec is not None else [], requests=reqs, counters=self.counters,
+        rec = self.recorder
+        return SimResult(steps=N, ts_start_ns=self.ts_start_ns, dur_us=self.dur_us, update_s=self.update_s,
+                         sampled=rec.sampled if rec is not None else [], requests=self.reqs, counters=self.counters,
                          features=rec.features if rec is not None else None,
                          start_abs=getattr(self.arrivals, "start_abs", None))
 
+    def _idle(self, now_s: float) -> float | None:
+        """Nothing running or waiting: process the last step's output, else jump to the next arrival (None: done)."""
+        if self._inflight is not None:  # the last step's output: FIRST_TOKEN / FINISHED
+            s_prev, g_prev_s, _n = self._inflight
+            update_s = g_prev_s if g_prev_s > now_s else now_s
+            self.update_s.append(update_s)
+            self._update(s_prev, update_s)
+            self._inflight = None
+            return self.clock.idle_after_update(update_s)
+        nxt_s = self._next_visible_s()
+        return None if nxt_s is None else max(now_s, nxt_s)
+
+    def _schedule(self, N: int, ts0_ns: int) -> "BatchView":
+        """schedule() of step N starting at ts0_ns: decode blocks, prompt chunks, admissions; the batch is computed."""
+        self.clock.begin_step(N)
+        self._n_pre = 0
+        self._sched_events = []  # (request, event type, kind)
+        self._sched_list = None  # requests with a prompt chunk in this step
+        self._allocate_decode_blocks(N)
+        budget = self.cfg.max_num_batched_tokens - self.n_dec
+        if self.prefillers:
+            budget = self._continue_prefills(N, budget)
+        if self._n_pre == 0 and self.waiting and budget > 0:
+            self._admit_waiting(N, budget)
+        b = self._batch_view(N)
+        window_ns = self.clock.schedule_ns(b)
+        self._ts1_ns = ts0_ns + window_ns
+        if self.recorder is not None:
+            self.recorder.on_schedule(self, b, ts0_ns, self._ts1_ns, window_ns, self._sched_events)
+        self.finished_since = 0
+        if self._last_ts_ns is not None:  # API-server load: EMA of streamed tokens per second
+            cycle_s = (ts0_ns - self._last_ts_ns) * 1e-9
+            if cycle_s > 0:
+                r_now = self.n_dec / cycle_s if cycle_s > 0.002 else self.n_dec / 0.002
+                self.tok_rate += 0.02 * (r_now - self.tok_rate)
+        self._last_ts_ns = ts0_ns
+        self._ts0_ns = ts0_ns
+        self.ts_start_ns.append(ts0_ns)
+        self.dur_us.append(window_ns // 1000)
+        if b.scheduled_tokens == 0:
+            self.counters["empty_steps"] += 1
+        if self._sched_list:
+            self._apply_scheduled(N)
+        return b
+
+    def _finish_step(self, N: int, b: "BatchView") -> float:
+        """Step N on the GPU after the previous one; step N−1's output is processed meanwhile. Returns when
+        schedule(N+1) starts (s)."""
+        clock = self.clock
+        gpu_s = clock.gpu_s(b, self._ts0_ns)
+        launch_s = clock.launch_ready_s(self._ts1_ns, b.num_scheduled)
+        gpu_start_s = launch_s if launch_s > self._gpu_end_prev_s else self._gpu_end_prev_s
+        gpu_end_s = gpu_start_s + gpu_s
+        if self._inflight is not None:
+            s_prev, g_prev_s, n_prev = self._inflight
+            update_s = g_prev_s if g_prev_s > launch_s else launch_s
+            self.update_s.append(update_s)
+            nfin = self._update(s_prev, update_s)
+            now_s = clock.after_update(update_s, gpu_end_s, n_prev, nfin)
+        else:
+            now_s = clock.first_launch(launch_s, gpu_end_s)
+        self._inflight = (N, gpu_end_s, b.num_scheduled)
+        self._gpu_end_prev_s = gpu_end_s
+        return now_s
+
     # ------------------------------------------------------------------ phases: inputs
-    def _enqueue_arrivals(self, now: float, N: int) -> None:
-        """Requests visible to the engine by `now` enter WAITING in arrival order."""
+    def _enqueue_arrivals(self, now_s: float, N: int) -> None:
+        """Requests visible to the engine by `now_s` enter WAITING in arrival order."""
         reqs, n_req, arrivals = self.reqs, len(self.reqs), self.arrivals
         while self.ai < n_req:
             R = reqs[self.ai]
@@ -209,9 +220,9 @@ class EngineCore:
                 v = R.api_arrival + arrivals.ingress_s(R, self.tok_rate)
                 R.visible = v if v > self.last_visible else self.last_visible + 1e-6
                 self.last_visible = R.visible
-            if R.visible > now:
+            if R.visible > now_s:
                 break
-            R.events.append((EV_QUEUED, N, int(now * 1e9), 0, 0, 0, 0, None))
+            R.events.append((EV_QUEUED, N, int(now_s * 1e9), 0, 0, 0, 0, None))
             self.waiting.append(R)
             self.ai += 1
 
@@ -226,13 +237,13 @@ class EngineCore:
             return R.visible
         return None
 
-    def _apply_client_aborts(self, now: float, N: int) -> None:
-        """Client timeouts that reached the engine by `now`: the request is freed and FINISHED(aborted)."""
+    def _apply_client_aborts(self, now_s: float, N: int) -> None:
+        """Client timeouts that reached the engine by `now_s`: the request is freed and FINISHED(aborted)."""
         heap, reqs = self.abort_heap, self.reqs
-        while heap and heap[0][0] <= now:
+        while heap and heap[0][0] <= now_s:
             R = reqs[heapq.heappop(heap)[1]]
             st = R.state
-            if st == DONE or R.visible == 0.0 or R.visible > now:
+            if st == DONE or R.visible == 0.0 or R.visible > now_s:
                 continue
             self.counters["aborts"] += 1
             if st == WAITING:
@@ -253,14 +264,14 @@ class EngineCore:
                 self.pool.free(R)
             R.state = DONE
             R.fver += 1
-            ns = int(now * 1e9) + 1000
+            ns = int(now_s * 1e9) + 1000
             R.events.append((EV_FINISHED, N, ns, 0 if R.out_base == 0 else 1, R.prefill_hw, R.out_base, R.npre, "aborted"))
             R.finish_status = "aborted"
             R.finish_step = N
             R.finish_ns = ns
             self.finished_since += 1
             self.n_done += 1
-            self.arrivals.on_done(self, R, now)
+            self.arrivals.on_done(self, R, now_s)
 
     # ------------------------------------------------------------------ phases: schedule()
     def _allocate_decode_blocks(self, N: int) -> None:
@@ -488,10 +499,10 @@ class EngineCore:
         V.fver += 1
         self.waiting.appendleft(V)
 
-    def _update(self, s: int, w: float) -> int:
-        """update_from_output(s) at time w: FIRST_TOKEN and FINISHED of step s; returns requests finished."""
+    def _update(self, s: int, update_s: float) -> int:
+        """update_from_output(s) at update_s: FIRST_TOKEN and FINISHED of step s; returns requests finished."""
         nfin = 0
-        base_ns = int(w * 1e9)
+        base_ns = int(update_s * 1e9)
         j = 0
         lst = self.pf_done.pop(s, None)
         if lst:
@@ -521,7 +532,7 @@ class EngineCore:
                 R.finish_step = s
                 R.finish_ns = ns
                 nfin += 1
-                self.arrivals.on_done(self, R, w)
+                self.arrivals.on_done(self, R, update_s)
         self.finished_since += nfin
         self.n_done += nfin
         return nfin
