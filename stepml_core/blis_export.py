@@ -8,8 +8,10 @@ BLIS (inference-sim) reads a StepML model file with ``--stepml-model FILE``
 :func:`check_blis_doc` refuses one before a file is written, and :data:`BLIS_MODEL_SCHEMA` (JSON
 Schema, written from that page) is what every exported file validates against.
 
-What is exported per LLM model (:func:`choose_exports`): the step model the study recommends
-(``recommended`` in replay.csv, the most often recommended over the model's runs). A model calibrated
+What is exported per LLM model (:func:`choose_exports`): the step model the study recommends to a
+simulator builder for a run it has not seen (``replay_fidelity``'s ``recommended_per_llm``: the lowest
+mean of (|E2E| + |TTFT|)/2 over its out-of-sample rows on non-saturated scored runs; without it, the
+step model most often ``recommended`` in replay.csv). A model calibrated
 from request logs (``requests_*``) is shipped as ``requests_all``: the same recipe calibrated on every
 run of the LLM model with ground truth. A step-trained BLIS-form model (``blackbox_2f``) is shipped
 as fitted. A recommended model BLIS cannot express (trees, or linear models over StepML's 30
@@ -144,18 +146,21 @@ def _mean_abs(x) -> float:
     return sum(v) / len(v) if v else float("nan")
 
 
-def choose_exports(replay_rows: pl.DataFrame, specs: list[dict], shipped: dict[str, dict], llm_of: dict[str, str]) -> dict[str, dict]:
-    """Per LLM model: {'doc', 'step_model', 'recommended', 'fitted_on', 'kind', 'note', 'fidelity_cost'}.
+def choose_exports(replay_rows: pl.DataFrame, specs: list[dict], shipped: dict[str, dict], llm_of: dict[str, str],
+                   per_llm: dict[str, str] | None = None) -> dict[str, dict]:
+    """Per LLM model: {'doc', 'step_model', 'recommended', 'fitted_on', 'kind', 'note', 'fidelity_cost_pct_points', 'errors'}.
 
     ``replay_rows``: replay.csv; ``specs``: the replay_models specs; ``shipped``: requests_all specs per LLM
-    model; ``llm_of``: run → LLM model."""
+    model; ``llm_of``: run → LLM model; ``per_llm``: LLM model → the study's recommended step model."""
     rows = replay_rows.with_columns(pl.col("experiment_id").replace_strict(llm_of, default=None).alias("llm_model"))
     out = {}
     for llm in sorted({m for m in llm_of.values() if m}):
         r = rows.filter(pl.col("llm_model") == llm)
-        rec = r.filter(pl.col("recommended")).select("experiment_id", "step_model").unique()
-        counts = rec.group_by("step_model").len().sort(["len", "step_model"], descending=[True, False])
-        recommended = counts["step_model"][0] if counts.height else None
+        recommended = (per_llm or {}).get(llm)
+        if recommended is None:
+            rec = r.filter(pl.col("recommended")).select("experiment_id", "step_model").unique()
+            counts = rec.group_by("step_model").len().sort(["len", "step_model"], descending=[True, False])
+            recommended = counts["step_model"][0] if counts.height else None
         err = _errors(r)
         exportable = _exportable(llm, specs, shipped)
         if not exportable:
@@ -180,8 +185,13 @@ def choose_exports(replay_rows: pl.DataFrame, specs: list[dict], shipped: dict[s
 
 
 def _errors(r: pl.DataFrame) -> dict[str, dict]:
-    """Per step model: mean |E2E mean err| and |TTFT mean err| (%) over its out-of-sample scored rows."""
-    o = r.filter((pl.col("sample") == "out_of_sample") & pl.col("rel_err_pct").is_not_null())
+    """Per step model: mean |E2E mean err| and |TTFT mean err| (%) over its out-of-sample rows on non-saturated
+    scored runs (the recommendation's criterion)."""
+    from .replay_report import SATURATED_TTFT_S
+
+    # saturated (replay.csv alone): an observed mean TTFT above SATURATED_TTFT_S (a queue of minutes)
+    sat = set(r.filter((pl.col("metric") == "ttft_mean") & (pl.col("observed") > SATURATED_TTFT_S))["experiment_id"])
+    o = r.filter((pl.col("sample") == "out_of_sample") & pl.col("rel_err_pct").is_not_null() & ~pl.col("experiment_id").is_in(sorted(sat)))
     out = {}
     for m in sorted(set(o["step_model"])):
         x = o.filter(pl.col("step_model") == m)

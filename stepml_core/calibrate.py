@@ -52,6 +52,7 @@ from .sim.step_models import LinearStepTime
 
 SATURATED_TTFT_S = 5.0  # same rule as replay_report: a run whose clients saw failures or a mean TTFT above this
 PREFILL_COMPUTE_EFFICIENCY = 0.5  # assumed fraction of dense bf16 peak a prompt chunk's GEMMs reach (β_pf prior)
+SATURATED_RUN_WEIGHT = 0.1  # stage 1: a saturated calibration run's weight relative to a non-saturated one
 KV_OVER_CAPACITY = 0.95  # stage 1 skips decode windows where the timeline's KV demand exceeds this share of the pool
 GRID_S = 0.005  # time grid of the timeline integrals
 REFINE_METRICS = ("ttft_mean", "ttft_p50", "ttft_p90", "e2e_mean", "e2e_p50", "e2e_p90", "e2e_p99")
@@ -280,17 +281,24 @@ class ClosedForm:
     bounds_active: tuple  # parameters that sit on a physics bound
 
 
-def fit_closed_form(timelines: list[Timelines], prior: ArchPrior, *, weights: list[np.ndarray] | None = None) -> ClosedForm:
+def fit_closed_form(timelines: list[Timelines], prior: ArchPrior, *, weights: list[np.ndarray] | None = None,
+                    saturated_weight: float | None = None) -> ClosedForm:
     """Stage 1: bounded least squares of the observed decode cycles on the window-averaged batch composition.
 
     c_i = β0 + β_dec·n̄_i + β_kv·kv̄_i + (β_npf + β_pf·m)·p_i with p_i = prompts started per step in the
     window; β_pf = the compute prior (cache-miss tokens m are few: the runs' prompts repeat), β_kv ≥ the
-    KV-read floor, all ≥ 0. Residuals are relative (÷ c_i) and each run weighs the same. ``weights``
-    (per run, per request; bootstrap counts) multiply the request weights. Then α0 = mean over the
+    KV-read floor, all ≥ 0. Residuals are relative (÷ c_i) and each non-saturated run weighs the same; a
+    saturated run weighs ``saturated_weight`` (SATURATED_RUN_WEIGHT) of one when non-saturated runs are there:
+    at ~700 tokens of context per sequence the non-saturated runs cannot tell a per-sequence cost from a
+    per-context-token cost (they move together), a long-context saturated run can — with a small weight it
+    settles that split and cannot bend what the non-saturated runs do determine. ``weights`` (per run, per
+    request; bootstrap counts) multiply the request weights. Then α0 = mean over the
     non-saturated runs of the median of TTFT − 1.5·ĉ(arrival) − β_npf (half a cycle's wait, the prompt's step)."""
     from scipy.optimize import lsq_linear
 
     X, y, wt, used = [], [], [], {}
+    sw = SATURATED_RUN_WEIGHT if saturated_weight is None else saturated_weight
+    mixed = any(tl.saturated for tl in timelines) and not all(tl.saturated for tl in timelines)
     for k, tl in enumerate(timelines):
         m = np.isfinite(tl.cycle_us) & (tl.kv_over <= 0.05) & np.isfinite(tl.dec_mean)
         cw = weights[k][m] if weights is not None else np.ones(int(m.sum()))
@@ -303,7 +311,7 @@ def fit_closed_form(timelines: list[Timelines], prior: ArchPrior, *, weights: li
         c = tl.cycle_us[m_idx]
         X.append(np.column_stack([np.ones(m_idx.size), tl.dec_mean[m_idx], tl.kv_mean[m_idx], tl.prefills_per_step[m_idx]]))
         y.append(c)
-        wt.append(np.sqrt(cw / cw.sum()) / c)
+        wt.append(np.sqrt(cw / cw.sum() * (sw if (mixed and tl.saturated) else 1.0)) / c)
     if not X:
         raise CalibrationError("no usable decode windows in the calibration runs (successful requests with ≥ 2 tokens)")
     X, y, wt = np.vstack(X), np.concatenate(y), np.concatenate(wt)

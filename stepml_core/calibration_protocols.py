@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .calibrate import (PARAM_NAMES, ArchPrior, Calibration, CalibrationRun, StepParams, arch_prior, calibrate)
+from .calibrate import (PARAM_NAMES, ArchPrior, Calibration, CalibrationError, CalibrationRun, StepParams, arch_prior,
+                        calibrate)
 
 PROTOCOLS = ("roles", "lowo", "lomo")
 STEP_MODEL_OF = {"roles": "requests_roles", "lowo": "requests_lowo", "lomo": "requests_lomo", "all": "requests_all"}
@@ -134,18 +135,22 @@ def check_folds(folds: list[Fold], runs: list[RunInfo]) -> None:
 
 # ---------------------------------------------------------------------------- running the calibrations
 
-def _calibrate_job(args) -> tuple[tuple, Calibration, float]:
+def _calibrate_job(args) -> tuple[tuple, Calibration | str, float]:
+    """(key, the calibration or why it could not be made, seconds)."""
     key, runs, seed, kw = args
     t = time.perf_counter()
-    cal = calibrate(runs, seed=seed, **kw)
+    try:
+        cal = calibrate(runs, seed=seed, **kw)
+    except CalibrationError as e:
+        cal = str(e)
     return key, cal, time.perf_counter() - t
 
 
 def run_calibrations(folds: list[Fold], load: Callable[[str], CalibrationRun], *, seed: int = 0, workers: int = 1,
-                     progress: Callable[[int, int, str], None] | None = None, **calibrate_kw) -> dict[tuple, Calibration]:
+                     progress: Callable[[int, int, str], None] | None = None, **calibrate_kw) -> dict[tuple, Calibration | str]:
     """One calibration per distinct (LLM model, calibration runs) among the folds; ``load(run id)`` is called for
     calibration runs only (the runs a fold predicts are never loaded here). ``workers`` > 1: calibrations in that
-    many processes (the simulator is pure Python)."""
+    many processes (the simulator is pure Python). A calibration that cannot be made maps to the reason (str)."""
     jobs: dict[tuple, tuple[str, ...]] = {}
     for f in folds:
         if f.calibrate_on:
@@ -176,7 +181,8 @@ def run_calibrations(folds: list[Fold], load: Callable[[str], CalibrationRun], *
             out[key] = cal
             done += 1
             if progress:
-                progress(done, len(args), f"{key[0]} on {len(key[1])} run(s): {secs:.1f} s")
+                progress(done, len(args), f"{key[0]} on {len(key[1])} run(s): {secs:.1f} s"
+                         + (f" (not calibrated: {cal})" if isinstance(cal, str) else ""))
     return out
 
 
@@ -360,6 +366,8 @@ def study_calibration(runs: list[RunInfo], load: Callable[[str], CalibrationRun]
         todo.append(k)
     fresh = run_calibrations([f for f in folds if f.key in set(todo)], load_once, seed=seed, workers=workers,
                              progress=progress, **calibrate_kw) if todo else {}
+    failed = {f"{k[0]}: {', '.join(k[1])}": v for k, v in fresh.items() if isinstance(v, str)}
+    fresh = {k: v for k, v in fresh.items() if not isinstance(v, str)}
     if cache is not None:
         for k, cal in fresh.items():
             cache.put(ckeys[k], cal)
@@ -368,7 +376,7 @@ def study_calibration(runs: list[RunInfo], load: Callable[[str], CalibrationRun]
     specs, shipped = fold_specs(folds, cals, runs)
     return {"specs": specs, "shipped": shipped, "folds": [asdict(f) | {"name": f.name} for f in folds],
             "calibrations": [{"llm_model": k[0], "calibrate_on": list(k[1]), **cals[k].summary()} for k in sorted(cals)],
-            "seconds": round(time.perf_counter() - t0, 3), "reused": len(cached), "computed": len(fresh)}
+            "seconds": round(time.perf_counter() - t0, 3), "reused": len(cached), "computed": len(fresh), "failed": failed}
 
 
 def run_info(experiment_id: str, meta, table, header: dict, has_ground_truth: bool) -> RunInfo:

@@ -74,6 +74,7 @@ def calibration_fidelity(cal: dict, fid: dict, steps: dict[str, pl.DataFrame], l
     rows = fid.get("replay") if fid.get("replay") is not None else pl.DataFrame()
     runs = fid.get("runs") if fid.get("runs") is not None else pl.DataFrame()
     ivs = fid.get("intervals") if fid.get("intervals") is not None else pl.DataFrame()
+    steps = {e: st for e, st in steps.items() if st.height and "cycle_us" in st.columns and st["cycle_us"].drop_nulls().len() >= 2}
     params = _params_table(specs, shipped)
     mape = _mape_table(specs, shipped, steps, llm_of)
     errors = _protocol_errors(rows, runs, ivs, fid.get("blis4a"))

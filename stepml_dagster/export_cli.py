@@ -44,15 +44,21 @@ def _load_study(study: Path):
         shipped = dict(cal["shipped"])
     except FileNotFoundError:
         shipped = {}
+    try:
+        fid = read_object(study / "assets" / "replay_fidelity" / "__all__")
+        per = fid["recommended_per_llm"] if "recommended_per_llm" in fid else None
+        per_llm = dict(zip(per["llm_model"].to_list(), per["step_model"].to_list())) if per is not None and per.height else None
+    except FileNotFoundError:
+        per_llm = None
     llm_of = {e: parse_run_id(e).model for e in set(rows["experiment_id"].to_list())}
-    return rows, list(specs), shipped, llm_of
+    return rows, list(specs), shipped, llm_of, per_llm
 
 
 def run(a: argparse.Namespace) -> int:
     from stepml_core.blis_export import ExportError, choose_exports, write_exports
 
-    rows, specs, shipped, llm_of = _load_study(Path(a.study))
-    chosen = choose_exports(rows, specs, shipped, llm_of)
+    rows, specs, shipped, llm_of, per_llm = _load_study(Path(a.study))
+    chosen = choose_exports(rows, specs, shipped, llm_of, per_llm)
     if not chosen:
         raise SystemExit(f"stepml export: no exportable model in {a.study}")
     if a.format == "blis":

@@ -60,8 +60,14 @@ def records_balance(request_log) -> dg.AssetCheckResult:
                                             "model on its train runs (requests_roles), leaving one workload out (requests_lowo), "
                                             "leaving one model out (requests_lomo), and on all runs (requests_all, for export).")
 def request_calibration(context: dg.AssetExecutionContext, settings: StepMLSettings, request_log) -> dict:
-    present = sorted(e for e in request_log if (settings.data_root() / e).is_dir())
-    metas = {e: read_run_metadata(settings.run_folder(e), data_root=settings.data_root()) for e in present}
+    metas, skipped = {}, {}
+    for e in sorted(e for e in request_log if (settings.data_root() / e).is_dir()):
+        try:  # a run whose metadata cannot be read is left out (its own partitions say why), the others calibrate
+            metas[e] = read_run_metadata(settings.run_folder(e), data_root=settings.data_root())
+        except (ValueError, KeyError, OSError) as err:
+            skipped[e] = str(err)
+            context.log.warning(f"{e}: not used for calibration: {err}")
+    present = sorted(metas)
     logs = {e: request_log[e] for e in present}
     infos = [cp.run_info(e, metas[e], logs[e]["requests"], logs[e]["header"], logs[e]["has_ground_truth"]) for e in present]
 
@@ -74,7 +80,9 @@ def request_calibration(context: dg.AssetExecutionContext, settings: StepMLSetti
     out = cp.study_calibration(infos, load, seed=settings.seed, workers=settings.fit_threads,
                                cache=cp.CalibrationCache(settings.out_dir_path() / "cache" / "request_calibration"),
                                progress=lambda i, n, what: context.log.info(f"calibration {i}/{n}: {what}"))
+    out["skipped_runs"] = skipped
     context.add_output_metadata({"specs": len(out["specs"]), "calibrations": len(out["calibrations"]),
+                                 "skipped_runs": dg.MetadataValue.json(skipped), "failed": dg.MetadataValue.json(out["failed"]),
                                  "reused": out["reused"], "computed": out["computed"], "seconds": out["seconds"],
                                  "folds": dg.MetadataValue.json([{k: f[k] for k in ("name", "llm_model", "calibrate_on", "for_runs")}
                                                                  for f in out["folds"]])})

@@ -205,3 +205,33 @@ def test_export_refuses_unknown_feature_names(tmp_path):
     with pytest.raises(ExportError, match="kv_len"):
         write_exports(bad, tmp_path, source="test")
     assert not (tmp_path / "m.json").exists()
+
+
+def test_stepml_export_command_on_a_study_folder(tmp_path, capsys):
+    """`stepml export --format blis --study OUT --out DIR` reads a `stepml run` output folder (replay.csv, stored
+    assets) and writes DIR/<model_short>.json that BLIS reads; `--format stepml` writes StepML's own JSON."""
+    from stepml_dagster.cli import main
+    from stepml_dagster.io_manager import write_object
+
+    study = tmp_path / "out"
+    e1, e2 = "20260101-000000-llama-2-7b-tp1-codegen", "20260101-010000-llama-2-7b-tp1-general"
+    rows = _rows({e1: {"requests_lowo": (1.0, 5.0, "out_of_sample"), "physics": (0.5, 1.0, "in_sample")},
+                  e2: {"requests_lowo": (-2.0, 4.0, "out_of_sample")}}, {e1: "requests_lowo", e2: "requests_lowo"})
+    study.mkdir()
+    rows.write_csv(study / "replay.csv")
+    specs = [{**s, "llm_model": "llama-2-7b"} for s in SPECS]
+    write_object(study / "assets" / "replay_models" / "__all__", specs)
+    write_object(study / "assets" / "request_calibration" / "__all__",
+                 {"specs": [], "shipped": {"llama-2-7b": {**SHIPPED["m"], "llm_model": "llama-2-7b"}}})
+    write_object(study / "assets" / "replay_fidelity" / "__all__",
+                 {"recommended_per_llm": pl.DataFrame({"llm_model": ["llama-2-7b"], "step_model": ["requests_lowo"]}),
+                  "replay": rows})
+    assert main(["export", "--format", "blis", "--study", str(study), "--out", str(tmp_path / "blis")]) == 0
+    doc = json.loads((tmp_path / "blis" / "llama-2-7b.json").read_text())
+    validate_schema(doc)
+    assert doc == DOCS[0]
+    assert "llama-2-7b: requests_all (recommended: requests_lowo" in capsys.readouterr().out
+    assert main(["export", "--format", "stepml", "--study", str(study), "--out", str(tmp_path / "sm")]) == 0
+    assert json.loads((tmp_path / "sm" / "llama-2-7b.json").read_text())["name"] == "requests_all"
+    with pytest.raises(SystemExit, match="replay.csv"):
+        main(["export", "--study", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])

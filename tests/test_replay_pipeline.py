@@ -59,7 +59,10 @@ def test_request_only_runs_are_replayed_and_reported(study):
     assert res["study_ok"] and not res["failed"], res
     rows = pl.read_csv(out / "replay.csv")
     assert rows.columns == COLUMNS
-    assert set(rows["experiment_id"]) == {RUN, RUN_NO_GT} and set(rows["step_model"]) == {"physics"}
+    assert set(rows["experiment_id"]) == {RUN, RUN_NO_GT} and set(rows["step_model"]) == {"physics", "requests_lowo"}
+    # the run without ground truth is predicted by a model calibrated on the other workload's request log only
+    lowo = rows.filter(pl.col("step_model") == "requests_lowo")
+    assert set(lowo["experiment_id"]) == {RUN_NO_GT} and set(lowo["fitted_on"]) == {RUN} and set(lowo["sample"]) == {"out_of_sample"}
     assert set(rows["metric"]) == {"ttft_mean", "ttft_p50", "ttft_p90", "ttft_p99", "e2e_mean", "e2e_p50", "e2e_p90",
                                    "e2e_p99", "decode_interval_mean", "throughput_rps", "successes"}
     scored = rows.filter(pl.col("experiment_id") == RUN)
