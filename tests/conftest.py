@@ -26,3 +26,11 @@ def _isolated_dagster_home(tmp_path_factory):
         os.environ.pop("DAGSTER_HOME", None)
     else:
         os.environ["DAGSTER_HOME"] = old
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the real runs (the real_experiments fixture) carries the `real` marker:
+    `pytest -m real` lists them, `pytest -m "not real"` leaves them out."""
+    for item in items:
+        if "real_experiments" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real)
