@@ -33,8 +33,6 @@ def _run_config(verbose: bool = False) -> dict:
     return {"loggers": {"console": {"config": {"log_level": "WARNING" if verbose else "CRITICAL"}}}}
 
 
-QUIET_LOGS = _run_config(False)
-
 
 def run_error(res) -> str | None:
     """The user's error of a failed in-process run, one line: the innermost cause of its first step failure."""
