@@ -19,10 +19,13 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 def run_files(folder: Path) -> list[Path]:
     """The input files of a run folder that StepML reads (traces and metadata)."""
     folder = Path(folder)
-    names = ["traces.json", "traces.json.gz", "exp-config.yaml", "profile.yaml", "provenance.json"]
+    names = ["traces.json", "traces.json.gz", "exp-config.yaml", "profile.yaml", "provenance.json",
+             "requests.json", "requests.json.gz", "ground_truth.json", "ground_truth.json.gz"]
     files = [folder / n for n in names if (folder / n).is_file()]
     if (folder / "results").is_dir():
         files += sorted(p for p in (folder / "results").glob("*_lifecycle_metrics.json") if p.is_file())
+        if (folder / "results" / "config.yaml").is_file():
+            files.append(folder / "results" / "config.yaml")
     return files
 
 

@@ -238,8 +238,10 @@ def discover_run_folders(data_root: Path) -> tuple[list[Path], list[tuple[Path, 
 
     Accepts either a root whose children are run folders or a root with an
     ``experiments/`` sub-folder. Rejected: names that are not run ids, symlinks out of the
-    root, folders without a trace file.
+    root, folders with neither a trace file nor a request log.
     """
+    from .request_log import has_request_log
+
     root = resolve_data_root(data_root)
     good, bad = [], []
     if not root.is_dir():
@@ -253,8 +255,9 @@ def discover_run_folders(data_root: Path) -> tuple[list[Path], list[tuple[Path, 
         except (RunIdError, RunMetadataError) as e:
             bad.append((p, str(e)))
             continue
-        if find_trace_file(p) is None:
-            bad.append((p, f"{p}: no traces.json or traces.json.gz"))
+        if find_trace_file(p) is None and not has_request_log(p):
+            bad.append((p, f"{p}: no traces.json[.gz] and no request log (requests.json[.gz] or "
+                           "results/per_request_lifecycle_metrics.json)"))
             continue
         good.append(p)
     return good, bad

@@ -5,6 +5,7 @@
   stepml backfill [--data DIR] [--out DIR] (--experiment ID ... | --all)
                                           re-materialize those partitions, then the study assets
   stepml ui    [--data DIR] [--out DIR] [--port N]  Dagster UI + daemon on the study's instance
+  stepml real-data [--shared DIR] [--out DIR]       assemble the 16 real runs from ../shared into run folders
 
 Library code raises StepMLError (stepml_core.errors) and never exits; main() alone maps outcomes to
 exit codes: 0 done; 1 the study ran but a run or the study failed; 2 refused before anything ran
@@ -22,7 +23,7 @@ from pathlib import Path
 from stepml_core.errors import NoUsableRunsError, StepMLError, UsageError
 from stepml_core.paths import DEFAULT_EXPERIMENTS_DIR, PROJECT_ROOT
 from stepml_core.progress import make_progress
-from stepml_core.runs import RUN_FOLDER_CONTENTS
+from stepml_core.runs import RUN_FOLDER_CONTENTS, find_trace_file
 
 
 PARTITIONS_PER_WORKER = 4  # `stepml run --workers N`: partitions a worker process runs before it is replaced
@@ -31,7 +32,6 @@ PARTITIONS_PER_WORKER = 4  # `stepml run --workers N`: partitions a worker proce
 def _run_config(verbose: bool = False) -> dict:
     """Dagster's console log: its step-failure tracebacks with --verbose only (errors are one line otherwise)."""
     return {"loggers": {"console": {"config": {"log_level": "WARNING" if verbose else "CRITICAL"}}}}
-
 
 
 def run_error(res) -> str | None:
@@ -60,11 +60,11 @@ def _stepml_error_names() -> set[str]:
     return names
 
 
-def _materialize_partition(defs, instance, key: str, selection: list | None = None,
+def _materialize_partition(defs, instance, key: str, selection: list | None = None, job: str = "experiment_job",
                            verbose: bool = False) -> tuple[str, bool, float, str | None]:
     t = time.perf_counter()
-    res = defs.resolve_job_def("experiment_job").execute_in_process(partition_key=key, instance=instance, raise_on_error=False,
-                                                                    run_config=_run_config(verbose), asset_selection=selection)
+    res = defs.resolve_job_def(job).execute_in_process(partition_key=key, instance=instance, raise_on_error=False,
+                                                       run_config=_run_config(verbose), asset_selection=selection)
     return key, res.success, time.perf_counter() - t, run_error(res)
 
 
@@ -72,8 +72,8 @@ def _partition_worker_args(args: tuple):
     return _partition_worker(*args)
 
 
-def _partition_worker(data_dir: str, out_dir: str, seed: int, key: str, verbose: bool = False):
-    """One experiment partition in a worker process (same DAGSTER_HOME instance, in-process executor)."""
+def _partition_worker(data_dir: str, out_dir: str, seed: int, key: str, job: str = "experiment_job", verbose: bool = False):
+    """One partition of a partitioned job in a worker process (same DAGSTER_HOME instance, in-process executor)."""
     import dagster as dg
 
     from .definitions import build_definitions
@@ -81,9 +81,50 @@ def _partition_worker(data_dir: str, out_dir: str, seed: int, key: str, verbose:
 
     defs = build_definitions(StepMLSettings(data_dir=data_dir, out_dir=out_dir, seed=seed))
     try:
-        return _materialize_partition(defs, dg.DagsterInstance.get(), key, verbose=verbose)
+        return _materialize_partition(defs, dg.DagsterInstance.get(), key, job=job, verbose=verbose)
     finally:
         release_freed_memory()
+
+
+def _run_partitions(defs, instance, settings, keys: list[str], job: str, workers: int, *, label: str, quiet: bool = False,
+                    verbose: bool = False, prefit_last: bool = False):
+    """Materialize a partitioned job for each key (in `workers` processes when > 1); returns (failed keys, errors).
+    Progress: a bar on a terminal, one line per partition otherwise; a failure is one line with its error."""
+    import io
+
+    failed, errors = [], {}
+    with make_progress(len(keys), label, stream=io.StringIO() if quiet else None) as progress:
+        def finished(key: str, ok: bool, secs: float, err: str | None) -> None:
+            if ok:
+                progress.advance(f"{key}: ok ({secs:.1f} s)")
+                return
+            failed.append(key)
+            errors[key] = err
+            progress.advance(f"{key}: FAILED ({secs:.1f} s): {err}", persist=True)
+
+        if workers == 1 or len(keys) < 2:
+            for i, key in enumerate(keys, 1):
+                if prefit_last and i == len(keys) and find_trace_file(Path(settings.data_dir) / key):
+                    # fit the study's pooled folds while its models and scores run
+                    key, ok, secs, err = _materialize_with_prefit(defs, instance, key, settings, verbose)
+                else:
+                    key, ok, secs, err = _materialize_partition(defs, instance, key, job=job, verbose=verbose)
+                release_freed_memory()
+                finished(key, ok, secs, err)
+            return failed, errors
+        import multiprocessing as mp
+
+        # a fresh worker every PARTITIONS_PER_WORKER partitions: a long-lived worker's RSS creeps up (allocators keep
+        # freed pages: 4 GB after 24 partitions at 3x the study, 1.4-2.7 GB over its first six), which sets the peak at
+        # scale. multiprocessing.Pool(maxtasksperchild): ProcessPoolExecutor(max_tasks_per_child) hangs on 3.11 once
+        # its first workers have exited.
+        args = [(settings.data_dir, settings.out_dir, settings.seed, key, job, verbose) for key in keys]
+        with mp.get_context("spawn").Pool(min(workers, len(keys)), maxtasksperchild=PARTITIONS_PER_WORKER) as pool:
+            for key, ok, secs, err in pool.imap_unordered(_partition_worker_args, args):
+                finished(key, ok, secs, err)
+            pool.close()
+            pool.join()  # workers gone (and their memory back) before the next phase starts
+    return failed, errors
 
 
 FEATURE_ASSETS = ["raw_traces", "step_table", "quarantine", "request_context", "feature_matrix", "split"]  # what pooled folds read
@@ -98,12 +139,12 @@ def _materialize_with_prefit(defs, instance, key: str, settings, verbose: bool =
     part = defs.resolve_job_def("experiment_job")
     first = [k for k in part.asset_layer.executable_asset_keys if k.to_user_string() in FEATURE_ASSETS]
     rest = [k for k in part.asset_layer.executable_asset_keys if k.to_user_string() not in FEATURE_ASSETS]
-    key, ok, secs1, err = _materialize_partition(defs, instance, key, first, verbose)
+    key, ok, secs1, err = _materialize_partition(defs, instance, key, first, verbose=verbose)
     if not ok:
         return key, ok, secs1, err
     prefit = threading.Thread(target=prefit_pooled_folds, args=(settings, instance.get_dynamic_partitions("experiment")), daemon=True)
     prefit.start()
-    key, ok, secs2, err = _materialize_partition(defs, instance, key, rest, verbose)
+    key, ok, secs2, err = _materialize_partition(defs, instance, key, rest, verbose=verbose)
     prefit.join()
     return key, ok, secs1 + secs2, err
 
@@ -164,8 +205,6 @@ def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, see
     The instance is the study's own (<out_dir>/dagster_home unless DAGSTER_HOME is set, see instance.py),
     its partitions exactly the run folders of data_dir.
     """
-    import io
-
     import dagster as dg
 
     from stepml_core.runs import discover_run_folders, resolve_data_root, run_folder_problems
@@ -211,46 +250,35 @@ def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, see
         defs = build_definitions(settings)
         t0 = time.perf_counter()
         workers = max(1, min(workers or 1, len(todo)))
-        with make_progress(len(todo), "runs", stream=io.StringIO() if quiet else None) as progress:
-            def finished(key: str, ok: bool, secs: float, err: str | None) -> None:
-                if ok:
-                    progress.advance(f"{key}: ok ({secs:.1f} s)")
-                    return
-                failed.append(key)
-                errors[key] = err
-                progress.advance(f"{key}: FAILED ({secs:.1f} s): {err}", persist=True)
-
-            if workers == 1:
-                for i, key in enumerate(todo, 1):
-                    if i == len(todo):  # the last one: fit the study's pooled folds while its models and scores run
-                        key, ok, secs, err = _materialize_with_prefit(defs, instance, key, settings, verbose)
-                    else:
-                        key, ok, secs, err = _materialize_partition(defs, instance, key, verbose=verbose)
-                    release_freed_memory()
-                    finished(key, ok, secs, err)
-            else:  # independent partitions in parallel processes, each in-process Dagster on the same instance
-                import multiprocessing as mp
-
-                # a fresh worker every PARTITIONS_PER_WORKER partitions: a long-lived worker's RSS creeps up (allocators keep
-                # freed pages: 4 GB after 24 partitions at 3x the study, 1.4-2.7 GB over its first six), which sets the peak at
-                # scale. multiprocessing.Pool(maxtasksperchild): ProcessPoolExecutor(max_tasks_per_child) hangs on 3.11 once
-                # its first workers have exited.
-                args = [(settings.data_dir, settings.out_dir, seed, key, verbose) for key in todo]
-                with mp.get_context("spawn").Pool(workers, maxtasksperchild=PARTITIONS_PER_WORKER) as pool:
-                    for key, ok, secs, err in pool.imap_unordered(_partition_worker_args, args):
-                        finished(key, ok, secs, err)
-                    pool.close()
-                    pool.join()  # workers gone (and their memory back) before the study phase starts
+        f, e = _run_partitions(defs, instance, settings, todo, "experiment_job", workers, label="runs", quiet=quiet,
+                               verbose=verbose, prefit_last=True)
+        failed += f
+        errors.update(e)
         if len(failed) == len(keys):
             raise NoUsableRunsError(f"no usable run in {root}: all {len(keys)} run(s) failed (one line each above); no study was run")
         release_freed_memory()
+        # the study chain: study-level models, then each run's replay (reads them), then the report
+        res_models = defs.resolve_job_def("models_job").execute_in_process(instance=instance, raise_on_error=False,
+                                                                           run_config=_run_config(verbose))
+        if not res_models.success:
+            say(f"models: FAILED: {run_error(res_models)}")
+        from .io_manager import ParquetIOManager
+
+        with_logs = sorted(ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions("request_log", todo))
+        if res_models.success and with_logs:
+            r_failed, r_errors = _run_partitions(defs, instance, settings, with_logs, "replay_job", workers, label="replay",
+                                                 quiet=quiet, verbose=verbose)
+            failed += [k for k in r_failed if k not in failed]
+            errors.update({k: v for k, v in r_errors.items() if k not in errors})
+        release_freed_memory()
         res = defs.resolve_job_def("study_job").execute_in_process(instance=instance, raise_on_error=False,
                                                                    run_config=_run_config(verbose))
-        study_err = run_error(res)
-        say(f"study: {'ok' if res.success else 'FAILED: ' + str(study_err)}; {len(keys) - len(failed)} of {len(keys)} "
+        study_ok = res.success and res_models.success
+        study_err = run_error(res_models) or run_error(res)
+        say(f"study: {'ok' if study_ok else 'FAILED: ' + str(study_err)}; {len(keys) - len(failed)} of {len(keys)} "
             f"experiment(s) in {time.perf_counter() - t0:.1f} s; outputs in {out_dir}", err=False)
     return {"experiments": keys, "failed": failed, "errors": errors, "skipped": {str(p.name): why for p, why in rejected},
-            "study_ok": res.success, "study_error": study_err, "out_dir": str(out_dir), "dagster_home": str(home)}
+            "study_ok": study_ok, "study_error": study_err, "out_dir": str(out_dir), "dagster_home": str(home)}
 
 
 def synthesize(out_dir: Path, runs: list[str] | None, *, scale: float, seed: int, quiet: bool = False) -> list[Path]:
@@ -308,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--data", type=Path, default=DEFAULT_EXPERIMENTS_DIR, help="folder of run folders (default: data/experiments)")
     u.add_argument("--out", type=Path, default=PROJECT_ROOT / "out", help="output folder (default: out/)")
     u.add_argument("--port", type=int, default=3000)
+    rd = sub.add_parser("real-data", parents=[common], help="assemble the 16 real runs (request logs, metadata, step traces) from ../shared into run folders")
+    rd.add_argument("--shared", type=Path, default=PROJECT_ROOT.parent / "shared", help="the shared folder (default: ../shared)")
+    rd.add_argument("--out", type=Path, default=PROJECT_ROOT / "data" / "real", help="where the run folders go (default: data/real)")
+    rd.add_argument("--runs", nargs="*", default=None, help="only these run ids (default: all)")
     a = ap.parse_args(argv)
     try:
         return _dispatch(a)
@@ -320,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(a) -> int:
+    if a.cmd == "real-data":
+        from stepml_core.real_data import assemble_real_runs
+
+        folders = assemble_real_runs(a.shared, a.out, a.runs)
+        print(f"wrote {len(folders)} real run folder(s) under {a.out}; run the study on them with: stepml run --data {a.out}")
+        return 0
     if a.cmd == "backfill":
         from .backfill import backfill
         res = backfill(a.data, a.out, a.experiment, all_=a.all, seed=a.seed, verbose=a.verbose)
