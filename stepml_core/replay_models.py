@@ -25,6 +25,9 @@ from .replay import (PhysicsServingModel, ReplayWorkload, RunContext, StepServin
 from .sim.step_models import ExportedStepTime, LinearStepTime
 
 REPLAY_STEP_MODELS = ("naive_mean", "blackbox_2f", "ridge_30f", "ridge_log_30f", "nnls_physics", "hgb_30f")
+# models fitted on synthetic steps that are replayed by default: the BLIS blackbox form, the H1 model and the best
+# per-step model (each replay of a full-size run costs 2-5 s; every model fitted on *real* steps is replayed)
+SYNTHETIC_REPLAY_STEP_MODELS = ("blackbox_2f", "ridge_30f", "hgb_30f")
 PHYSICS_BASIS = "aggregates of the 16 reference runs (data/synth/engine_params.json, schedule_time_model.json)"
 REPLAY_COLUMNS = {"experiment_id": pl.Utf8, "source": pl.Utf8, "role": pl.Utf8, "step_model": pl.Utf8, "fitted_on": pl.Utf8,
                   "sample": pl.Utf8, "metric": pl.Utf8, "predicted": pl.Float64, "observed": pl.Float64,
@@ -45,8 +48,10 @@ def blis_doc_from_linear(m: dict) -> dict:
     return {"version": 1, "step_time": {"model_type": "linear", "intercept": b0, "feature_coefficients": coef}}
 
 
-def step_trained_specs(fits: dict[str, dict], runs: dict[str, dict], names=REPLAY_STEP_MODELS) -> list[dict]:
-    """Specs from each traced run's per-experiment ``cycle_us`` fits (``fitted_models`` values).
+def step_trained_specs(fits: dict[str, dict], runs: dict[str, dict], names=REPLAY_STEP_MODELS,
+                       synthetic_names=SYNTHETIC_REPLAY_STEP_MODELS) -> list[dict]:
+    """Specs from each traced run's per-experiment ``cycle_us`` fits (``fitted_models`` values): the models in
+    ``names`` of real runs, those in ``synthetic_names`` of synthetic runs.
 
     ``runs[experiment]`` has ``model``, ``tp``, ``source``, ``data_version`` and ``kv_source`` (what its KV
     features were computed from)."""
@@ -57,8 +62,9 @@ def step_trained_specs(fits: dict[str, dict], runs: dict[str, dict], names=REPLA
         run = runs.get(exp)
         if run is None:
             continue
+        wanted = synthetic_names if run.get("source") == "synthetic" else names
         for m in fits[exp].get("cycle_us", []):
-            if m.get("name") not in names or m.get("scope", "per_experiment") != "per_experiment":
+            if m.get("name") not in wanted or m.get("scope", "per_experiment") != "per_experiment":
                 continue
             base = {"llm_model": run["model"], "fitted_on": [exp], "source_run": exp, "source": run["source"],
                     "n_fit": m.get("n_fit"), "basis": f"{m.get('n_fit')} cycle_us steps of {exp}"}

@@ -248,3 +248,32 @@ def test_exported_model_sees_the_proxy_features_it_was_trained_on():
         f = rp.features_from_sums(st.sums(SimpleNamespace(**c)), st._consts, st._gpu, 4, st._names, "llama-2-70b")
         for name in [n for n in SEED_FEATURES if n != "model_id"]:
             assert f[name] == pytest.approx(vec[name][i], rel=1e-9, abs=1e-9), (i, name)
+
+
+def test_recommendation_never_reads_the_scored_runs_errors():
+    """The model recommended for a run is picked on the other runs of its LLM model: changing that run's own errors
+    cannot change its pick; per LLM model the recommendation reads out-of-sample rows only."""
+    from stepml_core.replay_report import recommend, recommend_per_llm, run_status
+
+    def rows(err_a_on_r1):
+        out = []
+        errs = {("r1", "A"): err_a_on_r1, ("r1", "B"): 5.0, ("r2", "A"): 9.0, ("r2", "B"): 2.0, ("r3", "A"): 8.0, ("r3", "B"): 3.0}
+        for (e, m), err in errs.items():
+            for metric in ("e2e_mean", "ttft_mean", "successes"):
+                obs = 100.0 if metric == "successes" else 1.0
+                out.append({"experiment_id": e, "source": "real", "role": "train", "step_model": m, "fitted_on": "x",
+                            "sample": "in_sample" if (e, m) == ("r2", "B") else "out_of_sample", "metric": metric,
+                            "predicted": obs if metric == "successes" else obs * (1 + err / 100), "observed": obs,
+                            "rel_err_pct": 0.0 if metric == "successes" else err})
+        return pl.DataFrame(out)
+
+    llm = {"r1": "m", "r2": "m", "r3": "m"}
+    picks = []
+    for err in (0.1, 50.0):
+        r = rows(err)
+        st = run_status(r, {"r1": 100, "r2": 100, "r3": 100})
+        picks.append(dict(recommend(r, llm, st).iter_rows()))
+    assert picks[0] == picks[1] and picks[0]["r1"] == "B"  # B is best on r2 and r3, whatever A does on r1
+    per = recommend_per_llm(rows(0.1), llm, run_status(rows(0.1), {"r1": 100, "r2": 100, "r3": 100}))
+    # out-of-sample rows only: B's in-sample 2 % on r2 does not count (B: 5, 3 → 4; A: 0.1, 9, 8 → 5.7)
+    assert per.row(0, named=True)["step_model"] == "B" and per.row(0, named=True)["runs"] == 2
