@@ -29,6 +29,7 @@ from pathlib import Path
 
 import polars as pl
 
+from .errors import StepMLError
 from .sim.step_models import BLIS_OPS, BLIS_QUEUE_FEATURES, BLIS_STEP_FEATURES
 
 BLIS_KINDS = ("blis_linear",)
@@ -71,7 +72,7 @@ BLIS_MODEL_SCHEMA = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(StepMLError, ValueError):
     """A model that cannot be written as a BLIS file (names the field)."""
 
 

@@ -47,6 +47,7 @@ import numpy as np
 import polars as pl
 
 from .catalog import gpu_spec, model_spec
+from .errors import StepMLError
 from .replay import ReplayWorkload, RunContext, StepServingModel, latency_summary, replay, replay_workload
 from .sim.step_models import LinearStepTime
 
@@ -65,7 +66,7 @@ PARAM_UNITS = {"b0_us": "µs per step", "b_dec_us": "µs per decode token", "b_k
 BLIS_FEATURE_OF = {"b_dec_us": "decode_tokens", "b_kv_us": "kv_sum", "b_pf_us": "prefill_tokens", "b_npf_us": "num_prefill_reqs"}
 
 
-class CalibrationError(ValueError):
+class CalibrationError(StepMLError, ValueError):
     """Calibration runs that cannot calibrate a model (no ground truth, mixed LLM models, ...)."""
 
 

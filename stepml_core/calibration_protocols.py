@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .errors import StepMLError
 from .calibrate import (PARAM_NAMES, ArchPrior, Calibration, CalibrationError, CalibrationRun, StepParams, arch_prior,
                         calibrate)
 
@@ -36,7 +37,7 @@ PROTOCOLS = ("roles", "lowo", "lomo")
 STEP_MODEL_OF = {"roles": "requests_roles", "lowo": "requests_lowo", "lomo": "requests_lomo", "all": "requests_all"}
 
 
-class FoldError(ValueError):
+class FoldError(StepMLError, ValueError):
     """A fold that would score a model on a run it was calibrated on."""
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .catalog import canonical_model_name
+from .errors import StepMLError
 
 RUN_ID_RE = re.compile(
     r"^(?P<date>\d{8})-(?P<time>\d{6})-(?P<model>[a-z0-9][a-z0-9.-]*?)-tp(?P<tp>\d{1,2})"
@@ -24,15 +25,22 @@ RUN_ID_RE = re.compile(
 )
 MAX_RUN_ID_LEN = 120
 TRACE_FILE_NAMES = ("traces.json", "traces.json.gz")
+# what a run folder holds, in words (messages, --help): keep in step with discover_run_folders
+RUN_FOLDER_CONTENTS = "traces.json[.gz] or requests.json[.gz] plus exp-config.yaml"
 PROVENANCE_FILE = "provenance.json"
 
 
-class RunIdError(ValueError):
+class RunIdError(StepMLError, ValueError):
     """A folder name that is not a valid run id."""
 
 
-class RunMetadataError(ValueError):
-    """A run's metadata file is missing or unreadable."""
+class RunMetadataError(StepMLError, ValueError):
+    """A run's metadata file is missing or unreadable. ``problems``: every problem found in the run
+    folder, each naming its file (the message joins them with "; ")."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems) if problems else [message]
 
 
 @dataclass(frozen=True)
@@ -138,31 +146,32 @@ def find_trace_file(folder: Path) -> Path | None:
 def read_run_metadata(folder: Path, *, data_root: Path | None = None) -> RunMetadata:
     """Read a run folder's id and metadata files.
 
-    Requires exp-config.yaml (vLLM server args). profile.yaml, results/*.json and
-    provenance.json are optional. A provenance.json with ``"source": "synthetic"`` marks the
-    run synthetic.
+    Requires exp-config.yaml (vLLM server args) and a model in the catalogue. profile.yaml,
+    results/*.json and provenance.json are optional. A provenance.json with
+    ``"source": "synthetic"`` marks the run synthetic. Every problem is reported at once: one
+    RunMetadataError listing them all (unknown model, missing exp-config.yaml, unreadable files).
     """
     folder = Path(folder)
     if data_root is not None:
         check_inside_root(folder, data_root)
     run = parse_run_id(folder.name)
-    run.model  # fail early and clearly for a model not in the catalogue
-    exp_path = folder / "exp-config.yaml"
-    if not exp_path.is_file():
-        raise RunMetadataError(f"{exp_path}: missing (every run folder needs its vLLM exp-config.yaml)")
-    exp_config = safe_load_yaml(exp_path) or {}
-    if not isinstance(exp_config, dict):
-        raise RunMetadataError(f"{exp_path}: expected a mapping, got {type(exp_config).__name__}")
-    profile = {}
-    prof_path = folder / "profile.yaml"
-    if prof_path.is_file():
-        p = safe_load_yaml(prof_path)
-        profile = p if isinstance(p, dict) else {}
-    results = folder / "results"
-    summary = _load_json(results / "summary_lifecycle_metrics.json") if (results / "summary_lifecycle_metrics.json").is_file() else None
-    stage_files = sorted(results.glob("stage_*_lifecycle_metrics.json"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0)) if results.is_dir() else []
-    stages = [_load_json(p) for p in stage_files]
-    provenance = _load_json(folder / PROVENANCE_FILE) if (folder / PROVENANCE_FILE).is_file() else None
+    problems: list[str] = []
+
+    def attempt(read, default):
+        try:
+            return read()
+        except StepMLError as e:
+            problems.append(str(e))
+            return default
+
+    attempt(lambda: run.model, None)  # a model not in the catalogue
+    exp_config = attempt(lambda: _read_exp_config(folder / "exp-config.yaml"), {})
+    profile = attempt(lambda: _read_optional_yaml(folder / "profile.yaml"), {})
+    summary, stages = attempt(lambda: _read_results(folder / "results"), (None, []))
+    prov_path = folder / PROVENANCE_FILE
+    provenance = attempt(lambda: _load_json(prov_path) if prov_path.is_file() else None, None)
+    if problems:
+        raise RunMetadataError("; ".join(problems), problems)
     synthetic = bool(provenance and provenance.get("source") == "synthetic") or run.synthetic_suffix
     return RunMetadata(
         run=run, folder=folder, trace_path=find_trace_file(folder),
@@ -170,6 +179,42 @@ def read_run_metadata(folder: Path, *, data_root: Path | None = None) -> RunMeta
         stands_for=(provenance or {}).get("stands_for"),
         exp_config=exp_config, profile=profile, summary=summary, stages=stages, provenance=provenance,
     )
+
+
+def run_folder_problems(folder: Path, *, data_root: Path | None = None) -> list[str]:
+    """Every problem that stops read_run_metadata on this folder, one message each naming its file
+    (empty: the metadata reads). What `stepml run` checks before it starts a run."""
+    try:
+        read_run_metadata(folder, data_root=data_root)
+    except RunMetadataError as e:
+        return e.problems
+    except StepMLError as e:
+        return [str(e)]
+    return []
+
+
+def _read_exp_config(path: Path) -> dict:
+    if not path.is_file():
+        raise RunMetadataError(f"{path}: missing (every run folder needs its vLLM exp-config.yaml)")
+    exp_config = safe_load_yaml(path) or {}
+    if not isinstance(exp_config, dict):
+        raise RunMetadataError(f"{path}: expected a mapping, got {type(exp_config).__name__}")
+    return exp_config
+
+
+def _read_optional_yaml(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    data = safe_load_yaml(path)
+    return data if isinstance(data, dict) else {}
+
+
+def _read_results(results: Path) -> tuple[dict | None, list]:
+    """inference-perf's summary_lifecycle_metrics.json and stage_<n>_lifecycle_metrics.json (in order)."""
+    summary_path = results / "summary_lifecycle_metrics.json"
+    summary = _load_json(summary_path) if summary_path.is_file() else None
+    stage_files = sorted(results.glob("stage_*_lifecycle_metrics.json"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0)) if results.is_dir() else []
+    return summary, [_load_json(p) for p in stage_files]
 
 
 def check_inside_root(folder: Path, data_root: Path) -> None:

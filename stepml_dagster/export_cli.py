@@ -16,8 +16,8 @@ from pathlib import Path
 from stepml_core.paths import PROJECT_ROOT
 
 
-def add_parser(sub) -> None:
-    e = sub.add_parser("export", help="write the recommended step-time model per LLM model (BLIS or StepML format)")
+def add_parser(sub, parents=()) -> None:
+    e = sub.add_parser("export", parents=list(parents), help="write the recommended step-time model per LLM model (BLIS or StepML format)")
     e.add_argument("--format", choices=("blis", "stepml"), default="blis",
                    help="blis: BLIS's --stepml-model file over BLIS features; stepml: StepML's own JSON (default blis)")
     e.add_argument("--study", type=Path, default=PROJECT_ROOT / "out", help="a `stepml run` output folder (default: out/)")
@@ -31,14 +31,16 @@ def _load_study(study: Path):
 
     from .io_manager import read_object
 
+    from stepml_core.errors import UsageError
+
     rp = study / "replay.csv"
     if not rp.is_file():
-        raise SystemExit(f"stepml export: {rp} not found (run `stepml run --out {study}` first)")
+        raise UsageError(f"{rp} not found (run `stepml run --out {study}` first)")
     rows = pl.read_csv(rp, schema_overrides={"observed": pl.Float64, "rel_err_pct": pl.Float64, "predicted": pl.Float64})
     try:
         specs = read_object(study / "assets" / "replay_models" / "__all__")
     except FileNotFoundError:
-        raise SystemExit(f"stepml export: no stored replay_models under {study / 'assets'}") from None
+        raise UsageError(f"no stored replay_models under {study / 'assets'} (run `stepml run --out {study}` first)") from None
     try:
         cal = read_object(study / "assets" / "request_calibration" / "__all__")
         shipped = dict(cal["shipped"])
@@ -55,17 +57,15 @@ def _load_study(study: Path):
 
 
 def run(a: argparse.Namespace) -> int:
-    from stepml_core.blis_export import ExportError, choose_exports, write_exports
+    from stepml_core.blis_export import choose_exports, write_exports
+    from stepml_core.errors import UsageError
 
     rows, specs, shipped, llm_of, per_llm = _load_study(Path(a.study))
     chosen = choose_exports(rows, specs, shipped, llm_of, per_llm)
     if not chosen:
-        raise SystemExit(f"stepml export: no exportable model in {a.study}")
+        raise UsageError(f"no exportable model in {a.study}")
     if a.format == "blis":
-        try:
-            paths = write_exports(chosen, a.out, source=str(a.study))
-        except ExportError as e:
-            raise SystemExit(f"stepml export: {e}") from None
+        paths = write_exports(chosen, a.out, source=str(a.study))  # ExportError (a StepMLError) names the field
     else:
         paths = _write_stepml(chosen, specs, shipped, Path(a.out))
     for llm, c in sorted(chosen.items()):

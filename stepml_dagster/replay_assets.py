@@ -9,6 +9,7 @@ import polars as pl
 from stepml_core import calibration_protocols as cp
 from stepml_core import replay_models as rm
 from stepml_core.calibrate import CalibrationRun
+from stepml_core.progress import make_progress
 from stepml_core.ingest import fingerprint, fingerprint_digest, sha256_file
 from stepml_core.replay import run_context
 from stepml_core.replay_report import replay_fidelity_tables
@@ -77,9 +78,21 @@ def request_calibration(context: dg.AssetExecutionContext, settings: StepMLSetti
                           header=logs[e]["header"], kv_blocks_from_traces=_synth_kv_blocks(m))
         return CalibrationRun(e, m.model, m.workload, logs[e]["header"].get("role"), logs[e]["requests"], ctx)
 
-    out = cp.study_calibration(infos, load, seed=settings.seed, workers=settings.fit_threads,
-                               cache=cp.CalibrationCache(settings.out_dir_path() / "cache" / "request_calibration"),
-                               progress=lambda i, n, what: context.log.info(f"calibration {i}/{n}: {what}"))
+    bar = []  # one progress bar (stepml_core.progress), opened when the number of calibrations to make is known
+
+    def progress(i: int, n: int, what: str) -> None:
+        if not bar:
+            bar.append(make_progress(n, "calibration").__enter__())
+        bar[0].advance(what)
+        context.log.info(f"calibration {i}/{n}: {what}")
+
+    try:
+        out = cp.study_calibration(infos, load, seed=settings.seed, workers=settings.fit_threads,
+                                   cache=cp.CalibrationCache(settings.out_dir_path() / "cache" / "request_calibration"),
+                                   progress=progress)
+    finally:
+        if bar:
+            bar[0].__exit__(None, None, None)
     out["skipped_runs"] = skipped
     context.add_output_metadata({"specs": len(out["specs"]), "calibrations": len(out["calibrations"]),
                                  "skipped_runs": dg.MetadataValue.json(skipped), "failed": dg.MetadataValue.json(out["failed"]),
