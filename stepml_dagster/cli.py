@@ -32,9 +32,11 @@ def _ensure_dagster_home() -> Path:
 
 
 def _materialize_partition(defs, instance, key: str, selection: list | None = None) -> tuple[str, bool, float, str | None]:
+    from .health import run_tags
+
     t = time.perf_counter()
     res = defs.resolve_job_def("experiment_job").execute_in_process(partition_key=key, instance=instance, raise_on_error=False,
-                                                                    run_config=QUIET_LOGS, asset_selection=selection)
+                                                                    run_config=QUIET_LOGS, asset_selection=selection, tags=run_tags())
     err = None
     if not res.success:
         for ev in res.all_events:
@@ -44,10 +46,6 @@ def _materialize_partition(defs, instance, key: str, selection: list | None = No
                     e = e.cause
                 err = e.message.strip().splitlines()[-1]
     return key, res.success, time.perf_counter() - t, err
-
-
-def _partition_worker_args(args: tuple):
-    return _partition_worker(*args)
 
 
 def _partition_worker(data_dir: str, out_dir: str, seed: int, key: str):
@@ -120,6 +118,20 @@ def release_freed_memory() -> None:
         pass
 
 
+def _holding_out_dir_lock(fn):
+    """Run fn holding the lock on its out_dir (outlock.py): a second stepml run on the same --out fails at once."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(data_dir, out_dir, *args, **kw):
+        from .outlock import out_dir_lock
+
+        with out_dir_lock(Path(out_dir)):
+            return fn(data_dir, out_dir, *args, **kw)
+    return wrapper
+
+
+@_holding_out_dir_lock
 def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, seed: int = 0, scale: float = 1.0,
               quiet: bool = False, experiments: list[str] | None = None, workers: int | None = None) -> dict:
     """Register partitions for the run folders under data_dir and materialize everything.
@@ -150,7 +162,10 @@ def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, see
         keys = [k for k in keys if k in set(experiments)]
     if not keys:
         raise SystemExit(f"stepml run: no run folders to process in {root}")
+    from .health import mark_abandoned_runs
+
     instance = dg.DagsterInstance.get()
+    mark_abandoned_runs(instance)  # runs left STARTED by an earlier stepml run that was killed
     new = [k for k in keys if not instance.has_dynamic_partition("experiment", k)]
     if new:
         instance.add_dynamic_partitions("experiment", new)
@@ -171,21 +186,23 @@ def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, see
                 failed.append(key)
                 errors[key] = err
     else:  # independent partitions in parallel processes, each in-process Dagster on the same instance
-        import multiprocessing as mp
+        from .health import mark_abandoned_runs
+        from .workers import run_in_workers
 
         # a fresh worker every PARTITIONS_PER_WORKER partitions: a long-lived worker's RSS creeps up (allocators keep
         # freed pages: 4 GB after 24 partitions at 3x the study, 1.4-2.7 GB over its first six), which sets the peak at
-        # scale. multiprocessing.Pool(maxtasksperchild): ProcessPoolExecutor(max_tasks_per_child) hangs on 3.11 once
-        # its first workers have exited.
-        args = [(settings.data_dir, settings.out_dir, seed, key) for key in keys]
-        with mp.get_context("spawn").Pool(workers, maxtasksperchild=PARTITIONS_PER_WORKER) as pool:
-            for i, (key, ok, secs, err) in enumerate(pool.imap_unordered(_partition_worker_args, args), 1):
-                say(f"[{i}/{len(keys)}] {key}: {'ok' if ok else 'FAILED'} ({secs:.1f} s)" + (f"\n   {err}" if err else ""))
-                if not ok:
-                    failed.append(key)
-                    errors[key] = err
-            pool.close()
-            pool.join()  # workers gone (and their memory back) before the study phase starts
+        # scale. A worker that dies (OOM killer) fails its partition; the others go on (stepml_dagster/workers.py).
+        def died(key, pid, msg):  # its Dagster run stays STARTED otherwise, and study_sensor would wait for it forever
+            mark_abandoned_runs(instance, pid=pid, why=f"{key}: {msg}")
+
+        common = (settings.data_dir, settings.out_dir, seed)
+        for i, (key, res, death) in enumerate(run_in_workers(_partition_worker, common, keys, workers, PARTITIONS_PER_WORKER, died), 1):
+            key, ok, secs, err = res if death is None else (key, False, float("nan"), death)
+            say(f"[{i}/{len(keys)}] {key}: {'ok' if ok else 'FAILED'} ({secs:.1f} s)" + (f"\n   {err}" if err else ""))
+            if not ok:
+                failed.append(key)
+                errors[key] = err
+        # every worker has exited (and its memory is back) before the study phase starts
     release_freed_memory()
     res = defs.resolve_job_def("study_job").execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET_LOGS)
     say(f"study: {'ok' if res.success else 'FAILED'}; {len(keys) - len(failed)} experiment(s) in {time.perf_counter() - t0:.1f} s; outputs in {out_dir}")
