@@ -67,9 +67,13 @@ def bare_partition(folder: Path, data_root: Path, seed: int = 0) -> tuple[dict, 
         abl = study.feature_group_ablation(study.with_split(fm, sp))
     with t("e2e_fidelity"):
         e2e = study.e2e_fidelity_for_models(raw, ctx, fitted, model=m["model"], tp=m["tp"], experiment_id=m["experiment_id"])
+    with t("method_checks"):
+        from stepml_core.method_checks import method_checks
+        from stepml_core.tables import cycle_rule_counts
+        checks = method_checks(study.with_split(fm, sp), fitted, cycle_rule_counts(steps), seed=seed)
     # what the study phase reads (the stored values of these assets)
     keep = {"feature_matrix": fm, "split": sp, "metrics": met, "predictions": pred, "run_summary": summary, "ablation": abl,
-            "agreement": ctx["agreement"], "e2e_fidelity": e2e, "step_table": steps}
+            "agreement": ctx["agreement"], "e2e_fidelity": e2e, "step_table": steps, "method_checks": checks}
     return keep, dict(t)
 
 
@@ -85,8 +89,10 @@ def bare_partition_worker(folder: str, data_root: str, seed: int = 0) -> tuple[s
 def bare_study(parts: dict[str, dict], data_root: Path, out_dir: Path, seed: int = 0,
                real_reference_dir: str = "", threads: int = min(2, os.cpu_count() or 1)) -> tuple[dict, dict]:
     """The study assets' work over {experiment: bare_partition values}."""
-    from stepml_core.report import (beyond_h1_sections, calibration_sections, e2e_section, feature_provenance_section,
-                                    reconstruction_section, render_report, write_outputs)
+    from stepml_core.findings import study_findings
+    from stepml_core.method_checks import gather
+    from stepml_core.report import (calibration_sections, e2e_section, feature_provenance_section, reconstruction_section,
+                                    render_report, write_outputs)
     from stepml_core.synth.calibration import calibration_tables
 
     t = Timer()
@@ -106,8 +112,10 @@ def bare_study(parts: dict[str, dict], data_root: Path, out_dir: Path, seed: int
         verdict = study.h1_verdict(all_metrics, all_pred, seed=seed)
         g = gen["metrics"]
         abl = pl.concat([parts[e]["ablation"] for e in present], how="diagonal_relaxed")
-        beyond = beyond_h1_sections(all_metrics, all_pred, g, abl, str(out_dir))
-        beyond += feature_provenance_section([parts[e]["run_summary"] for e in present], abl)
+        checks = gather({e: parts[e]["method_checks"] for e in present}, present, gm["models"])
+        findings = study_findings(predictions=all_pred, generalization=gen, ablation=abl, checks=checks, seed=seed)
+        verdict["recommendations"] = findings["recommendations"]
+        beyond = feature_provenance_section([parts[e]["run_summary"] for e in present], abl)
         beyond += reconstruction_section({e: parts[e]["agreement"] for e in present})
         e2e_parts = [parts[e]["e2e_fidelity"] for e in present]
         summ = [p["summary"] for p in e2e_parts if p["summary"].height]
@@ -117,5 +125,5 @@ def bare_study(parts: dict[str, dict], data_root: Path, out_dir: Path, seed: int
         beyond += calibration_sections(cal["public"], cal["steps"])
         write_outputs(str(out_dir), pl.concat([all_metrics, g], how="diagonal_relaxed") if g.height else all_metrics, verdict)
         render_report(runs=[parts[e]["run_summary"] for e in present], metrics=all_metrics, predictions=all_pred,
-                      verdict=verdict, out_dir=str(out_dir), extra_sections=beyond)
+                      verdict=verdict, out_dir=str(out_dir), findings=findings, checks=checks, extra_sections=beyond)
     return {"verdict": verdict}, dict(t)

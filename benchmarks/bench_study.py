@@ -43,7 +43,7 @@ from bare_path import bare_partition, bare_partition_worker, bare_study  # noqa:
 TARGET_STUDY_S, TARGET_INCREMENTAL_S = 120.0, 20.0
 DEFAULT_INCREMENTAL_RUN = "20260218-150304-codellama-34b-tp2-general"  # a mid-sized run (≈ 6.5 k sampled steps)
 PARTITIONED = ["raw_traces", "step_tables", "request_context", "feature_matrix", "split", "fitted_models", "predictions",
-               "metrics", "run_summary", "ablation", "e2e_fidelity"]
+               "metrics", "run_summary", "ablation", "e2e_fidelity", "method_checks"]
 STUDY = ["pooled_models", "calibration", "study_report"]  # step keys (pooled_models materializes global_models + generalization)
 
 
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
             part_keys = {k for (k, p) in mats if p == new_id}
             ok = not other and study_keys == {"global_models", "generalization", "calibration", "study_report"} and \
                 part_keys == {"raw_traces", "step_table", "quarantine", "request_context", "feature_matrix", "split", "fitted_models",
-                              "predictions", "metrics", "run_summary", "ablation", "e2e_fidelity"}
+                              "predictions", "metrics", "run_summary", "ablation", "e2e_fidelity", "method_checks"}
             counts_old = {(k, p): n for (k, p), n in after["materializations"].items() if p and p != new_id}
             ib = None
             if bare:

@@ -1,9 +1,16 @@
 """Step-time estimators, fitted with scikit-learn and stored as plain JSON (no pickle).
 
 StepML recipe: StandardScaler + Ridge, alpha chosen on the validation block by MAPE
-over a log grid 1e-4…1e4, then refit on train + valid. Original-study recipe (for
+over a log grid 1e-6…1e8 (29 values, half-decade steps; the choices sitting at either end
+are counted in the report), then refit on train + valid. Original-study recipe (for
 reproducing published numbers): blackbox OLS on train; Ridge alpha = 1 on train.
 A fitted model predicts ŷ = intercept + Σ coef_k (x_k − mean_k) / scale_k.
+
+Positive floor (every StepML model, the same rule in `predict_model` and in the exported
+reference predictor): ŷ = max(ŷ, floor_us), floor_us = the smallest positive target value the
+model was fitted on, stored in the model. A step time is never predicted ≤ 0 µs nor faster
+than the fastest step seen in training. The `*_orig` recipes carry floor_us = None: they exist
+to reproduce the published numbers, which were scored on unclamped predictions.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-ALPHA_GRID = tuple(float(a) for a in np.logspace(-4, 4, 17))
+ALPHA_GRID = tuple(float(a) for a in np.logspace(-6, 8, 29))
 
 
 @dataclass
@@ -34,13 +41,14 @@ class LinearStepModel:
     fitted_on: list[str] = field(default_factory=list)  # split names used for the final fit
     n_fit: int = 0
     recipe: str = "stepml"
+    floor_us: float | None = None  # predictions are max(ŷ, floor_us); None: unclamped (original recipes)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, float)
         if not self.features:
-            return np.full(X.shape[0], self.intercept)
+            return apply_floor(np.full(X.shape[0], self.intercept), self.floor_us)
         z = (X - np.asarray(self.mean)) / np.asarray(self.scale)
-        return self.intercept + z @ np.asarray(self.coef)
+        return apply_floor(self.intercept + z @ np.asarray(self.coef), self.floor_us)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,6 +56,18 @@ class LinearStepModel:
     @classmethod
     def from_dict(cls, d: dict) -> "LinearStepModel":
         return cls(**d)
+
+
+def fit_floor_us(y) -> float:
+    """The positive floor of a model fitted on targets y (µs): the smallest positive y (1 µs if none)."""
+    y = np.asarray(y, float)
+    pos = y[np.isfinite(y) & (y > 0)]
+    return float(pos.min()) if len(pos) else 1.0
+
+
+def apply_floor(yhat: np.ndarray, floor_us: float | None) -> np.ndarray:
+    """ŷ = max(ŷ, floor_us) (no-op when floor_us is None)."""
+    return yhat if floor_us is None else np.maximum(yhat, floor_us)
 
 
 def clean_matrix(X) -> np.ndarray:
@@ -77,9 +97,10 @@ def _pipe(reg) -> Pipeline:
     return Pipeline([("scale", StandardScaler()), ("reg", reg)])
 
 
-def fit_naive_mean(target: str, y_train: np.ndarray, name: str = "naive_mean") -> LinearStepModel:
-    return LinearStepModel(name=name, target=target, features=[], mean=[], scale=[], coef=[],
-                           intercept=float(np.mean(y_train)), fitted_on=["train"], n_fit=len(y_train), recipe="stepml")
+def fit_naive_mean(target: str, y_fit: np.ndarray, name: str = "naive_mean", fitted_on=("train", "valid")) -> LinearStepModel:
+    """ŷ = mean of the fit rows (train + valid in the StepML recipe: the rows every other StepML model is refitted on)."""
+    return LinearStepModel(name=name, target=target, features=[], mean=[], scale=[], coef=[], intercept=float(np.mean(y_fit)),
+                           fitted_on=list(fitted_on), n_fit=len(y_fit), recipe="stepml", floor_us=fit_floor_us(y_fit))
 
 
 def fit_ridge_validated(name, target, features, X_tr, y_tr, X_va, y_va, alphas=ALPHA_GRID) -> LinearStepModel:
@@ -87,15 +108,18 @@ def fit_ridge_validated(name, target, features, X_tr, y_tr, X_va, y_va, alphas=A
     X_tr, X_va = clean_matrix(X_tr), clean_matrix(X_va)
     best_alpha, best = alphas[0], np.inf
     if len(y_va):
+        floor_tr = fit_floor_us(y_tr)
         for a, yhat_va in _ridge_path(X_tr, y_tr, alphas, X_va):
-            score = mape_pct(y_va, yhat_va)
+            score = mape_pct(y_va, apply_floor(yhat_va, floor_tr))
             if score < best:
                 best, best_alpha = score, a
     X = np.vstack([X_tr, X_va])
     y = np.concatenate([y_tr, y_va])
     with threadpool_limits(1):
         pipe = _pipe(Ridge(alpha=best_alpha)).fit(X, y)
-    return _from_pipeline(pipe, name, target, features, best_alpha, ["train", "valid"], len(y), "stepml")
+    m = _from_pipeline(pipe, name, target, features, best_alpha, ["train", "valid"], len(y), "stepml")
+    m.floor_us = fit_floor_us(y)
+    return m
 
 
 def _ridge_path(X, y, alphas, X_eval):
@@ -154,6 +178,7 @@ def fit_ridge_log_validated(name, target, features, X_tr, y_tr, X_va, y_va, alph
     with threadpool_limits(1):
         pipe = _pipe(Ridge(alpha=best_alpha)).fit(X, np.log(y))
     m = _from_pipeline(pipe, name, target, features, best_alpha, ["train", "valid"], len(y), "stepml")
+    m.floor_us = fit_floor_us(y)
     return {**m.to_dict(), "kind": "log_linear"}
 
 
@@ -168,7 +193,7 @@ def fit_nnls_basis(name, target, features, X_tr, y_tr, X_va, y_va) -> dict:
     coef, _ = nnls(A, np.ones(len(y)), maxiter=50 * A.shape[1])
     return {"name": name, "target": target, "kind": "linear", "features": list(features), "mean": [0.0] * len(features),
             "scale": [1.0] * len(features), "coef": coef[:-1].tolist(), "intercept": float(coef[-1]), "alpha": None,
-            "fitted_on": ["train", "valid"], "n_fit": int(len(y)), "recipe": "stepml"}
+            "fitted_on": ["train", "valid"], "n_fit": int(len(y)), "recipe": "stepml", "floor_us": fit_floor_us(y)}
 
 
 def hgb_to_trees(est) -> dict:
@@ -292,18 +317,19 @@ def _fit_hgb(name, target, features, X_tr, y_tr, X_va, y_va, seed, max_grid_rows
     est = make(best_iter).fit(X, np.log(y))
     return {"name": name, "target": target, "kind": "trees", "rows_available": int(n_all), "log_target": True, "features": list(features),
             **hgb_to_trees(est), "config": {"max_iter": best_iter, "max_leaf_nodes": leaves, "learning_rate": lr},
-            "fitted_on": ["train", "valid"], "n_fit": int(len(y)), "recipe": "stepml", "_sklearn": est}
+            "fitted_on": ["train", "valid"], "n_fit": int(len(y)), "recipe": "stepml", "floor_us": fit_floor_us(y), "_sklearn": est}
 
 
 def predict_model(model: dict, X: np.ndarray) -> np.ndarray:
-    """Predictions of a stored model dict of any kind (linear, log_linear, trees)."""
+    """Predictions of a stored model dict of any kind (linear, log_linear, trees), floored at model["floor_us"]."""
     X = clean_matrix(X)
     kind = model.get("kind", "linear")
     if kind == "trees":
         s = predict_trees(model, X)
-        return np.exp(s) if model.get("log_target") else s
+        return apply_floor(np.exp(s) if model.get("log_target") else s, model.get("floor_us"))
     if not model["features"]:
         lin = np.full(X.shape[0], model["intercept"])
     else:
         lin = model["intercept"] + ((X - np.asarray(model["mean"])) / np.asarray(model["scale"])) @ np.asarray(model["coef"])
-    return np.exp(np.minimum(lin, 50.0)) if kind == "log_linear" else lin  # exp(50) µs ≈ 160 years: a cap, not a value
+    y = np.exp(np.minimum(lin, 50.0)) if kind == "log_linear" else lin  # exp(50) µs ≈ 160 years: a cap, not a value
+    return apply_floor(y, model.get("floor_us"))

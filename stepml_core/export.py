@@ -1,6 +1,7 @@
 """Export a fitted step-time model as JSON for simulators (no pickle, no scikit-learn needed to use it).
 
-The JSON carries: kind (linear | log_linear | trees), target and its unit (µs), feature order
+The JSON carries: kind (linear | log_linear | trees), target and its unit (µs), the positive
+floor (predictions are max(ŷ, floor_us), the same rule as the study's), feature order
 and units, scaler (mean, scale) and coefficients or trees, the model and GPU specs it was
 fitted for, the model-id one-hot vocabulary, and a fingerprint of the training data.
 Use it with `stepml_core.reference_predictor.predict_step_time`.
@@ -33,8 +34,12 @@ def training_fingerprint(data_versions: dict[str, str], n_rows: int) -> str:
     return h.hexdigest()[:16]
 
 
-def export_model(fitted: dict, *, model: str, tp: int, data_versions: dict[str, str], floor_us: float = 1.0) -> dict:
-    """A fitted model dict (from study.fit_models) → self-contained export JSON object."""
+def export_model(fitted: dict, *, model: str, tp: int, data_versions: dict[str, str], floor_us: float | None = None) -> dict:
+    """A fitted model dict (from study.fit_models) → self-contained export JSON object.
+
+    floor_us: the positive floor the predictor applies (ŷ = max(ŷ, floor_us)); by default the
+    fitted model's own floor_us (the rule of `estimators.predict_model`), so the exported
+    predictor and the study predict the same numbers."""
     if fitted.get("kind") not in ("linear", "log_linear", "trees"):
         raise ValueError(f"cannot export model kind {fitted.get('kind')!r}")
     out = {k: v for k, v in fitted.items() if not k.startswith("_")}
@@ -44,7 +49,7 @@ def export_model(fitted: dict, *, model: str, tp: int, data_versions: dict[str, 
         "model_names": known_model_names(), "model_spec": asdict(model_spec(model)), "gpu_spec": asdict(gpu_spec()), "tp": tp,
         "training_data": {"runs": data_versions, "n_rows": fitted.get("n_fit"),
                           "fingerprint": training_fingerprint(data_versions, fitted.get("n_fit", 0))},
-        "floor_us": floor_us,
+        "floor_us": fitted.get("floor_us") if floor_us is None else floor_us,
     })
     return out
 

@@ -328,3 +328,16 @@ def original_study_features(steps: pl.DataFrame, model: ModelSpec, tp: int) -> p
         f_is_moe=pl.lit(is_moe), f_prefill_x_decode=P * D, f_kv_pressure_x_decode_reqs=pressure * ndc,
         f_intensity_x_moe=ai * is_moe, f_prefill_x_kv_usage=P * usage, f_batch_size_x_kv_pressure=(npf + ndc) * pressure,
     )
+
+
+# ------------------------------------------------- batch N−1 alignment (cycle_us) ---
+
+PREV_SUFFIX = "@N-1"
+
+
+def with_previous_step(fm: pl.DataFrame, cols: Sequence[str], suffix: str = PREV_SUFFIX) -> pl.DataFrame:
+    """fm plus, for every row of step id N, the columns `cols` of step N−1 as `<col>@N-1` (null where
+    step N−1 was not sampled). Under async scheduling the engine cycle ts_start[N+1] − ts_start[N]
+    may end when batch N−1's GPU work does, so cycle(N) can reflect batch N−1 rather than N."""
+    prev = fm.select((pl.col("step.id") + 1).alias("step.id"), *[pl.col(c).alias(f"{c}{suffix}") for c in cols])
+    return fm.join(prev, on="step.id", how="left")

@@ -3,7 +3,8 @@
     predict_step_time(batch, exported_model, model_spec, gpu_spec, tp) -> µs
 
 `batch` is a list of (progress_index, new_tokens, prompt_len) per scheduled request;
-`exported_model` is the JSON written by `stepml_core.export`; `model_spec` / `gpu_spec` are
+`exported_model` is the JSON written by `stepml_core.export`; the prediction is
+max(ŷ, exported["floor_us"]), the model's positive floor (see `stepml_core.estimators`); `model_spec` / `gpu_spec` are
 plain dicts (the catalogue's fields). The features are the seed's 30 (feature-spec §4.5),
 computed here in plain Python — an independent implementation of `features.step_table_features`
 (tests check both agree to 1e-9).
@@ -170,7 +171,8 @@ def predict_from_features(feats: dict, exported: dict) -> float:
         y = math.exp(s) if exported.get("log_target") else s
     else:
         raise ValueError(f"unknown exported model kind {kind!r}")
-    return max(y, exported.get("floor_us", 0.0))
+    floor = exported.get("floor_us")  # the positive floor, the same rule as estimators.predict_model
+    return y if floor is None else max(y, floor)
 
 
 def predict_step_time(batch, exported: dict, model_spec: dict, gpu_spec: dict, tp: int) -> float:

@@ -1,7 +1,21 @@
-"""Study report: markdown + PNG plots from metrics, predictions and the verdict.
+"""Study report: report.md + PNG plots from metrics, predictions, the verdict and the findings.
 
-Every figure in the report is computed from the tables passed in; the published numbers
-of the original study (data/reference/original_study.csv) are shown beside them, labelled.
+Layout (one function per section, each returning markdown lines):
+  summary_section      one screen: data, the H1 verdict per target with its deciding numbers,
+                       what a simulator builder should use, what does not work, what to read with care
+  data_section         the runs and the targets
+  verdict_section      the rule, per-baseline outcomes and per-run intervals
+  method_section       like for like, positive floor, stage mix and split schemes, cycle rule,
+                       batch N / N−1 alignment, alpha grid
+  published_section    the original study's published numbers beside ours
+  ranking_section      models ranked per target with ties within noise, the recommendation
+  ablation_section     feature groups, effects only where they exceed the noise
+  generalization_section  held-out models / workloads, ranked on the median, absurd values flagged
+  … extra sections (provenance, reconstruction, E2E, calibration, replay) passed in by the caller …
+  appendix_section     full per-experiment × model × scope tables and the plots (also in metrics.csv)
+
+Every figure is computed from the tables passed in; published numbers (data/reference/original_study.csv)
+are labelled as such.
 """
 
 from __future__ import annotations
@@ -14,13 +28,17 @@ import numpy as np
 import polars as pl
 
 from .paths import REFERENCE_DIR
+from .plots import MODEL_ORDER, plot_e2e, plot_mape_by_experiment, plot_pred_vs_actual, plot_residuals, short_run_name  # noqa: F401
+from .stats import WILCOXON_MIN_N, wilcoxon_min_p
+from .verdict import CLEAR_MARGIN_REL, H1_MODEL, REFUTE_ABOVE_PCT, SUPPORT_BELOW_PCT
 
-MODEL_ORDER = ["naive_mean", "blackbox_2f", "ridge_30f", "blackbox_ols_orig", "ridge_30f_orig", "ridge_log_30f", "nnls_physics", "hgb_30f"]
 PUBLISHED_COLUMNS = {
     "blackbox_ols_orig": "r1_blackbox2f_per_exp_step_mape_pct",
     "ridge_30f_orig": "r1_ridge30f_per_exp_step_mape_pct",
     "xgboost (published)": "r1_xgb30f_per_exp_step_mape_pct",
 }
+OUTCOME_WORDS = {"clearly_beats": "clearly better", "does_not_clearly_beat": "not clearly better", "undecided": "undecided",
+                 "better": "better", "not_better": "not clearly better"}
 
 
 def published_results() -> dict[str, dict]:
@@ -34,135 +52,308 @@ def _fmt(x, nd=2) -> str:
     return f"{x:,.{nd}f}"
 
 
+def _pct(x, nd=2) -> str:
+    s = _fmt(x, nd)
+    return s if s == "–" else f"{s} %"
+
+
 def _md_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
 
 
-def _margins(fig, *, left: float = 0.85, right: float = 0.2, bottom: float = 0.6, top: float = 0.4, wspace: float | None = None) -> None:
-    """Fixed margins in inches (tight_layout measured every text box: 1.2 s of the report's 2.3 s)."""
-    w, h = fig.get_size_inches()
-    fig.subplots_adjust(left=left / w, right=1 - right / w, bottom=bottom / h, top=1 - top / h, wspace=wspace)
+def _real_id(experiment_id: str) -> str:
+    return experiment_id[: -len("-synth")] if experiment_id.endswith("-synth") else experiment_id
 
 
-def plot_mape_by_experiment(metrics: pl.DataFrame, target: str, path: Path) -> Path | None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = metrics.filter((pl.col("target") == target) & (pl.col("split") == "test") & (pl.col("scope") == "per_experiment"))
-    if t.height == 0:
-        return None
-    exps = sorted(set(t["experiment_id"].to_list()))
-    models = [m for m in MODEL_ORDER if m in set(t["model"].to_list())]
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(exps) + 3), 4.5))
-    w = 0.8 / len(models)
-    for i, m in enumerate(models):
-        vals = [t.filter((pl.col("experiment_id") == e) & (pl.col("model") == m))["mape_pct"].to_list() for e in exps]
-        ax.bar(np.arange(len(exps)) + i * w, [v[0] if v else np.nan for v in vals], w, label=m)
-    ax.set_xticks(np.arange(len(exps)) + 0.4 - w / 2)
-    ax.set_xticklabels([e.split("-", 2)[-1] for e in exps], rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel("test MAPE (%)")
-    ax.set_yscale("log")
-    ax.axhline(25, color="k", ls="--", lw=0.8)
-    ax.set_title(f"Per-step test MAPE by experiment and model — target {target}")
-    ax.legend(fontsize=7)
-    _margins(fig, bottom=1.75)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_pred_vs_actual(predictions: pl.DataFrame, target: str, path: Path, model: str = "ridge_30f") -> Path | None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    p = predictions.filter((pl.col("target") == target) & (pl.col("split") == "test") & (pl.col("model") == model)
-                           & (pl.col("scope") == "per_experiment") & (pl.col("y") > 0))
-    if p.height == 0:
-        return None
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for e in sorted(set(p["experiment_id"].to_list())):
-        s = p.filter(pl.col("experiment_id") == e)
-        ax.scatter(s["y"], np.clip(s["y_pred"].to_numpy(), 1e-3, None), s=3, alpha=0.4, label=e.split("-", 2)[-1])
-    lo, hi = float(p["y"].min()), float(p["y"].max())
-    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-    ax.set_xscale("log"); ax.set_yscale("log")
-    ax.set_xlabel(f"actual {target} (µs)"); ax.set_ylabel(f"predicted {target} (µs)")
-    ax.set_title(f"{model}, test split — {target}")
-    if len(set(p["experiment_id"].to_list())) <= 8:
-        ax.legend(fontsize=6, markerscale=3)
-    _margins(fig)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def render_report(*, runs: list[dict], metrics: pl.DataFrame, predictions: pl.DataFrame, verdict: dict,
-                  out_dir: Path, extra_sections: list[str] | None = None) -> str:
-    """Write report.md + PNGs into out_dir and return the markdown."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _source_words(runs: list[dict]) -> str:
     sources = sorted({r["source"] for r in runs})
-    pub = published_results()
-    lines = ["# StepML study report: H1 (30 physics-informed features + Ridge)", ""]
-    data_kind = " and ".join(sources) if sources else "no"
-    lines += [f"**Data: {len(runs)} {data_kind} run(s).** " + (
-        "Synthetic runs come from StepML's synthesizer (modelled on the real runs named below); their numbers say nothing "
-        "about real vLLM, only that the pipeline and models behave as designed." if "synthetic" in sources else
-        "Every number below comes from these runs' traces as processed by this pipeline."), ""]
+    return " and ".join(sources) if sources else "no"
+
+
+# ------------------------------------------------------------------------ summary ---
+
+def summary_section(*, runs: list[dict], metrics: pl.DataFrame, verdict: dict, findings: dict) -> list[str]:
+    """One screen: data, verdict per target with the deciding numbers, what to use, what does not work."""
+    kinds = _source_words(runs)
+    lines = ["## Summary", ""]
+    test = metrics.filter((pl.col("split") == "test") & (pl.col("scope") == "per_experiment") & (pl.col("model") == H1_MODEL))
+    n_rows = {t: int(test.filter(pl.col("target") == t)["n"].sum()) for t in ("schedule_us", "cycle_us")}
+    models = sorted({r["model"] for r in runs})
+    lines += [f"**Data: {len(runs)} {kinds} run(s)** ({len(models)} model(s): {', '.join(models) or '–'}); test = the last 20 % "
+              f"of each run: {n_rows['schedule_us']:,} scheduler steps (`schedule_us`), {n_rows['cycle_us']:,} engine cycles (`cycle_us`)."
+              + (" **Synthetic runs** come from StepML's synthesizer: their numbers test the pipeline and the models, not real vLLM."
+                 if "synthetic" in kinds else ""), ""]
+    rows = []
+    for target, v in verdict.get("targets", {}).items():
+        if v.get("verdict") == "no data":
+            rows.append([f"`{target}`", "no data", "–", "–", "–", "–", "–"])
+            continue
+        b, n = v["baselines"].get("blackbox_2f", {}), v["baselines"].get("naive_mean", {})
+        rows.append([f"`{target}`", f"**{v['verdict']}**",
+                     f"{_pct(v['mean_test_mape_pct'])} ({v['n_below_threshold']}/{v['n_experiments']} runs < {SUPPORT_BELOW_PCT:g} %)",
+                     _pct(b.get("mean_test_mape_pct")), _pct(n.get("mean_test_mape_pct")),
+                     OUTCOME_WORDS.get(b.get("outcome"), "–") + " / " + OUTCOME_WORDS.get(n.get("outcome"), "–"),
+                     _fmt(v.get("skill_vs_naive_mean"), 2)])
+    lines += [_md_table(["target", "H1", f"{H1_MODEL} mean test MAPE", "blackbox_2f", "naive_mean",
+                         f"{H1_MODEL} vs blackbox_2f / naive_mean", "skill vs naive mean (1 − ratio)"], rows), ""]
+    for target, v in verdict.get("targets", {}).items():
+        if v.get("reasons"):
+            lines.append(f"* `{target}` **{v.get('verdict')}**: {H1_MODEL} " + "; ".join(v["reasons"]) + ".")
+    decided = next((v.get("decided_by") for v in verdict.get("targets", {}).values() if v.get("decided_by")), "")
+    lines += ["", f"Comparisons decided {decided}. Rule: < {SUPPORT_BELOW_PCT:g} % **and** clearly better than both baselines (by ≥ {100 * CLEAR_MARGIN_REL:g} % of their "
+              f"MAPE, beyond the 95 % interval) → supported; > {REFUTE_ABOVE_PCT:g} % or a baseline not clearly beaten → refuted; "
+              "all three models fitted on the same rows (like for like). Details: *H1 verdict in detail*.", ""]
+    lines += _use_lines(findings)
+    lines += _does_not_work_lines(verdict, findings)
+    lines += _care_lines(runs, verdict)
+    return lines
+
+
+def _use_lines(findings: dict) -> list[str]:
+    recs = findings.get("recommendations", {})
+    if not recs:
+        return []
+    out = ["**What a simulator builder should use**", ""]
+    for target in ("cycle_us", "schedule_us"):
+        r = recs.get(target)
+        if not r:
+            continue
+        others = [m for m in r["tied"] if m != r["model"]]
+        if others:
+            tie = (f"; the simplest of the models within noise of the best ({', '.join(f'`{m}`' for m in others)}; best "
+                   f"`{r['best']}` {_pct(r['best_mean_mape_pct'])})")
+        else:
+            tie = "; every other model is worse beyond noise"
+        what = ("the engine cycle a simulator advances its clock by" if target == "cycle_us" else
+                "scheduler CPU time only, not the step a simulator needs")
+        line = f"* `{target}` ({what}): `{r['model']}` fitted {r['scope'].replace('_', ' ')}, mean test MAPE {_pct(r['mean_mape_pct'])}{tie}."
+        if target == "cycle_us":
+            line += " " + _alignment_sentence(findings.get("alignment"))
+        out.append(line)
+    return out + [""]
+
+
+def _alignment_sentence(al: pl.DataFrame | None) -> str:
+    if al is None or al.height == 0:
+        return "It uses the features of batch N (batch N−1 could not be tested: too few rows with steps N−1, N, N+1 sampled)."
+    alt = al.filter(pl.col("alignment") != "N")
+    better = alt.filter(~pl.col("within_noise") & (pl.col("diff_vs_N_pct") < 0))
+    rows = int(alt["n_rows"].max() or 0)
+    iv = lambda r: f"{_fmt(r['diff_vs_N_pct'])} pt [{_fmt(r['diff_lo_pct'])}, {_fmt(r['diff_hi_pct'])}]"
+    if better.height == 0:
+        return (f"It uses the features of batch N: batch N−1 (or both) was not better beyond noise for any model tested "
+                f"({rows} rows with steps N−1, N, N+1 sampled; *Method checks*).")
+    found = "; ".join(f"{r['model']} on {r['alignment'].replace('N-1', 'N−1')}: {iv(r)}" for r in better.iter_rows(named=True))
+    return (f"It uses the features of batch N, the only alignment available on every cycle row; batch N−1 helped beyond noise in "
+            f"the {rows} rows where it can be tested ({found}), so a simulator that knows the previous batch can use it (*Method checks*).")
+
+
+def _does_not_work_lines(verdict: dict, findings: dict) -> list[str]:
+    out = []
+    for target in ("cycle_us", "schedule_us"):
+        t = (findings.get("transfer") or {}).get(target)
+        if not t:
+            continue
+        if not t["transfers"]:
+            out.append(f"* **Nothing transfers to an unseen model** (`{target}`, leave-one-model-out, {t['n_held_out']} held-out run(s)): "
+                       f"median test MAPE {_fmt(t['range_pct'][0])}–{_fmt(t['range_pct'][1])} % across models; the naive mean of the "
+                       f"other models' steps scores {_pct(t['naive_median_pct'])} and no model beats it by ≥ {100 * CLEAR_MARGIN_REL:g} %.")
+        else:
+            out.append(f"* `{target}` leave-one-model-out: `{t['best_model']}` transfers best (median {_pct(t['best_median_pct'])} vs naive "
+                       f"mean {_pct(t['naive_median_pct'])}).")
+    gen = findings.get("generalization")
+    if gen is not None and gen.height and gen["absurd"].any():
+        bad = gen.filter(pl.col("absurd"))
+        names = sorted({f"`{r['model']}` ({r['target']}, {r['scope'].replace('_', ' ')})" for r in bad.iter_rows(named=True)})
+        out.append(f"* **Absurd generalization values** (> {1000:,} % per-step MAPE) from {', '.join(names[:4])}"
+                   + (" and others" if len(names) > 4 else "") + ": log-target models extrapolate exponentially on runs outside "
+                   "their training range; *Generalization* ranks on the median and explains each.")
+    for target, v in verdict.get("targets", {}).items():
+        if v.get("threshold") == "above":
+            out.append(f"* `{target}`: {H1_MODEL} is far above the threshold ({_pct(v['mean_test_mape_pct'])}); "
+                       + ("this target is the scheduler's CPU time, which the batch explains poorly." if target == "schedule_us" else ""))
+    se = findings.get("split_effect") or {}
+    share = se.get("last_stage_share") or {}
+    mape = se.get("mape")
+    if share and mape is not None and mape.height:
+        tr, te = share.get(("temporal", "train")), share.get(("temporal", "test"))
+        parts = []
+        for target in ("cycle_us", "schedule_us"):
+            g = {r["scheme"]: r["mean_mape_pct"] for r in mape.filter((pl.col("target") == target) & (pl.col("model") == H1_MODEL)).iter_rows(named=True)}
+            if g:
+                parts.append(f"`{target}` {_pct(g.get('temporal'))} temporal vs {_pct(g.get('stage_matched'))} stage-matched")
+        if tr is not None and te is not None:
+            out.append(f"* **Train and test come from different load**: the last (highest-rate) load stage is {100 * tr:.0f} % of the train "
+                       f"blocks and {100 * te:.0f} % of the test blocks on average; {H1_MODEL}: " + ", ".join(parts) + " (*Method checks*).")
+    return (["**What does not work, or needs care**", "", *out, ""]) if out else []
+
+
+def _care_lines(runs: list[dict], verdict: dict) -> list[str]:
+    out = []
+    n = max((v.get("n_experiments") or 0 for v in verdict.get("targets", {}).values()), default=0)
+    if 0 < n < WILCOXON_MIN_N:
+        out.append(f"* {n} run(s): a one-sided signed-rank test across runs cannot reach p < 0.05 below {WILCOXON_MIN_N} runs "
+                   f"(smallest p = 0.5^{n} = {wilcoxon_min_p(n):.3g}), so no p-value is given as evidence; H1 is checked run by run.")
+    totals: dict[str, int] = {}
+    for r in runs:
+        for k, c in (r.get("kv_source_counts") or {}).items():
+            totals[k] = totals.get(k, 0) + int(c)
+    tot = sum(totals.values())
+    if tot and totals.get("proxy_blocks", 0) / tot > 0.5:
+        out.append(f"* KV features come from BATCH_SUMMARY proxies for {100 * totals['proxy_blocks'] / tot:.0f} % of rows "
+                   "(no per-request events in these traces).")
+    return (["**Read with care**", "", *out, ""]) if out else []
+
+
+# ------------------------------------------------------------------------ sections ---
+
+def data_section(runs: list[dict]) -> list[str]:
     rows = []
     for r in sorted(runs, key=lambda r: r["experiment_id"]):
         rows.append([f"`{r['experiment_id']}`", r["source"], r.get("stands_for") or "–", r["model"], r["tp"], r["workload"],
                      r.get("steps_kept", "–"), r.get("steps_quarantined", "–"), r.get("kv_source", "–")])
-    lines += ["## Data", "", _md_table(["experiment (partition)", "source", "stands for (real run)", "model", "TP", "workload",
-                                         "steps kept", "quarantined", "KV features from"], rows), ""]
-    lines += ["Targets: `schedule_us` = `step.duration_us`, the CPU time of the scheduler's `schedule()` call (the original "
-              "study's target); `cycle_us` = gap between `step.ts_start_ns` of step id and id+1 where both were sampled "
-              "(the engine cycle a simulator needs; about 10 % of sampled steps have it).", ""]
-    lines += ["## H1 verdict", "", f"Rule: {verdict.get('rule')}.", ""]
-    vrows = []
+    return ["## Data", "", f"{len(runs)} {_source_words(runs)} run(s). " + (
+        "Synthetic runs come from StepML's synthesizer (modelled on the real runs named below); their numbers say nothing "
+        "about real vLLM, only that the pipeline and models behave as designed." if any(r["source"] == "synthetic" for r in runs) else
+        "Every number in this report comes from these runs' traces as processed by this pipeline."), "",
+        _md_table(["experiment (partition)", "source", "stands for (real run)", "model", "TP", "workload", "steps kept", "quarantined",
+                   "KV features from"], rows), "",
+        "Targets: `schedule_us` = `step.duration_us`, the CPU time of the scheduler's `schedule()` call (the original study's target); "
+        "`cycle_us` = gap between `step.ts_start_ns` of step id and id+1 where both were sampled (the engine cycle a simulator needs; "
+        "about 10 % of sampled steps have it), without the gaps the cycle rule removes (*Method checks*).", ""]
+
+
+def verdict_section(verdict: dict) -> list[str]:
+    lines = ["## H1 verdict in detail", "", f"Rule: {verdict.get('rule')}.", ""]
+    rows = []
     for target, v in verdict.get("targets", {}).items():
-        bb = v.get("baselines", {}).get("blackbox_2f", {})
-        nv = v.get("baselines", {}).get("naive_mean", {})
-        vrows.append([target, f"**{v.get('verdict')}**", _fmt(v.get("mean_test_mape_pct")), _fmt(v.get("median_test_mape_pct")),
-                      v.get("n_experiments"), v.get("n_test_rows", "–"),
-                      f"{_fmt(bb.get('mean_test_mape_pct'))} (p={_fmt(bb.get('wilcoxon_p_one_sided'), 3)}, lower in {bb.get('ridge_lower_in', '–')}/{bb.get('n_experiments', '–')})",
-                      f"{_fmt(nv.get('mean_test_mape_pct'))} (p={_fmt(nv.get('wilcoxon_p_one_sided'), 3)}, lower in {nv.get('ridge_lower_in', '–')}/{nv.get('n_experiments', '–')})",
-                      "yes" if v.get("clearly_beats_baselines") else "no"])
-    lines += [_md_table(["target", "verdict", "mean test MAPE % (ridge_30f)", "median", "experiments", "test rows (n)",
-                         "blackbox_2f mean % (Wilcoxon p)", "naive_mean mean % (Wilcoxon p)", "significantly beats both"], vrows), ""]
-    n_exp = max((v.get("n_experiments") or 0 for v in verdict.get("targets", {}).values()), default=0)
-    if n_exp < 5:
-        lines += [f"With {n_exp} experiment(s) a Wilcoxon signed-rank test across experiments cannot reach p < 0.05; the "
-                  "per-experiment 95 % moving-block bootstrap intervals below are then the evidence.", ""]
+        if v.get("verdict") == "no data":
+            continue
+        cells = [f"`{target}`", f"**{v['verdict']}**", v["threshold"], _pct(v["mean_test_mape_pct"]), _pct(v["median_test_mape_pct"]),
+                 f"{v['n_below_threshold']}/{v['n_experiments']}", v["n_test_rows"]]
+        for base in ("blackbox_2f", "naive_mean"):
+            b = v["baselines"].get(base, {})
+            p = b.get("wilcoxon_p_one_sided")
+            cells.append(f"{_pct(b.get('mean_test_mape_pct'))}: {OUTCOME_WORDS.get(b.get('outcome'), '–')}"
+                         + (f" (Wilcoxon p = {p:.3g})" if p is not None and b.get("n_experiments", 0) >= WILCOXON_MIN_N else ""))
+        cells.append(_fmt(v.get("skill_vs_naive_mean")))
+        rows.append(cells)
+    lines += [_md_table(["target", "verdict", "threshold", f"{H1_MODEL} mean MAPE", "median", "runs < 25 %", "test rows",
+                         "blackbox_2f", "naive_mean", "skill vs naive mean"], rows), ""]
+    n = max((v.get("n_experiments") or 0 for v in verdict.get("targets", {}).values()), default=0)
+    if 0 < n < WILCOXON_MIN_N:
+        lines += [f"With {n} run(s) a one-sided Wilcoxon signed-rank test across runs cannot reach p < 0.05 (its smallest p is "
+                  f"0.5^{n} = {wilcoxon_min_p(n):.3g}; {WILCOXON_MIN_N} runs are needed), so no p-value is shown: each run is judged by "
+                  "its own 95 % circular block-bootstrap interval below.", ""]
     for target, v in verdict.get("targets", {}).items():
-        brow = []
+        if not v.get("threshold_separates", True):
+            lines += [f"On `{target}` the naive mean is itself below {SUPPORT_BELOW_PCT:g} %: the threshold does not separate models; "
+                      f"read the comparisons and the skill (1 − MAPE({H1_MODEL}) / MAPE(naive_mean)).", ""]
+    for target, v in verdict.get("targets", {}).items():
+        rows = []
         for base, b in v.get("baselines", {}).items():
             for e, pe in b.get("per_experiment_bootstrap", {}).items():
-                brow.append([f"`{e}`", base, _fmt(pe["mape_diff_pct"]), f"[{_fmt(pe['ci95'][0])}, {_fmt(pe['ci95'][1])}]",
-                             "yes" if pe["ridge_better"] else "no"])
-        if brow:
-            lines += [f"### {target}: ridge_30f minus baseline, test APE (percentage points)", "",
-                      _md_table(["experiment", "baseline", "mean difference", "95 % CI", "ridge significantly better"], brow), ""]
-    for target in ("schedule_us", "cycle_us"):
-        t = metrics.filter((pl.col("target") == target) & (pl.col("split") == "test"))
-        if t.height == 0:
-            continue
-        lines += [f"## Test-split metrics — {target}", ""]
-        mrows = []
-        for r in t.sort(["experiment_id", "scope", "model"]).iter_rows(named=True):
-            mrows.append([f"`{r['experiment_id']}`", r["source"], r["scope"], r["model"], r["n"], _fmt(r["mape_pct"]),
-                          _fmt(r["median_ape_pct"]), _fmt(r["p90_ape_pct"]), _fmt(r["pearson_r"], 3), _fmt(r["mspe_pct"])])
-        lines += [_md_table(["experiment", "source", "scope", "model", "n", "MAPE %", "median APE %", "p90 APE %", "Pearson r", "MSPE %"], mrows), ""]
-        for png in (plot_mape_by_experiment(metrics, target, out_dir / f"mape_by_experiment_{target}.png"),
-                    plot_pred_vs_actual(predictions, target, out_dir / f"pred_vs_actual_{target}.png")):
-            if png is not None:
-                lines += [f"![{png.stem}]({png.name})", ""]
-    # beside the published numbers
-    prow = []
+                rows.append([f"`{short_run_name(e)}`", base, _pct(pe["model_mape_pct"]), _pct(pe["baseline_mape_pct"]), _fmt(pe["mape_diff_pct"]),
+                             f"[{_fmt(pe['ci95'][0])}, {_fmt(pe['ci95'][1])}]", _fmt(-pe["margin_pct"]), OUTCOME_WORDS.get(pe["outcome"], pe["outcome"]),
+                             pe["n_test"]])
+        if rows:
+            lines += [f"### `{target}`: {H1_MODEL} minus baseline per run (test APE, percentage points)", "",
+                      f"'clearly better' needs the whole 95 % interval below 0 and the difference at or below −margin "
+                      f"({100 * CLEAR_MARGIN_REL:g} % of the baseline's MAPE); 'not clearly better' means the interval lies above −margin.", "",
+                      _md_table(["run", "baseline", H1_MODEL, "baseline MAPE", "difference", "95 % interval", "−margin", "outcome", "test rows"], rows), ""]
+    return lines
+
+
+def method_section(*, runs: list[dict], checks: dict[str, pl.DataFrame], findings: dict, predictions: pl.DataFrame) -> list[str]:
+    """Like for like, the floor, the split's stage mix and its effect, the cycle rule, the alignment, the alpha grid."""
+    lines = ["## Method checks", "",
+             f"**Like for like.** `naive_mean`, `blackbox_2f` and `{H1_MODEL}` (and every StepML model) are fitted on train + valid of each run "
+             "(the Ridge models choose alpha on valid first) and scored on test. The `*_orig` models keep the original study's recipe "
+             "(fitted on train only, predictions not floored) to reproduce its published numbers; they take no part in the verdict.", ""]
+    pe = predictions.filter((pl.col("split") == "test") & (pl.col("scope") == "per_experiment"))
+    if "at_floor" in pe.columns and pe.height:
+        fl = pe.group_by("target", "model").agg(at_floor=pl.col("at_floor").sum(), neg=(pl.col("y_pred") <= 0).sum(), n=pl.len()).filter(
+            (pl.col("at_floor") > 0) | (pl.col("neg") > 0)).sort("target", "model")
+        txt = "; ".join(f"`{r['model']}` {r['target']}: {r['at_floor']} of {r['n']} raised to the floor" + (f", {r['neg']} ≤ 0 µs (unclamped recipe)" if r["neg"] else "")
+                        for r in fl.iter_rows(named=True)) or "no test prediction needed it"
+        lines += ["**Positive floor.** Every StepML model predicts max(ŷ, floor), floor = the smallest positive step time it was fitted "
+                  f"on (the same rule in the exported predictor). Test predictions (per-experiment fits): {txt}.", ""]
+    mix = checks.get("stage_mix")
+    if mix is not None and mix.height:
+        rows = []
+        for e in sorted(set(mix["experiment_id"].to_list())):
+            m = mix.filter(pl.col("experiment_id") == e)
+            cells = [f"`{short_run_name(e)}`"]
+            for scheme in ("temporal", "stage_matched"):
+                for block in ("train", "valid", "test"):
+                    b = m.filter((pl.col("scheme") == scheme) & (pl.col("block") == block)).sort("load_stage")
+                    cells.append(" / ".join(f"{100 * s:.0f}" for s in b["share"].to_list()) or "–")
+            rows.append(cells)
+        lines += ["### Load stages in each block", "",
+                  "Share (%) of each load stage (stage 0 / 1 / …, in client order; later stages have higher request rates in these runs) "
+                  "in each block. The temporal split trains mostly on the first stage and tests on the last; the stage-matched split "
+                  "applies 60/20/20 within each stage (test is still each stage's future).", "",
+                  _md_table(["run", "temporal train", "valid", "test", "stage-matched train", "valid", "test"], rows), ""]
+    sm = (findings.get("split_effect") or {}).get("mape")
+    if sm is not None and sm.height:
+        rows = []
+        for (target, model), g in sm.group_by(["target", "model"], maintain_order=True):
+            d = {r["scheme"]: r["mean_mape_pct"] for r in g.iter_rows(named=True)}
+            rows.append([f"`{target}`", model, _pct(d.get("temporal")), _pct(d.get("stage_matched")), _pct(d.get("random")), g["n_experiments"][0]])
+        lines += ["### The H1 models under three splits (mean test MAPE over runs)", "",
+                  "Each model refitted per run under each split. Random is optimistic (neighbouring steps in train and test).", "",
+                  _md_table(["target", "model", "temporal (H1)", "stage-matched", "random", "runs"], rows), ""]
+    cr = checks.get("cycle_rule")
+    if cr is not None and cr.height:
+        rows = []
+        for e in sorted(set(cr["experiment_id"].to_list())):
+            g = cr.filter(pl.col("experiment_id") == e)
+            r = g.filter(pl.col("model") == H1_MODEL)
+            r = (r if r.height else g).row(0, named=True)
+            rows.append([f"`{short_run_name(e)}`", r["pairs"], r["removed_idle"], r["removed_stall"], r["n_test_rule"], _pct(r["mape_rule_pct"]),
+                         r["n_test_all"], _pct(r["mape_all_gaps_pct"])])
+        from .tables import STALL_FACTOR, STALL_WINDOW
+        lines += ["### Cycle rule (`cycle_us`)", "",
+                  "A gap between consecutive sampled steps is an engine cycle unless (idle) nothing was left to run after step N "
+                  "(running − finished ≤ 0, nothing waiting) and the gap exceeds its local median, or (stall) it exceeds "
+                  f"{STALL_FACTOR:g}× the median of the {STALL_WINDOW} nearest gaps: a pause the batch does not show. "
+                  f"Removed gaps are counted; {H1_MODEL} is scored with the rule and on every gap.", "",
+                  _md_table(["run", "consecutive pairs", "removed: idle", "removed: stall", "test rows (rule)", f"{H1_MODEL} MAPE (rule)",
+                             "test rows (all gaps)", f"{H1_MODEL} MAPE (all gaps)"], rows), ""]
+    al = findings.get("alignment")
+    raw = checks.get("alignment")
+    if al is not None and al.height:
+        rows = [[r["model"], r["alignment"], _pct(r["mean_mape_pct"]), _fmt(r["diff_vs_N_pct"]) if r["alignment"] != "N" else "–",
+                 f"[{_fmt(r['diff_lo_pct'])}, {_fmt(r['diff_hi_pct'])}]" if r["alignment"] != "N" else "–",
+                 ("within noise" if r["within_noise"] else "better" if r["diff_vs_N_pct"] < 0 else "worse") if r["alignment"] != "N" else "–",
+                 r["n_experiments"], r["n_rows"], r["n_test"]] for r in al.iter_rows(named=True)]
+        lines += ["### Batch N or batch N−1 for `cycle_us`", "",
+                  "Under async scheduling cycle(N) = ts_start[N+1] − ts_start[N] can end when batch N−1's GPU work does. Fitted per run "
+                  "on the rows where steps N−1, N and N+1 were all sampled (about 1 % of steps at 10 % sampling), temporal split.", "",
+                  _md_table(["model", "features of batch", "mean test MAPE", "difference vs N (pt)", "95 % interval", "", "runs", "rows", "test rows"], rows), ""]
+    elif raw is not None and raw.height and "note" in raw.columns:
+        lines += ["### Batch N or batch N−1 for `cycle_us`", "", "Not tested: " + "; ".join(sorted(set(n for n in raw["note"].to_list() if n))) + ".", ""]
+    a = findings.get("alpha")
+    if a is not None and a.height:
+        from .estimators import ALPHA_GRID
+        rows = [[r["scope"], f"`{r['target']}`", r["model"], r["fits"], r["at_low_edge"], r["at_high_edge"], f"{r['alpha_min']:.0e} – {r['alpha_max']:.0e}"]
+                for r in a.iter_rows(named=True)]
+        edge = int(a["at_low_edge"].sum() + a["at_high_edge"].sum())
+        lines += ["### Ridge alpha", "",
+                  f"Alpha is chosen on the validation block from {len(ALPHA_GRID)} values, {ALPHA_GRID[0]:.0e} … {ALPHA_GRID[-1]:.0e} "
+                  f"(half-decade steps; the grid was 1e-04 … 1e+04 before). Fits at an end of the grid: {edge} of {int(a['fits'].sum())}. "
+                  f"On standardized features the Gram matrix's diagonal is the number of fit rows (≥ 100 here), so alpha = {ALPHA_GRID[0]:.0e} "
+                  f"is ordinary least squares for practical purposes and alpha = {ALPHA_GRID[-1]:.0e} shrinks to the mean: a choice at "
+                  "either end is the limit itself, not a search cut short.", "",
+                  _md_table(["scope", "target", "model", "fits", f"at {ALPHA_GRID[0]:.0e}", f"at {ALPHA_GRID[-1]:.0e}", "range chosen"], rows), ""]
+    return lines
+
+
+def published_section(runs: list[dict], metrics: pl.DataFrame) -> list[str]:
+    pub = published_results()
+    rows = []
     test_pe = metrics.filter((pl.col("target") == "schedule_us") & (pl.col("split") == "test") & (pl.col("scope") == "per_experiment"))
     for r in sorted(runs, key=lambda r: r["experiment_id"]):
         real_id = r["experiment_id"] if r["source"] == "real" else r.get("stands_for")
@@ -171,17 +362,133 @@ def render_report(*, runs: list[dict], metrics: pl.DataFrame, predictions: pl.Da
         p = pub[real_id]
         ours = {m: test_pe.filter((pl.col("experiment_id") == r["experiment_id"]) & (pl.col("model") == m))["mape_pct"].to_list() for m in MODEL_ORDER}
         g = lambda m: _fmt(ours[m][0]) if ours.get(m) else "–"
-        prow.append([f"`{r['experiment_id']}`", r["source"], g("blackbox_ols_orig"), _fmt(float(p["r1_blackbox2f_per_exp_step_mape_pct"])),
+        rows.append([f"`{r['experiment_id']}`", r["source"], g("blackbox_ols_orig"), _fmt(float(p["r1_blackbox2f_per_exp_step_mape_pct"])),
                      g("ridge_30f_orig"), _fmt(float(p["r1_ridge30f_per_exp_step_mape_pct"])), g("ridge_30f"),
                      g("hgb_30f"), _fmt(float(p["r1_xgb30f_per_exp_step_mape_pct"]))])
-    if prow:
-        lines += ["## Beside the original study's published numbers (target `schedule_us`, test MAPE %)", "",
-                  "Published figures: round 1 of the original study (per experiment, temporal 60/20/20). For synthetic runs "
-                  "the published figure belongs to the real run it stands for, so only real rows are reproductions.", "",
-                  _md_table(["experiment", "source", "OLS blackbox (ours, original recipe)", "published blackbox",
-                             "Ridge 30f α=1 (ours, original recipe)", "published Ridge 30f", "Ridge 30f (StepML recipe)",
-                             "gradient boosting hgb_30f (ours)", "published XGBoost"], prow), ""]
+    if not rows:
+        return []
+    return ["## Beside the original study's published numbers (target `schedule_us`, test MAPE %)", "",
+            "Published figures: round 1 of the original study (per experiment, temporal 60/20/20). The `*_orig` columns use the original "
+            "recipe (train only, unclamped) and reproduce them; `ridge_30f` is StepML's like-for-like recipe. For synthetic runs the "
+            "published figure belongs to the real run it stands for, so only real rows are reproductions.", "",
+            _md_table(["experiment", "source", "OLS blackbox (ours, original recipe)", "published blackbox",
+                       "Ridge 30f α=1 (ours, original recipe)", "published Ridge 30f", "Ridge 30f (StepML recipe)",
+                       "gradient boosting hgb_30f (ours)", "published XGBoost"], rows), ""]
+
+
+def ranking_section(findings: dict, predictions: pl.DataFrame, out_dir: Path) -> list[str]:
+    ranks, recs = findings.get("rankings") or {}, findings.get("recommendations") or {}
+    if not ranks:
+        return []
+    lines = ["## Which step-time model a simulator should use", "",
+             "Models ranked by mean test MAPE over runs. 'Difference vs best' is the gap to the best model of that scope with a 95 % "
+             "interval from resampling every run's test rows (one circular block bootstrap shared by all models); models whose interval "
+             "contains 0 are **tied** with the best. The recommendation is the simplest tied model (order: "
+             "naive_mean, blackbox_2f, nnls_physics, ridge_30f, ridge_log_30f, hgb_30f). Scope `per_model` = one fit per LLM over its "
+             "workloads, what a simulator would ship" + (
+                 " (every model here has one run, so `per_model` and `per_experiment` are the same fits)." if findings.get("one_run_per_model")
+                 else "."), ""]
+    for target in ("cycle_us", "schedule_us"):
+        by_scope = ranks.get(target)
+        if not by_scope:
+            continue
+        rows = []
+        for scope in ("per_model", "per_experiment", "global"):
+            r = by_scope.get(scope)
+            if r is None:
+                continue
+            for x in r.iter_rows(named=True):
+                is_best = x["diff_vs_best_pct"] == 0 and x["diff_lo_pct"] == 0 and x["diff_hi_pct"] == 0
+                rows.append([scope, x["model"], _pct(x["mean_mape_pct"]), _pct(x["median_mape_pct"]), "best" if is_best else _fmt(x["diff_vs_best_pct"]),
+                             "–" if is_best else f"[{_fmt(x['diff_lo_pct'])}, {_fmt(x['diff_hi_pct'])}]",
+                             "best" if is_best else "**tied**" if x["tied_with_best"] else "worse",
+                             x["n_experiments"], x["test_rows"]])
+        lines += [f"### `{target}`", "", _md_table(["scope", "model", "mean MAPE", "median", "difference vs best (pt)", "95 % interval",
+                                                     "vs best", "runs", "test rows"], rows), ""]
+        rec = recs.get(target)
+        if rec:
+            lines += [f"**Recommendation for `{target}`: `{rec['model']}` fitted {rec['scope'].replace('_', ' ')}** "
+                      f"({_pct(rec['mean_mape_pct'])}; the best and the models within noise of it: {', '.join(f'`{m}`' for m in rec['tied'])}). " + (
+                          "This is the target a simulator advances its clock by." if target == "cycle_us" else
+                          "This target is scheduler CPU time, not the step a simulator needs; use it only to model scheduler overhead."), ""]
+            png = plot_residuals(predictions, target, rec["model"], rec["scope"], Path(out_dir) / f"residuals_{target}.png")
+            if png:
+                lines += [f"![{png.stem}]({png.name})", ""]
+    return lines
+
+
+def ablation_section(findings: dict) -> list[str]:
+    a = findings.get("ablation")
+    if a is None or a.height == 0:
+        return []
+    rows = [[f"`{r['target']}`", r["group"], _fmt(r["all"]), _fmt(r["without"]), _fmt(r["change"]), f"[{_fmt(r['change_lo'])}, {_fmt(r['change_hi'])}]",
+             r["effect"], _fmt(r["only"]), r["n"]] for r in a.iter_rows(named=True)]
+    return ["## Feature-group ablation (ridge_30f, per run, mean test MAPE %)", "",
+            "'without' drops the group from the 30 features; 'only' keeps just that group. The change (without − all) carries a 95 % "
+            "interval from the per-run bootstrap errors of the test rows; a group 'carried the fit' only when the whole interval is "
+            "above 0, 'dropping it helps' when it is below 0, 'no change' below 0.01 point.", "",
+            _md_table(["target", "group", "all 30", "without group", "change", "95 % interval", "effect", "only group", "runs"], rows), ""]
+
+
+def generalization_section(findings: dict) -> list[str]:
+    g = findings.get("generalization")
+    if g is None or g.height == 0:
+        return []
+    rows = [[f"`{r['target']}`", r["scope"], r["model"], _pct(r["median_mape_pct"]), _pct(r["mean_mape_pct"]), _pct(r["max_mape_pct"]), r["n"],
+             ("**absurd**: " + r["why"]) if r["absurd"] else ""] for r in g.iter_rows(named=True)]
+    out = ["## Generalization (held-out models and workloads)", "",
+           "Each held-out run's test block scored by a model fitted on the other models' (workloads') runs; ranked on the median over "
+           f"held-out runs (robust to one exploding run), mean and worst beside it. Values above {1000:,} % are flagged and explained.", ""]
+    for target in ("cycle_us", "schedule_us"):
+        t = (findings.get("transfer") or {}).get(target)
+        if t:
+            out.append(f"* `{target}` leave-one-model-out: " + (
+                f"no model beats the naive mean ({_pct(t['naive_median_pct'])}) by ≥ {100 * CLEAR_MARGIN_REL:g} %: nothing transfers to an unseen model."
+                if not t["transfers"] else f"`{t['best_model']}` {_pct(t['best_median_pct'])} vs naive mean {_pct(t['naive_median_pct'])}."))
+    if findings.get("lomo_equals_lowo"):
+        out.append("* Every held-out model here is also a held-out workload: the two scopes are the same folds.")
+    return out + ["", _md_table(["target", "scope", "model", "median MAPE", "mean MAPE", "worst run", "held-out runs", "flag"], rows), ""]
+
+
+def appendix_section(metrics: pl.DataFrame, predictions: pl.DataFrame, out_dir: Path, source: str = "") -> list[str]:
+    """Full test metrics per experiment × model × scope, and the per-run plots (the same rows are in metrics.csv)."""
+    lines = ["## Appendix: full tables and plots", "",
+             "Every experiment × model × scope on the test split (all splits, and the generalization scopes, are in `metrics.csv`).", ""]
+    for target in ("schedule_us", "cycle_us"):
+        t = metrics.filter((pl.col("target") == target) & (pl.col("split") == "test"))
+        if t.height == 0:
+            continue
+        mrows = [[f"`{r['experiment_id']}`", r["source"], r["scope"], r["model"], r["n"], _fmt(r["mape_pct"]), _fmt(r["median_ape_pct"]),
+                  _fmt(r["p90_ape_pct"]), _fmt(r["pearson_r"], 3), _fmt(r["mspe_pct"])]
+                 for r in t.sort(["experiment_id", "scope", "model"]).iter_rows(named=True)]
+        lines += [f"### Test-split metrics — `{target}`", "",
+                  _md_table(["experiment", "source", "scope", "model", "n", "MAPE %", "median APE %", "p90 APE %", "Pearson r", "MSPE %"], mrows), ""]
+        for png in (plot_mape_by_experiment(metrics, target, out_dir / f"mape_by_experiment_{target}.png", source),
+                    plot_pred_vs_actual(predictions, target, out_dir / f"pred_vs_actual_{target}.png", source=source)):
+            if png is not None:
+                lines += [f"![{png.stem}]({png.name})", ""]
+    return lines
+
+
+def render_report(*, runs: list[dict], metrics: pl.DataFrame, predictions: pl.DataFrame, verdict: dict, out_dir: Path,
+                  findings: dict | None = None, checks: dict | None = None, extra_sections: list[str] | None = None) -> str:
+    """Write report.md + PNGs into out_dir and return the markdown (sections in the order of the module docstring;
+    `extra_sections` go after the main sections, before the appendix)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    findings = findings or {}
+    source = _source_words(runs)
+    lines = ["# StepML study report: H1 (30 physics-informed features + Ridge)", ""]
+    lines += summary_section(runs=runs, metrics=metrics, verdict=verdict, findings=findings)
+    lines += data_section(runs)
+    lines += verdict_section(verdict)
+    lines += method_section(runs=runs, checks=checks or {}, findings=findings, predictions=predictions)
+    lines += published_section(runs, metrics)
+    lines += ranking_section(findings, predictions, out_dir)
+    lines += ablation_section(findings)
+    lines += generalization_section(findings)
     lines += list(extra_sections or [])
+    lines += appendix_section(metrics, predictions, out_dir, source)
     md = "\n".join(lines) + "\n"
     (out_dir / "report.md").write_text(md)
     return md
@@ -192,93 +499,6 @@ def write_outputs(out_dir: Path, metrics: pl.DataFrame, verdict: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics.write_csv(out_dir / "metrics.csv")
     (out_dir / "verdict.json").write_text(json.dumps(verdict, indent=2, sort_keys=True, default=float))
-
-
-BEYOND_MODELS = ["naive_mean", "blackbox_2f", "ridge_30f", "ridge_log_30f", "nnls_physics", "hgb_30f", "blackbox_ols_orig", "ridge_30f_orig"]
-
-
-def _real_id(experiment_id: str) -> str:
-    return experiment_id[: -len("-synth")] if experiment_id.endswith("-synth") else experiment_id
-
-
-def model_ranking(metrics: pl.DataFrame, target: str) -> pl.DataFrame:
-    """Mean / median test MAPE over experiments per model and scope (per_experiment, per_model, global)."""
-    t = metrics.filter((pl.col("target") == target) & (pl.col("split") == "test") & pl.col("scope").is_in(["per_experiment", "per_model", "global"]))
-    return (t.group_by("model", "scope").agg(mean_mape_pct=pl.col("mape_pct").mean(), median_mape_pct=pl.col("mape_pct").median(),
-                                             n_experiments=pl.len(), test_rows=pl.col("n").sum())
-            .sort("mean_mape_pct"))
-
-
-def plot_residuals(predictions: pl.DataFrame, target: str, model: str, scope: str, path: Path) -> Path | None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    p = predictions.filter((pl.col("target") == target) & (pl.col("split") == "test") & (pl.col("model") == model)
-                           & (pl.col("scope") == scope) & (pl.col("y") > 0))
-    if p.height == 0 or "batch_size" not in p.columns:
-        return None
-    r = (100 * (p["y_pred"] - p["y"]) / p["y"]).to_numpy()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, col, label in ((axes[0], "batch_size", "batch size (requests)"), (axes[1], "kv_mean", "mean decode context (tokens)")):
-        ax.scatter(p[col].to_numpy(), r, s=2, alpha=0.3)
-        ax.axhline(0, color="k", lw=0.8)
-        ax.set_xlabel(label)
-    axes[0].set_ylabel("signed error (%)")
-    fig.suptitle(f"Residuals of {model} ({scope}), test split — {target}")
-    _margins(fig, top=0.55, wspace=0.06)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def beyond_h1_sections(metrics: pl.DataFrame, predictions: pl.DataFrame, generalization: pl.DataFrame | None,
-                       ablation: pl.DataFrame | None, out_dir: Path) -> list[str]:
-    """Report sections past H1: ranking with a recommendation, ablation, generalization, residual plots."""
-    out_dir = Path(out_dir)
-    pub = published_results()
-    lines = ["## Beyond H1: which step-time model a simulator should use", ""]
-    for target in ("cycle_us", "schedule_us"):
-        rank = model_ranking(metrics, target)
-        if rank.height == 0:
-            continue
-        exps = sorted(set(metrics.filter(pl.col("target") == target)["experiment_id"].to_list()))
-        xgb = [float(pub[_real_id(e)]["r1_xgb30f_per_exp_step_mape_pct"]) for e in exps if _real_id(e) in pub]
-        rows = [[r["model"], r["scope"], _fmt(r["mean_mape_pct"]), _fmt(r["median_mape_pct"]), r["n_experiments"], r["test_rows"]]
-                for r in rank.iter_rows(named=True)]
-        if target == "schedule_us" and xgb:
-            rows.append(["XGBoost (original study, published, real runs these stand for)", "per_experiment", _fmt(float(np.mean(xgb))),
-                         _fmt(float(np.median(xgb))), len(xgb), "–"])
-        lines += [f"### Ranking — {target} (test MAPE over experiments)", "",
-                  _md_table(["model", "scope", "mean MAPE %", "median MAPE %", "experiments", "test rows"], rows), ""]
-        deploy = rank.filter(pl.col("scope") == "per_model")
-        best_pe = rank.filter(pl.col("scope") == "per_experiment").row(0, named=True)
-        if deploy.height:
-            best = deploy.row(0, named=True)
-            lines += [f"**Recommendation for `{target}`: `{best['model']}` fitted per model over its workloads** "
-                      f"(mean test MAPE {_fmt(best['mean_mape_pct'])} %; the best per-experiment fit is `{best_pe['model']}` at "
-                      f"{_fmt(best_pe['mean_mape_pct'])} %). " + (
-                          "This is the target a simulator advances its clock by." if target == "cycle_us" else
-                          "This target is scheduler CPU time, not the step a simulator needs; use it only to model scheduler overhead."), ""]
-        png = plot_residuals(predictions, target, deploy.row(0, named=True)["model"] if deploy.height else best_pe["model"],
-                             "per_model" if deploy.height else "per_experiment", out_dir / f"residuals_{target}.png")
-        if png:
-            lines += [f"![{png.stem}]({png.name})", ""]
-    if ablation is not None and ablation.height:
-        a = ablation.group_by("target", "group").agg(all=pl.col("mape_all_pct").mean(), without=pl.col("mape_without_pct").mean(),
-                                                     only=pl.col("mape_only_pct").mean(), n=pl.len()).sort("target", "group")
-        rows = [[r["target"], r["group"], _fmt(r["all"]), _fmt(r["without"]), _fmt(r["without"] - r["all"]) if r["without"] is not None else "–",
-                 _fmt(r["only"]), r["n"]] for r in a.iter_rows(named=True)]
-        lines += ["### Feature-group ablation (ridge_30f, per experiment, mean test MAPE %)", "",
-                  "'without' drops the group from the 30 features; 'only' keeps just that group. A positive change means the group carried the fit.", "",
-                  _md_table(["target", "group", "all 30", "without group", "change", "only group", "experiments"], rows), ""]
-    if generalization is not None and generalization.height:
-        g = (generalization.filter(pl.col("split") == "test").group_by("target", "scope", "model")
-             .agg(mean=pl.col("mape_pct").mean(), median=pl.col("mape_pct").median(), n=pl.len()).sort("target", "scope", "mean"))
-        rows = [[r["target"], r["scope"], r["model"], _fmt(r["mean"]), _fmt(r["median"]), r["n"]] for r in g.iter_rows(named=True)]
-        lines += ["### Generalization (held-out experiments' test blocks, mean over held-out experiments)", "",
-                  _md_table(["target", "scope", "model", "mean MAPE %", "median MAPE %", "held-out experiments"], rows), ""]
-    return lines
 
 
 def calibration_sections(public: pl.DataFrame | None, step_quantiles: pl.DataFrame | None) -> list[str]:
@@ -336,17 +556,17 @@ def feature_provenance_section(runs: list[dict], ablation: pl.DataFrame | None) 
     n = sum(totals.values()) or 1
     kv = ", ".join(f"{k} {100 * v / n:.1f} % of rows" for k, v in sorted(totals.items(), key=lambda kv: -kv[1])) or "–"
     carried = {}
-    if ablation is not None and ablation.height:
-        a = ablation.group_by("target", "group").agg(d=(pl.col("mape_without_pct") - pl.col("mape_all_pct")).mean())
-        for t, g, d in a.iter_rows():
-            carried.setdefault(g, {})[t] = d
-    rows = [[g, src.format(kv=kv), _fmt(carried.get(g, {}).get("cycle_us")), _fmt(carried.get(g, {}).get("schedule_us"))]
+    from .findings import ablation_summary
+    a = ablation_summary(ablation)
+    for r in a.iter_rows(named=True) if a.height else []:
+        carried.setdefault(r["group"], {})[r["target"]] = f"{_fmt(r['change'])} ({r['effect']})"
+    rows = [[g, src.format(kv=kv), carried.get(g, {}).get("cycle_us", "–"), carried.get(g, {}).get("schedule_us", "–")]
             for g, src in GROUP_SOURCES.items()]
     return ["## Where each feature group's values came from", "",
             "KV sources: `snapshot` = the step's own REQUEST_SNAPSHOT events; `journey` = the step's batch reconstructed from "
-            "journey events; `proxy_blocks` = BATCH_SUMMARY proxies (documented in stepml_core/features.py). 'Carried the fit' = "
-            "mean rise of ridge_30f test MAPE (percentage points) when the group is dropped.", "",
-            _md_table(["group", "values from", "carried the fit: cycle_us", "carried the fit: schedule_us"], rows), ""]
+            "journey events; `proxy_blocks` = BATCH_SUMMARY proxies (documented in stepml_core/features.py). Last columns: "
+            "mean rise of ridge_30f test MAPE (points) when the group is dropped, and whether it exceeds the noise (*Feature-group ablation*).", "",
+            _md_table(["group", "values from", "dropping it: cycle_us", "dropping it: schedule_us"], rows), ""]
 
 
 def reconstruction_section(agreements: dict[str, dict]) -> list[str]:
@@ -375,31 +595,6 @@ def reconstruction_section(agreements: dict[str, dict]) -> list[str]:
             f"against BATCH_SUMMARY token and request counts. Overall agreement with snapshots: **{overall}**.", "",
             _md_table(["experiment", "steps rebuilt", "(step, request) pairs", "pairs also in snapshots", "all fields match %",
                        "BATCH_SUMMARY steps fully matching %", "per field %"], rows), ""]
-
-
-def plot_e2e(per_request: pl.DataFrame, model: str, path: Path) -> Path | None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    p = per_request.filter(pl.col("model") == model) if per_request.height else per_request
-    if p.height == 0:
-        return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    for ax, m in zip(axes, ("ttft", "e2e")):
-        o, q = p[f"obs_{m}_us"].to_numpy() / 1e3, p[f"pred_{m}_us"].to_numpy() / 1e3
-        ok = np.isfinite(o) & np.isfinite(q) & (o > 0) & (q > 0)
-        ax.scatter(o[ok], q[ok], s=2, alpha=0.3)
-        if ok.any():
-            lo, hi = min(o[ok].min(), q[ok].min()), max(o[ok].max(), q[ok].max())
-            ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-        ax.set_xscale("log"); ax.set_yscale("log")
-        ax.set_xlabel(f"observed {m.upper()} (ms)"); ax.set_ylabel(f"predicted {m.upper()} (ms)")
-    fig.suptitle(f"Teacher-forced E2E fidelity: {model} cycle-time predictions summed per request")
-    _margins(fig, top=0.55, wspace=0.25)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def e2e_section(summary: pl.DataFrame, per_request: pl.DataFrame, out_dir: Path) -> list[str]:

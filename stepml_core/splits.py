@@ -4,6 +4,15 @@ n_train = round(0.6 n), n_valid = round(0.2 n) (Python's round, as the original
 study's splits.py), the rest test; blocks are contiguous in step-id order, no gap.
 A row's load stage is the client stage whose time window holds its step start,
 measured from the run's first sampled step.
+
+The temporal split puts the runs' low-rate first stage mostly in train and the high-rate
+stage in valid and test. Two other schemes measure what that costs (report only; H1 uses
+the temporal split):
+  stage_matched — the temporal 60/20/20 rule applied within each load stage, blocks united:
+                  every block has the run's stage mix and test is still the future of train
+                  within each stage;
+  random        — a seeded random 60/20/20 assignment of rows (same sizes): neighbouring
+                  steps fall in train and test, an optimistic bound.
 """
 
 from __future__ import annotations
@@ -25,6 +34,24 @@ def temporal_split(step_ids: np.ndarray) -> np.ndarray:
     n_tr, n_va, _ = split_sizes(len(step_ids))
     rank = np.empty(len(step_ids), dtype=np.int64)
     rank[np.argsort(step_ids, kind="stable")] = np.arange(len(step_ids))
+    return np.where(rank < n_tr, "train", np.where(rank < n_tr + n_va, "valid", "test"))
+
+
+def stage_matched_split(step_ids: np.ndarray, stages: np.ndarray) -> np.ndarray:
+    """Temporal 60/20/20 labels computed within each load stage (by step id), see the module docstring."""
+    step_ids, stages = np.asarray(step_ids), np.asarray(stages)
+    out = np.empty(len(step_ids), dtype=object)
+    for st in np.unique(stages):
+        m = stages == st
+        out[m] = temporal_split(step_ids[m])
+    return out.astype(str)
+
+
+def random_split(step_ids: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A seeded random 60/20/20 assignment with the sizes of `split_sizes`."""
+    n = len(step_ids)
+    n_tr, n_va, _ = split_sizes(n)
+    rank = np.random.default_rng(seed).permutation(n)
     return np.where(rank < n_tr, "train", np.where(rank < n_tr + n_va, "valid", "test"))
 
 
@@ -62,3 +89,13 @@ def split_summary(split: pl.DataFrame) -> list[dict]:
             "stage_share": {f"stage_{int(r['load_stage'])}": round(r["count"] / b.height, 4) for r in stages.iter_rows(named=True)},
         })
     return out
+
+
+def stage_mix(split: pl.DataFrame, column: str = "split") -> pl.DataFrame:
+    """Long table: block, load_stage, n rows, share of the block's rows, for one split labelling."""
+    if split.height == 0:
+        return pl.DataFrame(schema={"block": pl.Utf8, "load_stage": pl.Int64, "n": pl.Int64, "share": pl.Float64})
+    return (split.group_by(pl.col(column).alias("block"), "load_stage").agg(n=pl.len())
+            .with_columns(share=pl.col("n") / pl.col("n").sum().over("block"))
+            .with_columns(pl.col("n").cast(pl.Int64), pl.col("load_stage").cast(pl.Int64))
+            .sort("block", "load_stage"))

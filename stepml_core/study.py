@@ -1,13 +1,15 @@
 """The H1 study on feature matrices: models, predictions, metrics, verdict (pure functions).
 
 Models (per target, per scope):
-  naive_mean         mean of the training target
+  naive_mean         mean of the target over train + valid
   blackbox_2f        Ridge on (prefill_tokens, decode_tokens), alpha on valid, refit train+valid
   ridge_30f          Ridge on the seed's 30 features, alpha on valid, refit train+valid
-  blackbox_ols_orig  original recipe: OLS on (P, D), train only
-  ridge_30f_orig     original recipe: the original study's 30 features, Ridge alpha=1, train only
-Scopes: per_experiment (fit on the experiment's own train block) and global (one model
-pooled over all experiments' train blocks, scored on each experiment's slice).
+  blackbox_ols_orig  original recipe: OLS on (P, D), train only, unclamped (reproduction only)
+  ridge_30f_orig     original recipe: the original study's 30 features, Ridge alpha=1, train only, unclamped
+The H1 comparison (naive_mean, blackbox_2f, ridge_30f) is like for like: the same fit rows
+(train + valid), the same positive floor on predictions (estimators.apply_floor), scored on test.
+Scopes: per_experiment (fit on the experiment's own blocks) and pooled scopes (global, per
+model, leave-one-out), scored on each experiment's slice. The verdict is in stepml_core.verdict.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ import functools
 
 import numpy as np
 import polars as pl
-from scipy import stats
 
 from .catalog import gpu_spec, model_spec
 from .estimators import (LinearStepModel, fit_hgb_validated, fit_naive_mean, fit_nnls_basis, fit_ols_original,
                          fit_ridge_log_validated, fit_ridge_original, fit_ridge_validated, predict_model)
 from .features import FEATURE_GROUPS, ORIGINAL_FEATURES, feature_columns, feature_group_columns, original_study_features, snapshot_aggregates, step_table_features
 from .tables import TARGETS
+from .verdict import H1_MODEL, REFUTE_ABOVE_PCT, SUPPORT_BELOW_PCT, h1_verdict  # noqa: F401  (re-exported)
 
 BLACKBOX_FEATURES = ["prefill_tokens", "decode_tokens"]
 PHYSICS_BASIS = ["t_compute_us", "t_memory_us", "num_prefill_reqs", "num_decode_reqs", "prefill_tokens", "decode_tokens"]
@@ -38,7 +40,6 @@ MODELS = {  # name: (recipe, features)
     "hgb_30f": ("stepml", "seed30"),
 }
 H1_MODELS = ("naive_mean", "blackbox_2f", "ridge_30f", "blackbox_ols_orig", "ridge_30f_orig")
-H1_MODEL, SUPPORT_BELOW_PCT, REFUTE_ABOVE_PCT = "ridge_30f", 25.0, 30.0
 METRIC_COLUMNS = ["experiment_id", "source", "target", "model", "scope", "split", "n", "mape_pct",
                   "median_ape_pct", "p90_ape_pct", "pearson_r", "mspe_pct"]
 
@@ -57,7 +58,8 @@ def build_feature_matrix(steps: pl.DataFrame, snapshots: pl.DataFrame | None, *,
         request_aggregates = snapshot_aggregates(snapshots)
     seed = step_table_features(steps, spec, gpu, tp, request_aggregates=request_aggregates, request_source=request_source)
     orig = original_study_features(steps, spec, tp)
-    keep = ["step.id", "step.ts_start_ns", "batch.prefill_tokens", "batch.decode_tokens", *TARGETS]
+    keep = ["step.id", "step.ts_start_ns", "batch.prefill_tokens", "batch.decode_tokens", *TARGETS,
+            *[c for c in ("cycle_gap_us", "cycle_excluded") if c in steps.columns]]  # the cycle rule's inputs, for its check
     return (steps.select(keep).join(seed, on="step.id").join(orig, on="step.id")
             .with_columns(experiment_id=pl.lit(experiment_id), source=pl.lit(source)).sort("step.id"))
 
@@ -79,7 +81,7 @@ def fit_models(fm: pl.DataFrame, target: str, scope: str, names: tuple[str, ...]
             continue
         X_va, y_va = _xy(fm, feats, target, ("valid",))
         if name == "naive_mean":
-            m = fit_naive_mean(target, y_tr).to_dict()
+            m = fit_naive_mean(target, np.concatenate([y_tr, y_va])).to_dict()
         elif recipe == "original" and name.startswith("blackbox"):
             m = fit_ols_original(name, target, feats, X_tr, y_tr).to_dict()
         elif recipe == "original":
@@ -101,11 +103,12 @@ def fit_models(fm: pl.DataFrame, target: str, scope: str, names: tuple[str, ...]
 
 PREDICTION_SCHEMA = {"experiment_id": pl.Utf8, "source": pl.Utf8, "step.id": pl.Int64, "split": pl.Utf8, "load_stage": pl.Int64,
                      "kv_mean": pl.Float64, "batch_size": pl.Float64, "target": pl.Utf8, "model": pl.Utf8, "scope": pl.Utf8,
-                     "y": pl.Float64, "y_pred": pl.Float64}
+                     "y": pl.Float64, "y_pred": pl.Float64, "at_floor": pl.Boolean}
 
 
 def predict(fm: pl.DataFrame, models: list[dict], scope: str) -> pl.DataFrame:
-    """Long table: experiment_id, source, step.id, split, target, model, scope, y, y_pred (rows with a target)."""
+    """Long table: experiment_id, source, step.id, split, target, model, scope, y, y_pred (rows with a target);
+    at_floor: the prediction was raised to the model's positive floor (estimators.apply_floor)."""
     parts = []
     for m in models:
         rows = fm.filter(pl.col(m["target"]).is_not_null() & pl.col(m["target"]).is_finite())
@@ -116,7 +119,8 @@ def predict(fm: pl.DataFrame, models: list[dict], scope: str) -> pl.DataFrame:
         parts.append(rows.select("experiment_id", "source", "step.id", "split", "load_stage", "kv_mean",
                                  batch_size=pl.col("num_prefill_reqs") + pl.col("num_decode_reqs")).with_columns(
             target=pl.lit(m["target"]), model=pl.lit(m["name"]), scope=pl.lit(scope),
-            y=rows[m["target"]].cast(pl.Float64), y_pred=pl.Series(yhat, dtype=pl.Float64)))
+            y=rows[m["target"]].cast(pl.Float64), y_pred=pl.Series(yhat, dtype=pl.Float64),
+            at_floor=pl.Series(yhat <= m["floor_us"] if m.get("floor_us") is not None else np.zeros(len(yhat), bool))))
     return pl.concat(parts) if parts else pl.DataFrame(schema=PREDICTION_SCHEMA)  # an empty run still has the columns
 
 
@@ -133,73 +137,6 @@ def metrics_from_predictions(pred: pl.DataFrame) -> pl.DataFrame:
         p90_ape_pct=pl.col("ape").quantile(0.9, "linear"), pearson_r=pl.corr("y", "y_pred"), mspe_pct=pl.col("spe").mean(),
     )
     return m.select(METRIC_COLUMNS).sort(keys)
-
-
-def _block_bootstrap_diff(ape_a: np.ndarray, ape_b: np.ndarray, reps: int, seed: int) -> tuple[float, float]:
-    """95 % moving-block bootstrap interval of mean(ape_a − ape_b) over time-ordered rows."""
-    d = ape_a - ape_b
-    n = len(d)
-    if n < 2:
-        return float("nan"), float("nan")
-    block = max(1, int(round(n ** 0.5)))
-    rng = np.random.default_rng(seed)
-    n_blocks = int(np.ceil(n / block))
-    starts = rng.integers(0, n - block + 1, size=(reps, n_blocks))
-    idx = (starts[:, :, None] + np.arange(block)[None, None, :]).reshape(reps, -1)[:, :n]
-    means = d[idx].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-def h1_verdict(metrics: pl.DataFrame, predictions: pl.DataFrame, *, seed: int = 0, reps: int = 1000) -> dict:
-    """The seed's rule per target, with paired tests against the baselines.
-
-    Mean test MAPE of ridge_30f (per-experiment scope) over experiments: < 25 % supported,
-    > 30 % refuted, otherwise inconclusive. Beats a baseline: one-sided Wilcoxon signed-rank
-    test across experiments (p < 0.05), and per experiment a 95 % moving-block bootstrap
-    interval of the MAPE difference on the test rows.
-    """
-    out = {"rule": f"mean per-experiment test MAPE of {H1_MODEL}: < {SUPPORT_BELOW_PCT}% supported, > {REFUTE_ABOVE_PCT}% refuted, otherwise inconclusive", "targets": {}}
-    test = metrics.filter((pl.col("split") == "test") & (pl.col("scope") == "per_experiment"))
-    for target in TARGETS:
-        t = test.filter(pl.col("target") == target)
-        ridge = t.filter(pl.col("model") == H1_MODEL).sort("experiment_id")
-        if ridge.height == 0:
-            out["targets"][target] = {"verdict": "no data", "n_experiments": 0}
-            continue
-        mean_mape = float(ridge["mape_pct"].mean())
-        verdict = "supported" if mean_mape < SUPPORT_BELOW_PCT else "refuted" if mean_mape > REFUTE_ABOVE_PCT else "inconclusive"
-        res = {"verdict": verdict, "mean_test_mape_pct": mean_mape, "median_test_mape_pct": float(ridge["mape_pct"].median()),
-               "n_experiments": ridge.height, "n_test_rows": int(ridge["n"].sum()),
-               "sources": sorted(set(ridge["source"].to_list())), "per_experiment": {}, "baselines": {}}
-        for e, mp, n in ridge.select("experiment_id", "mape_pct", "n").iter_rows():
-            res["per_experiment"][e] = {"ridge_30f_test_mape_pct": mp, "n_test": n}
-        for base in ("blackbox_2f", "naive_mean"):
-            b = t.filter(pl.col("model") == base).sort("experiment_id")
-            joined = ridge.select("experiment_id", r="mape_pct").join(b.select("experiment_id", b="mape_pct"), on="experiment_id")
-            diffs = (joined["r"] - joined["b"]).to_numpy()
-            p = float("nan")
-            if len(diffs) >= 1 and np.any(diffs != 0):
-                p = float(stats.wilcoxon(diffs, alternative="less").pvalue)
-            per_exp = {}
-            for e in joined["experiment_id"].to_list():
-                pe = predictions.filter((pl.col("experiment_id") == e) & (pl.col("target") == target) & (pl.col("split") == "test")
-                                        & (pl.col("scope") == "per_experiment") & (pl.col("y") != 0))
-                a = pe.filter(pl.col("model") == H1_MODEL).sort("step.id")
-                c = pe.filter(pl.col("model") == base).sort("step.id")
-                if a.height == 0 or a.height != c.height:
-                    continue
-                ape = lambda x: (100 * (x["y_pred"] - x["y"]).abs() / x["y"].abs()).to_numpy()
-                lo, hi = _block_bootstrap_diff(ape(a), ape(c), reps, seed)
-                per_exp[e] = {"mape_diff_pct": float(np.mean(ape(a) - ape(c))), "ci95": [lo, hi], "ridge_better": bool(hi < 0)}
-            res["baselines"][base] = {
-                "mean_test_mape_pct": float(b["mape_pct"].mean()) if b.height else None,
-                "ridge_lower_in": int((diffs < 0).sum()), "n_experiments": len(diffs),
-                "wilcoxon_p_one_sided": p, "significant": bool(p < 0.05) if p == p else False,
-                "per_experiment_bootstrap": per_exp,
-            }
-        res["clearly_beats_baselines"] = all(res["baselines"][b]["significant"] for b in res["baselines"])
-        out["targets"][target] = res
-    return out
 
 
 def with_split(fm: pl.DataFrame, split: pl.DataFrame) -> pl.DataFrame:
@@ -421,29 +358,42 @@ def fit_study_pooled(matrices: dict[str, pl.DataFrame], seed: int = 0, threads: 
     return fit_pooled_sets(matrices, POOLED_SETS, seed, threads, caches, score)
 
 
-def feature_group_ablation(fm_split: pl.DataFrame, model: str = "ridge_30f") -> pl.DataFrame:
-    """Test MAPE of `model` with all 30 features, without each group, and with only that group."""
+def feature_group_ablation(fm_split: pl.DataFrame, model: str = "ridge_30f", *, reps: int = 400, seed: int = 0) -> pl.DataFrame:
+    """Test MAPE of `model` with all 30 features, without each group, and with only that group.
+
+    change_se_pct: circular block bootstrap standard error of the change (without − all) over the
+    test rows, so that the report calls a group's effect only where it exceeds that noise.
+    """
+    from .stats import bootstrap_means
+
     all_cols = feature_columns()
     rows = []
     exp = fm_split["experiment_id"][0] if fm_split.height else ""
     for target in TARGETS:
-        def test_mape(cols):
+        def test_ape(cols):
             X_tr, y_tr = _xy(fm_split, cols, target, ("train",))
             X_va, y_va = _xy(fm_split, cols, target, ("valid",))
             X_te, y_te = _xy(fm_split, cols, target, ("test",))
-            if len(y_tr) < 2 or len(y_te) == 0:
+            ok = y_te != 0
+            if len(y_tr) < 2 or not ok.any():
                 return None
             m = fit_ridge_validated(model, target, cols, X_tr, y_tr, X_va, y_va)
-            from .estimators import mape_pct
-            return mape_pct(y_te, m.predict(np.nan_to_num(X_te, nan=0.0, posinf=0.0, neginf=0.0)))
-        full = test_mape(all_cols)
-        for group in FEATURE_GROUPS:
+            yhat = m.predict(np.nan_to_num(X_te, nan=0.0, posinf=0.0, neginf=0.0))  # floored at m.floor_us
+            return 100 * np.abs(yhat[ok] - y_te[ok]) / np.abs(y_te[ok])
+        full = test_ape(all_cols)
+        for i, group in enumerate(FEATURE_GROUPS):
             gcols = feature_group_columns(group)
-            rows.append({"experiment_id": exp, "target": target, "model": model, "group": group, "mape_all_pct": full,
-                         "mape_without_pct": test_mape([c for c in all_cols if c not in gcols]),
-                         "mape_only_pct": test_mape(gcols)})
+            without, only = test_ape([c for c in all_cols if c not in gcols]), test_ape(gcols)
+            se = None
+            if full is not None and without is not None and len(full) >= 2:
+                se = float(np.std(bootstrap_means(without - full, reps, seed + i), ddof=1))
+            rows.append({"experiment_id": exp, "target": target, "model": model, "group": group,
+                         "mape_all_pct": float(full.mean()) if full is not None else None,
+                         "mape_without_pct": float(without.mean()) if without is not None else None,
+                         "mape_only_pct": float(only.mean()) if only is not None else None, "change_se_pct": se})
     return pl.DataFrame(rows, schema={"experiment_id": pl.Utf8, "target": pl.Utf8, "model": pl.Utf8, "group": pl.Utf8,
-                                      "mape_all_pct": pl.Float64, "mape_without_pct": pl.Float64, "mape_only_pct": pl.Float64})
+                                      "mape_all_pct": pl.Float64, "mape_without_pct": pl.Float64, "mape_only_pct": pl.Float64,
+                                      "change_se_pct": pl.Float64})
 
 
 # ------------------------------------------------------------- per-request context ---

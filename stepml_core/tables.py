@@ -7,8 +7,17 @@ rows in = rows kept + rows quarantined, always.
 
 Targets (µs):
   schedule_us = step.duration_us   (CPU time of the scheduler's schedule() call; the original target)
-  cycle_us    = (step.ts_start_ns[id+1] − step.ts_start_ns[id]) / 1000, only where step id+1 is
-                also sampled (the engine cycle a simulator advances its clock by); null otherwise.
+  cycle_gap_us = (step.ts_start_ns[id+1] − step.ts_start_ns[id]) / 1000, only where step id+1 is
+                also sampled; null otherwise.
+  cycle_us    = cycle_gap_us where it is an engine cycle (what a simulator advances its clock by),
+                null where the cycle rule excludes it; `cycle_excluded` says why:
+     idle  — nothing was left to run after step id (running_depth − num_finished ≤ 0 and
+             waiting_depth = 0) and the gap is longer than the local median below: the gap
+             contains the wait for the next arrival;
+     stall — gap > STALL_FACTOR × the median gap of the STALL_WINDOW nearest consecutive pairs
+             (centred, in step order): the loop paused for something the batch does not show
+             (warm-up, host stall). A local median, not a run-wide fence, so cycles that are
+             long because the load is high are kept.
 """
 
 from __future__ import annotations
@@ -129,15 +138,35 @@ def validate_steps(raw: pl.DataFrame, file: str, exp_config: dict | None = None)
     return ValidatedSteps(kept=kept, quarantine=quarantine, rows_in=rows_in)
 
 
+STALL_FACTOR, STALL_WINDOW = 2.0, 51
+
+
 def add_targets(steps: pl.DataFrame) -> pl.DataFrame:
-    """Add schedule_us and cycle_us (see module docstring) to a kept step table."""
+    """Add schedule_us, cycle_gap_us, cycle_excluded and cycle_us (see module docstring) to a kept step table."""
     s = steps.sort("step.id")
     nxt_id = pl.col("step.id").shift(-1)
     nxt_ts = pl.col("step.ts_start_ns").shift(-1)
-    return s.with_columns(
+    s = s.with_columns(
         schedule_us=pl.col("step.duration_us").cast(pl.Float64),
-        cycle_us=pl.when(nxt_id == pl.col("step.id") + 1).then((nxt_ts - pl.col("step.ts_start_ns")).cast(pl.Float64) / 1000.0).otherwise(None),
+        cycle_gap_us=pl.when(nxt_id == pl.col("step.id") + 1).then((nxt_ts - pl.col("step.ts_start_ns")).cast(pl.Float64) / 1000.0).otherwise(None),
     )
+    pairs = s.filter(pl.col("cycle_gap_us").is_not_null()).select(
+        "step.id", local_median_us=pl.col("cycle_gap_us").rolling_median(STALL_WINDOW, min_samples=1, center=True))
+    idle = ((pl.col("queue.running_depth") - pl.col("batch.num_finished")) <= 0) & (pl.col("queue.waiting_depth") == 0)
+    stall = pl.col("cycle_gap_us") > STALL_FACTOR * pl.col("local_median_us")
+    return (s.join(pairs, on="step.id", how="left")
+            .with_columns(cycle_excluded=pl.when(pl.col("cycle_gap_us").is_null()).then(None)
+                          .when(idle & (pl.col("cycle_gap_us") > pl.col("local_median_us"))).then(pl.lit("idle")).when(stall).then(pl.lit("stall")).otherwise(None))
+            .with_columns(cycle_us=pl.when(pl.col("cycle_excluded").is_null()).then(pl.col("cycle_gap_us")).otherwise(None))
+            .drop("local_median_us"))
+
+
+def cycle_rule_counts(steps: pl.DataFrame) -> dict:
+    """{"pairs": consecutive sampled pairs, "kept": cycles kept, "idle": removed as idle, "stall": removed as stalls}."""
+    if "cycle_excluded" not in steps.columns:
+        return {"pairs": 0, "kept": 0, "idle": 0, "stall": 0}
+    return {"pairs": int(steps["cycle_gap_us"].is_not_null().sum()), "kept": int(steps["cycle_us"].is_not_null().sum()),
+            "idle": int((steps["cycle_excluded"] == "idle").sum()), "stall": int((steps["cycle_excluded"] == "stall").sum())}
 
 
 def cap_quarantine(q: pl.DataFrame, max_rows: int) -> pl.DataFrame:
@@ -167,4 +196,4 @@ def quarantine_counts(q: pl.DataFrame) -> dict[str, int]:
 
 
 TARGETS = ("schedule_us", "cycle_us")
-__all__ = ["ValidatedSteps", "validate_steps", "add_targets", "TARGETS", "STEP_COLUMNS"]
+__all__ = ["ValidatedSteps", "validate_steps", "add_targets", "cycle_rule_counts", "TARGETS", "STEP_COLUMNS"]

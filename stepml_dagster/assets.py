@@ -8,11 +8,12 @@ import polars as pl
 
 from stepml_core import study
 from stepml_core.ingest import ingest_run
-from stepml_core.report import (beyond_h1_sections, calibration_sections, e2e_section, feature_provenance_section,
-                                reconstruction_section, render_report, write_outputs)
+from stepml_core.report import calibration_sections, e2e_section, feature_provenance_section, reconstruction_section, render_report, write_outputs
+from stepml_core.findings import study_findings
+from stepml_core.method_checks import gather as gather_checks
 from stepml_core.report_status import runs_left_out_section
 from stepml_core.splits import split_summary, split_table
-from stepml_core.tables import add_targets, cap_quarantine, quarantine_counts, validate_steps
+from stepml_core.tables import add_targets, cap_quarantine, cycle_rule_counts, quarantine_counts, validate_steps
 
 from .resources import StepMLSettings
 
@@ -58,7 +59,8 @@ def step_tables(context: dg.AssetExecutionContext, settings: StepMLSettings, raw
     steps = add_targets(v.kept)
     quarantine = cap_quarantine(pl.concat([raw_traces["quarantine"], v.quarantine], how="diagonal_relaxed"),
                                 settings.input_limits().max_quarantine_rows)
-    counts = {**v.counts, "cycle_rows": int(steps["cycle_us"].is_not_null().sum())}
+    rule = cycle_rule_counts(steps)
+    counts = {**v.counts, "cycle_rows": rule["kept"], "cycle_removed_idle": rule["idle"], "cycle_removed_stall": rule["stall"]}
     yield dg.Output(steps, "step_table", metadata={**counts, "source": raw_traces["meta"]["source"]})
     by_kind = quarantine_counts(quarantine)
     yield dg.Output(quarantine, "quarantine", metadata={"rows": quarantine.height, "records": sum(by_kind.values()),
@@ -142,6 +144,14 @@ def ablation(feature_matrix: pl.DataFrame, split: pl.DataFrame) -> pl.DataFrame:
     return study.feature_group_ablation(study.with_split(feature_matrix, split))
 
 
+@dg.asset(**PART, group_name="study", description="Method checks: each block's load-stage mix under temporal / stage-matched / random "
+          "splits and the H1 models under each, the cycle rule's effect, batch N vs N−1 features for cycle_us, alpha at the grid ends.")
+def method_checks(settings: StepMLSettings, step_table: pl.DataFrame, feature_matrix: pl.DataFrame, split: pl.DataFrame, fitted_models) -> dict:
+    from stepml_core.method_checks import method_checks as checks
+
+    return checks(study.with_split(feature_matrix, split), fitted_models, cycle_rule_counts(step_table), seed=settings.seed)
+
+
 @dg.multi_asset(
     outs={"global_models": dg.AssetOut(group_name="study", description="Models pooled over all experiments (global) and per model over its workloads, scored per experiment."),
           "generalization": dg.AssetOut(group_name="beyond_h1", description="Leave-one-model-out and leave-one-workload-out cross-validation over experiments.")},
@@ -195,7 +205,7 @@ def calibration(context: dg.AssetExecutionContext, settings: StepMLSettings, run
 
 @dg.asset(group_name="study", description="H1 verdict, metrics.csv, verdict.json and the study report over all experiments.")
 def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, metrics, predictions,
-                 global_models, run_summary, ablation, generalization, calibration, request_context, e2e_fidelity) -> dict:
+                 global_models, run_summary, ablation, generalization, calibration, request_context, e2e_fidelity, method_checks) -> dict:
     left_out = runs_left_out(settings, context.instance, list(run_summary))  # failed or stale: results not current
     present = {e for e in run_summary if (settings.data_root() / e).is_dir()} - set(left_out)  # runs still in the landing zone
     stored = set(run_summary)
@@ -207,22 +217,23 @@ def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, me
                           gp.filter(pl.col("experiment_id").is_in(sorted(present)) & test)], how="diagonal_relaxed")
     verdict = study.h1_verdict(all_metrics, all_pred, seed=settings.seed)
     gen = generalization["metrics"]
+    gen_present = {k: v.filter(pl.col("experiment_id").is_in(sorted(present))) if v.height else v for k, v in generalization.items() if k in ("metrics", "predictions")}
     abl = pl.concat([ablation[e] for e in present if e in ablation], how="diagonal_relaxed") if ablation else None
-    status = runs_left_out_section(left_out, stored)
-    beyond = beyond_h1_sections(all_metrics, all_pred, gen.filter(pl.col("experiment_id").is_in(sorted(present))) if gen.height else gen,
-                                abl, settings.out_dir)
-    beyond += feature_provenance_section(list(run_summary.values()), abl)
-    beyond += reconstruction_section({e: request_context[e]["agreement"] for e in present if e in request_context})
+    checks = gather_checks(method_checks, sorted(present), global_models["models"])
+    findings = study_findings(predictions=all_pred, generalization=gen_present, ablation=abl, checks=checks, seed=settings.seed)
+    verdict["recommendations"] = findings["recommendations"]
+    extra = runs_left_out_section(left_out, stored)  # failed or stale runs: named, their old results unused
+    extra += feature_provenance_section(list(run_summary.values()), abl)
+    extra += reconstruction_section({e: request_context[e]["agreement"] for e in present if e in request_context})
     e2e_parts = [e2e_fidelity[e] for e in present if e in e2e_fidelity]
-    beyond += e2e_section(pl.concat([p["summary"] for p in e2e_parts if p["summary"].height], how="diagonal_relaxed") if any(p["summary"].height for p in e2e_parts) else None,
-                          pl.concat([p["per_request"] for p in e2e_parts if p["per_request"].height], how="diagonal_relaxed") if any(p["per_request"].height for p in e2e_parts) else pl.DataFrame(),
-                          settings.out_dir)
-    beyond += calibration_sections(calibration["public"], calibration["steps"])
-    beyond = status + beyond
+    extra += e2e_section(pl.concat([p["summary"] for p in e2e_parts if p["summary"].height], how="diagonal_relaxed") if any(p["summary"].height for p in e2e_parts) else None,
+                         pl.concat([p["per_request"] for p in e2e_parts if p["per_request"].height], how="diagonal_relaxed") if any(p["per_request"].height for p in e2e_parts) else pl.DataFrame(),
+                         settings.out_dir)
+    extra += calibration_sections(calibration["public"], calibration["steps"])
     verdict["runs_left_out"] = {e: {"status": r["status"], "reason": r["reason"]} for e, r in sorted(left_out.items())}
     write_outputs(settings.out_dir, pl.concat([all_metrics, gen], how="diagonal_relaxed") if gen.height else all_metrics, verdict)
     md = render_report(runs=list(run_summary.values()), metrics=all_metrics, predictions=all_pred, verdict=verdict,
-                       out_dir=settings.out_dir, extra_sections=beyond)
+                       out_dir=settings.out_dir, findings=findings, checks=checks, extra_sections=extra)
     context.add_output_metadata({"report": dg.MetadataValue.md(md), "out_dir": dg.MetadataValue.path(settings.out_dir),
                                  **{f"verdict_{t}": v["verdict"] for t, v in verdict["targets"].items()}})
     return {"verdict": verdict, "experiments": sorted(run_summary), "runs_left_out": verdict["runs_left_out"]}
@@ -236,5 +247,6 @@ def _md(df: pl.DataFrame) -> str:
     return "\n".join(rows)
 
 
-PARTITIONED_ASSETS = [raw_traces, step_tables, request_context, feature_matrix, split, fitted_models, predictions, metrics, run_summary, ablation, e2e_fidelity]
+PARTITIONED_ASSETS = [raw_traces, step_tables, request_context, feature_matrix, split, fitted_models, predictions, metrics, run_summary, ablation, e2e_fidelity,
+                      method_checks]
 STUDY_ASSETS = [pooled_models, calibration, study_report]

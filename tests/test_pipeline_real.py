@@ -62,10 +62,19 @@ def test_report_states_data_targets_and_verdicts(real_study):
     md = (out / "report.md").read_text()
     verdict = json.loads((out / "verdict.json").read_text())
     assert "2 real run(s)" in md
+    summary = md[md.index("## Summary"):md.index("## Data")]
     for target in ("schedule_us", "cycle_us"):
         v = verdict["targets"][target]
         assert v["verdict"] in {"supported", "refuted", "inconclusive"} and v["n_experiments"] == 2
-        assert f"| {target} | **{v['verdict']}** |" in md
+        assert f"| `{target}` | **{v['verdict']}** |" in summary
+        if v["verdict"] == "supported":  # the threshold and both comparisons, never the threshold alone
+            assert v["threshold"] == "below" and all(b["outcome"] == "clearly_beats" for b in v["baselines"].values())
+        for b in v["baselines"].values():  # 2 runs: no signed-rank p-value as evidence
+            assert b["wilcoxon_p_one_sided"] is None and "run by run" in b["decided_by"]
+        if not v["threshold_separates"]:
+            assert f"does not separate models on {target}" in summary
+    assert "Wilcoxon p =" not in md and "cannot reach p < 0.05" in summary
+    assert "What a simulator builder should use" in summary and "Nothing transfers to an unseen model" in summary
     assert "published blackbox" in md and "90.76" in md
 
 
