@@ -217,6 +217,20 @@ def test_12_asset_writes_are_atomic(tmp_path, monkeypatch):
     assert not [p for p in (tmp_path / "assets").rglob(".tmp-*")]
 
 
+def test_8_limits_come_from_settings_then_environment_then_defaults(monkeypatch):
+    from stepml_core.limits import DEFAULT_LIMITS, InputLimitError, InputLimits
+
+    assert StepMLSettings().input_limits() == DEFAULT_LIMITS
+    monkeypatch.setenv("STEPML_MAX_LINE_BYTES", "1e6")
+    monkeypatch.setenv("STEPML_MAX_INFLATE_RATIO", "50.5")
+    lim = StepMLSettings(max_quarantine_rows=7).input_limits()
+    assert (lim.max_line_bytes, lim.max_inflate_ratio, lim.max_quarantine_rows) == (1_000_000, 50.5, 7)
+    assert StepMLSettings(max_line_bytes=5).input_limits().max_line_bytes == 5  # the field wins over the environment
+    monkeypatch.setenv("STEPML_MAX_YAML_NODES", "lots")
+    with pytest.raises(InputLimitError, match="STEPML_MAX_YAML_NODES='lots': not a number"):
+        InputLimits.from_env()
+
+
 # --------------------------------------------------------------------------------------------
 # point 1: partition keys ↔ file names
 # --------------------------------------------------------------------------------------------
