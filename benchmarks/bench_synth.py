@@ -28,7 +28,7 @@ from stepml_core.synth import resolve_run_ids, synthesize_runs, text_progress  #
 
 
 def engine_only(run_ids, scale: float, seed: int) -> None:
-    from stepml_core.synth.engine import EngineSim
+    from stepml_core.synth.engine import simulate_synthetic_run
     from stepml_core.synth.runner import _clocks, _streams
     from stepml_core.synth.workload import build_workload
 
@@ -38,7 +38,7 @@ def engine_only(run_ids, scale: float, seed: int) -> None:
         mono0, _, _ = _clocks(spec)
         wl = build_workload(spec, scale, rng_wl)
         t0 = time.perf_counter()
-        sim = EngineSim(spec, wl, rng_eng, mono0=mono0).run()
+        sim = simulate_synthetic_run(spec, wl, rng_eng, mono0=mono0)
         dt = time.perf_counter() - t0
         tot_steps += sim.steps
         tot_t += dt

@@ -162,7 +162,7 @@ def split_regimes(logd: np.ndarray):
 
 
 def simulate_features(real_id: str, scale: float, model: dict, seed: int = 0) -> dict[str, np.ndarray]:
-    from stepml_core.synth.engine import EngineSim
+    from stepml_core.synth.engine import simulate_synthetic_run
     from stepml_core.synth.runner import _clocks, _streams
     from stepml_core.synth.schedtime import ScheduleTimeModel
     from stepml_core.synth.spec import resolve_run_ids
@@ -172,8 +172,8 @@ def simulate_features(real_id: str, scale: float, model: dict, seed: int = 0) ->
     rng_wl, rng_eng, *_ = _streams(real_id, seed)
     mono0, _, _ = _clocks(spec)
     wl = build_workload(spec, scale, rng_wl)
-    sim = EngineSim(spec, wl, rng_eng, mono0=mono0, sched_model=ScheduleTimeModel(real_id, model),
-                    record_all=True).run()
+    sim = simulate_synthetic_run(spec, wl, rng_eng, mono0=mono0, sched_model=ScheduleTimeModel(real_id, model),
+                                 record_all=True)
     return {k: np.asarray(v, dtype=np.float64) for k, v in sim.features.items()}
 
 

@@ -17,7 +17,8 @@ import polars as pl
 from .limits import InputLimits
 from .runs import RunMetadata, RunMetadataError, file_record, open_input, read_run_metadata
 
-INPUT_NAMES = ["traces.json", "traces.json.gz", "exp-config.yaml", "profile.yaml", "provenance.json"]
+INPUT_NAMES = ["traces.json", "traces.json.gz", "exp-config.yaml", "profile.yaml", "provenance.json",
+               "requests.json", "requests.json.gz", "ground_truth.json", "ground_truth.json.gz"]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20, root: Path | None = None) -> str:
@@ -47,9 +48,12 @@ def run_files(folder: Path) -> list[Path]:
     files = [folder / n for n in INPUT_NAMES if (folder / n).is_file()]
     results = folder / "results"
     if results.is_dir() and not results.is_symlink():
-        files += sorted(p for p in results.glob("*_lifecycle_metrics.json") if p.is_file())
+        files += [p for p in results.glob("*_lifecycle_metrics.json") if p.is_file()]
+        if (results / "config.yaml").is_file():
+            files.append(results / "config.yaml")
     root = folder.resolve().parent
-    return [p for p in files if not p.is_symlink() or root in p.resolve().parents]
+    files = [p for p in files if not p.is_symlink() or root in p.resolve().parents]
+    return sorted(files, key=lambda p: _order(str(p.relative_to(folder))))
 
 
 def _order(rel: str) -> tuple:

@@ -43,14 +43,18 @@ def stage_mix_table(fm_split: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
     return pl.concat(parts).select("experiment_id", "scheme", "block", "load_stage", "n", "share") if parts else pl.DataFrame()
 
 
-def split_sensitivity(fm_split: pl.DataFrame, seed: int = 0) -> pl.DataFrame:
-    """experiment_id, target, scheme, model, n_test, mape_pct: the H1 trio refitted and scored under each split scheme."""
+def split_sensitivity(fm_split: pl.DataFrame, seed: int = 0, fitted: dict | None = None) -> pl.DataFrame:
+    """experiment_id, target, scheme, model, n_test, mape_pct: the H1 trio refitted and scored under each split scheme
+    (the temporal scheme reuses `fitted`, the experiment's own fits, when given)."""
     from .study import fit_models, metrics_from_predictions, predict
 
     rows = []
     for scheme, labels in scheme_labels(fm_split, seed).items():
         fm2 = fm_split.with_columns(split=pl.Series(labels))
-        models = [m for t in TARGETS for m in fit_models(fm2, t, "per_experiment", H1_TRIO, seed)]
+        if scheme == "temporal" and fitted:
+            models = [m for t in TARGETS for m in fitted.get(t, []) if m["name"] in H1_TRIO]
+        else:
+            models = [m for t in TARGETS for m in fit_models(fm2, t, "per_experiment", H1_TRIO, seed)]
         met = metrics_from_predictions(predict(fm2, models, "per_experiment")).filter(pl.col("split") == "test")
         rows.append(met.select("experiment_id", "target", pl.lit(scheme).alias("scheme"), "model", pl.col("n").cast(pl.Int64).alias("n_test"), "mape_pct"))
     return pl.concat(rows) if rows else pl.DataFrame()
@@ -125,7 +129,7 @@ def alpha_choices(fitted: dict, experiment_id: str, scope: str, group: str = "")
 def method_checks(fm_split: pl.DataFrame, fitted: dict, cycle_counts: dict, seed: int = 0) -> dict[str, pl.DataFrame]:
     """All per-experiment method checks (the `method_checks` asset)."""
     exp = fm_split["experiment_id"][0] if fm_split.height else ""
-    return {"stage_mix": stage_mix_table(fm_split, seed), "splits": split_sensitivity(fm_split, seed),
+    return {"stage_mix": stage_mix_table(fm_split, seed), "splits": split_sensitivity(fm_split, seed, fitted),
             "cycle_rule": cycle_rule_effect(fm_split, fitted, cycle_counts), "alignment": alignment_comparison(fm_split, seed=seed),
             "alpha": alpha_choices(fitted, exp, "per_experiment")}
 

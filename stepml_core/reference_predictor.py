@@ -33,7 +33,12 @@ def _consts(m: dict, tp: int) -> dict:
 
 def batch_features(batch, model: dict, gpu: dict, tp: int, model_names: list[str]) -> dict:
     """The 30 features (model_id one-hot over model_names) of one batch, plain Python."""
-    c = _consts(model, tp)
+    return features_from_sums(batch_sums(batch), _consts(model, tp), gpu, tp, model_names, model["name"])
+
+
+def batch_sums(batch) -> tuple:
+    """(P, D, n_pf, n_dc, prefill pairs, prefill context, sequences sampling a token, kv_mean, kv_std, kv_max, kv_min,
+    kv_sum) of a batch: KV statistics over decode requests' context lengths (0 without decodes)."""
     P = D = npf = ndc = 0
     pf_pairs = pf_ctx = 0.0
     n_logit_pf = 0
@@ -58,17 +63,22 @@ def batch_features(batch, model: dict, gpu: dict, tp: int, model_names: list[str
             pf_ctx += ci
             if ci + qi >= pi:
                 n_logit_pf += 1
-    dc_ctx = float(s1)
-    dc_pairs = dc_ctx + ndc  # Σ (ctx + 1)
-    n_logit = n_logit_pf + ndc
     s1, s2 = float(s1), float(s2)
-    S = P + D
     if ndc:
         kv_mean = s1 / ndc
         kv_std = math.sqrt(max(s2 / ndc - kv_mean * kv_mean, 0.0))
         kv_max, kv_min, kv_sum = float(kmax), float(kmin), s1
     else:
         kv_mean = kv_std = kv_max = kv_min = kv_sum = 0.0
+    return P, D, npf, ndc, pf_pairs, pf_ctx, n_logit_pf + ndc, kv_mean, kv_std, kv_max, kv_min, kv_sum
+
+
+def features_from_sums(sums: tuple, c: dict, gpu: dict, tp: int, model_names: list[str], model_name: str) -> dict:
+    """The 30 features from a batch's sums (:func:`batch_sums`) and the model's per-GPU constants (:func:`_consts`)."""
+    P, D, npf, ndc, pf_pairs, pf_ctx, n_logit, kv_mean, kv_std, kv_max, kv_min, kv_sum = sums
+    dc_ctx = kv_sum
+    dc_pairs = dc_ctx + ndc  # Σ (ctx + 1)
+    S = P + D
     L = c["L"]
     f_lin = L * S * c["lin"] + n_logit * c["lm_f"]
     f_attn = L * c["pair"] * (pf_pairs + dc_pairs)
@@ -98,7 +108,7 @@ def batch_features(batch, model: dict, gpu: dict, tp: int, model_names: list[str
         "active_param_ratio": c["active"],
     }
     for name in model_names:
-        out[f"model_id={name}"] = 1.0 if name == model["name"] else 0.0
+        out[f"model_id={name}"] = 1.0 if name == model_name else 0.0
     out["tp_degree"] = float(tp)
     out["is_moe"] = c["moe"]
     out["prefill_tokens×decode_tokens"] = float(P * D)

@@ -30,7 +30,8 @@ import polars as pl
 from .paths import REFERENCE_DIR
 from .plots import MODEL_ORDER, plot_e2e, plot_mape_by_experiment, plot_pred_vs_actual, plot_residuals, short_run_name  # noqa: F401
 from .stats import WILCOXON_MIN_N, wilcoxon_min_p
-from .verdict import CLEAR_MARGIN_REL, H1_MODEL, REFUTE_ABOVE_PCT, SUPPORT_BELOW_PCT
+from .findings import LOG_TARGET_MODELS
+from .verdict import ABSURD_MAPE_PCT, CLEAR_MARGIN_REL, H1_MODEL, REFUTE_ABOVE_PCT, SUPPORT_BELOW_PCT
 
 PUBLISHED_COLUMNS = {
     "blackbox_ols_orig": "r1_blackbox2f_per_exp_step_mape_pct",
@@ -91,12 +92,13 @@ def summary_section(*, runs: list[dict], metrics: pl.DataFrame, verdict: dict, f
             rows.append([f"`{target}`", "no data", "–", "–", "–", "–", "–"])
             continue
         b, n = v["baselines"].get("blackbox_2f", {}), v["baselines"].get("naive_mean", {})
+        med = (lambda x: f" (median {_pct(x)})") if v["n_experiments"] > 2 else (lambda x: "")  # with 1–2 runs the median is the mean
         rows.append([f"`{target}`", f"**{v['verdict']}**",
-                     f"{_pct(v['mean_test_mape_pct'])} ({v['n_below_threshold']}/{v['n_experiments']} runs < {SUPPORT_BELOW_PCT:g} %)",
-                     _pct(b.get("mean_test_mape_pct")), _pct(n.get("mean_test_mape_pct")),
-                     OUTCOME_WORDS.get(b.get("outcome"), "–") + " / " + OUTCOME_WORDS.get(n.get("outcome"), "–"),
-                     _fmt(v.get("skill_vs_naive_mean"), 2)])
-    lines += [_md_table(["target", "H1", f"{H1_MODEL} mean test MAPE", "blackbox_2f", "naive_mean",
+                     f"{_pct(v['mean_test_mape_pct'])}{med(v['median_test_mape_pct'])}; {v['n_below_threshold']}/{v['n_experiments']} runs < {SUPPORT_BELOW_PCT:g} %",
+                     f"{_pct(b.get('mean_test_mape_pct'))}{med(b.get('median_test_mape_pct'))}",
+                     f"{_pct(n.get('mean_test_mape_pct'))}{med(n.get('median_test_mape_pct'))}",
+                     _comparison_cell(b) + " / " + _comparison_cell(n), _fmt(v.get("skill_vs_naive_mean"), 2)])
+    lines += [_md_table(["target", "H1", f"{H1_MODEL} test MAPE, mean over runs", "blackbox_2f", "naive_mean",
                          f"{H1_MODEL} vs blackbox_2f / naive_mean", "skill vs naive mean (1 − ratio)"], rows), ""]
     for target, v in verdict.get("targets", {}).items():
         if v.get("reasons"):
@@ -109,6 +111,13 @@ def summary_section(*, runs: list[dict], metrics: pl.DataFrame, verdict: dict, f
     lines += _does_not_work_lines(verdict, findings)
     lines += _care_lines(runs, verdict)
     return lines
+
+
+def _comparison_cell(b: dict) -> str:
+    """'clearly better (2/2 runs)': the across-run outcome and in how many runs the H1 model was clearly better."""
+    runs = b.get("per_experiment_bootstrap") or {}
+    better = sum(r.get("outcome") == "better" for r in runs.values())
+    return f"{OUTCOME_WORDS.get(b.get('outcome'), '–')} (better in {better}/{len(runs)} runs)" if runs else OUTCOME_WORDS.get(b.get("outcome"), "–")
 
 
 def _use_lines(findings: dict) -> list[str]:
@@ -145,9 +154,9 @@ def _alignment_sentence(al: pl.DataFrame | None) -> str:
     if better.height == 0:
         return (f"It uses the features of batch N: batch N−1 (or both) was not better beyond noise for any model tested "
                 f"({rows} rows with steps N−1, N, N+1 sampled; *Method checks*).")
-    found = "; ".join(f"{r['model']} on {r['alignment'].replace('N-1', 'N−1')}: {iv(r)}" for r in better.iter_rows(named=True))
-    return (f"It uses the features of batch N, the only alignment available on every cycle row; batch N−1 helped beyond noise in "
-            f"the {rows} rows where it can be tested ({found}), so a simulator that knows the previous batch can use it (*Method checks*).")
+    found = "; ".join(f"{r['model']} on {r['alignment'].replace('N-1', 'N−1')}: {iv(r)}, {r['n_test']} test rows" for r in better.iter_rows(named=True))
+    return (f"It uses the features of batch N, available on every cycle row; batch N−1 needs steps N−1, N, N+1 all sampled "
+            f"({rows} rows here), and on those rows it helped beyond noise only for {found} (*Method checks*).")
 
 
 def _does_not_work_lines(verdict: dict, findings: dict) -> list[str]:
@@ -156,38 +165,56 @@ def _does_not_work_lines(verdict: dict, findings: dict) -> list[str]:
         t = (findings.get("transfer") or {}).get(target)
         if not t:
             continue
+        own = _per_model_median(findings, target, t["best_model"])
         if not t["transfers"]:
             out.append(f"* **Nothing transfers to an unseen model** (`{target}`, leave-one-model-out, {t['n_held_out']} held-out run(s)): "
                        f"median test MAPE {_fmt(t['range_pct'][0])}–{_fmt(t['range_pct'][1])} % across models; the naive mean of the "
                        f"other models' steps scores {_pct(t['naive_median_pct'])} and no model beats it by ≥ {100 * CLEAR_MARGIN_REL:g} %.")
         else:
-            out.append(f"* `{target}` leave-one-model-out: `{t['best_model']}` transfers best (median {_pct(t['best_median_pct'])} vs naive "
-                       f"mean {_pct(t['naive_median_pct'])}).")
+            out.append(f"* `{target}` leave-one-model-out: `{t['best_model']}` transfers best (median {_pct(t['best_median_pct'])} vs the naive "
+                       f"mean's {_pct(t['naive_median_pct'])}" + (f"; fitted on the model's own runs it scores a median {_pct(own)}" if own is not None else "")
+                       + ").")
     gen = findings.get("generalization")
     if gen is not None and gen.height and gen["absurd"].any():
-        bad = gen.filter(pl.col("absurd"))
-        names = sorted({f"`{r['model']}` ({r['target']}, {r['scope'].replace('_', ' ')})" for r in bad.iter_rows(named=True)})
-        out.append(f"* **Absurd generalization values** (> {1000:,} % per-step MAPE) from {', '.join(names[:4])}"
-                   + (" and others" if len(names) > 4 else "") + ": log-target models extrapolate exponentially on runs outside "
-                   "their training range; *Generalization* ranks on the median and explains each.")
+        bad = gen.filter(pl.col("absurd")).sort("max_mape_pct", descending=True)
+        worst = bad.row(0, named=True)
+        models = sorted(set(bad["model"].to_list()))
+        logs = [m for m in models if m in LOG_TARGET_MODELS]
+        out.append(f"* **Absurd generalization values** (a held-out run above {ABSURD_MAPE_PCT:,.0f} % per-step MAPE) in {bad.height} "
+                   f"(target, scope, model) cells, models {', '.join(f'`{m}`' for m in models)}; worst `{worst['model']}` "
+                   f"({worst['target']}, {worst['scope'].replace('_', ' ')}) {_pct(worst['max_mape_pct'], 0)} with median {_pct(worst['median_mape_pct'])}"
+                   + (f". {', '.join(f'`{m}`' for m in logs)} predict on a log scale and extrapolate exponentially" if logs else "")
+                   + ("; the others keep the training runs' level on runs of another scale" if set(models) - set(logs) else "")
+                   + ". *Generalization* ranks on the median and explains each.")
     for target, v in verdict.get("targets", {}).items():
         if v.get("threshold") == "above":
-            out.append(f"* `{target}`: {H1_MODEL} is far above the threshold ({_pct(v['mean_test_mape_pct'])}); "
-                       + ("this target is the scheduler's CPU time, which the batch explains poorly." if target == "schedule_us" else ""))
+            rec = (findings.get("recommendations") or {}).get(target)
+            out.append(f"* `{target}`: {H1_MODEL} is above the threshold ({_pct(v['mean_test_mape_pct'])})"
+                       + (f"; the best model reaches {_pct(rec['best_mean_mape_pct'])} (`{rec['best']}`)" if rec else "")
+                       + (": the scheduler's CPU time is poorly explained by the batch." if target == "schedule_us" else "."))
     se = findings.get("split_effect") or {}
     share = se.get("last_stage_share") or {}
     mape = se.get("mape")
     if share and mape is not None and mape.height:
         tr, te = share.get(("temporal", "train")), share.get(("temporal", "test"))
+        k, n_runs = se.get("multi_stage_runs", 0), se.get("runs", 0)
         parts = []
         for target in ("cycle_us", "schedule_us"):
             g = {r["scheme"]: r["mean_mape_pct"] for r in mape.filter((pl.col("target") == target) & (pl.col("model") == H1_MODEL)).iter_rows(named=True)}
             if g:
                 parts.append(f"`{target}` {_pct(g.get('temporal'))} temporal vs {_pct(g.get('stage_matched'))} stage-matched")
         if tr is not None and te is not None:
-            out.append(f"* **Train and test come from different load**: the last (highest-rate) load stage is {100 * tr:.0f} % of the train "
-                       f"blocks and {100 * te:.0f} % of the test blocks on average; {H1_MODEL}: " + ", ".join(parts) + " (*Method checks*).")
+            out.append(f"* **Train and test come from different load** ({k} of {n_runs} runs have more than one load stage): there the last "
+                       f"(highest-rate) stage is {100 * tr:.0f} % of the train blocks and {100 * te:.0f} % of the test blocks on average; "
+                       f"{H1_MODEL} over all runs: " + ", ".join(parts) + " (*Method checks*).")
     return (["**What does not work, or needs care**", "", *out, ""]) if out else []
+
+
+def _per_model_median(findings: dict, target: str, model: str) -> float | None:
+    r = ((findings.get("rankings") or {}).get(target) or {}).get("per_model")
+    if r is None or r.filter(pl.col("model") == model).height == 0:
+        return None
+    return float(r.filter(pl.col("model") == model)["median_mape_pct"][0])
 
 
 def _care_lines(runs: list[dict], verdict: dict) -> list[str]:
@@ -383,7 +410,8 @@ def ranking_section(findings: dict, predictions: pl.DataFrame, out_dir: Path) ->
     lines = ["## Which step-time model a simulator should use", "",
              "Models ranked by mean test MAPE over runs. 'Difference vs best' is the gap to the best model of that scope with a 95 % "
              "interval from resampling every run's test rows (one circular block bootstrap shared by all models); models whose interval "
-             "contains 0 are **tied** with the best. The recommendation is the simplest tied model (order: "
+             f"contains 0 are **tied** with the best, unless a run of theirs is absurd (> {ABSURD_MAPE_PCT:,.0f} %: that widens the interval "
+             "without making the model as good). The recommendation is the simplest tied model (order: "
              "naive_mean, blackbox_2f, nnls_physics, ridge_30f, ridge_log_30f, hgb_30f). Scope `per_model` = one fit per LLM over its "
              "workloads, what a simulator would ship" + (
                  " (every model here has one run, so `per_model` and `per_experiment` are the same fits)." if findings.get("one_run_per_model")
@@ -399,11 +427,13 @@ def ranking_section(findings: dict, predictions: pl.DataFrame, out_dir: Path) ->
                 continue
             for x in r.iter_rows(named=True):
                 is_best = x["diff_vs_best_pct"] == 0 and x["diff_lo_pct"] == 0 and x["diff_hi_pct"] == 0
-                rows.append([scope, x["model"], _pct(x["mean_mape_pct"]), _pct(x["median_mape_pct"]), "best" if is_best else _fmt(x["diff_vs_best_pct"]),
+                absurd = x["worst_run_mape_pct"] > ABSURD_MAPE_PCT
+                rows.append([scope, x["model"], _pct(x["mean_mape_pct"]), _pct(x["median_mape_pct"]), _pct(x["worst_run_mape_pct"]),
+                             "best" if is_best else _fmt(x["diff_vs_best_pct"]),
                              "–" if is_best else f"[{_fmt(x['diff_lo_pct'])}, {_fmt(x['diff_hi_pct'])}]",
-                             "best" if is_best else "**tied**" if x["tied_with_best"] else "worse",
+                             "best" if is_best else "**tied**" if x["tied_with_best"] else ("worse (absurd run)" if absurd else "worse"),
                              x["n_experiments"], x["test_rows"]])
-        lines += [f"### `{target}`", "", _md_table(["scope", "model", "mean MAPE", "median", "difference vs best (pt)", "95 % interval",
+        lines += [f"### `{target}`", "", _md_table(["scope", "model", "mean MAPE", "median", "worst run", "difference vs best (pt)", "95 % interval",
                                                      "vs best", "runs", "test rows"], rows), ""]
         rec = recs.get(target)
         if rec:
@@ -438,7 +468,7 @@ def generalization_section(findings: dict) -> list[str]:
              ("**absurd**: " + r["why"]) if r["absurd"] else ""] for r in g.iter_rows(named=True)]
     out = ["## Generalization (held-out models and workloads)", "",
            "Each held-out run's test block scored by a model fitted on the other models' (workloads') runs; ranked on the median over "
-           f"held-out runs (robust to one exploding run), mean and worst beside it. Values above {1000:,} % are flagged and explained.", ""]
+           f"held-out runs (robust to one exploding run), mean and worst beside it. Values above {ABSURD_MAPE_PCT:,.0f} % are flagged and explained.", ""]
     for target in ("cycle_us", "schedule_us"):
         t = (findings.get("transfer") or {}).get(target)
         if t:

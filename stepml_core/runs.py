@@ -394,8 +394,11 @@ def discover_run_folders(data_root: Path) -> tuple[list[Path], list[tuple[Path, 
     Accepts either a root whose children are run folders or a root with an ``experiments/``
     sub-folder. Rejected: names that are not run ids, symlinks out of the root, a second name for
     a folder already found (a symlink to another run folder: one physical run is one partition),
-    folders that cannot be listed, folders without an entry named traces.json[.gz].
+    folders that cannot be listed, folders with neither an entry named traces.json[.gz] nor a
+    request log.
     """
+    from .request_log import has_request_log
+
     root = resolve_data_root(data_root)
     good, bad = [], []
     if not root.is_dir():
@@ -421,8 +424,9 @@ def discover_run_folders(data_root: Path) -> tuple[list[Path], list[tuple[Path, 
             bad.append((p, f"{p}: cannot be read ({e.strerror or e})"))
             continue
         seen[ident] = p.name
-        if not names & set(TRACE_FILE_NAMES):
-            bad.append((p, f"{p}: no traces.json or traces.json.gz"))
+        if not names & set(TRACE_FILE_NAMES) and not has_request_log(p):
+            bad.append((p, f"{p}: no traces.json[.gz] and no request log (requests.json[.gz] or "
+                           "results/per_request_lifecycle_metrics.json)"))
             continue
         good.append(p)
     good.sort(key=lambda p: p.name)

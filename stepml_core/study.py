@@ -354,7 +354,12 @@ POOLED_SETS = {  # study asset: (scopes, model names; None = all of MODELS)
 
 def fit_study_pooled(matrices: dict[str, pl.DataFrame], seed: int = 0, threads: int = 1,
                      caches: dict[str, FoldCache] | None = None, score: bool = True) -> dict[str, dict]:
-    """{"global_models": global and per-model fits, "generalization": leave-one-model/workload-out folds}, one pool of folds."""
+    """{"global_models": global and per-model fits, "generalization": leave-one-model/workload-out folds}, one pool of folds.
+    No matrices (a study of request logs only): empty results with the usual columns."""
+    if not matrices:
+        return {name: {"models": {}, "predictions": pl.DataFrame(schema=PREDICTION_SCHEMA),
+                       "metrics": pl.DataFrame(schema={c: pl.Utf8 for c in METRIC_COLUMNS}), "folds": {"total": 0, "reused": 0}}
+                for name in POOLED_SETS}
     return fit_pooled_sets(matrices, POOLED_SETS, seed, threads, caches, score)
 
 

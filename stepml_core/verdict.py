@@ -39,6 +39,7 @@ from .tables import TARGETS
 H1_MODEL, SUPPORT_BELOW_PCT, REFUTE_ABOVE_PCT = "ridge_30f", 25.0, 30.0
 H1_BASELINES = ("blackbox_2f", "naive_mean")
 CLEAR_MARGIN_REL = 0.10  # "clearly beats": MAPE at least 10 % (relative) below the baseline's, beyond noise
+ABSURD_MAPE_PCT = 1000.0  # a per-run MAPE above 1,000 % is flagged as absurd, explained, and never ranked as a tie
 
 RULE = (f"threshold: mean per-experiment test MAPE of {H1_MODEL} < {SUPPORT_BELOW_PCT:g} % (supported side), "
         f"> {REFUTE_ABOVE_PCT:g} % refuted; comparison: {H1_MODEL} must clearly beat {' and '.join(H1_BASELINES)} "
@@ -122,6 +123,7 @@ def verdict_for_target(test_metrics: pl.DataFrame, apes: dict, target: str, *, r
                                                    "wilcoxon_min_p": 1.0, "significant": False, "relative_change_median": None}
         res["baselines"][base] = {
             "mean_test_mape_pct": float(b["mape_pct"].mean()) if b.height else None,
+            "median_test_mape_pct": float(b["mape_pct"].median()) if b.height else None,
             "ridge_lower_in": sum(r["mape_diff_pct"] < 0 for r in runs.values()), "n_experiments": len(runs),
             **across, "per_experiment_bootstrap": runs,
         }
@@ -177,13 +179,15 @@ def rank_with_ties(predictions: pl.DataFrame, target: str, scope: str, models: l
     """Models of one scope ranked by mean test MAPE over experiments, each against the best:
     the difference of mean-over-experiments MAPE with a 95 % interval (every experiment's test rows
     resampled by one circular block bootstrap shared by all models); `tied_with_best` when that
-    interval contains 0. Only experiments where every model scored the same rows count."""
+    interval contains 0 and the model has no absurd run (MAPE > ABSURD_MAPE_PCT where the best has
+    none: one exploding run widens the interval, it does not make a model as good as the best).
+    Only experiments where every model scored the same rows count."""
     apes = test_ape(predictions, target, scope)
     models = [m for m in (models or sorted({m for _, m in apes})) if any(k[1] == m for k in apes)]
     exps = sorted({e for e, m in apes if all((e, mm) in apes and len(apes[(e, mm)]) == len(apes[(e, m)]) for mm in models)})
     schema = {"model": pl.Utf8, "scope": pl.Utf8, "mean_mape_pct": pl.Float64, "median_mape_pct": pl.Float64,
               "diff_vs_best_pct": pl.Float64, "diff_lo_pct": pl.Float64, "diff_hi_pct": pl.Float64,
-              "tied_with_best": pl.Boolean, "n_experiments": pl.Int64, "test_rows": pl.Int64}
+              "tied_with_best": pl.Boolean, "worst_run_mape_pct": pl.Float64, "n_experiments": pl.Int64, "test_rows": pl.Int64}
     if not exps or not models:
         return pl.DataFrame(schema=schema)
     mape = {m: np.array([apes[(e, m)].mean() for e in exps]) for m in models}
@@ -196,11 +200,14 @@ def rank_with_ties(predictions: pl.DataFrame, target: str, scope: str, models: l
         for m in models:
             boot[m] += (apes[(e, m)] - base)[idx].mean(axis=1) / len(exps)
     rows = []
+    best_absurd = bool((mape[best] > ABSURD_MAPE_PCT).any())
     for m in models:
         lo, hi = percentile_ci(boot[m]) if m != best else (0.0, 0.0)
+        absurd = bool((mape[m] > ABSURD_MAPE_PCT).any()) and not best_absurd
         rows.append({"model": m, "scope": scope, "mean_mape_pct": float(mape[m].mean()), "median_mape_pct": float(np.median(mape[m])),
                      "diff_vs_best_pct": float(mape[m].mean() - mape[best].mean()), "diff_lo_pct": lo, "diff_hi_pct": hi,
-                     "tied_with_best": bool(m == best or lo <= 0), "n_experiments": len(exps),
+                     "tied_with_best": bool(m == best or (lo <= 0 and not absurd)), "worst_run_mape_pct": float(mape[m].max()),
+                     "n_experiments": len(exps),
                      "test_rows": int(sum(len(apes[(e, m)]) for e in exps))})
     return pl.DataFrame(rows, schema=schema).sort("mean_mape_pct")
 

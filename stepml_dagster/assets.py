@@ -8,17 +8,19 @@ import polars as pl
 
 from stepml_core import study
 from stepml_core.ingest import ingest_run
-from stepml_core.report import calibration_sections, e2e_section, feature_provenance_section, reconstruction_section, render_report, write_outputs
 from stepml_core.findings import study_findings
 from stepml_core.method_checks import gather as gather_checks
+from stepml_core.replay_report import replay_section, requests_only_report
+from stepml_core.report import calibration_sections, e2e_section, feature_provenance_section, reconstruction_section, render_report, write_outputs
 from stepml_core.report_status import runs_left_out_section
+from stepml_core.runs import find_trace_file
 from stepml_core.splits import split_summary, split_table
 from stepml_core.tables import add_targets, cap_quarantine, cycle_rule_counts, quarantine_counts, validate_steps
 
 from .resources import StepMLSettings
 
-experiment_partitions = dg.DynamicPartitionsDefinition(name="experiment")
-PART = dict(partitions_def=experiment_partitions)
+from .partitions import PART, experiment_partitions  # noqa: F401 (re-exported)
+from .replay_assets import replay, replay_fidelity, replay_models, request_log
 
 
 def _lineage(meta: dict) -> dict:
@@ -32,14 +34,19 @@ def _lineage(meta: dict) -> dict:
     }
 
 
-@dg.asset(**PART, group_name="ingest", description="A run folder read: metadata, file fingerprints (size, sha256), trace tables.")
-def raw_traces(context: dg.AssetExecutionContext, settings: StepMLSettings) -> dg.Output[dict]:
+@dg.asset(**PART, group_name="ingest", output_required=False,
+          description="A run folder read: metadata, file fingerprints (size, sha256), trace tables. Skipped (with the "
+                      "step-level assets after it) for a run folder without traces (request logs only).")
+def raw_traces(context: dg.AssetExecutionContext, settings: StepMLSettings):
     folder = settings.run_folder(context.partition_key)
+    if find_trace_file(folder) is None:
+        context.log.info(f"{folder}: no traces.json[.gz]: step-level assets skipped for this run (request-level assets only)")
+        return
     out = ingest_run(folder, settings.data_root(), limits=settings.input_limits())
     # data version = fingerprint digest of the input files: new content → downstream shows as stale
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dg.BetaWarning)  # Output(data_version=...) is beta in 1.13
-        return dg.Output(out, data_version=dg.DataVersion(out["meta"]["data_version"]), metadata={
+        yield dg.Output(out, data_version=dg.DataVersion(out["meta"]["data_version"]), metadata={
             **_lineage(out["meta"]), "run_folder": dg.MetadataValue.path(str(folder)), "steps_read": out["steps"].height,
             "snapshots_read": out["snapshots"].height, "journey_events_read": out["journey"].height,
             "api_spans_read": out["api"].height, "step_spans_read": out["step_spans"].height,
@@ -205,10 +212,16 @@ def calibration(context: dg.AssetExecutionContext, settings: StepMLSettings, run
 
 @dg.asset(group_name="study", description="H1 verdict, metrics.csv, verdict.json and the study report over all experiments.")
 def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, metrics, predictions,
-                 global_models, run_summary, ablation, generalization, calibration, request_context, e2e_fidelity, method_checks) -> dict:
+                 global_models, run_summary, ablation, generalization, calibration, request_context, e2e_fidelity, method_checks,
+                 replay_fidelity) -> dict:
     left_out = runs_left_out(settings, context.instance, list(run_summary))  # failed or stale: results not current
     present = {e for e in run_summary if (settings.data_root() / e).is_dir()} - set(left_out)  # runs still in the landing zone
     stored = set(run_summary)
+    replay_lines = replay_section(replay_fidelity, settings.out_dir)
+    if not present:  # request logs only: no step data, no H1 study; the replay is the report
+        md = requests_only_report(replay_fidelity, replay_lines, settings.out_dir)
+        context.add_output_metadata({"report": dg.MetadataValue.md(md), "out_dir": dg.MetadataValue.path(settings.out_dir)})
+        return {"verdict": None, "experiments": []}
     run_summary = {e: r for e, r in run_summary.items() if e in present}
     gm, gp = global_models["metrics"], global_models["predictions"]
     all_metrics = pl.concat([*(metrics[e] for e in present if e in metrics), gm.filter(pl.col("experiment_id").is_in(sorted(present)))], how="diagonal_relaxed")
@@ -230,6 +243,7 @@ def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, me
                          pl.concat([p["per_request"] for p in e2e_parts if p["per_request"].height], how="diagonal_relaxed") if any(p["per_request"].height for p in e2e_parts) else pl.DataFrame(),
                          settings.out_dir)
     extra += calibration_sections(calibration["public"], calibration["steps"])
+    extra += replay_lines
     verdict["runs_left_out"] = {e: {"status": r["status"], "reason": r["reason"]} for e, r in sorted(left_out.items())}
     write_outputs(settings.out_dir, pl.concat([all_metrics, gen], how="diagonal_relaxed") if gen.height else all_metrics, verdict)
     md = render_report(runs=list(run_summary.values()), metrics=all_metrics, predictions=all_pred, verdict=verdict,
@@ -247,6 +261,12 @@ def _md(df: pl.DataFrame) -> str:
     return "\n".join(rows)
 
 
-PARTITIONED_ASSETS = [raw_traces, step_tables, request_context, feature_matrix, split, fitted_models, predictions, metrics, run_summary, ablation, e2e_fidelity,
-                      method_checks]
-STUDY_ASSETS = [pooled_models, calibration, study_report]
+STEP_ASSETS = [raw_traces, step_tables, request_context, feature_matrix, split, fitted_models, predictions, metrics, run_summary, ablation, e2e_fidelity,
+               method_checks]
+# the pipeline's four phases (a job each): partitions → study-level models → replays per partition → report
+PARTITIONED_ASSETS = [*STEP_ASSETS, request_log]  # experiment_job
+MODEL_ASSETS = [pooled_models, calibration, replay_models]  # models_job
+REPLAY_ASSETS = [replay]  # replay_job (partitioned: reads the study-level replay_models)
+REPORT_ASSETS = [replay_fidelity, study_report]  # study_job
+STUDY_ASSETS = [*MODEL_ASSETS, *REPORT_ASSETS]  # every unpartitioned asset
+ALL_ASSETS = [*PARTITIONED_ASSETS, *MODEL_ASSETS, *REPLAY_ASSETS, *REPORT_ASSETS]

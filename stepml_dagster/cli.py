@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from stepml_core.paths import DEFAULT_EXPERIMENTS_DIR, PROJECT_ROOT
+from stepml_core.runs import find_trace_file
 
 
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -31,12 +32,13 @@ def _ensure_dagster_home() -> Path:
     return home
 
 
-def _materialize_partition(defs, instance, key: str, selection: list | None = None) -> tuple[str, bool, float, str | None]:
+def _materialize_partition(defs, instance, key: str, selection: list | None = None,
+                           job: str = "experiment_job") -> tuple[str, bool, float, str | None]:
     from .health import run_tags
 
     t = time.perf_counter()
-    res = defs.resolve_job_def("experiment_job").execute_in_process(partition_key=key, instance=instance, raise_on_error=False,
-                                                                    run_config=QUIET_LOGS, asset_selection=selection, tags=run_tags())
+    res = defs.resolve_job_def(job).execute_in_process(partition_key=key, instance=instance, raise_on_error=False,
+                                                       run_config=QUIET_LOGS, asset_selection=selection, tags=run_tags())
     err = None
     if not res.success:
         for ev in res.all_events:
@@ -48,8 +50,8 @@ def _materialize_partition(defs, instance, key: str, selection: list | None = No
     return key, res.success, time.perf_counter() - t, err
 
 
-def _partition_worker(data_dir: str, out_dir: str, seed: int, key: str):
-    """One experiment partition in a worker process (same DAGSTER_HOME instance, in-process executor)."""
+def _partition_worker(data_dir: str, out_dir: str, seed: int, job: str, key: str):
+    """One partition of a partitioned job in a worker process (same DAGSTER_HOME instance, in-process executor)."""
     import dagster as dg
 
     from .definitions import build_definitions
@@ -57,9 +59,46 @@ def _partition_worker(data_dir: str, out_dir: str, seed: int, key: str):
 
     defs = build_definitions(StepMLSettings(data_dir=data_dir, out_dir=out_dir, seed=seed))
     try:
-        return _materialize_partition(defs, dg.DagsterInstance.get(), key)
+        return _materialize_partition(defs, dg.DagsterInstance.get(), key, job=job)
     finally:
         release_freed_memory()
+
+
+def _run_partitions(defs, instance, settings, keys: list[str], job: str, workers: int, say, *, prefit_last: bool = False):
+    """Materialize a partitioned job for each key (in `workers` processes when > 1); returns (failed keys, errors)."""
+    failed, errors = [], {}
+    if workers == 1 or len(keys) < 2:
+        for i, key in enumerate(keys, 1):
+            if prefit_last and i == len(keys) and find_trace_file(Path(settings.data_dir) / key):
+                # fit the study's pooled folds while its models and scores run
+                key, ok, secs, err = _materialize_with_prefit(defs, instance, key, settings)
+            else:
+                key, ok, secs, err = _materialize_partition(defs, instance, key, job=job)
+            release_freed_memory()
+            say(f"[{i}/{len(keys)}] {job} {key}: {'ok' if ok else 'FAILED'} ({secs:.1f} s)" + (f"\n   {err}" if err else ""))
+            if not ok:
+                failed.append(key)
+                errors[key] = err
+        return failed, errors
+    from .health import mark_abandoned_runs
+    from .workers import run_in_workers
+
+    # a fresh worker every PARTITIONS_PER_WORKER partitions: a long-lived worker's RSS creeps up (allocators keep
+    # freed pages: 4 GB after 24 partitions at 3x the study, 1.4-2.7 GB over its first six), which sets the peak at
+    # scale. A worker that dies (OOM killer) fails its partition; the others go on (stepml_dagster/workers.py).
+    def died(key, pid, msg):  # its Dagster run stays STARTED otherwise, and study_sensor would wait for it forever
+        mark_abandoned_runs(instance, pid=pid, why=f"{key}: {msg}")
+
+    common = (settings.data_dir, settings.out_dir, settings.seed, job)
+    for i, (key, res, death) in enumerate(run_in_workers(_partition_worker, common, keys, min(workers, len(keys)),
+                                                         PARTITIONS_PER_WORKER, died), 1):
+        key, ok, secs, err = res if death is None else (key, False, float("nan"), death)
+        say(f"[{i}/{len(keys)}] {job} {key}: {'ok' if ok else 'FAILED'} ({secs:.1f} s)" + (f"\n   {err}" if err else ""))
+        if not ok:
+            failed.append(key)
+            errors[key] = err
+    # every worker has exited (and its memory is back) before the next phase starts
+    return failed, errors
 
 
 FEATURE_ASSETS = ["raw_traces", "step_table", "quarantine", "request_context", "feature_matrix", "split"]  # what pooled folds read
@@ -173,41 +212,25 @@ def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, see
     defs = build_definitions(settings)
     t0 = time.perf_counter()
     workers = max(1, min(workers or 1, len(keys)))
-    failed, errors = [], {}
-    if workers == 1:
-        for i, key in enumerate(keys, 1):
-            if i == len(keys):  # the last one: fit the study's pooled folds while its models and scores run
-                key, ok, secs, err = _materialize_with_prefit(defs, instance, key, settings)
-            else:
-                key, ok, secs, err = _materialize_partition(defs, instance, key)
-            release_freed_memory()
-            say(f"[{i}/{len(keys)}] {key}: {'ok' if ok else 'FAILED'} ({secs:.1f} s)" + (f"\n   {err}" if err else ""))
-            if not ok:
-                failed.append(key)
-                errors[key] = err
-    else:  # independent partitions in parallel processes, each in-process Dagster on the same instance
-        from .health import mark_abandoned_runs
-        from .workers import run_in_workers
+    failed, errors = _run_partitions(defs, instance, settings, keys, "experiment_job", workers, say, prefit_last=True)
+    release_freed_memory()
+    # the study chain: study-level models, then each run's replay (reads them), then the report
+    ok_models = defs.resolve_job_def("models_job").execute_in_process(instance=instance, raise_on_error=False,
+                                                                      run_config=QUIET_LOGS).success
+    say(f"models: {'ok' if ok_models else 'FAILED'}")
+    from .io_manager import ParquetIOManager
 
-        # a fresh worker every PARTITIONS_PER_WORKER partitions: a long-lived worker's RSS creeps up (allocators keep
-        # freed pages: 4 GB after 24 partitions at 3x the study, 1.4-2.7 GB over its first six), which sets the peak at
-        # scale. A worker that dies (OOM killer) fails its partition; the others go on (stepml_dagster/workers.py).
-        def died(key, pid, msg):  # its Dagster run stays STARTED otherwise, and study_sensor would wait for it forever
-            mark_abandoned_runs(instance, pid=pid, why=f"{key}: {msg}")
-
-        common = (settings.data_dir, settings.out_dir, seed)
-        for i, (key, res, death) in enumerate(run_in_workers(_partition_worker, common, keys, workers, PARTITIONS_PER_WORKER, died), 1):
-            key, ok, secs, err = res if death is None else (key, False, float("nan"), death)
-            say(f"[{i}/{len(keys)}] {key}: {'ok' if ok else 'FAILED'} ({secs:.1f} s)" + (f"\n   {err}" if err else ""))
-            if not ok:
-                failed.append(key)
-                errors[key] = err
-        # every worker has exited (and its memory is back) before the study phase starts
+    with_logs = sorted(ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions("request_log", keys))
+    if ok_models and with_logs:
+        r_failed, r_errors = _run_partitions(defs, instance, settings, with_logs, "replay_job", workers, say)
+        failed += [k for k in r_failed if k not in failed]
+        errors.update({k: v for k, v in r_errors.items() if k not in errors})
     release_freed_memory()
     res = defs.resolve_job_def("study_job").execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET_LOGS)
-    say(f"study: {'ok' if res.success else 'FAILED'}; {len(keys) - len(failed)} experiment(s) in {time.perf_counter() - t0:.1f} s; outputs in {out_dir}")
+    say(f"study: {'ok' if res.success and ok_models else 'FAILED'}; {len(keys) - len(failed)} experiment(s) in "
+        f"{time.perf_counter() - t0:.1f} s; outputs in {out_dir}")
     return {"experiments": keys, "failed": failed, "errors": errors, "skipped": {str(p.name): why for p, why in rejected},
-            "study_ok": res.success, "out_dir": str(out_dir)}
+            "study_ok": res.success and ok_models, "out_dir": str(out_dir)}
 
 
 def synthesize(out_dir: Path, runs: list[str] | None, *, scale: float, seed: int, quiet: bool = False) -> list[Path]:
@@ -245,7 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--experiment", action="append", help="experiment (run folder) id; repeatable")
     b.add_argument("--all", action="store_true", help="every run folder in --data")
     b.add_argument("--seed", type=int, default=0)
+    rd = sub.add_parser("real-data", help="assemble the 16 real runs (request logs, metadata, step traces) from ../shared into run folders")
+    rd.add_argument("--shared", type=Path, default=PROJECT_ROOT.parent / "shared", help="the shared folder (default: ../shared)")
+    rd.add_argument("--out", type=Path, default=PROJECT_ROOT / "data" / "real", help="where the run folders go (default: data/real)")
+    rd.add_argument("--runs", nargs="*", default=None, help="only these run ids (default: all)")
     a = ap.parse_args(argv)
+    if a.cmd == "real-data":
+        from stepml_core.real_data import assemble_real_runs
+
+        folders = assemble_real_runs(a.shared, a.out, a.runs)
+        print(f"wrote {len(folders)} real run folder(s) under {a.out}; run the study on them with: stepml run --data {a.out}")
+        return 0
     if a.cmd == "backfill":
         from .backfill import backfill
         res = backfill(a.data, a.out, a.experiment, all_=a.all, seed=a.seed)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dagster as dg
 
-from .assets import PARTITIONED_ASSETS, STUDY_ASSETS, experiment_partitions
+from .assets import ALL_ASSETS, MODEL_ASSETS, PARTITIONED_ASSETS, REPLAY_ASSETS, REPORT_ASSETS, experiment_partitions
 from .io_manager import ParquetIOManager
+from .replay_assets import REQUEST_CHECKS
 from .resources import StepMLSettings, settings_from_env
 from .sensors import build_automation
 
@@ -14,26 +15,35 @@ from .sensors import build_automation
 IN_PROCESS_RUN_CONFIG = {"execution": {"config": {"in_process": {}}}}
 
 
+JOBS = {  # name: (assets, description); run in this order (the study_sensor chains them)
+    "experiment_job": (PARTITIONED_ASSETS, "Ingest, validate, featurize, split, fit and score one experiment partition; read its request log."),
+    "models_job": (MODEL_ASSETS, "Study-level models: pooled and cross-validated fits, synthetic-run calibration, the step-time "
+                                 "models replays use."),
+    "replay_job": (REPLAY_ASSETS, "Replay one partition's request log through the simulator with every step-time model."),
+    "study_job": (REPORT_ASSETS, "Replay scores (replay.csv), H1 verdict and the study report over all materialized experiments."),
+}
+
+
 def build_jobs(*, max_concurrent: int = 2, local: bool = True) -> list:
-    """experiment_job and study_job. local: Dagster's multi_or_in_process executor, multiprocess with at most
+    """The four phase jobs. local: Dagster's multi_or_in_process executor, multiprocess with at most
     max_concurrent steps by default (UI launches) and in-process with IN_PROCESS_RUN_CONFIG (sensor runs);
     otherwise the Definitions' executor (Celery in stepml_dagster.distributed)."""
     kw = dict(executor_def=dg.multi_or_in_process_executor,
               config={"execution": {"config": {"multiprocess": {"max_concurrent": max_concurrent}}}}) if local else {}
-    return [dg.define_asset_job("experiment_job", selection=dg.AssetSelection.assets(*PARTITIONED_ASSETS),
-                                description="Ingest, validate, featurize, split, fit and score one experiment partition.", **kw),
-            dg.define_asset_job("study_job", selection=dg.AssetSelection.assets(*STUDY_ASSETS),
-                                description="Pooled models, H1 verdict and the study report over all materialized experiments.", **kw)]
+    return [dg.define_asset_job(name, selection=dg.AssetSelection.assets(*assets), description=desc, **kw)
+            for name, (assets, desc) in JOBS.items()]
 
 
 def build_definitions(settings: StepMLSettings | None = None, *, max_concurrent: int = 2,
                       executor: dg.ExecutorDefinition | None = None) -> dg.Definitions:
     settings = settings or settings_from_env()
     local = executor is None
-    sensors, schedules = build_automation(run_config=IN_PROCESS_RUN_CONFIG if local else None)  # sensors.py
+    jobs = build_jobs(max_concurrent=max_concurrent, local=local)
+    sensors, schedules = build_automation(run_config=IN_PROCESS_RUN_CONFIG if local else None, jobs=jobs)  # sensors.py
     return dg.Definitions(
-        assets=[*PARTITIONED_ASSETS, *STUDY_ASSETS],
-        jobs=build_jobs(max_concurrent=max_concurrent, local=local),
+        assets=ALL_ASSETS,
+        asset_checks=REQUEST_CHECKS,
+        jobs=jobs,
         sensors=sensors, schedules=schedules,
         resources={"settings": settings, "io_manager": ParquetIOManager(base_dir=str(settings.assets_dir()))},
         # default: steps as local processes; stepml_dagster.distributed passes the Celery executor (several machines)

@@ -42,6 +42,14 @@ def celery_experiment_job() -> dg.JobDefinition:
     return build_distributed_definitions().resolve_job_def("experiment_job")
 
 
+def celery_models_job() -> dg.JobDefinition:
+    return build_distributed_definitions().resolve_job_def("models_job")
+
+
+def celery_replay_job() -> dg.JobDefinition:
+    return build_distributed_definitions().resolve_job_def("replay_job")
+
+
 def celery_study_job() -> dg.JobDefinition:
     return build_distributed_definitions().resolve_job_def("study_job")
 

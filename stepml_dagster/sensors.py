@@ -49,16 +49,20 @@ from .resources import StepMLSettings
 
 PARTITIONS_DEF_NAME = "experiment"
 EXPERIMENT_JOB = "experiment_job"
+MODELS_JOB = "models_job"
+REPLAY_JOB = "replay_job"
 STUDY_JOB = "study_job"
 STUDY_OUTPUT = "study_report"
 
 
 def study_inputs() -> list[dg.AssetKey]:
-    """Experiment-level assets the study assets read: a new materialization of any makes the study stale."""
+    """Experiment-level assets the study chain reads (models and report phases, plus request_log for the replays):
+    a new materialization of any makes the study stale."""
     from .assets import PARTITIONED_ASSETS, STUDY_ASSETS
 
     partitioned = {k for a in PARTITIONED_ASSETS for k in a.keys}
-    return sorted({k for a in STUDY_ASSETS for k in a.dependency_keys if k in partitioned}, key=lambda k: k.to_user_string())
+    keys = {k for a in STUDY_ASSETS for k in a.dependency_keys if k in partitioned} | {dg.AssetKey("request_log")}
+    return sorted(keys, key=lambda k: k.to_user_string())
 CURSOR_VERSION = 1
 DATA_VERSION_TAG = "stepml/data_version"
 TRIGGER_TAG = "stepml/trigger"
@@ -375,54 +379,115 @@ def partition_up_to_date(instance: dg.DagsterInstance, run_id: str, data_version
     latest = {}
     for key in {k for a in PARTITIONED_ASSETS for k in a.keys}:
         recs = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[run_id]), limit=1).records
-        if not recs:
-            return False
-        latest[key] = recs[0]
-    raw = latest.get(dg.AssetKey("raw_traces"))
+        if recs:
+            latest[key] = recs[0]
+    if not latest:
+        return False
+    raw = latest.get(dg.AssetKey("raw_traces")) or latest.get(dg.AssetKey("request_log"))  # request-log-only runs
     if raw is None or raw.asset_materialization is None or raw.asset_materialization.tags.get("dagster/data_version") != data_version:
         return False
     return all(r.storage_id >= raw.storage_id for r in latest.values())
 
 
+PHASE_JOBS = (EXPERIMENT_JOB, MODELS_JOB, REPLAY_JOB, STUDY_JOB)
+
+
+def _latest(instance: dg.DagsterInstance, keys, partitions: list[str] | None = None):
+    """The newest materialization record among `keys` (optionally of those partitions), or None."""
+    best = None
+    for key in keys:
+        f = dg.AssetRecordsFilter(asset_key=key, asset_partitions=partitions) if partitions else key
+        recs = instance.fetch_materializations(f, limit=1).records
+        if recs and (best is None or recs[0].storage_id > best.storage_id):
+            best = recs[0]
+    return best
+
+
+def _run_start(instance: dg.DagsterInstance, rec) -> float | None:
+    """When the run that wrote a materialization started (its timestamp if the run is gone)."""
+    if rec is None:
+        return None
+    rr = instance.get_run_record_by_id(rec.run_id) if rec.run_id else None
+    return (rr.start_time or rr.create_timestamp.timestamp()) if rr else rec.timestamp
 
 
 def study_staleness(instance: dg.DagsterInstance) -> dict:
-    """{'active_experiment_runs', 'latest_input' (storage id, timestamp) or None, 'study_started' (timestamp) or None}."""
-    active = instance.get_runs_count(dg.RunsFilter(job_name=EXPERIMENT_JOB, statuses=ACTIVE_STATUSES))
-    latest = None
-    for key in study_inputs():
-        recs = instance.fetch_materializations(key, limit=1).records
-        if recs and (latest is None or recs[0].storage_id > latest[0]):
-            latest = (recs[0].storage_id, recs[0].timestamp)
-    study_started = None
-    recs = instance.fetch_materializations(dg.AssetKey(STUDY_OUTPUT), limit=1).records
-    if recs:
-        rr = instance.get_run_record_by_id(recs[0].run_id) if recs[0].run_id else None
-        study_started = (rr.start_time or rr.create_timestamp.timestamp()) if rr else recs[0].timestamp
-    return {"active_experiment_runs": active, "latest_input": latest, "study_started": study_started}
+    """Where the study chain stands: active phase runs, and per phase what is newer than its last run.
+
+    {'active': {job: n}, 'models': (storage id, ts) or None when models_job is due, 'replay': [partitions due],
+     'study': (storage id, ts) or None when study_job is due, 'replay_models': storage id or None}."""
+    from .assets import MODEL_ASSETS, PARTITIONED_ASSETS, REPORT_ASSETS
+
+    active = {j: instance.get_runs_count(dg.RunsFilter(job_name=j, statuses=ACTIVE_STATUSES)) for j in PHASE_JOBS}
+    out = {"active": active, "models": None, "replay": [], "study": None, "replay_models": None,
+           "latest_input": None, "study_started": None}
+    inputs = study_inputs()
+    latest_in = _latest(instance, inputs)
+    out["latest_input"] = (latest_in.storage_id, latest_in.timestamp) if latest_in else None
+    models_rec = _latest(instance, [dg.AssetKey("replay_models")])
+    if latest_in is not None and (models_rec is None or latest_in.timestamp > _run_start(instance, models_rec)):
+        out["models"] = (latest_in.storage_id, latest_in.timestamp)
+        return out
+    if models_rec is not None:
+        out["replay_models"] = models_rec.storage_id
+        for p in instance.get_dynamic_partitions(PARTITIONS_DEF_NAME):
+            log_rec = _latest(instance, [dg.AssetKey("request_log")], [p])
+            if log_rec is None:
+                continue
+            rep = _latest(instance, [dg.AssetKey("replay")], [p])
+            newest = max(models_rec.timestamp, log_rec.timestamp)
+            if rep is None or _run_start(instance, rep) < newest:
+                out["replay"].append((p, log_rec.storage_id))
+        if out["replay"]:
+            return out
+    report_inputs = [k for a in [*MODEL_ASSETS] for k in a.keys] + [dg.AssetKey("replay")] + inputs
+    latest_rep = _latest(instance, report_inputs)
+    study_rec = _latest(instance, [dg.AssetKey(STUDY_OUTPUT)])
+    out["study_started"] = _run_start(instance, study_rec)
+    if latest_rep is not None and (study_rec is None or latest_rep.timestamp > out["study_started"]):
+        out["study"] = (latest_rep.storage_id, latest_rep.timestamp)
+    return out
 
 
-def build_study_sensor(*, minimum_interval_seconds: int | None = None,
-                       default_status: dg.DefaultSensorStatus | None = None, run_config: dict | None = None) -> dg.SensorDefinition:
+def study_requests(instance: dg.DagsterInstance, run_config: dict | None = None):
+    """The next phase's run request(s) of the study chain, or a SkipReason saying what it waits for."""
+    s = study_staleness(instance)
+    busy = {j: n for j, n in s["active"].items() if n}
+    if busy:
+        return dg.SkipReason("waiting for " + ", ".join(f"{n} {j} run(s)" for j, n in busy.items()) + " queued or in progress")
+    rc = run_config or {}
+    tags = {TRIGGER_TAG: "study chain"}
+    if s["models"] is not None:
+        return [dg.RunRequest(run_key=f"models:{s['models'][0]}", job_name=MODELS_JOB, run_config=rc, tags=tags)]
+    if s["replay"]:
+        return [dg.RunRequest(run_key=f"replay:{s['replay_models']}:{log_id}:{p}", job_name=REPLAY_JOB, partition_key=p,
+                              run_config=rc, tags=tags) for p, log_id in s["replay"]]
+    if s["study"] is not None:
+        return [dg.RunRequest(run_key=f"study:{s['study'][0]}", job_name=STUDY_JOB, run_config=rc, tags=tags)]
+    if s["latest_input"] is None:
+        return dg.SkipReason("no experiment materialized yet")
+    return dg.SkipReason("study report is up to date with every materialized experiment")
+
+
+def build_study_sensor(*, minimum_interval_seconds: int | None = None, default_status: dg.DefaultSensorStatus | None = None,
+                       run_config: dict | None = None, jobs: list | None = None) -> dg.SensorDefinition:
+    """jobs: the models_job, replay_job and study_job definitions (default: built here, as in definitions.py)."""
+    if jobs is None:
+        from .definitions import build_jobs
+        jobs = [j for j in build_jobs() if j.name in (MODELS_JOB, REPLAY_JOB, STUDY_JOB)]
+
     @dg.sensor(
-        name="study_sensor", job_name=STUDY_JOB,
+        name="study_sensor", jobs=jobs,
         minimum_interval_seconds=minimum_interval_seconds or sensor_interval_s(),
         default_status=default_status or sensor_default_status(),
-        description="Re-materializes the study assets (pooled models, calibration, study_report) once no experiment_job run is "
-                    "queued or in progress and an experiment was materialized after the last study run started.",
+        description="Runs the study chain once no phase run is queued or in progress: models_job after experiments were "
+                    "materialized, then replay_job for every partition with a request log, then study_job (replay.csv, "
+                    "verdict, report).",
     )
     def study_sensor(context: dg.SensorEvaluationContext):
         for run_id in mark_abandoned_runs(context.instance):  # a dead `stepml run` must not hold the study back forever
             context.log.warning(f"run {run_id}: its process is gone; reported failed")
-        s = study_staleness(context.instance)
-        if s["active_experiment_runs"]:
-            return dg.SkipReason(f"{s['active_experiment_runs']} experiment_job run(s) queued or in progress; waiting for the burst to end")
-        if s["latest_input"] is None:
-            return dg.SkipReason("no experiment materialized yet")
-        storage_id, ts = s["latest_input"]
-        if s["study_started"] is not None and s["study_started"] >= ts:
-            return dg.SkipReason("study report is up to date with every materialized experiment")
-        return dg.RunRequest(run_key=f"study:{storage_id}", run_config=run_config or {}, tags={TRIGGER_TAG: "experiments materialized"})
+        return study_requests(context.instance, run_config)
 
     return study_sensor
 
@@ -455,7 +520,9 @@ def build_rerun_schedule(*, cron: str | None = None,
     return rerun_schedule
 
 
-def build_automation(run_config: dict | None = None) -> tuple[list[dg.SensorDefinition], list[dg.ScheduleDefinition]]:
-    """Sensors and schedules, configured from the environment at load time; run_config goes on every RunRequest."""
-    return ([build_experiment_sensor(run_config=run_config), build_study_sensor(run_config=run_config)],
+def build_automation(run_config: dict | None = None, jobs: list | None = None) -> tuple[list[dg.SensorDefinition], list[dg.ScheduleDefinition]]:
+    """Sensors and schedules, configured from the environment at load time; run_config goes on every RunRequest.
+    jobs: the Definitions' job objects (the study sensor targets models_job, replay_job and study_job)."""
+    chain = [j for j in jobs if j.name in (MODELS_JOB, REPLAY_JOB, STUDY_JOB)] if jobs else None
+    return ([build_experiment_sensor(run_config=run_config), build_study_sensor(run_config=run_config, jobs=chain)],
             [build_rerun_schedule(run_config=run_config)])

@@ -7,10 +7,10 @@ import pytest
 
 from ops_helpers import RUN_A, RUN_B, copy_run
 from stepml_dagster import sensors as S
-from stepml_dagster.assets import PARTITIONED_ASSETS, STUDY_ASSETS
+from stepml_dagster.assets import ALL_ASSETS, STEP_ASSETS, STUDY_ASSETS
 from stepml_dagster.cli import main, run_study
 
-PART_KEYS = [k for a in PARTITIONED_ASSETS for k in a.keys]
+PART_KEYS = [k for a in STEP_ASSETS for k in a.keys]  # the real traced runs here have no request logs: no request_log, no replay
 STUDY_KEYS = [k for a in STUDY_ASSETS for k in a.keys]
 
 
@@ -100,23 +100,39 @@ def test_changed_input_marks_downstream_partition_stale(study):
     with open(data / RUN_A / "profile.yaml", "a") as f:
         f.write("# edited after the run\n")
     defs = build_definitions(StepMLSettings(data_dir=str(data), out_dir=str(out)))
-    res = dg.materialize([*PARTITIONED_ASSETS, *STUDY_ASSETS], selection=["raw_traces"], partition_key=RUN_A,
+    res = dg.materialize(ALL_ASSETS, selection=["raw_traces"], partition_key=RUN_A,
                          instance=instance, resources=dict(defs.resources))
     assert res.success
-    resolver = get_stale_status_resolver(instance, [*PARTITIONED_ASSETS, *STUDY_ASSETS])
+    resolver = get_stale_status_resolver(instance, ALL_ASSETS)
     assert resolver.get_status(dg.AssetKey("step_table"), RUN_A) == StaleStatus.STALE
     assert resolver.get_status(dg.AssetKey("step_table"), RUN_B) == StaleStatus.FRESH
     assert resolver.get_status(dg.AssetKey("raw_traces"), RUN_A) == StaleStatus.FRESH
 
 
-def test_study_sensor_requests_one_study_run_after_new_experiment_materialization(study):
+def test_study_sensor_chains_models_replays_and_study(study):
+    """New experiment data → models_job; then one replay_job per partition with a request log; then study_job;
+    each request has a stable run key (Dagster launches it once) and nothing is requested while a phase runs."""
     _, _, instance = study
     sensor = S.build_study_sensor(minimum_interval_seconds=1)
-    assert isinstance(sensor(dg.build_sensor_context(instance=instance)), dg.SkipReason)  # raw_traces alone: no
+    tick = lambda: sensor(dg.build_sensor_context(instance=instance))  # noqa: E731
+    assert isinstance(tick(), dg.SkipReason)  # raw_traces alone: no
     instance.report_runless_asset_event(dg.AssetMaterialization("run_summary", partition=RUN_A))
-    req = sensor(dg.build_sensor_context(instance=instance))
-    assert isinstance(req, dg.RunRequest) and req.run_key.startswith("study:")
-    assert sensor(dg.build_sensor_context(instance=instance)).run_key == req.run_key  # same key: Dagster launches it once
+    req = tick()
+    assert [r.job_name for r in req] == ["models_job"] and req[0].run_key.startswith("models:")
+    assert tick()[0].run_key == req[0].run_key  # same key: Dagster launches it once
+    instance.report_runless_asset_event(dg.AssetMaterialization("replay_models"))
+    instance.report_runless_asset_event(dg.AssetMaterialization("request_log", partition=RUN_B))
+    req = tick()  # the new request log is also an input of the models phase: models first
+    assert [r.job_name for r in req] == ["models_job"]
+    instance.report_runless_asset_event(dg.AssetMaterialization("replay_models"))
+    req = tick()
+    assert [(r.job_name, r.partition_key) for r in req] == [("replay_job", RUN_B)] and req[0].run_key.startswith("replay:")
+    instance.report_runless_asset_event(dg.AssetMaterialization("replay", partition=RUN_B))
+    req = tick()
+    assert [r.job_name for r in req] == ["study_job"] and req[0].run_key.startswith("study:")
+    instance.report_runless_asset_event(dg.AssetMaterialization("study_report"))
+    res = tick()
+    assert isinstance(res, dg.SkipReason) and "up to date" in res.skip_message
 
 
 def test_experiment_sensor_does_not_relaunch_what_the_cli_materialized(study):

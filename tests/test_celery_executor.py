@@ -112,6 +112,10 @@ def _run_study_through_celery(home: Path, data: Path, out: Path, broker: str, en
             for key in keys:
                 results.append(dg.execute_job(dg.reconstructable(distributed.celery_experiment_job), instance=instance,
                                               tags={"dagster/partition": key}, run_config=quiet))
+            results.append(dg.execute_job(dg.reconstructable(distributed.celery_models_job), instance=instance, run_config=quiet))
+            for key in keys:  # the synthetic runs carry per-request records: each is replayed
+                results.append(dg.execute_job(dg.reconstructable(distributed.celery_replay_job), instance=instance,
+                                              tags={"dagster/partition": key}, run_config=quiet))
             results.append(dg.execute_job(dg.reconstructable(distributed.celery_study_job), instance=instance, run_config=quiet))
             assert all(r.success for r in results), [r.run_id for r in results if not r.success]
             for r in results:
@@ -127,7 +131,7 @@ def _run_study_through_celery(home: Path, data: Path, out: Path, broker: str, en
                 assert got == set(keys), (k, got)
             for k in [k for a in STUDY_ASSETS for k in a.keys]:
                 assert instance.get_latest_materialization_event(k) is not None, k
-        assert (out / "report.md").is_file() and (out / "metrics.csv").is_file()
+        assert (out / "report.md").is_file() and (out / "metrics.csv").is_file() and (out / "replay.csv").is_file()
     finally:
         _stop_worker(worker)
 
@@ -150,7 +154,7 @@ def test_study_through_celery_on_postgres_instance(redis_broker, small_runs, req
     _run_study_through_celery(home, small_runs, tmp_path / "out", redis_broker, env, monkeypatch)
     with open_instance(home) as inst:
         assert type(inst.event_log_storage).__name__ == "PostgresEventLogStorage"
-        assert len(inst.get_run_records()) == len(RUNS) + 1
+        assert len(inst.get_run_records()) == 2 * len(RUNS) + 2  # partitions, models, replays, study
 
 
 from test_postgres_instance import pg_server  # noqa: E402,F401  (module-scoped fixture, used via getfixturevalue)

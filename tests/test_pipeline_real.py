@@ -78,6 +78,25 @@ def test_report_states_data_targets_and_verdicts(real_study):
     assert "published blackbox" in md and "90.76" in md
 
 
+def test_method_checks_on_the_real_runs(real_study):
+    """Stage mix, split schemes, cycle rule counts and the batch N / N−1 comparison are computed on the real runs and reported."""
+    _, out = real_study
+    md = (out / "report.md").read_text()
+    for e in PUBLISHED_BLACKBOX:
+        base = out / "assets" / "method_checks" / e
+        align = pl.read_parquet(base / "alignment.parquet")
+        assert set(align["alignment"]) == {"N", "N-1", "N and N-1"} and align["mape_pct"].null_count() == 0 and (align["n_test"] > 0).all()
+        mix = pl.read_parquet(base / "stage_mix.parquet")
+        temporal_test = mix.filter((pl.col("scheme") == "temporal") & (pl.col("block") == "test"))
+        assert temporal_test["load_stage"].max() == 1  # the test block is the high-rate stage
+        rule = pl.read_parquet(base / "cycle_rule.parquet")
+        steps = pl.read_parquet(out / "assets" / "step_table" / f"{e}.parquet")
+        assert (rule["removed_idle"] + rule["removed_stall"]).max() == steps["cycle_excluded"].is_not_null().sum()
+    for heading in ("### Load stages in each block", "### The H1 models under three splits", "### Cycle rule (`cycle_us`)",
+                    "### Batch N or batch N−1 for `cycle_us`", "### Ridge alpha"):
+        assert heading in md, heading
+
+
 def _count_steps(line: bytes) -> int:
     d = orjson.loads(line)
     return sum(ev["name"] == "step.BATCH_SUMMARY" for rs in d["resourceSpans"] for ss in rs["scopeSpans"]

@@ -8,7 +8,7 @@ import pytest
 
 from stepml_core.findings import study_findings
 from stepml_core.paths import REFERENCE_DIR
-from stepml_core.plots import MODEL_ORDER, figure_mape_by_experiment, figure_pred_vs_actual
+from stepml_core.plots import MODEL_ORDER, figure_mape_by_experiment, figure_pred_vs_actual, figure_residuals
 from stepml_core.report import render_report
 from stepml_core.study import metrics_from_predictions
 from stepml_core.verdict import h1_verdict
@@ -107,6 +107,14 @@ def test_pred_vs_actual_one_labelled_panel_per_run_at_16_runs(sixteen):
     for ax in panels:
         _no_overlaps(fig, _shown(ax.xaxis), draw=False)
         _no_overlaps(fig, _shown(ax.yaxis), draw=False)
+    _all_texts_apart(fig)
+
+
+def test_residuals_labelled_at_16_runs(sixteen):
+    _, pred, _, _ = sixteen
+    fig = figure_residuals(pred, "cycle_us", "ridge_30f", "per_model")
+    for ax in fig.axes:
+        assert {"no error"} <= {t.get_text() for t in ax.get_legend().get_texts()} and ax.get_xlabel()
     _all_texts_apart(fig)
 
 

@@ -17,7 +17,7 @@ import pytest
 from stepml_core.runs import parse_run_id, read_run_metadata
 from stepml_core.synth import resolve_run_ids, synthesize_run, synthesize_runs, synthetic_id, text_progress
 from stepml_core.synth.calibration import compare_runs, compare_step_quantiles, cycle_times_ms, ratio_table
-from stepml_core.synth.engine import EngineSim
+from stepml_core.synth.engine import simulate_synthetic_run
 from stepml_core.synth.runner import _clocks, _streams
 from stepml_core.synth.spec import engine_params, reference_runs
 from stepml_core.synth.traceout import write_run_traces
@@ -139,7 +139,7 @@ def _simulate(real_id: str, scale: float, seed: int):
     rng_wl, rng_eng, _, rng_trace, _ = _streams(real_id, seed)
     mono0, _, wall_off = _clocks(spec)
     wl = build_workload(spec, scale, rng_wl)
-    sim = EngineSim(spec, wl, rng_eng, mono0=mono0).run()
+    sim = simulate_synthetic_run(spec, wl, rng_eng, mono0=mono0)
     return spec, sim, rng_trace, wall_off
 
 

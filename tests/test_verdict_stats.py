@@ -122,3 +122,14 @@ def test_ties_within_noise_are_ties_and_the_simplest_tied_model_is_recommended()
     assert tied["hgb_30f"] and tied["ridge_30f"] and tied["blackbox_2f"] and not tied["naive_mean"]
     rec = recommend(r)
     assert rec["model"] == "blackbox_2f" and set(rec["tied"]) == {"hgb_30f", "ridge_30f", "blackbox_2f"}
+
+
+def test_a_model_with_an_absurd_run_is_never_tied_with_the_best():
+    """One exploding run widens the interval to include 0; it does not make the model as good as the best."""
+    met, pred = _predictions({"nnls_physics": 0.30, "ridge_log_30f": 0.28}, 16, n_rows=60, noise=0.05)
+    blow = (pl.col("model") == "ridge_log_30f") & (pl.col("experiment_id") == "e0") & (pl.col("step.id") < 2)  # exp() of two outlying rows
+    pred = pred.with_columns(y_pred=pl.when(blow).then(pl.col("y") * 4e4).otherwise(pl.col("y_pred")), scope=pl.lit("per_model"))
+    r = rank_with_ties(pred, "cycle_us", "per_model", reps=300)
+    row = r.filter(pl.col("model") == "ridge_log_30f").row(0, named=True)
+    assert row["worst_run_mape_pct"] > 1000 and row["diff_lo_pct"] <= 0  # the interval alone would call it a tie
+    assert not row["tied_with_best"]

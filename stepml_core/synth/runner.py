@@ -19,7 +19,7 @@ import yaml
 from ..runs import PROVENANCE_FILE
 from .spec import SYNTH_VERSION
 from .client import client_records, public_records, summarize
-from .engine import EngineSim
+from .engine import simulate_synthetic_run
 from .schedtime import ScheduleTimeModel
 from .spec import RunSpec, engine_params, resolve_run_ids, schedule_time_model
 from .traceout import write_run_traces
@@ -156,8 +156,8 @@ def synthesize_run(spec: RunSpec, out_dir: Path, *, scale: float = 1.0, seed: in
     mono0, client0, wall_off = _clocks(spec)
     wl = build_workload(spec, scale, rng_wl)
     p_sim = (lambda f: progress(0.8 * f)) if progress else None
-    sim = EngineSim(spec, wl, rng_eng, mono0=mono0, sched_model=ScheduleTimeModel(spec.real_id),
-                    progress=p_sim).run()
+    sim = simulate_synthetic_run(spec, wl, rng_eng, mono0=mono0, sched_model=ScheduleTimeModel(spec.real_id),
+                                 progress=p_sim)
     if progress:
         progress(0.8)
     recs = client_records(spec, wl, sim, rng_cli, mono0=mono0, client0=client0, hf_id=spec.arch.hf_id)

@@ -21,7 +21,8 @@ import numpy as np
 from ..trace_writer import (FLAGS_LOCAL, FLAGS_REMOTE_PARENT, KIND_INTERNAL, KIND_SERVER, ExportItem, Span,
                             batch_exports, encode_attrs, encode_event, export_line, merge_exports,
                             resource_json, write_lines)
-from .engine import EV_FINISHED, EV_FIRST_TOKEN, EV_PREEMPTED, EV_QUEUED, EV_SCHEDULED, SimResult
+from ..sim.engine import SimResult
+from ..sim.request import EV_FINISHED, EV_FIRST_TOKEN, EV_PREEMPTED, EV_QUEUED, EV_SCHEDULED
 from .spec import engine_params
 
 SCOPE_STEP, SCOPE_CORE, SCOPE_API = "vllm.scheduler.step", "vllm.scheduler", "vllm.api"

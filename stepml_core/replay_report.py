@@ -1,0 +1,294 @@
+"""Replay scores over all runs: replay.csv, the recommended step model, BLIS 4a beside, the report section.
+
+Recommendation rule (per LLM model and scored run, never looking at that run's ground truth):
+among the step models whose replay of the run is out of sample, the one with the lowest mean of
+(|E2E mean error| + |TTFT mean error|)/2 over the *other* non-saturated, scored runs of the same
+LLM model. A run is *saturated* when its clients saw failures or a mean TTFT above 5 s (the
+reasoning runs: a queue of minutes builds up).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from .paths import REFERENCE_DIR
+from .replay_models import REPLAY_COLUMNS
+
+SATURATED_TTFT_S = 5.0
+BLIS_FILE = REFERENCE_DIR / "blis_iter4a_replay.csv"
+
+
+def load_blis4a() -> pl.DataFrame:
+    return pl.read_csv(BLIS_FILE) if BLIS_FILE.is_file() else pl.DataFrame()
+
+
+def _wide(rows: pl.DataFrame) -> pl.DataFrame:
+    """One row per run × step model with `<metric>` (predicted), `<metric>_obs`, `<metric>_err` columns."""
+    keys = ["experiment_id", "source", "role", "step_model", "fitted_on", "sample"]
+    p = rows.pivot(on="metric", index=keys, values="predicted")
+    o = rows.pivot(on="metric", index=keys, values="observed")
+    e = rows.pivot(on="metric", index=keys, values="rel_err_pct")
+    o = o.rename({c: f"{c}_obs" for c in o.columns if c not in keys})
+    e = e.rename({c: f"{c}_err" for c in e.columns if c not in keys})
+    return p.join(o, on=keys).join(e, on=keys)
+
+
+def run_status(rows: pl.DataFrame, requests: dict[str, int]) -> pl.DataFrame:
+    """Per run: scored (ground truth present), saturated (observed failures or mean TTFT > 5 s)."""
+    obs = rows.filter(pl.col("metric").is_in(["successes", "ttft_mean"])).group_by("experiment_id", "metric").agg(
+        pl.col("observed").first()).pivot(on="metric", index="experiment_id", values="observed")
+    out = []
+    for r in obs.iter_rows(named=True):
+        scored = r.get("successes") is not None
+        n = requests.get(r["experiment_id"], 0)
+        sat = scored and ((r["successes"] < n) or (r.get("ttft_mean") or 0.0) > SATURATED_TTFT_S)
+        out.append({"experiment_id": r["experiment_id"], "scored": scored, "saturated": bool(sat)})
+    return pl.DataFrame(out, schema={"experiment_id": pl.Utf8, "scored": pl.Boolean, "saturated": pl.Boolean})
+
+
+def recommend(rows: pl.DataFrame, llm_of: dict[str, str], status: pl.DataFrame) -> pl.DataFrame:
+    """(experiment_id, step_model) pairs marked recommended (see module docstring)."""
+    if rows.height == 0:
+        return pl.DataFrame(schema={"experiment_id": pl.Utf8, "step_model": pl.Utf8})
+    w = _wide(rows)
+    st = {r["experiment_id"]: r for r in status.iter_rows(named=True)}
+    calm = {e for e, r in st.items() if r["scored"] and not r["saturated"]}
+    score = {}
+    for r in w.iter_rows(named=True):
+        if r["experiment_id"] in calm and r.get("e2e_mean_err") is not None and r.get("ttft_mean_err") is not None:
+            score[(r["experiment_id"], r["step_model"])] = (abs(r["e2e_mean_err"]) + abs(r["ttft_mean_err"])) / 2
+    out = []
+    for exp in sorted(set(w["experiment_id"])):
+        llm = llm_of.get(exp)
+        others = [e for e in calm if e != exp and llm_of.get(e) == llm]
+        cands = w.filter((pl.col("experiment_id") == exp) & (pl.col("sample") == "out_of_sample"))["step_model"].to_list()
+        best, best_v = None, math.inf
+        for m in sorted(cands):
+            vals = [score[(e, m)] for e in others if (e, m) in score]
+            if vals and np.mean(vals) < best_v:
+                best, best_v = m, float(np.mean(vals))
+        if best is not None:
+            out.append({"experiment_id": exp, "step_model": best})
+    return pl.DataFrame(out, schema={"experiment_id": pl.Utf8, "step_model": pl.Utf8})
+
+
+def recommend_per_llm(rows: pl.DataFrame, llm_of: dict[str, str], status: pl.DataFrame) -> pl.DataFrame:
+    """Per LLM model, the step model to give a simulator builder for a run it has not seen: the lowest mean of
+    (|E2E mean error| + |TTFT mean error|)/2 over its *out-of-sample* rows on non-saturated scored runs."""
+    schema = {"llm_model": pl.Utf8, "step_model": pl.Utf8, "runs": pl.Int64, "mean_abs_err_pct": pl.Float64}
+    if rows.height == 0:
+        return pl.DataFrame(schema=schema)
+    calm = {r["experiment_id"] for r in status.iter_rows(named=True) if r["scored"] and not r["saturated"]}
+    w = _wide(rows).filter(pl.col("experiment_id").is_in(sorted(calm)) & (pl.col("sample") == "out_of_sample"))
+    acc: dict[tuple[str, str], list[float]] = {}
+    for r in w.iter_rows(named=True):
+        if r.get("e2e_mean_err") is None or r.get("ttft_mean_err") is None:
+            continue
+        acc.setdefault((llm_of.get(r["experiment_id"]), r["step_model"]), []).append(
+            (abs(r["e2e_mean_err"]) + abs(r["ttft_mean_err"])) / 2)
+    best: dict[str, tuple] = {}
+    for (llm, m), v in sorted(acc.items()):
+        cand = (float(np.mean(v)), -len(v), m)
+        if llm not in best or cand < best[llm][0]:
+            best[llm] = (cand, len(v))
+    return pl.DataFrame([{"llm_model": llm, "step_model": c[2], "runs": n, "mean_abs_err_pct": c[0]}
+                         for llm, (c, n) in sorted(best.items())], schema=schema)
+
+
+def replay_fidelity_tables(replays: dict[str, dict], headers: dict[str, dict], out_dir: Path) -> dict:
+    """replay.csv (+ `recommended`) under out_dir; tables for the report and the replay_fidelity asset."""
+    parts = [r["rows"] for r in replays.values() if r["rows"].height]
+    rows = pl.concat(parts) if parts else pl.DataFrame(schema=REPLAY_COLUMNS)
+    llm_of = {e: r.get("model") for e, r in replays.items()}
+    status = run_status(rows, {e: int(r.get("requests") or 0) for e, r in replays.items()})
+    rec = recommend(rows, llm_of, status).with_columns(recommended=pl.lit(True))
+    rows = rows.join(rec, on=["experiment_id", "step_model"], how="left").with_columns(pl.col("recommended").fill_null(False))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "replay.csv"
+    tmp = out_dir / ".replay.csv.tmp"
+    rows.write_csv(tmp)
+    os.replace(tmp, path)
+    det = [r["details"].with_columns(experiment_id=pl.lit(e)) for e, r in replays.items() if r["details"].height]
+    runs = pl.DataFrame([{"experiment_id": e, "llm_model": r.get("model"), "role": r.get("role") or "",
+                          "requests": int(r.get("requests") or 0), "ground_truth": bool(r.get("has_ground_truth"))}
+                         for e, r in sorted(replays.items())])
+    if runs.height:
+        runs = runs.join(status, on="experiment_id", how="left")
+    return {"replay": rows, "details": pl.concat(det, how="diagonal_relaxed") if det else pl.DataFrame(), "runs": runs,
+            "blis4a": load_blis4a(), "replay_csv": path, "recommended_per_llm": recommend_per_llm(rows, llm_of, status)}
+
+
+# ---------------------------------------------------------------------------- report section
+
+def _pct(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:+.1f}"
+
+
+def _mean_abs(vals) -> float | None:
+    v = [abs(x) for x in vals if x is not None and math.isfinite(x)]
+    return float(np.mean(v)) if v else None
+
+
+def replay_section(fid: dict, out_dir: Path) -> list[str]:
+    """'Replaying the real runs': per run set, the recommended out-of-sample model and the physics beside BLIS 4a."""
+    rows, runs = fid.get("replay"), fid.get("runs")
+    if rows is None or rows.height == 0:
+        return []
+    w = _wide(rows)
+    rec = rows.filter(pl.col("recommended")).select("experiment_id", "step_model").unique()
+    rec_of = dict(rec.iter_rows())
+    blis = {r["experiment_id"]: r for r in fid["blis4a"].iter_rows(named=True)} if fid["blis4a"].height else {}
+    src = sorted(set(rows["source"]))
+    lines = ["## Replaying the real runs" if src == ["real"] else f"## Replaying the runs ({', '.join(src)} data)", "",
+             "Every request of each run replayed at its recorded arrival time through StepML's vLLM v1 simulator "
+             "(`stepml_core/sim`, the synthesizer's scheduler: chunked prefill, KV blocks with prefix caching, "
+             "preemption, async scheduling), once per step-time model; predicted vs observed client-side latencies. "
+             "Error = (predicted − observed) / observed × 100. **in** = in-sample (the scored run's steps, requests "
+             "or aggregates built the model), **out** = out-of-sample. `physics` is the synthesizer's engine, tuned "
+             "on the 16 reference runs' aggregates: in-sample on each of them. The recommended model per run is chosen "
+             "from out-of-sample candidates by their errors on the *other* runs of the same LLM model (never the "
+             "scored run's ground truth). BLIS 4a: the best-calibrated BLIS simulator (`train` rows in-sample).", ""]
+    st = {r["experiment_id"]: r for r in runs.iter_rows(named=True)} if runs is not None and runs.height else {}
+    data_rows = [[e, st[e]["llm_model"], st[e]["role"] or "–", st[e]["requests"],
+                  "yes" if st[e]["ground_truth"] else "**no** (predicted only)"] for e in sorted(st)]
+    lines += ["Runs with request logs (role = the run's role in BLIS 4a's calibration):", "",
+              _md(["run", "LLM model", "role", "requests", "ground truth"], data_rows), ""]
+    sets = [("non-saturated runs", False), ("saturated runs (reasoning: a queue of minutes)", True)]
+    summary = []
+    for title, sat in sets:
+        exps = [e for e in sorted(st) if st[e].get("scored") and bool(st[e].get("saturated")) == sat]
+        if not exps:
+            continue
+        hdr = ["run", "role", "model (sample)", "TTFT", "E2E", "p99 E2E", "successes", "phys TTFT", "phys E2E",
+               "BLIS4a TTFT", "BLIS4a E2E", "BLIS4a p99 E2E"]
+        body, acc = [], {"rec": ([], [], []), "phys": ([], [], []), "blis": ([], [], [])}
+        for e in exps:
+            m = rec_of.get(e)
+            r = w.filter((pl.col("experiment_id") == e) & (pl.col("step_model") == m)).to_dicts() if m else []
+            p = w.filter((pl.col("experiment_id") == e) & (pl.col("step_model") == "physics")).to_dicts()
+            r, p, b = (r[0] if r else {}), (p[0] if p else {}), blis.get(e, {})  # BLIS 4a replayed the real runs only
+            body.append([e, st[e]["role"] or "–", f"{m} ({'in' if r.get('sample') == 'in_sample' else 'out'})" if m else "none out of sample",
+                         _pct(r.get("ttft_mean_err")), _pct(r.get("e2e_mean_err")), _pct(r.get("e2e_p99_err")),
+                         _pct(r.get("successes_err")), _pct(p.get("ttft_mean_err")), _pct(p.get("e2e_mean_err")),
+                         _pct(b.get("ttft_mean_err_pct")), _pct(b.get("e2e_mean_err_pct")), _pct(b.get("e2e_p99_err_pct"))])
+            for k, d in (("rec", r), ("phys", p)):
+                acc[k][0].append(d.get("ttft_mean_err"))
+                acc[k][1].append(d.get("e2e_mean_err"))
+                acc[k][2].append(d.get("e2e_p99_err"))
+            acc["blis"][0].append(b.get("ttft_mean_err_pct"))
+            acc["blis"][1].append(b.get("e2e_mean_err_pct"))
+            acc["blis"][2].append(b.get("e2e_p99_err_pct"))
+        lines += [f"### {title.capitalize()}", "", _md(hdr, body), ""]
+        for k, label in (("rec", "recommended (out of sample)"), ("phys", "physics (in sample)"), ("blis", "BLIS 4a (mostly in sample)")):
+            t, e2, p99 = (_mean_abs(v) for v in acc[k])
+            n = sum(1 for x in acc[k][1] if x is not None)
+            summary.append([title, label, n, _f(t), _f(e2), _f(p99)])
+    lines += ["### Mean absolute errors", "", _md(["run set", "model", "runs", "|TTFT| %", "|E2E| %", "|p99 E2E| %"], summary), ""]
+    per_llm = fid.get("recommended_per_llm")
+    if per_llm is not None and per_llm.height:
+        lines += ["**For a simulator builder** (a run the model has not seen): per LLM model, the step model with the lowest "
+                  "mean of (|E2E| + |TTFT|)/2 over its out-of-sample replays of non-saturated runs. (The per-run choice in the "
+                  "tables above leaves the scored run out of that choice.)", "",
+                  _md(["LLM model", "step model", "out-of-sample runs", "mean (|E2E|+|TTFT|)/2 %"],
+                      [[r["llm_model"], r["step_model"], r["runs"], _f(r["mean_abs_err_pct"])] for r in per_llm.iter_rows(named=True)]), ""]
+    else:
+        lines += ["**For a simulator builder:** no step model was replayed out of sample on a scored non-saturated run, so none "
+                  "is recommended from this data.", ""]
+    det = fid.get("details")
+    if det is not None and det.height and "e2e_median_ape_pct" in det.columns:
+        agg = det.group_by("step_model").agg(pl.col("e2e_median_ape_pct").median().alias("e2e"),
+                                             pl.col("ttft_median_ape_pct").median().alias("ttft"),
+                                             pl.col("real_time_ratio").median().alias("speed"),
+                                             pl.len().alias("runs")).sort("step_model")
+        lines += ["Per-request error (median over runs of each run's median APE, requests that succeeded on both sides) "
+                  "and replay speed (simulated seconds per wall second):", "",
+                  _md(["step model", "runs", "E2E median APE %", "TTFT median APE %", "× real time"],
+                      [[r["step_model"], r["runs"], _f(r["e2e"]), _f(r["ttft"]), _f(r["speed"], 0)] for r in agg.iter_rows(named=True)]), ""]
+    for metric in ("e2e", "ttft"):
+        plot = plot_replay_cdfs(out_dir, rows, rec_of, metric)
+        if plot:
+            lines += [f"![replay {metric} CDFs]({plot.name})", "",
+                      f"Distributions of {metric.upper()} per run: observed (black), the recommended model (blue) and the "
+                      "physics (grey, dashed).", ""]
+    lines += ["Assumptions of every replay: each request generates the run's `output_len` tokens (ignore_eos; the "
+              "client's token count is a re-count of the text), prompts are drawn from the run's shared-prefix shape "
+              "(10 groups × 10 prompts; requests of equal length may share a prompt), clients time out after 300 s, "
+              "serving limits and KV blocks from the run's own files.", ""]
+    return lines
+
+
+def _f(x, nd: int = 1) -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
+
+
+def _md(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def plot_replay_cdfs(out_dir: Path, rows: pl.DataFrame, rec_of: dict[str, str], metric: str = "e2e") -> Path | None:
+    """One panel per scored run: empirical CDFs of E2E (or TTFT), observed vs recommended vs physics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    exps = sorted(set(rows.filter(pl.col("observed").is_not_null())["experiment_id"]))
+    if not exps:
+        return None
+    n = len(exps)
+    cols = 4 if n > 4 else n
+    nrows = -(-n // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.4 * nrows), squeeze=False)
+    for ax, e in zip(axes.flat, exps):
+        folder = Path(out_dir) / "replay" / e
+        drawn = False
+        for name, style in ((rec_of.get(e), dict(color="tab:blue", lw=1.2)), ("physics", dict(color="grey", ls="--", lw=1.0))):
+            p = folder / f"{name}.parquet" if name else None
+            if p is None or not p.is_file():
+                continue
+            t = pl.read_parquet(p)
+            if not drawn:
+                ob = t.filter(~pl.col("observed_has_error").fill_null(True))[f"observed_{metric}_s"].drop_nulls().sort().to_numpy()
+                if ob.size:
+                    ax.plot(ob, np.arange(1, ob.size + 1) / ob.size, color="black", lw=1.2, label="observed")
+                drawn = True
+            pr = t.filter(pl.col("success"))[f"{metric}_s"].drop_nulls().sort().to_numpy()
+            if pr.size:
+                ax.plot(pr, np.arange(1, pr.size + 1) / pr.size, label=name, **style)
+        ax.set_title(e.split("-", 2)[-1][:34], fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.set_xlabel(f"{metric.upper()} (s)", fontsize=6)
+        if metric == "ttft":
+            ax.set_xscale("log")
+        ax.legend(fontsize=5, loc="lower right")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.93, wspace=0.3, hspace=0.6)
+    path = Path(out_dir) / f"replay_{metric}_cdf.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def requests_only_report(fid: dict, replay_lines: list[str], out_dir: Path) -> str:
+    """report.md for a study whose runs have request logs but no step traces (no H1 study possible)."""
+    src = sorted(set(fid["replay"]["source"])) if fid.get("replay") is not None and fid["replay"].height else []
+    lines = ["# StepML study report: replay of request logs", "",
+             f"Data: {', '.join(src) or 'none'} runs with request logs only — no step traces, so no per-step models and "
+             "no H1 verdict; the step-time models here are the synthesizer's physics and any request-calibrated ones.", "",
+             *replay_lines]
+    md = "\n".join(lines) + "\n"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / ".report.md.tmp"
+    tmp.write_text(md)
+    os.replace(tmp, out_dir / "report.md")
+    return md

@@ -1,0 +1,12 @@
+"""StepML's simulator of the vLLM v1 engine core: scheduler, KV cache with prefix caching,
+async-scheduling event loop, and pluggable clocks (physics for the synthesizer, a step-time
+model for replay). Pure Python + numpy; see docs/simulator.md.
+"""
+
+from .arrivals import FixedArrivals, StagedArrivals
+from .engine import BatchView, EngineCore, SchedulerConfig, SimResult
+from .request import SimRequest
+from .timing import CycleClock, PhysicsClock
+
+__all__ = ["BatchView", "CycleClock", "EngineCore", "FixedArrivals", "PhysicsClock", "SchedulerConfig", "SimRequest",
+           "SimResult", "StagedArrivals"]

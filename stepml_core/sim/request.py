@@ -1,0 +1,78 @@
+"""One request inside the simulated engine (vLLM v1 ``Request``), with the bookkeeping the
+incremental scheduler needs. See docs/simulator.md for the state machine.
+
+States: WAITING → PREFILL (admitted; prompt chunks being computed) → DECODE (one token per
+step) → DONE; a preempted request goes back to WAITING (recompute) and a request whose last
+token is in flight when it is preempted becomes a ZOMBIE until that token's update.
+"""
+
+from __future__ import annotations
+
+WAITING, PREFILL, DECODE, DONE, ZOMBIE = 0, 1, 2, 3, 4
+EV_QUEUED, EV_SCHEDULED, EV_FIRST_TOKEN, EV_PREEMPTED, EV_FINISHED = 0, 1, 2, 3, 4
+GROUP_BASE, PROMPT_BASE, OUT_BASE = 1 << 40, 1 << 36, 0  # key spaces of the prefix-cache block hashes
+BLK_STRIDE = 1024  # > max blocks per request (max_model_len 4096 / 16)
+
+
+class SimRequest:
+    """A request: prompt identity (for prefix caching), lengths, scheduler state, emitted events.
+
+    Token counts are tokens; times are seconds on the engine's monotonic clock (``*_s``) or
+    nanoseconds (``*_ns``). ``computed`` = tokens in KV (progress index); for a decoder the
+    context at step N is ``c0 + (N − s0)`` (``c0`` tokens when its decode began at step ``s0``).
+    """
+
+    __slots__ = (
+        "idx", "prompt_id", "group", "prompt_len", "max_tokens", "state", "seq", "computed", "target",
+        "blist", "nhashed", "hit_blk", "cached_tokens", "first_sched", "out_base", "F", "s0", "c0",
+        "dver", "fver", "npre", "prefill_hw", "events", "segments", "sched_q", "sched_step",
+        "computed_before", "nshared_blk", "prompt_full_blk", "finish_status", "finish_step", "finish_ns",
+        "api_arrival", "visible", "first_token_step", "api_abort", "client_timeout",
+    )
+
+    def __init__(self, idx: int, prompt_id: int, group: int, prompt_len: int, max_tokens: int, nshared_blk: int):
+        self.idx = idx
+        self.prompt_id = prompt_id
+        self.group = group
+        self.prompt_len = prompt_len
+        self.max_tokens = max_tokens
+        self.state = WAITING
+        self.seq = -1  # admission order (preemption frees the most recently admitted)
+        self.computed = 0
+        self.target = prompt_len  # tokens to compute before decoding (prompt + recomputed output)
+        self.blist = []  # KV block ids, in order
+        self.nhashed = 0  # full blocks registered in the prefix cache
+        self.hit_blk = 0
+        self.cached_tokens = -1  # prefix-cache hit tokens at first admission
+        self.first_sched = True
+        self.out_base = 0  # output tokens generated before the current decode segment
+        self.F = -1  # step whose prefill chunk completed the current segment
+        self.s0 = -1  # first decode step of the current segment
+        self.c0 = 0
+        self.dver = 0  # version counters: stale entries in the step-keyed queues are skipped
+        self.fver = 0
+        self.npre = 0
+        self.prefill_hw = 0
+        self.events = []
+        self.segments = []  # (F, tokens) per decode segment: token k of a segment is emitted by step F + k
+        self.sched_q = 0
+        self.sched_step = -1
+        self.computed_before = 0
+        self.nshared_blk = nshared_blk
+        self.prompt_full_blk = prompt_len // 16
+        self.finish_status = None
+        self.finish_step = -1
+        self.finish_ns = -1
+        self.api_arrival = 0.0  # s, engine clock: reaches the API server (0.0 = not yet known)
+        self.visible = 0.0  # s: enters the engine's WAITING queue
+        self.first_token_step = -1
+        self.api_abort = 0.0
+        self.client_timeout = False
+
+    def key(self, k: int) -> int:
+        """Prefix-cache key of block k: shared system prompt per group, then prompt, then own output."""
+        if k < self.nshared_blk:
+            return GROUP_BASE + self.group * BLK_STRIDE + k
+        if k < self.prompt_full_blk:
+            return PROMPT_BASE + self.prompt_id * BLK_STRIDE + k
+        return OUT_BASE + self.idx * BLK_STRIDE + k

@@ -1,0 +1,76 @@
+"""The simulator package: the synthesizer's output is pinned (byte-identical across the refactor into
+stepml_core/sim), phases are callable on their own, clocks obey their contracts."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stepml_core.sim import CycleClock, EngineCore, FixedArrivals, SchedulerConfig, SimRequest
+from stepml_core.synth import synthesize_runs
+
+# sha256 of every file of one small synthetic run (7B reasoning: preemptions and client timeouts), seed 11,
+# scale 0.05 — computed with the engine before it moved into stepml_core/sim and unchanged since. A change
+# here means the synthesizer's output changed: bump SYNTH_VERSION and say why.
+GOLDEN = {
+    "exp-config.yaml": "ada7e25e944b1858808e39b3ac07177b021502cecf4c08529ec7f05619f53a0d",
+    "profile.yaml": "ab1a336ea93dd72d274f21679f078a706c9b6d675d12a67bca6122f859d5976c",
+    "results/config.yaml": "8d5d3a2a3e2eb2cdf8dcdf7538cbab2da3ab7c7a3778d6430b602485bca31c89",
+    "results/per_request_lifecycle_metrics.json": "daae66180b3e8c9c375b0d8cf98f182487f4584c840cf428a93c781e073fd9e0",
+    "results/stage_0_lifecycle_metrics.json": "6582e6413e80f022a0f2621d89c78fba9e303db98323e782ad25b8c6aaf02909",
+    "results/summary_lifecycle_metrics.json": "8abaf2b7bc3b5629fdcdbbdec8a444bb1adb4d6f1a577ffc9df4713fe66f9592",
+    "traces.json.gz": "13d106bc6b4ac0a938fe5a0c94b17e0b2829761972e620f3fc982ffea48e63ae",
+}
+
+
+def test_synthesizer_output_is_pinned(tmp_path):
+    f, = synthesize_runs(tmp_path, ["20260217-170634-llama-2-7b-tp1-reasoning"], scale=0.05, seed=11, workers=1)
+    got = {str(p.relative_to(f)): hashlib.sha256(p.read_bytes()).hexdigest()
+           for p in sorted(f.rglob("*")) if p.is_file() and p.name != "provenance.json"}
+    assert got == GOLDEN
+
+
+class ConstantStep:
+    def __init__(self, us):
+        self.us = us
+        self.batches = []
+
+    def step_time_us(self, b):
+        self.batches.append((b.step, b.scheduled_tokens, b.prefill_tokens, b.num_running, b.kv_blocks_free))
+        return self.us
+
+
+def _engine(n=3, prompt=100, out=4, kv_blocks=1000, step_us=1000.0, arrivals=None, **cfg):
+    reqs = [SimRequest(i, i, 0, prompt, out, 0) for i in range(n)]
+    model = ConstantStep(step_us)
+    arr = FixedArrivals(np.asarray(arrivals if arrivals is not None else [0.0] * n), 300.0, lambda p, r: 0.0)
+    return EngineCore(reqs, SchedulerConfig(kv_blocks_total=kv_blocks, **cfg), arr, CycleClock(model)), model
+
+
+def test_cycle_clock_steps_are_back_to_back_and_outputs_one_step_late():
+    eng, model = _engine(n=1, prompt=100, out=4)
+    sim = eng.run()
+    ts = np.diff(np.asarray(sim.ts_start_ns))
+    assert (np.abs(ts - 1_000_000) <= 1).all()  # each cycle is the model's 1 ms (the clock counts whole ns)
+    R = sim.requests[0]
+    assert R.first_token_step == 1 and R.segments == [(1, 4)] and sim.steps == 5  # prefill, 3 decodes, the lagged last step
+    assert sim.update_s[0] == pytest.approx(1.0 + 0.001)  # step 1's output at the end of its cycle
+
+
+def test_budget_and_max_num_seqs_limit_admission():
+    eng, model = _engine(n=5, prompt=1000, out=2, max_num_batched_tokens=2048, max_num_seqs=2,
+                         arrivals=[0.0, 0.0005, 0.0005, 0.0005, 0.0005])
+    eng.run()
+    assert max(b[3] for b in model.batches) == 2 and max(b[1] for b in model.batches) <= 2048
+    second = model.batches[1]  # request 0 decodes, request 1's prompt runs; 2-4 wait for a free seq
+    assert second[1] == 1 + 1000 and second[3] == 2
+
+
+def test_preemption_when_kv_runs_out():
+    eng, model = _engine(n=4, prompt=64, out=200, kv_blocks=30)  # 4 × (4 + 13) blocks needed, 30 available
+    sim = eng.run()
+    assert sim.counters["preemptions"] > 0
+    assert all(R.finish_status == "length" for R in sim.requests)  # recomputed, every request still finishes
