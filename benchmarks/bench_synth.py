@@ -14,6 +14,7 @@ directory unless --out is given.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -24,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stepml_core.synth import resolve_run_ids, synthesize_runs, text_progress  # noqa: E402
+from stepml_core.progress import make_progress  # noqa: E402
+from stepml_core.synth import resolve_run_ids, synthesize_runs  # noqa: E402
 
 
 def engine_only(run_ids, scale: float, seed: int) -> None:
@@ -65,8 +67,8 @@ def main(argv=None) -> int:
     workers = a.workers or os.cpu_count() or 1
     try:
         t0 = time.perf_counter()
-        folders = synthesize_runs(out, a.runs, scale=scale, seed=a.seed, workers=workers,
-                                  progress=None if a.quiet else text_progress(min_interval_s=15.0))
+        with make_progress(len(resolve_run_ids(a.runs)), "synth", stream=io.StringIO() if a.quiet else None) as progress:
+            folders = synthesize_runs(out, a.runs, scale=scale, seed=a.seed, workers=workers, progress=progress)
         wall = time.perf_counter() - t0
         steps = sampled = reqs = 0
         for f in folders:

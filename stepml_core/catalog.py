@@ -12,13 +12,14 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .errors import StepMLError
 from .paths import CATALOG_DIR
 
 BYTES_PER_PARAM = 2  # bf16 / fp16 weights
 BYTES_PER_KV_ELEMENT = 2  # bf16 / fp16 KV cache
 
 
-class UnknownModelError(KeyError):
+class UnknownModelError(StepMLError, KeyError):
     """A run names a model that is not in data/catalog/models.json."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable

@@ -14,10 +14,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields, replace
 
+from .errors import StepMLError
+
 __all__ = ["InputLimits", "InputLimitError", "DEFAULT_LIMITS", "limit_env_name"]
 
 
-class InputLimitError(ValueError):
+class InputLimitError(StepMLError, ValueError):
     """A run folder passes one of the InputLimits (the message names the limit and how to raise it)."""
 
 

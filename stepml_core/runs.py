@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from .catalog import canonical_model_name
+from .errors import StepMLError
 from .limits import DEFAULT_LIMITS, InputLimitError, InputLimits
 
 # ASCII digits only ([0-9], not \d, which also matches full-width and other Unicode digits), the
@@ -31,15 +32,22 @@ RUN_ID_RE = re.compile(
 )
 MAX_RUN_ID_LEN = 120
 TRACE_FILE_NAMES = ("traces.json", "traces.json.gz")
+# what a run folder holds, in words (messages, --help): keep in step with discover_run_folders
+RUN_FOLDER_CONTENTS = "traces.json[.gz] or requests.json[.gz] plus exp-config.yaml"
 PROVENANCE_FILE = "provenance.json"
 
 
-class RunIdError(ValueError):
+class RunIdError(StepMLError, ValueError):
     """A folder name that is not a valid run id."""
 
 
-class RunMetadataError(ValueError):
-    """A run's metadata file is missing, unreadable, not a regular file or not valid."""
+class RunMetadataError(StepMLError, ValueError):
+    """A run's metadata file is missing, unreadable, not a regular file or not valid. ``problems``: every
+    problem found in the run folder, each naming its file (the message joins them with "; ")."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems) if problems else [message]
 
 
 @dataclass(frozen=True)
@@ -322,12 +330,14 @@ def _optional_json(path: Path, issues: list, **kw) -> Any:
 def read_run_metadata(folder: Path, *, data_root: Path | None = None, limits: InputLimits | None = None) -> RunMetadata:
     """Read a run folder's id and metadata files.
 
-    Requires exp-config.yaml (vLLM server args; validated by validate_exp_config). profile.yaml,
-    results/*.json and provenance.json are optional; a malformed or unreadable results/*.json file
-    is left out and listed in ``issues`` (the steps survive). A provenance.json with
-    ``"source": "synthetic"`` marks the run synthetic. Every file is read once, as a regular file
-    inside the data root (default: the folder's parent), within ``limits``; ``reads`` holds the
-    fingerprint of the bytes read.
+    Requires exp-config.yaml (vLLM server args; validated by validate_exp_config) and a model in
+    the catalogue. profile.yaml, results/*.json and provenance.json are optional; a malformed or
+    unreadable results/*.json file is left out and listed in ``issues`` (the steps survive). A
+    provenance.json with ``"source": "synthetic"`` marks the run synthetic. Every problem is
+    reported at once: one RunMetadataError listing them all (unknown model, missing or invalid
+    exp-config.yaml, unreadable files, two trace files, a limit passed). Every file is read once,
+    as a regular file inside the data root (default: the folder's parent), within ``limits``;
+    ``reads`` holds the fingerprint of the bytes read.
     """
     folder = Path(folder)
     limits = limits or DEFAULT_LIMITS
@@ -335,20 +345,64 @@ def read_run_metadata(folder: Path, *, data_root: Path | None = None, limits: In
         check_inside_root(folder, data_root)
     root = Path(data_root) if data_root is not None else folder.parent
     run = parse_run_id(folder.name)
-    run.model  # fail early and clearly for a model not in the catalogue
+    problems: list[str] = []
     reads: dict = {}
     issues: list = []
     kw = dict(root=root, limits=limits, reads=reads, folder=folder)
-    exp_path = folder / "exp-config.yaml"
-    if not os.path.lexists(exp_path):
-        raise RunMetadataError(f"{exp_path}: missing (every run folder needs its vLLM exp-config.yaml)")
-    exp_config = validate_exp_config(safe_load_yaml(exp_path, **kw), exp_path, run)
-    profile = {}
-    prof_path = folder / "profile.yaml"
-    if os.path.lexists(prof_path):
-        p = safe_load_yaml(prof_path, **kw)
-        profile = p if isinstance(p, dict) else {}
-    results = folder / "results"
+
+    def attempt(read, default):
+        try:
+            return read()
+        except StepMLError as e:
+            problems.append(str(e))
+            return default
+
+    attempt(lambda: run.model, None)  # a model not in the catalogue
+    exp_config = attempt(lambda: _read_exp_config(folder / "exp-config.yaml", run, kw), {})
+    profile = attempt(lambda: _read_optional_yaml(folder / "profile.yaml", kw), {})
+    summary, stages = _read_results(folder / "results", issues, kw)  # optional: left out with an issue, never a problem
+    provenance = attempt(lambda: _read_provenance(folder / PROVENANCE_FILE, kw), None)
+    trace_path = attempt(lambda: find_trace_file(folder), None)
+    if problems:
+        raise RunMetadataError("; ".join(problems), problems)
+    synthetic = bool(provenance and provenance.get("source") == "synthetic") or run.synthetic_suffix
+    return RunMetadata(
+        run=run, folder=folder, trace_path=trace_path,
+        source="synthetic" if synthetic else "real",
+        stands_for=(provenance or {}).get("stands_for"),
+        exp_config=exp_config, profile=profile, summary=summary, stages=stages, provenance=provenance,
+        issues=issues, reads=reads,
+    )
+
+
+def run_folder_problems(folder: Path, *, data_root: Path | None = None, limits: InputLimits | None = None) -> list[str]:
+    """Every problem that stops read_run_metadata on this folder, one message each naming its file
+    (empty: the metadata reads). What `stepml run` checks before it starts a run."""
+    try:
+        read_run_metadata(folder, data_root=data_root, limits=limits)
+    except RunMetadataError as e:
+        return e.problems
+    except StepMLError as e:
+        return [str(e)]
+    return []
+
+
+def _read_exp_config(path: Path, run: RunId, kw: dict) -> dict:
+    if not os.path.lexists(path):
+        raise RunMetadataError(f"{path}: missing (every run folder needs its vLLM exp-config.yaml)")
+    return validate_exp_config(safe_load_yaml(path, **kw), path, run)
+
+
+def _read_optional_yaml(path: Path, kw: dict) -> dict:
+    if not os.path.lexists(path):
+        return {}
+    data = safe_load_yaml(path, **kw)
+    return data if isinstance(data, dict) else {}
+
+
+def _read_results(results: Path, issues: list, kw: dict) -> tuple[dict | None, list]:
+    """inference-perf's summary_lifecycle_metrics.json and stage_<n>_lifecycle_metrics.json (in order);
+    each optional: one that cannot be used is left out with an issue."""
     summary, stages = None, []
     if results.is_dir() and not results.is_symlink():
         summary_path = results / "summary_lifecycle_metrics.json"
@@ -358,18 +412,16 @@ def read_run_metadata(folder: Path, *, data_root: Path | None = None, limits: In
         stages = [d for d in (_optional_json(p, issues, **kw) for p in stage_files) if d is not None]
     elif os.path.lexists(results):
         issues.append({"file": str(results), "reason": "optional results/ left out: not a folder inside the run folder"})
-    prov_path = folder / PROVENANCE_FILE
-    provenance = _load_json(prov_path, **kw) if os.path.lexists(prov_path) else None
-    if provenance is not None and not isinstance(provenance, dict):
-        raise RunMetadataError(f"{prov_path}: expected a JSON object, got {type(provenance).__name__}")
-    synthetic = bool(provenance and provenance.get("source") == "synthetic") or run.synthetic_suffix
-    return RunMetadata(
-        run=run, folder=folder, trace_path=find_trace_file(folder),
-        source="synthetic" if synthetic else "real",
-        stands_for=(provenance or {}).get("stands_for"),
-        exp_config=exp_config, profile=profile, summary=summary, stages=stages, provenance=provenance,
-        issues=issues, reads=reads,
-    )
+    return summary, stages
+
+
+def _read_provenance(path: Path, kw: dict) -> dict | None:
+    if not os.path.lexists(path):
+        return None
+    doc = _load_json(path, **kw)
+    if not isinstance(doc, dict):
+        raise RunMetadataError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+    return doc
 
 
 def check_inside_root(folder: Path, data_root: Path) -> None:

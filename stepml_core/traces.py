@@ -65,6 +65,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .errors import StepMLError
 from .limits import DEFAULT_LIMITS, InputLimitError, InputLimits
 from .runs import open_input
 
@@ -74,7 +75,7 @@ I64, F64, STR = pl.Int64, pl.Float64, pl.Utf8
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
-class TraceReadError(ValueError):
+class TraceReadError(StepMLError, ValueError):
     """The trace file cannot be read at all (corrupt or truncated gzip stream, not gzip, unreadable)."""
 
 

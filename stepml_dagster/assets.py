@@ -192,7 +192,7 @@ def runs_left_out(settings: StepMLSettings, instance, keys: list[str]) -> dict[s
     out = study_exclusions(instance, settings.data_root(), stored)
     registered = instance.get_dynamic_partitions("experiment") if instance is not None else []
     present = [k for k in registered if (settings.data_root() / k).is_dir()]
-    out.update(failed_without_results(instance, present, set(stored)))
+    out.update(failed_without_results(instance, present, set(stored), settings.data_root()))
     return out
 
 

@@ -1,9 +1,15 @@
-"""`stepml` command line: run the study in-process, synthesize runs, backfill partitions.
+"""`stepml` command line: run the study in-process, synthesize runs, backfill partitions, open the UI.
 
-  stepml run   [--data DIR] [--out DIR]   materialize every experiment partition + the study (no UI)
+  stepml run   [--data DIR] [--out DIR] [--synth]   materialize every experiment partition + the study (no UI)
   stepml synth --out DIR [--runs ID ...] [--scale F] [--seed N]
   stepml backfill [--data DIR] [--out DIR] (--experiment ID ... | --all)
                                           re-materialize those partitions, then the study assets
+  stepml ui    [--data DIR] [--out DIR] [--port N]  Dagster UI + daemon on the study's instance
+  stepml real-data [--shared DIR] [--out DIR]       assemble the 16 real runs from ../shared into run folders
+
+Library code raises StepMLError (stepml_core.errors) and never exits; main() alone maps outcomes to
+exit codes: 0 done; 1 the study ran but a run or the study failed; 2 refused before anything ran
+(usage, no run folders, no usable run). Errors print one line; --verbose adds the tracebacks.
 """
 
 from __future__ import annotations
@@ -14,43 +20,62 @@ import sys
 import time
 from pathlib import Path
 
+from stepml_core.errors import NoUsableRunsError, StepMLError, UsageError
 from stepml_core.paths import DEFAULT_EXPERIMENTS_DIR, PROJECT_ROOT
-from stepml_core.runs import find_trace_file
+from stepml_core.progress import make_progress
+from stepml_core.runs import RUN_FOLDER_CONTENTS, find_trace_file
 
 
-QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 PARTITIONS_PER_WORKER = 4  # `stepml run --workers N`: partitions a worker process runs before it is replaced
 
 
-def _ensure_dagster_home() -> Path:
-    """DAGSTER_HOME (default: .dagster_home in the project), with a dagster.yaml if it has none."""
-    home = Path(os.environ.setdefault("DAGSTER_HOME", str(PROJECT_ROOT / ".dagster_home")))
-    home.mkdir(parents=True, exist_ok=True)
-    cfg = home / "dagster.yaml"
-    if not cfg.exists():
-        cfg.write_text("# StepML default: embedded SQLite storage under DAGSTER_HOME\ntelemetry:\n  enabled: false\n")
-    return home
+def _run_config(verbose: bool = False) -> dict:
+    """Dagster's console log: its step-failure tracebacks with --verbose only (errors are one line otherwise)."""
+    return {"loggers": {"console": {"config": {"log_level": "WARNING" if verbose else "CRITICAL"}}}}
 
 
-def _materialize_partition(defs, instance, key: str, selection: list | None = None,
-                           job: str = "experiment_job") -> tuple[str, bool, float, str | None]:
+def run_error(res) -> str | None:
+    """The user's error of a failed in-process run, one line: the innermost cause of its first step failure."""
+    if res.success:
+        return None
+    for ev in res.all_events:
+        if ev.is_step_failure and ev.event_specific_data is not None and getattr(ev.event_specific_data, "error", None):
+            e = ev.event_specific_data.error
+            while getattr(e, "cause", None) is not None:  # the user error under Dagster's wrapper
+                e = e.cause
+            msg = " ".join(line.strip() for line in e.message.strip().splitlines()) or e.cls_name
+            head, sep, rest = msg.partition(": ")
+            if sep and head.rsplit(".", 1)[-1] == e.cls_name and e.cls_name in _stepml_error_names():
+                msg = rest  # our own errors need no class name: their message names file and problem
+            return msg
+    return "failed (no step error recorded; --verbose shows Dagster's log)"
+
+
+def _stepml_error_names() -> set[str]:
+    todo, names = [StepMLError], set()
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+def _materialize_partition(defs, instance, key: str, selection: list | None = None, job: str = "experiment_job",
+                           verbose: bool = False) -> tuple[str, bool, float, str | None]:
     from .health import run_tags
 
     t = time.perf_counter()
     res = defs.resolve_job_def(job).execute_in_process(partition_key=key, instance=instance, raise_on_error=False,
-                                                       run_config=QUIET_LOGS, asset_selection=selection, tags=run_tags())
-    err = None
-    if not res.success:
-        for ev in res.all_events:
-            if ev.is_failure and ev.event_specific_data is not None and getattr(ev.event_specific_data, "error", None):
-                e = ev.event_specific_data.error
-                while getattr(e, "cause", None) is not None:  # the user error under Dagster's wrapper
-                    e = e.cause
-                err = e.message.strip().splitlines()[-1]
-    return key, res.success, time.perf_counter() - t, err
+                                                       run_config=_run_config(verbose), asset_selection=selection,
+                                                       tags=run_tags())  # who runs it: a dead worker's run is found and failed
+    return key, res.success, time.perf_counter() - t, run_error(res)
 
 
-def _partition_worker(data_dir: str, out_dir: str, seed: int, job: str, key: str):
+def _partition_worker_key_last(data_dir: str, out_dir: str, seed: int, job: str, verbose: bool, key: str):
+    return _partition_worker(data_dir, out_dir, seed, key, job, verbose)
+
+
+def _partition_worker(data_dir: str, out_dir: str, seed: int, key: str, job: str = "experiment_job", verbose: bool = False):
     """One partition of a partitioned job in a worker process (same DAGSTER_HOME instance, in-process executor)."""
     import dagster as dg
 
@@ -59,52 +84,58 @@ def _partition_worker(data_dir: str, out_dir: str, seed: int, job: str, key: str
 
     defs = build_definitions(StepMLSettings(data_dir=data_dir, out_dir=out_dir, seed=seed))
     try:
-        return _materialize_partition(defs, dg.DagsterInstance.get(), key, job=job)
+        return _materialize_partition(defs, dg.DagsterInstance.get(), key, job=job, verbose=verbose)
     finally:
         release_freed_memory()
 
 
-def _run_partitions(defs, instance, settings, keys: list[str], job: str, workers: int, say, *, prefit_last: bool = False):
-    """Materialize a partitioned job for each key (in `workers` processes when > 1); returns (failed keys, errors)."""
+def _run_partitions(defs, instance, settings, keys: list[str], job: str, workers: int, *, label: str, quiet: bool = False,
+                    verbose: bool = False, prefit_last: bool = False):
+    """Materialize a partitioned job for each key (in `workers` processes when > 1); returns (failed keys, errors).
+    Progress: a bar on a terminal, one line per partition otherwise; a failure is one line with its error."""
+    import io
+
     failed, errors = [], {}
-    if workers == 1 or len(keys) < 2:
-        for i, key in enumerate(keys, 1):
-            if prefit_last and i == len(keys) and find_trace_file(Path(settings.data_dir) / key):
-                # fit the study's pooled folds while its models and scores run
-                key, ok, secs, err = _materialize_with_prefit(defs, instance, key, settings)
-            else:
-                key, ok, secs, err = _materialize_partition(defs, instance, key, job=job)
-            release_freed_memory()
-            say(f"[{i}/{len(keys)}] {job} {key}: {'ok' if ok else 'FAILED'} ({secs:.1f} s)" + (f"\n   {err}" if err else ""))
-            if not ok:
-                failed.append(key)
-                errors[key] = err
-        return failed, errors
-    from .health import mark_abandoned_runs
-    from .workers import run_in_workers
-
-    # a fresh worker every PARTITIONS_PER_WORKER partitions: a long-lived worker's RSS creeps up (allocators keep
-    # freed pages: 4 GB after 24 partitions at 3x the study, 1.4-2.7 GB over its first six), which sets the peak at
-    # scale. A worker that dies (OOM killer) fails its partition; the others go on (stepml_dagster/workers.py).
-    def died(key, pid, msg):  # its Dagster run stays STARTED otherwise, and study_sensor would wait for it forever
-        mark_abandoned_runs(instance, pid=pid, why=f"{key}: {msg}")
-
-    common = (settings.data_dir, settings.out_dir, settings.seed, job)
-    for i, (key, res, death) in enumerate(run_in_workers(_partition_worker, common, keys, min(workers, len(keys)),
-                                                         PARTITIONS_PER_WORKER, died), 1):
-        key, ok, secs, err = res if death is None else (key, False, float("nan"), death)
-        say(f"[{i}/{len(keys)}] {job} {key}: {'ok' if ok else 'FAILED'} ({secs:.1f} s)" + (f"\n   {err}" if err else ""))
-        if not ok:
+    with make_progress(len(keys), label, stream=io.StringIO() if quiet else None) as progress:
+        def finished(key: str, ok: bool, secs: float, err: str | None) -> None:
+            if ok:
+                progress.advance(f"{key}: ok ({secs:.1f} s)")
+                return
             failed.append(key)
             errors[key] = err
-    # every worker has exited (and its memory is back) before the next phase starts
+            progress.advance(f"{key}: FAILED ({secs:.1f} s): {err}", persist=True)
+
+        if workers == 1 or len(keys) < 2:
+            for i, key in enumerate(keys, 1):
+                if prefit_last and i == len(keys) and find_trace_file(Path(settings.data_dir) / key):
+                    # fit the study's pooled folds while its models and scores run
+                    key, ok, secs, err = _materialize_with_prefit(defs, instance, key, settings, verbose)
+                else:
+                    key, ok, secs, err = _materialize_partition(defs, instance, key, job=job, verbose=verbose)
+                release_freed_memory()
+                finished(key, ok, secs, err)
+            return failed, errors
+        from .health import mark_abandoned_runs
+        from .workers import run_in_workers
+
+        # a fresh worker every PARTITIONS_PER_WORKER partitions: a long-lived worker's RSS creeps up (allocators keep
+        # freed pages: 4 GB after 24 partitions at 3x the study, 1.4-2.7 GB over its first six), which sets the peak at
+        # scale. A worker that dies (OOM killer) fails its partition; the others go on (stepml_dagster/workers.py).
+        def died(key, pid, msg):  # its Dagster run stays STARTED otherwise, and study_sensor would wait for it forever
+            mark_abandoned_runs(instance, pid=pid, why=f"{key}: {msg}")
+
+        common = (settings.data_dir, settings.out_dir, settings.seed, job, verbose)
+        for key, res, death in run_in_workers(_partition_worker_key_last, common, keys, min(workers, len(keys)),
+                                              PARTITIONS_PER_WORKER, died):
+            finished(*(res if death is None else (key, False, float("nan"), death)))
+        # every worker has exited (and its memory is back) before the next phase starts
     return failed, errors
 
 
 FEATURE_ASSETS = ["raw_traces", "step_table", "quarantine", "request_context", "feature_matrix", "split"]  # what pooled folds read
 
 
-def _materialize_with_prefit(defs, instance, key: str, settings) -> tuple[str, bool, float, str | None]:
+def _materialize_with_prefit(defs, instance, key: str, settings, verbose: bool = False) -> tuple[str, bool, float, str | None]:
     """One partition in two in-process runs (its feature assets, then the rest) with the study's pooled
     folds fitted in between, in a thread, into the fold cache: the study job then finds them fitted.
     Same assets materialized once each; the cache is content-keyed, so the study's result is the same."""
@@ -113,12 +144,12 @@ def _materialize_with_prefit(defs, instance, key: str, settings) -> tuple[str, b
     part = defs.resolve_job_def("experiment_job")
     first = [k for k in part.asset_layer.executable_asset_keys if k.to_user_string() in FEATURE_ASSETS]
     rest = [k for k in part.asset_layer.executable_asset_keys if k.to_user_string() not in FEATURE_ASSETS]
-    key, ok, secs1, err = _materialize_partition(defs, instance, key, first)
+    key, ok, secs1, err = _materialize_partition(defs, instance, key, first, verbose=verbose)
     if not ok:
         return key, ok, secs1, err
     prefit = threading.Thread(target=prefit_pooled_folds, args=(settings, instance.get_dynamic_partitions("experiment")), daemon=True)
     prefit.start()
-    key, ok, secs2, err = _materialize_partition(defs, instance, key, rest)
+    key, ok, secs2, err = _materialize_partition(defs, instance, key, rest, verbose=verbose)
     prefit.join()
     return key, ok, secs1 + secs2, err
 
@@ -157,122 +188,190 @@ def release_freed_memory() -> None:
         pass
 
 
-def _holding_out_dir_lock(fn):
-    """Run fn holding the lock on its out_dir (outlock.py): a second stepml run on the same --out fails at once."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(data_dir, out_dir, *args, **kw):
-        from .outlock import out_dir_lock
-
-        with out_dir_lock(Path(out_dir)):
-            return fn(data_dir, out_dir, *args, **kw)
-    return wrapper
+def no_run_folders_message(root: Path, rejected: list[tuple[Path, str]]) -> str:
+    """One line: the folder, and what a run folder must be (the --verbose run lists the ignored entries)."""
+    where = f"{root}: no such folder" if not root.is_dir() else f"no run folders in {root}"
+    ignored = f" ({len(rejected)} other entr{'y' if len(rejected) == 1 else 'ies'} ignored)" if rejected else ""
+    return (f"{where}{ignored}: a run folder is named YYYYMMDD-HHMMSS-<model>-tp<N>-<workload> and holds "
+            f"{RUN_FOLDER_CONTENTS} (`stepml run --synth` writes 16 synthetic runs there)")
 
 
-@_holding_out_dir_lock
+def _stored_elsewhere(settings, names: list[str], failed: list[str]) -> bool:
+    """Another run of this data folder has stored results: the study must run again, so that its report
+    lists the failed runs instead of showing their earlier results as current (issue 11)."""
+    from .io_manager import ParquetIOManager
+
+    others = [n for n in names if n not in set(failed)]
+    return bool(others) and len(ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions("run_summary", others)) > 0
+
+
 def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, seed: int = 0, scale: float = 1.0,
-              quiet: bool = False, experiments: list[str] | None = None, workers: int | None = None) -> dict:
+              quiet: bool = False, experiments: list[str] | None = None, workers: int | None = None,
+              verbose: bool = False) -> dict:
     """Register partitions for the run folders under data_dir and materialize everything.
 
-    Each partition runs with Dagster's in-process executor; with workers > 1, independent
-    partitions run in that many processes at once (default: the number of cores, at most 2
-    — more only adds memory on this kind of machine). The study job runs in-process last.
+    Nothing is written before run folders are found: with none, synth_if_empty synthesizes the 16
+    runs into data_dir (creating it), otherwise UsageError. Each run's metadata is checked before it
+    starts; a run with problems is not started (one line listing all of them). Each partition runs
+    with Dagster's in-process executor; with workers > 1, independent partitions run in that many
+    processes at once (default: the number of cores, at most 2 — more only adds memory on this kind
+    of machine). The study job runs in-process last, unless no run succeeded (NoUsableRunsError).
+    The instance is the study's own (<out_dir>/dagster_home unless DAGSTER_HOME is set, see instance.py),
+    its partitions exactly the run folders of data_dir.
     """
-    _ensure_dagster_home()
     import dagster as dg
 
-    from stepml_core.runs import discover_run_folders, resolve_data_root
+    from stepml_core.runs import discover_run_folders, resolve_data_root, run_folder_problems
 
     from .definitions import build_definitions
+    from .instance import study_instance_env, sync_partitions
     from .resources import StepMLSettings
 
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    def say(msg: str, err: bool = True) -> None:  # diagnostics and progress on stderr, the result line on stdout
+        if not quiet:
+            print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+
     root = resolve_data_root(data_dir)
     folders, rejected = discover_run_folders(root)
     if not folders and synth_if_empty:
         say(f"No run folders in {root}: synthesizing the 16 runs modelled on the H100 study (scale {scale}, seed {seed}) ...")
         synthesize(root, None, scale=scale, seed=seed, quiet=quiet)
         folders, rejected = discover_run_folders(root)
+    if not folders:
+        if verbose:
+            for path, why in rejected:
+                say(f"ignored {path.name}: {why}")
+        raise UsageError(no_run_folders_message(root, rejected))
     for path, why in rejected:
-        say(f"skipped {path}: {why}")
+        say(f"skipped {path.name}: {why}")
     keys = [f.name for f in folders]
     if experiments:
         keys = [k for k in keys if k in set(experiments)]
     if not keys:
-        raise SystemExit(f"stepml run: no run folders to process in {root}")
-    from .health import mark_abandoned_runs
+        raise UsageError(f"none of the chosen experiments is a run folder in {root}")
+    refused = {k: "; ".join(x.rstrip(".") for x in p) for k in keys if (p := run_folder_problems(root / k, data_root=root))}
+    for key, why in refused.items():
+        say(f"{key}: not run: {why}")
+    todo = [k for k in keys if k not in refused]
+    if not todo:
+        raise NoUsableRunsError(f"no usable run in {root}: all {len(keys)} run folder(s) have problems (one line each above); nothing was run")
+    failed, errors = list(refused), dict(refused)
+    from .outlock import out_dir_lock
 
-    instance = dg.DagsterInstance.get()
-    mark_abandoned_runs(instance)  # runs left STARTED by an earlier stepml run that was killed
-    new = [k for k in keys if not instance.has_dynamic_partition("experiment", k)]
-    if new:
-        instance.add_dynamic_partitions("experiment", new)
-    settings = StepMLSettings(data_dir=str(root), out_dir=str(out_dir), seed=seed)
-    defs = build_definitions(settings)
-    t0 = time.perf_counter()
-    workers = max(1, min(workers or 1, len(keys)))
-    failed, errors = _run_partitions(defs, instance, settings, keys, "experiment_job", workers, say, prefit_last=True)
-    release_freed_memory()
-    # the study chain: study-level models, then each run's replay (reads them), then the report
-    ok_models = defs.resolve_job_def("models_job").execute_in_process(instance=instance, raise_on_error=False,
-                                                                      run_config=QUIET_LOGS).success
-    say(f"models: {'ok' if ok_models else 'FAILED'}")
-    from .io_manager import ParquetIOManager
+    # one stepml run per output folder, taken once the runs are known (nothing written before): a second one fails at once
+    with out_dir_lock(Path(out_dir)), study_instance_env(out_dir) as home:
+        say(f"Dagster instance: {home}")
+        instance = dg.DagsterInstance.get()
+        from .health import mark_abandoned_runs
 
-    with_logs = sorted(ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions("request_log", keys))
-    if ok_models and with_logs:
-        r_failed, r_errors = _run_partitions(defs, instance, settings, with_logs, "replay_job", workers, say)
-        failed += [k for k in r_failed if k not in failed]
-        errors.update({k: v for k, v in r_errors.items() if k not in errors})
-    release_freed_memory()
-    res = defs.resolve_job_def("study_job").execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET_LOGS)
-    say(f"study: {'ok' if res.success and ok_models else 'FAILED'}; {len(keys) - len(failed)} experiment(s) in "
-        f"{time.perf_counter() - t0:.1f} s; outputs in {out_dir}")
+        mark_abandoned_runs(instance)  # runs left STARTED by an earlier stepml run that was killed
+        sync_partitions(instance, [f.name for f in folders])
+        settings = StepMLSettings(data_dir=str(root), out_dir=str(out_dir), seed=seed)
+        defs = build_definitions(settings)
+        t0 = time.perf_counter()
+        workers = max(1, min(workers or 1, len(todo)))
+        f, e = _run_partitions(defs, instance, settings, todo, "experiment_job", workers, label="runs", quiet=quiet,
+                               verbose=verbose, prefit_last=True)
+        failed += f
+        errors.update(e)
+        if len(failed) == len(keys) and not _stored_elsewhere(settings, [f.name for f in folders], failed):
+            raise NoUsableRunsError(f"no usable run in {root}: all {len(keys)} run(s) failed (one line each above); no study was run")
+        release_freed_memory()
+        # the study chain: study-level models, then each run's replay (reads them), then the report
+        res_models = defs.resolve_job_def("models_job").execute_in_process(instance=instance, raise_on_error=False,
+                                                                           run_config=_run_config(verbose))
+        if not res_models.success:
+            say(f"models: FAILED: {run_error(res_models)}")
+        from .io_manager import ParquetIOManager
+
+        with_logs = sorted(ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions("request_log", todo))
+        if res_models.success and with_logs:
+            r_failed, r_errors = _run_partitions(defs, instance, settings, with_logs, "replay_job", workers, label="replay",
+                                                 quiet=quiet, verbose=verbose)
+            failed += [k for k in r_failed if k not in failed]
+            errors.update({k: v for k, v in r_errors.items() if k not in errors})
+        release_freed_memory()
+        res = defs.resolve_job_def("study_job").execute_in_process(instance=instance, raise_on_error=False,
+                                                                   run_config=_run_config(verbose))
+        study_ok = res.success and res_models.success
+        study_err = run_error(res_models) or run_error(res)
+        say(f"study: {'ok' if study_ok else 'FAILED: ' + str(study_err)}; {len(keys) - len(failed)} of {len(keys)} "
+            f"experiment(s) in {time.perf_counter() - t0:.1f} s; outputs in {out_dir}", err=False)
     return {"experiments": keys, "failed": failed, "errors": errors, "skipped": {str(p.name): why for p, why in rejected},
-            "study_ok": res.success and ok_models, "out_dir": str(out_dir)}
+            "study_ok": study_ok, "study_error": study_err, "out_dir": str(out_dir), "dagster_home": str(home)}
 
 
 def synthesize(out_dir: Path, runs: list[str] | None, *, scale: float, seed: int, quiet: bool = False) -> list[Path]:
-    from stepml_core.synth import synthesize_runs
+    """Synthesized run folders under out_dir (created), with a progress bar on a terminal, one line per run otherwise."""
+    import io
 
-    progress = None
-    if not quiet:
-        try:
-            from stepml_core.synth import text_progress
-            progress = text_progress()
-        except ImportError:
-            progress = None
-    return synthesize_runs(Path(out_dir), runs, scale=scale, seed=seed, progress=progress)
+    from stepml_core.synth import resolve_run_ids, synthesize_runs
+
+    n = len(resolve_run_ids(runs))  # unknown ids fail here, before any folder is created
+    with make_progress(n, "synth", stream=io.StringIO() if quiet else None) as progress:
+        return synthesize_runs(Path(out_dir), runs, scale=scale, seed=seed, progress=progress)
+
+
+def _is_default(path: Path | None, default: Path) -> bool:
+    return path is None or Path(path).resolve() == default.resolve()
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="stepml", description="StepML: step-time models of LLM serving engines from vLLM traces.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="tracebacks and Dagster's log with errors (default: one line each)")
+    ap = argparse.ArgumentParser(prog="stepml", description="StepML: step-time models of LLM serving engines from vLLM traces.",
+                                 epilog="Exit codes: 0 done; 1 the study ran but a run or the study failed; "
+                                        "2 refused before anything ran (nothing written).")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="materialize the whole study in-process (no UI)")
-    r.add_argument("--data", type=Path, default=DEFAULT_EXPERIMENTS_DIR, help="folder of run folders (default: data/experiments)")
+    r = sub.add_parser("run", parents=[common], help="materialize the whole study in-process (no UI)",
+                       description="Materialize every run folder of --data as an experiment partition, then the study, "
+                                   "in-process; outputs in --out, the Dagster instance in --out/dagster_home (unless "
+                                   "DAGSTER_HOME is set). When the data folder has no run folders: the project's default "
+                                   "folder (data/experiments) gets the 16 synthetic runs; any other folder is refused with "
+                                   f"exit code 2 and nothing written, unless --synth is given. A run folder holds "
+                                   f"{RUN_FOLDER_CONTENTS}.")
+    r.add_argument("--data", type=Path, default=None, help="folder of run folders (default: data/experiments)")
     r.add_argument("--out", type=Path, default=PROJECT_ROOT / "out", help="where report.md, metrics.csv, verdict.json go (default: out/)")
-    r.add_argument("--no-synth", action="store_true", help="do not synthesize runs when the data folder has none")
+    r.add_argument("--synth", action="store_true", help="if --data has no run folders, synthesize the 16 runs into it (creating it)")
+    r.add_argument("--no-synth", action="store_true", help="never synthesize, not even into the default data folder")
     r.add_argument("--scale", type=float, default=1.0, help="duration fraction when synthesizing (default 1.0)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--experiment", action="append", help="only these experiment ids (repeatable)")
     r.add_argument("--workers", type=int, default=None, help="partitions processed in parallel (default: min(2, cores))")
-    s = sub.add_parser("synth", help="synthesize run folders modelled on the 16 H100 runs")
-    s.add_argument("--out", type=Path, default=DEFAULT_EXPERIMENTS_DIR)
+    s = sub.add_parser("synth", parents=[common], help="synthesize run folders modelled on the 16 H100 runs")
+    s.add_argument("--out", type=Path, default=DEFAULT_EXPERIMENTS_DIR, help="where the run folders go (default: data/experiments)")
     s.add_argument("--runs", nargs="*", default=None, help="real run ids (or their -synth ids); default all 16")
     s.add_argument("--scale", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
-    b = sub.add_parser("backfill", help="re-materialize chosen experiment partitions, then the study (in-process)")
+    b = sub.add_parser("backfill", parents=[common], help="re-materialize chosen experiment partitions, then the study (in-process)")
     b.add_argument("--data", type=Path, default=DEFAULT_EXPERIMENTS_DIR, help="folder of run folders (default: data/experiments)")
     b.add_argument("--out", type=Path, default=PROJECT_ROOT / "out", help="output folder (default: out/)")
     b.add_argument("--experiment", action="append", help="experiment (run folder) id; repeatable")
     b.add_argument("--all", action="store_true", help="every run folder in --data")
     b.add_argument("--seed", type=int, default=0)
-    rd = sub.add_parser("real-data", help="assemble the 16 real runs (request logs, metadata, step traces) from ../shared into run folders")
+    u = sub.add_parser("ui", parents=[common], help="Dagster UI + daemon (dg dev) on the instance of `stepml run` with the same --out",
+                       description="Start `dg dev` (webserver and daemon, on 127.0.0.1) on the study's instance "
+                                   "(--out/dagster_home unless DAGSTER_HOME is set), serving --data → --out: the UI lists "
+                                   "that study's runs only. Give the same --data/--out as to `stepml run`.")
+    u.add_argument("--data", type=Path, default=DEFAULT_EXPERIMENTS_DIR, help="folder of run folders (default: data/experiments)")
+    u.add_argument("--out", type=Path, default=PROJECT_ROOT / "out", help="output folder (default: out/)")
+    u.add_argument("--port", type=int, default=3000)
+    rd = sub.add_parser("real-data", parents=[common], help="assemble the 16 real runs (request logs, metadata, step traces) from ../shared into run folders")
     rd.add_argument("--shared", type=Path, default=PROJECT_ROOT.parent / "shared", help="the shared folder (default: ../shared)")
     rd.add_argument("--out", type=Path, default=PROJECT_ROOT / "data" / "real", help="where the run folders go (default: data/real)")
     rd.add_argument("--runs", nargs="*", default=None, help="only these run ids (default: all)")
     a = ap.parse_args(argv)
+    try:
+        return _dispatch(a)
+    except StepMLError as e:
+        if a.verbose:
+            import traceback
+            traceback.print_exc()
+        print(f"stepml {a.cmd}: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _dispatch(a) -> int:
     if a.cmd == "real-data":
         from stepml_core.real_data import assemble_real_runs
 
@@ -281,16 +380,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.cmd == "backfill":
         from .backfill import backfill
-        res = backfill(a.data, a.out, a.experiment, all_=a.all, seed=a.seed)
+        res = backfill(a.data, a.out, a.experiment, all_=a.all, seed=a.seed, verbose=a.verbose)
         return 0 if res["study_ok"] and not res["failed"] else 1
     if a.cmd == "run":
-        res = run_study(a.data, a.out, synth_if_empty=not a.no_synth, seed=a.seed, scale=a.scale, experiments=a.experiment,
+        synth = not a.no_synth and (a.synth or _is_default(a.data, DEFAULT_EXPERIMENTS_DIR))
+        res = run_study(a.data or DEFAULT_EXPERIMENTS_DIR, a.out, synth_if_empty=synth, seed=a.seed, scale=a.scale,
+                        experiments=a.experiment, verbose=a.verbose,
                         workers=a.workers if a.workers is not None else min(2, os.cpu_count() or 1))
+        ui = "stepml ui" + ("" if _is_default(a.data, DEFAULT_EXPERIMENTS_DIR) else f" --data {a.data}") + \
+             ("" if _is_default(a.out, PROJECT_ROOT / "out") else f" --out {a.out}")
+        print(f"browse this study's runs in the Dagster UI: {ui}", flush=True)
         return 0 if res["study_ok"] and not res["failed"] else 1
     if a.cmd == "synth":
         paths = synthesize(a.out, a.runs, scale=a.scale, seed=a.seed)
         print(f"wrote {len(paths)} run folder(s) under {a.out}")
         return 0
+    if a.cmd == "ui":
+        from .instance import prune_partitions, ui_command
+        argv, env = ui_command(a.data, a.out, port=a.port)
+        prune_partitions(Path(env["DAGSTER_HOME"]), Path(env["STEPML_DATA_DIR"]))
+        print(f"Dagster instance: {env['DAGSTER_HOME']}; data: {env['STEPML_DATA_DIR']}; outputs: {env['STEPML_OUT_DIR']}\n"
+              f"UI on http://127.0.0.1:{a.port} ({' '.join(argv)})", flush=True)
+        os.execve(argv[0], argv, env)
     return 2
 
 

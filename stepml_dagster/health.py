@@ -18,6 +18,7 @@ from pathlib import Path
 import dagster as dg
 
 from stepml_core.ingest import fingerprint, fingerprint_digest
+from stepml_core.runs import run_folder_problems
 
 LAUNCHER_TAG, PID_TAG, HOST_TAG = "stepml/launcher", "stepml/pid", "stepml/host"
 LAUNCHER = "stepml run"
@@ -116,16 +117,17 @@ def study_exclusions(instance: dg.DagsterInstance | None, data_root: Path, store
     """{partition: {status: failed|stale, reason, run_id}} for stored partitions the study must leave out.
 
     stored: {partition: (files, data version)} as recorded by its stored raw_traces / run_summary.
-    A partition whose latest run failed is 'failed' (its stored results are from an earlier run);
-    otherwise one whose run folder changed since is 'stale'."""
+    A partition whose latest run failed, or whose metadata now stops a run (what `stepml run` refuses
+    before starting it), is 'failed' (its stored results are from an earlier run); otherwise one
+    whose run folder changed since is 'stale'."""
     out = {}
     for key, (files, version) in stored.items():
         folder = Path(data_root) / key
         if not folder.is_dir():
             continue  # removed runs are dropped by the study already
-        fail = latest_failure(instance, key) if instance is not None else None
+        fail = _failure(instance, data_root, key)
         if fail is not None:
-            out[key] = {"status": "failed", "reason": fail[1], "run_id": fail[0]}
+            out[key] = fail
             continue
         why = stale_reason(folder, files, version)
         if why:
@@ -133,15 +135,26 @@ def study_exclusions(instance: dg.DagsterInstance | None, data_root: Path, store
     return out
 
 
-def failed_without_results(instance: dg.DagsterInstance | None, keys: list[str], stored: set[str]) -> dict[str, dict]:
-    """Registered partitions with no stored results whose latest run failed (listed in the report too)."""
+def failed_without_results(instance: dg.DagsterInstance | None, keys: list[str], stored: set[str],
+                           data_root: Path) -> dict[str, dict]:
+    """Registered partitions with no stored results whose latest run failed or which `stepml run` refused
+    (listed in the report too)."""
     out = {}
-    if instance is None:
-        return out
     for key in keys:
         if key in stored:
             continue
-        fail = latest_failure(instance, key)
+        fail = _failure(instance, data_root, key)
         if fail is not None:
-            out[key] = {"status": "failed", "reason": fail[1], "run_id": fail[0]}
+            out[key] = fail
     return out
+
+
+def _failure(instance: dg.DagsterInstance | None, data_root: Path, key: str) -> dict | None:
+    """{status: failed, reason, run_id} if the partition's latest run failed or its metadata stops a run now."""
+    fail = latest_failure(instance, key) if instance is not None else None
+    if fail is not None:
+        return {"status": "failed", "reason": fail[1], "run_id": fail[0]}
+    problems = run_folder_problems(Path(data_root) / key, data_root=Path(data_root))
+    if problems:
+        return {"status": "failed", "reason": "not run: " + "; ".join(problems), "run_id": None}
+    return None

@@ -4,8 +4,8 @@ Two runs writing one ``--out`` would interleave their partitions' assets and rep
 then reads a file the other is replacing). The lock is ``flock`` on ``<out>/.stepml.lock``, held
 for the whole command and released when the process ends, however it ends (the kernel drops
 it), so a killed run never leaves a stale lock. The file says who holds it. A second command
-fails at once with a message naming the holder, or waits ``STEPML_LOCK_WAIT_S`` seconds for it
-(default 0). Runs launched by the Dagster daemon do not take this lock: the daemon's run queue
+fails at once (OutDirBusy: `stepml` prints the one line and exits with status 2, nothing written)
+naming the holder, or waits ``STEPML_LOCK_WAIT_S`` seconds for it (default 0). Runs launched by the Dagster daemon do not take this lock: the daemon's run queue
 orders them, and every asset file is written atomically (see io_manager).
 """
 
@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from stepml_core.errors import StepMLError
+
 LOCK_NAME = ".stepml.lock"
 
 
@@ -30,8 +32,8 @@ def lock_wait_s() -> float:
         return 0.0
 
 
-class OutDirBusy(SystemExit):
-    """Another stepml command holds the output folder (exit status 1, the message on stderr)."""
+class OutDirBusy(StepMLError):
+    """Another stepml command holds the output folder (one line naming the holder)."""
 
 
 @contextmanager
@@ -54,7 +56,7 @@ def out_dir_lock(out_dir: Path, wait_s: float | None = None, command: str = "ste
                         who = f"{holder.get('command', 'stepml')} (pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')})"
                     except (ValueError, OSError):
                         who = "another stepml command"
-                    raise OutDirBusy(f"{command}: the output folder {out_dir} is in use by {who}; wait for it to finish "
+                    raise OutDirBusy(f"the output folder {out_dir} is in use by {who}; wait for it to finish "
                                      f"or choose another --out (lock file {path}; STEPML_LOCK_WAIT_S waits for it, "
                                      f"waited {wait_s:g} s)") from None
                 time.sleep(0.2)

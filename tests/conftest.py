@@ -26,3 +26,15 @@ def _isolated_dagster_home(tmp_path_factory):
         os.environ.pop("DAGSTER_HOME", None)
     else:
         os.environ["DAGSTER_HOME"] = old
+
+
+# fixtures that read ../shared/real (and skip without it); a new one goes here (README counts the `real` tests)
+REAL_DATA_FIXTURES = ("real_experiments", "real_runs")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that uses the real runs (a REAL_DATA_FIXTURES fixture) carries the `real` marker:
+    `pytest -m real` lists them, `pytest -m "not real"` leaves them out."""
+    for item in items:
+        if set(REAL_DATA_FIXTURES) & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real)

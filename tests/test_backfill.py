@@ -77,11 +77,11 @@ def test_backfill_refuses_unknown_or_traversal_ids_before_running(study, capsys)
     data, out, instance = study
     n_runs = len(instance.get_run_records())
     for bad in ("../../etc", "20260217-203421-llama-2-70b-hf-tp4-nope", str(data / RUN_A)):
-        with pytest.raises(SystemExit) as e:
-            main(["backfill", "--data", str(data), "--out", str(out), "--experiment", bad])
-        assert "not a run folder" in str(e.value) and RUN_A in str(e.value)
-    with pytest.raises(SystemExit):
-        main(["backfill", "--data", str(data), "--out", str(out)])  # neither --experiment nor --all
+        assert main(["backfill", "--data", str(data), "--out", str(out), "--experiment", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "not a run folder" in err and RUN_A in err
+    assert main(["backfill", "--data", str(data), "--out", str(out)]) == 2  # neither --experiment nor --all
+    assert "--experiment ID (repeatable) or --all" in capsys.readouterr().err
     assert len(instance.get_run_records()) == n_runs
 
 

@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 
 from stepml_core.runs import parse_run_id, read_run_metadata
-from stepml_core.synth import resolve_run_ids, synthesize_run, synthesize_runs, synthetic_id, text_progress
+from stepml_core.synth import resolve_run_ids, synthesize_run, synthesize_runs, synthetic_id
 from stepml_core.synth.calibration import compare_runs, compare_step_quantiles, cycle_times_ms, ratio_table
 from stepml_core.synth.engine import simulate_synthetic_run
 from stepml_core.synth.runner import _clocks, _streams
@@ -259,6 +259,7 @@ def test_calibration_table(small_runs):
     assert w.height == 2 and "e2e_mean_s" in w.columns
 
 
+@pytest.mark.real  # its second half compares with a real run
 def test_cycle_times_and_quantiles(small_runs):
     out, folders = small_runs
     syn = read_traces(folders[0] / "traces.json.gz").steps
@@ -271,15 +272,3 @@ def test_cycle_times_and_quantiles(small_runs):
     q = compare_step_quantiles(syn, real)
     cyc = q.filter((pl.col("metric") == "cycle_time_ms") & (pl.col("quantile") == 0.5))
     assert cyc.height == 1 and 0.7 < cyc["ratio"][0] < 1.3
-
-
-def test_text_progress(capsys):
-    import io
-
-    buf = io.StringIO()
-    cb = text_progress(buf, min_interval_s=0.0)
-    cb("a-synth", 0.0)
-    cb("a-synth", 0.5)
-    cb("a-synth", 1.0)
-    text = buf.getvalue()
-    assert "a-synth done (1/1)" in text and "%" in text

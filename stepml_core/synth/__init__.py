@@ -1,13 +1,13 @@
 """StepML's synthesizer: run folders modelled on the 16 H100 runs of the original study.
 
 Public entry points: :func:`synthesize_runs` (one folder per run, one run per process),
-:func:`synthesize_run`, :func:`text_progress` (a CLI progress display) and the
+:func:`synthesize_run` (``progress``: e.g. a :class:`stepml_core.progress.Progress`) and the
 calibration functions in :mod:`stepml_core.synth.calibration`. Pure Python (numpy), no
 Dagster; synthesis reads only the project's data files.
 """
 
-from .runner import synthesize_run, synthesize_runs, text_progress
+from .runner import synthesize_run, synthesize_runs
 from .spec import SYNTH_VERSION, RunSpec, reference_runs, resolve_run_ids, synthetic_id
 
-__all__ = ["synthesize_runs", "synthesize_run", "text_progress", "SYNTH_VERSION", "RunSpec", "reference_runs",
+__all__ = ["synthesize_runs", "synthesize_run", "SYNTH_VERSION", "RunSpec", "reference_runs",
            "resolve_run_ids", "synthetic_id"]

@@ -6,8 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -283,33 +281,3 @@ def _drain(q, progress: Progress, timeout: float) -> None:
             item = q.get_nowait()
         except _q.Empty:
             return
-
-
-def text_progress(stream=None, min_interval_s: float = 1.0) -> Progress:
-    """A progress callback for the CLI: one status line per update interval and one per finished run."""
-    stream = stream or sys.stderr
-    state: dict[str, float] = {}
-    last = [0.0]
-    lock = threading.Lock()
-
-    def cb(run_id: str, frac: float) -> None:
-        with lock:
-            prev = state.get(run_id)
-            state[run_id] = frac
-            if frac <= 0.0:
-                return
-            now = time.monotonic()
-            if frac >= 1.0 and (prev is None or prev < 1.0):
-                done = sum(1 for v in state.values() if v >= 1.0)
-                stream.write(f"synth: {run_id} done ({done}/{len(state)})\n")
-                stream.flush()
-                return
-            if now - last[0] >= min_interval_s:
-                last[0] = now
-                active = [f"{k.split('-', 2)[-1][:28]} {v * 100:3.0f}%" for k, v in state.items() if 0.0 < v < 1.0]
-                done = sum(1 for v in state.values() if v >= 1.0)
-                total = sum(state.values()) / max(1, len(state))
-                stream.write(f"synth: {total * 100:5.1f}% ({done}/{len(state)} runs)" + (" | " + ", ".join(active) if active else "") + "\n")
-                stream.flush()
-
-    return cb
