@@ -373,7 +373,7 @@ def test_corrupt_gzip_fails_that_partition_naming_the_file(corpus):
     """Bit flips in the middle of the stream: what was inflated cannot be trusted; that partition fails."""
     assert run_id("bitflip_gz") in corpus["res"]["failed"]
     err = corpus["res"]["errors"][run_id("bitflip_gz")]
-    assert "TraceReadError: traces.json.gz: corrupt gzip stream after line " in err and "incorrect data check" in err, err
+    assert err.startswith("traces.json.gz: corrupt gzip stream after line ") and "incorrect data check" in err, err
 
 
 @pytest.mark.parametrize("case,needle", [("missing_attr", "missing attributes: step.duration_us"),
