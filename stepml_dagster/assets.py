@@ -12,9 +12,10 @@ from stepml_core.findings import study_findings
 from stepml_core.method_checks import gather as gather_checks
 from stepml_core.replay_report import replay_section, replay_summary, requests_only_report
 from stepml_core.report import calibration_sections, e2e_section, feature_provenance_section, reconstruction_section, render_report, write_outputs
+from stepml_core.report_status import runs_left_out_section
 from stepml_core.runs import find_trace_file
 from stepml_core.splits import split_summary, split_table
-from stepml_core.tables import add_targets, cycle_rule_counts, validate_steps
+from stepml_core.tables import add_targets, cap_quarantine, cycle_rule_counts, quarantine_counts, validate_steps
 
 from .resources import StepMLSettings
 
@@ -41,7 +42,7 @@ def raw_traces(context: dg.AssetExecutionContext, settings: StepMLSettings):
     if find_trace_file(folder) is None:
         context.log.info(f"{folder}: no traces.json[.gz]: step-level assets skipped for this run (request-level assets only)")
         return
-    out = ingest_run(folder, settings.data_root())
+    out = ingest_run(folder, settings.data_root(), limits=settings.input_limits())
     # data version = fingerprint digest of the input files: new content → downstream shows as stale
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dg.BetaWarning)  # Output(data_version=...) is beta in 1.13
@@ -60,17 +61,18 @@ def raw_traces(context: dg.AssetExecutionContext, settings: StepMLSettings):
                  dg.AssetCheckSpec("counts_balance", asset="step_table", description="rows in = rows kept + rows quarantined."),
                  dg.AssetCheckSpec("no_unreadable_lines", asset="quarantine", description="Every trace line parsed (warns otherwise).")],
 )
-def step_tables(context: dg.AssetExecutionContext, raw_traces):
-    v = validate_steps(raw_traces["steps"], raw_traces["meta"]["trace_file"])
+def step_tables(context: dg.AssetExecutionContext, settings: StepMLSettings, raw_traces):
+    v = validate_steps(raw_traces["steps"], raw_traces["meta"]["trace_file"], raw_traces["meta"].get("exp_config"))
     steps = add_targets(v.kept)
-    quarantine = pl.concat([raw_traces["quarantine"], v.quarantine], how="diagonal_relaxed")
+    quarantine = cap_quarantine(pl.concat([raw_traces["quarantine"], v.quarantine], how="diagonal_relaxed"),
+                                settings.input_limits().max_quarantine_rows)
     rule = cycle_rule_counts(steps)
     counts = {**v.counts, "cycle_rows": rule["kept"], "cycle_removed_idle": rule["idle"], "cycle_removed_stall": rule["stall"]}
     yield dg.Output(steps, "step_table", metadata={**counts, "source": raw_traces["meta"]["source"]})
-    by_kind = dict(quarantine.group_by("kind").len().iter_rows())
-    yield dg.Output(quarantine, "quarantine", metadata={"rows": quarantine.height,
-                    "by_reason": dg.MetadataValue.json(quarantine.group_by("kind").len().to_dicts()),
-                    **{f"quarantined_{k}s": int(by_kind.get(k, 0)) for k in ("line", "event", "row")}})
+    by_kind = quarantine_counts(quarantine)
+    yield dg.Output(quarantine, "quarantine", metadata={"rows": quarantine.height, "records": sum(by_kind.values()),
+                    "by_reason": dg.MetadataValue.json([{"kind": k, "len": n} for k, n in sorted(by_kind.items())]),
+                    **{f"quarantined_{k}s": int(by_kind.get(k, 0)) for k in ("line", "event", "row", "file")}})
     yield dg.AssetCheckResult(check_name="schema_valid", asset_key="step_table", passed=True, metadata={"rows": steps.height})
     yield dg.AssetCheckResult(check_name="counts_balance", asset_key="step_table",
                               passed=v.rows_in == v.kept.height + v.quarantine.height, metadata=v.counts)
@@ -139,8 +141,8 @@ def run_summary(raw_traces, step_table: pl.DataFrame, quarantine: pl.DataFrame, 
     m = raw_traces["meta"]
     kv = dict(feature_matrix["kv_source"].value_counts().iter_rows())
     return {**{k: m[k] for k in ("experiment_id", "source", "stands_for", "model", "tp", "workload", "data_version", "files")},
-            "steps_read": raw_traces["steps"].height, "steps_kept": step_table.height, "steps_quarantined": quarantine.filter(pl.col("kind") == "row").height,
-            "lines_quarantined": m["counters"].get("lines_quarantined", 0), "quarantine_rows": quarantine.height,
+            "steps_read": raw_traces["steps"].height, "steps_kept": step_table.height, "steps_quarantined": quarantine_counts(quarantine).get("row", 0),
+            "lines_quarantined": m["counters"].get("lines_quarantined", 0), "quarantine_rows": sum(quarantine_counts(quarantine).values()),
             "kv_source": ", ".join(f"{k} {v}" for k, v in sorted(kv.items())), "kv_source_counts": kv}
 
 
@@ -163,23 +165,43 @@ def method_checks(settings: StepMLSettings, step_table: pl.DataFrame, feature_ma
 )
 def pooled_models(context: dg.AssetExecutionContext, settings: StepMLSettings, feature_matrix, split):
     """Both sets of pooled folds in one thread pool; unchanged folds reuse their stored fit."""
-    matrices = pooled_matrices(settings, feature_matrix, split)
+    left_out = runs_left_out(settings, context.instance, list(feature_matrix))
+    matrices = pooled_matrices(settings, feature_matrix, split, exclude=set(left_out))
     out = study.fit_study_pooled(matrices, seed=settings.seed, threads=settings.fit_threads, caches=settings.fold_caches())
     for name, value in out.items():
         yield dg.Output(value, name, metadata={"experiments": len(matrices), "folds": value["folds"]["total"], "folds_reused": value["folds"]["reused"]})
 
 
-def pooled_matrices(settings: StepMLSettings, feature_matrix, split) -> dict[str, pl.DataFrame]:
-    """{experiment: feature matrix with splits} for the partitions stored and still in the data folder."""
-    present = {e for e in feature_matrix if e in split and (settings.data_root() / e).is_dir()}
+def pooled_matrices(settings: StepMLSettings, feature_matrix, split, exclude: set | None = None) -> dict[str, pl.DataFrame]:
+    """{experiment: feature matrix with splits} for the partitions stored and still in the data folder (less exclude)."""
+    present = {e for e in feature_matrix if e in split and (settings.data_root() / e).is_dir()} - set(exclude or ())
     return {e: study.with_split(feature_matrix[e], split[e]) for e in sorted(present)}
+
+
+def runs_left_out(settings: StepMLSettings, instance, keys: list[str]) -> dict[str, dict]:
+    """Stored partitions the study must not use: latest run failed, or run folder changed since (health.py);
+    plus registered partitions whose latest run failed with nothing stored. {run: {status, reason, run_id}}."""
+    from .health import failed_without_results, study_exclusions
+    from .io_manager import ParquetIOManager
+
+    summaries = ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions("run_summary", list(keys))
+    stored = {}
+    for k in summaries:
+        r = summaries[k]
+        stored[k] = (r.get("files"), r.get("data_version"))
+    out = study_exclusions(instance, settings.data_root(), stored)
+    registered = instance.get_dynamic_partitions("experiment") if instance is not None else []
+    present = [k for k in registered if (settings.data_root() / k).is_dir()]
+    out.update(failed_without_results(instance, present, set(stored), settings.data_root()))
+    return out
 
 
 @dg.asset(group_name="synthetic", description="Synthetic runs against the real runs they stand for: public latency/throughput figures and step-level quantiles.")
 def calibration(context: dg.AssetExecutionContext, settings: StepMLSettings, run_summary, step_table) -> dict:
     from stepml_core.synth.calibration import calibration_tables
 
-    runs = [r for e, r in run_summary.items() if (settings.data_root() / e).is_dir()]
+    left_out = runs_left_out(settings, context.instance, list(run_summary))
+    runs = [r for e, r in run_summary.items() if (settings.data_root() / e).is_dir() and e not in left_out]
     out = calibration_tables(runs, step_table, settings.data_root(), Path(settings.real_reference_dir) if settings.real_reference_dir else None)
     judged = out["public"].filter(pl.col("within").is_not_null())
     context.add_output_metadata({"synthetic_runs": len({r["experiment_id"] for r in runs if r["source"] == "synthetic"}),
@@ -192,7 +214,9 @@ def calibration(context: dg.AssetExecutionContext, settings: StepMLSettings, run
 def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, metrics, predictions,
                  global_models, run_summary, ablation, generalization, calibration, request_context, e2e_fidelity, method_checks,
                  replay_fidelity, calibration_fidelity) -> dict:
-    present = {e for e in run_summary if (settings.data_root() / e).is_dir()}  # runs still in the landing zone
+    left_out = runs_left_out(settings, context.instance, list(run_summary))  # failed or stale: results not current
+    present = {e for e in run_summary if (settings.data_root() / e).is_dir()} - set(left_out)  # runs still in the landing zone
+    stored = set(run_summary)
     replay_lines = replay_section(replay_fidelity, settings.out_dir) + list(calibration_fidelity["lines"])
     if not present:  # request logs only: no step data, no H1 study; the replay is the report
         md = requests_only_report(replay_fidelity, replay_lines, settings.out_dir)
@@ -211,7 +235,8 @@ def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, me
     checks = gather_checks(method_checks, sorted(present), global_models["models"])
     findings = study_findings(predictions=all_pred, generalization=gen_present, ablation=abl, checks=checks, seed=settings.seed)
     verdict["recommendations"] = findings["recommendations"]
-    extra = feature_provenance_section(list(run_summary.values()), abl)
+    extra = runs_left_out_section(left_out, stored)  # failed or stale runs: named, their old results unused
+    extra += feature_provenance_section(list(run_summary.values()), abl)
     extra += reconstruction_section({e: request_context[e]["agreement"] for e in present if e in request_context})
     e2e_parts = [e2e_fidelity[e] for e in present if e in e2e_fidelity]
     extra += e2e_section(pl.concat([p["summary"] for p in e2e_parts if p["summary"].height], how="diagonal_relaxed") if any(p["summary"].height for p in e2e_parts) else None,
@@ -219,13 +244,14 @@ def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, me
                          settings.out_dir)
     extra += calibration_sections(calibration["public"], calibration["steps"])
     extra += replay_lines
+    verdict["runs_left_out"] = {e: {"status": r["status"], "reason": r["reason"]} for e, r in sorted(left_out.items())}
     write_outputs(settings.out_dir, pl.concat([all_metrics, gen], how="diagonal_relaxed") if gen.height else all_metrics, verdict)
     md = render_report(runs=list(run_summary.values()), metrics=all_metrics, predictions=all_pred, verdict=verdict,
                        out_dir=settings.out_dir, findings=findings, checks=checks, extra_sections=extra,
                        summary_extra=replay_summary(replay_fidelity))
     context.add_output_metadata({"report": dg.MetadataValue.md(md), "out_dir": dg.MetadataValue.path(settings.out_dir),
                                  **{f"verdict_{t}": v["verdict"] for t, v in verdict["targets"].items()}})
-    return {"verdict": verdict, "experiments": sorted(run_summary)}
+    return {"verdict": verdict, "experiments": sorted(run_summary), "runs_left_out": verdict["runs_left_out"]}
 
 
 def _md(df: pl.DataFrame) -> str:

@@ -52,8 +52,10 @@ def make_data(root: Path, small_run: Path, runs: dict[str, str]) -> Path:
         if kind == "bad_meta":
             (d / "exp-config.yaml").unlink()
         elif kind == "corrupt_gz":
-            body = (d / "traces.json.gz").read_bytes()
-            (d / "traces.json.gz").write_bytes(body[:-400] + b"\x00" * 64)
+            body = bytearray((d / "traces.json.gz").read_bytes())  # bits flipped mid-stream (a copy cut short
+            for i in range(len(body) // 2, len(body) // 2 + 64):    # keeps the lines before the damage instead)
+                body[i] ^= 0x5A
+            (d / "traces.json.gz").write_bytes(bytes(body))
     return root
 
 
