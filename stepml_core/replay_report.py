@@ -138,8 +138,11 @@ def _mean_abs(vals) -> float | None:
 def replay_section(fid: dict, out_dir: Path) -> list[str]:
     """'Replaying the real runs': per run set, the recommended out-of-sample model and the physics beside BLIS 4a."""
     rows, runs = fid.get("replay"), fid.get("runs")
+    left = fid.get("left_out") or {}
+    left_lines = ["**Left out of the replay scores** (their stored replays are not current; nothing here uses them):", "",
+                  _md(["run", "status", "reason"], [[e, r["status"], r["reason"]] for e, r in sorted(left.items())]), ""] if left else []
     if rows is None or rows.height == 0:
-        return []
+        return ["## Replaying the runs", "", "No current replay.", "", *left_lines] if left else []
     w = _wide(rows)
     rec = rows.filter(pl.col("recommended")).select("experiment_id", "step_model").unique()
     rec_of = dict(rec.iter_rows())
@@ -159,6 +162,7 @@ def replay_section(fid: dict, out_dir: Path) -> list[str]:
                   "yes" if st[e]["ground_truth"] else "**no** (predicted only)"] for e in sorted(st)]
     lines += ["Runs with request logs (role = the run's role in BLIS 4a's calibration):", "",
               _md(["run", "LLM model", "role", "requests", "ground truth"], data_rows), ""]
+    lines += left_lines
     sets = [("non-saturated runs", False), ("saturated runs (reasoning: a queue of minutes)", True)]
     summary = []
     for title, sat in sets:

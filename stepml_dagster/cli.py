@@ -284,7 +284,9 @@ def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, see
             say(f"models: FAILED: {run_error(res_models)}")
         from .io_manager import ParquetIOManager
 
-        with_logs = sorted(ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions("request_log", todo))
+        # replay the runs whose request log is current: a run that failed just now keeps an older stored log, not replayed
+        with_logs = sorted(ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions(
+            "request_log", [k for k in todo if k not in set(failed)]))
         if res_models.success and with_logs:
             r_failed, r_errors = _run_partitions(defs, instance, settings, with_logs, "replay_job", workers, label="replay",
                                                  quiet=quiet, verbose=verbose)

@@ -28,12 +28,13 @@ def request_log(context: dg.AssetExecutionContext, settings: StepMLSettings):
         return
     files = [{"file": str(p.relative_to(folder)), "size_bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in find_request_files(folder).values()]
+    run_files = fingerprint(folder)
+    version = fingerprint_digest(run_files)  # same data version as raw_traces: the digest of every input file of the run
     value = {"requests": log.table, "quarantine": log.quarantine, "header": log.header, "files": files,
-             "has_ground_truth": log.has_ground_truth, "counts": log.counts}
-    # same data version as raw_traces: the digest of every input file of the run folder
+             "has_ground_truth": log.has_ground_truth, "counts": log.counts, "run_files": run_files, "data_version": version}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dg.BetaWarning)  # Output(data_version=...) is beta in 1.13
-        out = dg.Output(value, data_version=dg.DataVersion(fingerprint_digest(fingerprint(folder))),
+        out = dg.Output(value, data_version=dg.DataVersion(version),
                         metadata={"role": log.role or "–", "format": log.header.get("format"),
                                   "ground_truth": log.has_ground_truth, "files": dg.MetadataValue.json(files), **log.counts,
                                   "dagster/row_count": log.table.height})
@@ -94,13 +95,34 @@ def replay(context: dg.AssetExecutionContext, settings: StepMLSettings, request_
 @dg.asset(group_name="replay", description="All replays: replay.csv (predicted vs observed per run × step model × metric, "
                                             "in/out of sample, the recommended model per LLM model) beside BLIS iteration 4a.")
 def replay_fidelity(context: dg.AssetExecutionContext, settings: StepMLSettings, replay, request_log) -> dict:
-    present = [e for e in replay if (settings.data_root() / e).is_dir()]
+    left_out = replays_left_out(settings, context.instance, request_log, list(replay))
+    present = [e for e in replay if (settings.data_root() / e).is_dir() and e not in left_out]
     tables = replay_fidelity_tables({e: replay[e] for e in present},
                                     {e: request_log[e]["header"] for e in present if e in request_log},
                                     settings.out_dir)
-    context.add_output_metadata({"runs": len(present), "rows": tables["replay"].height,
+    context.add_output_metadata({"runs": len(present), "rows": tables["replay"].height, "left_out": dg.MetadataValue.json(left_out),
                                  "replay_csv": dg.MetadataValue.path(str(tables["replay_csv"]))})
-    return {k: v for k, v in tables.items() if k != "replay_csv"}
+    return {**{k: v for k, v in tables.items() if k != "replay_csv"}, "left_out": left_out}
+
+
+def replays_left_out(settings: StepMLSettings, instance, request_log, replayed: list[str]) -> dict[str, dict]:
+    """Stored replays that are not current: the run's latest experiment_job or replay_job run failed, or its run folder
+    changed since its request log was read (health.study_exclusions). {run: {status, reason}}."""
+    from .health import FAILED_STATUSES, run_error, study_exclusions
+
+    stored = {}
+    for e in replayed:
+        if e in request_log:
+            v = request_log[e]
+            stored[e] = (v.get("run_files"), v.get("data_version"))
+    out = {e: {"status": r["status"], "reason": r["reason"]} for e, r in study_exclusions(instance, settings.data_root(), stored).items()}
+    for e in replayed:
+        if e in out or instance is None:
+            continue
+        runs = instance.get_runs(dg.RunsFilter(job_name="replay_job", tags={"dagster/partition": e}), limit=1)
+        if runs and runs[0].status in FAILED_STATUSES:
+            out[e] = {"status": "failed", "reason": "replay: " + run_error(instance, runs[0].run_id)}
+    return out
 
 
 def _log_from_stored(stored):

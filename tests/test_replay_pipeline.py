@@ -85,3 +85,17 @@ def test_step_assets_skipped_request_assets_materialized_with_lineage(study):
     checks = instance.event_log_storage.get_asset_check_execution_history(
         dg.AssetCheckKey(dg.AssetKey("request_log"), "records_balance"), limit=10)
     assert checks and all(c.status.value == "SUCCEEDED" for c in checks)
+
+
+def test_a_run_whose_request_log_breaks_is_left_out_not_shown_stale(study):
+    """After a scored run's request file is damaged, `stepml run` fails that run, does not replay it with its old stored
+    log, and the report lists it as left out instead of showing its earlier replay as current (runs last: it changes
+    the module's data)."""
+    _, data, out, instance = study
+    (data / RUN / "requests.json.gz").write_bytes(b"\x1f\x8b\x08 broken")
+    res = run_study(data, out, synth_if_empty=False, quiet=True, workers=1)
+    assert RUN in res["failed"] and RUN_NO_GT not in res["failed"]
+    rows = pl.read_csv(out / "replay.csv")
+    assert set(rows["experiment_id"]) == {RUN_NO_GT}
+    report = (out / "report.md").read_text()
+    assert "Left out of the replay scores" in report and RUN in report.split("Left out of the replay scores")[1]
