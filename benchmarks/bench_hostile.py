@@ -9,6 +9,9 @@ Each case runs in its own fresh process (so its peak RSS is its own) on inputs b
 * ``yaml_bomb``   - a 630-byte YAML alias bomb as exp-config.yaml: stopped by max_yaml_nodes;
 * ``sensor_bomb`` - one experiment_sensor tick over a data folder holding a 16 MB gzip of 16 GiB of
   lines and a good run, with the default time budget (STEPML_SENSOR_TIME_BUDGET_S=20).
+* ``dead_worker`` - `stepml run --workers 2` over three small synthetic runs; the worker running the
+  first one is SIGKILLed as soon as its run has started (as the out-of-memory killer would): seconds
+  from the kill until run_study returns (limit 240 s), and runs left STARTED in the instance.
 * ``ingest_real`` - read_traces on the real traces (../shared/real), best of 5: the cost of hashing
   while reading (compare with the same command on an older checkout).
 
@@ -31,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 REAL = ROOT.parent / "shared" / "real" / "experiments"
-CASES = ["lines_bomb", "long_line", "repeat_bomb", "yaml_bomb", "sensor_bomb", "ingest_real"]
+CASES = ["lines_bomb", "long_line", "repeat_bomb", "yaml_bomb", "sensor_bomb", "dead_worker", "ingest_real"]
 RID = "20260101-120000-llama-2-7b-tp1-codegen"
 
 
@@ -76,6 +79,8 @@ def case(name: str, tmp: Path) -> dict:
         return sensor_case(tmp)
     elif name == "ingest_real":
         return ingest_real()
+    elif name == "dead_worker":
+        return dead_worker(tmp)
     else:
         raise SystemExit(f"unknown case {name}")
     size = sum(p.stat().st_size for p in d.iterdir())
@@ -107,6 +112,51 @@ def sensor_case(tmp: Path) -> dict:
     keys = [r.partition_key for r in getattr(res, "run_requests", None) or []]
     return {"case": "sensor_bomb", "input_bytes": sum(p.stat().st_size for p in data.rglob("*") if p.is_file()),
             "seconds": round(secs, 2), "outcome": f"requested {keys}"}
+
+
+def dead_worker(tmp: Path) -> dict:
+    import shutil
+    import signal
+    import threading
+
+    os.environ["DAGSTER_HOME"] = str(tmp / "dagster_home")
+    (tmp / "dagster_home").mkdir()
+    import dagster as dg
+
+    from stepml_core.synth import synthesize_runs
+    from stepml_dagster.cli import run_study
+
+    [src] = synthesize_runs(tmp / "base", ["20260217-155451-llama-2-7b-tp1-codegen"], scale=0.03, seed=5, workers=1)
+    keys = [f"20260401-00000{i}-llama-2-7b-tp1-codegen-synth" for i in (1, 2, 3)]
+    for k in keys:
+        shutil.copytree(src, tmp / "data" / k)
+    inst = dg.DagsterInstance.get()
+    res: dict = {}
+
+    def killer():
+        while "killed" not in res:
+            for r in inst.get_runs(dg.RunsFilter(tags={"dagster/partition": keys[0]}, statuses=[dg.DagsterRunStatus.STARTED])):
+                pids = {e.dagster_event.pid for e in inst.all_logs(r.run_id) if e.dagster_event and e.dagster_event.pid} - {os.getpid()}
+                if pids:
+                    os.kill(pids.pop(), signal.SIGKILL)
+                    res["killed"] = time.perf_counter()
+                    return
+            time.sleep(0.05)
+
+    threading.Thread(target=killer, daemon=True).start()
+    t = threading.Thread(target=lambda: res.update(out=run_study(tmp / "data", tmp / "out", synth_if_empty=False, quiet=True, workers=2)),
+                         daemon=True)
+    t.start()
+    t.join(timeout=240 + 60)
+    after = time.perf_counter() - res["killed"] if "killed" in res else None
+    out = res.get("out") or {}
+    started = inst.get_runs_count(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+    outcome = (f"{'returned' if not t.is_alive() else 'STILL RUNNING'} {after:.0f} s after the kill; failed {out.get('failed')}: "
+               f"{(out.get('errors') or {}).get(keys[0])}; runs left STARTED: {started}") if after is not None else "no kill"
+    if t.is_alive():
+        print(json.dumps({"case": "dead_worker", "outcome": outcome}), flush=True)
+        os._exit(0)  # the old pool waits forever
+    return {"case": "dead_worker", "seconds": round(after, 1) if after else None, "outcome": outcome}
 
 
 def ingest_real() -> dict:
