@@ -48,6 +48,7 @@ class _Worker:
         self.proc.start()
         child.close()
         self.key: str | None = None
+        self.tasks_left = max_tasks  # partitions it will still take; at 0 it exits by itself after its last result
 
 
 def run_in_workers(fn: Callable, common: tuple, keys: list[str], workers: int, tasks_per_worker: int,
@@ -59,12 +60,16 @@ def run_in_workers(fn: Callable, common: tuple, keys: list[str], workers: int, t
     pool: list[_Worker] = []
     try:
         while todo or any(w.key is not None for w in pool):
+            for w in [w for w in pool if w.key is None and w.tasks_left == 0]:  # done its share: let it exit, never hand it more
+                _retire(w)
+                pool.remove(w)
             busy = sum(w.key is not None for w in pool)
             while len(pool) < workers and len(pool) < busy + len(todo):
                 pool.append(_Worker(ctx, fn, common, tasks_per_worker))
             for w in pool:
-                if w.key is None and todo:
+                if w.key is None and todo and w.tasks_left > 0:
                     w.key = todo.popleft()
+                    w.tasks_left -= 1
                     try:
                         w.conn.send(w.key)
                     except (BrokenPipeError, OSError):
@@ -97,8 +102,13 @@ def run_in_workers(fn: Callable, common: tuple, keys: list[str], workers: int, t
             except (BrokenPipeError, OSError):
                 pass
         for w in pool:
-            w.proc.join(timeout=30)
-            if w.proc.is_alive():
-                w.proc.kill()
-                w.proc.join()
-            w.conn.close()
+            _retire(w)
+
+
+def _retire(w: _Worker) -> None:
+    """Wait for a worker that was told to stop (or has done its share) to exit; kill it after 30 s."""
+    w.proc.join(timeout=30)
+    if w.proc.is_alive():
+        w.proc.kill()
+        w.proc.join()
+    w.conn.close()
