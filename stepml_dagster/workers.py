@@ -17,7 +17,21 @@ from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel sends this worker SIGKILL when the process that started it dies, however it dies
+    (a SIGKILLed `stepml run` would otherwise leave its workers computing their partition to the end)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 def _worker_main(conn, fn: Callable, common: tuple, max_tasks: int) -> None:
+    _die_with_parent()
     for _ in range(max_tasks):
         try:
             key = conn.recv()
