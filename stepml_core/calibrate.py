@@ -18,7 +18,10 @@ step that carries a prompt chunk (a mixed batch runs outside the full CUDA graph
 server's tokenization, queueing and egress. vLLM's async scheduling overlaps the CPU path with
 the GPU, so a real cycle is max(GPU path, CPU path); the real traced runs never show the CPU path
 binding (schedule() stays below the cycle in every traced step), so the GPU path alone is kept and
-the export needs no max() (docs/calibration.md).
+the export needs no max() (docs/calibration.md). A saturated run (a queue of minutes, 128 running
+requests) can be CPU-bound — the real Mixtral and CodeLlama reasoning runs are (schedule() median
+32.0 / 26.1 ms against mean cycles of 35.5 / 26.6 ms) — so its cycles only bound the GPU path from
+above (cycle ≥ GPU path) and enter stage 1 one-sided.
 
 Two stages:
 
@@ -54,6 +57,7 @@ from .sim.step_models import LinearStepTime
 SATURATED_TTFT_S = 5.0  # same rule as replay_report: a run whose clients saw failures or a mean TTFT above this
 PREFILL_COMPUTE_EFFICIENCY = 0.5  # assumed fraction of dense bf16 peak a prompt chunk's GEMMs reach (β_pf prior)
 SATURATED_RUN_WEIGHT = 0.1  # stage 1: a saturated calibration run's weight relative to a non-saturated one
+ONE_SIDED_MAX_ITER = 25  # stage 1: active-set iterations of the one-sided (cycle ≥ GPU path) saturated rows
 KV_OVER_CAPACITY = 0.95  # stage 1 skips decode windows where the timeline's KV demand exceeds this share of the pool
 GRID_S = 0.005  # time grid of the timeline integrals
 REFINE_METRICS = ("ttft_mean", "ttft_p50", "ttft_p90", "e2e_mean", "e2e_p50", "e2e_p90", "e2e_p99")
@@ -289,15 +293,17 @@ def fit_closed_form(timelines: list[Timelines], prior: ArchPrior, *, weights: li
     c_i = β0 + β_dec·n̄_i + β_kv·kv̄_i + (β_npf + β_pf·m)·p_i with p_i = prompts started per step in the
     window; β_pf = the compute prior (cache-miss tokens m are few: the runs' prompts repeat), β_kv ≥ the
     KV-read floor, all ≥ 0. Residuals are relative (÷ c_i) and each non-saturated run weighs the same; a
-    saturated run weighs ``saturated_weight`` (SATURATED_RUN_WEIGHT) of one when non-saturated runs are there:
-    at ~700 tokens of context per sequence the non-saturated runs cannot tell a per-sequence cost from a
-    per-context-token cost (they move together), a long-context saturated run can — with a small weight it
-    settles that split and cannot bend what the non-saturated runs do determine. ``weights`` (per run, per
+    saturated run weighs ``saturated_weight`` (SATURATED_RUN_WEIGHT) of one when non-saturated runs are there,
+    and one-sided: its cycle is max(GPU path, CPU path) and with 128 running requests and a queue of minutes
+    the CPU path can bind, so a window counts only where the model's GPU path exceeds its cycle (active set,
+    ≤ ONE_SIDED_MAX_ITER refits). At ~700 tokens of context per sequence the non-saturated runs cannot tell a
+    per-sequence cost from a per-context-token cost (they move together); a long-context saturated run caps
+    the split's extrapolation without bending what the non-saturated runs determine. ``weights`` (per run, per
     request; bootstrap counts) multiply the request weights. Then α0 = mean over the
     non-saturated runs of the median of TTFT − 1.5·ĉ(arrival) − β_npf (half a cycle's wait, the prompt's step)."""
     from scipy.optimize import lsq_linear
 
-    X, y, wt, used = [], [], [], {}
+    rows, used = [], {}
     sw = SATURATED_RUN_WEIGHT if saturated_weight is None else saturated_weight
     mixed = any(tl.saturated for tl in timelines) and not all(tl.saturated for tl in timelines)
     for k, tl in enumerate(timelines):
@@ -310,14 +316,38 @@ def fit_closed_form(timelines: list[Timelines], prior: ArchPrior, *, weights: li
         if m_idx.size == 0:
             continue
         c = tl.cycle_us[m_idx]
-        X.append(np.column_stack([np.ones(m_idx.size), tl.dec_mean[m_idx], tl.kv_mean[m_idx], tl.prefills_per_step[m_idx]]))
-        y.append(c)
-        wt.append(np.sqrt(cw / cw.sum() * (sw if (mixed and tl.saturated) else 1.0)) / c)
-    if not X:
+        Xk = np.column_stack([np.ones(m_idx.size), tl.dec_mean[m_idx], tl.kv_mean[m_idx], tl.prefills_per_step[m_idx]])
+        upper = mixed and tl.saturated  # cycle = max(GPU, CPU) ≥ GPU path: a bound from above only
+        rows.append((Xk, c, np.sqrt(cw / cw.sum() * (sw if upper else 1.0)) / c, upper))
+    if not rows:
         raise CalibrationError("no usable decode windows in the calibration runs (successful requests with ≥ 2 tokens)")
-    X, y, wt = np.vstack(X), np.concatenate(y), np.concatenate(wt)
+    if all(r[3] for r in rows):  # no non-saturated window to stand on: the saturated ones count both ways
+        rows = [(a, b, c, False) for a, b, c, _ in rows]
     lo = np.array([0.0, 0.0, prior.kv_floor_us, 0.0])
-    res = lsq_linear(X * wt[:, None], y * wt, bounds=(lo, np.full(4, np.inf)), method="bvls")
+
+    def solve(masks):
+        X = np.vstack([r[0][mk] for r, mk in zip(rows, masks)])
+        y = np.concatenate([r[1][mk] for r, mk in zip(rows, masks)])
+        wt = np.concatenate([r[2][mk] for r, mk in zip(rows, masks)])
+        return X, y, wt, lsq_linear(X * wt[:, None], y * wt, bounds=(lo, np.full(4, np.inf)), method="bvls")
+
+    def one_sided_cost(x):  # Σ (w·r)² over two-sided rows + Σ (w·max(0, model − cycle))² over one-sided rows
+        return sum(float(np.sum((r[2] * (np.maximum(r[0] @ x - r[1], 0.0) if r[3] else r[0] @ x - r[1])) ** 2)) for r in rows)
+
+    # one-sided rows by active set: a saturated window counts only where the GPU-path model reaches its cycle
+    # (relative tolerance: a window the model meets exactly stays in); the best iterate by the one-sided cost
+    masks = [np.full(r[1].size, not r[3]) for r in rows]
+    best = None
+    for _ in range(ONE_SIDED_MAX_ITER):
+        fit = solve(masks)
+        cost = one_sided_cost(fit[3].x)
+        if best is None or cost < best[0]:
+            best = (cost, fit)
+        new = [mk if not r[3] else (r[0] @ fit[3].x >= r[1] * (1 - 1e-9)) for r, mk in zip(rows, masks)]
+        if all(np.array_equal(a, b) for a, b in zip(new, masks)):
+            break
+        masks = new
+    X, y, wt, res = best[1]
     b0, bd, bkv, bnpf = (float(x) for x in res.x)
     pred = X @ res.x
     r2 = 1.0 - float(np.sum((wt * (y - pred)) ** 2) / max(np.sum((wt * (y - np.average(y, weights=wt ** 2))) ** 2), 1e-12))

@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 
 from stepml_core import calibration_protocols as cp
-from stepml_core.calibrate import (PARAM_NAMES, CalibrationRun, StepParams, arch_prior, calibrate, fit_closed_form,
+from stepml_core.calibrate import (PARAM_NAMES, CalibrationRun, StepParams, Timelines, arch_prior, calibrate, fit_closed_form,
                                    interval_bounds, request_timelines, serving_model)
 from stepml_core.replay import RunContext, replay, replay_workload, run_context
 from stepml_core.replay_models import replay_run, specs_for_run
@@ -215,3 +215,43 @@ def test_interval_bounds_pick_the_quantile_models():
                                                               "num_prefill_reqs": 10}, 100, 500)
     assert lo.b0_us == 4700 and hi.b0_us == 5300
     assert interval_bounds({"rows": rows[:1].tolist()}, 10, {}, 1, 1) is None
+
+
+def _timelines(eid: str, saturated: bool, dec: np.ndarray, ctx_per_seq: float, cycle_us: np.ndarray) -> Timelines:
+    n = dec.size
+    kv = dec * ctx_per_seq
+    z = np.zeros(n)
+    return Timelines(experiment_id=eid, saturated=saturated, arrival_s=np.arange(n, dtype=np.float64),
+                     ttft_s=np.full(n, 0.05), e2e_s=np.full(n, 3.0), success=np.ones(n, dtype=bool),
+                     generated=np.full(n, 200.0), input_tokens=np.full(n, 600.0), cycle_us=cycle_us, dec_mean=dec,
+                     kv_mean=kv, prefills_per_step=z, kv_over=z, dec_at_arrival=dec, kv_at_arrival=kv)
+
+
+def test_a_cpu_bound_saturated_run_only_bounds_the_gpu_path_from_above():
+    """Cycle = max(GPU path, CPU path). Two non-saturated runs (10–70 decoders, 500 / 900 tokens of context each)
+    follow a GPU-path model; a saturated run at 128 decoders × 1,800 tokens is CPU-bound (its cycle is a CPU floor
+    of 1.3× the GPU path, as the real Mixtral reasoning run's schedule() of 32 ms against its cycle). Its cycles
+    only bound the GPU path from above: the fit recovers the GPU path where the non-saturated runs operate and at
+    110 decoders (the general workload's second stage). Fitted two-sided, the CPU-bound cycles inflate β_kv."""
+    truth = StepParams(b0_us=16000.0, b_dec_us=10.0, b_kv_us=0.04, b_pf_us=25.0, b_npf_us=0.0, q0_us=2e4)
+    prior = arch_prior("mixtral-8x7b", 2)
+    rng = np.random.default_rng(3)
+
+    def gpu(dec, cps):
+        return truth.step_us(dec, dec * cps)
+
+    d1, d2 = rng.uniform(10, 70, 400), rng.uniform(10, 70, 400)
+    d3 = rng.uniform(120, 128, 200)
+    tls = [_timelines("a-codegen", False, d1, 500.0, gpu(d1, 500.0)),
+           _timelines("a-roleplay", False, d2, 900.0, gpu(d2, 900.0)),
+           _timelines("a-reasoning", True, d3, 1800.0, 1.3 * gpu(d3, 1800.0))]
+    p = fit_closed_form(tls, prior).params
+    for dec, cps in ((40, 700.0), (110, 700.0), (125, 1800.0)):
+        assert p.step_us(dec, dec * cps) == pytest.approx(gpu(dec, cps), rel=0.005)
+    # a GPU-bound saturated run below what the non-saturated runs alone extrapolate to still pulls the fit down
+    flat = [_timelines("b-codegen", False, d1, 700.0, gpu(d1, 700.0)),  # one context length: split unidentified
+            _timelines("b-reasoning", True, d3, 1800.0, gpu(d3, 1800.0))]
+    alone = fit_closed_form(flat[:1], prior).params
+    both = fit_closed_form(flat, prior).params
+    assert alone.step_us(125, 125 * 1800.0) > 1.02 * gpu(125, 1800.0)  # the calm run alone over-extrapolates
+    assert abs(both.step_us(125, 125 * 1800.0) / gpu(125, 1800.0) - 1) < abs(alone.step_us(125, 125 * 1800.0) / gpu(125, 1800.0) - 1) / 2

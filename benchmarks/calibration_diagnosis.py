@@ -1,0 +1,162 @@
+"""Why request-log calibration misses where it does (real data; README, *Calibration from request logs*).
+
+    python benchmarks/calibration_diagnosis.py [--shared ../shared] [--study OUT]
+
+1. **Held-out decode cycle, leave one workload out** (closed form, no simulator): per run, the fold that
+   calibrates on the LLM model's other workloads predicts each successful request's average decode cycle
+   (E2E − TTFT)/(G − 1) at its window's observed batch composition; printed: mean predicted / mean observed − 1,
+   and the range of window-mean decoders the calibration runs covered against the held-out run's.
+2. **The max_num_seqs cap** (needs ``--study OUT``, a `stepml run` output on the real runs): share of the second
+   stage (t > 600 s) with ≥ 125 requests decoding, observed (from the request timelines) and as replayed by
+   each calibrated model, beside its decode-cycle and TTFT errors — near the cap, TTFT is a threshold function
+   of the cycle.
+3. **CPU-bound saturated runs** (needs ``--study OUT`` and the real steps' schedule() times in
+   ``../shared/real/xgboost_round1_test_predictions.csv.gz``): per reasoning run, the real schedule() median
+   against the mean cycle (run time / steps), and — diagnosis only, **in sample** — the run-roles model replayed
+   with a CPU floor at that schedule() median (cycle = max(GPU path, floor)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+CAP_NEAR = 125  # "at the cap": ≥ this many requests decoding (max_num_seqs 128)
+
+
+def held_out_cycles(infos, load) -> None:
+    from stepml_core import calibrate as C
+
+    runs = {i.experiment_id: load(i.experiment_id) for i in infos if i.has_ground_truth}
+    tls = {e: C.request_timelines(r) for e, r in runs.items()}
+    print("1. leave one workload out, closed form: held-out mean decode cycle error (request logs)")
+    print(f"   {'run':48s} {'sat':>3s} {'cycle err %':>11s}  calibration decoders p5–p95 / held-out p5–p95")
+    for e in sorted(runs):
+        r = runs[e]
+        sel = [x for x in runs if runs[x].llm_model == r.llm_model and runs[x].workload != r.workload]
+        if not sel:
+            continue
+        p = C.fit_closed_form([tls[x] for x in sel], C.arch_prior(r.llm_model, r.ctx.tp)).params
+        tl = tls[e]
+        m = np.isfinite(tl.cycle_us) & (tl.kv_over <= 0.05) & np.isfinite(tl.dec_mean)
+        if not m.any():
+            print(f"   {e:48s} {'y' if tl.saturated else 'n':>3s} {'–':>11s}  (no usable decode window)")
+            continue
+        pred = p.step_us(tl.dec_mean[m], tl.kv_mean[m]) + p.b_npf_us * tl.prefills_per_step[m]
+        calm = [tls[x] for x in sel if not tls[x].saturated]  # the runs that determine the fit
+        cal_dec = np.concatenate([t.dec_mean[np.isfinite(t.cycle_us) & np.isfinite(t.dec_mean)] for t in calm]) if calm \
+            else np.array([np.nan])
+        print(f"   {e:48s} {'y' if tl.saturated else 'n':>3s} {100 * (pred.mean() / tl.cycle_us[m].mean() - 1):+11.1f}  "
+              f"{np.nanpercentile(cal_dec, 5):5.0f}–{np.nanpercentile(cal_dec, 95):<5.0f} / "
+              f"{np.percentile(tl.dec_mean[m], 5):5.0f}–{np.percentile(tl.dec_mean[m], 95):<5.0f}")
+
+
+def cap_share(study: Path) -> None:
+    import polars as pl
+
+    rows = pl.read_csv(study / "replay.csv", infer_schema_length=0)
+    print(f"\n2. time at the max_num_seqs cap (≥ {CAP_NEAR} decoding), second stage (t > 600 s) of the general runs")
+    for d in sorted((study / "replay").iterdir()):
+        if not d.name.endswith("-general"):
+            continue
+        for f in sorted(d.glob("requests_*.parquet")) + sorted(d.glob("physics.parquet")):
+            t = pl.read_parquet(f)
+            if "observed_e2e_s" not in t.columns:
+                continue
+            a = t["arrival_time_us"].to_numpy() * 1e-6
+            grid = np.arange(600.0, a.max(), 0.5)
+
+            def share(ttft, e2e):
+                ok = np.isfinite(ttft) & np.isfinite(e2e)
+                st, en = np.sort((a + ttft)[ok]), np.sort((a + e2e)[ok])
+                n = np.searchsorted(st, grid) - np.searchsorted(en, grid)
+                return float((n >= CAP_NEAR).mean())
+
+            obs = share(t["observed_ttft_s"].fill_null(np.nan).to_numpy(), t["observed_e2e_s"].fill_null(np.nan).to_numpy())
+            pred = share(t["ttft_s"].fill_null(np.nan).to_numpy(), t["e2e_s"].to_numpy())
+            err = {m: rows.filter((pl.col("experiment_id") == d.name) & (pl.col("step_model") == f.stem)
+                                  & (pl.col("metric") == m))["rel_err_pct"].to_list() for m in ("decode_interval_mean", "ttft_mean")}
+            fmt = lambda v: f"{float(v[0]):+6.1f}" if v and v[0] else "     –"  # noqa: E731
+            print(f"   {d.name:48s} {f.stem:15s} at cap: observed {100 * obs:4.1f} %, replayed {100 * pred:4.1f} %; "
+                  f"cycle err {fmt(err['decode_interval_mean'])} %, TTFT err {fmt(err['ttft_mean'])} %")
+
+
+def cpu_floor(study: Path, shared: Path, infos, load) -> None:
+    import polars as pl
+
+    from stepml_core.calibrate import StepParams, serving_model
+    from stepml_core.replay import StepServingModel, replay, replay_workload, score_replay
+
+    xg_file = shared / "real" / "xgboost_round1_test_predictions.csv.gz"
+    cal_file = study / "assets" / "request_calibration" / "__all__.json"
+    if not xg_file.is_file() or not cal_file.is_file():
+        print(f"\n3. skipped: needs {xg_file} and {cal_file}")
+        return
+    xg = pl.read_csv(xg_file)
+    cals = json.loads(cal_file.read_text())["calibrations"]
+
+    class Floor:
+        def __init__(self, inner, floor_us):
+            self.inner, self.floor_us, self.name = inner, floor_us, inner.name + "+cpu_floor"
+
+        def step_time_us(self, b):
+            return max(self.inner.step_time_us(b), self.floor_us)
+
+    print("\n3. saturated runs: real schedule() (step.duration_us) vs cycle; run-roles model with a CPU floor (in sample)")
+    for i in sorted(infos, key=lambda r: r.experiment_id):
+        if i.workload != "reasoning" or not i.has_ground_truth:
+            continue
+        train = sorted(r.experiment_id for r in infos if r.llm_model == i.llm_model and r.role == "train" and r.has_ground_truth)
+        c = next((c for c in cals if sorted(c["fitted_on"]) == train), None)
+        s = xg.filter(pl.col("experiment_id") == i.experiment_id)
+        if c is None or s.is_empty():
+            continue
+        run = load(i.experiment_id)
+        end_s = float((run.table["arrival_time_us"] * 1e-6 + run.table["observed_e2e_s"].fill_null(0.0)).max())
+        sched_us = float(s["step.duration_us"].median())
+        cycle_us = end_s / float(s["step.id"].max()) * 1e6
+        w = replay_workload(run.table, run.ctx)
+        base = serving_model(StepParams(**c["params"]), "requests_roles")
+        out = []
+        for label, m in (("roles", base), ("roles+floor", StepServingModel("floor", Floor(base.step_model, sched_us),
+                                                                          queueing_us=base.queueing_us))):
+            sc = {x["metric"]: x["rel_err_pct"] for x in score_replay(replay(w, m, run.ctx).per_request, run.table)[0]}
+            out.append(f"{label}: TTFT {sc['ttft_mean']:+.1f} % E2E {sc['e2e_mean']:+.1f} % successes {sc['successes']:+.1f} %")
+        print(f"   {i.experiment_id:48s} schedule() median {sched_us / 1e3:5.1f} ms, mean cycle {cycle_us / 1e3:5.1f} ms | "
+              + " | ".join(out))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    ap.add_argument("--study", type=Path, default=None, help="a `stepml run` output folder on the real runs")
+    a = ap.parse_args()
+    if not (a.shared / "real" / "requests").is_dir():
+        print(f"skipped: no real request logs under {a.shared}/real/requests")
+        return 0
+    from bench_calibration import load_runs
+
+    from stepml_core.real_data import assemble_real_runs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "real16"
+        assemble_real_runs(a.shared, root)
+        infos, load = load_runs(root)
+        held_out_cycles(infos, load)
+        if a.study:
+            cap_share(a.study)
+            cpu_floor(a.study, a.shared, infos, load)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
