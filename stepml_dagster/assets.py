@@ -192,7 +192,7 @@ def calibration(context: dg.AssetExecutionContext, settings: StepMLSettings, run
 def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, metrics, predictions,
                  global_models, run_summary, ablation, generalization, calibration, request_context, e2e_fidelity, method_checks,
                  replay_fidelity) -> dict:
-    present = {e for e in run_summary if (settings.data_root() / e).is_dir()}  # runs still in the landing zone
+    present = sorted(e for e in run_summary if (settings.data_root() / e).is_dir())  # runs still in the landing zone, in a fixed order
     replay_lines = replay_section(replay_fidelity, settings.out_dir)
     if not present:  # request logs only: no step data, no H1 study; the replay is the report
         md = requests_only_report(replay_fidelity, replay_lines, settings.out_dir)
@@ -200,7 +200,7 @@ def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, me
         return {"verdict": None, "experiments": []}
     run_summary = {e: r for e, r in run_summary.items() if e in present}
     gm, gp = global_models["metrics"], global_models["predictions"]
-    all_metrics = pl.concat([*(metrics[e] for e in present if e in metrics), gm.filter(pl.col("experiment_id").is_in(sorted(present)))], how="diagonal_relaxed")
+    all_metrics = pl.concat([*(metrics[e] for e in present if e in metrics), gm.filter(pl.col("experiment_id").is_in(present))], how="diagonal_relaxed")
     test = pl.col("split") == "test"  # the verdict and the plots read test rows only; one partition in memory at a time
     all_pred = pl.concat([*(predictions[e].filter(test) for e in present if e in predictions),
                           gp.filter(pl.col("experiment_id").is_in(sorted(present)) & test)], how="diagonal_relaxed")
