@@ -7,7 +7,7 @@ with the latencies observed on the engine's monotonic clock (journey ``ts.monoto
 "Teacher-forced": the batches are the observed ones, so errors do not compound through the
 scheduler as they would in a free-running simulation; this isolates the step-time model.
 
-Clock model (vLLM v1, async scheduling, trace-format §2.5/§3.2). The cycle of step N is
+Clock model (vLLM v1, async scheduling, docs/trace-format.md §3.3, §4). The cycle of step N is
 ``ts_start[N+1] − ts_start[N]`` (the ``cycle_us`` target of :mod:`stepml_core.tables`).
 
 * ``journey.QUEUED`` with ``scheduler.step = q`` is emitted between iterations, right before

@@ -1,4 +1,4 @@
-"""Every scheduler step's batch, reconstructed from journey events (trace-format §3, §4).
+"""Every scheduler step's batch, reconstructed from journey events (docs/trace-format.md §4).
 
 For **every** step id (sampled or not) the reconstruction gives the scheduled requests with,
 per request, its progress index ``c`` (= ``num_computed_tokens`` before the step), the tokens
@@ -155,7 +155,6 @@ def journey_episodes(journey: pl.DataFrame, *, last_step: int | None = None, out
     if last_step is None:
         last_step = int(ev["scheduler.step"].max() or 0) + output_lag
     T = pl.col("event.type")
-    st = pl.col("scheduler.step")
 
     def first_of(kind: str, col: str | pl.Expr):
         e = pl.col(col) if isinstance(col, str) else col

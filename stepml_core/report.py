@@ -33,11 +33,6 @@ from .stats import WILCOXON_MIN_N, wilcoxon_min_p
 from .findings import LOG_TARGET_MODELS
 from .verdict import ABSURD_MAPE_PCT, CLEAR_MARGIN_REL, H1_MODEL, REFUTE_ABOVE_PCT, SUPPORT_BELOW_PCT
 
-PUBLISHED_COLUMNS = {
-    "blackbox_ols_orig": "r1_blackbox2f_per_exp_step_mape_pct",
-    "ridge_30f_orig": "r1_ridge30f_per_exp_step_mape_pct",
-    "xgboost (published)": "r1_xgb30f_per_exp_step_mape_pct",
-}
 OUTCOME_WORDS = {"clearly_beats": "clearly better", "does_not_clearly_beat": "not clearly better", "undecided": "undecided",
                  "better": "better", "not_better": "not clearly better"}
 
@@ -62,10 +57,6 @@ def _md_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
-
-
-def _real_id(experiment_id: str) -> str:
-    return experiment_id[: -len("-synth")] if experiment_id.endswith("-synth") else experiment_id
 
 
 def _source_words(runs: list[dict]) -> str:
