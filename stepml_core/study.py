@@ -1,11 +1,8 @@
 """The H1 study on feature matrices: models, predictions, metrics, verdict (pure functions).
 
-Models (per target, per scope):
-  naive_mean         mean of the target over train + valid
-  blackbox_2f        Ridge on (prefill_tokens, decode_tokens), alpha on valid, refit train+valid
-  ridge_30f          Ridge on the seed's 30 features, alpha on valid, refit train+valid
-  blackbox_ols_orig  original recipe: OLS on (P, D), train only, unclamped (reproduction only)
-  ridge_30f_orig     original recipe: the original study's 30 features, Ridge alpha=1, train only, unclamped
+Models: stepml_core.models, one class per model registered by name (naive_mean, blackbox_2f,
+ridge_30f, the original recipes blackbox_ols_orig and ridge_30f_orig, then ridge_log_30f,
+nnls_physics, hgb_30f), each fitted per target and per scope by `fit_models`.
 The H1 comparison (naive_mean, blackbox_2f, ridge_30f) is like for like: the same fit rows
 (train + valid), the same positive floor on predictions (estimators.apply_floor), scored on test.
 Scopes: per_experiment (fit on the experiment's own blocks) and pooled scopes (global, per
@@ -20,33 +17,15 @@ import numpy as np
 import polars as pl
 
 from .catalog import gpu_spec, model_spec
-from .estimators import (LinearStepModel, fit_hgb_validated, fit_naive_mean, fit_nnls_basis, fit_ols_original,
-                         fit_ridge_log_validated, fit_ridge_original, fit_ridge_validated, predict_model)
-from .features import FEATURE_GROUPS, ORIGINAL_FEATURES, feature_columns, feature_group_columns, original_study_features, snapshot_aggregates, step_table_features
+from .estimators import fit_ridge_validated, predict_model
+from .features import FEATURE_GROUPS, feature_columns, feature_group_columns, original_study_features, snapshot_aggregates, step_table_features
+from .models import REGISTRY
 from .tables import TARGETS
 from .verdict import H1_MODEL, REFUTE_ABOVE_PCT, SUPPORT_BELOW_PCT, h1_verdict  # noqa: F401  (re-exported)
 
-BLACKBOX_FEATURES = ["prefill_tokens", "decode_tokens"]
-PHYSICS_BASIS = ["t_compute_us", "t_memory_us", "num_prefill_reqs", "num_decode_reqs", "prefill_tokens", "decode_tokens"]
-MODELS = {  # name: (recipe, features)
-    "naive_mean": ("stepml", None),
-    "blackbox_2f": ("stepml", BLACKBOX_FEATURES),
-    "ridge_30f": ("stepml", "seed30"),
-    "blackbox_ols_orig": ("original", BLACKBOX_FEATURES),
-    "ridge_30f_orig": ("original", ORIGINAL_FEATURES),
-    # beyond H1
-    "ridge_log_30f": ("stepml", "seed30"),
-    "nnls_physics": ("stepml", PHYSICS_BASIS),
-    "hgb_30f": ("stepml", "seed30"),
-}
-H1_MODELS = ("naive_mean", "blackbox_2f", "ridge_30f", "blackbox_ols_orig", "ridge_30f_orig")
+MODELS = REGISTRY  # {name: StepModel}, in fitting order (stepml_core.models)
 METRIC_COLUMNS = ["experiment_id", "source", "target", "model", "scope", "split", "n", "mape_pct",
                   "median_ape_pct", "p90_ape_pct", "pearson_r", "mspe_pct"]
-
-
-def model_features(name: str) -> list[str]:
-    spec = MODELS[name][1]
-    return feature_columns() if spec == "seed30" else list(spec or [])
 
 
 def build_feature_matrix(steps: pl.DataFrame, snapshots: pl.DataFrame | None, *, model: str, tp: int,
@@ -71,30 +50,16 @@ def _xy(fm: pl.DataFrame, features: list[str], target: str, splits: tuple[str, .
 
 
 def fit_models(fm: pl.DataFrame, target: str, scope: str, names: tuple[str, ...] | None = None, seed: int = 0) -> list[dict]:
-    """Fit the models in MODELS (or `names`) for one target on a matrix with a `split` column; plain dicts out."""
+    """Fit the registered models (or `names`) for one target on a matrix with a `split` column; plain dicts out."""
     out = []
     for name in names or tuple(MODELS):
-        recipe = MODELS[name][0]
-        feats = model_features(name)
+        model = MODELS[name]
+        feats = model.feature_columns()
         X_tr, y_tr = _xy(fm, feats, target, ("train",))
         if len(y_tr) < 2:
             continue
         X_va, y_va = _xy(fm, feats, target, ("valid",))
-        if name == "naive_mean":
-            m = fit_naive_mean(target, np.concatenate([y_tr, y_va])).to_dict()
-        elif recipe == "original" and name.startswith("blackbox"):
-            m = fit_ols_original(name, target, feats, X_tr, y_tr).to_dict()
-        elif recipe == "original":
-            m = fit_ridge_original(name, target, feats, X_tr, y_tr).to_dict()
-        elif name == "ridge_log_30f":
-            m = fit_ridge_log_validated(name, target, feats, X_tr, y_tr, X_va, y_va)
-        elif name == "nnls_physics":
-            m = fit_nnls_basis(name, target, feats, X_tr, y_tr, X_va, y_va)
-        elif name == "hgb_30f":
-            m = fit_hgb_validated(name, target, feats, X_tr, y_tr, X_va, y_va, seed=seed)
-            m.pop("_sklearn", None)
-        else:
-            m = fit_ridge_validated(name, target, feats, X_tr, y_tr, X_va, y_va).to_dict()
+        m = model.fit(target, X_tr, y_tr, X_va, y_va, seed=seed)
         m.setdefault("kind", "linear")
         m["name"], m["scope"] = name, scope
         out.append(m)
@@ -276,14 +241,14 @@ def matrix_fingerprint(fm: pl.DataFrame) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _code_digest() -> str:
-    """Digest of the source that decides a pooled fit (study, estimators, features)."""
+    """Digest of the source that decides a pooled fit (study, estimators, features, models)."""
     import hashlib
     from pathlib import Path
 
-    from . import estimators, features
+    from . import estimators, features, models
 
     h = hashlib.sha256()
-    for mod in (__file__, estimators.__file__, features.__file__):
+    for mod in (__file__, estimators.__file__, features.__file__, models.__file__):
         h.update(Path(mod).read_bytes())
     return h.hexdigest()
 
@@ -346,7 +311,7 @@ def json_default(o):
 
 
 GENERALIZATION_MODELS = ("naive_mean", "blackbox_2f", "ridge_30f", "ridge_log_30f", "nnls_physics", "hgb_30f")
-POOLED_SETS = {  # study asset: (scopes, model names; None = all of MODELS)
+POOLED_SETS = {  # study asset: (scopes, model names; None = every registered model)
     "global_models": (("global", "per_model"), None),
     "generalization": (("leave_one_model_out", "leave_one_workload_out"), GENERALIZATION_MODELS),
 }
