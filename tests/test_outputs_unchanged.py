@@ -23,6 +23,8 @@ import pytest
 from stepml_core.synth import synthesize_runs
 from stepml_dagster.cli import run_study
 
+pytestmark = pytest.mark.slow  # two whole studies (≈ 2 + 5 min on 2 shared cores); run it before landing a refactoring
+
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("STEPML_UPDATE_GOLDEN") == "1"
 OUTPUTS = ("metrics.csv", "verdict.json", "replay.csv", "report.md")
