@@ -492,15 +492,18 @@ def appendix_section(metrics: pl.DataFrame, predictions: pl.DataFrame, out_dir: 
 
 
 def render_report(*, runs: list[dict], metrics: pl.DataFrame, predictions: pl.DataFrame, verdict: dict, out_dir: Path,
-                  findings: dict | None = None, checks: dict | None = None, extra_sections: list[str] | None = None) -> str:
+                  findings: dict | None = None, checks: dict | None = None, extra_sections: list[str] | None = None,
+                  summary_extra: list[str] | None = None) -> str:
     """Write report.md + PNGs into out_dir and return the markdown (sections in the order of the module docstring;
-    `extra_sections` go after the main sections, before the appendix)."""
+    `summary_extra` ends the summary (e.g. the request-level answer); `extra_sections` go after the main sections,
+    before the appendix)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     findings = findings or {}
     source = _source_words(runs)
     lines = ["# StepML study report: H1 (30 physics-informed features + Ridge)", ""]
     lines += summary_section(runs=runs, metrics=metrics, verdict=verdict, findings=findings)
+    lines += list(summary_extra or [])
     lines += data_section(runs)
     lines += verdict_section(verdict)
     lines += method_section(runs=runs, checks=checks or {}, findings=findings, predictions=predictions)

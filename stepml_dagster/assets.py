@@ -10,7 +10,7 @@ from stepml_core import study
 from stepml_core.ingest import ingest_run
 from stepml_core.findings import study_findings
 from stepml_core.method_checks import gather as gather_checks
-from stepml_core.replay_report import replay_section, requests_only_report
+from stepml_core.replay_report import replay_section, replay_summary, requests_only_report
 from stepml_core.report import calibration_sections, e2e_section, feature_provenance_section, reconstruction_section, render_report, write_outputs
 from stepml_core.runs import find_trace_file
 from stepml_core.splits import split_summary, split_table
@@ -221,7 +221,8 @@ def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, me
     extra += replay_lines
     write_outputs(settings.out_dir, pl.concat([all_metrics, gen], how="diagonal_relaxed") if gen.height else all_metrics, verdict)
     md = render_report(runs=list(run_summary.values()), metrics=all_metrics, predictions=all_pred, verdict=verdict,
-                       out_dir=settings.out_dir, findings=findings, checks=checks, extra_sections=extra)
+                       out_dir=settings.out_dir, findings=findings, checks=checks, extra_sections=extra,
+                       summary_extra=replay_summary(replay_fidelity))
     context.add_output_metadata({"report": dg.MetadataValue.md(md), "out_dir": dg.MetadataValue.path(settings.out_dir),
                                  **{f"verdict_{t}": v["verdict"] for t, v in verdict["targets"].items()}})
     return {"verdict": verdict, "experiments": sorted(run_summary)}

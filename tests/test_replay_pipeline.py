@@ -69,6 +69,7 @@ def test_request_only_runs_are_replayed_and_reported(study):
     assert per.height == 150 and {"index", "arrival_time_us", "ttft_s", "e2e_s", "observed_ttft_s", "observed_e2e_s"} <= set(per.columns)
     report = (out / "report.md").read_text()
     assert "Replaying the real runs" in report and "no H1 verdict" in report and "predicted only" in report
+    assert report.index("**Request level**") < report.index("## Replaying the real runs")  # on the first screen
 
 
 def test_step_assets_skipped_request_assets_materialized_with_lineage(study):
