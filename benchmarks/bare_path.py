@@ -1,9 +1,9 @@
 """The StepML study called directly on stepml_core, without Dagster: the in-process baseline.
 
-Each function mirrors an asset body in stepml_dagster/assets.py (same calls, same order) and
-records its wall time under the asset's name, so bench_study.py can put the Dagster step
-durations next to the bare compute of the same work. Nothing is written except the report
-files of the study phase (into out_dir).
+The same functions the assets call (stepml_core.pipeline, one per asset, in the assets' order),
+each timed under the asset's name, so bench_study.py can put the Dagster step durations next to
+the bare compute of the same work. Nothing is written except the report files of the study phase
+(into out_dir).
 """
 
 from __future__ import annotations
@@ -13,12 +13,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import polars as pl
-
-from stepml_core import study
+from stepml_core import pipeline, study
 from stepml_core.ingest import ingest_run
-from stepml_core.splits import split_table
-from stepml_core.tables import add_targets, validate_steps
 
 
 class Timer(dict):
@@ -37,19 +33,14 @@ def bare_partition(folder: Path, data_root: Path, seed: int = 0) -> tuple[dict, 
     with t("raw_traces"):
         raw = ingest_run(Path(folder), Path(data_root))
     with t("step_tables"):
-        v = validate_steps(raw["steps"], raw["meta"]["trace_file"])
-        steps = add_targets(v.kept)
-        quarantine = pl.concat([raw["quarantine"], v.quarantine], how="diagonal_relaxed")
+        tables = pipeline.step_tables(raw)
+        steps = tables.steps
     with t("request_context"):
-        cfg = raw["meta"].get("exp_config") or {}
-        ctx = study.request_context(raw, int(cfg.get("max_num_batched_tokens", 2048)))
-    m = raw["meta"]
+        ctx = pipeline.request_context(raw)
     with t("feature_matrix"):
-        fm = study.build_feature_matrix(steps, raw["snapshots"], model=m["model"], tp=m["tp"], experiment_id=m["experiment_id"],
-                                        source=m["source"], request_aggregates=study.journey_aggregates(ctx["step_inputs"]),
-                                        request_source="journey")
+        fm = pipeline.feature_matrix(raw, steps, ctx)
     with t("split"):
-        sp = split_table(steps, m["stage_durations_s"])
+        sp = pipeline.split(raw, steps)
     with t("fitted_models"):
         fitted = study.fit_experiment(study.with_split(fm, sp))
     with t("predictions"):
@@ -57,20 +48,13 @@ def bare_partition(folder: Path, data_root: Path, seed: int = 0) -> tuple[dict, 
     with t("metrics"):
         met = study.metrics_from_predictions(pred)
     with t("run_summary"):
-        kv = dict(fm["kv_source"].value_counts().iter_rows())
-        summary = {**{k: m[k] for k in ("experiment_id", "source", "stands_for", "model", "tp", "workload", "data_version", "files")},
-                   "steps_read": raw["steps"].height, "steps_kept": steps.height,
-                   "steps_quarantined": quarantine.filter(pl.col("kind") == "row").height,
-                   "lines_quarantined": m["counters"].get("lines_quarantined", 0), "quarantine_rows": quarantine.height,
-                   "kv_source": ", ".join(f"{k} {v}" for k, v in sorted(kv.items())), "kv_source_counts": kv}
+        summary = pipeline.run_summary(raw, steps, tables.quarantine, fm)
     with t("ablation"):
         abl = study.feature_group_ablation(study.with_split(fm, sp))
     with t("e2e_fidelity"):
-        e2e = study.e2e_fidelity_for_models(raw, ctx, fitted, model=m["model"], tp=m["tp"], experiment_id=m["experiment_id"])
+        e2e = pipeline.e2e_fidelity(raw, ctx, fitted)
     with t("method_checks"):
-        from stepml_core.method_checks import method_checks
-        from stepml_core.tables import cycle_rule_counts
-        checks = method_checks(study.with_split(fm, sp), fitted, cycle_rule_counts(steps), seed=seed)
+        checks = pipeline.method_checks(study.with_split(fm, sp), fitted, steps, seed=seed)
     # what the study phase reads (the stored values of these assets)
     keep = {"feature_matrix": fm, "split": sp, "metrics": met, "predictions": pred, "run_summary": summary, "ablation": abl,
             "agreement": ctx["agreement"], "e2e_fidelity": e2e, "step_table": steps, "method_checks": checks}
@@ -88,11 +72,7 @@ def bare_partition_worker(folder: str, data_root: str, seed: int = 0) -> tuple[s
 
 def bare_study(parts: dict[str, dict], data_root: Path, out_dir: Path, seed: int = 0,
                real_reference_dir: str = "", threads: int = min(2, os.cpu_count() or 1)) -> tuple[dict, dict]:
-    """The study assets' work over {experiment: bare_partition values}."""
-    from stepml_core.findings import study_findings
-    from stepml_core.method_checks import gather
-    from stepml_core.report import (calibration_sections, e2e_section, feature_provenance_section, reconstruction_section,
-                                    render_report, write_outputs)
+    """The study assets' work over {experiment: bare_partition values} (pipeline.assemble_study, as study_report)."""
     from stepml_core.synth.calibration import calibration_tables
 
     t = Timer()
@@ -100,30 +80,16 @@ def bare_study(parts: dict[str, dict], data_root: Path, out_dir: Path, seed: int
     mats = {e: study.with_split(parts[e]["feature_matrix"], parts[e]["split"]) for e in present}
     with t("pooled_models"):  # global_models + generalization, one pool of folds, no fold cache (the cold cost)
         pooled = study.fit_study_pooled(mats, seed=seed, threads=threads)
-        gm, gen = pooled["global_models"], pooled["generalization"]
     with t("calibration"):
         cal = calibration_tables([parts[e]["run_summary"] for e in present], {e: parts[e]["step_table"] for e in present},
                                  Path(data_root), Path(real_reference_dir) if real_reference_dir else None)
     with t("study_report"):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        all_metrics = pl.concat([*(parts[e]["metrics"] for e in present), gm["metrics"]], how="diagonal_relaxed")
-        all_pred = pl.concat([*(parts[e]["predictions"] for e in present), gm["predictions"]], how="diagonal_relaxed")
-        verdict = study.h1_verdict(all_metrics, all_pred, seed=seed)
-        g = gen["metrics"]
-        abl = pl.concat([parts[e]["ablation"] for e in present], how="diagonal_relaxed")
-        checks = gather({e: parts[e]["method_checks"] for e in present}, present, gm["models"])
-        findings = study_findings(predictions=all_pred, generalization=gen, ablation=abl, checks=checks, seed=seed)
-        verdict["recommendations"] = findings["recommendations"]
-        beyond = feature_provenance_section([parts[e]["run_summary"] for e in present], abl)
-        beyond += reconstruction_section({e: parts[e]["agreement"] for e in present})
-        e2e_parts = [parts[e]["e2e_fidelity"] for e in present]
-        summ = [p["summary"] for p in e2e_parts if p["summary"].height]
-        per_req = [p["per_request"] for p in e2e_parts if p["per_request"].height]
-        beyond += e2e_section(pl.concat(summ, how="diagonal_relaxed") if summ else None,
-                              pl.concat(per_req, how="diagonal_relaxed") if per_req else pl.DataFrame(), str(out_dir))
-        beyond += calibration_sections(cal["public"], cal["steps"])
-        write_outputs(str(out_dir), pl.concat([all_metrics, g], how="diagonal_relaxed") if g.height else all_metrics, verdict)
-        render_report(runs=[parts[e]["run_summary"] for e in present], metrics=all_metrics, predictions=all_pred,
-                      verdict=verdict, out_dir=str(out_dir), findings=findings, checks=checks, extra_sections=beyond)
+        col = lambda name: {e: parts[e][name] for e in present}  # noqa: E731
+        verdict = pipeline.assemble_study(
+            present, metrics=col("metrics"), predictions=col("predictions"), global_models=pooled["global_models"],
+            run_summary=col("run_summary"), ablation=col("ablation"), generalization=pooled["generalization"], calibration=cal,
+            agreements=col("agreement"), e2e_fidelity=col("e2e_fidelity"), method_checks=col("method_checks"),
+            out_dir=str(out_dir), seed=seed)["verdict"]
     return {"verdict": verdict}, dict(t)

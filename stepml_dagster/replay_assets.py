@@ -6,6 +6,7 @@ import warnings
 import dagster as dg
 import polars as pl
 
+from stepml_core import checks
 from stepml_core import replay_models as rm
 from stepml_core.ingest import fingerprint, fingerprint_digest, sha256_file
 from stepml_core.replay import run_context
@@ -13,6 +14,7 @@ from stepml_core.replay_report import replay_fidelity_tables
 from stepml_core.request_log import find_request_files, read_request_log
 from stepml_core.runs import read_run_metadata
 
+from .checks import check_result
 from .partitions import PART
 from .resources import StepMLSettings
 
@@ -47,11 +49,7 @@ def records_balance(request_log) -> dg.AssetCheckResult:
 
     # a check on a partitioned asset is handed the partition(s) of its run as {partition key: value}
     parts = dict(request_log.items()) if isinstance(request_log, StoredPartitions) else {"": request_log}
-    counts = {k: {**v["counts"], "rows_stored": v["requests"].height, "quarantine_rows_stored": v["quarantine"].height}
-              for k, v in parts.items()}
-    bad = [k for k, c in counts.items() if c["records_in"] != c["rows_stored"] + c["quarantine_rows_stored"]]
-    return dg.AssetCheckResult(passed=not bad, metadata={"partitions": dg.MetadataValue.json(counts),
-                                                         "unbalanced": dg.MetadataValue.json(bad)})
+    return check_result(checks.records_balance(parts))
 
 
 @dg.asset(group_name="replay", description="Step-time models a replay can use: the synthesizer's physics and every traced "
