@@ -12,6 +12,7 @@ model, leave-one-out), scored on each experiment's slice. The verdict is in step
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
@@ -167,66 +168,83 @@ def fit_pooled_sets(matrices: dict[str, pl.DataFrame], sets: dict[str, tuple[tup
     from threadpoolctl import threadpool_limits
 
     exps = sorted(e for e, m in matrices.items() if m.height)
-    prints = {e: matrix_fingerprint(matrices[e]) for e in exps} if caches else {}
-    jobs = []  # (set, scope, group, train experiments, scored experiments, names, cache key)
-    for name, (scopes, names) in sets.items():
-        for scope in scopes:
-            for group, train_exps, score_exps in pooled_folds(exps, scope):
-                key = fold_key(scope, group, [prints[e] for e in train_exps], names, seed) if caches else None
-                jobs.append((name, scope, group, train_exps, score_exps, names, key))
-
-    def run_fold(job):
-        name, scope, _, train_exps, score_exps, names, key = job
-        cache = caches.get(name) if caches else None
-        if not score and cache is not None and cache.has(key):
-            return None, [], [], True  # fitting ahead: a stored fold needs no reading
-        fitted = cache.get(key) if cache is not None else None
-        reused = fitted is not None
-        if fitted is None:
-            train = pl.concat([matrices[e] for e in train_exps], how="diagonal_relaxed")
-            fitted = {t: fit_models(train, t, scope, names, seed) for t in TARGETS}
-            del train
-            if cache is not None:
-                cache.put(key, fitted)
-        mets, preds = [], []
-        if not score:
-            return fitted, mets, preds, reused
-        scored = pl.concat([matrices[e] for e in score_exps], how="diagonal_relaxed")
-        for m in (d for t in TARGETS for d in fitted.get(t, [])):  # one model at a time: 1 row per step, not 16
-            p = predict(scored, [m], scope)
-            if p.height:
-                mets.append(metrics_from_predictions(p))
-                preds.append(p.filter(pl.col("split") == "test"))
-        return fitted, mets, preds, reused
-
+    jobs = _fold_jobs(sets, exps, {e: matrix_fingerprint(matrices[e]) for e in exps} if caches else {}, seed, bool(caches))
     rows = {e: matrices[e].height for e in exps}
-    cached = [bool(caches) and caches.get(j[0]) is not None and caches[j[0]].has(j[6]) for j in jobs]
+    cached = [bool(caches) and caches.get(j.set) is not None and caches[j.set].has(j.key) for j in jobs]
     # folds to fit first, largest training set first, reused folds (scoring only) last: the threads end together
-    order = sorted(range(len(jobs)), key=lambda i: (cached[i], -sum(rows[e] for e in jobs[i][3])))
+    order = sorted(range(len(jobs)), key=lambda i: (cached[i], -sum(rows[e] for e in jobs[i].train)))
+    run = functools.partial(_run_fold, matrices=matrices, caches=caches, seed=seed, score=score)
     with threadpool_limits(1):  # set once, outside the threads: nested limits inside threads would race
         if threads > 1 and len(jobs) > 1:
             with ThreadPoolExecutor(threads) as pool:
-                done = dict(zip(order, pool.map(run_fold, [jobs[i] for i in order])))
+                done = dict(zip(order, pool.map(run, [jobs[i] for i in order])))
         else:
-            done = {i: run_fold(jobs[i]) for i in order}
-    out = {}
-    for name in sets:
-        models, preds, mets, reused, total = {}, [], [], 0, 0
-        for i, (jname, scope, group, *_rest) in enumerate(jobs):
-            if jname != name:
-                continue
-            fitted, m, p, r = done[i]
-            models.setdefault(scope, {})[group] = fitted
-            mets += m
-            preds += p
-            reused, total = reused + r, total + 1
-        if score and caches and caches.get(name) is not None:
-            caches[name].keep_only([j[6] for j in jobs if j[0] == name])
-        pred = pl.concat(preds, how="diagonal_relaxed") if preds else pl.DataFrame()
-        met = (pl.concat(mets, how="diagonal_relaxed").sort(["experiment_id", "source", "target", "model", "scope", "split"]) if mets
-               else pl.DataFrame(schema={c: pl.Utf8 for c in METRIC_COLUMNS}))
-        out[name] = {"models": models, "predictions": pred, "metrics": met, "folds": {"total": total, "reused": reused}}
-    return out
+            done = {i: run(jobs[i]) for i in order}
+    return {name: _collect_set(name, jobs, done, caches, score) for name in sets}
+
+
+class _FoldJob(NamedTuple):
+    set: str  # the pooled set (asset) the fold belongs to
+    scope: str
+    group: str
+    train: list[str]  # experiments it is fitted on
+    scored: list[str]  # experiments it is scored on
+    names: tuple[str, ...] | None  # model names (None: every registered model)
+    key: str | None  # fold cache key (None without caches)
+
+
+def _fold_jobs(sets: dict, exps: list[str], prints: dict[str, str], seed: int, keyed: bool) -> list[_FoldJob]:
+    jobs = []
+    for name, (scopes, names) in sets.items():
+        for scope in scopes:
+            for group, train_exps, score_exps in pooled_folds(exps, scope):
+                key = fold_key(scope, group, [prints[e] for e in train_exps], names, seed) if keyed else None
+                jobs.append(_FoldJob(name, scope, group, train_exps, score_exps, names, key))
+    return jobs
+
+
+def _run_fold(job: _FoldJob, *, matrices: dict[str, pl.DataFrame], caches, seed: int, score: bool):
+    """(fitted {target: [models]}, metrics parts, test-prediction parts, reused) of one fold."""
+    cache = caches.get(job.set) if caches else None
+    if not score and cache is not None and cache.has(job.key):
+        return None, [], [], True  # fitting ahead: a stored fold needs no reading
+    fitted = cache.get(job.key) if cache is not None else None
+    reused = fitted is not None
+    if fitted is None:
+        train = pl.concat([matrices[e] for e in job.train], how="diagonal_relaxed")
+        fitted = {t: fit_models(train, t, job.scope, job.names, seed) for t in TARGETS}
+        del train
+        if cache is not None:
+            cache.put(job.key, fitted)
+    mets, preds = [], []
+    if not score:
+        return fitted, mets, preds, reused
+    scored = pl.concat([matrices[e] for e in job.scored], how="diagonal_relaxed")
+    for m in (d for t in TARGETS for d in fitted.get(t, [])):  # one model at a time: 1 row per step, not 16
+        p = predict(scored, [m], job.scope)
+        if p.height:
+            mets.append(metrics_from_predictions(p))
+            preds.append(p.filter(pl.col("split") == "test"))
+    return fitted, mets, preds, reused
+
+
+def _collect_set(name: str, jobs: list[_FoldJob], done: dict, caches, score: bool) -> dict:
+    """One pooled set's result, assembled in fold order: {models, predictions, metrics, folds}."""
+    models, preds, mets, reused, total = {}, [], [], 0, 0
+    for i, job in enumerate(jobs):
+        if job.set != name:
+            continue
+        fitted, m, p, r = done[i]
+        models.setdefault(job.scope, {})[job.group] = fitted
+        mets += m
+        preds += p
+        reused, total = reused + r, total + 1
+    if score and caches and caches.get(name) is not None:
+        caches[name].keep_only([j.key for j in jobs if j.set == name])
+    pred = pl.concat(preds, how="diagonal_relaxed") if preds else pl.DataFrame()
+    met = (pl.concat(mets, how="diagonal_relaxed").sort(["experiment_id", "source", "target", "model", "scope", "split"]) if mets
+           else pl.DataFrame(schema={c: pl.Utf8 for c in METRIC_COLUMNS}))
+    return {"models": models, "predictions": pred, "metrics": met, "folds": {"total": total, "reused": reused}}
 
 
 def matrix_fingerprint(fm: pl.DataFrame) -> str:
