@@ -293,8 +293,7 @@ class EngineCore:
                     break
             if R.state != DECODE:
                 continue
-            pool.allocate(R, 1)
-            pool.register(R, R.c0 + (N - R.s0))
+            pool.append_block(R, R.c0 + (N - R.s0))
             nb = len(R.blist)
             self.blk_due.setdefault(R.s0 + 16 * nb - R.c0, []).append((R, R.dver))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from .request import SimRequest
+from .request import BLK_STRIDE, GROUP_BASE, OUT_BASE, PROMPT_BASE, SimRequest
 
 BLOCK_TOKENS = 16
 
@@ -64,12 +64,40 @@ class BlockPool:
                 bkey[bid] = key
         R.nhashed = min(nfull, len(bl))
 
+    def append_block(self, R: SimRequest, upto_tokens: int) -> None:
+        """A decoder's next block: ``allocate(R, 1)`` then ``register(R, upto_tokens)`` in one call (the hot path)."""
+        bid, _ = self.free_q.popitem(last=False)
+        bkey, cache = self.bkey, self.cache
+        k = bkey[bid]
+        if k is not None:
+            if cache.get(k) == bid:
+                del cache[k]
+            bkey[bid] = None
+        self.ref[bid] = 1
+        bl = R.blist
+        bl.append(bid)
+        nfull = upto_tokens // BLOCK_TOKENS
+        if nfull <= R.nhashed:
+            return
+        n = nfull if nfull < len(bl) else len(bl)
+        for k in range(R.nhashed, n):
+            key = R.key(k)
+            if key not in cache:
+                b = bl[k]
+                cache[key] = b
+                bkey[b] = key
+        R.nhashed = n
+
     def lookup(self, R: SimRequest, tokens: int) -> list[int]:
         """Prefix-cache hit blocks for R's first `tokens` tokens (whole blocks, at most tokens − 1)."""
         cache = self.cache
         hits = []
-        for k in range((tokens - 1) // BLOCK_TOKENS):
-            bid = cache.get(R.key(k))
+        n = (tokens - 1) // BLOCK_TOKENS
+        # R.key(k) inlined: shared system-prompt blocks, then the prompt's own blocks, then its output blocks
+        ns, nf = R.nshared_blk, R.prompt_full_blk
+        g, pr, o = GROUP_BASE + R.group * BLK_STRIDE, PROMPT_BASE + R.prompt_id * BLK_STRIDE, OUT_BASE + R.idx * BLK_STRIDE
+        for k in range(n):
+            bid = cache.get((g if k < ns else pr if k < nf else o) + k)
             if bid is None:
                 break
             hits.append(bid)
