@@ -162,3 +162,80 @@ def assemble_study(present: list[str], *, metrics: Mapping, predictions: Mapping
     md = render_report(runs=runs, metrics=all_metrics, predictions=all_pred, verdict=verdict, out_dir=out_dir,
                        findings=findings, checks=checks, extra_sections=extra, summary_extra=summary_extra)
     return {"verdict": verdict, "markdown": md, "experiments": present}
+
+
+# ------------------------------------------------------------------------- request level ---
+
+def request_log(folder: Path) -> dict | None:
+    """The run's request log as stored (requests, quarantine, header, files with sha256, counts); None without one."""
+    from .ingest import sha256_file
+    from .request_log import find_request_files, read_request_log
+
+    folder = Path(folder)
+    log = read_request_log(folder)
+    if log is None:
+        return None
+    files = [{"file": str(p.relative_to(folder)), "size_bytes": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in find_request_files(folder).values()]
+    return {"requests": log.table, "quarantine": log.quarantine, "header": log.header, "files": files,
+            "has_ground_truth": log.has_ground_truth, "counts": log.counts}
+
+
+def log_from_stored(stored: Mapping):
+    """A stored request_log value back as a request_log.RequestLog."""
+    from .request_log import RequestLog
+
+    return RequestLog(table=stored["requests"], quarantine=stored["quarantine"], header=stored["header"],
+                      files=[f["file"] for f in stored["files"]], has_ground_truth=stored["has_ground_truth"],
+                      records_in=stored["counts"]["records_in"])
+
+
+def synth_kv_blocks(meta) -> int | None:
+    """KV blocks of a synthetic run's engine (the synthesizer's per-model value); None for real runs."""
+    if meta.source != "synthetic":
+        return None
+    from .synth.spec import engine_params
+
+    return int(engine_params()["models"][meta.model]["kv_blocks_total"])
+
+
+def replay_models(fitted_models: Mapping, run_summary: Mapping, present: list[str]) -> list[dict]:
+    """The step-time models a replay can use: the synthesizer's physics and the cycle_us fits of the runs present."""
+    from . import replay_models as rm
+
+    runs = {}
+    for e in present:
+        r = run_summary[e]
+        kv = r.get("kv_source_counts") or {}
+        runs[e] = {**r, "kv_source": max(kv, key=kv.get) if kv else "proxy_blocks"}
+    return [rm.physics_spec(), *rm.step_trained_specs({e: fitted_models[e] for e in present if e in fitted_models}, runs)]
+
+
+def replay(folder: Path, key: str, stored_log: Mapping, specs: list[dict], *, data_root: Path, out_dir, seed: int = 0
+           ) -> tuple[dict, dict]:
+    """One run's requests replayed with each applicable step-time model; per-request predictions written under
+    out_dir/replay/. Returns (stored value, facts for the asset's metadata)."""
+    from . import replay_models as rm
+    from .replay import run_context
+    from .runs import read_run_metadata
+
+    meta = read_run_metadata(folder, data_root=data_root)
+    log = log_from_stored(stored_log)
+    ctx = run_context(folder, experiment_id=key, model=meta.model, tp=meta.tp, exp_config=meta.exp_config,
+                      profile=meta.profile, header=log.header, kv_blocks_from_traces=synth_kv_blocks(meta))
+    specs = rm.specs_for_run(list(specs), key, meta.model)
+    out = rm.replay_run(log, ctx, specs, source=meta.source, stands_for=meta.stands_for, seed=seed)
+    paths = rm.write_per_request(out_dir, key, out["per_request"])
+    details = pl.DataFrame(out["runs"])
+    value = {"rows": out["rows"], "details": details, "assumptions": out["assumptions"],
+             "has_ground_truth": out["has_ground_truth"], "model": meta.model, "role": log.role or "",
+             "requests": log.table.height}
+    return value, {"step_models": len(specs), "per_request_files": [str(p) for p in paths],
+                   "seconds": float(details["seconds"].sum()) if details.height else 0.0, "assumptions": out["assumptions"]}
+
+
+def replay_fidelity(replays: Mapping, logs: Mapping, present: list[str], out_dir) -> dict:
+    """replay.csv over the runs present and the tables the report reads (replay_report.replay_fidelity_tables)."""
+    from .replay_report import replay_fidelity_tables
+
+    return replay_fidelity_tables({e: replays[e] for e in present}, {e: logs[e]["header"] for e in present if e in logs}, out_dir)
