@@ -25,7 +25,7 @@ import polars as pl
 
 from . import study
 from .splits import split_table
-from .tables import add_targets, cycle_rule_counts, validate_steps
+from .tables import add_targets, cap_quarantine, cycle_rule_counts, quarantine_counts, validate_steps
 
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048  # vLLM's default token budget, when exp-config.yaml does not give it
 
@@ -37,17 +37,20 @@ class StepTables:
     """Kept steps with targets, every rejected record, and the counts the asset checks read."""
 
     steps: pl.DataFrame  # BATCH_SUMMARY rows that pass StepTableSchema, with schedule_us, cycle_gap_us, cycle_us
-    quarantine: pl.DataFrame  # the reader's quarantine + the rows validation rejected (file, line, kind, reason)
+    quarantine: pl.DataFrame  # the reader's quarantine + the rows validation rejected (file, line, kind, reason, count)
     rows_in: int  # step rows read (= kept + rows quarantined by validation)
     rows_quarantined: int  # step rows quarantined by validation
     counts: dict  # rows_in, rows_kept, rows_quarantined, cycle_rows, cycle_removed_idle, cycle_removed_stall
 
 
-def step_tables(raw: dict) -> StepTables:
-    """Validate the run's step rows (tables.validate_steps) and add the targets (tables.add_targets)."""
-    v = validate_steps(raw["steps"], raw["meta"]["trace_file"])
+def step_tables(raw: dict, max_quarantine_rows: int | None = None) -> StepTables:
+    """Validate the run's step rows (tables.validate_steps, with the bounds of its exp-config.yaml) and add the
+    targets (tables.add_targets); the quarantine is capped at max_quarantine_rows records (tables.cap_quarantine)."""
+    v = validate_steps(raw["steps"], raw["meta"]["trace_file"], raw["meta"].get("exp_config"))
     steps = add_targets(v.kept)
     quarantine = pl.concat([raw["quarantine"], v.quarantine], how="diagonal_relaxed")
+    if max_quarantine_rows is not None:
+        quarantine = cap_quarantine(quarantine, max_quarantine_rows)
     rule = cycle_rule_counts(steps)
     counts = {**v.counts, "cycle_rows": rule["kept"], "cycle_removed_idle": rule["idle"], "cycle_removed_stall": rule["stall"]}
     return StepTables(steps=steps, quarantine=quarantine, rows_in=v.rows_in, rows_quarantined=v.quarantine.height,
@@ -96,8 +99,8 @@ def run_summary(raw: dict, steps: pl.DataFrame, quarantine: pl.DataFrame, fm: pl
     kv = dict(fm["kv_source"].value_counts().iter_rows())
     return {**{k: m[k] for k in RUN_SUMMARY_META},
             "steps_read": raw["steps"].height, "steps_kept": steps.height,
-            "steps_quarantined": quarantine.filter(pl.col("kind") == "row").height,
-            "lines_quarantined": m["counters"].get("lines_quarantined", 0), "quarantine_rows": quarantine.height,
+            "steps_quarantined": quarantine_counts(quarantine).get("row", 0),
+            "lines_quarantined": m["counters"].get("lines_quarantined", 0), "quarantine_rows": sum(quarantine_counts(quarantine).values()),
             "kv_source": ", ".join(f"{k} {v}" for k, v in sorted(kv.items())), "kv_source_counts": kv}
 
 
@@ -121,14 +124,16 @@ def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame | None:
 def assemble_study(present: list[str], *, metrics: Mapping, predictions: Mapping, global_models: dict, run_summary: Mapping,
                    ablation: Mapping, generalization: dict, calibration: dict, agreements: Mapping, e2e_fidelity: Mapping,
                    method_checks: Mapping, out_dir: Path, seed: int = 0, extra_sections: list[str] | None = None,
-                   summary_extra: list[str] | None = None) -> dict:
+                   summary_extra: list[str] | None = None, left_out: dict[str, dict] | None = None,
+                   stored: set[str] | None = None) -> dict:
     """The study over the runs `present` (sorted; the per-run mappings may hold others): verdict, findings,
     metrics.csv, verdict.json and report.md (+ plots) written to out_dir.
 
     Per-run values are read one run at a time (a mapping may load each on access); predictions are
     reduced to their test rows, what the verdict and plots read. Pooled fits are kept for the runs
     present. `extra_sections` (e.g. the replay) go after the calibration section, `summary_extra` into
-    the first screen. Returns {"verdict", "markdown", "experiments"}.
+    the first screen. `left_out` ({run: {status, reason}}: failed or stale runs among the `stored` ones) are
+    named first and recorded in verdict.json. Returns {"verdict", "markdown", "experiments"}.
     """
     present = sorted(present)
     runs = [run_summary[e] for e in present]
@@ -147,17 +152,21 @@ def assemble_study(present: list[str], *, metrics: Mapping, predictions: Mapping
     from .method_checks import gather as gather_checks
     from .report import (calibration_sections, e2e_section, feature_provenance_section, reconstruction_section, render_report,
                          write_outputs)
+    from .report_status import runs_left_out_section
 
     checks = gather_checks(method_checks, present, global_models["models"])
     findings = study_findings(predictions=all_pred, generalization=gen_present, ablation=abl, checks=checks, seed=seed)
     verdict["recommendations"] = findings["recommendations"]
-    extra = feature_provenance_section(runs, abl)
+    left_out = left_out or {}
+    extra = runs_left_out_section(left_out, set(stored or ()))  # failed or stale runs: named, their old results unused
+    extra += feature_provenance_section(runs, abl)
     extra += reconstruction_section({e: agreements[e] for e in present if e in agreements})
     e2e_parts = [e2e_fidelity[e] for e in present if e in e2e_fidelity]
     per_request = _concat([p["per_request"] for p in e2e_parts])
     extra += e2e_section(_concat([p["summary"] for p in e2e_parts]), pl.DataFrame() if per_request is None else per_request, out_dir)
     extra += calibration_sections(calibration["public"], calibration["steps"])
     extra += extra_sections or []
+    verdict["runs_left_out"] = {e: {"status": r["status"], "reason": r["reason"]} for e, r in sorted(left_out.items())}
     write_outputs(out_dir, pl.concat([all_metrics, gen], how="diagonal_relaxed") if gen.height else all_metrics, verdict)
     md = render_report(runs=runs, metrics=all_metrics, predictions=all_pred, verdict=verdict, out_dir=out_dir,
                        findings=findings, checks=checks, extra_sections=extra, summary_extra=summary_extra)
@@ -167,8 +176,9 @@ def assemble_study(present: list[str], *, metrics: Mapping, predictions: Mapping
 # ------------------------------------------------------------------------- request level ---
 
 def request_log(folder: Path) -> dict | None:
-    """The run's request log as stored (requests, quarantine, header, files with sha256, counts); None without one."""
-    from .ingest import sha256_file
+    """The run's request log as stored (requests, quarantine, header, files with sha256, counts, and the run folder's
+    file fingerprint with its digest: the same data version as raw_traces); None without one."""
+    from .ingest import fingerprint, fingerprint_digest, sha256_file
     from .request_log import find_request_files, read_request_log
 
     folder = Path(folder)
@@ -177,8 +187,10 @@ def request_log(folder: Path) -> dict | None:
         return None
     files = [{"file": str(p.relative_to(folder)), "size_bytes": p.stat().st_size, "sha256": sha256_file(p)}
              for p in find_request_files(folder).values()]
+    run_files = fingerprint(folder)
     return {"requests": log.table, "quarantine": log.quarantine, "header": log.header, "files": files,
-            "has_ground_truth": log.has_ground_truth, "counts": log.counts}
+            "has_ground_truth": log.has_ground_truth, "counts": log.counts, "run_files": run_files,
+            "data_version": fingerprint_digest(run_files)}
 
 
 def log_from_stored(stored: Mapping):
@@ -199,8 +211,10 @@ def synth_kv_blocks(meta) -> int | None:
     return int(engine_params()["models"][meta.model]["kv_blocks_total"])
 
 
-def replay_models(fitted_models: Mapping, run_summary: Mapping, present: list[str]) -> list[dict]:
-    """The step-time models a replay can use: the synthesizer's physics and the cycle_us fits of the runs present."""
+def replay_models(fitted_models: Mapping, run_summary: Mapping, present: list[str],
+                  calibrated: list[dict] | None = None) -> list[dict]:
+    """The step-time models a replay can use: the synthesizer's physics, the cycle_us fits of the runs present and
+    the models `calibrated` from request logs (request_calibration's specs)."""
     from . import replay_models as rm
 
     runs = {}
@@ -208,7 +222,8 @@ def replay_models(fitted_models: Mapping, run_summary: Mapping, present: list[st
         r = run_summary[e]
         kv = r.get("kv_source_counts") or {}
         runs[e] = {**r, "kv_source": max(kv, key=kv.get) if kv else "proxy_blocks"}
-    return [rm.physics_spec(), *rm.step_trained_specs({e: fitted_models[e] for e in present if e in fitted_models}, runs)]
+    return [rm.physics_spec(), *rm.step_trained_specs({e: fitted_models[e] for e in present if e in fitted_models}, runs),
+            *(calibrated or [])]
 
 
 def replay(folder: Path, key: str, stored_log: Mapping, specs: list[dict], *, data_root: Path, out_dir, seed: int = 0
@@ -227,7 +242,7 @@ def replay(folder: Path, key: str, stored_log: Mapping, specs: list[dict], *, da
     out = rm.replay_run(log, ctx, specs, source=meta.source, stands_for=meta.stands_for, seed=seed)
     paths = rm.write_per_request(out_dir, key, out["per_request"])
     details = pl.DataFrame(out["runs"])
-    value = {"rows": out["rows"], "details": details, "assumptions": out["assumptions"],
+    value = {"rows": out["rows"], "details": details, "assumptions": out["assumptions"], "intervals": out["intervals"],
              "has_ground_truth": out["has_ground_truth"], "model": meta.model, "role": log.role or "",
              "requests": log.table.height}
     return value, {"step_models": len(specs), "per_request_files": [str(p) for p in paths],

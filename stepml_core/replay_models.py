@@ -30,6 +30,9 @@ REPLAY_STEP_MODELS = ("naive_mean", "blackbox_2f", "ridge_30f", "ridge_log_30f",
 # is replayed)
 SYNTHETIC_REPLAY_STEP_MODELS = ("blackbox_2f", "ridge_30f")
 PHYSICS_BASIS = "aggregates of the 16 reference runs (data/synth/engine_params.json, schedule_time_model.json)"
+INTERVAL_COLUMNS = {"experiment_id": pl.Utf8, "role": pl.Utf8, "step_model": pl.Utf8, "protocol": pl.Utf8, "fitted_on": pl.Utf8,
+                    "metric": pl.Utf8, "predicted": pl.Float64, "lo": pl.Float64, "hi": pl.Float64, "observed": pl.Float64,
+                    "inside": pl.Boolean}
 REPLAY_COLUMNS = {"experiment_id": pl.Utf8, "source": pl.Utf8, "role": pl.Utf8, "step_model": pl.Utf8, "fitted_on": pl.Utf8,
                   "sample": pl.Utf8, "metric": pl.Utf8, "predicted": pl.Float64, "observed": pl.Float64,
                   "rel_err_pct": pl.Float64}
@@ -126,21 +129,33 @@ def fitted_on_label(spec: dict) -> str:
 
 
 def replay_run(log, ctx: RunContext, specs: list[dict], *, source: str, stands_for: str | None = None, seed: int = 0,
-               workload: ReplayWorkload | None = None) -> dict:
-    """Replay one run with each spec: {'rows': replay.csv rows, 'per_request': {step model: table}, 'runs': details}."""
+               workload: ReplayWorkload | None = None, intervals: bool = True) -> dict:
+    """Replay one run with each spec: {'rows': replay.csv rows, 'per_request': {step model: table}, 'runs': details,
+    'intervals': interval rows}. A request-calibrated spec (with ``bootstrap`` rows) that predicts the run out of
+    sample also gets an interval per metric (two more replays, stepml_core.calibrate.replay_interval)."""
     import time
+
+    from .calibrate import FeatureSums, replay_interval
 
     w = workload or replay_workload(log.table, ctx, seed=seed)
     role = log.role or ""
-    rows, per_request, details = [], {}, []
+    rows, per_request, details, interval_rows = [], {}, [], []
     obs = log.table.select("index", "observed_has_error", "observed_ttft_s", "observed_e2e_s")
     for spec in specs:
         t0 = time.perf_counter()
-        r = replay(w, serving_model(spec), ctx, seed=seed)
+        model = serving_model(spec)
+        sample = sample_of(spec, ctx.experiment_id, stands_for)
+        rec = None
+        if intervals and sample == "out_of_sample" and (spec.get("bootstrap") or {}).get("rows"):
+            rec = model.step_model = FeatureSums(model.step_model)
+        r = replay(w, model, ctx, seed=seed)
         secs = time.perf_counter() - t0
         scores, per_req = score_replay(r.per_request, log.table)
-        sample = sample_of(spec, ctx.experiment_id, stands_for)
         label = fitted_on_label(spec)
+        if rec is not None:
+            for iv in replay_interval(spec, w, ctx, log.table, scores, rec, seed=seed):
+                interval_rows.append({"experiment_id": ctx.experiment_id, "role": role, "step_model": spec["name"],
+                                      "protocol": spec.get("protocol", ""), "fitted_on": label, **iv})
         for s in scores:
             rows.append({"experiment_id": ctx.experiment_id, "source": source, "role": role, "step_model": spec["name"],
                          "fitted_on": label, "sample": sample, **s})
@@ -151,8 +166,9 @@ def replay_run(log, ctx: RunContext, specs: list[dict], *, source: str, stands_f
                         "preemptions": r.counters.get("preemptions", 0),
                         "steps_clamped": sum(v for k, v in r.counters.items() if k.startswith("step_time_")), **per_req})
     table = pl.DataFrame(rows, schema=REPLAY_COLUMNS) if rows else pl.DataFrame(schema=REPLAY_COLUMNS)
+    iv = pl.DataFrame(interval_rows, schema=INTERVAL_COLUMNS) if interval_rows else pl.DataFrame(schema=INTERVAL_COLUMNS)
     return {"rows": table, "per_request": per_request, "runs": details, "assumptions": w.assumptions,
-            "has_ground_truth": bool(log.has_ground_truth)}
+            "has_ground_truth": bool(log.has_ground_truth), "intervals": iv}
 
 
 def write_per_request(out_dir: Path, experiment_id: str, per_request: dict[str, pl.DataFrame]) -> list[Path]:

@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 
 from .paths import REFERENCE_DIR
-from .replay_models import REPLAY_COLUMNS
+from .replay_models import INTERVAL_COLUMNS, REPLAY_COLUMNS
 
 SATURATED_TTFT_S = 5.0
 BLIS_FILE = REFERENCE_DIR / "blis_iter4a_replay.csv"
@@ -114,6 +114,11 @@ def replay_fidelity_tables(replays: dict[str, dict], headers: dict[str, dict], o
     tmp = out_dir / ".replay.csv.tmp"
     rows.write_csv(tmp)
     os.replace(tmp, path)
+    ivs = [iv for r in replays.values() if (iv := r.get("intervals")) is not None and iv.height]
+    intervals = pl.concat(ivs) if ivs else pl.DataFrame(schema=INTERVAL_COLUMNS)
+    tmp = out_dir / ".replay_intervals.csv.tmp"
+    intervals.write_csv(tmp)
+    os.replace(tmp, out_dir / "replay_intervals.csv")
     det = [r["details"].with_columns(experiment_id=pl.lit(e)) for e, r in replays.items() if r["details"].height]
     runs = pl.DataFrame([{"experiment_id": e, "llm_model": r.get("model"), "role": r.get("role") or "",
                           "requests": int(r.get("requests") or 0), "ground_truth": bool(r.get("has_ground_truth"))}
@@ -121,7 +126,8 @@ def replay_fidelity_tables(replays: dict[str, dict], headers: dict[str, dict], o
     if runs.height:
         runs = runs.join(status, on="experiment_id", how="left")
     return {"replay": rows, "details": pl.concat(det, how="diagonal_relaxed") if det else pl.DataFrame(), "runs": runs,
-            "blis4a": load_blis4a(), "replay_csv": path, "recommended_per_llm": recommend_per_llm(rows, llm_of, status)}
+            "blis4a": load_blis4a(), "replay_csv": path, "recommended_per_llm": recommend_per_llm(rows, llm_of, status),
+            "intervals": intervals}
 
 
 # ---------------------------------------------------------------------------- report section
@@ -138,8 +144,11 @@ def _mean_abs(vals) -> float | None:
 def replay_section(fid: dict, out_dir: Path) -> list[str]:
     """'Replaying the real runs': per run set, the recommended out-of-sample model and the physics beside BLIS 4a."""
     rows, runs = fid.get("replay"), fid.get("runs")
+    left = fid.get("left_out") or {}
+    left_lines = ["**Left out of the replay scores** (their stored replays are not current; nothing here uses them):", "",
+                  _md(["run", "status", "reason"], [[e, r["status"], r["reason"]] for e, r in sorted(left.items())]), ""] if left else []
     if rows is None or rows.height == 0:
-        return []
+        return ["## Replaying the runs", "", "No current replay.", "", *left_lines] if left else []
     w = _wide(rows)
     rec = rows.filter(pl.col("recommended")).select("experiment_id", "step_model").unique()
     rec_of = dict(rec.iter_rows())
@@ -159,6 +168,7 @@ def replay_section(fid: dict, out_dir: Path) -> list[str]:
                   "yes" if st[e]["ground_truth"] else "**no** (predicted only)"] for e in sorted(st)]
     lines += ["Runs with request logs (role = the run's role in BLIS 4a's calibration):", "",
               _md(["run", "LLM model", "role", "requests", "ground truth"], data_rows), ""]
+    lines += left_lines
     summary = []
     for title, sat in (("non-saturated runs", False), ("saturated runs (reasoning: a queue of minutes)", True)):
         exps = [e for e in sorted(st) if st[e].get("scored") and bool(st[e].get("saturated")) == sat]

@@ -1,7 +1,8 @@
 """Validated step table and targets.
 
 `validate_steps` splits raw BATCH_SUMMARY rows into kept rows (which pass
-`StepTableSchema`) and quarantined rows with file, line and reason, so that
+`StepTableSchema`, its plausibility bounds, the run's own bounds from exp-config.yaml and a clock
+that never goes backwards) and quarantined rows with file, line and reason, so that
 rows in = rows kept + rows quarantined, always.
 
 Targets (µs):
@@ -47,12 +48,55 @@ def _excerpt(df: pl.DataFrame) -> pl.Expr:
 def _quarantine_rows(df: pl.DataFrame, file: str, reason: pl.Expr) -> pl.DataFrame:
     line = pl.col("source_line").cast(pl.Int64) if "source_line" in df.columns else pl.lit(None, pl.Int64)
     return df.select(
-        file=pl.lit(file), line=line, kind=pl.lit("row"), reason=reason.cast(pl.Utf8), excerpt=_excerpt(df),
+        file=pl.lit(file), line=line, kind=pl.lit("row"), reason=reason.cast(pl.Utf8), excerpt=_excerpt(df), count=pl.lit(1),
     ).cast(QUARANTINE_COLUMNS)
 
 
-def validate_steps(raw: pl.DataFrame, file: str) -> ValidatedSteps:
-    """Kept rows pass StepTableSchema; every other row is quarantined with its reason."""
+def run_bound_checks(exp_config: dict | None) -> list[tuple[pl.Expr, pl.Expr]]:
+    """(row passes, reason) per run-specific bound from exp-config.yaml (the engine's own limits):
+
+    batch.scheduled_tokens <= max_num_batched_tokens (the step's token budget);
+    batch.num_prefill_reqs + batch.num_decode_reqs <= max_num_seqs and
+    queue.running_depth <= max_num_seqs (the running batch's size limit)."""
+    cfg = exp_config or {}
+    out = []
+    budget, seqs = cfg.get("max_num_batched_tokens"), cfg.get("max_num_seqs")
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        out.append((pl.col("batch.scheduled_tokens") <= budget,
+                    pl.format("bound: batch.scheduled_tokens {} > max_num_batched_tokens {} (exp-config.yaml)",
+                              pl.col("batch.scheduled_tokens"), pl.lit(budget))))
+    if isinstance(seqs, int) and not isinstance(seqs, bool):
+        reqs = pl.col("batch.num_prefill_reqs") + pl.col("batch.num_decode_reqs")
+        out.append((reqs <= seqs, pl.format("bound: {} requests in the batch > max_num_seqs {} (exp-config.yaml)", reqs, pl.lit(seqs))))
+        out.append((pl.col("queue.running_depth") <= seqs,
+                    pl.format("bound: queue.running_depth {} > max_num_seqs {} (exp-config.yaml)", pl.col("queue.running_depth"), pl.lit(seqs))))
+    return out
+
+
+def _bounds_and_clock(df: pl.DataFrame, file: str, exp_config: dict | None) -> tuple[pl.DataFrame, list[pl.DataFrame]]:
+    """Rows past a run-specific bound, then rows whose step.ts_start_ns is below that of an earlier
+    step id (the clock goes backwards: cycle_us would be negative), quarantined; the rest kept."""
+    parts = []
+    for ok, reason in run_bound_checks(exp_config):
+        bad = df.filter(~ok)
+        if bad.height:
+            parts.append(_quarantine_rows(bad, file, reason))
+            df = df.filter(ok)
+    df = df.sort("step.id", maintain_order=True)
+    prev_max = pl.col("step.ts_start_ns").cum_max().shift(1)
+    back = pl.col("step.ts_start_ns") < prev_max
+    bad = df.filter(back)
+    if bad.height:
+        bad = df.with_columns(_prev_max=prev_max).filter(back)
+        parts.append(_quarantine_rows(bad, file, pl.format("clock: step.ts_start_ns {} goes backwards (an earlier step id started at {})",
+                                                            pl.col("step.ts_start_ns"), pl.col("_prev_max"))))
+        df = df.filter(~back.fill_null(False))
+    return df, parts
+
+
+def validate_steps(raw: pl.DataFrame, file: str, exp_config: dict | None = None) -> ValidatedSteps:
+    """Kept rows pass StepTableSchema, the run's exp-config bounds and a forward clock; every other
+    row is quarantined with its reason (see run_bound_checks, _bounds_and_clock)."""
     rows_in = raw.height
     df = raw.with_row_index("_row")
     parts = []
@@ -84,6 +128,8 @@ def validate_steps(raw: pl.DataFrame, file: str) -> ValidatedSteps:
         keep_idx = set(range(df.height)) - set(failing["index"].to_list())
         df = df.with_row_index("index").filter(pl.col("index").is_in(sorted(keep_idx))).drop("index")
         StepTableSchema.validate(df)  # what is kept must pass
+    df, more = _bounds_and_clock(df, file, exp_config)
+    parts += more
     quarantine = pl.concat(parts) if parts else pl.DataFrame(schema=QUARANTINE_COLUMNS)
     kept = df.drop("_row").sort("step.id")
     if "parse_issue" in kept.columns:
@@ -121,6 +167,32 @@ def cycle_rule_counts(steps: pl.DataFrame) -> dict:
         return {"pairs": 0, "kept": 0, "idle": 0, "stall": 0}
     return {"pairs": int(steps["cycle_gap_us"].is_not_null().sum()), "kept": int(steps["cycle_us"].is_not_null().sum()),
             "idle": int((steps["cycle_excluded"] == "idle").sum()), "stall": int((steps["cycle_excluded"] == "stall").sum())}
+
+
+def cap_quarantine(q: pl.DataFrame, max_rows: int) -> pl.DataFrame:
+    """The first max_rows records (file order kept), plus one summary record per kind for the rest
+    (``count`` = how many it stands for): sum(count) per kind is always the true number."""
+    if "count" not in q.columns:
+        q = q.with_columns(count=pl.lit(1, pl.Int64))
+    q = q.with_columns(pl.col("count").fill_null(1).cast(pl.Int64))
+    if q.height <= max_rows:
+        return q
+    head, rest = q[:max_rows], q[max_rows:]
+    extra = rest.group_by("kind", maintain_order=True).agg(pl.col("count").sum(), pl.col("file").first())
+    summary = extra.select(
+        file=pl.col("file"), line=pl.lit(None, pl.Int64), kind=pl.col("kind"),
+        reason=pl.format("{} more {} record(s) like the stored ones, not stored (limit max_quarantine_rows = {}; "
+                         "STEPML_MAX_QUARANTINE_ROWS or settings.max_quarantine_rows)", pl.col("count"), pl.col("kind"), pl.lit(max_rows)),
+        excerpt=pl.lit(None, pl.Utf8), count=pl.col("count"))
+    return pl.concat([head, summary.cast(QUARANTINE_COLUMNS)], how="diagonal_relaxed")
+
+
+def quarantine_counts(q: pl.DataFrame) -> dict[str, int]:
+    """{kind: records} counting summary records by their ``count``."""
+    if q.height == 0:
+        return {}
+    c = pl.col("count").fill_null(1) if "count" in q.columns else pl.lit(1)
+    return {k: int(v) for k, v in q.group_by("kind").agg(c.sum()).iter_rows()}
 
 
 TARGETS = ("schedule_us", "cycle_us")

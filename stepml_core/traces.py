@@ -31,13 +31,23 @@ integers beyond signed 64 bit and wrong kinds (``stringValue`` for a number) giv
 a ``parse_issue``; absent attributes give null (and ``missing attributes: ...`` when required).
 Unsupported value kinds (arrays, kvlists, bytes) on known attributes quarantine the event; so do
 unknown event names on known span kinds. Malformed lines (invalid JSON or UTF-8, not an OTLP
-export, a truncated last line) are quarantined with their line number; a corrupt or truncated
-gzip stream raises :class:`TraceReadError`.
+export, a truncated last line) are quarantined with their line number, with a short escaped
+excerpt (``EXCERPT_CHARS``); a corrupt gzip stream raises :class:`TraceReadError`; a truncated one
+(the stream ends early: a copy cut short) keeps every line before the damage and records the
+truncation as a ``file`` quarantine record.
+
+Limits (:class:`stepml_core.limits.InputLimits`): inflated bytes, gzip inflation ratio, bytes per
+line and unreadable lines per file raise :class:`~stepml_core.limits.InputLimitError` naming the
+limit; at most ``max_quarantine_rows`` quarantine records are stored, the rest counted in one
+summary record per kind (column ``count``). Only a regular file inside ``root`` is read (a FIFO,
+directory or symlink out of the data root gets RunMetadataError saying so), and ``TraceTables.read``
+fingerprints the bytes actually read (size, sha256, mtime before reading).
 """
 
 from __future__ import annotations
 
 import atexit
+import hashlib
 import math
 import os
 import queue
@@ -56,6 +66,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import StepMLError
+from .limits import DEFAULT_LIMITS, InputLimitError, InputLimits
+from .runs import open_input
 
 __all__ = ["TraceTables", "TraceReadError", "read_traces", "TABLE_SCHEMAS"]
 
@@ -65,6 +77,14 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 class TraceReadError(StepMLError, ValueError):
     """The trace file cannot be read at all (corrupt or truncated gzip stream, not gzip, unreadable)."""
+
+
+class _LimitError(Exception):
+    """Raised by the reading thread when a limit is passed; read_traces adds the line reached."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
 
 
 class _GzipError(Exception):
@@ -136,7 +156,7 @@ TABLE_SCHEMAS: dict[str, dict[str, pl.DataType]] = {
     "step_spans": {"span_sequence": I64, "step_range_start": I64, "step_range_end": I64, "closure_interval": I64,
                    "dropped_events_count": I64, "n_events": I64, "start_unix_nano": I64, "end_unix_nano": I64,
                    "source_line": I64},
-    "quarantine": {"file": STR, "line": I64, "kind": STR, "reason": STR, "excerpt": STR},
+    "quarantine": {"file": STR, "line": I64, "kind": STR, "reason": STR, "excerpt": STR, "count": I64},
 }
 # internal columns carried until assembly (journey: ts.monotonic for deriving ts.monotonic_ns)
 _INTERNAL = {"journey": {"_ts_monotonic": F64}}
@@ -159,6 +179,7 @@ class TraceTables:
     step_spans: pl.DataFrame
     quarantine: pl.DataFrame
     counters: dict = field(default_factory=dict)
+    read: dict = field(default_factory=dict)  # the file as read: size_bytes (bytes read), mtime_ns (before), sha256
 
 
 def _new_counters() -> dict:
@@ -177,10 +198,18 @@ def _merge_counters(into: dict, c: dict) -> None:
             into[k] = into.get(k, 0) + v
 
 
-def _excerpt(raw: bytes | str, n: int = 120) -> str:
-    if isinstance(raw, str):
-        return raw[:n]
-    return raw[: n * 4].decode("utf-8", "backslashreplace")[:n]
+EXCERPT_CHARS = 48  # characters of a rejected line or event kept in its quarantine record
+
+
+def _excerpt(raw: bytes | str, n: int = EXCERPT_CHARS) -> str:
+    """The first n characters, escaped: non-ASCII and control characters as \\x.. / \\u.., '...' if cut.
+    Never more of a rejected line than that reaches an output."""
+    s = raw if isinstance(raw, str) else raw[: n * 4].decode("utf-8", "backslashreplace")
+    cut = len(s) > n
+    s = s[:n].encode("ascii", "backslashreplace").decode("ascii")
+    if not s.isprintable():
+        s = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in s)
+    return s + ("..." if cut else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,11 +358,13 @@ def _read_attrs(m: dict, spec, issues: list) -> dict:
 class _Sink:
     """Column lists for one chunk's general-path rows, quarantine records and counters."""
 
-    def __init__(self, label: str):
+    def __init__(self, label: str, max_quarantine: int | None = None):
         self.label = label
         self.cols = {t: {c: [] for c in {**TABLE_SCHEMAS[t], **_INTERNAL.get(t, {})}} for t in TABLES}
         self.quarantine = {c: [] for c in TABLE_SCHEMAS["quarantine"]}
         self.counters = _new_counters()
+        self.max_quarantine = max_quarantine  # records stored; the rest counted in not_stored
+        self.not_stored: dict[str, int] = {}
 
     def _add(self, table: str, row: dict) -> None:
         for c, lst in self.cols[table].items():
@@ -341,6 +372,10 @@ class _Sink:
 
     def _quarantine(self, line: int, kind: str, reason: str, excerpt: str) -> None:
         q = self.quarantine
+        if self.max_quarantine is not None and len(q["line"]) >= self.max_quarantine:
+            self.not_stored[kind] = self.not_stored.get(kind, 0) + 1
+            return
+        q["count"].append(1)
         q["file"].append(self.label)
         q["line"].append(line)
         q["kind"].append(kind)
@@ -371,6 +406,7 @@ class _Sink:
             return
         marks = {t: len(next(iter(cols.values()))) for t, cols in self.cols.items()}
         qmark = len(self.quarantine["line"])
+        ns_mark = dict(self.not_stored)
         local = _new_counters()
         try:
             self._walk(doc, line_no, local)
@@ -380,6 +416,7 @@ class _Sink:
                     del lst[marks[t]:]
             for lst in self.quarantine.values():
                 del lst[qmark:]
+            self.not_stored = ns_mark
             self._reject(line_no, str(e), raw)
             return
         c["lines_ok"] += 1
@@ -1464,16 +1501,19 @@ class _Part:
     tables: dict
     quarantine: pl.DataFrame
     counters: dict
+    not_stored: dict = field(default_factory=dict)  # quarantine records counted but not stored, per kind
 
 
 def _pad(data: bytes) -> bytes:
     return data + PAD_BYTES
 
 
-def _process_chunk(data: bytes, n: int, first_line: int, unterminated: bool, label: str, fast: bool = True) -> _Part:
+def _process_chunk(data: bytes, n: int, first_line: int, unterminated: bool, label: str, fast: bool = True,
+                   max_quarantine: int | None = None) -> _Part:
     """Parse one chunk of whole lines: ``data[:n]`` followed by ``PAD_BYTES``.
 
-    The last line of the file may be unterminated (``unterminated``).
+    The last line of the file may be unterminated (``unterminated``). At most ``max_quarantine``
+    quarantine records are stored (the rest are counted in ``_Part.not_stored``).
     """
     if len(data) < n + PAD or data[n:n + _NQSENT] != PAD_BYTES[:_NQSENT]:
         raise ValueError("chunk is not padded with PAD_BYTES")
@@ -1486,7 +1526,7 @@ def _process_chunk(data: bytes, n: int, first_line: int, unterminated: bool, lab
         starts, ends = starts[:-1], ends[:-1]
     nlines = len(starts)
     blank = (ends - starts) == 0
-    sink = _Sink(label)
+    sink = _Sink(label, max_quarantine)
     general = ~blank
     tables: dict[str, dict] = {}
     fast_counters = _new_counters()
@@ -1506,93 +1546,128 @@ def _process_chunk(data: bytes, n: int, first_line: int, unterminated: bool, lab
     out = {}  # table -> list of column dicts (fast rows, general rows); assembly merges them
     for t in TABLES:
         out[t] = [x for x in (tables.get(t), gen.get(t)) if x]
-    return _Part(out, sink.quarantine_frame(), c)
+    return _Part(out, sink.quarantine_frame(), c, sink.not_stored)
 
 
 _GZ_MAGIC = b"\x1f\x8b"
 
 
 class _ChunkStream:
-    """Inflate/read a trace file in a background thread; yield chunks of whole lines in order."""
+    """Read (and inflate) a trace file in a background thread; yield chunks of whole lines in order.
 
-    def __init__(self, path: Path, chunk_bytes: int, first_chunk_bytes: int | None = None):
-        self.path, self.chunk_bytes = path, chunk_bytes
+    Hashes every byte it reads (``sha256``, ``bytes_read``), applies the limits on inflated bytes,
+    inflation ratio and line length, and keeps the lines before a truncated gzip stream
+    (``truncated`` = (compressed bytes consumed, reason)).
+    """
+
+    RATIO_FLOOR_BYTES = 64 << 20  # the inflation ratio is judged once this many bytes are inflated
+
+    def __init__(self, path: Path, fileobj, chunk_bytes: int, first_chunk_bytes: int | None = None,
+                 limits: InputLimits = DEFAULT_LIMITS):
+        self.path, self.f, self.chunk_bytes = path, fileobj, chunk_bytes
         self.first_chunk_bytes = first_chunk_bytes or chunk_bytes
+        self.limits = limits
         self.bytes_uncompressed = 0
+        self.bytes_read = 0
+        self.sha256 = hashlib.sha256()
+        self.truncated: tuple[int, str] | None = None
         self._q: queue.Queue = queue.Queue(maxsize=3)
         self._stop = threading.Event()
 
+    def _read(self, n: int) -> bytes:
+        b = self.f.read(n)
+        self.sha256.update(b)
+        self.bytes_read += len(b)
+        return b
+
     def _blocks(self):
         name = self.path.name
-        with open(self.path, "rb") as f:
-            head = f.read(2)
-            f.seek(0)
-            gz = head == _GZ_MAGIC
-            if not gz and name.endswith(".gz") and head:
-                raise TraceReadError(f"{name}: not a gzip file (no gzip header)")
-            if not gz:
-                while b := f.read(self.chunk_bytes):
-                    yield b
-                return
-            d = zlib.decompressobj(wbits=31)
-            consumed = 0
-            out_max = 1 << 20
+        f = self.f
+        head = f.read(2)
+        f.seek(0)
+        gz = head == _GZ_MAGIC
+        if not gz and name.endswith(".gz") and head:
+            raise TraceReadError(f"{name}: not a gzip file (no gzip header)")
+        if not gz:
+            while b := self._read(self.chunk_bytes):
+                yield b
+            return
+        d = zlib.decompressobj(wbits=31)
+        consumed = 0
+        out_max = 1 << 20
+        lim = self.limits
+        while True:
+            cb = self._read(1 << 18)
+            if not cb:
+                break
             while True:
-                cb = f.read(1 << 18)
-                if not cb:
-                    break
-                while True:
-                    try:
-                        out = d.decompress(cb, out_max)
-                    except zlib.error as e:
-                        raise _GzipError(consumed, str(e)) from None
-                    if d.eof:
-                        rest = d.unused_data
-                        consumed += len(cb) - len(rest)
-                        if out:
-                            yield out
-                        if rest and rest.strip(b"\x00"):
-                            if rest[:2] != _GZ_MAGIC and len(rest) >= 2:
-                                raise _GzipError(consumed, "trailing bytes that are not a gzip member")
-                            d = zlib.decompressobj(wbits=31)  # concatenated gzip members
-                            cb = rest
-                            continue
-                        break
-                    tail = d.unconsumed_tail
-                    consumed += len(cb) - len(tail)
+                try:
+                    out = d.decompress(cb, out_max)
+                except zlib.error as e:
+                    raise _GzipError(consumed, str(e)) from None
+                inflated = self.bytes_uncompressed + len(out)
+                if inflated > self.RATIO_FLOOR_BYTES and inflated > lim.max_inflate_ratio * max(1, self.bytes_read):
+                    raise _LimitError(f"{name}: inflates more than {lim.max_inflate_ratio:g}x ({inflated} bytes from "
+                                      f"{self.bytes_read} compressed; limit {lim.describe('max_inflate_ratio')}): a gzip bomb?")
+                if d.eof:
+                    rest = d.unused_data
+                    consumed += len(cb) - len(rest)
                     if out:
                         yield out
-                    if not tail and len(out) < out_max:
-                        break
-                    cb = tail
-            if not d.eof:
-                raise _GzipError(consumed, "compressed data ends before the end of the stream")
+                    if rest and rest.strip(b"\x00"):
+                        if rest[:2] != _GZ_MAGIC and len(rest) >= 2:
+                            raise _GzipError(consumed, "trailing bytes that are not a gzip member")
+                        d = zlib.decompressobj(wbits=31)  # concatenated gzip members
+                        cb = rest
+                        continue
+                    break
+                tail = d.unconsumed_tail
+                consumed += len(cb) - len(tail)
+                if out:
+                    yield out
+                if not tail and len(out) < out_max:
+                    break
+                cb = tail
+        if not d.eof:  # a copy cut short: keep what was inflated, record the damage
+            self.truncated = (consumed, "compressed data ends before the end of the stream")
 
     def _produce(self):
+        lim = self.limits
         try:
             pending: list[bytes] = []
             size = 0
+            last_nl = -1  # index in pending of the last piece holding a newline (pieces before a cut have none)
+            line_len = 0  # bytes since the last newline
             self._pending = pending
             first = True  # a small first chunk: parsing starts while the rest is inflated
             for b in self._blocks():
                 self.bytes_uncompressed += len(b)
+                if self.bytes_uncompressed > lim.max_trace_bytes:
+                    raise _LimitError(f"{self.path.name}: more than {lim.max_trace_bytes} bytes of trace JSON "
+                                      f"(limit {lim.describe('max_trace_bytes')})")
+                j = b.rfind(b"\n")
+                if j < 0:
+                    line_len += len(b)
+                else:
+                    line_len = len(b) - j - 1
+                    last_nl = len(pending)
+                if line_len > lim.max_line_bytes:
+                    raise _LimitError(f"{self.path.name}: a line longer than {lim.max_line_bytes} bytes "
+                                      f"(limit {lim.describe('max_line_bytes')})")
                 pending.append(b)
                 size += len(b)
-                if size < (self.first_chunk_bytes if first else self.chunk_bytes):
-                    continue
-                # cut after the last newline (searching back through the pieces), one join with padding
-                for k in range(len(pending) - 1, -1, -1):
-                    cut = pending[k].rfind(b"\n") + 1
-                    if cut:
-                        break
-                else:
-                    continue  # no newline yet: a line longer than the chunk size
+                if size < (self.first_chunk_bytes if first else self.chunk_bytes) or last_nl < 0:
+                    continue  # not enough yet, or no newline yet (a line longer than the chunk size)
+                # cut after the last newline, one join with padding
+                k = last_nl
                 piece = pending[k]
+                cut = piece.rfind(b"\n") + 1
                 head, tail = (piece, b"") if cut == len(piece) else (piece[:cut], piece[cut:])
                 body = pending[:k] + [head]
                 n = size - len(tail) - sum(len(x) for x in pending[k + 1:])
                 chunk = b"".join(body + [PAD_BYTES])
                 pending[:] = ([tail] if tail else []) + pending[k + 1:]
+                last_nl = -1
                 size = sum(len(x) for x in pending)
                 if not self._put((chunk, n, False)):
                     return
@@ -1659,16 +1734,17 @@ def _shutdown_pool() -> None:
         _POOL = None
 
 
-def _estimate_uncompressed(path: Path) -> int:
-    """Uncompressed size: the file size, or for gzip the ISIZE trailer (size mod 2**32 of the last member)."""
-    size = path.stat().st_size
+def _estimate_uncompressed(f, size: int) -> int:
+    """Uncompressed size of an open trace file: its size, or for gzip the ISIZE trailer (size mod 2**32 of the last member)."""
     if size < 18:
         return size
-    with open(path, "rb") as f:
-        if f.read(2) != _GZ_MAGIC:
-            return size
-        f.seek(-4, os.SEEK_END)
-        isize = int.from_bytes(f.read(4), "little")
+    f.seek(0)
+    if f.read(2) != _GZ_MAGIC:
+        f.seek(0)
+        return size
+    f.seek(-4, os.SEEK_END)
+    isize = int.from_bytes(f.read(4), "little")
+    f.seek(0)
     return max(isize, size * 4)  # ISIZE wraps at 4 GiB; JSON compresses at least 4x
 
 
@@ -1681,7 +1757,7 @@ def _auto_workers(est: int) -> int:
 
 
 def read_traces(path: str | Path, *, workers: int | None = None, fast: bool = True,
-                chunk_bytes: int | None = None) -> TraceTables:
+                chunk_bytes: int | None = None, limits: InputLimits | None = None, root: Path | None = None) -> TraceTables:
     """Read ``traces.json`` or ``traces.json.gz`` into :class:`TraceTables`.
 
     ``workers``: processes that parse chunks (None: 1, or 2 for files over 256 MB); the calling
@@ -1689,48 +1765,92 @@ def read_traces(path: str | Path, *, workers: int | None = None, fast: bool = Tr
     (scripts must guard their entry point with ``if __name__ == "__main__":``).
     ``fast=False`` sends every line through the general orjson path (same tables, slower; for
     checks). ``chunk_bytes``: uncompressed bytes per chunk (None: 2 MiB, the first one 1 MiB).
+    ``limits``: see :class:`~stepml_core.limits.InputLimits`; ``root``: the data root the file
+    must lie in (symlinks out of it are refused).
 
-    Malformed lines and events are quarantined, never raised; a corrupt or truncated gzip stream
-    raises :class:`TraceReadError`; a missing file raises FileNotFoundError.
+    Malformed lines and events are quarantined, never raised; a corrupt gzip stream raises
+    :class:`TraceReadError`; a truncated one keeps the lines before the damage and adds a ``file``
+    quarantine record; a missing file raises FileNotFoundError; a passed limit raises
+    :class:`~stepml_core.limits.InputLimitError` naming the file, the line reached and the limit.
     """
     path = Path(path)
     label = str(path)
-    if not path.is_file():
+    limits = limits or DEFAULT_LIMITS
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"{path}: no such trace file")
-    est = _estimate_uncompressed(path)
-    workers = _auto_workers(est) if workers is None else max(1, int(workers))
-    first_chunk = None
-    if chunk_bytes is None:  # ~2 MiB: the parse's working set stays in cache; a 1 MiB first chunk
-        chunk_bytes = 2 << 20  # starts parsing while the rest is inflated
-        first_chunk = 1 << 20
-    stream = _ChunkStream(path, max(1 << 12, int(chunk_bytes)), first_chunk)
+    f, st = open_input(path, root)
+    with f:
+        est = _estimate_uncompressed(f, st.st_size)
+        workers = _auto_workers(est) if workers is None else max(1, int(workers))
+        first_chunk = None
+        if chunk_bytes is None:  # ~2 MiB: the parse's working set stays in cache; a 1 MiB first chunk
+            chunk_bytes = 2 << 20  # starts parsing while the rest is inflated
+            first_chunk = 1 << 20
+        stream = _ChunkStream(path, f, max(1 << 12, int(chunk_bytes)), first_chunk, limits)
+        parts = _read_parts(stream, path, label, workers, fast, limits)
+    tables = _assemble(parts, stream.bytes_uncompressed, limits.max_quarantine_rows, label)
+    tables.read = {"size_bytes": stream.bytes_read, "mtime_ns": st.st_mtime_ns, "sha256": stream.sha256.hexdigest()}
+    if stream.truncated is not None:
+        consumed, why = stream.truncated
+        n = tables.counters["lines_total"]
+        tables.counters["gzip_truncated"] = 1
+        record = pl.DataFrame({"file": [label], "line": [n], "kind": ["file"], "count": [1], "excerpt": [None],
+                               "reason": [f"truncated gzip stream: {why} (compressed byte {consumed} of {stream.bytes_read}); "
+                                          f"the {n} line(s) before the damage are kept, the rest of the run is missing"]},
+                              schema=TABLE_SCHEMAS["quarantine"])
+        tables.quarantine = pl.concat([tables.quarantine, record])
+    return tables
+
+
+def _lines_reached(parts: list, pending: deque) -> int:
+    while pending:  # chunks already handed out count towards the line reached
+        parts.append(pending.popleft().result())
+    return sum(p.counters["lines_total"] for p in parts)
+
+
+def _read_parts(stream: _ChunkStream, path: Path, label: str, workers: int, fast: bool, limits: InputLimits) -> list:
+    """Parse the stream's chunks (in this process or the pool), checking the unreadable-lines limit."""
     parts: list[_Part] = []
     pending: deque = deque()
+    cap = limits.max_quarantine_rows
+    stored = 0
+
+    def take(part: _Part) -> None:
+        nonlocal stored
+        parts.append(part)
+        stored += part.quarantine.height
+        bad = sum(p.counters["lines_quarantined"] for p in parts)
+        if bad > limits.max_unreadable_lines:
+            raise InputLimitError(f"{path.name}: more than {limits.max_unreadable_lines} lines are not OTLP JSON (by line "
+                                  f"{sum(p.counters['lines_total'] for p in parts)}; limit "
+                                  f"{limits.describe('max_unreadable_lines')}): not a trace file?")
+
     try:
         if workers == 1:
             for chunk, n, unterminated in stream:
-                parts.append(_process_chunk(chunk, n, 1, unterminated, label, fast))
+                take(_process_chunk(chunk, n, 1, unterminated, label, fast, max(0, cap - stored)))
         else:
             pool = _pool(workers)
             for chunk, n, unterminated in stream:
-                pending.append(pool.submit(_process_chunk, chunk, n, 1, unterminated, label, fast))
+                pending.append(pool.submit(_process_chunk, chunk, n, 1, unterminated, label, fast, max(0, cap - stored)))
                 while len(pending) > 2 * workers:
-                    parts.append(pending.popleft().result())
+                    take(pending.popleft().result())
             while pending:
-                parts.append(pending.popleft().result())
+                take(pending.popleft().result())
     except _GzipError as e:
-        while pending:  # chunks already handed out count towards the line reached
-            parts.append(pending.popleft().result())
-        lines = sum(p.counters["lines_total"] for p in parts) + e.pending_lines
+        lines = _lines_reached(parts, pending) + e.pending_lines
         raise TraceReadError(f"{path.name}: corrupt gzip stream after line {lines} "
                              f"(compressed byte {e.consumed}: {e.reason})") from None
+    except _LimitError as e:
+        lines = _lines_reached(parts, pending)
+        raise InputLimitError(f"{path}: {e.message.split(': ', 1)[1]}; stopped after line {lines}") from None
     finally:
         for fut in pending:
             fut.cancel()
-    return _assemble(parts, stream.bytes_uncompressed)
+    return parts
 
 
-def _assemble(parts: list[_Part], nbytes: int) -> TraceTables:
+def _assemble(parts: list[_Part], nbytes: int, max_quarantine: int | None = None, label: str = "") -> TraceTables:
     counters = _new_counters()
     for p in parts:
         _merge_counters(counters, p.counters)
@@ -1770,5 +1890,27 @@ def _assemble(parts: list[_Part], nbytes: int) -> TraceTables:
                 .then((pl.col("_ts_monotonic") * 1e9).round().cast(I64, strict=False))
                 .otherwise(pl.col("ts.monotonic_ns")).alias("ts.monotonic_ns")).drop("_ts_monotonic")
         out[t] = df
-    out["quarantine"] = pl.concat(quarantine) if quarantine else _EMPTY["quarantine"]
+    q = pl.concat(quarantine) if quarantine else _EMPTY["quarantine"]
+    not_stored: dict[str, int] = {}
+    for p in parts:
+        for k, v in p.not_stored.items():
+            not_stored[k] = not_stored.get(k, 0) + v
+    if max_quarantine is not None and q.height > max_quarantine:
+        for k, v in q[max_quarantine:].group_by("kind").len().iter_rows():
+            not_stored[k] = not_stored.get(k, 0) + v
+        q = q[:max_quarantine]
+    if not_stored:
+        q = pl.concat([q, quarantine_summary(label, not_stored, max_quarantine)])
+    out["quarantine"] = q
     return TraceTables(**out, counters=counters)
+
+
+def quarantine_summary(file: str, not_stored: dict[str, int], max_rows: int | None) -> pl.DataFrame:
+    """One record per kind standing for ``count`` quarantine records that were counted but not stored."""
+    kinds = sorted(not_stored)
+    return pl.DataFrame({"file": [file] * len(kinds), "line": [None] * len(kinds), "kind": kinds,
+                         "reason": [f"{not_stored[k]} more {k} record(s) like the stored ones, not stored "
+                                    f"(limit max_quarantine_rows = {max_rows}; STEPML_MAX_QUARANTINE_ROWS or "
+                                    "settings.max_quarantine_rows)" for k in kinds],
+                         "excerpt": [None] * len(kinds), "count": [not_stored[k] for k in kinds]},
+                        schema=TABLE_SCHEMAS["quarantine"])

@@ -16,7 +16,7 @@ from .checks import check_result
 from .resources import StepMLSettings
 
 from .partitions import PART, experiment_partitions  # noqa: F401 (re-exported)
-from .replay_assets import replay, replay_fidelity, replay_models, request_log
+from .replay_assets import calibration_fidelity, replay, replay_fidelity, replay_models, request_calibration, request_log
 
 
 def _lineage(meta: dict) -> dict:
@@ -38,7 +38,7 @@ def raw_traces(context: dg.AssetExecutionContext, settings: StepMLSettings):
     if find_trace_file(folder) is None:
         context.log.info(f"{folder}: no traces.json[.gz]: step-level assets skipped for this run (request-level assets only)")
         return
-    out = ingest_run(folder, settings.data_root())
+    out = ingest_run(folder, settings.data_root(), limits=settings.input_limits())
     # data version = fingerprint digest of the input files: new content → downstream shows as stale
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dg.BetaWarning)  # Output(data_version=...) is beta in 1.13
@@ -57,14 +57,14 @@ def raw_traces(context: dg.AssetExecutionContext, settings: StepMLSettings):
                  dg.AssetCheckSpec("counts_balance", asset="step_table", description="rows in = rows kept + rows quarantined."),
                  dg.AssetCheckSpec("no_unreadable_lines", asset="quarantine", description="Every trace line parsed (warns otherwise).")],
 )
-def step_tables(context: dg.AssetExecutionContext, raw_traces):
-    t = pipeline.step_tables(raw_traces)
+def step_tables(context: dg.AssetExecutionContext, settings: StepMLSettings, raw_traces):
+    t = pipeline.step_tables(raw_traces, max_quarantine_rows=settings.input_limits().max_quarantine_rows)
     steps, quarantine, counts = t.steps, t.quarantine, t.counts
     yield dg.Output(steps, "step_table", metadata={**counts, "source": raw_traces["meta"]["source"]})
-    by_kind = dict(quarantine.group_by("kind").len().iter_rows())
-    yield dg.Output(quarantine, "quarantine", metadata={"rows": quarantine.height,
-                    "by_reason": dg.MetadataValue.json(quarantine.group_by("kind").len().to_dicts()),
-                    **{f"quarantined_{k}s": int(by_kind.get(k, 0)) for k in ("line", "event", "row")}})
+    by_kind = quarantine_counts(quarantine)
+    yield dg.Output(quarantine, "quarantine", metadata={"rows": quarantine.height, "records": sum(by_kind.values()),
+                    "by_reason": dg.MetadataValue.json([{"kind": k, "len": n} for k, n in sorted(by_kind.items())]),
+                    **{f"quarantined_{k}s": int(by_kind.get(k, 0)) for k in ("line", "event", "row", "file")}})
     yield check_result(checks.schema_valid(steps), "schema_valid", "step_table")
     yield check_result(checks.counts_balance(t.rows_in, steps.height, t.rows_quarantined), "counts_balance", "step_table")
     yield check_result(checks.no_unreadable_lines(raw_traces["meta"]["counters"]), "no_unreadable_lines", "quarantine",
@@ -141,23 +141,43 @@ def method_checks(settings: StepMLSettings, step_table: pl.DataFrame, feature_ma
 )
 def pooled_models(context: dg.AssetExecutionContext, settings: StepMLSettings, feature_matrix, split):
     """Both sets of pooled folds in one thread pool; unchanged folds reuse their stored fit."""
-    matrices = pooled_matrices(settings, feature_matrix, split)
+    left_out = runs_left_out(settings, context.instance, list(feature_matrix))
+    matrices = pooled_matrices(settings, feature_matrix, split, exclude=set(left_out))
     out = study.fit_study_pooled(matrices, seed=settings.seed, threads=settings.fit_threads, caches=settings.fold_caches())
     for name, value in out.items():
         yield dg.Output(value, name, metadata={"experiments": len(matrices), "folds": value["folds"]["total"], "folds_reused": value["folds"]["reused"]})
 
 
-def pooled_matrices(settings: StepMLSettings, feature_matrix, split) -> dict[str, pl.DataFrame]:
-    """{experiment: feature matrix with splits} for the partitions stored and still in the data folder."""
-    present = {e for e in feature_matrix if e in split and (settings.data_root() / e).is_dir()}
+def pooled_matrices(settings: StepMLSettings, feature_matrix, split, exclude: set | None = None) -> dict[str, pl.DataFrame]:
+    """{experiment: feature matrix with splits} for the partitions stored and still in the data folder (less exclude)."""
+    present = {e for e in feature_matrix if e in split and (settings.data_root() / e).is_dir()} - set(exclude or ())
     return {e: study.with_split(feature_matrix[e], split[e]) for e in sorted(present)}
+
+
+def runs_left_out(settings: StepMLSettings, instance, keys: list[str]) -> dict[str, dict]:
+    """Stored partitions the study must not use: latest run failed, or run folder changed since (health.py);
+    plus registered partitions whose latest run failed with nothing stored. {run: {status, reason, run_id}}."""
+    from .health import failed_without_results, study_exclusions
+    from .io_manager import ParquetIOManager
+
+    summaries = ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions("run_summary", list(keys))
+    stored = {}
+    for k in summaries:
+        r = summaries[k]
+        stored[k] = (r.get("files"), r.get("data_version"))
+    out = study_exclusions(instance, settings.data_root(), stored)
+    registered = instance.get_dynamic_partitions("experiment") if instance is not None else []
+    present = [k for k in registered if (settings.data_root() / k).is_dir()]
+    out.update(failed_without_results(instance, present, set(stored), settings.data_root()))
+    return out
 
 
 @dg.asset(group_name="synthetic", description="Synthetic runs against the real runs they stand for: public latency/throughput figures and step-level quantiles.")
 def calibration(context: dg.AssetExecutionContext, settings: StepMLSettings, run_summary, step_table) -> dict:
     from stepml_core.synth.calibration import calibration_tables
 
-    runs = [r for e, r in run_summary.items() if (settings.data_root() / e).is_dir()]
+    left_out = runs_left_out(settings, context.instance, list(run_summary))
+    runs = [r for e, r in run_summary.items() if (settings.data_root() / e).is_dir() and e not in left_out]
     out = calibration_tables(runs, step_table, settings.data_root(), Path(settings.real_reference_dir) if settings.real_reference_dir else None)
     judged = out["public"].filter(pl.col("within").is_not_null())
     context.add_output_metadata({"synthetic_runs": len({r["experiment_id"] for r in runs if r["source"] == "synthetic"}),
@@ -169,9 +189,11 @@ def calibration(context: dg.AssetExecutionContext, settings: StepMLSettings, run
 @dg.asset(group_name="study", description="H1 verdict, metrics.csv, verdict.json and the study report over all experiments.")
 def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, metrics, predictions,
                  global_models, run_summary, ablation, generalization, calibration, request_context, e2e_fidelity, method_checks,
-                 replay_fidelity) -> dict:
-    present = sorted(e for e in run_summary if (settings.data_root() / e).is_dir())  # runs still in the landing zone, in a fixed order
-    replay_lines = replay_section(replay_fidelity, settings.out_dir)
+                 replay_fidelity, calibration_fidelity) -> dict:
+    left_out = runs_left_out(settings, context.instance, list(run_summary))  # failed or stale: results not current
+    # runs still in the landing zone, less those left out, in a fixed order
+    present = sorted(e for e in run_summary if (settings.data_root() / e).is_dir() and e not in left_out)
+    replay_lines = replay_section(replay_fidelity, settings.out_dir) + list(calibration_fidelity["lines"])
     if not present:  # request logs only: no step data, no H1 study; the replay is the report
         md = requests_only_report(replay_fidelity, replay_lines, settings.out_dir)
         context.add_output_metadata({"report": dg.MetadataValue.md(md), "out_dir": dg.MetadataValue.path(settings.out_dir)})
@@ -181,11 +203,11 @@ def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, me
         ablation=ablation, generalization=generalization, calibration=calibration,
         agreements={e: request_context[e]["agreement"] for e in present if e in request_context}, e2e_fidelity=e2e_fidelity,
         method_checks=method_checks, out_dir=settings.out_dir, seed=settings.seed, extra_sections=replay_lines,
-        summary_extra=replay_summary(replay_fidelity))
+        summary_extra=replay_summary(replay_fidelity), left_out=left_out, stored=set(run_summary))
     verdict, md = out["verdict"], out["markdown"]
     context.add_output_metadata({"report": dg.MetadataValue.md(md), "out_dir": dg.MetadataValue.path(settings.out_dir),
                                  **{f"verdict_{t}": v["verdict"] for t, v in verdict["targets"].items()}})
-    return {"verdict": verdict, "experiments": out["experiments"]}
+    return {"verdict": verdict, "experiments": out["experiments"], "runs_left_out": verdict["runs_left_out"]}
 
 
 def _md(df: pl.DataFrame) -> str:
@@ -200,8 +222,8 @@ STEP_ASSETS = [raw_traces, step_tables, request_context, feature_matrix, split, 
                method_checks]
 # the pipeline's four phases (a job each): partitions → study-level models → replays per partition → report
 PARTITIONED_ASSETS = [*STEP_ASSETS, request_log]  # experiment_job
-MODEL_ASSETS = [pooled_models, calibration, replay_models]  # models_job
+MODEL_ASSETS = [pooled_models, calibration, request_calibration, replay_models]  # models_job
 REPLAY_ASSETS = [replay]  # replay_job (partitioned: reads the study-level replay_models)
-REPORT_ASSETS = [replay_fidelity, study_report]  # study_job
+REPORT_ASSETS = [replay_fidelity, calibration_fidelity, study_report]  # study_job
 STUDY_ASSETS = [*MODEL_ASSETS, *REPORT_ASSETS]  # every unpartitioned asset
 ALL_ASSETS = [*PARTITIONED_ASSETS, *MODEL_ASSETS, *REPLAY_ASSETS, *REPORT_ASSETS]

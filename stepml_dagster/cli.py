@@ -6,6 +6,8 @@
                                           re-materialize those partitions, then the study assets
   stepml ui    [--data DIR] [--out DIR] [--port N]  Dagster UI + daemon on the study's instance
   stepml real-data [--shared DIR] [--out DIR]       assemble the 16 real runs from ../shared into run folders
+  stepml export --format blis|stepml [--study OUT] --out DIR
+                                          the recommended step-time model per LLM model (stepml_dagster/export_cli.py)
 
 Library code raises StepMLError (stepml_core.errors) and never exits; main() alone maps outcomes to
 exit codes: 0 done; 1 the study ran but a run or the study failed; 2 refused before anything ran
@@ -62,14 +64,17 @@ def _stepml_error_names() -> set[str]:
 
 def _materialize_partition(defs, instance, key: str, selection: list | None = None, job: str = "experiment_job",
                            verbose: bool = False) -> tuple[str, bool, float, str | None]:
+    from .health import run_tags
+
     t = time.perf_counter()
     res = defs.resolve_job_def(job).execute_in_process(partition_key=key, instance=instance, raise_on_error=False,
-                                                       run_config=_run_config(verbose), asset_selection=selection)
+                                                       run_config=_run_config(verbose), asset_selection=selection,
+                                                       tags=run_tags())  # who runs it: a dead worker's run is found and failed
     return key, res.success, time.perf_counter() - t, run_error(res)
 
 
-def _partition_worker_args(args: tuple):
-    return _partition_worker(*args)
+def _partition_worker_key_last(data_dir: str, out_dir: str, seed: int, job: str, verbose: bool, key: str):
+    return _partition_worker(data_dir, out_dir, seed, key, job, verbose)
 
 
 def _partition_worker(data_dir: str, out_dir: str, seed: int, key: str, job: str = "experiment_job", verbose: bool = False):
@@ -112,18 +117,20 @@ def _run_partitions(defs, instance, settings, keys: list[str], job: str, workers
                 release_freed_memory()
                 finished(key, ok, secs, err)
             return failed, errors
-        import multiprocessing as mp
+        from .health import mark_abandoned_runs
+        from .workers import run_in_workers
 
         # a fresh worker every PARTITIONS_PER_WORKER partitions: a long-lived worker's RSS creeps up (allocators keep
         # freed pages: 4 GB after 24 partitions at 3x the study, 1.4-2.7 GB over its first six), which sets the peak at
-        # scale. multiprocessing.Pool(maxtasksperchild): ProcessPoolExecutor(max_tasks_per_child) hangs on 3.11 once
-        # its first workers have exited.
-        args = [(settings.data_dir, settings.out_dir, settings.seed, key, job, verbose) for key in keys]
-        with mp.get_context("spawn").Pool(min(workers, len(keys)), maxtasksperchild=PARTITIONS_PER_WORKER) as pool:
-            for key, ok, secs, err in pool.imap_unordered(_partition_worker_args, args):
-                finished(key, ok, secs, err)
-            pool.close()
-            pool.join()  # workers gone (and their memory back) before the next phase starts
+        # scale. A worker that dies (OOM killer) fails its partition; the others go on (stepml_dagster/workers.py).
+        def died(key, pid, msg):  # its Dagster run stays STARTED otherwise, and study_sensor would wait for it forever
+            mark_abandoned_runs(instance, pid=pid, why=f"{key}: {msg}")
+
+        common = (settings.data_dir, settings.out_dir, settings.seed, job, verbose)
+        for key, res, death in run_in_workers(_partition_worker_key_last, common, keys, min(workers, len(keys)),
+                                              PARTITIONS_PER_WORKER, died):
+            finished(*(res if death is None else (key, False, float("nan"), death)))
+        # every worker has exited (and its memory is back) before the next phase starts
     return failed, errors
 
 
@@ -191,6 +198,15 @@ def no_run_folders_message(root: Path, rejected: list[tuple[Path, str]]) -> str:
             f"{RUN_FOLDER_CONTENTS} (`stepml run --synth` writes 16 synthetic runs there)")
 
 
+def _stored_elsewhere(settings, names: list[str], failed: list[str]) -> bool:
+    """Another run of this data folder has stored results: the study must run again, so that its report
+    lists the failed runs instead of showing their earlier results as current (issue 11)."""
+    from .io_manager import ParquetIOManager
+
+    others = [n for n in names if n not in set(failed)]
+    return bool(others) and len(ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions("run_summary", others)) > 0
+
+
 def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, seed: int = 0, scale: float = 1.0,
               quiet: bool = False, experiments: list[str] | None = None, workers: int | None = None,
               verbose: bool = False) -> dict:
@@ -242,9 +258,15 @@ def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, see
     if not todo:
         raise NoUsableRunsError(f"no usable run in {root}: all {len(keys)} run folder(s) have problems (one line each above); nothing was run")
     failed, errors = list(refused), dict(refused)
-    with study_instance_env(out_dir) as home:
+    from .outlock import out_dir_lock
+
+    # one stepml run per output folder, taken once the runs are known (nothing written before): a second one fails at once
+    with out_dir_lock(Path(out_dir)), study_instance_env(out_dir) as home:
         say(f"Dagster instance: {home}")
         instance = dg.DagsterInstance.get()
+        from .health import mark_abandoned_runs
+
+        mark_abandoned_runs(instance)  # runs left STARTED by an earlier stepml run that was killed
         sync_partitions(instance, [f.name for f in folders])
         settings = StepMLSettings(data_dir=str(root), out_dir=str(out_dir), seed=seed)
         defs = build_definitions(settings)
@@ -254,7 +276,7 @@ def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, see
                                verbose=verbose, prefit_last=True)
         failed += f
         errors.update(e)
-        if len(failed) == len(keys):
+        if len(failed) == len(keys) and not _stored_elsewhere(settings, [f.name for f in folders], failed):
             raise NoUsableRunsError(f"no usable run in {root}: all {len(keys)} run(s) failed (one line each above); no study was run")
         release_freed_memory()
         # the study chain: study-level models, then each run's replay (reads them), then the report
@@ -264,7 +286,9 @@ def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, see
             say(f"models: FAILED: {run_error(res_models)}")
         from .io_manager import ParquetIOManager
 
-        with_logs = sorted(ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions("request_log", todo))
+        # replay the runs whose request log is current: a run that failed just now keeps an older stored log, not replayed
+        with_logs = sorted(ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions(
+            "request_log", [k for k in todo if k not in set(failed)]))
         if res_models.success and with_logs:
             r_failed, r_errors = _run_partitions(defs, instance, settings, with_logs, "replay_job", workers, label="replay",
                                                  quiet=quiet, verbose=verbose)
@@ -340,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     rd.add_argument("--shared", type=Path, default=PROJECT_ROOT.parent / "shared", help="the shared folder (default: ../shared)")
     rd.add_argument("--out", type=Path, default=PROJECT_ROOT / "data" / "real", help="where the run folders go (default: data/real)")
     rd.add_argument("--runs", nargs="*", default=None, help="only these run ids (default: all)")
+    from . import export_cli  # `stepml export` (its own module)
+    export_cli.add_parser(sub, parents=[common])
     a = ap.parse_args(argv)
     try:
         return _dispatch(a)
@@ -352,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(a) -> int:
+    if a.cmd == "export":
+        from . import export_cli
+
+        return export_cli.run(a)
     if a.cmd == "real-data":
         from stepml_core.real_data import assemble_real_runs
 

@@ -1,16 +1,28 @@
 """Parquet IO manager (polars) — the PyPI polars IO manager fails on polars 2.
 
-Layout: <base_dir>/<asset key path>/<partition key or __all__>{.parquet|.json|/}
+Layout: <base_dir>/<asset key path>/<name>{.parquet|.json|/} with name = file_name(partition key)
+(``__all__`` for unpartitioned assets):
   polars DataFrame → one parquet file
   dict             → a folder: one parquet per DataFrame value, the rest in _values.json
   anything else    → JSON
 Loading several partitions returns a {partition key: object} mapping that reads each value on lookup.
+
+File names are one-to-one with partition keys (``file_name``: '.' is kept, so run ids with a
+version like ``v0.1`` stay readable, and the suffix is appended, never substituted). Writes are
+atomic: a value is written under a temporary name in the same folder (``.tmp-*``) and renamed over
+the old one (a folder is swapped with renameat2(RENAME_EXCHANGE) on Linux), so a reader sees the
+old value or the new one, never a missing or half-written one, and a killed writer leaves only a
+``.tmp-*`` entry behind.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
+import os
 import shutil
+import uuid
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +35,32 @@ from stepml_core.study import json_default
 UNPARTITIONED = "__all__"
 # lz4: reads 3x faster than zstd (polars' default) for ~10 % more disk (4 M-row batch table: 33 vs 92 ms, 11.2 vs 10.2 MB)
 PARQUET_COMPRESSION = "lz4"
+SUFFIXES = (".parquet", ".json")
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
+MAX_NAME_CHARS = 200  # file names stay under the 255-byte limit of common file systems, suffix and temp prefix included
+
+
+def file_name(key: str) -> str:
+    """A safe file name for a partition key, one-to-one: letters, digits, '-' and '.' kept, every other
+    byte as %XX (so '%' itself, '/', '_', NUL, newlines ...); a leading '.' and a trailing '.json' /
+    '.parquet' get their dot escaped (no hidden names, no suffix collisions between keys, never
+    '__all__'); a name over MAX_NAME_CHARS keeps its start and ends in '%~' + a sha256 of the key."""
+    out = "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode("utf-8")) for c in key)
+    if out.startswith("."):
+        out = "%2E" + out[1:]
+    for suf in SUFFIXES:
+        if out.endswith(suf):
+            out = out[: -len(suf)] + "%2E" + suf[1:]
+    if not out:
+        out = "%"  # the empty key
+    if len(out) > MAX_NAME_CHARS:
+        out = out[:150] + "%~" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+    return out
+
+
+def _with_suffix(stem: Path, suffix: str) -> Path:
+    """stem + suffix, appended (Path.with_suffix would cut a name like 'x-v0.1-tp2' at its last dot)."""
+    return stem.parent / (stem.name + suffix)
 
 
 def _json_default(o):
@@ -33,36 +71,85 @@ def _json_default(o):
         return str(o)
 
 
+def _tmp(stem: Path) -> Path:
+    return stem.parent / f".tmp-{stem.name[:60]}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Put folder tmp at target atomically (old target removed after the swap)."""
+    if target.is_dir() and not target.is_symlink():
+        if _exchange(tmp, target):  # tmp now holds the old value
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        old = _tmp(target)
+        os.rename(target, old)  # fallback: a moment without the folder
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if target.exists() or target.is_symlink():
+        target.unlink()
+    os.rename(tmp, target)
+
+
 def write_object(path_stem: Path, obj: Any) -> Path:
+    """Write obj at path_stem (+ .parquet / .json / folder) atomically; other forms of the same stem are removed after."""
     path_stem.parent.mkdir(parents=True, exist_ok=True)
-    for old in (path_stem.with_suffix(".parquet"), path_stem.with_suffix(".json")):
-        old.unlink(missing_ok=True)
-    if path_stem.is_dir():
-        shutil.rmtree(path_stem)
-    if isinstance(obj, pl.DataFrame):
-        p = path_stem.with_suffix(".parquet")
-        obj.write_parquet(p, compression=PARQUET_COMPRESSION)
-        return p
-    if isinstance(obj, dict) and any(isinstance(v, pl.DataFrame) for v in obj.values()):
-        path_stem.mkdir(parents=True)
-        rest = {}
-        for k, v in obj.items():
-            if isinstance(v, pl.DataFrame):
-                v.write_parquet(path_stem / f"{k}.parquet", compression=PARQUET_COMPRESSION)
+    tmp = _tmp(path_stem)
+    try:
+        if isinstance(obj, pl.DataFrame):
+            target = _with_suffix(path_stem, ".parquet")
+            obj.write_parquet(tmp, compression=PARQUET_COMPRESSION)
+            os.replace(tmp, target)
+        elif isinstance(obj, dict) and any(isinstance(v, pl.DataFrame) for v in obj.values()):
+            target = path_stem
+            tmp.mkdir()
+            rest = {}
+            for k, v in obj.items():
+                if isinstance(v, pl.DataFrame):
+                    v.write_parquet(tmp / f"{k}.parquet", compression=PARQUET_COMPRESSION)
+                else:
+                    rest[k] = v
+            (tmp / "_values.json").write_text(json.dumps(rest, default=_json_default, sort_keys=True))
+            _replace_dir(tmp, target)
+        else:
+            target = _with_suffix(path_stem, ".json")
+            tmp.write_text(json.dumps(obj, default=_json_default, sort_keys=True))
+            os.replace(tmp, target)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+    for other in (_with_suffix(path_stem, ".parquet"), _with_suffix(path_stem, ".json"), path_stem):
+        if other != target:
+            if other.is_dir() and not other.is_symlink():
+                shutil.rmtree(other, ignore_errors=True)
             else:
-                rest[k] = v
-        (path_stem / "_values.json").write_text(json.dumps(rest, default=_json_default, sort_keys=True))
-        return path_stem
-    p = path_stem.with_suffix(".json")
-    p.write_text(json.dumps(obj, default=_json_default, sort_keys=True))
-    return p
+                other.unlink(missing_ok=True)
+    return target
 
 
 def read_object(path_stem: Path) -> Any:
-    if path_stem.with_suffix(".parquet").is_file():
-        return pl.read_parquet(path_stem.with_suffix(".parquet"))
-    if path_stem.with_suffix(".json").is_file():
-        return json.loads(path_stem.with_suffix(".json").read_text())
+    if _with_suffix(path_stem, ".parquet").is_file():
+        return pl.read_parquet(_with_suffix(path_stem, ".parquet"))
+    if _with_suffix(path_stem, ".json").is_file():
+        return json.loads(_with_suffix(path_stem, ".json").read_text())
     if path_stem.is_dir():
         return StoredTables(path_stem)
     raise FileNotFoundError(f"no stored value at {path_stem}(.parquet|.json|/)")
@@ -121,7 +208,7 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     base_dir: str
 
     def _stem(self, key: dg.AssetKey, partition: str | None) -> Path:
-        return Path(self.base_dir).joinpath(*key.path) / (partition or UNPARTITIONED)
+        return Path(self.base_dir).joinpath(*key.path) / (UNPARTITIONED if partition is None else file_name(partition))
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None:
@@ -149,4 +236,4 @@ class ParquetIOManager(dg.ConfigurableIOManager):
 
     def _exists(self, key, partition) -> bool:
         s = self._stem(key, partition)
-        return s.with_suffix(".parquet").exists() or s.with_suffix(".json").exists() or s.is_dir()
+        return _with_suffix(s, ".parquet").exists() or _with_suffix(s, ".json").exists() or s.is_dir()

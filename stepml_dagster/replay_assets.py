@@ -4,8 +4,14 @@ import warnings
 
 import dagster as dg
 
+import polars as pl
+
+from stepml_core import calibration_protocols as cp
 from stepml_core import checks, pipeline
-from stepml_core.ingest import fingerprint, fingerprint_digest
+from stepml_core.calibrate import CalibrationRun
+from stepml_core.progress import make_progress
+from stepml_core.replay import run_context
+from stepml_core.runs import read_run_metadata
 
 from .checks import check_result
 from .partitions import PART
@@ -24,7 +30,7 @@ def request_log(context: dg.AssetExecutionContext, settings: StepMLSettings):
     # same data version as raw_traces: the digest of every input file of the run folder
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dg.BetaWarning)  # Output(data_version=...) is beta in 1.13
-        out = dg.Output(value, data_version=dg.DataVersion(fingerprint_digest(fingerprint(folder))),
+        out = dg.Output(value, data_version=dg.DataVersion(value["data_version"]),
                         metadata={"role": value["header"].get("role") or "–", "format": value["header"].get("format"),
                                   "ground_truth": value["has_ground_truth"], "files": dg.MetadataValue.json(value["files"]),
                                   **value["counts"], "dagster/row_count": value["requests"].height})
@@ -41,11 +47,63 @@ def records_balance(request_log) -> dg.AssetCheckResult:
     return check_result(checks.records_balance(parts))
 
 
-@dg.asset(group_name="replay", description="Step-time models a replay can use: the synthesizer's physics and every traced "
-                                            "run's cycle_us models (StepML export JSON / BLIS model file), with what each was fitted on.")
-def replay_models(context: dg.AssetExecutionContext, settings: StepMLSettings, fitted_models, run_summary) -> list:
+@dg.asset(group_name="replay", description="Step-time models calibrated from request logs alone (BLIS model files): per LLM "
+                                            "model on its train runs (requests_roles), leaving one workload out (requests_lowo), "
+                                            "leaving one model out (requests_lomo), and on all runs (requests_all, for export).")
+def request_calibration(context: dg.AssetExecutionContext, settings: StepMLSettings, request_log) -> dict:
+    from .health import study_exclusions
+
+    metas, skipped = {}, {}
+    stored = {e: (request_log[e].get("run_files"), request_log[e].get("data_version")) for e in request_log}
+    for e, r in study_exclusions(context.instance, settings.data_root(), stored).items():
+        skipped[e] = f"request log not current ({r['status']}): {r['reason']}"  # calibrate on current logs only
+    for e in sorted(e for e in request_log if (settings.data_root() / e).is_dir() and e not in skipped):
+        try:  # a run whose metadata cannot be read is left out (its own partitions say why), the others calibrate
+            metas[e] = read_run_metadata(settings.run_folder(e), data_root=settings.data_root())
+        except (ValueError, KeyError, OSError) as err:
+            skipped[e] = str(err)
+            context.log.warning(f"{e}: not used for calibration: {err}")
+    present = sorted(metas)
+    logs = {e: request_log[e] for e in present}
+    infos = [cp.run_info(e, metas[e], logs[e]["requests"], logs[e]["header"], logs[e]["has_ground_truth"]) for e in present]
+
+    def load(e: str) -> CalibrationRun:  # called for calibration runs only (calibration_protocols.run_calibrations)
+        m = metas[e]
+        ctx = run_context(m.folder, experiment_id=e, model=m.model, tp=m.tp, exp_config=m.exp_config, profile=m.profile,
+                          header=logs[e]["header"], kv_blocks_from_traces=_synth_kv_blocks(m))
+        return CalibrationRun(e, m.model, m.workload, logs[e]["header"].get("role"), logs[e]["requests"], ctx)
+
+    bar = []  # one progress bar (stepml_core.progress), opened when the number of calibrations to make is known
+
+    def progress(i: int, n: int, what: str) -> None:
+        if not bar:
+            bar.append(make_progress(n, "calibration").__enter__())
+        bar[0].advance(what)
+        context.log.info(f"calibration {i}/{n}: {what}")
+
+    try:
+        out = cp.study_calibration(infos, load, seed=settings.seed, workers=settings.fit_threads,
+                                   cache=cp.CalibrationCache(settings.out_dir_path() / "cache" / "request_calibration"),
+                                   progress=progress)
+    finally:
+        if bar:
+            bar[0].__exit__(None, None, None)
+    out["skipped_runs"] = skipped
+    context.add_output_metadata({"specs": len(out["specs"]), "calibrations": len(out["calibrations"]),
+                                 "skipped_runs": dg.MetadataValue.json(skipped), "failed": dg.MetadataValue.json(out["failed"]),
+                                 "reused": out["reused"], "computed": out["computed"], "seconds": out["seconds"],
+                                 "folds": dg.MetadataValue.json([{k: f[k] for k in ("name", "llm_model", "calibrate_on", "for_runs")}
+                                                                 for f in out["folds"]])})
+    return out
+
+
+@dg.asset(group_name="replay", description="Step-time models a replay can use: the synthesizer's physics, every traced "
+                                            "run's cycle_us models (StepML export JSON / BLIS model file) and the models "
+                                            "calibrated from request logs, with what each was fitted on.")
+def replay_models(context: dg.AssetExecutionContext, settings: StepMLSettings, fitted_models, run_summary,
+                  request_calibration) -> list:
     present = [e for e in run_summary if (settings.data_root() / e).is_dir()]
-    specs = pipeline.replay_models(fitted_models, run_summary, present)
+    specs = pipeline.replay_models(fitted_models, run_summary, present, request_calibration["specs"])
     context.add_output_metadata({"models": len(specs), "by_kind": dg.MetadataValue.json(
         {k: sum(1 for s in specs if s["kind"] == k) for k in sorted({s["kind"] for s in specs})})})
     return specs
@@ -65,11 +123,52 @@ def replay(context: dg.AssetExecutionContext, settings: StepMLSettings, request_
 @dg.asset(group_name="replay", description="All replays: replay.csv (predicted vs observed per run × step model × metric, "
                                             "in/out of sample, the recommended model per LLM model) beside BLIS iteration 4a.")
 def replay_fidelity(context: dg.AssetExecutionContext, settings: StepMLSettings, replay, request_log) -> dict:
-    present = [e for e in replay if (settings.data_root() / e).is_dir()]
+    left_out = replays_left_out(settings, context.instance, request_log, list(replay))
+    present = [e for e in replay if (settings.data_root() / e).is_dir() and e not in left_out]
     tables = pipeline.replay_fidelity(replay, request_log, present, settings.out_dir)
-    context.add_output_metadata({"runs": len(present), "rows": tables["replay"].height,
+    context.add_output_metadata({"runs": len(present), "rows": tables["replay"].height, "left_out": dg.MetadataValue.json(left_out),
                                  "replay_csv": dg.MetadataValue.path(str(tables["replay_csv"]))})
-    return {k: v for k, v in tables.items() if k != "replay_csv"}
+    return {**{k: v for k, v in tables.items() if k != "replay_csv"}, "left_out": left_out}
+
+
+def replays_left_out(settings: StepMLSettings, instance, request_log, replayed: list[str]) -> dict[str, dict]:
+    """Stored replays that are not current: the run's latest experiment_job or replay_job run failed, or its run folder
+    changed since its request log was read (health.study_exclusions). {run: {status, reason}}."""
+    from .health import FAILED_STATUSES, run_error, study_exclusions
+
+    stored = {}
+    for e in replayed:
+        if e in request_log:
+            v = request_log[e]
+            stored[e] = (v.get("run_files"), v.get("data_version"))
+    out = {e: {"status": r["status"], "reason": r["reason"]} for e, r in study_exclusions(instance, settings.data_root(), stored).items()}
+    for e in replayed:
+        if e in out or instance is None:
+            continue
+        runs = instance.get_runs(dg.RunsFilter(job_name="replay_job", tags={"dagster/partition": e}), limit=1)
+        if runs and runs[0].status in FAILED_STATUSES:
+            out[e] = {"status": "failed", "reason": "replay: " + run_error(instance, runs[0].run_id)}
+    return out
+
+
+@dg.asset(group_name="replay", description="The request-calibrated models against the real steps (per-step MAPE on cycle_us "
+                                            "of traced runs) and their replays per protocol beside BLIS 4a, interval coverage, "
+                                            "the issue's goals; the report's calibration section.")
+def calibration_fidelity(context: dg.AssetExecutionContext, settings: StepMLSettings, request_calibration, replay_fidelity,
+                         step_table) -> dict:
+    from stepml_core.calibration_report import calibration_fidelity as gather
+    from stepml_core.calibration_report import calibration_section
+    from stepml_core.runs import parse_run_id
+
+    present = [e for e in step_table if (settings.data_root() / e).is_dir()]
+    steps = {e: step_table[e] for e in present}
+    runs = replay_fidelity.get("runs")
+    ids = set(runs["experiment_id"].to_list()) if runs is not None and runs.height else set()
+    llm_of = {e: parse_run_id(e).model for e in ids | set(steps)}
+    t = gather(request_calibration, replay_fidelity, steps, llm_of, settings.out_dir_path())
+    lines = calibration_section(t)
+    context.add_output_metadata({"goals": dg.MetadataValue.json([{k: g[k] for k in ("goal", "measured", "met")} for g in t["goals"]])})
+    return {"lines": lines, **{k: v for k, v in t.items() if isinstance(v, pl.DataFrame)}, "goals": t["goals"]}
 
 
 _synth_kv_blocks = pipeline.synth_kv_blocks  # (name kept for callers in this module)
@@ -77,6 +176,6 @@ _synth_kv_blocks = pipeline.synth_kv_blocks  # (name kept for callers in this mo
 
 REQUEST_ASSETS = [request_log]
 REQUEST_CHECKS = [records_balance]
-MODEL_ASSETS = [replay_models]
+MODEL_ASSETS = [request_calibration, replay_models]
 REPLAY_ASSETS = [replay]
-REPORT_ASSETS = [replay_fidelity]
+REPORT_ASSETS = [replay_fidelity, calibration_fidelity]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from stepml_core.limits import InputLimits
 from stepml_core.paths import DEFAULT_EXPERIMENTS_DIR, PROJECT_ROOT
 from stepml_core.study import POOLED_SETS, FoldCache
 from stepml_core.runs import check_inside_root, parse_run_id, resolve_data_root
@@ -25,10 +26,28 @@ class StepMLSettings(dg.ConfigurableResource):
     real_reference_dir: str = DEFAULT_REAL_REFERENCE_DIR  # real run folders to calibrate synthetic runs against ("" = none)
     fit_threads: int = min(2, os.cpu_count() or 1)  # threads for the pooled folds of the study assets
     reuse_fits: bool = True  # pooled folds whose training data and code are unchanged reuse their stored fit
+    # input limits per run (None: STEPML_<NAME> from the environment, else the default in stepml_core.limits.InputLimits)
+    max_trace_bytes: int | None = None
+    max_inflate_ratio: float | None = None
+    max_line_bytes: int | None = None
+    max_unreadable_lines: int | None = None
+    max_quarantine_rows: int | None = None
+    max_metadata_bytes: int | None = None
+    max_yaml_nodes: int | None = None
+
+    def input_limits(self) -> InputLimits:
+        """The limits a run folder is read under: these fields, else STEPML_<NAME>, else the defaults."""
+        return InputLimits.from_env(max_trace_bytes=self.max_trace_bytes, max_inflate_ratio=self.max_inflate_ratio,
+                                    max_line_bytes=self.max_line_bytes, max_unreadable_lines=self.max_unreadable_lines,
+                                    max_quarantine_rows=self.max_quarantine_rows, max_metadata_bytes=self.max_metadata_bytes,
+                                    max_yaml_nodes=self.max_yaml_nodes)
 
     def fold_caches(self) -> dict[str, FoldCache] | None:
         """<out_dir>/cache/<asset>/ per pooled asset: fitted folds keyed by content (see stepml_core.study.fold_key)."""
         return {name: FoldCache(Path(self.out_dir) / "cache" / name) for name in POOLED_SETS} if self.reuse_fits else None
+
+    def out_dir_path(self) -> Path:
+        return Path(self.out_dir)
 
     def assets_dir(self) -> Path:
         """Where the parquet IO manager stores asset values."""

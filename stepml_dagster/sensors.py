@@ -16,15 +16,25 @@
   requests one ``experiment_job`` run per registered partition whose folder still exists; the study
   sensor then refreshes the study once they are done.
 
+A tick stays within ``STEPML_SENSOR_TIME_BUDGET_S`` (default 20 s, a third of Dagster's 60 s tick
+limit) whatever the folder holds: folders not reached are left for the next tick, a gzip whose
+completeness cannot be checked in time (a gzip bomb inflates for minutes) is launched once settled
+(the run applies the input limits), a file too big to hash in one budget gets a size/mtime
+fingerprint (the run hashes what it reads). An entry the daemon cannot read (permissions, a
+vanished file) is skipped with a warning and retried next tick; a trace entry that is not a
+regular file (FIFO, directory) is never opened here: its run is launched and fails saying so.
+
 Environment (read when the code location loads): ``STEPML_SENSOR_INTERVAL_S`` (30),
 ``STEPML_SENSOR_SETTLE_S`` (60), ``STEPML_SENSOR_STATUS`` (``running``/``stopped``, default
-running), ``STEPML_SENSOR_HASH_BUDGET_MB`` (4096 per tick), ``STEPML_RERUN_CRON``, ``STEPML_RERUN_TZ`` (UTC).
+running), ``STEPML_SENSOR_HASH_BUDGET_MB`` (4096 per tick), ``STEPML_SENSOR_TIME_BUDGET_S`` (20),
+``STEPML_RERUN_CRON``, ``STEPML_RERUN_TZ`` (UTC).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 import zlib
 from pathlib import Path
@@ -34,6 +44,7 @@ import dagster as dg
 from stepml_core.ingest import fingerprint, fingerprint_digest
 from stepml_core.runs import RunIdError, RunMetadataError, discover_run_folders, find_trace_file, resolve_data_root
 
+from .health import ACTIVE_STATUSES, mark_abandoned_runs
 from .resources import StepMLSettings
 
 PARTITIONS_DEF_NAME = "experiment"
@@ -88,6 +99,18 @@ def hash_budget_bytes() -> int:
         return 4096 * 2**20
 
 
+def time_budget_s() -> float:
+    """Seconds one experiment_sensor tick may spend (Dagster stops a sensor evaluation at 60 s)."""
+    try:
+        return max(0.1, float(os.environ.get("STEPML_SENSOR_TIME_BUDGET_S", 20)))
+    except ValueError:
+        return 20.0
+
+
+class _OutOfTime(Exception):
+    pass
+
+
 def rerun_cron() -> str:
     return os.environ.get("STEPML_RERUN_CRON", "0 3 * * *").strip() or "0 3 * * *"
 
@@ -96,10 +119,14 @@ def rerun_cron() -> str:
 # Is a run folder finished being written?
 # --------------------------------------------------------------------------------------------
 
-def trace_file_complete(path: Path) -> tuple[bool, str]:
-    """(complete, why not). Plain: ends with a newline. Gzip: every member's stream ends cleanly."""
+def trace_file_complete(path: Path, deadline: float | None = None) -> tuple[bool | None, str]:
+    """(complete, why not). Plain: ends with a newline. Gzip: every member's stream ends cleanly.
+    None: not checked (not a regular file, or the gzip could not be inflated before deadline, time.monotonic())."""
     path = Path(path)
-    size = path.stat().st_size
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        return None, f"{path.name} is not a regular file (the run will fail saying what it is)"
+    size = st.st_size
     if size == 0:
         return False, f"{path.name} is empty"
     if path.suffix != ".gz":
@@ -109,22 +136,34 @@ def trace_file_complete(path: Path) -> tuple[bool, str]:
                 return False, f"{path.name}: last line has no trailing newline (still being written?)"
         return True, ""
     try:
-        ended = _gzip_ends_cleanly(path)
+        ended = _gzip_ends_cleanly(path, deadline)
     except zlib.error as e:
         return False, f"{path.name}: gzip stream is corrupt ({e})"
+    except _OutOfTime:
+        return None, f"{path.name}: gzip completeness not checked within the tick's time budget (STEPML_SENSOR_TIME_BUDGET_S)"
     return (True, "") if ended else (False, f"{path.name}: gzip stream does not end cleanly (still being written?)")
 
 
-def _gzip_ends_cleanly(path: Path) -> bool:
-    """Inflate every gzip member (bounded chunks; output discarded); True if the last one ended."""
+def _gzip_ends_cleanly(path: Path, deadline: float | None = None) -> bool:
+    """Inflate every gzip member (bounded output per call; discarded); True if the last one ended.
+    Raises _OutOfTime past deadline (time.monotonic())."""
     d = zlib.decompressobj(wbits=31)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 18):
             while chunk:
                 if d.eof:  # the previous member ended; another one follows
                     d = zlib.decompressobj(wbits=31)
-                d.decompress(chunk)
-                chunk = d.unused_data if d.eof else b""
+                out = d.decompress(chunk, 1 << 22)  # at most 4 MiB out per call: a gzip bomb cannot stall between checks
+                if deadline is not None and time.monotonic() > deadline:
+                    raise _OutOfTime
+                if d.eof:
+                    chunk = d.unused_data
+                else:
+                    chunk = d.unconsumed_tail
+                    if not chunk and len(out) == 1 << 22:  # output full with all input taken: drain what zlib holds
+                        while len(d.decompress(b"", 1 << 22)) == 1 << 22:
+                            if deadline is not None and time.monotonic() > deadline:
+                                raise _OutOfTime
     return d.eof
 
 
@@ -156,21 +195,30 @@ def load_cursor(text: str | None) -> dict:
 def scan_data_folder(settings: StepMLSettings, cursor: dict, *, now: float | None = None, log=None) -> tuple[list[dict], dict]:
     """One sensor tick without Dagster: ([{run_id, data_version, run_key, new, reason}], new cursor).
 
-    Pure function of the folder and the cursor (testable without a daemon).
+    Pure function of the folder and the cursor (testable without a daemon). Stays within
+    time_budget_s() (see the module docstring); the new cursor's ``unreadable`` maps run ids that
+    could not be read this tick to the reason.
     """
     now = time.time() if now is None else now
+    t_end = time.monotonic() + time_budget_s()
     settle = settle_s()
     say = log or (lambda level, msg: None)
     runs, pending = dict(cursor["runs"]), dict(cursor["pending"])
     root = resolve_data_root(settings.data_root())
-    folders, rejected = discover_run_folders(root)
+    try:
+        folders, rejected = discover_run_folders(root)
+    except OSError as e:
+        say("warning", f"data folder {root} cannot be listed ({e}); nothing launched this tick")
+        return [], {**cursor, "unreadable": {".": str(e)}}
     seen_rejected = set(cursor.get("rejected", []))
     for path, why in rejected:
         if path.name not in seen_rejected:
             say("warning", f"not a run folder, ignored: {why}")
     launches: list[dict] = []
     present = set()
+    unreadable: dict[str, str] = {}
     budget, spent = hash_budget_bytes(), 0
+    examined = 0  # folders hashed this tick
     for folder in folders:
         rid = folder.name
         try:  # validated again by the resource: the same check the assets use
@@ -184,54 +232,93 @@ def scan_data_folder(settings: StepMLSettings, cursor: dict, *, now: float | Non
             continue
         present.add(rid)
         try:
-            quick = _quick_state(folder)
-        except OSError as e:  # vanished or unreadable mid-scan
-            say("info", f"{rid}: cannot stat yet ({e}); later tick")
+            launch = _scan_one(folder, rid, runs, pending, now, settle, t_end, budget, spent, examined, say)
+        except (OSError, RunMetadataError) as e:  # unreadable (permissions), vanished mid-scan: skip, report, retry
+            unreadable[rid] = f"{type(e).__name__}: {e}"
+            say("warning", f"{rid}: skipped this tick, cannot be read ({unreadable[rid]}); retried next tick")
             continue
-        prev = runs.get(rid)
-        if prev and _same_files(prev["files"], quick):
-            pending.pop(rid, None)
+        if launch is None:
             continue
-        newest = max((v[1] for v in quick.values()), default=0) / 1e9
-        settled = pending.get(rid) == quick or (now - newest) >= settle
-        if not settled:
-            pending[rid] = quick
-            say("info", f"{rid}: files changed since the last tick (still being written?); later tick")
+        if isinstance(launch, int):  # bytes hashed, nothing to launch
+            spent += launch
+            examined += 1
             continue
-        if spent >= budget:  # keep the tick short (sensor evaluations time out); the rest next tick
-            pending[rid] = quick
-            say("info", f"{rid}: hashing budget of this tick used up; later tick")
-            continue
-        spent += sum(v[0] for v in quick.values()) * 2  # inflate the trace + hash every file
-        trace = find_trace_file(folder)
-        ok, why = trace_file_complete(trace) if trace else (False, "no trace file")
-        if not ok:
-            if (now - newest) < settle:
-                pending[rid] = quick
-                say("info", f"{rid}: {why}; later tick")
-                continue
-            say("warning", f"{rid}: {why}, but unchanged for {settle:.0f} s: launching (the reader quarantines or reports it)")
-        full = fingerprint(folder)
-        if not _same_files(full, quick):  # changed while hashing
-            pending[rid] = _quick_state(folder)
-            continue
-        pending.pop(rid, None)
-        digest = fingerprint_digest(full)
-        history = list(prev.get("history", [])) if prev else []
-        runs[rid] = {"version": digest, "files": full, "history": history}
-        if prev and prev.get("version") == digest:  # touched, same content
-            continue
-        run_key = f"{rid}:{digest}" if digest not in history else f"{rid}:{digest}:{len(history)}"
-        runs[rid]["history"] = (history + [digest])[-20:]
-        launches.append({"run_id": rid, "data_version": digest, "run_key": run_key, "new": prev is None,
-                         "reason": "new run folder" if prev is None else "changed input files"})
+        spent += launch.pop("_bytes")
+        examined += 1
+        launches.append(launch)
     for gone in set(runs) - present:
         say("info", f"{gone}: run folder no longer in the data folder; forgotten (the study report drops it)")
         runs.pop(gone)
     for gone in set(pending) - present:
         pending.pop(gone)
-    new_cursor = {"v": CURSOR_VERSION, "runs": runs, "pending": pending, "rejected": sorted(p.name for p, _ in rejected)}
+    new_cursor = {"v": CURSOR_VERSION, "runs": runs, "pending": pending, "rejected": sorted(p.name for p, _ in rejected),
+                  "unreadable": unreadable}
     return launches, new_cursor
+
+
+def _scan_one(folder: Path, rid: str, runs: dict, pending: dict, now: float, settle: float, t_end: float,
+              budget: int, spent: int, examined: int, say):
+    """One run folder of a tick: None (nothing to do now), bytes hashed (no launch), or a launch dict (with _bytes)."""
+    quick = _quick_state(folder)
+    prev = runs.get(rid)
+    if prev and _same_files(prev["files"], quick):
+        pending.pop(rid, None)
+        return None
+    newest = max((v[1] for v in quick.values()), default=0) / 1e9
+    settled = pending.get(rid) == quick or (now - newest) >= settle
+    if not settled:
+        pending[rid] = quick
+        say("info", f"{rid}: files changed since the last tick (still being written?); later tick")
+        return None
+    if spent >= budget:  # keep the tick short (sensor evaluations time out); the rest next tick
+        pending[rid] = quick
+        say("info", f"{rid}: hashing budget of this tick used up; later tick")
+        return None
+    if time.monotonic() > t_end:
+        pending[rid] = quick
+        say("info", f"{rid}: time budget of this tick used up (STEPML_SENSOR_TIME_BUDGET_S); later tick")
+        return None
+    try:
+        trace = find_trace_file(folder)
+    except RunMetadataError as e:  # two trace files: the run refuses itself with this message
+        trace, why = None, str(e)
+        ok = None
+    else:
+        if trace is not None and folder.resolve().parent not in trace.resolve().parents:
+            ok, why = None, f"{trace.name} leads out of the data folder (the run will refuse it)"
+        else:
+            ok, why = trace_file_complete(trace, t_end) if trace else (False, "no trace file")
+    if ok is False:
+        if (now - newest) < settle:
+            pending[rid] = quick
+            say("info", f"{rid}: {why}; later tick")
+            return None
+        say("warning", f"{rid}: {why}, but unchanged for {settle:.0f} s: launching (the reader quarantines or reports it)")
+    elif ok is None:
+        say("warning", f"{rid}: {why}; launching (the run applies its input limits and says what is wrong)")
+    try:
+        full = fingerprint(folder, deadline=t_end)
+    except TimeoutError:
+        if examined:  # others took this tick's time: hash it next tick
+            pending[rid] = quick
+            say("info", f"{rid}: time budget of this tick used up while hashing; later tick")
+            return None
+        full = fingerprint(folder, with_hash=False)  # too big to hash in one budget: the run hashes what it reads
+        say("warning", f"{rid}: too big to hash within STEPML_SENSOR_TIME_BUDGET_S; fingerprinted by size and mtime")
+    nbytes = sum(v[0] for v in quick.values()) * 2  # inflate the trace + hash every file
+    if not _same_files(full, quick):  # changed while hashing
+        pending[rid] = _quick_state(folder)
+        return nbytes
+    pending.pop(rid, None)
+    digest = fingerprint_digest(full)
+    history = list(prev.get("history", [])) if prev else []
+    runs[rid] = {"version": digest, "files": full, "history": history}
+    if prev and prev.get("version") == digest:  # touched, same content
+        return nbytes
+    run_key = f"{rid}:{digest}" if digest not in history else f"{rid}:{digest}:{len(history)}"
+    runs[rid]["history"] = (history + [digest])[-20:]
+    return {"run_id": rid, "data_version": digest, "run_key": run_key, "new": prev is None,
+            "reason": "new run folder" if prev is None else "changed input files", "_bytes": nbytes}
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,6 +357,9 @@ def build_experiment_sensor(*, minimum_interval_seconds: int | None = None,
         if not requests:
             n_pending = len(cursor["pending"])
             why = f"{n_pending} run folder(s) still being written" if n_pending else "no new or changed run folders"
+            if cursor.get("unreadable"):
+                why += f"; {len(cursor['unreadable'])} run folder(s) unreadable: " + "; ".join(
+                    f"{k}: {v}" for k, v in sorted(cursor["unreadable"].items()))
             return dg.SensorResult(skip_reason=why, cursor=cursor_text)
         return dg.SensorResult(
             run_requests=requests, cursor=cursor_text,
@@ -299,8 +389,6 @@ def partition_up_to_date(instance: dg.DagsterInstance, run_id: str, data_version
     return all(r.storage_id >= raw.storage_id for r in latest.values())
 
 
-ACTIVE_STATUSES = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
-                   dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 PHASE_JOBS = (EXPERIMENT_JOB, MODELS_JOB, REPLAY_JOB, STUDY_JOB)
 
 
@@ -397,6 +485,8 @@ def build_study_sensor(*, minimum_interval_seconds: int | None = None, default_s
                     "verdict, report).",
     )
     def study_sensor(context: dg.SensorEvaluationContext):
+        for run_id in mark_abandoned_runs(context.instance):  # a dead `stepml run` must not hold the study back forever
+            context.log.warning(f"run {run_id}: its process is gone; reported failed")
         return study_requests(context.instance, run_config)
 
     return study_sensor

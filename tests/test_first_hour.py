@@ -52,8 +52,10 @@ def make_data(root: Path, small_run: Path, runs: dict[str, str]) -> Path:
         if kind == "bad_meta":
             (d / "exp-config.yaml").unlink()
         elif kind == "corrupt_gz":
-            body = (d / "traces.json.gz").read_bytes()
-            (d / "traces.json.gz").write_bytes(body[:-400] + b"\x00" * 64)
+            body = bytearray((d / "traces.json.gz").read_bytes())  # bits flipped mid-stream (a copy cut short
+            for i in range(len(body) // 2, len(body) // 2 + 64):    # keeps the lines before the damage instead)
+                body[i] ^= 0x5A
+            (d / "traces.json.gz").write_bytes(bytes(body))
     return root
 
 
@@ -148,8 +150,9 @@ def test_one_line_per_failing_run_and_the_study_goes_on(small_run, tmp_path, cap
     [good_line] = [l for l in err if good in l and l.startswith("runs [")]
     assert ": ok (" in good_line
     assert not re.search(r"Traceback|Stack Trace|dagster - ERROR", cap.out + cap.err)
-    # nothing else: the instance's place and one line per run and phase (runs, replay of the request logs)
-    assert all(l == bad_line or l.startswith(("Dagster instance: ", "runs [", "replay [")) for l in err), cap.err
+    # nothing else: the instance's place and one line per run and phase (runs, calibrations from the request logs,
+    # replay of the request logs)
+    assert all(l == bad_line or l.startswith(("Dagster instance: ", "runs [", "calibration [", "replay [")) for l in err), cap.err
     assert len(lines(cap.out)) == 2, cap.out
     assert "study: ok; 1 of 3 experiment(s)" in cap.out
     assert (tmp_path / "out" / "report.md").is_file()

@@ -59,7 +59,10 @@ def test_request_only_runs_are_replayed_and_reported(study):
     assert res["study_ok"] and not res["failed"], res
     rows = pl.read_csv(out / "replay.csv")
     assert rows.columns == COLUMNS
-    assert set(rows["experiment_id"]) == {RUN, RUN_NO_GT} and set(rows["step_model"]) == {"physics"}
+    assert set(rows["experiment_id"]) == {RUN, RUN_NO_GT} and set(rows["step_model"]) == {"physics", "requests_lowo"}
+    # the run without ground truth is predicted by a model calibrated on the other workload's request log only
+    lowo = rows.filter(pl.col("step_model") == "requests_lowo")
+    assert set(lowo["experiment_id"]) == {RUN_NO_GT} and set(lowo["fitted_on"]) == {RUN} and set(lowo["sample"]) == {"out_of_sample"}
     assert set(rows["metric"]) == {"ttft_mean", "ttft_p50", "ttft_p90", "ttft_p99", "e2e_mean", "e2e_p50", "e2e_p90",
                                    "e2e_p99", "decode_interval_mean", "throughput_rps", "successes"}
     scored = rows.filter(pl.col("experiment_id") == RUN)
@@ -85,3 +88,17 @@ def test_step_assets_skipped_request_assets_materialized_with_lineage(study):
     checks = instance.event_log_storage.get_asset_check_execution_history(
         dg.AssetCheckKey(dg.AssetKey("request_log"), "records_balance"), limit=10)
     assert checks and all(c.status.value == "SUCCEEDED" for c in checks)
+
+
+def test_a_run_whose_request_log_breaks_is_left_out_not_shown_stale(study):
+    """After a scored run's request file is damaged, `stepml run` fails that run, does not replay it with its old stored
+    log, and the report lists it as left out instead of showing its earlier replay as current (runs last: it changes
+    the module's data)."""
+    _, data, out, instance = study
+    (data / RUN / "requests.json.gz").write_bytes(b"\x1f\x8b\x08 broken")
+    res = run_study(data, out, synth_if_empty=False, quiet=True, workers=1)
+    assert RUN in res["failed"] and RUN_NO_GT not in res["failed"]
+    rows = pl.read_csv(out / "replay.csv")
+    assert set(rows["experiment_id"]) == {RUN_NO_GT}
+    report = (out / "report.md").read_text()
+    assert "Left out of the replay scores" in report and RUN in report.split("Left out of the replay scores")[1]

@@ -180,7 +180,15 @@ def calibration_tables(run_records: list[dict], step_tables: dict[str, pl.DataFr
 
     reference = load_reference()
     synth = [r for r in run_records if r.get("source") == "synthetic"]
-    public = compare_runs([Path(data_root) / r["experiment_id"] for r in synth], reference) if synth else compare_runs([], reference)
+    metas = []
+    for r in synth:  # a run whose summary is missing or was left out as malformed has nothing to compare
+        try:
+            m = read_run_metadata(Path(data_root) / r["experiment_id"])
+        except (OSError, ValueError):
+            continue
+        if m.summary is not None:
+            metas.append(m)
+    public = compare_runs(metas, reference)
     real_tables = {r["experiment_id"]: step_tables[r["experiment_id"]] for r in run_records
                    if r.get("source") == "real" and r["experiment_id"] in step_tables}
     parts = []

@@ -1,0 +1,104 @@
+"""Partition worker processes for `stepml run --workers N` that notice when a worker dies.
+
+``multiprocessing.Pool`` loses the task of a worker that is killed (the out-of-memory killer sends
+SIGKILL) and waits for its result forever. Here each worker has its own pipe and the parent waits
+on the pipes and the processes' sentinels together: a worker that exits while it holds a
+partition fails that partition with a message saying how it died, a fresh worker takes the
+remaining partitions, and the rest finish. A worker also exits after ``tasks_per_worker``
+partitions and is replaced (its heap creeps up with each partition).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+from collections import deque
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import wait
+
+
+def _worker_main(conn, fn: Callable, common: tuple, max_tasks: int) -> None:
+    for _ in range(max_tasks):
+        try:
+            key = conn.recv()
+        except EOFError:
+            return
+        if key is None:
+            return
+        conn.send(fn(*common, key))
+
+
+def death_message(pid: int, exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        how = f"killed by {name}" + (" (the out-of-memory killer sends SIGKILL: check `dmesg`/the memory limit)"
+                                     if -exitcode == signal.SIGKILL else "")
+    else:
+        how = f"exited with code {exitcode}"
+    return f"the worker process (pid {pid}) running this partition died: {how}"
+
+
+class _Worker:
+    def __init__(self, ctx, fn, common, max_tasks):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, fn, common, max_tasks), daemon=True)
+        self.proc.start()
+        child.close()
+        self.key: str | None = None
+
+
+def run_in_workers(fn: Callable, common: tuple, keys: list[str], workers: int, tasks_per_worker: int,
+                   on_death: Callable[[str, int, str], None] | None = None) -> Iterator[tuple[str, object | None, str | None]]:
+    """Yield (key, fn(*common, key), None) as partitions finish, or (key, None, message) for a partition
+    whose worker died; on_death(key, pid, message) is called first. Every worker has exited on return."""
+    ctx = mp.get_context("spawn")
+    todo = deque(keys)
+    pool: list[_Worker] = []
+    try:
+        while todo or any(w.key is not None for w in pool):
+            busy = sum(w.key is not None for w in pool)
+            while len(pool) < workers and len(pool) < busy + len(todo):
+                pool.append(_Worker(ctx, fn, common, tasks_per_worker))
+            for w in pool:
+                if w.key is None and todo:
+                    w.key = todo.popleft()
+                    try:
+                        w.conn.send(w.key)
+                    except (BrokenPipeError, OSError):
+                        pass  # it died idle: its sentinel says so below
+            waiting = [w.conn for w in pool if w.key is not None] + [w.proc.sentinel for w in pool]
+            ready = set(wait(waiting))
+            for w in list(pool):
+                if w.key is not None and (w.conn in ready or w.proc.sentinel in ready) and w.conn.poll():
+                    try:
+                        res = w.conn.recv()
+                    except (EOFError, OSError):
+                        res = None
+                    else:
+                        key, w.key = w.key, None
+                        yield key, res, None
+                if w.proc.sentinel in ready or not w.proc.is_alive():
+                    w.proc.join()
+                    if w.key is not None:  # died holding a partition
+                        msg = death_message(w.proc.pid, w.proc.exitcode)
+                        key, w.key = w.key, None
+                        if on_death is not None:
+                            on_death(key, w.proc.pid, msg)
+                        yield key, None, msg
+                    w.conn.close()
+                    pool.remove(w)
+    finally:
+        for w in pool:
+            try:
+                w.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for w in pool:
+            w.proc.join(timeout=30)
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join()
+            w.conn.close()

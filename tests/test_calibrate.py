@@ -1,0 +1,217 @@
+"""Step-time models calibrated from request logs: the closed form and the simulator-in-the-loop refinement
+recover a known model, folds never calibrate on a run they score, a scored run's ground truth cannot change
+its predictions, leave-one-model-out transfer and intervals."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from stepml_core import calibration_protocols as cp
+from stepml_core.calibrate import (PARAM_NAMES, CalibrationRun, StepParams, arch_prior, calibrate, fit_closed_form,
+                                   interval_bounds, request_timelines, serving_model)
+from stepml_core.replay import RunContext, replay, replay_workload, run_context
+from stepml_core.replay_models import replay_run, specs_for_run
+from stepml_core.request_log import read_request_log
+from stepml_core.runs import read_run_metadata
+
+TRUTH = StepParams(b0_us=6000.0, b_dec_us=20.0, b_kv_us=0.2, b_pf_us=27.0, b_npf_us=500.0, q0_us=15000.0)
+CONFIG = {"tensor_parallelism": 1, "max_num_seqs": 128, "max_num_batched_tokens": 2048, "kv_blocks_total_gpu": 7000,
+          "block_size": 16}
+
+
+def _ctx(eid: str, output_len: int) -> RunContext:
+    return RunContext(experiment_id=eid, model="llama-2-7b", tp=1, max_num_seqs=128, max_num_batched_tokens=2048,
+                      kv_blocks_total=7000, num_groups=10, prompts_per_group=10, system_prompt_len=100,
+                      output_len=output_len, ignore_eos=True)
+
+
+def _requests(rate: float, seconds: float, prompt: int, seed: int) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    arr = np.cumsum(rng.exponential(1.0 / rate, int(rate * seconds)))
+    n = arr.size
+    return pl.DataFrame({"index": np.arange(n), "arrival_time_us": np.rint((arr - arr[0]) * 1e6).astype(np.int64),
+                         "input_tokens": prompt + rng.integers(-8, 9, n), "output_tokens": np.full(n, 64),
+                         "prefix_group": [None] * n, "has_error": np.zeros(n, dtype=bool)},
+                        schema_overrides={"prefix_group": pl.Utf8})
+
+
+def _observed(table: pl.DataFrame, ctx: RunContext, truth: StepParams) -> pl.DataFrame:
+    """What a client of an engine whose steps follow ``truth`` would log (the simulator as ground truth)."""
+    r = replay(replay_workload(table.with_columns(observed_has_error=pl.lit(None, pl.Boolean),
+                                                  observed_ttft_s=pl.lit(None, pl.Float64),
+                                                  observed_e2e_s=pl.lit(None, pl.Float64)), ctx),
+               serving_model(truth), ctx).per_request
+    return table.join(r.select("index", observed_has_error=~pl.col("success"), observed_ttft_s=pl.col("ttft_s"),
+                               observed_e2e_s=pl.col("e2e_s")), on="index")
+
+
+def _run(eid: str, rate: float, seconds: float, prompt: int, seed: int, role="train", truth=TRUTH) -> CalibrationRun:
+    ctx = _ctx(eid, 64)
+    return CalibrationRun(eid, "llama-2-7b", eid.rsplit("-", 1)[-1], role, _observed(_requests(rate, seconds, prompt, seed), ctx, truth), ctx)
+
+
+def test_timelines_by_hand():
+    """Two requests: A decodes over [1, 3] s, B over [2, 4] s, each 3 generated tokens after prompts of 100 / 200:
+    A's window sees 1.5 decoders on average and Σ context 100 + 3·0.5 + (B's 0.5 s: 200 + …)."""
+    ctx = _ctx("20260101-000000-llama-2-7b-tp1-codegen", 3)
+    t = pl.DataFrame({"index": [0, 1], "arrival_time_us": [0, 1_000_000], "input_tokens": [100, 200], "output_tokens": [3, 3],
+                      "prefix_group": [None, None], "has_error": [False, False], "observed_has_error": [False, False],
+                      "observed_ttft_s": [1.0, 1.0], "observed_e2e_s": [3.0, 3.0]}, schema_overrides={"prefix_group": pl.Utf8})
+    tl = request_timelines(CalibrationRun(ctx.experiment_id, "llama-2-7b", "codegen", "train", t, ctx), grid_s=0.001)
+    assert tl.cycle_us[0] == pytest.approx(1e6)  # (3 − 1) s / (3 − 1) tokens
+    assert tl.dec_mean[0] == pytest.approx(1.5, abs=2e-3)
+    # A's context grows 100 → 103 over [1, 3]: mean 101.5; B is in A's window for [2, 3]: mean 200.75 over half of it
+    assert tl.kv_mean[0] == pytest.approx(101.5 + 0.5 * 200.75, rel=2e-3)
+    assert tl.prefills_per_step[0] == pytest.approx(1 / 2)  # B's first token (t = 2 s) inside A's window, 2 steps
+
+
+def test_calibration_recovers_a_known_engine():
+    """Request logs of an engine whose steps follow a known BLIS model: the calibrated model's step time agrees
+    with it within a few % where the runs operate, and replaying the runs reproduces their latencies."""
+    runs = [_run("20260101-000000-llama-2-7b-tp1-codegen", 6.0, 90, 500, 1),
+            _run("20260101-010000-llama-2-7b-tp1-general", 14.0, 90, 560, 2)]
+    cal = calibrate(runs, refine_evals=4, n_boot=8)
+    p = cal.params
+    for dec, kv in ((10, 6000), (40, 24000), (80, 48000)):  # decoders, Σ context
+        assert p.step_us(dec, kv) == pytest.approx(TRUTH.step_us(dec, kv), rel=0.04)
+    for r in runs:
+        pred = replay(replay_workload(r.table, r.ctx), serving_model(p), r.ctx).per_request
+        obs = r.table["observed_e2e_s"].mean()
+        assert abs(pred["e2e_s"].mean() / obs - 1) < 0.015
+        assert abs(pred["ttft_s"].mean() / r.table["observed_ttft_s"].mean() - 1) < 0.06
+    assert cal.refine is not None and cal.refine.evaluations <= 4
+    assert cal.bootstrap.shape[1] == len(PARAM_NAMES) and cal.bootstrap.shape[0] >= 4
+    # what is replayed is the BLIS file: the doc round-trips
+    assert StepParams.from_blis_doc(cal.doc()) == p
+
+
+def _infos() -> list[cp.RunInfo]:
+    R = cp.RunInfo
+    return [R("a-codegen", "m1", 1, "codegen", "train", True, 900), R("a-general", "m1", 1, "general", "train", True, 1600),
+            R("a-roleplay", "m1", 1, "roleplay", "validate", False, 0), R("a-reasoning", "m1", 1, "reasoning", "test", True, 100),
+            R("b-codegen", "m2", 2, "codegen", "train", True, 900), R("b-general", "m2", 2, "general", "validate", True, 1700)]
+
+
+def test_folds_never_calibrate_on_what_they_score():
+    infos = _infos()
+    folds = cp.plan_folds(infos, lomo_models=["m1", "m2"])
+    gt = {r.experiment_id for r in infos if r.has_ground_truth}
+    by = {(f.protocol, f.llm_model, f.held_out): f for f in folds}
+    assert by[("roles", "m1", "")].calibrate_on == ("a-codegen", "a-general")
+    assert by[("roles", "m2", "")].calibrate_on == ("b-codegen",)
+    for f in folds:
+        assert set(f.calibrate_on) <= gt  # never a run without ground truth
+        if f.protocol in ("lowo", "lomo"):
+            assert not set(f.for_runs) & set(f.calibrate_on)
+    assert by[("lowo", "m1", "roleplay")].for_runs == ("a-roleplay",)  # predicted without ground truth
+    assert by[("lowo", "m1", "reasoning")].calibrate_on == ("a-codegen", "a-general")
+    assert by[("lomo", "m1", "m1")].transfer_from == ("m2",)
+    assert cp.most_data_model(infos) == "m1"
+    with pytest.raises(cp.FoldError):
+        cp.check_folds([cp.Fold("lowo", "m1", ("a-codegen", "a-general"), ("a-codegen",))], infos)
+    with pytest.raises(cp.FoldError):
+        cp.check_folds([cp.Fold("roles", "m2", ("b-general",), None)], infos)  # a validate run
+    with pytest.raises(cp.FoldError):
+        cp.check_folds([cp.Fold("lowo", "m1", ("a-roleplay",), ("a-general",))], infos)  # no ground truth
+
+
+def test_only_calibration_runs_are_loaded(monkeypatch):
+    """run_calibrations hands calibrate() the logs of a fold's calibration runs and never loads another run."""
+    infos = _infos()
+    folds = [f for f in cp.plan_folds(infos, protocols=("roles",)) if f.protocol == "roles"]
+    loaded, seen = [], []
+    monkeypatch.setattr(cp, "calibrate", lambda runs, **kw: seen.append([r.experiment_id for r in runs]) or "fit")
+    cals = cp.run_calibrations(folds, lambda e: loaded.append(e) or CalibrationRun(e, "m", "w", None, None, None))
+    assert sorted(loaded) == ["a-codegen", "a-general", "b-codegen"]
+    assert sorted(map(tuple, seen)) == [("a-codegen", "a-general"), ("b-codegen",)]
+    assert len(cals) == 2
+
+
+def _write_run(root: Path, eid: str, run: CalibrationRun, split: str) -> None:
+    f = root / eid
+    f.mkdir(parents=True)
+    (f / "exp-config.yaml").write_text("tensor_parallelism: 1\nmax_num_seqs: 128\nmax_num_batched_tokens: 2048\n")
+    (f / "profile.yaml").write_text(json.dumps({"data": {"shared_prefix": {"num_groups": 10, "num_prompts_per_group": 10,
+                                                                           "system_prompt_len": 100, "output_len": 64}},
+                                                "server": {"ignore_eos": True}}))
+    t = run.table
+    reqs = [{"index": int(i), "arrival_time_us": int(a), "input_tokens": int(x), "output_tokens": 64, "prefix_group": "",
+             "has_error": False} for i, a, x in zip(t["index"], t["arrival_time_us"], t["input_tokens"])]
+    doc = {"experiment": eid, "model_short": "llama-2-7b", "profile": eid.rsplit("-", 1)[-1], "split": split,
+           "config": CONFIG, "requests": reqs}
+    (f / "requests.json.gz").write_bytes(gzip.compress(json.dumps(doc).encode()))
+    gt = [{"index": int(i), "has_error": bool(h), "ttft_s": float(tt), "e2e_s": float(e)}
+          for i, h, tt, e in zip(t["index"], t["observed_has_error"], t["observed_ttft_s"], t["observed_e2e_s"])]
+    (f / "ground_truth.json.gz").write_bytes(gzip.compress(json.dumps(gt).encode()))
+
+
+def _predict(root: Path, scored: str) -> dict[str, pl.DataFrame]:
+    """The whole path of the pipeline for one scored run: read every log, calibrate the folds, replay the run."""
+    logs = {f.name: read_request_log(f) for f in sorted(root.iterdir())}
+    metas = {e: read_run_metadata(root / e) for e in logs}
+    infos = [cp.run_info(e, metas[e], logs[e].table, logs[e].header, logs[e].has_ground_truth) for e in logs]
+
+    def ctx_of(e):
+        m = metas[e]
+        return run_context(m.folder, experiment_id=e, model=m.model, tp=m.tp, exp_config=m.exp_config, profile=m.profile,
+                           header=logs[e].header)
+
+    out = cp.study_calibration(infos, lambda e: CalibrationRun(e, metas[e].model, metas[e].workload, logs[e].role,
+                                                               logs[e].table, ctx_of(e)),
+                               refine_evals=2, n_boot=6, lomo_models=[])
+    specs = [s for s in specs_for_run(out["specs"], scored, "llama-2-7b") if s["kind"] != "physics"]
+    res = replay_run(logs[scored], ctx_of(scored), specs, source="real", intervals=False)
+    return {name: t.select("index", "ttft_s", "e2e_s", "success") for name, t in res["per_request"].items()}
+
+
+def test_deleting_a_scored_runs_ground_truth_leaves_its_predictions_bit_identical(tmp_path):
+    """The validate run's ground truth is read by nothing that predicts it: deleting the file changes none of its
+    predicted latencies (requests_roles and requests_lowo), bit for bit; deleting a *calibration* run's ground truth
+    does change them (the test can fail)."""
+    runs = {"20260101-000000-llama-2-7b-tp1-codegen": (_run("20260101-000000-llama-2-7b-tp1-codegen", 5.0, 50, 500, 3), "train"),
+            "20260101-010000-llama-2-7b-tp1-general": (_run("20260101-010000-llama-2-7b-tp1-general", 10.0, 50, 560, 4), "train"),
+            "20260101-020000-llama-2-7b-tp1-roleplay": (_run("20260101-020000-llama-2-7b-tp1-roleplay", 6.0, 50, 760, 5), "validate")}
+    for eid, (r, split) in runs.items():
+        _write_run(tmp_path, eid, r, split)
+    scored = "20260101-020000-llama-2-7b-tp1-roleplay"
+    before = _predict(tmp_path, scored)
+    assert set(before) == {"requests_roles", "requests_lowo"}
+    (tmp_path / scored / "ground_truth.json.gz").unlink()
+    after = _predict(tmp_path, scored)
+    for name in before:
+        assert before[name].equals(after[name]), name
+    (tmp_path / "20260101-010000-llama-2-7b-tp1-general" / "ground_truth.json.gz").unlink()
+    changed = _predict(tmp_path, scored)
+    assert not changed["requests_roles"].equals(before["requests_roles"])
+
+
+def test_leave_one_model_out_transfer_through_the_architecture():
+    """Sources with the same efficiency ratios give the target those ratios × its own physics scales."""
+    a, b, t = arch_prior("llama-2-70b", 4), arch_prior("codellama-34b", 2), arch_prior("mixtral-8x7b", 2)
+
+    def src(pr):
+        return StepParams(b0_us=1.4 * pr.weights_floor_us, b_dec_us=2.0 * pr.compute_floor_us, b_kv_us=1.8 * pr.kv_floor_us,
+                          b_pf_us=pr.prefill_prior_us, b_npf_us=15.0 * pr.layers, q0_us=25000.0)
+
+    p, per = cp.transfer_params([(src(a), a), (src(b), b)], t)
+    assert p.b0_us == pytest.approx(1.4 * t.weights_floor_us)
+    assert p.b_dec_us == pytest.approx(2.0 * t.compute_floor_us)
+    assert p.b_kv_us == pytest.approx(1.8 * t.kv_floor_us)
+    assert p.b_npf_us == pytest.approx(15.0 * t.layers)
+    assert p.q0_us == 25000.0 and len(per) == 2
+    assert t.moe and t.compute_floor_us < 2 * t.params / 2 / 989.5e12 * 1e6  # MoE: active parameters only
+
+
+def test_interval_bounds_pick_the_quantile_models():
+    rows = np.array([StepParams(b0_us=b0, b_dec_us=0, b_kv_us=0.1, b_pf_us=20, b_npf_us=0, q0_us=1e4).as_vector()
+                     for b0 in (5000, 5100, 4900, 5300, 4700, 5000, 5200, 4800, 5050, 4950, 5150)])
+    lo, hi = interval_bounds({"rows": rows.tolist()}, 1000, {"decode_tokens": 1e4, "kv_sum": 1e7, "prefill_tokens": 1e3,
+                                                              "num_prefill_reqs": 10}, 100, 500)
+    assert lo.b0_us == 4700 and hi.b0_us == 5300
+    assert interval_bounds({"rows": rows[:1].tolist()}, 10, {}, 1, 1) is None

@@ -1,0 +1,65 @@
+"""Calibration through Dagster: `stepml run` on request-log runs calibrates per protocol (request_calibration in
+models_job), replays every run with the calibrated BLIS files (rows say which model, fitted on which runs, in or out
+of sample), writes intervals and the report's calibration section; `stepml export --format blis` ships the result."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from test_calibrate import _run, _write_run
+from stepml_dagster.cli import main, run_study
+
+RUNS = {"20260101-000000-llama-2-7b-tp1-codegen": (5.0, 500, 3, "train"),
+        "20260101-010000-llama-2-7b-tp1-general": (10.0, 560, 4, "train"),
+        "20260101-020000-llama-2-7b-tp1-roleplay": (6.0, 760, 5, "validate")}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    base = tmp_path_factory.mktemp("calibration_pipeline")
+    data, out = base / "data", base / "out"
+    data.mkdir()
+    for eid, (rate, prompt, seed, split) in RUNS.items():
+        _write_run(data, eid, _run(eid, rate, 40, prompt, seed), split)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAGSTER_HOME", str(base / "home"))
+        res = run_study(data, out, synth_if_empty=False, quiet=True, workers=1)
+        yield res, data, out, dg.DagsterInstance.get()
+
+
+def test_calibrated_models_are_replayed_per_protocol_out_of_sample(study):
+    res, data, out, instance = study
+    assert res["study_ok"] and not res["failed"], res
+    rows = pl.read_csv(out / "replay.csv").filter(pl.col("metric") == "e2e_mean")
+    cg, gen, rp = RUNS
+    roles = {r["experiment_id"]: r for r in rows.filter(pl.col("step_model") == "requests_roles").iter_rows(named=True)}
+    assert set(roles) == set(RUNS) and roles[rp]["sample"] == "out_of_sample" and roles[cg]["sample"] == "in_sample"
+    assert roles[rp]["fitted_on"] == f"{cg};{gen}"
+    lowo = {r["experiment_id"]: r for r in rows.filter(pl.col("step_model") == "requests_lowo").iter_rows(named=True)}
+    assert set(lowo) == set(RUNS)
+    for e, r in lowo.items():
+        assert r["sample"] == "out_of_sample" and e not in r["fitted_on"].split(";")
+        assert abs(r["rel_err_pct"]) < 10  # same engine behind all three runs
+    iv = pl.read_csv(out / "replay_intervals.csv")
+    assert set(iv["step_model"]) == {"requests_roles", "requests_lowo"} and (iv["lo"] <= iv["hi"]).all()
+    meta = instance.fetch_materializations(dg.AssetKey("request_calibration"), limit=1).records[0].asset_materialization.metadata
+    assert meta["calibrations"].value >= 4 and meta["computed"].value == meta["calibrations"].value
+    report = (out / "report.md").read_text()
+    assert "Step time calibrated from request logs" in report and "leave one workload out" in report
+
+
+def test_export_ships_the_calibrated_model_in_blis_format(study, tmp_path):
+    from stepml_core.blis_export import validate_schema
+    from stepml_core.sim.step_models import LinearStepTime
+
+    _, _, out, _ = study
+    assert main(["export", "--format", "blis", "--study", str(out), "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "llama-2-7b.json").read_text())
+    validate_schema(doc)
+    LinearStepTime(doc)  # what StepML replays
+    man = json.loads((tmp_path / "manifest.json").read_text())["models"]["llama-2-7b"]
+    assert man["step_model"] == "requests_all" and len(man["fitted_on"]) == 3
