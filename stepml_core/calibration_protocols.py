@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .errors import StepMLError
+from .parallel import process_workers
 from .calibrate import (PARAM_NAMES, ArchPrior, Calibration, CalibrationError, CalibrationRun, StepParams, arch_prior,
                         calibrate)
 
@@ -151,7 +152,7 @@ def run_calibrations(folds: list[Fold], load: Callable[[str], CalibrationRun], *
                      progress: Callable[[int, int, str], None] | None = None, **calibrate_kw) -> dict[tuple, Calibration | str]:
     """One calibration per distinct (LLM model, calibration runs) among the folds; ``load(run id)`` is called for
     calibration runs only (the runs a fold predicts are never loaded here). ``workers`` > 1: calibrations in that
-    many processes (the simulator is pure Python). A calibration that cannot be made maps to the reason (str)."""
+    many processes (the simulator is pure Python; 1 inside a daemonic process, which may not have children). A calibration that cannot be made maps to the reason (str)."""
     jobs: dict[tuple, tuple[str, ...]] = {}
     for f in folds:
         if f.calibrate_on:
@@ -165,6 +166,7 @@ def run_calibrations(folds: list[Fold], load: Callable[[str], CalibrationRun], *
         args.append((key, [cache[e] for e in ids], seed, calibrate_kw))
     out: dict[tuple, Calibration] = {}
     done = 0
+    workers = process_workers(workers)
     if workers > 1 and len(args) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed

@@ -66,6 +66,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import StepMLError
+from .parallel import process_workers
 from .limits import DEFAULT_LIMITS, InputLimitError, InputLimits
 from .runs import open_input
 
@@ -1781,7 +1782,7 @@ def read_traces(path: str | Path, *, workers: int | None = None, fast: bool = Tr
     f, st = open_input(path, root)
     with f:
         est = _estimate_uncompressed(f, st.st_size)
-        workers = _auto_workers(est) if workers is None else max(1, int(workers))
+        workers = process_workers(_auto_workers(est) if workers is None else max(1, int(workers)))
         first_chunk = None
         if chunk_bytes is None:  # ~2 MiB: the parse's working set stays in cache; a 1 MiB first chunk
             chunk_bytes = 2 << 20  # starts parsing while the rest is inflated

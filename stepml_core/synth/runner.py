@@ -14,6 +14,7 @@ import numpy as np
 import orjson
 import yaml
 
+from ..parallel import process_workers
 from ..runs import PROVENANCE_FILE
 from .spec import SYNTH_VERSION
 from .client import client_records, public_records, summarize
@@ -235,7 +236,7 @@ def synthesize_runs(out_dir: Path, run_ids: list[str] | None = None, *, scale: f
     specs = resolve_run_ids(run_ids)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    workers = max(1, min(len(specs), workers or os.cpu_count() or 1))
+    workers = process_workers(max(1, min(len(specs), workers or os.cpu_count() or 1)))
     if progress:
         for s in specs:
             progress(s.synth_id, 0.0)
