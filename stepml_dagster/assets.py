@@ -11,6 +11,7 @@ from stepml_core.ingest import ingest_run
 from stepml_core.replay_report import replay_section, replay_summary, requests_only_report
 from stepml_core.runs import find_trace_file
 from stepml_core.splits import split_summary
+from stepml_core.tables import quarantine_counts
 
 from .checks import check_result
 from .resources import StepMLSettings

@@ -32,7 +32,7 @@ def run(tmp_path_factory):
 def chain(run):
     """The partition's upstream values, as the assets themselves produce them."""
     raw = run["raw"]
-    outs = {o.output_name: o.value for o in A.step_tables(_ctx(run), raw_traces=raw) if isinstance(o, dg.Output)}
+    outs = {o.output_name: o.value for o in A.step_tables(_ctx(run), settings=run["settings"], raw_traces=raw) if isinstance(o, dg.Output)}
     ctx_value = A.request_context(_ctx(run), raw_traces=raw)
     fm = A.feature_matrix(_ctx(run), raw_traces=raw, step_table=outs["step_table"], request_context=ctx_value)
     sp = A.split(_ctx(run), raw_traces=raw, step_table=outs["step_table"])
@@ -74,7 +74,7 @@ def test_raw_traces_skips_a_run_without_traces(run, tmp_path):
 
 
 def test_step_tables_keep_valid_rows_and_pass_every_check(run, chain):
-    outs, checks = _results(A.step_tables(_ctx(run), raw_traces=run["raw"]))
+    outs, checks = _results(A.step_tables(_ctx(run), settings=run["settings"], raw_traces=run["raw"]))
     steps, quarantine = outs["step_table"].value, outs["quarantine"].value
     assert steps.height + outs["step_table"].metadata["rows_quarantined"].value == run["raw"]["steps"].height
     assert {"schedule_us", "cycle_us"} <= set(steps.columns)
@@ -83,31 +83,31 @@ def test_step_tables_keep_valid_rows_and_pass_every_check(run, chain):
 
 
 def test_schema_valid_fails_on_a_kept_row_that_breaks_the_schema(run, monkeypatch):
-    def broken(raw, file):  # a validation bug: a row whose tokens do not add up is kept
-        v = validate_steps(raw, file)
+    def broken(raw, file, exp_config=None):  # a validation bug: a row whose tokens do not add up is kept
+        v = validate_steps(raw, file, exp_config)
         kept = v.kept.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.col("batch.prefill_tokens") + 1)
                                    .otherwise(pl.col("batch.prefill_tokens")).alias("batch.prefill_tokens"))
         return ValidatedSteps(kept=kept, quarantine=v.quarantine, rows_in=v.rows_in)
 
     monkeypatch.setattr(pipeline, "validate_steps", broken)
-    _, checks = _results(A.step_tables(_ctx(run), raw_traces=run["raw"]))
+    _, checks = _results(A.step_tables(_ctx(run), settings=run["settings"], raw_traces=run["raw"]))
     assert not checks["schema_valid"].passed and checks["counts_balance"].passed
     assert "prefill + decode tokens == scheduled tokens" in str(checks["schema_valid"].metadata["failures"].value)
 
 
 def test_counts_balance_fails_when_a_row_is_lost(run, monkeypatch):
-    def lossy(raw, file):  # a validation bug: one row neither kept nor quarantined
-        v = validate_steps(raw, file)
+    def lossy(raw, file, exp_config=None):  # a validation bug: one row neither kept nor quarantined
+        v = validate_steps(raw, file, exp_config)
         return ValidatedSteps(kept=v.kept.slice(1), quarantine=v.quarantine, rows_in=v.rows_in)
 
     monkeypatch.setattr(pipeline, "validate_steps", lossy)
-    _, checks = _results(A.step_tables(_ctx(run), raw_traces=run["raw"]))
+    _, checks = _results(A.step_tables(_ctx(run), settings=run["settings"], raw_traces=run["raw"]))
     assert not checks["counts_balance"].passed and checks["schema_valid"].passed
 
 
 def test_no_unreadable_lines_warns_on_a_quarantined_line(run):
     raw = {**run["raw"], "meta": {**run["raw"]["meta"], "counters": {**run["raw"]["meta"]["counters"], "lines_quarantined": 2}}}
-    _, checks = _results(A.step_tables(_ctx(run), raw_traces=raw))
+    _, checks = _results(A.step_tables(_ctx(run), settings=run["settings"], raw_traces=raw))
     c = checks["no_unreadable_lines"]
     assert not c.passed and c.severity == dg.AssetCheckSeverity.WARN and c.metadata["lines_quarantined"].value == 2
 
