@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -37,16 +38,22 @@ REAL_RUNS = ["20260217-203421-llama-2-70b-hf-tp4-codegen", "20260218-150304-code
 
 
 def _outputs(out: Path) -> dict[str, str]:
-    """{file: text} of the study's outputs, the output folder's path replaced by <out>, and the one measured
-    figure (the replay table's "× real time", simulated seconds per wall second) replaced by <speed>."""
+    """{file: text} of the study's outputs, the output folder's path replaced by <out>, and the measured
+    figures replaced: the replay table's "× real time" (simulated seconds per wall second) by <speed>, the
+    calibration's cost line ("Cost: n distinct calibrations in x s wall (... Σ y s ...)") by <s>."""
     texts = {}
     for name in OUTPUTS:
         p = out / name
         if p.is_file():
             texts[name] = p.read_text().replace(str(out.resolve()), "<out>").replace(str(out), "<out>")
     if "report.md" in texts:
-        texts["report.md"] = _mask_speed(texts["report.md"])
+        texts["report.md"] = _mask_seconds(_mask_speed(texts["report.md"]))
     return texts
+
+
+def _mask_seconds(md: str) -> str:
+    return "".join(re.sub(r"[0-9][0-9.]* s\b", "<s> s", line) if line.startswith("Cost: ") else line
+                   for line in md.splitlines(keepends=True))
 
 
 def _mask_speed(md: str) -> str:
