@@ -105,7 +105,8 @@ def _run_partitions(defs, instance, settings, keys: list[str], job: str, workers
                 return
             failed.append(key)
             errors[key] = err
-            progress.advance(f"{key}: FAILED ({secs:.1f} s): {err}", persist=True)
+            took = f" ({secs:.1f} s)" if secs == secs else ""  # NaN: its worker died, no time measured
+            progress.advance(f"{key}: FAILED{took}: {err}", persist=True)
 
         if workers == 1 or len(keys) < 2:
             for i, key in enumerate(keys, 1):

@@ -17,7 +17,21 @@ from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel sends this worker SIGKILL when the process that started it dies, however it dies
+    (a SIGKILLed `stepml run` would otherwise leave its workers computing their partition to the end)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 def _worker_main(conn, fn: Callable, common: tuple, max_tasks: int) -> None:
+    _die_with_parent()
     for _ in range(max_tasks):
         try:
             key = conn.recv()
@@ -48,6 +62,7 @@ class _Worker:
         self.proc.start()
         child.close()
         self.key: str | None = None
+        self.tasks_left = max_tasks  # partitions it will still take; at 0 it exits by itself after its last result
 
 
 def run_in_workers(fn: Callable, common: tuple, keys: list[str], workers: int, tasks_per_worker: int,
@@ -59,12 +74,16 @@ def run_in_workers(fn: Callable, common: tuple, keys: list[str], workers: int, t
     pool: list[_Worker] = []
     try:
         while todo or any(w.key is not None for w in pool):
+            for w in [w for w in pool if w.key is None and w.tasks_left == 0]:  # done its share: let it exit, never hand it more
+                _retire(w)
+                pool.remove(w)
             busy = sum(w.key is not None for w in pool)
             while len(pool) < workers and len(pool) < busy + len(todo):
                 pool.append(_Worker(ctx, fn, common, tasks_per_worker))
             for w in pool:
-                if w.key is None and todo:
+                if w.key is None and todo and w.tasks_left > 0:
                     w.key = todo.popleft()
+                    w.tasks_left -= 1
                     try:
                         w.conn.send(w.key)
                     except (BrokenPipeError, OSError):
@@ -97,8 +116,13 @@ def run_in_workers(fn: Callable, common: tuple, keys: list[str], workers: int, t
             except (BrokenPipeError, OSError):
                 pass
         for w in pool:
-            w.proc.join(timeout=30)
-            if w.proc.is_alive():
-                w.proc.kill()
-                w.proc.join()
-            w.conn.close()
+            _retire(w)
+
+
+def _retire(w: _Worker) -> None:
+    """Wait for a worker that was told to stop (or has done its share) to exit; kill it after 30 s."""
+    w.proc.join(timeout=30)
+    if w.proc.is_alive():
+        w.proc.kill()
+        w.proc.join()
+    w.conn.close()

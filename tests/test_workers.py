@@ -1,0 +1,68 @@
+"""Partition workers (`stepml run --workers N`): a worker that has done its share of partitions is
+replaced, never handed one more partition that it would drop by exiting (seen on the real 16:
+"the worker process ... died: exited with code 0")."""
+
+import operator
+
+from stepml_dagster.workers import run_in_workers
+
+
+def test_workers_replaced_after_their_share_lose_no_partition():
+    keys = [f"k{i:02d}" for i in range(24)]
+    got = list(run_in_workers(operator.add, ("p-",), keys, workers=2, tasks_per_worker=1))
+    assert [m for _, _, m in got if m] == []
+    assert sorted(k for k, _, _ in got) == keys
+    assert all(r == "p-" + k for k, r, _ in got)
+
+
+_PARENT = r"""
+import sys, time
+from stepml_dagster.workers import run_in_workers
+for key, res, err in run_in_workers(time.sleep, (), [60.0, 60.0], workers=2, tasks_per_worker=1):
+    pass
+"""
+
+
+def test_workers_die_with_a_killed_parent(tmp_path):
+    """A `stepml run` killed by SIGKILL (the OOM killer) leaves no worker computing on (Linux)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux-only")
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT])
+
+    def children() -> list[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent.pid)], capture_output=True, text=True).stdout
+        return [int(x) for x in out.split()]
+
+    deadline = time.monotonic() + 60
+    while len(kids := [k for k in children() if _is_worker(k)]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(kids) == 2, "the two workers did not start"
+    time.sleep(1.0)  # let them reach their task
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while any(os.path.exists(f"/proc/{k}") and _state(k) != "Z" for k in kids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [k for k in kids if os.path.exists(f"/proc/{k}") and _state(k) != "Z"], "workers outlived their parent"
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        return b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        return False
+
+
+def _state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"
