@@ -1,9 +1,9 @@
 """The StepML study called directly on stepml_core, without Dagster: the in-process baseline.
 
-Each function mirrors an asset body in stepml_dagster/assets.py (same calls, same order) and
-records its wall time under the asset's name, so bench_study.py can put the Dagster step
-durations next to the bare compute of the same work. Nothing is written except the report
-files of the study phase (into out_dir).
+The same functions the assets call (stepml_core.pipeline, one per asset, in the assets' order),
+each timed under the asset's name, so bench_study.py can put the Dagster step durations next to
+the bare compute of the same work. Nothing is written except the report files of the study phase
+(into out_dir).
 """
 
 from __future__ import annotations
@@ -13,12 +13,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import polars as pl
-
-from stepml_core import study
+from stepml_core import pipeline, study
 from stepml_core.ingest import ingest_run
-from stepml_core.splits import split_table
-from stepml_core.tables import add_targets, validate_steps
 
 
 class Timer(dict):
@@ -37,19 +33,14 @@ def bare_partition(folder: Path, data_root: Path, seed: int = 0) -> tuple[dict, 
     with t("raw_traces"):
         raw = ingest_run(Path(folder), Path(data_root))
     with t("step_tables"):
-        v = validate_steps(raw["steps"], raw["meta"]["trace_file"])
-        steps = add_targets(v.kept)
-        quarantine = pl.concat([raw["quarantine"], v.quarantine], how="diagonal_relaxed")
+        tables = pipeline.step_tables(raw)
+        steps = tables.steps
     with t("request_context"):
-        cfg = raw["meta"].get("exp_config") or {}
-        ctx = study.request_context(raw, int(cfg.get("max_num_batched_tokens", 2048)))
-    m = raw["meta"]
+        ctx = pipeline.request_context(raw)
     with t("feature_matrix"):
-        fm = study.build_feature_matrix(steps, raw["snapshots"], model=m["model"], tp=m["tp"], experiment_id=m["experiment_id"],
-                                        source=m["source"], request_aggregates=study.journey_aggregates(ctx["step_inputs"]),
-                                        request_source="journey")
+        fm = pipeline.feature_matrix(raw, steps, ctx)
     with t("split"):
-        sp = split_table(steps, m["stage_durations_s"])
+        sp = pipeline.split(raw, steps)
     with t("fitted_models"):
         fitted = study.fit_experiment(study.with_split(fm, sp))
     with t("predictions"):
@@ -57,23 +48,19 @@ def bare_partition(folder: Path, data_root: Path, seed: int = 0) -> tuple[dict, 
     with t("metrics"):
         met = study.metrics_from_predictions(pred)
     with t("run_summary"):
-        kv = dict(fm["kv_source"].value_counts().iter_rows())
-        summary = {**{k: m[k] for k in ("experiment_id", "source", "stands_for", "model", "tp", "workload", "data_version", "files")},
-                   "steps_read": raw["steps"].height, "steps_kept": steps.height,
-                   "steps_quarantined": quarantine.filter(pl.col("kind") == "row").height,
-                   "lines_quarantined": m["counters"].get("lines_quarantined", 0), "quarantine_rows": quarantine.height,
-                   "kv_source": ", ".join(f"{k} {v}" for k, v in sorted(kv.items())), "kv_source_counts": kv}
+        summary = pipeline.run_summary(raw, steps, tables.quarantine, fm)
     with t("ablation"):
         abl = study.feature_group_ablation(study.with_split(fm, sp))
     with t("e2e_fidelity"):
-        e2e = study.e2e_fidelity_for_models(raw, ctx, fitted, model=m["model"], tp=m["tp"], experiment_id=m["experiment_id"])
+        e2e = pipeline.e2e_fidelity(raw, ctx, fitted)
     with t("method_checks"):
-        from stepml_core.method_checks import method_checks
-        from stepml_core.tables import cycle_rule_counts
-        checks = method_checks(study.with_split(fm, sp), fitted, cycle_rule_counts(steps), seed=seed)
+        checks = pipeline.method_checks(study.with_split(fm, sp), fitted, steps, seed=seed)
+    with t("request_log"):
+        log = pipeline.request_log(Path(folder))
     # what the study phase reads (the stored values of these assets)
     keep = {"feature_matrix": fm, "split": sp, "metrics": met, "predictions": pred, "run_summary": summary, "ablation": abl,
-            "agreement": ctx["agreement"], "e2e_fidelity": e2e, "step_table": steps, "method_checks": checks}
+            "agreement": ctx["agreement"], "e2e_fidelity": e2e, "step_table": steps, "method_checks": checks,
+            "fitted_models": fitted, "request_log": log}
     return keep, dict(t)
 
 
@@ -86,44 +73,70 @@ def bare_partition_worker(folder: str, data_root: str, seed: int = 0) -> tuple[s
     return Path(folder).name, keep, times
 
 
-def bare_study(parts: dict[str, dict], data_root: Path, out_dir: Path, seed: int = 0,
-               real_reference_dir: str = "", threads: int = min(2, os.cpu_count() or 1)) -> tuple[dict, dict]:
-    """The study assets' work over {experiment: bare_partition values}."""
-    from stepml_core.findings import study_findings
-    from stepml_core.method_checks import gather
-    from stepml_core.report import (calibration_sections, e2e_section, feature_provenance_section, reconstruction_section,
-                                    render_report, write_outputs)
+def bare_models(parts: dict[str, dict], data_root: Path, seed: int = 0, real_reference_dir: str = "",
+                threads: int = min(2, os.cpu_count() or 1)) -> tuple[dict, dict]:
+    """The models phase (models_job): pooled folds (no fold cache: the cold cost), calibration, replay models."""
     from stepml_core.synth.calibration import calibration_tables
 
     t = Timer()
     present = sorted(parts)
     mats = {e: study.with_split(parts[e]["feature_matrix"], parts[e]["split"]) for e in present}
-    with t("pooled_models"):  # global_models + generalization, one pool of folds, no fold cache (the cold cost)
+    with t("pooled_models"):  # global_models + generalization, one pool of folds
         pooled = study.fit_study_pooled(mats, seed=seed, threads=threads)
-        gm, gen = pooled["global_models"], pooled["generalization"]
     with t("calibration"):
         cal = calibration_tables([parts[e]["run_summary"] for e in present], {e: parts[e]["step_table"] for e in present},
                                  Path(data_root), Path(real_reference_dir) if real_reference_dir else None)
+    with t("replay_models"):
+        specs = pipeline.replay_models({e: parts[e]["fitted_models"] for e in present},
+                                       {e: parts[e]["run_summary"] for e in present}, present)
+    return {**pooled, "calibration": cal, "replay_models": specs}, dict(t)
+
+
+def bare_replay(folder: Path, data_root: Path, stored_log: dict, specs: list, out_dir: Path, seed: int = 0) -> tuple[dict, float]:
+    """One partition of the replay phase (replay_job): (value, seconds)."""
+    t = time.perf_counter()
+    value, _ = pipeline.replay(Path(folder), Path(folder).name, stored_log, specs, data_root=Path(data_root), out_dir=str(out_dir),
+                               seed=seed)
+    return value, time.perf_counter() - t
+
+
+def bare_replay_worker(folder: str, data_root: str, stored_log: dict, specs: list, out_dir: str, seed: int = 0):
+    value, secs = bare_replay(Path(folder), Path(data_root), stored_log, specs, Path(out_dir), seed)
+    return Path(folder).name, value, secs
+
+
+def bare_report(parts: dict[str, dict], models: dict, replays: dict[str, dict], out_dir: Path, seed: int = 0) -> tuple[dict, dict]:
+    """The report phase (study_job): replay_fidelity, then study_report (pipeline.assemble_study)."""
+    from stepml_core.replay_report import replay_section, replay_summary
+
+    t = Timer()
+    present = sorted(parts)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with t("replay_fidelity"):
+        logs = {e: parts[e]["request_log"] for e in present if parts[e].get("request_log") is not None}
+        fid = pipeline.replay_fidelity(replays, logs, sorted(replays), str(out_dir))
+        fid = {k: v for k, v in fid.items() if k != "replay_csv"}
     with t("study_report"):
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        all_metrics = pl.concat([*(parts[e]["metrics"] for e in present), gm["metrics"]], how="diagonal_relaxed")
-        all_pred = pl.concat([*(parts[e]["predictions"] for e in present), gm["predictions"]], how="diagonal_relaxed")
-        verdict = study.h1_verdict(all_metrics, all_pred, seed=seed)
-        g = gen["metrics"]
-        abl = pl.concat([parts[e]["ablation"] for e in present], how="diagonal_relaxed")
-        checks = gather({e: parts[e]["method_checks"] for e in present}, present, gm["models"])
-        findings = study_findings(predictions=all_pred, generalization=gen, ablation=abl, checks=checks, seed=seed)
-        verdict["recommendations"] = findings["recommendations"]
-        beyond = feature_provenance_section([parts[e]["run_summary"] for e in present], abl)
-        beyond += reconstruction_section({e: parts[e]["agreement"] for e in present})
-        e2e_parts = [parts[e]["e2e_fidelity"] for e in present]
-        summ = [p["summary"] for p in e2e_parts if p["summary"].height]
-        per_req = [p["per_request"] for p in e2e_parts if p["per_request"].height]
-        beyond += e2e_section(pl.concat(summ, how="diagonal_relaxed") if summ else None,
-                              pl.concat(per_req, how="diagonal_relaxed") if per_req else pl.DataFrame(), str(out_dir))
-        beyond += calibration_sections(cal["public"], cal["steps"])
-        write_outputs(str(out_dir), pl.concat([all_metrics, g], how="diagonal_relaxed") if g.height else all_metrics, verdict)
-        render_report(runs=[parts[e]["run_summary"] for e in present], metrics=all_metrics, predictions=all_pred,
-                      verdict=verdict, out_dir=str(out_dir), findings=findings, checks=checks, extra_sections=beyond)
+        col = lambda name: {e: parts[e][name] for e in present}  # noqa: E731
+        verdict = pipeline.assemble_study(
+            present, metrics=col("metrics"), predictions=col("predictions"), global_models=models["global_models"],
+            run_summary=col("run_summary"), ablation=col("ablation"), generalization=models["generalization"],
+            calibration=models["calibration"], agreements=col("agreement"), e2e_fidelity=col("e2e_fidelity"),
+            method_checks=col("method_checks"), out_dir=str(out_dir), seed=seed,
+            extra_sections=replay_section(fid, str(out_dir)), summary_extra=replay_summary(fid))["verdict"]
     return {"verdict": verdict}, dict(t)
+
+
+def bare_study(parts: dict[str, dict], data_root: Path, out_dir: Path, seed: int = 0, real_reference_dir: str = "",
+               threads: int = min(2, os.cpu_count() or 1)) -> tuple[dict, dict]:
+    """The three study phases in-process over {experiment: bare_partition values}: models, replays, report."""
+    models, times = bare_models(parts, data_root, seed, real_reference_dir, threads)
+    replays, t_replay = {}, 0.0
+    for e in sorted(parts):
+        if parts[e].get("request_log") is not None:
+            replays[e], secs = bare_replay(Path(data_root) / e, data_root, parts[e]["request_log"], models["replay_models"],
+                                           Path(out_dir), seed)
+            t_replay += secs
+    out, t_report = bare_report(parts, models, replays, out_dir, seed)
+    return out, {**times, "replay": t_replay, **t_report}

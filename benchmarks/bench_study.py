@@ -7,14 +7,15 @@
 
 Measures, in this order and in this process:
   1. baseline: the same work called directly on stepml_core (benchmarks/bare_path.py; no Dagster, no
-     stored assets), partitions in `--workers` spawn processes like `stepml run`, then the study in-process;
+     stored assets), partitions and replays in `--workers` spawn processes like `stepml run`, the models and the
+     report in-process;
   2. `stepml run --data D --out O --workers N` in a child process with a fresh DAGSTER_HOME: wall, CPU
      seconds and peak RSS of its process tree; from the instance's event log: Σ STEP_SUCCESS durations per
      asset (summed over partitions), run walls, the partition and study phases, Dagster overhead;
   3. incremental (unless --skip-incremental): one new run folder lands in D (a copy of --incremental-run
      synthesized with another seed under a new id), `stepml run --experiment NEW` re-materializes its
      partition and the study; the instance's materialization events show which (asset, partition) pairs
-     were recomputed. Baseline: bare partition + bare study over all runs, in-process.
+     were recomputed. Baseline: bare partition + the study's models, the new run's replay and the report, in-process.
 Targets: whole study < 120 s on 2 cores; incremental < 20 s. Every figure is printed against its target
 and as a ratio to the baseline measured in the same process. Temp folders are removed unless --keep.
 """
@@ -38,48 +39,61 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import (children_cpu_s, event_log_breakdown, load_avg, run_stepml, sampled_steps, self_cpu_s,  # noqa: E402
                      shifted_id, synthesize_seeds)
-from bare_path import bare_partition, bare_partition_worker, bare_study  # noqa: E402
+from bare_path import bare_models, bare_partition, bare_partition_worker, bare_replay_worker, bare_report  # noqa: E402
 
 TARGET_STUDY_S, TARGET_INCREMENTAL_S = 120.0, 20.0
 DEFAULT_INCREMENTAL_RUN = "20260218-150304-codellama-34b-tp2-general"  # a mid-sized run (≈ 6.5 k sampled steps)
 PARTITIONED = ["raw_traces", "step_tables", "request_context", "feature_matrix", "split", "fitted_models", "predictions",
-               "metrics", "run_summary", "ablation", "e2e_fidelity", "method_checks"]
-STUDY = ["pooled_models", "calibration", "study_report"]  # step keys (pooled_models materializes global_models + generalization)
+               "metrics", "run_summary", "ablation", "e2e_fidelity", "method_checks", "request_log"]
+# step keys of the study chain (pooled_models materializes global_models + generalization); replay is per partition
+STUDY = ["pooled_models", "calibration", "replay_models", "replay", "replay_fidelity", "study_report"]
+STUDY_JOBS = ("models_job", "replay_job", "study_job")
 
 
-def bare_baseline(folders: list[Path], root: Path, out: Path, workers: int) -> dict:
+def _pool_map(fn, workers: int, *iterables):
+    if workers == 1:
+        return list(map(fn, *iterables))
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        return list(pool.map(fn, *iterables))
+
+
+def bare_baseline(folders: list[Path], root: Path, out: Path, workers: int, real_reference_dir: str = "") -> dict:
+    """The same work on stepml_core alone: partitions and replays in `workers` spawn processes (as `stepml run`),
+    the models and the report in-process."""
     cpu0, t0, load0 = self_cpu_s() + children_cpu_s(), time.perf_counter(), load_avg()
     parts, per_asset = {}, defaultdict(float)
-    if workers == 1:
-        for f in folders:
-            keep, times = bare_partition(f, root)
-            parts[f.name] = keep
-            for k, v in times.items():
+    for name, keep, times in _pool_map(bare_partition_worker, workers, [str(f) for f in folders], [str(root)] * len(folders)):
+        parts[name] = keep
+        for k, v in times.items():
+            if not k.startswith("_"):
                 per_asset[k] += v
-    else:
-        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            for name, keep, times in pool.map(bare_partition_worker, [str(f) for f in folders], [str(root)] * len(folders)):
-                parts[name] = keep
-                for k, v in times.items():
-                    if not k.startswith("_"):
-                        per_asset[k] += v
     t1 = time.perf_counter()
-    _, st = bare_study(parts, root, out)
+    models, st = bare_models(parts, root, real_reference_dir=real_reference_dir)
+    logs = sorted(e for e in parts if parts[e].get("request_log") is not None)
+    replays = {}
+    for name, value, secs in _pool_map(bare_replay_worker, workers, [str(root / e) for e in logs], [str(root)] * len(logs),
+                                       [parts[e]["request_log"] for e in logs], [models["replay_models"]] * len(logs),
+                                       [str(out)] * len(logs)):
+        replays[name] = value
+        per_asset["replay"] += secs
+    _, sr = bare_report(parts, models, replays, out)
     t2 = time.perf_counter()
     return {"wall_s": t2 - t0, "partition_phase_s": t1 - t0, "study_phase_s": t2 - t1, "cpu_s": self_cpu_s() + children_cpu_s() - cpu0,
-            "assets": {**per_asset, **st}, "load_before": load0, "load_after": load_avg(), "_parts": parts}
+            "assets": {**per_asset, **st, **sr}, "load_before": load0, "load_after": load_avg(), "_parts": parts}
 
 
 def dagster_breakdown(home: Path, total_wall: float, workers: int, run_ids: set[str] | None = None) -> dict:
+    """From the instance's event log: the partition phase (experiment_job runs, first start → last end), the study
+    phase (models_job, replay_job runs first start → last end, study_job), Σ step durations per asset."""
     ev = event_log_breakdown(home, run_ids)
     runs = ev["runs"]
     exp = [r for r in runs if r["job"] == "experiment_job"]
-    stu = [r for r in runs if r["job"] == "study_job"]
-    part_phase = (max(r["end"] for r in exp) - min(r["start"] for r in exp)) if exp else 0.0
-    study_phase = sum(r["wall_s"] for r in stu)
+    stu = [r for r in runs if r["job"] in STUDY_JOBS]
+    span = lambda rs: (max(r["end"] for r in rs) - min(r["start"] for r in rs)) if rs else 0.0  # noqa: E731
+    part_phase, study_phase = span(exp), span(stu)
     per_asset = defaultdict(float)
-    for (job, step), s in ev["assets"].items():
-        per_asset[step] += s
+    for (_job, step), s in ev["assets"].items():
+        per_asset[step.split("[")[0]] += s
     steps_part = sum(r["steps_s"] for r in exp)
     steps_study = sum(r["steps_s"] for r in stu)
     return {
@@ -113,7 +127,108 @@ def land_new_run(root: Path, tmp: Path, real_id: str, seed: int = 100) -> str:
     return new_id
 
 
+def _data(a, tmp: Path, res: dict) -> tuple[Path, list[Path]]:
+    """The data folder (synthesized, or hard links to --data when a run will be added) and its run folders."""
+    from stepml_core.runs import discover_run_folders, resolve_data_root
+
+    if a.data:
+        root = resolve_data_root(a.data)
+        if not a.skip_incremental:  # never add a run to the caller's folder: work on hard links
+            from _common import link_data_folder
+            root = link_data_folder(discover_run_folders(root)[0], tmp / "data")
+    else:
+        t = time.perf_counter()
+        root = synthesize_seeds(tmp / "pool", [0], scale=a.scale, workers=a.workers)[0][0].parent
+        res["synth_s"] = time.perf_counter() - t
+        print(f"synthesized 16 runs (scale {a.scale}) in {res['synth_s']:.1f} s")
+    folders = discover_run_folders(root)[0]
+    res["runs"], res["sampled_steps"] = len(folders), sampled_steps(folders)
+    print(f"{len(folders)} run folders in {root}; {res['sampled_steps']} sampled steps; workers {a.workers}; "
+          f"load average {load_avg():.1f} on {os.cpu_count()} cores")
+    return root, folders
+
+
+def _print_whole_study(r: dict, d: dict, bare: dict | None, folders: list[Path], res: dict, workers: int) -> None:
+    B = bare or {"assets": {}}
+    print(f"\nWhole study: {len(folders)} runs, {res['sampled_steps']} sampled steps, {workers} worker(s); "
+          f"load average {r['load_before']:.1f} → {r['load_after']:.1f}; stepml run used {r['cpu_s']:.0f} CPU-s "
+          f"({r['cpu_s'] / r['wall_s']:.2f} cores busy), peak RSS {r['peak_rss_gb']:.2f} GB at {r['peak_at_s']:.0f} s "
+          f"(main process {r['peak_main_gb']:.2f} GB, largest process {r['peak_one_process_gb']:.2f} GB)")
+    _row("stepml run, wall", TARGET_STUDY_S, r["wall_s"], B.get("wall_s"))
+    _row("  partition phase (experiment_job runs)", None, d["partition_phase_s"], B.get("partition_phase_s"))
+    _row("  study phase (models, replay, study jobs)", None, d["study_phase_s"], B.get("study_phase_s"))
+    _row("  outside runs (start-up, imports, defs, spawn)", None, d["outside_runs_s"])
+    _row("  Σ asset work (STEP_SUCCESS durations)", None, d["sum_asset_work_s"], sum(B["assets"].values()) or None)
+    _row("  Dagster overhead in runs (Σ run wall − Σ steps)", None, d["in_run_overhead_s"])
+    _row("  wall − Σ asset work / workers", None, r["wall_s"] - d["partition_asset_work_s"] / workers - d["study_asset_work_s"])
+    print(f"\n  {'asset':<18} {'Dagster Σ s':>11} {'bare Σ s':>9} {'ratio':>6}   (Dagster step = load inputs + compute + store outputs)")
+    for k in PARTITIONED + STUDY:
+        dv = d["assets"].get(k, 0.0)
+        bv = B["assets"].get(k)
+        print(f"  {k:<18} {dv:11.1f} {bv if bv is not None else float('nan'):9.1f} {dv / bv if bv else float('nan'):6.2f}")
+    if bare:
+        print(f"\n  bare baseline: wall {bare['wall_s']:.1f} s (partitions {bare['partition_phase_s']:.1f} s, study "
+              f"{bare['study_phase_s']:.1f} s), {bare['cpu_s']:.0f} CPU-s; load average {bare['load_before']:.1f} → {bare['load_after']:.1f}")
+
+
+def _expected_keys() -> tuple[set[str], set[str]]:
+    """(asset keys of one partition: experiment_job + replay_job, asset keys of the study: models_job + study_job)."""
+    from stepml_dagster.definitions import JOBS
+
+    keys = lambda jobs: {k.to_user_string() for j in jobs for a in JOBS[j][0] for k in a.keys}  # noqa: E731
+    return keys(("experiment_job", "replay_job")), keys(("models_job", "study_job"))
+
+
+def _incremental(a, root: Path, tmp: Path, out: Path, home: Path, bare: dict | None) -> dict:
+    """One new run lands; `stepml run --experiment NEW`: its partition and the study chain only."""
+    new_id = land_new_run(root, tmp, a.incremental_run)
+    old_run_ids = {x["run_id"] for x in event_log_breakdown(home)["runs"]}
+    print(f"\nincremental: {new_id} landed; stepml run --experiment {new_id} ...", flush=True)
+    ri = run_stepml(["run", "--data", str(root), "--out", str(out), "--no-synth", "--experiment", new_id], home,
+                    log=tmp / "stepml_incremental.log")
+    if ri["rc"] != 0:
+        print((tmp / "stepml_incremental.log").read_text()[-3000:])
+        raise SystemExit(f"incremental stepml run failed (rc {ri['rc']})")
+    after = event_log_breakdown(home)
+    di = dagster_breakdown(home, ri["wall_s"], 1, {x["run_id"] for x in after["runs"]} - old_run_ids)
+    mats = di["materializations"]
+    recomputed = sorted(f"{k}[{p}]" if p else k for (k, p) in mats)
+    other = sorted({p for (k, p) in mats if p and p != new_id})
+    study_keys, part_keys = {k for (k, p) in mats if p is None}, {k for (k, p) in mats if p == new_id}
+    want_part, want_study = _expected_keys()
+    ok = not other and study_keys == want_study and part_keys == want_part
+    counts_old = {(k, p): n for (k, p), n in after["materializations"].items() if p and p != new_id}
+    ib = None
+    if bare:
+        t = time.perf_counter()
+        parts = bare.pop("_parts")
+        keep, _ = bare_partition(root / new_id, root)
+        parts[new_id] = keep
+        models, _ = bare_models(parts, root, real_reference_dir=a.real_reference_dir)
+        replays = {}
+        if keep.get("request_log") is not None:  # `stepml run --experiment NEW` replays the new run only
+            replays[new_id] = bare_replay_worker(str(root / new_id), str(root), keep["request_log"], models["replay_models"],
+                                                 str(tmp / "bare_out"))[1]
+        bare_report(parts, models, replays, tmp / "bare_out")
+        ib = time.perf_counter() - t
+    res = {**ri, "new_run": new_id, "partition_phase_s": di["partition_phase_s"], "study_phase_s": di["study_phase_s"],
+           "assets": di["assets"], "recomputed": recomputed, "other_partitions_recomputed": other,
+           "only_new_partition_and_study": ok, "old_partitions_materialized_once": all(n == 1 for n in counts_old.values()),
+           "bare_s": ib}
+    print(f"\nIncremental: one new run ({new_id}); load average {ri['load_before']:.1f} → {ri['load_after']:.1f}")
+    _row("stepml run --experiment NEW (partition + study)", TARGET_INCREMENTAL_S, ri["wall_s"], ib)
+    _row("  its partition (experiment_job)", None, di["partition_phase_s"])
+    _row("  study phase (models, replay, study jobs)", None, di["study_phase_s"])
+    print(f"  materialized by the new runs: {len(recomputed)} (asset, partition) pairs: the new partition's "
+          f"{len(part_keys)} assets + study assets {sorted(study_keys)}; other partitions recomputed: {other or 'none'}; "
+          f"every older partition still has exactly one materialization per asset: "
+          f"{res['old_partitions_materialized_once']}  → {'OK' if ok else 'UNEXPECTED'}")
+    return res
+
+
 def main(argv=None) -> int:
+    from stepml_dagster.resources import DEFAULT_REAL_REFERENCE_DIR
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, help="folder of run folders (default: synthesize the 16 runs at --scale)")
     ap.add_argument("--scale", type=float, default=1.0)
@@ -124,35 +239,18 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", type=Path, help="keep data/out/DAGSTER_HOME under this folder instead of a temp folder")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
+    a.real_reference_dir = DEFAULT_REAL_REFERENCE_DIR  # what `stepml run`'s calibration asset compares with
 
     tmp = a.keep or Path(tempfile.mkdtemp(prefix="bench_study_"))
     tmp.mkdir(parents=True, exist_ok=True)
     res: dict = {"workers": a.workers, "cores": os.cpu_count()}
     try:
-        if a.data:
-            from stepml_core.runs import resolve_data_root
-            root = resolve_data_root(a.data)
-            if not a.skip_incremental:  # never add a run to the caller's folder: work on hard links
-                from _common import link_data_folder
-                from stepml_core.runs import discover_run_folders
-                root = link_data_folder(discover_run_folders(root)[0], tmp / "data")
-        else:
-            t = time.perf_counter()
-            root = synthesize_seeds(tmp / "pool", [0], scale=a.scale, workers=a.workers)[0][0].parent
-            res["synth_s"] = time.perf_counter() - t
-            print(f"synthesized 16 runs (scale {a.scale}) in {res['synth_s']:.1f} s")
-        from stepml_core.runs import discover_run_folders
-        folders = discover_run_folders(root)[0]
-        res["runs"], res["sampled_steps"] = len(folders), sampled_steps(folders)
-        print(f"{len(folders)} run folders in {root}; {res['sampled_steps']} sampled steps; workers {a.workers}; "
-              f"load average {load_avg():.1f} on {os.cpu_count()} cores")
-
+        root, folders = _data(a, tmp, res)
         bare = None
         if not a.skip_bare:
             print("baseline: bare stepml_core path ...", flush=True)
-            bare = bare_baseline(folders, root, tmp / "bare_out", a.workers)
+            bare = bare_baseline(folders, root, tmp / "bare_out", a.workers, a.real_reference_dir)
             res["bare"] = {k: v for k, v in bare.items() if k != "_parts"}
-
         print("stepml run ...", flush=True)
         home, out = tmp / "home", tmp / "out"
         r = run_stepml(["run", "--data", str(root), "--out", str(out), "--no-synth", "--workers", str(a.workers)], home,
@@ -162,71 +260,9 @@ def main(argv=None) -> int:
             raise SystemExit(f"stepml run failed (rc {r['rc']})")
         d = dagster_breakdown(home, r["wall_s"], a.workers)
         res["dagster"] = {**r, **{k: v for k, v in d.items() if k != "materializations"}}
-        B = bare or {"assets": {}}
-
-        print(f"\nWhole study: {len(folders)} runs, {res['sampled_steps']} sampled steps, {a.workers} worker(s); "
-              f"load average {r['load_before']:.1f} → {r['load_after']:.1f}; stepml run used {r['cpu_s']:.0f} CPU-s "
-              f"({r['cpu_s'] / r['wall_s']:.2f} cores busy), peak RSS {r['peak_rss_gb']:.2f} GB at {r['peak_at_s']:.0f} s "
-              f"(main process {r['peak_main_gb']:.2f} GB, largest process {r['peak_one_process_gb']:.2f} GB)")
-        _row("stepml run, wall", TARGET_STUDY_S, r["wall_s"], B.get("wall_s"))
-        _row("  partition phase (16 experiment_job runs)", None, d["partition_phase_s"], B.get("partition_phase_s"))
-        _row("  study phase (study_job)", None, d["study_phase_s"], B.get("study_phase_s"))
-        _row("  outside runs (start-up, imports, defs, spawn)", None, d["outside_runs_s"])
-        _row("  Σ asset work (STEP_SUCCESS durations)", None, d["sum_asset_work_s"], sum(B["assets"].values()) or None)
-        _row("  Dagster overhead in runs (Σ run wall − Σ steps)", None, d["in_run_overhead_s"])
-        _row("  wall − Σ asset work / workers", None, r["wall_s"] - d["partition_asset_work_s"] / a.workers - d["study_asset_work_s"])
-        print(f"\n  {'asset':<18} {'Dagster Σ s':>11} {'bare Σ s':>9} {'ratio':>6}   (Dagster step = load inputs + compute + store outputs)")
-        for k in PARTITIONED + STUDY:
-            dv = d["assets"].get(k, 0.0)
-            bv = B["assets"].get(k)
-            print(f"  {k:<18} {dv:11.1f} {bv if bv is not None else float('nan'):9.1f} {dv / bv if bv else float('nan'):6.2f}")
-        if bare:
-            print(f"\n  bare baseline: wall {bare['wall_s']:.1f} s (partitions {bare['partition_phase_s']:.1f} s, study "
-                  f"{bare['study_phase_s']:.1f} s), {bare['cpu_s']:.0f} CPU-s; load average {bare['load_before']:.1f} → {bare['load_after']:.1f}")
-
+        _print_whole_study(r, d, bare, folders, res, a.workers)
         if not a.skip_incremental:
-            new_id = land_new_run(root, tmp, a.incremental_run)
-            before = event_log_breakdown(home)
-            old_run_ids = {x["run_id"] for x in before["runs"]}
-            print(f"\nincremental: {new_id} landed; stepml run --experiment {new_id} ...", flush=True)
-            ri = run_stepml(["run", "--data", str(root), "--out", str(out), "--no-synth", "--experiment", new_id], home,
-                            log=tmp / "stepml_incremental.log")
-            if ri["rc"] != 0:
-                print((tmp / "stepml_incremental.log").read_text()[-3000:])
-                raise SystemExit(f"incremental stepml run failed (rc {ri['rc']})")
-            after = event_log_breakdown(home)
-            new_runs = {x["run_id"] for x in after["runs"]} - old_run_ids
-            di = dagster_breakdown(home, ri["wall_s"], 1, new_runs)
-            mats = di["materializations"]
-            recomputed = sorted(f"{k}[{p}]" if p else k for (k, p) in mats)
-            other = sorted({p for (k, p) in mats if p and p != new_id})
-            study_keys = {k for (k, p) in mats if p is None}
-            part_keys = {k for (k, p) in mats if p == new_id}
-            ok = not other and study_keys == {"global_models", "generalization", "calibration", "study_report"} and \
-                part_keys == {"raw_traces", "step_table", "quarantine", "request_context", "feature_matrix", "split", "fitted_models",
-                              "predictions", "metrics", "run_summary", "ablation", "e2e_fidelity", "method_checks"}
-            counts_old = {(k, p): n for (k, p), n in after["materializations"].items() if p and p != new_id}
-            ib = None
-            if bare:
-                t = time.perf_counter()
-                parts = bare.pop("_parts")
-                keep, _ = bare_partition(root / new_id, root)
-                parts[new_id] = keep
-                bare_study(parts, root, tmp / "bare_out")
-                ib = time.perf_counter() - t
-            res["incremental"] = {**ri, "new_run": new_id, "partition_phase_s": di["partition_phase_s"],
-                                  "study_phase_s": di["study_phase_s"], "assets": di["assets"], "recomputed": recomputed,
-                                  "other_partitions_recomputed": other, "only_new_partition_and_study": ok,
-                                  "old_partitions_materialized_once": all(n == 1 for n in counts_old.values()),
-                                  "bare_s": ib}
-            print(f"\nIncremental: one new run ({new_id}); load average {ri['load_before']:.1f} → {ri['load_after']:.1f}")
-            _row("stepml run --experiment NEW (partition + study)", TARGET_INCREMENTAL_S, ri["wall_s"], ib)
-            _row("  its partition (experiment_job)", None, di["partition_phase_s"])
-            _row("  study phase (study_job)", None, di["study_phase_s"])
-            print(f"  materialized by the new runs: {len(recomputed)} (asset, partition) pairs: the new partition's "
-                  f"{len(part_keys)} assets + study assets {sorted(study_keys)}; other partitions recomputed: {other or 'none'}; "
-                  f"every older partition still has exactly one materialization per asset: "
-                  f"{res['incremental']['old_partitions_materialized_once']}  → {'OK' if ok else 'UNEXPECTED'}")
+            res["incremental"] = _incremental(a, root, tmp, out, home, bare)
         if a.json:
             a.json.write_text(json.dumps(res, indent=2, default=str))
     finally:

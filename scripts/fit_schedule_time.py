@@ -301,7 +301,7 @@ def main(argv=None) -> int:
                            "rows": int(sum(len(v) for v in test.values()))},
         },
         "per_run_simulation_scale": a.scale, "passes": a.passes,
-        "notes": "step.duration_us is schedule() CPU time (trace-format §2.5); no physics gives it. The preemption "
+        "notes": "step.duration_us is schedule() CPU time (docs/trace-format.md §3.3); no physics gives it. The preemption "
                  f"coefficient ({PREEMPT_PRIOR}) is a prior: the real rows contain no preemption.",
     }
     a.out.write_text(json.dumps(model, indent=1) + "\n")

@@ -1,6 +1,6 @@
 """Model and GPU catalogue (data/catalog/*.json) as frozen spec objects.
 
-Per-GPU constants follow feature-spec §2.2–2.3 with TP degree t:
+Per-GPU constants follow docs/features.md §1 with TP degree t:
   A = 2 d² + 2 d d_kv           attention projection params per layer (d_kv = H_kv d_h)
   M = 3 d d_ff                   SwiGLU params per expert per layer
   R = d E                        router params per layer (MoE only)

@@ -7,7 +7,7 @@ with the latencies observed on the engine's monotonic clock (journey ``ts.monoto
 "Teacher-forced": the batches are the observed ones, so errors do not compound through the
 scheduler as they would in a free-running simulation; this isolates the step-time model.
 
-Clock model (vLLM v1, async scheduling, trace-format §2.5/§3.2). The cycle of step N is
+Clock model (vLLM v1, async scheduling, docs/trace-format.md §3.3, §4). The cycle of step N is
 ``ts_start[N+1] − ts_start[N]`` (the ``cycle_us`` target of :mod:`stepml_core.tables`).
 
 * ``journey.QUEUED`` with ``scheduler.step = q`` is emitted between iterations, right before
@@ -123,6 +123,23 @@ def step_table(batches: pl.DataFrame, journey: pl.DataFrame, *, steps: pl.DataFr
     running = _intervals_count(ep["s"].to_numpy(), ep["E"].to_numpy(), size)
     ws, we = _waiting_intervals(journey, last_step)
     waiting = _intervals_count(ws, we, size)
+    n_pre, n_fin = _preempted_finished_counts(journey, size, output_lag)
+    total, free, sampled = _kv_blocks_free(batches, steps, size, block_size, kv_blocks_total)
+    sl = slice(1, size)
+    return base.with_columns(
+        pl.Series("queue.running_depth", running[sl]), pl.Series("queue.waiting_depth", waiting[sl]),
+        pl.Series("batch.num_finished", n_fin[sl].astype(np.int64)),
+        pl.Series("batch.num_preempted", n_pre[sl].astype(np.int64)),
+        pl.lit(int(total), dtype=pl.Int64).alias("kv.blocks_total_gpu"),
+        pl.Series("kv.blocks_free_gpu", free[sl]),
+        pl.Series("kv.usage_gpu_ratio", (1.0 - free[sl] / max(int(total), 1)) if total else np.zeros(size - 1)),
+        pl.Series("sampled", sampled[sl]),
+    )
+
+
+def _preempted_finished_counts(journey: pl.DataFrame, size: int, output_lag: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per step id 0 … size−1: PREEMPTED events of the step, and requests finished since the previous schedule()
+    (natural finish at D → step D+1+lag, abort at counter N → N+1)."""
     ev = journey.select(pl.col("event.type"), pl.col("scheduler.step").cast(pl.Int64),
                         (pl.col("finish.status") if "finish.status" in journey.columns else pl.lit(None, dtype=pl.Utf8)).alias("st"))
     pre = ev.filter(pl.col("event.type") == "PREEMPTED")["scheduler.step"].to_numpy()
@@ -131,7 +148,13 @@ def step_table(batches: pl.DataFrame, journey: pl.DataFrame, *, steps: pl.DataFr
     fstep = fin["scheduler.step"].to_numpy() + np.where(ab, 1, 1 + output_lag)
     n_pre = np.bincount(np.clip(pre, 0, size - 1), minlength=size)[:size] if len(pre) else np.zeros(size, np.int64)
     n_fin = np.bincount(fstep[fstep < size], minlength=size)[:size] if len(fstep) else np.zeros(size, np.int64)
-    # KV blocks
+    return n_pre, n_fin
+
+
+def _kv_blocks_free(batches: pl.DataFrame, steps: pl.DataFrame | None, size: int, block_size: int,
+                    kv_blocks_total: int | None) -> tuple[int, np.ndarray, np.ndarray]:
+    """(blocks total, free blocks per step id 0 … size−1, sampled per step id): used blocks estimated from the
+    reconstructed batches, scaled to the BATCH_SUMMARY values at the sampled steps (see step_table)."""
     blk = batches.group_by("step.id").agg(
         est=((pl.col("progress_index") + pl.col("new_tokens") + block_size - 1) // block_size).sum())
     est = np.zeros(size, np.float64)
@@ -162,16 +185,7 @@ def step_table(batches: pl.DataFrame, journey: pl.DataFrame, *, steps: pl.DataFr
     free = (total - used).astype(np.int64)
     if obs_free is not None:
         free[obs_free[0]] = obs_free[1]
-    sl = slice(1, size)
-    return base.with_columns(
-        pl.Series("queue.running_depth", running[sl]), pl.Series("queue.waiting_depth", waiting[sl]),
-        pl.Series("batch.num_finished", n_fin[sl].astype(np.int64)),
-        pl.Series("batch.num_preempted", n_pre[sl].astype(np.int64)),
-        pl.lit(int(total), dtype=pl.Int64).alias("kv.blocks_total_gpu"),
-        pl.Series("kv.blocks_free_gpu", free[sl]),
-        pl.Series("kv.usage_gpu_ratio", (1.0 - free[sl] / max(int(total), 1)) if total else np.zeros(size - 1)),
-        pl.Series("sampled", sampled[sl]),
-    )
+    return total, free, sampled
 
 
 def step_inputs(batches: pl.DataFrame, journey: pl.DataFrame, **kw) -> pl.DataFrame:
@@ -319,23 +333,52 @@ def e2e_fidelity(batches: pl.DataFrame, journey: pl.DataFrame, predict: Predicto
         table = step_inputs(batches, journey, steps=steps, output_lag=output_lag, **table_kw)
     cyc = _cycles(predict, table)
     ids = table["step.id"].to_numpy()
-    size = int(ids.max()) + 2 + output_lag if len(ids) else 2
+    span = _cycle_span_sums(ids, cyc, int(ids.max()) + 2 + output_lag if len(ids) else 2)
+    req = episodes if episodes is not None else journey_episodes(journey, output_lag=output_lag)[1]
+    per, natural, waited = _request_latencies(req, span, output_lag)
+    part = scheduled_counts if scheduled_counts is not None else scheduled_counts_of(batches)
+    per = per.join(part, on="request.id", how="left")
+    lat = _api_latency(api)
+    if lat is not None:
+        per = per.with_columns(api_id=pl.col("request.id").str.replace(r"-[^-]*-[^-]*$", "")).join(
+            lat, on="api_id", how="left").drop("api_id")
+    f = lambda col: per[col].cast(pl.Float64).fill_null(np.nan).to_numpy()
+    summary = {
+        "experiment_id": experiment_id, "requests": per.height, "natural_finishes": int(natural.sum()),
+        "steps": int(len(ids)), "steps_without_prediction": int((~np.isfinite(cyc)).sum()),
+        "ttft": summarize_errors(f("obs_ttft_us"), f("pred_ttft_us")),
+        "decode_interval": summarize_errors(f("obs_decode_interval_us"), f("pred_decode_interval_us")),
+        "e2e": summarize_errors(f("obs_e2e_us"), f("pred_e2e_us")),
+        # queueing only where the request waited at least one whole step (s ≥ q + 2): for an
+        # immediate admission the observed wait is a fraction of schedule() (predicted 0)
+        "queue": summarize_errors(np.where(waited, f("obs_queue_us"), np.nan), f("pred_queue_us")),
+    }
+    return E2EResult(per, summary, pl.DataFrame({"step.id": ids, "cycle_us": cyc}))
+
+
+def _cycle_span_sums(ids: np.ndarray, cyc: np.ndarray, size: int):
+    """span(a, b) = Σ cycle[a+1 … b] over arrays of step ids (NaN where a step in range has no prediction or the
+    range is invalid), from cumulative sums of the predicted cycles."""
     c = np.full(size, np.nan)
     c[ids] = cyc
     c[0] = 0.0
     nan = ~np.isfinite(c)
     C = np.cumsum(np.where(nan, 0.0, c))
     Cn = np.cumsum(nan)
-    req = episodes if episodes is not None else journey_episodes(journey, output_lag=output_lag)[1]
 
     def span(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Σ cycle[a+1 … b] (NaN where a step in range has no prediction or the range is invalid)."""
         ok = (a >= 0) & (b >= a) & (b < size)
         aa, bb = np.clip(a, 0, size - 1), np.clip(b, 0, size - 1)
         v = C[bb] - C[aa]
         bad = ~ok | (Cn[bb] - Cn[aa] > 0)
         return np.where(bad, np.nan, v)
 
+    return span
+
+
+def _request_latencies(req: pl.DataFrame, span, output_lag: int) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
+    """(per-request observed and predicted queue, TTFT, E2E and decode interval with errors in %; natural-finish mask;
+    waited ≥ one whole step before admission) from the journey episodes' milestones (clock model: module docstring)."""
     g = lambda col: req[col].fill_null(-1).to_numpy().astype(np.int64)
     q, s1, ft, D = g("queued_step"), g("first_sched_step"), g("first_token_step"), g("finished_step")
     qn = req["queued_ns"].cast(pl.Float64).to_numpy()
@@ -354,7 +397,6 @@ def e2e_fidelity(batches: pl.DataFrame, journey: pl.DataFrame, predict: Predicto
     multi = natural & (ft >= 0) & (out_tok > 1)
     pred_di = np.where(multi, (pred_e2e - pred_ttft) / np.maximum(out_tok - 1, 1), np.nan)
     obs_di = np.where(multi, (obs_e2e - obs_ttft) / np.maximum(out_tok - 1, 1), np.nan)
-    part = scheduled_counts if scheduled_counts is not None else scheduled_counts_of(batches)
     pct = lambda p, o: np.where(np.isfinite(p) & np.isfinite(o) & (o > 0), 100.0 * (p - o) / np.where(o > 0, o, 1), np.nan)
     per = req.select("request.id", "prompt_len", "output_tokens", "finish_status", "num_preemptions", "queued_step",
                      "first_sched_step", "first_token_step", "finished_step").with_columns(
@@ -365,20 +407,5 @@ def e2e_fidelity(batches: pl.DataFrame, journey: pl.DataFrame, predict: Predicto
         obs_decode_interval_us=pl.Series(obs_di), pred_decode_interval_us=pl.Series(pred_di),
         ttft_err_pct=pl.Series(pct(pred_ttft, obs_ttft)), e2e_err_pct=pl.Series(pct(pred_e2e, obs_e2e)),
         decode_interval_err_pct=pl.Series(pct(pred_di, obs_di)),
-    ).fill_nan(None).join(part, on="request.id", how="left")
-    lat = _api_latency(api)
-    if lat is not None:
-        per = per.with_columns(api_id=pl.col("request.id").str.replace(r"-[^-]*-[^-]*$", "")).join(
-            lat, on="api_id", how="left").drop("api_id")
-    f = lambda col: per[col].cast(pl.Float64).fill_null(np.nan).to_numpy()
-    summary = {
-        "experiment_id": experiment_id, "requests": per.height, "natural_finishes": int(natural.sum()),
-        "steps": int(len(ids)), "steps_without_prediction": int((~np.isfinite(cyc)).sum()),
-        "ttft": summarize_errors(f("obs_ttft_us"), f("pred_ttft_us")),
-        "decode_interval": summarize_errors(f("obs_decode_interval_us"), f("pred_decode_interval_us")),
-        "e2e": summarize_errors(f("obs_e2e_us"), f("pred_e2e_us")),
-        # queueing only where the request waited at least one whole step (s ≥ q + 2): for an
-        # immediate admission the observed wait is a fraction of schedule() (predicted 0)
-        "queue": summarize_errors(np.where(s1 - q >= 2, f("obs_queue_us"), np.nan), f("pred_queue_us")),
-    }
-    return E2EResult(per, summary, pl.DataFrame({"step.id": ids, "cycle_us": cyc}))
+    ).fill_nan(None)
+    return per, natural, s1 - q >= 2

@@ -44,11 +44,8 @@ class LinearStepModel:
     floor_us: float | None = None  # predictions are max(ŷ, floor_us); None: unclamped (original recipes)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        X = np.asarray(X, float)
-        if not self.features:
-            return apply_floor(np.full(X.shape[0], self.intercept), self.floor_us)
-        z = (X - np.asarray(self.mean)) / np.asarray(self.scale)
-        return apply_floor(self.intercept + z @ np.asarray(self.coef), self.floor_us)
+        """max(ŷ, floor_us), ŷ = linear_score (X as given: callers clean it)."""
+        return apply_floor(linear_score(self.to_dict(), np.asarray(X, float)), self.floor_us)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,6 +53,13 @@ class LinearStepModel:
     @classmethod
     def from_dict(cls, d: dict) -> "LinearStepModel":
         return cls(**d)
+
+
+def linear_score(model: dict, X: np.ndarray) -> np.ndarray:
+    """ŷ = intercept + Σ_k coef_k (x_k − mean_k) / scale_k (the intercept alone without features)."""
+    if not model["features"]:
+        return np.full(X.shape[0], model["intercept"])
+    return model["intercept"] + ((X - np.asarray(model["mean"])) / np.asarray(model["scale"])) @ np.asarray(model["coef"])
 
 
 def fit_floor_us(y) -> float:
@@ -320,16 +324,23 @@ def _fit_hgb(name, target, features, X_tr, y_tr, X_va, y_va, seed, max_grid_rows
             "fitted_on": ["train", "valid"], "n_fit": int(len(y)), "recipe": "stepml", "floor_us": fit_floor_us(y), "_sklearn": est}
 
 
+def _predict_linear(model: dict, X: np.ndarray) -> np.ndarray:
+    return linear_score(model, X)
+
+
+def _predict_log_linear(model: dict, X: np.ndarray) -> np.ndarray:
+    return np.exp(np.minimum(linear_score(model, X), 50.0))  # exp(50) µs ≈ 160 years: a cap, not a value
+
+
+def _predict_trees(model: dict, X: np.ndarray) -> np.ndarray:
+    s = predict_trees(model, X)
+    return np.exp(s) if model.get("log_target") else s
+
+
+# the forms a fitted model dict can take ("kind"): {kind: X → ŷ before the floor}; a model of a new form adds one here
+PREDICTORS = {"linear": _predict_linear, "log_linear": _predict_log_linear, "trees": _predict_trees}
+
+
 def predict_model(model: dict, X: np.ndarray) -> np.ndarray:
-    """Predictions of a stored model dict of any kind (linear, log_linear, trees), floored at model["floor_us"]."""
-    X = clean_matrix(X)
-    kind = model.get("kind", "linear")
-    if kind == "trees":
-        s = predict_trees(model, X)
-        return apply_floor(np.exp(s) if model.get("log_target") else s, model.get("floor_us"))
-    if not model["features"]:
-        lin = np.full(X.shape[0], model["intercept"])
-    else:
-        lin = model["intercept"] + ((X - np.asarray(model["mean"])) / np.asarray(model["scale"])) @ np.asarray(model["coef"])
-    y = np.exp(np.minimum(lin, 50.0)) if kind == "log_linear" else lin  # exp(50) µs ≈ 160 years: a cap, not a value
-    return apply_floor(y, model.get("floor_us"))
+    """Predictions of a stored model dict of any kind (PREDICTORS), floored at model["floor_us"]."""
+    return apply_floor(PREDICTORS[model.get("kind", "linear")](model, clean_matrix(X)), model.get("floor_us"))

@@ -1,11 +1,13 @@
-"""The seed's 30 step features (feature-spec §4.5), for one batch and for a step table.
+"""The seed's 30 step features (docs/features.md §4), for a step table and for one batch.
 
-A step reduces to *aggregates* (token counts, per-request context sums and KV statistics);
-`features_from_aggregates` turns aggregates into the 30 features with numpy, so the same
-formulas serve `batch_features` (one batch, from per-request records) and
-`step_table_features` (a whole step table, vectorized).
+A step reduces to *aggregates* (token counts, per-request context sums and KV statistics,
+`AGGREGATE_FIELDS`); `features_from_aggregates` turns aggregates into the 30 features with
+numpy. `step_table_features` computes the aggregates of a whole step table (vectorized, from
+journey or snapshot aggregates where they match the step, else BATCH_SUMMARY proxies) and calls
+it; `batch_features` (one batch, from per-request records) goes through the independent
+plain-Python implementation in `reference_predictor`, and tests check that both agree.
 
-Per-request inputs (feature-spec §4.1): progress index c_i (prompt tokens already in KV,
+Per-request inputs (docs/features.md §2): progress index c_i (prompt tokens already in KV,
 incl. prefix-cache hits, plus output tokens generated) *before* the step, new tokens q_i,
 prompt length p_i. Prefill set 𝒫 = {c_i < p_i}, decode set 𝒟 = the rest.
 
@@ -21,7 +23,7 @@ has no per-request records for a step, documented proxies from BATCH_SUMMARY are
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import polars as pl
@@ -82,41 +84,6 @@ AGGREGATE_FIELDS = [
     "kv_mean", "kv_max", "kv_min", "kv_std", "kv_sum",
     "prefill_attn_pairs", "decode_attn_pairs", "prefill_context_tokens", "decode_context_tokens", "num_logit_seqs",
 ]
-
-
-def aggregate_batch(requests: Iterable[RequestInBatch]) -> dict[str, float]:
-    """Aggregates of one batch from its per-request records (plain Python)."""
-    p = d = n_pf = n_dc = 0
-    pf_pairs = dc_pairs = pf_ctx = 0.0
-    n_logit = 0
-    dec_ctx: list[int] = []
-    for r in requests:
-        c, q = r.progress_index, r.new_tokens
-        if q <= 0:
-            continue
-        if c < r.prompt_len:
-            p += q
-            n_pf += 1
-            pf_pairs += q * c + q * (q + 1) / 2
-            pf_ctx += c
-            if c + q >= r.prompt_len:
-                n_logit += 1
-        else:
-            d += q
-            n_dc += 1
-            dc_pairs += c + 1
-            dec_ctx.append(c)
-            n_logit += 1
-    if dec_ctx:
-        arr = np.asarray(dec_ctx, float)
-        kv = dict(kv_mean=arr.mean(), kv_max=arr.max(), kv_min=arr.min(), kv_std=arr.std(), kv_sum=arr.sum())
-    else:
-        kv = dict(kv_mean=0.0, kv_max=0.0, kv_min=0.0, kv_std=0.0, kv_sum=0.0)
-    return dict(
-        prefill_tokens=p, decode_tokens=d, scheduled_tokens=p + d, num_prefill_reqs=n_pf, num_decode_reqs=n_dc,
-        **kv, prefill_attn_pairs=pf_pairs, decode_attn_pairs=dc_pairs, prefill_context_tokens=pf_ctx,
-        decode_context_tokens=float(sum(dec_ctx)), num_logit_seqs=n_logit,
-    )
 
 
 def _safe_div(a, b):
@@ -289,7 +256,7 @@ ORIGINAL_FEATURES = [
 
 
 def original_study_features(steps: pl.DataFrame, model: ModelSpec, tp: int) -> pl.DataFrame:
-    """The original study's 30 features, reproduced in behaviour (feature-spec §3), for reproduction only.
+    """The original study's 30 features, reproduced in behaviour (docs/features.md §4), for reproduction only.
 
     Known flaws kept on purpose: KV proxies, MoE factor k/E, weights of one expert,
     balance 360.2, ordinal model id, attention/GEMM ratio placeholders.

@@ -22,7 +22,6 @@ from .stats import bootstrap_means, percentile_ci
 from .tables import TARGETS
 
 H1_TRIO = ("naive_mean", "blackbox_2f", "ridge_30f")
-SCHEMES = ("temporal", "stage_matched", "random")
 MIN_ALIGNMENT_ROWS = 30  # fewer rows with N−1, N and N+1 sampled: no alignment fit for that run
 
 

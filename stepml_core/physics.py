@@ -1,4 +1,4 @@
-"""Roofline physics of one engine step (feature-spec §4), per GPU, bf16.
+"""Roofline physics of one engine step (docs/features.md §3), per GPU, bf16.
 
 Everything works on batch *aggregates*, so the same formulas serve one batch (Python
 scalars) and a whole step table (numpy arrays). Notation for a step with scheduled
@@ -23,7 +23,7 @@ from .catalog import BYTES_PER_KV_ELEMENT, BYTES_PER_PARAM, GpuSpec, ModelSpec
 
 @dataclass(frozen=True)
 class PerGpuConstants:
-    """Per-GPU constants of a model at TP degree t (feature-spec §2.3)."""
+    """Per-GPU constants of a model at TP degree t (docs/features.md §1)."""
 
     layers: int
     linear_flops_per_token_per_layer: float  # 2(A + kM + R)/t

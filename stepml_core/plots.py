@@ -130,7 +130,7 @@ def figure_pred_vs_actual(predictions: pl.DataFrame, target: str, model: str = "
         ax.set_title(f"{short_run_name(e)}\nn={len(yv)}" + (f", {int(floor.sum())} at floor" if floor.any() else ""), fontsize=7)
     for ax in list(axes.flat)[len(exps):]:
         ax.set_visible(False)
-    handles, labels = {}, []
+    handles = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)

@@ -1,4 +1,4 @@
-"""Every scheduler step's batch, reconstructed from journey events (trace-format §3, §4).
+"""Every scheduler step's batch, reconstructed from journey events (docs/trace-format.md §4).
 
 For **every** step id (sampled or not) the reconstruction gives the scheduled requests with,
 per request, its progress index ``c`` (= ``num_computed_tokens`` before the step), the tokens
@@ -154,13 +154,21 @@ def journey_episodes(journey: pl.DataFrame, *, last_step: int | None = None, out
     ev = _events(journey)
     if last_step is None:
         last_step = int(ev["scheduler.step"].max() or 0) + output_lag
-    T = pl.col("event.type")
-    st = pl.col("scheduler.step")
+    req = _request_milestones(ev)
+    episodes = _episodes(_episode_events(ev, req), int(last_step), output_lag)
+    return episodes, req
 
-    def first_of(kind: str, col: str | pl.Expr):
-        e = pl.col(col) if isinstance(col, str) else col
-        return e.filter(T == kind).first()
 
+def _first_of(kind: str, col: str | pl.Expr) -> pl.Expr:
+    """The first value of `col` among a group's events of type `kind`."""
+    e = pl.col(col) if isinstance(col, str) else col
+    return e.filter(pl.col("event.type") == kind).first()
+
+
+def _request_milestones(ev: pl.DataFrame) -> pl.DataFrame:
+    """One row per request: prompt, max tokens, the step and time of its first QUEUED, SCHEDULED, FIRST_TOKEN and
+    FINISHED, finish status, output tokens, preemptions, admissions."""
+    T, first_of = pl.col("event.type"), _first_of
     req = ev.group_by("rid").agg(
         pl.col("request.id").first(),
         prompt_len=pl.col("prefill.total_tokens").max(),
@@ -176,7 +184,12 @@ def journey_episodes(journey: pl.DataFrame, *, last_step: int | None = None, out
         num_preemptions=pl.col("num_preemptions").max(),
         n_episodes=(T == "SCHEDULED").sum().cast(pl.Int32),
     ).sort("rid")
+    return req
 
+
+def _episode_events(ev: pl.DataFrame, req: pl.DataFrame) -> pl.DataFrame:
+    """One row per (request, episode): the SCHEDULED that opened it and the PREEMPTED / FINISHED / FIRST_TOKEN in it."""
+    first_of = _first_of
     g = ev.filter(pl.col("ep") >= 1).group_by(["rid", "ep"]).agg(
         s=first_of("SCHEDULED", "scheduler.step"), ts_s=first_of("SCHEDULED", "ts.monotonic_ns"),
         kind=first_of("SCHEDULED", "schedule.kind"), ob=first_of("SCHEDULED", "decode.done_tokens"),
@@ -189,7 +202,11 @@ def journey_episodes(journey: pl.DataFrame, *, last_step: int | None = None, out
         d_done=first_of("FINISHED", "decode.done_tokens"), status=first_of("FINISHED", "finish.status"),
     ).sort(["rid", "ep"])
     g = g.join(req.select("rid", "request.id", "prompt_len", "max_tokens"), on="rid", how="left")
+    return g
 
+
+def _episodes(g: pl.DataFrame, last_step: int, output_lag: int) -> pl.DataFrame:
+    """Each episode's completion step F (and how it was found), last step in the running list E and how it ended."""
     def arr(c, fill=-1):
         return g[c].fill_null(fill).to_numpy().astype(np.int64)
 
@@ -235,7 +252,7 @@ def journey_episodes(journey: pl.DataFrame, *, last_step: int | None = None, out
         "ts_s": g["ts_s"], "kind": g["kind"], "ob": ob, "prompt_len": prompt, "target": target, "F": F,
         "F_source": Fsrc, "E": E, "end_kind": end_kind, "incomplete": incomplete, "P": P, "end_hw": end_hw,
     })
-    return episodes, req
+    return episodes
 
 
 # ----------------------------------------------------------------------------- snapshot evidence
@@ -395,8 +412,7 @@ class _PassResult:
 def _chunk_pass(ctx: _PassInput, used0: np.ndarray, F: list, h: list, hsrc: list, prior: _HitPrior,
                 overrides: dict) -> _PassResult:
     """Prefill/recompute chunks of every episode in admission order (see the module docstring)."""
-    B, bs, totals = ctx.B, ctx.bs, ctx.totals
-    ntot = len(totals)
+    B = ctx.B
     used = used0.copy()
     F, h, hsrc = list(F), list(h), list(hsrc)
     S, EE, TT, INC, TB, CB = ctx.s, ctx.E, ctx.target, ctx.incomplete, ctx.tb, ctx.cb
@@ -405,10 +421,7 @@ def _chunk_pass(ctx: _PassInput, used0: np.ndarray, F: list, h: list, hsrc: list
     for i, e in enumerate(ctx.order):
         adm_at.setdefault(S[e], []).append(e)
         rank[e] = i
-    r_t: list[int] = []
-    r_e: list[int] = []
-    r_d: list[int] = []
-    r_q: list[int] = []
+    r_t, r_e, r_d, r_q = [], [], [], []  # chunk rows: step, episode, tokens done before, tokens
     viol: list = []
     est_at: dict[int, list[int]] = {}
     n_solved = 0
@@ -421,9 +434,7 @@ def _chunk_pass(ctx: _PassInput, used0: np.ndarray, F: list, h: list, hsrc: list
         last = Fe if Fe >= 0 else Ee
         inc = INC[e]
         while t <= last:
-            avail = B - int(used[t])
-            if avail < 0:
-                avail = 0
+            avail = max(B - int(used[t]), 0)
             if TB[e] == t:  # exact progress seen in a snapshot
                 he, src = CB[e] - done, 1
             if inc or (Fe >= 0 and t < Fe):
@@ -431,22 +442,10 @@ def _chunk_pass(ctx: _PassInput, used0: np.ndarray, F: list, h: list, hsrc: list
             elif Fe >= 0:  # the completing step
                 lo, hi = Te - done - avail, Te - done - 1
                 if he < 0:
-                    tot = int(totals[t]) if t < ntot else -1
-                    if tot >= 0:
-                        later = adm_at.get(t, [])
-                        later = later[later.index(e) + 1:] if e in later else []
-                        extra = 0
-                        for j in later:
-                            if F[j] != t or h[j] < 0 or TB[j] >= 0 or j in overrides:
-                                extra = -1
-                                break
-                            extra += TT[j] - h[j]
-                        if extra >= 0:
-                            qq = tot - int(used[t]) - extra
-                            hh = Te - done - qq
-                            if 1 <= qq and 0 <= hh <= Te - 1 and hh % bs == 0:
-                                he, src = hh, 4
-                                n_solved += 1
+                    hh = _hit_from_step_total(ctx, e, t, done, used, adm_at.get(t, []), F, h, overrides)
+                    if hh is not None:
+                        he, src = hh, 4
+                        n_solved += 1
                     if he < 0:
                         he, src = prior(e, lo, hi), 5
                 elif src == 5:
@@ -458,14 +457,11 @@ def _chunk_pass(ctx: _PassInput, used0: np.ndarray, F: list, h: list, hsrc: list
                     viol.append((e, -1, 1 - q, S[e], t - 1))
                 elif q > avail:
                     viol.append((e, 1, q - avail, S[e], t))
-                if q < 1:
-                    q = 1
+                q = max(q, 1)
             else:  # completion step unknown: simulate
                 if he < 0:
                     he, src = prior(e, 0, Te - done - 1), 5
-                rem = Te - he - done
-                if rem < 1:
-                    rem = 1
+                rem = max(Te - he - done, 1)
                 q = rem if rem < avail else avail
                 if q == rem:
                     F[e] = Fe = last = t
@@ -489,6 +485,25 @@ def _chunk_pass(ctx: _PassInput, used0: np.ndarray, F: list, h: list, hsrc: list
             viol.append((e, -1, done - (Te - he - 1), S[e], EE[e]))
         h[e], hsrc[e] = he, src
     return _PassResult((r_t, r_e, r_d, r_q), h, hsrc, F, viol, est_at, rank, n_solved)
+
+
+def _hit_from_step_total(ctx: _PassInput, e: int, t: int, done: int, used: np.ndarray, admitted_at_t: list, F: list,
+                         h: list, overrides: dict) -> int | None:
+    """The prefix-cache hit of episode e completing at step t that makes step t's tokens equal BATCH_SUMMARY's
+    total (block-aligned, leaving at least one token to compute), when the step was sampled and every episode
+    admitted after e at t completes there with a known hit; else None."""
+    tot = int(ctx.totals[t]) if t < len(ctx.totals) else -1
+    if tot < 0:
+        return None
+    later = admitted_at_t[admitted_at_t.index(e) + 1:] if e in admitted_at_t else []
+    extra = 0
+    for j in later:
+        if F[j] != t or h[j] < 0 or ctx.tb[j] >= 0 or j in overrides:
+            return None
+        extra += ctx.target[j] - h[j]
+    qq = tot - int(used[t]) - extra
+    hh = ctx.target[e] - done - qq
+    return hh if 1 <= qq and 0 <= hh <= ctx.target[e] - 1 and hh % ctx.bs == 0 else None
 
 
 def _repairs(res: _PassResult, ctx: _PassInput) -> dict:
@@ -557,7 +572,6 @@ def reconstruct(journey: pl.DataFrame, *, steps: pl.DataFrame | None = None, sna
     Fsrc = episodes["F_source"].to_numpy().copy()
     target = episodes["target"].to_numpy()
     prompt = episodes["prompt_len"].to_numpy()
-    ob = episodes["ob"].to_numpy()
     first_ep = (episodes["episode"] == 1).to_numpy()
     incomplete = episodes["incomplete"].to_numpy()
     ev = _snapshot_evidence(episodes, req, snapshots, bs)
@@ -565,12 +579,7 @@ def reconstruct(journey: pl.DataFrame, *, steps: pl.DataFrame | None = None, sna
     m = (F < 0) & ~incomplete & (ev["F_snap"] >= s) & (ev["F_snap"] <= E)
     F[m], Fsrc[m] = ev["F_snap"][m], 5
 
-    h = np.full(n, -1, np.int64)
-    hsrc = np.zeros(n, np.int8)
-    m = first_ep & (ev["h_eff"] >= 0)
-    h[m], hsrc[m] = ev["h_eff"][m], 2
-    m = (h < 0) & (ev["h_blk"] >= 0)
-    h[m], hsrc[m] = ev["h_blk"][m], 3
+    h, hsrc = _snapshot_hits(ev, first_ep)
     # an in-prefill snapshot is exact: it overrides (resolved in the pass below)
     tb, cb = ev["tb"], ev["cb"]
     prior = _HitPrior(prompt, target, np.where(tb >= 0, -1, h), bs, resume=~first_ep)
@@ -578,11 +587,7 @@ def reconstruct(journey: pl.DataFrame, *, steps: pl.DataFrame | None = None, sna
     size = int(max(E.max(), s.max(), (last_step or 0))) + 3
     totals = _step_totals(steps, size)
     # decode rows of episodes with a known completion step: [F+1, E]
-    used0 = np.zeros(size + 1, np.int64)
-    known = (F >= 0) & (E > F)
-    np.add.at(used0, F[known] + 1, 1)
-    np.add.at(used0, E[known] + 1, -1)
-    used0 = np.cumsum(used0)[:size]
+    used0 = _decode_rows_per_step(F, E, size)
     # admission order (= running order): step, then SCHEDULED time stamp
     ts_s = episodes["ts_s"].fill_null(0).to_numpy()
     order = np.lexsort((np.arange(n), ts_s, s))
@@ -590,6 +595,56 @@ def reconstruct(journey: pl.DataFrame, *, steps: pl.DataFrame | None = None, sna
                      incomplete=incomplete.tolist(), tb=tb.tolist(), cb=cb.tolist(),
                      end_hw=episodes["end_hw"].to_list(),
                      totals=totals)
+    res, overrides, n_rep = _passes(ctx, used0, F, h, hsrc, prior, prompt, target, first_ep, bs, repair_rounds)
+    r_step, r_ep, r_done, r_q = res.rows
+    n_solved, n_incons = res.n_solved, len(res.violations)
+    h = np.asarray(res.h, np.int64)
+    hsrc = np.asarray(res.hsrc, np.int8)
+    F = np.asarray(res.F, np.int64)
+    Fsrc = np.where((Fsrc == 0) & (F >= 0), 6, Fsrc).astype(np.int8)
+    diag["repair_passes"] = n_rep
+    diag["repaired_hits"] = len(overrides)
+
+    batches = _batch_rows(episodes, (r_step, r_ep, r_done, r_q), F, E, h, order, output_lag)
+    episodes = episodes.with_columns(
+        F=pl.Series(F).replace(-1, None),
+        F_source=pl.Series([F_SOURCES[i] for i in Fsrc.tolist()], dtype=pl.Utf8),
+        hit=pl.Series(h).replace(-1, None),
+        h_source=pl.Series([H_SOURCES[i] for i in hsrc.tolist()], dtype=pl.Utf8),
+    )
+    diag.update({
+        "rows": batches.height, "prefill_rows": len(r_step), "decode_rows": batches.height - len(r_step),
+        "h_source": _counts(H_SOURCES[i] for i in hsrc.tolist()),
+        "F_source": _counts(F_SOURCES[i] for i in Fsrc.tolist()),
+        "hits_solved_from_batch_summary": n_solved, "inconsistent_last_chunks": n_incons,
+    })
+    return Reconstruction(batches, episodes, req, diag)
+
+
+def _snapshot_hits(ev: dict, first_ep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(prefix-cache hit per episode, its source): a first episode's effective prompt length, else cached blocks."""
+    n = len(first_ep)
+    h = np.full(n, -1, np.int64)
+    hsrc = np.zeros(n, np.int8)
+    m = first_ep & (ev["h_eff"] >= 0)
+    h[m], hsrc[m] = ev["h_eff"][m], 2
+    m = (h < 0) & (ev["h_blk"] >= 0)
+    h[m], hsrc[m] = ev["h_blk"][m], 3
+    return h, hsrc
+
+
+def _decode_rows_per_step(F: np.ndarray, E: np.ndarray, size: int) -> np.ndarray:
+    """Decode requests per step id 0 … size−1 of the episodes with a known completion step (rows F+1 … E)."""
+    used0 = np.zeros(size + 1, np.int64)
+    known = (F >= 0) & (E > F)
+    np.add.at(used0, F[known] + 1, 1)
+    np.add.at(used0, E[known] + 1, -1)
+    return np.cumsum(used0)[:size]
+
+
+def _passes(ctx: _PassInput, used0: np.ndarray, F: np.ndarray, h: np.ndarray, hsrc: np.ndarray, prior: _HitPrior,
+            prompt: np.ndarray, target: np.ndarray, first_ep: np.ndarray, bs: int, repair_rounds: int):
+    """(last pass result, repaired hits {episode: hit}, repair passes run)."""
     # pass 1, then again with a prior that includes the hits solved from BATCH_SUMMARY, then
     # repairs: a reliable hit whose last chunk does not fit moves the misfit onto an estimated
     # hit of an episode that shares its steps (at most `repair_rounds` passes)
@@ -609,15 +664,16 @@ def reconstruct(journey: pl.DataFrame, *, steps: pl.DataFrame | None = None, sna
         overrides.update(new)
         n_rep += 1
         res = _chunk_pass(ctx, used0, F.tolist(), h.tolist(), hsrc.tolist(), prior, overrides)
-    r_step, r_ep, r_done, r_q = res.rows
-    n_solved, n_incons = res.n_solved, len(res.violations)
-    h = np.asarray(res.h, np.int64)
-    hsrc = np.asarray(res.hsrc, np.int8)
-    F = np.asarray(res.F, np.int64)
-    Fsrc = np.where((Fsrc == 0) & (F >= 0), 6, Fsrc).astype(np.int8)
-    diag["repair_passes"] = n_rep
-    diag["repaired_hits"] = len(overrides)
+    return res, overrides, n_rep
 
+
+def _batch_rows(episodes: pl.DataFrame, chunk_rows: tuple, F: np.ndarray, E: np.ndarray, h: np.ndarray, order: np.ndarray,
+                output_lag: int) -> pl.DataFrame:
+    """The batches table (BATCH_SCHEMA): the passes' prefill/recompute chunks and every decode step F+1 … E of each
+    episode, in step order then running order."""
+    r_step, r_ep, r_done, r_q = chunk_rows
+    n = episodes.height
+    target, prompt, ob = episodes["target"].to_numpy(), episodes["prompt_len"].to_numpy(), episodes["ob"].to_numpy()
     # prefill / recompute rows
     pe = np.asarray(r_ep, np.int64)
     pf_step = np.asarray(r_step, np.int64)
@@ -640,7 +696,7 @@ def reconstruct(journey: pl.DataFrame, *, steps: pl.DataFrame | None = None, sna
     ep_all, step_all = ep_all[srt], step_all[srt]
     out_all = np.concatenate([pf_out, d_out])[srt]
     ids = episodes["request.id"]
-    batches = pl.DataFrame({
+    return pl.DataFrame({
         "step.id": step_all,
         "request.id": ids.gather(ep_all),
         "progress_index": np.concatenate([pf_c, d_c])[srt],
@@ -651,19 +707,6 @@ def reconstruct(journey: pl.DataFrame, *, steps: pl.DataFrame | None = None, sna
     }).with_columns(  # a polars expression: 4 M numpy strings would take 0.4 s to convert
         phase=pl.when(pl.col("num_output_tokens") == 0).then(pl.lit("PREFILL")).otherwise(pl.lit("DECODE"))
     ).select("step.id", "request.id", "progress_index", "new_tokens", "prompt_len", "phase", "num_output_tokens", "episode")
-    episodes = episodes.with_columns(
-        F=pl.Series(F).replace(-1, None),
-        F_source=pl.Series([F_SOURCES[i] for i in Fsrc.tolist()], dtype=pl.Utf8),
-        hit=pl.Series(h).replace(-1, None),
-        h_source=pl.Series([H_SOURCES[i] for i in hsrc.tolist()], dtype=pl.Utf8),
-    )
-    diag.update({
-        "rows": batches.height, "prefill_rows": len(pf_step), "decode_rows": len(de),
-        "h_source": _counts(H_SOURCES[i] for i in hsrc.tolist()),
-        "F_source": _counts(F_SOURCES[i] for i in Fsrc.tolist()),
-        "hits_solved_from_batch_summary": n_solved, "inconsistent_last_chunks": n_incons,
-    })
-    return Reconstruction(batches, episodes, req, diag)
 
 
 def _counts(items) -> dict[str, int]:

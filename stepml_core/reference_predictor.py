@@ -5,7 +5,7 @@
 `batch` is a list of (progress_index, new_tokens, prompt_len) per scheduled request;
 `exported_model` is the JSON written by `stepml_core.export`; the prediction is
 max(ŷ, exported["floor_us"]), the model's positive floor (see `stepml_core.estimators`); `model_spec` / `gpu_spec` are
-plain dicts (the catalogue's fields). The features are the seed's 30 (feature-spec §4.5),
+plain dicts (the catalogue's fields). The features are the seed's 30 (docs/features.md §4),
 computed here in plain Python — an independent implementation of `features.step_table_features`
 (tests check both agree to 1e-9).
 """

@@ -169,57 +169,16 @@ def replay_section(fid: dict, out_dir: Path) -> list[str]:
     lines += ["Runs with request logs (role = the run's role in BLIS 4a's calibration):", "",
               _md(["run", "LLM model", "role", "requests", "ground truth"], data_rows), ""]
     lines += left_lines
-    sets = [("non-saturated runs", False), ("saturated runs (reasoning: a queue of minutes)", True)]
     summary = []
-    for title, sat in sets:
+    for title, sat in (("non-saturated runs", False), ("saturated runs (reasoning: a queue of minutes)", True)):
         exps = [e for e in sorted(st) if st[e].get("scored") and bool(st[e].get("saturated")) == sat]
-        if not exps:
-            continue
-        hdr = ["run", "role", "model (sample)", "TTFT", "E2E", "p99 E2E", "successes", "phys TTFT", "phys E2E",
-               "BLIS4a TTFT", "BLIS4a E2E", "BLIS4a p99 E2E"]
-        body, acc = [], {"rec": ([], [], []), "phys": ([], [], []), "blis": ([], [], [])}
-        for e in exps:
-            m = rec_of.get(e)
-            r = w.filter((pl.col("experiment_id") == e) & (pl.col("step_model") == m)).to_dicts() if m else []
-            p = w.filter((pl.col("experiment_id") == e) & (pl.col("step_model") == "physics")).to_dicts()
-            r, p, b = (r[0] if r else {}), (p[0] if p else {}), blis.get(e, {})  # BLIS 4a replayed the real runs only
-            body.append([e, st[e]["role"] or "–", f"{m} ({'in' if r.get('sample') == 'in_sample' else 'out'})" if m else "none out of sample",
-                         _pct(r.get("ttft_mean_err")), _pct(r.get("e2e_mean_err")), _pct(r.get("e2e_p99_err")),
-                         _pct(r.get("successes_err")), _pct(p.get("ttft_mean_err")), _pct(p.get("e2e_mean_err")),
-                         _pct(b.get("ttft_mean_err_pct")), _pct(b.get("e2e_mean_err_pct")), _pct(b.get("e2e_p99_err_pct"))])
-            for k, d in (("rec", r), ("phys", p)):
-                acc[k][0].append(d.get("ttft_mean_err"))
-                acc[k][1].append(d.get("e2e_mean_err"))
-                acc[k][2].append(d.get("e2e_p99_err"))
-            acc["blis"][0].append(b.get("ttft_mean_err_pct"))
-            acc["blis"][1].append(b.get("e2e_mean_err_pct"))
-            acc["blis"][2].append(b.get("e2e_p99_err_pct"))
-        lines += [f"### {title.capitalize()}", "", _md(hdr, body), ""]
-        for k, label in (("rec", "recommended (out of sample)"), ("phys", "physics (in sample)"), ("blis", "BLIS 4a (mostly in sample)")):
-            t, e2, p99 = (_mean_abs(v) for v in acc[k])
-            n = sum(1 for x in acc[k][1] if x is not None)
-            summary.append([title, label, n, _f(t), _f(e2), _f(p99)])
+        if exps:
+            table, means = _run_set(title, exps, st, w, rec_of, blis)
+            lines += table
+            summary += means
     lines += ["### Mean absolute errors (%)", "", _md(["run set", "model", "runs", "TTFT", "E2E", "p99 E2E"], summary), ""]
-    per_llm = fid.get("recommended_per_llm")
-    if per_llm is not None and per_llm.height:
-        lines += ["**For a simulator builder** (a run the model has not seen): per LLM model, the step model with the lowest "
-                  "mean of the absolute E2E and TTFT errors over its out-of-sample replays of non-saturated runs. (The per-run choice in the "
-                  "tables above leaves the scored run out of that choice.)", "",
-                  _md(["LLM model", "step model", "out-of-sample runs", "mean of abs. E2E and TTFT errors %"],
-                      [[r["llm_model"], r["step_model"], r["runs"], _f(r["mean_abs_err_pct"])] for r in per_llm.iter_rows(named=True)]), ""]
-    else:
-        lines += ["**For a simulator builder:** no step model was replayed out of sample on a scored non-saturated run, so none "
-                  "is recommended from this data.", ""]
-    det = fid.get("details")
-    if det is not None and det.height and "e2e_median_ape_pct" in det.columns:
-        agg = det.group_by("step_model").agg(pl.col("e2e_median_ape_pct").median().alias("e2e"),
-                                             pl.col("ttft_median_ape_pct").median().alias("ttft"),
-                                             pl.col("real_time_ratio").median().alias("speed"),
-                                             pl.len().alias("runs")).sort("step_model")
-        lines += ["Per-request error (median over runs of each run's median APE, requests that succeeded on both sides) "
-                  "and replay speed (simulated seconds per wall second):", "",
-                  _md(["step model", "runs", "E2E median APE %", "TTFT median APE %", "× real time"],
-                      [[r["step_model"], r["runs"], _f(r["e2e"]), _f(r["ttft"]), _f(r["speed"], 0)] for r in agg.iter_rows(named=True)]), ""]
+    lines += _simulator_builder_lines(fid.get("recommended_per_llm"))
+    lines += _per_request_lines(fid.get("details"))
     for metric in ("e2e", "ttft"):
         plot = plot_replay_cdfs(out_dir, rows, rec_of, metric)
         if plot:
@@ -231,6 +190,60 @@ def replay_section(fid: dict, out_dir: Path) -> list[str]:
               "(10 groups × 10 prompts; requests of equal length may share a prompt), clients time out after 300 s, "
               "serving limits and KV blocks from the run's own files.", ""]
     return lines
+
+
+def _run_set(title: str, exps: list[str], st: dict, w: pl.DataFrame, rec_of: dict, blis: dict) -> tuple[list[str], list[list]]:
+    """A run set's table (the recommended model, the physics and BLIS 4a per run) and its mean-absolute-error rows."""
+    hdr = ["run", "role", "model (sample)", "TTFT", "E2E", "p99 E2E", "successes", "phys TTFT", "phys E2E",
+           "BLIS4a TTFT", "BLIS4a E2E", "BLIS4a p99 E2E"]
+    body, acc = [], {"rec": ([], [], []), "phys": ([], [], []), "blis": ([], [], [])}
+    for e in exps:
+        m = rec_of.get(e)
+        r = w.filter((pl.col("experiment_id") == e) & (pl.col("step_model") == m)).to_dicts() if m else []
+        p = w.filter((pl.col("experiment_id") == e) & (pl.col("step_model") == "physics")).to_dicts()
+        r, p, b = (r[0] if r else {}), (p[0] if p else {}), blis.get(e, {})  # BLIS 4a replayed the real runs only
+        body.append([e, st[e]["role"] or "–", f"{m} ({'in' if r.get('sample') == 'in_sample' else 'out'})" if m else "none out of sample",
+                     _pct(r.get("ttft_mean_err")), _pct(r.get("e2e_mean_err")), _pct(r.get("e2e_p99_err")),
+                     _pct(r.get("successes_err")), _pct(p.get("ttft_mean_err")), _pct(p.get("e2e_mean_err")),
+                     _pct(b.get("ttft_mean_err_pct")), _pct(b.get("e2e_mean_err_pct")), _pct(b.get("e2e_p99_err_pct"))])
+        for k, d in (("rec", r), ("phys", p)):
+            acc[k][0].append(d.get("ttft_mean_err"))
+            acc[k][1].append(d.get("e2e_mean_err"))
+            acc[k][2].append(d.get("e2e_p99_err"))
+        acc["blis"][0].append(b.get("ttft_mean_err_pct"))
+        acc["blis"][1].append(b.get("e2e_mean_err_pct"))
+        acc["blis"][2].append(b.get("e2e_p99_err_pct"))
+    summary = []
+    for k, label in (("rec", "recommended (out of sample)"), ("phys", "physics (in sample)"), ("blis", "BLIS 4a (mostly in sample)")):
+        t, e2, p99 = (_mean_abs(v) for v in acc[k])
+        n = sum(1 for x in acc[k][1] if x is not None)
+        summary.append([title, label, n, _f(t), _f(e2), _f(p99)])
+    return [f"### {title.capitalize()}", "", _md(hdr, body), ""], summary
+
+
+def _simulator_builder_lines(per_llm: pl.DataFrame | None) -> list[str]:
+    if per_llm is None or not per_llm.height:
+        return ["**For a simulator builder:** no step model was replayed out of sample on a scored non-saturated run, so none "
+                "is recommended from this data.", ""]
+    return ["**For a simulator builder** (a run the model has not seen): per LLM model, the step model with the lowest "
+            "mean of the absolute E2E and TTFT errors over its out-of-sample replays of non-saturated runs. (The per-run choice in the "
+            "tables above leaves the scored run out of that choice.)", "",
+            _md(["LLM model", "step model", "out-of-sample runs", "mean of abs. E2E and TTFT errors %"],
+                [[r["llm_model"], r["step_model"], r["runs"], _f(r["mean_abs_err_pct"])] for r in per_llm.iter_rows(named=True)]), ""]
+
+
+def _per_request_lines(det: pl.DataFrame | None) -> list[str]:
+    """Median per-request APE per step model and replay speed (simulated seconds per wall second)."""
+    if det is None or not det.height or "e2e_median_ape_pct" not in det.columns:
+        return []
+    agg = det.group_by("step_model").agg(pl.col("e2e_median_ape_pct").median().alias("e2e"),
+                                         pl.col("ttft_median_ape_pct").median().alias("ttft"),
+                                         pl.col("real_time_ratio").median().alias("speed"),
+                                         pl.len().alias("runs")).sort("step_model")
+    return ["Per-request error (median over runs of each run's median APE, requests that succeeded on both sides) "
+            "and replay speed (simulated seconds per wall second):", "",
+            _md(["step model", "runs", "E2E median APE %", "TTFT median APE %", "× real time"],
+                [[r["step_model"], r["runs"], _f(r["e2e"]), _f(r["ttft"]), _f(r["speed"], 0)] for r in agg.iter_rows(named=True)]), ""]
 
 
 def _f(x, nd: int = 1) -> str:

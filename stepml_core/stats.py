@@ -80,16 +80,6 @@ def percentile_ci(means: np.ndarray, level: float = 0.95) -> tuple[float, float]
     return float(np.percentile(m, q)), float(np.percentile(m, 100 - q))
 
 
-def mean_ci(x, reps: int = BOOT_REPS, seed: int = 0, block: int | None = None) -> dict:
-    """{"mean", "ci95", "se"} of mean(x) over time-ordered rows (circular block bootstrap)."""
-    x = np.asarray(x, float)
-    if len(x) < 2:
-        return {"mean": float(np.mean(x)) if len(x) else float("nan"), "ci95": [float("nan"), float("nan")], "se": float("nan")}
-    means = bootstrap_means(x, reps, seed, block)
-    lo, hi = percentile_ci(means)
-    return {"mean": float(x.mean()), "ci95": [lo, hi], "se": float(means.std(ddof=1))}
-
-
 def within_noise(ci95) -> bool:
     """True when a difference's 95 % interval contains 0 (or is undefined)."""
     lo, hi = ci95

@@ -1,11 +1,8 @@
 """The H1 study on feature matrices: models, predictions, metrics, verdict (pure functions).
 
-Models (per target, per scope):
-  naive_mean         mean of the target over train + valid
-  blackbox_2f        Ridge on (prefill_tokens, decode_tokens), alpha on valid, refit train+valid
-  ridge_30f          Ridge on the seed's 30 features, alpha on valid, refit train+valid
-  blackbox_ols_orig  original recipe: OLS on (P, D), train only, unclamped (reproduction only)
-  ridge_30f_orig     original recipe: the original study's 30 features, Ridge alpha=1, train only, unclamped
+Models: stepml_core.models, one class per model registered by name (naive_mean, blackbox_2f,
+ridge_30f, the original recipes blackbox_ols_orig and ridge_30f_orig, then ridge_log_30f,
+nnls_physics, hgb_30f), each fitted per target and per scope by `fit_models`.
 The H1 comparison (naive_mean, blackbox_2f, ridge_30f) is like for like: the same fit rows
 (train + valid), the same positive floor on predictions (estimators.apply_floor), scored on test.
 Scopes: per_experiment (fit on the experiment's own blocks) and pooled scopes (global, per
@@ -15,38 +12,21 @@ model, leave-one-out), scored on each experiment's slice. The verdict is in step
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
 
 from .catalog import gpu_spec, model_spec
-from .estimators import (LinearStepModel, fit_hgb_validated, fit_naive_mean, fit_nnls_basis, fit_ols_original,
-                         fit_ridge_log_validated, fit_ridge_original, fit_ridge_validated, predict_model)
-from .features import FEATURE_GROUPS, ORIGINAL_FEATURES, feature_columns, feature_group_columns, original_study_features, snapshot_aggregates, step_table_features
+from .estimators import fit_ridge_validated, predict_model
+from .features import FEATURE_GROUPS, feature_columns, feature_group_columns, original_study_features, snapshot_aggregates, step_table_features
+from .models import REGISTRY
 from .tables import TARGETS
 from .verdict import H1_MODEL, REFUTE_ABOVE_PCT, SUPPORT_BELOW_PCT, h1_verdict  # noqa: F401  (re-exported)
 
-BLACKBOX_FEATURES = ["prefill_tokens", "decode_tokens"]
-PHYSICS_BASIS = ["t_compute_us", "t_memory_us", "num_prefill_reqs", "num_decode_reqs", "prefill_tokens", "decode_tokens"]
-MODELS = {  # name: (recipe, features)
-    "naive_mean": ("stepml", None),
-    "blackbox_2f": ("stepml", BLACKBOX_FEATURES),
-    "ridge_30f": ("stepml", "seed30"),
-    "blackbox_ols_orig": ("original", BLACKBOX_FEATURES),
-    "ridge_30f_orig": ("original", ORIGINAL_FEATURES),
-    # beyond H1
-    "ridge_log_30f": ("stepml", "seed30"),
-    "nnls_physics": ("stepml", PHYSICS_BASIS),
-    "hgb_30f": ("stepml", "seed30"),
-}
-H1_MODELS = ("naive_mean", "blackbox_2f", "ridge_30f", "blackbox_ols_orig", "ridge_30f_orig")
+MODELS = REGISTRY  # {name: StepModel}, in fitting order (stepml_core.models)
 METRIC_COLUMNS = ["experiment_id", "source", "target", "model", "scope", "split", "n", "mape_pct",
                   "median_ape_pct", "p90_ape_pct", "pearson_r", "mspe_pct"]
-
-
-def model_features(name: str) -> list[str]:
-    spec = MODELS[name][1]
-    return feature_columns() if spec == "seed30" else list(spec or [])
 
 
 def build_feature_matrix(steps: pl.DataFrame, snapshots: pl.DataFrame | None, *, model: str, tp: int,
@@ -71,30 +51,16 @@ def _xy(fm: pl.DataFrame, features: list[str], target: str, splits: tuple[str, .
 
 
 def fit_models(fm: pl.DataFrame, target: str, scope: str, names: tuple[str, ...] | None = None, seed: int = 0) -> list[dict]:
-    """Fit the models in MODELS (or `names`) for one target on a matrix with a `split` column; plain dicts out."""
+    """Fit the registered models (or `names`) for one target on a matrix with a `split` column; plain dicts out."""
     out = []
     for name in names or tuple(MODELS):
-        recipe = MODELS[name][0]
-        feats = model_features(name)
+        model = MODELS[name]
+        feats = model.feature_columns()
         X_tr, y_tr = _xy(fm, feats, target, ("train",))
         if len(y_tr) < 2:
             continue
         X_va, y_va = _xy(fm, feats, target, ("valid",))
-        if name == "naive_mean":
-            m = fit_naive_mean(target, np.concatenate([y_tr, y_va])).to_dict()
-        elif recipe == "original" and name.startswith("blackbox"):
-            m = fit_ols_original(name, target, feats, X_tr, y_tr).to_dict()
-        elif recipe == "original":
-            m = fit_ridge_original(name, target, feats, X_tr, y_tr).to_dict()
-        elif name == "ridge_log_30f":
-            m = fit_ridge_log_validated(name, target, feats, X_tr, y_tr, X_va, y_va)
-        elif name == "nnls_physics":
-            m = fit_nnls_basis(name, target, feats, X_tr, y_tr, X_va, y_va)
-        elif name == "hgb_30f":
-            m = fit_hgb_validated(name, target, feats, X_tr, y_tr, X_va, y_va, seed=seed)
-            m.pop("_sklearn", None)
-        else:
-            m = fit_ridge_validated(name, target, feats, X_tr, y_tr, X_va, y_va).to_dict()
+        m = model.fit(target, X_tr, y_tr, X_va, y_va, seed=seed)
         m.setdefault("kind", "linear")
         m["name"], m["scope"] = name, scope
         out.append(m)
@@ -202,66 +168,83 @@ def fit_pooled_sets(matrices: dict[str, pl.DataFrame], sets: dict[str, tuple[tup
     from threadpoolctl import threadpool_limits
 
     exps = sorted(e for e, m in matrices.items() if m.height)
-    prints = {e: matrix_fingerprint(matrices[e]) for e in exps} if caches else {}
-    jobs = []  # (set, scope, group, train experiments, scored experiments, names, cache key)
-    for name, (scopes, names) in sets.items():
-        for scope in scopes:
-            for group, train_exps, score_exps in pooled_folds(exps, scope):
-                key = fold_key(scope, group, [prints[e] for e in train_exps], names, seed) if caches else None
-                jobs.append((name, scope, group, train_exps, score_exps, names, key))
-
-    def run_fold(job):
-        name, scope, _, train_exps, score_exps, names, key = job
-        cache = caches.get(name) if caches else None
-        if not score and cache is not None and cache.has(key):
-            return None, [], [], True  # fitting ahead: a stored fold needs no reading
-        fitted = cache.get(key) if cache is not None else None
-        reused = fitted is not None
-        if fitted is None:
-            train = pl.concat([matrices[e] for e in train_exps], how="diagonal_relaxed")
-            fitted = {t: fit_models(train, t, scope, names, seed) for t in TARGETS}
-            del train
-            if cache is not None:
-                cache.put(key, fitted)
-        mets, preds = [], []
-        if not score:
-            return fitted, mets, preds, reused
-        scored = pl.concat([matrices[e] for e in score_exps], how="diagonal_relaxed")
-        for m in (d for t in TARGETS for d in fitted.get(t, [])):  # one model at a time: 1 row per step, not 16
-            p = predict(scored, [m], scope)
-            if p.height:
-                mets.append(metrics_from_predictions(p))
-                preds.append(p.filter(pl.col("split") == "test"))
-        return fitted, mets, preds, reused
-
+    jobs = _fold_jobs(sets, exps, {e: matrix_fingerprint(matrices[e]) for e in exps} if caches else {}, seed, bool(caches))
     rows = {e: matrices[e].height for e in exps}
-    cached = [bool(caches) and caches.get(j[0]) is not None and caches[j[0]].has(j[6]) for j in jobs]
+    cached = [bool(caches) and caches.get(j.set) is not None and caches[j.set].has(j.key) for j in jobs]
     # folds to fit first, largest training set first, reused folds (scoring only) last: the threads end together
-    order = sorted(range(len(jobs)), key=lambda i: (cached[i], -sum(rows[e] for e in jobs[i][3])))
+    order = sorted(range(len(jobs)), key=lambda i: (cached[i], -sum(rows[e] for e in jobs[i].train)))
+    run = functools.partial(_run_fold, matrices=matrices, caches=caches, seed=seed, score=score)
     with threadpool_limits(1):  # set once, outside the threads: nested limits inside threads would race
         if threads > 1 and len(jobs) > 1:
             with ThreadPoolExecutor(threads) as pool:
-                done = dict(zip(order, pool.map(run_fold, [jobs[i] for i in order])))
+                done = dict(zip(order, pool.map(run, [jobs[i] for i in order])))
         else:
-            done = {i: run_fold(jobs[i]) for i in order}
-    out = {}
-    for name in sets:
-        models, preds, mets, reused, total = {}, [], [], 0, 0
-        for i, (jname, scope, group, *_rest) in enumerate(jobs):
-            if jname != name:
-                continue
-            fitted, m, p, r = done[i]
-            models.setdefault(scope, {})[group] = fitted
-            mets += m
-            preds += p
-            reused, total = reused + r, total + 1
-        if score and caches and caches.get(name) is not None:
-            caches[name].keep_only([j[6] for j in jobs if j[0] == name])
-        pred = pl.concat(preds, how="diagonal_relaxed") if preds else pl.DataFrame()
-        met = (pl.concat(mets, how="diagonal_relaxed").sort(["experiment_id", "source", "target", "model", "scope", "split"]) if mets
-               else pl.DataFrame(schema={c: pl.Utf8 for c in METRIC_COLUMNS}))
-        out[name] = {"models": models, "predictions": pred, "metrics": met, "folds": {"total": total, "reused": reused}}
-    return out
+            done = {i: run(jobs[i]) for i in order}
+    return {name: _collect_set(name, jobs, done, caches, score) for name in sets}
+
+
+class _FoldJob(NamedTuple):
+    set: str  # the pooled set (asset) the fold belongs to
+    scope: str
+    group: str
+    train: list[str]  # experiments it is fitted on
+    scored: list[str]  # experiments it is scored on
+    names: tuple[str, ...] | None  # model names (None: every registered model)
+    key: str | None  # fold cache key (None without caches)
+
+
+def _fold_jobs(sets: dict, exps: list[str], prints: dict[str, str], seed: int, keyed: bool) -> list[_FoldJob]:
+    jobs = []
+    for name, (scopes, names) in sets.items():
+        for scope in scopes:
+            for group, train_exps, score_exps in pooled_folds(exps, scope):
+                key = fold_key(scope, group, [prints[e] for e in train_exps], names, seed) if keyed else None
+                jobs.append(_FoldJob(name, scope, group, train_exps, score_exps, names, key))
+    return jobs
+
+
+def _run_fold(job: _FoldJob, *, matrices: dict[str, pl.DataFrame], caches, seed: int, score: bool):
+    """(fitted {target: [models]}, metrics parts, test-prediction parts, reused) of one fold."""
+    cache = caches.get(job.set) if caches else None
+    if not score and cache is not None and cache.has(job.key):
+        return None, [], [], True  # fitting ahead: a stored fold needs no reading
+    fitted = cache.get(job.key) if cache is not None else None
+    reused = fitted is not None
+    if fitted is None:
+        train = pl.concat([matrices[e] for e in job.train], how="diagonal_relaxed")
+        fitted = {t: fit_models(train, t, job.scope, job.names, seed) for t in TARGETS}
+        del train
+        if cache is not None:
+            cache.put(job.key, fitted)
+    mets, preds = [], []
+    if not score:
+        return fitted, mets, preds, reused
+    scored = pl.concat([matrices[e] for e in job.scored], how="diagonal_relaxed")
+    for m in (d for t in TARGETS for d in fitted.get(t, [])):  # one model at a time: 1 row per step, not 16
+        p = predict(scored, [m], job.scope)
+        if p.height:
+            mets.append(metrics_from_predictions(p))
+            preds.append(p.filter(pl.col("split") == "test"))
+    return fitted, mets, preds, reused
+
+
+def _collect_set(name: str, jobs: list[_FoldJob], done: dict, caches, score: bool) -> dict:
+    """One pooled set's result, assembled in fold order: {models, predictions, metrics, folds}."""
+    models, preds, mets, reused, total = {}, [], [], 0, 0
+    for i, job in enumerate(jobs):
+        if job.set != name:
+            continue
+        fitted, m, p, r = done[i]
+        models.setdefault(job.scope, {})[job.group] = fitted
+        mets += m
+        preds += p
+        reused, total = reused + r, total + 1
+    if score and caches and caches.get(name) is not None:
+        caches[name].keep_only([j.key for j in jobs if j.set == name])
+    pred = pl.concat(preds, how="diagonal_relaxed") if preds else pl.DataFrame()
+    met = (pl.concat(mets, how="diagonal_relaxed").sort(["experiment_id", "source", "target", "model", "scope", "split"]) if mets
+           else pl.DataFrame(schema={c: pl.Utf8 for c in METRIC_COLUMNS}))
+    return {"models": models, "predictions": pred, "metrics": met, "folds": {"total": total, "reused": reused}}
 
 
 def matrix_fingerprint(fm: pl.DataFrame) -> str:
@@ -276,14 +259,14 @@ def matrix_fingerprint(fm: pl.DataFrame) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _code_digest() -> str:
-    """Digest of the source that decides a pooled fit (study, estimators, features)."""
+    """Digest of the source that decides a pooled fit (study, estimators, features, models)."""
     import hashlib
     from pathlib import Path
 
-    from . import estimators, features
+    from . import estimators, features, models
 
     h = hashlib.sha256()
-    for mod in (__file__, estimators.__file__, features.__file__):
+    for mod in (__file__, estimators.__file__, features.__file__, models.__file__):
         h.update(Path(mod).read_bytes())
     return h.hexdigest()
 
@@ -346,7 +329,7 @@ def json_default(o):
 
 
 GENERALIZATION_MODELS = ("naive_mean", "blackbox_2f", "ridge_30f", "ridge_log_30f", "nnls_physics", "hgb_30f")
-POOLED_SETS = {  # study asset: (scopes, model names; None = all of MODELS)
+POOLED_SETS = {  # study asset: (scopes, model names; None = every registered model)
     "global_models": (("global", "per_model"), None),
     "generalization": (("leave_one_model_out", "leave_one_workload_out"), GENERALIZATION_MODELS),
 }

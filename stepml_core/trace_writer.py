@@ -1,5 +1,5 @@
 """Writer of instrumented-vLLM traces: OTLP/JSON lines as an OTEL collector's file exporter
-leaves them (trace-format.md §1, §2, §3, §8, §9).
+leaves them (docs/trace-format.md §2–§5, §8).
 
 What it reproduces:
 

@@ -8,7 +8,7 @@ The file is read as a stream of chunks of whole lines (~2 MiB; a background thre
 gzip stream while the previous chunk is parsed). Each line of a chunk takes one of two paths:
 
 * **Fast path** (numpy, no Python objects per value) for lines *exactly* in the compact canonical
-  form the OTEL collector writes (trace-format 1, 9): fixed key order, no escapes, ``intValue`` as
+  form the OTEL collector writes (docs/trace-format.md §2, §7): fixed key order, no escapes, ``intValue`` as
   strings, the three known span kinds and their event names with their usual attribute lists.
   Every byte of such a line is checked: span heads, events and span tails are matched against
   templates in lock-step over all instances of a chunk (literal bytes compared; the ends of quoted
@@ -18,7 +18,7 @@ gzip stream while the previous chunk is parsed). Each line of a chunk takes one 
   it. Anything else - one odd value, an unknown attribute, another key order, a backslash, raw
   control characters - sends the whole line to ...
 * **General path**: ``orjson.loads`` of the line and a walk of the OTLP structure with per-field
-  coercion (trace-format 1.1, 6.1). It is the reference: it writes the ``parse_issue`` texts and
+  coercion (docs/trace-format.md §2, §6). It is the reference: it writes the ``parse_issue`` texts and
   the quarantine records. On canonical lines both paths give identical tables (tested).
 
 Rows stay in file order. ``workers=2`` parses chunks in a process pool (started once, reused)

@@ -1,4 +1,4 @@
-"""StepML assets. Bodies stay a few lines: the work is in stepml_core."""
+"""StepML assets. Bodies stay a few lines: the work is in stepml_core (the chain in stepml_core.pipeline)."""
 
 import warnings
 from pathlib import Path
@@ -6,17 +6,14 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from stepml_core import study
+from stepml_core import checks, pipeline, study
 from stepml_core.ingest import ingest_run
-from stepml_core.findings import study_findings
-from stepml_core.method_checks import gather as gather_checks
 from stepml_core.replay_report import replay_section, replay_summary, requests_only_report
-from stepml_core.report import calibration_sections, e2e_section, feature_provenance_section, reconstruction_section, render_report, write_outputs
-from stepml_core.report_status import runs_left_out_section
 from stepml_core.runs import find_trace_file
-from stepml_core.splits import split_summary, split_table
-from stepml_core.tables import add_targets, cap_quarantine, cycle_rule_counts, quarantine_counts, validate_steps
+from stepml_core.splits import split_summary
+from stepml_core.tables import quarantine_counts
 
+from .checks import check_result
 from .resources import StepMLSettings
 
 from .partitions import PART, experiment_partitions  # noqa: F401 (re-exported)
@@ -62,29 +59,22 @@ def raw_traces(context: dg.AssetExecutionContext, settings: StepMLSettings):
                  dg.AssetCheckSpec("no_unreadable_lines", asset="quarantine", description="Every trace line parsed (warns otherwise).")],
 )
 def step_tables(context: dg.AssetExecutionContext, settings: StepMLSettings, raw_traces):
-    v = validate_steps(raw_traces["steps"], raw_traces["meta"]["trace_file"], raw_traces["meta"].get("exp_config"))
-    steps = add_targets(v.kept)
-    quarantine = cap_quarantine(pl.concat([raw_traces["quarantine"], v.quarantine], how="diagonal_relaxed"),
-                                settings.input_limits().max_quarantine_rows)
-    rule = cycle_rule_counts(steps)
-    counts = {**v.counts, "cycle_rows": rule["kept"], "cycle_removed_idle": rule["idle"], "cycle_removed_stall": rule["stall"]}
+    t = pipeline.step_tables(raw_traces, max_quarantine_rows=settings.input_limits().max_quarantine_rows)
+    steps, quarantine, counts = t.steps, t.quarantine, t.counts
     yield dg.Output(steps, "step_table", metadata={**counts, "source": raw_traces["meta"]["source"]})
     by_kind = quarantine_counts(quarantine)
     yield dg.Output(quarantine, "quarantine", metadata={"rows": quarantine.height, "records": sum(by_kind.values()),
                     "by_reason": dg.MetadataValue.json([{"kind": k, "len": n} for k, n in sorted(by_kind.items())]),
                     **{f"quarantined_{k}s": int(by_kind.get(k, 0)) for k in ("line", "event", "row", "file")}})
-    yield dg.AssetCheckResult(check_name="schema_valid", asset_key="step_table", passed=True, metadata={"rows": steps.height})
-    yield dg.AssetCheckResult(check_name="counts_balance", asset_key="step_table",
-                              passed=v.rows_in == v.kept.height + v.quarantine.height, metadata=v.counts)
-    lines_q = raw_traces["meta"]["counters"].get("lines_quarantined", 0)
-    yield dg.AssetCheckResult(check_name="no_unreadable_lines", asset_key="quarantine", passed=lines_q == 0,
-                              severity=dg.AssetCheckSeverity.WARN, metadata={"lines_quarantined": lines_q})
+    yield check_result(checks.schema_valid(steps), "schema_valid", "step_table")
+    yield check_result(checks.counts_balance(t.rows_in, steps.height, t.rows_quarantined), "counts_balance", "step_table")
+    yield check_result(checks.no_unreadable_lines(raw_traces["meta"]["counters"]), "no_unreadable_lines", "quarantine",
+                       severity=dg.AssetCheckSeverity.WARN)
 
 
 @dg.asset(**PART, group_name="ingest", description="Every step's batch rebuilt from journey events (requests, new tokens, context lengths), checked against snapshots and BATCH_SUMMARY.")
 def request_context(context: dg.AssetExecutionContext, raw_traces) -> dict:
-    cfg = raw_traces["meta"].get("exp_config") or {}
-    out = study.request_context(raw_traces, int(cfg.get("max_num_batched_tokens", 2048)))
+    out = pipeline.request_context(raw_traces)
     a, snap = out["agreement"], (out["agreement"].get("snapshots") or {})
     context.add_output_metadata({"available": a["available"], "steps": a.get("steps", 0), "pairs": a.get("pairs", 0),
                                  "snapshot_pairs": snap.get("pairs_scheduled_both", 0),
@@ -95,25 +85,19 @@ def request_context(context: dg.AssetExecutionContext, raw_traces) -> dict:
 
 @dg.asset(**PART, group_name="features", description="The seed's 30 features (+ original-study features) and both targets per kept step.")
 def feature_matrix(context: dg.AssetExecutionContext, raw_traces, step_table: pl.DataFrame, request_context) -> pl.DataFrame:
-    m = raw_traces["meta"]
-    journey_agg = study.journey_aggregates(request_context["step_inputs"])
-    fm = study.build_feature_matrix(step_table, raw_traces["snapshots"], model=m["model"], tp=m["tp"],
-                                    experiment_id=m["experiment_id"], source=m["source"],
-                                    request_aggregates=journey_agg, request_source="journey")
+    fm = pipeline.feature_matrix(raw_traces, step_table, request_context)
     context.add_output_metadata({"rows": fm.height, "kv_source": dg.MetadataValue.json(dict(fm["kv_source"].value_counts().iter_rows()))})
     return fm
 
 
 @dg.asset(**PART, group_name="beyond_h1", description="Teacher-forced E2E: each cycle_us model predicts every step; per-request sums vs observed TTFT, decode interval, E2E.")
 def e2e_fidelity(raw_traces, request_context, fitted_models) -> dict:
-    m = raw_traces["meta"]
-    return study.e2e_fidelity_for_models(raw_traces, request_context, fitted_models, model=m["model"], tp=m["tp"],
-                                         experiment_id=m["experiment_id"])
+    return pipeline.e2e_fidelity(raw_traces, request_context, fitted_models)
 
 
 @dg.asset(**PART, group_name="features", description="Temporal 60/20/20 split by step id, with the load stage of each row.")
 def split(context: dg.AssetExecutionContext, raw_traces, step_table: pl.DataFrame) -> pl.DataFrame:
-    s = split_table(step_table, raw_traces["meta"]["stage_durations_s"])
+    s = pipeline.split(raw_traces, step_table)
     context.add_output_metadata({"blocks": dg.MetadataValue.json(split_summary(s))})
     return s
 
@@ -138,12 +122,7 @@ def metrics(context: dg.AssetExecutionContext, predictions: pl.DataFrame) -> pl.
 
 @dg.asset(**PART, group_name="study", description="Small per-run record for the study report (lineage, counts, KV sources).")
 def run_summary(raw_traces, step_table: pl.DataFrame, quarantine: pl.DataFrame, feature_matrix: pl.DataFrame) -> dict:
-    m = raw_traces["meta"]
-    kv = dict(feature_matrix["kv_source"].value_counts().iter_rows())
-    return {**{k: m[k] for k in ("experiment_id", "source", "stands_for", "model", "tp", "workload", "data_version", "files")},
-            "steps_read": raw_traces["steps"].height, "steps_kept": step_table.height, "steps_quarantined": quarantine_counts(quarantine).get("row", 0),
-            "lines_quarantined": m["counters"].get("lines_quarantined", 0), "quarantine_rows": sum(quarantine_counts(quarantine).values()),
-            "kv_source": ", ".join(f"{k} {v}" for k, v in sorted(kv.items())), "kv_source_counts": kv}
+    return pipeline.run_summary(raw_traces, step_table, quarantine, feature_matrix)
 
 
 @dg.asset(**PART, group_name="beyond_h1", description="Test MAPE of ridge_30f with all features, without each feature group, and with only it.")
@@ -154,9 +133,7 @@ def ablation(feature_matrix: pl.DataFrame, split: pl.DataFrame) -> pl.DataFrame:
 @dg.asset(**PART, group_name="study", description="Method checks: each block's load-stage mix under temporal / stage-matched / random "
           "splits and the H1 models under each, the cycle rule's effect, batch N vs N−1 features for cycle_us, alpha at the grid ends.")
 def method_checks(settings: StepMLSettings, step_table: pl.DataFrame, feature_matrix: pl.DataFrame, split: pl.DataFrame, fitted_models) -> dict:
-    from stepml_core.method_checks import method_checks as checks
-
-    return checks(study.with_split(feature_matrix, split), fitted_models, cycle_rule_counts(step_table), seed=settings.seed)
+    return pipeline.method_checks(study.with_split(feature_matrix, split), fitted_models, step_table, seed=settings.seed)
 
 
 @dg.multi_asset(
@@ -215,43 +192,23 @@ def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, me
                  global_models, run_summary, ablation, generalization, calibration, request_context, e2e_fidelity, method_checks,
                  replay_fidelity, calibration_fidelity) -> dict:
     left_out = runs_left_out(settings, context.instance, list(run_summary))  # failed or stale: results not current
-    present = {e for e in run_summary if (settings.data_root() / e).is_dir()} - set(left_out)  # runs still in the landing zone
-    stored = set(run_summary)
+    # runs still in the landing zone, less those left out, in a fixed order
+    present = sorted(e for e in run_summary if (settings.data_root() / e).is_dir() and e not in left_out)
     replay_lines = replay_section(replay_fidelity, settings.out_dir) + list(calibration_fidelity["lines"])
     if not present:  # request logs only: no step data, no H1 study; the replay is the report
         md = requests_only_report(replay_fidelity, replay_lines, settings.out_dir)
         context.add_output_metadata({"report": dg.MetadataValue.md(md), "out_dir": dg.MetadataValue.path(settings.out_dir)})
         return {"verdict": None, "experiments": []}
-    run_summary = {e: r for e, r in run_summary.items() if e in present}
-    gm, gp = global_models["metrics"], global_models["predictions"]
-    all_metrics = pl.concat([*(metrics[e] for e in present if e in metrics), gm.filter(pl.col("experiment_id").is_in(sorted(present)))], how="diagonal_relaxed")
-    test = pl.col("split") == "test"  # the verdict and the plots read test rows only; one partition in memory at a time
-    all_pred = pl.concat([*(predictions[e].filter(test) for e in present if e in predictions),
-                          gp.filter(pl.col("experiment_id").is_in(sorted(present)) & test)], how="diagonal_relaxed")
-    verdict = study.h1_verdict(all_metrics, all_pred, seed=settings.seed)
-    gen = generalization["metrics"]
-    gen_present = {k: v.filter(pl.col("experiment_id").is_in(sorted(present))) if v.height else v for k, v in generalization.items() if k in ("metrics", "predictions")}
-    abl = pl.concat([ablation[e] for e in present if e in ablation], how="diagonal_relaxed") if ablation else None
-    checks = gather_checks(method_checks, sorted(present), global_models["models"])
-    findings = study_findings(predictions=all_pred, generalization=gen_present, ablation=abl, checks=checks, seed=settings.seed)
-    verdict["recommendations"] = findings["recommendations"]
-    extra = runs_left_out_section(left_out, stored)  # failed or stale runs: named, their old results unused
-    extra += feature_provenance_section(list(run_summary.values()), abl)
-    extra += reconstruction_section({e: request_context[e]["agreement"] for e in present if e in request_context})
-    e2e_parts = [e2e_fidelity[e] for e in present if e in e2e_fidelity]
-    extra += e2e_section(pl.concat([p["summary"] for p in e2e_parts if p["summary"].height], how="diagonal_relaxed") if any(p["summary"].height for p in e2e_parts) else None,
-                         pl.concat([p["per_request"] for p in e2e_parts if p["per_request"].height], how="diagonal_relaxed") if any(p["per_request"].height for p in e2e_parts) else pl.DataFrame(),
-                         settings.out_dir)
-    extra += calibration_sections(calibration["public"], calibration["steps"])
-    extra += replay_lines
-    verdict["runs_left_out"] = {e: {"status": r["status"], "reason": r["reason"]} for e, r in sorted(left_out.items())}
-    write_outputs(settings.out_dir, pl.concat([all_metrics, gen], how="diagonal_relaxed") if gen.height else all_metrics, verdict)
-    md = render_report(runs=list(run_summary.values()), metrics=all_metrics, predictions=all_pred, verdict=verdict,
-                       out_dir=settings.out_dir, findings=findings, checks=checks, extra_sections=extra,
-                       summary_extra=replay_summary(replay_fidelity))
+    out = pipeline.assemble_study(
+        present, metrics=metrics, predictions=predictions, global_models=global_models, run_summary=run_summary,
+        ablation=ablation, generalization=generalization, calibration=calibration,
+        agreements={e: request_context[e]["agreement"] for e in present if e in request_context}, e2e_fidelity=e2e_fidelity,
+        method_checks=method_checks, out_dir=settings.out_dir, seed=settings.seed, extra_sections=replay_lines,
+        summary_extra=replay_summary(replay_fidelity), left_out=left_out, stored=set(run_summary))
+    verdict, md = out["verdict"], out["markdown"]
     context.add_output_metadata({"report": dg.MetadataValue.md(md), "out_dir": dg.MetadataValue.path(settings.out_dir),
                                  **{f"verdict_{t}": v["verdict"] for t, v in verdict["targets"].items()}})
-    return {"verdict": verdict, "experiments": sorted(run_summary), "runs_left_out": verdict["runs_left_out"]}
+    return {"verdict": verdict, "experiments": out["experiments"], "runs_left_out": verdict["runs_left_out"]}
 
 
 def _md(df: pl.DataFrame) -> str:

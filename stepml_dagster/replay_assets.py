@@ -2,20 +2,18 @@
 
 import warnings
 
-
 import dagster as dg
+
 import polars as pl
 
 from stepml_core import calibration_protocols as cp
-from stepml_core import replay_models as rm
+from stepml_core import checks, pipeline
 from stepml_core.calibrate import CalibrationRun
 from stepml_core.progress import make_progress
-from stepml_core.ingest import fingerprint, fingerprint_digest, sha256_file
 from stepml_core.replay import run_context
-from stepml_core.replay_report import replay_fidelity_tables
-from stepml_core.request_log import find_request_files, read_request_log
 from stepml_core.runs import read_run_metadata
 
+from .checks import check_result
 from .partitions import PART
 from .resources import StepMLSettings
 
@@ -25,22 +23,17 @@ from .resources import StepMLSettings
                       "pandera-validated; bad records quarantined with file and record index.")
 def request_log(context: dg.AssetExecutionContext, settings: StepMLSettings):
     folder = settings.run_folder(context.partition_key)
-    log = read_request_log(folder)
-    if log is None:
+    value = pipeline.request_log(folder)
+    if value is None:
         context.log.info(f"{folder}: no requests.json[.gz] or results/per_request_lifecycle_metrics.json: request-level assets skipped")
         return
-    files = [{"file": str(p.relative_to(folder)), "size_bytes": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in find_request_files(folder).values()]
-    run_files = fingerprint(folder)
-    version = fingerprint_digest(run_files)  # same data version as raw_traces: the digest of every input file of the run
-    value = {"requests": log.table, "quarantine": log.quarantine, "header": log.header, "files": files,
-             "has_ground_truth": log.has_ground_truth, "counts": log.counts, "run_files": run_files, "data_version": version}
+    # same data version as raw_traces: the digest of every input file of the run folder
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dg.BetaWarning)  # Output(data_version=...) is beta in 1.13
-        out = dg.Output(value, data_version=dg.DataVersion(version),
-                        metadata={"role": log.role or "–", "format": log.header.get("format"),
-                                  "ground_truth": log.has_ground_truth, "files": dg.MetadataValue.json(files), **log.counts,
-                                  "dagster/row_count": log.table.height})
+        out = dg.Output(value, data_version=dg.DataVersion(value["data_version"]),
+                        metadata={"role": value["header"].get("role") or "–", "format": value["header"].get("format"),
+                                  "ground_truth": value["has_ground_truth"], "files": dg.MetadataValue.json(value["files"]),
+                                  **value["counts"], "dagster/row_count": value["requests"].height})
     yield out
 
 
@@ -51,11 +44,7 @@ def records_balance(request_log) -> dg.AssetCheckResult:
 
     # a check on a partitioned asset is handed the partition(s) of its run as {partition key: value}
     parts = dict(request_log.items()) if isinstance(request_log, StoredPartitions) else {"": request_log}
-    counts = {k: {**v["counts"], "rows_stored": v["requests"].height, "quarantine_rows_stored": v["quarantine"].height}
-              for k, v in parts.items()}
-    bad = [k for k, c in counts.items() if c["records_in"] != c["rows_stored"] + c["quarantine_rows_stored"]]
-    return dg.AssetCheckResult(passed=not bad, metadata={"partitions": dg.MetadataValue.json(counts),
-                                                         "unbalanced": dg.MetadataValue.json(bad)})
+    return check_result(checks.records_balance(parts))
 
 
 @dg.asset(group_name="replay", description="Step-time models calibrated from request logs alone (BLIS model files): per LLM "
@@ -114,13 +103,7 @@ def request_calibration(context: dg.AssetExecutionContext, settings: StepMLSetti
 def replay_models(context: dg.AssetExecutionContext, settings: StepMLSettings, fitted_models, run_summary,
                   request_calibration) -> list:
     present = [e for e in run_summary if (settings.data_root() / e).is_dir()]
-    runs = {}
-    for e in present:
-        r = run_summary[e]
-        kv = r.get("kv_source_counts") or {}
-        runs[e] = {**r, "kv_source": max(kv, key=kv.get) if kv else "proxy_blocks"}
-    specs = [rm.physics_spec(), *rm.step_trained_specs({e: fitted_models[e] for e in present if e in fitted_models}, runs),
-             *request_calibration["specs"]]
+    specs = pipeline.replay_models(fitted_models, run_summary, present, request_calibration["specs"])
     context.add_output_metadata({"models": len(specs), "by_kind": dg.MetadataValue.json(
         {k: sum(1 for s in specs if s["kind"] == k) for k in sorted({s["kind"] for s in specs})})})
     return specs
@@ -131,21 +114,10 @@ def replay_models(context: dg.AssetExecutionContext, settings: StepMLSettings, f
                       "predicted vs observed TTFT/E2E per metric, per-request predictions under out/replay/.")
 def replay(context: dg.AssetExecutionContext, settings: StepMLSettings, request_log, replay_models):
     key = context.partition_key
-    folder = settings.run_folder(key)
-    meta = read_run_metadata(folder, data_root=settings.data_root())
-    log = _log_from_stored(request_log)
-    ctx = run_context(folder, experiment_id=key, model=meta.model, tp=meta.tp, exp_config=meta.exp_config,
-                      profile=meta.profile, header=log.header, kv_blocks_from_traces=_synth_kv_blocks(meta))
-    specs = rm.specs_for_run(list(replay_models), key, meta.model)
-    out = rm.replay_run(log, ctx, specs, source=meta.source, stands_for=meta.stands_for, seed=settings.seed)
-    paths = rm.write_per_request(settings.out_dir, key, out["per_request"])
-    details = pl.DataFrame(out["runs"])
-    yield dg.Output({"rows": out["rows"], "details": details, "assumptions": out["assumptions"], "intervals": out["intervals"],
-                     "has_ground_truth": out["has_ground_truth"], "model": meta.model, "role": log.role or "",
-                     "requests": log.table.height},
-                    metadata={"step_models": len(specs), "per_request_files": dg.MetadataValue.json([str(p) for p in paths]),
-                              "seconds": float(details["seconds"].sum()) if details.height else 0.0,
-                              "assumptions": dg.MetadataValue.json(out["assumptions"])})
+    value, facts = pipeline.replay(settings.run_folder(key), key, request_log, replay_models, data_root=settings.data_root(),
+                                   out_dir=settings.out_dir, seed=settings.seed)
+    yield dg.Output(value, metadata={**facts, "per_request_files": dg.MetadataValue.json(facts["per_request_files"]),
+                                     "assumptions": dg.MetadataValue.json(facts["assumptions"])})
 
 
 @dg.asset(group_name="replay", description="All replays: replay.csv (predicted vs observed per run × step model × metric, "
@@ -153,9 +125,7 @@ def replay(context: dg.AssetExecutionContext, settings: StepMLSettings, request_
 def replay_fidelity(context: dg.AssetExecutionContext, settings: StepMLSettings, replay, request_log) -> dict:
     left_out = replays_left_out(settings, context.instance, request_log, list(replay))
     present = [e for e in replay if (settings.data_root() / e).is_dir() and e not in left_out]
-    tables = replay_fidelity_tables({e: replay[e] for e in present},
-                                    {e: request_log[e]["header"] for e in present if e in request_log},
-                                    settings.out_dir)
+    tables = pipeline.replay_fidelity(replay, request_log, present, settings.out_dir)
     context.add_output_metadata({"runs": len(present), "rows": tables["replay"].height, "left_out": dg.MetadataValue.json(left_out),
                                  "replay_csv": dg.MetadataValue.path(str(tables["replay_csv"]))})
     return {**{k: v for k, v in tables.items() if k != "replay_csv"}, "left_out": left_out}
@@ -201,23 +171,7 @@ def calibration_fidelity(context: dg.AssetExecutionContext, settings: StepMLSett
     return {"lines": lines, **{k: v for k, v in t.items() if isinstance(v, pl.DataFrame)}, "goals": t["goals"]}
 
 
-def _log_from_stored(stored):
-    """The stored request_log value back as a RequestLog."""
-    from stepml_core.request_log import RequestLog
-
-    c = stored["counts"]
-    return RequestLog(table=stored["requests"], quarantine=stored["quarantine"], header=stored["header"],
-                      files=[f["file"] for f in stored["files"]], has_ground_truth=stored["has_ground_truth"],
-                      records_in=c["records_in"])
-
-
-def _synth_kv_blocks(meta) -> int | None:
-    """KV blocks of a synthetic run's engine (the synthesizer's per-model value); None for real runs."""
-    if meta.source != "synthetic":
-        return None
-    from stepml_core.synth.spec import engine_params
-
-    return int(engine_params()["models"][meta.model]["kv_blocks_total"])
+_synth_kv_blocks = pipeline.synth_kv_blocks  # (name kept for callers in this module)
 
 
 REQUEST_ASSETS = [request_log]

@@ -7,7 +7,7 @@ from stepml_core.features import (SEED_FEATURES, RequestInBatch, batch_features,
                                   step_table_features)
 from stepml_core.physics import per_gpu_constants
 
-# feature-spec §2.3, per GPU: linear FLOPs/token/layer (M), weight MB/layer, KV B/token/layer, attn FLOPs/pair/layer, weights GB
+# docs/features.md §1, per GPU: linear FLOPs/token/layer (M), weight MB/layer, KV B/token/layer, attn FLOPs/pair/layer, weights GB
 SPEC_TABLE = {
     ("llama-2-7b", 1): (404.8, 404.8, 16384, 16384, 13.48),
     ("llama-2-70b", 4): (427.8, 427.8, 1024, 8192, 34.49),

@@ -7,10 +7,8 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from stepml_core import study
-from stepml_core.ingest import ingest_run
-from stepml_core.splits import split_table
+from stepml_core.pipeline import run_matrix
 from stepml_core.synth import synthesize_runs
-from stepml_core.tables import add_targets, validate_steps
 
 RUNS = ["20260217-155451-llama-2-7b-tp1-codegen", "20260217-162547-llama-2-7b-tp1-roleplay",
         "20260218-150304-codellama-34b-tp2-general", "20260218-160939-codellama-34b-tp2-reasoning"]
@@ -21,14 +19,7 @@ def matrices(tmp_path_factory) -> dict[str, pl.DataFrame]:
     root = tmp_path_factory.mktemp("pooled")
     out = {}
     for folder in synthesize_runs(root, RUNS, scale=0.04, seed=0, workers=1):
-        raw = ingest_run(folder, root)
-        steps = add_targets(validate_steps(raw["steps"], raw["meta"]["trace_file"]).kept)
-        ctx = study.request_context(raw)
-        m = raw["meta"]
-        fm = study.build_feature_matrix(steps, raw["snapshots"], model=m["model"], tp=m["tp"], experiment_id=m["experiment_id"],
-                                        source=m["source"], request_aggregates=study.journey_aggregates(ctx["step_inputs"]),
-                                        request_source="journey")
-        out[folder.name] = study.with_split(fm, split_table(steps, m["stage_durations_s"]))
+        out[folder.name] = run_matrix(folder, root)
     return out
 
 

@@ -3,13 +3,13 @@
 Token arrival: the tokens of step s leave the engine when ``update_from_output(s)`` ran
 (the simulation's update time of s), then pass the API server (detokenise, SSE) and the
 network: a per-step egress lag. The server streams about two SSE messages per token (the
-second microseconds after the first; trace-format §5.1 / reference caveat 1) plus the final
+second microseconds after the first; docs/request-logs.md §3) plus the final
 usage chunk and ``[DONE]``, so ``len(output_token_times) ≈ 2·tokens + 2``.
 
 Client clock: inference-perf's ``time.perf_counter()`` on another host; here the server's
 monotonic clock shifted by a constant (same rate).
 
-Summary definitions follow inference-perf as used in Feb 2026 (trace-format §5.2):
+Summary definitions follow inference-perf as used in Feb 2026 (docs/request-logs.md §3):
 request_latency = end − start; TTFT = times[0] − start; TPOT = (times[-1] − times[0]) /
 (len − 1) per SSE message; ITL = all consecutive gaps pooled; NTPOT = (end − start) /
 output_tokens; throughput = sums over successes / (max end − min start over all requests).
@@ -46,7 +46,6 @@ def _order(d: dict) -> dict:
 def client_records(spec: RunSpec, wl, sim, rng: np.random.Generator, *, mono0: float, client0: float, hf_id: str):
     """Per-request records (inference-perf order: completion order) + arrays for summaries."""
     api = engine_params()["api"]
-    n = len(sim.requests)
     U = np.asarray(sim.update_s, dtype=np.float64)
     lo, hi = api["engine_to_client_ms"]
     egress = rng.uniform(lo, hi, len(U)) * 1e-3

@@ -1,4 +1,4 @@
-"""Engine cycle time of one vLLM step on H100 (synth-design §4), per GPU.
+"""Engine cycle time of one vLLM step on H100 (docs/synthesizer.md §3), per GPU.
 
 A roofline sum per layer plus fixed costs:
 

@@ -66,6 +66,7 @@ MODELLED = {
                         "logistic gate on running depth and empirical heavy-tailed residuals, fitted on the real "
                         "BATCH_SUMMARY rows of two runs and scaled per run to the real test-split distribution "
                         "(data/synth/schedule_time_model.json, scripts/fit_schedule_time.py)",
+    # (written into every provenance.json as is: changing the text changes the synthetic runs' bytes)
     "traces": "OTLP/JSON lines as trace-format.md: BATCH_SUMMARY on a Bernoulli 10 % of steps, REQUEST_SNAPSHOT on "
               "10 % of those, llm_request + llm_core spans for every request, scheduler_steps_<n> spans with "
               "closure interval 10, 128-event cap, 5 s export batches per process",

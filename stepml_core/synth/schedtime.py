@@ -1,4 +1,4 @@
-"""`step.duration_us`: the CPU time of vLLM's schedule() (trace-format §2.5), an empirical model.
+"""`step.duration_us`: the CPU time of vLLM's schedule() (docs/trace-format.md §3.3; model: docs/synthesizer.md §4), an empirical model.
 
 No physics gives this number, so it is sampled from a model fitted by
 scripts/fit_schedule_time.py and stored in data/synth/schedule_time_model.json:

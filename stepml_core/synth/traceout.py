@@ -1,4 +1,4 @@
-"""Turn a simulated run into instrumented-vLLM trace spans (trace-format §2, §3) and write them.
+"""Turn a simulated run into instrumented-vLLM trace spans (docs/trace-format.md §3, §4, §8) and write them.
 
 * step spans ``scheduler_steps_<seq>`` (scope ``vllm.scheduler.step``): rotation every
   ``closure_interval`` schedule() calls if at least one BATCH_SUMMARY was emitted since the

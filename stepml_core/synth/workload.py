@@ -1,4 +1,4 @@
-"""Workload and load of a synthetic run (synth-design §2), from the real run's public figures.
+"""Workload and load of a synthetic run (docs/synthesizer.md §1), from the real run's public figures.
 
 * inference-perf ``shared_prefix`` data as resolved by the runs: groups × prompts-per-group
   distinct prompts (10 × 10); prompts of a group share a system prompt of
@@ -8,7 +8,7 @@
   prompts repeat and hit the prefix cache.
 * fixed output length (``max_tokens`` = nominal output_len, ``ignore_eos``): the server
   always generates max_tokens tokens. The client's *reported* output_tokens is its own
-  re-tokenisation of the streamed text (trace-format §5.1); it is drawn from the real run's
+  re-tokenisation of the streamed text (docs/request-logs.md §3); it is drawn from the real run's
   output-length quantiles (this is where the Llama-2-7B runs' ~20 % of short counts, mean
   195–209 of 247–251, come from: their E2E latencies show full-length generation).
 * constant-rate stages: the stage's request count rate × duration × scale, arrival times a

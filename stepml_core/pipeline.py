@@ -1,0 +1,256 @@
+"""The StepML pipeline as pure functions: one run folder → its step tables, features, split; all runs → the study.
+
+Each function is the work of one Dagster asset of the same name (stepml_dagster/assets.py calls it
+and attaches metadata); tests and benchmarks/bare_path.py call the same functions, so the chain is
+written once:
+
+    raw = ingest_run(folder, data_root)                         raw_traces
+    tables = step_tables(raw)                                   step_table + quarantine
+    context = request_context(raw)                              request_context
+    fm = feature_matrix(raw, tables.steps, context)             feature_matrix
+    sp = split(raw, tables.steps)                               split
+    study.with_split(fm, sp)                                    what fits, predictions and pooled folds read
+
+`run_matrix(folder)` runs that chain for one run folder; `assemble_study` is the study report's
+assembly over all runs (filtering to the runs present, concatenation, verdict, findings, report).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import polars as pl
+
+from . import study
+from .splits import split_table
+from .tables import add_targets, cap_quarantine, cycle_rule_counts, quarantine_counts, validate_steps
+
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048  # vLLM's default token budget, when exp-config.yaml does not give it
+
+
+# ------------------------------------------------------------------------------- one run ---
+
+@dataclass(frozen=True)
+class StepTables:
+    """Kept steps with targets, every rejected record, and the counts the asset checks read."""
+
+    steps: pl.DataFrame  # BATCH_SUMMARY rows that pass StepTableSchema, with schedule_us, cycle_gap_us, cycle_us
+    quarantine: pl.DataFrame  # the reader's quarantine + the rows validation rejected (file, line, kind, reason, count)
+    rows_in: int  # step rows read (= kept + rows quarantined by validation)
+    rows_quarantined: int  # step rows quarantined by validation
+    counts: dict  # rows_in, rows_kept, rows_quarantined, cycle_rows, cycle_removed_idle, cycle_removed_stall
+
+
+def step_tables(raw: dict, max_quarantine_rows: int | None = None) -> StepTables:
+    """Validate the run's step rows (tables.validate_steps, with the bounds of its exp-config.yaml) and add the
+    targets (tables.add_targets); the quarantine is capped at max_quarantine_rows records (tables.cap_quarantine)."""
+    v = validate_steps(raw["steps"], raw["meta"]["trace_file"], raw["meta"].get("exp_config"))
+    steps = add_targets(v.kept)
+    quarantine = pl.concat([raw["quarantine"], v.quarantine], how="diagonal_relaxed")
+    if max_quarantine_rows is not None:
+        quarantine = cap_quarantine(quarantine, max_quarantine_rows)
+    rule = cycle_rule_counts(steps)
+    counts = {**v.counts, "cycle_rows": rule["kept"], "cycle_removed_idle": rule["idle"], "cycle_removed_stall": rule["stall"]}
+    return StepTables(steps=steps, quarantine=quarantine, rows_in=v.rows_in, rows_quarantined=v.quarantine.height,
+                      counts=counts)
+
+
+def request_context(raw: dict) -> dict:
+    """Every step's batch rebuilt from journey events, with the token budget of the run's exp-config.yaml."""
+    cfg = raw["meta"].get("exp_config") or {}
+    return study.request_context(raw, int(cfg.get("max_num_batched_tokens", DEFAULT_MAX_NUM_BATCHED_TOKENS)))
+
+
+def feature_matrix(raw: dict, steps: pl.DataFrame, context: dict) -> pl.DataFrame:
+    """The 30 features (+ original-study features) and both targets per kept step; per-request
+    aggregates from the journey reconstruction where it matches the step (docs/features.md §2)."""
+    m = raw["meta"]
+    return study.build_feature_matrix(steps, raw["snapshots"], model=m["model"], tp=m["tp"], experiment_id=m["experiment_id"],
+                                      source=m["source"], request_aggregates=study.journey_aggregates(context["step_inputs"]),
+                                      request_source="journey")
+
+
+def split(raw: dict, steps: pl.DataFrame) -> pl.DataFrame:
+    """Temporal 60/20/20 split by step id with each row's load stage (stage durations from the run's metadata)."""
+    return split_table(steps, raw["meta"]["stage_durations_s"])
+
+
+def e2e_fidelity(raw: dict, context: dict, fitted: dict) -> dict:
+    """Teacher-forced E2E of the run's cycle_us models (study.e2e_fidelity_for_models)."""
+    m = raw["meta"]
+    return study.e2e_fidelity_for_models(raw, context, fitted, model=m["model"], tp=m["tp"], experiment_id=m["experiment_id"])
+
+
+def method_checks(fm_split: pl.DataFrame, fitted: dict, steps: pl.DataFrame, seed: int = 0) -> dict:
+    """Stage mix, split schemes, the cycle rule's effect, batch N vs N−1 alignment, alpha at the grid ends (method_checks.py)."""
+    from .method_checks import method_checks as checks
+
+    return checks(fm_split, fitted, cycle_rule_counts(steps), seed=seed)
+
+
+RUN_SUMMARY_META = ("experiment_id", "source", "stands_for", "model", "tp", "workload", "data_version", "files")
+
+
+def run_summary(raw: dict, steps: pl.DataFrame, quarantine: pl.DataFrame, fm: pl.DataFrame) -> dict:
+    """The small per-run record the study report reads: lineage, counts, where the KV features came from."""
+    m = raw["meta"]
+    kv = dict(fm["kv_source"].value_counts().iter_rows())
+    return {**{k: m[k] for k in RUN_SUMMARY_META},
+            "steps_read": raw["steps"].height, "steps_kept": steps.height,
+            "steps_quarantined": quarantine_counts(quarantine).get("row", 0),
+            "lines_quarantined": m["counters"].get("lines_quarantined", 0), "quarantine_rows": sum(quarantine_counts(quarantine).values()),
+            "kv_source": ", ".join(f"{k} {v}" for k, v in sorted(kv.items())), "kv_source_counts": kv}
+
+
+def run_matrix(folder: Path, data_root: Path | None = None) -> pl.DataFrame:
+    """One run folder → its feature matrix with split and load stage (what fits and pooled folds read)."""
+    from .ingest import ingest_run
+
+    raw = ingest_run(Path(folder), data_root)
+    tables = step_tables(raw)
+    fm = feature_matrix(raw, tables.steps, request_context(raw))
+    return study.with_split(fm, split(raw, tables.steps))
+
+
+# ---------------------------------------------------------------------------- the study ---
+
+def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame | None:
+    frames = [f for f in frames if f.height]
+    return pl.concat(frames, how="diagonal_relaxed") if frames else None
+
+
+def assemble_study(present: list[str], *, metrics: Mapping, predictions: Mapping, global_models: dict, run_summary: Mapping,
+                   ablation: Mapping, generalization: dict, calibration: dict, agreements: Mapping, e2e_fidelity: Mapping,
+                   method_checks: Mapping, out_dir: Path, seed: int = 0, extra_sections: list[str] | None = None,
+                   summary_extra: list[str] | None = None, left_out: dict[str, dict] | None = None,
+                   stored: set[str] | None = None) -> dict:
+    """The study over the runs `present` (sorted; the per-run mappings may hold others): verdict, findings,
+    metrics.csv, verdict.json and report.md (+ plots) written to out_dir.
+
+    Per-run values are read one run at a time (a mapping may load each on access); predictions are
+    reduced to their test rows, what the verdict and plots read. Pooled fits are kept for the runs
+    present. `extra_sections` (e.g. the replay) go after the calibration section, `summary_extra` into
+    the first screen. `left_out` ({run: {status, reason}}: failed or stale runs among the `stored` ones) are
+    named first and recorded in verdict.json. Returns {"verdict", "markdown", "experiments"}.
+    """
+    present = sorted(present)
+    runs = [run_summary[e] for e in present]
+    gm, gp = global_models["metrics"], global_models["predictions"]
+    all_metrics = pl.concat([*(metrics[e] for e in present if e in metrics), gm.filter(pl.col("experiment_id").is_in(present))],
+                            how="diagonal_relaxed")
+    test = pl.col("split") == "test"  # the verdict and the plots read test rows only; one partition in memory at a time
+    all_pred = pl.concat([*(predictions[e].filter(test) for e in present if e in predictions),
+                          gp.filter(pl.col("experiment_id").is_in(present) & test)], how="diagonal_relaxed")
+    verdict = study.h1_verdict(all_metrics, all_pred, seed=seed)
+    gen = generalization["metrics"]
+    gen_present = {k: v.filter(pl.col("experiment_id").is_in(present)) if v.height else v
+                   for k, v in generalization.items() if k in ("metrics", "predictions")}
+    abl = pl.concat([ablation[e] for e in present if e in ablation], how="diagonal_relaxed") if ablation else None
+    from .findings import study_findings
+    from .method_checks import gather as gather_checks
+    from .report import (calibration_sections, e2e_section, feature_provenance_section, reconstruction_section, render_report,
+                         write_outputs)
+    from .report_status import runs_left_out_section
+
+    checks = gather_checks(method_checks, present, global_models["models"])
+    findings = study_findings(predictions=all_pred, generalization=gen_present, ablation=abl, checks=checks, seed=seed)
+    verdict["recommendations"] = findings["recommendations"]
+    left_out = left_out or {}
+    extra = runs_left_out_section(left_out, set(stored or ()))  # failed or stale runs: named, their old results unused
+    extra += feature_provenance_section(runs, abl)
+    extra += reconstruction_section({e: agreements[e] for e in present if e in agreements})
+    e2e_parts = [e2e_fidelity[e] for e in present if e in e2e_fidelity]
+    per_request = _concat([p["per_request"] for p in e2e_parts])
+    extra += e2e_section(_concat([p["summary"] for p in e2e_parts]), pl.DataFrame() if per_request is None else per_request, out_dir)
+    extra += calibration_sections(calibration["public"], calibration["steps"])
+    extra += extra_sections or []
+    verdict["runs_left_out"] = {e: {"status": r["status"], "reason": r["reason"]} for e, r in sorted(left_out.items())}
+    write_outputs(out_dir, pl.concat([all_metrics, gen], how="diagonal_relaxed") if gen.height else all_metrics, verdict)
+    md = render_report(runs=runs, metrics=all_metrics, predictions=all_pred, verdict=verdict, out_dir=out_dir,
+                       findings=findings, checks=checks, extra_sections=extra, summary_extra=summary_extra)
+    return {"verdict": verdict, "markdown": md, "experiments": present}
+
+
+# ------------------------------------------------------------------------- request level ---
+
+def request_log(folder: Path) -> dict | None:
+    """The run's request log as stored (requests, quarantine, header, files with sha256, counts, and the run folder's
+    file fingerprint with its digest: the same data version as raw_traces); None without one."""
+    from .ingest import fingerprint, fingerprint_digest, sha256_file
+    from .request_log import find_request_files, read_request_log
+
+    folder = Path(folder)
+    log = read_request_log(folder)
+    if log is None:
+        return None
+    files = [{"file": str(p.relative_to(folder)), "size_bytes": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in find_request_files(folder).values()]
+    run_files = fingerprint(folder)
+    return {"requests": log.table, "quarantine": log.quarantine, "header": log.header, "files": files,
+            "has_ground_truth": log.has_ground_truth, "counts": log.counts, "run_files": run_files,
+            "data_version": fingerprint_digest(run_files)}
+
+
+def log_from_stored(stored: Mapping):
+    """A stored request_log value back as a request_log.RequestLog."""
+    from .request_log import RequestLog
+
+    return RequestLog(table=stored["requests"], quarantine=stored["quarantine"], header=stored["header"],
+                      files=[f["file"] for f in stored["files"]], has_ground_truth=stored["has_ground_truth"],
+                      records_in=stored["counts"]["records_in"])
+
+
+def synth_kv_blocks(meta) -> int | None:
+    """KV blocks of a synthetic run's engine (the synthesizer's per-model value); None for real runs."""
+    if meta.source != "synthetic":
+        return None
+    from .synth.spec import engine_params
+
+    return int(engine_params()["models"][meta.model]["kv_blocks_total"])
+
+
+def replay_models(fitted_models: Mapping, run_summary: Mapping, present: list[str],
+                  calibrated: list[dict] | None = None) -> list[dict]:
+    """The step-time models a replay can use: the synthesizer's physics, the cycle_us fits of the runs present and
+    the models `calibrated` from request logs (request_calibration's specs)."""
+    from . import replay_models as rm
+
+    runs = {}
+    for e in present:
+        r = run_summary[e]
+        kv = r.get("kv_source_counts") or {}
+        runs[e] = {**r, "kv_source": max(kv, key=kv.get) if kv else "proxy_blocks"}
+    return [rm.physics_spec(), *rm.step_trained_specs({e: fitted_models[e] for e in present if e in fitted_models}, runs),
+            *(calibrated or [])]
+
+
+def replay(folder: Path, key: str, stored_log: Mapping, specs: list[dict], *, data_root: Path, out_dir, seed: int = 0
+           ) -> tuple[dict, dict]:
+    """One run's requests replayed with each applicable step-time model; per-request predictions written under
+    out_dir/replay/. Returns (stored value, facts for the asset's metadata)."""
+    from . import replay_models as rm
+    from .replay import run_context
+    from .runs import read_run_metadata
+
+    meta = read_run_metadata(folder, data_root=data_root)
+    log = log_from_stored(stored_log)
+    ctx = run_context(folder, experiment_id=key, model=meta.model, tp=meta.tp, exp_config=meta.exp_config,
+                      profile=meta.profile, header=log.header, kv_blocks_from_traces=synth_kv_blocks(meta))
+    specs = rm.specs_for_run(list(specs), key, meta.model)
+    out = rm.replay_run(log, ctx, specs, source=meta.source, stands_for=meta.stands_for, seed=seed)
+    paths = rm.write_per_request(out_dir, key, out["per_request"])
+    details = pl.DataFrame(out["runs"])
+    value = {"rows": out["rows"], "details": details, "assumptions": out["assumptions"], "intervals": out["intervals"],
+             "has_ground_truth": out["has_ground_truth"], "model": meta.model, "role": log.role or "",
+             "requests": log.table.height}
+    return value, {"step_models": len(specs), "per_request_files": [str(p) for p in paths],
+                   "seconds": float(details["seconds"].sum()) if details.height else 0.0, "assumptions": out["assumptions"]}
+
+
+def replay_fidelity(replays: Mapping, logs: Mapping, present: list[str], out_dir) -> dict:
+    """replay.csv over the runs present and the tables the report reads (replay_report.replay_fidelity_tables)."""
+    from .replay_report import replay_fidelity_tables
+
+    return replay_fidelity_tables({e: replays[e] for e in present}, {e: logs[e]["header"] for e in present if e in logs}, out_dir)

@@ -1,0 +1,66 @@
+"""The step-model registry: every model is one class; fitting and predicting go through it."""
+
+import numpy as np
+import polars as pl
+import pytest
+
+from stepml_core import models, study
+from stepml_core.estimators import PREDICTORS, LinearStepModel, predict_model
+
+
+def _matrix(n=60, seed=0) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    P, D = rng.integers(0, 2048, n).astype(float), rng.integers(1, 128, n).astype(float)
+    y = 2000 + 3 * P + 40 * D + rng.normal(0, 50, n)
+    split = np.array(["train"] * (n * 3 // 5) + ["valid"] * (n // 5) + ["test"] * (n - n * 3 // 5 - n // 5))
+    return pl.DataFrame({"experiment_id": ["e"] * n, "source": ["synthetic"] * n, "step.id": np.arange(n), "split": split,
+                         "load_stage": [0] * n, "kv_mean": [0.0] * n, "num_prefill_reqs": [1.0] * n, "num_decode_reqs": D,
+                         "prefill_tokens": P, "decode_tokens": D, "cycle_us": y})
+
+
+def test_the_registry_holds_the_studys_models_in_fitting_order():
+    assert list(models.REGISTRY) == ["naive_mean", "blackbox_2f", "ridge_30f", "blackbox_ols_orig", "ridge_30f_orig",
+                                     "ridge_log_30f", "nnls_physics", "hgb_30f"]
+    assert study.MODELS is models.REGISTRY
+    for name, m in models.REGISTRY.items():
+        assert m.name == name and m.recipe in ("stepml", "original")
+    assert models.REGISTRY["blackbox_2f"].feature_columns() == ["prefill_tokens", "decode_tokens"]
+    assert len(models.REGISTRY["ridge_30f"].feature_columns()) == 33  # 30 features, model_id one-hot over 4 models
+
+
+def test_a_new_model_is_one_class(monkeypatch):
+    class Median(models._Columns):
+        """ŷ = median of the train + valid targets."""
+
+        name, recipe, features = "median", "stepml", ()
+
+        def fit(self, target, X_tr, y_tr, X_va, y_va, *, seed=0):
+            y = np.concatenate([y_tr, y_va])
+            return {"target": target, "kind": "linear", "features": [], "intercept": float(np.median(y)), "floor_us": float(y.min()),
+                    "recipe": self.recipe}
+
+    monkeypatch.setitem(models.REGISTRY, "median", Median())
+    fm = _matrix()
+    assert list(study.MODELS)[-1] == "median"  # fit_models fits every registered model by default
+    fitted = {m["name"]: m for m in study.fit_models(fm, "cycle_us", "per_experiment", ("blackbox_2f", "median"))}
+    assert "median" in fitted and fitted["median"]["scope"] == "per_experiment"
+    pred = study.predict(fm, [fitted["median"]], "per_experiment")
+    assert pred["y_pred"].n_unique() == 1 and pred["model"].unique().to_list() == ["median"]
+
+
+def test_registering_a_name_twice_is_refused():
+    with pytest.raises(ValueError, match="registered twice"):
+        @models.register
+        class Again(models.NaiveMean):
+            pass
+
+
+def test_one_linear_rule_for_the_dataclass_and_the_stored_dict():
+    fm = _matrix(seed=3)
+    m = [d for d in study.fit_models(fm, "cycle_us", "per_experiment", ("blackbox_2f",))][0]
+    X = fm.select(m["features"]).to_numpy()
+    obj = LinearStepModel(**{k: v for k, v in m.items() if k not in ("kind", "scope")})
+    assert np.array_equal(obj.predict(X), predict_model(m, X))
+    assert set(PREDICTORS) == {"linear", "log_linear", "trees"}
+    with pytest.raises(KeyError):
+        predict_model({**m, "kind": "unknown"}, X)
