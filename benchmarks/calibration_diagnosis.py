@@ -6,12 +6,14 @@
    calibrates on the LLM model's other workloads predicts each successful request's average decode cycle
    (E2E − TTFT)/(G − 1) at its window's observed batch composition; printed: mean predicted / mean observed − 1,
    and the range of window-mean decoders the calibration runs covered against the held-out run's.
+   1b. per LLM model, the slope of the observed decode cycle on the decoders below 60 and from 80 decoders
+   (non-saturated runs pooled): where the linear form bends.
 2. **The max_num_seqs cap** (needs ``--study OUT``, a `stepml run` output on the real runs): share of the second
    stage (t > 600 s) with ≥ 125 requests decoding, observed (from the request timelines) and as replayed by
    each calibrated model, beside its decode-cycle and TTFT errors — near the cap, TTFT is a threshold function
    of the cycle.
 3. **CPU-bound saturated runs** (needs ``--study OUT`` and the real steps' schedule() times in
-   ``../shared/real/xgboost_round1_test_predictions.csv.gz``): per reasoning run, the real schedule() median
+   ``../shared/real/xgboost_round1_test_predictions.csv.gz``): per run, the real schedule() median
    against the mean cycle (run time / steps), and — diagnosis only, **in sample** — the run-roles model replayed
    with a CPU floor at that schedule() median (cycle = max(GPU path, floor)).
 """
@@ -60,6 +62,27 @@ def held_out_cycles(infos, load) -> None:
               f"{np.percentile(tl.dec_mean[m], 5):5.0f}–{np.percentile(tl.dec_mean[m], 95):<5.0f}")
 
 
+def cycle_slopes(infos, load) -> None:
+    """Per LLM model, pooled over its non-saturated runs: slope of the observed per-request decode cycle on the
+    window's mean decoders, below 60 and from 80 decoders (least squares; µs per decoder)."""
+    from stepml_core import calibrate as C
+
+    print("\n1b. observed decode cycle vs decoders (non-saturated runs pooled): slope µs per decoder")
+    for llm in sorted({i.llm_model for i in infos}):
+        tls = [C.request_timelines(load(i.experiment_id)) for i in infos
+               if i.llm_model == llm and i.has_ground_truth and i.workload != "reasoning"]
+        tls = [t for t in tls if not t.saturated]
+        d = np.concatenate([t.dec_mean for t in tls])
+        c = np.concatenate([t.cycle_us for t in tls])
+        ok = np.isfinite(d) & np.isfinite(c)
+        d, c = d[ok], c[ok]
+        out = []
+        for lo, hi in ((0, 60), (80, 129)):
+            m = (d >= lo) & (d < hi)
+            out.append(f"{lo}–{hi}: {np.polyfit(d[m], c[m], 1)[0]:5.1f}" if m.sum() > 50 else f"{lo}–{hi}: –")
+        print(f"   {llm:16s} " + ", ".join(out))
+
+
 def cap_share(study: Path) -> None:
     import polars as pl
 
@@ -81,7 +104,11 @@ def cap_share(study: Path) -> None:
                 n = np.searchsorted(st, grid) - np.searchsorted(en, grid)
                 return float((n >= CAP_NEAR).mean())
 
-            obs = share(t["observed_ttft_s"].fill_null(np.nan).to_numpy(), t["observed_e2e_s"].fill_null(np.nan).to_numpy())
+            obs_ttft = t["observed_ttft_s"].fill_null(np.nan).to_numpy()
+            obs = share(obs_ttft, t["observed_e2e_s"].fill_null(np.nan).to_numpy())
+            if f.stem == "physics":
+                print(f"   {d.name:48s} observed mean TTFT {1e3 * np.nanmean(obs_ttft[a <= 600]):5.1f} ms before 600 s, "
+                      f"{1e3 * np.nanmean(obs_ttft[a > 600]):5.1f} ms after")
             pred = share(t["ttft_s"].fill_null(np.nan).to_numpy(), t["e2e_s"].to_numpy())
             err = {m: rows.filter((pl.col("experiment_id") == d.name) & (pl.col("step_model") == f.stem)
                                   & (pl.col("metric") == m))["rel_err_pct"].to_list() for m in ("decode_interval_mean", "ttft_mean")}
@@ -111,13 +138,19 @@ def cpu_floor(study: Path, shared: Path, infos, load) -> None:
         def step_time_us(self, b):
             return max(self.inner.step_time_us(b), self.floor_us)
 
-    print("\n3. saturated runs: real schedule() (step.duration_us) vs cycle; run-roles model with a CPU floor (in sample)")
+    print("\n3. real schedule() (step.duration_us) median vs mean cycle (run time / steps); reasoning runs: the run-roles"
+          " model with a CPU floor at that median (in sample)")
     for i in sorted(infos, key=lambda r: r.experiment_id):
+        s = xg.filter(pl.col("experiment_id") == i.experiment_id)
+        if i.workload != "reasoning" and i.has_ground_truth and not s.is_empty():
+            t = load(i.experiment_id).table
+            end_s = float((t["arrival_time_us"] * 1e-6 + t["observed_e2e_s"].fill_null(0.0)).max())
+            print(f"   {i.experiment_id:48s} schedule() median {float(s['step.duration_us'].median()) / 1e3:5.2f} ms, "
+                  f"mean cycle {end_s / float(s['step.id'].max()) * 1e3:5.1f} ms")
         if i.workload != "reasoning" or not i.has_ground_truth:
             continue
         train = sorted(r.experiment_id for r in infos if r.llm_model == i.llm_model and r.role == "train" and r.has_ground_truth)
         c = next((c for c in cals if sorted(c["fitted_on"]) == train), None)
-        s = xg.filter(pl.col("experiment_id") == i.experiment_id)
         if c is None or s.is_empty():
             continue
         run = load(i.experiment_id)
@@ -152,6 +185,7 @@ def main() -> int:
         assemble_real_runs(a.shared, root)
         infos, load = load_runs(root)
         held_out_cycles(infos, load)
+        cycle_slopes(infos, load)
         if a.study:
             cap_share(a.study)
             cpu_floor(a.study, a.shared, infos, load)
