@@ -13,8 +13,7 @@ import polars as pl
 import pytest
 
 from stepml_core import calibration_protocols as cp
-from stepml_core.calibrate import (PARAM_NAMES, CalibrationRun, StepParams, arch_prior, calibrate, fit_closed_form,
-                                   interval_bounds, request_timelines, serving_model)
+from stepml_core.calibrate import (PARAM_NAMES, CalibrationRun, StepParams, arch_prior, calibrate, interval_bounds, request_timelines, serving_model)
 from stepml_core.replay import RunContext, replay, replay_workload, run_context
 from stepml_core.replay_models import replay_run, specs_for_run
 from stepml_core.request_log import read_request_log
