@@ -284,12 +284,31 @@ def calibration_section(t: dict) -> list[str]:
              "TTFT − 1.5 cycles. Stage 2: scipy `least_squares` adjusts a scale on every step coefficient and a shift of α0 "
              "with the simulator in the loop (4 windows of 60 s per non-saturated calibration run), matching TTFT and E2E "
              "mean/p50/p90(/p99).", ""]
+    lines += _cost_lines(t) + _parameter_lines(t) + _real_step_lines(t) + _protocol_lines(t) + _uncertainty_lines(t)
+    lines += _goal_lines(t)
+    lines += ["What the BLIS file cannot say: BLIS adds `output_token_processing_time_us` to every token and counts one "
+              "step more per request in E2E (E2E = TTFT + len(output)·step), StepML's simulator len(output) − 1: in BLIS the "
+              "exported model's E2E is one step longer (≈ 0.4 % at 250 output tokens); the whole request overhead therefore "
+              "goes into `queueing_time` (no per-token term). The API server's load-dependent delay (TTFT grows with the "
+              "number of streams) has no BLIS feature: α0 is its average over the calibration runs.", ""]
+    return lines
+
+
+def _cost_lines(t: dict) -> list[str]:
+    """The calibrations' cost: wall time, closed form, simulator refinement, bootstrap."""
+    lines: list[str] = []
     c = t["costs"]
     if c.height:
         lines += [f"Cost: {c.height} distinct calibrations in {_f(t.get('seconds'), 0)} s wall "
                   f"(closed form Σ {_f(c['closed_form_s'].sum(), 1)} s; simulator refinement Σ {_f(c['refine_s'].sum(), 0)} s "
                   f"over {int(c['refine_evals'].fill_null(0).sum())} evaluations, at most {int(c['refine_evals'].fill_null(0).max())} "
                   f"per calibration; bootstrap Σ {_f(c['bootstrap_s'].sum(), 1)} s).", ""]
+    return lines
+
+
+def _parameter_lines(t: dict) -> list[str]:
+    """The parameters each LLM model got, and across models (requests_all)."""
+    lines: list[str] = []
     p = t["params"]
     if p.height:
         lines += ["### Parameters each LLM model got", "",
@@ -308,6 +327,12 @@ def calibration_section(t: dict) -> list[str]:
                                   for r in allp.iter_rows(named=True))
                       + "; KV-read cost " + ", ".join(f"{_f(r['kv_over_floor'], 1)}×" for r in allp.iter_rows(named=True))
                       + " its bandwidth bound.", ""]
+    return lines
+
+
+def _real_step_lines(t: dict) -> list[str]:
+    """Per-step MAPE of each calibrated model on the real cycle_us steps, and the plot."""
+    lines: list[str] = []
     m = t["mape"]
     if m.height:
         lines += ["### Against the real steps", "",
@@ -322,6 +347,12 @@ def calibration_section(t: dict) -> list[str]:
         lines += [f"![calibrated step time vs real cycle_us]({Path(t['plot']).name})", "",
                   "Real `cycle_us` per sampled step (grey) against the calibrated models' step time on the same steps "
                   "(binned medians), by the step's scheduled tokens.", ""]
+    return lines
+
+
+def _protocol_lines(t: dict) -> list[str]:
+    """One table per protocol (roles, lowo, lomo) with BLIS 4a beside, and the out-of-sample means."""
+    lines: list[str] = []
     e = t["errors"]
     for proto in ("roles", "lowo", "lomo"):
         x = e.filter(pl.col("protocol") == proto) if e.height else e
@@ -349,6 +380,12 @@ def calibration_section(t: dict) -> list[str]:
                              + f"; BLIS 4a on the same runs: |TTFT| {_f(_mabs(y['blis_ttft_err'].to_list()))} %, "
                              f"|E2E| {_f(_mabs(y['blis_e2e_err'].to_list()))} %")
         lines.append("")
+    return lines
+
+
+def _uncertainty_lines(t: dict) -> list[str]:
+    """Coverage of the 90 % intervals of the out-of-sample predictions."""
+    lines: list[str] = []
     cov = t["coverage"]
     if cov.height:
         lines += ["### Uncertainty", "",
@@ -360,14 +397,15 @@ def calibration_section(t: dict) -> list[str]:
                   _md(["model", "metric", "predictions", "inside", "coverage %", "median width %"],
                       [[r["step_model"], r["metric"], r["predictions"], r["inside"], _f(r["coverage_pct"], 0),
                         _f(r["median_width_pct"], 1)] for r in cov.iter_rows(named=True)]), ""]
+    return lines
+
+
+def _goal_lines(t: dict) -> list[str]:
+    """The issue's goals: measured against target."""
+    lines: list[str] = []
     g = t["goals"]
     if g:
         lines += ["### Goals", "", _md(["goal", "runs", "measured %", "met"],
                                        [[x["goal"], x["runs"], _f(x["measured"], 1), "–" if x["met"] is None else ("yes" if x["met"] else
                                          f"**no** (by {_f(x['measured'] - x['target'], 1)} points)")] for x in g]), ""]
-    lines += ["What the BLIS file cannot say: BLIS adds `output_token_processing_time_us` to every token and counts one "
-              "step more per request in E2E (E2E = TTFT + len(output)·step), StepML's simulator len(output) − 1: in BLIS the "
-              "exported model's E2E is one step longer (≈ 0.4 % at 250 output tokens); the whole request overhead therefore "
-              "goes into `queueing_time` (no per-token term). The API server's load-dependent delay (TTFT grows with the "
-              "number of streams) has no BLIS feature: α0 is its average over the calibration runs.", ""]
     return lines

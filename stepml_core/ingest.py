@@ -9,7 +9,6 @@ file on disk afterwards, and the sensor reads it again.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import polars as pl

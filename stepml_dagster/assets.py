@@ -150,8 +150,9 @@ def pooled_models(context: dg.AssetExecutionContext, settings: StepMLSettings, f
 
 
 def pooled_matrices(settings: StepMLSettings, feature_matrix, split, exclude: set | None = None) -> dict[str, pl.DataFrame]:
-    """{experiment: feature matrix with splits} for the partitions stored and still in the data folder (less exclude)."""
-    present = {e for e in feature_matrix if e in split and (settings.data_root() / e).is_dir()} - set(exclude or ())
+    """{experiment: feature matrix with splits} for the partitions stored (less exclude). The partition set is the
+    truth: a run folder that left the data folder has its partition deleted (experiment_sensor, stepml run)."""
+    present = {e for e in feature_matrix if e in split} - set(exclude or ())
     return {e: study.with_split(feature_matrix[e], split[e]) for e in sorted(present)}
 
 
@@ -168,8 +169,7 @@ def runs_left_out(settings: StepMLSettings, instance, keys: list[str]) -> dict[s
         stored[k] = (r.get("files"), r.get("data_version"))
     out = study_exclusions(instance, settings.data_root(), stored)
     registered = instance.get_dynamic_partitions("experiment") if instance is not None else []
-    present = [k for k in registered if (settings.data_root() / k).is_dir()]
-    out.update(failed_without_results(instance, present, set(stored), settings.data_root()))
+    out.update(failed_without_results(instance, list(registered), set(stored), settings.data_root()))
     return out
 
 
@@ -178,7 +178,7 @@ def calibration(context: dg.AssetExecutionContext, settings: StepMLSettings, run
     from stepml_core.synth.calibration import calibration_tables
 
     left_out = runs_left_out(settings, context.instance, list(run_summary))
-    runs = [r for e, r in run_summary.items() if (settings.data_root() / e).is_dir() and e not in left_out]
+    runs = [r for e, r in run_summary.items() if e not in left_out]
     out = calibration_tables(runs, step_table, settings.data_root(), Path(settings.real_reference_dir) if settings.real_reference_dir else None)
     judged = out["public"].filter(pl.col("within").is_not_null())
     context.add_output_metadata({"synthetic_runs": len({r["experiment_id"] for r in runs if r["source"] == "synthetic"}),
@@ -192,8 +192,7 @@ def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, me
                  global_models, run_summary, ablation, generalization, calibration, request_context, e2e_fidelity, method_checks,
                  replay_fidelity, calibration_fidelity) -> dict:
     left_out = runs_left_out(settings, context.instance, list(run_summary))  # failed or stale: results not current
-    # runs still in the landing zone, less those left out, in a fixed order
-    present = sorted(e for e in run_summary if (settings.data_root() / e).is_dir() and e not in left_out)
+    present = sorted(e for e in run_summary if e not in left_out)  # the partitions, less those left out, in a fixed order
     replay_lines = replay_section(replay_fidelity, settings.out_dir) + list(calibration_fidelity["lines"])
     if not present:  # request logs only: no step data, no H1 study; the replay is the report
         md = requests_only_report(replay_fidelity, replay_lines, settings.out_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from .assets import ALL_ASSETS, MODEL_ASSETS, PARTITIONED_ASSETS, REPLAY_ASSETS, REPORT_ASSETS, experiment_partitions
+from .assets import ALL_ASSETS, MODEL_ASSETS, PARTITIONED_ASSETS, REPLAY_ASSETS, REPORT_ASSETS
 from .io_manager import ParquetIOManager
 from .replay_assets import REQUEST_CHECKS
 from .resources import StepMLSettings, settings_from_env

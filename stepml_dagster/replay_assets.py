@@ -57,7 +57,7 @@ def request_calibration(context: dg.AssetExecutionContext, settings: StepMLSetti
     stored = {e: (request_log[e].get("run_files"), request_log[e].get("data_version")) for e in request_log}
     for e, r in study_exclusions(context.instance, settings.data_root(), stored).items():
         skipped[e] = f"request log not current ({r['status']}): {r['reason']}"  # calibrate on current logs only
-    for e in sorted(e for e in request_log if (settings.data_root() / e).is_dir() and e not in skipped):
+    for e in sorted(e for e in request_log if e not in skipped):
         try:  # a run whose metadata cannot be read is left out (its own partitions say why), the others calibrate
             metas[e] = read_run_metadata(settings.run_folder(e), data_root=settings.data_root())
         except (ValueError, KeyError, OSError) as err:
@@ -102,7 +102,7 @@ def request_calibration(context: dg.AssetExecutionContext, settings: StepMLSetti
                                             "calibrated from request logs, with what each was fitted on.")
 def replay_models(context: dg.AssetExecutionContext, settings: StepMLSettings, fitted_models, run_summary,
                   request_calibration) -> list:
-    present = [e for e in run_summary if (settings.data_root() / e).is_dir()]
+    present = list(run_summary)
     specs = pipeline.replay_models(fitted_models, run_summary, present, request_calibration["specs"])
     context.add_output_metadata({"models": len(specs), "by_kind": dg.MetadataValue.json(
         {k: sum(1 for s in specs if s["kind"] == k) for k in sorted({s["kind"] for s in specs})})})
@@ -124,7 +124,7 @@ def replay(context: dg.AssetExecutionContext, settings: StepMLSettings, request_
                                             "in/out of sample, the recommended model per LLM model) beside BLIS iteration 4a.")
 def replay_fidelity(context: dg.AssetExecutionContext, settings: StepMLSettings, replay, request_log) -> dict:
     left_out = replays_left_out(settings, context.instance, request_log, list(replay))
-    present = [e for e in replay if (settings.data_root() / e).is_dir() and e not in left_out]
+    present = [e for e in replay if e not in left_out]
     tables = pipeline.replay_fidelity(replay, request_log, present, settings.out_dir)
     context.add_output_metadata({"runs": len(present), "rows": tables["replay"].height, "left_out": dg.MetadataValue.json(left_out),
                                  "replay_csv": dg.MetadataValue.path(str(tables["replay_csv"]))})
@@ -160,7 +160,7 @@ def calibration_fidelity(context: dg.AssetExecutionContext, settings: StepMLSett
     from stepml_core.calibration_report import calibration_section
     from stepml_core.runs import parse_run_id
 
-    present = [e for e in step_table if (settings.data_root() / e).is_dir()]
+    present = list(step_table)
     steps = {e: step_table[e] for e in present}
     runs = replay_fidelity.get("runs")
     ids = set(runs["experiment_id"].to_list()) if runs is not None and runs.height else set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
@@ -15,6 +16,35 @@ from stepml_core.runs import check_inside_root, parse_run_id, resolve_data_root
 DEFAULT_OUT_DIR = PROJECT_ROOT / "out"
 _SHARED_REAL = PROJECT_ROOT.parent / "shared" / "real" / "experiments"
 DEFAULT_REAL_REFERENCE_DIR = str(_SHARED_REAL) if _SHARED_REAL.is_dir() else ""
+
+
+@dataclass(frozen=True)
+class SensorLimits:
+    """One experiment_sensor tick: settle_s (a folder whose files are all older is launched even if it looks
+    unfinished), hash_budget_bytes (bytes hashed or inflated per tick), time_budget_s (seconds per tick)."""
+
+    settle_s: float = 60.0
+    hash_budget_bytes: int = 4096 * 2**20
+    time_budget_s: float = 20.0
+
+    @classmethod
+    def from_env(cls, *, settle_s: float | None = None, hash_budget_mb: float | None = None,
+                 time_budget_s: float | None = None) -> "SensorLimits":
+        """Given values, else STEPML_SENSOR_SETTLE_S / _HASH_BUDGET_MB / _TIME_BUDGET_S, else the defaults
+        (an unparsable variable counts as unset)."""
+        settle = _env_float("STEPML_SENSOR_SETTLE_S", settle_s, 60.0)
+        mb = _env_float("STEPML_SENSOR_HASH_BUDGET_MB", hash_budget_mb, 4096.0)
+        budget = _env_float("STEPML_SENSOR_TIME_BUDGET_S", time_budget_s, 20.0)
+        return cls(settle_s=max(0.0, settle), hash_budget_bytes=max(1, int(mb * 2**20)), time_budget_s=max(0.1, budget))
+
+
+def _env_float(name: str, given: float | None, default: float) -> float:
+    if given is not None:
+        return float(given)
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
 
 
 class StepMLSettings(dg.ConfigurableResource):
@@ -34,6 +64,10 @@ class StepMLSettings(dg.ConfigurableResource):
     max_quarantine_rows: int | None = None
     max_metadata_bytes: int | None = None
     max_yaml_nodes: int | None = None
+    # experiment_sensor's tick (None: STEPML_SENSOR_<NAME> from the environment, else the default in SensorLimits)
+    sensor_settle_s: float | None = None  # a folder unchanged this long is launched even if it looks unfinished
+    sensor_hash_budget_mb: float | None = None  # MiB one tick may hash or inflate
+    sensor_time_budget_s: float | None = None  # seconds one tick may spend (Dagster stops an evaluation at 60 s)
 
     def input_limits(self) -> InputLimits:
         """The limits a run folder is read under: these fields, else STEPML_<NAME>, else the defaults."""
@@ -41,6 +75,11 @@ class StepMLSettings(dg.ConfigurableResource):
                                     max_line_bytes=self.max_line_bytes, max_unreadable_lines=self.max_unreadable_lines,
                                     max_quarantine_rows=self.max_quarantine_rows, max_metadata_bytes=self.max_metadata_bytes,
                                     max_yaml_nodes=self.max_yaml_nodes)
+
+    def sensor_limits(self) -> "SensorLimits":
+        """What one experiment_sensor tick may spend: these fields, else STEPML_SENSOR_<NAME>, else the defaults."""
+        return SensorLimits.from_env(settle_s=self.sensor_settle_s, hash_budget_mb=self.sensor_hash_budget_mb,
+                                     time_budget_s=self.sensor_time_budget_s)
 
     def fold_caches(self) -> dict[str, FoldCache] | None:
         """<out_dir>/cache/<asset>/ per pooled asset: fitted folds keyed by content (see stepml_core.study.fold_key)."""

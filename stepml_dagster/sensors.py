@@ -5,7 +5,7 @@
   and requests ``experiment_job`` for it with run key ``<run id>:<data version>`` (the data version is
   the fingerprint digest that ``raw_traces`` also records as its Dagster data version). Folders still
   being written are left for a later tick: any file or folder whose size/mtime changed since the last
-  tick (unless everything is older than ``STEPML_SENSOR_SETTLE_S``), a plain ``traces.json`` without a
+  tick (unless everything is older than ``sensor_settle_s``), a plain ``traces.json`` without a
   trailing newline, a ``traces.json.gz`` whose gzip stream does not end cleanly. The cursor is JSON
   of per-run fingerprints, stored by Dagster with the sensor, so it survives daemon restarts.
 * ``study_sensor`` requests ``study_job`` once no ``experiment_job`` run is queued or in progress and
@@ -16,7 +16,7 @@
   requests one ``experiment_job`` run per registered partition whose folder still exists; the study
   sensor then refreshes the study once they are done.
 
-A tick stays within ``STEPML_SENSOR_TIME_BUDGET_S`` (default 20 s, a third of Dagster's 60 s tick
+A tick stays within ``sensor_time_budget_s`` (default 20 s, a third of Dagster's 60 s tick
 limit) whatever the folder holds: folders not reached are left for the next tick, a gzip whose
 completeness cannot be checked in time (a gzip bomb inflates for minutes) is launched once settled
 (the run applies the input limits), a file too big to hash in one budget gets a size/mtime
@@ -24,10 +24,15 @@ fingerprint (the run hashes what it reads). An entry the daemon cannot read (per
 vanished file) is skipped with a warning and retried next tick; a trace entry that is not a
 regular file (FIFO, directory) is never opened here: its run is launched and fails saying so.
 
-Environment (read when the code location loads): ``STEPML_SENSOR_INTERVAL_S`` (30),
-``STEPML_SENSOR_SETTLE_S`` (60), ``STEPML_SENSOR_STATUS`` (``running``/``stopped``, default
-running), ``STEPML_SENSOR_HASH_BUDGET_MB`` (4096 per tick), ``STEPML_SENSOR_TIME_BUDGET_S`` (20),
-``STEPML_RERUN_CRON``, ``STEPML_RERUN_TZ`` (UTC).
+A registered partition whose run folder is gone is deleted by ``experiment_sensor``
+(``build_delete_request``; logged, and kept under ``deleted`` in the cursor): the partition set is
+what the assets read.
+
+A tick's limits are fields of the settings resource (``sensor_settle_s`` 60, ``sensor_hash_budget_mb``
+4096 per tick, ``sensor_time_budget_s`` 20; unset: ``STEPML_SENSOR_SETTLE_S`` / ``_HASH_BUDGET_MB`` /
+``_TIME_BUDGET_S``). Read when the code location loads (they shape the definitions):
+``STEPML_SENSOR_INTERVAL_S`` (30), ``STEPML_SENSOR_STATUS`` (``running``/``stopped``, default
+running), ``STEPML_RERUN_CRON``, ``STEPML_RERUN_TZ`` (UTC).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from stepml_core.ingest import fingerprint, fingerprint_digest
 from stepml_core.runs import RunIdError, RunMetadataError, discover_run_folders, find_trace_file, resolve_data_root
 
 from .health import ACTIVE_STATUSES, mark_abandoned_runs
+from .partitions import experiment_partitions
 from .resources import StepMLSettings
 
 PARTITIONS_DEF_NAME = "experiment"
@@ -64,6 +70,7 @@ def study_inputs() -> list[dg.AssetKey]:
     keys = {k for a in STUDY_ASSETS for k in a.dependency_keys if k in partitioned} | {dg.AssetKey("request_log")}
     return sorted(keys, key=lambda k: k.to_user_string())
 CURSOR_VERSION = 1
+DELETED_KEPT = 100  # partitions deleted by experiment_sensor, newest last, kept in its cursor as a record
 DATA_VERSION_TAG = "stepml/data_version"
 TRIGGER_TAG = "stepml/trigger"
 
@@ -79,32 +86,9 @@ def sensor_interval_s() -> int:
     return _env_int("STEPML_SENSOR_INTERVAL_S", 30)
 
 
-def settle_s() -> float:
-    try:
-        return max(0.0, float(os.environ.get("STEPML_SENSOR_SETTLE_S", 60)))
-    except ValueError:
-        return 60.0
-
-
 def sensor_default_status() -> dg.DefaultSensorStatus:
     v = os.environ.get("STEPML_SENSOR_STATUS", "running").strip().lower()
     return dg.DefaultSensorStatus.STOPPED if v in {"stopped", "off", "0", "false", "no"} else dg.DefaultSensorStatus.RUNNING
-
-
-def hash_budget_bytes() -> int:
-    """Bytes the sensor may hash or inflate per tick (big landing zones spread over several ticks)."""
-    try:
-        return max(1, int(float(os.environ.get("STEPML_SENSOR_HASH_BUDGET_MB", 4096)) * 2**20))
-    except ValueError:
-        return 4096 * 2**20
-
-
-def time_budget_s() -> float:
-    """Seconds one experiment_sensor tick may spend (Dagster stops a sensor evaluation at 60 s)."""
-    try:
-        return max(0.1, float(os.environ.get("STEPML_SENSOR_TIME_BUDGET_S", 20)))
-    except ValueError:
-        return 20.0
 
 
 class _OutOfTime(Exception):
@@ -189,19 +173,20 @@ def load_cursor(text: str | None) -> dict:
     if not isinstance(c, dict) or c.get("v") != CURSOR_VERSION:
         c = {}
     return {"v": CURSOR_VERSION, "runs": dict(c.get("runs") or {}), "pending": dict(c.get("pending") or {}),
-            "rejected": list(c.get("rejected") or [])}
+            "rejected": list(c.get("rejected") or []), "deleted": list(c.get("deleted") or [])}
 
 
 def scan_data_folder(settings: StepMLSettings, cursor: dict, *, now: float | None = None, log=None) -> tuple[list[dict], dict]:
     """One sensor tick without Dagster: ([{run_id, data_version, run_key, new, reason}], new cursor).
 
     Pure function of the folder and the cursor (testable without a daemon). Stays within
-    time_budget_s() (see the module docstring); the new cursor's ``unreadable`` maps run ids that
+    settings.sensor_limits() (see the module docstring); the new cursor's ``unreadable`` maps run ids that
     could not be read this tick to the reason.
     """
     now = time.time() if now is None else now
-    t_end = time.monotonic() + time_budget_s()
-    settle = settle_s()
+    limits = settings.sensor_limits()  # settle time, hashing and time budgets of a tick (the settings resource)
+    t_end = time.monotonic() + limits.time_budget_s
+    settle = limits.settle_s
     say = log or (lambda level, msg: None)
     runs, pending = dict(cursor["runs"]), dict(cursor["pending"])
     root = resolve_data_root(settings.data_root())
@@ -217,7 +202,7 @@ def scan_data_folder(settings: StepMLSettings, cursor: dict, *, now: float | Non
     launches: list[dict] = []
     present = set()
     unreadable: dict[str, str] = {}
-    budget, spent = hash_budget_bytes(), 0
+    budget, spent = limits.hash_budget_bytes, 0
     examined = 0  # folders hashed this tick
     for folder in folders:
         rid = folder.name
@@ -247,12 +232,12 @@ def scan_data_folder(settings: StepMLSettings, cursor: dict, *, now: float | Non
         examined += 1
         launches.append(launch)
     for gone in set(runs) - present:
-        say("info", f"{gone}: run folder no longer in the data folder; forgotten (the study report drops it)")
+        say("info", f"{gone}: run folder no longer in the data folder; forgotten (its partition is deleted: the study report drops it)")
         runs.pop(gone)
     for gone in set(pending) - present:
         pending.pop(gone)
     new_cursor = {"v": CURSOR_VERSION, "runs": runs, "pending": pending, "rejected": sorted(p.name for p, _ in rejected),
-                  "unreadable": unreadable}
+                  "unreadable": unreadable, "deleted": list(cursor.get("deleted", []))}
     return launches, new_cursor
 
 
@@ -343,6 +328,14 @@ def build_experiment_sensor(*, minimum_interval_seconds: int | None = None,
     )
     def experiment_sensor(context: dg.SensorEvaluationContext, settings: StepMLSettings):
         launches, cursor = scan_data_folder(settings, load_cursor(context.cursor), log=_logger(context))
+        gone = partitions_without_folder(context.instance, settings)
+        for k in gone:
+            context.log.info(f"{k}: run folder gone from {settings.data_root()}: partition deleted (its stored results stay "
+                             f"on disk; the study no longer reads them)")
+        if gone:
+            stamp = time.time()
+            cursor["deleted"] = (list(cursor.get("deleted", [])) + [{"run_id": k, "at": stamp} for k in gone])[-DELETED_KEPT:]
+        deletes = [experiment_partitions.build_delete_request(gone)] if gone else []
         done = [l for l in launches if partition_up_to_date(context.instance, l["run_id"], l["data_version"])]
         for l in done:  # e.g. materialized by `stepml run`/`backfill` on the same instance, or a reset cursor
             context.log.info(f"{l['run_id']}: already materialized from data version {l['data_version']}; not launched")
@@ -360,13 +353,31 @@ def build_experiment_sensor(*, minimum_interval_seconds: int | None = None,
             if cursor.get("unreadable"):
                 why += f"; {len(cursor['unreadable'])} run folder(s) unreadable: " + "; ".join(
                     f"{k}: {v}" for k, v in sorted(cursor["unreadable"].items()))
-            return dg.SensorResult(skip_reason=why, cursor=cursor_text)
-        return dg.SensorResult(
-            run_requests=requests, cursor=cursor_text,
-            dynamic_partitions_requests=[dg.AddDynamicPartitionsRequest(PARTITIONS_DEF_NAME, new_keys)] if new_keys else [],
-        )
+            if gone:
+                why += f"; {len(gone)} partition(s) deleted (run folder gone): {', '.join(gone)}"
+            return dg.SensorResult(skip_reason=why, cursor=cursor_text, dynamic_partitions_requests=deletes)
+        adds = [experiment_partitions.build_add_request(new_keys)] if new_keys else []
+        return dg.SensorResult(run_requests=requests, cursor=cursor_text, dynamic_partitions_requests=[*adds, *deletes])
 
     return experiment_sensor
+
+
+def partitions_without_folder(instance: dg.DagsterInstance, settings: StepMLSettings) -> list[str]:
+    """Registered experiment partitions whose run folder is no longer in the data folder (sorted). None while the
+    data folder itself is missing (an unmounted disk must not empty the partition set); a key that is not a valid
+    run id stays (it names no folder to check)."""
+    root = settings.data_root()
+    if not root.is_dir():
+        return []
+    gone = []
+    for key in instance.get_dynamic_partitions(PARTITIONS_DEF_NAME):
+        try:
+            folder = settings.run_folder(key)
+        except (RunIdError, RunMetadataError):
+            continue
+        if not folder.is_dir():
+            gone.append(key)
+    return sorted(gone)
 
 
 def partition_up_to_date(instance: dg.DagsterInstance, run_id: str, data_version: str) -> bool:
@@ -416,7 +427,7 @@ def study_staleness(instance: dg.DagsterInstance) -> dict:
 
     {'active': {job: n}, 'models': (storage id, ts) or None when models_job is due, 'replay': [partitions due],
      'study': (storage id, ts) or None when study_job is due, 'replay_models': storage id or None}."""
-    from .assets import MODEL_ASSETS, PARTITIONED_ASSETS, REPORT_ASSETS
+    from .assets import MODEL_ASSETS
 
     active = {j: instance.get_runs_count(dg.RunsFilter(job_name=j, statuses=ACTIVE_STATUSES)) for j in PHASE_JOBS}
     out = {"active": active, "models": None, "replay": [], "study": None, "replay_models": None,

@@ -3,14 +3,13 @@
 import json
 
 import numpy as np
-import polars as pl
 import pytest
 
 from stepml_core.catalog import gpu_spec, model_spec
 from stepml_core.estimators import fit_hgb_validated, fit_ridge_log_validated, fit_ridge_validated, predict_model
 from stepml_core.export import export_model
-from stepml_core.features import RequestInBatch, batch_features, feature_columns, gpu_dict, spec_dict
-from stepml_core.reference_predictor import predict_from_features, predict_step_time
+from stepml_core.features import RequestInBatch, batch_features, feature_columns
+from stepml_core.reference_predictor import predict_step_time
 
 
 def _batches(rng, n):

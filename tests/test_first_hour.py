@@ -6,7 +6,6 @@ Each test names the point of the issue it covers. Built from one small synthetic
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import os
@@ -23,6 +22,7 @@ import dagster as dg
 import pytest
 
 import stepml_dagster.cli as cli
+import stepml_dagster.local as local
 from stepml_core.errors import StepMLError, UsageError
 from stepml_core.progress import make_progress
 from stepml_core.synth import synthesize_runs
@@ -112,7 +112,7 @@ def test_run_synthesizes_only_into_the_default_folder_or_when_asked(argv, synthe
         raise _Synthesized
 
     monkeypatch.setattr(cli, "DEFAULT_EXPERIMENTS_DIR", default)
-    monkeypatch.setattr(cli, "synthesize", fake_synthesize)
+    monkeypatch.setattr(local, "synthesize", fake_synthesize)  # what run_study calls (stepml_dagster/local.py)
     argv = ["run", "--out", str(tmp_path / "out")] + [a.format(other=other) for a in argv]
     if synthesizes:
         with pytest.raises(_Synthesized):
@@ -190,7 +190,7 @@ def test_library_errors_are_one_family():
     from stepml_core.catalog import UnknownModelError
     from stepml_core.runs import RunIdError, RunMetadataError
     from stepml_core.traces import TraceReadError
-    from stepml_dagster.backfill import BackfillError
+    from stepml_dagster.local import BackfillError
 
     for cls in (UnknownModelError, RunIdError, RunMetadataError, TraceReadError, BackfillError, UsageError):
         assert issubclass(cls, StepMLError) and not issubclass(cls, SystemExit), cls

@@ -12,7 +12,7 @@ from stepml_core.features import feature_columns
 from stepml_core.findings import ablation_summary, generalization_summary, transfer_statement
 from stepml_core.method_checks import alignment_comparison, alpha_choices, stage_mix_table
 from stepml_core.splits import random_split, split_sizes, stage_matched_split
-from stepml_core.study import fit_models, predict
+from stepml_core.study import fit_models
 from stepml_core.tables import add_targets, cycle_rule_counts, validate_steps
 
 

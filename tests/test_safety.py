@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import dagster as dg
 import pytest
 
 from stepml_core.runs import RunIdError, RunMetadataError, read_run_metadata

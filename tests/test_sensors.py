@@ -176,6 +176,45 @@ def test_removed_folder_is_forgotten(instance, root):
     assert reqs == [] and set(json.loads(cursor)["runs"]) == {RID}
 
 
+def test_partition_whose_run_folder_is_gone_is_deleted_and_recorded(instance, root):
+    import shutil
+    make_run(root, RID)
+    make_run(root, RID2)
+    _, cursor, _ = tick(instance, root)
+    instance.add_dynamic_partitions("experiment", [RID, RID2])  # what the daemon does with the add request
+    shutil.rmtree(root / RID2)
+    reqs, cursor, res = tick(instance, root, cursor)
+    (delete,) = res.dynamic_partitions_requests
+    assert isinstance(delete, dg.DeleteDynamicPartitionsRequest) and list(delete.partition_keys) == [RID2]
+    assert reqs == [] and "1 partition(s) deleted (run folder gone): " + RID2 in res.skip_reason.skip_message
+    assert [d["run_id"] for d in json.loads(cursor)["deleted"]] == [RID2]
+    # with a launch in the same tick: the add and the delete requests together
+    shutil.rmtree(root / RID)
+    make_run(root, RID2)
+    reqs, cursor, res = tick(instance, root, cursor)
+    assert [r.partition_key for r in reqs] == [RID2]
+    kinds = {type(r).__name__: list(r.partition_keys) for r in res.dynamic_partitions_requests}
+    assert kinds == {"DeleteDynamicPartitionsRequest": [RID]}  # RID2 is still registered: nothing to add
+    assert [d["run_id"] for d in json.loads(cursor)["deleted"]] == [RID2, RID]
+
+
+def test_no_partition_deleted_while_the_data_folder_itself_is_missing(instance, root):
+    make_run(root, RID)
+    instance.add_dynamic_partitions("experiment", [RID])
+    settings = StepMLSettings(data_dir=str(root.parent / "unmounted"), out_dir=str(root.parent / "out"))
+    assert S.partitions_without_folder(instance, settings) == []
+    assert S.partitions_without_folder(instance, StepMLSettings(data_dir=str(root), out_dir=str(root.parent / "out"))) == []
+
+
+def test_sensor_limits_come_from_the_settings_resource(monkeypatch):
+    monkeypatch.setenv("STEPML_SENSOR_SETTLE_S", "5")
+    monkeypatch.setenv("STEPML_SENSOR_HASH_BUDGET_MB", "not a number")
+    lim = StepMLSettings().sensor_limits()  # fields unset: the environment, else the defaults
+    assert (lim.settle_s, lim.hash_budget_bytes, lim.time_budget_s) == (5.0, 4096 * 2**20, 20.0)
+    lim = StepMLSettings(sensor_settle_s=7, sensor_hash_budget_mb=1, sensor_time_budget_s=3).sensor_limits()
+    assert (lim.settle_s, lim.hash_budget_bytes, lim.time_budget_s) == (7.0, 2**20, 3.0)
+
+
 def test_corrupt_cursor_starts_over(instance, root):
     make_run(root, RID)
     reqs, _, _ = tick(instance, root, cursor="{not json")

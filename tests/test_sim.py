@@ -4,7 +4,6 @@ stepml_core/sim), phases are callable on their own, clocks obey their contracts.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import pytest

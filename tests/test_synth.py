@@ -215,7 +215,7 @@ def _check_invariants(folder: Path, *, allow_drops: bool):
                 break
     # per request: event order by (step, ns) is a legal lifecycle
     ev = t.journey.sort("request.id", "scheduler.step", "ts.monotonic_ns")
-    for rid, g in ev.group_by("request.id"):
+    for _, g in ev.group_by("request.id"):
         types = g["event.type"].to_list()
         assert types[0] == "QUEUED" and types.count("FINISHED") <= 1
         if "FIRST_TOKEN" in types:

@@ -1,0 +1,918 @@
+"""Fast path: numpy template matching on lines in the compact canonical form (stepml_core.traces); gives
+the same tables as the general path on those lines (tests/test_traces_reader.py)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .schema import API_ATTRS, API_EVENTS, EV_BATCH, EV_SNAPSHOT, F64, I64, JOURNEY_ATTRS, JOURNEY_TYPES, SCOPE_API, SCOPE_CORE, SCOPE_STEP, SNAPSHOT_ATTRS, SNAPSHOT_OPTIONAL, STEP_ATTRS, TABLE_SCHEMAS, _ARROW, _INTERNAL, _new_counters
+
+# --------------------------------------------------------------------------------------------
+# Fast path: numpy template matching on compact canonical lines
+# --------------------------------------------------------------------------------------------
+
+PAD = 4096  # bytes after a chunk's data so that window reads of failing matches stay in bounds
+_NQSENT = 512  # the padding starts with this many quote characters (sentinels for quote lookups; more
+# than the quotes of any template, so a failing match never indexes past them)
+PAD_BYTES = b'"' * _NQSENT + b"\0" * (PAD - _NQSENT)
+
+
+def _lit(b: bytes):
+    return ("lit", b)
+
+
+def _opt(*items):
+    return ("opt", list(items))
+
+
+def _alt(*alternatives):
+    return ("alt", [list(a) for a in alternatives])
+
+
+def _A_I(key: str, col: str | None = None):
+    return [_lit(b'{"key":"%s","value":{"intValue":"' % key.encode()), ("i", col or key), _lit(b"}}")]
+
+
+def _A_S(key: str, col: str | None = None):
+    return [_lit(b'{"key":"%s","value":{"stringValue":"' % key.encode()), ("s", col or key), _lit(b"}}")]
+
+
+def _A_F(key: str, col: str | None = None):
+    return [_lit(b'{"key":"%s","value":{' % key.encode()),
+            _alt([_lit(b'"doubleValue":'), ("n", col or key)], [_lit(b'"intValue":"'), ("if", col or key)]),
+            _lit(b"}}")]
+
+
+_ATTR_BUILDERS = {int: _A_I, float: _A_F, str: _A_S}
+
+
+def _attr_list(spec, optional=()):
+    items, first = [], True
+    for key, typ in spec:
+        a = _ATTR_BUILDERS[typ](key)
+        if key in optional:
+            items.append(_opt(_lit(b","), *a))
+        else:
+            items += ([] if first else [_lit(b",")]) + a
+            first = False
+    return items
+
+
+def _compile(items, follow: bytes | None = None):
+    """Merge adjacent literals and annotate the template for the quote-indexed matcher.
+
+    Literals become ("lit", bytes, number of quotes in them). A bare number hole ("u"/"n") gets
+    the offset of the first quote in the literal that follows it (its end is then found from the
+    quote positions), or None when no quote follows directly (then a window scan finds the end).
+    """
+    merged = []
+    for it in items:
+        if it[0] == "lit" and merged and merged[-1][0] == "lit":
+            merged[-1] = ("lit", merged[-1][1] + it[1])
+        else:
+            merged.append(it)
+    out = []
+    for i, it in enumerate(merged):
+        tag = it[0]
+        nxt = merged[i + 1][1] if i + 1 < len(merged) and merged[i + 1][0] == "lit" else (
+            follow if i + 1 == len(merged) else None)
+        if tag == "lit":
+            out.append(("lit", it[1], it[1].count(b'"')))
+        elif tag == "opt":
+            out.append(("opt", _compile(it[1], nxt)))
+        elif tag == "alt":
+            out.append(("alt", [_compile(x, nxt) for x in it[1]]))
+        elif tag in ("u", "n"):
+            d = nxt.find(b'"') if nxt is not None else -1
+            out.append((tag, it[1], d if d >= 0 else None))
+        elif tag == "flag":
+            lit, name = it[1]
+            out.append(("flag", (lit, name, lit.count(b'"'))))
+        else:
+            out.append(it)
+    return out
+
+
+_EVENT_PREFIX = b'{"timeUnixNano":"'
+_SPAN_PREFIX = b'{"traceId":"'
+_EV_HEAD = _compile([("i", "time"), _lit(b',"name":"'), ("s", "_name")])
+_EV_BODIES = {
+    "bs": _compile([_lit(b',"attributes":[')] + _attr_list(STEP_ATTRS) + [_lit(b"]}"), ("sep", "sep")]),
+    "snap": _compile([_lit(b',"attributes":[')] + _attr_list(SNAPSHOT_ATTRS, SNAPSHOT_OPTIONAL)
+                     + [_lit(b"]}"), ("sep", "sep")]),
+    "journey": _compile([_lit(b',"attributes":[')]
+                        + _attr_list(JOURNEY_ATTRS, {"ts.monotonic_ns", "schedule.kind", "finish.status"})
+                        + [_lit(b"]}"), ("sep", "sep")]),
+    "api": _compile([_lit(b',"attributes":[')] + _attr_list(API_ATTRS, {"reason", "error"})
+                    + [_lit(b"]}"), ("sep", "sep")]),
+}
+_EVENT_NAMES: list[tuple[bytes, str, str]] = (  # (name, body, label)
+    [(EV_BATCH.encode(), "bs", EV_BATCH), (EV_SNAPSHOT.encode(), "snap", EV_SNAPSHOT)]
+    + [(b"journey." + t.encode(), "journey", "journey." + t) for t in JOURNEY_TYPES]
+    + [(b"api." + t.encode(), "api", "api." + t) for t in API_EVENTS])
+_SPAN_HEAD = _compile([("s", "trace_id"), _lit(b',"spanId":"'), ("s", "span_id"),
+                       _opt(_lit(b',"parentSpanId":"'), ("s", "parent_span_id")),
+                       _opt(_lit(b',"flags":'), ("u", "_flags")), _lit(b',"name":"'), ("s", "_name")])
+_SPAN_COMMON = [_lit(b',"kind":'), ("u", "_kind"), _lit(b',"startTimeUnixNano":"'), ("i", "start"),
+                _lit(b',"endTimeUnixNano":"'), ("i", "end"), _lit(b',"attributes":[')]
+_SPAN_BODIES = {
+    "step": _compile(_SPAN_COMMON + _A_I("scheduler.span_sequence", "span_sequence") + [_lit(b",")]
+                     + _A_I("scheduler.step_range_start", "step_range_start") + [_lit(b",")]
+                     + _A_I("scheduler.closure_interval", "closure_interval")
+                     + [_opt(_lit(b","), *_A_I("scheduler.step_range_end", "step_range_end")), _lit(b"]"),
+                        ("flag", (b',"events":[', "has_events"))]),
+    "core": _compile(_SPAN_COMMON + _A_S("gen_ai.request.id", "request.id")
+                     + [_lit(b"]"), ("flag", (b',"events":[', "has_events"))]),
+    "api": _compile(_SPAN_COMMON + _A_S("gen_ai.request.id", "request.id")
+                    + [_opt(_lit(b","), *_A_S("http.route", "_route")),
+                       _opt(_lit(b","), *_A_S("gen_ai.response.model", "model")),
+                       _opt(_lit(b","), *_A_I("gen_ai.usage.prompt_tokens", "prompt_tokens")),
+                       _opt(_lit(b","), *_A_F("gen_ai.request.temperature", "_temperature")),
+                       _opt(_lit(b","), *_A_F("gen_ai.request.top_p", "_top_p")),
+                       _opt(_lit(b","), *_A_I("gen_ai.request.max_tokens", "max_tokens")),
+                       _opt(_lit(b","), *_A_I("gen_ai.request.n", "_n")),
+                       _lit(b"]"), ("flag", (b',"events":[', "has_events"))]),
+}
+_STATUS_SET = [[_lit(b'"code":'), ("u", "status_code"), _lit(b"}")],
+               [_lit(b'"message":"'), ("s", "_message"), _opt(_lit(b',"code":'), ("u", "status_code")), _lit(b"}")]]
+_SPAN_TAIL = _compile([_alt([_lit(b',"status":{}}')],  # the usual tail, one literal
+                            [_lit(b',"droppedEventsCount":'), ("u", "dropped"), _lit(b',"status":{'),
+                             _alt([_lit(b"}")], *_STATUS_SET), _lit(b"}")],
+                            [_lit(b',"status":{'), _alt(*_STATUS_SET), _lit(b"}")]),
+                       ("sep", "sep")])
+_SPAN_KIND_SCOPE = {"step": SCOPE_STEP, "core": SCOPE_CORE, "api": SCOPE_API}
+
+
+def _max_quotes(items) -> int:
+    """Upper bound of the quotes a template can step over (literals, quoted values, all branches)."""
+    n = 0
+    for it in items:
+        if it[0] == "lit":
+            n += it[2]
+        elif it[0] in ("i", "if", "s"):
+            n += 1
+        elif it[0] == "opt":
+            n += _max_quotes(it[1])
+        elif it[0] == "alt":
+            n += max(_max_quotes(x) for x in it[1])
+        elif it[0] == "flag":
+            n += it[1][2]
+    return n
+
+
+assert 3 + _max_quotes(_EV_HEAD) + max(_max_quotes(t) for t in _EV_BODIES.values()) < _NQSENT
+assert 3 + _max_quotes(_SPAN_HEAD) + max(_max_quotes(t) for t in _SPAN_BODIES.values()) < _NQSENT
+assert _max_quotes(_SPAN_TAIL) < _NQSENT
+
+# glue between span chains: line start, scope/resource changes, line end (bytes regexes)
+_J_S = rb'"[^"\\\x00-\x1f]*"'
+_J_NUM = rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
+_J_VAL = (rb'\{(?:"stringValue":' + _J_S + rb'|"intValue":(?:"-?[0-9]+"|-?[0-9]+)|"doubleValue":(?:' + _J_NUM
+          + rb'|"NaN"|"Infinity"|"-Infinity")|"boolValue":(?:true|false))?\}')
+_J_ATTR = rb'\{"key":' + _J_S + rb',"value":' + _J_VAL + rb"\}"
+_J_ATTRS = rb"\[(?:" + _J_ATTR + rb"(?:," + _J_ATTR + rb")*)?\]"
+_J_RES = (rb'\{"resource":\{(?:"attributes":' + _J_ATTRS + rb'(?:,"droppedAttributesCount":[0-9]+)?'
+          rb'|"droppedAttributesCount":[0-9]+)?\},"scopeSpans":\[')
+_J_SCOPE = (rb'\{"scope":\{(?:"name":(?P<scope>' + _J_S + rb')(?:,"version":' + _J_S + rb')?|"version":'
+            + _J_S + rb')?\},"spans":\[')
+_J_CLOSE = rb'(?:,"schemaUrl":' + _J_S + rb")?\}"
+_JOINT_RES = {
+    "start": re.compile(rb'\{"resourceSpans":\[' + _J_RES + _J_SCOPE),
+    "mid": re.compile(_J_CLOSE + rb"(?:,|\]" + _J_CLOSE + rb"," + _J_RES + rb")" + _J_SCOPE),
+    "end": re.compile(_J_CLOSE + rb"\]" + _J_CLOSE + rb"\]\}"),
+}
+
+
+def _joint(text: bytes, cache: dict):
+    """(type, scope name) of a glue text between span chains, or None."""
+    r = cache.get(text)
+    if r is None:
+        r = (None, None)
+        for typ, rx in _JOINT_RES.items():
+            m = rx.fullmatch(text)
+            if m:
+                sc = m.groupdict().get("scope")
+                r = (typ, sc[1:-1].decode("utf-8") if sc is not None else "")
+                break
+        cache[text] = r
+    return r
+
+
+class _Scan:
+    """A padded chunk as uint8, its quote positions and cached sliding-window views."""
+
+    def __init__(self, a: np.ndarray, n: int):
+        self.a, self.n = a, n
+        self.q = np.flatnonzero(a[:n + _NQSENT] == 34)  # ends with the padding's sentinel quotes
+        self._views: dict[int, np.ndarray] = {}
+        self.frags: list = []  # (kind, owner, field, rows, start, length)
+
+    def win(self, pos: np.ndarray, width: int) -> np.ndarray:
+        """Rows of ``width`` bytes starting at ``pos`` (a copy, shape (len(pos), width))."""
+        v = self._views.get(width)
+        if v is None:
+            a = self.a
+            v = self._views[width] = np.ndarray((len(a) - width + 1, width), np.uint8, buffer=a, strides=(1, 1))
+        return v[pos]
+
+    def eq(self, pos: np.ndarray, lit: bytes) -> np.ndarray:
+        L = len(lit)
+        if not len(pos):
+            return np.zeros(0, bool)
+        return self.win(pos, L).view(f"S{L}")[:, 0] == lit
+
+
+class _Cur:
+    """Positions of a set of template instances being matched in lock-step.
+
+    ``pos`` is the byte position, ``qi`` the index (into the chunk's quote positions) of the first
+    quote at or after ``pos``; a quoted value therefore ends at ``q[qi]`` without scanning.
+    """
+
+    def __init__(self, sc: _Scan, owner: str, rows: np.ndarray, pos: np.ndarray, ok: np.ndarray | None = None,
+                 qi: np.ndarray | None = None):
+        self.sc, self.owner, self.rows = sc, owner, rows
+        self.pos = pos.astype(np.int64, copy=True)
+        self.qi = np.searchsorted(sc.q, self.pos) if qi is None else qi.astype(np.int64, copy=True)
+        self.ok = np.ones(len(pos), bool) if ok is None else ok
+        self.flags: dict[str, np.ndarray] = {}
+
+    def sub(self, m: np.ndarray) -> "_Cur":
+        return _Cur(self.sc, self.owner, self.rows[m], self.pos[m], self.ok[m], self.qi[m])
+
+    def merge(self, m: np.ndarray, c: "_Cur") -> None:
+        self.pos[m] = c.pos
+        self.qi[m] = c.qi
+        self.ok[m] = c.ok
+        for k, v in c.flags.items():
+            f = self.flags.setdefault(k, np.zeros(len(self.pos), v.dtype))
+            f[m] = v
+
+    def run(self, items) -> None:
+        sc = self.sc
+        for it in items:
+            if not len(self.pos):
+                return
+            tag = it[0]
+            if tag == "lit":
+                self.ok &= sc.eq(self.pos, it[1])
+                self.pos += len(it[1])
+                if it[2]:
+                    self.qi += it[2]
+            elif tag in ("i", "if", "s"):  # quoted value: ends at the next quote
+                end = sc.q[self.qi]
+                self._frag(tag, it[1], self.pos, end - self.pos)  # pos is rebound below, not mutated
+                self.pos = end + 1
+                self.qi += 1
+            elif tag in ("u", "n"):  # bare number
+                if it[2] is not None:
+                    end = sc.q[self.qi] - it[2]
+                    L = end - self.pos
+                    self.ok &= (L > 0) & (L <= 32)
+                else:
+                    L = self._scan_number()
+                L = np.clip(L, 0, 32)
+                self._frag(tag, it[1], self.pos, L)
+                self.pos = self.pos + L
+            elif tag == "opt":  # the probe is the block's first literal: matched rows skip it
+                probe = it[1][0]
+                m = sc.eq(self.pos, probe[1])
+                if m.all():  # every row has it: no sub-cursor
+                    self._skip(probe)
+                    self.run(it[1][1:])
+                elif m.any():
+                    c = self.sub(m)
+                    c._skip(probe)
+                    c.run(it[1][1:])
+                    self.merge(m, c)
+            elif tag == "alt":
+                left = None  # rows not matched yet (None: all)
+                for alt in it[1]:
+                    if left is None:
+                        m = sc.eq(self.pos, alt[0][1])
+                        if m.all():
+                            self._skip(alt[0])
+                            self.run(alt[1:])
+                            break
+                    else:
+                        idx = np.flatnonzero(left)
+                        if not idx.size:
+                            break
+                        m = np.zeros(len(self.pos), bool)
+                        m[idx[sc.eq(self.pos[idx], alt[0][1])]] = True
+                    if m.any():
+                        c = self.sub(m)
+                        c._skip(alt[0])
+                        c.run(alt[1:])
+                        self.merge(m, c)
+                    left = ~m if left is None else left & ~m
+                else:
+                    if left is not None:
+                        self.ok &= ~left
+            elif tag == "flag":
+                lit, name, nq = it[1]
+                m = sc.eq(self.pos, lit)
+                self.pos[m] += len(lit)
+                self.qi[m] += nq
+                self.flags[name] = m
+            elif tag == "sep":
+                w = sc.a[self.pos]
+                is_last = w == 93  # ']'
+                self.ok &= is_last | (w == 44)  # ','
+                self.flags["last"] = is_last
+                self.pos += 1
+
+    def _skip(self, lit_item) -> None:
+        """Advance over a literal already verified (an opt/alt probe)."""
+        self.pos += len(lit_item[1])
+        self.qi += lit_item[2]
+
+    def _frag(self, kind: str, name: str, start, length) -> None:
+        self.sc.frags.append((kind, self.owner, name, self.rows, start, length))
+
+    def _scan_number(self) -> np.ndarray:
+        """Length of the run of number characters at pos (for a number not followed by a quote)."""
+        W = self.sc.win(self.pos, 33)
+        cls = ((W - 48) < 10) | (W == 45) | (W == 43) | (W == 46) | (W == 101) | (W == 69)
+        L = cls.argmin(1)
+        self.ok &= (L > 0) & ~cls[np.arange(len(W)), L]
+        return L
+
+
+def _gather_strings(a: np.ndarray, starts: np.ndarray, lens: np.ndarray) -> pa.Array:
+    """The byte ranges [start, start+len) of the chunk as one Arrow large_string array."""
+    n = len(starts)
+    lens = lens.astype(np.int64)
+    offs = np.zeros(n + 1, np.int64)
+    np.cumsum(lens, out=offs[1:])
+    idx = np.repeat(starts - offs[:-1], lens) + np.arange(offs[-1])
+    return pa.Array.from_buffers(pa.large_utf8(), n, [None, pa.py_buffer(offs), pa.py_buffer(a[idx])])
+
+
+def _json_numbers_ok(s: pa.Array) -> np.ndarray:
+    """Which strings of ``s`` (already parsed as finite floats) are JSON numbers
+    (-?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?): the float parser also takes '+1', '.5', '5.',
+    '01', '1.e3'. Checks first/last characters, leading zeros and the neighbours of '.', 'e', signs."""
+    n = len(s)
+    if not n:
+        return np.zeros(0, bool)
+    offs = np.frombuffer(s.buffers()[1], np.int64, n + 1, s.offset * 8)
+    buf = np.frombuffer(s.buffers()[2], np.uint8)
+    st, en = offs[:-1], offs[1:]
+    ok = en > st
+    c = np.concatenate([buf, np.zeros(2, np.uint8)])  # room to look one past the end
+    dig = (c - 48) < 10
+    f0 = c[st]
+    neg = f0 == 45
+    fd = st + neg  # first digit
+    ok &= dig[fd] & (fd < en)
+    ok &= ~((c[fd] == 48) & (fd + 1 < en) & dig[fd + 1])  # no leading zeros
+    ok &= dig[np.maximum(en - 1, 0)]  # ends with a digit
+    special = np.flatnonzero((c == 46) | (c == 101) | (c == 69) | (c == 43) | (c == 45))
+    if special.size:
+        owner = np.searchsorted(en, special, side="right")  # value that holds each character
+        inside = owner < n
+        inside[inside] = special[inside] >= st[owner[inside]]
+        special, owner = special[inside], owner[inside]
+        ch = c[special]
+        at_start = special == st[owner]
+        prev_dig = dig[special - 1] & ~at_start
+        nxt = c[special + 1]
+        next_dig = dig[special + 1] & (special + 1 < en[owner])
+        is_e = (ch == 101) | (ch == 69)
+        is_sign = (ch == 43) | (ch == 45)
+        prev_e = ((c[special - 1] == 101) | (c[special - 1] == 69)) & ~at_start
+        good = np.where(ch == 46, prev_dig & next_dig,
+                        np.where(is_e, prev_dig & (next_dig | (((nxt == 43) | (nxt == 45)) & (special + 2 < en[owner])
+                                                              & dig[special + 2])),
+                                 np.where(is_sign, (at_start & (ch == 45)) | (prev_e & next_dig), True)))
+        ok[owner[~good]] = False
+        # at most one '.', one exponent, and the '.' before the exponent
+        dots = np.bincount(owner[ch == 46], minlength=n)
+        exps = np.bincount(owner[is_e], minlength=n)
+        ok &= (dots <= 1) & (exps <= 1)
+        if (dots & exps).any():
+            dpos = np.full(n, -1, np.int64)
+            dpos[owner[ch == 46]] = special[ch == 46]
+            epos = np.full(n, -1, np.int64)
+            epos[owner[is_e]] = special[is_e]
+            ok &= ~((dpos >= 0) & (epos >= 0) & (dpos > epos))
+    return ok
+
+
+def _parse_numbers(s: pa.Array, typ) -> tuple[np.ndarray, np.ndarray]:
+    """Arrow strings -> (values, parsed) with a strict cast; a failing batch is redone per value."""
+    try:
+        v = pc.cast(s, typ)
+        return v.to_numpy(zero_copy_only=False), np.ones(len(s), bool)
+    except pa.ArrowInvalid:
+        v = pl.from_arrow(s).cast(I64 if typ == pa.int64() else F64, strict=False)
+        ok = ~v.is_null().to_numpy()
+        return v.fill_null(0).to_numpy(), ok
+
+
+class _Fields:
+    """Values of the matched holes: numbers as numpy arrays, strings as Arrow arrays.
+
+    A hole is *bad* where the general path would not read a clean value from it (overflow, a
+    leading '+', leading zeros in a bare number, a double that is not a finite JSON number); the
+    lines of bad rows go to the general path.
+    """
+
+    def __init__(self, sc: _Scan, sizes: dict[str, int]):
+        self.sizes = sizes
+        self.bad_rows: dict[str, list] = {}
+        self.num: dict[tuple[str, str], list] = {}
+        self.txt: dict[tuple[str, str], list] = {}
+        by_kind: dict[str, list] = {}
+        for fr in sc.frags:
+            if fr[0] == "s" and fr[2][0] == "_":  # string checked at line level, value not needed
+                continue
+            if len(fr[3]):
+                by_kind.setdefault(fr[0], []).append(fr)
+        a = sc.a
+        for kind, frs in by_kind.items():
+            starts = np.concatenate([f[4] for f in frs])
+            lens = np.concatenate([f[5] for f in frs])
+            s = _gather_strings(a, starts, lens)
+            bad = None
+            if kind == "s":
+                vals = s
+            elif kind == "n":
+                vals, ok = _parse_numbers(s, pa.float64())
+                ok &= np.isfinite(vals)
+                ok &= _json_numbers_ok(s)
+                bad = ~ok
+            else:  # quoted integers (i, if) and bare unsigned integers (u)
+                vals, ok = _parse_numbers(s, pa.int64())
+                first = a[starts]
+                if kind == "u":
+                    ok &= ((first - 48) < 10) & ~((first == 48) & (lens > 1))
+                else:
+                    ok &= first != 43  # '+': not an integer to the general path
+                if kind == "if":
+                    vals = vals.astype(np.float64)
+                bad = ~ok
+            store = self.txt if kind == "s" else self.num
+            off = 0
+            for f in frs:
+                k = len(f[3])
+                if bad is not None:
+                    b = bad[off:off + k]
+                    if b.any():
+                        self.bad_rows.setdefault(f[1], []).append(f[3][b])
+                store.setdefault((f[1], f[2]), []).append((f[3], vals[off:off + k]))
+                off += k
+
+    def number(self, owner: str, name: str, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+        """(values, present) over all rows of ``owner``."""
+        n = self.sizes[owner]
+        vals = np.zeros(n, dtype)
+        valid = np.zeros(n, bool)
+        for rows, v in self.num.get((owner, name), ()):
+            vals[rows] = v
+            valid[rows] = True
+        return vals, valid
+
+    def text(self, owner: str, name: str) -> pa.Array:
+        """A string field over all rows of ``owner`` (null where absent)."""
+        n = self.sizes[owner]
+        ps = self.txt.get((owner, name))
+        if not ps:
+            return pa.nulls(n, pa.large_string())
+        if len(ps) == 1 and len(ps[0][0]) == n:
+            return ps[0][1]
+        vals = pa.concat_arrays([p[1] for p in ps])
+        idx = np.full(n, -1, np.int64)
+        idx[np.concatenate([p[0] for p in ps])] = np.arange(len(vals))
+        return vals.take(_nullable_index(idx))
+
+
+def _nullable_index(idx: np.ndarray) -> pa.Array:
+    """An Arrow index array, null where ``idx`` < 0 (take gives null there)."""
+    return pa.array(idx, mask=idx < 0) if (idx < 0).any() else pa.array(idx)
+
+
+def _columns(table: str, cols: dict, n: int) -> dict[str, pa.Array]:
+    """A table's columns in schema order as Arrow arrays, from numpy (values, present) pairs,
+    numpy arrays or Arrow arrays; absent columns are all null."""
+    out = {}
+    for c, dt in {**TABLE_SCHEMAS[table], **_INTERNAL.get(table, {})}.items():
+        spec = cols.get(c)
+        typ = _ARROW[dt]
+        if spec is None:
+            out[c] = pa.nulls(n, typ)
+        elif isinstance(spec, tuple):
+            vals, valid = spec
+            out[c] = pa.array(vals, typ) if valid.all() else pa.array(vals, typ, mask=~valid)
+        elif isinstance(spec, np.ndarray):
+            out[c] = pa.array(spec, typ)
+        else:
+            out[c] = spec if spec.type == typ else spec.cast(typ)
+    return out
+
+
+def _ffill_index(has: np.ndarray) -> np.ndarray:
+    """For each position the index of the last True at or before it (-1 if none)."""
+    idx = np.where(has, np.arange(len(has)), -1)
+    return np.maximum.accumulate(idx) if len(idx) else idx
+
+
+# instance kinds in the chain check
+_H1, _H0, _EC, _EB, _TC, _TB = range(6)
+_ALLOW = np.zeros((6, 6), bool)
+for _a, _b in [(_H1, _EC), (_H1, _EB), (_H0, _TC), (_H0, _TB), (_EC, _EC), (_EC, _EB), (_EB, _TC), (_EB, _TB),
+               (_TC, _H1), (_TC, _H0)]:
+    _ALLOW[_a, _b] = True
+_GROUPS = ("bs", "snap", "journey", "api")  # event groups (codes 0..3)
+_GROUP_OF_NAME = np.array([_GROUPS.index(g) for _, g, _ in _EVENT_NAMES] + [-1])  # index -1: unknown
+_SPAN_KINDS = ("step", "core", "api")  # span kinds (codes 0..2)
+_SPAN_OF_GROUP = np.array([0, 0, 1, 2, -9])  # span kind an event group belongs to
+_EV_SUFFIX = pa.array([lbl.split(".", 1)[1] for _, _, lbl in _EVENT_NAMES], pa.large_string())  # journey/api type
+_SCHEDULED_CODE = [lbl for _, _, lbl in _EVENT_NAMES].index("journey.SCHEDULED")
+_FINISHED_CODE = [lbl for _, _, lbl in _EVENT_NAMES].index("journey.FINISHED")
+
+
+def _fast_chunk(data: bytes, a: np.ndarray, n: int, starts: np.ndarray, ends: np.ndarray,
+                eligible: np.ndarray, first_line: int, joint_cache: dict, n_newlines: int):
+    """Match canonical lines; returns (verified line mask, tables, counters) for the verified lines."""
+    nlines = len(starts)
+    bad = ~eligible
+    body = a[:n]
+
+    def line_of(p):
+        return np.searchsorted(starts, p, side="right") - 1
+
+    ev_pos, ev_qi, sc, sp_pos, sp_qi = _fc_candidates(a, bad, body, data, ends, line_of, n, n_newlines, starts)
+    ce, ev_code, ev_end, ev_grp, ev_last, groups, ne = _fc_events(ev_pos, ev_qi, sc)
+    ch, ns, sp_end, sp_has_ev, sp_kind, span_groups = _fc_spans(sc, sp_pos, sp_qi)
+    K, SRC, bad, ct, head_scope, is_head, nt, scope_ids, scope_names, t_pos = _fc_chain(bad, ce, ch, data, eligible, ends, ev_end, ev_last, ev_pos, joint_cache, line_of, ne, nlines, ns, sc, sp_end, sp_has_ev, sp_pos, starts)
+    ev_line, ev_span, scope_of_head, sp_line, t_line, t_span = _fc_owners(K, SRC, bad, ev_grp, ev_pos, head_scope, is_head, line_of, ne, ns, nt, scope_ids, sp_kind, sp_pos, t_pos)
+    fl, good_line = _fc_values(bad, ce, ch, ct, ev_code, ev_line, groups, ne, ns, nt, sc, sp_kind, sp_line, span_groups, t_line)
+    sp_dropped, sp_end_t, sp_start, tables, take = _fc_event_tables(ev_code, ev_line, ev_span, first_line, fl, good_line, groups, ns, nt, span_groups, t_span)
+    _fc_step_span_table(ev_line, ev_span, first_line, fl, good_line, ne, ns, sp_dropped, sp_end_t, sp_line, sp_start, span_groups, tables, take)
+    return _fc_counters(eligible, ev_code, ev_line, good_line, ne, ns, scope_names, scope_of_head, sp_dropped, sp_line, tables)
+
+
+def _fc_candidates(a, bad, body, data, ends, line_of, n, n_newlines, starts):
+    """Lines with escapes, control characters or invalid UTF-8 marked bad; the event and span candidates of the rest
+    (their quote positions), as a _Scan of the chunk."""
+    # escapes (backslash), raw control characters / JSON whitespace, non-ASCII: decided per line
+    if not data.isascii() or np.count_nonzero(body < 32) != n_newlines or (body == 92).any():
+        odd = body < 32
+        odd |= body == 92
+        odd |= body >= 128
+        pos_odd = np.flatnonzero(odd & (body != 10))
+        c = body[pos_odd]
+        bad[line_of(pos_odd[c < 128])] = True
+        for li in np.unique(line_of(pos_odd[c >= 128])).tolist():
+            if not bad[li]:
+                try:
+                    data[starts[li]:ends[li]].decode("utf-8")
+                except UnicodeDecodeError:
+                    bad[li] = True
+    sc = _Scan(a, n)
+    # candidates from the quote positions: the key "timeUnixNano" (12 characters) opens an event,
+    # "traceId" (7) a span; the gap between its two quotes is 13 / 8. Their quote index comes free.
+    q = sc.q
+    d = np.diff(q)
+    cand = np.flatnonzero((d == 13) | (d == 8))
+    is_ev = d[cand] == 13
+    ke, ks = cand[is_ev], cand[~is_ev]
+    ke, ks = ke[q[ke] >= 1], ks[q[ks] >= 1]
+    ev_pos, sp_pos = q[ke] - 1, q[ks] - 1
+    me = sc.eq(ev_pos, _EVENT_PREFIX)
+    me[me] = ~bad[line_of(ev_pos[me])]
+    ms = sc.eq(sp_pos, _SPAN_PREFIX)
+    ms[ms] = ~bad[line_of(sp_pos[ms])]
+    ev_pos, ev_qi = ev_pos[me], ke[me] + 3  # the prefix holds 3 quotes
+    sp_pos, sp_qi = sp_pos[ms], ks[ms] + 3
+    del d, cand
+    return ev_pos, ev_qi, sc, sp_pos, sp_qi
+
+
+def _fc_events(ev_pos, ev_qi, sc):
+    """Event heads matched, dispatched on the event name, each group's body matched."""
+    # ---- events: common head, dispatch on the name, group bodies
+    ne = len(ev_pos)
+    ce = _Cur(sc, "ev", np.arange(ne), ev_pos + len(_EVENT_PREFIX), qi=ev_qi)
+    ce.run(_EV_HEAD)
+    ev_code = np.full(ne, -1, np.int64)
+    if ne:
+        nstart, nlen = sc.frags[-1][4], sc.frags[-1][5]
+        for code, (nm, _, _) in enumerate(_EVENT_NAMES):
+            rows = np.flatnonzero(nlen == len(nm))
+            if rows.size:
+                ev_code[rows[sc.eq(nstart[rows], nm)]] = code
+    ev_grp = _GROUP_OF_NAME[ev_code]
+    ce.ok &= ev_grp >= 0
+    groups: dict[str, np.ndarray] = {}
+    ev_end = ce.pos.copy()
+    ev_last = np.zeros(ne, bool)
+    for gi, g in enumerate(_GROUPS):
+        rows = np.flatnonzero(ev_grp == gi)
+        groups[g] = rows
+        if not rows.size:
+            continue
+        c = _Cur(sc, g, np.arange(len(rows)), ce.pos[rows], ce.ok[rows].copy(), ce.qi[rows])
+        c.run(_EV_BODIES[g])
+        ce.ok[rows] = c.ok
+        ev_end[rows] = c.pos
+        ev_last[rows] = c.flags.get("last", np.zeros(len(rows), bool))
+    return ce, ev_code, ev_end, ev_grp, ev_last, groups, ne
+
+
+def _fc_spans(sc, sp_pos, sp_qi):
+    """Span heads matched, dispatched on the span name, each kind's body matched."""
+    # ---- span heads
+    ns = len(sp_pos)
+    ch = _Cur(sc, "span", np.arange(ns), sp_pos + len(_SPAN_PREFIX), qi=sp_qi)
+    ch.run(_SPAN_HEAD)
+    sp_kind = np.full(ns, -1, np.int64)
+    if ns:
+        name_fr = [f for f in sc.frags if f[1] == "span" and f[2] == "_name"][-1]
+        nstart, nlen = name_fr[4], name_fr[5]
+        for k, nm, exact in ((0, b"scheduler_steps_", False), (1, b"llm_core", True), (2, b"llm_request", True)):
+            rows = np.flatnonzero(nlen == len(nm) if exact else nlen > len(nm))
+            if rows.size:
+                sp_kind[rows[sc.eq(nstart[rows], nm)]] = k
+    ch.ok &= sp_kind >= 0
+    sp_end = ch.pos.copy()
+    sp_has_ev = np.zeros(ns, bool)
+    span_groups: dict[str, np.ndarray] = {}
+    for ki, k in enumerate(_SPAN_KINDS):
+        rows = np.flatnonzero(sp_kind == ki)
+        span_groups[k] = rows
+        if not rows.size:
+            continue
+        c = _Cur(sc, "sp_" + k, np.arange(len(rows)), ch.pos[rows], ch.ok[rows].copy(), ch.qi[rows])
+        c.run(_SPAN_BODIES[k])
+        ch.ok[rows] = c.ok
+        sp_end[rows] = c.pos
+        sp_has_ev[rows] = c.flags.get("has_events", np.zeros(len(rows), bool))
+    return ch, ns, sp_end, sp_has_ev, sp_kind, span_groups
+
+
+def _fc_chain(bad, ce, ch, data, eligible, ends, ev_end, ev_last, ev_pos, joint_cache, line_of, ne, nlines, ns, sc, sp_end, sp_has_ev, sp_pos, starts):
+    """Span tails matched; the instances must tile each line in a legal order, the glue between them (joints)
+    must match the grammar; the scope named by each joint."""
+    # ---- span tails: after a last event, or after a head without events
+    t_pos = np.sort(np.concatenate([ev_end[ev_last & ce.ok], sp_end[~sp_has_ev & ch.ok]]))
+    nt = len(t_pos)
+    ct = _Cur(sc, "tail", np.arange(nt), t_pos)
+    ct.run(_SPAN_TAIL)
+    t_last = ct.flags.get("last", np.zeros(nt, bool))
+
+    # ---- chain check: instances must tile each line in a legal order
+    kind = np.concatenate([np.where(sp_has_ev, _H1, _H0), np.where(ev_last, _EB, _EC), np.where(t_last, _TB, _TC)])
+    st = np.concatenate([sp_pos, ev_pos, t_pos])
+    en = np.concatenate([sp_end, ev_end, ct.pos])
+    okk = np.concatenate([ch.ok, ce.ok, ct.ok])
+    src = np.concatenate([np.arange(ns), np.arange(ne), np.arange(nt)])
+    order = np.argsort(st, kind="stable")
+    K, S, E, OK, SRC = kind[order], st[order], en[order], okk[order], src[order]
+    LN = line_of(S)
+    ninst = len(K)
+    is_head = K <= _H0
+    if ninst:
+        bad[LN[~OK]] = True
+        same = LN[1:] == LN[:-1]
+        contig = E[:-1] == S[1:]
+        gap = same & ~contig & (K[:-1] == _TB) & is_head[1:] & (E[:-1] < S[1:])
+        badpair = same & ~(contig & _ALLOW[K[:-1], K[1:]]) & ~gap
+        bad[LN[1:][badpair]] = True
+        first = np.ones(ninst, bool)
+        first[1:] = ~same
+        last = np.ones(ninst, bool)
+        last[:-1] = ~same
+        bad[LN[first & ~is_head]] = True
+        bad[LN[last & (K != _TB)]] = True
+        has_inst = np.zeros(nlines, bool)
+        has_inst[LN] = True
+        bad |= ~has_inst & eligible
+    else:
+        bad |= eligible
+    # joints (glue) and the scopes of the span heads that follow them
+    scope_names: list[str] = []
+    scope_ids: dict[str, int] = {}
+    head_scope = np.full(ninst, -1, np.int64)
+    if ninst:
+        for typ, idxs in (("start", np.flatnonzero(first)), ("mid", np.flatnonzero(gap) + 1)):
+            for i in idxs.tolist():
+                li = LN[i]
+                if bad[li]:
+                    continue
+                s0 = starts[li] if typ == "start" else E[i - 1]
+                t, sname = _joint(data[s0:S[i]], joint_cache)
+                if t != typ:
+                    bad[li] = True
+                    continue
+                sid = scope_ids.get(sname)
+                if sid is None:
+                    sid = scope_ids[sname] = len(scope_names)
+                    scope_names.append(sname)
+                head_scope[i] = sid
+        for i in np.flatnonzero(last).tolist():
+            li = LN[i]
+            if not bad[li] and _joint(data[E[i]:ends[li]], joint_cache)[0] != "end":
+                bad[li] = True
+    return K, SRC, bad, ct, head_scope, is_head, nt, scope_ids, scope_names, t_pos
+
+
+def _fc_owners(K, SRC, bad, ev_grp, ev_pos, head_scope, is_head, line_of, ne, ns, nt, scope_ids, sp_kind, sp_pos, t_pos):
+    """Scope of every span head, the span that owns each event and tail; heads must fit their scope, events their
+    span kind, all on their span's line."""
+    # scope of every head: from the joint before it, else from the previous head
+    head_pos = np.flatnonzero(is_head)
+    hs = head_scope[head_pos]
+    ff = _ffill_index(hs >= 0)
+    scope_of_head = np.full(ns, -1, np.int64)
+    scope_of_head[SRC[head_pos]] = np.where(ff >= 0, hs[np.maximum(ff, 0)], -1)
+    # each event / tail belongs to the last head before it
+    last_head = _ffill_index(is_head)
+    owner = np.where(last_head >= 0, SRC[np.maximum(last_head, 0)], -1)
+    ev_span = np.full(ne, -1, np.int64)
+    is_ev = (K == _EC) | (K == _EB)
+    ev_span[SRC[is_ev]] = owner[is_ev]
+    t_span = np.full(nt, -1, np.int64)
+    is_t = K >= _TC
+    t_span[SRC[is_t]] = owner[is_t]
+    # head kinds must fit their scope, event groups their span kind, events/tails their span's line
+    sp_line = line_of(sp_pos)
+    ev_line = line_of(ev_pos)
+    t_line = line_of(t_pos)
+    scope_need = np.array([scope_ids.get(_SPAN_KIND_SCOPE[k], -2) for k in _SPAN_KINDS] + [-2])
+    bad[sp_line[scope_need[sp_kind] != scope_of_head]] = True
+    if ne:
+        sp_of = np.maximum(ev_span, 0)
+        bad[ev_line[(ev_span < 0) | (sp_kind[sp_of] != _SPAN_OF_GROUP[ev_grp]) | (sp_line[sp_of] != ev_line)]] = True
+    if nt:
+        bad[t_line[(t_span < 0) | (sp_line[np.maximum(t_span, 0)] != t_line)]] = True
+    return ev_line, ev_span, scope_of_head, sp_line, t_line, t_span
+
+
+def _fc_values(bad, ce, ch, ct, ev_code, ev_line, groups, ne, ns, nt, sc, sp_kind, sp_line, span_groups, t_line):
+    """Values parsed for the rows of lines still in play; a value that does not parse, or an inconsistent journey
+    event, marks its line bad."""
+    # ---- values: only for matched rows of lines still in play (span ids only for journey/api spans)
+    keep = {"ev": ce.ok & ~bad[ev_line], "tail": ct.ok & ~bad[t_line]}
+    keep_span = ch.ok & ~bad[sp_line]
+    keep_ids = keep_span & (sp_kind != 0)
+    for g, rows in groups.items():
+        keep[g] = keep["ev"][rows]
+    for k, rows in span_groups.items():
+        keep["sp_" + k] = keep_span[rows]
+    frags = []
+    for f in sc.frags:
+        if f[1] == "span":
+            msk = keep_ids if f[2] in ("trace_id", "span_id", "parent_span_id") else keep_span
+        else:
+            msk = keep[f[1]]
+        sel = msk[f[3]]
+        frags.append(f if sel.all() else (f[0], f[1], f[2], f[3][sel], f[4][sel], f[5][sel]))
+    sc.frags = frags
+    sizes = {"ev": ne, "span": ns, "tail": nt, **{g: len(r) for g, r in groups.items()},
+             **{"sp_" + k: len(r) for k, r in span_groups.items()}}
+    fl = _Fields(sc, sizes)
+    for owner_name, rows_list in fl.bad_rows.items():
+        rows = np.concatenate(rows_list)
+        if owner_name == "ev":
+            bad[ev_line[rows]] = True
+        elif owner_name in groups:
+            bad[ev_line[groups[owner_name][rows]]] = True
+        elif owner_name == "span":
+            bad[sp_line[rows]] = True
+        elif owner_name.startswith("sp_"):
+            bad[sp_line[span_groups[owner_name[3:]][rows]]] = True
+        else:
+            bad[t_line[rows]] = True
+    # journey consistency: event.type attribute = name; SCHEDULED/FINISHED carry their extra attribute
+    jrows = groups["journey"]
+    if jrows.size:
+        codes = ev_code[jrows]
+        etype = _EV_SUFFIX.take(pa.array(codes))
+        same = pc.fill_null(pc.equal(fl.text("journey", "event.type"), etype), False).to_numpy(zero_copy_only=False)
+        no_kind = pc.is_null(fl.text("journey", "schedule.kind")).to_numpy(zero_copy_only=False)
+        no_status = pc.is_null(fl.text("journey", "finish.status")).to_numpy(zero_copy_only=False)
+        incons = ~same | ((codes == _SCHEDULED_CODE) & no_kind) | ((codes == _FINISHED_CODE) & no_status)
+        bad[ev_line[jrows[incons & keep["journey"]]]] = True
+    good_line = ~bad
+    return fl, good_line
+
+
+def _fc_event_tables(ev_code, ev_line, ev_span, first_line, fl, good_line, groups, ns, nt, span_groups, t_span):
+    """Column arrays of the event tables (steps, snapshots, journey, api) of the verified lines."""
+    # ---- tables of the verified lines
+    sp_dropped = np.zeros(ns, np.int64)
+    tail_idx = np.full(ns, -1, np.int64)
+    if nt:
+        okt = t_span >= 0
+        sp_dropped[t_span[okt]] = fl.number("tail", "dropped")[0][okt]
+        tail_idx[t_span[okt]] = np.flatnonzero(okt)
+    ev_time = fl.number("ev", "time")
+    pos_in_kind = np.full(ns, -1, np.int64)
+    for grp in span_groups.values():
+        pos_in_kind[grp] = np.arange(len(grp))
+
+    def take(pair, idx):
+        return pair[0][idx], pair[1][idx]
+
+    def span_number(name: str):
+        """A field of the per-kind span bodies as (values, present) over all spans."""
+        vals, valid = np.zeros(ns, np.int64), np.zeros(ns, bool)
+        for k, grp in span_groups.items():
+            if grp.size:
+                v, ok = fl.number("sp_" + k, name)
+                vals[grp], valid[grp] = v, ok
+        return vals, valid
+
+    sp_start, sp_end_t = span_number("start"), span_number("end")
+
+    tables: dict[str, dict] = {}
+    for g, rows in groups.items():
+        sel = np.flatnonzero(good_line[ev_line[rows]])
+        if not sel.size:
+            continue
+        er = rows[sel]
+        spn = ev_span[er]
+        pk = pos_in_kind[spn]
+        cols = {"event_time_unix_nano": take(ev_time, er), "source_line": first_line + ev_line[er]}
+        if g == "bs":
+            for k, t in STEP_ATTRS:
+                cols[k] = take(fl.number("bs", k, np.float64 if t is float else np.int64), sel)
+            cols["span_sequence"] = take(fl.number("sp_step", "span_sequence"), pk)
+            tables["steps"] = _columns("steps", cols, len(er))
+        elif g == "snap":
+            for k, t in SNAPSHOT_ATTRS:
+                cols[k] = fl.text("snap", k).take(pa.array(sel)) if t is str else take(fl.number("snap", k), sel)
+            tables["snapshots"] = _columns("snapshots", cols, len(er))
+        else:
+            kind_owner = "sp_core" if g == "journey" else "sp_api"
+            ispn = pa.array(spn)
+            cols.update({"request.id": fl.text(kind_owner, "request.id").take(pa.array(pk)),
+                         "trace_id": fl.text("span", "trace_id").take(ispn),
+                         "span_id": fl.text("span", "span_id").take(ispn),
+                         "span_start_unix_nano": take(sp_start, spn),
+                         "span_end_unix_nano": take(sp_end_t, spn)})
+            label = _EV_SUFFIX.take(pa.array(ev_code[er]))
+            isel = pa.array(sel)
+            if g == "journey":
+                cols["parent_span_id"] = fl.text("span", "parent_span_id").take(ispn)
+                cols["event.type"] = label
+                for k, t in JOURNEY_ATTRS:
+                    if k in ("event.type", "ts.monotonic"):
+                        continue
+                    cols[k] = fl.text("journey", k).take(isel) if t is str else take(fl.number("journey", k), sel)
+                cols["_ts_monotonic"] = take(fl.number("journey", "ts.monotonic", np.float64), sel)
+                cols["span_dropped_events"] = sp_dropped[spn]
+                tables["journey"] = _columns("journey", cols, len(er))
+            else:
+                cols["event"] = label
+                cols["event.ts.monotonic"] = take(fl.number("api", "event.ts.monotonic", np.float64), sel)
+                cols["reason"] = fl.text("api", "reason").take(isel)
+                cols["prompt_tokens"] = take(fl.number("sp_api", "prompt_tokens"), pk)
+                cols["max_tokens"] = take(fl.number("sp_api", "max_tokens"), pk)
+                cols["model"] = fl.text("sp_api", "model").take(pa.array(pk))
+                code_vals, code_ok = fl.number("tail", "status_code")
+                ti = tail_idx[spn]
+                cols["status_code"] = (code_vals[np.maximum(ti, 0)], code_ok[np.maximum(ti, 0)] & (ti >= 0))
+                tables["api"] = _columns("api", cols, len(er))
+    return sp_dropped, sp_end_t, sp_start, tables, take
+
+
+def _fc_step_span_table(ev_line, ev_span, first_line, fl, good_line, ne, ns, sp_dropped, sp_end_t, sp_line, sp_start, span_groups, tables, take):
+    """The step_spans table of the verified lines."""
+    rows = span_groups["step"]
+    sel = np.flatnonzero(good_line[sp_line[rows]]) if rows.size else rows
+    if sel.size:
+        sr = rows[sel]
+        counted = (ev_span >= 0) & good_line[ev_line] if ne else np.zeros(0, bool)
+        n_ev = np.bincount(ev_span[counted], minlength=ns).astype(np.int64)
+        cols = {c: take(fl.number("sp_step", c), sel)
+                for c in ("span_sequence", "step_range_start", "step_range_end", "closure_interval")}
+        cols.update({"dropped_events_count": sp_dropped[sr], "n_events": n_ev[sr],
+                     "start_unix_nano": take(sp_start, sr), "end_unix_nano": take(sp_end_t, sr),
+                     "source_line": first_line + sp_line[sr]})
+        tables["step_spans"] = _columns("step_spans", cols, len(sr))
+
+
+def _fc_counters(eligible, ev_code, ev_line, good_line, ne, ns, scope_names, scope_of_head, sp_dropped, sp_line, tables):
+    """Spans per scope, dropped events and events per name over the verified lines."""
+    # ---- counters over verified lines
+    cnt = _new_counters()
+    if ns:
+        sg = good_line[sp_line]
+        ids, counts = np.unique(scope_of_head[sg], return_counts=True)
+        cnt["spans_by_scope"] = {scope_names[i]: int(c) for i, c in zip(ids.tolist(), counts.tolist())}
+        cnt["dropped_events_total"] = int(sp_dropped[sg].sum())
+    if ne:
+        ids, counts = np.unique(ev_code[good_line[ev_line]], return_counts=True)
+        cnt["events_by_name"] = {_EVENT_NAMES[i][2]: int(c) for i, c in zip(ids.tolist(), counts.tolist())}
+    return good_line & eligible, tables, cnt
+
+

@@ -1,0 +1,361 @@
+"""Local execution: the one orchestrator of `stepml run` and `stepml backfill` (stepml_dagster/cli.py only parses
+arguments and maps outcomes to exit codes).
+
+run_study registers a partition per run folder on the study's own instance and runs the four jobs of
+definitions.py in order, in-process: experiment_job per partition (in worker processes when asked),
+models_job, replay_job per partition with a current request log, study_job. backfill re-runs chosen
+partitions the same way. Errors of StepML's own family (stepml_core.errors) are raised, never exited on.
+
+Why hand-rolled partition workers rather than a Dagster executor or `materialize` over a partition range:
+a Dagster run covers one partition (or one single-run backfill of all), while a run per partition keeps
+each run's failure, log and data version separate, and a fresh worker process every
+PARTITIONS_PER_WORKER partitions keeps the peak memory of a full-size study down (see _run_partitions).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from stepml_core.errors import NoUsableRunsError, StepMLError, UsageError
+from stepml_core.progress import make_progress
+from stepml_core.runs import RUN_FOLDER_CONTENTS, find_trace_file
+
+
+PARTITIONS_PER_WORKER = 4  # `stepml run --workers N`: partitions a worker process runs before it is replaced
+
+
+def _run_config(verbose: bool = False) -> dict:
+    """Dagster's console log: its step-failure tracebacks with --verbose only (errors are one line otherwise)."""
+    return {"loggers": {"console": {"config": {"log_level": "WARNING" if verbose else "CRITICAL"}}}}
+
+
+def run_error(res) -> str | None:
+    """The user's error of a failed in-process run, one line: the innermost cause of its first step failure."""
+    if res.success:
+        return None
+    for ev in res.all_events:
+        if ev.is_step_failure and ev.event_specific_data is not None and getattr(ev.event_specific_data, "error", None):
+            e = ev.event_specific_data.error
+            while getattr(e, "cause", None) is not None:  # the user error under Dagster's wrapper
+                e = e.cause
+            msg = " ".join(line.strip() for line in e.message.strip().splitlines()) or e.cls_name
+            head, sep, rest = msg.partition(": ")
+            if sep and head.rsplit(".", 1)[-1] == e.cls_name and e.cls_name in _stepml_error_names():
+                msg = rest  # our own errors need no class name: their message names file and problem
+            return msg
+    return "failed (no step error recorded; --verbose shows Dagster's log)"
+
+
+def _stepml_error_names() -> set[str]:
+    todo, names = [StepMLError], set()
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+def _materialize_partition(defs, instance, key: str, selection: list | None = None, job: str = "experiment_job",
+                           verbose: bool = False) -> tuple[str, bool, float, str | None]:
+    from .health import run_tags
+
+    t = time.perf_counter()
+    res = defs.resolve_job_def(job).execute_in_process(partition_key=key, instance=instance, raise_on_error=False,
+                                                       run_config=_run_config(verbose), asset_selection=selection,
+                                                       tags=run_tags())  # who runs it: a dead worker's run is found and failed
+    return key, res.success, time.perf_counter() - t, run_error(res)
+
+
+def _partition_worker_key_last(data_dir: str, out_dir: str, seed: int, job: str, verbose: bool, key: str):
+    return _partition_worker(data_dir, out_dir, seed, key, job, verbose)
+
+
+def _partition_worker(data_dir: str, out_dir: str, seed: int, key: str, job: str = "experiment_job", verbose: bool = False):
+    """One partition of a partitioned job in a worker process (same DAGSTER_HOME instance, in-process executor)."""
+    import dagster as dg
+
+    from .definitions import build_definitions
+    from .resources import StepMLSettings
+
+    defs = build_definitions(StepMLSettings(data_dir=data_dir, out_dir=out_dir, seed=seed))
+    try:
+        return _materialize_partition(defs, dg.DagsterInstance.get(), key, job=job, verbose=verbose)
+    finally:
+        release_freed_memory()
+
+
+def _run_partitions(defs, instance, settings, keys: list[str], job: str, workers: int, *, label: str, quiet: bool = False,
+                    verbose: bool = False, prefit_last: bool = False):
+    """Materialize a partitioned job for each key (in `workers` processes when > 1); returns (failed keys, errors).
+    Progress: a bar on a terminal, one line per partition otherwise; a failure is one line with its error."""
+    import io
+
+    failed, errors = [], {}
+    with make_progress(len(keys), label, stream=io.StringIO() if quiet else None) as progress:
+        def finished(key: str, ok: bool, secs: float, err: str | None) -> None:
+            if ok:
+                progress.advance(f"{key}: ok ({secs:.1f} s)")
+                return
+            failed.append(key)
+            errors[key] = err
+            took = f" ({secs:.1f} s)" if secs == secs else ""  # NaN: its worker died, no time measured
+            progress.advance(f"{key}: FAILED{took}: {err}", persist=True)
+
+        if workers == 1 or len(keys) < 2:
+            for i, key in enumerate(keys, 1):
+                if prefit_last and i == len(keys) and find_trace_file(Path(settings.data_dir) / key):
+                    # fit the study's pooled folds while its models and scores run
+                    key, ok, secs, err = _materialize_with_prefit(defs, instance, key, settings, verbose)
+                else:
+                    key, ok, secs, err = _materialize_partition(defs, instance, key, job=job, verbose=verbose)
+                release_freed_memory()
+                finished(key, ok, secs, err)
+            return failed, errors
+        from .health import mark_abandoned_runs
+        from .workers import run_in_workers
+
+        # a fresh worker every PARTITIONS_PER_WORKER partitions: a long-lived worker's RSS creeps up (allocators keep
+        # freed pages: 4 GB after 24 partitions at 3x the study, 1.4-2.7 GB over its first six), which sets the peak at
+        # scale. A worker that dies (OOM killer) fails its partition; the others go on (stepml_dagster/workers.py).
+        def died(key, pid, msg):  # its Dagster run stays STARTED otherwise, and study_sensor would wait for it forever
+            mark_abandoned_runs(instance, pid=pid, why=f"{key}: {msg}")
+
+        common = (settings.data_dir, settings.out_dir, settings.seed, job, verbose)
+        for key, res, death in run_in_workers(_partition_worker_key_last, common, keys, min(workers, len(keys)),
+                                              PARTITIONS_PER_WORKER, died):
+            finished(*(res if death is None else (key, False, float("nan"), death)))
+        # every worker has exited (and its memory is back) before the next phase starts
+    return failed, errors
+
+
+FEATURE_ASSETS = ["raw_traces", "step_table", "quarantine", "request_context", "feature_matrix", "split"]  # what pooled folds read
+
+
+def _materialize_with_prefit(defs, instance, key: str, settings, verbose: bool = False) -> tuple[str, bool, float, str | None]:
+    """One partition in two in-process runs (its feature assets, then the rest) with the study's pooled
+    folds fitted in between, in a thread, into the fold cache: the study job then finds them fitted.
+    Same assets materialized once each; the cache is content-keyed, so the study's result is the same."""
+    import threading
+
+    part = defs.resolve_job_def("experiment_job")
+    first = [k for k in part.asset_layer.executable_asset_keys if k.to_user_string() in FEATURE_ASSETS]
+    rest = [k for k in part.asset_layer.executable_asset_keys if k.to_user_string() not in FEATURE_ASSETS]
+    key, ok, secs1, err = _materialize_partition(defs, instance, key, first, verbose=verbose)
+    if not ok:
+        return key, ok, secs1, err
+    prefit = threading.Thread(target=prefit_pooled_folds, args=(settings, instance.get_dynamic_partitions("experiment")), daemon=True)
+    prefit.start()
+    key, ok, secs2, err = _materialize_partition(defs, instance, key, rest, verbose=verbose)
+    prefit.join()
+    return key, ok, secs1 + secs2, err
+
+
+def prefit_pooled_folds(settings, keys: list[str]) -> None:
+    """Fill the fold cache from the stored feature matrices and splits: what pooled_models will read."""
+    from stepml_core import study
+
+    from .assets import pooled_matrices
+    from .io_manager import ParquetIOManager
+
+    if not settings.reuse_fits:
+        return
+    io = ParquetIOManager(base_dir=str(settings.assets_dir()))
+    try:
+        matrices = pooled_matrices(settings, io.stored_partitions("feature_matrix", keys), io.stored_partitions("split", keys))
+        study.fit_study_pooled(matrices, seed=settings.seed, threads=settings.fit_threads, caches=settings.fold_caches(), score=False)
+    except Exception:  # noqa: BLE001 - an optimisation only: pooled_models fits whatever is missing
+        pass
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS between partitions (glibc malloc_trim; no-op elsewhere).
+
+    numpy's large temporaries leave the heap fragmented: a worker kept 2.7 GB after four big
+    partitions, 1.7 GB with a trim after each (peak 2.78 → 2.37 GB).
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def no_run_folders_message(root: Path, rejected: list[tuple[Path, str]]) -> str:
+    """One line: the folder, and what a run folder must be (the --verbose run lists the ignored entries)."""
+    where = f"{root}: no such folder" if not root.is_dir() else f"no run folders in {root}"
+    ignored = f" ({len(rejected)} other entr{'y' if len(rejected) == 1 else 'ies'} ignored)" if rejected else ""
+    return (f"{where}{ignored}: a run folder is named YYYYMMDD-HHMMSS-<model>-tp<N>-<workload> and holds "
+            f"{RUN_FOLDER_CONTENTS} (`stepml run --synth` writes 16 synthetic runs there)")
+
+
+def _stored_elsewhere(settings, names: list[str], failed: list[str]) -> bool:
+    """Another run of this data folder has stored results: the study must run again, so that its report
+    lists the failed runs instead of showing their earlier results as current (issue 11)."""
+    from .io_manager import ParquetIOManager
+
+    others = [n for n in names if n not in set(failed)]
+    return bool(others) and len(ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions("run_summary", others)) > 0
+
+
+def _say(quiet: bool):
+    def say(msg: str, err: bool = True) -> None:  # diagnostics and progress on stderr, the result line on stdout
+        if not quiet:
+            print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+    return say
+
+
+def _choose_runs(data_dir: Path, experiments: list[str] | None, *, synth_if_empty: bool, seed: int, scale: float,
+                 quiet: bool, verbose: bool, say) -> tuple[Path, list[Path], list, list[str], dict[str, str]]:
+    """(data root, run folders, rejected entries, chosen keys, {refused key: why}). Nothing is written before run
+    folders are found: with none, synth_if_empty synthesizes the 16 runs into data_dir, otherwise UsageError; a
+    chosen run whose metadata has problems is refused (NoUsableRunsError when every one is)."""
+    from stepml_core.runs import discover_run_folders, resolve_data_root, run_folder_problems
+
+    root = resolve_data_root(data_dir)
+    folders, rejected = discover_run_folders(root)
+    if not folders and synth_if_empty:
+        say(f"No run folders in {root}: synthesizing the 16 runs modelled on the H100 study (scale {scale}, seed {seed}) ...")
+        synthesize(root, None, scale=scale, seed=seed, quiet=quiet)
+        folders, rejected = discover_run_folders(root)
+    if not folders:
+        if verbose:
+            for path, why in rejected:
+                say(f"ignored {path.name}: {why}")
+        raise UsageError(no_run_folders_message(root, rejected))
+    for path, why in rejected:
+        say(f"skipped {path.name}: {why}")
+    keys = [f.name for f in folders]
+    if experiments:
+        keys = [k for k in keys if k in set(experiments)]
+    if not keys:
+        raise UsageError(f"none of the chosen experiments is a run folder in {root}")
+    refused = {k: "; ".join(x.rstrip(".") for x in p) for k in keys if (p := run_folder_problems(root / k, data_root=root))}
+    for key, why in refused.items():
+        say(f"{key}: not run: {why}")
+    if len(refused) == len(keys):
+        raise NoUsableRunsError(f"no usable run in {root}: all {len(keys)} run folder(s) have problems (one line each above); nothing was run")
+    return root, folders, rejected, keys, refused
+
+
+def _study_chain(defs, instance, settings, done: list[str], workers: int, *, quiet: bool, verbose: bool, say
+                 ) -> tuple[list[str], dict[str, str], bool, str | None]:
+    """The study after the partitions: models_job, then replay_job for each run in `done` with a stored request
+    log (a run that failed just now keeps an older stored log, not replayed), then study_job.
+    Returns (failed replays, their errors, study ok, study error)."""
+    from .io_manager import ParquetIOManager
+
+    res_models = defs.resolve_job_def("models_job").execute_in_process(instance=instance, raise_on_error=False,
+                                                                       run_config=_run_config(verbose))
+    if not res_models.success:
+        say(f"models: FAILED: {run_error(res_models)}")
+    with_logs = sorted(ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions("request_log", done))
+    failed, errors = [], {}
+    if res_models.success and with_logs:
+        failed, errors = _run_partitions(defs, instance, settings, with_logs, "replay_job", workers, label="replay",
+                                         quiet=quiet, verbose=verbose)
+    release_freed_memory()
+    res = defs.resolve_job_def("study_job").execute_in_process(instance=instance, raise_on_error=False,
+                                                               run_config=_run_config(verbose))
+    return failed, errors, res.success and res_models.success, run_error(res_models) or run_error(res)
+
+
+def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, seed: int = 0, scale: float = 1.0,
+              quiet: bool = False, experiments: list[str] | None = None, workers: int | None = None,
+              verbose: bool = False) -> dict:
+    """Register partitions for the run folders under data_dir and materialize everything.
+
+    Nothing is written before run folders are found (_choose_runs). Each partition runs with Dagster's
+    in-process executor; with workers > 1, independent partitions run in that many processes at once
+    (default: the number of cores, at most 2 — more only adds memory on this kind of machine). The
+    study chain (_study_chain) runs in-process last, unless no run succeeded (NoUsableRunsError).
+    The instance is the study's own (<out_dir>/dagster_home unless DAGSTER_HOME is set, see instance.py),
+    its partitions exactly the run folders of data_dir.
+    """
+    import dagster as dg
+
+    from .definitions import build_definitions
+    from .health import mark_abandoned_runs
+    from .instance import study_instance_env, sync_partitions
+    from .outlock import out_dir_lock
+    from .resources import StepMLSettings
+
+    say = _say(quiet)
+    root, folders, rejected, keys, refused = _choose_runs(data_dir, experiments, synth_if_empty=synth_if_empty, seed=seed,
+                                                          scale=scale, quiet=quiet, verbose=verbose, say=say)
+    todo = [k for k in keys if k not in refused]
+    failed, errors = list(refused), dict(refused)
+    # one stepml run per output folder, taken once the runs are known (nothing written before): a second one fails at once
+    with out_dir_lock(Path(out_dir)), study_instance_env(out_dir) as home:
+        say(f"Dagster instance: {home}")
+        instance = dg.DagsterInstance.get()
+        mark_abandoned_runs(instance)  # runs left STARTED by an earlier stepml run that was killed
+        sync_partitions(instance, [f.name for f in folders])
+        settings = StepMLSettings(data_dir=str(root), out_dir=str(out_dir), seed=seed)
+        defs = build_definitions(settings)
+        t0 = time.perf_counter()
+        workers = max(1, min(workers or 1, len(todo)))
+        f, e = _run_partitions(defs, instance, settings, todo, "experiment_job", workers, label="runs", quiet=quiet,
+                               verbose=verbose, prefit_last=True)
+        failed += f
+        errors.update(e)
+        if len(failed) == len(keys) and not _stored_elsewhere(settings, [f.name for f in folders], failed):
+            raise NoUsableRunsError(f"no usable run in {root}: all {len(keys)} run(s) failed (one line each above); no study was run")
+        release_freed_memory()
+        r_failed, r_errors, study_ok, study_err = _study_chain(defs, instance, settings, [k for k in todo if k not in set(failed)],
+                                                               workers, quiet=quiet, verbose=verbose, say=say)
+        failed += [k for k in r_failed if k not in failed]
+        errors.update({k: v for k, v in r_errors.items() if k not in errors})
+        say(f"study: {'ok' if study_ok else 'FAILED: ' + str(study_err)}; {len(keys) - len(failed)} of {len(keys)} "
+            f"experiment(s) in {time.perf_counter() - t0:.1f} s; outputs in {out_dir}", err=False)
+    return {"experiments": keys, "failed": failed, "errors": errors, "skipped": {str(p.name): why for p, why in rejected},
+            "study_ok": study_ok, "study_error": study_err, "out_dir": str(out_dir), "dagster_home": str(home)}
+
+
+def synthesize(out_dir: Path, runs: list[str] | None, *, scale: float, seed: int, quiet: bool = False) -> list[Path]:
+    """Synthesized run folders under out_dir (created), with a progress bar on a terminal, one line per run otherwise."""
+    import io
+
+    from stepml_core.synth import resolve_run_ids, synthesize_runs
+
+    n = len(resolve_run_ids(runs))  # unknown ids fail here, before any folder is created
+    with make_progress(n, "synth", stream=io.StringIO() if quiet else None) as progress:
+        return synthesize_runs(Path(out_dir), runs, scale=scale, seed=seed, progress=progress)
+
+
+# ------------------------------------------------------------------------- backfill
+
+class BackfillError(UsageError):
+    """Bad selection (unknown or invalid experiment ids); raised before anything runs."""
+
+
+def select_experiments(data_dir: Path, experiments: list[str] | None, *, all_: bool) -> tuple[Path, list[str] | None]:
+    """(data root, experiment ids or None for all). Ids must name run folders found in the data root."""
+    from stepml_core.runs import discover_run_folders, resolve_data_root
+
+    root = resolve_data_root(Path(data_dir))
+    found = sorted(f.name for f in discover_run_folders(root)[0])
+    if all_ == bool(experiments):
+        raise BackfillError("give --experiment ID (repeatable) or --all")
+    if not found:
+        raise BackfillError(no_run_folders_message(root, []))
+    if all_:
+        return root, None
+    unknown = [e for e in experiments if e not in found]  # an id is only ever compared, never made a path
+    if unknown:
+        raise BackfillError(f"not a run folder in {root}: {', '.join(map(repr, unknown))}; "
+                            f"available: {', '.join(found)}")
+    return root, list(dict.fromkeys(experiments))
+
+
+def backfill(data_dir: Path, out_dir: Path, experiments: list[str] | None = None, *, all_: bool = False,
+             quiet: bool = False, seed: int = 0, verbose: bool = False) -> dict:
+
+    root, chosen = select_experiments(data_dir, experiments, all_=all_)
+    return run_study(root, Path(out_dir), synth_if_empty=False, quiet=quiet, seed=seed, experiments=chosen,
+                     verbose=verbose)
