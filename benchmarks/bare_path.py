@@ -29,11 +29,14 @@ class Timer(dict):
 
 def bare_partition(folder: Path, data_root: Path, seed: int = 0) -> tuple[dict, dict]:
     """One experiment: the partitioned assets' work. Returns ({asset: value}, {asset: seconds})."""
+    from stepml_core.limits import InputLimits
+
     t = Timer()
+    limits = InputLimits.from_env()  # what the settings resource gives the assets when none of its fields is set
     with t("raw_traces"):
-        raw = ingest_run(Path(folder), Path(data_root))
+        raw = ingest_run(Path(folder), Path(data_root), limits=limits)
     with t("step_tables"):
-        tables = pipeline.step_tables(raw)
+        tables = pipeline.step_tables(raw, max_quarantine_rows=limits.max_quarantine_rows)
         steps = tables.steps
     with t("request_context"):
         ctx = pipeline.request_context(raw)
@@ -75,7 +78,8 @@ def bare_partition_worker(folder: str, data_root: str, seed: int = 0) -> tuple[s
 
 def bare_models(parts: dict[str, dict], data_root: Path, seed: int = 0, real_reference_dir: str = "",
                 threads: int = min(2, os.cpu_count() or 1)) -> tuple[dict, dict]:
-    """The models phase (models_job): pooled folds (no fold cache: the cold cost), calibration, replay models."""
+    """The models phase (models_job): pooled folds (no fold cache: the cold cost), calibration, the calibration from
+    request logs (no cache either), replay models."""
     from stepml_core.synth.calibration import calibration_tables
 
     t = Timer()
@@ -86,10 +90,13 @@ def bare_models(parts: dict[str, dict], data_root: Path, seed: int = 0, real_ref
     with t("calibration"):
         cal = calibration_tables([parts[e]["run_summary"] for e in present], {e: parts[e]["step_table"] for e in present},
                                  Path(data_root), Path(real_reference_dir) if real_reference_dir else None)
+    with t("request_calibration"):
+        logs = {e: parts[e]["request_log"] for e in sorted(parts) if parts[e].get("request_log") is not None}
+        calibrated = pipeline.request_calibration(logs, Path(data_root), seed=seed, workers=threads)
     with t("replay_models"):
         specs = pipeline.replay_models({e: parts[e]["fitted_models"] for e in present},
-                                       {e: parts[e]["run_summary"] for e in present}, present)
-    return {**pooled, "calibration": cal, "replay_models": specs}, dict(t)
+                                       {e: parts[e]["run_summary"] for e in present}, present, calibrated["specs"])
+    return {**pooled, "calibration": cal, "request_calibration": calibrated, "replay_models": specs}, dict(t)
 
 
 def bare_replay(folder: Path, data_root: Path, stored_log: dict, specs: list, out_dir: Path, seed: int = 0) -> tuple[dict, float]:
@@ -106,7 +113,7 @@ def bare_replay_worker(folder: str, data_root: str, stored_log: dict, specs: lis
 
 
 def bare_report(parts: dict[str, dict], models: dict, replays: dict[str, dict], out_dir: Path, seed: int = 0) -> tuple[dict, dict]:
-    """The report phase (study_job): replay_fidelity, then study_report (pipeline.assemble_study)."""
+    """The report phase (study_job): replay_fidelity, calibration_fidelity, then study_report (pipeline.assemble_study)."""
     from stepml_core.replay_report import replay_section, replay_summary
 
     t = Timer()
@@ -117,6 +124,9 @@ def bare_report(parts: dict[str, dict], models: dict, replays: dict[str, dict], 
         logs = {e: parts[e]["request_log"] for e in present if parts[e].get("request_log") is not None}
         fid = pipeline.replay_fidelity(replays, logs, sorted(replays), str(out_dir))
         fid = {k: v for k, v in fid.items() if k != "replay_csv"}
+    with t("calibration_fidelity"):
+        cal_fid = pipeline.calibration_fidelity(models["request_calibration"], fid,
+                                                {e: parts[e]["step_table"] for e in present}, out_dir)
     with t("study_report"):
         col = lambda name: {e: parts[e][name] for e in present}  # noqa: E731
         verdict = pipeline.assemble_study(
@@ -124,7 +134,7 @@ def bare_report(parts: dict[str, dict], models: dict, replays: dict[str, dict], 
             run_summary=col("run_summary"), ablation=col("ablation"), generalization=models["generalization"],
             calibration=models["calibration"], agreements=col("agreement"), e2e_fidelity=col("e2e_fidelity"),
             method_checks=col("method_checks"), out_dir=str(out_dir), seed=seed,
-            extra_sections=replay_section(fid, str(out_dir)), summary_extra=replay_summary(fid))["verdict"]
+            extra_sections=replay_section(fid, str(out_dir)) + list(cal_fid["lines"]), summary_extra=replay_summary(fid))["verdict"]
     return {"verdict": verdict}, dict(t)
 
 

@@ -46,7 +46,8 @@ DEFAULT_INCREMENTAL_RUN = "20260218-150304-codellama-34b-tp2-general"  # a mid-s
 PARTITIONED = ["raw_traces", "step_tables", "request_context", "feature_matrix", "split", "fitted_models", "predictions",
                "metrics", "run_summary", "ablation", "e2e_fidelity", "method_checks", "request_log"]
 # step keys of the study chain (pooled_models materializes global_models + generalization); replay is per partition
-STUDY = ["pooled_models", "calibration", "replay_models", "replay", "replay_fidelity", "study_report"]
+STUDY = ["pooled_models", "calibration", "request_calibration", "replay_models", "replay", "replay_fidelity",
+         "calibration_fidelity", "study_report"]
 STUDY_JOBS = ("models_job", "replay_job", "study_job")
 
 

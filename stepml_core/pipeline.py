@@ -211,6 +211,58 @@ def synth_kv_blocks(meta) -> int | None:
     return int(engine_params()["models"][meta.model]["kv_blocks_total"])
 
 
+def request_calibration(logs: Mapping, data_root: Path, *, skipped: dict[str, str] | None = None, seed: int = 0,
+                        workers: int = 1, cache_dir: Path | None = None, progress=None, warn=None) -> dict:
+    """Step-time models calibrated from the request logs alone (calibration_protocols.study_calibration) over the
+    runs in `logs` less those `skipped` ({run: why}); a run whose metadata cannot be read is added to the skipped
+    ones (warn(run, error) is told) and the others calibrate. Returns study_calibration's value with skipped_runs."""
+    from . import calibration_protocols as cp
+    from .calibrate import CalibrationRun
+    from .replay import run_context
+    from .runs import check_inside_root, parse_run_id, read_run_metadata
+
+    skipped = dict(skipped or {})
+    metas = {}
+    for e in sorted(e for e in logs if e not in skipped):
+        try:  # a run whose metadata cannot be read is left out (its own partitions say why), the others calibrate
+            parse_run_id(e)  # the checks of StepMLSettings.run_folder: run-id syntax, inside the data root
+            folder = Path(data_root) / e
+            check_inside_root(folder, Path(data_root))
+            metas[e] = read_run_metadata(folder, data_root=data_root)
+        except (ValueError, KeyError, OSError) as err:
+            skipped[e] = str(err)
+            if warn is not None:
+                warn(e, err)
+    present = sorted(metas)
+    infos = [cp.run_info(e, metas[e], logs[e]["requests"], logs[e]["header"], logs[e]["has_ground_truth"]) for e in present]
+
+    def load(e: str) -> CalibrationRun:  # called for calibration runs only (calibration_protocols.run_calibrations)
+        m = metas[e]
+        ctx = run_context(m.folder, experiment_id=e, model=m.model, tp=m.tp, exp_config=m.exp_config, profile=m.profile,
+                          header=logs[e]["header"], kv_blocks_from_traces=synth_kv_blocks(m))
+        return CalibrationRun(e, m.model, m.workload, logs[e]["header"].get("role"), logs[e]["requests"], ctx)
+
+    out = cp.study_calibration(infos, load, seed=seed, workers=workers,
+                               cache=cp.CalibrationCache(cache_dir) if cache_dir is not None else None, progress=progress)
+    out["skipped_runs"] = skipped
+    return out
+
+
+def calibration_fidelity(calibrated: dict, replay_fidelity: dict, step_table: Mapping, out_dir: Path) -> dict:
+    """The request-calibrated models against the real steps and their replays per protocol beside BLIS 4a
+    (calibration_report.calibration_fidelity) and the report's section: {"lines", tables..., "goals"}."""
+    from .calibration_report import calibration_fidelity as gather
+    from .calibration_report import calibration_section
+    from .runs import parse_run_id
+
+    steps = {e: step_table[e] for e in step_table}
+    runs = replay_fidelity.get("runs")
+    ids = set(runs["experiment_id"].to_list()) if runs is not None and runs.height else set()
+    llm_of = {e: parse_run_id(e).model for e in ids | set(steps)}
+    t = gather(calibrated, replay_fidelity, steps, llm_of, Path(out_dir))
+    return {"lines": calibration_section(t), **{k: v for k, v in t.items() if isinstance(v, pl.DataFrame)}, "goals": t["goals"]}
+
+
 def replay_models(fitted_models: Mapping, run_summary: Mapping, present: list[str],
                   calibrated: list[dict] | None = None) -> list[dict]:
     """The step-time models a replay can use: the synthesizer's physics, the cycle_us fits of the runs present and

@@ -4,14 +4,9 @@ import warnings
 
 import dagster as dg
 
-import polars as pl
 
-from stepml_core import calibration_protocols as cp
 from stepml_core import checks, pipeline
-from stepml_core.calibrate import CalibrationRun
 from stepml_core.progress import make_progress
-from stepml_core.replay import run_context
-from stepml_core.runs import read_run_metadata
 
 from .checks import check_result
 from .partitions import PART
@@ -53,26 +48,10 @@ def records_balance(request_log) -> dg.AssetCheckResult:
 def request_calibration(context: dg.AssetExecutionContext, settings: StepMLSettings, request_log) -> dict:
     from .health import study_exclusions
 
-    metas, skipped = {}, {}
+    skipped = {}
     stored = {e: (request_log[e].get("run_files"), request_log[e].get("data_version")) for e in request_log}
     for e, r in study_exclusions(context.instance, settings.data_root(), stored).items():
         skipped[e] = f"request log not current ({r['status']}): {r['reason']}"  # calibrate on current logs only
-    for e in sorted(e for e in request_log if e not in skipped):
-        try:  # a run whose metadata cannot be read is left out (its own partitions say why), the others calibrate
-            metas[e] = read_run_metadata(settings.run_folder(e), data_root=settings.data_root())
-        except (ValueError, KeyError, OSError) as err:
-            skipped[e] = str(err)
-            context.log.warning(f"{e}: not used for calibration: {err}")
-    present = sorted(metas)
-    logs = {e: request_log[e] for e in present}
-    infos = [cp.run_info(e, metas[e], logs[e]["requests"], logs[e]["header"], logs[e]["has_ground_truth"]) for e in present]
-
-    def load(e: str) -> CalibrationRun:  # called for calibration runs only (calibration_protocols.run_calibrations)
-        m = metas[e]
-        ctx = run_context(m.folder, experiment_id=e, model=m.model, tp=m.tp, exp_config=m.exp_config, profile=m.profile,
-                          header=logs[e]["header"], kv_blocks_from_traces=_synth_kv_blocks(m))
-        return CalibrationRun(e, m.model, m.workload, logs[e]["header"].get("role"), logs[e]["requests"], ctx)
-
     bar = []  # one progress bar (stepml_core.progress), opened when the number of calibrations to make is known
 
     def progress(i: int, n: int, what: str) -> None:
@@ -82,13 +61,14 @@ def request_calibration(context: dg.AssetExecutionContext, settings: StepMLSetti
         context.log.info(f"calibration {i}/{n}: {what}")
 
     try:
-        out = cp.study_calibration(infos, load, seed=settings.seed, workers=settings.fit_threads,
-                                   cache=cp.CalibrationCache(settings.out_dir_path() / "cache" / "request_calibration"),
-                                   progress=progress)
+        out = pipeline.request_calibration(request_log, settings.data_root(), skipped=skipped, seed=settings.seed,
+                                           workers=settings.fit_threads, progress=progress,
+                                           cache_dir=settings.out_dir_path() / "cache" / "request_calibration",
+                                           warn=lambda e, err: context.log.warning(f"{e}: not used for calibration: {err}"))
     finally:
         if bar:
             bar[0].__exit__(None, None, None)
-    out["skipped_runs"] = skipped
+    skipped = out["skipped_runs"]
     context.add_output_metadata({"specs": len(out["specs"]), "calibrations": len(out["calibrations"]),
                                  "skipped_runs": dg.MetadataValue.json(skipped), "failed": dg.MetadataValue.json(out["failed"]),
                                  "reused": out["reused"], "computed": out["computed"], "seconds": out["seconds"],
@@ -156,22 +136,9 @@ def replays_left_out(settings: StepMLSettings, instance, request_log, replayed: 
                                             "the issue's goals; the report's calibration section.")
 def calibration_fidelity(context: dg.AssetExecutionContext, settings: StepMLSettings, request_calibration, replay_fidelity,
                          step_table) -> dict:
-    from stepml_core.calibration_report import calibration_fidelity as gather
-    from stepml_core.calibration_report import calibration_section
-    from stepml_core.runs import parse_run_id
-
-    present = list(step_table)
-    steps = {e: step_table[e] for e in present}
-    runs = replay_fidelity.get("runs")
-    ids = set(runs["experiment_id"].to_list()) if runs is not None and runs.height else set()
-    llm_of = {e: parse_run_id(e).model for e in ids | set(steps)}
-    t = gather(request_calibration, replay_fidelity, steps, llm_of, settings.out_dir_path())
-    lines = calibration_section(t)
-    context.add_output_metadata({"goals": dg.MetadataValue.json([{k: g[k] for k in ("goal", "measured", "met")} for g in t["goals"]])})
-    return {"lines": lines, **{k: v for k, v in t.items() if isinstance(v, pl.DataFrame)}, "goals": t["goals"]}
-
-
-_synth_kv_blocks = pipeline.synth_kv_blocks  # (name kept for callers in this module)
+    out = pipeline.calibration_fidelity(request_calibration, replay_fidelity, step_table, settings.out_dir_path())
+    context.add_output_metadata({"goals": dg.MetadataValue.json([{k: g[k] for k in ("goal", "measured", "met")} for g in out["goals"]])})
+    return out
 
 
 REQUEST_ASSETS = [request_log]
