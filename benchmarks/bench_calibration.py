@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,24 +48,36 @@ def load_runs(root: Path):
     return infos, load
 
 
+@contextmanager
+def real_runs(shared: Path):
+    """(infos, load) over the 16 real runs assembled from ``shared`` into a temporary folder; None (and a
+    "skipped" line) without ``shared/real/requests``."""
+    if not (shared / "real" / "requests").is_dir():
+        print(f"skipped: no real request logs under {shared}/real/requests")
+        yield None
+        return
+    from stepml_core.real_data import assemble_real_runs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "real16"
+        assemble_real_runs(shared, root)
+        yield load_runs(root)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--protocols", action="store_true", help="also time every protocol's calibrations")
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     a = ap.parse_args()
-    if not (a.shared / "real" / "requests").is_dir():
-        print(f"skipped: no real request logs under {a.shared}/real/requests")
-        return 0
     from stepml_core import calibration_protocols as cp
     from stepml_core.calibrate import StepParams, serving_model
-    from stepml_core.real_data import assemble_real_runs
     from stepml_core.replay import replay, replay_workload
 
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "real16"
-        assemble_real_runs(a.shared, root)
-        infos, load = load_runs(root)
+    with real_runs(a.shared) as runs:
+        if runs is None:
+            return 0
+        infos, load = runs
         big = max(infos, key=lambda r: (r.successes, r.experiment_id)).experiment_id
         run = load(big)
         p = StepParams(b0_us=13400.0, b_dec_us=0.0, b_kv_us=0.05, b_pf_us=67.0, b_npf_us=1000.0, q0_us=24000.0)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -173,17 +172,12 @@ def main() -> int:
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     ap.add_argument("--study", type=Path, default=None, help="a `stepml run` output folder on the real runs")
     a = ap.parse_args()
-    if not (a.shared / "real" / "requests").is_dir():
-        print(f"skipped: no real request logs under {a.shared}/real/requests")
-        return 0
-    from bench_calibration import load_runs
+    from bench_calibration import real_runs
 
-    from stepml_core.real_data import assemble_real_runs
-
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "real16"
-        assemble_real_runs(a.shared, root)
-        infos, load = load_runs(root)
+    with real_runs(a.shared) as runs:
+        if runs is None:
+            return 0
+        infos, load = runs
         held_out_cycles(infos, load)
         cycle_slopes(infos, load)
         if a.study:
