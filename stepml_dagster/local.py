@@ -17,6 +17,9 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
+
+import dagster as dg
 
 from stepml_core.errors import NoUsableRunsError, StepMLError, UsageError
 from stepml_core.progress import make_progress
@@ -57,37 +60,45 @@ def _stepml_error_names() -> set[str]:
     return names
 
 
-def _materialize_partition(defs, instance, key: str, selection: list | None = None, job: str = "experiment_job",
+class PhaseJobs(NamedTuple):
+    """The four phase jobs of definitions.py (JOBS, in run order), resolved once from the definitions."""
+    experiment: dg.JobDefinition
+    models: dg.JobDefinition
+    replay: dg.JobDefinition
+    study: dg.JobDefinition
+
+    @classmethod
+    def of(cls, defs: dg.Definitions) -> PhaseJobs:
+        from .definitions import JOBS
+
+        return cls(*(defs.resolve_job_def(name) for name in JOBS))
+
+
+def _materialize_partition(job: dg.JobDefinition, instance, key: str, selection: list | None = None,
                            verbose: bool = False) -> tuple[str, bool, float, str | None]:
     from .health import run_tags
 
     t = time.perf_counter()
-    res = defs.resolve_job_def(job).execute_in_process(partition_key=key, instance=instance, raise_on_error=False,
-                                                       run_config=_run_config(verbose), asset_selection=selection,
-                                                       tags=run_tags())  # who runs it: a dead worker's run is found and failed
+    res = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False, run_config=_run_config(verbose),
+                                 asset_selection=selection, tags=run_tags())  # who runs it: a dead worker's run is found and failed
     return key, res.success, time.perf_counter() - t, run_error(res)
 
 
-def _partition_worker_key_last(data_dir: str, out_dir: str, seed: int, job: str, verbose: bool, key: str):
-    return _partition_worker(data_dir, out_dir, seed, key, job, verbose)
-
-
-def _partition_worker(data_dir: str, out_dir: str, seed: int, key: str, job: str = "experiment_job", verbose: bool = False):
-    """One partition of a partitioned job in a worker process (same DAGSTER_HOME instance, in-process executor)."""
-    import dagster as dg
-
+def _partition_worker(data_dir: str, out_dir: str, seed: int, job_name: str, verbose: bool, key: str):
+    """One partition of a partitioned job in a worker process (same DAGSTER_HOME instance, in-process executor).
+    The job crosses the process boundary by name (a JobDefinition does not pickle) and is resolved here."""
     from .definitions import build_definitions
     from .resources import StepMLSettings
 
     defs = build_definitions(StepMLSettings(data_dir=data_dir, out_dir=out_dir, seed=seed))
     try:
-        return _materialize_partition(defs, dg.DagsterInstance.get(), key, job=job, verbose=verbose)
+        return _materialize_partition(defs.resolve_job_def(job_name), dg.DagsterInstance.get(), key, verbose=verbose)
     finally:
         release_freed_memory()
 
 
-def _run_partitions(defs, instance, settings, keys: list[str], job: str, workers: int, *, label: str, quiet: bool = False,
-                    verbose: bool = False, prefit_last: bool = False):
+def _run_partitions(job: dg.JobDefinition, instance, settings, keys: list[str], workers: int, *, label: str,
+                    quiet: bool = False, verbose: bool = False, prefit_last: bool = False):
     """Materialize a partitioned job for each key (in `workers` processes when > 1); returns (failed keys, errors).
     Progress: a bar on a terminal, one line per partition otherwise; a failure is one line with its error."""
     import io
@@ -107,9 +118,9 @@ def _run_partitions(defs, instance, settings, keys: list[str], job: str, workers
             for i, key in enumerate(keys, 1):
                 if prefit_last and i == len(keys) and find_trace_file(Path(settings.data_dir) / key):
                     # fit the study's pooled folds while its models and scores run
-                    key, ok, secs, err = _materialize_with_prefit(defs, instance, key, settings, verbose)
+                    key, ok, secs, err = _materialize_with_prefit(job, instance, key, settings, verbose)
                 else:
-                    key, ok, secs, err = _materialize_partition(defs, instance, key, job=job, verbose=verbose)
+                    key, ok, secs, err = _materialize_partition(job, instance, key, verbose=verbose)
                 release_freed_memory()
                 finished(key, ok, secs, err)
             return failed, errors
@@ -122,8 +133,8 @@ def _run_partitions(defs, instance, settings, keys: list[str], job: str, workers
         def died(key, pid, msg):  # its Dagster run stays STARTED otherwise, and study_sensor would wait for it forever
             mark_abandoned_runs(instance, pid=pid, why=f"{key}: {msg}")
 
-        common = (settings.data_dir, settings.out_dir, settings.seed, job, verbose)
-        for key, res, death in run_in_workers(_partition_worker_key_last, common, keys, min(workers, len(keys)),
+        common = (settings.data_dir, settings.out_dir, settings.seed, job.name, verbose)
+        for key, res, death in run_in_workers(_partition_worker, common, keys, min(workers, len(keys)),
                                               PARTITIONS_PER_WORKER, died):
             finished(*(res if death is None else (key, False, float("nan"), death)))
         # every worker has exited (and its memory is back) before the next phase starts
@@ -133,21 +144,22 @@ def _run_partitions(defs, instance, settings, keys: list[str], job: str, workers
 FEATURE_ASSETS = ["raw_traces", "step_table", "quarantine", "request_context", "feature_matrix", "split"]  # what pooled folds read
 
 
-def _materialize_with_prefit(defs, instance, key: str, settings, verbose: bool = False) -> tuple[str, bool, float, str | None]:
+def _materialize_with_prefit(job: dg.JobDefinition, instance, key: str, settings, verbose: bool = False
+                             ) -> tuple[str, bool, float, str | None]:
     """One partition in two in-process runs (its feature assets, then the rest) with the study's pooled
     folds fitted in between, in a thread, into the fold cache: the study job then finds them fitted.
     Same assets materialized once each; the cache is content-keyed, so the study's result is the same."""
     import threading
 
-    part = defs.resolve_job_def("experiment_job")
-    first = [k for k in part.asset_layer.executable_asset_keys if k.to_user_string() in FEATURE_ASSETS]
-    rest = [k for k in part.asset_layer.executable_asset_keys if k.to_user_string() not in FEATURE_ASSETS]
-    key, ok, secs1, err = _materialize_partition(defs, instance, key, first, verbose=verbose)
+    first = [k for k in job.asset_layer.executable_asset_keys if k.to_user_string() in FEATURE_ASSETS]
+    rest = [k for k in job.asset_layer.executable_asset_keys if k.to_user_string() not in FEATURE_ASSETS]
+    key, ok, secs1, err = _materialize_partition(job, instance, key, first, verbose=verbose)
     if not ok:
         return key, ok, secs1, err
-    prefit = threading.Thread(target=prefit_pooled_folds, args=(settings, instance.get_dynamic_partitions("experiment")), daemon=True)
+    registered = job.partitions_def.get_partition_keys(dynamic_partitions_store=instance)
+    prefit = threading.Thread(target=prefit_pooled_folds, args=(settings, registered), daemon=True)
     prefit.start()
-    key, ok, secs2, err = _materialize_partition(defs, instance, key, rest, verbose=verbose)
+    key, ok, secs2, err = _materialize_partition(job, instance, key, rest, verbose=verbose)
     prefit.join()
     return key, ok, secs1 + secs2, err
 
@@ -243,25 +255,23 @@ def _choose_runs(data_dir: Path, experiments: list[str] | None, *, synth_if_empt
     return root, folders, rejected, keys, refused
 
 
-def _study_chain(defs, instance, settings, done: list[str], workers: int, *, quiet: bool, verbose: bool, say
+def _study_chain(jobs: PhaseJobs, instance, settings, done: list[str], workers: int, *, quiet: bool, verbose: bool, say
                  ) -> tuple[list[str], dict[str, str], bool, str | None]:
     """The study after the partitions: models_job, then replay_job for each run in `done` with a stored request
     log (a run that failed just now keeps an older stored log, not replayed), then study_job.
     Returns (failed replays, their errors, study ok, study error)."""
     from .io_manager import ParquetIOManager
 
-    res_models = defs.resolve_job_def("models_job").execute_in_process(instance=instance, raise_on_error=False,
-                                                                       run_config=_run_config(verbose))
+    res_models = jobs.models.execute_in_process(instance=instance, raise_on_error=False, run_config=_run_config(verbose))
     if not res_models.success:
         say(f"models: FAILED: {run_error(res_models)}")
     with_logs = sorted(ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions("request_log", done))
     failed, errors = [], {}
     if res_models.success and with_logs:
-        failed, errors = _run_partitions(defs, instance, settings, with_logs, "replay_job", workers, label="replay",
+        failed, errors = _run_partitions(jobs.replay, instance, settings, with_logs, workers, label="replay",
                                          quiet=quiet, verbose=verbose)
     release_freed_memory()
-    res = defs.resolve_job_def("study_job").execute_in_process(instance=instance, raise_on_error=False,
-                                                               run_config=_run_config(verbose))
+    res = jobs.study.execute_in_process(instance=instance, raise_on_error=False, run_config=_run_config(verbose))
     return failed, errors, res.success and res_models.success, run_error(res_models) or run_error(res)
 
 
@@ -277,8 +287,6 @@ def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, see
     The instance is the study's own (<out_dir>/dagster_home unless DAGSTER_HOME is set, see instance.py),
     its partitions exactly the run folders of data_dir.
     """
-    import dagster as dg
-
     from .definitions import build_definitions
     from .health import mark_abandoned_runs
     from .instance import study_instance_env, sync_partitions
@@ -297,17 +305,19 @@ def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, see
         mark_abandoned_runs(instance)  # runs left STARTED by an earlier stepml run that was killed
         sync_partitions(instance, [f.name for f in folders])
         settings = StepMLSettings(data_dir=str(root), out_dir=str(out_dir), seed=seed)
-        defs = build_definitions(settings)
+        jobs = PhaseJobs.of(build_definitions(settings))
+        registered = set(jobs.experiment.partitions_def.get_partition_keys(dynamic_partitions_store=instance))
+        assert set(todo) <= registered, "every chosen run folder is an experiment partition (sync_partitions)"
         t0 = time.perf_counter()
         workers = max(1, min(workers or 1, len(todo)))
-        f, e = _run_partitions(defs, instance, settings, todo, "experiment_job", workers, label="runs", quiet=quiet,
+        f, e = _run_partitions(jobs.experiment, instance, settings, todo, workers, label="runs", quiet=quiet,
                                verbose=verbose, prefit_last=True)
         failed += f
         errors.update(e)
         if len(failed) == len(keys) and not _stored_elsewhere(settings, [f.name for f in folders], failed):
             raise NoUsableRunsError(f"no usable run in {root}: all {len(keys)} run(s) failed (one line each above); no study was run")
         release_freed_memory()
-        r_failed, r_errors, study_ok, study_err = _study_chain(defs, instance, settings, [k for k in todo if k not in set(failed)],
+        r_failed, r_errors, study_ok, study_err = _study_chain(jobs, instance, settings, [k for k in todo if k not in set(failed)],
                                                                workers, quiet=quiet, verbose=verbose, say=say)
         failed += [k for k in r_failed if k not in failed]
         errors.update({k: v for k, v in r_errors.items() if k not in errors})
