@@ -6,10 +6,31 @@ definitions.py in order, in-process: experiment_job per partition (in worker pro
 models_job, replay_job per partition with a current request log, study_job. backfill re-runs chosen
 partitions the same way. Errors of StepML's own family (stepml_core.errors) are raised, never exited on.
 
-Why hand-rolled partition workers rather than a Dagster executor or `materialize` over a partition range:
-a Dagster run covers one partition (or one single-run backfill of all), while a run per partition keeps
-each run's failure, log and data version separate, and a fresh worker process every
-PARTITIONS_PER_WORKER partitions keeps the peak memory of a full-size study down (see _run_partitions).
+Jobs are passed as JobDefinition objects (PhaseJobs, resolved once from the definitions) and the keys
+checked against the partitions definition; a job crosses into a worker process by name only.
+
+Why a run per partition in local.py's own worker processes rather than Dagster's facilities, measured
+(`python benchmarks/bench_orchestration.py --order DCAB`: 16 synthetic runs, scale 0.05, seed 0; one
+process; 2 cores shared with other engineers at load average 7-17, so ratios only; README, Speed and scale):
+* a single-run backfill (experiment_job over the partition range in one run, what BackfillPolicy.single_run
+  launches) does not run: an asset body reads one partition (context.partition_key) and the IO manager
+  stores one value per run; it failed in 24 s on the first asset. Making it run means a loop over
+  partitions in every partitioned asset, and one bad run folder then fails every partition of the range
+  (no per-partition failure isolation, by Dagster's design). The most it could save is the in-run
+  overhead of the per-partition runs it replaces: Σ (run wall − Σ step durations) = 28.9 s over the
+  16 experiment runs (of 372 s of run wall).
+* Dagster's daemon (sensors, the queued run coordinator at 2 runs, the default run launcher: a process
+  per run; what `stepml ui` runs) keeps the isolation but was slower: partitions 332 s against 245 s
+  (1.36x), the same models_job 186 s against 158 s (1.18x: the load), replays 14 of 16 in 307 s against
+  16 in 115 s, a sensor tick and a run launch (26-28 s) between phases; not done after 900 s where
+  `stepml run --workers 2` took 672 s; peak RSS 2.08 against 1.71 GB.
+* `--workers 1` (the same per-partition runs in one process, no hand-rolled workers): 569 s against 672 s
+  (0.85x; 0.96x in an earlier run at load 6), 196 against 285 CPU-s, peak RSS 1.14 against 1.71 GB, the
+  same metrics.csv and verdict.json. With the cores taken by others the workers buy nothing here; they
+  stay the default for a machine whose cores are free (not measured today), and --workers 1 suits a
+  shared one.
+A fresh worker every PARTITIONS_PER_WORKER partitions keeps the peak memory of a full-size study down
+(see _run_partitions).
 """
 
 from __future__ import annotations
