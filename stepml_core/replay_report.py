@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from .conformal import widen_intervals
 from .paths import REFERENCE_DIR
 from .replay_models import INTERVAL_COLUMNS, REPLAY_COLUMNS
 
@@ -100,6 +101,15 @@ def recommend_per_llm(rows: pl.DataFrame, llm_of: dict[str, str], status: pl.Dat
                          for llm, (c, n) in sorted(best.items())], schema=schema)
 
 
+def _workload(experiment_id: str) -> str:
+    from .runs import RunIdError, parse_run_id
+
+    try:
+        return parse_run_id(experiment_id).workload
+    except RunIdError:
+        return ""
+
+
 def replay_fidelity_tables(replays: dict[str, dict], headers: dict[str, dict], out_dir: Path) -> dict:
     """replay.csv (+ `recommended`) under out_dir; tables for the report and the replay_fidelity asset."""
     parts = [r["rows"] for r in replays.values() if r["rows"].height]
@@ -115,7 +125,8 @@ def replay_fidelity_tables(replays: dict[str, dict], headers: dict[str, dict], o
     rows.write_csv(tmp)
     os.replace(tmp, path)
     ivs = [iv for r in replays.values() if (iv := r.get("intervals")) is not None and iv.height]
-    intervals = pl.concat(ivs) if ivs else pl.DataFrame(schema=INTERVAL_COLUMNS)
+    intervals = widen_intervals(pl.concat(ivs) if ivs else pl.DataFrame(schema=INTERVAL_COLUMNS),
+                                {e: {"llm_model": r.get("model"), "workload": _workload(e)} for e, r in replays.items()})
     tmp = out_dir / ".replay_intervals.csv.tmp"
     intervals.write_csv(tmp)
     os.replace(tmp, out_dir / "replay_intervals.csv")

@@ -151,8 +151,12 @@ def _write_run(root: Path, eid: str, run: CalibrationRun, split: str) -> None:
     (f / "ground_truth.json.gz").write_bytes(gzip.compress(json.dumps(gt).encode()))
 
 
-def _predict(root: Path, scored: str) -> dict[str, pl.DataFrame]:
-    """The whole path of the pipeline for one scored run: read every log, calibrate the folds, replay the run."""
+def _predict(root: Path, scored: str) -> tuple[dict[str, pl.DataFrame], pl.DataFrame]:
+    """The whole path of the pipeline for one scored run: read every log, calibrate the folds, replay every run with
+    intervals, widen them (stepml_core.conformal, at 50 % so that one other run's score bounds the widening).
+    Returns the scored run's per-request predictions and its interval rows."""
+    from stepml_core.conformal import widen_intervals
+
     logs = {f.name: read_request_log(f) for f in sorted(root.iterdir())}
     metas = {e: read_run_metadata(root / e) for e in logs}
     infos = [cp.run_info(e, metas[e], logs[e].table, logs[e].header, logs[e].has_ground_truth) for e in logs]
@@ -165,29 +169,48 @@ def _predict(root: Path, scored: str) -> dict[str, pl.DataFrame]:
     out = cp.study_calibration(infos, lambda e: CalibrationRun(e, metas[e].model, metas[e].workload, logs[e].role,
                                                                logs[e].table, ctx_of(e)),
                                refine_evals=2, n_boot=6, lomo_models=[])
-    specs = [s for s in specs_for_run(out["specs"], scored, "llama-2-7b") if s["kind"] != "physics"]
-    res = replay_run(logs[scored], ctx_of(scored), specs, source="real", intervals=False)
-    return {name: t.select("index", "ttft_s", "e2e_s", "success") for name, t in res["per_request"].items()}
+    res = {e: replay_run(logs[e], ctx_of(e), [s for s in specs_for_run(out["specs"], e, "llama-2-7b") if s["kind"] != "physics"],
+                         source="real") for e in logs}
+    ivs = widen_intervals(pl.concat([r["intervals"] for r in res.values()]),
+                          {e: {"llm_model": metas[e].model, "workload": metas[e].workload} for e in logs}, level=0.5)
+    return ({name: t.select("index", "ttft_s", "e2e_s", "success") for name, t in res[scored]["per_request"].items()},
+            ivs.filter(pl.col("experiment_id") == scored).select("step_model", "metric", "predicted", "boot_lo", "boot_hi", "lo",
+                                                                "hi", "extrap_q_pct", "extrap_n").sort("step_model", "metric"))
 
 
-def test_deleting_a_scored_runs_ground_truth_leaves_its_predictions_bit_identical(tmp_path):
-    """The validate run's ground truth is read by nothing that predicts it: deleting the file changes none of its
-    predicted latencies (requests_roles and requests_lowo), bit for bit; deleting a *calibration* run's ground truth
-    does change them (the test can fail)."""
-    runs = {"20260101-000000-llama-2-7b-tp1-codegen": (_run("20260101-000000-llama-2-7b-tp1-codegen", 5.0, 50, 500, 3), "train"),
-            "20260101-010000-llama-2-7b-tp1-general": (_run("20260101-010000-llama-2-7b-tp1-general", 10.0, 50, 560, 4), "train"),
-            "20260101-020000-llama-2-7b-tp1-roleplay": (_run("20260101-020000-llama-2-7b-tp1-roleplay", 6.0, 50, 760, 5), "validate")}
-    for eid, (r, split) in runs.items():
-        _write_run(tmp_path, eid, r, split)
+def test_deleting_a_scored_runs_ground_truth_leaves_its_predictions_and_intervals_bit_identical(tmp_path):
+    """The validate run's ground truth is read by nothing that predicts it or bounds its interval: deleting the file
+    changes none of its predicted latencies (requests_roles and requests_lowo) and none of its intervals (bootstrap and
+    widened), bit for bit, although the other runs' leave-one-workload-out folds lose it. Deleting a *calibration*
+    run's ground truth does change the predictions, deleting the other validate run's (whose error widens the
+    interval) the interval (the test can fail)."""
+    def run(eid, rate, prompt, seed):
+        return _run(eid, rate, 50, prompt, seed)
+
+    runs = {"20260101-000000-llama-2-7b-tp1-codegen": (5.0, 500, 3, "train"),
+            "20260101-010000-llama-2-7b-tp1-general": (10.0, 560, 4, "train"),
+            "20260101-020000-llama-2-7b-tp1-roleplay": (6.0, 760, 5, "validate"),
+            "20260101-030000-llama-2-7b-tp1-reasoning": (4.0, 640, 6, "validate")}
+    for eid, (rate, prompt, seed, split) in runs.items():
+        _write_run(tmp_path, eid, run(eid, rate, prompt, seed), split)
     scored = "20260101-020000-llama-2-7b-tp1-roleplay"
-    before = _predict(tmp_path, scored)
+    before, iv_before = _predict(tmp_path, scored)
     assert set(before) == {"requests_roles", "requests_lowo"}
+    assert set(iv_before["step_model"]) == {"requests_roles", "requests_lowo"}
+    assert (iv_before["extrap_n"] == 1).all() and iv_before["extrap_q_pct"].is_finite().all()  # the other validate run
     (tmp_path / scored / "ground_truth.json.gz").unlink()
-    after = _predict(tmp_path, scored)
+    after, iv_after = _predict(tmp_path, scored)
     for name in before:
         assert before[name].equals(after[name]), name
+    assert iv_before.equals(iv_after)
+    (tmp_path / "20260101-030000-llama-2-7b-tp1-reasoning" / "ground_truth.json.gz").unlink()
+    _, iv_other = _predict(tmp_path, scored)
+    roles = pl.col("step_model") == "requests_roles"  # (its lowo fold calibrated on that run: those change anyway)
+    assert iv_other.filter(roles).select("predicted", "boot_lo", "boot_hi").equals(
+        iv_before.filter(roles).select("predicted", "boot_lo", "boot_hi"))
+    assert not iv_other.filter(roles).select("lo", "hi").equals(iv_before.filter(roles).select("lo", "hi"))
     (tmp_path / "20260101-010000-llama-2-7b-tp1-general" / "ground_truth.json.gz").unlink()
-    changed = _predict(tmp_path, scored)
+    changed, _ = _predict(tmp_path, scored)
     assert not changed["requests_roles"].equals(before["requests_roles"])
 
 

@@ -46,10 +46,13 @@ def test_calibrated_models_are_replayed_per_protocol_out_of_sample(study):
         assert abs(r["rel_err_pct"]) < 10  # same engine behind all three runs
     iv = pl.read_csv(out / "replay_intervals.csv")
     assert set(iv["step_model"]) == {"requests_roles", "requests_lowo"} and (iv["lo"] <= iv["hi"]).all()
+    # widened (stepml_core.conformal): contains the bootstrap interval; a run's own error never widens it
+    assert (iv["lo"] <= iv["boot_lo"]).all() and (iv["hi"] >= iv["boot_hi"]).all() and (iv["extrap_n"] >= 0).all()
     meta = instance.fetch_materializations(dg.AssetKey("request_calibration"), limit=1).records[0].asset_materialization.metadata
     assert meta["calibrations"].value >= 4 and meta["computed"].value == meta["calibrations"].value
     report = (out / "report.md").read_text()
     assert "Step time calibrated from request logs" in report and "leave one workload out" in report
+    assert "### Uncertainty" in report and "widened: inside" in report
 
 
 def test_export_ships_the_calibrated_model_in_blis_format(study, tmp_path):
