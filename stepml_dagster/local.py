@@ -130,7 +130,8 @@ def _run_partitions(defs, instance, settings, keys: list[str], job: str, workers
     return failed, errors
 
 
-FEATURE_ASSETS = ["raw_traces", "step_table", "quarantine", "request_context", "feature_matrix", "split"]  # what pooled folds read
+FEATURE_ASSETS = ["raw_traces", "trace_steps", "trace_snapshots", "trace_journey", "trace_quarantine", "trace_spans",  # one step
+                  "step_table", "quarantine", "request_context", "feature_matrix", "split"]  # what pooled folds read
 
 
 def _materialize_with_prefit(defs, instance, key: str, settings, verbose: bool = False) -> tuple[str, bool, float, str | None]:
