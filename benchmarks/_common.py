@@ -96,8 +96,9 @@ def load_avg() -> float:
     return os.getloadavg()[0]
 
 
-def run_stepml(args: list[str], dagster_home: Path, log: Path | None = None) -> dict:
-    """`stepml <args>` in a child process: wall, CPU seconds of the tree, peak tree RSS, exit code."""
+def run_stepml(args: list[str], dagster_home: Path, log: Path | None = None, code: Path | None = None) -> dict:
+    """`stepml <args>` in a child process: wall, CPU seconds of the tree, peak tree RSS, exit code. code: another
+    copy of the project to run instead of this one (e.g. an earlier commit's tree, `git archive REF | tar -x -C DIR`)."""
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home)}
     Path(dagster_home).mkdir(parents=True, exist_ok=True)
     cpu0, load0 = children_cpu_s(), load_avg()
@@ -105,7 +106,7 @@ def run_stepml(args: list[str], dagster_home: Path, log: Path | None = None) -> 
     out = open(log, "w") if log else subprocess.DEVNULL
     try:
         p = subprocess.Popen([sys.executable, "-m", "stepml_dagster.cli", *args], env=env, stdout=out, stderr=subprocess.STDOUT,
-                             cwd=REPO)
+                             cwd=code or REPO)
         with PeakRSS(p.pid) as mem:
             rc = p.wait()
     finally:

@@ -35,15 +35,16 @@ def bare_partition(folder: Path, data_root: Path, seed: int = 0) -> tuple[dict, 
     limits = InputLimits.from_env()  # what the settings resource gives the assets when none of its fields is set
     with t("raw_traces"):
         raw = ingest_run(Path(folder), Path(data_root), limits=limits)
+        meta = raw["meta"]
     with t("step_tables"):
-        tables = pipeline.step_tables(raw, max_quarantine_rows=limits.max_quarantine_rows)
+        tables = pipeline.step_tables(meta, raw["steps"], raw["quarantine"], max_quarantine_rows=limits.max_quarantine_rows)
         steps = tables.steps
     with t("request_context"):
-        ctx = pipeline.request_context(raw)
+        ctx = pipeline.request_context(meta, raw["steps"], raw["journey"], raw["snapshots"])
     with t("feature_matrix"):
-        fm = pipeline.feature_matrix(raw, steps, ctx)
+        fm = pipeline.feature_matrix(meta, steps, ctx, raw["snapshots"])
     with t("split"):
-        sp = pipeline.split(raw, steps)
+        sp = pipeline.split(meta, steps)
     with t("fitted_models"):
         fitted = study.fit_experiment(study.with_split(fm, sp))
     with t("predictions"):
@@ -51,11 +52,11 @@ def bare_partition(folder: Path, data_root: Path, seed: int = 0) -> tuple[dict, 
     with t("metrics"):
         met = study.metrics_from_predictions(pred)
     with t("run_summary"):
-        summary = pipeline.run_summary(raw, steps, tables.quarantine, fm)
+        summary = pipeline.run_summary(meta, steps, tables.quarantine, fm)
     with t("ablation"):
         abl = study.feature_group_ablation(study.with_split(fm, sp))
     with t("e2e_fidelity"):
-        e2e = pipeline.e2e_fidelity(raw, ctx, fitted)
+        e2e = pipeline.e2e_fidelity(meta, raw["journey"], ctx, fitted)
     with t("method_checks"):
         checks = pipeline.method_checks(study.with_split(fm, sp), fitted, steps, seed=seed)
     with t("request_log"):

@@ -4,6 +4,7 @@
     python benchmarks/bench_study.py                        # synthesize the 16 runs (scale 1.0, seed 0) into a temp folder
     python benchmarks/bench_study.py --data DIR             # an existing folder of run folders (not modified unless --incremental)
     python benchmarks/bench_study.py --workers 1 --skip-incremental --json study.json
+    git archive REF | tar -x -C /tmp/before && python benchmarks/bench_study.py --before /tmp/before   # vs earlier code
 
 Measures, in this order and in this process:
   1. baseline: the same work called directly on stepml_core (benchmarks/bare_path.py; no Dagster, no
@@ -12,6 +13,9 @@ Measures, in this order and in this process:
   2. `stepml run --data D --out O --workers N` in a child process with a fresh DAGSTER_HOME: wall, CPU
      seconds and peak RSS of its process tree; from the instance's event log: Σ STEP_SUCCESS durations per
      asset (summed over partitions), run walls, the partition and study phases, Dagster overhead;
+  2b. with --before DIR: the same `stepml run` with the code in DIR (an earlier commit's tree), fresh DAGSTER_HOME and
+     output folder, after the baseline and before this code's run: its wall and per-asset step sums beside this
+     code's, both as ratios to the same baseline, and whether metrics.csv and verdict.json are byte-identical;
   3. incremental (unless --skip-incremental): one new run folder lands in D (a copy of --incremental-run
      synthesized with another seed under a new id), `stepml run --experiment NEW` re-materializes its
      partition and the study; the instance's materialization events show which (asset, partition) pairs
@@ -172,6 +176,32 @@ def _print_whole_study(r: dict, d: dict, bare: dict | None, folders: list[Path],
               f"{bare['study_phase_s']:.1f} s), {bare['cpu_s']:.0f} CPU-s; load average {bare['load_before']:.1f} → {bare['load_after']:.1f}")
 
 
+def _print_before(r: dict, d: dict, rb: dict, db: dict, bare: dict | None, same: dict[str, bool]) -> None:
+    """This code's `stepml run` against the earlier code's (--before), both against the same bare baseline."""
+    B = bare or {"assets": {}, "wall_s": None}
+    print(f"\nBefore (--before): stepml run with the earlier code; load average {rb['load_before']:.1f} → {rb['load_after']:.1f}")
+    _row("stepml run, wall, earlier code", None, rb["wall_s"], B.get("wall_s"))
+    _row("stepml run, wall, this code", None, r["wall_s"], B.get("wall_s"))
+    _row("  this code / earlier code", None, r["wall_s"], rb["wall_s"])
+    print(f"\n  {'asset':<18} {'before Σ s':>10} {'now Σ s':>8} {'bare Σ s':>9}")
+    for k in sorted(set(db["assets"]) | set(d["assets"]), key=lambda k: -max(db["assets"].get(k, 0), d["assets"].get(k, 0))):
+        bv = B["assets"].get(k)
+        print(f"  {k:<18} {db['assets'].get(k, 0.0):10.1f} {d['assets'].get(k, 0.0):8.1f} {bv if bv is not None else float('nan'):9.1f}")
+    print("  outputs byte-identical to the earlier code's: " + ", ".join(f"{n} {'yes' if ok else 'NO'}" for n, ok in same.items()))
+
+
+def _run_before(a, root: Path, tmp: Path) -> tuple[dict, dict]:
+    """`stepml run` with the code in --before on the same data: (run figures, event-log breakdown)."""
+    print(f"stepml run with the earlier code in {a.before} ...", flush=True)
+    home = tmp / "home_before"
+    rb = run_stepml(["run", "--data", str(root), "--out", str(tmp / "out_before"), "--no-synth", "--workers", str(a.workers)], home,
+                    log=tmp / "stepml_run_before.log", code=a.before.resolve())
+    if rb["rc"] != 0:
+        print((tmp / "stepml_run_before.log").read_text()[-3000:])
+        raise SystemExit(f"stepml run with the earlier code failed (rc {rb['rc']})")
+    return rb, dagster_breakdown(home, rb["wall_s"], a.workers)
+
+
 def _expected_keys() -> tuple[set[str], set[str]]:
     """(asset keys of one partition: experiment_job + replay_job, asset keys of the study: models_job + study_job)."""
     from stepml_dagster.definitions import JOBS
@@ -239,6 +269,7 @@ def main(argv=None) -> int:
     ap.add_argument("--incremental-run", default=DEFAULT_INCREMENTAL_RUN)
     ap.add_argument("--keep", type=Path, help="keep data/out/DAGSTER_HOME under this folder instead of a temp folder")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--before", type=Path, help="a tree of earlier code (git archive REF | tar -x -C DIR): its `stepml run` too")
     a = ap.parse_args(argv)
     a.real_reference_dir = DEFAULT_REAL_REFERENCE_DIR  # what `stepml run`'s calibration asset compares with
 
@@ -252,6 +283,7 @@ def main(argv=None) -> int:
             print("baseline: bare stepml_core path ...", flush=True)
             bare = bare_baseline(folders, root, tmp / "bare_out", a.workers, a.real_reference_dir)
             res["bare"] = {k: v for k, v in bare.items() if k != "_parts"}
+        before = _run_before(a, root, tmp) if a.before else None
         print("stepml run ...", flush=True)
         home, out = tmp / "home", tmp / "out"
         r = run_stepml(["run", "--data", str(root), "--out", str(out), "--no-synth", "--workers", str(a.workers)], home,
@@ -262,6 +294,11 @@ def main(argv=None) -> int:
         d = dagster_breakdown(home, r["wall_s"], a.workers)
         res["dagster"] = {**r, **{k: v for k, v in d.items() if k != "materializations"}}
         _print_whole_study(r, d, bare, folders, res, a.workers)
+        if before:
+            rb, db = before
+            same = {n: (out / n).read_bytes() == (tmp / "out_before" / n).read_bytes() for n in ("metrics.csv", "verdict.json")}
+            _print_before(r, d, rb, db, bare, same)
+            res["before"] = {**rb, **{k: v for k, v in db.items() if k != "materializations"}, "outputs_identical": same}
         if not a.skip_incremental:
             res["incremental"] = _incremental(a, root, tmp, out, home, bare)
         if a.json:

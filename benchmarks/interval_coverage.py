@@ -36,14 +36,9 @@ def main(argv=None) -> int:
         runs = {e: {"llm_model": parse_run_id(e).model, "workload": _workload(e)} for e in iv["experiment_id"].unique()}
         iv = widen_intervals(iv, runs)
         print(f"{a.study / 'replay_intervals.csv'}: bootstrap intervals only; widened here")
-    if a.metrics == "all":
-        import stepml_core.calibration_report as cr
-
-        cr.METRICS = tuple(sorted(iv["metric"].unique()))
-    cov = _coverage(iv, pl.DataFrame())
-    x = iv.filter(pl.col("inside").is_not_null())
-    if a.metrics != "all":
-        x = x.filter(pl.col("metric").is_in(list(METRICS)))
+    metrics = tuple(sorted(iv["metric"].unique())) if a.metrics == "all" else METRICS
+    cov = _coverage(iv, pl.DataFrame(), metrics)
+    x = iv.filter(pl.col("inside").is_not_null() & pl.col("metric").is_in(list(metrics)))
     print(f"{'protocol':8s} {'metric':22s} {'n':>3s}  {'bootstrap cov %':>15s} {'width %':>8s}  {'widened cov %':>13s} "
           f"{'width %':>8s} {'median q %':>10s} {'scores':>7s}  pool")
     for r in cov.iter_rows(named=True):

@@ -195,12 +195,12 @@ def _goals(err: pl.DataFrame, mape: pl.DataFrame) -> list[dict]:
     return out
 
 
-def _coverage(ivs: pl.DataFrame, runs: pl.DataFrame) -> pl.DataFrame:
+def _coverage(ivs: pl.DataFrame, runs: pl.DataFrame, metrics=METRICS) -> pl.DataFrame:
     """Per protocol and metric: predictions with an observed value, share inside the bootstrap interval and inside
     the widened one (stepml_core.conformal), their median widths (% of the prediction), the extrapolation term."""
     if ivs.height == 0:
         return pl.DataFrame()
-    x = ivs.filter(pl.col("inside").is_not_null() & pl.col("metric").is_in(list(METRICS)))
+    x = ivs.filter(pl.col("inside").is_not_null() & pl.col("metric").is_in(list(metrics)))
     if x.height == 0:
         return pl.DataFrame()
     if "boot_lo" not in x.columns:  # intervals written before the widening: the bootstrap only

@@ -85,7 +85,8 @@ def ingest_run(folder: Path, data_root: Path | None = None, workers: int | None 
     """Read a run folder: {'meta': {...}, 'steps', 'snapshots', 'journey', 'api', 'step_spans', 'quarantine'}.
 
     ``meta["files"]`` fingerprints the bytes read (see the module docstring); optional files that
-    could not be used (``RunMetadata.issues``) become ``file`` quarantine records.
+    could not be used (``RunMetadata.issues``) become ``file`` quarantine records; ``meta["rows"]`` counts
+    each table's rows (what a reader of the metadata alone knows of the tables).
     """
     from .traces import TABLE_SCHEMAS, read_traces
 
@@ -117,7 +118,9 @@ def ingest_run(folder: Path, data_root: Path | None = None, workers: int | None 
     return {
         "meta": {**meta.as_record(), "files": fp, "data_version": fingerprint_digest(fp), "counters": tables.counters,
                  "stage_durations_s": stages, "exp_config": meta.exp_config,
-                 "summary_available": meta.summary is not None, "file_issues": meta.issues},
+                 "summary_available": meta.summary is not None, "file_issues": meta.issues,
+                 "rows": {"steps": tables.steps.height, "snapshots": tables.snapshots.height, "journey": tables.journey.height,
+                          "api": tables.api.height, "step_spans": tables.step_spans.height, "quarantine": quarantine.height}},
         "steps": tables.steps, "snapshots": tables.snapshots, "journey": tables.journey, "api": tables.api,
         "step_spans": tables.step_spans, "quarantine": quarantine,
     }

@@ -4,12 +4,16 @@ Each function is the work of one Dagster asset of the same name (stepml_dagster/
 and attaches metadata); tests and benchmarks/bare_path.py call the same functions, so the chain is
 written once:
 
-    raw = ingest_run(folder, data_root)                         raw_traces
-    tables = step_tables(raw)                                   step_table + quarantine
-    context = request_context(raw)                              request_context
-    fm = feature_matrix(raw, tables.steps, context)             feature_matrix
-    sp = split(raw, tables.steps)                               split
+    raw = ingest_run(folder, data_root)                         raw_traces (raw["meta"]) + trace_* (its tables)
+    meta = raw["meta"]
+    tables = step_tables(meta, raw["steps"], raw["quarantine"])  step_table + quarantine
+    context = request_context(meta, raw["steps"], raw["journey"], raw["snapshots"])     request_context
+    fm = feature_matrix(meta, tables.steps, context, raw["snapshots"])                  feature_matrix
+    sp = split(meta, tables.steps)                              split
     study.with_split(fm, sp)                                    what fits, predictions and pooled folds read
+
+Each function takes the run's metadata and only the tables it reads, so each asset loads only what it uses
+(the run's tables are separate assets: raw_traces is the metadata alone).
 
 `run_matrix(folder)` runs that chain for one run folder; `assemble_study` is the study report's
 assembly over all runs (filtering to the runs present, concatenation, verdict, findings, report).
@@ -43,12 +47,14 @@ class StepTables:
     counts: dict  # rows_in, rows_kept, rows_quarantined, cycle_rows, cycle_removed_idle, cycle_removed_stall
 
 
-def step_tables(raw: dict, max_quarantine_rows: int | None = None) -> StepTables:
+def step_tables(meta: dict, steps_read: pl.DataFrame, reader_quarantine: pl.DataFrame,
+                max_quarantine_rows: int | None = None) -> StepTables:
     """Validate the run's step rows (tables.validate_steps, with the bounds of its exp-config.yaml) and add the
-    targets (tables.add_targets); the quarantine is capped at max_quarantine_rows records (tables.cap_quarantine)."""
-    v = validate_steps(raw["steps"], raw["meta"]["trace_file"], raw["meta"].get("exp_config"))
+    targets (tables.add_targets); the reader's quarantine + the rows rejected, capped at max_quarantine_rows
+    records (tables.cap_quarantine)."""
+    v = validate_steps(steps_read, meta["trace_file"], meta.get("exp_config"))
     steps = add_targets(v.kept)
-    quarantine = pl.concat([raw["quarantine"], v.quarantine], how="diagonal_relaxed")
+    quarantine = pl.concat([reader_quarantine, v.quarantine], how="diagonal_relaxed")
     if max_quarantine_rows is not None:
         quarantine = cap_quarantine(quarantine, max_quarantine_rows)
     rule = cycle_rule_counts(steps)
@@ -57,30 +63,29 @@ def step_tables(raw: dict, max_quarantine_rows: int | None = None) -> StepTables
                       counts=counts)
 
 
-def request_context(raw: dict) -> dict:
+def request_context(meta: dict, steps_read: pl.DataFrame, journey: pl.DataFrame, snapshots: pl.DataFrame) -> dict:
     """Every step's batch rebuilt from journey events, with the token budget of the run's exp-config.yaml."""
-    cfg = raw["meta"].get("exp_config") or {}
-    return study.request_context(raw, int(cfg.get("max_num_batched_tokens", DEFAULT_MAX_NUM_BATCHED_TOKENS)))
+    cfg = meta.get("exp_config") or {}
+    return study.request_context(steps_read, journey, snapshots, int(cfg.get("max_num_batched_tokens", DEFAULT_MAX_NUM_BATCHED_TOKENS)))
 
 
-def feature_matrix(raw: dict, steps: pl.DataFrame, context: dict) -> pl.DataFrame:
+def feature_matrix(meta: dict, steps: pl.DataFrame, context: dict, snapshots: pl.DataFrame) -> pl.DataFrame:
     """The 30 features (+ original-study features) and both targets per kept step; per-request
     aggregates from the journey reconstruction where it matches the step (docs/features.md §2)."""
-    m = raw["meta"]
-    return study.build_feature_matrix(steps, raw["snapshots"], model=m["model"], tp=m["tp"], experiment_id=m["experiment_id"],
-                                      source=m["source"], request_aggregates=study.journey_aggregates(context["step_inputs"]),
+    return study.build_feature_matrix(steps, snapshots, model=meta["model"], tp=meta["tp"], experiment_id=meta["experiment_id"],
+                                      source=meta["source"], request_aggregates=study.journey_aggregates(context["step_inputs"]),
                                       request_source="journey")
 
 
-def split(raw: dict, steps: pl.DataFrame) -> pl.DataFrame:
+def split(meta: dict, steps: pl.DataFrame) -> pl.DataFrame:
     """Temporal 60/20/20 split by step id with each row's load stage (stage durations from the run's metadata)."""
-    return split_table(steps, raw["meta"]["stage_durations_s"])
+    return split_table(steps, meta["stage_durations_s"])
 
 
-def e2e_fidelity(raw: dict, context: dict, fitted: dict) -> dict:
+def e2e_fidelity(meta: dict, journey: pl.DataFrame, context: dict, fitted: dict) -> dict:
     """Teacher-forced E2E of the run's cycle_us models (study.e2e_fidelity_for_models)."""
-    m = raw["meta"]
-    return study.e2e_fidelity_for_models(raw, context, fitted, model=m["model"], tp=m["tp"], experiment_id=m["experiment_id"])
+    return study.e2e_fidelity_for_models(journey, context, fitted, model=meta["model"], tp=meta["tp"],
+                                         experiment_id=meta["experiment_id"])
 
 
 def method_checks(fm_split: pl.DataFrame, fitted: dict, steps: pl.DataFrame, seed: int = 0) -> dict:
@@ -93,12 +98,12 @@ def method_checks(fm_split: pl.DataFrame, fitted: dict, steps: pl.DataFrame, see
 RUN_SUMMARY_META = ("experiment_id", "source", "stands_for", "model", "tp", "workload", "data_version", "files")
 
 
-def run_summary(raw: dict, steps: pl.DataFrame, quarantine: pl.DataFrame, fm: pl.DataFrame) -> dict:
+def run_summary(meta: dict, steps: pl.DataFrame, quarantine: pl.DataFrame, fm: pl.DataFrame) -> dict:
     """The small per-run record the study report reads: lineage, counts, where the KV features came from."""
-    m = raw["meta"]
+    m = meta  # raw_traces: the run's metadata, with each table's row count
     kv = dict(fm["kv_source"].value_counts().iter_rows())
     return {**{k: m[k] for k in RUN_SUMMARY_META},
-            "steps_read": raw["steps"].height, "steps_kept": steps.height,
+            "steps_read": m["rows"]["steps"], "steps_kept": steps.height,
             "steps_quarantined": quarantine_counts(quarantine).get("row", 0),
             "lines_quarantined": m["counters"].get("lines_quarantined", 0), "quarantine_rows": sum(quarantine_counts(quarantine).values()),
             "kv_source": ", ".join(f"{k} {v}" for k, v in sorted(kv.items())), "kv_source_counts": kv}
@@ -109,9 +114,10 @@ def run_matrix(folder: Path, data_root: Path | None = None) -> pl.DataFrame:
     from .ingest import ingest_run
 
     raw = ingest_run(Path(folder), data_root)
-    tables = step_tables(raw)
-    fm = feature_matrix(raw, tables.steps, request_context(raw))
-    return study.with_split(fm, split(raw, tables.steps))
+    meta = raw["meta"]
+    tables = step_tables(meta, raw["steps"], raw["quarantine"])
+    fm = feature_matrix(meta, tables.steps, request_context(meta, raw["steps"], raw["journey"], raw["snapshots"]), raw["snapshots"])
+    return study.with_split(fm, split(meta, tables.steps))
 
 
 # ---------------------------------------------------------------------------- the study ---

@@ -386,7 +386,7 @@ def feature_group_ablation(fm_split: pl.DataFrame, model: str = "ridge_30f", *, 
 
 # ------------------------------------------------------------- per-request context ---
 
-def request_context(raw: dict, max_num_batched_tokens: int = 2048) -> dict:
+def request_context(steps: pl.DataFrame, journey: pl.DataFrame, snaps: pl.DataFrame, max_num_batched_tokens: int = 2048) -> dict:
     """Every step's batch reconstructed from journey events, its per-step inputs and the agreement checks.
 
     Returns {"batches", "step_inputs", "agreement"}; empty tables when the run has no journey events.
@@ -394,7 +394,6 @@ def request_context(raw: dict, max_num_batched_tokens: int = 2048) -> dict:
     from .e2e import compare_step_table, step_inputs
     from .reconstruct import compare_with_batch_summary, compare_with_snapshots, reconstruct
 
-    journey, steps, snaps = raw["journey"], raw["steps"], raw["snapshots"]
     if journey.height == 0:
         return {"batches": pl.DataFrame(), "step_inputs": pl.DataFrame(),
                 "agreement": {"available": False, "why": "no journey events in this run (BATCH_SUMMARY-only traces)"}}
@@ -419,7 +418,7 @@ def journey_aggregates(step_inputs: pl.DataFrame) -> pl.DataFrame | None:
     return step_inputs.select(cols)
 
 
-def e2e_fidelity_for_models(raw: dict, context: dict, fitted: dict, *, model: str, tp: int, experiment_id: str,
+def e2e_fidelity_for_models(journey: pl.DataFrame, context: dict, fitted: dict, *, model: str, tp: int, experiment_id: str,
                             names: tuple[str, ...] = ("naive_mean", "blackbox_2f", "ridge_30f", "nnls_physics", "hgb_30f")) -> dict:
     """Teacher-forced E2E: each cycle_us model predicts every step; sums per request vs observed TTFT/decode/E2E."""
     from .e2e import e2e_fidelity, scheduled_counts_of
@@ -431,13 +430,13 @@ def e2e_fidelity_for_models(raw: dict, context: dict, fitted: dict, *, model: st
     spec, gpu = model_spec(model), gpu_spec()
     feats = step_table_features(table, spec, gpu, tp, request_aggregates=journey_aggregates(table), request_source="journey")
     rows, per_req = [], []
-    episodes, counts = journey_episodes(raw["journey"], output_lag=1)[1], scheduled_counts_of(context["batches"])  # once, not per model
+    episodes, counts = journey_episodes(journey, output_lag=1)[1], scheduled_counts_of(context["batches"])  # once, not per model
     for m in fitted.get("cycle_us", []):
         if m["name"] not in names:
             continue
         X = feats.select(m["features"]).to_numpy() if m["features"] else np.zeros((feats.height, 0))
         cyc = predict_model(m, X)
-        res = e2e_fidelity(context["batches"], raw["journey"], cyc, table=table, experiment_id=experiment_id,
+        res = e2e_fidelity(context["batches"], journey, cyc, table=table, experiment_id=experiment_id,
                            episodes=episodes, scheduled_counts=counts)
         for metric, s in res.summary.items():
             if isinstance(s, dict) and "n" in s:

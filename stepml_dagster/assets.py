@@ -31,23 +31,42 @@ def _lineage(meta: dict) -> dict:
     }
 
 
-@dg.asset(**PART, group_name="ingest", output_required=False,
-          description="A run folder read: metadata, file fingerprints (size, sha256), trace tables. Skipped (with the "
-                      "step-level assets after it) for a run folder without traces (request logs only).")
+TRACE_TABLES = {  # asset → the table of ingest_run it holds, and who reads it
+    "trace_steps": ("steps", "BATCH_SUMMARY rows as read (before validation): read by step_tables and request_context."),
+    "trace_snapshots": ("snapshots", "Scheduler snapshot events: read by request_context and feature_matrix."),
+    "trace_journey": ("journey", "Request journey events: read by request_context and e2e_fidelity."),
+    "trace_quarantine": ("quarantine", "The reader's rejected lines, events and files: read by step_tables."),
+}
+
+
+@dg.multi_asset(
+    **PART, group_name="ingest", can_subset=False,
+    outs={"raw_traces": dg.AssetOut(is_required=False, description="A run folder read: its metadata, file fingerprints (size, sha256), "
+                                    "reader counters and each table's row count; the tables are the trace_* assets beside it."),
+          **{k: dg.AssetOut(is_required=False, description=d) for k, (_, d) in TRACE_TABLES.items()},
+          "trace_spans": dg.AssetOut(is_required=False, description="API and scheduler-step spans ({api, step_spans}): stored, read by no asset.")},
+)
 def raw_traces(context: dg.AssetExecutionContext, settings: StepMLSettings):
+    """The run folder read once, stored as one asset per table so that each consumer loads only the tables it reads.
+    Skipped (with the step-level assets after it) for a run folder without traces (request logs only)."""
     folder = settings.run_folder(context.partition_key)
     if find_trace_file(folder) is None:
         context.log.info(f"{folder}: no traces.json[.gz]: step-level assets skipped for this run (request-level assets only)")
         return
     out = ingest_run(folder, settings.data_root(), limits=settings.input_limits())
+    meta = out["meta"]
     # data version = fingerprint digest of the input files: new content → downstream shows as stale
+    version = dg.DataVersion(meta["data_version"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dg.BetaWarning)  # Output(data_version=...) is beta in 1.13
-        yield dg.Output(out, data_version=dg.DataVersion(out["meta"]["data_version"]), metadata={
-            **_lineage(out["meta"]), "run_folder": dg.MetadataValue.path(str(folder)), "steps_read": out["steps"].height,
+        yield dg.Output(meta, "raw_traces", data_version=version, metadata={
+            **_lineage(meta), "run_folder": dg.MetadataValue.path(str(folder)), "steps_read": out["steps"].height,
             "snapshots_read": out["snapshots"].height, "journey_events_read": out["journey"].height,
             "api_spans_read": out["api"].height, "step_spans_read": out["step_spans"].height,
             "reader_quarantine_records": out["quarantine"].height})
+        for name, (table, _) in TRACE_TABLES.items():
+            yield dg.Output(out[table], name, data_version=version)
+        yield dg.Output({"api": out["api"], "step_spans": out["step_spans"]}, "trace_spans", data_version=version)
 
 
 @dg.multi_asset(
@@ -58,23 +77,25 @@ def raw_traces(context: dg.AssetExecutionContext, settings: StepMLSettings):
                  dg.AssetCheckSpec("counts_balance", asset="step_table", description="rows in = rows kept + rows quarantined."),
                  dg.AssetCheckSpec("no_unreadable_lines", asset="quarantine", description="Every trace line parsed (warns otherwise).")],
 )
-def step_tables(context: dg.AssetExecutionContext, settings: StepMLSettings, raw_traces):
-    t = pipeline.step_tables(raw_traces, max_quarantine_rows=settings.input_limits().max_quarantine_rows)
+def step_tables(context: dg.AssetExecutionContext, settings: StepMLSettings, raw_traces: dict, trace_steps: pl.DataFrame,
+                trace_quarantine: pl.DataFrame):
+    t = pipeline.step_tables(raw_traces, trace_steps, trace_quarantine, max_quarantine_rows=settings.input_limits().max_quarantine_rows)
     steps, quarantine, counts = t.steps, t.quarantine, t.counts
-    yield dg.Output(steps, "step_table", metadata={**counts, "source": raw_traces["meta"]["source"]})
+    yield dg.Output(steps, "step_table", metadata={**counts, "source": raw_traces["source"]})
     by_kind = quarantine_counts(quarantine)
     yield dg.Output(quarantine, "quarantine", metadata={"rows": quarantine.height, "records": sum(by_kind.values()),
                     "by_reason": dg.MetadataValue.json([{"kind": k, "len": n} for k, n in sorted(by_kind.items())]),
                     **{f"quarantined_{k}s": int(by_kind.get(k, 0)) for k in ("line", "event", "row", "file")}})
     yield check_result(checks.schema_valid(steps), "schema_valid", "step_table")
     yield check_result(checks.counts_balance(t.rows_in, steps.height, t.rows_quarantined), "counts_balance", "step_table")
-    yield check_result(checks.no_unreadable_lines(raw_traces["meta"]["counters"]), "no_unreadable_lines", "quarantine",
+    yield check_result(checks.no_unreadable_lines(raw_traces["counters"]), "no_unreadable_lines", "quarantine",
                        severity=dg.AssetCheckSeverity.WARN)
 
 
 @dg.asset(**PART, group_name="ingest", description="Every step's batch rebuilt from journey events (requests, new tokens, context lengths), checked against snapshots and BATCH_SUMMARY.")
-def request_context(context: dg.AssetExecutionContext, raw_traces) -> dict:
-    out = pipeline.request_context(raw_traces)
+def request_context(context: dg.AssetExecutionContext, raw_traces: dict, trace_steps: pl.DataFrame, trace_journey: pl.DataFrame,
+                    trace_snapshots: pl.DataFrame) -> dict:
+    out = pipeline.request_context(raw_traces, trace_steps, trace_journey, trace_snapshots)
     a, snap = out["agreement"], (out["agreement"].get("snapshots") or {})
     context.add_output_metadata({"available": a["available"], "steps": a.get("steps", 0), "pairs": a.get("pairs", 0),
                                  "snapshot_pairs": snap.get("pairs_scheduled_both", 0),
@@ -84,19 +105,20 @@ def request_context(context: dg.AssetExecutionContext, raw_traces) -> dict:
 
 
 @dg.asset(**PART, group_name="features", description="The seed's 30 features (+ original-study features) and both targets per kept step.")
-def feature_matrix(context: dg.AssetExecutionContext, raw_traces, step_table: pl.DataFrame, request_context) -> pl.DataFrame:
-    fm = pipeline.feature_matrix(raw_traces, step_table, request_context)
+def feature_matrix(context: dg.AssetExecutionContext, raw_traces: dict, step_table: pl.DataFrame, request_context,
+                   trace_snapshots: pl.DataFrame) -> pl.DataFrame:
+    fm = pipeline.feature_matrix(raw_traces, step_table, request_context, trace_snapshots)
     context.add_output_metadata({"rows": fm.height, "kv_source": dg.MetadataValue.json(dict(fm["kv_source"].value_counts().iter_rows()))})
     return fm
 
 
 @dg.asset(**PART, group_name="beyond_h1", description="Teacher-forced E2E: each cycle_us model predicts every step; per-request sums vs observed TTFT, decode interval, E2E.")
-def e2e_fidelity(raw_traces, request_context, fitted_models) -> dict:
-    return pipeline.e2e_fidelity(raw_traces, request_context, fitted_models)
+def e2e_fidelity(raw_traces: dict, trace_journey: pl.DataFrame, request_context, fitted_models) -> dict:
+    return pipeline.e2e_fidelity(raw_traces, trace_journey, request_context, fitted_models)
 
 
 @dg.asset(**PART, group_name="features", description="Temporal 60/20/20 split by step id, with the load stage of each row.")
-def split(context: dg.AssetExecutionContext, raw_traces, step_table: pl.DataFrame) -> pl.DataFrame:
+def split(context: dg.AssetExecutionContext, raw_traces: dict, step_table: pl.DataFrame) -> pl.DataFrame:
     s = pipeline.split(raw_traces, step_table)
     context.add_output_metadata({"blocks": dg.MetadataValue.json(split_summary(s))})
     return s
@@ -121,7 +143,7 @@ def metrics(context: dg.AssetExecutionContext, predictions: pl.DataFrame) -> pl.
 
 
 @dg.asset(**PART, group_name="study", description="Small per-run record for the study report (lineage, counts, KV sources).")
-def run_summary(raw_traces, step_table: pl.DataFrame, quarantine: pl.DataFrame, feature_matrix: pl.DataFrame) -> dict:
+def run_summary(raw_traces: dict, step_table: pl.DataFrame, quarantine: pl.DataFrame, feature_matrix: pl.DataFrame) -> dict:
     return pipeline.run_summary(raw_traces, step_table, quarantine, feature_matrix)
 
 

@@ -162,7 +162,8 @@ def _run_partitions(job: dg.JobDefinition, instance, settings, keys: list[str], 
     return failed, errors
 
 
-FEATURE_ASSETS = ["raw_traces", "step_table", "quarantine", "request_context", "feature_matrix", "split"]  # what pooled folds read
+FEATURE_ASSETS = ["raw_traces", "trace_steps", "trace_snapshots", "trace_journey", "trace_quarantine", "trace_spans",  # one step
+                  "step_table", "quarantine", "request_context", "feature_matrix", "split"]  # what pooled folds read
 
 
 def _materialize_with_prefit(job: dg.JobDefinition, instance, key: str, settings, verbose: bool = False

@@ -25,17 +25,25 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets_data")
     (folder,) = synthesize_runs(root, [RUN], scale=0.02, seed=1, workers=1)
     settings = StepMLSettings(data_dir=str(root), out_dir=str(tmp_path_factory.mktemp("assets_out")))
-    return {"root": root, "folder": folder, "key": folder.name, "settings": settings, "raw": ingest_run(folder, root)}
+    raw = ingest_run(folder, root)
+    return {"root": root, "folder": folder, "key": folder.name, "settings": settings, "raw": raw, "meta": raw["meta"]}
+
+
+def _tables(run, **over) -> dict:
+    """step_tables' inputs: the stored raw_traces (the run's metadata) and the trace tables it reads."""
+    return {"raw_traces": run["meta"], "trace_steps": run["raw"]["steps"], "trace_quarantine": run["raw"]["quarantine"], **over}
 
 
 @pytest.fixture(scope="module")
 def chain(run):
     """The partition's upstream values, as the assets themselves produce them."""
-    raw = run["raw"]
-    outs = {o.output_name: o.value for o in A.step_tables(_ctx(run), settings=run["settings"], raw_traces=raw) if isinstance(o, dg.Output)}
-    ctx_value = A.request_context(_ctx(run), raw_traces=raw)
-    fm = A.feature_matrix(_ctx(run), raw_traces=raw, step_table=outs["step_table"], request_context=ctx_value)
-    sp = A.split(_ctx(run), raw_traces=raw, step_table=outs["step_table"])
+    raw, meta = run["raw"], run["meta"]
+    outs = {o.output_name: o.value for o in A.step_tables(_ctx(run), settings=run["settings"], **_tables(run)) if isinstance(o, dg.Output)}
+    ctx_value = A.request_context(_ctx(run), raw_traces=meta, trace_steps=raw["steps"], trace_journey=raw["journey"],
+                                  trace_snapshots=raw["snapshots"])
+    fm = A.feature_matrix(_ctx(run), raw_traces=meta, step_table=outs["step_table"], request_context=ctx_value,
+                          trace_snapshots=raw["snapshots"])
+    sp = A.split(_ctx(run), raw_traces=meta, step_table=outs["step_table"])
     fitted = A.fitted_models(feature_matrix=fm, split=sp)
     return {**outs, "request_context": ctx_value, "feature_matrix": fm, "split": sp, "fitted_models": fitted}
 
@@ -59,10 +67,14 @@ def _results(gen) -> tuple[dict, dict]:
 def test_raw_traces_reads_the_run_with_lineage(run):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        (out,) = list(A.raw_traces(_ctx(run), settings=run["settings"]))
-    assert out.value["meta"]["experiment_id"] == run["key"] and out.value["steps"].height > 0
-    assert out.data_version.value == out.value["meta"]["data_version"]
-    assert out.metadata["steps_read"].value == out.value["steps"].height
+        outs = {o.output_name: o for o in A.raw_traces(_ctx(run), settings=run["settings"])}
+    assert set(outs) == {"raw_traces", *A.TRACE_TABLES, "trace_spans"}
+    meta, steps = outs["raw_traces"].value, outs["trace_steps"].value
+    assert meta["experiment_id"] == run["key"] and steps.height > 0 and not any(isinstance(v, pl.DataFrame) for v in meta.values())
+    assert {o.data_version.value for o in outs.values()} == {meta["data_version"]}
+    assert outs["raw_traces"].metadata["steps_read"].value == steps.height == meta["rows"]["steps"]
+    for name, (table, _) in A.TRACE_TABLES.items():
+        assert outs[name].value.equals(run["raw"][table])
 
 
 def test_raw_traces_skips_a_run_without_traces(run, tmp_path):
@@ -74,7 +86,7 @@ def test_raw_traces_skips_a_run_without_traces(run, tmp_path):
 
 
 def test_step_tables_keep_valid_rows_and_pass_every_check(run, chain):
-    outs, checks = _results(A.step_tables(_ctx(run), settings=run["settings"], raw_traces=run["raw"]))
+    outs, checks = _results(A.step_tables(_ctx(run), settings=run["settings"], **_tables(run)))
     steps, quarantine = outs["step_table"].value, outs["quarantine"].value
     assert steps.height + outs["step_table"].metadata["rows_quarantined"].value == run["raw"]["steps"].height
     assert {"schedule_us", "cycle_us"} <= set(steps.columns)
@@ -90,7 +102,7 @@ def test_schema_valid_fails_on_a_kept_row_that_breaks_the_schema(run, monkeypatc
         return ValidatedSteps(kept=kept, quarantine=v.quarantine, rows_in=v.rows_in)
 
     monkeypatch.setattr(pipeline, "validate_steps", broken)
-    _, checks = _results(A.step_tables(_ctx(run), settings=run["settings"], raw_traces=run["raw"]))
+    _, checks = _results(A.step_tables(_ctx(run), settings=run["settings"], **_tables(run)))
     assert not checks["schema_valid"].passed and checks["counts_balance"].passed
     assert "prefill + decode tokens == scheduled tokens" in str(checks["schema_valid"].metadata["failures"].value)
 
@@ -101,13 +113,13 @@ def test_counts_balance_fails_when_a_row_is_lost(run, monkeypatch):
         return ValidatedSteps(kept=v.kept.slice(1), quarantine=v.quarantine, rows_in=v.rows_in)
 
     monkeypatch.setattr(pipeline, "validate_steps", lossy)
-    _, checks = _results(A.step_tables(_ctx(run), settings=run["settings"], raw_traces=run["raw"]))
+    _, checks = _results(A.step_tables(_ctx(run), settings=run["settings"], **_tables(run)))
     assert not checks["counts_balance"].passed and checks["schema_valid"].passed
 
 
 def test_no_unreadable_lines_warns_on_a_quarantined_line(run):
-    raw = {**run["raw"], "meta": {**run["raw"]["meta"], "counters": {**run["raw"]["meta"]["counters"], "lines_quarantined": 2}}}
-    _, checks = _results(A.step_tables(_ctx(run), settings=run["settings"], raw_traces=raw))
+    meta = {**run["meta"], "counters": {**run["meta"]["counters"], "lines_quarantined": 2}}
+    _, checks = _results(A.step_tables(_ctx(run), settings=run["settings"], **_tables(run, raw_traces=meta)))
     c = checks["no_unreadable_lines"]
     assert not c.passed and c.severity == dg.AssetCheckSeverity.WARN and c.metadata["lines_quarantined"].value == 2
 
@@ -140,7 +152,7 @@ def test_fitted_predictions_metrics(chain):
 
 
 def test_run_summary_counts(run, chain):
-    r = A.run_summary(raw_traces=run["raw"], step_table=chain["step_table"], quarantine=chain["quarantine"],
+    r = A.run_summary(raw_traces=run["meta"], step_table=chain["step_table"], quarantine=chain["quarantine"],
                       feature_matrix=chain["feature_matrix"])
     assert r["experiment_id"] == run["key"] and r["steps_kept"] == chain["step_table"].height
     assert r["steps_read"] == r["steps_kept"] + r["steps_quarantined"]
@@ -150,7 +162,7 @@ def test_method_checks_and_e2e(run, chain):
     mc = A.method_checks(settings=run["settings"], step_table=chain["step_table"], feature_matrix=chain["feature_matrix"],
                          split=chain["split"], fitted_models=chain["fitted_models"])
     assert {"stage_mix", "cycle_rule"} <= set(mc)
-    e2e = A.e2e_fidelity(raw_traces=run["raw"], request_context=chain["request_context"], fitted_models=chain["fitted_models"])
+    e2e = A.e2e_fidelity(raw_traces=run["meta"], trace_journey=run["raw"]["journey"], request_context=chain["request_context"], fitted_models=chain["fitted_models"])
     assert e2e["summary"].height > 0 and set(e2e["summary"]["model"]) <= {"naive_mean", "blackbox_2f", "ridge_30f", "nnls_physics", "hgb_30f"}
 
 

@@ -6,6 +6,7 @@ import dagster as dg
 import pytest
 
 from ops_helpers import RUN_A, RUN_B, copy_run
+from stepml_dagster import assets as A
 from stepml_dagster import sensors as S
 from stepml_dagster.assets import ALL_ASSETS, STEP_ASSETS, STUDY_ASSETS
 from stepml_dagster.cli import main, run_study
@@ -100,13 +101,14 @@ def test_changed_input_marks_downstream_partition_stale(study):
     with open(data / RUN_A / "profile.yaml", "a") as f:
         f.write("# edited after the run\n")
     defs = build_definitions(StepMLSettings(data_dir=str(data), out_dir=str(out)))
-    res = dg.materialize(ALL_ASSETS, selection=["raw_traces"], partition_key=RUN_A,
+    res = dg.materialize(ALL_ASSETS, selection=[k.to_user_string() for k in A.raw_traces.keys], partition_key=RUN_A,  # one step
                          instance=instance, resources=dict(defs.resources))
     assert res.success
     resolver = get_stale_status_resolver(instance, ALL_ASSETS)
     assert resolver.get_status(dg.AssetKey("step_table"), RUN_A) == StaleStatus.STALE
     assert resolver.get_status(dg.AssetKey("step_table"), RUN_B) == StaleStatus.FRESH
     assert resolver.get_status(dg.AssetKey("raw_traces"), RUN_A) == StaleStatus.FRESH
+    assert resolver.get_status(dg.AssetKey("trace_steps"), RUN_A) == StaleStatus.FRESH
 
 
 def test_study_sensor_chains_models_replays_and_study(study):

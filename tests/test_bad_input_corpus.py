@@ -418,8 +418,8 @@ def test_unknown_event_name_quarantined_as_event(corpus):
 
 def test_dropped_event_counts_are_counted(corpus):
     _ok(corpus, "dropped")
-    raw = json.loads((corpus["out"] / "assets" / "raw_traces" / run_id("dropped") / "_values.json").read_text())
-    assert raw["meta"]["counters"]["dropped_events_total"] == 37
+    meta = json.loads((corpus["out"] / "assets" / "raw_traces" / f"{run_id('dropped')}.json").read_text())
+    assert meta["counters"]["dropped_events_total"] == 37
     assert _kept(corpus, "dropped").height == corpus["info"]["n_steps"]
 
 
@@ -498,8 +498,8 @@ def test_2_truncated_gzip_keeps_the_lines_before_the_damage_and_records_it(corpu
     q = _q(corpus, "truncated_gz")
     assert q.select("kind", "line").rows() == [("line", n_whole + 1), ("file", n_whole + 1)]
     assert q["reason"][1].startswith("truncated gzip stream: compressed data ends before the end of the stream")
-    raw = json.loads((corpus["out"] / "assets" / "raw_traces" / run_id("truncated_gz") / "_values.json").read_text())
-    assert raw["meta"]["counters"]["gzip_truncated"] == 1
+    meta = json.loads((corpus["out"] / "assets" / "raw_traces" / f"{run_id('truncated_gz')}.json").read_text())
+    assert meta["counters"]["gzip_truncated"] == 1
 
 
 def test_3_absurd_row_and_row_over_the_token_budget_are_quarantined_pooled_models_stay_sane(corpus):
@@ -546,8 +546,8 @@ def test_7_fingerprint_is_of_what_was_read_and_the_sensor_reads_the_appended_tai
     from stepml_dagster.resources import StepMLSettings
 
     _ok(corpus, "appended")
-    raw = json.loads((corpus["out"] / "assets" / "raw_traces" / run_id("appended") / "_values.json").read_text())
-    rec = next(f for f in raw["meta"]["files"] if f["file"] == "traces.json")
+    meta = json.loads((corpus["out"] / "assets" / "raw_traces" / f"{run_id('appended')}.json").read_text())
+    rec = next(f for f in meta["files"] if f["file"] == "traces.json")
     size, sha = corpus["info"]["appended_read"]
     assert (rec["size_bytes"], rec["sha256"]) == (size, sha)
     assert (corpus["data"] / run_id("appended") / "traces.json").stat().st_size > size  # the file grew after it was read
