@@ -207,15 +207,21 @@ def _coverage(ivs: pl.DataFrame, runs: pl.DataFrame, metrics=METRICS) -> pl.Data
         x = x.with_columns(boot_lo=pl.col("lo"), boot_hi=pl.col("hi"), boot_inside=pl.col("inside"),
                            extrap_q_pct=pl.lit(0.0), extrap_n=pl.lit(0, pl.Int64), extrap_pool=pl.lit(""))
     width = lambda a, b: ((pl.col(b) - pl.col(a)) / pl.col("predicted").abs() * 100).median()  # noqa: E731
+    # an unbounded widened interval (too few other runs' scores: q = ∞) contains every value: it is counted apart,
+    # not as a covered prediction
+    bounded = pl.col("extrap_q_pct").is_finite()
     return (x.group_by("step_model", "metric")
             .agg(pl.len().alias("predictions"), pl.col("boot_inside").sum().alias("boot_inside"),
-                 width("boot_lo", "boot_hi").alias("boot_median_width_pct"), pl.col("inside").sum().alias("inside"),
-                 width("lo", "hi").alias("median_width_pct"), pl.col("extrap_q_pct").median().alias("median_q_pct"),
+                 width("boot_lo", "boot_hi").alias("boot_median_width_pct"),
+                 bounded.sum().alias("bounded"), pl.col("inside").filter(bounded).sum().alias("inside"),
+                 ((pl.col("hi") - pl.col("lo")) / pl.col("predicted").abs() * 100).filter(bounded).median()
+                 .alias("median_width_pct"),
+                 pl.col("extrap_q_pct").median().alias("median_q_pct"),
                  pl.col("extrap_n").min().alias("scores_min"), pl.col("extrap_n").max().alias("scores_max"),
                  pl.col("extrap_pool").unique().sort().str.join(", ").alias("pool"))
             .with_columns(protocol=pl.col("step_model").replace_strict(PROTOCOL_OF, default=""),
                           boot_coverage_pct=pl.col("boot_inside") / pl.col("predictions") * 100,
-                          coverage_pct=pl.col("inside") / pl.col("predictions") * 100)
+                          coverage_pct=pl.when(pl.col("bounded") > 0).then(pl.col("inside") / pl.col("bounded") * 100))
             .sort("step_model", "metric"))
 
 
@@ -362,6 +368,16 @@ def _real_step_lines(t: dict) -> list[str]:
     return lines
 
 
+def _interval_cell(r: dict) -> str:
+    """The E2E 90 % interval of a run's row: [lo, hi] ✓/✗; unbounded (too few other runs' scores) without a mark."""
+    lo, hi, inside = r.get("e2e_mean_lo"), r.get("e2e_mean_hi"), r.get("e2e_mean_inside")
+    if lo is None:
+        return "–"
+    if hi is None or not math.isfinite(hi):
+        return "unbounded"
+    return f"[{_f(lo, 2)}, {_f(hi, 2)}] {'✓' if inside else '✗' if inside is False else ''}"
+
+
 def _protocol_lines(t: dict) -> list[str]:
     """One table per protocol (roles, lowo, lomo) with BLIS 4a beside, and the out-of-sample means."""
     lines: list[str] = []
@@ -372,8 +388,7 @@ def _protocol_lines(t: dict) -> list[str]:
             continue
         body = []
         for r in x.iter_rows(named=True):
-            iv = (f"[{_f(r['e2e_mean_lo'], 2)}, {_f(r['e2e_mean_hi'], 2)}] {'✓' if r['e2e_mean_inside'] else '✗' if r['e2e_mean_inside'] is False else ''}"
-                  if r.get("e2e_mean_lo") is not None else "–")
+            iv = _interval_cell(r)
             body.append([r["experiment_id"], r["role"] or "–", "in" if r["sample"] == "in_sample" else "out",
                          "sat" if r["saturated"] else ("–" if not r["scored"] else ""), _f(r["ttft_mean_err"], 1, True),
                          _f(r["e2e_mean_err"], 1, True), _f(r["e2e_p99_err"], 1, True), _f(r["successes_err"], 1, True),
@@ -410,11 +425,15 @@ def _uncertainty_lines(t: dict) -> list[str]:
                   "interval, 100·max(0, lo − observed, observed − hi)/predicted, of the same protocol's predictions of "
                   "other runs whose model could not have used the scored run (all protocols pooled where one protocol "
                   "has fewer than 9): the error of applying the model to a workload or load it never saw. The scored "
-                  "run's ground truth enters neither. Coverage = share of runs whose observed value falls inside.", "",
+                  "run's ground truth enters neither. Coverage = share of runs whose observed value falls inside; "
+                  "a widened interval with too few other runs' scores behind it (rank ⌈(n + 1)·0.9⌉ > n) is unbounded, "
+                  "contains every value and is counted apart (*unbounded*), not as covered.", "",
                   _md(["protocol", "metric", "predictions", "bootstrap: inside", "coverage %", "median width %",
-                       "widened: inside", "coverage %", "median width %", "median q %", "scores behind q", "pool"],
+                       "widened: inside / bounded", "coverage %", "median width %", "unbounded", "median q %",
+                       "scores behind q", "pool"],
                       [[r["protocol"], r["metric"], r["predictions"], r["boot_inside"], _f(r["boot_coverage_pct"], 0),
-                        _f(r["boot_median_width_pct"], 1), r["inside"], _f(r["coverage_pct"], 0), _f(r["median_width_pct"], 1),
+                        _f(r["boot_median_width_pct"], 1), f"{r['inside']} / {r['bounded']}", _f(r["coverage_pct"], 0),
+                        _f(r["median_width_pct"], 1), r["predictions"] - r["bounded"],
                         "∞" if r["median_q_pct"] == math.inf else _f(r["median_q_pct"], 1),
                         f"{r['scores_min']}–{r['scores_max']}", r["pool"]]
                        for r in cov.iter_rows(named=True)]), ""]

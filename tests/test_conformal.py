@@ -93,3 +93,19 @@ def test_widened_intervals_cover_exchangeable_runs():
     w = widen_intervals(t, runs)
     assert w["boot_inside"].mean() < 0.5
     assert w["inside"].mean() >= 0.9 and np.isfinite(w["hi"].to_numpy()).all()
+
+
+def test_an_unbounded_interval_is_not_counted_as_covered():
+    """With fewer than 9 other runs' scores the widened interval is unbounded: it contains every value, so the coverage
+    table counts it apart (unbounded) instead of as a covered prediction, and the run's row says 'unbounded'."""
+    from stepml_core.calibration_report import _coverage, _interval_cell
+
+    specs = [(f"r{i}", "test", "lowo", f"t{i}", 100.0, 95.0, 105.0, 100.0 + 3.0 * i) for i in range(4)]
+    runs = {f"r{i}": {"llm_model": f"m{i}", "workload": "codegen"} for i in range(4)}
+    wide = widen_intervals(_rows(specs), runs)
+    assert (wide["extrap_q_pct"] == np.inf).all() and wide["inside"].all()  # 3 scores each: unbounded, contains all
+    cov = _coverage(wide, pl.DataFrame()).row(0, named=True)
+    assert cov["predictions"] == 4 and cov["bounded"] == 0 and cov["inside"] == 0
+    assert cov["coverage_pct"] is None  # not 100 %
+    row = wide.row(0, named=True)
+    assert _interval_cell({"e2e_mean_lo": row["lo"], "e2e_mean_hi": row["hi"], "e2e_mean_inside": row["inside"]}) == "unbounded"
