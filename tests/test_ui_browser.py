@@ -122,15 +122,17 @@ def test_ui_shows_assets_and_materializes_a_partition(webserver, browser):
         browser.screenshot(ARTIFACTS / "ui-asset-graph-expanded.png")
     time.sleep(2)
     seen, best = set(), -1
-    for _ in range(4):  # the graph renders only nodes in view: zoom out (ctrl+wheel) until all are shown
+    # the graph renders only nodes in view (their names only above a zoom level): pan down over it (wheel) at the
+    # zoom it opened with, until each asset has been shown
+    for _ in range(12):
         shown = {n for n in STEPML_ASSETS if n in browser.text()}
         seen |= shown
         if len(shown) > best:
             best = len(shown)
             browser.screenshot(ARTIFACTS / "ui-asset-graph.png")
-        if len(shown) == len(STEPML_ASSETS) or not shown:
+        if seen == set(STEPML_ASSETS):
             break
-        browser.call("Input.dispatchMouseEvent", type="mouseWheel", x=1200, y=600, deltaX=0, deltaY=200, modifiers=2)
+        browser.call("Input.dispatchMouseEvent", type="mouseWheel", x=1200, y=600, deltaX=0, deltaY=300, modifiers=0)
         time.sleep(1.5)
     assert seen == set(STEPML_ASSETS), set(STEPML_ASSETS) - seen
 
