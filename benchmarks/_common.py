@@ -105,17 +105,30 @@ def run_stepml(args: list[str], dagster_home: Path, log: Path | None = None, cod
     t0 = time.perf_counter()
     out = open(log, "w") if log else subprocess.DEVNULL
     try:
-        p = subprocess.Popen([sys.executable, "-m", "stepml_dagster.cli", *args], env=env, stdout=out, stderr=subprocess.STDOUT,
-                             cwd=code or REPO)
+        p = subprocess.Popen(
+            [sys.executable, "-m", "stepml_dagster.cli", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=code or REPO,
+        )
         with PeakRSS(p.pid) as mem:
             rc = p.wait()
     finally:
         if log:
             out.close()
     wall = time.perf_counter() - t0
-    return {"rc": rc, "wall_s": wall, "cpu_s": children_cpu_s() - cpu0, "peak_rss_gb": mem.peak / 1e9,
-            "peak_at_s": mem.peak_at, "peak_main_gb": mem.peak_root / 1e9, "peak_one_process_gb": mem.peak_one / 1e9,
-            "load_before": load0, "load_after": load_avg()}
+    return {
+        "rc": rc,
+        "wall_s": wall,
+        "cpu_s": children_cpu_s() - cpu0,
+        "peak_rss_gb": mem.peak / 1e9,
+        "peak_at_s": mem.peak_at,
+        "peak_main_gb": mem.peak_root / 1e9,
+        "peak_one_process_gb": mem.peak_one / 1e9,
+        "load_before": load0,
+        "load_after": load_avg(),
+    }
 
 
 # ---------------------------------------------------------------------------- synthesis ---
@@ -128,8 +141,15 @@ def shifted_id(run_id: str, seconds: int) -> str:
     return stamp + run_id[15:]
 
 
-def synthesize_seeds(pool: Path, seeds: list[int], *, scale: float = 1.0, workers: int | None = None,
-                     runs: list[str] | None = None, quiet: bool = True) -> dict[int, list[Path]]:
+def synthesize_seeds(
+    pool: Path,
+    seeds: list[int],
+    *,
+    scale: float = 1.0,
+    workers: int | None = None,
+    runs: list[str] | None = None,
+    quiet: bool = True,
+) -> dict[int, list[Path]]:
     """Synthesize the 16 runs once per seed into pool/seed<k>/, ids shifted by k seconds (k > 0) so
     several seeds can share one data folder. Already-complete seeds are reused."""
     from stepml_core.synth import synthesize_runs
@@ -194,10 +214,17 @@ def event_log_breakdown(dagster_home: Path, run_ids: set[str] | None = None) -> 
                 d = e.dagster_event.event_specific_data.duration_ms / 1e3
                 assets[(run.job_name, e.step_key)] += d
                 steps += d
-            runs.append({"run_id": run.run_id, "job": run.job_name, "partition": run.tags.get("dagster/partition"),
-                         "start": rec.start_time, "end": rec.end_time,
-                         "wall_s": (rec.end_time - rec.start_time) if rec.end_time and rec.start_time else float("nan"),
-                         "steps_s": steps})
+            runs.append(
+                {
+                    "run_id": run.run_id,
+                    "job": run.job_name,
+                    "partition": run.tags.get("dagster/partition"),
+                    "start": rec.start_time,
+                    "end": rec.end_time,
+                    "wall_s": (rec.end_time - rec.start_time) if rec.end_time and rec.start_time else float("nan"),
+                    "steps_s": steps,
+                }
+            )
         mats = defaultdict(int)
         for rec in inst.get_run_records():
             if run_ids is not None and rec.dagster_run.run_id not in run_ids:

@@ -37,7 +37,9 @@ def bare_partition(folder: Path, data_root: Path, seed: int = 0) -> tuple[dict, 
         raw = ingest_run(Path(folder), Path(data_root), limits=limits)
         meta = raw["meta"]
     with t("step_tables"):
-        tables = pipeline.step_tables(meta, raw["steps"], raw["quarantine"], max_quarantine_rows=limits.max_quarantine_rows)
+        tables = pipeline.step_tables(
+            meta, raw["steps"], raw["quarantine"], max_quarantine_rows=limits.max_quarantine_rows
+        )
         steps = tables.steps
     with t("request_context"):
         ctx = pipeline.request_context(meta, raw["steps"], raw["journey"], raw["snapshots"])
@@ -62,23 +64,40 @@ def bare_partition(folder: Path, data_root: Path, seed: int = 0) -> tuple[dict, 
     with t("request_log"):
         log = pipeline.request_log(Path(folder))
     # what the study phase reads (the stored values of these assets)
-    keep = {"feature_matrix": fm, "split": sp, "metrics": met, "predictions": pred, "run_summary": summary, "ablation": abl,
-            "agreement": ctx["agreement"], "e2e_fidelity": e2e, "step_table": steps, "method_checks": checks,
-            "fitted_models": fitted, "request_log": log}
+    keep = {
+        "feature_matrix": fm,
+        "split": sp,
+        "metrics": met,
+        "predictions": pred,
+        "run_summary": summary,
+        "ablation": abl,
+        "agreement": ctx["agreement"],
+        "e2e_fidelity": e2e,
+        "step_table": steps,
+        "method_checks": checks,
+        "fitted_models": fitted,
+        "request_log": log,
+    }
     return keep, dict(t)
 
 
 def bare_partition_worker(folder: str, data_root: str, seed: int = 0) -> tuple[str, dict, dict]:
     import os
     import resource
+
     keep, times = bare_partition(Path(folder), Path(data_root), seed)
     times["_pid"] = os.getpid()
     times["_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return Path(folder).name, keep, times
 
 
-def bare_models(parts: dict[str, dict], data_root: Path, seed: int = 0, real_reference_dir: str = "",
-                threads: int = min(2, os.cpu_count() or 1)) -> tuple[dict, dict]:
+def bare_models(
+    parts: dict[str, dict],
+    data_root: Path,
+    seed: int = 0,
+    real_reference_dir: str = "",
+    threads: int = min(2, os.cpu_count() or 1),
+) -> tuple[dict, dict]:
     """The models phase (models_job): pooled folds (no fold cache: the cold cost), calibration, the calibration from
     request logs (no cache either), replay models."""
     from stepml_core.synth.calibration import calibration_tables
@@ -89,22 +108,33 @@ def bare_models(parts: dict[str, dict], data_root: Path, seed: int = 0, real_ref
     with t("pooled_models"):  # global_models + generalization, one pool of folds
         pooled = study.fit_study_pooled(mats, seed=seed, threads=threads)
     with t("calibration"):
-        cal = calibration_tables([parts[e]["run_summary"] for e in present], {e: parts[e]["step_table"] for e in present},
-                                 Path(data_root), Path(real_reference_dir) if real_reference_dir else None)
+        cal = calibration_tables(
+            [parts[e]["run_summary"] for e in present],
+            {e: parts[e]["step_table"] for e in present},
+            Path(data_root),
+            Path(real_reference_dir) if real_reference_dir else None,
+        )
     with t("request_calibration"):
         logs = {e: parts[e]["request_log"] for e in sorted(parts) if parts[e].get("request_log") is not None}
         calibrated = pipeline.request_calibration(logs, Path(data_root), seed=seed, workers=threads)
     with t("replay_models"):
-        specs = pipeline.replay_models({e: parts[e]["fitted_models"] for e in present},
-                                       {e: parts[e]["run_summary"] for e in present}, present, calibrated["specs"])
+        specs = pipeline.replay_models(
+            {e: parts[e]["fitted_models"] for e in present},
+            {e: parts[e]["run_summary"] for e in present},
+            present,
+            calibrated["specs"],
+        )
     return {**pooled, "calibration": cal, "request_calibration": calibrated, "replay_models": specs}, dict(t)
 
 
-def bare_replay(folder: Path, data_root: Path, stored_log: dict, specs: list, out_dir: Path, seed: int = 0) -> tuple[dict, float]:
+def bare_replay(
+    folder: Path, data_root: Path, stored_log: dict, specs: list, out_dir: Path, seed: int = 0
+) -> tuple[dict, float]:
     """One partition of the replay phase (replay_job): (value, seconds)."""
     t = time.perf_counter()
-    value, _ = pipeline.replay(Path(folder), Path(folder).name, stored_log, specs, data_root=Path(data_root), out_dir=str(out_dir),
-                               seed=seed)
+    value, _ = pipeline.replay(
+        Path(folder), Path(folder).name, stored_log, specs, data_root=Path(data_root), out_dir=str(out_dir), seed=seed
+    )
     return value, time.perf_counter() - t
 
 
@@ -113,7 +143,9 @@ def bare_replay_worker(folder: str, data_root: str, stored_log: dict, specs: lis
     return Path(folder).name, value, secs
 
 
-def bare_report(parts: dict[str, dict], models: dict, replays: dict[str, dict], out_dir: Path, seed: int = 0) -> tuple[dict, dict]:
+def bare_report(
+    parts: dict[str, dict], models: dict, replays: dict[str, dict], out_dir: Path, seed: int = 0
+) -> tuple[dict, dict]:
     """The report phase (study_job): replay_fidelity, calibration_fidelity, then study_report (pipeline.assemble_study)."""
     from stepml_core.replay_report import replay_section, replay_summary
 
@@ -126,28 +158,47 @@ def bare_report(parts: dict[str, dict], models: dict, replays: dict[str, dict], 
         fid = pipeline.replay_fidelity(replays, logs, sorted(replays), str(out_dir))
         fid = {k: v for k, v in fid.items() if k != "replay_csv"}
     with t("calibration_fidelity"):
-        cal_fid = pipeline.calibration_fidelity(models["request_calibration"], fid,
-                                                {e: parts[e]["step_table"] for e in present}, out_dir)
+        cal_fid = pipeline.calibration_fidelity(
+            models["request_calibration"], fid, {e: parts[e]["step_table"] for e in present}, out_dir
+        )
     with t("study_report"):
         col = lambda name: {e: parts[e][name] for e in present}  # noqa: E731
         verdict = pipeline.assemble_study(
-            present, metrics=col("metrics"), predictions=col("predictions"), global_models=models["global_models"],
-            run_summary=col("run_summary"), ablation=col("ablation"), generalization=models["generalization"],
-            calibration=models["calibration"], agreements=col("agreement"), e2e_fidelity=col("e2e_fidelity"),
-            method_checks=col("method_checks"), out_dir=str(out_dir), seed=seed,
-            extra_sections=replay_section(fid, str(out_dir)) + list(cal_fid["lines"]), summary_extra=replay_summary(fid))["verdict"]
+            present,
+            metrics=col("metrics"),
+            predictions=col("predictions"),
+            global_models=models["global_models"],
+            run_summary=col("run_summary"),
+            ablation=col("ablation"),
+            generalization=models["generalization"],
+            calibration=models["calibration"],
+            agreements=col("agreement"),
+            e2e_fidelity=col("e2e_fidelity"),
+            method_checks=col("method_checks"),
+            out_dir=str(out_dir),
+            seed=seed,
+            extra_sections=replay_section(fid, str(out_dir)) + list(cal_fid["lines"]),
+            summary_extra=replay_summary(fid),
+        )["verdict"]
     return {"verdict": verdict}, dict(t)
 
 
-def bare_study(parts: dict[str, dict], data_root: Path, out_dir: Path, seed: int = 0, real_reference_dir: str = "",
-               threads: int = min(2, os.cpu_count() or 1)) -> tuple[dict, dict]:
+def bare_study(
+    parts: dict[str, dict],
+    data_root: Path,
+    out_dir: Path,
+    seed: int = 0,
+    real_reference_dir: str = "",
+    threads: int = min(2, os.cpu_count() or 1),
+) -> tuple[dict, dict]:
     """The three study phases in-process over {experiment: bare_partition values}: models, replays, report."""
     models, times = bare_models(parts, data_root, seed, real_reference_dir, threads)
     replays, t_replay = {}, 0.0
     for e in sorted(parts):
         if parts[e].get("request_log") is not None:
-            replays[e], secs = bare_replay(Path(data_root) / e, data_root, parts[e]["request_log"], models["replay_models"],
-                                           Path(out_dir), seed)
+            replays[e], secs = bare_replay(
+                Path(data_root) / e, data_root, parts[e]["request_log"], models["replay_models"], Path(out_dir), seed
+            )
             t_replay += secs
     out, t_report = bare_report(parts, models, replays, out_dir, seed)
     return out, {**times, "replay": t_replay, **t_report}

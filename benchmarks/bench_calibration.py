@@ -41,8 +41,15 @@ def load_runs(root: Path):
 
     def load(e):
         m = metas[e]
-        ctx = run_context(m.folder, experiment_id=e, model=m.model, tp=m.tp, exp_config=m.exp_config, profile=m.profile,
-                          header=logs[e].header)
+        ctx = run_context(
+            m.folder,
+            experiment_id=e,
+            model=m.model,
+            tp=m.tp,
+            exp_config=m.exp_config,
+            profile=m.profile,
+            header=logs[e].header,
+        )
         return CalibrationRun(e, m.model, m.workload, logs[e].role, logs[e].table, ctx)
 
     return infos, load
@@ -91,20 +98,26 @@ def main() -> int:
         cals = cp.run_calibrations(folds, load, workers=a.workers, progress=say)
         wall = time.perf_counter() - t
         evals = sum(c.refine.evaluations for c in cals.values() if c.refine)
-        print(f"calibration of the 4 LLM models on all {sum(len(f.calibrate_on) for f in folds)} runs with ground truth "
-              f"({len(infos)} runs; {a.workers} workers): {wall:.1f} s (target < {TARGET_S:.0f} s: "
-              f"{'met' if wall < TARGET_S else 'MISSED'}); {wall / base:.1f}× the baseline replay")
+        print(
+            f"calibration of the 4 LLM models on all {sum(len(f.calibrate_on) for f in folds)} runs with ground truth "
+            f"({len(infos)} runs; {a.workers} workers): {wall:.1f} s (target < {TARGET_S:.0f} s: "
+            f"{'met' if wall < TARGET_S else 'MISSED'}); {wall / base:.1f}× the baseline replay"
+        )
         for k, c in sorted(cals.items()):
             r = c.refine
-            print(f"  {k[0]:14s} runs {len(k[1])}  closed form {c.seconds['closed_form']:.2f} s  refinement "
-                  f"{r.evaluations if r else 0} evaluations {c.seconds['refine']:.1f} s  bootstrap {c.seconds['bootstrap']:.1f} s")
+            print(
+                f"  {k[0]:14s} runs {len(k[1])}  closed form {c.seconds['closed_form']:.2f} s  refinement "
+                f"{r.evaluations if r else 0} evaluations {c.seconds['refine']:.1f} s  bootstrap {c.seconds['bootstrap']:.1f} s"
+            )
         print(f"  optimizer: {evals} simulator evaluations in total")
         if a.protocols:
             t = time.perf_counter()
             out = cp.study_calibration(infos, load, workers=a.workers, progress=say)
             wall2 = time.perf_counter() - t
-            print(f"every protocol ({len(out['calibrations'])} distinct calibrations, {len(out['specs'])} replay models): "
-                  f"{wall2:.1f} s; {wall2 / base:.1f}× the baseline replay")
+            print(
+                f"every protocol ({len(out['calibrations'])} distinct calibrations, {len(out['specs'])} replay models): "
+                f"{wall2:.1f} s; {wall2 / base:.1f}× the baseline replay"
+            )
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (figures are noisy under load)")
     return 0
 

@@ -39,24 +39,58 @@ RID = "20260101-120000-llama-2-7b-tp1-codegen"
 
 
 def _step_line() -> bytes:
-    ev = {"timeUnixNano": "1", "name": "step.BATCH_SUMMARY", "attributes": [
-        {"key": k, "value": {"intValue": str(v)}} for k, v in [
-            ("step.id", 1), ("step.ts_start_ns", 10), ("step.ts_end_ns", 20), ("step.duration_us", 5),
-            ("queue.running_depth", 1), ("queue.waiting_depth", 0), ("batch.num_prefill_reqs", 0),
-            ("batch.num_decode_reqs", 1), ("batch.scheduled_tokens", 1), ("batch.prefill_tokens", 0),
-            ("batch.decode_tokens", 1), ("batch.num_finished", 0), ("batch.num_preempted", 0),
-            ("kv.blocks_total_gpu", 100), ("kv.blocks_free_gpu", 50)]] + [
-        {"key": "kv.usage_gpu_ratio", "value": {"doubleValue": 0.5}}]}
-    span = {"traceId": "a" * 32, "spanId": "b" * 16, "name": "scheduler_steps_1", "startTimeUnixNano": "1",
-            "endTimeUnixNano": "2", "events": [ev]}
-    return json.dumps({"resourceSpans": [{"resource": {"attributes": []}, "scopeSpans": [
-        {"scope": {"name": "vllm.scheduler.step"}, "spans": [span]}]}]}, separators=(",", ":")).encode()
+    ev = {
+        "timeUnixNano": "1",
+        "name": "step.BATCH_SUMMARY",
+        "attributes": [
+            {"key": k, "value": {"intValue": str(v)}}
+            for k, v in [
+                ("step.id", 1),
+                ("step.ts_start_ns", 10),
+                ("step.ts_end_ns", 20),
+                ("step.duration_us", 5),
+                ("queue.running_depth", 1),
+                ("queue.waiting_depth", 0),
+                ("batch.num_prefill_reqs", 0),
+                ("batch.num_decode_reqs", 1),
+                ("batch.scheduled_tokens", 1),
+                ("batch.prefill_tokens", 0),
+                ("batch.decode_tokens", 1),
+                ("batch.num_finished", 0),
+                ("batch.num_preempted", 0),
+                ("kv.blocks_total_gpu", 100),
+                ("kv.blocks_free_gpu", 50),
+            ]
+        ]
+        + [{"key": "kv.usage_gpu_ratio", "value": {"doubleValue": 0.5}}],
+    }
+    span = {
+        "traceId": "a" * 32,
+        "spanId": "b" * 16,
+        "name": "scheduler_steps_1",
+        "startTimeUnixNano": "1",
+        "endTimeUnixNano": "2",
+        "events": [ev],
+    }
+    return json.dumps(
+        {
+            "resourceSpans": [
+                {
+                    "resource": {"attributes": []},
+                    "scopeSpans": [{"scope": {"name": "vllm.scheduler.step"}, "spans": [span]}],
+                }
+            ]
+        },
+        separators=(",", ":"),
+    ).encode()
 
 
 def _run_folder(root: Path, trace_name: str, trace: bytes, exp_extra: str = "") -> Path:
     d = root / RID
     d.mkdir(parents=True, exist_ok=True)
-    (d / "exp-config.yaml").write_text("tensor_parallelism: 1\nmax_num_batched_tokens: 2048\nmax_num_seqs: 128\n" + exp_extra)
+    (d / "exp-config.yaml").write_text(
+        "tensor_parallelism: 1\nmax_num_batched_tokens: 2048\nmax_num_seqs: 128\n" + exp_extra
+    )
     (d / trace_name).write_bytes(trace)
     return d
 
@@ -70,7 +104,9 @@ def case(name: str, tmp: Path) -> dict:
     elif name == "long_line":
         d = _run_folder(tmp, "traces.json.gz", gzip.compress(b"x" * (64 << 20), compresslevel=9, mtime=0) * 128)
     elif name == "repeat_bomb":
-        d = _run_folder(tmp, "traces.json.gz", gzip.compress((_step_line() + b"\n") * 40_000, compresslevel=9, mtime=0) * 4)
+        d = _run_folder(
+            tmp, "traces.json.gz", gzip.compress((_step_line() + b"\n") * 40_000, compresslevel=9, mtime=0) * 4
+        )
     elif name == "yaml_bomb":
         bomb = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
         bomb += [f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9) + "]" for p, c in zip("abcdefgh", "bcdefghi")]
@@ -105,13 +141,19 @@ def sensor_case(tmp: Path) -> dict:
     _run_folder(data, "traces.json", _step_line() + b"\n")
     os.environ["STEPML_SENSOR_SETTLE_S"] = "0"
     with dg.instance_for_test() as inst:
-        ctx = dg.build_sensor_context(instance=inst, resources={"settings": StepMLSettings(data_dir=str(data), out_dir=str(tmp / "out"))})
+        ctx = dg.build_sensor_context(
+            instance=inst, resources={"settings": StepMLSettings(data_dir=str(data), out_dir=str(tmp / "out"))}
+        )
         t = time.perf_counter()
         res = S.build_experiment_sensor(minimum_interval_seconds=1)(ctx)
         secs = time.perf_counter() - t
     keys = [r.partition_key for r in getattr(res, "run_requests", None) or []]
-    return {"case": "sensor_bomb", "input_bytes": sum(p.stat().st_size for p in data.rglob("*") if p.is_file()),
-            "seconds": round(secs, 2), "outcome": f"requested {keys}"}
+    return {
+        "case": "sensor_bomb",
+        "input_bytes": sum(p.stat().st_size for p in data.rglob("*") if p.is_file()),
+        "seconds": round(secs, 2),
+        "outcome": f"requested {keys}",
+    }
 
 
 def dead_worker(tmp: Path) -> dict:
@@ -135,8 +177,12 @@ def dead_worker(tmp: Path) -> dict:
 
     def killer():
         while "killed" not in res:
-            for r in inst.get_runs(dg.RunsFilter(tags={"dagster/partition": keys[0]}, statuses=[dg.DagsterRunStatus.STARTED])):
-                pids = {e.dagster_event.pid for e in inst.all_logs(r.run_id) if e.dagster_event and e.dagster_event.pid} - {os.getpid()}
+            for r in inst.get_runs(
+                dg.RunsFilter(tags={"dagster/partition": keys[0]}, statuses=[dg.DagsterRunStatus.STARTED])
+            ):
+                pids = {
+                    e.dagster_event.pid for e in inst.all_logs(r.run_id) if e.dagster_event and e.dagster_event.pid
+                } - {os.getpid()}
                 if pids:
                     os.kill(pids.pop(), signal.SIGKILL)
                     res["killed"] = time.perf_counter()
@@ -144,15 +190,25 @@ def dead_worker(tmp: Path) -> dict:
             time.sleep(0.05)
 
     threading.Thread(target=killer, daemon=True).start()
-    t = threading.Thread(target=lambda: res.update(out=run_study(tmp / "data", tmp / "out", synth_if_empty=False, quiet=True, workers=2)),
-                         daemon=True)
+    t = threading.Thread(
+        target=lambda: res.update(
+            out=run_study(tmp / "data", tmp / "out", synth_if_empty=False, quiet=True, workers=2)
+        ),
+        daemon=True,
+    )
     t.start()
     t.join(timeout=240 + 60)
     after = time.perf_counter() - res["killed"] if "killed" in res else None
     out = res.get("out") or {}
     started = inst.get_runs_count(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
-    outcome = (f"{'returned' if not t.is_alive() else 'STILL RUNNING'} {after:.0f} s after the kill; failed {out.get('failed')}: "
-               f"{(out.get('errors') or {}).get(keys[0])}; runs left STARTED: {started}") if after is not None else "no kill"
+    outcome = (
+        (
+            f"{'returned' if not t.is_alive() else 'STILL RUNNING'} {after:.0f} s after the kill; failed {out.get('failed')}: "
+            f"{(out.get('errors') or {}).get(keys[0])}; runs left STARTED: {started}"
+        )
+        if after is not None
+        else "no kill"
+    )
     if t.is_alive():
         print(json.dumps({"case": "dead_worker", "outcome": outcome}), flush=True)
         os._exit(0)  # the old pool waits forever
@@ -171,8 +227,12 @@ def ingest_real() -> dict:
         t = time.perf_counter()
         nbytes = sum(read_traces(f, workers=1).counters["bytes_uncompressed"] for f in files)
         best = min(best, time.perf_counter() - t)
-    return {"case": "ingest_real", "input_bytes": nbytes, "seconds": round(best, 3),
-            "outcome": f"{nbytes / best / 1e6:.0f} MB/s over {len(files)} real files (best of 5)"}
+    return {
+        "case": "ingest_real",
+        "input_bytes": nbytes,
+        "seconds": round(best, 3),
+        "outcome": f"{nbytes / best / 1e6:.0f} MB/s over {len(files)} real files (best of 5)",
+    }
 
 
 def main() -> None:
@@ -188,7 +248,11 @@ def main() -> None:
         return
     for name in a.cases.split(","):
         p = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True)
-        line = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else json.dumps({"case": name, "error": p.stderr[-500:]})
+        line = (
+            p.stdout.strip().splitlines()[-1]
+            if p.stdout.strip()
+            else json.dumps({"case": name, "error": p.stderr[-500:]})
+        )
         print(line, flush=True)
 
 

@@ -63,14 +63,19 @@ def baseline(path: Path) -> dict:
                             sattrs[a["key"]] = next(iter(v.values()), None)
                         events = sp.get("events", [])
                         if sp.get("name", "").startswith("scheduler_steps_"):
-                            tables["step_spans"].append({
-                                "span_sequence": int(sattrs.get("scheduler.span_sequence", 0)),
-                                "step_range_start": int(sattrs.get("scheduler.step_range_start", 0)),
-                                "step_range_end": int(sattrs.get("scheduler.step_range_end", 0)),
-                                "closure_interval": int(sattrs.get("scheduler.closure_interval", 0)),
-                                "dropped_events_count": int(sp.get("droppedEventsCount", 0)),
-                                "n_events": len(events), "start_unix_nano": int(sp["startTimeUnixNano"]),
-                                "end_unix_nano": int(sp["endTimeUnixNano"]), "source_line": ln})
+                            tables["step_spans"].append(
+                                {
+                                    "span_sequence": int(sattrs.get("scheduler.span_sequence", 0)),
+                                    "step_range_start": int(sattrs.get("scheduler.step_range_start", 0)),
+                                    "step_range_end": int(sattrs.get("scheduler.step_range_end", 0)),
+                                    "closure_interval": int(sattrs.get("scheduler.closure_interval", 0)),
+                                    "dropped_events_count": int(sp.get("droppedEventsCount", 0)),
+                                    "n_events": len(events),
+                                    "start_unix_nano": int(sp["startTimeUnixNano"]),
+                                    "end_unix_nano": int(sp["endTimeUnixNano"]),
+                                    "source_line": ln,
+                                }
+                            )
                         for ev in events:
                             row = {}
                             for a in ev.get("attributes", []):
@@ -90,8 +95,13 @@ def baseline(path: Path) -> dict:
                             elif name == "step.REQUEST_SNAPSHOT":
                                 tables["snapshots"].append(row)
                             elif name.startswith(("journey.", "api.")):
-                                row.update({"request.id": sattrs.get("gen_ai.request.id"),
-                                            "trace_id": sp.get("traceId"), "span_id": sp.get("spanId")})
+                                row.update(
+                                    {
+                                        "request.id": sattrs.get("gen_ai.request.id"),
+                                        "trace_id": sp.get("traceId"),
+                                        "span_id": sp.get("spanId"),
+                                    }
+                                )
                                 tables["journey" if name[0] == "j" else "api"].append(row)
     return {k: pd.DataFrame(v) for k, v in tables.items()}
 
@@ -130,9 +140,12 @@ def bench_file(path: Path, repeat: int) -> dict:
             cpu[k].append(time.process_time() - c)
     res = {"file": str(path), "mb_uncompressed": round(mb, 3)}
     for k in readers:
-        res[k] = {"best_s": min(times[k]), "median_s": statistics.median(times[k]),
-                  "cpu_best_s": None if k == "stepml_w2" else min(cpu[k]),
-                  "steps": steps[k].pop() if len(steps[k]) == 1 else sorted(steps[k])}
+        res[k] = {
+            "best_s": min(times[k]),
+            "median_s": statistics.median(times[k]),
+            "cpu_best_s": None if k == "stepml_w2" else min(cpu[k]),
+            "steps": steps[k].pop() if len(steps[k]) == 1 else sorted(steps[k]),
+        }
     res["steps_agree"] = len({str(res[k]["steps"]) for k in readers}) == 1
     res["lines_fast"] = first.counters.get("lines_fast")
     res["lines_general"] = first.counters.get("lines_general")
@@ -150,16 +163,26 @@ def bench_file(path: Path, repeat: int) -> dict:
 
 def _print(res: dict) -> None:
     print(f"\n{res['file']}  ({res['mb_uncompressed']:.1f} MB uncompressed)")
-    print(f"  {'reader':<12} {'best ms':>9} {'median ms':>10} {'MB/s':>8} {'steps/s':>11} {'x baseline':>11} "
-          f"{'(median)':>9} {'x floor':>8} {'cpu ms':>8} {'(x base)':>9} {'steps':>7}")
+    print(
+        f"  {'reader':<12} {'best ms':>9} {'median ms':>10} {'MB/s':>8} {'steps/s':>11} {'x baseline':>11} "
+        f"{'(median)':>9} {'x floor':>8} {'cpu ms':>8} {'(x base)':>9} {'steps':>7}"
+    )
     for k in ("baseline", "floor", "stepml_w1", "stepml_w2"):
         r = res[k]
-        cpu = f"{r['cpu_best_s'] * 1e3:8.1f} {r['cpu_speedup_vs_baseline']:9.2f}" if r["cpu_best_s"] else f"{'-':>8} {'-':>9}"
-        print(f"  {k:<12} {r['best_s'] * 1e3:9.1f} {r['median_s'] * 1e3:10.1f} {r['mb_per_s']:8.0f} "
-              f"{r['steps_per_s']:11.0f} {r['speedup_vs_baseline']:11.2f} {r['median_speedup_vs_baseline']:9.2f} "
-              f"{r['speedup_vs_floor']:8.2f} {cpu} {r['steps']!s:>7}")
-    print(f"  BATCH_SUMMARY row counts agree: {res['steps_agree']}; StepML lines on the fast path: "
-          f"{res['lines_fast']}, general path: {res['lines_general']}")
+        cpu = (
+            f"{r['cpu_best_s'] * 1e3:8.1f} {r['cpu_speedup_vs_baseline']:9.2f}"
+            if r["cpu_best_s"]
+            else f"{'-':>8} {'-':>9}"
+        )
+        print(
+            f"  {k:<12} {r['best_s'] * 1e3:9.1f} {r['median_s'] * 1e3:10.1f} {r['mb_per_s']:8.0f} "
+            f"{r['steps_per_s']:11.0f} {r['speedup_vs_baseline']:11.2f} {r['median_speedup_vs_baseline']:9.2f} "
+            f"{r['speedup_vs_floor']:8.2f} {cpu} {r['steps']!s:>7}"
+        )
+    print(
+        f"  BATCH_SUMMARY row counts agree: {res['steps_agree']}; StepML lines on the fast path: "
+        f"{res['lines_fast']}, general path: {res['lines_general']}"
+    )
 
 
 def find_traces(folder: Path) -> list[Path]:
@@ -198,11 +221,17 @@ def main(argv=None) -> int:
         results.append(res)
     tot = {k: sum(r[k]["best_s"] for r in results) for k in ("baseline", "floor", "stepml_w1", "stepml_w2")}
     mb = sum(r["mb_uncompressed"] for r in results)
-    summary = {k: {"mb_per_s": mb / v, "speedup_vs_baseline": tot["baseline"] / v, "speedup_vs_floor": tot["floor"] / v}
-               for k, v in tot.items()}
-    print(f"\nall files ({mb:.1f} MB): " + "; ".join(
-        f"{k} {v['mb_per_s']:.0f} MB/s ({v['speedup_vs_baseline']:.2f}x baseline, {v['speedup_vs_floor']:.2f}x floor)"
-        for k, v in summary.items()))
+    summary = {
+        k: {"mb_per_s": mb / v, "speedup_vs_baseline": tot["baseline"] / v, "speedup_vs_floor": tot["floor"] / v}
+        for k, v in tot.items()
+    }
+    print(
+        f"\nall files ({mb:.1f} MB): "
+        + "; ".join(
+            f"{k} {v['mb_per_s']:.0f} MB/s ({v['speedup_vs_baseline']:.2f}x baseline, {v['speedup_vs_floor']:.2f}x floor)"
+            for k, v in summary.items()
+        )
+    )
     ok = all(r["steps_agree"] for r in results)
     if not ok:
         print("ERROR: readers disagree on the number of BATCH_SUMMARY rows")

@@ -37,11 +37,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import REPO, PeakRSS, children_cpu_s, event_log_breakdown, load_avg, run_stepml, sampled_steps, synthesize_seeds  # noqa: E402
+from _common import (
+    REPO,
+    PeakRSS,
+    children_cpu_s,
+    event_log_breakdown,
+    load_avg,
+    run_stepml,
+    sampled_steps,
+    synthesize_seeds,
+)  # noqa: E402
 
 OUTPUTS = ("metrics.csv", "verdict.json")
 
-SINGLE_RUN = r'''
+SINGLE_RUN = r"""
 import json, sys, time
 from pathlib import Path
 import dagster as dg
@@ -61,11 +70,13 @@ res = job.execute_in_process(instance=inst, raise_on_error=False,
                              run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}})
 steps = [e.step_key for e in res.all_events if e.is_step_success]
 print(json.dumps({"success": res.success, "run_s": time.perf_counter() - t, "error": run_error(res), "steps_ok": steps}))
-'''
+"""
 
 
 def digest(out: Path) -> dict[str, str | None]:
-    return {n: (hashlib.sha256((out / n).read_bytes()).hexdigest()[:16] if (out / n).is_file() else None) for n in OUTPUTS}
+    return {
+        n: (hashlib.sha256((out / n).read_bytes()).hexdigest()[:16] if (out / n).is_file() else None) for n in OUTPUTS
+    }
 
 
 def phases(home: Path) -> dict[str, str]:
@@ -83,7 +94,9 @@ def phases(home: Path) -> dict[str, str]:
         rs = [r for r in recs if r.dagster_run.job_name == job]
         if rs:
             ok = sum(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS for r in rs)
-            start = min(r.start_time for r in rs if r.start_time) - t0 if any(r.start_time for r in rs) else float("nan")
+            start = (
+                min(r.start_time for r in rs if r.start_time) - t0 if any(r.start_time for r in rs) else float("nan")
+            )
             end = max(r.end_time for r in rs if r.end_time) - t0 if any(r.end_time for r in rs) else float("nan")
             out[job] = f"{ok}/{len(rs)} ok, {start:.0f} → {end:.0f} s"
     return out
@@ -91,12 +104,21 @@ def phases(home: Path) -> dict[str, str]:
 
 def local_variant(root: Path, tmp: Path, name: str, workers: int) -> dict:
     out = tmp / name
-    r = run_stepml(["run", "--data", str(root), "--out", str(out), "--no-synth", "--workers", str(workers)],
-                   out / "dagster_home", log=tmp / f"{name}.log")
+    r = run_stepml(
+        ["run", "--data", str(root), "--out", str(out), "--no-synth", "--workers", str(workers)],
+        out / "dagster_home",
+        log=tmp / f"{name}.log",
+    )
     runs = [x for x in event_log_breakdown(out / "dagster_home")["runs"] if x["job"] == "experiment_job"]
     overhead = sum(x["wall_s"] - x["steps_s"] for x in runs)  # run start, plan, event writes around the steps
-    return {**r, "ok": r["rc"] == 0, "outputs": digest(out), "experiment_runs": len(runs), "experiment_run_overhead_s": overhead,
-            "phases": phases(out / "dagster_home")}
+    return {
+        **r,
+        "ok": r["rc"] == 0,
+        "outputs": digest(out),
+        "experiment_runs": len(runs),
+        "experiment_run_overhead_s": overhead,
+        "phases": phases(out / "dagster_home"),
+    }
 
 
 def daemon_variant(root: Path, tmp: Path, name: str, n_runs: int, timeout_s: float, interval_s: int) -> dict:
@@ -106,15 +128,30 @@ def daemon_variant(root: Path, tmp: Path, name: str, n_runs: int, timeout_s: flo
     home, out = tmp / name / "dagster_home", tmp / name
     home.mkdir(parents=True)
     shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
-    env = {**os.environ, "DAGSTER_HOME": str(home), "STEPML_DATA_DIR": str(root), "STEPML_OUT_DIR": str(out),
-           "STEPML_SENSOR_INTERVAL_S": str(interval_s), "STEPML_SENSOR_STATUS": "running", "STEPML_SENSOR_SETTLE_S": "0",
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "STEPML_DATA_DIR": str(root),
+        "STEPML_OUT_DIR": str(out),
+        "STEPML_SENSOR_INTERVAL_S": str(interval_s),
+        "STEPML_SENSOR_STATUS": "running",
+        "STEPML_SENSOR_SETTLE_S": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
     exe = Path(sys.executable).parent / "dagster-daemon"
-    inst = dg.DagsterInstance.from_config(str(home))  # creates the SQLite storage before the daemon opens it (two at once race)
+    inst = dg.DagsterInstance.from_config(
+        str(home)
+    )  # creates the SQLite storage before the daemon opens it (two at once race)
     cpu0, load0, t0 = children_cpu_s(), load_avg(), time.time()
     log = open(tmp / f"{name}.log", "w")
-    proc = subprocess.Popen([str(exe), "run", "-w", str(REPO / "workspace.yaml")], cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(exe), "run", "-w", str(REPO / "workspace.yaml")],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     status = "timed out"
     try:
         with PeakRSS(proc.pid) as mem:
@@ -125,10 +162,21 @@ def daemon_variant(root: Path, tmp: Path, name: str, n_runs: int, timeout_s: flo
                     status = "daemon exited"
                     break
                 recs = inst.get_run_records()
-                active = [r for r in recs if r.dagster_run.status in (dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING,
-                                                                       dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.NOT_STARTED)]
-                study_done = any(r.dagster_run.job_name == "study_job" and r.dagster_run.status == dg.DagsterRunStatus.SUCCESS
-                                 for r in recs)
+                active = [
+                    r
+                    for r in recs
+                    if r.dagster_run.status
+                    in (
+                        dg.DagsterRunStatus.QUEUED,
+                        dg.DagsterRunStatus.STARTING,
+                        dg.DagsterRunStatus.STARTED,
+                        dg.DagsterRunStatus.NOT_STARTED,
+                    )
+                ]
+                study_done = any(
+                    r.dagster_run.job_name == "study_job" and r.dagster_run.status == dg.DagsterRunStatus.SUCCESS
+                    for r in recs
+                )
                 exp_done = sum(r.dagster_run.job_name == "experiment_job" and r.end_time is not None for r in recs)
                 if active or not study_done or exp_done < n_runs:
                     quiet_since = None
@@ -154,12 +202,25 @@ def daemon_variant(root: Path, tmp: Path, name: str, n_runs: int, timeout_s: flo
     by_job: dict[str, int] = {}
     for r in recs:
         by_job[r.dagster_run.job_name] = by_job.get(r.dagster_run.job_name, 0) + 1
-    failed = [f"{r.dagster_run.job_name}[{r.dagster_run.tags.get('dagster/partition', '')}]" for r in recs
-              if r.dagster_run.status == dg.DagsterRunStatus.FAILURE]
-    return {"ok": status == "done" and not failed, "status": status, "wall_s": (max(ends) - t0) if ends else float("nan"),
-            "cpu_s": children_cpu_s() - cpu0, "peak_rss_gb": mem.peak / 1e9, "peak_one_process_gb": mem.peak_one / 1e9,
-            "runs": by_job, "failed_runs": failed, "load_before": load0, "load_after": load_avg(), "outputs": digest(out),
-            "phases": phases(home)}
+    failed = [
+        f"{r.dagster_run.job_name}[{r.dagster_run.tags.get('dagster/partition', '')}]"
+        for r in recs
+        if r.dagster_run.status == dg.DagsterRunStatus.FAILURE
+    ]
+    return {
+        "ok": status == "done" and not failed,
+        "status": status,
+        "wall_s": (max(ends) - t0) if ends else float("nan"),
+        "cpu_s": children_cpu_s() - cpu0,
+        "peak_rss_gb": mem.peak / 1e9,
+        "peak_one_process_gb": mem.peak_one / 1e9,
+        "runs": by_job,
+        "failed_runs": failed,
+        "load_before": load0,
+        "load_after": load_avg(),
+        "outputs": digest(out),
+        "phases": phases(home),
+    }
 
 
 def single_run_variant(root: Path, tmp: Path, name: str) -> dict:
@@ -167,8 +228,14 @@ def single_run_variant(root: Path, tmp: Path, name: str) -> dict:
     home.mkdir(parents=True)
     env = {**os.environ, "DAGSTER_HOME": str(home)}
     cpu0, load0, t0 = children_cpu_s(), load_avg(), time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-c", SINGLE_RUN, str(root), str(out)], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", SINGLE_RUN, str(root), str(out)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     with PeakRSS(p.pid) as mem:
         stdout, stderr = p.communicate()
     wall = time.perf_counter() - t0
@@ -176,8 +243,15 @@ def single_run_variant(root: Path, tmp: Path, name: str) -> dict:
         res = json.loads(stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
         res = {"success": False, "error": (stderr or stdout).strip().splitlines()[-1:] or ["no output"]}
-    return {**res, "ok": bool(res.get("success")), "wall_s": wall, "cpu_s": children_cpu_s() - cpu0,
-            "peak_rss_gb": mem.peak / 1e9, "load_before": load0, "load_after": load_avg()}
+    return {
+        **res,
+        "ok": bool(res.get("success")),
+        "wall_s": wall,
+        "cpu_s": children_cpu_s() - cpu0,
+        "peak_rss_gb": mem.peak / 1e9,
+        "load_before": load0,
+        "load_after": load_avg(),
+    }
 
 
 def main(argv=None) -> int:
@@ -196,25 +270,45 @@ def main(argv=None) -> int:
     try:
         folders = synthesize_seeds(tmp / "pool", [a.seed], scale=a.scale, workers=2)[a.seed]
         root = folders[0].parent
-        print(f"{len(folders)} synthetic runs (scale {a.scale}, seed {a.seed}, {sampled_steps(folders)} sampled steps) in {root}; "
-              f"{os.cpu_count()} cores, load average {load_avg():.1f}", flush=True)
-        res: dict = {"scale": a.scale, "seed": a.seed, "runs": len(folders), "sampled_steps": sampled_steps(folders),
-                     "cores": os.cpu_count()}
-        variants = [("A_local_workers2", lambda: local_variant(root, tmp, "A_local_workers2", 2)),
-                    ("B_local_workers1", lambda: local_variant(root, tmp, "B_local_workers1", 1))]
+        print(
+            f"{len(folders)} synthetic runs (scale {a.scale}, seed {a.seed}, {sampled_steps(folders)} sampled steps) in {root}; "
+            f"{os.cpu_count()} cores, load average {load_avg():.1f}",
+            flush=True,
+        )
+        res: dict = {
+            "scale": a.scale,
+            "seed": a.seed,
+            "runs": len(folders),
+            "sampled_steps": sampled_steps(folders),
+            "cores": os.cpu_count(),
+        }
+        variants = [
+            ("A_local_workers2", lambda: local_variant(root, tmp, "A_local_workers2", 2)),
+            ("B_local_workers1", lambda: local_variant(root, tmp, "B_local_workers1", 1)),
+        ]
         if not a.skip_daemon:
-            variants.append(("C_daemon", lambda: daemon_variant(root, tmp, "C_daemon", len(folders), a.daemon_timeout,
-                                                                 a.sensor_interval)))
+            variants.append(
+                (
+                    "C_daemon",
+                    lambda: daemon_variant(root, tmp, "C_daemon", len(folders), a.daemon_timeout, a.sensor_interval),
+                )
+            )
         variants.append(("D_single_run_range", lambda: single_run_variant(root, tmp, "D_single_run_range")))
         order = {v[0][0]: v for v in variants}
         for name, fn in [order[c] for c in a.order if c in order]:
             print(f"{name} ...", flush=True)
             res[name] = r = fn()
-            print(f"  {'ok' if r['ok'] else 'FAILED'}: wall {r['wall_s']:.1f} s, {r['cpu_s']:.0f} CPU-s, peak RSS "
-                  f"{r['peak_rss_gb']:.2f} GB (load {r['load_before']:.1f} → {r['load_after']:.1f})"
-                  + (f"; error: {r.get('error')}" if not r["ok"] and r.get("error") else "")
-                  + (f"; status {r['status']}, runs {r['runs']}, failed {r['failed_runs']}" if "runs" in r and isinstance(r["runs"], dict) else ""),
-                  flush=True)
+            print(
+                f"  {'ok' if r['ok'] else 'FAILED'}: wall {r['wall_s']:.1f} s, {r['cpu_s']:.0f} CPU-s, peak RSS "
+                f"{r['peak_rss_gb']:.2f} GB (load {r['load_before']:.1f} → {r['load_after']:.1f})"
+                + (f"; error: {r.get('error')}" if not r["ok"] and r.get("error") else "")
+                + (
+                    f"; status {r['status']}, runs {r['runs']}, failed {r['failed_runs']}"
+                    if "runs" in r and isinstance(r["runs"], dict)
+                    else ""
+                ),
+                flush=True,
+            )
             for job, what in r.get("phases", {}).items():
                 print(f"    {job:<15} {what}", flush=True)
         base = res["A_local_workers2"]
@@ -222,12 +316,16 @@ def main(argv=None) -> int:
         for name in [n for n, _ in variants if n in res]:
             r = res[name]
             same = "" if "outputs" not in r else ("yes" if r["outputs"] == base["outputs"] and r["ok"] else "NO")
-            print(f"  {name:<22} {r['wall_s']:8.1f} {r['wall_s'] / base['wall_s']:6.2f} {r['peak_rss_gb']:12.2f} "
-                  f"{r['peak_rss_gb'] / base['peak_rss_gb']:6.2f}  {same if r['ok'] else 'FAILED'}")
+            print(
+                f"  {name:<22} {r['wall_s']:8.1f} {r['wall_s'] / base['wall_s']:6.2f} {r['peak_rss_gb']:12.2f} "
+                f"{r['peak_rss_gb'] / base['peak_rss_gb']:6.2f}  {same if r['ok'] else 'FAILED'}"
+            )
         for name in ("A_local_workers2", "B_local_workers1"):
             r = res[name]
-            print(f"  {name}: Σ over its {r['experiment_runs']} experiment_job runs of (run wall − Σ step durations) = "
-                  f"{r['experiment_run_overhead_s']:.1f} s: the most one run over the partition range could save")
+            print(
+                f"  {name}: Σ over its {r['experiment_runs']} experiment_job runs of (run wall − Σ step durations) = "
+                f"{r['experiment_run_overhead_s']:.1f} s: the most one run over the partition range could save"
+            )
         if a.json:
             a.json.write_text(json.dumps(res, indent=1, default=str))
     finally:

@@ -19,7 +19,13 @@ import polars as pl
 from stepml_core.catalog import gpu_spec, model_spec
 from stepml_core.estimators import fit_hgb_validated, fit_ridge_log_validated, fit_ridge_validated, predict_model
 from stepml_core.export import export_model
-from stepml_core.features import RequestInBatch, batch_features, feature_columns, snapshot_aggregates, step_table_features
+from stepml_core.features import (
+    RequestInBatch,
+    batch_features,
+    feature_columns,
+    snapshot_aggregates,
+    step_table_features,
+)
 from stepml_core.reference_predictor import predict_step_time
 
 
@@ -31,16 +37,23 @@ def make_batch(rng, n=128, prefill=2):
 
 def fit_example(kind: str, rng) -> dict:
     m, g = model_spec("llama-2-70b"), gpu_spec()
-    batches = [[RequestInBatch(*r) for r in make_batch(rng, int(rng.integers(1, 128)), int(rng.integers(0, 3)))] for _ in range(600)]
+    batches = [
+        [RequestInBatch(*r) for r in make_batch(rng, int(rng.integers(1, 128)), int(rng.integers(0, 3)))]
+        for _ in range(600)
+    ]
     X = np.array([[batch_features(b, m, g, 4)[c] for c in feature_columns()] for b in batches])
     col = feature_columns().index
     y = 9000 + 20 * X[:, col("decode_tokens")] + X[:, col("kv_sum")] / 50
     y = y * rng.lognormal(0, 0.03, len(y))
     args = ("bench", "cycle_us", feature_columns(), X[:400], y[:400], X[400:], y[400:])
-    fitted = {"linear": lambda: {**fit_ridge_validated(*args).to_dict(), "kind": "linear"},
-              "log_linear": lambda: fit_ridge_log_validated(*args),
-              "trees": lambda: {k: v for k, v in fit_hgb_validated(*args).items() if k != "_sklearn"}}[kind]()
-    return json.loads(json.dumps(export_model(fitted, model="llama-2-70b", tp=4, data_versions={"bench": "synthetic-random"})))
+    fitted = {
+        "linear": lambda: {**fit_ridge_validated(*args).to_dict(), "kind": "linear"},
+        "log_linear": lambda: fit_ridge_log_validated(*args),
+        "trees": lambda: {k: v for k, v in fit_hgb_validated(*args).items() if k != "_sklearn"},
+    }[kind]()
+    return json.loads(
+        json.dumps(export_model(fitted, model="llama-2-70b", tp=4, data_versions={"bench": "synthetic-random"}))
+    )
 
 
 def main() -> None:
@@ -50,7 +63,7 @@ def main() -> None:
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     batch = make_batch(rng)
-    for kind in (["linear", "log_linear", "trees"] if a.kind == "all" else [a.kind]):
+    for kind in ["linear", "log_linear", "trees"] if a.kind == "all" else [a.kind]:
         exp = fit_example(kind, rng)
         ms, gs = exp["model_spec"], exp["gpu_spec"]
         reps = a.reps if kind != "trees" else max(1000, a.reps // 10)
@@ -60,13 +73,29 @@ def main() -> None:
             predict_step_time(batch, exp, ms, gs, 4)
         ref_us = (time.perf_counter() - t) / reps * 1e6
         # baseline: vectorized numpy/polars path on one step
-        snaps = pl.DataFrame({"step.id": [1] * len(batch), "request.num_computed_tokens": [c for c, _, _ in batch],
-                              "request.scheduled_tokens_this_step": [q for _, q, _ in batch],
-                              "request.num_prompt_tokens": [p for _, _, p in batch]})
-        P = sum(q for c, q, p in batch if c < p); D = sum(q for c, q, p in batch if c >= p)
-        step = pl.DataFrame({"step.id": [1], "batch.prefill_tokens": [P], "batch.decode_tokens": [D], "batch.scheduled_tokens": [P + D],
-                             "batch.num_prefill_reqs": [sum(c < p for c, _, p in batch)], "batch.num_decode_reqs": [sum(c >= p for c, _, p in batch)],
-                             "queue.running_depth": [len(batch)], "kv.blocks_total_gpu": [30000], "kv.blocks_free_gpu": [20000]})
+        snaps = pl.DataFrame(
+            {
+                "step.id": [1] * len(batch),
+                "request.num_computed_tokens": [c for c, _, _ in batch],
+                "request.scheduled_tokens_this_step": [q for _, q, _ in batch],
+                "request.num_prompt_tokens": [p for _, _, p in batch],
+            }
+        )
+        P = sum(q for c, q, p in batch if c < p)
+        D = sum(q for c, q, p in batch if c >= p)
+        step = pl.DataFrame(
+            {
+                "step.id": [1],
+                "batch.prefill_tokens": [P],
+                "batch.decode_tokens": [D],
+                "batch.scheduled_tokens": [P + D],
+                "batch.num_prefill_reqs": [sum(c < p for c, _, p in batch)],
+                "batch.num_decode_reqs": [sum(c >= p for c, _, p in batch)],
+                "queue.running_depth": [len(batch)],
+                "kv.blocks_total_gpu": [30000],
+                "kv.blocks_free_gpu": [20000],
+            }
+        )
         m, g = model_spec("llama-2-70b"), gpu_spec()
         n_base = 200
         t = time.perf_counter()
@@ -76,9 +105,11 @@ def main() -> None:
         base_us = (time.perf_counter() - t) / n_base * 1e6
         ref_pred = predict_step_time(batch, exp, ms, gs, 4)
         assert abs(ref_pred - max(base_pred[0], exp["floor_us"])) <= 1e-6 * abs(ref_pred), (ref_pred, base_pred)
-        print(f"{kind:10s} reference predictor: {ref_us:8.1f} µs/prediction (128 requests, features included)  "
-              f"target < 1000 µs: {'met' if ref_us < 1000 else 'MISSED'}; aim < 50 µs: {'met' if ref_us < 50 else 'missed'}  |  "
-              f"baseline vectorized path: {base_us:8.1f} µs  ratio {base_us / ref_us:5.1f}×")
+        print(
+            f"{kind:10s} reference predictor: {ref_us:8.1f} µs/prediction (128 requests, features included)  "
+            f"target < 1000 µs: {'met' if ref_us < 1000 else 'MISSED'}; aim < 50 µs: {'met' if ref_us < 50 else 'missed'}  |  "
+            f"baseline vectorized path: {base_us:8.1f} µs  ratio {base_us / ref_us:5.1f}×"
+        )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,15 @@ def _prepare(folder: Path):
 
     meta = read_run_metadata(folder)
     log = read_request_log(folder)
-    ctx = run_context(folder, experiment_id=folder.name, model=meta.model, tp=meta.tp, exp_config=meta.exp_config,
-                      profile=meta.profile, header=log.header)
+    ctx = run_context(
+        folder,
+        experiment_id=folder.name,
+        model=meta.model,
+        tp=meta.tp,
+        exp_config=meta.exp_config,
+        profile=meta.profile,
+        header=log.header,
+    )
     return log, ctx, replay_workload(log.table, ctx)
 
 
@@ -65,16 +72,29 @@ def main(argv=None) -> int:
         big = next(f for f in folders if f.name == LARGEST)
         log, ctx, w = _prepare(big)
         print(f"largest run {big.name}: {log.table.height} requests, one core")
-        lin = LinearStepTime({"version": 1, "step_time": {"model_type": "linear", "intercept": 14000.0,
-                                                          "feature_coefficients": {"prefill_tokens": 30.0, "decode_tokens": 15.0}}})
+        lin = LinearStepTime(
+            {
+                "version": 1,
+                "step_time": {
+                    "model_type": "linear",
+                    "intercept": 14000.0,
+                    "feature_coefficients": {"prefill_tokens": 30.0, "decode_tokens": 15.0},
+                },
+            }
+        )
         base = None
-        for name, model in (("physics", serving_model(physics_spec())), ("linear (BLIS form)", StepServingModel("lin", lin))):
+        for name, model in (
+            ("physics", serving_model(physics_spec())),
+            ("linear (BLIS form)", StepServingModel("lin", lin)),
+        ):
             t = time.perf_counter()
             r = replay(w, model, ctx)
             dt = time.perf_counter() - t
             base = base or dt
-            print(f"  {name:20s} {dt:6.2f} s  {r.steps:7d} steps  {r.sim_seconds / dt:6.0f}x real time  "
-                  f"{dt / base:4.2f}x the physics replay   (target < 10 s: {'met' if dt < 10 else 'MISSED'})")
+            print(
+                f"  {name:20s} {dt:6.2f} s  {r.steps:7d} steps  {r.sim_seconds / dt:6.0f}x real time  "
+                f"{dt / base:4.2f}x the physics replay   (target < 10 s: {'met' if dt < 10 else 'MISSED'})"
+            )
         t0 = time.perf_counter()
         if a.workers > 1:
             import multiprocessing as mp
@@ -86,8 +106,10 @@ def main(argv=None) -> int:
         wall = time.perf_counter() - t0
         for name, dt, sim, steps in results:
             print(f"  {name:48s} {dt:6.2f} s {steps:7d} steps {sim / dt:6.0f}x real time")
-        print(f"all {len(folders)} runs, physics, {a.workers} worker(s): {wall:.1f} s wall "
-              f"(Σ {sum(r[1] for r in results):.1f} s of replay; target < 60 s: {'met' if wall < 60 else 'MISSED'})")
+        print(
+            f"all {len(folders)} runs, physics, {a.workers} worker(s): {wall:.1f} s wall "
+            f"(Σ {sum(r[1] for r in results):.1f} s of replay; target < 60 s: {'met' if wall < 60 else 'MISSED'})"
+        )
     return 0
 
 

@@ -67,7 +67,9 @@ def main(argv=None) -> int:
     workers = a.workers or os.cpu_count() or 1
     try:
         t0 = time.perf_counter()
-        with make_progress(len(resolve_run_ids(a.runs)), "synth", stream=io.StringIO() if a.quiet else None) as progress:
+        with make_progress(
+            len(resolve_run_ids(a.runs)), "synth", stream=io.StringIO() if a.quiet else None
+        ) as progress:
             folders = synthesize_runs(out, a.runs, scale=scale, seed=a.seed, workers=workers, progress=progress)
         wall = time.perf_counter() - t0
         steps = sampled = reqs = 0
@@ -76,10 +78,14 @@ def main(argv=None) -> int:
             steps += c["scheduler_steps"]
             sampled += c["sampled_steps"]
             reqs += c["requests_sent"]
-            print(f"{f.name:54s} steps {c['scheduler_steps']:8d}  sampled {c['sampled_steps']:6d}  requests {c['requests_sent']:6d}")
+            print(
+                f"{f.name:54s} steps {c['scheduler_steps']:8d}  sampled {c['sampled_steps']:6d}  requests {c['requests_sent']:6d}"
+            )
         size = sum(p.stat().st_size for f in folders for p in f.rglob("*") if p.is_file())
-        print(f"{len(folders)} runs at scale {scale}: {steps} scheduler steps ({sampled} sampled), {reqs} requests; "
-              f"wall {wall:.1f} s with {workers} worker(s) = {steps / wall:.0f} steps/s; output {size / 1e9:.2f} GB")
+        print(
+            f"{len(folders)} runs at scale {scale}: {steps} scheduler steps ({sampled} sampled), {reqs} requests; "
+            f"wall {wall:.1f} s with {workers} worker(s) = {steps / wall:.0f} steps/s; output {size / 1e9:.2f} GB"
+        )
     finally:
         if a.out is None:
             shutil.rmtree(out, ignore_errors=True)

@@ -54,11 +54,16 @@ def held_out_cycles(infos, load) -> None:
             continue
         pred = p.step_us(tl.dec_mean[m], tl.kv_mean[m]) + p.b_npf_us * tl.prefills_per_step[m]
         calm = [tls[x] for x in sel if not tls[x].saturated]  # the runs that determine the fit
-        cal_dec = np.concatenate([t.dec_mean[np.isfinite(t.cycle_us) & np.isfinite(t.dec_mean)] for t in calm]) if calm \
+        cal_dec = (
+            np.concatenate([t.dec_mean[np.isfinite(t.cycle_us) & np.isfinite(t.dec_mean)] for t in calm])
+            if calm
             else np.array([np.nan])
-        print(f"   {e:48s} {'y' if tl.saturated else 'n':>3s} {100 * (pred.mean() / tl.cycle_us[m].mean() - 1):+11.1f}  "
-              f"{np.nanpercentile(cal_dec, 5):5.0f}–{np.nanpercentile(cal_dec, 95):<5.0f} / "
-              f"{np.percentile(tl.dec_mean[m], 5):5.0f}–{np.percentile(tl.dec_mean[m], 95):<5.0f}")
+        )
+        print(
+            f"   {e:48s} {'y' if tl.saturated else 'n':>3s} {100 * (pred.mean() / tl.cycle_us[m].mean() - 1):+11.1f}  "
+            f"{np.nanpercentile(cal_dec, 5):5.0f}–{np.nanpercentile(cal_dec, 95):<5.0f} / "
+            f"{np.percentile(tl.dec_mean[m], 5):5.0f}–{np.percentile(tl.dec_mean[m], 95):<5.0f}"
+        )
 
 
 def cycle_slopes(infos, load) -> None:
@@ -68,8 +73,11 @@ def cycle_slopes(infos, load) -> None:
 
     print("\n1b. observed decode cycle vs decoders (non-saturated runs pooled): slope µs per decoder")
     for llm in sorted({i.llm_model for i in infos}):
-        tls = [C.request_timelines(load(i.experiment_id)) for i in infos
-               if i.llm_model == llm and i.has_ground_truth and i.workload != "reasoning"]
+        tls = [
+            C.request_timelines(load(i.experiment_id))
+            for i in infos
+            if i.llm_model == llm and i.has_ground_truth and i.workload != "reasoning"
+        ]
         tls = [t for t in tls if not t.saturated]
         d = np.concatenate([t.dec_mean for t in tls])
         c = np.concatenate([t.cycle_us for t in tls])
@@ -106,14 +114,22 @@ def cap_share(study: Path) -> None:
             obs_ttft = t["observed_ttft_s"].fill_null(np.nan).to_numpy()
             obs = share(obs_ttft, t["observed_e2e_s"].fill_null(np.nan).to_numpy())
             if f.stem == "physics":
-                print(f"   {d.name:48s} observed mean TTFT {1e3 * np.nanmean(obs_ttft[a <= 600]):5.1f} ms before 600 s, "
-                      f"{1e3 * np.nanmean(obs_ttft[a > 600]):5.1f} ms after")
+                print(
+                    f"   {d.name:48s} observed mean TTFT {1e3 * np.nanmean(obs_ttft[a <= 600]):5.1f} ms before 600 s, "
+                    f"{1e3 * np.nanmean(obs_ttft[a > 600]):5.1f} ms after"
+                )
             pred = share(t["ttft_s"].fill_null(np.nan).to_numpy(), t["e2e_s"].to_numpy())
-            err = {m: rows.filter((pl.col("experiment_id") == d.name) & (pl.col("step_model") == f.stem)
-                                  & (pl.col("metric") == m))["rel_err_pct"].to_list() for m in ("decode_interval_mean", "ttft_mean")}
+            err = {
+                m: rows.filter(
+                    (pl.col("experiment_id") == d.name) & (pl.col("step_model") == f.stem) & (pl.col("metric") == m)
+                )["rel_err_pct"].to_list()
+                for m in ("decode_interval_mean", "ttft_mean")
+            }
             fmt = lambda v: f"{float(v[0]):+6.1f}" if v and v[0] else "     –"  # noqa: E731
-            print(f"   {d.name:48s} {f.stem:15s} at cap: observed {100 * obs:4.1f} %, replayed {100 * pred:4.1f} %; "
-                  f"cycle err {fmt(err['decode_interval_mean'])} %, TTFT err {fmt(err['ttft_mean'])} %")
+            print(
+                f"   {d.name:48s} {f.stem:15s} at cap: observed {100 * obs:4.1f} %, replayed {100 * pred:4.1f} %; "
+                f"cycle err {fmt(err['decode_interval_mean'])} %, TTFT err {fmt(err['ttft_mean'])} %"
+            )
 
 
 def cpu_floor(study: Path, shared: Path, infos, load) -> None:
@@ -137,18 +153,24 @@ def cpu_floor(study: Path, shared: Path, infos, load) -> None:
         def step_time_us(self, b):
             return max(self.inner.step_time_us(b), self.floor_us)
 
-    print("\n3. real schedule() (step.duration_us) median vs mean cycle (run time / steps); reasoning runs: the run-roles"
-          " model with a CPU floor at that median (in sample)")
+    print(
+        "\n3. real schedule() (step.duration_us) median vs mean cycle (run time / steps); reasoning runs: the run-roles"
+        " model with a CPU floor at that median (in sample)"
+    )
     for i in sorted(infos, key=lambda r: r.experiment_id):
         s = xg.filter(pl.col("experiment_id") == i.experiment_id)
         if i.workload != "reasoning" and i.has_ground_truth and not s.is_empty():
             t = load(i.experiment_id).table
             end_s = float((t["arrival_time_us"] * 1e-6 + t["observed_e2e_s"].fill_null(0.0)).max())
-            print(f"   {i.experiment_id:48s} schedule() median {float(s['step.duration_us'].median()) / 1e3:5.2f} ms, "
-                  f"mean cycle {end_s / float(s['step.id'].max()) * 1e3:5.1f} ms")
+            print(
+                f"   {i.experiment_id:48s} schedule() median {float(s['step.duration_us'].median()) / 1e3:5.2f} ms, "
+                f"mean cycle {end_s / float(s['step.id'].max()) * 1e3:5.1f} ms"
+            )
         if i.workload != "reasoning" or not i.has_ground_truth:
             continue
-        train = sorted(r.experiment_id for r in infos if r.llm_model == i.llm_model and r.role == "train" and r.has_ground_truth)
+        train = sorted(
+            r.experiment_id for r in infos if r.llm_model == i.llm_model and r.role == "train" and r.has_ground_truth
+        )
         c = next((c for c in cals if sorted(c["fitted_on"]) == train), None)
         if c is None or s.is_empty():
             continue
@@ -159,12 +181,18 @@ def cpu_floor(study: Path, shared: Path, infos, load) -> None:
         w = replay_workload(run.table, run.ctx)
         base = serving_model(StepParams(**c["params"]), "requests_roles")
         out = []
-        for label, m in (("roles", base), ("roles+floor", StepServingModel("floor", Floor(base.step_model, sched_us),
-                                                                          queueing_us=base.queueing_us))):
+        for label, m in (
+            ("roles", base),
+            ("roles+floor", StepServingModel("floor", Floor(base.step_model, sched_us), queueing_us=base.queueing_us)),
+        ):
             sc = {x["metric"]: x["rel_err_pct"] for x in score_replay(replay(w, m, run.ctx).per_request, run.table)[0]}
-            out.append(f"{label}: TTFT {sc['ttft_mean']:+.1f} % E2E {sc['e2e_mean']:+.1f} % successes {sc['successes']:+.1f} %")
-        print(f"   {i.experiment_id:48s} schedule() median {sched_us / 1e3:5.1f} ms, mean cycle {cycle_us / 1e3:5.1f} ms | "
-              + " | ".join(out))
+            out.append(
+                f"{label}: TTFT {sc['ttft_mean']:+.1f} % E2E {sc['e2e_mean']:+.1f} % successes {sc['successes']:+.1f} %"
+            )
+        print(
+            f"   {i.experiment_id:48s} schedule() median {sched_us / 1e3:5.1f} ms, mean cycle {cycle_us / 1e3:5.1f} ms | "
+            + " | ".join(out)
+        )
 
 
 def main() -> int:

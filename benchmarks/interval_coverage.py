@@ -28,8 +28,12 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--study", type=Path, required=True, help="a `stepml run` output folder")
-    ap.add_argument("--metrics", choices=("report", "all"), default="report",
-                    help=f"report: {', '.join(METRICS)} (the report's table); all: every replayed metric")
+    ap.add_argument(
+        "--metrics",
+        choices=("report", "all"),
+        default="report",
+        help=f"report: {', '.join(METRICS)} (the report's table); all: every replayed metric",
+    )
     a = ap.parse_args(argv)
     iv = pl.read_csv(a.study / "replay_intervals.csv", infer_schema_length=None)
     if "boot_lo" not in iv.columns:
@@ -39,15 +43,21 @@ def main(argv=None) -> int:
     metrics = tuple(sorted(iv["metric"].unique())) if a.metrics == "all" else METRICS
     cov = _coverage(iv, pl.DataFrame(), metrics)
     x = iv.filter(pl.col("inside").is_not_null() & pl.col("metric").is_in(list(metrics)))
-    print(f"{'protocol':8s} {'metric':22s} {'n':>3s}  {'bootstrap cov %':>15s} {'width %':>8s}  {'widened cov %':>13s} "
-          f"{'width %':>8s} {'median q %':>10s} {'scores':>7s}  pool")
+    print(
+        f"{'protocol':8s} {'metric':22s} {'n':>3s}  {'bootstrap cov %':>15s} {'width %':>8s}  {'widened cov %':>13s} "
+        f"{'width %':>8s} {'median q %':>10s} {'scores':>7s}  pool"
+    )
     for r in cov.iter_rows(named=True):
-        print(f"{r['protocol']:8s} {r['metric']:22s} {r['predictions']:3d}  {r['boot_coverage_pct']:15.0f} "
-              f"{r['boot_median_width_pct']:8.1f}  {r['coverage_pct']:13.0f} {r['median_width_pct']:8.1f} "
-              f"{r['median_q_pct']:10.1f} {r['scores_min']:>3d}–{r['scores_max']:<3d}  {r['pool']}")
+        print(
+            f"{r['protocol']:8s} {r['metric']:22s} {r['predictions']:3d}  {r['boot_coverage_pct']:15.0f} "
+            f"{r['boot_median_width_pct']:8.1f}  {r['coverage_pct']:13.0f} {r['median_width_pct']:8.1f} "
+            f"{r['median_q_pct']:10.1f} {r['scores_min']:>3d}–{r['scores_max']:<3d}  {r['pool']}"
+        )
     for p, g in x.group_by("protocol", maintain_order=True):
-        print(f"{p[0]}: {g.height} predictions, bootstrap {g['boot_inside'].mean() * 100:.0f} %, "
-              f"widened {g['inside'].mean() * 100:.0f} % inside")
+        print(
+            f"{p[0]}: {g.height} predictions, bootstrap {g['boot_inside'].mean() * 100:.0f} %, "
+            f"widened {g['inside'].mean() * 100:.0f} % inside"
+        )
     return 0
 
 

@@ -49,10 +49,18 @@ PREEMPT_PRIOR = 0.3
 SLOW_FLOOR = 30.0  # running depth below which the slow regime's power law is not extrapolated
 # (above: the largest running depth among the real slow-regime rows)
 GATE_WIDTH_MIN = 2.0
-RES_P = np.concatenate([[0.0002, 0.0005, 0.001, 0.0025, 0.005], np.linspace(0.01, 0.99, 99),
-                        [0.995, 0.9975, 0.999, 0.9995, 0.9998]])
-KEYS = ("step.id", "step.duration_us", "queue.running_depth", "batch.prefill_tokens", "batch.num_prefill_reqs",
-        "batch.num_finished", "batch.num_preempted")
+RES_P = np.concatenate(
+    [[0.0002, 0.0005, 0.001, 0.0025, 0.005], np.linspace(0.01, 0.99, 99), [0.995, 0.9975, 0.999, 0.9995, 0.9998]]
+)
+KEYS = (
+    "step.id",
+    "step.duration_us",
+    "queue.running_depth",
+    "batch.prefill_tokens",
+    "batch.num_prefill_reqs",
+    "batch.num_finished",
+    "batch.num_preempted",
+)
 
 
 def read_rows(path: Path) -> dict[str, np.ndarray]:
@@ -74,10 +82,19 @@ def read_rows(path: Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=np.float64) for k, v in cols.items()}
 
 
-def design(running, prefill_tokens, prefill_reqs, finished, preempted, floor: float = 0.0,
-           ceiling: float = 1e9) -> np.ndarray:
-    return np.column_stack([np.ones_like(running), np.log1p(np.clip(running, floor, ceiling)), np.log1p(prefill_tokens),
-                            np.minimum(prefill_reqs, 8), np.minimum(finished, 8), np.minimum(preempted, 8)])
+def design(
+    running, prefill_tokens, prefill_reqs, finished, preempted, floor: float = 0.0, ceiling: float = 1e9
+) -> np.ndarray:
+    return np.column_stack(
+        [
+            np.ones_like(running),
+            np.log1p(np.clip(running, floor, ceiling)),
+            np.log1p(prefill_tokens),
+            np.minimum(prefill_reqs, 8),
+            np.minimum(finished, 8),
+            np.minimum(preempted, 8),
+        ]
+    )
 
 
 def _sigmoid(z):
@@ -94,8 +111,13 @@ def fit_base(runs: list[dict[str, np.ndarray]], iters: int = 300):
     k = len(runs)
     Xs, ys, rs, ids = [], [], [], []
     for j, d in enumerate(runs):
-        X = design(d["queue.running_depth"], d["batch.prefill_tokens"], d["batch.num_prefill_reqs"],
-                   d["batch.num_finished"], d["batch.num_preempted"])[:, 1:]
+        X = design(
+            d["queue.running_depth"],
+            d["batch.prefill_tokens"],
+            d["batch.num_prefill_reqs"],
+            d["batch.num_finished"],
+            d["batch.num_preempted"],
+        )[:, 1:]
         D = np.zeros((len(X), k))
         D[:, j] = 1.0
         Xs.append(np.column_stack([D, X]))
@@ -130,11 +152,17 @@ def fit_base(runs: list[dict[str, np.ndarray]], iters: int = 300):
     }
     for reg in ("fast", "slow"):
         base[reg]["beta"][5] = PREEMPT_PRIOR
-    per_run = [{"intercept_fast": float(bF[j]), "intercept_slow": float(bS[j]), "r0": float(-g[j] * width)}
-               for j in range(k)]
+    per_run = [
+        {"intercept_fast": float(bF[j]), "intercept_slow": float(bS[j]), "r0": float(-g[j] * width)} for j in range(k)
+    ]
     resq = {"p": RES_P.tolist(), "fast": np.quantile(zF, RES_P).tolist(), "slow": np.quantile(zS, RES_P).tolist()}
-    return base, width, resq, per_run, {"slow_fraction": float(slow.mean()), "rows": int(len(y)),
-                                        "slow_running_max": info_ceiling}
+    return (
+        base,
+        width,
+        resq,
+        per_run,
+        {"slow_fraction": float(slow.mean()), "rows": int(len(y)), "slow_running_max": info_ceiling},
+    )
 
 
 def read_test_split(path: Path) -> dict[str, np.ndarray]:
@@ -172,8 +200,9 @@ def simulate_features(real_id: str, scale: float, model: dict, seed: int = 0) ->
     rng_wl, rng_eng, *_ = _streams(real_id, seed)
     mono0, _, _ = _clocks(spec)
     wl = build_workload(spec, scale, rng_wl)
-    sim = simulate_synthetic_run(spec, wl, rng_eng, mono0=mono0, sched_model=ScheduleTimeModel(real_id, model),
-                                 record_all=True)
+    sim = simulate_synthetic_run(
+        spec, wl, rng_eng, mono0=mono0, sched_model=ScheduleTimeModel(real_id, model), record_all=True
+    )
     return {k: np.asarray(v, dtype=np.float64) for k, v in sim.features.items()}
 
 
@@ -182,8 +211,10 @@ def fit_run(feat: dict[str, np.ndarray], real: np.ndarray, model: dict, rng: np.
     lo = int(n * 0.8)
     f = {k: v[lo:] for k, v in feat.items()}
     args = (f["running"], f["prefill_tokens"], f["prefill_reqs"], f["finished"], f["preempted"])
-    XF, XS = design(*args), design(*args, floor=model.get("slow_running_floor", 0.0),
-                                   ceiling=model.get("slow_running_ceiling", 1e9))
+    XF, XS = (
+        design(*args),
+        design(*args, floor=model.get("slow_running_floor", 0.0), ceiling=model.get("slow_running_ceiling", 1e9)),
+    )
     bF, bS = np.asarray(model["regimes"]["fast"]["beta"]), np.asarray(model["regimes"]["slow"]["beta"])
     sF, sS = model["regimes"]["fast"]["sigma"], model["regimes"]["slow"]["sigma"]
     rq = model["residual_quantiles"]
@@ -244,11 +275,20 @@ def fit_run(feat: dict[str, np.ndarray], real: np.ndarray, model: dict, rng: np.
     pick = rng.random(len(XF)) < g
     y = np.where(pick, yS, yF)
     qs = [0.05, 0.25, 0.5, 0.75, 0.95]
-    return {"r0": float(r0), "fast": {"center": cF, "delta": dF, "k": kF}, "slow": {"center": cS, "delta": dS, "k": kS},
-            "real_slow_fraction": float(target), "bimodal": bool(bimodal),
-            "check_quantiles_us": {"q": qs, "real": np.quantile(real, qs).round(1).tolist(),
-                                   "synthetic": np.exp(np.quantile(y, qs)).round(1).tolist()},
-            "window_steps": int(len(XF)), "real_test_steps": int(len(real))}
+    return {
+        "r0": float(r0),
+        "fast": {"center": cF, "delta": dF, "k": kF},
+        "slow": {"center": cS, "delta": dS, "k": kS},
+        "real_slow_fraction": float(target),
+        "bimodal": bool(bimodal),
+        "check_quantiles_us": {
+            "q": qs,
+            "real": np.quantile(real, qs).round(1).tolist(),
+            "synthetic": np.exp(np.quantile(y, qs)).round(1).tolist(),
+        },
+        "window_steps": int(len(XF)),
+        "real_test_steps": int(len(real)),
+    }
 
 
 def sha16(p: Path) -> str:
@@ -272,9 +312,14 @@ def main(argv=None) -> int:
     print(f"base fit on {info['rows']} rows; slow fraction {info['slow_fraction']:.3f}; gate width {width:.2f}")
     for p, pr in zip(files, per_run):
         print(f"  {p.parent.name}: {pr}")
-    model = {"regimes": base, "gate_width": float(width), "slow_running_floor": SLOW_FLOOR,
-             "slow_running_ceiling": info["slow_running_max"],
-             "residual_quantiles": resq, "runs": {}}
+    model = {
+        "regimes": base,
+        "gate_width": float(width),
+        "slow_running_floor": SLOW_FLOOR,
+        "slow_running_ceiling": info["slow_running_max"],
+        "residual_quantiles": resq,
+        "runs": {},
+    }
     test = read_test_split(test_csv)
     from stepml_core.synth.spec import reference_runs
 
@@ -287,22 +332,33 @@ def main(argv=None) -> int:
             feat = simulate_features(rid, a.scale, model)
             fitted[rid] = fit_run(feat, test[rid], model, rng)
             c = fitted[rid]["check_quantiles_us"]
-            print(f"pass {k + 1} {rid[:48]:48s} slow {fitted[rid]['real_slow_fraction']:.2f} r0 {fitted[rid]['r0']:8.1f} "
-                  f"dF {fitted[rid]['fast']['delta']:+.2f} dS {fitted[rid]['slow']['delta']:+.2f} k {fitted[rid]['fast']['k']:.2f}/{fitted[rid]['slow']['k']:.2f} real {c['real']} syn {c['synthetic']}")
+            print(
+                f"pass {k + 1} {rid[:48]:48s} slow {fitted[rid]['real_slow_fraction']:.2f} r0 {fitted[rid]['r0']:8.1f} "
+                f"dF {fitted[rid]['fast']['delta']:+.2f} dS {fitted[rid]['slow']['delta']:+.2f} k {fitted[rid]['fast']['k']:.2f}/{fitted[rid]['slow']['k']:.2f} real {c['real']} syn {c['synthetic']}"
+            )
         model["runs"] = fitted
     model["source"] = {
         "script": "scripts/fit_schedule_time.py",
         "date": _dt.date.today().isoformat(),
         "fitted_on": {
-            "batch_summary_rows": {p.parent.name: {"file": f"shared/real/experiments/{p.parent.name}/traces.json.gz",
-                                                   "sha256_16": sha16(p), "rows": int(len(d["step.id"]))}
-                                   for p, d in zip(files, runs)},
-            "test_split": {"file": "shared/real/xgboost_round1_test_predictions.csv.gz", "sha256_16": sha16(test_csv),
-                           "rows": int(sum(len(v) for v in test.values()))},
+            "batch_summary_rows": {
+                p.parent.name: {
+                    "file": f"shared/real/experiments/{p.parent.name}/traces.json.gz",
+                    "sha256_16": sha16(p),
+                    "rows": int(len(d["step.id"])),
+                }
+                for p, d in zip(files, runs)
+            },
+            "test_split": {
+                "file": "shared/real/xgboost_round1_test_predictions.csv.gz",
+                "sha256_16": sha16(test_csv),
+                "rows": int(sum(len(v) for v in test.values())),
+            },
         },
-        "per_run_simulation_scale": a.scale, "passes": a.passes,
+        "per_run_simulation_scale": a.scale,
+        "passes": a.passes,
         "notes": "step.duration_us is schedule() CPU time (docs/trace-format.md §3.3); no physics gives it. The preemption "
-                 f"coefficient ({PREEMPT_PRIOR}) is a prior: the real rows contain no preemption.",
+        f"coefficient ({PREEMPT_PRIOR}) is a prior: the real rows contain no preemption.",
     }
     a.out.write_text(json.dumps(model, indent=1) + "\n")
     print(f"wrote {a.out}")

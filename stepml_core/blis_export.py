@@ -33,18 +33,30 @@ from .errors import StepMLError
 from .sim.step_models import BLIS_OPS, BLIS_QUEUE_FEATURES, BLIS_STEP_FEATURES
 
 BLIS_KINDS = ("blis_linear",)
-FLOAT_FIELDS = ("step_overhead_us", "step_overhead_per_req_us", "output_token_processing_time_us",
-                "scheduling_processing_time_us", "preemption_processing_time_us")
+FLOAT_FIELDS = (
+    "step_overhead_us",
+    "step_overhead_per_req_us",
+    "output_token_processing_time_us",
+    "scheduling_processing_time_us",
+    "preemption_processing_time_us",
+)
 
 
 def _linear_schema(features: tuple[str, ...] | None, model_type: str | None) -> dict:
     coef = {"type": "object", "additionalProperties": {"type": "number"}}
     if features is not None:
         coef["propertyNames"] = {"enum": list(features)}
-    return {"type": "object", "required": ["intercept"], "additionalProperties": False,
-            "properties": {"model_type": {"const": model_type} if model_type else {"type": "string"},
-                           "intercept": {"type": "number"}, "feature_coefficients": coef,
-                           "output_transform": {"type": "string"}}}
+    return {
+        "type": "object",
+        "required": ["intercept"],
+        "additionalProperties": False,
+        "properties": {
+            "model_type": {"const": model_type} if model_type else {"type": "string"},
+            "intercept": {"type": "number"},
+            "feature_coefficients": coef,
+            "output_transform": {"type": "string"},
+        },
+    }
 
 
 BLIS_MODEL_SCHEMA = {
@@ -56,19 +68,40 @@ BLIS_MODEL_SCHEMA = {
     "properties": {
         "version": {"type": "integer", "minimum": 1},
         "step_time": {**_linear_schema(BLIS_STEP_FEATURES, "linear"), "required": ["model_type", "intercept"]},
-        "step_time_regimes": {"type": "array", "items": {
-            "type": "object", "required": ["model"], "additionalProperties": False,
-            "properties": {"name": {"type": "string"},
-                           "condition": {"oneOf": [{"type": "null"}, {
-                               "type": "object", "required": ["feature", "op", "value"], "additionalProperties": False,
-                               "properties": {"feature": {"enum": list(BLIS_STEP_FEATURES)}, "op": {"enum": list(BLIS_OPS)},
-                                              "value": {"type": "number"}}}]},
-                           "model": _linear_schema(BLIS_STEP_FEATURES, None)}}},
+        "step_time_regimes": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["model"],
+                "additionalProperties": False,
+                "properties": {
+                    "name": {"type": "string"},
+                    "condition": {
+                        "oneOf": [
+                            {"type": "null"},
+                            {
+                                "type": "object",
+                                "required": ["feature", "op", "value"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "feature": {"enum": list(BLIS_STEP_FEATURES)},
+                                    "op": {"enum": list(BLIS_OPS)},
+                                    "value": {"type": "number"},
+                                },
+                            },
+                        ]
+                    },
+                    "model": _linear_schema(BLIS_STEP_FEATURES, None),
+                },
+            },
+        },
         "queueing_time": _linear_schema(BLIS_QUEUE_FEATURES, None),
         **{k: {"type": "number"} for k in FLOAT_FIELDS},
     },
-    "anyOf": [{"required": ["step_time"]}, {"required": ["step_time_regimes"],
-                                             "properties": {"step_time_regimes": {"minItems": 1}}}],
+    "anyOf": [
+        {"required": ["step_time"]},
+        {"required": ["step_time_regimes"], "properties": {"step_time_regimes": {"minItems": 1}}},
+    ],
 }
 
 
@@ -91,14 +124,16 @@ def check_blis_doc(doc: dict, where: str = "model") -> dict:
     models = []
     if doc.get("step_time") is not None:
         if doc["step_time"].get("model_type") != "linear":
-            raise ExportError(f"{where}.step_time.model_type: must be \"linear\"")
+            raise ExportError(f'{where}.step_time.model_type: must be "linear"')
         models.append(("step_time", doc["step_time"], BLIS_STEP_FEATURES))
     for i, r in enumerate(doc.get("step_time_regimes") or []):
         c = r.get("condition")
         if c is not None:
             if c.get("feature") not in BLIS_STEP_FEATURES:
-                raise ExportError(f"{where}.step_time_regimes[{i}].condition.feature: unknown {c.get('feature')!r} "
-                                  f"(BLIS would read it as 0); known: {list(BLIS_STEP_FEATURES)}")
+                raise ExportError(
+                    f"{where}.step_time_regimes[{i}].condition.feature: unknown {c.get('feature')!r} "
+                    f"(BLIS would read it as 0); known: {list(BLIS_STEP_FEATURES)}"
+                )
             if c.get("op") not in BLIS_OPS:
                 raise ExportError(f"{where}.step_time_regimes[{i}].condition.op: one of {list(BLIS_OPS)}")
             _finite(c.get("value"), f"{where}.step_time_regimes[{i}].condition.value")
@@ -112,8 +147,10 @@ def check_blis_doc(doc: dict, where: str = "model") -> dict:
         coef = m.get("feature_coefficients") or {}
         unknown = sorted(set(coef) - set(known))
         if unknown:
-            raise ExportError(f"{where}.{name}.feature_coefficients: unknown feature(s) {unknown} (BLIS would read them "
-                              f"as 0); known: {list(known)}")
+            raise ExportError(
+                f"{where}.{name}.feature_coefficients: unknown feature(s) {unknown} (BLIS would read them "
+                f"as 0); known: {list(known)}"
+            )
         for k, x in coef.items():
             _finite(x, f"{where}.{name}.feature_coefficients.{k}")
     for k in FLOAT_FIELDS:
@@ -142,13 +179,19 @@ def blis_text(doc: dict) -> str:
 
 # ---------------------------------------------------------------------------- what to export
 
+
 def _mean_abs(x) -> float:
     v = [abs(a) for a in x if a is not None and math.isfinite(a)]
     return sum(v) / len(v) if v else float("nan")
 
 
-def choose_exports(replay_rows: pl.DataFrame, specs: list[dict], shipped: dict[str, dict], llm_of: dict[str, str],
-                   per_llm: dict[str, str] | None = None) -> dict[str, dict]:
+def choose_exports(
+    replay_rows: pl.DataFrame,
+    specs: list[dict],
+    shipped: dict[str, dict],
+    llm_of: dict[str, str],
+    per_llm: dict[str, str] | None = None,
+) -> dict[str, dict]:
     """Per LLM model: {'doc', 'step_model', 'recommended', 'fitted_on', 'kind', 'note', 'fidelity_cost_pct_points', 'errors'}.
 
     ``replay_rows``: replay.csv; ``specs``: the replay_models specs; ``shipped``: requests_all specs per LLM
@@ -178,10 +221,20 @@ def choose_exports(replay_rows: pl.DataFrame, specs: list[dict], shipped: dict[s
         cost = None
         if recommended and pick != recommended:
             a, b = err.get(recommended, {}), err.get(pick, {})
-            cost = {k: (b.get(k, float("nan")) - a.get(k, float("nan"))) for k in ("e2e_mean_abs_pct", "ttft_mean_abs_pct")}
-        out[llm] = {"doc": spec["doc"], "step_model": spec["name"], "recommended": recommended, "fitted_on": spec["fitted_on"],
-                    "kind": spec["kind"], "protocol": spec.get("protocol", ""), "note": note, "fidelity_cost_pct_points": cost,
-                    "errors": err.get(pick)}
+            cost = {
+                k: (b.get(k, float("nan")) - a.get(k, float("nan"))) for k in ("e2e_mean_abs_pct", "ttft_mean_abs_pct")
+            }
+        out[llm] = {
+            "doc": spec["doc"],
+            "step_model": spec["name"],
+            "recommended": recommended,
+            "fitted_on": spec["fitted_on"],
+            "kind": spec["kind"],
+            "protocol": spec.get("protocol", ""),
+            "note": note,
+            "fidelity_cost_pct_points": cost,
+            "errors": err.get(pick),
+        }
     return out
 
 
@@ -192,14 +245,22 @@ def _errors(r: pl.DataFrame) -> dict[str, dict]:
 
     # saturated (replay.csv alone): an observed mean TTFT above SATURATED_TTFT_S (a queue of minutes)
     sat = set(r.filter((pl.col("metric") == "ttft_mean") & (pl.col("observed") > SATURATED_TTFT_S))["experiment_id"])
-    o = r.filter((pl.col("sample") == "out_of_sample") & pl.col("rel_err_pct").is_not_null() & ~pl.col("experiment_id").is_in(sorted(sat)))
+    o = r.filter(
+        (pl.col("sample") == "out_of_sample")
+        & pl.col("rel_err_pct").is_not_null()
+        & ~pl.col("experiment_id").is_in(sorted(sat))
+    )
     out = {}
     for m in sorted(set(o["step_model"])):
         x = o.filter(pl.col("step_model") == m)
         e2e = _mean_abs(x.filter(pl.col("metric") == "e2e_mean")["rel_err_pct"].to_list())
         ttft = _mean_abs(x.filter(pl.col("metric") == "ttft_mean")["rel_err_pct"].to_list())
-        out[m] = {"e2e_mean_abs_pct": e2e, "ttft_mean_abs_pct": ttft, "score": (e2e + ttft) / 2,
-                  "runs": int(x["experiment_id"].n_unique())}
+        out[m] = {
+            "e2e_mean_abs_pct": e2e,
+            "ttft_mean_abs_pct": ttft,
+            "score": (e2e + ttft) / 2,
+            "runs": int(x["experiment_id"].n_unique()),
+        }
     return out
 
 

@@ -61,13 +61,27 @@ ONE_SIDED_MAX_ITER = 25  # stage 1: active-set iterations of the one-sided (cycl
 KV_OVER_CAPACITY = 0.95  # stage 1 skips decode windows where the timeline's KV demand exceeds this share of the pool
 GRID_S = 0.005  # time grid of the timeline integrals
 REFINE_METRICS = ("ttft_mean", "ttft_p50", "ttft_p90", "e2e_mean", "e2e_p50", "e2e_p90", "e2e_p99")
-REFINE_LOSS, REFINE_F_SCALE = "soft_l1", 0.03  # residuals beyond ~3 % count linearly (a TTFT tail near capacity must not rule)
+REFINE_LOSS, REFINE_F_SCALE = (
+    "soft_l1",
+    0.03,
+)  # residuals beyond ~3 % count linearly (a TTFT tail near capacity must not rule)
 REFINE_WINDOWS = (4, 60.0, 20.0)  # stage 2 replays 4 windows per run: 60 s of scored arrivals after 20 s of warm-up
 PARAM_NAMES = ("b0_us", "b_dec_us", "b_kv_us", "b_pf_us", "b_npf_us", "q0_us", "q1_us")
-PARAM_UNITS = {"b0_us": "µs per step", "b_dec_us": "µs per decode token", "b_kv_us": "µs per KV token (Σ context)",
-               "b_pf_us": "µs per cache-miss prompt token", "b_npf_us": "µs per prompt chunk",
-               "q0_us": "µs per request", "q1_us": "µs per prompt token"}
-BLIS_FEATURE_OF = {"b_dec_us": "decode_tokens", "b_kv_us": "kv_sum", "b_pf_us": "prefill_tokens", "b_npf_us": "num_prefill_reqs"}
+PARAM_UNITS = {
+    "b0_us": "µs per step",
+    "b_dec_us": "µs per decode token",
+    "b_kv_us": "µs per KV token (Σ context)",
+    "b_pf_us": "µs per cache-miss prompt token",
+    "b_npf_us": "µs per prompt chunk",
+    "q0_us": "µs per request",
+    "q1_us": "µs per prompt token",
+}
+BLIS_FEATURE_OF = {
+    "b_dec_us": "decode_tokens",
+    "b_kv_us": "kv_sum",
+    "b_pf_us": "prefill_tokens",
+    "b_npf_us": "num_prefill_reqs",
+}
 
 
 class CalibrationError(StepMLError, ValueError):
@@ -75,6 +89,7 @@ class CalibrationError(StepMLError, ValueError):
 
 
 # ---------------------------------------------------------------------------- inputs
+
 
 @dataclass(frozen=True)
 class CalibrationRun:
@@ -127,12 +142,23 @@ def arch_prior(llm_model: str, tp: int, gpu: str = "h100-sxm") -> ArchPrior:
     active = params * m.active_param_ratio
     w = params * 2 / tp
     bw, pk = g.hbm_bandwidth_bytes_per_s, g.peak_flops
-    return ArchPrior(llm_model=m.name, tp=int(tp), params=params, active_params=active, layers=m.num_layers,
-                     kv_bytes_per_token=kv, weights_bytes=w, moe=m.is_moe, weights_floor_us=w / bw * 1e6,
-                     kv_floor_us=kv / bw * 1e6, compute_floor_us=2 * active / tp / pk * 1e6)
+    return ArchPrior(
+        llm_model=m.name,
+        tp=int(tp),
+        params=params,
+        active_params=active,
+        layers=m.num_layers,
+        kv_bytes_per_token=kv,
+        weights_bytes=w,
+        moe=m.is_moe,
+        weights_floor_us=w / bw * 1e6,
+        kv_floor_us=kv / bw * 1e6,
+        compute_floor_us=2 * active / tp / pk * 1e6,
+    )
 
 
 # ---------------------------------------------------------------------------- the model
+
 
 @dataclass(frozen=True)
 class StepParams:
@@ -149,8 +175,15 @@ class StepParams:
     def scaled(self, step_scale: float = 1.0, q_shift_us: float = 0.0) -> "StepParams":
         """Every step coefficient × step_scale; α0 + q_shift_us (≥ 0)."""
         s = step_scale
-        return replace(self, b0_us=self.b0_us * s, b_dec_us=self.b_dec_us * s, b_kv_us=self.b_kv_us * s,
-                       b_pf_us=self.b_pf_us * s, b_npf_us=self.b_npf_us * s, q0_us=max(0.0, self.q0_us + q_shift_us))
+        return replace(
+            self,
+            b0_us=self.b0_us * s,
+            b_dec_us=self.b_dec_us * s,
+            b_kv_us=self.b_kv_us * s,
+            b_pf_us=self.b_pf_us * s,
+            b_npf_us=self.b_npf_us * s,
+            q0_us=max(0.0, self.q0_us + q_shift_us),
+        )
 
     def as_vector(self) -> np.ndarray:
         return np.array([getattr(self, k) for k in PARAM_NAMES], dtype=np.float64)
@@ -161,29 +194,47 @@ class StepParams:
 
     def step_us(self, decode_tokens, kv_sum, prefill_tokens=0.0, num_prefill_reqs=0.0):
         """The step time on BLIS features (vectorized; same formula as the exported file)."""
-        return (self.b0_us + self.b_dec_us * decode_tokens + self.b_kv_us * kv_sum + self.b_pf_us * prefill_tokens
-                + self.b_npf_us * num_prefill_reqs)
+        return (
+            self.b0_us
+            + self.b_dec_us * decode_tokens
+            + self.b_kv_us * kv_sum
+            + self.b_pf_us * prefill_tokens
+            + self.b_npf_us * num_prefill_reqs
+        )
 
     def blis_doc(self) -> dict:
         """BLIS StepML model file: linear step_time over BLIS features, queueing_time on input_len; no clamp
         (step_overhead_us 0), no per-token output time (the request overhead is all in queueing_time)."""
         coef = {BLIS_FEATURE_OF[k]: float(getattr(self, k)) for k in ("b_dec_us", "b_kv_us", "b_pf_us", "b_npf_us")}
-        return {"version": 1,
-                "step_time": {"model_type": "linear", "intercept": float(self.b0_us), "feature_coefficients": coef},
-                "queueing_time": {"model_type": "linear", "intercept": float(self.q0_us),
-                                  "feature_coefficients": {"input_len": float(self.q1_us)}},
-                "step_overhead_us": 0.0, "step_overhead_per_req_us": 0.0, "output_token_processing_time_us": 0.0,
-                "scheduling_processing_time_us": 0.0, "preemption_processing_time_us": 0.0}
+        return {
+            "version": 1,
+            "step_time": {"model_type": "linear", "intercept": float(self.b0_us), "feature_coefficients": coef},
+            "queueing_time": {
+                "model_type": "linear",
+                "intercept": float(self.q0_us),
+                "feature_coefficients": {"input_len": float(self.q1_us)},
+            },
+            "step_overhead_us": 0.0,
+            "step_overhead_per_req_us": 0.0,
+            "output_token_processing_time_us": 0.0,
+            "scheduling_processing_time_us": 0.0,
+            "preemption_processing_time_us": 0.0,
+        }
 
     @classmethod
     def from_blis_doc(cls, doc: dict) -> "StepParams":
         st = doc["step_time"]
         c = st.get("feature_coefficients") or {}
         q = doc.get("queueing_time") or {}
-        return cls(b0_us=float(st.get("intercept", 0.0)), b_dec_us=float(c.get("decode_tokens", 0.0)),
-                   b_kv_us=float(c.get("kv_sum", 0.0)), b_pf_us=float(c.get("prefill_tokens", 0.0)),
-                   b_npf_us=float(c.get("num_prefill_reqs", 0.0)), q0_us=float(q.get("intercept", 0.0)),
-                   q1_us=float((q.get("feature_coefficients") or {}).get("input_len", 0.0)))
+        return cls(
+            b0_us=float(st.get("intercept", 0.0)),
+            b_dec_us=float(c.get("decode_tokens", 0.0)),
+            b_kv_us=float(c.get("kv_sum", 0.0)),
+            b_pf_us=float(c.get("prefill_tokens", 0.0)),
+            b_npf_us=float(c.get("num_prefill_reqs", 0.0)),
+            q0_us=float(q.get("intercept", 0.0)),
+            q1_us=float((q.get("feature_coefficients") or {}).get("input_len", 0.0)),
+        )
 
 
 def serving_model(params: StepParams, name: str = "calibrated") -> StepServingModel:
@@ -192,6 +243,7 @@ def serving_model(params: StepParams, name: str = "calibrated") -> StepServingMo
 
 
 # ---------------------------------------------------------------------------- stage 1: observed timelines
+
 
 @dataclass
 class Timelines:
@@ -272,9 +324,23 @@ def request_timelines(run: CalibrationRun, grid_s: float = GRID_S) -> Timelines:
     usable = ok & (gen >= 2) & has
     cyc[usable] = (e2e[usable] - ttft[usable]) / (gen[usable] - 1) * 1e6
     ai = np.clip(np.rint(a / grid_s).astype(np.int64), 0, ng - 1)
-    return Timelines(experiment_id=run.experiment_id, saturated=run.saturated, arrival_s=a, ttft_s=ttft, e2e_s=e2e,
-                     success=ok, generated=gen, input_tokens=inp, cycle_us=cyc, dec_mean=dec_mean, kv_mean=kv_mean,
-                     prefills_per_step=pps, kv_over=kv_over, dec_at_arrival=n_dec[ai], kv_at_arrival=kv[ai])
+    return Timelines(
+        experiment_id=run.experiment_id,
+        saturated=run.saturated,
+        arrival_s=a,
+        ttft_s=ttft,
+        e2e_s=e2e,
+        success=ok,
+        generated=gen,
+        input_tokens=inp,
+        cycle_us=cyc,
+        dec_mean=dec_mean,
+        kv_mean=kv_mean,
+        prefills_per_step=pps,
+        kv_over=kv_over,
+        dec_at_arrival=n_dec[ai],
+        kv_at_arrival=kv[ai],
+    )
 
 
 @dataclass(frozen=True)
@@ -286,8 +352,13 @@ class ClosedForm:
     bounds_active: tuple  # parameters that sit on a physics bound
 
 
-def fit_closed_form(timelines: list[Timelines], prior: ArchPrior, *, weights: list[np.ndarray] | None = None,
-                    saturated_weight: float | None = None) -> ClosedForm:
+def fit_closed_form(
+    timelines: list[Timelines],
+    prior: ArchPrior,
+    *,
+    weights: list[np.ndarray] | None = None,
+    saturated_weight: float | None = None,
+) -> ClosedForm:
     """Stage 1: bounded least squares of the observed decode cycles on the window-averaged batch composition.
 
     c_i = β0 + β_dec·n̄_i + β_kv·kv̄_i + (β_npf + β_pf·m)·p_i with p_i = prompts started per step in the
@@ -332,7 +403,9 @@ def fit_closed_form(timelines: list[Timelines], prior: ArchPrior, *, weights: li
         return X, y, wt, lsq_linear(X * wt[:, None], y * wt, bounds=(lo, np.full(4, np.inf)), method="bvls")
 
     def one_sided_cost(x):  # Σ (w·r)² over two-sided rows + Σ (w·max(0, model − cycle))² over one-sided rows
-        return sum(float(np.sum((r[2] * (np.maximum(r[0] @ x - r[1], 0.0) if r[3] else r[0] @ x - r[1])) ** 2)) for r in rows)
+        return sum(
+            float(np.sum((r[2] * (np.maximum(r[0] @ x - r[1], 0.0) if r[3] else r[0] @ x - r[1])) ** 2)) for r in rows
+        )
 
     # one-sided rows by active set: a saturated window counts only where the GPU-path model reaches its cycle
     # (relative tolerance: a window the model meets exactly stays in); the best iterate by the one-sided cost
@@ -350,8 +423,14 @@ def fit_closed_form(timelines: list[Timelines], prior: ArchPrior, *, weights: li
     X, y, wt, res = best[1]
     b0, bd, bkv, bnpf = (float(x) for x in res.x)
     pred = X @ res.x
-    r2 = 1.0 - float(np.sum((wt * (y - pred)) ** 2) / max(np.sum((wt * (y - np.average(y, weights=wt ** 2))) ** 2), 1e-12))
-    active = tuple(n for n, x, b in zip(("b0_us", "b_dec_us", "b_kv_us", "b_npf_us"), res.x, lo) if abs(x - b) <= 1e-9 * max(1.0, abs(b)))
+    r2 = 1.0 - float(
+        np.sum((wt * (y - pred)) ** 2) / max(np.sum((wt * (y - np.average(y, weights=wt**2))) ** 2), 1e-12)
+    )
+    active = tuple(
+        n
+        for n, x, b in zip(("b0_us", "b_dec_us", "b_kv_us", "b_npf_us"), res.x, lo)
+        if abs(x - b) <= 1e-9 * max(1.0, abs(b))
+    )
     q_meds = []
     for k, tl in enumerate(timelines):
         if tl.saturated:
@@ -365,10 +444,13 @@ def fit_closed_form(timelines: list[Timelines], prior: ArchPrior, *, weights: li
         q_meds.append(float(np.median(tl.ttft_s[m] * 1e6 - 1.5 * c_hat - bnpf)))
     q0 = max(0.0, float(np.mean(q_meds))) if q_meds else 0.0
     params = StepParams(b0_us=b0, b_dec_us=bd, b_kv_us=bkv, b_pf_us=prior.prefill_prior_us, b_npf_us=bnpf, q0_us=q0)
-    return ClosedForm(params=params, requests_used=int(sum(used.values())), requests_by_run=used, r2=r2, bounds_active=active)
+    return ClosedForm(
+        params=params, requests_used=int(sum(used.values())), requests_by_run=used, r2=r2, bounds_active=active
+    )
 
 
 # ---------------------------------------------------------------------------- stage 2: simulator in the loop
+
 
 @dataclass
 class RefineReport:
@@ -409,7 +491,10 @@ class _Objective:
             model = serving_model(self.params(x))
             preds, res = [], []
             for (run, parts), obs in zip(self.work, self.observed):
-                per = [replay(sub, model, run.ctx, seed=self.seed).per_request.filter(pl.Series(keep)) for sub, keep in parts]
+                per = [
+                    replay(sub, model, run.ctx, seed=self.seed).per_request.filter(pl.Series(keep))
+                    for sub, keep in parts
+                ]
                 pr = _predicted_summary(pl.concat(per))
                 preds.append(pr)
                 res += [(pr[m] - obs[m]) / obs[m] if obs[m] else 0.0 for m in REFINE_METRICS]
@@ -436,17 +521,29 @@ class _Objective:
 def _observed_summary(table: pl.DataFrame) -> dict:
     t = table.sort("index")
     ok = (~t["observed_has_error"].fill_null(True)).to_numpy() & t["observed_e2e_s"].is_not_null().to_numpy()
-    return latency_summary(t["arrival_time_us"].to_numpy() * 1e-6, t["observed_ttft_s"].fill_null(np.nan).to_numpy(),
-                           t["observed_e2e_s"].fill_null(np.nan).to_numpy(), ok, t["output_tokens"].to_numpy())
+    return latency_summary(
+        t["arrival_time_us"].to_numpy() * 1e-6,
+        t["observed_ttft_s"].fill_null(np.nan).to_numpy(),
+        t["observed_e2e_s"].fill_null(np.nan).to_numpy(),
+        ok,
+        t["output_tokens"].to_numpy(),
+    )
 
 
 def _predicted_summary(p: pl.DataFrame) -> dict:
     p = p.sort("index")
-    return latency_summary(p["arrival_time_us"].to_numpy() * 1e-6, p["ttft_s"].fill_null(np.nan).to_numpy(),
-                           p["e2e_s"].to_numpy(), p["success"].to_numpy(), p["output_tokens"].to_numpy())
+    return latency_summary(
+        p["arrival_time_us"].to_numpy() * 1e-6,
+        p["ttft_s"].fill_null(np.nan).to_numpy(),
+        p["e2e_s"].to_numpy(),
+        p["success"].to_numpy(),
+        p["output_tokens"].to_numpy(),
+    )
 
 
-def window_workloads(w: ReplayWorkload, n_windows: int, window_s: float, warm_s: float) -> list[tuple[ReplayWorkload, np.ndarray]]:
+def window_workloads(
+    w: ReplayWorkload, n_windows: int, window_s: float, warm_s: float
+) -> list[tuple[ReplayWorkload, np.ndarray]]:
     """``n_windows`` evenly spaced windows of the run: each a sub-workload of the requests arriving in
     [start − warm_s, start + window_s) and the mask of those scored (arriving in [start, start + window_s)).
     Non-saturated runs forget their state within seconds (E2E ≤ ~5 s), so windows replay like the whole run."""
@@ -459,8 +556,15 @@ def window_workloads(w: ReplayWorkload, n_windows: int, window_s: float, warm_s:
         start = float(a.min()) + warm_s + (span - window_s - warm_s) * k / max(n_windows - 1, 1)
         sel = (a >= start - warm_s) & (a < start + window_s)
         idx = np.flatnonzero(sel)
-        sub = replace(w, arrival_s=a[idx], prompt_tokens=w.prompt_tokens[idx], max_tokens=w.max_tokens[idx],
-                      prompt_id=w.prompt_id[idx], group=w.group[idx], index=w.index[idx])
+        sub = replace(
+            w,
+            arrival_s=a[idx],
+            prompt_tokens=w.prompt_tokens[idx],
+            max_tokens=w.max_tokens[idx],
+            prompt_id=w.prompt_id[idx],
+            group=w.group[idx],
+            index=w.index[idx],
+        )
         out.append((sub, a[idx] >= start))
     return out
 
@@ -468,11 +572,17 @@ def window_workloads(w: ReplayWorkload, n_windows: int, window_s: float, warm_s:
 def _robust_cost(res: np.ndarray) -> float:
     """least_squares' soft_l1 cost: Σ 2·f²·(sqrt(1 + (r/f)²) − 1)."""
     z = (np.asarray(res) / REFINE_F_SCALE) ** 2
-    return float(np.sum(2 * REFINE_F_SCALE ** 2 * (np.sqrt(1 + z) - 1)))
+    return float(np.sum(2 * REFINE_F_SCALE**2 * (np.sqrt(1 + z) - 1)))
 
 
-def refine(params: StepParams, runs: list[CalibrationRun], *, seed: int = 0, max_evals: int = 6,
-           windows: tuple | None = REFINE_WINDOWS) -> tuple[StepParams, RefineReport]:
+def refine(
+    params: StepParams,
+    runs: list[CalibrationRun],
+    *,
+    seed: int = 0,
+    max_evals: int = 6,
+    windows: tuple | None = REFINE_WINDOWS,
+) -> tuple[StepParams, RefineReport]:
     """Stage 2: scipy ``least_squares`` (trust region) over θ = (log step scale, α0 shift) so that replaying the
     non-saturated calibration runs matches their TTFT and E2E mean/p50/p90(/p99); the Jacobian comes from the
     latency decomposition (no finite-difference replays), so each evaluation is one replay of each run."""
@@ -480,28 +590,53 @@ def refine(params: StepParams, runs: list[CalibrationRun], *, seed: int = 0, max
 
     calm = [r for r in runs if not r.saturated]
     if not calm:
-        return params, RefineReport(1.0, 0.0, 0, 0.0, float("nan"), float("nan"), [], status="no non-saturated calibration run")
+        return params, RefineReport(
+            1.0, 0.0, 0, 0.0, float("nan"), float("nan"), [], status="no non-saturated calibration run"
+        )
     obj = _Objective(params, calm, seed, windows)
     x0 = np.zeros(2)
     r0 = obj.residuals(x0)
-    sol = least_squares(obj.residuals, x0, jac=obj.jacobian, bounds=([-0.7, -10.0], [0.7, 10.0]), method="trf",
-                        loss=REFINE_LOSS, f_scale=REFINE_F_SCALE, max_nfev=max_evals, xtol=1e-3, ftol=1e-3, x_scale=[0.05, 0.5])
+    sol = least_squares(
+        obj.residuals,
+        x0,
+        jac=obj.jacobian,
+        bounds=([-0.7, -10.0], [0.7, 10.0]),
+        method="trf",
+        loss=REFINE_LOSS,
+        f_scale=REFINE_F_SCALE,
+        max_nfev=max_evals,
+        xtol=1e-3,
+        ftol=1e-3,
+        x_scale=[0.05, 0.5],
+    )
     best_x = min(obj.memo, key=lambda k: _robust_cost(obj.memo[k][0]))
     x = np.asarray(best_x)
     res, preds = obj.evaluate(x)
     per_run = {}
     for k, r in enumerate(calm):
-        per_run[r.experiment_id] = {m: round(float(res[k * len(REFINE_METRICS) + j]) * 100, 3) for j, m in enumerate(REFINE_METRICS)}
-    rep = RefineReport(step_scale=math.exp(float(x[0])), q_shift_us=float(x[1]) * 1e4, evaluations=len(obj.memo),
-                       seconds=obj.seconds, cost_start=_robust_cost(r0), cost_end=_robust_cost(res),
-                       runs=[r.experiment_id for r in calm], residual_pct=per_run, status=str(sol.message))
+        per_run[r.experiment_id] = {
+            m: round(float(res[k * len(REFINE_METRICS) + j]) * 100, 3) for j, m in enumerate(REFINE_METRICS)
+        }
+    rep = RefineReport(
+        step_scale=math.exp(float(x[0])),
+        q_shift_us=float(x[1]) * 1e4,
+        evaluations=len(obj.memo),
+        seconds=obj.seconds,
+        cost_start=_robust_cost(r0),
+        cost_end=_robust_cost(res),
+        runs=[r.experiment_id for r in calm],
+        residual_pct=per_run,
+        status=str(sol.message),
+    )
     return obj.params(x), rep
 
 
 # ---------------------------------------------------------------------------- bootstrap (uncertainty)
 
-def bootstrap_params(timelines: list[Timelines], prior: ArchPrior, *, step_scale: float, q_shift_us: float,
-                     n_boot: int, seed: int) -> np.ndarray:
+
+def bootstrap_params(
+    timelines: list[Timelines], prior: ArchPrior, *, step_scale: float, q_shift_us: float, n_boot: int, seed: int
+) -> np.ndarray:
     """Closed-form refits on two-stage resamples (calibration runs with replacement, then requests within each
     drawn run with replacement), each with stage 2's correction applied: rows of PARAM_NAMES values."""
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0xB0075])
@@ -512,7 +647,9 @@ def bootstrap_params(timelines: list[Timelines], prior: ArchPrior, *, step_scale
         ws = []
         for j, tl in enumerate(timelines):
             n = tl.arrival_s.size
-            ws.append(rng.multinomial(n * int(draws[j]), np.full(n, 1.0 / n)).astype(np.float64) if draws[j] else np.zeros(n))
+            ws.append(
+                rng.multinomial(n * int(draws[j]), np.full(n, 1.0 / n)).astype(np.float64) if draws[j] else np.zeros(n)
+            )
         try:
             cf = fit_closed_form(timelines, prior, weights=ws)
         except CalibrationError:
@@ -522,6 +659,7 @@ def bootstrap_params(timelines: list[Timelines], prior: ArchPrior, *, step_scale
 
 
 # ---------------------------------------------------------------------------- the whole calibration
+
 
 @dataclass
 class Calibration:
@@ -543,25 +681,41 @@ class Calibration:
         return self.params.blis_doc()
 
     def summary(self) -> dict:
-        return {"llm_model": self.llm_model, "fitted_on": list(self.fitted_on), "params": asdict(self.params),
-                "closed_form": asdict(self.closed_form), "prior": asdict(self.prior),
-                "refine": asdict(self.refine) if self.refine else None, "seconds": self.seconds,
-                "requests_used": self.requests_used, "closed_form_r2": self.r2, "bounds_active": list(self.bounds_active),
-                "bootstrap_params": {"names": list(PARAM_NAMES), "rows": self.bootstrap.round(6).tolist()}}
+        return {
+            "llm_model": self.llm_model,
+            "fitted_on": list(self.fitted_on),
+            "params": asdict(self.params),
+            "closed_form": asdict(self.closed_form),
+            "prior": asdict(self.prior),
+            "refine": asdict(self.refine) if self.refine else None,
+            "seconds": self.seconds,
+            "requests_used": self.requests_used,
+            "closed_form_r2": self.r2,
+            "bounds_active": list(self.bounds_active),
+            "bootstrap_params": {"names": list(PARAM_NAMES), "rows": self.bootstrap.round(6).tolist()},
+        }
 
     @classmethod
     def from_summary(cls, d: dict) -> "Calibration":
         rep = d.get("refine")
-        return cls(llm_model=d["llm_model"], fitted_on=list(d["fitted_on"]), params=StepParams(**d["params"]),
-                   closed_form=StepParams(**d["closed_form"]), prior=ArchPrior(**d["prior"]),
-                   refine=RefineReport(**rep) if rep else None,
-                   bootstrap=np.asarray(d["bootstrap_params"]["rows"], dtype=np.float64).reshape(-1, len(PARAM_NAMES)),
-                   seconds=d["seconds"], requests_used=d["requests_used"], r2=d["closed_form_r2"],
-                   bounds_active=tuple(d["bounds_active"]))
+        return cls(
+            llm_model=d["llm_model"],
+            fitted_on=list(d["fitted_on"]),
+            params=StepParams(**d["params"]),
+            closed_form=StepParams(**d["closed_form"]),
+            prior=ArchPrior(**d["prior"]),
+            refine=RefineReport(**rep) if rep else None,
+            bootstrap=np.asarray(d["bootstrap_params"]["rows"], dtype=np.float64).reshape(-1, len(PARAM_NAMES)),
+            seconds=d["seconds"],
+            requests_used=d["requests_used"],
+            r2=d["closed_form_r2"],
+            bounds_active=tuple(d["bounds_active"]),
+        )
 
 
-def calibrate(runs: list[CalibrationRun], *, seed: int = 0, refine_evals: int = 6, n_boot: int = 60,
-              with_refine: bool = True) -> Calibration:
+def calibrate(
+    runs: list[CalibrationRun], *, seed: int = 0, refine_evals: int = 6, n_boot: int = 60, with_refine: bool = True
+) -> Calibration:
     """Calibrate one LLM model's step-time model on these runs' request logs (and nothing else).
 
     ``runs`` must be of one LLM model and TP, each with ground truth."""
@@ -582,12 +736,25 @@ def calibrate(runs: list[CalibrationRun], *, seed: int = 0, refine_evals: int = 
         params, rep = refine(cf.params, runs, seed=seed, max_evals=refine_evals)
     t2 = time.perf_counter()
     scale, shift = (rep.step_scale, rep.q_shift_us) if rep else (1.0, 0.0)
-    boot = bootstrap_params(tls, prior, step_scale=scale, q_shift_us=shift, n_boot=n_boot, seed=seed) if n_boot else np.zeros((0, len(PARAM_NAMES)))
+    boot = (
+        bootstrap_params(tls, prior, step_scale=scale, q_shift_us=shift, n_boot=n_boot, seed=seed)
+        if n_boot
+        else np.zeros((0, len(PARAM_NAMES)))
+    )
     t3 = time.perf_counter()
-    return Calibration(llm_model=llm, fitted_on=[r.experiment_id for r in runs], params=params, closed_form=cf.params,
-                       prior=prior, refine=rep, bootstrap=boot,
-                       seconds={"closed_form": round(t1 - t0, 3), "refine": round(t2 - t1, 3), "bootstrap": round(t3 - t2, 3)},
-                       requests_used=cf.requests_by_run, r2=cf.r2, bounds_active=cf.bounds_active)
+    return Calibration(
+        llm_model=llm,
+        fitted_on=[r.experiment_id for r in runs],
+        params=params,
+        closed_form=cf.params,
+        prior=prior,
+        refine=rep,
+        bootstrap=boot,
+        seconds={"closed_form": round(t1 - t0, 3), "refine": round(t2 - t1, 3), "bootstrap": round(t3 - t2, 3)},
+        requests_used=cf.requests_by_run,
+        r2=cf.r2,
+        bounds_active=cf.bounds_active,
+    )
 
 
 # ---------------------------------------------------------------------------- intervals of a replay
@@ -622,13 +789,19 @@ def latency_index_us(rows: np.ndarray, steps: int, sums: dict, mean_generated: f
     prompt — a request's E2E in the model's terms, monotone in every coefficient."""
     P = {k: rows[:, i] for i, k in enumerate(PARAM_NAMES)}
     n = max(int(steps), 1)
-    mean_step = (P["b0_us"] * n + P["b_dec_us"] * sums["decode_tokens"] + P["b_kv_us"] * sums["kv_sum"]
-                 + P["b_pf_us"] * sums["prefill_tokens"] + P["b_npf_us"] * sums["num_prefill_reqs"]) / n
+    mean_step = (
+        P["b0_us"] * n
+        + P["b_dec_us"] * sums["decode_tokens"]
+        + P["b_kv_us"] * sums["kv_sum"]
+        + P["b_pf_us"] * sums["prefill_tokens"]
+        + P["b_npf_us"] * sums["num_prefill_reqs"]
+    ) / n
     return mean_step * mean_generated + P["q0_us"] + P["q1_us"] * mean_input
 
 
-def interval_bounds(boot: dict, steps: int, sums: dict, mean_generated: float, mean_input: float,
-                    level: float = INTERVAL_LEVEL) -> tuple[StepParams, StepParams] | None:
+def interval_bounds(
+    boot: dict, steps: int, sums: dict, mean_generated: float, mean_input: float, level: float = INTERVAL_LEVEL
+) -> tuple[StepParams, StepParams] | None:
     """The bootstrap (or per-source) models at the (1 − level)/2 and (1 + level)/2 quantiles of the latency index."""
     rows = np.asarray((boot or {}).get("rows") or [], dtype=np.float64)
     if rows.ndim != 2 or rows.shape[0] < 2:
@@ -640,14 +813,20 @@ def interval_bounds(boot: dict, steps: int, sums: dict, mean_generated: float, m
     return StepParams.from_vector(rows[order[k_lo]]), StepParams.from_vector(rows[order[k_hi]])
 
 
-def replay_interval(spec: dict, workload, ctx: RunContext, table: pl.DataFrame, central: list[dict], sums: FeatureSums,
-                    *, seed: int = 0) -> list[dict]:
+def replay_interval(
+    spec: dict, workload, ctx: RunContext, table: pl.DataFrame, central: list[dict], sums: FeatureSums, *, seed: int = 0
+) -> list[dict]:
     """Interval per replay metric of an out-of-sample calibrated prediction: replays with the two bound models;
     [lo, hi] = the range of the bound replays and the central one; ``inside`` says whether the observed value is in it."""
     from .replay import score_replay
 
-    b = interval_bounds(spec.get("bootstrap"), sums.steps, sums.sums, float(np.mean(workload.max_tokens)),
-                        float(np.mean(workload.prompt_tokens)))
+    b = interval_bounds(
+        spec.get("bootstrap"),
+        sums.steps,
+        sums.sums,
+        float(np.mean(workload.max_tokens)),
+        float(np.mean(workload.prompt_tokens)),
+    )
     if b is None:
         return []
     bound_rows = []
@@ -656,10 +835,15 @@ def replay_interval(spec: dict, workload, ctx: RunContext, table: pl.DataFrame, 
         bound_rows.append({x["metric"]: x["predicted"] for x in score_replay(r.per_request, table)[0]})
     out = []
     for c in central:
-        vals = [v for v in (c["predicted"], bound_rows[0].get(c["metric"]), bound_rows[1].get(c["metric"]))
-                if v is not None and np.isfinite(v)]
+        vals = [
+            v
+            for v in (c["predicted"], bound_rows[0].get(c["metric"]), bound_rows[1].get(c["metric"]))
+            if v is not None and np.isfinite(v)
+        ]
         lo, hi = (min(vals), max(vals)) if vals else (None, None)
         ob = c.get("observed")
         inside = None if ob is None or lo is None else bool(lo <= ob <= hi)
-        out.append({"metric": c["metric"], "predicted": c["predicted"], "lo": lo, "hi": hi, "observed": ob, "inside": inside})
+        out.append(
+            {"metric": c["metric"], "predicted": c["predicted"], "lo": lo, "hi": hi, "observed": ob, "inside": inside}
+        )
     return out

@@ -29,10 +29,18 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .calibrate import (
+    PARAM_NAMES,
+    ArchPrior,
+    Calibration,
+    CalibrationError,
+    CalibrationRun,
+    StepParams,
+    arch_prior,
+    calibrate,
+)
 from .errors import StepMLError
 from .parallel import process_workers
-from .calibrate import (PARAM_NAMES, ArchPrior, Calibration, CalibrationError, CalibrationRun, StepParams, arch_prior,
-                        calibrate)
 
 PROTOCOLS = ("roles", "lowo", "lomo")
 STEP_MODEL_OF = {"roles": "requests_roles", "lowo": "requests_lowo", "lomo": "requests_lomo", "all": "requests_all"}
@@ -106,14 +114,18 @@ def plan_folds(runs: list[RunInfo], *, protocols=PROTOCOLS, lomo_models: list[st
             for w in sorted({r.workload for r in rs}):
                 cal = tuple(r.experiment_id for r in gt if r.workload != w)
                 if cal:
-                    folds.append(Fold("lowo", llm, cal, tuple(r.experiment_id for r in rs if r.workload == w), held_out=w))
+                    folds.append(
+                        Fold("lowo", llm, cal, tuple(r.experiment_id for r in rs if r.workload == w), held_out=w)
+                    )
     if "lomo" in protocols:
         targets = lomo_models if lomo_models is not None else [m for m in [most_data_model(runs)] if m]
         have_all = {f.llm_model for f in folds if f.protocol == "all"}
         for m in targets:
             sources = tuple(sorted(have_all - {m}))
             if m in by_model and sources:
-                folds.append(Fold("lomo", m, (), tuple(r.experiment_id for r in by_model[m]), transfer_from=sources, held_out=m))
+                folds.append(
+                    Fold("lomo", m, (), tuple(r.experiment_id for r in by_model[m]), transfer_from=sources, held_out=m)
+                )
     check_folds(folds, runs)
     return folds
 
@@ -128,7 +140,9 @@ def check_folds(folds: list[Fold], runs: list[RunInfo]) -> None:
             if r is None or not r.has_ground_truth or r.llm_model != f.llm_model:
                 raise FoldError(f"{f.name} ({f.llm_model}): cannot calibrate on {e}")
         if f.protocol in ("lowo", "lomo") and set(f.for_runs or ()) & set(f.calibrate_on):
-            raise FoldError(f"{f.name} ({f.llm_model}): predicts {sorted(set(f.for_runs) & set(f.calibrate_on))} it calibrates on")
+            raise FoldError(
+                f"{f.name} ({f.llm_model}): predicts {sorted(set(f.for_runs) & set(f.calibrate_on))} it calibrates on"
+            )
         if f.protocol == "roles" and any(info[e].role != "train" for e in f.calibrate_on):
             raise FoldError(f"{f.name} ({f.llm_model}): calibrates on a run whose role is not train")
         if f.protocol == "lomo" and f.llm_model in f.transfer_from:
@@ -136,6 +150,7 @@ def check_folds(folds: list[Fold], runs: list[RunInfo]) -> None:
 
 
 # ---------------------------------------------------------------------------- running the calibrations
+
 
 def _calibrate_job(args) -> tuple[tuple, Calibration | str, float]:
     """(key, the calibration or why it could not be made, seconds)."""
@@ -148,8 +163,15 @@ def _calibrate_job(args) -> tuple[tuple, Calibration | str, float]:
     return key, cal, time.perf_counter() - t
 
 
-def run_calibrations(folds: list[Fold], load: Callable[[str], CalibrationRun], *, seed: int = 0, workers: int = 1,
-                     progress: Callable[[int, int, str], None] | None = None, **calibrate_kw) -> dict[tuple, Calibration | str]:
+def run_calibrations(
+    folds: list[Fold],
+    load: Callable[[str], CalibrationRun],
+    *,
+    seed: int = 0,
+    workers: int = 1,
+    progress: Callable[[int, int, str], None] | None = None,
+    **calibrate_kw,
+) -> dict[tuple, Calibration | str]:
     """One calibration per distinct (LLM model, calibration runs) among the folds; ``load(run id)`` is called for
     calibration runs only (the runs a fold predicts are never loaded here). ``workers`` > 1: calibrations in that
     many processes (the simulator is pure Python; 1 inside a daemonic process, which may not have children). A calibration that cannot be made maps to the reason (str)."""
@@ -184,8 +206,12 @@ def run_calibrations(folds: list[Fold], load: Callable[[str], CalibrationRun], *
             out[key] = cal
             done += 1
             if progress:
-                progress(done, len(args), f"{key[0]} on {len(key[1])} run(s): {secs:.1f} s"
-                         + (f" (not calibrated: {cal})" if isinstance(cal, str) else ""))
+                progress(
+                    done,
+                    len(args),
+                    f"{key[0]} on {len(key[1])} run(s): {secs:.1f} s"
+                    + (f" (not calibrated: {cal})" if isinstance(cal, str) else ""),
+                )
     return out
 
 
@@ -199,31 +225,48 @@ RATIO_OF = {  # parameter → the architecture scale it is carried over in (µs)
 }
 
 
-def transfer_params(sources: list[tuple[StepParams, ArchPrior]], target: ArchPrior) -> tuple[StepParams, list[StepParams]]:
+def transfer_params(
+    sources: list[tuple[StepParams, ArchPrior]], target: ArchPrior
+) -> tuple[StepParams, list[StepParams]]:
     """Carry calibrated models of other LLM models over to ``target`` through the architecture: each step
     coefficient as a ratio to its physics scale (weights streaming time, compute floor, KV-read floor,
     layers) — parameter count, MoE (active vs total parameters), layers, KV bytes per token and TP enter
     through the scales — geometric mean over the sources; β_pf from the target's compute prior; α0 (API
     overhead, no architecture scale) the sources' mean. Returns the transferred model and one per source."""
+
     def one(p: StepParams, a: ArchPrior, ratios: dict, q0: float) -> StepParams:
         v = {k: ratios[k] * float(getattr(target, s)) for k, s in RATIO_OF.items()}
-        return StepParams(b0_us=v["b0_us"], b_dec_us=v["b_dec_us"], b_kv_us=max(v["b_kv_us"], target.kv_floor_us),
-                          b_pf_us=target.prefill_prior_us, b_npf_us=v["b_npf_us"], q0_us=q0, q1_us=p.q1_us)
+        return StepParams(
+            b0_us=v["b0_us"],
+            b_dec_us=v["b_dec_us"],
+            b_kv_us=max(v["b_kv_us"], target.kv_floor_us),
+            b_pf_us=target.prefill_prior_us,
+            b_npf_us=v["b_npf_us"],
+            q0_us=q0,
+            q1_us=p.q1_us,
+        )
 
     per_source, rows = [], []
     for p, a in sources:
         ratios = {k: float(getattr(p, k)) / float(getattr(a, s)) for k, s in RATIO_OF.items()}
         rows.append(ratios)
         per_source.append(one(p, a, ratios, p.q0_us))
-    gmean = {k: float(math.exp(np.mean([math.log(max(r[k], 1e-12)) for r in rows]))) if all(r[k] > 0 for r in rows)
-             else float(np.mean([r[k] for r in rows])) for k in RATIO_OF}
+    gmean = {
+        k: float(math.exp(np.mean([math.log(max(r[k], 1e-12)) for r in rows])))
+        if all(r[k] > 0 for r in rows)
+        else float(np.mean([r[k] for r in rows]))
+        for k in RATIO_OF
+    }
     q0 = float(np.mean([p.q0_us for p, _ in sources]))
     return one(sources[0][0], sources[0][1], gmean, q0), per_source
 
 
 # ---------------------------------------------------------------------------- specs for replay
 
-def fold_specs(folds: list[Fold], cals: dict[tuple, Calibration], runs: list[RunInfo]) -> tuple[list[dict], dict[str, dict]]:
+
+def fold_specs(
+    folds: list[Fold], cals: dict[tuple, Calibration], runs: list[RunInfo]
+) -> tuple[list[dict], dict[str, dict]]:
     """Replay specs (kind blis_linear) per fold, and the ``requests_all`` spec per LLM model (for export)."""
     info = {r.experiment_id: r for r in runs}
     all_by_model = {f.llm_model: cals[f.key] for f in folds if f.protocol == "all" and f.key in cals}
@@ -237,11 +280,21 @@ def fold_specs(folds: list[Fold], cals: dict[tuple, Calibration], runs: list[Run
             target = arch_prior(f.llm_model, tp)
             p, per_source = transfer_params(srcs, target)
             fitted = sorted(e for m in f.transfer_from if m in all_by_model for e in all_by_model[m].fitted_on)
-            spec = _spec(f, p, fitted, {"transfer_from": list(f.transfer_from), "prior": asdict(target),
-                                        "per_source": {m: asdict(q) for m, q in zip(f.transfer_from, per_source)}},
-                         np.array([q.as_vector() for q in per_source]))
-            spec["basis"] = (f"leave-one-model-out: {', '.join(f.transfer_from)} calibrated on their request logs, carried "
-                             f"over to {f.llm_model} through the architecture")
+            spec = _spec(
+                f,
+                p,
+                fitted,
+                {
+                    "transfer_from": list(f.transfer_from),
+                    "prior": asdict(target),
+                    "per_source": {m: asdict(q) for m, q in zip(f.transfer_from, per_source)},
+                },
+                np.array([q.as_vector() for q in per_source]),
+            )
+            spec["basis"] = (
+                f"leave-one-model-out: {', '.join(f.transfer_from)} calibrated on their request logs, carried "
+                f"over to {f.llm_model} through the architecture"
+            )
             specs.append(spec)
             continue
         cal = cals.get(f.key)
@@ -260,10 +313,18 @@ def fold_specs(folds: list[Fold], cals: dict[tuple, Calibration], runs: list[Run
 
 
 def _spec(f: Fold, p: StepParams, fitted_on: list[str], calibration: dict, boot: np.ndarray) -> dict:
-    spec = {"name": f.name, "kind": "blis_linear", "llm_model": f.llm_model, "fitted_on": sorted(fitted_on),
-            "protocol": f.protocol, "held_out": f.held_out, "doc": p.blis_doc(), "params": asdict(p),
-            "calibration": calibration,
-            "bootstrap": {"names": list(PARAM_NAMES), "rows": np.asarray(boot, dtype=np.float64).round(6).tolist()}}
+    spec = {
+        "name": f.name,
+        "kind": "blis_linear",
+        "llm_model": f.llm_model,
+        "fitted_on": sorted(fitted_on),
+        "protocol": f.protocol,
+        "held_out": f.held_out,
+        "doc": p.blis_doc(),
+        "params": asdict(p),
+        "calibration": calibration,
+        "bootstrap": {"names": list(PARAM_NAMES), "rows": np.asarray(boot, dtype=np.float64).round(6).tolist()},
+    }
     if f.for_runs is not None:
         spec["for_runs"] = list(f.for_runs)
     return spec
@@ -275,6 +336,7 @@ def calibration_workers() -> int:
 
 # ---------------------------------------------------------------------------- cache and the whole study
 
+
 def _code_digest() -> str:
     """What a calibration's result depends on besides its inputs: the calibration, replay and simulator code."""
     import hashlib
@@ -282,8 +344,13 @@ def _code_digest() -> str:
 
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for p in [here / "calibrate.py", here / "calibration_protocols.py", here / "replay.py",
-              *sorted((here / "sim").glob("*.py")), here / "catalog.py"]:
+    for p in [
+        here / "calibrate.py",
+        here / "calibration_protocols.py",
+        here / "replay.py",
+        *sorted((here / "sim").glob("*.py")),
+        here / "catalog.py",
+    ]:
         h.update(p.name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
@@ -342,9 +409,17 @@ class CalibrationCache:
                     p.unlink(missing_ok=True)
 
 
-def study_calibration(runs: list[RunInfo], load: Callable[[str], CalibrationRun], *, seed: int = 0, workers: int = 1,
-                      cache: CalibrationCache | None = None, lomo_models: list[str] | None = None,
-                      progress: Callable[[int, int, str], None] | None = None, **calibrate_kw) -> dict:
+def study_calibration(
+    runs: list[RunInfo],
+    load: Callable[[str], CalibrationRun],
+    *,
+    seed: int = 0,
+    workers: int = 1,
+    cache: CalibrationCache | None = None,
+    lomo_models: list[str] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    **calibrate_kw,
+) -> dict:
     """Plan the folds, calibrate each distinct calibration set once (from the cache where unchanged), and build
     the replay specs: {'specs', 'shipped' (requests_all per LLM model), 'folds', 'calibrations', 'seconds', 'reused'}."""
     t0 = time.perf_counter()
@@ -367,8 +442,18 @@ def study_calibration(runs: list[RunInfo], load: Callable[[str], CalibrationRun]
                 cached[k] = hit
                 continue
         todo.append(k)
-    fresh = run_calibrations([f for f in folds if f.key in set(todo)], load_once, seed=seed, workers=workers,
-                             progress=progress, **calibrate_kw) if todo else {}
+    fresh = (
+        run_calibrations(
+            [f for f in folds if f.key in set(todo)],
+            load_once,
+            seed=seed,
+            workers=workers,
+            progress=progress,
+            **calibrate_kw,
+        )
+        if todo
+        else {}
+    )
     failed = {f"{k[0]}: {', '.join(k[1])}": v for k, v in fresh.items() if isinstance(v, str)}
     fresh = {k: v for k, v in fresh.items() if not isinstance(v, str)}
     if cache is not None:
@@ -377,9 +462,16 @@ def study_calibration(runs: list[RunInfo], load: Callable[[str], CalibrationRun]
         cache.keep_only(ckeys.values())
     cals = {**cached, **fresh}
     specs, shipped = fold_specs(folds, cals, runs)
-    return {"specs": specs, "shipped": shipped, "folds": [asdict(f) | {"name": f.name} for f in folds],
-            "calibrations": [{"llm_model": k[0], "calibrate_on": list(k[1]), **cals[k].summary()} for k in sorted(cals)],
-            "seconds": round(time.perf_counter() - t0, 3), "reused": len(cached), "computed": len(fresh), "failed": failed}
+    return {
+        "specs": specs,
+        "shipped": shipped,
+        "folds": [asdict(f) | {"name": f.name} for f in folds],
+        "calibrations": [{"llm_model": k[0], "calibrate_on": list(k[1]), **cals[k].summary()} for k in sorted(cals)],
+        "seconds": round(time.perf_counter() - t0, 3),
+        "reused": len(cached),
+        "computed": len(fresh),
+        "failed": failed,
+    }
 
 
 def run_info(experiment_id: str, meta, table, header: dict, has_ground_truth: bool) -> RunInfo:
@@ -388,6 +480,15 @@ def run_info(experiment_id: str, meta, table, header: dict, has_ground_truth: bo
 
     ok = 0
     if has_ground_truth and table.height:
-        ok = int(table.filter(~pl.col("observed_has_error").fill_null(True) & pl.col("observed_e2e_s").is_not_null()).height)
-    return RunInfo(experiment_id=experiment_id, llm_model=meta.model, tp=int(meta.tp), workload=meta.workload,
-                   role=(header or {}).get("role"), has_ground_truth=bool(has_ground_truth and ok), successes=ok)
+        ok = int(
+            table.filter(~pl.col("observed_has_error").fill_null(True) & pl.col("observed_e2e_s").is_not_null()).height
+        )
+    return RunInfo(
+        experiment_id=experiment_id,
+        llm_model=meta.model,
+        tp=int(meta.tp),
+        workload=meta.workload,
+        role=(header or {}).get("role"),
+        has_ground_truth=bool(has_ground_truth and ok),
+        successes=ok,
+    )

@@ -72,7 +72,11 @@ class ModelSpec:
     @property
     def total_params(self) -> int:
         """All weights incl. input embedding and LM head (2 V d)."""
-        per_layer = self.attn_params_per_layer + self.num_experts * self.mlp_params_per_expert_per_layer + self.router_params_per_layer
+        per_layer = (
+            self.attn_params_per_layer
+            + self.num_experts * self.mlp_params_per_expert_per_layer
+            + self.router_params_per_layer
+        )
         return self.num_layers * per_layer + 2 * self.vocab_size * self.hidden_size
 
 
@@ -118,10 +122,16 @@ def model_spec(slug: str) -> ModelSpec:
     name = canonical_model_name(slug)
     m = _models_doc()[name]
     return ModelSpec(
-        name=name, hf_id=m["hf_id"], num_layers=m["num_layers"], hidden_size=m["hidden_size"],
-        num_attention_heads=m["num_attention_heads"], num_kv_heads=m["num_kv_heads"],
-        intermediate_size=m["intermediate_size"], num_experts=m["num_experts"],
-        experts_per_token=m["experts_per_token"], vocab_size=m["vocab_size"],
+        name=name,
+        hf_id=m["hf_id"],
+        num_layers=m["num_layers"],
+        hidden_size=m["hidden_size"],
+        num_attention_heads=m["num_attention_heads"],
+        num_kv_heads=m["num_kv_heads"],
+        intermediate_size=m["intermediate_size"],
+        num_experts=m["num_experts"],
+        experts_per_token=m["experts_per_token"],
+        vocab_size=m["vocab_size"],
     )
 
 
@@ -129,7 +139,8 @@ def model_spec(slug: str) -> ModelSpec:
 def gpu_spec(name: str = "h100-sxm") -> GpuSpec:
     g = json.loads((CATALOG_DIR / "gpus.json").read_text())["gpus"][name]
     return GpuSpec(
-        name=g["name"], peak_flops=g["peak_dense_bf16_tflops"] * 1e12,
+        name=g["name"],
+        peak_flops=g["peak_dense_bf16_tflops"] * 1e12,
         hbm_bandwidth_bytes_per_s=g["hbm_bandwidth_tbs"] * 1e12,
         hbm_capacity_bytes=g["hbm_capacity_gb"] * 1e9,
         nvlink_bandwidth_bytes_per_s=g["nvlink_bandwidth_gbs"] * 1e9,

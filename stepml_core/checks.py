@@ -25,15 +25,19 @@ def schema_valid(steps: pl.DataFrame) -> CheckOutcome:
         StepTableSchema.validate(steps, lazy=True)
     except pa.errors.SchemaErrors as e:
         fc = e.failure_cases
-        failures = sorted({f"{c}: {k}" for c, k in zip(fc["column"].cast(pl.Utf8).fill_null(""), fc["check"].cast(pl.Utf8))})
+        failures = sorted(
+            {f"{c}: {k}" for c, k in zip(fc["column"].cast(pl.Utf8).fill_null(""), fc["check"].cast(pl.Utf8))}
+        )
         return CheckOutcome(False, {"rows": steps.height, "failure_cases": fc.height, "failures": failures[:20]})
     return CheckOutcome(True, {"rows": steps.height})
 
 
 def counts_balance(rows_in: int, rows_kept: int, rows_quarantined: int) -> CheckOutcome:
     """Step rows read = rows kept + rows quarantined."""
-    return CheckOutcome(rows_in == rows_kept + rows_quarantined,
-                        {"rows_in": rows_in, "rows_kept": rows_kept, "rows_quarantined": rows_quarantined})
+    return CheckOutcome(
+        rows_in == rows_kept + rows_quarantined,
+        {"rows_in": rows_in, "rows_kept": rows_kept, "rows_quarantined": rows_quarantined},
+    )
 
 
 def no_unreadable_lines(counters: dict) -> CheckOutcome:
@@ -44,7 +48,9 @@ def no_unreadable_lines(counters: dict) -> CheckOutcome:
 
 def records_balance(logs: dict[str, dict]) -> CheckOutcome:
     """Per stored request log ({partition: value}): records in = rows stored + quarantine rows stored."""
-    counts = {k: {**v["counts"], "rows_stored": v["requests"].height, "quarantine_rows_stored": v["quarantine"].height}
-              for k, v in logs.items()}
+    counts = {
+        k: {**v["counts"], "rows_stored": v["requests"].height, "quarantine_rows_stored": v["quarantine"].height}
+        for k, v in logs.items()
+    }
     bad = [k for k, c in counts.items() if c["records_in"] != c["rows_stored"] + c["quarantine_rows_stored"]]
     return CheckOutcome(not bad, {"partitions": counts, "unbalanced": bad})

@@ -28,8 +28,15 @@ import numpy as np
 import polars as pl
 
 CONFORMAL_LEVEL = 0.90
-WIDENED_COLUMNS = {"boot_lo": pl.Float64, "boot_hi": pl.Float64, "boot_inside": pl.Boolean, "excess_pct": pl.Float64,
-                   "extrap_q_pct": pl.Float64, "extrap_n": pl.Int64, "extrap_pool": pl.Utf8}
+WIDENED_COLUMNS = {
+    "boot_lo": pl.Float64,
+    "boot_hi": pl.Float64,
+    "boot_inside": pl.Boolean,
+    "excess_pct": pl.Float64,
+    "extrap_q_pct": pl.Float64,
+    "extrap_n": pl.Int64,
+    "extrap_pool": pl.Utf8,
+}
 
 
 def min_scores(level: float = CONFORMAL_LEVEL) -> int:
@@ -37,8 +44,9 @@ def min_scores(level: float = CONFORMAL_LEVEL) -> int:
     return int(math.ceil(level / (1.0 - level) - 1e-9))
 
 
-def could_use(protocol: str, llm_j: np.ndarray, wl_j: np.ndarray, llm_r: np.ndarray, wl_r: np.ndarray,
-              role_r: np.ndarray) -> np.ndarray:
+def could_use(
+    protocol: str, llm_j: np.ndarray, wl_j: np.ndarray, llm_r: np.ndarray, wl_r: np.ndarray, role_r: np.ndarray
+) -> np.ndarray:
     """Matrix [r, j]: True when run r's request log would be among the calibration runs of j's model, had r ground
     truth (calibration_protocols.plan_folds): roles — r is a train run of j's LLM model; lowo — r is of j's LLM model
     and another workload; lomo — r is of another LLM model (a source). Unknown protocol: any run of j's LLM model."""
@@ -59,7 +67,9 @@ def excess_pct(lo, hi, predicted, observed) -> np.ndarray:
         return 100.0 * np.maximum(0.0, np.maximum(lo - y, y - hi)) / np.abs(p)
 
 
-def conformal_quantile(scores: np.ndarray, eligible: np.ndarray, level: float = CONFORMAL_LEVEL) -> tuple[np.ndarray, np.ndarray]:
+def conformal_quantile(
+    scores: np.ndarray, eligible: np.ndarray, level: float = CONFORMAL_LEVEL
+) -> tuple[np.ndarray, np.ndarray]:
     """Per row r of ``eligible`` [r, j]: (q_r = ⌈(n_r + 1)·level⌉-th smallest of the finite eligible scores, +∞ when
     that rank exceeds n_r; n_r)."""
     s = np.asarray(scores, dtype=np.float64)
@@ -118,12 +128,16 @@ def widen_intervals(ivs: pl.DataFrame, runs: dict[str, dict], level: float = CON
         new_hi = np.where(np.isfinite(hi), hi + half, np.nan)
     has = np.isfinite(obs) & np.isfinite(lo) & np.isfinite(hi)
     inside = np.where(has, (new_lo <= obs) & (obs <= new_hi), False)
-    return ivs.rename({"lo": "boot_lo", "hi": "boot_hi", "inside": "boot_inside"}).with_columns(
-        lo=pl.Series(new_lo, dtype=pl.Float64).fill_nan(None),
-        hi=pl.Series(new_hi, dtype=pl.Float64).fill_nan(None),
-        inside=pl.when(pl.Series(has)).then(pl.Series(inside)).otherwise(None),
-        excess_pct=pl.Series(score, dtype=pl.Float64).fill_nan(None),
-        extrap_q_pct=pl.Series(q, dtype=pl.Float64),
-        extrap_n=pl.Series(n, dtype=pl.Int64),
-        extrap_pool=pl.Series(np.where(use_p, "protocol", "all protocols")),
-    ).select(list(dict(ivs.schema)) + list(WIDENED_COLUMNS))
+    return (
+        ivs.rename({"lo": "boot_lo", "hi": "boot_hi", "inside": "boot_inside"})
+        .with_columns(
+            lo=pl.Series(new_lo, dtype=pl.Float64).fill_nan(None),
+            hi=pl.Series(new_hi, dtype=pl.Float64).fill_nan(None),
+            inside=pl.when(pl.Series(has)).then(pl.Series(inside)).otherwise(None),
+            excess_pct=pl.Series(score, dtype=pl.Float64).fill_nan(None),
+            extrap_q_pct=pl.Series(q, dtype=pl.Float64),
+            extrap_n=pl.Series(n, dtype=pl.Int64),
+            extrap_pool=pl.Series(np.where(use_p, "protocol", "all protocols")),
+        )
+        .select(list(dict(ivs.schema)) + list(WIDENED_COLUMNS))
+    )

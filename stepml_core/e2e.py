@@ -50,14 +50,24 @@ import polars as pl
 
 from .reconstruct import DEFAULT_BLOCK_SIZE, batch_summary_counts, journey_episodes, request_aggregates
 
-__all__ = ["step_table", "step_inputs", "e2e_fidelity", "E2EResult", "observed_cycle_us", "gap_cycle_us",
-           "summarize_errors", "compare_step_table", "scheduled_counts_of"]
+__all__ = [
+    "step_table",
+    "step_inputs",
+    "e2e_fidelity",
+    "E2EResult",
+    "observed_cycle_us",
+    "gap_cycle_us",
+    "summarize_errors",
+    "compare_step_table",
+    "scheduled_counts_of",
+]
 
 Predictor = Union[Callable[[pl.DataFrame], "np.ndarray | pl.Series | list"], pl.DataFrame, np.ndarray]
 QUANTILES = (0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95)
 
 
 # ----------------------------------------------------------------------------- per-step table
+
 
 def _intervals_count(starts: np.ndarray, ends: np.ndarray, size: int) -> np.ndarray:
     """Number of inclusive intervals [start, end] covering each index 0..size-1."""
@@ -72,10 +82,18 @@ def _waiting_intervals(journey: pl.DataFrame, last_step: int) -> tuple[np.ndarra
     """Steps at which a request sits in WAITING after scheduling: [q+1, s−1] after QUEUED and
     [P, s'−1] after a preemption (``queue.waiting_depth`` counts requests preempted in the step);
     an abort at counter N ends the wait after step N."""
-    j = journey.select(
-        pl.col("request.id"), pl.col("event.type"), pl.col("scheduler.step").cast(pl.Int64),
-        (pl.col("ts.monotonic_ns") if "ts.monotonic_ns" in journey.columns else pl.lit(None, dtype=pl.Int64)).alias("ts"),
-    ).drop_nulls(["request.id", "scheduler.step"]).sort(["request.id", "scheduler.step", "ts"], nulls_last=True)
+    j = (
+        journey.select(
+            pl.col("request.id"),
+            pl.col("event.type"),
+            pl.col("scheduler.step").cast(pl.Int64),
+            (pl.col("ts.monotonic_ns") if "ts.monotonic_ns" in journey.columns else pl.lit(None, dtype=pl.Int64)).alias(
+                "ts"
+            ),
+        )
+        .drop_nulls(["request.id", "scheduler.step"])
+        .sort(["request.id", "scheduler.step", "ts"], nulls_last=True)
+    )
     T, st = pl.col("event.type"), pl.col("scheduler.step")
     j = j.with_columns(
         w_start=pl.when(T == "QUEUED").then(st + 1).when(T == "PREEMPTED").then(st).otherwise(None),
@@ -87,9 +105,16 @@ def _waiting_intervals(journey: pl.DataFrame, last_step: int) -> tuple[np.ndarra
     return w["w_start"].to_numpy(), ends
 
 
-def step_table(batches: pl.DataFrame, journey: pl.DataFrame, *, steps: pl.DataFrame | None = None,
-               block_size: int = DEFAULT_BLOCK_SIZE, kv_blocks_total: int | None = None, output_lag: int = 1,
-               last_step: int | None = None) -> pl.DataFrame:
+def step_table(
+    batches: pl.DataFrame,
+    journey: pl.DataFrame,
+    *,
+    steps: pl.DataFrame | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    kv_blocks_total: int | None = None,
+    output_lag: int = 1,
+    last_step: int | None = None,
+) -> pl.DataFrame:
     """BATCH_SUMMARY-like columns for every step id 1 … last step, from the reconstruction.
 
     * ``batch.*``: sums over the reconstructed batch with BATCH_SUMMARY's labels ("prefill"
@@ -109,8 +134,10 @@ def step_table(batches: pl.DataFrame, journey: pl.DataFrame, *, steps: pl.DataFr
     * ``sampled``: whether a BATCH_SUMMARY exists for the step.
     """
     if last_step is None:
-        cand = [int(batches["step.id"].max() or 0) if batches.height else 0,
-                int(journey["scheduler.step"].max() or 0) + output_lag if journey.height else 0]
+        cand = [
+            int(batches["step.id"].max() or 0) if batches.height else 0,
+            int(journey["scheduler.step"].max() or 0) + output_lag if journey.height else 0,
+        ]
         if steps is not None and steps.height:
             cand.append(int(steps["step.id"].max()))
         last_step = max(cand)
@@ -127,7 +154,8 @@ def step_table(batches: pl.DataFrame, journey: pl.DataFrame, *, steps: pl.DataFr
     total, free, sampled = _kv_blocks_free(batches, steps, size, block_size, kv_blocks_total)
     sl = slice(1, size)
     return base.with_columns(
-        pl.Series("queue.running_depth", running[sl]), pl.Series("queue.waiting_depth", waiting[sl]),
+        pl.Series("queue.running_depth", running[sl]),
+        pl.Series("queue.waiting_depth", waiting[sl]),
         pl.Series("batch.num_finished", n_fin[sl].astype(np.int64)),
         pl.Series("batch.num_preempted", n_pre[sl].astype(np.int64)),
         pl.lit(int(total), dtype=pl.Int64).alias("kv.blocks_total_gpu"),
@@ -140,8 +168,11 @@ def step_table(batches: pl.DataFrame, journey: pl.DataFrame, *, steps: pl.DataFr
 def _preempted_finished_counts(journey: pl.DataFrame, size: int, output_lag: int) -> tuple[np.ndarray, np.ndarray]:
     """Per step id 0 … size−1: PREEMPTED events of the step, and requests finished since the previous schedule()
     (natural finish at D → step D+1+lag, abort at counter N → N+1)."""
-    ev = journey.select(pl.col("event.type"), pl.col("scheduler.step").cast(pl.Int64),
-                        (pl.col("finish.status") if "finish.status" in journey.columns else pl.lit(None, dtype=pl.Utf8)).alias("st"))
+    ev = journey.select(
+        pl.col("event.type"),
+        pl.col("scheduler.step").cast(pl.Int64),
+        (pl.col("finish.status") if "finish.status" in journey.columns else pl.lit(None, dtype=pl.Utf8)).alias("st"),
+    )
     pre = ev.filter(pl.col("event.type") == "PREEMPTED")["scheduler.step"].to_numpy()
     fin = ev.filter(pl.col("event.type") == "FINISHED")
     ab = fin["st"].is_in(["aborted", "error", "ignored"]).fill_null(False).to_numpy()
@@ -151,12 +182,14 @@ def _preempted_finished_counts(journey: pl.DataFrame, size: int, output_lag: int
     return n_pre, n_fin
 
 
-def _kv_blocks_free(batches: pl.DataFrame, steps: pl.DataFrame | None, size: int, block_size: int,
-                    kv_blocks_total: int | None) -> tuple[int, np.ndarray, np.ndarray]:
+def _kv_blocks_free(
+    batches: pl.DataFrame, steps: pl.DataFrame | None, size: int, block_size: int, kv_blocks_total: int | None
+) -> tuple[int, np.ndarray, np.ndarray]:
     """(blocks total, free blocks per step id 0 … size−1, sampled per step id): used blocks estimated from the
     reconstructed batches, scaled to the BATCH_SUMMARY values at the sampled steps (see step_table)."""
     blk = batches.group_by("step.id").agg(
-        est=((pl.col("progress_index") + pl.col("new_tokens") + block_size - 1) // block_size).sum())
+        est=((pl.col("progress_index") + pl.col("new_tokens") + block_size - 1) // block_size).sum()
+    )
     est = np.zeros(size, np.float64)
     if blk.height:
         est[blk["step.id"].to_numpy()] = blk["est"].to_numpy()
@@ -165,8 +198,12 @@ def _kv_blocks_free(batches: pl.DataFrame, steps: pl.DataFrame | None, size: int
     sampled = np.zeros(size, bool)
     obs_free = None
     if steps is not None and steps.height:
-        s = steps.select(pl.col("step.id").cast(pl.Int64), pl.col("kv.blocks_total_gpu"), pl.col("kv.blocks_free_gpu")
-                         ).drop_nulls("step.id").unique("step.id", keep="first").sort("step.id")
+        s = (
+            steps.select(pl.col("step.id").cast(pl.Int64), pl.col("kv.blocks_total_gpu"), pl.col("kv.blocks_free_gpu"))
+            .drop_nulls("step.id")
+            .unique("step.id", keep="first")
+            .sort("step.id")
+        )
         s = s.filter(pl.col("step.id") < size)
         sampled[s["step.id"].to_numpy()] = True
         if total is None and s["kv.blocks_total_gpu"].drop_nulls().len():
@@ -194,25 +231,38 @@ def step_inputs(batches: pl.DataFrame, journey: pl.DataFrame, **kw) -> pl.DataFr
     tbl = step_table(batches, journey, **kw)
     agg = request_aggregates(batches)
     return tbl.join(agg, on="step.id", how="left").with_columns(
-        [pl.col(c).fill_null(0) for c in agg.columns if c != "step.id"])
+        [pl.col(c).fill_null(0) for c in agg.columns if c != "step.id"]
+    )
 
 
 def compare_step_table(table: pl.DataFrame, steps: pl.DataFrame, *, kv_tolerance: float = 0.05) -> dict:
     """Agreement of a :func:`step_table` with BATCH_SUMMARY on the sampled steps: exact-match rates
     of counts; for ``kv.blocks_free_gpu`` (exact at sampled steps by construction) use a
     leave-out comparison by passing a subsample of ``steps`` to :func:`step_table`."""
-    cols = ["batch.prefill_tokens", "batch.decode_tokens", "batch.scheduled_tokens", "batch.num_prefill_reqs",
-            "batch.num_decode_reqs", "queue.running_depth", "queue.waiting_depth", "batch.num_preempted",
-            "batch.num_finished"]
-    st = steps.select(pl.col("step.id").cast(pl.Int64), *[pl.col(c).cast(pl.Int64) for c in cols],
-                      pl.col("kv.blocks_free_gpu").cast(pl.Int64), pl.col("kv.blocks_total_gpu").cast(pl.Int64))
+    cols = [
+        "batch.prefill_tokens",
+        "batch.decode_tokens",
+        "batch.scheduled_tokens",
+        "batch.num_prefill_reqs",
+        "batch.num_decode_reqs",
+        "queue.running_depth",
+        "queue.waiting_depth",
+        "batch.num_preempted",
+        "batch.num_finished",
+    ]
+    st = steps.select(
+        pl.col("step.id").cast(pl.Int64),
+        *[pl.col(c).cast(pl.Int64) for c in cols],
+        pl.col("kv.blocks_free_gpu").cast(pl.Int64),
+        pl.col("kv.blocks_total_gpu").cast(pl.Int64),
+    )
     j = st.join(table, on="step.id", how="inner", suffix="_r")
     out: dict = {"steps": j.height}
     for c in cols:
         out[c] = float((j[c] == j[c + "_r"]).mean()) if j.height else None
     used = (j["kv.blocks_total_gpu"] - j["kv.blocks_free_gpu"]).cast(pl.Float64)
     used_r = (j["kv.blocks_total_gpu_r"] - j["kv.blocks_free_gpu_r"]).cast(pl.Float64)
-    rel = ((used_r - used).abs() / used.clip(lower_bound=1.0))
+    rel = (used_r - used).abs() / used.clip(lower_bound=1.0)
     out["kv_used_within_tolerance"] = float((rel <= kv_tolerance).mean()) if j.height else None
     out["kv_used_median_rel_err"] = float(rel.median()) if j.height else None
     return out
@@ -220,14 +270,24 @@ def compare_step_table(table: pl.DataFrame, steps: pl.DataFrame, *, kv_tolerance
 
 # ----------------------------------------------------------------------------- observed cycles
 
+
 def observed_cycle_us(steps: pl.DataFrame) -> pl.DataFrame:
     """``cycle_us`` = ts_start[N+1] − ts_start[N] where both steps were sampled (µs)."""
-    s = steps.select(pl.col("step.id").cast(pl.Int64), pl.col("step.ts_start_ns")).drop_nulls().unique(
-        "step.id", keep="first").sort("step.id")
-    return s.with_columns(
-        cycle_us=pl.when(pl.col("step.id").shift(-1) == pl.col("step.id") + 1)
-        .then((pl.col("step.ts_start_ns").shift(-1) - pl.col("step.ts_start_ns")).cast(pl.Float64) / 1000.0)
-    ).drop_nulls("cycle_us").select("step.id", "cycle_us")
+    s = (
+        steps.select(pl.col("step.id").cast(pl.Int64), pl.col("step.ts_start_ns"))
+        .drop_nulls()
+        .unique("step.id", keep="first")
+        .sort("step.id")
+    )
+    return (
+        s.with_columns(
+            cycle_us=pl.when(pl.col("step.id").shift(-1) == pl.col("step.id") + 1).then(
+                (pl.col("step.ts_start_ns").shift(-1) - pl.col("step.ts_start_ns")).cast(pl.Float64) / 1000.0
+            )
+        )
+        .drop_nulls("cycle_us")
+        .select("step.id", "cycle_us")
+    )
 
 
 def gap_cycle_us(steps: pl.DataFrame, *, last_step: int | None = None) -> pl.DataFrame:
@@ -235,8 +295,12 @@ def gap_cycle_us(steps: pl.DataFrame, *, last_step: int | None = None) -> pl.Dat
     consecutive sampled steps a < b gets (ts[b] − ts[a])/(b − a) (exact where b = a + 1);
     steps outside the sampled range take the nearest gap's value. Idle periods inside a gap
     are spread over its steps."""
-    s = steps.select(pl.col("step.id").cast(pl.Int64), pl.col("step.ts_start_ns").cast(pl.Int64)).drop_nulls().unique(
-        "step.id", keep="first").sort("step.id")
+    s = (
+        steps.select(pl.col("step.id").cast(pl.Int64), pl.col("step.ts_start_ns").cast(pl.Int64))
+        .drop_nulls()
+        .unique("step.id", keep="first")
+        .sort("step.id")
+    )
     sid, ts = s["step.id"].to_numpy(), s["step.ts_start_ns"].to_numpy()
     last = int(last_step if last_step is not None else (sid[-1] if len(sid) else 0))
     ids = np.arange(1, last + 1, dtype=np.int64)
@@ -249,6 +313,7 @@ def gap_cycle_us(steps: pl.DataFrame, *, last_step: int | None = None) -> pl.Dat
 
 # ----------------------------------------------------------------------------- fidelity
 
+
 @dataclass
 class E2EResult:
     per_request: pl.DataFrame
@@ -260,8 +325,9 @@ def _cycles(predict: Predictor, table: pl.DataFrame) -> np.ndarray:
     ids = table["step.id"].to_numpy()
     if isinstance(predict, pl.DataFrame):
         col = "cycle_us" if "cycle_us" in predict.columns else [c for c in predict.columns if c != "step.id"][0]
-        m = table.select("step.id").join(predict.select(pl.col("step.id").cast(pl.Int64), pl.col(col).alias("_c")),
-                                         on="step.id", how="left")
+        m = table.select("step.id").join(
+            predict.select(pl.col("step.id").cast(pl.Int64), pl.col(col).alias("_c")), on="step.id", how="left"
+        )
         return m["_c"].cast(pl.Float64).to_numpy()
     if callable(predict):
         y = predict(table)
@@ -282,11 +348,17 @@ def summarize_errors(obs: np.ndarray, pred: np.ndarray) -> dict:
         return {"n": 0}
     err = 100.0 * (p - o) / o
     ae = np.abs(err)
-    out = {"n": int(len(o)), "obs_mean_us": float(o.mean()), "pred_mean_us": float(p.mean()),
-           "mean_error_pct": float(100.0 * (p.mean() - o.mean()) / o.mean()),
-           "abs_mean_error_pct": float(abs(100.0 * (p.mean() - o.mean()) / o.mean())),
-           "mean_signed_error_pct": float(err.mean()), "mape_pct": float(ae.mean()),
-           "median_ape_pct": float(np.median(ae)), "p90_ape_pct": float(np.quantile(ae, 0.9))}
+    out = {
+        "n": int(len(o)),
+        "obs_mean_us": float(o.mean()),
+        "pred_mean_us": float(p.mean()),
+        "mean_error_pct": float(100.0 * (p.mean() - o.mean()) / o.mean()),
+        "abs_mean_error_pct": float(abs(100.0 * (p.mean() - o.mean()) / o.mean())),
+        "mean_signed_error_pct": float(err.mean()),
+        "mape_pct": float(ae.mean()),
+        "median_ape_pct": float(np.median(ae)),
+        "p90_ape_pct": float(np.quantile(ae, 0.9)),
+    }
     for q in QUANTILES:
         out[f"error_p{int(round(q * 100)):02d}_pct"] = float(np.quantile(err, q))
     return out
@@ -297,9 +369,11 @@ def _api_latency(api: pl.DataFrame | None) -> pl.DataFrame | None:
         return None
     a = api.group_by("request.id").agg(
         arrived=pl.col("event.ts.monotonic").filter(pl.col("event") == "ARRIVED").first(),
-        departed=pl.col("event.ts.monotonic").filter(pl.col("event") == "DEPARTED").first())
-    return a.select(pl.col("request.id").alias("api_id"),
-                    obs_api_e2e_us=((pl.col("departed") - pl.col("arrived")) * 1e6))
+        departed=pl.col("event.ts.monotonic").filter(pl.col("event") == "DEPARTED").first(),
+    )
+    return a.select(
+        pl.col("request.id").alias("api_id"), obs_api_e2e_us=((pl.col("departed") - pl.col("arrived")) * 1e6)
+    )
 
 
 def scheduled_counts_of(batches: pl.DataFrame) -> pl.DataFrame:
@@ -307,10 +381,20 @@ def scheduled_counts_of(batches: pl.DataFrame) -> pl.DataFrame:
     return batches.group_by("request.id").agg(n_steps_scheduled=pl.len())
 
 
-def e2e_fidelity(batches: pl.DataFrame, journey: pl.DataFrame, predict: Predictor, *,
-                 steps: pl.DataFrame | None = None, api: pl.DataFrame | None = None,
-                 table: pl.DataFrame | None = None, output_lag: int = 1, experiment_id: str | None = None,
-                 episodes: pl.DataFrame | None = None, scheduled_counts: pl.DataFrame | None = None, **table_kw) -> E2EResult:
+def e2e_fidelity(
+    batches: pl.DataFrame,
+    journey: pl.DataFrame,
+    predict: Predictor,
+    *,
+    steps: pl.DataFrame | None = None,
+    api: pl.DataFrame | None = None,
+    table: pl.DataFrame | None = None,
+    output_lag: int = 1,
+    experiment_id: str | None = None,
+    episodes: pl.DataFrame | None = None,
+    scheduled_counts: pl.DataFrame | None = None,
+    **table_kw,
+) -> E2EResult:
     """Per-request predicted vs observed TTFT / decode interval / E2E, and a summary.
 
     ``predict``: a function mapping the per-step table (``table``, default
@@ -340,12 +424,18 @@ def e2e_fidelity(batches: pl.DataFrame, journey: pl.DataFrame, predict: Predicto
     per = per.join(part, on="request.id", how="left")
     lat = _api_latency(api)
     if lat is not None:
-        per = per.with_columns(api_id=pl.col("request.id").str.replace(r"-[^-]*-[^-]*$", "")).join(
-            lat, on="api_id", how="left").drop("api_id")
+        per = (
+            per.with_columns(api_id=pl.col("request.id").str.replace(r"-[^-]*-[^-]*$", ""))
+            .join(lat, on="api_id", how="left")
+            .drop("api_id")
+        )
     f = lambda col: per[col].cast(pl.Float64).fill_null(np.nan).to_numpy()
     summary = {
-        "experiment_id": experiment_id, "requests": per.height, "natural_finishes": int(natural.sum()),
-        "steps": int(len(ids)), "steps_without_prediction": int((~np.isfinite(cyc)).sum()),
+        "experiment_id": experiment_id,
+        "requests": per.height,
+        "natural_finishes": int(natural.sum()),
+        "steps": int(len(ids)),
+        "steps_without_prediction": int((~np.isfinite(cyc)).sum()),
         "ttft": summarize_errors(f("obs_ttft_us"), f("pred_ttft_us")),
         "decode_interval": summarize_errors(f("obs_decode_interval_us"), f("pred_decode_interval_us")),
         "e2e": summarize_errors(f("obs_e2e_us"), f("pred_e2e_us")),
@@ -397,15 +487,35 @@ def _request_latencies(req: pl.DataFrame, span, output_lag: int) -> tuple[pl.Dat
     multi = natural & (ft >= 0) & (out_tok > 1)
     pred_di = np.where(multi, (pred_e2e - pred_ttft) / np.maximum(out_tok - 1, 1), np.nan)
     obs_di = np.where(multi, (obs_e2e - obs_ttft) / np.maximum(out_tok - 1, 1), np.nan)
-    pct = lambda p, o: np.where(np.isfinite(p) & np.isfinite(o) & (o > 0), 100.0 * (p - o) / np.where(o > 0, o, 1), np.nan)
-    per = req.select("request.id", "prompt_len", "output_tokens", "finish_status", "num_preemptions", "queued_step",
-                     "first_sched_step", "first_token_step", "finished_step").with_columns(
-        n_steps=pl.Series(np.where(natural, e2e_end - q, np.where(ft >= 0, ttft_end - q, -1))).replace(-1, None),
-        obs_queue_us=pl.Series(obs_queue), pred_queue_us=pl.Series(pred_queue),
-        obs_ttft_us=pl.Series(obs_ttft), pred_ttft_us=pl.Series(pred_ttft),
-        obs_e2e_us=pl.Series(obs_e2e), pred_e2e_us=pl.Series(pred_e2e),
-        obs_decode_interval_us=pl.Series(obs_di), pred_decode_interval_us=pl.Series(pred_di),
-        ttft_err_pct=pl.Series(pct(pred_ttft, obs_ttft)), e2e_err_pct=pl.Series(pct(pred_e2e, obs_e2e)),
-        decode_interval_err_pct=pl.Series(pct(pred_di, obs_di)),
-    ).fill_nan(None)
+    pct = lambda p, o: np.where(
+        np.isfinite(p) & np.isfinite(o) & (o > 0), 100.0 * (p - o) / np.where(o > 0, o, 1), np.nan
+    )
+    per = (
+        req.select(
+            "request.id",
+            "prompt_len",
+            "output_tokens",
+            "finish_status",
+            "num_preemptions",
+            "queued_step",
+            "first_sched_step",
+            "first_token_step",
+            "finished_step",
+        )
+        .with_columns(
+            n_steps=pl.Series(np.where(natural, e2e_end - q, np.where(ft >= 0, ttft_end - q, -1))).replace(-1, None),
+            obs_queue_us=pl.Series(obs_queue),
+            pred_queue_us=pl.Series(pred_queue),
+            obs_ttft_us=pl.Series(obs_ttft),
+            pred_ttft_us=pl.Series(pred_ttft),
+            obs_e2e_us=pl.Series(obs_e2e),
+            pred_e2e_us=pl.Series(pred_e2e),
+            obs_decode_interval_us=pl.Series(obs_di),
+            pred_decode_interval_us=pl.Series(pred_di),
+            ttft_err_pct=pl.Series(pct(pred_ttft, obs_ttft)),
+            e2e_err_pct=pl.Series(pct(pred_e2e, obs_e2e)),
+            decode_interval_err_pct=pl.Series(pct(pred_di, obs_di)),
+        )
+        .fill_nan(None)
+    )
     return per, natural, s1 - q >= 2

@@ -59,7 +59,9 @@ def linear_score(model: dict, X: np.ndarray) -> np.ndarray:
     """ŷ = intercept + Σ_k coef_k (x_k − mean_k) / scale_k (the intercept alone without features)."""
     if not model["features"]:
         return np.full(X.shape[0], model["intercept"])
-    return model["intercept"] + ((X - np.asarray(model["mean"])) / np.asarray(model["scale"])) @ np.asarray(model["coef"])
+    return model["intercept"] + ((X - np.asarray(model["mean"])) / np.asarray(model["scale"])) @ np.asarray(
+        model["coef"]
+    )
 
 
 def fit_floor_us(y) -> float:
@@ -91,9 +93,17 @@ def _from_pipeline(pipe: Pipeline, name, target, features, alpha, fitted_on, n, 
     sc, reg = pipe.named_steps["scale"], pipe.named_steps["reg"]
     scale = np.where(sc.scale_ == 0, 1.0, sc.scale_)
     return LinearStepModel(
-        name=name, target=target, features=list(features), mean=sc.mean_.tolist(), scale=scale.tolist(),
-        coef=np.asarray(reg.coef_, float).ravel().tolist(), intercept=float(np.asarray(reg.intercept_).ravel()[0]) if np.ndim(reg.intercept_) else float(reg.intercept_),
-        alpha=alpha, fitted_on=fitted_on, n_fit=n, recipe=recipe,
+        name=name,
+        target=target,
+        features=list(features),
+        mean=sc.mean_.tolist(),
+        scale=scale.tolist(),
+        coef=np.asarray(reg.coef_, float).ravel().tolist(),
+        intercept=float(np.asarray(reg.intercept_).ravel()[0]) if np.ndim(reg.intercept_) else float(reg.intercept_),
+        alpha=alpha,
+        fitted_on=fitted_on,
+        n_fit=n,
+        recipe=recipe,
     )
 
 
@@ -101,10 +111,23 @@ def _pipe(reg) -> Pipeline:
     return Pipeline([("scale", StandardScaler()), ("reg", reg)])
 
 
-def fit_naive_mean(target: str, y_fit: np.ndarray, name: str = "naive_mean", fitted_on=("train", "valid")) -> LinearStepModel:
+def fit_naive_mean(
+    target: str, y_fit: np.ndarray, name: str = "naive_mean", fitted_on=("train", "valid")
+) -> LinearStepModel:
     """ŷ = mean of the fit rows (train + valid in the StepML recipe: the rows every other StepML model is refitted on)."""
-    return LinearStepModel(name=name, target=target, features=[], mean=[], scale=[], coef=[], intercept=float(np.mean(y_fit)),
-                           fitted_on=list(fitted_on), n_fit=len(y_fit), recipe="stepml", floor_us=fit_floor_us(y_fit))
+    return LinearStepModel(
+        name=name,
+        target=target,
+        features=[],
+        mean=[],
+        scale=[],
+        coef=[],
+        intercept=float(np.mean(y_fit)),
+        fitted_on=list(fitted_on),
+        n_fit=len(y_fit),
+        recipe="stepml",
+        floor_us=fit_floor_us(y_fit),
+    )
 
 
 def fit_ridge_validated(name, target, features, X_tr, y_tr, X_va, y_va, alphas=ALPHA_GRID) -> LinearStepModel:
@@ -155,9 +178,18 @@ def fit_ols_original(name, target, features, X_tr, y_tr) -> LinearStepModel:
     X_tr = clean_matrix(X_tr)
     reg = LinearRegression().fit(X_tr, y_tr)
     # express as the same scaled form with mean 0, scale 1
-    return LinearStepModel(name=name, target=target, features=list(features), mean=[0.0] * len(features),
-                           scale=[1.0] * len(features), coef=reg.coef_.tolist(), intercept=float(reg.intercept_),
-                           fitted_on=["train"], n_fit=len(y_tr), recipe="original")
+    return LinearStepModel(
+        name=name,
+        target=target,
+        features=list(features),
+        mean=[0.0] * len(features),
+        scale=[1.0] * len(features),
+        coef=reg.coef_.tolist(),
+        intercept=float(reg.intercept_),
+        fitted_on=["train"],
+        n_fit=len(y_tr),
+        recipe="original",
+    )
 
 
 def fit_ridge_original(name, target, features, X_tr, y_tr) -> LinearStepModel:
@@ -167,6 +199,7 @@ def fit_ridge_original(name, target, features, X_tr, y_tr) -> LinearStepModel:
 
 
 # ------------------------------------------------------------ stronger models ---
+
 
 def fit_ridge_log_validated(name, target, features, X_tr, y_tr, X_va, y_va, alphas=ALPHA_GRID) -> dict:
     """Ridge on log y (y > 0), alpha by validation MAPE, refit train+valid; ŷ = exp(·) (median back-transform)."""
@@ -195,9 +228,21 @@ def fit_nnls_basis(name, target, features, X_tr, y_tr, X_va, y_va) -> dict:
     X, y = X[ok], y[ok]
     A = np.hstack([X, np.ones((len(y), 1))]) / y[:, None]
     coef, _ = nnls(A, np.ones(len(y)), maxiter=50 * A.shape[1])
-    return {"name": name, "target": target, "kind": "linear", "features": list(features), "mean": [0.0] * len(features),
-            "scale": [1.0] * len(features), "coef": coef[:-1].tolist(), "intercept": float(coef[-1]), "alpha": None,
-            "fitted_on": ["train", "valid"], "n_fit": int(len(y)), "recipe": "stepml", "floor_us": fit_floor_us(y)}
+    return {
+        "name": name,
+        "target": target,
+        "kind": "linear",
+        "features": list(features),
+        "mean": [0.0] * len(features),
+        "scale": [1.0] * len(features),
+        "coef": coef[:-1].tolist(),
+        "intercept": float(coef[-1]),
+        "alpha": None,
+        "fitted_on": ["train", "valid"],
+        "n_fit": int(len(y)),
+        "recipe": "stepml",
+        "floor_us": fit_floor_us(y),
+    }
 
 
 def hgb_to_trees(est) -> dict:
@@ -209,7 +254,15 @@ def hgb_to_trees(est) -> dict:
             if nd["is_leaf"]:
                 nodes.append([-1, float(nd["value"])])
             else:
-                nodes.append([int(nd["feature_idx"]), float(nd["num_threshold"]), int(nd["left"]), int(nd["right"]), bool(nd["missing_go_to_left"])])
+                nodes.append(
+                    [
+                        int(nd["feature_idx"]),
+                        float(nd["num_threshold"]),
+                        int(nd["left"]),
+                        int(nd["right"]),
+                        bool(nd["missing_go_to_left"]),
+                    ]
+                )
         trees.append(nodes)
     return {"baseline": float(np.ravel(est._baseline_prediction)[0]), "trees": trees}
 
@@ -235,7 +288,7 @@ def predict_trees(model: dict, X: np.ndarray) -> np.ndarray:
     out = np.full(n, float(model["baseline"]))
     group = max(1, PAIRS_PER_WALK // max(n, 1))
     for g in range(0, len(trees), group):
-        offs = offset[g:g + group]
+        offs = offset[g : g + group]
         row = np.repeat(np.arange(n), len(offs))
         node = np.tile(offs, n)
         while row.size:
@@ -257,7 +310,9 @@ def predict_trees(model: dict, X: np.ndarray) -> np.ndarray:
 PAIRS_PER_WALK = 1 << 16
 
 
-def fit_hgb_validated(name, target, features, X_tr, y_tr, X_va, y_va, seed: int = 0, max_grid_rows: int = 10000) -> dict:
+def fit_hgb_validated(
+    name, target, features, X_tr, y_tr, X_va, y_va, seed: int = 0, max_grid_rows: int = 10000
+) -> dict:
     """HistGradientBoosting on log y (31 leaves, learning rate 0.1): the number of iterations is chosen by
     validation MAPE over the stages of one fit on at most max_grid_rows train rows (a seeded subsample; 10,000
     rather than 20,000 moved the choice on the 1× study's pooled folds by ≤ 8 of ~45 iterations and their mean
@@ -276,7 +331,9 @@ def fit_hgb_validated(name, target, features, X_tr, y_tr, X_va, y_va, seed: int 
 HGB_CHUNK, HGB_PATIENCE = 25, 50
 
 
-def _staged_best_iter(est, X, log_y, X_va, y_va, max_iter: int, chunk: int = HGB_CHUNK, patience: int = HGB_PATIENCE) -> int:
+def _staged_best_iter(
+    est, X, log_y, X_va, y_va, max_iter: int, chunk: int = HGB_CHUNK, patience: int = HGB_PATIENCE
+) -> int:
     """The stage (1…max_iter) with the lowest validation MAPE, growing the warm-started ensemble to
     2·patience trees first, then `chunk` trees at a time, and stopping once the best stage is
     `patience` trees behind (the chosen iterations are mostly < 60 of 300: the trees past that were
@@ -304,24 +361,39 @@ def _fit_hgb(name, target, features, X_tr, y_tr, X_va, y_va, seed, max_grid_rows
     ok_tr, ok_va = y_tr > 0, y_va > 0
     lr, leaves, max_iter = 0.1, 31, 300
     best_iter = 150
-    make = lambda it: HistGradientBoostingRegressor(max_iter=it, max_leaf_nodes=leaves, learning_rate=lr,
-                                                    early_stopping=False, random_state=seed)
+    make = lambda it: HistGradientBoostingRegressor(
+        max_iter=it, max_leaf_nodes=leaves, learning_rate=lr, early_stopping=False, random_state=seed
+    )
     if ok_va.sum() >= 5:
         # one fit (on at most max_grid_rows train rows); choose the number of iterations by validation MAPE over its stages
         Xs, ys = X_tr[ok_tr], y_tr[ok_tr]
         if len(ys) > max_grid_rows:
             keep = np.sort(np.random.default_rng(seed).choice(len(ys), max_grid_rows, replace=False))
             Xs, ys = Xs[keep], ys[keep]
-        best_iter = _staged_best_iter(make(HGB_CHUNK).set_params(warm_start=True), Xs, np.log(ys), X_va[ok_va], y_va[ok_va], max_iter)
+        best_iter = _staged_best_iter(
+            make(HGB_CHUNK).set_params(warm_start=True), Xs, np.log(ys), X_va[ok_va], y_va[ok_va], max_iter
+        )
     X, y = np.vstack([X_tr[ok_tr], X_va[ok_va]]), np.concatenate([y_tr[ok_tr], y_va[ok_va]])
     n_all = len(y)
     if n_all > max_fit_rows:  # pooled fits: a seeded random subsample keeps the cost bounded
         keep = np.sort(np.random.default_rng(seed).choice(n_all, max_fit_rows, replace=False))
         X, y = X[keep], y[keep]
     est = make(best_iter).fit(X, np.log(y))
-    return {"name": name, "target": target, "kind": "trees", "rows_available": int(n_all), "log_target": True, "features": list(features),
-            **hgb_to_trees(est), "config": {"max_iter": best_iter, "max_leaf_nodes": leaves, "learning_rate": lr},
-            "fitted_on": ["train", "valid"], "n_fit": int(len(y)), "recipe": "stepml", "floor_us": fit_floor_us(y), "_sklearn": est}
+    return {
+        "name": name,
+        "target": target,
+        "kind": "trees",
+        "rows_available": int(n_all),
+        "log_target": True,
+        "features": list(features),
+        **hgb_to_trees(est),
+        "config": {"max_iter": best_iter, "max_leaf_nodes": leaves, "learning_rate": lr},
+        "fitted_on": ["train", "valid"],
+        "n_fit": int(len(y)),
+        "recipe": "stepml",
+        "floor_us": fit_floor_us(y),
+        "_sklearn": est,
+    }
 
 
 def _predict_linear(model: dict, X: np.ndarray) -> np.ndarray:

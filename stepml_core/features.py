@@ -37,17 +37,30 @@ BATCH_TOKEN_FEATURES = ["prefill_tokens", "decode_tokens", "scheduled_tokens", "
 KV_FEATURES = ["kv_mean", "kv_max", "kv_min", "kv_std", "kv_sum"]
 PHASE_FEATURES = ["prefill_fraction", "decode_fraction", "is_mixed_batch", "is_pure_prefill"]
 PHYSICS_FEATURES = [
-    "total_flops_estimate", "arithmetic_intensity", "compute_bound_indicator", "prefill_compute_intensity",
-    "decode_memory_intensity", "attention_flops_ratio", "gemm_flops_ratio", "active_param_ratio",
+    "total_flops_estimate",
+    "arithmetic_intensity",
+    "compute_bound_indicator",
+    "prefill_compute_intensity",
+    "decode_memory_intensity",
+    "attention_flops_ratio",
+    "gemm_flops_ratio",
+    "active_param_ratio",
 ]
 ARCH_FEATURES = ["model_id", "tp_degree", "is_moe"]  # model_id is one-hot encoded, see model_id_columns()
 INTERACTION_FEATURES = [
-    "prefill_tokens×decode_tokens", "kv_max×num_decode_reqs", "arithmetic_intensity×is_moe",
-    "prefill_tokens×kv_mean", "batch_size×kv_max",
+    "prefill_tokens×decode_tokens",
+    "kv_max×num_decode_reqs",
+    "arithmetic_intensity×is_moe",
+    "prefill_tokens×kv_mean",
+    "batch_size×kv_max",
 ]
 FEATURE_GROUPS = {
-    "batch_tokens": BATCH_TOKEN_FEATURES, "kv_statistics": KV_FEATURES, "phase": PHASE_FEATURES,
-    "physics": PHYSICS_FEATURES, "architecture": ARCH_FEATURES, "interactions": INTERACTION_FEATURES,
+    "batch_tokens": BATCH_TOKEN_FEATURES,
+    "kv_statistics": KV_FEATURES,
+    "phase": PHASE_FEATURES,
+    "physics": PHYSICS_FEATURES,
+    "architecture": ARCH_FEATURES,
+    "interactions": INTERACTION_FEATURES,
 }
 SEED_FEATURES = [f for group in FEATURE_GROUPS.values() for f in group]  # the 30 names
 assert len(SEED_FEATURES) == 30
@@ -80,9 +93,21 @@ class RequestInBatch:
 
 
 AGGREGATE_FIELDS = [
-    "prefill_tokens", "decode_tokens", "scheduled_tokens", "num_prefill_reqs", "num_decode_reqs",
-    "kv_mean", "kv_max", "kv_min", "kv_std", "kv_sum",
-    "prefill_attn_pairs", "decode_attn_pairs", "prefill_context_tokens", "decode_context_tokens", "num_logit_seqs",
+    "prefill_tokens",
+    "decode_tokens",
+    "scheduled_tokens",
+    "num_prefill_reqs",
+    "num_decode_reqs",
+    "kv_mean",
+    "kv_max",
+    "kv_min",
+    "kv_std",
+    "kv_sum",
+    "prefill_attn_pairs",
+    "decode_attn_pairs",
+    "prefill_context_tokens",
+    "decode_context_tokens",
+    "num_logit_seqs",
 ]
 
 
@@ -97,7 +122,13 @@ def features_from_aggregates(agg: dict, model: ModelSpec, gpu: GpuSpec, tp: int)
     """The 30 features (model_id one-hot) plus roofline times from batch aggregates (scalars or arrays)."""
     c = per_gpu_constants(model, tp)
     a = {k: np.asarray(agg[k], float) for k in AGGREGATE_FIELDS}
-    P, D, S, n_pf, n_dc = a["prefill_tokens"], a["decode_tokens"], a["scheduled_tokens"], a["num_prefill_reqs"], a["num_decode_reqs"]
+    P, D, S, n_pf, n_dc = (
+        a["prefill_tokens"],
+        a["decode_tokens"],
+        a["scheduled_tokens"],
+        a["num_prefill_reqs"],
+        a["num_decode_reqs"],
+    )
     f_lin = linear_flops(c, S, a["num_logit_seqs"])
     f_attn = attention_flops(c, a["prefill_attn_pairs"] + a["decode_attn_pairs"])
     f_total = f_lin + f_attn
@@ -107,21 +138,36 @@ def features_from_aggregates(agg: dict, model: ModelSpec, gpu: GpuSpec, tp: int)
     ai = _safe_div(f_total, b_total)
     f_pf = c.layers * P * c.linear_flops_per_token_per_layer + attention_flops(c, a["prefill_attn_pairs"])
     kv_pf = kv_bytes(c, a["prefill_context_tokens"], P)
-    f_dc = c.layers * D * c.linear_flops_per_token_per_layer + n_dc * c.lm_head_flops_per_seq + attention_flops(c, a["decode_attn_pairs"])
+    f_dc = (
+        c.layers * D * c.linear_flops_per_token_per_layer
+        + n_dc * c.lm_head_flops_per_seq
+        + attention_flops(c, a["decode_attn_pairs"])
+    )
     kv_dc = kv_bytes(c, a["decode_context_tokens"], D)
     is_moe = float(model.is_moe)
     t_c, t_m = roofline_times_us(c, gpu, f_total, b_total)
     out = {
-        "prefill_tokens": P, "decode_tokens": D, "scheduled_tokens": S, "num_prefill_reqs": n_pf, "num_decode_reqs": n_dc,
-        "kv_mean": a["kv_mean"], "kv_max": a["kv_max"], "kv_min": a["kv_min"], "kv_std": a["kv_std"], "kv_sum": a["kv_sum"],
-        "prefill_fraction": _safe_div(P, S), "decode_fraction": _safe_div(D, S),
+        "prefill_tokens": P,
+        "decode_tokens": D,
+        "scheduled_tokens": S,
+        "num_prefill_reqs": n_pf,
+        "num_decode_reqs": n_dc,
+        "kv_mean": a["kv_mean"],
+        "kv_max": a["kv_max"],
+        "kv_min": a["kv_min"],
+        "kv_std": a["kv_std"],
+        "kv_sum": a["kv_sum"],
+        "prefill_fraction": _safe_div(P, S),
+        "decode_fraction": _safe_div(D, S),
         "is_mixed_batch": ((n_pf > 0) & (n_dc > 0)).astype(float),
         "is_pure_prefill": ((n_pf > 0) & (n_dc == 0)).astype(float),
-        "total_flops_estimate": f_total, "arithmetic_intensity": ai,
+        "total_flops_estimate": f_total,
+        "arithmetic_intensity": ai,
         "compute_bound_indicator": (ai > gpu.balance_flops_per_byte).astype(float),
         "prefill_compute_intensity": np.where(P > 0, _safe_div(f_pf, w + kv_pf), 0.0),
         "decode_memory_intensity": np.where(D > 0, _safe_div(w + kv_dc, f_dc), 0.0),
-        "attention_flops_ratio": _safe_div(f_attn, f_total), "gemm_flops_ratio": _safe_div(f_lin, f_total),
+        "attention_flops_ratio": _safe_div(f_attn, f_total),
+        "gemm_flops_ratio": _safe_div(f_lin, f_total),
         "active_param_ratio": np.full_like(P, model.active_param_ratio),
     }
     for col in model_id_columns():
@@ -164,9 +210,14 @@ def gpu_dict(gpu: GpuSpec) -> dict:
 
 # ---------------------------------------------------------------- vectorized ---
 
+
 def snapshot_aggregates(snapshots: pl.DataFrame) -> pl.DataFrame:
     """Per-step aggregates from REQUEST_SNAPSHOT rows (scheduled requests only)."""
-    c, q, p = pl.col("request.num_computed_tokens"), pl.col("request.scheduled_tokens_this_step"), pl.col("request.num_prompt_tokens")
+    c, q, p = (
+        pl.col("request.num_computed_tokens"),
+        pl.col("request.scheduled_tokens_this_step"),
+        pl.col("request.num_prompt_tokens"),
+    )
     s = snapshots.filter(q > 0).with_columns(
         is_pf=c < p,
         pairs=pl.when(c < p).then(q * c + q * (q + 1) / 2).otherwise(c + 1).cast(pl.Float64),
@@ -178,7 +229,11 @@ def snapshot_aggregates(snapshots: pl.DataFrame) -> pl.DataFrame:
         snap_decode_tokens=q.filter(~pl.col("is_pf")).sum(),
         snap_num_prefill_reqs=pl.col("is_pf").sum(),
         snap_num_decode_reqs=(~pl.col("is_pf")).sum(),
-        kv_mean=dec_c.mean(), kv_max=dec_c.max(), kv_min=dec_c.min(), kv_std=dec_c.std(ddof=0), kv_sum=dec_c.sum(),
+        kv_mean=dec_c.mean(),
+        kv_max=dec_c.max(),
+        kv_min=dec_c.min(),
+        kv_std=dec_c.std(ddof=0),
+        kv_sum=dec_c.sum(),
         prefill_attn_pairs=pl.col("pairs").filter(pl.col("is_pf")).sum(),
         decode_attn_pairs=pl.col("pairs").filter(~pl.col("is_pf")).sum(),
         prefill_context_tokens=c.filter(pl.col("is_pf")).sum().cast(pl.Float64),
@@ -188,8 +243,13 @@ def snapshot_aggregates(snapshots: pl.DataFrame) -> pl.DataFrame:
 
 
 def step_table_features(
-    steps: pl.DataFrame, model: ModelSpec, gpu: GpuSpec, tp: int, *,
-    request_aggregates: pl.DataFrame | None = None, request_source: str = "snapshot",
+    steps: pl.DataFrame,
+    model: ModelSpec,
+    gpu: GpuSpec,
+    tp: int,
+    *,
+    request_aggregates: pl.DataFrame | None = None,
+    request_source: str = "snapshot",
     block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> pl.DataFrame:
     """30 features for every row of a step table (BATCH_SUMMARY columns), vectorized.
@@ -208,8 +268,11 @@ def step_table_features(
     q_bar = pl.when(n_pf > 0).then(P / n_pf).otherwise(0.0)
     base = steps.select(
         "step.id",
-        prefill_tokens=P, decode_tokens=D, scheduled_tokens=pl.col("batch.scheduled_tokens").cast(pl.Float64),
-        num_prefill_reqs=n_pf, num_decode_reqs=n_dc,
+        prefill_tokens=P,
+        decode_tokens=D,
+        scheduled_tokens=pl.col("batch.scheduled_tokens").cast(pl.Float64),
+        num_prefill_reqs=n_pf,
+        num_decode_reqs=n_dc,
         p_kv_mean=pl.when(n_dc > 0).then(proxy_mean).otherwise(0.0),
         p_prefill_attn_pairs=n_pf * q_bar * (q_bar + 1) / 2,
         p_num_logit_seqs=n_dc + n_pf,
@@ -220,14 +283,24 @@ def step_table_features(
     else:
         ok = pl.lit(False)
     base = base.with_columns(_use_req=ok.fill_null(False))
+
     def pick(name, proxy):
         if request_aggregates is not None and name in base.columns:
             return pl.when(pl.col("_use_req")).then(pl.col(name).fill_null(0.0)).otherwise(proxy).alias(name)
         return proxy.alias(name)
+
     pm = pl.col("p_kv_mean")
     agg = base.select(
-        "step.id", "prefill_tokens", "decode_tokens", "scheduled_tokens", "num_prefill_reqs", "num_decode_reqs",
-        pick("kv_mean", pm), pick("kv_max", pm), pick("kv_min", pm), pick("kv_std", pl.lit(0.0)),
+        "step.id",
+        "prefill_tokens",
+        "decode_tokens",
+        "scheduled_tokens",
+        "num_prefill_reqs",
+        "num_decode_reqs",
+        pick("kv_mean", pm),
+        pick("kv_max", pm),
+        pick("kv_min", pm),
+        pick("kv_std", pl.lit(0.0)),
         pick("kv_sum", pm * pl.col("num_decode_reqs")),
         pick("prefill_attn_pairs", pl.col("p_prefill_attn_pairs")),
         pick("decode_attn_pairs", pl.col("num_decode_reqs") * (pm + 1)),
@@ -245,13 +318,36 @@ def step_table_features(
 ORIGINAL_BALANCE_FLOPS_PER_BYTE = 360.2  # Π / (0.82 β), as the original code used
 ORIGINAL_MODEL_CODES = {"codellama-34b": 0, "llama-2-7b": 1, "llama-2-70b": 2, "mixtral-8x7b": 3}
 ORIGINAL_FEATURES = [
-    "f_prefill_tokens", "f_decode_tokens", "f_scheduled_tokens", "f_num_prefill_reqs", "f_num_decode_reqs",
-    "f_kv_gpu_usage", "f_kv_blocks_used", "f_kv_blocks_free", "f_running_depth", "f_kv_pressure",
-    "f_prefill_fraction", "f_decode_fraction", "f_is_mixed_batch", "f_is_pure_prefill",
-    "f_total_flops_estimate", "f_arithmetic_intensity", "f_compute_bound_indicator",
-    "f_prefill_compute_intensity", "f_decode_memory_intensity", "f_attention_flops_ratio", "f_gemm_flops_ratio",
-    "f_active_param_ratio", "f_model_id", "f_tp_degree", "f_is_moe", "f_prefill_x_decode",
-    "f_kv_pressure_x_decode_reqs", "f_intensity_x_moe", "f_prefill_x_kv_usage", "f_batch_size_x_kv_pressure",
+    "f_prefill_tokens",
+    "f_decode_tokens",
+    "f_scheduled_tokens",
+    "f_num_prefill_reqs",
+    "f_num_decode_reqs",
+    "f_kv_gpu_usage",
+    "f_kv_blocks_used",
+    "f_kv_blocks_free",
+    "f_running_depth",
+    "f_kv_pressure",
+    "f_prefill_fraction",
+    "f_decode_fraction",
+    "f_is_mixed_batch",
+    "f_is_pure_prefill",
+    "f_total_flops_estimate",
+    "f_arithmetic_intensity",
+    "f_compute_bound_indicator",
+    "f_prefill_compute_intensity",
+    "f_decode_memory_intensity",
+    "f_attention_flops_ratio",
+    "f_gemm_flops_ratio",
+    "f_active_param_ratio",
+    "f_model_id",
+    "f_tp_degree",
+    "f_is_moe",
+    "f_prefill_x_decode",
+    "f_kv_pressure_x_decode_reqs",
+    "f_intensity_x_moe",
+    "f_prefill_x_kv_usage",
+    "f_batch_size_x_kv_pressure",
 ]
 
 
@@ -269,7 +365,13 @@ def original_study_features(steps: pl.DataFrame, model: ModelSpec, tp: int) -> p
     lt = model.num_layers / tp
     w0 = lt * 2 * (a + m)
     g = lambda c: pl.col(c).cast(pl.Float64).fill_null(0.0)
-    P, D, S, npf, ndc = g("batch.prefill_tokens"), g("batch.decode_tokens"), g("batch.scheduled_tokens"), g("batch.num_prefill_reqs"), g("batch.num_decode_reqs")
+    P, D, S, npf, ndc = (
+        g("batch.prefill_tokens"),
+        g("batch.decode_tokens"),
+        g("batch.scheduled_tokens"),
+        g("batch.num_prefill_reqs"),
+        g("batch.num_decode_reqs"),
+    )
     total = pl.col("kv.blocks_total_gpu").cast(pl.Float64).fill_null(1.0)
     free = g("kv.blocks_free_gpu")
     usage = g("kv.usage_gpu_ratio")
@@ -282,18 +384,38 @@ def original_study_features(steps: pl.DataFrame, model: ModelSpec, tp: int) -> p
     is_moe = 1.0 if model.is_moe else 0.0
     return steps.select(
         "step.id",
-        f_prefill_tokens=P, f_decode_tokens=D, f_scheduled_tokens=S, f_num_prefill_reqs=npf, f_num_decode_reqs=ndc,
-        f_kv_gpu_usage=usage, f_kv_blocks_used=used, f_kv_blocks_free=free, f_running_depth=g("queue.running_depth"),
-        f_kv_pressure=pressure, f_prefill_fraction=P / s1, f_decode_fraction=D / s1,
-        f_is_mixed_batch=((npf > 0) & (ndc > 0)).cast(pl.Float64), f_is_pure_prefill=(ndc == 0).cast(pl.Float64),
-        f_total_flops_estimate=f0, f_arithmetic_intensity=ai,
+        f_prefill_tokens=P,
+        f_decode_tokens=D,
+        f_scheduled_tokens=S,
+        f_num_prefill_reqs=npf,
+        f_num_decode_reqs=ndc,
+        f_kv_gpu_usage=usage,
+        f_kv_blocks_used=used,
+        f_kv_blocks_free=free,
+        f_running_depth=g("queue.running_depth"),
+        f_kv_pressure=pressure,
+        f_prefill_fraction=P / s1,
+        f_decode_fraction=D / s1,
+        f_is_mixed_batch=((npf > 0) & (ndc > 0)).cast(pl.Float64),
+        f_is_pure_prefill=(ndc == 0).cast(pl.Float64),
+        f_total_flops_estimate=f0,
+        f_arithmetic_intensity=ai,
         f_compute_bound_indicator=(ai > ORIGINAL_BALANCE_FLOPS_PER_BYTE).cast(pl.Float64),
         f_prefill_compute_intensity=pl.when(P > 0).then(flops_per_tok * P / max(w0, 1)).otherwise(0.0),
-        f_decode_memory_intensity=pl.when(D > 0).then(w0 / pl.max_horizontal(flops_per_tok * D, pl.lit(1.0))).otherwise(0.0),
-        f_attention_flops_ratio=pl.lit(0.0), f_gemm_flops_ratio=pl.lit(1.0), f_active_param_ratio=pl.lit(rho),
-        f_model_id=pl.lit(float(ORIGINAL_MODEL_CODES.get(model.name, -1))), f_tp_degree=pl.lit(float(tp)),
-        f_is_moe=pl.lit(is_moe), f_prefill_x_decode=P * D, f_kv_pressure_x_decode_reqs=pressure * ndc,
-        f_intensity_x_moe=ai * is_moe, f_prefill_x_kv_usage=P * usage, f_batch_size_x_kv_pressure=(npf + ndc) * pressure,
+        f_decode_memory_intensity=pl.when(D > 0)
+        .then(w0 / pl.max_horizontal(flops_per_tok * D, pl.lit(1.0)))
+        .otherwise(0.0),
+        f_attention_flops_ratio=pl.lit(0.0),
+        f_gemm_flops_ratio=pl.lit(1.0),
+        f_active_param_ratio=pl.lit(rho),
+        f_model_id=pl.lit(float(ORIGINAL_MODEL_CODES.get(model.name, -1))),
+        f_tp_degree=pl.lit(float(tp)),
+        f_is_moe=pl.lit(is_moe),
+        f_prefill_x_decode=P * D,
+        f_kv_pressure_x_decode_reqs=pressure * ndc,
+        f_intensity_x_moe=ai * is_moe,
+        f_prefill_x_kv_usage=P * usage,
+        f_batch_size_x_kv_pressure=(npf + ndc) * pressure,
     )
 
 

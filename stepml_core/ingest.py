@@ -16,8 +16,17 @@ import polars as pl
 from .limits import InputLimits
 from .runs import RunMetadata, RunMetadataError, file_record, open_input, read_run_metadata
 
-INPUT_NAMES = ["traces.json", "traces.json.gz", "exp-config.yaml", "profile.yaml", "provenance.json",
-               "requests.json", "requests.json.gz", "ground_truth.json", "ground_truth.json.gz"]
+INPUT_NAMES = [
+    "traces.json",
+    "traces.json.gz",
+    "exp-config.yaml",
+    "profile.yaml",
+    "provenance.json",
+    "requests.json",
+    "requests.json.gz",
+    "ground_truth.json",
+    "ground_truth.json.gz",
+]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20, root: Path | None = None) -> str:
@@ -65,7 +74,9 @@ def fingerprint(folder: Path, *, with_hash: bool = True, deadline: float | None 
     for p in run_files(folder):
         if with_hash:
             digest, n, st = hash_file(p, deadline=deadline)
-            out.append({"file": str(p.relative_to(folder)), "size_bytes": n, "mtime_ns": st.st_mtime_ns, "sha256": digest})
+            out.append(
+                {"file": str(p.relative_to(folder)), "size_bytes": n, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+            )
         else:
             st = p.stat()
             out.append({"file": str(p.relative_to(folder)), "size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
@@ -80,8 +91,9 @@ def fingerprint_digest(fp: list[dict]) -> str:
     return h.hexdigest()[:16]
 
 
-def ingest_run(folder: Path, data_root: Path | None = None, workers: int | None = None,
-               limits: InputLimits | None = None) -> dict:
+def ingest_run(
+    folder: Path, data_root: Path | None = None, workers: int | None = None, limits: InputLimits | None = None
+) -> dict:
     """Read a run folder: {'meta': {...}, 'steps', 'snapshots', 'journey', 'api', 'step_spans', 'quarantine'}.
 
     ``meta["files"]`` fingerprints the bytes read (see the module docstring); optional files that
@@ -109,20 +121,44 @@ def ingest_run(folder: Path, data_root: Path | None = None, workers: int | None 
     fp = [reads[k] for k in sorted(reads, key=_order)]
     quarantine = tables.quarantine
     if meta.issues:
-        issues = pl.DataFrame({"file": [i["file"] for i in meta.issues], "line": [None] * len(meta.issues),
-                               "kind": ["file"] * len(meta.issues), "reason": [i["reason"] for i in meta.issues],
-                               "excerpt": [None] * len(meta.issues), "count": [1] * len(meta.issues)},
-                              schema=TABLE_SCHEMAS["quarantine"])
+        issues = pl.DataFrame(
+            {
+                "file": [i["file"] for i in meta.issues],
+                "line": [None] * len(meta.issues),
+                "kind": ["file"] * len(meta.issues),
+                "reason": [i["reason"] for i in meta.issues],
+                "excerpt": [None] * len(meta.issues),
+                "count": [1] * len(meta.issues),
+            },
+            schema=TABLE_SCHEMAS["quarantine"],
+        )
         quarantine = pl.concat([quarantine, issues])
     stages = stage_durations_s(meta)
     return {
-        "meta": {**meta.as_record(), "files": fp, "data_version": fingerprint_digest(fp), "counters": tables.counters,
-                 "stage_durations_s": stages, "exp_config": meta.exp_config,
-                 "summary_available": meta.summary is not None, "file_issues": meta.issues,
-                 "rows": {"steps": tables.steps.height, "snapshots": tables.snapshots.height, "journey": tables.journey.height,
-                          "api": tables.api.height, "step_spans": tables.step_spans.height, "quarantine": quarantine.height}},
-        "steps": tables.steps, "snapshots": tables.snapshots, "journey": tables.journey, "api": tables.api,
-        "step_spans": tables.step_spans, "quarantine": quarantine,
+        "meta": {
+            **meta.as_record(),
+            "files": fp,
+            "data_version": fingerprint_digest(fp),
+            "counters": tables.counters,
+            "stage_durations_s": stages,
+            "exp_config": meta.exp_config,
+            "summary_available": meta.summary is not None,
+            "file_issues": meta.issues,
+            "rows": {
+                "steps": tables.steps.height,
+                "snapshots": tables.snapshots.height,
+                "journey": tables.journey.height,
+                "api": tables.api.height,
+                "step_spans": tables.step_spans.height,
+                "quarantine": quarantine.height,
+            },
+        },
+        "steps": tables.steps,
+        "snapshots": tables.snapshots,
+        "journey": tables.journey,
+        "api": tables.api,
+        "step_spans": tables.step_spans,
+        "quarantine": quarantine,
     }
 
 

@@ -17,12 +17,26 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 
-from .estimators import (fit_hgb_validated, fit_naive_mean, fit_nnls_basis, fit_ols_original, fit_ridge_log_validated,
-                         fit_ridge_original, fit_ridge_validated)
+from .estimators import (
+    fit_hgb_validated,
+    fit_naive_mean,
+    fit_nnls_basis,
+    fit_ols_original,
+    fit_ridge_log_validated,
+    fit_ridge_original,
+    fit_ridge_validated,
+)
 from .features import ORIGINAL_FEATURES, feature_columns
 
 BLACKBOX_FEATURES = ("prefill_tokens", "decode_tokens")
-PHYSICS_BASIS = ("t_compute_us", "t_memory_us", "num_prefill_reqs", "num_decode_reqs", "prefill_tokens", "decode_tokens")
+PHYSICS_BASIS = (
+    "t_compute_us",
+    "t_memory_us",
+    "num_prefill_reqs",
+    "num_decode_reqs",
+    "prefill_tokens",
+    "decode_tokens",
+)
 SEED30 = None  # `features = SEED30`: the seed's 30 features (model_id one-hot), features.feature_columns()
 
 
@@ -35,8 +49,9 @@ class StepModel(Protocol):
 
     def feature_columns(self) -> list[str]: ...
 
-    def fit(self, target: str, X_tr: np.ndarray, y_tr: np.ndarray, X_va: np.ndarray, y_va: np.ndarray, *,
-            seed: int = 0) -> dict: ...
+    def fit(
+        self, target: str, X_tr: np.ndarray, y_tr: np.ndarray, X_va: np.ndarray, y_va: np.ndarray, *, seed: int = 0
+    ) -> dict: ...
 
 
 REGISTRY: dict[str, StepModel] = {}

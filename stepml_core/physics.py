@@ -60,7 +60,9 @@ def per_gpu_constants(model: ModelSpec, tp: int) -> PerGpuConstants:
         attn_flops_per_pair_per_layer=4 * (model.num_attention_heads / tp) * model.head_dim,
         lm_head_flops_per_seq=2 * model.vocab_size * model.hidden_size / tp,
         lm_head_bytes=b * model.vocab_size * model.hidden_size / tp,
-        num_experts=e, experts_per_token=k, tp=tp,
+        num_experts=e,
+        experts_per_token=k,
+        tp=tp,
     )
 
 
@@ -81,7 +83,10 @@ def weight_bytes_step(c: PerGpuConstants, tokens):
 
 def linear_flops(c: PerGpuConstants, tokens, n_logit):
     """F_lin = L·T·2(A+kM+R)/t + N_logit·2Vd/t."""
-    return c.layers * np.asarray(tokens, float) * c.linear_flops_per_token_per_layer + np.asarray(n_logit, float) * c.lm_head_flops_per_seq
+    return (
+        c.layers * np.asarray(tokens, float) * c.linear_flops_per_token_per_layer
+        + np.asarray(n_logit, float) * c.lm_head_flops_per_seq
+    )
 
 
 def attention_flops(c: PerGpuConstants, attn_pairs):
@@ -91,9 +96,15 @@ def attention_flops(c: PerGpuConstants, attn_pairs):
 
 def kv_bytes(c: PerGpuConstants, context_tokens_read, tokens_written):
     """KV bytes = L·b·2(H_kv/t)d_h·(Σ c_i + T)."""
-    return c.layers * c.kv_bytes_per_token_per_layer * (np.asarray(context_tokens_read, float) + np.asarray(tokens_written, float))
+    return (
+        c.layers
+        * c.kv_bytes_per_token_per_layer
+        * (np.asarray(context_tokens_read, float) + np.asarray(tokens_written, float))
+    )
 
 
 def roofline_times_us(c: PerGpuConstants, gpu: GpuSpec, flops, bytes_):
     """(T_compute, T_memory) in µs: F/Π and B/β."""
-    return np.asarray(flops, float) / gpu.peak_flops * 1e6, np.asarray(bytes_, float) / gpu.hbm_bandwidth_bytes_per_s * 1e6
+    return np.asarray(flops, float) / gpu.peak_flops * 1e6, np.asarray(
+        bytes_, float
+    ) / gpu.hbm_bandwidth_bytes_per_s * 1e6

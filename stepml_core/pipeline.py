@@ -36,6 +36,7 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048  # vLLM's default token budget, when exp-c
 
 # ------------------------------------------------------------------------------- one run ---
 
+
 @dataclass(frozen=True)
 class StepTables:
     """Kept steps with targets, every rejected record, and the counts the asset checks read."""
@@ -47,8 +48,9 @@ class StepTables:
     counts: dict  # rows_in, rows_kept, rows_quarantined, cycle_rows, cycle_removed_idle, cycle_removed_stall
 
 
-def step_tables(meta: dict, steps_read: pl.DataFrame, reader_quarantine: pl.DataFrame,
-                max_quarantine_rows: int | None = None) -> StepTables:
+def step_tables(
+    meta: dict, steps_read: pl.DataFrame, reader_quarantine: pl.DataFrame, max_quarantine_rows: int | None = None
+) -> StepTables:
     """Validate the run's step rows (tables.validate_steps, with the bounds of its exp-config.yaml) and add the
     targets (tables.add_targets); the reader's quarantine + the rows rejected, capped at max_quarantine_rows
     records (tables.cap_quarantine)."""
@@ -58,23 +60,38 @@ def step_tables(meta: dict, steps_read: pl.DataFrame, reader_quarantine: pl.Data
     if max_quarantine_rows is not None:
         quarantine = cap_quarantine(quarantine, max_quarantine_rows)
     rule = cycle_rule_counts(steps)
-    counts = {**v.counts, "cycle_rows": rule["kept"], "cycle_removed_idle": rule["idle"], "cycle_removed_stall": rule["stall"]}
-    return StepTables(steps=steps, quarantine=quarantine, rows_in=v.rows_in, rows_quarantined=v.quarantine.height,
-                      counts=counts)
+    counts = {
+        **v.counts,
+        "cycle_rows": rule["kept"],
+        "cycle_removed_idle": rule["idle"],
+        "cycle_removed_stall": rule["stall"],
+    }
+    return StepTables(
+        steps=steps, quarantine=quarantine, rows_in=v.rows_in, rows_quarantined=v.quarantine.height, counts=counts
+    )
 
 
 def request_context(meta: dict, steps_read: pl.DataFrame, journey: pl.DataFrame, snapshots: pl.DataFrame) -> dict:
     """Every step's batch rebuilt from journey events, with the token budget of the run's exp-config.yaml."""
     cfg = meta.get("exp_config") or {}
-    return study.request_context(steps_read, journey, snapshots, int(cfg.get("max_num_batched_tokens", DEFAULT_MAX_NUM_BATCHED_TOKENS)))
+    return study.request_context(
+        steps_read, journey, snapshots, int(cfg.get("max_num_batched_tokens", DEFAULT_MAX_NUM_BATCHED_TOKENS))
+    )
 
 
 def feature_matrix(meta: dict, steps: pl.DataFrame, context: dict, snapshots: pl.DataFrame) -> pl.DataFrame:
     """The 30 features (+ original-study features) and both targets per kept step; per-request
     aggregates from the journey reconstruction where it matches the step (docs/features.md §2)."""
-    return study.build_feature_matrix(steps, snapshots, model=meta["model"], tp=meta["tp"], experiment_id=meta["experiment_id"],
-                                      source=meta["source"], request_aggregates=study.journey_aggregates(context["step_inputs"]),
-                                      request_source="journey")
+    return study.build_feature_matrix(
+        steps,
+        snapshots,
+        model=meta["model"],
+        tp=meta["tp"],
+        experiment_id=meta["experiment_id"],
+        source=meta["source"],
+        request_aggregates=study.journey_aggregates(context["step_inputs"]),
+        request_source="journey",
+    )
 
 
 def split(meta: dict, steps: pl.DataFrame) -> pl.DataFrame:
@@ -84,8 +101,9 @@ def split(meta: dict, steps: pl.DataFrame) -> pl.DataFrame:
 
 def e2e_fidelity(meta: dict, journey: pl.DataFrame, context: dict, fitted: dict) -> dict:
     """Teacher-forced E2E of the run's cycle_us models (study.e2e_fidelity_for_models)."""
-    return study.e2e_fidelity_for_models(journey, context, fitted, model=meta["model"], tp=meta["tp"],
-                                         experiment_id=meta["experiment_id"])
+    return study.e2e_fidelity_for_models(
+        journey, context, fitted, model=meta["model"], tp=meta["tp"], experiment_id=meta["experiment_id"]
+    )
 
 
 def method_checks(fm_split: pl.DataFrame, fitted: dict, steps: pl.DataFrame, seed: int = 0) -> dict:
@@ -102,11 +120,16 @@ def run_summary(meta: dict, steps: pl.DataFrame, quarantine: pl.DataFrame, fm: p
     """The small per-run record the study report reads: lineage, counts, where the KV features came from."""
     m = meta  # raw_traces: the run's metadata, with each table's row count
     kv = dict(fm["kv_source"].value_counts().iter_rows())
-    return {**{k: m[k] for k in RUN_SUMMARY_META},
-            "steps_read": m["rows"]["steps"], "steps_kept": steps.height,
-            "steps_quarantined": quarantine_counts(quarantine).get("row", 0),
-            "lines_quarantined": m["counters"].get("lines_quarantined", 0), "quarantine_rows": sum(quarantine_counts(quarantine).values()),
-            "kv_source": ", ".join(f"{k} {v}" for k, v in sorted(kv.items())), "kv_source_counts": kv}
+    return {
+        **{k: m[k] for k in RUN_SUMMARY_META},
+        "steps_read": m["rows"]["steps"],
+        "steps_kept": steps.height,
+        "steps_quarantined": quarantine_counts(quarantine).get("row", 0),
+        "lines_quarantined": m["counters"].get("lines_quarantined", 0),
+        "quarantine_rows": sum(quarantine_counts(quarantine).values()),
+        "kv_source": ", ".join(f"{k} {v}" for k, v in sorted(kv.items())),
+        "kv_source_counts": kv,
+    }
 
 
 def run_matrix(folder: Path, data_root: Path | None = None) -> pl.DataFrame:
@@ -116,22 +139,40 @@ def run_matrix(folder: Path, data_root: Path | None = None) -> pl.DataFrame:
     raw = ingest_run(Path(folder), data_root)
     meta = raw["meta"]
     tables = step_tables(meta, raw["steps"], raw["quarantine"])
-    fm = feature_matrix(meta, tables.steps, request_context(meta, raw["steps"], raw["journey"], raw["snapshots"]), raw["snapshots"])
+    fm = feature_matrix(
+        meta, tables.steps, request_context(meta, raw["steps"], raw["journey"], raw["snapshots"]), raw["snapshots"]
+    )
     return study.with_split(fm, split(meta, tables.steps))
 
 
 # ---------------------------------------------------------------------------- the study ---
+
 
 def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame | None:
     frames = [f for f in frames if f.height]
     return pl.concat(frames, how="diagonal_relaxed") if frames else None
 
 
-def assemble_study(present: list[str], *, metrics: Mapping, predictions: Mapping, global_models: dict, run_summary: Mapping,
-                   ablation: Mapping, generalization: dict, calibration: dict, agreements: Mapping, e2e_fidelity: Mapping,
-                   method_checks: Mapping, out_dir: Path, seed: int = 0, extra_sections: list[str] | None = None,
-                   summary_extra: list[str] | None = None, left_out: dict[str, dict] | None = None,
-                   stored: set[str] | None = None) -> dict:
+def assemble_study(
+    present: list[str],
+    *,
+    metrics: Mapping,
+    predictions: Mapping,
+    global_models: dict,
+    run_summary: Mapping,
+    ablation: Mapping,
+    generalization: dict,
+    calibration: dict,
+    agreements: Mapping,
+    e2e_fidelity: Mapping,
+    method_checks: Mapping,
+    out_dir: Path,
+    seed: int = 0,
+    extra_sections: list[str] | None = None,
+    summary_extra: list[str] | None = None,
+    left_out: dict[str, dict] | None = None,
+    stored: set[str] | None = None,
+) -> dict:
     """The study over the runs `present` (sorted; the per-run mappings may hold others): verdict, findings,
     metrics.csv, verdict.json and report.md (+ plots) written to out_dir.
 
@@ -144,20 +185,36 @@ def assemble_study(present: list[str], *, metrics: Mapping, predictions: Mapping
     present = sorted(present)
     runs = [run_summary[e] for e in present]
     gm, gp = global_models["metrics"], global_models["predictions"]
-    all_metrics = pl.concat([*(metrics[e] for e in present if e in metrics), gm.filter(pl.col("experiment_id").is_in(present))],
-                            how="diagonal_relaxed")
+    all_metrics = pl.concat(
+        [*(metrics[e] for e in present if e in metrics), gm.filter(pl.col("experiment_id").is_in(present))],
+        how="diagonal_relaxed",
+    )
     test = pl.col("split") == "test"  # the verdict and the plots read test rows only; one partition in memory at a time
-    all_pred = pl.concat([*(predictions[e].filter(test) for e in present if e in predictions),
-                          gp.filter(pl.col("experiment_id").is_in(present) & test)], how="diagonal_relaxed")
+    all_pred = pl.concat(
+        [
+            *(predictions[e].filter(test) for e in present if e in predictions),
+            gp.filter(pl.col("experiment_id").is_in(present) & test),
+        ],
+        how="diagonal_relaxed",
+    )
     verdict = study.h1_verdict(all_metrics, all_pred, seed=seed)
     gen = generalization["metrics"]
-    gen_present = {k: v.filter(pl.col("experiment_id").is_in(present)) if v.height else v
-                   for k, v in generalization.items() if k in ("metrics", "predictions")}
+    gen_present = {
+        k: v.filter(pl.col("experiment_id").is_in(present)) if v.height else v
+        for k, v in generalization.items()
+        if k in ("metrics", "predictions")
+    }
     abl = pl.concat([ablation[e] for e in present if e in ablation], how="diagonal_relaxed") if ablation else None
     from .findings import study_findings
     from .method_checks import gather as gather_checks
-    from .report import (calibration_sections, e2e_section, feature_provenance_section, reconstruction_section, render_report,
-                         write_outputs)
+    from .report import (
+        calibration_sections,
+        e2e_section,
+        feature_provenance_section,
+        reconstruction_section,
+        render_report,
+        write_outputs,
+    )
     from .report_status import runs_left_out_section
 
     checks = gather_checks(method_checks, present, global_models["models"])
@@ -169,17 +226,31 @@ def assemble_study(present: list[str], *, metrics: Mapping, predictions: Mapping
     extra += reconstruction_section({e: agreements[e] for e in present if e in agreements})
     e2e_parts = [e2e_fidelity[e] for e in present if e in e2e_fidelity]
     per_request = _concat([p["per_request"] for p in e2e_parts])
-    extra += e2e_section(_concat([p["summary"] for p in e2e_parts]), pl.DataFrame() if per_request is None else per_request, out_dir)
+    extra += e2e_section(
+        _concat([p["summary"] for p in e2e_parts]), pl.DataFrame() if per_request is None else per_request, out_dir
+    )
     extra += calibration_sections(calibration["public"], calibration["steps"])
     extra += extra_sections or []
     verdict["runs_left_out"] = {e: {"status": r["status"], "reason": r["reason"]} for e, r in sorted(left_out.items())}
-    write_outputs(out_dir, pl.concat([all_metrics, gen], how="diagonal_relaxed") if gen.height else all_metrics, verdict)
-    md = render_report(runs=runs, metrics=all_metrics, predictions=all_pred, verdict=verdict, out_dir=out_dir,
-                       findings=findings, checks=checks, extra_sections=extra, summary_extra=summary_extra)
+    write_outputs(
+        out_dir, pl.concat([all_metrics, gen], how="diagonal_relaxed") if gen.height else all_metrics, verdict
+    )
+    md = render_report(
+        runs=runs,
+        metrics=all_metrics,
+        predictions=all_pred,
+        verdict=verdict,
+        out_dir=out_dir,
+        findings=findings,
+        checks=checks,
+        extra_sections=extra,
+        summary_extra=summary_extra,
+    )
     return {"verdict": verdict, "markdown": md, "experiments": present}
 
 
 # ------------------------------------------------------------------------- request level ---
+
 
 def request_log(folder: Path) -> dict | None:
     """The run's request log as stored (requests, quarantine, header, files with sha256, counts, and the run folder's
@@ -191,21 +262,35 @@ def request_log(folder: Path) -> dict | None:
     log = read_request_log(folder)
     if log is None:
         return None
-    files = [{"file": str(p.relative_to(folder)), "size_bytes": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in find_request_files(folder).values()]
+    files = [
+        {"file": str(p.relative_to(folder)), "size_bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in find_request_files(folder).values()
+    ]
     run_files = fingerprint(folder)
-    return {"requests": log.table, "quarantine": log.quarantine, "header": log.header, "files": files,
-            "has_ground_truth": log.has_ground_truth, "counts": log.counts, "run_files": run_files,
-            "data_version": fingerprint_digest(run_files)}
+    return {
+        "requests": log.table,
+        "quarantine": log.quarantine,
+        "header": log.header,
+        "files": files,
+        "has_ground_truth": log.has_ground_truth,
+        "counts": log.counts,
+        "run_files": run_files,
+        "data_version": fingerprint_digest(run_files),
+    }
 
 
 def log_from_stored(stored: Mapping):
     """A stored request_log value back as a request_log.RequestLog."""
     from .request_log import RequestLog
 
-    return RequestLog(table=stored["requests"], quarantine=stored["quarantine"], header=stored["header"],
-                      files=[f["file"] for f in stored["files"]], has_ground_truth=stored["has_ground_truth"],
-                      records_in=stored["counts"]["records_in"])
+    return RequestLog(
+        table=stored["requests"],
+        quarantine=stored["quarantine"],
+        header=stored["header"],
+        files=[f["file"] for f in stored["files"]],
+        has_ground_truth=stored["has_ground_truth"],
+        records_in=stored["counts"]["records_in"],
+    )
 
 
 def synth_kv_blocks(meta) -> int | None:
@@ -217,8 +302,17 @@ def synth_kv_blocks(meta) -> int | None:
     return int(engine_params()["models"][meta.model]["kv_blocks_total"])
 
 
-def request_calibration(logs: Mapping, data_root: Path, *, skipped: dict[str, str] | None = None, seed: int = 0,
-                        workers: int = 1, cache_dir: Path | None = None, progress=None, warn=None) -> dict:
+def request_calibration(
+    logs: Mapping,
+    data_root: Path,
+    *,
+    skipped: dict[str, str] | None = None,
+    seed: int = 0,
+    workers: int = 1,
+    cache_dir: Path | None = None,
+    progress=None,
+    warn=None,
+) -> dict:
     """Step-time models calibrated from the request logs alone (calibration_protocols.study_calibration) over the
     runs in `logs` less those `skipped` ({run: why}); a run whose metadata cannot be read is added to the skipped
     ones (warn(run, error) is told) and the others calibrate. Returns study_calibration's value with skipped_runs."""
@@ -240,16 +334,32 @@ def request_calibration(logs: Mapping, data_root: Path, *, skipped: dict[str, st
             if warn is not None:
                 warn(e, err)
     present = sorted(metas)
-    infos = [cp.run_info(e, metas[e], logs[e]["requests"], logs[e]["header"], logs[e]["has_ground_truth"]) for e in present]
+    infos = [
+        cp.run_info(e, metas[e], logs[e]["requests"], logs[e]["header"], logs[e]["has_ground_truth"]) for e in present
+    ]
 
     def load(e: str) -> CalibrationRun:  # called for calibration runs only (calibration_protocols.run_calibrations)
         m = metas[e]
-        ctx = run_context(m.folder, experiment_id=e, model=m.model, tp=m.tp, exp_config=m.exp_config, profile=m.profile,
-                          header=logs[e]["header"], kv_blocks_from_traces=synth_kv_blocks(m))
+        ctx = run_context(
+            m.folder,
+            experiment_id=e,
+            model=m.model,
+            tp=m.tp,
+            exp_config=m.exp_config,
+            profile=m.profile,
+            header=logs[e]["header"],
+            kv_blocks_from_traces=synth_kv_blocks(m),
+        )
         return CalibrationRun(e, m.model, m.workload, logs[e]["header"].get("role"), logs[e]["requests"], ctx)
 
-    out = cp.study_calibration(infos, load, seed=seed, workers=workers,
-                               cache=cp.CalibrationCache(cache_dir) if cache_dir is not None else None, progress=progress)
+    out = cp.study_calibration(
+        infos,
+        load,
+        seed=seed,
+        workers=workers,
+        cache=cp.CalibrationCache(cache_dir) if cache_dir is not None else None,
+        progress=progress,
+    )
     out["skipped_runs"] = skipped
     return out
 
@@ -266,11 +376,16 @@ def calibration_fidelity(calibrated: dict, replay_fidelity: dict, step_table: Ma
     ids = set(runs["experiment_id"].to_list()) if runs is not None and runs.height else set()
     llm_of = {e: parse_run_id(e).model for e in ids | set(steps)}
     t = gather(calibrated, replay_fidelity, steps, llm_of, Path(out_dir))
-    return {"lines": calibration_section(t), **{k: v for k, v in t.items() if isinstance(v, pl.DataFrame)}, "goals": t["goals"]}
+    return {
+        "lines": calibration_section(t),
+        **{k: v for k, v in t.items() if isinstance(v, pl.DataFrame)},
+        "goals": t["goals"],
+    }
 
 
-def replay_models(fitted_models: Mapping, run_summary: Mapping, present: list[str],
-                  calibrated: list[dict] | None = None) -> list[dict]:
+def replay_models(
+    fitted_models: Mapping, run_summary: Mapping, present: list[str], calibrated: list[dict] | None = None
+) -> list[dict]:
     """The step-time models a replay can use: the synthesizer's physics, the cycle_us fits of the runs present and
     the models `calibrated` from request logs (request_calibration's specs)."""
     from . import replay_models as rm
@@ -280,12 +395,16 @@ def replay_models(fitted_models: Mapping, run_summary: Mapping, present: list[st
         r = run_summary[e]
         kv = r.get("kv_source_counts") or {}
         runs[e] = {**r, "kv_source": max(kv, key=kv.get) if kv else "proxy_blocks"}
-    return [rm.physics_spec(), *rm.step_trained_specs({e: fitted_models[e] for e in present if e in fitted_models}, runs),
-            *(calibrated or [])]
+    return [
+        rm.physics_spec(),
+        *rm.step_trained_specs({e: fitted_models[e] for e in present if e in fitted_models}, runs),
+        *(calibrated or []),
+    ]
 
 
-def replay(folder: Path, key: str, stored_log: Mapping, specs: list[dict], *, data_root: Path, out_dir, seed: int = 0
-           ) -> tuple[dict, dict]:
+def replay(
+    folder: Path, key: str, stored_log: Mapping, specs: list[dict], *, data_root: Path, out_dir, seed: int = 0
+) -> tuple[dict, dict]:
     """One run's requests replayed with each applicable step-time model; per-request predictions written under
     out_dir/replay/. Returns (stored value, facts for the asset's metadata)."""
     from . import replay_models as rm
@@ -294,21 +413,42 @@ def replay(folder: Path, key: str, stored_log: Mapping, specs: list[dict], *, da
 
     meta = read_run_metadata(folder, data_root=data_root)
     log = log_from_stored(stored_log)
-    ctx = run_context(folder, experiment_id=key, model=meta.model, tp=meta.tp, exp_config=meta.exp_config,
-                      profile=meta.profile, header=log.header, kv_blocks_from_traces=synth_kv_blocks(meta))
+    ctx = run_context(
+        folder,
+        experiment_id=key,
+        model=meta.model,
+        tp=meta.tp,
+        exp_config=meta.exp_config,
+        profile=meta.profile,
+        header=log.header,
+        kv_blocks_from_traces=synth_kv_blocks(meta),
+    )
     specs = rm.specs_for_run(list(specs), key, meta.model)
     out = rm.replay_run(log, ctx, specs, source=meta.source, stands_for=meta.stands_for, seed=seed)
     paths = rm.write_per_request(out_dir, key, out["per_request"])
     details = pl.DataFrame(out["runs"])
-    value = {"rows": out["rows"], "details": details, "assumptions": out["assumptions"], "intervals": out["intervals"],
-             "has_ground_truth": out["has_ground_truth"], "model": meta.model, "role": log.role or "",
-             "requests": log.table.height}
-    return value, {"step_models": len(specs), "per_request_files": [str(p) for p in paths],
-                   "seconds": float(details["seconds"].sum()) if details.height else 0.0, "assumptions": out["assumptions"]}
+    value = {
+        "rows": out["rows"],
+        "details": details,
+        "assumptions": out["assumptions"],
+        "intervals": out["intervals"],
+        "has_ground_truth": out["has_ground_truth"],
+        "model": meta.model,
+        "role": log.role or "",
+        "requests": log.table.height,
+    }
+    return value, {
+        "step_models": len(specs),
+        "per_request_files": [str(p) for p in paths],
+        "seconds": float(details["seconds"].sum()) if details.height else 0.0,
+        "assumptions": out["assumptions"],
+    }
 
 
 def replay_fidelity(replays: Mapping, logs: Mapping, present: list[str], out_dir) -> dict:
     """replay.csv over the runs present and the tables the report reads (replay_report.replay_fidelity_tables)."""
     from .replay_report import replay_fidelity_tables
 
-    return replay_fidelity_tables({e: replays[e] for e in present}, {e: logs[e]["header"] for e in present if e in logs}, out_dir)
+    return replay_fidelity_tables(
+        {e: replays[e] for e in present}, {e: logs[e]["header"] for e in present if e in logs}, out_dir
+    )

@@ -12,19 +12,35 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-MODEL_ORDER = ["naive_mean", "blackbox_2f", "ridge_30f", "blackbox_ols_orig", "ridge_30f_orig", "ridge_log_30f", "nnls_physics", "hgb_30f"]
+MODEL_ORDER = [
+    "naive_mean",
+    "blackbox_2f",
+    "ridge_30f",
+    "blackbox_ols_orig",
+    "ridge_30f_orig",
+    "ridge_log_30f",
+    "nnls_physics",
+    "hgb_30f",
+]
 MODEL_STYLE = {  # (colour, marker): one distinct pair per model
-    "naive_mean": ("#7f7f7f", "o"), "blackbox_2f": ("#1f77b4", "s"), "ridge_30f": ("#d62728", "D"),
-    "blackbox_ols_orig": ("#aec7e8", "v"), "ridge_30f_orig": ("#ff9896", "^"), "ridge_log_30f": ("#9467bd", "P"),
-    "nnls_physics": ("#2ca02c", "X"), "hgb_30f": ("#ff7f0e", "*"),
+    "naive_mean": ("#7f7f7f", "o"),
+    "blackbox_2f": ("#1f77b4", "s"),
+    "ridge_30f": ("#d62728", "D"),
+    "blackbox_ols_orig": ("#aec7e8", "v"),
+    "ridge_30f_orig": ("#ff9896", "^"),
+    "ridge_log_30f": ("#9467bd", "P"),
+    "nnls_physics": ("#2ca02c", "X"),
+    "hgb_30f": ("#ff7f0e", "*"),
 }
 DPI = 110
 
 
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -64,7 +80,9 @@ def figure_mape_by_experiment(metrics: pl.DataFrame, target: str, source: str = 
     """Dot plot: one row per run (labels on the y axis, so 16 never overlap), one marker per model
     (test MAPE, log scale), the H1 threshold (25 %) and refutation line (30 %) labelled in the legend."""
     plt = _plt()
-    t = metrics.filter((pl.col("target") == target) & (pl.col("split") == "test") & (pl.col("scope") == "per_experiment"))
+    t = metrics.filter(
+        (pl.col("target") == target) & (pl.col("split") == "test") & (pl.col("scope") == "per_experiment")
+    )
     if t.height == 0:
         return None
     exps = sorted(set(t["experiment_id"].to_list()))
@@ -85,10 +103,17 @@ def figure_mape_by_experiment(metrics: pl.DataFrame, target: str, source: str = 
     ax.set_xscale("log")
     finite = t["mape_pct"].drop_nulls().to_numpy()
     finite = finite[np.isfinite(finite) & (finite > 0)]
-    log_axis(ax.xaxis, float(min(finite.min(), 25.0)) if len(finite) else 1.0, float(max(finite.max(), 30.0)) if len(finite) else 100.0)
+    log_axis(
+        ax.xaxis,
+        float(min(finite.min(), 25.0)) if len(finite) else 1.0,
+        float(max(finite.max(), 30.0)) if len(finite) else 100.0,
+    )
     ax.set_xlabel("per-step test MAPE (%, log scale)")
     ax.grid(axis="x", which="both", lw=0.3, alpha=0.5)
-    ax.set_title(f"Test MAPE per run and model, per-experiment fits — {target}" + (f" ({source} data)" if source else ""), fontsize=10)
+    ax.set_title(
+        f"Test MAPE per run and model, per-experiment fits — {target}" + (f" ({source} data)" if source else ""),
+        fontsize=10,
+    )
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     w, h = fig.get_size_inches()
     fig.subplots_adjust(left=2.6 / w, right=1 - 1.9 / w, bottom=0.55 / h, top=1 - 0.4 / h)
@@ -104,8 +129,13 @@ def figure_pred_vs_actual(predictions: pl.DataFrame, target: str, model: str = "
     """One panel per run (up to 4 columns): predicted vs actual on the test split, log-log, with the y = x
     line; a panel's title gives the run, its test rows and how many predictions sit at the model's positive floor."""
     plt = _plt()
-    p = predictions.filter((pl.col("target") == target) & (pl.col("split") == "test") & (pl.col("model") == model)
-                           & (pl.col("scope") == "per_experiment") & (pl.col("y") > 0))
+    p = predictions.filter(
+        (pl.col("target") == target)
+        & (pl.col("split") == "test")
+        & (pl.col("model") == model)
+        & (pl.col("scope") == "per_experiment")
+        & (pl.col("y") > 0)
+    )
     if p.height == 0:
         return None
     exps = sorted(set(p["experiment_id"].to_list()))
@@ -127,25 +157,40 @@ def figure_pred_vs_actual(predictions: pl.DataFrame, target: str, model: str = "
         log_axis(ax.xaxis, lo, hi)
         log_axis(ax.yaxis, lo, hi)
         ax.tick_params(labelsize=7)
-        ax.set_title(f"{short_run_name(e)}\nn={len(yv)}" + (f", {int(floor.sum())} at floor" if floor.any() else ""), fontsize=7)
-    for ax in list(axes.flat)[len(exps):]:
+        ax.set_title(
+            f"{short_run_name(e)}\nn={len(yv)}" + (f", {int(floor.sum())} at floor" if floor.any() else ""), fontsize=7
+        )
+    for ax in list(axes.flat)[len(exps) :]:
         ax.set_visible(False)
     handles = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
     w, h = fig.get_size_inches()
-    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", bbox_to_anchor=(0.5, 0.03 / h), ncol=len(handles),
-               fontsize=8, markerscale=3)
+    fig.legend(
+        list(handles.values()),
+        list(handles.keys()),
+        loc="lower center",
+        bbox_to_anchor=(0.5, 0.03 / h),
+        ncol=len(handles),
+        fontsize=8,
+        markerscale=3,
+    )
     fig.supxlabel(f"actual {target} (µs)", fontsize=9, y=0.5 / h, va="center")
     fig.supylabel(f"predicted {target} (µs)", fontsize=9)
-    fig.suptitle(f"{model}, per-experiment fits, test split — {target}" + (f" ({source} data)" if source else ""), fontsize=10,
-                 y=1 - 0.12 / h, va="top")
+    fig.suptitle(
+        f"{model}, per-experiment fits, test split — {target}" + (f" ({source} data)" if source else ""),
+        fontsize=10,
+        y=1 - 0.12 / h,
+        va="top",
+    )
     fig.subplots_adjust(left=0.85 / w, right=1 - 0.15 / w, bottom=1.05 / h, top=1 - 0.85 / h, hspace=0.6, wspace=0.35)
     return fig
 
 
-def plot_pred_vs_actual(predictions: pl.DataFrame, target: str, path: Path, model: str = "ridge_30f", source: str = "") -> Path | None:
+def plot_pred_vs_actual(
+    predictions: pl.DataFrame, target: str, path: Path, model: str = "ridge_30f", source: str = ""
+) -> Path | None:
     fig = figure_pred_vs_actual(predictions, target, model, source)
     return _save(fig, path) if fig is not None else None
 
@@ -153,14 +198,29 @@ def plot_pred_vs_actual(predictions: pl.DataFrame, target: str, path: Path, mode
 def figure_residuals(predictions: pl.DataFrame, target: str, model: str, scope: str):
     """Signed relative error of one model against batch size and mean decode context, all runs pooled, with the zero line labelled."""
     plt = _plt()
-    p = predictions.filter((pl.col("target") == target) & (pl.col("split") == "test") & (pl.col("model") == model)
-                           & (pl.col("scope") == scope) & (pl.col("y") > 0))
+    p = predictions.filter(
+        (pl.col("target") == target)
+        & (pl.col("split") == "test")
+        & (pl.col("model") == model)
+        & (pl.col("scope") == scope)
+        & (pl.col("y") > 0)
+    )
     if p.height == 0 or "batch_size" not in p.columns:
         return None
     r = (100 * (p["y_pred"] - p["y"]) / p["y"]).to_numpy()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, col, label in ((axes[0], "batch_size", "batch size (requests)"), (axes[1], "kv_mean", "mean decode context (tokens)")):
-        ax.scatter(p[col].to_numpy(), r, s=2, alpha=0.3, color=MODEL_STYLE.get(model, ("C0", "o"))[0], label=f"test step ({p.height} over {p['experiment_id'].n_unique()} runs)")
+    for ax, col, label in (
+        (axes[0], "batch_size", "batch size (requests)"),
+        (axes[1], "kv_mean", "mean decode context (tokens)"),
+    ):
+        ax.scatter(
+            p[col].to_numpy(),
+            r,
+            s=2,
+            alpha=0.3,
+            color=MODEL_STYLE.get(model, ("C0", "o"))[0],
+            label=f"test step ({p.height} over {p['experiment_id'].n_unique()} runs)",
+        )
         ax.axhline(0, color="k", lw=0.8, label="no error")
         ax.set_xlabel(label)
         ax.legend(fontsize=7, loc="upper right", markerscale=4)
@@ -190,8 +250,10 @@ def plot_e2e(per_request: pl.DataFrame, model: str, path: Path) -> Path | None:
         if ok.any():
             lo, hi = min(o[ok].min(), q[ok].min()), max(o[ok].max(), q[ok].max())
             ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x (perfect)")
-        ax.set_xscale("log"); ax.set_yscale("log")
-        ax.set_xlabel(f"observed {m.upper()} (ms)"); ax.set_ylabel(f"predicted {m.upper()} (ms)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"observed {m.upper()} (ms)")
+        ax.set_ylabel(f"predicted {m.upper()} (ms)")
         ax.legend(fontsize=7, loc="upper left", markerscale=4)
     fig.suptitle(f"Teacher-forced E2E fidelity: {model} cycle-time predictions summed per request")
     w, h = fig.get_size_inches()

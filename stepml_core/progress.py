@@ -50,13 +50,29 @@ class Progress:
     def __enter__(self) -> "Progress":
         if self.tty:
             from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import (
+                Progress as RichProgress,
+            )
 
             console = Console(file=self.stream, force_terminal=True)
-            self._bar = RichProgress(TextColumn("{task.fields[label]}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                     TextColumn("{task.description}"), console=console, transient=False)
+            self._bar = RichProgress(
+                TextColumn("{task.fields[label]}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("{task.description}"),
+                console=console,
+                transient=False,
+            )
             self._bar.start()
             self._task = self._bar.add_task("", total=self.total, label=self.label)
         return self

@@ -16,6 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
+
 class RealDataError(ValueError):
     """The shared folder does not hold the real runs where expected."""
 
@@ -26,10 +27,15 @@ def _sha(p: Path) -> str:
 
 def shared_layout(shared: Path) -> dict[str, Path]:
     shared = Path(shared)
-    lay = {"requests": shared / "real" / "requests", "experiments": shared / "real" / "experiments",
-           "reference": shared / "reference" / "experiments"}
+    lay = {
+        "requests": shared / "real" / "requests",
+        "experiments": shared / "real" / "experiments",
+        "reference": shared / "reference" / "experiments",
+    }
     if not lay["requests"].is_dir():
-        raise RealDataError(f"{lay['requests']}: not found (expected the real request logs under <shared>/real/requests)")
+        raise RealDataError(
+            f"{lay['requests']}: not found (expected the real request logs under <shared>/real/requests)"
+        )
     return lay
 
 

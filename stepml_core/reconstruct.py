@@ -77,9 +77,17 @@ import polars as pl
 from .features import snapshot_aggregates
 
 __all__ = [
-    "Reconstruction", "reconstruct", "reconstruct_batches", "reconstruct_run", "request_aggregates",
-    "compare_with_snapshots", "compare_with_batch_summary", "journey_episodes", "infer_block_size",
-    "DEFAULT_MAX_NUM_BATCHED_TOKENS", "DEFAULT_BLOCK_SIZE",
+    "Reconstruction",
+    "reconstruct",
+    "reconstruct_batches",
+    "reconstruct_run",
+    "request_aggregates",
+    "compare_with_snapshots",
+    "compare_with_batch_summary",
+    "journey_episodes",
+    "infer_block_size",
+    "DEFAULT_MAX_NUM_BATCHED_TOKENS",
+    "DEFAULT_BLOCK_SIZE",
 ]
 
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
@@ -90,11 +98,26 @@ _ABORT_LIKE = ("aborted", "error", "ignored")  # FINISHED at the current counter
 # codes of episodes.F_source / h_source
 F_SOURCES = ("unknown", "first_token", "finished", "preempted", "aborted", "snapshot", "simulated")
 # "simulated": the events leave the completion step open; it is where the chunks reach the target
-H_SOURCES = ("unknown", "snapshot_computed", "effective_prompt_len", "blocks_cached", "batch_summary", "estimate",
-             "prefill_done_tokens")
+H_SOURCES = (
+    "unknown",
+    "snapshot_computed",
+    "effective_prompt_len",
+    "blocks_cached",
+    "batch_summary",
+    "estimate",
+    "prefill_done_tokens",
+)
 
-BATCH_SCHEMA = {"step.id": pl.Int64, "request.id": pl.Utf8, "progress_index": pl.Int64, "new_tokens": pl.Int64,
-                "prompt_len": pl.Int64, "phase": pl.Utf8, "num_output_tokens": pl.Int64, "episode": pl.Int32}
+BATCH_SCHEMA = {
+    "step.id": pl.Int64,
+    "request.id": pl.Utf8,
+    "progress_index": pl.Int64,
+    "new_tokens": pl.Int64,
+    "prompt_len": pl.Int64,
+    "phase": pl.Utf8,
+    "num_output_tokens": pl.Int64,
+    "episode": pl.Int32,
+}
 
 
 @dataclass
@@ -120,25 +143,39 @@ class Reconstruction:
 
 # ----------------------------------------------------------------------------- journey → episodes
 
+
 def _events(journey: pl.DataFrame) -> pl.DataFrame:
     """Journey events sorted by (request, scheduler.step, ts, type rank), with request index ``rid``."""
     need = ["request.id", "event.type", "scheduler.step"]
     missing = [c for c in need if c not in journey.columns]
     if missing:
         raise ValueError(f"journey table lacks columns {missing}")
-    opt = {"ts.monotonic_ns": pl.Int64, "prefill.total_tokens": pl.Int64, "prefill.done_tokens": pl.Int64,
-           "decode.done_tokens": pl.Int64,
-           "decode.max_tokens": pl.Int64, "num_preemptions": pl.Int64, "schedule.kind": pl.Utf8,
-           "finish.status": pl.Utf8}
+    opt = {
+        "ts.monotonic_ns": pl.Int64,
+        "prefill.total_tokens": pl.Int64,
+        "prefill.done_tokens": pl.Int64,
+        "decode.done_tokens": pl.Int64,
+        "decode.max_tokens": pl.Int64,
+        "num_preemptions": pl.Int64,
+        "schedule.kind": pl.Utf8,
+        "finish.status": pl.Utf8,
+    }
     j = journey.select(
-        pl.col("request.id").cast(pl.Utf8), pl.col("event.type").cast(pl.Utf8), pl.col("scheduler.step").cast(pl.Int64),
+        pl.col("request.id").cast(pl.Utf8),
+        pl.col("event.type").cast(pl.Utf8),
+        pl.col("scheduler.step").cast(pl.Int64),
         *[(pl.col(c).cast(t) if c in journey.columns else pl.lit(None, dtype=t)).alias(c) for c, t in opt.items()],
-    ).filter(pl.col("request.id").is_not_null() & pl.col("scheduler.step").is_not_null()
-             & pl.col("event.type").is_in(list(_TYPE_RANK)))
+    ).filter(
+        pl.col("request.id").is_not_null()
+        & pl.col("scheduler.step").is_not_null()
+        & pl.col("event.type").is_in(list(_TYPE_RANK))
+    )
     j = j.with_columns(_rank=pl.col("event.type").replace_strict(_TYPE_RANK, return_dtype=pl.Int8))
     j = j.unique(subset=["request.id", "event.type", "scheduler.step", "ts.monotonic_ns"], keep="first")
     j = j.sort(["request.id", "scheduler.step", "ts.monotonic_ns", "_rank"], nulls_last=True)
-    j = j.with_columns(rid=(pl.col("request.id") != pl.col("request.id").shift(1)).fill_null(True).cum_sum().cast(pl.Int64) - 1)
+    j = j.with_columns(
+        rid=(pl.col("request.id") != pl.col("request.id").shift(1)).fill_null(True).cum_sum().cast(pl.Int64) - 1
+    )
     return j.with_columns(
         ep=(pl.col("event.type") == "SCHEDULED").cast(pl.Int32).cum_sum().over("rid"),
         pos=pl.int_range(pl.len()).over("rid"),
@@ -146,8 +183,9 @@ def _events(journey: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def journey_episodes(journey: pl.DataFrame, *, last_step: int | None = None, output_lag: int = 1
-                     ) -> tuple[pl.DataFrame, pl.DataFrame]:
+def journey_episodes(
+    journey: pl.DataFrame, *, last_step: int | None = None, output_lag: int = 1
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(episodes, requests) from journey events alone: admissions, completion steps where the
     events determine them, last step in the running list. ``last_step``: the run's last step id
     (for requests still running at the end of the trace; default: the largest step seen)."""
@@ -169,44 +207,63 @@ def _request_milestones(ev: pl.DataFrame) -> pl.DataFrame:
     """One row per request: prompt, max tokens, the step and time of its first QUEUED, SCHEDULED, FIRST_TOKEN and
     FINISHED, finish status, output tokens, preemptions, admissions."""
     T, first_of = pl.col("event.type"), _first_of
-    req = ev.group_by("rid").agg(
-        pl.col("request.id").first(),
-        prompt_len=pl.col("prefill.total_tokens").max(),
-        max_tokens=pl.col("decode.max_tokens").max(),
-        queued_step=first_of("QUEUED", "scheduler.step"), queued_ns=first_of("QUEUED", "ts.monotonic_ns"),
-        first_sched_step=first_of("SCHEDULED", "scheduler.step"),
-        first_sched_ns=first_of("SCHEDULED", "ts.monotonic_ns"),
-        first_token_step=first_of("FIRST_TOKEN", "scheduler.step"),
-        first_token_ns=first_of("FIRST_TOKEN", "ts.monotonic_ns"),
-        finished_step=first_of("FINISHED", "scheduler.step"), finished_ns=first_of("FINISHED", "ts.monotonic_ns"),
-        finish_status=first_of("FINISHED", "finish.status"),
-        output_tokens=first_of("FINISHED", "decode.done_tokens"),
-        num_preemptions=pl.col("num_preemptions").max(),
-        n_episodes=(T == "SCHEDULED").sum().cast(pl.Int32),
-    ).sort("rid")
+    req = (
+        ev.group_by("rid")
+        .agg(
+            pl.col("request.id").first(),
+            prompt_len=pl.col("prefill.total_tokens").max(),
+            max_tokens=pl.col("decode.max_tokens").max(),
+            queued_step=first_of("QUEUED", "scheduler.step"),
+            queued_ns=first_of("QUEUED", "ts.monotonic_ns"),
+            first_sched_step=first_of("SCHEDULED", "scheduler.step"),
+            first_sched_ns=first_of("SCHEDULED", "ts.monotonic_ns"),
+            first_token_step=first_of("FIRST_TOKEN", "scheduler.step"),
+            first_token_ns=first_of("FIRST_TOKEN", "ts.monotonic_ns"),
+            finished_step=first_of("FINISHED", "scheduler.step"),
+            finished_ns=first_of("FINISHED", "ts.monotonic_ns"),
+            finish_status=first_of("FINISHED", "finish.status"),
+            output_tokens=first_of("FINISHED", "decode.done_tokens"),
+            num_preemptions=pl.col("num_preemptions").max(),
+            n_episodes=(T == "SCHEDULED").sum().cast(pl.Int32),
+        )
+        .sort("rid")
+    )
     return req
 
 
 def _episode_events(ev: pl.DataFrame, req: pl.DataFrame) -> pl.DataFrame:
     """One row per (request, episode): the SCHEDULED that opened it and the PREEMPTED / FINISHED / FIRST_TOKEN in it."""
     first_of = _first_of
-    g = ev.filter(pl.col("ep") >= 1).group_by(["rid", "ep"]).agg(
-        s=first_of("SCHEDULED", "scheduler.step"), ts_s=first_of("SCHEDULED", "ts.monotonic_ns"),
-        kind=first_of("SCHEDULED", "schedule.kind"), ob=first_of("SCHEDULED", "decode.done_tokens"),
-        s_hw=first_of("SCHEDULED", "prefill.done_tokens"), p_hw=first_of("PREEMPTED", "prefill.done_tokens"),
-        d_hw=first_of("FINISHED", "prefill.done_tokens"),
-        ft=first_of("FIRST_TOKEN", "scheduler.step"),
-        P=first_of("PREEMPTED", "scheduler.step"), p_pos=first_of("PREEMPTED", "pos"),
-        p_done=first_of("PREEMPTED", "decode.done_tokens"), after_p=first_of("PREEMPTED", "next_done"),
-        D=first_of("FINISHED", "scheduler.step"), d_pos=first_of("FINISHED", "pos"),
-        d_done=first_of("FINISHED", "decode.done_tokens"), status=first_of("FINISHED", "finish.status"),
-    ).sort(["rid", "ep"])
+    g = (
+        ev.filter(pl.col("ep") >= 1)
+        .group_by(["rid", "ep"])
+        .agg(
+            s=first_of("SCHEDULED", "scheduler.step"),
+            ts_s=first_of("SCHEDULED", "ts.monotonic_ns"),
+            kind=first_of("SCHEDULED", "schedule.kind"),
+            ob=first_of("SCHEDULED", "decode.done_tokens"),
+            s_hw=first_of("SCHEDULED", "prefill.done_tokens"),
+            p_hw=first_of("PREEMPTED", "prefill.done_tokens"),
+            d_hw=first_of("FINISHED", "prefill.done_tokens"),
+            ft=first_of("FIRST_TOKEN", "scheduler.step"),
+            P=first_of("PREEMPTED", "scheduler.step"),
+            p_pos=first_of("PREEMPTED", "pos"),
+            p_done=first_of("PREEMPTED", "decode.done_tokens"),
+            after_p=first_of("PREEMPTED", "next_done"),
+            D=first_of("FINISHED", "scheduler.step"),
+            d_pos=first_of("FINISHED", "pos"),
+            d_done=first_of("FINISHED", "decode.done_tokens"),
+            status=first_of("FINISHED", "finish.status"),
+        )
+        .sort(["rid", "ep"])
+    )
     g = g.join(req.select("rid", "request.id", "prompt_len", "max_tokens"), on="rid", how="left")
     return g
 
 
 def _episodes(g: pl.DataFrame, last_step: int, output_lag: int) -> pl.DataFrame:
     """Each episode's completion step F (and how it was found), last step in the running list E and how it ended."""
+
     def arr(c, fill=-1):
         return g[c].fill_null(fill).to_numpy().astype(np.int64)
 
@@ -247,23 +304,44 @@ def _episodes(g: pl.DataFrame, last_step: int, output_lag: int) -> pl.DataFrame:
     s_hw = arr("s_hw", 0)
     end_hw = np.where(pre, arr("p_hw"), np.where(ab, arr("d_hw"), -1))
     end_hw = np.where((ob == 0) & (end_hw > s_hw) & (end_hw < prompt), end_hw, -1)
-    episodes = pl.DataFrame({
-        "rid": g["rid"], "request.id": g["request.id"], "episode": g["ep"].cast(pl.Int32), "s": s,
-        "ts_s": g["ts_s"], "kind": g["kind"], "ob": ob, "prompt_len": prompt, "target": target, "F": F,
-        "F_source": Fsrc, "E": E, "end_kind": end_kind, "incomplete": incomplete, "P": P, "end_hw": end_hw,
-    })
+    episodes = pl.DataFrame(
+        {
+            "rid": g["rid"],
+            "request.id": g["request.id"],
+            "episode": g["ep"].cast(pl.Int32),
+            "s": s,
+            "ts_s": g["ts_s"],
+            "kind": g["kind"],
+            "ob": ob,
+            "prompt_len": prompt,
+            "target": target,
+            "F": F,
+            "F_source": Fsrc,
+            "E": E,
+            "end_kind": end_kind,
+            "incomplete": incomplete,
+            "P": P,
+            "end_hw": end_hw,
+        }
+    )
     return episodes
 
 
 # ----------------------------------------------------------------------------- snapshot evidence
 
+
 def infer_block_size(snapshots: pl.DataFrame | None, default: int = DEFAULT_BLOCK_SIZE) -> int:
     """KV block size from snapshots: (prompt − effective_prompt_len) / blocks_cached, the mode."""
     if snapshots is None or not snapshots.height or "request.effective_prompt_len" not in snapshots.columns:
         return default
-    x = snapshots.filter((pl.col("kv.blocks_cached_gpu") > 0) & pl.col("request.effective_prompt_len").is_not_null()
-                         & (pl.col("request.num_preemptions") == 0)).select(
-        bs=(pl.col("request.num_prompt_tokens") - pl.col("request.effective_prompt_len")) / pl.col("kv.blocks_cached_gpu"))
+    x = snapshots.filter(
+        (pl.col("kv.blocks_cached_gpu") > 0)
+        & pl.col("request.effective_prompt_len").is_not_null()
+        & (pl.col("request.num_preemptions") == 0)
+    ).select(
+        bs=(pl.col("request.num_prompt_tokens") - pl.col("request.effective_prompt_len"))
+        / pl.col("kv.blocks_cached_gpu")
+    )
     x = x.filter((pl.col("bs") == pl.col("bs").round()) & (pl.col("bs") >= 1))
     if not x.height:
         return default
@@ -274,25 +352,45 @@ def _snapshot_evidence(episodes: pl.DataFrame, req: pl.DataFrame, snapshots: pl.
     """Per-episode arrays: h from effective_prompt_len / blocks_cached, first in-prefill snapshot (t, c),
     completion step from a decode-phase snapshot."""
     n = episodes.height
-    out = {"h_eff": np.full(n, -1, np.int64), "h_blk": np.full(n, -1, np.int64), "tb": np.full(n, -1, np.int64),
-           "cb": np.full(n, -1, np.int64), "F_snap": np.full(n, -1, np.int64)}
+    out = {
+        "h_eff": np.full(n, -1, np.int64),
+        "h_blk": np.full(n, -1, np.int64),
+        "tb": np.full(n, -1, np.int64),
+        "cb": np.full(n, -1, np.int64),
+        "F_snap": np.full(n, -1, np.int64),
+    }
     if snapshots is None or not snapshots.height or not n:
         return out
-    sn = snapshots.select(
-        pl.col("step.id").cast(pl.Int64).alias("t"), pl.col("request.id").cast(pl.Utf8),
-        pl.col("request.num_computed_tokens").cast(pl.Int64).alias("c"),
-        pl.col("kv.blocks_cached_gpu").cast(pl.Int64).alias("blk"),
-        (pl.col("request.effective_prompt_len").cast(pl.Int64) if "request.effective_prompt_len" in snapshots.columns
-         else pl.lit(None, dtype=pl.Int64)).alias("eff"),
-    ).drop_nulls(["t", "request.id"]).join(req.select("rid", "request.id"), on="request.id", how="inner")
+    sn = (
+        snapshots.select(
+            pl.col("step.id").cast(pl.Int64).alias("t"),
+            pl.col("request.id").cast(pl.Utf8),
+            pl.col("request.num_computed_tokens").cast(pl.Int64).alias("c"),
+            pl.col("kv.blocks_cached_gpu").cast(pl.Int64).alias("blk"),
+            (
+                pl.col("request.effective_prompt_len").cast(pl.Int64)
+                if "request.effective_prompt_len" in snapshots.columns
+                else pl.lit(None, dtype=pl.Int64)
+            ).alias("eff"),
+        )
+        .drop_nulls(["t", "request.id"])
+        .join(req.select("rid", "request.id"), on="request.id", how="inner")
+    )
     if not sn.height:
         return out
     ep = episodes.with_row_index("ei").select("ei", "rid", "s", "E", "F", "target", "episode", "prompt_len")
-    sn = sn.sort(["t"]).join_asof(ep.sort(["s"]), left_on="t", right_on="s", by="rid", strategy="backward",
-                                  check_sortedness=False).filter(pl.col("ei").is_not_null() & (pl.col("t") <= pl.col("E")))
+    sn = (
+        sn.sort(["t"])
+        .join_asof(ep.sort(["s"]), left_on="t", right_on="s", by="rid", strategy="backward", check_sortedness=False)
+        .filter(pl.col("ei").is_not_null() & (pl.col("t") <= pl.col("E")))
+    )
     # effective_prompt_len: hit at first scheduling → first episode of the request
-    eff = (sn.filter(pl.col("eff").is_not_null()).group_by("rid").agg(pl.col("eff").first())
-           .join(ep.filter(pl.col("episode") == 1).select("ei", "rid", "prompt_len"), on="rid", how="inner"))
+    eff = (
+        sn.filter(pl.col("eff").is_not_null())
+        .group_by("rid")
+        .agg(pl.col("eff").first())
+        .join(ep.filter(pl.col("episode") == 1).select("ei", "rid", "prompt_len"), on="rid", how="inner")
+    )
     if eff.height:
         out["h_eff"][eff["ei"].to_numpy()] = (eff["prompt_len"] - eff["eff"]).to_numpy()
     blk = sn.filter(pl.col("blk").is_not_null()).group_by("ei").agg(pl.col("blk").first())
@@ -304,8 +402,11 @@ def _snapshot_evidence(episodes: pl.DataFrame, req: pl.DataFrame, snapshots: pl.
     if inpf.height:
         idx = inpf["ei"].to_numpy()
         out["tb"][idx], out["cb"][idx] = inpf["t"].to_numpy(), inpf["c"].to_numpy()
-    dec = sn.filter(pl.col("c") >= pl.col("target")).group_by("ei").agg(
-        F_snap=(pl.col("t") - 1 - (pl.col("c") - pl.col("target"))).first())
+    dec = (
+        sn.filter(pl.col("c") >= pl.col("target"))
+        .group_by("ei")
+        .agg(F_snap=(pl.col("t") - 1 - (pl.col("c") - pl.col("target"))).first())
+    )
     if dec.height:
         out["F_snap"][dec["ei"].to_numpy()] = dec["F_snap"].to_numpy()
     return out
@@ -323,8 +424,9 @@ class _HitPrior:
     budget allows.
     """
 
-    def __init__(self, prompt: np.ndarray, target: np.ndarray, hits: np.ndarray, bs: int,
-                 resume: np.ndarray | None = None):
+    def __init__(
+        self, prompt: np.ndarray, target: np.ndarray, hits: np.ndarray, bs: int, resume: np.ndarray | None = None
+    ):
         self.bs = bs
         self.prompt, self.target = prompt, target
         n = len(prompt)
@@ -409,8 +511,9 @@ class _PassResult:
     n_solved: int
 
 
-def _chunk_pass(ctx: _PassInput, used0: np.ndarray, F: list, h: list, hsrc: list, prior: _HitPrior,
-                overrides: dict) -> _PassResult:
+def _chunk_pass(
+    ctx: _PassInput, used0: np.ndarray, F: list, h: list, hsrc: list, prior: _HitPrior, overrides: dict
+) -> _PassResult:
     """Prefill/recompute chunks of every episode in admission order (see the module docstring)."""
     B = ctx.B
     used = used0.copy()
@@ -468,7 +571,7 @@ def _chunk_pass(ctx: _PassInput, used0: np.ndarray, F: list, h: list, hsrc: list
                     if src == 5:
                         est_at.setdefault(t, []).append(e)
                     if Ee > t:
-                        used[t + 1:Ee + 1] += 1
+                        used[t + 1 : Ee + 1] += 1
             if q > 0:
                 r_t.append(t)
                 r_e.append(e)
@@ -487,15 +590,16 @@ def _chunk_pass(ctx: _PassInput, used0: np.ndarray, F: list, h: list, hsrc: list
     return _PassResult((r_t, r_e, r_d, r_q), h, hsrc, F, viol, est_at, rank, n_solved)
 
 
-def _hit_from_step_total(ctx: _PassInput, e: int, t: int, done: int, used: np.ndarray, admitted_at_t: list, F: list,
-                         h: list, overrides: dict) -> int | None:
+def _hit_from_step_total(
+    ctx: _PassInput, e: int, t: int, done: int, used: np.ndarray, admitted_at_t: list, F: list, h: list, overrides: dict
+) -> int | None:
     """The prefix-cache hit of episode e completing at step t that makes step t's tokens equal BATCH_SUMMARY's
     total (block-aligned, leaving at least one token to compute), when the step was sampled and every episode
     admitted after e at t completes there with a known hit; else None."""
     tot = int(ctx.totals[t]) if t < len(ctx.totals) else -1
     if tot < 0:
         return None
-    later = admitted_at_t[admitted_at_t.index(e) + 1:] if e in admitted_at_t else []
+    later = admitted_at_t[admitted_at_t.index(e) + 1 :] if e in admitted_at_t else []
     extra = 0
     for j in later:
         if F[j] != t or h[j] < 0 or ctx.tb[j] >= 0 or j in overrides:
@@ -532,6 +636,7 @@ def _repairs(res: _PassResult, ctx: _PassInput) -> dict:
 
 # ----------------------------------------------------------------------------- the reconstruction
 
+
 def _step_totals(steps: pl.DataFrame | None, size: int) -> np.ndarray:
     tot = np.full(size, -1, np.int64)
     if steps is None or not steps.height or "batch.scheduled_tokens" not in steps.columns:
@@ -542,9 +647,17 @@ def _step_totals(steps: pl.DataFrame | None, size: int) -> np.ndarray:
     return tot
 
 
-def reconstruct(journey: pl.DataFrame, *, steps: pl.DataFrame | None = None, snapshots: pl.DataFrame | None = None,
-                max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS, block_size: int | None = None,
-                output_lag: int = 1, last_step: int | None = None, repair_rounds: int = 6) -> Reconstruction:
+def reconstruct(
+    journey: pl.DataFrame,
+    *,
+    steps: pl.DataFrame | None = None,
+    snapshots: pl.DataFrame | None = None,
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    block_size: int | None = None,
+    output_lag: int = 1,
+    last_step: int | None = None,
+    repair_rounds: int = 6,
+) -> Reconstruction:
     """Reconstruct every step's batch from journey events (see the module docstring).
 
     ``steps`` (BATCH_SUMMARY rows) and ``snapshots`` (REQUEST_SNAPSHOT rows) are optional
@@ -560,8 +673,13 @@ def reconstruct(journey: pl.DataFrame, *, steps: pl.DataFrame | None = None, sna
     episodes, req = journey_episodes(journey, last_step=last_step, output_lag=output_lag)
     bs = int(block_size) if block_size else infer_block_size(snapshots)
     n = episodes.height
-    diag: dict = {"requests": req.height, "episodes": n, "block_size": bs, "max_num_batched_tokens": B,
-                  "output_lag": output_lag}
+    diag: dict = {
+        "requests": req.height,
+        "episodes": n,
+        "block_size": bs,
+        "max_num_batched_tokens": B,
+        "output_lag": output_lag,
+    }
     if n == 0:
         empty = pl.DataFrame(schema=BATCH_SCHEMA)
         return Reconstruction(empty, episodes, req, diag)
@@ -591,10 +709,19 @@ def reconstruct(journey: pl.DataFrame, *, steps: pl.DataFrame | None = None, sna
     # admission order (= running order): step, then SCHEDULED time stamp
     ts_s = episodes["ts_s"].fill_null(0).to_numpy()
     order = np.lexsort((np.arange(n), ts_s, s))
-    ctx = _PassInput(B=B, bs=bs, order=order.tolist(), s=s.tolist(), E=E.tolist(), target=target.tolist(),
-                     incomplete=incomplete.tolist(), tb=tb.tolist(), cb=cb.tolist(),
-                     end_hw=episodes["end_hw"].to_list(),
-                     totals=totals)
+    ctx = _PassInput(
+        B=B,
+        bs=bs,
+        order=order.tolist(),
+        s=s.tolist(),
+        E=E.tolist(),
+        target=target.tolist(),
+        incomplete=incomplete.tolist(),
+        tb=tb.tolist(),
+        cb=cb.tolist(),
+        end_hw=episodes["end_hw"].to_list(),
+        totals=totals,
+    )
     res, overrides, n_rep = _passes(ctx, used0, F, h, hsrc, prior, prompt, target, first_ep, bs, repair_rounds)
     r_step, r_ep, r_done, r_q = res.rows
     n_solved, n_incons = res.n_solved, len(res.violations)
@@ -612,12 +739,17 @@ def reconstruct(journey: pl.DataFrame, *, steps: pl.DataFrame | None = None, sna
         hit=pl.Series(h).replace(-1, None),
         h_source=pl.Series([H_SOURCES[i] for i in hsrc.tolist()], dtype=pl.Utf8),
     )
-    diag.update({
-        "rows": batches.height, "prefill_rows": len(r_step), "decode_rows": batches.height - len(r_step),
-        "h_source": _counts(H_SOURCES[i] for i in hsrc.tolist()),
-        "F_source": _counts(F_SOURCES[i] for i in Fsrc.tolist()),
-        "hits_solved_from_batch_summary": n_solved, "inconsistent_last_chunks": n_incons,
-    })
+    diag.update(
+        {
+            "rows": batches.height,
+            "prefill_rows": len(r_step),
+            "decode_rows": batches.height - len(r_step),
+            "h_source": _counts(H_SOURCES[i] for i in hsrc.tolist()),
+            "F_source": _counts(F_SOURCES[i] for i in Fsrc.tolist()),
+            "hits_solved_from_batch_summary": n_solved,
+            "inconsistent_last_chunks": n_incons,
+        }
+    )
     return Reconstruction(batches, episodes, req, diag)
 
 
@@ -642,8 +774,19 @@ def _decode_rows_per_step(F: np.ndarray, E: np.ndarray, size: int) -> np.ndarray
     return np.cumsum(used0)[:size]
 
 
-def _passes(ctx: _PassInput, used0: np.ndarray, F: np.ndarray, h: np.ndarray, hsrc: np.ndarray, prior: _HitPrior,
-            prompt: np.ndarray, target: np.ndarray, first_ep: np.ndarray, bs: int, repair_rounds: int):
+def _passes(
+    ctx: _PassInput,
+    used0: np.ndarray,
+    F: np.ndarray,
+    h: np.ndarray,
+    hsrc: np.ndarray,
+    prior: _HitPrior,
+    prompt: np.ndarray,
+    target: np.ndarray,
+    first_ep: np.ndarray,
+    bs: int,
+    repair_rounds: int,
+):
     """(last pass result, repaired hits {episode: hit}, repair passes run)."""
     # pass 1, then again with a prior that includes the hits solved from BATCH_SUMMARY, then
     # repairs: a reliable hit whose last chunk does not fit moves the misfit onto an estimated
@@ -667,8 +810,15 @@ def _passes(ctx: _PassInput, used0: np.ndarray, F: np.ndarray, h: np.ndarray, hs
     return res, overrides, n_rep
 
 
-def _batch_rows(episodes: pl.DataFrame, chunk_rows: tuple, F: np.ndarray, E: np.ndarray, h: np.ndarray, order: np.ndarray,
-                output_lag: int) -> pl.DataFrame:
+def _batch_rows(
+    episodes: pl.DataFrame,
+    chunk_rows: tuple,
+    F: np.ndarray,
+    E: np.ndarray,
+    h: np.ndarray,
+    order: np.ndarray,
+    output_lag: int,
+) -> pl.DataFrame:
     """The batches table (BATCH_SCHEMA): the passes' prefill/recompute chunks and every decode step F+1 … E of each
     episode, in step order then running order."""
     r_step, r_ep, r_done, r_q = chunk_rows
@@ -692,21 +842,38 @@ def _batch_rows(episodes: pl.DataFrame, chunk_rows: tuple, F: np.ndarray, E: np.
     rank = np.empty(n, np.int64)
     rank[order] = np.arange(n)
     step_all = np.concatenate([pf_step, d_step])
-    srt = np.argsort(step_all * max(n, 1) + rank[ep_all], kind="stable")  # = lexsort((rank, step)), 2.4x faster on one int key
+    srt = np.argsort(
+        step_all * max(n, 1) + rank[ep_all], kind="stable"
+    )  # = lexsort((rank, step)), 2.4x faster on one int key
     ep_all, step_all = ep_all[srt], step_all[srt]
     out_all = np.concatenate([pf_out, d_out])[srt]
     ids = episodes["request.id"]
-    return pl.DataFrame({
-        "step.id": step_all,
-        "request.id": ids.gather(ep_all),
-        "progress_index": np.concatenate([pf_c, d_c])[srt],
-        "new_tokens": np.concatenate([pf_q, np.ones(len(de), np.int64)])[srt],
-        "prompt_len": prompt[ep_all],
-        "num_output_tokens": out_all,
-        "episode": episodes["episode"].to_numpy()[ep_all].astype(np.int32),
-    }).with_columns(  # a polars expression: 4 M numpy strings would take 0.4 s to convert
-        phase=pl.when(pl.col("num_output_tokens") == 0).then(pl.lit("PREFILL")).otherwise(pl.lit("DECODE"))
-    ).select("step.id", "request.id", "progress_index", "new_tokens", "prompt_len", "phase", "num_output_tokens", "episode")
+    return (
+        pl.DataFrame(
+            {
+                "step.id": step_all,
+                "request.id": ids.gather(ep_all),
+                "progress_index": np.concatenate([pf_c, d_c])[srt],
+                "new_tokens": np.concatenate([pf_q, np.ones(len(de), np.int64)])[srt],
+                "prompt_len": prompt[ep_all],
+                "num_output_tokens": out_all,
+                "episode": episodes["episode"].to_numpy()[ep_all].astype(np.int32),
+            }
+        )
+        .with_columns(  # a polars expression: 4 M numpy strings would take 0.4 s to convert
+            phase=pl.when(pl.col("num_output_tokens") == 0).then(pl.lit("PREFILL")).otherwise(pl.lit("DECODE"))
+        )
+        .select(
+            "step.id",
+            "request.id",
+            "progress_index",
+            "new_tokens",
+            "prompt_len",
+            "phase",
+            "num_output_tokens",
+            "episode",
+        )
+    )
 
 
 def _counts(items) -> dict[str, int]:
@@ -716,9 +883,13 @@ def _counts(items) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def reconstruct_batches(journey: pl.DataFrame, *, steps: pl.DataFrame | None = None,
-                        snapshots: pl.DataFrame | None = None,
-                        max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS) -> pl.DataFrame:
+def reconstruct_batches(
+    journey: pl.DataFrame,
+    *,
+    steps: pl.DataFrame | None = None,
+    snapshots: pl.DataFrame | None = None,
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
+) -> pl.DataFrame:
     """One row per scheduled (step.id, request.id): ``step.id, request.id, progress_index,
     new_tokens, prompt_len, phase`` (+ ``num_output_tokens``, ``episode``), for every step."""
     return reconstruct(journey, steps=steps, snapshots=snapshots, max_num_batched_tokens=max_num_batched_tokens).batches
@@ -746,25 +917,30 @@ def reconstruct_run(folder: str | Path, *, tables=None, **kw) -> tuple[Reconstru
 
 # ----------------------------------------------------------------------------- aggregates and checks
 
+
 def request_aggregates(batches: pl.DataFrame) -> pl.DataFrame:
     """Per-step aggregates with exactly the columns (and formulas) of
     :func:`features.snapshot_aggregates` (``snap_prefill_tokens`` … ``num_logit_seqs``), from
     reconstructed batches: usable as ``request_aggregates=`` of ``step_table_features``
     (``request_source="journey"``) for every step."""
-    return snapshot_aggregates(batches.select(
-        "step.id", "request.id",
-        pl.col("progress_index").alias("request.num_computed_tokens"),
-        pl.col("new_tokens").alias("request.scheduled_tokens_this_step"),
-        pl.col("prompt_len").alias("request.num_prompt_tokens"),
-    )).sort("step.id")
+    return snapshot_aggregates(
+        batches.select(
+            "step.id",
+            "request.id",
+            pl.col("progress_index").alias("request.num_computed_tokens"),
+            pl.col("new_tokens").alias("request.scheduled_tokens_this_step"),
+            pl.col("prompt_len").alias("request.num_prompt_tokens"),
+        )
+    ).sort("step.id")
 
 
 def _rate(num: int, den: int) -> float | None:
     return float(num) / den if den else None
 
 
-def compare_with_snapshots(batches: pl.DataFrame, snapshots: pl.DataFrame, *,
-                           steps: pl.DataFrame | None = None) -> dict:
+def compare_with_snapshots(
+    batches: pl.DataFrame, snapshots: pl.DataFrame, *, steps: pl.DataFrame | None = None
+) -> dict:
     """Agreement of the reconstruction with REQUEST_SNAPSHOTs on every (step, request) pair at a
     snapshot step.
 
@@ -779,26 +955,43 @@ def compare_with_snapshots(batches: pl.DataFrame, snapshots: pl.DataFrame, *,
     (``incomplete_snapshot_steps``) and their reconstruction-only pairs are not counted.
     """
     sn = snapshots.select(
-        pl.col("step.id").cast(pl.Int64), pl.col("request.id").cast(pl.Utf8),
+        pl.col("step.id").cast(pl.Int64),
+        pl.col("request.id").cast(pl.Utf8),
         s_q=pl.col("request.scheduled_tokens_this_step").cast(pl.Int64),
         s_c=pl.col("request.num_computed_tokens").cast(pl.Int64),
         s_p=pl.col("request.num_prompt_tokens").cast(pl.Int64),
-        s_phase=pl.col("request.phase"), s_out=pl.col("request.num_output_tokens").cast(pl.Int64),
+        s_phase=pl.col("request.phase"),
+        s_out=pl.col("request.num_output_tokens").cast(pl.Int64),
     ).unique(["step.id", "request.id"], keep="first")
     snap_steps = sn.select("step.id").unique()
     incomplete = pl.DataFrame(schema={"step.id": pl.Int64})
     if steps is not None and steps.height:
-        cnt = sn.group_by("step.id").len().join(
-            steps.select(pl.col("step.id").cast(pl.Int64), pl.col("queue.running_depth")), on="step.id", how="left")
-        incomplete = cnt.filter(pl.col("queue.running_depth").is_null() | (pl.col("len") != pl.col("queue.running_depth"))).select("step.id")
+        cnt = (
+            sn.group_by("step.id")
+            .len()
+            .join(
+                steps.select(pl.col("step.id").cast(pl.Int64), pl.col("queue.running_depth")), on="step.id", how="left"
+            )
+        )
+        incomplete = cnt.filter(
+            pl.col("queue.running_depth").is_null() | (pl.col("len") != pl.col("queue.running_depth"))
+        ).select("step.id")
     rb = batches.join(snap_steps, on="step.id", how="semi").select(
-        pl.col("step.id").cast(pl.Int64), pl.col("request.id").cast(pl.Utf8),
-        r_q="new_tokens", r_c="progress_index", r_p="prompt_len", r_phase="phase",
-        r_out=(pl.col("num_output_tokens") if "num_output_tokens" in batches.columns else pl.lit(None, dtype=pl.Int64)))
+        pl.col("step.id").cast(pl.Int64),
+        pl.col("request.id").cast(pl.Utf8),
+        r_q="new_tokens",
+        r_c="progress_index",
+        r_p="prompt_len",
+        r_phase="phase",
+        r_out=(pl.col("num_output_tokens") if "num_output_tokens" in batches.columns else pl.lit(None, dtype=pl.Int64)),
+    )
     j = sn.join(rb, on=["step.id", "request.id"], how="full", coalesce=True)
-    j = j.with_columns(s_sched=pl.col("s_q").fill_null(0) > 0, r_sched=pl.col("r_q").is_not_null(),
-                       in_snap=pl.col("s_q").is_not_null(),
-                       step_incomplete=pl.col("step.id").is_in(incomplete["step.id"].implode()))
+    j = j.with_columns(
+        s_sched=pl.col("s_q").fill_null(0) > 0,
+        r_sched=pl.col("r_q").is_not_null(),
+        in_snap=pl.col("s_q").is_not_null(),
+        step_incomplete=pl.col("step.id").is_in(incomplete["step.id"].implode()),
+    )
     # reconstruction-only pairs at incomplete snapshot steps are not evidence against it
     j = j.filter(pl.col("in_snap") | ~pl.col("step_incomplete"))
     both = j.filter(pl.col("s_sched") & pl.col("r_sched"))
@@ -817,8 +1010,10 @@ def compare_with_snapshots(batches: pl.DataFrame, snapshots: pl.DataFrame, *,
     n_both = both.height
     all_ok = int(j.filter(~pl.col("s_sched") & ~pl.col("r_sched")).height) + int(fields_ok.fill_null(False).sum())
     out = {
-        "snapshot_steps": snap_steps.height, "incomplete_snapshot_steps": incomplete.height,
-        "pairs": n_pairs, "pairs_scheduled_both": n_both,
+        "snapshot_steps": snap_steps.height,
+        "incomplete_snapshot_steps": incomplete.height,
+        "pairs": n_pairs,
+        "pairs_scheduled_both": n_both,
         "pairs_snapshot_only": int((j["s_sched"] & ~j["r_sched"]).sum()),
         "pairs_reconstruction_only": int((~j["s_sched"] & j["r_sched"]).sum()),
         "pairs_running_unscheduled": int((j["in_snap"] & ~j["s_sched"] & ~j["r_sched"]).sum()),
@@ -835,14 +1030,28 @@ def batch_summary_counts(batches: pl.DataFrame) -> pl.DataFrame:
     """Per-step BATCH_SUMMARY-style counts of reconstructed batches ("prefill" = no output token yet)."""
     pf = pl.col("num_output_tokens") == 0 if "num_output_tokens" in batches.columns else pl.col("phase") == "PREFILL"
     q = pl.col("new_tokens")
-    return batches.group_by("step.id").agg(
-        **{"batch.prefill_tokens": q.filter(pf).sum(), "batch.decode_tokens": q.filter(~pf).sum(),
-           "batch.scheduled_tokens": q.sum(), "batch.num_prefill_reqs": pf.sum().cast(pl.Int64),
-           "batch.num_decode_reqs": (~pf).sum().cast(pl.Int64)}).sort("step.id")
+    return (
+        batches.group_by("step.id")
+        .agg(
+            **{
+                "batch.prefill_tokens": q.filter(pf).sum(),
+                "batch.decode_tokens": q.filter(~pf).sum(),
+                "batch.scheduled_tokens": q.sum(),
+                "batch.num_prefill_reqs": pf.sum().cast(pl.Int64),
+                "batch.num_decode_reqs": (~pf).sum().cast(pl.Int64),
+            }
+        )
+        .sort("step.id")
+    )
 
 
-BATCH_COUNT_COLUMNS = ["batch.prefill_tokens", "batch.decode_tokens", "batch.scheduled_tokens",
-                       "batch.num_prefill_reqs", "batch.num_decode_reqs"]
+BATCH_COUNT_COLUMNS = [
+    "batch.prefill_tokens",
+    "batch.decode_tokens",
+    "batch.scheduled_tokens",
+    "batch.num_prefill_reqs",
+    "batch.num_decode_reqs",
+]
 
 
 def compare_with_batch_summary(batches: pl.DataFrame, steps: pl.DataFrame) -> dict:
@@ -851,8 +1060,9 @@ def compare_with_batch_summary(batches: pl.DataFrame, steps: pl.DataFrame) -> di
     the extra 1-token step after the last prompt chunk counts as prefill, and a resumed decode
     request's recompute counts as decode). Steps without reconstructed rows count as zeros."""
     cnt = batch_summary_counts(batches)
-    st = steps.select(pl.col("step.id").cast(pl.Int64), *[pl.col(c).cast(pl.Int64) for c in BATCH_COUNT_COLUMNS]
-                      ).unique("step.id", keep="first")
+    st = steps.select(
+        pl.col("step.id").cast(pl.Int64), *[pl.col(c).cast(pl.Int64) for c in BATCH_COUNT_COLUMNS]
+    ).unique("step.id", keep="first")
     j = st.join(cnt, on="step.id", how="left", suffix="_r").fill_null(0)
     out: dict = {"steps": j.height}
     ok_all = pl.lit(True)
@@ -861,5 +1071,7 @@ def compare_with_batch_summary(batches: pl.DataFrame, steps: pl.DataFrame) -> di
         out[c] = _rate(int(j.select(ok.sum()).item()), j.height)
         ok_all = ok_all & ok
     out["all"] = _rate(int(j.select(ok_all.sum()).item()), j.height)
-    out["scheduled_tokens_abs_err_mean"] = float(j.select((pl.col("batch.scheduled_tokens") - pl.col("batch.scheduled_tokens_r")).abs().mean()).item() or 0.0)
+    out["scheduled_tokens_abs_err_mean"] = float(
+        j.select((pl.col("batch.scheduled_tokens") - pl.col("batch.scheduled_tokens_r")).abs().mean()).item() or 0.0
+    )
     return out

@@ -25,9 +25,19 @@ def _consts(m: dict, tp: int) -> dict:
     mm = 3 * d * dff
     r = d * e if e > 1 else 0
     return {
-        "L": L, "lin": 2 * (a + k * mm + r) / tp, "attn_b": BYTES * a / tp, "exp_b": BYTES * mm / tp, "rtr_b": BYTES * r / tp,
-        "kv_tok": BYTES * 2 * (hkv / tp) * dh, "pair": 4 * (h / tp) * dh, "lm_f": 2 * v * d / tp, "lm_b": BYTES * v * d / tp,
-        "E": e, "k": k, "active": (a + k * mm + r) / (a + e * mm + r), "moe": 1.0 if e > 1 else 0.0,
+        "L": L,
+        "lin": 2 * (a + k * mm + r) / tp,
+        "attn_b": BYTES * a / tp,
+        "exp_b": BYTES * mm / tp,
+        "rtr_b": BYTES * r / tp,
+        "kv_tok": BYTES * 2 * (hkv / tp) * dh,
+        "pair": 4 * (h / tp) * dh,
+        "lm_f": 2 * v * d / tp,
+        "lm_b": BYTES * v * d / tp,
+        "E": e,
+        "k": k,
+        "active": (a + k * mm + r) / (a + e * mm + r),
+        "moe": 1.0 if e > 1 else 0.0,
     }
 
 
@@ -96,15 +106,27 @@ def features_from_sums(sums: tuple, c: dict, gpu: dict, tp: int, model_names: li
     den_pf = w + kvb(pf_ctx, P)
     balance = gpu["peak_flops"] / gpu["hbm_bandwidth_bytes_per_s"]
     out = {
-        "prefill_tokens": float(P), "decode_tokens": float(D), "scheduled_tokens": float(S),
-        "num_prefill_reqs": float(npf), "num_decode_reqs": float(ndc),
-        "kv_mean": kv_mean, "kv_max": kv_max, "kv_min": kv_min, "kv_std": kv_std, "kv_sum": kv_sum,
-        "prefill_fraction": P / S if S else 0.0, "decode_fraction": D / S if S else 0.0,
-        "is_mixed_batch": 1.0 if npf and ndc else 0.0, "is_pure_prefill": 1.0 if npf and not ndc else 0.0,
-        "total_flops_estimate": f_tot, "arithmetic_intensity": ai, "compute_bound_indicator": 1.0 if ai > balance else 0.0,
+        "prefill_tokens": float(P),
+        "decode_tokens": float(D),
+        "scheduled_tokens": float(S),
+        "num_prefill_reqs": float(npf),
+        "num_decode_reqs": float(ndc),
+        "kv_mean": kv_mean,
+        "kv_max": kv_max,
+        "kv_min": kv_min,
+        "kv_std": kv_std,
+        "kv_sum": kv_sum,
+        "prefill_fraction": P / S if S else 0.0,
+        "decode_fraction": D / S if S else 0.0,
+        "is_mixed_batch": 1.0 if npf and ndc else 0.0,
+        "is_pure_prefill": 1.0 if npf and not ndc else 0.0,
+        "total_flops_estimate": f_tot,
+        "arithmetic_intensity": ai,
+        "compute_bound_indicator": 1.0 if ai > balance else 0.0,
         "prefill_compute_intensity": (f_pf / den_pf if den_pf else 0.0) if P > 0 else 0.0,
         "decode_memory_intensity": ((w + kvb(dc_ctx, D)) / f_dc if f_dc else 0.0) if D > 0 else 0.0,
-        "attention_flops_ratio": f_attn / f_tot if f_tot else 0.0, "gemm_flops_ratio": f_lin / f_tot if f_tot else 0.0,
+        "attention_flops_ratio": f_attn / f_tot if f_tot else 0.0,
+        "gemm_flops_ratio": f_lin / f_tot if f_tot else 0.0,
         "active_param_ratio": c["active"],
     }
     for name in model_names:
@@ -136,9 +158,14 @@ def _tree_value(nodes: list, x: list) -> float:
 def _compile_tree(nodes: list) -> tuple:
     """Parallel lists (feature, threshold, left, right, missing-left, leaf value): no per-node unpacking."""
     inner = [n[0] >= 0 for n in nodes]
-    return ([n[0] for n in nodes], [n[1] if k else 0.0 for n, k in zip(nodes, inner)], [n[2] if k else 0 for n, k in zip(nodes, inner)],
-            [n[3] if k else 0 for n, k in zip(nodes, inner)], [bool(n[4]) if k else False for n, k in zip(nodes, inner)],
-            [0.0 if k else n[1] for n, k in zip(nodes, inner)])
+    return (
+        [n[0] for n in nodes],
+        [n[1] if k else 0.0 for n, k in zip(nodes, inner)],
+        [n[2] if k else 0 for n, k in zip(nodes, inner)],
+        [n[3] if k else 0 for n, k in zip(nodes, inner)],
+        [bool(n[4]) if k else False for n, k in zip(nodes, inner)],
+        [0.0 if k else n[1] for n, k in zip(nodes, inner)],
+    )
 
 
 _COMPILED: dict[int, tuple] = {}  # id(exported["trees"]) → (that list, compiled trees)

@@ -29,10 +29,27 @@ from .sim.request import SimRequest
 from .sim.timing import CycleClock, PhysicsClock
 
 CLIENT_TIMEOUT_S = 300.0  # inference-perf's aiohttp ClientTimeout(total=300): the reasoning runs' failures end there
-REPLAY_METRICS = ("ttft_mean", "ttft_p50", "ttft_p90", "ttft_p99", "e2e_mean", "e2e_p50", "e2e_p90", "e2e_p99",
-                  "decode_interval_mean", "throughput_rps", "successes")
-PER_REQUEST_COLUMNS = {"index": pl.Int64, "arrival_time_us": pl.Int64, "ttft_s": pl.Float64, "e2e_s": pl.Float64,
-                       "success": pl.Boolean, "output_tokens": pl.Int64}
+REPLAY_METRICS = (
+    "ttft_mean",
+    "ttft_p50",
+    "ttft_p90",
+    "ttft_p99",
+    "e2e_mean",
+    "e2e_p50",
+    "e2e_p90",
+    "e2e_p99",
+    "decode_interval_mean",
+    "throughput_rps",
+    "successes",
+)
+PER_REQUEST_COLUMNS = {
+    "index": pl.Int64,
+    "arrival_time_us": pl.Int64,
+    "ttft_s": pl.Float64,
+    "e2e_s": pl.Float64,
+    "success": pl.Boolean,
+    "output_tokens": pl.Int64,
+}
 
 
 @dataclass(frozen=True)
@@ -68,8 +85,14 @@ class ReplayWorkload:
     assumptions: dict
 
 
-def replay_workload(log_table: pl.DataFrame, ctx: RunContext, *, seed: int = 0, output_tokens: str = "server",
-                    default_kv_blocks: int | None = None) -> ReplayWorkload:
+def replay_workload(
+    log_table: pl.DataFrame,
+    ctx: RunContext,
+    *,
+    seed: int = 0,
+    output_tokens: str = "server",
+    default_kv_blocks: int | None = None,
+) -> ReplayWorkload:
     """The run's requests as the simulator's workload.
 
     * generated tokens: with ``ignore_eos`` and a fixed ``output_len`` (inference-perf shared_prefix)
@@ -113,28 +136,58 @@ def replay_workload(log_table: pl.DataFrame, ctx: RunContext, *, seed: int = 0, 
     prompt_id = offset[inverse] + (rng.random(n) * k_len[inverse]).astype(np.int64)
     group_of_prompt = rng.integers(0, groups, int(k_len.sum()))
     group = group_of_prompt[prompt_id]
-    assumptions["prompt_identity"] = (f"{n_prompts} prompts ({groups} groups x {ppg}) spread over {lengths.size} prompt "
-                                      f"lengths; system prompt {ctx.system_prompt_len or 0} tokens shared per group")
+    assumptions["prompt_identity"] = (
+        f"{n_prompts} prompts ({groups} groups x {ppg}) spread over {lengths.size} prompt "
+        f"lengths; system prompt {ctx.system_prompt_len or 0} tokens shared per group"
+    )
     kv = ctx.kv_blocks_total or default_kv_blocks
     if not kv:
         raise ValueError(f"{ctx.experiment_id}: the run's KV-cache size (kv_blocks_total_gpu) is unknown")
-    cfg = SchedulerConfig(max_num_batched_tokens=int(ctx.max_num_batched_tokens or 2048),
-                          max_num_seqs=int(ctx.max_num_seqs or 128), kv_blocks_total=int(kv))
-    assumptions["serving"] = {"max_num_seqs": cfg.max_num_seqs, "max_num_batched_tokens": cfg.max_num_batched_tokens,
-                              "kv_blocks_total": cfg.kv_blocks_total, "from": ctx.sources}
-    return ReplayWorkload(experiment_id=ctx.experiment_id, arrival_s=arrival, prompt_tokens=inp, max_tokens=gen,
-                          prompt_id=prompt_id, group=group, nshared_blk=(int(ctx.system_prompt_len or 0) + 1) // 16,
-                          config=cfg, timeout_s=CLIENT_TIMEOUT_S, index=t["index"].to_numpy(), assumptions=assumptions)
+    cfg = SchedulerConfig(
+        max_num_batched_tokens=int(ctx.max_num_batched_tokens or 2048),
+        max_num_seqs=int(ctx.max_num_seqs or 128),
+        kv_blocks_total=int(kv),
+    )
+    assumptions["serving"] = {
+        "max_num_seqs": cfg.max_num_seqs,
+        "max_num_batched_tokens": cfg.max_num_batched_tokens,
+        "kv_blocks_total": cfg.kv_blocks_total,
+        "from": ctx.sources,
+    }
+    return ReplayWorkload(
+        experiment_id=ctx.experiment_id,
+        arrival_s=arrival,
+        prompt_tokens=inp,
+        max_tokens=gen,
+        prompt_id=prompt_id,
+        group=group,
+        nshared_blk=(int(ctx.system_prompt_len or 0) + 1) // 16,
+        config=cfg,
+        timeout_s=CLIENT_TIMEOUT_S,
+        index=t["index"].to_numpy(),
+        assumptions=assumptions,
+    )
 
 
 # ---------------------------------------------------------------------------- serving models
+
 
 class StepServingModel:
     """A step-time model (``step_time_us(batch)``) with BLIS-style request delays: queueing(input_len) µs
     before a request enters WAITING, and a per-token output processing time."""
 
-    def __init__(self, name: str, step_model, *, queueing_us=None, token_delay_us: float = 0.0, fitted_on=(),
-                 llm_model: str | None = None, kind: str = "step_model", detail: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        step_model,
+        *,
+        queueing_us=None,
+        token_delay_us: float = 0.0,
+        fitted_on=(),
+        llm_model: str | None = None,
+        kind: str = "step_model",
+        detail: dict | None = None,
+    ):
         self.name = name
         self.step_model = step_model
         self.queueing_us = queueing_us or (lambda input_len: 0.0)
@@ -174,16 +227,23 @@ class PhysicsServingModel:
         from .synth.schedtime import ScheduleTimeModel
         from .synth.spec import real_id_of
 
-        self._ing_base = (self._api["api_to_engine_base_ms"] + self.P["models"][ctx.model].get("api_ingress_ms", 0.0)) * 1e-3
+        self._ing_base = (
+            self._api["api_to_engine_base_ms"] + self.P["models"][ctx.model].get("api_ingress_ms", 0.0)
+        ) * 1e-3
         return PhysicsClock(ctx.model, ctx.tp, self.P, rng, ScheduleTimeModel(real_id_of(ctx.experiment_id)))
 
     def ingress_s(self, prompt_len: int, api_tokens_per_s: float) -> float:
         a = self._api
-        return (self.c2a_s + self._ing_base + a["api_to_engine_per_1k_prompt_ms"] * 1e-6 * prompt_len
-                + a.get("api_to_engine_per_1k_tokens_per_s_ms", 0.0) * 1e-6 * api_tokens_per_s)
+        return (
+            self.c2a_s
+            + self._ing_base
+            + a["api_to_engine_per_1k_prompt_ms"] * 1e-6 * prompt_len
+            + a.get("api_to_engine_per_1k_tokens_per_s_ms", 0.0) * 1e-6 * api_tokens_per_s
+        )
 
 
 # ---------------------------------------------------------------------------- running a replay
+
 
 @dataclass
 class ReplayResult:
@@ -206,8 +266,9 @@ def replay(w: ReplayWorkload, model, ctx: RunContext, *, seed: int = 0, progress
     n = len(reqs)
     first = np.fromiter((R.first_token_step for R in reqs), dtype=np.int64, count=n)
     ok = np.fromiter((R.finish_status == "length" for R in reqs), dtype=bool, count=n)
-    last = np.fromiter((R.segments[-1][0] + R.segments[-1][1] - 1 if R.segments else -1 for R in reqs),
-                       dtype=np.int64, count=n)
+    last = np.fromiter(
+        (R.segments[-1][0] + R.segments[-1][1] - 1 if R.segments else -1 for R in reqs), dtype=np.int64, count=n
+    )
     start = arrivals.mono0 + w.arrival_s
     td = model.token_delay_s
     ttft = np.where(first > 0, U[np.maximum(first, 1) - 1] + td - start, np.nan) if U.size else np.full(n, np.nan)
@@ -215,20 +276,35 @@ def replay(w: ReplayWorkload, model, ctx: RunContext, *, seed: int = 0, progress
     success = ok & (e2e <= w.timeout_s)
     e2e = np.where(success, e2e, w.timeout_s)
     ttft = np.where(success, ttft, np.nan)
-    table = pl.DataFrame({"index": w.index, "arrival_time_us": np.rint(w.arrival_s * 1e6).astype(np.int64), "ttft_s": ttft,
-                          "e2e_s": e2e, "success": success, "output_tokens": w.max_tokens}, schema=PER_REQUEST_COLUMNS)
+    table = pl.DataFrame(
+        {
+            "index": w.index,
+            "arrival_time_us": np.rint(w.arrival_s * 1e6).astype(np.int64),
+            "ttft_s": ttft,
+            "e2e_s": e2e,
+            "success": success,
+            "output_tokens": w.max_tokens,
+        },
+        schema=PER_REQUEST_COLUMNS,
+    )
     span = float(U[-1] - arrivals.mono0) if U.size else 0.0
     counters = dict(sim.counters)
     if isinstance(clock, CycleClock):
         counters.update({f"step_time_{k}": v for k, v in clock.clamped.items()})
-    return ReplayResult(per_request=table.with_columns(pl.col("ttft_s").fill_nan(None)), steps=sim.steps,
-                        counters=counters, sim_seconds=span)
+    return ReplayResult(
+        per_request=table.with_columns(pl.col("ttft_s").fill_nan(None)),
+        steps=sim.steps,
+        counters=counters,
+        sim_seconds=span,
+    )
 
 
 # ---------------------------------------------------------------------------- scoring
 
-def latency_summary(arrival_s: np.ndarray, ttft_s: np.ndarray, e2e_s: np.ndarray, success: np.ndarray,
-                    tokens: np.ndarray) -> dict[str, float]:
+
+def latency_summary(
+    arrival_s: np.ndarray, ttft_s: np.ndarray, e2e_s: np.ndarray, success: np.ndarray, tokens: np.ndarray
+) -> dict[str, float]:
     """inference-perf's figures over successful requests: TTFT/E2E mean and p50/p90/p99 (s), mean decode interval
     (E2E − TTFT)/(tokens − 1) (s), throughput = successes / (last end − first start) (1/s), successes (count)."""
     ok = success.astype(bool)
@@ -262,8 +338,13 @@ def score_replay(pred: pl.DataFrame, observed: pl.DataFrame) -> tuple[list[dict]
     if scored:
         j = p.join(o, on="index", how="left")
         osucc = (~j["observed_has_error"].fill_null(True)).to_numpy() & j["observed_e2e_s"].is_not_null().to_numpy()
-        ov = latency_summary(a, j["observed_ttft_s"].fill_null(np.nan).to_numpy(),
-                             j["observed_e2e_s"].fill_null(np.nan).to_numpy(), osucc, tok)
+        ov = latency_summary(
+            a,
+            j["observed_ttft_s"].fill_null(np.nan).to_numpy(),
+            j["observed_e2e_s"].fill_null(np.nan).to_numpy(),
+            osucc,
+            tok,
+        )
         both = osucc & p["success"].to_numpy()
         for name in ("ttft", "e2e"):
             pr, ob = j[f"{name}_s"].to_numpy()[both], j[f"observed_{name}_s"].to_numpy()[both]
@@ -281,8 +362,18 @@ def score_replay(pred: pl.DataFrame, observed: pl.DataFrame) -> tuple[list[dict]
 
 # ---------------------------------------------------------------------------- run context
 
-def run_context(folder, *, experiment_id: str, model: str, tp: int, exp_config: dict | None = None,
-                profile: dict | None = None, header: dict | None = None, kv_blocks_from_traces: int | None = None) -> RunContext:
+
+def run_context(
+    folder,
+    *,
+    experiment_id: str,
+    model: str,
+    tp: int,
+    exp_config: dict | None = None,
+    profile: dict | None = None,
+    header: dict | None = None,
+    kv_blocks_from_traces: int | None = None,
+) -> RunContext:
     """Serving limits and workload shape of a run, each from the first file that has it:
     the request file's ``config`` header, ``exp-config.yaml``, inference-perf's resolved
     ``results/config.yaml`` (what actually ran), then ``profile.yaml``."""
@@ -309,23 +400,46 @@ def run_context(folder, *, experiment_id: str, model: str, tp: int, exp_config: 
         return None
 
     sp_res = ((resolved.get("data") or {}).get("shared_prefix") or {}) if isinstance(resolved.get("data"), dict) else {}
-    sp_prof = (((profile or {}).get("data") or {}).get("shared_prefix") or {}) if isinstance((profile or {}).get("data"), dict) else {}
+    sp_prof = (
+        (((profile or {}).get("data") or {}).get("shared_prefix") or {})
+        if isinstance((profile or {}).get("data"), dict)
+        else {}
+    )
     srv_res, srv_prof = resolved.get("server") or {}, (profile or {}).get("server") or {}
     req_file = "requests.json header"
     return RunContext(
-        experiment_id=experiment_id, model=model, tp=int(pick("tp", (req_file, hc, "tensor_parallelism"),
-                                                               ("exp-config.yaml", ec, "tensor_parallelism")) or tp),
+        experiment_id=experiment_id,
+        model=model,
+        tp=int(pick("tp", (req_file, hc, "tensor_parallelism"), ("exp-config.yaml", ec, "tensor_parallelism")) or tp),
         max_num_seqs=pick("max_num_seqs", (req_file, hc, "max_num_seqs"), ("exp-config.yaml", ec, "max_num_seqs")),
-        max_num_batched_tokens=pick("max_num_batched_tokens", (req_file, hc, "max_num_batched_tokens"),
-                                    ("exp-config.yaml", ec, "max_num_batched_tokens")),
-        kv_blocks_total=pick("kv_blocks_total", (req_file, hc, "kv_blocks_total_gpu"),
-                             ("traces (kv.blocks_total_gpu)", {"v": kv_blocks_from_traces}, "v")),
-        num_groups=pick("num_groups", ("results/config.yaml", sp_res, "num_groups"), ("profile.yaml", sp_prof, "num_groups")),
-        prompts_per_group=pick("prompts_per_group", ("results/config.yaml", sp_res, "num_prompts_per_group"),
-                               ("profile.yaml", sp_prof, "num_prompts_per_group")),
-        system_prompt_len=pick("system_prompt_len", ("results/config.yaml", sp_res, "system_prompt_len"),
-                               ("profile.yaml", sp_prof, "system_prompt_len")),
-        output_len=pick("output_len", ("results/config.yaml", sp_res, "output_len"), ("profile.yaml", sp_prof, "output_len")),
-        ignore_eos=bool(pick("ignore_eos", ("results/config.yaml", srv_res, "ignore_eos"), ("profile.yaml", srv_prof, "ignore_eos"))),
+        max_num_batched_tokens=pick(
+            "max_num_batched_tokens",
+            (req_file, hc, "max_num_batched_tokens"),
+            ("exp-config.yaml", ec, "max_num_batched_tokens"),
+        ),
+        kv_blocks_total=pick(
+            "kv_blocks_total",
+            (req_file, hc, "kv_blocks_total_gpu"),
+            ("traces (kv.blocks_total_gpu)", {"v": kv_blocks_from_traces}, "v"),
+        ),
+        num_groups=pick(
+            "num_groups", ("results/config.yaml", sp_res, "num_groups"), ("profile.yaml", sp_prof, "num_groups")
+        ),
+        prompts_per_group=pick(
+            "prompts_per_group",
+            ("results/config.yaml", sp_res, "num_prompts_per_group"),
+            ("profile.yaml", sp_prof, "num_prompts_per_group"),
+        ),
+        system_prompt_len=pick(
+            "system_prompt_len",
+            ("results/config.yaml", sp_res, "system_prompt_len"),
+            ("profile.yaml", sp_prof, "system_prompt_len"),
+        ),
+        output_len=pick(
+            "output_len", ("results/config.yaml", sp_res, "output_len"), ("profile.yaml", sp_prof, "output_len")
+        ),
+        ignore_eos=bool(
+            pick("ignore_eos", ("results/config.yaml", srv_res, "ignore_eos"), ("profile.yaml", srv_prof, "ignore_eos"))
+        ),
         sources=sources,
     )

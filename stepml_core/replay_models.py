@@ -20,8 +20,15 @@ from pathlib import Path
 
 import polars as pl
 
-from .replay import (PhysicsServingModel, ReplayWorkload, RunContext, StepServingModel, replay, replay_workload,
-                     score_replay)
+from .replay import (
+    PhysicsServingModel,
+    ReplayWorkload,
+    RunContext,
+    StepServingModel,
+    replay,
+    replay_workload,
+    score_replay,
+)
 from .sim.step_models import ExportedStepTime, LinearStepTime
 
 REPLAY_STEP_MODELS = ("naive_mean", "blackbox_2f", "ridge_30f", "ridge_log_30f", "nnls_physics", "hgb_30f")
@@ -30,19 +37,43 @@ REPLAY_STEP_MODELS = ("naive_mean", "blackbox_2f", "ridge_30f", "ridge_log_30f",
 # is replayed)
 SYNTHETIC_REPLAY_STEP_MODELS = ("blackbox_2f", "ridge_30f")
 PHYSICS_BASIS = "aggregates of the 16 reference runs (data/synth/engine_params.json, schedule_time_model.json)"
-INTERVAL_COLUMNS = {"experiment_id": pl.Utf8, "role": pl.Utf8, "step_model": pl.Utf8, "protocol": pl.Utf8, "fitted_on": pl.Utf8,
-                    "metric": pl.Utf8, "predicted": pl.Float64, "lo": pl.Float64, "hi": pl.Float64, "observed": pl.Float64,
-                    "inside": pl.Boolean}
-REPLAY_COLUMNS = {"experiment_id": pl.Utf8, "source": pl.Utf8, "role": pl.Utf8, "step_model": pl.Utf8, "fitted_on": pl.Utf8,
-                  "sample": pl.Utf8, "metric": pl.Utf8, "predicted": pl.Float64, "observed": pl.Float64,
-                  "rel_err_pct": pl.Float64}
+INTERVAL_COLUMNS = {
+    "experiment_id": pl.Utf8,
+    "role": pl.Utf8,
+    "step_model": pl.Utf8,
+    "protocol": pl.Utf8,
+    "fitted_on": pl.Utf8,
+    "metric": pl.Utf8,
+    "predicted": pl.Float64,
+    "lo": pl.Float64,
+    "hi": pl.Float64,
+    "observed": pl.Float64,
+    "inside": pl.Boolean,
+}
+REPLAY_COLUMNS = {
+    "experiment_id": pl.Utf8,
+    "source": pl.Utf8,
+    "role": pl.Utf8,
+    "step_model": pl.Utf8,
+    "fitted_on": pl.Utf8,
+    "sample": pl.Utf8,
+    "metric": pl.Utf8,
+    "predicted": pl.Float64,
+    "observed": pl.Float64,
+    "rel_err_pct": pl.Float64,
+}
 
 
 def physics_spec() -> dict:
     from .synth.spec import reference_runs
 
-    return {"name": "physics", "kind": "physics", "llm_model": None, "fitted_on": sorted(reference_runs()),
-            "basis": PHYSICS_BASIS}
+    return {
+        "name": "physics",
+        "kind": "physics",
+        "llm_model": None,
+        "fitted_on": sorted(reference_runs()),
+        "basis": PHYSICS_BASIS,
+    }
 
 
 def blis_doc_from_linear(m: dict) -> dict:
@@ -52,8 +83,9 @@ def blis_doc_from_linear(m: dict) -> dict:
     return {"version": 1, "step_time": {"model_type": "linear", "intercept": b0, "feature_coefficients": coef}}
 
 
-def step_trained_specs(fits: dict[str, dict], runs: dict[str, dict], names=REPLAY_STEP_MODELS,
-                       synthetic_names=SYNTHETIC_REPLAY_STEP_MODELS) -> list[dict]:
+def step_trained_specs(
+    fits: dict[str, dict], runs: dict[str, dict], names=REPLAY_STEP_MODELS, synthetic_names=SYNTHETIC_REPLAY_STEP_MODELS
+) -> list[dict]:
     """Specs from each traced run's per-experiment ``cycle_us`` fits (``fitted_models`` values): the models in
     ``names`` of real runs, those in ``synthetic_names`` of synthetic runs.
 
@@ -70,14 +102,29 @@ def step_trained_specs(fits: dict[str, dict], runs: dict[str, dict], names=REPLA
         for m in fits[exp].get("cycle_us", []):
             if m.get("name") not in wanted or m.get("scope", "per_experiment") != "per_experiment":
                 continue
-            base = {"llm_model": run["model"], "fitted_on": [exp], "source_run": exp, "source": run["source"],
-                    "n_fit": m.get("n_fit"), "basis": f"{m.get('n_fit')} cycle_us steps of {exp}"}
+            base = {
+                "llm_model": run["model"],
+                "fitted_on": [exp],
+                "source_run": exp,
+                "source": run["source"],
+                "n_fit": m.get("n_fit"),
+                "basis": f"{m.get('n_fit')} cycle_us steps of {exp}",
+            }
             if m["name"] == "blackbox_2f":
                 out.append({**base, "name": "blackbox_2f", "kind": "blis_linear", "doc": blis_doc_from_linear(m)})
             else:
-                ex = export_model(m, model=run["model"], tp=int(run["tp"]), data_versions={exp: run.get("data_version", "")})
-                out.append({**base, "name": m["name"], "kind": "stepml_export", "exported": ex,
-                            "kv_source": run.get("kv_source", "proxy_blocks")})
+                ex = export_model(
+                    m, model=run["model"], tp=int(run["tp"]), data_versions={exp: run.get("data_version", "")}
+                )
+                out.append(
+                    {
+                        **base,
+                        "name": m["name"],
+                        "kind": "stepml_export",
+                        "exported": ex,
+                        "kv_source": run.get("kv_source", "proxy_blocks"),
+                    }
+                )
     return out
 
 
@@ -88,11 +135,20 @@ def serving_model(spec: dict):
         return PhysicsServingModel(spec["name"], fitted_on=spec["fitted_on"])
     if kind == "blis_linear":
         lin = LinearStepTime(spec["doc"], name=spec["name"])
-        return StepServingModel(spec["name"], lin, queueing_us=lin.queueing_us, token_delay_us=lin.otpt_us,
-                                fitted_on=spec["fitted_on"], llm_model=spec.get("llm_model"), kind=kind)
+        return StepServingModel(
+            spec["name"],
+            lin,
+            queueing_us=lin.queueing_us,
+            token_delay_us=lin.otpt_us,
+            fitted_on=spec["fitted_on"],
+            llm_model=spec.get("llm_model"),
+            kind=kind,
+        )
     if kind == "stepml_export":
         st = ExportedStepTime(spec["exported"], kv_source=spec.get("kv_source", "proxy_blocks"), name=spec["name"])
-        return StepServingModel(spec["name"], st, fitted_on=spec["fitted_on"], llm_model=spec.get("llm_model"), kind=kind)
+        return StepServingModel(
+            spec["name"], st, fitted_on=spec["fitted_on"], llm_model=spec.get("llm_model"), kind=kind
+        )
     raise ValueError(f"unknown replay model kind {kind!r}")
 
 
@@ -112,7 +168,9 @@ def specs_for_run(specs: list[dict], experiment_id: str, llm_model: str) -> list
         else:
             by_name.setdefault(s["name"], []).append(s)
     for name in sorted(by_name):
-        cands = sorted(by_name[name], key=lambda s: (s["source_run"] == experiment_id, -(s.get("n_fit") or 0), s["source_run"]))
+        cands = sorted(
+            by_name[name], key=lambda s: (s["source_run"] == experiment_id, -(s.get("n_fit") or 0), s["source_run"])
+        )
         chosen.append(cands[0])
     return chosen
 
@@ -128,8 +186,17 @@ def fitted_on_label(spec: dict) -> str:
     return ";".join(spec.get("fitted_on") or [])
 
 
-def replay_run(log, ctx: RunContext, specs: list[dict], *, source: str, stands_for: str | None = None, seed: int = 0,
-               workload: ReplayWorkload | None = None, intervals: bool = True) -> dict:
+def replay_run(
+    log,
+    ctx: RunContext,
+    specs: list[dict],
+    *,
+    source: str,
+    stands_for: str | None = None,
+    seed: int = 0,
+    workload: ReplayWorkload | None = None,
+    intervals: bool = True,
+) -> dict:
     """Replay one run with each spec: {'rows': replay.csv rows, 'per_request': {step model: table}, 'runs': details,
     'intervals': interval rows}. A request-calibrated spec (with ``bootstrap`` rows) that predicts the run out of
     sample also gets an interval per metric (two more replays, stepml_core.calibrate.replay_interval)."""
@@ -154,21 +221,56 @@ def replay_run(log, ctx: RunContext, specs: list[dict], *, source: str, stands_f
         label = fitted_on_label(spec)
         if rec is not None:
             for iv in replay_interval(spec, w, ctx, log.table, scores, rec, seed=seed):
-                interval_rows.append({"experiment_id": ctx.experiment_id, "role": role, "step_model": spec["name"],
-                                      "protocol": spec.get("protocol", ""), "fitted_on": label, **iv})
+                interval_rows.append(
+                    {
+                        "experiment_id": ctx.experiment_id,
+                        "role": role,
+                        "step_model": spec["name"],
+                        "protocol": spec.get("protocol", ""),
+                        "fitted_on": label,
+                        **iv,
+                    }
+                )
         for s in scores:
-            rows.append({"experiment_id": ctx.experiment_id, "source": source, "role": role, "step_model": spec["name"],
-                         "fitted_on": label, "sample": sample, **s})
+            rows.append(
+                {
+                    "experiment_id": ctx.experiment_id,
+                    "source": source,
+                    "role": role,
+                    "step_model": spec["name"],
+                    "fitted_on": label,
+                    "sample": sample,
+                    **s,
+                }
+            )
         per_request[spec["name"]] = r.per_request.join(obs, on="index", how="left")
-        details.append({"step_model": spec["name"], "kind": spec["kind"], "fitted_on": label, "sample": sample,
-                        "steps": r.steps, "seconds": round(secs, 3), "simulated_s": round(r.sim_seconds, 3),
-                        "real_time_ratio": round(r.sim_seconds / secs, 1) if secs > 0 else None,
-                        "preemptions": r.counters.get("preemptions", 0),
-                        "steps_clamped": sum(v for k, v in r.counters.items() if k.startswith("step_time_")), **per_req})
+        details.append(
+            {
+                "step_model": spec["name"],
+                "kind": spec["kind"],
+                "fitted_on": label,
+                "sample": sample,
+                "steps": r.steps,
+                "seconds": round(secs, 3),
+                "simulated_s": round(r.sim_seconds, 3),
+                "real_time_ratio": round(r.sim_seconds / secs, 1) if secs > 0 else None,
+                "preemptions": r.counters.get("preemptions", 0),
+                "steps_clamped": sum(v for k, v in r.counters.items() if k.startswith("step_time_")),
+                **per_req,
+            }
+        )
     table = pl.DataFrame(rows, schema=REPLAY_COLUMNS) if rows else pl.DataFrame(schema=REPLAY_COLUMNS)
-    iv = pl.DataFrame(interval_rows, schema=INTERVAL_COLUMNS) if interval_rows else pl.DataFrame(schema=INTERVAL_COLUMNS)
-    return {"rows": table, "per_request": per_request, "runs": details, "assumptions": w.assumptions,
-            "has_ground_truth": bool(log.has_ground_truth), "intervals": iv}
+    iv = (
+        pl.DataFrame(interval_rows, schema=INTERVAL_COLUMNS) if interval_rows else pl.DataFrame(schema=INTERVAL_COLUMNS)
+    )
+    return {
+        "rows": table,
+        "per_request": per_request,
+        "runs": details,
+        "assumptions": w.assumptions,
+        "has_ground_truth": bool(log.has_ground_truth),
+        "intervals": iv,
+    }
 
 
 def write_per_request(out_dir: Path, experiment_id: str, per_request: dict[str, pl.DataFrame]) -> list[Path]:

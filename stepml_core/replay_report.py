@@ -41,8 +41,12 @@ def _wide(rows: pl.DataFrame) -> pl.DataFrame:
 
 def run_status(rows: pl.DataFrame, requests: dict[str, int]) -> pl.DataFrame:
     """Per run: scored (ground truth present), saturated (observed failures or mean TTFT > 5 s)."""
-    obs = rows.filter(pl.col("metric").is_in(["successes", "ttft_mean"])).group_by("experiment_id", "metric").agg(
-        pl.col("observed").first()).pivot(on="metric", index="experiment_id", values="observed")
+    obs = (
+        rows.filter(pl.col("metric").is_in(["successes", "ttft_mean"]))
+        .group_by("experiment_id", "metric")
+        .agg(pl.col("observed").first())
+        .pivot(on="metric", index="experiment_id", values="observed")
+    )
     out = []
     for r in obs.iter_rows(named=True):
         scored = r.get("successes") is not None
@@ -67,7 +71,9 @@ def recommend(rows: pl.DataFrame, llm_of: dict[str, str], status: pl.DataFrame) 
     for exp in sorted(set(w["experiment_id"])):
         llm = llm_of.get(exp)
         others = [e for e in calm if e != exp and llm_of.get(e) == llm]
-        cands = w.filter((pl.col("experiment_id") == exp) & (pl.col("sample") == "out_of_sample"))["step_model"].to_list()
+        cands = w.filter((pl.col("experiment_id") == exp) & (pl.col("sample") == "out_of_sample"))[
+            "step_model"
+        ].to_list()
         best, best_v = None, math.inf
         for m in sorted(cands):
             vals = [score[(e, m)] for e in others if (e, m) in score]
@@ -91,14 +97,20 @@ def recommend_per_llm(rows: pl.DataFrame, llm_of: dict[str, str], status: pl.Dat
         if r.get("e2e_mean_err") is None or r.get("ttft_mean_err") is None:
             continue
         acc.setdefault((llm_of.get(r["experiment_id"]), r["step_model"]), []).append(
-            (abs(r["e2e_mean_err"]) + abs(r["ttft_mean_err"])) / 2)
+            (abs(r["e2e_mean_err"]) + abs(r["ttft_mean_err"])) / 2
+        )
     best: dict[str, tuple] = {}
     for (llm, m), v in sorted(acc.items()):
         cand = (float(np.mean(v)), -len(v), m)
         if llm not in best or cand < best[llm][0]:
             best[llm] = (cand, len(v))
-    return pl.DataFrame([{"llm_model": llm, "step_model": c[2], "runs": n, "mean_abs_err_pct": c[0]}
-                         for llm, (c, n) in sorted(best.items())], schema=schema)
+    return pl.DataFrame(
+        [
+            {"llm_model": llm, "step_model": c[2], "runs": n, "mean_abs_err_pct": c[0]}
+            for llm, (c, n) in sorted(best.items())
+        ],
+        schema=schema,
+    )
 
 
 def _workload(experiment_id: str) -> str:
@@ -117,7 +129,9 @@ def replay_fidelity_tables(replays: dict[str, dict], headers: dict[str, dict], o
     llm_of = {e: r.get("model") for e, r in replays.items()}
     status = run_status(rows, {e: int(r.get("requests") or 0) for e, r in replays.items()})
     rec = recommend(rows, llm_of, status).with_columns(recommended=pl.lit(True))
-    rows = rows.join(rec, on=["experiment_id", "step_model"], how="left").with_columns(pl.col("recommended").fill_null(False))
+    rows = rows.join(rec, on=["experiment_id", "step_model"], how="left").with_columns(
+        pl.col("recommended").fill_null(False)
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "replay.csv"
@@ -125,23 +139,41 @@ def replay_fidelity_tables(replays: dict[str, dict], headers: dict[str, dict], o
     rows.write_csv(tmp)
     os.replace(tmp, path)
     ivs = [iv for r in replays.values() if (iv := r.get("intervals")) is not None and iv.height]
-    intervals = widen_intervals(pl.concat(ivs) if ivs else pl.DataFrame(schema=INTERVAL_COLUMNS),
-                                {e: {"llm_model": r.get("model"), "workload": _workload(e)} for e, r in replays.items()})
+    intervals = widen_intervals(
+        pl.concat(ivs) if ivs else pl.DataFrame(schema=INTERVAL_COLUMNS),
+        {e: {"llm_model": r.get("model"), "workload": _workload(e)} for e, r in replays.items()},
+    )
     tmp = out_dir / ".replay_intervals.csv.tmp"
     intervals.write_csv(tmp)
     os.replace(tmp, out_dir / "replay_intervals.csv")
     det = [r["details"].with_columns(experiment_id=pl.lit(e)) for e, r in replays.items() if r["details"].height]
-    runs = pl.DataFrame([{"experiment_id": e, "llm_model": r.get("model"), "role": r.get("role") or "",
-                          "requests": int(r.get("requests") or 0), "ground_truth": bool(r.get("has_ground_truth"))}
-                         for e, r in sorted(replays.items())])
+    runs = pl.DataFrame(
+        [
+            {
+                "experiment_id": e,
+                "llm_model": r.get("model"),
+                "role": r.get("role") or "",
+                "requests": int(r.get("requests") or 0),
+                "ground_truth": bool(r.get("has_ground_truth")),
+            }
+            for e, r in sorted(replays.items())
+        ]
+    )
     if runs.height:
         runs = runs.join(status, on="experiment_id", how="left")
-    return {"replay": rows, "details": pl.concat(det, how="diagonal_relaxed") if det else pl.DataFrame(), "runs": runs,
-            "blis4a": load_blis4a(), "replay_csv": path, "recommended_per_llm": recommend_per_llm(rows, llm_of, status),
-            "intervals": intervals}
+    return {
+        "replay": rows,
+        "details": pl.concat(det, how="diagonal_relaxed") if det else pl.DataFrame(),
+        "runs": runs,
+        "blis4a": load_blis4a(),
+        "replay_csv": path,
+        "recommended_per_llm": recommend_per_llm(rows, llm_of, status),
+        "intervals": intervals,
+    }
 
 
 # ---------------------------------------------------------------------------- report section
+
 
 def _pct(x) -> str:
     return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:+.1f}"
@@ -156,8 +188,16 @@ def replay_section(fid: dict, out_dir: Path) -> list[str]:
     """'Replaying the real runs': per run set, the recommended out-of-sample model and the physics beside BLIS 4a."""
     rows, runs = fid.get("replay"), fid.get("runs")
     left = fid.get("left_out") or {}
-    left_lines = ["**Left out of the replay scores** (their stored replays are not current; nothing here uses them):", "",
-                  _md(["run", "status", "reason"], [[e, r["status"], r["reason"]] for e, r in sorted(left.items())]), ""] if left else []
+    left_lines = (
+        [
+            "**Left out of the replay scores** (their stored replays are not current; nothing here uses them):",
+            "",
+            _md(["run", "status", "reason"], [[e, r["status"], r["reason"]] for e, r in sorted(left.items())]),
+            "",
+        ]
+        if left
+        else []
+    )
     if rows is None or rows.height == 0:
         return ["## Replaying the runs", "", "No current replay.", "", *left_lines] if left else []
     w = _wide(rows)
@@ -165,20 +205,36 @@ def replay_section(fid: dict, out_dir: Path) -> list[str]:
     rec_of = dict(rec.iter_rows())
     blis = {r["experiment_id"]: r for r in fid["blis4a"].iter_rows(named=True)} if fid["blis4a"].height else {}
     src = sorted(set(rows["source"]))
-    lines = ["## Replaying the real runs" if src == ["real"] else f"## Replaying the runs ({', '.join(src)} data)", "",
-             "Every request of each run replayed at its recorded arrival time through StepML's vLLM v1 simulator "
-             "(`stepml_core/sim`, the synthesizer's scheduler: chunked prefill, KV blocks with prefix caching, "
-             "preemption, async scheduling), once per step-time model; predicted vs observed client-side latencies. "
-             "Error = (predicted − observed) / observed × 100. **in** = in-sample (the scored run's steps, requests "
-             "or aggregates built the model), **out** = out-of-sample. `physics` is the synthesizer's engine, tuned "
-             "on the 16 reference runs' aggregates: in-sample on each of them. The recommended model per run is chosen "
-             "from out-of-sample candidates by their errors on the *other* runs of the same LLM model (never the "
-             "scored run's ground truth). BLIS 4a: the best-calibrated BLIS simulator (`train` rows in-sample).", ""]
+    lines = [
+        "## Replaying the real runs" if src == ["real"] else f"## Replaying the runs ({', '.join(src)} data)",
+        "",
+        "Every request of each run replayed at its recorded arrival time through StepML's vLLM v1 simulator "
+        "(`stepml_core/sim`, the synthesizer's scheduler: chunked prefill, KV blocks with prefix caching, "
+        "preemption, async scheduling), once per step-time model; predicted vs observed client-side latencies. "
+        "Error = (predicted − observed) / observed × 100. **in** = in-sample (the scored run's steps, requests "
+        "or aggregates built the model), **out** = out-of-sample. `physics` is the synthesizer's engine, tuned "
+        "on the 16 reference runs' aggregates: in-sample on each of them. The recommended model per run is chosen "
+        "from out-of-sample candidates by their errors on the *other* runs of the same LLM model (never the "
+        "scored run's ground truth). BLIS 4a: the best-calibrated BLIS simulator (`train` rows in-sample).",
+        "",
+    ]
     st = {r["experiment_id"]: r for r in runs.iter_rows(named=True)} if runs is not None and runs.height else {}
-    data_rows = [[e, st[e]["llm_model"], st[e]["role"] or "–", st[e]["requests"],
-                  "yes" if st[e]["ground_truth"] else "**no** (predicted only)"] for e in sorted(st)]
-    lines += ["Runs with request logs (role = the run's role in BLIS 4a's calibration):", "",
-              _md(["run", "LLM model", "role", "requests", "ground truth"], data_rows), ""]
+    data_rows = [
+        [
+            e,
+            st[e]["llm_model"],
+            st[e]["role"] or "–",
+            st[e]["requests"],
+            "yes" if st[e]["ground_truth"] else "**no** (predicted only)",
+        ]
+        for e in sorted(st)
+    ]
+    lines += [
+        "Runs with request logs (role = the run's role in BLIS 4a's calibration):",
+        "",
+        _md(["run", "LLM model", "role", "requests", "ground truth"], data_rows),
+        "",
+    ]
     lines += left_lines
     summary = []
     for title, sat in (("non-saturated runs", False), ("saturated runs (reasoning: a queue of minutes)", True)):
@@ -187,36 +243,74 @@ def replay_section(fid: dict, out_dir: Path) -> list[str]:
             table, means = _run_set(title, exps, st, w, rec_of, blis)
             lines += table
             summary += means
-    lines += ["### Mean absolute errors (%)", "", _md(["run set", "model", "runs", "TTFT", "E2E", "p99 E2E"], summary), ""]
+    lines += [
+        "### Mean absolute errors (%)",
+        "",
+        _md(["run set", "model", "runs", "TTFT", "E2E", "p99 E2E"], summary),
+        "",
+    ]
     lines += _simulator_builder_lines(fid.get("recommended_per_llm"))
     lines += _per_request_lines(fid.get("details"))
     for metric in ("e2e", "ttft"):
         plot = plot_replay_cdfs(out_dir, rows, rec_of, metric)
         if plot:
-            lines += [f"![replay {metric} CDFs]({plot.name})", "",
-                      f"Distributions of {metric.upper()} per run: observed (black), the recommended model (blue) and the "
-                      "physics (grey, dashed).", ""]
-    lines += ["Assumptions of every replay: each request generates the run's `output_len` tokens (ignore_eos; the "
-              "client's token count is a re-count of the text), prompts are drawn from the run's shared-prefix shape "
-              "(10 groups × 10 prompts; requests of equal length may share a prompt), clients time out after 300 s, "
-              "serving limits and KV blocks from the run's own files.", ""]
+            lines += [
+                f"![replay {metric} CDFs]({plot.name})",
+                "",
+                f"Distributions of {metric.upper()} per run: observed (black), the recommended model (blue) and the "
+                "physics (grey, dashed).",
+                "",
+            ]
+    lines += [
+        "Assumptions of every replay: each request generates the run's `output_len` tokens (ignore_eos; the "
+        "client's token count is a re-count of the text), prompts are drawn from the run's shared-prefix shape "
+        "(10 groups × 10 prompts; requests of equal length may share a prompt), clients time out after 300 s, "
+        "serving limits and KV blocks from the run's own files.",
+        "",
+    ]
     return lines
 
 
-def _run_set(title: str, exps: list[str], st: dict, w: pl.DataFrame, rec_of: dict, blis: dict) -> tuple[list[str], list[list]]:
+def _run_set(
+    title: str, exps: list[str], st: dict, w: pl.DataFrame, rec_of: dict, blis: dict
+) -> tuple[list[str], list[list]]:
     """A run set's table (the recommended model, the physics and BLIS 4a per run) and its mean-absolute-error rows."""
-    hdr = ["run", "role", "model (sample)", "TTFT", "E2E", "p99 E2E", "successes", "phys TTFT", "phys E2E",
-           "BLIS4a TTFT", "BLIS4a E2E", "BLIS4a p99 E2E"]
+    hdr = [
+        "run",
+        "role",
+        "model (sample)",
+        "TTFT",
+        "E2E",
+        "p99 E2E",
+        "successes",
+        "phys TTFT",
+        "phys E2E",
+        "BLIS4a TTFT",
+        "BLIS4a E2E",
+        "BLIS4a p99 E2E",
+    ]
     body, acc = [], {"rec": ([], [], []), "phys": ([], [], []), "blis": ([], [], [])}
     for e in exps:
         m = rec_of.get(e)
         r = w.filter((pl.col("experiment_id") == e) & (pl.col("step_model") == m)).to_dicts() if m else []
         p = w.filter((pl.col("experiment_id") == e) & (pl.col("step_model") == "physics")).to_dicts()
         r, p, b = (r[0] if r else {}), (p[0] if p else {}), blis.get(e, {})  # BLIS 4a replayed the real runs only
-        body.append([e, st[e]["role"] or "–", f"{m} ({'in' if r.get('sample') == 'in_sample' else 'out'})" if m else "none out of sample",
-                     _pct(r.get("ttft_mean_err")), _pct(r.get("e2e_mean_err")), _pct(r.get("e2e_p99_err")),
-                     _pct(r.get("successes_err")), _pct(p.get("ttft_mean_err")), _pct(p.get("e2e_mean_err")),
-                     _pct(b.get("ttft_mean_err_pct")), _pct(b.get("e2e_mean_err_pct")), _pct(b.get("e2e_p99_err_pct"))])
+        body.append(
+            [
+                e,
+                st[e]["role"] or "–",
+                f"{m} ({'in' if r.get('sample') == 'in_sample' else 'out'})" if m else "none out of sample",
+                _pct(r.get("ttft_mean_err")),
+                _pct(r.get("e2e_mean_err")),
+                _pct(r.get("e2e_p99_err")),
+                _pct(r.get("successes_err")),
+                _pct(p.get("ttft_mean_err")),
+                _pct(p.get("e2e_mean_err")),
+                _pct(b.get("ttft_mean_err_pct")),
+                _pct(b.get("e2e_mean_err_pct")),
+                _pct(b.get("e2e_p99_err_pct")),
+            ]
+        )
         for k, d in (("rec", r), ("phys", p)):
             acc[k][0].append(d.get("ttft_mean_err"))
             acc[k][1].append(d.get("e2e_mean_err"))
@@ -225,7 +319,11 @@ def _run_set(title: str, exps: list[str], st: dict, w: pl.DataFrame, rec_of: dic
         acc["blis"][1].append(b.get("e2e_mean_err_pct"))
         acc["blis"][2].append(b.get("e2e_p99_err_pct"))
     summary = []
-    for k, label in (("rec", "recommended (out of sample)"), ("phys", "physics (in sample)"), ("blis", "BLIS 4a (mostly in sample)")):
+    for k, label in (
+        ("rec", "recommended (out of sample)"),
+        ("phys", "physics (in sample)"),
+        ("blis", "BLIS 4a (mostly in sample)"),
+    ):
         t, e2, p99 = (_mean_abs(v) for v in acc[k])
         n = sum(1 for x in acc[k][1] if x is not None)
         summary.append([title, label, n, _f(t), _f(e2), _f(p99)])
@@ -234,27 +332,54 @@ def _run_set(title: str, exps: list[str], st: dict, w: pl.DataFrame, rec_of: dic
 
 def _simulator_builder_lines(per_llm: pl.DataFrame | None) -> list[str]:
     if per_llm is None or not per_llm.height:
-        return ["**For a simulator builder:** no step model was replayed out of sample on a scored non-saturated run, so none "
-                "is recommended from this data.", ""]
-    return ["**For a simulator builder** (a run the model has not seen): per LLM model, the step model with the lowest "
-            "mean of the absolute E2E and TTFT errors over its out-of-sample replays of non-saturated runs. (The per-run choice in the "
-            "tables above leaves the scored run out of that choice.)", "",
-            _md(["LLM model", "step model", "out-of-sample runs", "mean of abs. E2E and TTFT errors %"],
-                [[r["llm_model"], r["step_model"], r["runs"], _f(r["mean_abs_err_pct"])] for r in per_llm.iter_rows(named=True)]), ""]
+        return [
+            "**For a simulator builder:** no step model was replayed out of sample on a scored non-saturated run, so none "
+            "is recommended from this data.",
+            "",
+        ]
+    return [
+        "**For a simulator builder** (a run the model has not seen): per LLM model, the step model with the lowest "
+        "mean of the absolute E2E and TTFT errors over its out-of-sample replays of non-saturated runs. (The per-run choice in the "
+        "tables above leaves the scored run out of that choice.)",
+        "",
+        _md(
+            ["LLM model", "step model", "out-of-sample runs", "mean of abs. E2E and TTFT errors %"],
+            [
+                [r["llm_model"], r["step_model"], r["runs"], _f(r["mean_abs_err_pct"])]
+                for r in per_llm.iter_rows(named=True)
+            ],
+        ),
+        "",
+    ]
 
 
 def _per_request_lines(det: pl.DataFrame | None) -> list[str]:
     """Median per-request APE per step model and replay speed (simulated seconds per wall second)."""
     if det is None or not det.height or "e2e_median_ape_pct" not in det.columns:
         return []
-    agg = det.group_by("step_model").agg(pl.col("e2e_median_ape_pct").median().alias("e2e"),
-                                         pl.col("ttft_median_ape_pct").median().alias("ttft"),
-                                         pl.col("real_time_ratio").median().alias("speed"),
-                                         pl.len().alias("runs")).sort("step_model")
-    return ["Per-request error (median over runs of each run's median APE, requests that succeeded on both sides) "
-            "and replay speed (simulated seconds per wall second):", "",
-            _md(["step model", "runs", "E2E median APE %", "TTFT median APE %", "× real time"],
-                [[r["step_model"], r["runs"], _f(r["e2e"]), _f(r["ttft"]), _f(r["speed"], 0)] for r in agg.iter_rows(named=True)]), ""]
+    agg = (
+        det.group_by("step_model")
+        .agg(
+            pl.col("e2e_median_ape_pct").median().alias("e2e"),
+            pl.col("ttft_median_ape_pct").median().alias("ttft"),
+            pl.col("real_time_ratio").median().alias("speed"),
+            pl.len().alias("runs"),
+        )
+        .sort("step_model")
+    )
+    return [
+        "Per-request error (median over runs of each run's median APE, requests that succeeded on both sides) "
+        "and replay speed (simulated seconds per wall second):",
+        "",
+        _md(
+            ["step model", "runs", "E2E median APE %", "TTFT median APE %", "× real time"],
+            [
+                [r["step_model"], r["runs"], _f(r["e2e"]), _f(r["ttft"]), _f(r["speed"], 0)]
+                for r in agg.iter_rows(named=True)
+            ],
+        ),
+        "",
+    ]
 
 
 def _f(x, nd: int = 1) -> str:
@@ -284,13 +409,21 @@ def plot_replay_cdfs(out_dir: Path, rows: pl.DataFrame, rec_of: dict[str, str], 
     for ax, e in zip(axes.flat, exps):
         folder = Path(out_dir) / "replay" / e
         drawn = False
-        for name, style in ((rec_of.get(e), dict(color="tab:blue", lw=1.2)), ("physics", dict(color="grey", ls="--", lw=1.0))):
+        for name, style in (
+            (rec_of.get(e), dict(color="tab:blue", lw=1.2)),
+            ("physics", dict(color="grey", ls="--", lw=1.0)),
+        ):
             p = folder / f"{name}.parquet" if name else None
             if p is None or not p.is_file():
                 continue
             t = pl.read_parquet(p)
             if not drawn:
-                ob = t.filter(~pl.col("observed_has_error").fill_null(True))[f"observed_{metric}_s"].drop_nulls().sort().to_numpy()
+                ob = (
+                    t.filter(~pl.col("observed_has_error").fill_null(True))[f"observed_{metric}_s"]
+                    .drop_nulls()
+                    .sort()
+                    .to_numpy()
+                )
                 if ob.size:
                     ax.plot(ob, np.arange(1, ob.size + 1) / ob.size, color="black", lw=1.2, label="observed")
                 drawn = True
@@ -327,10 +460,16 @@ def replay_summary(fid: dict) -> list[str]:
         use = sub if m == "physics" else sub.filter(pl.col("sample") == "out_of_sample")
         cells = []
         for sat in (False, True):
-            part = [r for r in use.iter_rows(named=True) if st.get(r["experiment_id"], {}).get("scored")
-                    and bool(st[r["experiment_id"]].get("saturated")) == sat]
-            cells += [len(part), _f(_mean_abs(r.get("ttft_mean_err") for r in part)),
-                      _f(_mean_abs(r.get("e2e_mean_err") for r in part))]
+            part = [
+                r
+                for r in use.iter_rows(named=True)
+                if st.get(r["experiment_id"], {}).get("scored") and bool(st[r["experiment_id"]].get("saturated")) == sat
+            ]
+            cells += [
+                len(part),
+                _f(_mean_abs(r.get("ttft_mean_err") for r in part)),
+                _f(_mean_abs(r.get("e2e_mean_err") for r in part)),
+            ]
             if sat:
                 cells.append(_f(_mean_abs(r.get("successes_err") for r in part)))
         label = f"{m} ({'in sample' if m == 'physics' or samples == {'in_sample'} else 'out of sample'})"
@@ -339,16 +478,34 @@ def replay_summary(fid: dict) -> list[str]:
         table.append([label, *cells])
     n_runs, n_scored = len(st), sum(1 for r in st.values() if r.get("scored"))
     per_llm = fid.get("recommended_per_llm")
-    rec = ", ".join(f"{r['llm_model']}: `{r['step_model']}` ({_f(r['mean_abs_err_pct'])} %)" for r in per_llm.iter_rows(named=True)) \
-        if per_llm is not None and per_llm.height else "none (no step model was replayed out of sample on a scored non-saturated run)"
-    return ["**Request level** (*Replaying the real runs*): "
-            f"{n_runs} run(s) replayed request by request through StepML's simulator, {n_scored} with ground truth. "
-            "Mean absolute error (%) of the replayed latencies per step model (out-of-sample replays; the physics is "
-            "in sample):", "",
-            _md(["step model", "non-saturated runs", "TTFT", "E2E", "saturated runs", "TTFT", "E2E", "successes"], table), "",
-            *(["Errors above 1,000 % come from models extrapolating far outside the load they were fitted on (log-target "
-               "models do so exponentially).", ""] if any(_big(c) for r in table for c in r[1:]) else []),
-            f"For a run a model has not seen, per LLM model: {rec}.", ""]
+    rec = (
+        ", ".join(
+            f"{r['llm_model']}: `{r['step_model']}` ({_f(r['mean_abs_err_pct'])} %)"
+            for r in per_llm.iter_rows(named=True)
+        )
+        if per_llm is not None and per_llm.height
+        else "none (no step model was replayed out of sample on a scored non-saturated run)"
+    )
+    return [
+        "**Request level** (*Replaying the real runs*): "
+        f"{n_runs} run(s) replayed request by request through StepML's simulator, {n_scored} with ground truth. "
+        "Mean absolute error (%) of the replayed latencies per step model (out-of-sample replays; the physics is "
+        "in sample):",
+        "",
+        _md(["step model", "non-saturated runs", "TTFT", "E2E", "saturated runs", "TTFT", "E2E", "successes"], table),
+        "",
+        *(
+            [
+                "Errors above 1,000 % come from models extrapolating far outside the load they were fitted on (log-target "
+                "models do so exponentially).",
+                "",
+            ]
+            if any(_big(c) for r in table for c in r[1:])
+            else []
+        ),
+        f"For a run a model has not seen, per LLM model: {rec}.",
+        "",
+    ]
 
 
 def _big(cell) -> bool:
@@ -361,10 +518,17 @@ def _big(cell) -> bool:
 def requests_only_report(fid: dict, replay_lines: list[str], out_dir: Path) -> str:
     """report.md for a study whose runs have request logs but no step traces (no H1 study possible)."""
     src = sorted(set(fid["replay"]["source"])) if fid.get("replay") is not None and fid["replay"].height else []
-    lines = ["# StepML study report: replay of request logs", "", "## Summary", "",
-             f"Data: {', '.join(src) or 'none'} runs with request logs only — no step traces, so no per-step models and "
-             "no H1 verdict; the step-time models here are the synthesizer's physics and any request-calibrated ones.", "",
-             *replay_summary(fid), *replay_lines]
+    lines = [
+        "# StepML study report: replay of request logs",
+        "",
+        "## Summary",
+        "",
+        f"Data: {', '.join(src) or 'none'} runs with request logs only — no step traces, so no per-step models and "
+        "no H1 verdict; the step-time models here are the synthesizer's physics and any request-calibrated ones.",
+        "",
+        *replay_summary(fid),
+        *replay_lines,
+    ]
     md = "\n".join(lines) + "\n"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

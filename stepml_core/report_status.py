@@ -23,8 +23,13 @@ def runs_left_out_section(left_out: dict[str, dict], stored: set[str]) -> list[s
         rows.append(f"| `{run}` | **{r['status']}** | {_md_cell(r['reason'])} | {kept} |")
     n_failed = sum(r["status"] == "failed" for r in left_out.values())
     n_stale = len(left_out) - n_failed
-    return ["## Runs left out: failed or stale", "",
-            f"{n_failed} run(s) failed and {n_stale} run(s) changed since they were processed (stale). None of their "
-            "results — stored from earlier runs or not — is used anywhere in this report, `metrics.csv`, `verdict.json` "
-            "or the pooled models. Fix the input (the reason names the file) or re-run it to bring it back.", "",
-            *rows, ""]
+    return [
+        "## Runs left out: failed or stale",
+        "",
+        f"{n_failed} run(s) failed and {n_stale} run(s) changed since they were processed (stale). None of their "
+        "results — stored from earlier runs or not — is used anywhere in this report, `metrics.csv`, `verdict.json` "
+        "or the pooled models. Fix the input (the reason names the file) or re-run it to bring it back.",
+        "",
+        *rows,
+        "",
+    ]

@@ -39,9 +39,15 @@ MAX_LATENCY_S = 24 * 3600.0
 ROLES = ("train", "validate", "test")
 
 REQUEST_LOG_COLUMNS = {
-    "index": pl.Int64, "arrival_time_us": pl.Int64, "input_tokens": pl.Int64, "output_tokens": pl.Int64,
-    "prefix_group": pl.Utf8, "has_error": pl.Boolean,
-    "observed_has_error": pl.Boolean, "observed_ttft_s": pl.Float64, "observed_e2e_s": pl.Float64,
+    "index": pl.Int64,
+    "arrival_time_us": pl.Int64,
+    "input_tokens": pl.Int64,
+    "output_tokens": pl.Int64,
+    "prefix_group": pl.Utf8,
+    "has_error": pl.Boolean,
+    "observed_has_error": pl.Boolean,
+    "observed_ttft_s": pl.Float64,
+    "observed_e2e_s": pl.Float64,
 }
 QUARANTINE_COLUMNS = {"file": pl.Utf8, "line": pl.Int64, "kind": pl.Utf8, "reason": pl.Utf8, "excerpt": pl.Utf8}
 
@@ -74,28 +80,57 @@ class RequestLogSchema(pa.DataFrameModel):
     @pa.dataframe_check(error="observed_ttft_s <= observed_e2e_s")
     def ttft_before_end(cls, data) -> pl.LazyFrame:
         return data.lazyframe.select(
-            (pl.col("observed_ttft_s") <= pl.col("observed_e2e_s") * (1 + 1e-9)).fill_null(True))
+            (pl.col("observed_ttft_s") <= pl.col("observed_e2e_s") * (1 + 1e-9)).fill_null(True)
+        )
 
 
 # row-level rules with the reason a failing record is quarantined with (same rules as the schema)
 ROW_RULES = [
     ("index", pl.col("index").is_not_null() & (pl.col("index") >= 0), "index missing or negative"),
-    ("arrival_time_us", pl.col("arrival_time_us").is_not_null() & pl.col("arrival_time_us").is_between(0, MAX_ARRIVAL_US),
-     f"arrival_time_us missing or outside [0, {MAX_ARRIVAL_US}]"),
-    ("input_tokens", pl.col("input_tokens").is_not_null() & pl.col("input_tokens").is_between(0, MAX_TOKENS),
-     f"input_tokens missing or outside [0, {MAX_TOKENS}]"),
-    ("output_tokens", pl.col("output_tokens").is_not_null() & pl.col("output_tokens").is_between(0, MAX_TOKENS),
-     f"output_tokens missing or outside [0, {MAX_TOKENS}]"),
+    (
+        "arrival_time_us",
+        pl.col("arrival_time_us").is_not_null() & pl.col("arrival_time_us").is_between(0, MAX_ARRIVAL_US),
+        f"arrival_time_us missing or outside [0, {MAX_ARRIVAL_US}]",
+    ),
+    (
+        "input_tokens",
+        pl.col("input_tokens").is_not_null() & pl.col("input_tokens").is_between(0, MAX_TOKENS),
+        f"input_tokens missing or outside [0, {MAX_TOKENS}]",
+    ),
+    (
+        "output_tokens",
+        pl.col("output_tokens").is_not_null() & pl.col("output_tokens").is_between(0, MAX_TOKENS),
+        f"output_tokens missing or outside [0, {MAX_TOKENS}]",
+    ),
     ("has_error", pl.col("has_error").is_not_null(), "has_error missing"),
-    ("input_tokens", (pl.col("input_tokens") >= 1) | pl.col("has_error").fill_null(True), "input_tokens is 0 on a request without error"),
-    ("observed_ttft_s", pl.col("observed_ttft_s").is_null() | (pl.col("observed_ttft_s").is_between(0.0, MAX_LATENCY_S)
-                                                               & pl.col("observed_ttft_s").is_finite()),
-     f"ttft_s outside [0, {MAX_LATENCY_S:.0f}] s"),
-    ("observed_e2e_s", pl.col("observed_e2e_s").is_null() | ((pl.col("observed_e2e_s") > 0) & pl.col("observed_e2e_s").is_finite()
-                                                             & (pl.col("observed_e2e_s") <= MAX_LATENCY_S)),
-     f"e2e_s outside (0, {MAX_LATENCY_S:.0f}] s"),
-    ("observed_ttft_s", pl.col("observed_ttft_s").is_null() | pl.col("observed_e2e_s").is_null()
-     | (pl.col("observed_ttft_s") <= pl.col("observed_e2e_s") * (1 + 1e-9)), "ttft_s > e2e_s"),
+    (
+        "input_tokens",
+        (pl.col("input_tokens") >= 1) | pl.col("has_error").fill_null(True),
+        "input_tokens is 0 on a request without error",
+    ),
+    (
+        "observed_ttft_s",
+        pl.col("observed_ttft_s").is_null()
+        | (pl.col("observed_ttft_s").is_between(0.0, MAX_LATENCY_S) & pl.col("observed_ttft_s").is_finite()),
+        f"ttft_s outside [0, {MAX_LATENCY_S:.0f}] s",
+    ),
+    (
+        "observed_e2e_s",
+        pl.col("observed_e2e_s").is_null()
+        | (
+            (pl.col("observed_e2e_s") > 0)
+            & pl.col("observed_e2e_s").is_finite()
+            & (pl.col("observed_e2e_s") <= MAX_LATENCY_S)
+        ),
+        f"e2e_s outside (0, {MAX_LATENCY_S:.0f}] s",
+    ),
+    (
+        "observed_ttft_s",
+        pl.col("observed_ttft_s").is_null()
+        | pl.col("observed_e2e_s").is_null()
+        | (pl.col("observed_ttft_s") <= pl.col("observed_e2e_s") * (1 + 1e-9)),
+        "ttft_s > e2e_s",
+    ),
 ]
 
 
@@ -116,8 +151,11 @@ class RequestLog:
 
     @property
     def counts(self) -> dict:
-        return {"records_in": self.records_in, "records_kept": self.table.height,
-                "records_quarantined": self.quarantine.height}
+        return {
+            "records_in": self.records_in,
+            "records_kept": self.table.height,
+            "records_quarantined": self.quarantine.height,
+        }
 
 
 def find_request_files(folder: Path) -> dict[str, Path]:
@@ -171,12 +209,33 @@ def _num(x, kind):
 
 def _records_table(records: list, file: str, gt: dict[int, dict] | None) -> tuple[pl.DataFrame, list[dict]]:
     """requests.json records → columns; structurally broken records (not an object) → quarantine rows."""
-    cols = {k: [] for k in ("index", "arrival_time_us", "input_tokens", "output_tokens", "prefix_group", "has_error",
-                            "observed_has_error", "observed_ttft_s", "observed_e2e_s", "_record")}
+    cols = {
+        k: []
+        for k in (
+            "index",
+            "arrival_time_us",
+            "input_tokens",
+            "output_tokens",
+            "prefix_group",
+            "has_error",
+            "observed_has_error",
+            "observed_ttft_s",
+            "observed_e2e_s",
+            "_record",
+        )
+    }
     bad = []
     for i, r in enumerate(records):
         if not isinstance(r, dict):
-            bad.append({"file": file, "line": i, "kind": "record", "reason": "record is not a JSON object", "excerpt": _excerpt(r)})
+            bad.append(
+                {
+                    "file": file,
+                    "line": i,
+                    "kind": "record",
+                    "reason": "record is not a JSON object",
+                    "excerpt": _excerpt(r),
+                }
+            )
             continue
         idx = _num(r.get("index"), int)
         cols["index"].append(idx)
@@ -199,18 +258,46 @@ def _records_table(records: list, file: str, gt: dict[int, dict] | None) -> tupl
 
 def _lifecycle_table(records: list, file: str) -> tuple[pl.DataFrame, list[dict]]:
     """inference-perf per-request records → the same columns (arrival from the earliest start)."""
-    starts = [r.get("start_time") for r in records if isinstance(r, dict) and isinstance(r.get("start_time"), (int, float))
-              and not isinstance(r.get("start_time"), bool)]
+    starts = [
+        r.get("start_time")
+        for r in records
+        if isinstance(r, dict)
+        and isinstance(r.get("start_time"), (int, float))
+        and not isinstance(r.get("start_time"), bool)
+    ]
     t0 = min(starts) if starts else 0.0
-    order = sorted(range(len(records)), key=lambda i: (records[i].get("start_time", 0.0) if isinstance(records[i], dict) else 0.0, i))
-    cols = {k: [] for k in ("index", "arrival_time_us", "input_tokens", "output_tokens", "prefix_group", "has_error",
-                            "observed_has_error", "observed_ttft_s", "observed_e2e_s", "_record")}
+    order = sorted(
+        range(len(records)),
+        key=lambda i: (records[i].get("start_time", 0.0) if isinstance(records[i], dict) else 0.0, i),
+    )
+    cols = {
+        k: []
+        for k in (
+            "index",
+            "arrival_time_us",
+            "input_tokens",
+            "output_tokens",
+            "prefix_group",
+            "has_error",
+            "observed_has_error",
+            "observed_ttft_s",
+            "observed_e2e_s",
+            "_record",
+        )
+    }
     bad = []
     for new_idx, i in enumerate(order):
         r = records[i]
         if not isinstance(r, dict) or not isinstance(r.get("info"), dict):
-            bad.append({"file": file, "line": i, "kind": "record", "reason": "record is not an inference-perf request object",
-                        "excerpt": _excerpt(r)})
+            bad.append(
+                {
+                    "file": file,
+                    "line": i,
+                    "kind": "record",
+                    "reason": "record is not an inference-perf request object",
+                    "excerpt": _excerpt(r),
+                }
+            )
             continue
         info = r["info"]
         st, en = _num(r.get("start_time"), float), _num(r.get("end_time"), float)
@@ -223,7 +310,11 @@ def _lifecycle_table(records: list, file: str) -> tuple[pl.DataFrame, list[dict]
         cols["prefix_group"].append(None)
         cols["has_error"].append(err)
         cols["observed_has_error"].append(err)
-        ttft = (float(times[0]) - st) if (times and st is not None and _num(times[0], float) is not None and not err) else None
+        ttft = (
+            (float(times[0]) - st)
+            if (times and st is not None and _num(times[0], float) is not None and not err)
+            else None
+        )
         cols["observed_ttft_s"].append(ttft)
         cols["observed_e2e_s"].append((en - st) if (st is not None and en is not None) else None)
         cols["_record"].append(i)
@@ -238,13 +329,26 @@ def validate_records(df: pl.DataFrame, file: str) -> tuple[pl.DataFrame, pl.Data
         reason = pl.when(~ok.fill_null(False)).then(pl.lit(why)).otherwise(reason)
     df = df.with_columns(_reason=reason)
     later = pl.col("index").is_not_null() & (pl.col("_record") > pl.col("_record").min().over("index"))
-    df = df.with_columns(_reason=pl.when(pl.col("_reason").is_null() & later)
-                         .then(pl.lit("duplicate index (first kept)")).otherwise(pl.col("_reason")))
+    df = df.with_columns(
+        _reason=pl.when(pl.col("_reason").is_null() & later)
+        .then(pl.lit("duplicate index (first kept)"))
+        .otherwise(pl.col("_reason"))
+    )
     bad = df.filter(pl.col("_reason").is_not_null())
     kept = df.filter(pl.col("_reason").is_null()).drop("_reason", "_record").sort("index")
-    q = bad.select(file=pl.lit(file), line=pl.col("_record"), kind=pl.lit("record"), reason=pl.col("_reason"),
-                   excerpt=pl.format("index={} arrival_time_us={} input_tokens={} output_tokens={}", "index",
-                                     "arrival_time_us", "input_tokens", "output_tokens"))
+    q = bad.select(
+        file=pl.lit(file),
+        line=pl.col("_record"),
+        kind=pl.lit("record"),
+        reason=pl.col("_reason"),
+        excerpt=pl.format(
+            "index={} arrival_time_us={} input_tokens={} output_tokens={}",
+            "index",
+            "arrival_time_us",
+            "input_tokens",
+            "output_tokens",
+        ),
+    )
     RequestLogSchema.validate(kept)
     return kept, q.cast(QUARANTINE_COLUMNS)
 
@@ -267,11 +371,16 @@ def read_request_log(folder: Path) -> RequestLog | None:
             gt = {r["index"]: r for r in g if isinstance(r, dict) and isinstance(r.get("index"), int)}
             used.append(gpath.name)
         raw, bad = _records_table(doc["requests"], str(path), gt)
-        header = {"experiment": doc.get("experiment"), "model_id": doc.get("model_id"), "model_short": doc.get("model_short"),
-                  "profile": doc.get("profile"), "role": doc.get("split") if doc.get("split") in ROLES else None,
-                  "config": doc.get("config") if isinstance(doc.get("config"), dict) else {},
-                  "model_config": doc.get("model_config") if isinstance(doc.get("model_config"), dict) else {},
-                  "format": "requests.json"}
+        header = {
+            "experiment": doc.get("experiment"),
+            "model_id": doc.get("model_id"),
+            "model_short": doc.get("model_short"),
+            "profile": doc.get("profile"),
+            "role": doc.get("split") if doc.get("split") in ROLES else None,
+            "config": doc.get("config") if isinstance(doc.get("config"), dict) else {},
+            "model_config": doc.get("model_config") if isinstance(doc.get("model_config"), dict) else {},
+            "format": "requests.json",
+        }
         n_in = len(doc["requests"])
         has_gt = gt is not None
     elif "lifecycle" in files:
@@ -280,11 +389,18 @@ def read_request_log(folder: Path) -> RequestLog | None:
         if not isinstance(recs, list):
             raise RequestLogError(f"{path}: expected a list of inference-perf per-request records")
         raw, bad = _lifecycle_table(recs, str(path))
-        header = {"role": None, "config": {}, "model_config": {}, "format": "inference-perf per_request_lifecycle_metrics"}
+        header = {
+            "role": None,
+            "config": {},
+            "model_config": {},
+            "format": "inference-perf per_request_lifecycle_metrics",
+        }
         used, n_in, has_gt = [LIFECYCLE_FILE], len(recs), True
     else:
         return None
     kept, q = validate_records(raw, str(path))
     quarantine = pl.concat([pl.DataFrame(bad, schema=QUARANTINE_COLUMNS), q]) if bad else q
     assert kept.height + quarantine.height == n_in, "request records in != kept + quarantined"
-    return RequestLog(table=kept, quarantine=quarantine, header=header, files=used, has_ground_truth=has_gt, records_in=n_in)
+    return RequestLog(
+        table=kept, quarantine=quarantine, header=header, files=used, has_ground_truth=has_gt, records_in=n_in
+    )

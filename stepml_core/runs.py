@@ -28,7 +28,8 @@ from .limits import DEFAULT_LIMITS, InputLimitError, InputLimits
 # matches before a trailing newline): one run folder has exactly one id.
 RUN_ID_RE = re.compile(
     r"^(?P<date>[0-9]{8})-(?P<time>[0-9]{6})-(?P<model>[a-z0-9][a-z0-9.-]*?)-tp(?P<tp>[1-9][0-9]?)"
-    r"-(?P<workload>[a-z][a-z0-9]*)(?P<synth>-synth)?\Z", re.ASCII
+    r"-(?P<workload>[a-z][a-z0-9]*)(?P<synth>-synth)?\Z",
+    re.ASCII,
 )
 MAX_RUN_ID_LEN = 120
 TRACE_FILE_NAMES = ("traces.json", "traces.json.gz")
@@ -91,10 +92,17 @@ def parse_run_id(text: str) -> RunId:
 # Reading input files: regular files inside the data root only, bounded, fingerprinted as read
 # --------------------------------------------------------------------------------------------
 
+
 def file_kind(mode: int) -> str:
     """'a directory', 'a FIFO (named pipe)', ... for a non-regular st_mode."""
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symlink")):
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symlink"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -105,8 +113,10 @@ def check_file_inside_root(path: Path, root: Path) -> Path:
     root_r = Path(root).resolve()
     real = Path(path).resolve()
     if root_r not in real.parents:
-        raise RunMetadataError(f"{path}: a symlink to {real}, outside the data root {root_r}; "
-                               "StepML reads files inside the data folder only")
+        raise RunMetadataError(
+            f"{path}: a symlink to {real}, outside the data root {root_r}; "
+            "StepML reads files inside the data folder only"
+        )
     return real
 
 
@@ -134,11 +144,24 @@ def open_input(path: Path, root: Path | None = None):
 
 def file_record(folder: Path, path: Path, st: os.stat_result, size: int, sha256: str) -> dict:
     """Fingerprint of a file as read: {file, size_bytes (bytes read), mtime_ns (before reading), sha256 (of those bytes)}."""
-    return {"file": str(Path(path).relative_to(folder)), "size_bytes": int(size), "mtime_ns": int(st.st_mtime_ns), "sha256": sha256}
+    return {
+        "file": str(Path(path).relative_to(folder)),
+        "size_bytes": int(size),
+        "mtime_ns": int(st.st_mtime_ns),
+        "sha256": sha256,
+    }
 
 
-def read_input_bytes(path: Path, *, root: Path | None, max_bytes: int, limit: str, limits: InputLimits = DEFAULT_LIMITS,
-                     reads: dict | None = None, folder: Path | None = None) -> bytes:
+def read_input_bytes(
+    path: Path,
+    *,
+    root: Path | None,
+    max_bytes: int,
+    limit: str,
+    limits: InputLimits = DEFAULT_LIMITS,
+    reads: dict | None = None,
+    folder: Path | None = None,
+) -> bytes:
     """All bytes of a small input file (at most max_bytes, else InputLimitError naming the limit);
     records its fingerprint as read in ``reads`` (keyed by path relative to folder)."""
     f, st = open_input(path, root)
@@ -147,7 +170,9 @@ def read_input_bytes(path: Path, *, root: Path | None, max_bytes: int, limit: st
     if len(data) > max_bytes:
         raise InputLimitError(f"{path}: larger than {max_bytes} bytes (limit {limits.describe(limit)})")
     if reads is not None and folder is not None:
-        reads[str(Path(path).relative_to(folder))] = file_record(folder, path, st, len(data), hashlib.sha256(data).hexdigest())
+        reads[str(Path(path).relative_to(folder))] = file_record(
+            folder, path, st, len(data), hashlib.sha256(data).hexdigest()
+        )
     return data
 
 
@@ -177,18 +202,33 @@ def _expanded_nodes(node, limit: int) -> int:
     return size(node) if node is not None else 0
 
 
-def safe_load_yaml(path: Path, *, root: Path | None = None, limits: InputLimits = DEFAULT_LIMITS,
-                   reads: dict | None = None, folder: Path | None = None) -> Any:
+def safe_load_yaml(
+    path: Path,
+    *,
+    root: Path | None = None,
+    limits: InputLimits = DEFAULT_LIMITS,
+    reads: dict | None = None,
+    folder: Path | None = None,
+) -> Any:
     """yaml.safe_load of a bounded file: plain data only (never Python object tags), at most
     limits.max_metadata_bytes, at most limits.max_yaml_nodes nodes with aliases expanded."""
-    data = read_input_bytes(path, root=root, max_bytes=limits.max_metadata_bytes, limit="max_metadata_bytes",
-                            limits=limits, reads=reads, folder=folder)
+    data = read_input_bytes(
+        path,
+        root=root,
+        max_bytes=limits.max_metadata_bytes,
+        limit="max_metadata_bytes",
+        limits=limits,
+        reads=reads,
+        folder=folder,
+    )
     try:
         node = yaml.compose(data, Loader=yaml.SafeLoader)
         n = _expanded_nodes(node, limits.max_yaml_nodes)
         if n > limits.max_yaml_nodes:
-            raise InputLimitError(f"{path}: more than {limits.max_yaml_nodes} YAML nodes once aliases are expanded "
-                                  f"(limit {limits.describe('max_yaml_nodes')}); an alias bomb?")
+            raise InputLimitError(
+                f"{path}: more than {limits.max_yaml_nodes} YAML nodes once aliases are expanded "
+                f"(limit {limits.describe('max_yaml_nodes')}); an alias bomb?"
+            )
         return yaml.safe_load(data)
     except yaml.YAMLError as e:
         raise _yaml_error(path, e) from None
@@ -214,7 +254,9 @@ def _load_json(path: Path, **kw) -> Any:
 # GPU count (at most 1024); a step's token budget and a model's context fit in 2^24 tokens; the
 # running batch is at most 2^20 sequences.
 EXP_CONFIG_INT_KEYS: dict[str, tuple[int, int]] = {
-    "tensor_parallelism": (1, 1024), "max_num_batched_tokens": (1, 1 << 24), "max_num_seqs": (1, 1 << 20),
+    "tensor_parallelism": (1, 1024),
+    "max_num_batched_tokens": (1, 1 << 24),
+    "max_num_seqs": (1, 1 << 20),
     "max_model_len": (1, 1 << 24),
 }
 EXP_CONFIG_STR_KEYS = ("model", "app")
@@ -240,7 +282,9 @@ def validate_exp_config(cfg: Any, path: Path, run: RunId) -> dict:
             raise RunMetadataError(f"{path}: key {k}: expected a string, got {_short_repr(v)}")
     tp = cfg.get("tensor_parallelism")
     if tp is not None and tp != run.tp:
-        raise RunMetadataError(f"{path}: key tensor_parallelism: {tp}, but the run id {run.experiment_id!r} says tp{run.tp}")
+        raise RunMetadataError(
+            f"{path}: key tensor_parallelism: {tp}, but the run id {run.experiment_id!r} says tp{run.tp}"
+        )
     return cfg
 
 
@@ -252,6 +296,7 @@ def _short_repr(v: Any) -> str:
 # --------------------------------------------------------------------------------------------
 # Run metadata
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class RunMetadata:
@@ -267,7 +312,9 @@ class RunMetadata:
     summary: dict | None = None  # inference-perf summary_lifecycle_metrics.json
     stages: list = field(default_factory=list)  # stage_<n>_lifecycle_metrics.json, in order
     provenance: dict | None = None
-    issues: list = field(default_factory=list)  # [{file, reason}]: optional files left out (malformed, not regular, ...)
+    issues: list = field(
+        default_factory=list
+    )  # [{file, reason}]: optional files left out (malformed, not regular, ...)
     reads: dict = field(default_factory=dict)  # {relative path: fingerprint of the bytes read}
 
     @property
@@ -288,8 +335,12 @@ class RunMetadata:
 
     def as_record(self) -> dict:
         return {
-            "experiment_id": self.experiment_id, "model": self.model, "tp": self.tp,
-            "workload": self.workload, "source": self.source, "stands_for": self.stands_for,
+            "experiment_id": self.experiment_id,
+            "model": self.model,
+            "tp": self.tp,
+            "workload": self.workload,
+            "source": self.source,
+            "stands_for": self.stands_for,
             "trace_file": str(self.trace_path) if self.trace_path else None,
         }
 
@@ -309,8 +360,10 @@ def find_trace_file(folder: Path) -> Path | None:
                 sizes.append(f"{p.name} ({os.lstat(p).st_size} bytes)")
             except OSError:
                 sizes.append(p.name)
-        raise RunMetadataError(f"{folder}: two trace files, {' and '.join(sizes)}; StepML reads one: "
-                               "remove the one that is not the whole run")
+        raise RunMetadataError(
+            f"{folder}: two trace files, {' and '.join(sizes)}; StepML reads one: "
+            "remove the one that is not the whole run"
+        )
     return found[0] if found else None
 
 
@@ -322,7 +375,12 @@ def _optional_json(path: Path, issues: list, **kw) -> Any:
         issues.append({"file": str(path), "reason": f"optional file left out: {e}"})
         return None
     if not isinstance(doc, dict):
-        issues.append({"file": str(path), "reason": f"optional file left out: {path}: expected a JSON object, got {type(doc).__name__}"})
+        issues.append(
+            {
+                "file": str(path),
+                "reason": f"optional file left out: {path}: expected a JSON object, got {type(doc).__name__}",
+            }
+        )
         return None
     return doc
 
@@ -367,11 +425,18 @@ def read_run_metadata(folder: Path, *, data_root: Path | None = None, limits: In
         raise RunMetadataError("; ".join(problems), problems)
     synthetic = bool(provenance and provenance.get("source") == "synthetic") or run.synthetic_suffix
     return RunMetadata(
-        run=run, folder=folder, trace_path=trace_path,
+        run=run,
+        folder=folder,
+        trace_path=trace_path,
         source="synthetic" if synthetic else "real",
         stands_for=(provenance or {}).get("stands_for"),
-        exp_config=exp_config, profile=profile, summary=summary, stages=stages, provenance=provenance,
-        issues=issues, reads=reads,
+        exp_config=exp_config,
+        profile=profile,
+        summary=summary,
+        stages=stages,
+        provenance=provenance,
+        issues=issues,
+        reads=reads,
     )
 
 
@@ -408,10 +473,14 @@ def _read_results(results: Path, issues: list, kw: dict) -> tuple[dict | None, l
         summary_path = results / "summary_lifecycle_metrics.json"
         if os.path.lexists(summary_path):
             summary = _optional_json(summary_path, issues, **kw)
-        stage_files = sorted(results.glob("stage_*_lifecycle_metrics.json"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
+        stage_files = sorted(
+            results.glob("stage_*_lifecycle_metrics.json"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0)
+        )
         stages = [d for d in (_optional_json(p, issues, **kw) for p in stage_files) if d is not None]
     elif os.path.lexists(results):
-        issues.append({"file": str(results), "reason": "optional results/ left out: not a folder inside the run folder"})
+        issues.append(
+            {"file": str(results), "reason": "optional results/ left out: not a folder inside the run folder"}
+        )
     return summary, stages
 
 
@@ -429,7 +498,9 @@ def check_inside_root(folder: Path, data_root: Path) -> None:
     root = Path(data_root).resolve()
     real = Path(folder).resolve()
     if real != root and root not in real.parents:
-        raise RunMetadataError(f"{folder}: resolves to {real}, outside the data root {root} (symlink or path traversal)")
+        raise RunMetadataError(
+            f"{folder}: resolves to {real}, outside the data root {root} (symlink or path traversal)"
+        )
 
 
 def resolve_data_root(data_root: Path) -> Path:
@@ -466,7 +537,9 @@ def discover_run_folders(data_root: Path) -> tuple[list[Path], list[tuple[Path, 
             st = p.stat()
             ident = (st.st_dev, st.st_ino)
             if ident in seen:
-                bad.append((p, f"{p}: the same run folder as {seen[ident]!r} (a symlink): one physical run is one partition"))
+                bad.append(
+                    (p, f"{p}: the same run folder as {seen[ident]!r} (a symlink): one physical run is one partition")
+                )
                 continue
             names = set(os.listdir(p))
         except (RunIdError, RunMetadataError) as e:
@@ -477,8 +550,13 @@ def discover_run_folders(data_root: Path) -> tuple[list[Path], list[tuple[Path, 
             continue
         seen[ident] = p.name
         if not names & set(TRACE_FILE_NAMES) and not has_request_log(p):
-            bad.append((p, f"{p}: no traces.json[.gz] and no request log (requests.json[.gz] or "
-                           "results/per_request_lifecycle_metrics.json)"))
+            bad.append(
+                (
+                    p,
+                    f"{p}: no traces.json[.gz] and no request log (requests.json[.gz] or "
+                    "results/per_request_lifecycle_metrics.json)",
+                )
+            )
             continue
         good.append(p)
     good.sort(key=lambda p: p.name)

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
-import polars as pl
 import pandera.polars as pa
+import polars as pl
 
 STEP_INT_COLUMNS = [
-    "step.id", "step.ts_start_ns", "step.ts_end_ns", "step.duration_us", "queue.running_depth", "queue.waiting_depth",
-    "batch.num_prefill_reqs", "batch.num_decode_reqs", "batch.scheduled_tokens", "batch.prefill_tokens",
-    "batch.decode_tokens", "batch.num_finished", "batch.num_preempted", "kv.blocks_total_gpu", "kv.blocks_free_gpu",
+    "step.id",
+    "step.ts_start_ns",
+    "step.ts_end_ns",
+    "step.duration_us",
+    "queue.running_depth",
+    "queue.waiting_depth",
+    "batch.num_prefill_reqs",
+    "batch.num_decode_reqs",
+    "batch.scheduled_tokens",
+    "batch.prefill_tokens",
+    "batch.decode_tokens",
+    "batch.num_finished",
+    "batch.num_preempted",
+    "kv.blocks_total_gpu",
+    "kv.blocks_free_gpu",
 ]
 STEP_COLUMNS = STEP_INT_COLUMNS[:13] + ["kv.usage_gpu_ratio"] + STEP_INT_COLUMNS[13:]
 
@@ -20,22 +32,35 @@ STEP_COLUMNS = STEP_INT_COLUMNS[:13] + ["kv.usage_gpu_ratio"] + STEP_INT_COLUMNS
 # tables.validate_steps.
 NS_PER_HOUR = 3_600 * 10**9
 MAX_STEP_ID = 10**12  # a step every 10 µs for 115 days
-MAX_CLOCK_NS = 4_102_444_800 * 10**9  # 2100-01-01 as Unix ns: step clocks (monotonic since boot, or Unix time) read less
+MAX_CLOCK_NS = (
+    4_102_444_800 * 10**9
+)  # 2100-01-01 as Unix ns: step clocks (monotonic since boot, or Unix time) read less
 MAX_STEP_DURATION_US = 3_600 * 10**6  # one hour: a scheduler call takes µs to ms
 MAX_STEP_SPAN_NS = NS_PER_HOUR  # step.ts_end_ns - step.ts_start_ns: one hour
-MAX_BATCH_REQUESTS = 1 << 20  # running / scheduled / finished / preempted requests: vLLM's max_num_seqs bound (exp-config schema)
+MAX_BATCH_REQUESTS = (
+    1 << 20
+)  # running / scheduled / finished / preempted requests: vLLM's max_num_seqs bound (exp-config schema)
 MAX_WAITING_REQUESTS = 10**8  # requests queued at one instant
 MAX_STEP_TOKENS = 1 << 24  # tokens scheduled in one step: the max_num_batched_tokens bound (exp-config schema)
 MAX_KV_BLOCKS = 10**9  # KV-cache blocks of one engine (16-token blocks: 1.6e10 tokens)
 
 STEP_BOUNDS = {  # column: highest plausible value (lowest: 0, or 1 for step.id and kv.blocks_total_gpu)
-    "step.id": MAX_STEP_ID, "step.ts_start_ns": MAX_CLOCK_NS, "step.ts_end_ns": MAX_CLOCK_NS,
-    "step.duration_us": MAX_STEP_DURATION_US, "queue.running_depth": MAX_BATCH_REQUESTS,
-    "queue.waiting_depth": MAX_WAITING_REQUESTS, "batch.num_prefill_reqs": MAX_BATCH_REQUESTS,
-    "batch.num_decode_reqs": MAX_BATCH_REQUESTS, "batch.scheduled_tokens": MAX_STEP_TOKENS,
-    "batch.prefill_tokens": MAX_STEP_TOKENS, "batch.decode_tokens": MAX_STEP_TOKENS,
-    "batch.num_finished": MAX_BATCH_REQUESTS, "batch.num_preempted": MAX_BATCH_REQUESTS,
-    "kv.usage_gpu_ratio": 1.0, "kv.blocks_total_gpu": MAX_KV_BLOCKS, "kv.blocks_free_gpu": MAX_KV_BLOCKS,
+    "step.id": MAX_STEP_ID,
+    "step.ts_start_ns": MAX_CLOCK_NS,
+    "step.ts_end_ns": MAX_CLOCK_NS,
+    "step.duration_us": MAX_STEP_DURATION_US,
+    "queue.running_depth": MAX_BATCH_REQUESTS,
+    "queue.waiting_depth": MAX_WAITING_REQUESTS,
+    "batch.num_prefill_reqs": MAX_BATCH_REQUESTS,
+    "batch.num_decode_reqs": MAX_BATCH_REQUESTS,
+    "batch.scheduled_tokens": MAX_STEP_TOKENS,
+    "batch.prefill_tokens": MAX_STEP_TOKENS,
+    "batch.decode_tokens": MAX_STEP_TOKENS,
+    "batch.num_finished": MAX_BATCH_REQUESTS,
+    "batch.num_preempted": MAX_BATCH_REQUESTS,
+    "kv.usage_gpu_ratio": 1.0,
+    "kv.blocks_total_gpu": MAX_KV_BLOCKS,
+    "kv.blocks_free_gpu": MAX_KV_BLOCKS,
 }
 
 
@@ -70,7 +95,8 @@ class StepTableSchema(pa.DataFrameModel):
     @pa.dataframe_check(error="prefill + decode tokens == scheduled tokens")
     def tokens_add_up(cls, data) -> pl.LazyFrame:
         return data.lazyframe.select(
-            (pl.col("batch.prefill_tokens") + pl.col("batch.decode_tokens")) == pl.col("batch.scheduled_tokens"))
+            (pl.col("batch.prefill_tokens") + pl.col("batch.decode_tokens")) == pl.col("batch.scheduled_tokens")
+        )
 
     @pa.dataframe_check(error="kv.blocks_free_gpu <= kv.blocks_total_gpu")
     def free_le_total(cls, data) -> pl.LazyFrame:
@@ -99,7 +125,14 @@ class QuarantineSchema(pa.DataFrameModel):
         strict = False
 
 
-QUARANTINE_COLUMNS = {"file": pl.Utf8, "line": pl.Int64, "kind": pl.Utf8, "reason": pl.Utf8, "excerpt": pl.Utf8, "count": pl.Int64}
+QUARANTINE_COLUMNS = {
+    "file": pl.Utf8,
+    "line": pl.Int64,
+    "kind": pl.Utf8,
+    "reason": pl.Utf8,
+    "excerpt": pl.Utf8,
+    "count": pl.Int64,
+}
 
 
 def empty_quarantine() -> pl.DataFrame:

@@ -84,10 +84,18 @@ def split_summary(split: pl.DataFrame) -> list[dict]:
             out.append({"split": name, "n": 0})
             continue
         stages = b["load_stage"].value_counts().sort("load_stage")
-        out.append({
-            "split": name, "n": b.height, "first_step": int(b["step.id"].min()), "last_step": int(b["step.id"].max()),
-            "stage_share": {f"stage_{int(r['load_stage'])}": round(r["count"] / b.height, 4) for r in stages.iter_rows(named=True)},
-        })
+        out.append(
+            {
+                "split": name,
+                "n": b.height,
+                "first_step": int(b["step.id"].min()),
+                "last_step": int(b["step.id"].max()),
+                "stage_share": {
+                    f"stage_{int(r['load_stage'])}": round(r["count"] / b.height, 4)
+                    for r in stages.iter_rows(named=True)
+                },
+            }
+        )
     return out
 
 
@@ -95,7 +103,10 @@ def stage_mix(split: pl.DataFrame, column: str = "split") -> pl.DataFrame:
     """Long table: block, load_stage, n rows, share of the block's rows, for one split labelling."""
     if split.height == 0:
         return pl.DataFrame(schema={"block": pl.Utf8, "load_stage": pl.Int64, "n": pl.Int64, "share": pl.Float64})
-    return (split.group_by(pl.col(column).alias("block"), "load_stage").agg(n=pl.len())
-            .with_columns(share=pl.col("n") / pl.col("n").sum().over("block"))
-            .with_columns(pl.col("n").cast(pl.Int64), pl.col("load_stage").cast(pl.Int64))
-            .sort("block", "load_stage"))
+    return (
+        split.group_by(pl.col(column).alias("block"), "load_stage")
+        .agg(n=pl.len())
+        .with_columns(share=pl.col("n") / pl.col("n").sum().over("block"))
+        .with_columns(pl.col("n").cast(pl.Int64), pl.col("load_stage").cast(pl.Int64))
+        .sort("block", "load_stage")
+    )

@@ -25,7 +25,7 @@ BOOT_REPS = 1000
 
 def wilcoxon_min_p(n: int) -> float:
     """Smallest exact one-sided p of a signed-rank test on n non-zero differences: 0.5ⁿ."""
-    return 0.5 ** n if n > 0 else 1.0
+    return 0.5**n if n > 0 else 1.0
 
 
 def wilcoxon_min_n(alpha: float = ALPHA_TEST) -> int:
@@ -61,7 +61,9 @@ def circular_block_indices(n: int, reps: int, seed: int, block: int | None = Non
     return ((starts[:, :, None] + np.arange(b)[None, None, :]) % n).reshape(reps, k * b)[:, :n]
 
 
-def bootstrap_means(x, reps: int = BOOT_REPS, seed: int = 0, block: int | None = None, idx: np.ndarray | None = None) -> np.ndarray:
+def bootstrap_means(
+    x, reps: int = BOOT_REPS, seed: int = 0, block: int | None = None, idx: np.ndarray | None = None
+) -> np.ndarray:
     """Means of circular block bootstrap resamples of x (or of the given resample indices)."""
     x = np.asarray(x, float)
     if len(x) == 0:

@@ -19,29 +19,69 @@ import polars as pl
 
 from .catalog import gpu_spec, model_spec
 from .estimators import fit_ridge_validated, predict_model
-from .features import FEATURE_GROUPS, feature_columns, feature_group_columns, original_study_features, snapshot_aggregates, step_table_features
+from .features import (
+    FEATURE_GROUPS,
+    feature_columns,
+    feature_group_columns,
+    original_study_features,
+    snapshot_aggregates,
+    step_table_features,
+)
 from .models import REGISTRY
 from .tables import TARGETS
 from .verdict import H1_MODEL, REFUTE_ABOVE_PCT, SUPPORT_BELOW_PCT, h1_verdict  # noqa: F401  (re-exported)
 
 MODELS = REGISTRY  # {name: StepModel}, in fitting order (stepml_core.models)
-METRIC_COLUMNS = ["experiment_id", "source", "target", "model", "scope", "split", "n", "mape_pct",
-                  "median_ape_pct", "p90_ape_pct", "pearson_r", "mspe_pct"]
+METRIC_COLUMNS = [
+    "experiment_id",
+    "source",
+    "target",
+    "model",
+    "scope",
+    "split",
+    "n",
+    "mape_pct",
+    "median_ape_pct",
+    "p90_ape_pct",
+    "pearson_r",
+    "mspe_pct",
+]
 
 
-def build_feature_matrix(steps: pl.DataFrame, snapshots: pl.DataFrame | None, *, model: str, tp: int,
-                         experiment_id: str, source: str, request_aggregates: pl.DataFrame | None = None,
-                         request_source: str = "snapshot") -> pl.DataFrame:
+def build_feature_matrix(
+    steps: pl.DataFrame,
+    snapshots: pl.DataFrame | None,
+    *,
+    model: str,
+    tp: int,
+    experiment_id: str,
+    source: str,
+    request_aggregates: pl.DataFrame | None = None,
+    request_source: str = "snapshot",
+) -> pl.DataFrame:
     """Seed features + original-study features + targets, one row per kept step."""
     spec, gpu = model_spec(model), gpu_spec()
     if request_aggregates is None and snapshots is not None and snapshots.height:
         request_aggregates = snapshot_aggregates(snapshots)
-    seed = step_table_features(steps, spec, gpu, tp, request_aggregates=request_aggregates, request_source=request_source)
+    seed = step_table_features(
+        steps, spec, gpu, tp, request_aggregates=request_aggregates, request_source=request_source
+    )
     orig = original_study_features(steps, spec, tp)
-    keep = ["step.id", "step.ts_start_ns", "batch.prefill_tokens", "batch.decode_tokens", *TARGETS,
-            *[c for c in ("cycle_gap_us", "cycle_excluded") if c in steps.columns]]  # the cycle rule's inputs, for its check
-    return (steps.select(keep).join(seed, on="step.id").join(orig, on="step.id")
-            .with_columns(experiment_id=pl.lit(experiment_id), source=pl.lit(source)).sort("step.id"))
+    keep = [
+        "step.id",
+        "step.ts_start_ns",
+        "batch.prefill_tokens",
+        "batch.decode_tokens",
+        *TARGETS,
+        *[c for c in ("cycle_gap_us", "cycle_excluded") if c in steps.columns],
+    ]  # the cycle rule's inputs, for its check
+    return (
+        steps.select(keep)
+        .join(seed, on="step.id")
+        .join(orig, on="step.id")
+        .with_columns(experiment_id=pl.lit(experiment_id), source=pl.lit(source))
+        .sort("step.id")
+    )
 
 
 def _xy(fm: pl.DataFrame, features: list[str], target: str, splits: tuple[str, ...]):
@@ -50,7 +90,9 @@ def _xy(fm: pl.DataFrame, features: list[str], target: str, splits: tuple[str, .
     return X, rows[target].to_numpy().astype(float)
 
 
-def fit_models(fm: pl.DataFrame, target: str, scope: str, names: tuple[str, ...] | None = None, seed: int = 0) -> list[dict]:
+def fit_models(
+    fm: pl.DataFrame, target: str, scope: str, names: tuple[str, ...] | None = None, seed: int = 0
+) -> list[dict]:
     """Fit the registered models (or `names`) for one target on a matrix with a `split` column; plain dicts out."""
     out = []
     for name in names or tuple(MODELS):
@@ -67,9 +109,21 @@ def fit_models(fm: pl.DataFrame, target: str, scope: str, names: tuple[str, ...]
     return out
 
 
-PREDICTION_SCHEMA = {"experiment_id": pl.Utf8, "source": pl.Utf8, "step.id": pl.Int64, "split": pl.Utf8, "load_stage": pl.Int64,
-                     "kv_mean": pl.Float64, "batch_size": pl.Float64, "target": pl.Utf8, "model": pl.Utf8, "scope": pl.Utf8,
-                     "y": pl.Float64, "y_pred": pl.Float64, "at_floor": pl.Boolean}
+PREDICTION_SCHEMA = {
+    "experiment_id": pl.Utf8,
+    "source": pl.Utf8,
+    "step.id": pl.Int64,
+    "split": pl.Utf8,
+    "load_stage": pl.Int64,
+    "kv_mean": pl.Float64,
+    "batch_size": pl.Float64,
+    "target": pl.Utf8,
+    "model": pl.Utf8,
+    "scope": pl.Utf8,
+    "y": pl.Float64,
+    "y_pred": pl.Float64,
+    "at_floor": pl.Boolean,
+}
 
 
 def predict(fm: pl.DataFrame, models: list[dict], scope: str) -> pl.DataFrame:
@@ -82,11 +136,26 @@ def predict(fm: pl.DataFrame, models: list[dict], scope: str) -> pl.DataFrame:
             continue
         X = rows.select(m["features"]).to_numpy() if m["features"] else np.zeros((rows.height, 0))
         yhat = predict_model(m, X)
-        parts.append(rows.select("experiment_id", "source", "step.id", "split", "load_stage", "kv_mean",
-                                 batch_size=pl.col("num_prefill_reqs") + pl.col("num_decode_reqs")).with_columns(
-            target=pl.lit(m["target"]), model=pl.lit(m["name"]), scope=pl.lit(scope),
-            y=rows[m["target"]].cast(pl.Float64), y_pred=pl.Series(yhat, dtype=pl.Float64),
-            at_floor=pl.Series(yhat <= m["floor_us"] if m.get("floor_us") is not None else np.zeros(len(yhat), bool))))
+        parts.append(
+            rows.select(
+                "experiment_id",
+                "source",
+                "step.id",
+                "split",
+                "load_stage",
+                "kv_mean",
+                batch_size=pl.col("num_prefill_reqs") + pl.col("num_decode_reqs"),
+            ).with_columns(
+                target=pl.lit(m["target"]),
+                model=pl.lit(m["name"]),
+                scope=pl.lit(scope),
+                y=rows[m["target"]].cast(pl.Float64),
+                y_pred=pl.Series(yhat, dtype=pl.Float64),
+                at_floor=pl.Series(
+                    yhat <= m["floor_us"] if m.get("floor_us") is not None else np.zeros(len(yhat), bool)
+                ),
+            )
+        )
     return pl.concat(parts) if parts else pl.DataFrame(schema=PREDICTION_SCHEMA)  # an empty run still has the columns
 
 
@@ -96,11 +165,17 @@ def metrics_from_predictions(pred: pl.DataFrame) -> pl.DataFrame:
     APE over rows with y ≠ 0; MAPE = 100·mean(|ŷ−y|/y); MSPE = 100·mean((ŷ−y)/y) (signed).
     """
     keys = ["experiment_id", "source", "target", "model", "scope", "split"]
-    p = pred.filter(pl.col("y") != 0).with_columns(ape=100 * (pl.col("y_pred") - pl.col("y")).abs() / pl.col("y").abs(),
-                                                   spe=100 * (pl.col("y_pred") - pl.col("y")) / pl.col("y").abs())
+    p = pred.filter(pl.col("y") != 0).with_columns(
+        ape=100 * (pl.col("y_pred") - pl.col("y")).abs() / pl.col("y").abs(),
+        spe=100 * (pl.col("y_pred") - pl.col("y")) / pl.col("y").abs(),
+    )
     m = p.group_by(keys).agg(
-        n=pl.len(), mape_pct=pl.col("ape").mean(), median_ape_pct=pl.col("ape").median(),
-        p90_ape_pct=pl.col("ape").quantile(0.9, "linear"), pearson_r=pl.corr("y", "y_pred"), mspe_pct=pl.col("spe").mean(),
+        n=pl.len(),
+        mape_pct=pl.col("ape").mean(),
+        median_ape_pct=pl.col("ape").median(),
+        p90_ape_pct=pl.col("ape").quantile(0.9, "linear"),
+        pearson_r=pl.corr("y", "y_pred"),
+        mspe_pct=pl.col("spe").mean(),
     )
     return m.select(METRIC_COLUMNS).sort(keys)
 
@@ -115,7 +190,9 @@ def fit_experiment(fm_split: pl.DataFrame, scope: str = "per_experiment") -> dic
     return {t: fit_models(fm_split, t, scope) for t in TARGETS}
 
 
-def predict_experiment(fm_split: pl.DataFrame, fitted: dict[str, list[dict]], scope: str = "per_experiment") -> pl.DataFrame:
+def predict_experiment(
+    fm_split: pl.DataFrame, fitted: dict[str, list[dict]], scope: str = "per_experiment"
+) -> pl.DataFrame:
     return predict(fm_split, [d for t in TARGETS for d in fitted.get(t, [])], scope)
 
 
@@ -147,9 +224,14 @@ def pooled_folds(experiments: list[str], scope: str) -> list[tuple[str, list[str
     return folds
 
 
-def fit_pooled_sets(matrices: dict[str, pl.DataFrame], sets: dict[str, tuple[tuple[str, ...], tuple[str, ...] | None]],
-                    seed: int = 0, threads: int = 1, caches: "dict[str, FoldCache] | None" = None,
-                    score: bool = True) -> dict[str, dict]:
+def fit_pooled_sets(
+    matrices: dict[str, pl.DataFrame],
+    sets: dict[str, tuple[tuple[str, ...], tuple[str, ...] | None]],
+    seed: int = 0,
+    threads: int = 1,
+    caches: "dict[str, FoldCache] | None" = None,
+    score: bool = True,
+) -> dict[str, dict]:
     """Several sets of pooled fits ({set: (scopes, model names)}) over one pool of folds.
 
     Every fold (scope, group) is fitted on its training experiments and scored on its scored ones
@@ -168,7 +250,9 @@ def fit_pooled_sets(matrices: dict[str, pl.DataFrame], sets: dict[str, tuple[tup
     from threadpoolctl import threadpool_limits
 
     exps = sorted(e for e, m in matrices.items() if m.height)
-    jobs = _fold_jobs(sets, exps, {e: matrix_fingerprint(matrices[e]) for e in exps} if caches else {}, seed, bool(caches))
+    jobs = _fold_jobs(
+        sets, exps, {e: matrix_fingerprint(matrices[e]) for e in exps} if caches else {}, seed, bool(caches)
+    )
     rows = {e: matrices[e].height for e in exps}
     cached = [bool(caches) and caches.get(j.set) is not None and caches[j.set].has(j.key) for j in jobs]
     # folds to fit first, largest training set first, reused folds (scoring only) last: the threads end together
@@ -242,8 +326,11 @@ def _collect_set(name: str, jobs: list[_FoldJob], done: dict, caches, score: boo
     if score and caches and caches.get(name) is not None:
         caches[name].keep_only([j.key for j in jobs if j.set == name])
     pred = pl.concat(preds, how="diagonal_relaxed") if preds else pl.DataFrame()
-    met = (pl.concat(mets, how="diagonal_relaxed").sort(["experiment_id", "source", "target", "model", "scope", "split"]) if mets
-           else pl.DataFrame(schema={c: pl.Utf8 for c in METRIC_COLUMNS}))
+    met = (
+        pl.concat(mets, how="diagonal_relaxed").sort(["experiment_id", "source", "target", "model", "scope", "split"])
+        if mets
+        else pl.DataFrame(schema={c: pl.Utf8 for c in METRIC_COLUMNS})
+    )
     return {"models": models, "predictions": pred, "metrics": met, "folds": {"total": total, "reused": reused}}
 
 
@@ -335,18 +422,31 @@ POOLED_SETS = {  # study asset: (scopes, model names; None = every registered mo
 }
 
 
-def fit_study_pooled(matrices: dict[str, pl.DataFrame], seed: int = 0, threads: int = 1,
-                     caches: dict[str, FoldCache] | None = None, score: bool = True) -> dict[str, dict]:
+def fit_study_pooled(
+    matrices: dict[str, pl.DataFrame],
+    seed: int = 0,
+    threads: int = 1,
+    caches: dict[str, FoldCache] | None = None,
+    score: bool = True,
+) -> dict[str, dict]:
     """{"global_models": global and per-model fits, "generalization": leave-one-model/workload-out folds}, one pool of folds.
     No matrices (a study of request logs only): empty results with the usual columns."""
     if not matrices:
-        return {name: {"models": {}, "predictions": pl.DataFrame(schema=PREDICTION_SCHEMA),
-                       "metrics": pl.DataFrame(schema={c: pl.Utf8 for c in METRIC_COLUMNS}), "folds": {"total": 0, "reused": 0}}
-                for name in POOLED_SETS}
+        return {
+            name: {
+                "models": {},
+                "predictions": pl.DataFrame(schema=PREDICTION_SCHEMA),
+                "metrics": pl.DataFrame(schema={c: pl.Utf8 for c in METRIC_COLUMNS}),
+                "folds": {"total": 0, "reused": 0},
+            }
+            for name in POOLED_SETS
+        }
     return fit_pooled_sets(matrices, POOLED_SETS, seed, threads, caches, score)
 
 
-def feature_group_ablation(fm_split: pl.DataFrame, model: str = "ridge_30f", *, reps: int = 400, seed: int = 0) -> pl.DataFrame:
+def feature_group_ablation(
+    fm_split: pl.DataFrame, model: str = "ridge_30f", *, reps: int = 400, seed: int = 0
+) -> pl.DataFrame:
     """Test MAPE of `model` with all 30 features, without each group, and with only that group.
 
     change_se_pct: circular block bootstrap standard error of the change (without − all) over the
@@ -358,6 +458,7 @@ def feature_group_ablation(fm_split: pl.DataFrame, model: str = "ridge_30f", *, 
     rows = []
     exp = fm_split["experiment_id"][0] if fm_split.height else ""
     for target in TARGETS:
+
         def test_ape(cols):
             X_tr, y_tr = _xy(fm_split, cols, target, ("train",))
             X_va, y_va = _xy(fm_split, cols, target, ("valid",))
@@ -368,6 +469,7 @@ def feature_group_ablation(fm_split: pl.DataFrame, model: str = "ridge_30f", *, 
             m = fit_ridge_validated(model, target, cols, X_tr, y_tr, X_va, y_va)
             yhat = m.predict(np.nan_to_num(X_te, nan=0.0, posinf=0.0, neginf=0.0))  # floored at m.floor_us
             return 100 * np.abs(yhat[ok] - y_te[ok]) / np.abs(y_te[ok])
+
         full = test_ape(all_cols)
         for i, group in enumerate(FEATURE_GROUPS):
             gcols = feature_group_columns(group)
@@ -375,18 +477,39 @@ def feature_group_ablation(fm_split: pl.DataFrame, model: str = "ridge_30f", *, 
             se = None
             if full is not None and without is not None and len(full) >= 2:
                 se = float(np.std(bootstrap_means(without - full, reps, seed + i), ddof=1))
-            rows.append({"experiment_id": exp, "target": target, "model": model, "group": group,
-                         "mape_all_pct": float(full.mean()) if full is not None else None,
-                         "mape_without_pct": float(without.mean()) if without is not None else None,
-                         "mape_only_pct": float(only.mean()) if only is not None else None, "change_se_pct": se})
-    return pl.DataFrame(rows, schema={"experiment_id": pl.Utf8, "target": pl.Utf8, "model": pl.Utf8, "group": pl.Utf8,
-                                      "mape_all_pct": pl.Float64, "mape_without_pct": pl.Float64, "mape_only_pct": pl.Float64,
-                                      "change_se_pct": pl.Float64})
+            rows.append(
+                {
+                    "experiment_id": exp,
+                    "target": target,
+                    "model": model,
+                    "group": group,
+                    "mape_all_pct": float(full.mean()) if full is not None else None,
+                    "mape_without_pct": float(without.mean()) if without is not None else None,
+                    "mape_only_pct": float(only.mean()) if only is not None else None,
+                    "change_se_pct": se,
+                }
+            )
+    return pl.DataFrame(
+        rows,
+        schema={
+            "experiment_id": pl.Utf8,
+            "target": pl.Utf8,
+            "model": pl.Utf8,
+            "group": pl.Utf8,
+            "mape_all_pct": pl.Float64,
+            "mape_without_pct": pl.Float64,
+            "mape_only_pct": pl.Float64,
+            "change_se_pct": pl.Float64,
+        },
+    )
 
 
 # ------------------------------------------------------------- per-request context ---
 
-def request_context(steps: pl.DataFrame, journey: pl.DataFrame, snaps: pl.DataFrame, max_num_batched_tokens: int = 2048) -> dict:
+
+def request_context(
+    steps: pl.DataFrame, journey: pl.DataFrame, snaps: pl.DataFrame, max_num_batched_tokens: int = 2048
+) -> dict:
     """Every step's batch reconstructed from journey events, its per-step inputs and the agreement checks.
 
     Returns {"batches", "step_inputs", "agreement"}; empty tables when the run has no journey events.
@@ -395,16 +518,23 @@ def request_context(steps: pl.DataFrame, journey: pl.DataFrame, snaps: pl.DataFr
     from .reconstruct import compare_with_batch_summary, compare_with_snapshots, reconstruct
 
     if journey.height == 0:
-        return {"batches": pl.DataFrame(), "step_inputs": pl.DataFrame(),
-                "agreement": {"available": False, "why": "no journey events in this run (BATCH_SUMMARY-only traces)"}}
+        return {
+            "batches": pl.DataFrame(),
+            "step_inputs": pl.DataFrame(),
+            "agreement": {"available": False, "why": "no journey events in this run (BATCH_SUMMARY-only traces)"},
+        }
     steps_ok = steps.filter(pl.col("parse_issue").is_null()) if "parse_issue" in steps.columns else steps
     rec = reconstruct(journey, steps=steps_ok, snapshots=snaps, max_num_batched_tokens=max_num_batched_tokens)
     table = step_inputs(rec.batches, journey, steps=steps_ok)
-    agreement = {"available": True, "pairs": rec.batches.height, "steps": table.height,
-                 "snapshots": compare_with_snapshots(rec.batches, snaps, steps=steps_ok) if snaps.height else None,
-                 "batch_summary": compare_with_batch_summary(rec.batches, steps_ok) if steps_ok.height else None,
-                 "step_table": compare_step_table(table, steps_ok) if steps_ok.height else None,
-                 "diagnostics": rec.diagnostics}
+    agreement = {
+        "available": True,
+        "pairs": rec.batches.height,
+        "steps": table.height,
+        "snapshots": compare_with_snapshots(rec.batches, snaps, steps=steps_ok) if snaps.height else None,
+        "batch_summary": compare_with_batch_summary(rec.batches, steps_ok) if steps_ok.height else None,
+        "step_table": compare_step_table(table, steps_ok) if steps_ok.height else None,
+        "diagnostics": rec.diagnostics,
+    }
     return {"batches": rec.batches, "step_inputs": table, "agreement": agreement}
 
 
@@ -412,14 +542,36 @@ def journey_aggregates(step_inputs: pl.DataFrame) -> pl.DataFrame | None:
     """The request-aggregate columns of request_context()'s step_inputs (for step_table_features)."""
     if step_inputs is None or step_inputs.height == 0:
         return None
-    cols = ["step.id", "snap_prefill_tokens", "snap_decode_tokens", "snap_num_prefill_reqs", "snap_num_decode_reqs",
-            "kv_mean", "kv_max", "kv_min", "kv_std", "kv_sum", "prefill_attn_pairs", "decode_attn_pairs",
-            "prefill_context_tokens", "decode_context_tokens", "num_logit_seqs"]
+    cols = [
+        "step.id",
+        "snap_prefill_tokens",
+        "snap_decode_tokens",
+        "snap_num_prefill_reqs",
+        "snap_num_decode_reqs",
+        "kv_mean",
+        "kv_max",
+        "kv_min",
+        "kv_std",
+        "kv_sum",
+        "prefill_attn_pairs",
+        "decode_attn_pairs",
+        "prefill_context_tokens",
+        "decode_context_tokens",
+        "num_logit_seqs",
+    ]
     return step_inputs.select(cols)
 
 
-def e2e_fidelity_for_models(journey: pl.DataFrame, context: dict, fitted: dict, *, model: str, tp: int, experiment_id: str,
-                            names: tuple[str, ...] = ("naive_mean", "blackbox_2f", "ridge_30f", "nnls_physics", "hgb_30f")) -> dict:
+def e2e_fidelity_for_models(
+    journey: pl.DataFrame,
+    context: dict,
+    fitted: dict,
+    *,
+    model: str,
+    tp: int,
+    experiment_id: str,
+    names: tuple[str, ...] = ("naive_mean", "blackbox_2f", "ridge_30f", "nnls_physics", "hgb_30f"),
+) -> dict:
     """Teacher-forced E2E: each cycle_us model predicts every step; sums per request vs observed TTFT/decode/E2E."""
     from .e2e import e2e_fidelity, scheduled_counts_of
     from .reconstruct import journey_episodes
@@ -428,20 +580,36 @@ def e2e_fidelity_for_models(journey: pl.DataFrame, context: dict, fitted: dict, 
     if table.height == 0:
         return {"summary": pl.DataFrame(), "per_request": pl.DataFrame()}
     spec, gpu = model_spec(model), gpu_spec()
-    feats = step_table_features(table, spec, gpu, tp, request_aggregates=journey_aggregates(table), request_source="journey")
+    feats = step_table_features(
+        table, spec, gpu, tp, request_aggregates=journey_aggregates(table), request_source="journey"
+    )
     rows, per_req = [], []
-    episodes, counts = journey_episodes(journey, output_lag=1)[1], scheduled_counts_of(context["batches"])  # once, not per model
+    episodes, counts = (
+        journey_episodes(journey, output_lag=1)[1],
+        scheduled_counts_of(context["batches"]),
+    )  # once, not per model
     for m in fitted.get("cycle_us", []):
         if m["name"] not in names:
             continue
         X = feats.select(m["features"]).to_numpy() if m["features"] else np.zeros((feats.height, 0))
         cyc = predict_model(m, X)
-        res = e2e_fidelity(context["batches"], journey, cyc, table=table, experiment_id=experiment_id,
-                           episodes=episodes, scheduled_counts=counts)
+        res = e2e_fidelity(
+            context["batches"],
+            journey,
+            cyc,
+            table=table,
+            experiment_id=experiment_id,
+            episodes=episodes,
+            scheduled_counts=counts,
+        )
         for metric, s in res.summary.items():
             if isinstance(s, dict) and "n" in s:
                 rows.append({"experiment_id": experiment_id, "model": m["name"], "metric": metric, **s})
         keep = [c for c in res.per_request.columns if c.startswith(("obs_", "pred_"))]
-        per_req.append(res.per_request.select(keep).with_columns(experiment_id=pl.lit(experiment_id), model=pl.lit(m["name"])))
-    return {"summary": pl.DataFrame(rows) if rows else pl.DataFrame(),
-            "per_request": pl.concat(per_req, how="diagonal_relaxed") if per_req else pl.DataFrame()}
+        per_req.append(
+            res.per_request.select(keep).with_columns(experiment_id=pl.lit(experiment_id), model=pl.lit(m["name"]))
+        )
+    return {
+        "summary": pl.DataFrame(rows) if rows else pl.DataFrame(),
+        "per_request": pl.concat(per_req, how="diagonal_relaxed") if per_req else pl.DataFrame(),
+    }

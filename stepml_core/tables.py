@@ -48,7 +48,12 @@ def _excerpt(df: pl.DataFrame) -> pl.Expr:
 def _quarantine_rows(df: pl.DataFrame, file: str, reason: pl.Expr) -> pl.DataFrame:
     line = pl.col("source_line").cast(pl.Int64) if "source_line" in df.columns else pl.lit(None, pl.Int64)
     return df.select(
-        file=pl.lit(file), line=line, kind=pl.lit("row"), reason=reason.cast(pl.Utf8), excerpt=_excerpt(df), count=pl.lit(1),
+        file=pl.lit(file),
+        line=line,
+        kind=pl.lit("row"),
+        reason=reason.cast(pl.Utf8),
+        excerpt=_excerpt(df),
+        count=pl.lit(1),
     ).cast(QUARANTINE_COLUMNS)
 
 
@@ -62,14 +67,34 @@ def run_bound_checks(exp_config: dict | None) -> list[tuple[pl.Expr, pl.Expr]]:
     out = []
     budget, seqs = cfg.get("max_num_batched_tokens"), cfg.get("max_num_seqs")
     if isinstance(budget, int) and not isinstance(budget, bool):
-        out.append((pl.col("batch.scheduled_tokens") <= budget,
-                    pl.format("bound: batch.scheduled_tokens {} > max_num_batched_tokens {} (exp-config.yaml)",
-                              pl.col("batch.scheduled_tokens"), pl.lit(budget))))
+        out.append(
+            (
+                pl.col("batch.scheduled_tokens") <= budget,
+                pl.format(
+                    "bound: batch.scheduled_tokens {} > max_num_batched_tokens {} (exp-config.yaml)",
+                    pl.col("batch.scheduled_tokens"),
+                    pl.lit(budget),
+                ),
+            )
+        )
     if isinstance(seqs, int) and not isinstance(seqs, bool):
         reqs = pl.col("batch.num_prefill_reqs") + pl.col("batch.num_decode_reqs")
-        out.append((reqs <= seqs, pl.format("bound: {} requests in the batch > max_num_seqs {} (exp-config.yaml)", reqs, pl.lit(seqs))))
-        out.append((pl.col("queue.running_depth") <= seqs,
-                    pl.format("bound: queue.running_depth {} > max_num_seqs {} (exp-config.yaml)", pl.col("queue.running_depth"), pl.lit(seqs))))
+        out.append(
+            (
+                reqs <= seqs,
+                pl.format("bound: {} requests in the batch > max_num_seqs {} (exp-config.yaml)", reqs, pl.lit(seqs)),
+            )
+        )
+        out.append(
+            (
+                pl.col("queue.running_depth") <= seqs,
+                pl.format(
+                    "bound: queue.running_depth {} > max_num_seqs {} (exp-config.yaml)",
+                    pl.col("queue.running_depth"),
+                    pl.lit(seqs),
+                ),
+            )
+        )
     return out
 
 
@@ -88,8 +113,17 @@ def _bounds_and_clock(df: pl.DataFrame, file: str, exp_config: dict | None) -> t
     bad = df.filter(back)
     if bad.height:
         bad = df.with_columns(_prev_max=prev_max).filter(back)
-        parts.append(_quarantine_rows(bad, file, pl.format("clock: step.ts_start_ns {} goes backwards (an earlier step id started at {})",
-                                                            pl.col("step.ts_start_ns"), pl.col("_prev_max"))))
+        parts.append(
+            _quarantine_rows(
+                bad,
+                file,
+                pl.format(
+                    "clock: step.ts_start_ns {} goes backwards (an earlier step id started at {})",
+                    pl.col("step.ts_start_ns"),
+                    pl.col("_prev_max"),
+                ),
+            )
+        )
         df = df.filter(~back.fill_null(False))
     return df, parts
 
@@ -108,9 +142,17 @@ def validate_steps(raw: pl.DataFrame, file: str, exp_config: dict | None = None)
     dup = pl.col("_row").rank("ordinal").over("step.id") > 1
     dups = df.filter(dup & pl.col("step.id").is_not_null())
     if dups.height:
-        first = df.group_by("step.id").agg(first_line=pl.col("source_line").min() if "source_line" in df.columns else pl.lit(None))
+        first = df.group_by("step.id").agg(
+            first_line=pl.col("source_line").min() if "source_line" in df.columns else pl.lit(None)
+        )
         dups = dups.join(first, on="step.id", how="left")
-        parts.append(_quarantine_rows(dups, file, pl.format("duplicate step.id {} (first seen at line {})", pl.col("step.id"), pl.col("first_line"))))
+        parts.append(
+            _quarantine_rows(
+                dups,
+                file,
+                pl.format("duplicate step.id {} (first seen at line {})", pl.col("step.id"), pl.col("first_line")),
+            )
+        )
         df = df.filter(~(dup & pl.col("step.id").is_not_null()))
     try:
         StepTableSchema.validate(df, lazy=True)
@@ -121,9 +163,12 @@ def validate_steps(raw: pl.DataFrame, file: str, exp_config: dict | None = None)
         why = (
             fc.filter(pl.col("index").is_not_null())
             .with_columns(msg=pl.format("{}: {} (value {})", pl.col("column"), pl.col("check"), pl.col("failure_case")))
-            .group_by("index").agg(reason=pl.col("msg").unique().sort().str.join("; "))
+            .group_by("index")
+            .agg(reason=pl.col("msg").unique().sort().str.join("; "))
         )
-        failing = df.with_row_index("index").join(why.with_columns(pl.col("index").cast(pl.UInt32)), on="index", how="inner")
+        failing = df.with_row_index("index").join(
+            why.with_columns(pl.col("index").cast(pl.UInt32)), on="index", how="inner"
+        )
         parts.append(_quarantine_rows(failing, file, pl.lit("schema: ") + pl.col("reason")))
         keep_idx = set(range(df.height)) - set(failing["index"].to_list())
         df = df.with_row_index("index").filter(pl.col("index").is_in(sorted(keep_idx))).drop("index")
@@ -148,25 +193,41 @@ def add_targets(steps: pl.DataFrame) -> pl.DataFrame:
     nxt_ts = pl.col("step.ts_start_ns").shift(-1)
     s = s.with_columns(
         schedule_us=pl.col("step.duration_us").cast(pl.Float64),
-        cycle_gap_us=pl.when(nxt_id == pl.col("step.id") + 1).then((nxt_ts - pl.col("step.ts_start_ns")).cast(pl.Float64) / 1000.0).otherwise(None),
+        cycle_gap_us=pl.when(nxt_id == pl.col("step.id") + 1)
+        .then((nxt_ts - pl.col("step.ts_start_ns")).cast(pl.Float64) / 1000.0)
+        .otherwise(None),
     )
     pairs = s.filter(pl.col("cycle_gap_us").is_not_null()).select(
-        "step.id", local_median_us=pl.col("cycle_gap_us").rolling_median(STALL_WINDOW, min_samples=1, center=True))
+        "step.id", local_median_us=pl.col("cycle_gap_us").rolling_median(STALL_WINDOW, min_samples=1, center=True)
+    )
     idle = ((pl.col("queue.running_depth") - pl.col("batch.num_finished")) <= 0) & (pl.col("queue.waiting_depth") == 0)
     stall = pl.col("cycle_gap_us") > STALL_FACTOR * pl.col("local_median_us")
-    return (s.join(pairs, on="step.id", how="left")
-            .with_columns(cycle_excluded=pl.when(pl.col("cycle_gap_us").is_null()).then(None)
-                          .when(idle & (pl.col("cycle_gap_us") > pl.col("local_median_us"))).then(pl.lit("idle")).when(stall).then(pl.lit("stall")).otherwise(None))
-            .with_columns(cycle_us=pl.when(pl.col("cycle_excluded").is_null()).then(pl.col("cycle_gap_us")).otherwise(None))
-            .drop("local_median_us"))
+    return (
+        s.join(pairs, on="step.id", how="left")
+        .with_columns(
+            cycle_excluded=pl.when(pl.col("cycle_gap_us").is_null())
+            .then(None)
+            .when(idle & (pl.col("cycle_gap_us") > pl.col("local_median_us")))
+            .then(pl.lit("idle"))
+            .when(stall)
+            .then(pl.lit("stall"))
+            .otherwise(None)
+        )
+        .with_columns(cycle_us=pl.when(pl.col("cycle_excluded").is_null()).then(pl.col("cycle_gap_us")).otherwise(None))
+        .drop("local_median_us")
+    )
 
 
 def cycle_rule_counts(steps: pl.DataFrame) -> dict:
     """{"pairs": consecutive sampled pairs, "kept": cycles kept, "idle": removed as idle, "stall": removed as stalls}."""
     if "cycle_excluded" not in steps.columns:
         return {"pairs": 0, "kept": 0, "idle": 0, "stall": 0}
-    return {"pairs": int(steps["cycle_gap_us"].is_not_null().sum()), "kept": int(steps["cycle_us"].is_not_null().sum()),
-            "idle": int((steps["cycle_excluded"] == "idle").sum()), "stall": int((steps["cycle_excluded"] == "stall").sum())}
+    return {
+        "pairs": int(steps["cycle_gap_us"].is_not_null().sum()),
+        "kept": int(steps["cycle_us"].is_not_null().sum()),
+        "idle": int((steps["cycle_excluded"] == "idle").sum()),
+        "stall": int((steps["cycle_excluded"] == "stall").sum()),
+    }
 
 
 def cap_quarantine(q: pl.DataFrame, max_rows: int) -> pl.DataFrame:
@@ -180,10 +241,19 @@ def cap_quarantine(q: pl.DataFrame, max_rows: int) -> pl.DataFrame:
     head, rest = q[:max_rows], q[max_rows:]
     extra = rest.group_by("kind", maintain_order=True).agg(pl.col("count").sum(), pl.col("file").first())
     summary = extra.select(
-        file=pl.col("file"), line=pl.lit(None, pl.Int64), kind=pl.col("kind"),
-        reason=pl.format("{} more {} record(s) like the stored ones, not stored (limit max_quarantine_rows = {}; "
-                         "STEPML_MAX_QUARANTINE_ROWS or settings.max_quarantine_rows)", pl.col("count"), pl.col("kind"), pl.lit(max_rows)),
-        excerpt=pl.lit(None, pl.Utf8), count=pl.col("count"))
+        file=pl.col("file"),
+        line=pl.lit(None, pl.Int64),
+        kind=pl.col("kind"),
+        reason=pl.format(
+            "{} more {} record(s) like the stored ones, not stored (limit max_quarantine_rows = {}; "
+            "STEPML_MAX_QUARANTINE_ROWS or settings.max_quarantine_rows)",
+            pl.col("count"),
+            pl.col("kind"),
+            pl.lit(max_rows),
+        ),
+        excerpt=pl.lit(None, pl.Utf8),
+        count=pl.col("count"),
+    )
     return pl.concat([head, summary.cast(QUARANTINE_COLUMNS)], how="diagonal_relaxed")
 
 

@@ -71,7 +71,9 @@ def encode_value(v) -> str:
 
 def encode_attrs(pairs: Iterable[tuple[str, object]]) -> str:
     """``[{"key":…,"value":…},…]`` for (key, value) pairs; None values are left out."""
-    return "[" + ",".join('{"key":"' + k + '","value":' + encode_value(v) + "}" for k, v in pairs if v is not None) + "]"
+    return (
+        "[" + ",".join('{"key":"' + k + '","value":' + encode_value(v) + "}" for k, v in pairs if v is not None) + "]"
+    )
 
 
 def encode_event(time_ns: int, name: str, attrs_json: str | None = None) -> str:
@@ -150,8 +152,9 @@ class ExportItem:
     order: int = 0  # tie-breaker for equal end times
 
 
-def batch_exports(items: list[ExportItem], *, flush_s: float = 5.0, max_export_batch: int = 512,
-                  phase_ns: int = 0) -> list[tuple[int, list[ExportItem]]]:
+def batch_exports(
+    items: list[ExportItem], *, flush_s: float = 5.0, max_export_batch: int = 512, phase_ns: int = 0
+) -> list[tuple[int, list[ExportItem]]]:
     """Group one process's spans into exports as a BatchSpanProcessor would.
 
     Spans are queued at their end time; the worker exports everything queued at each

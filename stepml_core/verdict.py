@@ -32,8 +32,15 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from .stats import (ALPHA_TEST, BOOT_REPS, WILCOXON_MIN_N, bootstrap_means, circular_block_indices, percentile_ci,
-                    wilcoxon_one_sided)
+from .stats import (
+    ALPHA_TEST,
+    BOOT_REPS,
+    WILCOXON_MIN_N,
+    bootstrap_means,
+    circular_block_indices,
+    percentile_ci,
+    wilcoxon_one_sided,
+)
 from .tables import TARGETS
 
 H1_MODEL, SUPPORT_BELOW_PCT, REFUTE_ABOVE_PCT = "ridge_30f", 25.0, 30.0
@@ -41,20 +48,27 @@ H1_BASELINES = ("blackbox_2f", "naive_mean")
 CLEAR_MARGIN_REL = 0.10  # "clearly beats": MAPE at least 10 % (relative) below the baseline's, beyond noise
 ABSURD_MAPE_PCT = 1000.0  # a per-run MAPE above 1,000 % is flagged as absurd, explained, and never ranked as a tie
 
-RULE = (f"threshold: mean per-experiment test MAPE of {H1_MODEL} < {SUPPORT_BELOW_PCT:g} % (supported side), "
-        f"> {REFUTE_ABOVE_PCT:g} % refuted; comparison: {H1_MODEL} must clearly beat {' and '.join(H1_BASELINES)} "
-        f"(lower MAPE by ≥ {100 * CLEAR_MARGIN_REL:g} % of the baseline's, beyond the 95 % interval; Wilcoxon "
-        f"across experiments from {WILCOXON_MIN_N} experiments, run by run below that); supported = threshold met "
-        "and both beaten; refuted = threshold missed or a baseline not clearly beaten; otherwise inconclusive. "
-        "Like for like: all three fitted on train + valid of each run, floored predictions, scored on test")
+RULE = (
+    f"threshold: mean per-experiment test MAPE of {H1_MODEL} < {SUPPORT_BELOW_PCT:g} % (supported side), "
+    f"> {REFUTE_ABOVE_PCT:g} % refuted; comparison: {H1_MODEL} must clearly beat {' and '.join(H1_BASELINES)} "
+    f"(lower MAPE by ≥ {100 * CLEAR_MARGIN_REL:g} % of the baseline's, beyond the 95 % interval; Wilcoxon "
+    f"across experiments from {WILCOXON_MIN_N} experiments, run by run below that); supported = threshold met "
+    "and both beaten; refuted = threshold missed or a baseline not clearly beaten; otherwise inconclusive. "
+    "Like for like: all three fitted on train + valid of each run, floored predictions, scored on test"
+)
 
 
-def test_ape(predictions: pl.DataFrame, target: str, scope: str = "per_experiment") -> dict[tuple[str, str], np.ndarray]:
+def test_ape(
+    predictions: pl.DataFrame, target: str, scope: str = "per_experiment"
+) -> dict[tuple[str, str], np.ndarray]:
     """{(experiment, model): APE % of the test rows in step order} for one target and scope (rows with y ≠ 0)."""
-    p = (predictions.filter((pl.col("target") == target) & (pl.col("split") == "test") & (pl.col("scope") == scope)
-                            & (pl.col("y") != 0))
-         .sort("experiment_id", "model", "step.id")
-         .with_columns(ape=100 * (pl.col("y_pred") - pl.col("y")).abs() / pl.col("y").abs()))
+    p = (
+        predictions.filter(
+            (pl.col("target") == target) & (pl.col("split") == "test") & (pl.col("scope") == scope) & (pl.col("y") != 0)
+        )
+        .sort("experiment_id", "model", "step.id")
+        .with_columns(ape=100 * (pl.col("y_pred") - pl.col("y")).abs() / pl.col("y").abs())
+    )
     out = {}
     for (e, m), g in p.group_by(["experiment_id", "model"], maintain_order=True):
         out[(e, m)] = g["ape"].to_numpy()
@@ -68,8 +82,16 @@ def compare_run(ape_model: np.ndarray, ape_base: np.ndarray, *, reps: int, seed:
     diff, base_mape = float(d.mean()), float(ape_base.mean())
     margin = CLEAR_MARGIN_REL * base_mape
     outcome = "better" if (hi < 0 and diff <= -margin) else "not_better" if lo > -margin else "undecided"
-    return {"mape_diff_pct": diff, "ci95": [lo, hi], "margin_pct": margin, "ridge_better": bool(hi < 0),
-            "outcome": outcome, "n_test": int(len(d)), "baseline_mape_pct": base_mape, "model_mape_pct": float(ape_model.mean())}
+    return {
+        "mape_diff_pct": diff,
+        "ci95": [lo, hi],
+        "margin_pct": margin,
+        "ridge_better": bool(hi < 0),
+        "outcome": outcome,
+        "n_test": int(len(d)),
+        "baseline_mape_pct": base_mape,
+        "model_mape_pct": float(ape_model.mean()),
+    }
 
 
 def compare_across(runs: dict[str, dict]) -> dict:
@@ -85,12 +107,20 @@ def compare_across(runs: dict[str, dict]) -> dict:
         outs = [r["outcome"] for r in runs.values()]
         beats = bool(outs) and all(o == "better" for o in outs)
         not_beaten = any(o == "not_better" for o in outs)
-        decided_by = (f"run by run (per-run 95 % block-bootstrap intervals): with {len(runs)} experiment(s) a signed-rank "
-                      f"test cannot reach p < {ALPHA_TEST:g} (needs ≥ {WILCOXON_MIN_N})")
+        decided_by = (
+            f"run by run (per-run 95 % block-bootstrap intervals): with {len(runs)} experiment(s) a signed-rank "
+            f"test cannot reach p < {ALPHA_TEST:g} (needs ≥ {WILCOXON_MIN_N})"
+        )
     outcome = "clearly_beats" if beats else "does_not_clearly_beat" if not_beaten else "undecided"
-    return {"outcome": outcome, "decided_by": decided_by, "relative_change_median": float(np.median(rel)) if len(rel) else None,
-            "wilcoxon_p_one_sided": w["p"], "wilcoxon_reachable": w["reachable"], "wilcoxon_min_p": w["min_p"],
-            "significant": bool(w["p"] is not None and w["p"] < ALPHA_TEST)}
+    return {
+        "outcome": outcome,
+        "decided_by": decided_by,
+        "relative_change_median": float(np.median(rel)) if len(rel) else None,
+        "wilcoxon_p_one_sided": w["p"],
+        "wilcoxon_reachable": w["reachable"],
+        "wilcoxon_min_p": w["min_p"],
+        "significant": bool(w["p"] is not None and w["p"] < ALPHA_TEST),
+    }
 
 
 def _threshold(mean_mape: float) -> str:
@@ -104,10 +134,17 @@ def verdict_for_target(test_metrics: pl.DataFrame, apes: dict, target: str, *, r
     if ridge.height == 0:
         return {"verdict": "no data", "n_experiments": 0, "reasons": [f"no {H1_MODEL} test rows for {target}"]}
     mean_mape = float(ridge["mape_pct"].mean())
-    res = {"mean_test_mape_pct": mean_mape, "median_test_mape_pct": float(ridge["mape_pct"].median()),
-           "n_experiments": ridge.height, "n_test_rows": int(ridge["n"].sum()), "threshold": _threshold(mean_mape),
-           "n_below_threshold": int((ridge["mape_pct"] < SUPPORT_BELOW_PCT).sum()),
-           "sources": sorted(set(ridge["source"].to_list())), "per_experiment": {}, "baselines": {}}
+    res = {
+        "mean_test_mape_pct": mean_mape,
+        "median_test_mape_pct": float(ridge["mape_pct"].median()),
+        "n_experiments": ridge.height,
+        "n_test_rows": int(ridge["n"].sum()),
+        "threshold": _threshold(mean_mape),
+        "n_below_threshold": int((ridge["mape_pct"] < SUPPORT_BELOW_PCT).sum()),
+        "sources": sorted(set(ridge["source"].to_list())),
+        "per_experiment": {},
+        "baselines": {},
+    }
     for e, mp, n in ridge.select("experiment_id", "mape_pct", "n").iter_rows():
         res["per_experiment"][e] = {"ridge_30f_test_mape_pct": mp, "n_test": n}
     for k, base in enumerate(H1_BASELINES):
@@ -118,20 +155,35 @@ def verdict_for_target(test_metrics: pl.DataFrame, apes: dict, target: str, *, r
             if a is None or c is None or len(a) != len(c) or len(a) == 0:
                 continue
             runs[e] = compare_run(a, c, reps=reps, seed=seed + 1000 * k + i)
-        across = compare_across(runs) if runs else {"outcome": "undecided", "decided_by": "no paired test rows",
-                                                   "wilcoxon_p_one_sided": None, "wilcoxon_reachable": False,
-                                                   "wilcoxon_min_p": 1.0, "significant": False, "relative_change_median": None}
+        across = (
+            compare_across(runs)
+            if runs
+            else {
+                "outcome": "undecided",
+                "decided_by": "no paired test rows",
+                "wilcoxon_p_one_sided": None,
+                "wilcoxon_reachable": False,
+                "wilcoxon_min_p": 1.0,
+                "significant": False,
+                "relative_change_median": None,
+            }
+        )
         res["baselines"][base] = {
             "mean_test_mape_pct": float(b["mape_pct"].mean()) if b.height else None,
             "median_test_mape_pct": float(b["mape_pct"].median()) if b.height else None,
-            "ridge_lower_in": sum(r["mape_diff_pct"] < 0 for r in runs.values()), "n_experiments": len(runs),
-            **across, "per_experiment_bootstrap": runs,
+            "ridge_lower_in": sum(r["mape_diff_pct"] < 0 for r in runs.values()),
+            "n_experiments": len(runs),
+            **across,
+            "per_experiment_bootstrap": runs,
         }
     naive = res["baselines"].get("naive_mean", {}).get("mean_test_mape_pct")
     res["naive_mean_below_threshold"] = bool(naive is not None and naive < SUPPORT_BELOW_PCT)
     res["threshold_separates"] = not res["naive_mean_below_threshold"]
-    skills = [1 - r["model_mape_pct"] / r["baseline_mape_pct"]
-              for r in res["baselines"].get("naive_mean", {}).get("per_experiment_bootstrap", {}).values() if r["baseline_mape_pct"] > 0]
+    skills = [
+        1 - r["model_mape_pct"] / r["baseline_mape_pct"]
+        for r in res["baselines"].get("naive_mean", {}).get("per_experiment_bootstrap", {}).values()
+        if r["baseline_mape_pct"] > 0
+    ]
     res["skill_vs_naive_mean"] = float(np.mean(skills)) if skills else None
     outcomes = {b: v["outcome"] for b, v in res["baselines"].items()}
     res["clearly_beats_baselines"] = all(o == "clearly_beats" for o in outcomes.values())
@@ -139,17 +191,28 @@ def verdict_for_target(test_metrics: pl.DataFrame, apes: dict, target: str, *, r
     if res["threshold"] == "above":
         reasons.append(f"mean test MAPE {mean_mape:.2f} % > {REFUTE_ABOVE_PCT:g} %")
     elif res["threshold"] == "between":
-        reasons.append(f"mean test MAPE {mean_mape:.2f} % lies between {SUPPORT_BELOW_PCT:g} and {REFUTE_ABOVE_PCT:g} %")
+        reasons.append(
+            f"mean test MAPE {mean_mape:.2f} % lies between {SUPPORT_BELOW_PCT:g} and {REFUTE_ABOVE_PCT:g} %"
+        )
     else:
         reasons.append(f"mean test MAPE {mean_mape:.2f} % < {SUPPORT_BELOW_PCT:g} %")
     for base, o in outcomes.items():
         v = res["baselines"][base]
-        words = {"clearly_beats": "clearly better than", "does_not_clearly_beat": "not clearly better than",
-                 "undecided": "not shown to be clearly better than"}[o]
-        reasons.append(f"{words} {base} ({v['mean_test_mape_pct']:.2f} %)" if v["mean_test_mape_pct"] is not None else f"{words} {base}")
+        words = {
+            "clearly_beats": "clearly better than",
+            "does_not_clearly_beat": "not clearly better than",
+            "undecided": "not shown to be clearly better than",
+        }[o]
+        reasons.append(
+            f"{words} {base} ({v['mean_test_mape_pct']:.2f} %)"
+            if v["mean_test_mape_pct"] is not None
+            else f"{words} {base}"
+        )
     res["decided_by"] = next((v["decided_by"] for v in res["baselines"].values()), "")
     if res["naive_mean_below_threshold"]:
-        reasons.append(f"the {SUPPORT_BELOW_PCT:g} % threshold does not separate models on {target}: the naive mean reaches {naive:.2f} %")
+        reasons.append(
+            f"the {SUPPORT_BELOW_PCT:g} % threshold does not separate models on {target}: the naive mean reaches {naive:.2f} %"
+        )
     if res["threshold"] == "above" or "does_not_clearly_beat" in outcomes.values():
         res["verdict"] = "refuted"
     elif res["threshold"] == "below" and res["clearly_beats_baselines"]:
@@ -174,8 +237,15 @@ def h1_verdict(metrics: pl.DataFrame, predictions: pl.DataFrame, *, seed: int = 
 SIMPLICITY = ["naive_mean", "blackbox_2f", "nnls_physics", "ridge_30f", "ridge_log_30f", "hgb_30f"]  # simplest first
 
 
-def rank_with_ties(predictions: pl.DataFrame, target: str, scope: str, models: list[str] | None = None, *,
-                   reps: int = 400, seed: int = 0) -> pl.DataFrame:
+def rank_with_ties(
+    predictions: pl.DataFrame,
+    target: str,
+    scope: str,
+    models: list[str] | None = None,
+    *,
+    reps: int = 400,
+    seed: int = 0,
+) -> pl.DataFrame:
     """Models of one scope ranked by mean test MAPE over experiments, each against the best:
     the difference of mean-over-experiments MAPE with a 95 % interval (every experiment's test rows
     resampled by one circular block bootstrap shared by all models); `tied_with_best` when that
@@ -184,10 +254,22 @@ def rank_with_ties(predictions: pl.DataFrame, target: str, scope: str, models: l
     Only experiments where every model scored the same rows count."""
     apes = test_ape(predictions, target, scope)
     models = [m for m in (models or sorted({m for _, m in apes})) if any(k[1] == m for k in apes)]
-    exps = sorted({e for e, m in apes if all((e, mm) in apes and len(apes[(e, mm)]) == len(apes[(e, m)]) for mm in models)})
-    schema = {"model": pl.Utf8, "scope": pl.Utf8, "mean_mape_pct": pl.Float64, "median_mape_pct": pl.Float64,
-              "diff_vs_best_pct": pl.Float64, "diff_lo_pct": pl.Float64, "diff_hi_pct": pl.Float64,
-              "tied_with_best": pl.Boolean, "worst_run_mape_pct": pl.Float64, "n_experiments": pl.Int64, "test_rows": pl.Int64}
+    exps = sorted(
+        {e for e, m in apes if all((e, mm) in apes and len(apes[(e, mm)]) == len(apes[(e, m)]) for mm in models)}
+    )
+    schema = {
+        "model": pl.Utf8,
+        "scope": pl.Utf8,
+        "mean_mape_pct": pl.Float64,
+        "median_mape_pct": pl.Float64,
+        "diff_vs_best_pct": pl.Float64,
+        "diff_lo_pct": pl.Float64,
+        "diff_hi_pct": pl.Float64,
+        "tied_with_best": pl.Boolean,
+        "worst_run_mape_pct": pl.Float64,
+        "n_experiments": pl.Int64,
+        "test_rows": pl.Int64,
+    }
     if not exps or not models:
         return pl.DataFrame(schema=schema)
     mape = {m: np.array([apes[(e, m)].mean() for e in exps]) for m in models}
@@ -204,11 +286,21 @@ def rank_with_ties(predictions: pl.DataFrame, target: str, scope: str, models: l
     for m in models:
         lo, hi = percentile_ci(boot[m]) if m != best else (0.0, 0.0)
         absurd = bool((mape[m] > ABSURD_MAPE_PCT).any()) and not best_absurd
-        rows.append({"model": m, "scope": scope, "mean_mape_pct": float(mape[m].mean()), "median_mape_pct": float(np.median(mape[m])),
-                     "diff_vs_best_pct": float(mape[m].mean() - mape[best].mean()), "diff_lo_pct": lo, "diff_hi_pct": hi,
-                     "tied_with_best": bool(m == best or (lo <= 0 and not absurd)), "worst_run_mape_pct": float(mape[m].max()),
-                     "n_experiments": len(exps),
-                     "test_rows": int(sum(len(apes[(e, m)]) for e in exps))})
+        rows.append(
+            {
+                "model": m,
+                "scope": scope,
+                "mean_mape_pct": float(mape[m].mean()),
+                "median_mape_pct": float(np.median(mape[m])),
+                "diff_vs_best_pct": float(mape[m].mean() - mape[best].mean()),
+                "diff_lo_pct": lo,
+                "diff_hi_pct": hi,
+                "tied_with_best": bool(m == best or (lo <= 0 and not absurd)),
+                "worst_run_mape_pct": float(mape[m].max()),
+                "n_experiments": len(exps),
+                "test_rows": int(sum(len(apes[(e, m)]) for e in exps)),
+            }
+        )
     return pl.DataFrame(rows, schema=schema).sort("mean_mape_pct")
 
 
@@ -221,5 +313,11 @@ def recommend(ranking: pl.DataFrame) -> dict | None:
     pick = min(tied, key=lambda m: (order.get(m, len(order)), m))
     best = ranking.row(0, named=True)
     row = ranking.filter(pl.col("model") == pick).row(0, named=True)
-    return {"model": pick, "scope": row["scope"], "mean_mape_pct": row["mean_mape_pct"], "tied": tied,
-            "best": best["model"], "best_mean_mape_pct": best["mean_mape_pct"]}
+    return {
+        "model": pick,
+        "scope": row["scope"],
+        "mean_mape_pct": row["mean_mape_pct"],
+        "tied": tied,
+        "best": best["model"],
+        "best_mean_mape_pct": best["mean_mape_pct"],
+    }

@@ -14,25 +14,39 @@ from stepml_core.splits import split_summary
 from stepml_core.tables import quarantine_counts
 
 from .checks import check_result
-from .resources import StepMLSettings
-
 from .partitions import PART, experiment_partitions  # noqa: F401 (re-exported)
-from .replay_assets import calibration_fidelity, replay, replay_fidelity, replay_models, request_calibration, request_log
+from .replay_assets import (
+    calibration_fidelity,
+    replay,
+    replay_fidelity,
+    replay_models,
+    request_calibration,
+    request_log,
+)
+from .resources import StepMLSettings
 
 
 def _lineage(meta: dict) -> dict:
     c = meta.get("counters", {})
     return {
-        "source": meta["source"], "stands_for": meta.get("stands_for") or "–", "model": meta["model"],
-        "tp": meta["tp"], "workload": meta["workload"], "data_version": meta["data_version"],
+        "source": meta["source"],
+        "stands_for": meta.get("stands_for") or "–",
+        "model": meta["model"],
+        "tp": meta["tp"],
+        "workload": meta["workload"],
+        "data_version": meta["data_version"],
         "files": dg.MetadataValue.json(meta["files"]),
-        "lines": c.get("lines_total", 0), "lines_quarantined": c.get("lines_quarantined", 0),
+        "lines": c.get("lines_total", 0),
+        "lines_quarantined": c.get("lines_quarantined", 0),
         "events_by_name": dg.MetadataValue.json(c.get("events_by_name", {})),
     }
 
 
 TRACE_TABLES = {  # asset → the table of ingest_run it holds, and who reads it
-    "trace_steps": ("steps", "BATCH_SUMMARY rows as read (before validation): read by step_tables and request_context."),
+    "trace_steps": (
+        "steps",
+        "BATCH_SUMMARY rows as read (before validation): read by step_tables and request_context.",
+    ),
     "trace_snapshots": ("snapshots", "Scheduler snapshot events: read by request_context and feature_matrix."),
     "trace_journey": ("journey", "Request journey events: read by request_context and e2e_fidelity."),
     "trace_quarantine": ("quarantine", "The reader's rejected lines, events and files: read by step_tables."),
@@ -40,18 +54,29 @@ TRACE_TABLES = {  # asset → the table of ingest_run it holds, and who reads it
 
 
 @dg.multi_asset(
-    **PART, group_name="ingest", can_subset=False,
-    outs={"raw_traces": dg.AssetOut(is_required=False, description="A run folder read: its metadata, file fingerprints (size, sha256), "
-                                    "reader counters and each table's row count; the tables are the trace_* assets beside it."),
-          **{k: dg.AssetOut(is_required=False, description=d) for k, (_, d) in TRACE_TABLES.items()},
-          "trace_spans": dg.AssetOut(is_required=False, description="API and scheduler-step spans ({api, step_spans}): stored, read by no asset.")},
+    **PART,
+    group_name="ingest",
+    can_subset=False,
+    outs={
+        "raw_traces": dg.AssetOut(
+            is_required=False,
+            description="A run folder read: its metadata, file fingerprints (size, sha256), "
+            "reader counters and each table's row count; the tables are the trace_* assets beside it.",
+        ),
+        **{k: dg.AssetOut(is_required=False, description=d) for k, (_, d) in TRACE_TABLES.items()},
+        "trace_spans": dg.AssetOut(
+            is_required=False, description="API and scheduler-step spans ({api, step_spans}): stored, read by no asset."
+        ),
+    },
 )
 def raw_traces(context: dg.AssetExecutionContext, settings: StepMLSettings):
     """The run folder read once, stored as one asset per table so that each consumer loads only the tables it reads.
     Skipped (with the step-level assets after it) for a run folder without traces (request logs only)."""
     folder = settings.run_folder(context.partition_key)
     if find_trace_file(folder) is None:
-        context.log.info(f"{folder}: no traces.json[.gz]: step-level assets skipped for this run (request-level assets only)")
+        context.log.info(
+            f"{folder}: no traces.json[.gz]: step-level assets skipped for this run (request-level assets only)"
+        )
         return
     out = ingest_run(folder, settings.data_root(), limits=settings.input_limits())
     meta = out["meta"]
@@ -59,72 +84,147 @@ def raw_traces(context: dg.AssetExecutionContext, settings: StepMLSettings):
     version = dg.DataVersion(meta["data_version"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dg.BetaWarning)  # Output(data_version=...) is beta in 1.13
-        yield dg.Output(meta, "raw_traces", data_version=version, metadata={
-            **_lineage(meta), "run_folder": dg.MetadataValue.path(str(folder)), "steps_read": out["steps"].height,
-            "snapshots_read": out["snapshots"].height, "journey_events_read": out["journey"].height,
-            "api_spans_read": out["api"].height, "step_spans_read": out["step_spans"].height,
-            "reader_quarantine_records": out["quarantine"].height})
+        yield dg.Output(
+            meta,
+            "raw_traces",
+            data_version=version,
+            metadata={
+                **_lineage(meta),
+                "run_folder": dg.MetadataValue.path(str(folder)),
+                "steps_read": out["steps"].height,
+                "snapshots_read": out["snapshots"].height,
+                "journey_events_read": out["journey"].height,
+                "api_spans_read": out["api"].height,
+                "step_spans_read": out["step_spans"].height,
+                "reader_quarantine_records": out["quarantine"].height,
+            },
+        )
         for name, (table, _) in TRACE_TABLES.items():
             yield dg.Output(out[table], name, data_version=version)
         yield dg.Output({"api": out["api"], "step_spans": out["step_spans"]}, "trace_spans", data_version=version)
 
 
 @dg.multi_asset(
-    **PART, group_name="ingest",
-    outs={"step_table": dg.AssetOut(description="Sampled steps (BATCH_SUMMARY) that pass StepTableSchema, with targets schedule_us and cycle_us."),
-          "quarantine": dg.AssetOut(description="Every rejected line, event or step row with file, line and reason.")},
-    check_specs=[dg.AssetCheckSpec("schema_valid", asset="step_table", description="Kept rows pass the pandera StepTableSchema."),
-                 dg.AssetCheckSpec("counts_balance", asset="step_table", description="rows in = rows kept + rows quarantined."),
-                 dg.AssetCheckSpec("no_unreadable_lines", asset="quarantine", description="Every trace line parsed (warns otherwise).")],
+    **PART,
+    group_name="ingest",
+    outs={
+        "step_table": dg.AssetOut(
+            description="Sampled steps (BATCH_SUMMARY) that pass StepTableSchema, with targets schedule_us and cycle_us."
+        ),
+        "quarantine": dg.AssetOut(description="Every rejected line, event or step row with file, line and reason."),
+    },
+    check_specs=[
+        dg.AssetCheckSpec(
+            "schema_valid", asset="step_table", description="Kept rows pass the pandera StepTableSchema."
+        ),
+        dg.AssetCheckSpec("counts_balance", asset="step_table", description="rows in = rows kept + rows quarantined."),
+        dg.AssetCheckSpec(
+            "no_unreadable_lines", asset="quarantine", description="Every trace line parsed (warns otherwise)."
+        ),
+    ],
 )
-def step_tables(context: dg.AssetExecutionContext, settings: StepMLSettings, raw_traces: dict, trace_steps: pl.DataFrame,
-                trace_quarantine: pl.DataFrame):
-    t = pipeline.step_tables(raw_traces, trace_steps, trace_quarantine, max_quarantine_rows=settings.input_limits().max_quarantine_rows)
+def step_tables(
+    context: dg.AssetExecutionContext,
+    settings: StepMLSettings,
+    raw_traces: dict,
+    trace_steps: pl.DataFrame,
+    trace_quarantine: pl.DataFrame,
+):
+    t = pipeline.step_tables(
+        raw_traces, trace_steps, trace_quarantine, max_quarantine_rows=settings.input_limits().max_quarantine_rows
+    )
     steps, quarantine, counts = t.steps, t.quarantine, t.counts
     yield dg.Output(steps, "step_table", metadata={**counts, "source": raw_traces["source"]})
     by_kind = quarantine_counts(quarantine)
-    yield dg.Output(quarantine, "quarantine", metadata={"rows": quarantine.height, "records": sum(by_kind.values()),
-                    "by_reason": dg.MetadataValue.json([{"kind": k, "len": n} for k, n in sorted(by_kind.items())]),
-                    **{f"quarantined_{k}s": int(by_kind.get(k, 0)) for k in ("line", "event", "row", "file")}})
+    yield dg.Output(
+        quarantine,
+        "quarantine",
+        metadata={
+            "rows": quarantine.height,
+            "records": sum(by_kind.values()),
+            "by_reason": dg.MetadataValue.json([{"kind": k, "len": n} for k, n in sorted(by_kind.items())]),
+            **{f"quarantined_{k}s": int(by_kind.get(k, 0)) for k in ("line", "event", "row", "file")},
+        },
+    )
     yield check_result(checks.schema_valid(steps), "schema_valid", "step_table")
-    yield check_result(checks.counts_balance(t.rows_in, steps.height, t.rows_quarantined), "counts_balance", "step_table")
-    yield check_result(checks.no_unreadable_lines(raw_traces["counters"]), "no_unreadable_lines", "quarantine",
-                       severity=dg.AssetCheckSeverity.WARN)
+    yield check_result(
+        checks.counts_balance(t.rows_in, steps.height, t.rows_quarantined), "counts_balance", "step_table"
+    )
+    yield check_result(
+        checks.no_unreadable_lines(raw_traces["counters"]),
+        "no_unreadable_lines",
+        "quarantine",
+        severity=dg.AssetCheckSeverity.WARN,
+    )
 
 
-@dg.asset(**PART, group_name="ingest", description="Every step's batch rebuilt from journey events (requests, new tokens, context lengths), checked against snapshots and BATCH_SUMMARY.")
-def request_context(context: dg.AssetExecutionContext, raw_traces: dict, trace_steps: pl.DataFrame, trace_journey: pl.DataFrame,
-                    trace_snapshots: pl.DataFrame) -> dict:
+@dg.asset(
+    **PART,
+    group_name="ingest",
+    description="Every step's batch rebuilt from journey events (requests, new tokens, context lengths), checked against snapshots and BATCH_SUMMARY.",
+)
+def request_context(
+    context: dg.AssetExecutionContext,
+    raw_traces: dict,
+    trace_steps: pl.DataFrame,
+    trace_journey: pl.DataFrame,
+    trace_snapshots: pl.DataFrame,
+) -> dict:
     out = pipeline.request_context(raw_traces, trace_steps, trace_journey, trace_snapshots)
     a, snap = out["agreement"], (out["agreement"].get("snapshots") or {})
-    context.add_output_metadata({"available": a["available"], "steps": a.get("steps", 0), "pairs": a.get("pairs", 0),
-                                 "snapshot_pairs": snap.get("pairs_scheduled_both", 0),
-                                 "snapshot_agreement_all_fields": snap.get("all_fields") if snap.get("all_fields") is not None else -1.0,
-                                 "agreement": dg.MetadataValue.json(a)})
+    context.add_output_metadata(
+        {
+            "available": a["available"],
+            "steps": a.get("steps", 0),
+            "pairs": a.get("pairs", 0),
+            "snapshot_pairs": snap.get("pairs_scheduled_both", 0),
+            "snapshot_agreement_all_fields": snap.get("all_fields") if snap.get("all_fields") is not None else -1.0,
+            "agreement": dg.MetadataValue.json(a),
+        }
+    )
     return out
 
 
-@dg.asset(**PART, group_name="features", description="The seed's 30 features (+ original-study features) and both targets per kept step.")
-def feature_matrix(context: dg.AssetExecutionContext, raw_traces: dict, step_table: pl.DataFrame, request_context,
-                   trace_snapshots: pl.DataFrame) -> pl.DataFrame:
+@dg.asset(
+    **PART,
+    group_name="features",
+    description="The seed's 30 features (+ original-study features) and both targets per kept step.",
+)
+def feature_matrix(
+    context: dg.AssetExecutionContext,
+    raw_traces: dict,
+    step_table: pl.DataFrame,
+    request_context,
+    trace_snapshots: pl.DataFrame,
+) -> pl.DataFrame:
     fm = pipeline.feature_matrix(raw_traces, step_table, request_context, trace_snapshots)
-    context.add_output_metadata({"rows": fm.height, "kv_source": dg.MetadataValue.json(dict(fm["kv_source"].value_counts().iter_rows()))})
+    context.add_output_metadata(
+        {"rows": fm.height, "kv_source": dg.MetadataValue.json(dict(fm["kv_source"].value_counts().iter_rows()))}
+    )
     return fm
 
 
-@dg.asset(**PART, group_name="beyond_h1", description="Teacher-forced E2E: each cycle_us model predicts every step; per-request sums vs observed TTFT, decode interval, E2E.")
+@dg.asset(
+    **PART,
+    group_name="beyond_h1",
+    description="Teacher-forced E2E: each cycle_us model predicts every step; per-request sums vs observed TTFT, decode interval, E2E.",
+)
 def e2e_fidelity(raw_traces: dict, trace_journey: pl.DataFrame, request_context, fitted_models) -> dict:
     return pipeline.e2e_fidelity(raw_traces, trace_journey, request_context, fitted_models)
 
 
-@dg.asset(**PART, group_name="features", description="Temporal 60/20/20 split by step id, with the load stage of each row.")
+@dg.asset(
+    **PART, group_name="features", description="Temporal 60/20/20 split by step id, with the load stage of each row."
+)
 def split(context: dg.AssetExecutionContext, raw_traces: dict, step_table: pl.DataFrame) -> pl.DataFrame:
     s = pipeline.split(raw_traces, step_table)
     context.add_output_metadata({"blocks": dg.MetadataValue.json(split_summary(s))})
     return s
 
 
-@dg.asset(**PART, group_name="models", description="Per-experiment fitted models per target, as plain JSON coefficients.")
+@dg.asset(
+    **PART, group_name="models", description="Per-experiment fitted models per target, as plain JSON coefficients."
+)
 def fitted_models(feature_matrix: pl.DataFrame, split: pl.DataFrame) -> dict:
     return study.fit_experiment(study.with_split(feature_matrix, split))
 
@@ -134,7 +234,9 @@ def predictions(feature_matrix: pl.DataFrame, split: pl.DataFrame, fitted_models
     return study.predict_experiment(study.with_split(feature_matrix, split), fitted_models)
 
 
-@dg.asset(**PART, group_name="models", description="n, MAPE, median/p90 APE, Pearson r, MSPE per target × model × split.")
+@dg.asset(
+    **PART, group_name="models", description="n, MAPE, median/p90 APE, Pearson r, MSPE per target × model × split."
+)
 def metrics(context: dg.AssetExecutionContext, predictions: pl.DataFrame) -> pl.DataFrame:
     m = study.metrics_from_predictions(predictions)
     test = m.filter(pl.col("split") == "test").select("target", "model", "n", "mape_pct")
@@ -142,36 +244,72 @@ def metrics(context: dg.AssetExecutionContext, predictions: pl.DataFrame) -> pl.
     return m
 
 
-@dg.asset(**PART, group_name="study", description="Small per-run record for the study report (lineage, counts, KV sources).")
-def run_summary(raw_traces: dict, step_table: pl.DataFrame, quarantine: pl.DataFrame, feature_matrix: pl.DataFrame) -> dict:
+@dg.asset(
+    **PART, group_name="study", description="Small per-run record for the study report (lineage, counts, KV sources)."
+)
+def run_summary(
+    raw_traces: dict, step_table: pl.DataFrame, quarantine: pl.DataFrame, feature_matrix: pl.DataFrame
+) -> dict:
     return pipeline.run_summary(raw_traces, step_table, quarantine, feature_matrix)
 
 
-@dg.asset(**PART, group_name="beyond_h1", description="Test MAPE of ridge_30f with all features, without each feature group, and with only it.")
+@dg.asset(
+    **PART,
+    group_name="beyond_h1",
+    description="Test MAPE of ridge_30f with all features, without each feature group, and with only it.",
+)
 def ablation(feature_matrix: pl.DataFrame, split: pl.DataFrame) -> pl.DataFrame:
     return study.feature_group_ablation(study.with_split(feature_matrix, split))
 
 
-@dg.asset(**PART, group_name="study", description="Method checks: each block's load-stage mix under temporal / stage-matched / random "
-          "splits and the H1 models under each, the cycle rule's effect, batch N vs N−1 features for cycle_us, alpha at the grid ends.")
-def method_checks(settings: StepMLSettings, step_table: pl.DataFrame, feature_matrix: pl.DataFrame, split: pl.DataFrame, fitted_models) -> dict:
-    return pipeline.method_checks(study.with_split(feature_matrix, split), fitted_models, step_table, seed=settings.seed)
+@dg.asset(
+    **PART,
+    group_name="study",
+    description="Method checks: each block's load-stage mix under temporal / stage-matched / random "
+    "splits and the H1 models under each, the cycle rule's effect, batch N vs N−1 features for cycle_us, alpha at the grid ends.",
+)
+def method_checks(
+    settings: StepMLSettings, step_table: pl.DataFrame, feature_matrix: pl.DataFrame, split: pl.DataFrame, fitted_models
+) -> dict:
+    return pipeline.method_checks(
+        study.with_split(feature_matrix, split), fitted_models, step_table, seed=settings.seed
+    )
 
 
 @dg.multi_asset(
-    outs={"global_models": dg.AssetOut(group_name="study", description="Models pooled over all experiments (global) and per model over its workloads, scored per experiment."),
-          "generalization": dg.AssetOut(group_name="beyond_h1", description="Leave-one-model-out and leave-one-workload-out cross-validation over experiments.")},
+    outs={
+        "global_models": dg.AssetOut(
+            group_name="study",
+            description="Models pooled over all experiments (global) and per model over its workloads, scored per experiment.",
+        ),
+        "generalization": dg.AssetOut(
+            group_name="beyond_h1",
+            description="Leave-one-model-out and leave-one-workload-out cross-validation over experiments.",
+        ),
+    },
 )
 def pooled_models(context: dg.AssetExecutionContext, settings: StepMLSettings, feature_matrix, split):
     """Both sets of pooled folds in one thread pool; unchanged folds reuse their stored fit."""
     left_out = runs_left_out(settings, context.instance, list(feature_matrix))
     matrices = pooled_matrices(settings, feature_matrix, split, exclude=set(left_out))
-    out = study.fit_study_pooled(matrices, seed=settings.seed, threads=settings.fit_threads, caches=settings.fold_caches())
+    out = study.fit_study_pooled(
+        matrices, seed=settings.seed, threads=settings.fit_threads, caches=settings.fold_caches()
+    )
     for name, value in out.items():
-        yield dg.Output(value, name, metadata={"experiments": len(matrices), "folds": value["folds"]["total"], "folds_reused": value["folds"]["reused"]})
+        yield dg.Output(
+            value,
+            name,
+            metadata={
+                "experiments": len(matrices),
+                "folds": value["folds"]["total"],
+                "folds_reused": value["folds"]["reused"],
+            },
+        )
 
 
-def pooled_matrices(settings: StepMLSettings, feature_matrix, split, exclude: set | None = None) -> dict[str, pl.DataFrame]:
+def pooled_matrices(
+    settings: StepMLSettings, feature_matrix, split, exclude: set | None = None
+) -> dict[str, pl.DataFrame]:
     """{experiment: feature matrix with splits} for the partitions stored (less exclude). The partition set is the
     truth: a run folder that left the data folder has its partition deleted (experiment_sensor, stepml run)."""
     present = {e for e in feature_matrix if e in split} - set(exclude or ())
@@ -195,40 +333,89 @@ def runs_left_out(settings: StepMLSettings, instance, keys: list[str]) -> dict[s
     return out
 
 
-@dg.asset(group_name="synthetic", description="Synthetic runs against the real runs they stand for: public latency/throughput figures and step-level quantiles.")
+@dg.asset(
+    group_name="synthetic",
+    description="Synthetic runs against the real runs they stand for: public latency/throughput figures and step-level quantiles.",
+)
 def calibration(context: dg.AssetExecutionContext, settings: StepMLSettings, run_summary, step_table) -> dict:
     from stepml_core.synth.calibration import calibration_tables
 
     left_out = runs_left_out(settings, context.instance, list(run_summary))
     runs = [r for e, r in run_summary.items() if e not in left_out]
-    out = calibration_tables(runs, step_table, settings.data_root(), Path(settings.real_reference_dir) if settings.real_reference_dir else None)
+    out = calibration_tables(
+        runs,
+        step_table,
+        settings.data_root(),
+        Path(settings.real_reference_dir) if settings.real_reference_dir else None,
+    )
     judged = out["public"].filter(pl.col("within").is_not_null())
-    context.add_output_metadata({"synthetic_runs": len({r["experiment_id"] for r in runs if r["source"] == "synthetic"}),
-                                 "within_aim": f"{int(judged['within'].sum()) if judged.height else 0}/{judged.height}",
-                                 "step_quantile_runs": out["steps"]["experiment_id"].n_unique() if out["steps"].height else 0})
+    context.add_output_metadata(
+        {
+            "synthetic_runs": len({r["experiment_id"] for r in runs if r["source"] == "synthetic"}),
+            "within_aim": f"{int(judged['within'].sum()) if judged.height else 0}/{judged.height}",
+            "step_quantile_runs": out["steps"]["experiment_id"].n_unique() if out["steps"].height else 0,
+        }
+    )
     return out
 
 
-@dg.asset(group_name="study", description="H1 verdict, metrics.csv, verdict.json and the study report over all experiments.")
-def study_report(context: dg.AssetExecutionContext, settings: StepMLSettings, metrics, predictions,
-                 global_models, run_summary, ablation, generalization, calibration, request_context, e2e_fidelity, method_checks,
-                 replay_fidelity, calibration_fidelity) -> dict:
+@dg.asset(
+    group_name="study", description="H1 verdict, metrics.csv, verdict.json and the study report over all experiments."
+)
+def study_report(
+    context: dg.AssetExecutionContext,
+    settings: StepMLSettings,
+    metrics,
+    predictions,
+    global_models,
+    run_summary,
+    ablation,
+    generalization,
+    calibration,
+    request_context,
+    e2e_fidelity,
+    method_checks,
+    replay_fidelity,
+    calibration_fidelity,
+) -> dict:
     left_out = runs_left_out(settings, context.instance, list(run_summary))  # failed or stale: results not current
-    present = sorted(e for e in run_summary if e not in left_out)  # the partitions, less those left out, in a fixed order
+    present = sorted(
+        e for e in run_summary if e not in left_out
+    )  # the partitions, less those left out, in a fixed order
     replay_lines = replay_section(replay_fidelity, settings.out_dir) + list(calibration_fidelity["lines"])
     if not present:  # request logs only: no step data, no H1 study; the replay is the report
         md = requests_only_report(replay_fidelity, replay_lines, settings.out_dir)
-        context.add_output_metadata({"report": dg.MetadataValue.md(md), "out_dir": dg.MetadataValue.path(settings.out_dir)})
+        context.add_output_metadata(
+            {"report": dg.MetadataValue.md(md), "out_dir": dg.MetadataValue.path(settings.out_dir)}
+        )
         return {"verdict": None, "experiments": []}
     out = pipeline.assemble_study(
-        present, metrics=metrics, predictions=predictions, global_models=global_models, run_summary=run_summary,
-        ablation=ablation, generalization=generalization, calibration=calibration,
-        agreements={e: request_context[e]["agreement"] for e in present if e in request_context}, e2e_fidelity=e2e_fidelity,
-        method_checks=method_checks, out_dir=settings.out_dir, seed=settings.seed, extra_sections=replay_lines,
-        summary_extra=replay_summary(replay_fidelity), left_out=left_out, stored=set(run_summary))
+        present,
+        metrics=metrics,
+        predictions=predictions,
+        global_models=global_models,
+        run_summary=run_summary,
+        ablation=ablation,
+        generalization=generalization,
+        calibration=calibration,
+        agreements={e: request_context[e]["agreement"] for e in present if e in request_context},
+        e2e_fidelity=e2e_fidelity,
+        method_checks=method_checks,
+        out_dir=settings.out_dir,
+        seed=settings.seed,
+        extra_sections=replay_lines,
+        summary_extra=replay_summary(replay_fidelity),
+        left_out=left_out,
+        stored=set(run_summary),
+    )
     verdict, md = out["verdict"], out["markdown"]
-    context.add_output_metadata({"report": dg.MetadataValue.md(md), "out_dir": dg.MetadataValue.path(settings.out_dir),
-                                 **{f"verdict_{t}": v["verdict"] for t, v in verdict["targets"].items()}})
+    context.add_output_metadata(
+        {
+            "report": dg.MetadataValue.md(md),
+            "out_dir": dg.MetadataValue.path(settings.out_dir),
+            **{f"verdict_{t}": v["verdict"] for t, v in verdict["targets"].items()},
+        }
+    )
     return {"verdict": verdict, "experiments": out["experiments"], "runs_left_out": verdict["runs_left_out"]}
 
 
@@ -240,8 +427,20 @@ def _md(df: pl.DataFrame) -> str:
     return "\n".join(rows)
 
 
-STEP_ASSETS = [raw_traces, step_tables, request_context, feature_matrix, split, fitted_models, predictions, metrics, run_summary, ablation, e2e_fidelity,
-               method_checks]
+STEP_ASSETS = [
+    raw_traces,
+    step_tables,
+    request_context,
+    feature_matrix,
+    split,
+    fitted_models,
+    predictions,
+    metrics,
+    run_summary,
+    ablation,
+    e2e_fidelity,
+    method_checks,
+]
 # the pipeline's four phases (a job each): partitions → study-level models → replays per partition → report
 PARTITIONED_ASSETS = [*STEP_ASSETS, request_log]  # experiment_job
 MODEL_ASSETS = [pooled_models, calibration, request_calibration, replay_models]  # models_job

@@ -35,49 +35,90 @@ def _is_default(path: Path | None, default: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", help="tracebacks and Dagster's log with errors (default: one line each)")
-    ap = argparse.ArgumentParser(prog="stepml", description="StepML: step-time models of LLM serving engines from vLLM traces.",
-                                 epilog="Exit codes: 0 done; 1 the study ran but a run or the study failed; "
-                                        "2 refused before anything ran (nothing written).")
+    common.add_argument(
+        "-v", "--verbose", action="store_true", help="tracebacks and Dagster's log with errors (default: one line each)"
+    )
+    ap = argparse.ArgumentParser(
+        prog="stepml",
+        description="StepML: step-time models of LLM serving engines from vLLM traces.",
+        epilog="Exit codes: 0 done; 1 the study ran but a run or the study failed; "
+        "2 refused before anything ran (nothing written).",
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", parents=[common], help="materialize the whole study in-process (no UI)",
-                       description="Materialize every run folder of --data as an experiment partition, then the study, "
-                                   "in-process; outputs in --out, the Dagster instance in --out/dagster_home (unless "
-                                   "DAGSTER_HOME is set). When the data folder has no run folders: the project's default "
-                                   "folder (data/experiments) gets the 16 synthetic runs; any other folder is refused with "
-                                   f"exit code 2 and nothing written, unless --synth is given. A run folder holds "
-                                   f"{RUN_FOLDER_CONTENTS}.")
+    r = sub.add_parser(
+        "run",
+        parents=[common],
+        help="materialize the whole study in-process (no UI)",
+        description="Materialize every run folder of --data as an experiment partition, then the study, "
+        "in-process; outputs in --out, the Dagster instance in --out/dagster_home (unless "
+        "DAGSTER_HOME is set). When the data folder has no run folders: the project's default "
+        "folder (data/experiments) gets the 16 synthetic runs; any other folder is refused with "
+        f"exit code 2 and nothing written, unless --synth is given. A run folder holds "
+        f"{RUN_FOLDER_CONTENTS}.",
+    )
     r.add_argument("--data", type=Path, default=None, help="folder of run folders (default: data/experiments)")
-    r.add_argument("--out", type=Path, default=PROJECT_ROOT / "out", help="where report.md, metrics.csv, verdict.json go (default: out/)")
-    r.add_argument("--synth", action="store_true", help="if --data has no run folders, synthesize the 16 runs into it (creating it)")
+    r.add_argument(
+        "--out",
+        type=Path,
+        default=PROJECT_ROOT / "out",
+        help="where report.md, metrics.csv, verdict.json go (default: out/)",
+    )
+    r.add_argument(
+        "--synth",
+        action="store_true",
+        help="if --data has no run folders, synthesize the 16 runs into it (creating it)",
+    )
     r.add_argument("--no-synth", action="store_true", help="never synthesize, not even into the default data folder")
     r.add_argument("--scale", type=float, default=1.0, help="duration fraction when synthesizing (default 1.0)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--experiment", action="append", help="only these experiment ids (repeatable)")
-    r.add_argument("--workers", type=int, default=None, help="partitions processed in parallel (default: min(2, cores))")
+    r.add_argument(
+        "--workers", type=int, default=None, help="partitions processed in parallel (default: min(2, cores))"
+    )
     s = sub.add_parser("synth", parents=[common], help="synthesize run folders modelled on the 16 H100 runs")
-    s.add_argument("--out", type=Path, default=DEFAULT_EXPERIMENTS_DIR, help="where the run folders go (default: data/experiments)")
+    s.add_argument(
+        "--out", type=Path, default=DEFAULT_EXPERIMENTS_DIR, help="where the run folders go (default: data/experiments)"
+    )
     s.add_argument("--runs", nargs="*", default=None, help="real run ids (or their -synth ids); default all 16")
     s.add_argument("--scale", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
-    b = sub.add_parser("backfill", parents=[common], help="re-materialize chosen experiment partitions, then the study (in-process)")
-    b.add_argument("--data", type=Path, default=DEFAULT_EXPERIMENTS_DIR, help="folder of run folders (default: data/experiments)")
+    b = sub.add_parser(
+        "backfill", parents=[common], help="re-materialize chosen experiment partitions, then the study (in-process)"
+    )
+    b.add_argument(
+        "--data", type=Path, default=DEFAULT_EXPERIMENTS_DIR, help="folder of run folders (default: data/experiments)"
+    )
     b.add_argument("--out", type=Path, default=PROJECT_ROOT / "out", help="output folder (default: out/)")
     b.add_argument("--experiment", action="append", help="experiment (run folder) id; repeatable")
     b.add_argument("--all", action="store_true", help="every run folder in --data")
     b.add_argument("--seed", type=int, default=0)
-    u = sub.add_parser("ui", parents=[common], help="Dagster UI + daemon (dg dev) on the instance of `stepml run` with the same --out",
-                       description="Start `dg dev` (webserver and daemon, on 127.0.0.1) on the study's instance "
-                                   "(--out/dagster_home unless DAGSTER_HOME is set), serving --data → --out: the UI lists "
-                                   "that study's runs only. Give the same --data/--out as to `stepml run`.")
-    u.add_argument("--data", type=Path, default=DEFAULT_EXPERIMENTS_DIR, help="folder of run folders (default: data/experiments)")
+    u = sub.add_parser(
+        "ui",
+        parents=[common],
+        help="Dagster UI + daemon (dg dev) on the instance of `stepml run` with the same --out",
+        description="Start `dg dev` (webserver and daemon, on 127.0.0.1) on the study's instance "
+        "(--out/dagster_home unless DAGSTER_HOME is set), serving --data → --out: the UI lists "
+        "that study's runs only. Give the same --data/--out as to `stepml run`.",
+    )
+    u.add_argument(
+        "--data", type=Path, default=DEFAULT_EXPERIMENTS_DIR, help="folder of run folders (default: data/experiments)"
+    )
     u.add_argument("--out", type=Path, default=PROJECT_ROOT / "out", help="output folder (default: out/)")
     u.add_argument("--port", type=int, default=3000)
-    rd = sub.add_parser("real-data", parents=[common], help="assemble the 16 real runs (request logs, metadata, step traces) from ../shared into run folders")
-    rd.add_argument("--shared", type=Path, default=PROJECT_ROOT.parent / "shared", help="the shared folder (default: ../shared)")
-    rd.add_argument("--out", type=Path, default=PROJECT_ROOT / "data" / "real", help="where the run folders go (default: data/real)")
+    rd = sub.add_parser(
+        "real-data",
+        parents=[common],
+        help="assemble the 16 real runs (request logs, metadata, step traces) from ../shared into run folders",
+    )
+    rd.add_argument(
+        "--shared", type=Path, default=PROJECT_ROOT.parent / "shared", help="the shared folder (default: ../shared)"
+    )
+    rd.add_argument(
+        "--out", type=Path, default=PROJECT_ROOT / "data" / "real", help="where the run folders go (default: data/real)"
+    )
     rd.add_argument("--runs", nargs="*", default=None, help="only these run ids (default: all)")
     from . import export_cli  # `stepml export` (its own module)
+
     export_cli.add_parser(sub, parents=[common])
     a = ap.parse_args(argv)
     try:
@@ -85,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except StepMLError as e:
         if a.verbose:
             import traceback
+
             traceback.print_exc()
         print(f"stepml {a.cmd}: {e}", file=sys.stderr, flush=True)
         return 2
@@ -99,18 +141,30 @@ def _dispatch(a) -> int:
         from stepml_core.real_data import assemble_real_runs
 
         folders = assemble_real_runs(a.shared, a.out, a.runs)
-        print(f"wrote {len(folders)} real run folder(s) under {a.out}; run the study on them with: stepml run --data {a.out}")
+        print(
+            f"wrote {len(folders)} real run folder(s) under {a.out}; run the study on them with: stepml run --data {a.out}"
+        )
         return 0
     if a.cmd == "backfill":
         res = backfill(a.data, a.out, a.experiment, all_=a.all, seed=a.seed, verbose=a.verbose)
         return 0 if res["study_ok"] and not res["failed"] else 1
     if a.cmd == "run":
         synth = not a.no_synth and (a.synth or _is_default(a.data, DEFAULT_EXPERIMENTS_DIR))
-        res = run_study(a.data or DEFAULT_EXPERIMENTS_DIR, a.out, synth_if_empty=synth, seed=a.seed, scale=a.scale,
-                        experiments=a.experiment, verbose=a.verbose,
-                        workers=a.workers if a.workers is not None else min(2, os.cpu_count() or 1))
-        ui = "stepml ui" + ("" if _is_default(a.data, DEFAULT_EXPERIMENTS_DIR) else f" --data {a.data}") + \
-             ("" if _is_default(a.out, PROJECT_ROOT / "out") else f" --out {a.out}")
+        res = run_study(
+            a.data or DEFAULT_EXPERIMENTS_DIR,
+            a.out,
+            synth_if_empty=synth,
+            seed=a.seed,
+            scale=a.scale,
+            experiments=a.experiment,
+            verbose=a.verbose,
+            workers=a.workers if a.workers is not None else min(2, os.cpu_count() or 1),
+        )
+        ui = (
+            "stepml ui"
+            + ("" if _is_default(a.data, DEFAULT_EXPERIMENTS_DIR) else f" --data {a.data}")
+            + ("" if _is_default(a.out, PROJECT_ROOT / "out") else f" --out {a.out}")
+        )
         print(f"browse this study's runs in the Dagster UI: {ui}", flush=True)
         return 0 if res["study_ok"] and not res["failed"] else 1
     if a.cmd == "synth":
@@ -119,10 +173,14 @@ def _dispatch(a) -> int:
         return 0
     if a.cmd == "ui":
         from .instance import prune_partitions, ui_command
+
         argv, env = ui_command(a.data, a.out, port=a.port)
         prune_partitions(Path(env["DAGSTER_HOME"]), Path(env["STEPML_DATA_DIR"]))
-        print(f"Dagster instance: {env['DAGSTER_HOME']}; data: {env['STEPML_DATA_DIR']}; outputs: {env['STEPML_OUT_DIR']}\n"
-              f"UI on http://127.0.0.1:{a.port} ({' '.join(argv)})", flush=True)
+        print(
+            f"Dagster instance: {env['DAGSTER_HOME']}; data: {env['STEPML_DATA_DIR']}; outputs: {env['STEPML_OUT_DIR']}\n"
+            f"UI on http://127.0.0.1:{a.port} ({' '.join(argv)})",
+            flush=True,
+        )
         os.execve(argv[0], argv, env)
     return 2
 

@@ -16,11 +16,23 @@ IN_PROCESS_RUN_CONFIG = {"execution": {"config": {"in_process": {}}}}
 
 
 JOBS = {  # name: (assets, description); run in this order (the study_sensor chains them)
-    "experiment_job": (PARTITIONED_ASSETS, "Ingest, validate, featurize, split, fit and score one experiment partition; read its request log."),
-    "models_job": (MODEL_ASSETS, "Study-level models: pooled and cross-validated fits, synthetic-run calibration, the step-time "
-                                 "models replays use."),
-    "replay_job": (REPLAY_ASSETS, "Replay one partition's request log through the simulator with every step-time model."),
-    "study_job": (REPORT_ASSETS, "Replay scores (replay.csv), H1 verdict and the study report over all materialized experiments."),
+    "experiment_job": (
+        PARTITIONED_ASSETS,
+        "Ingest, validate, featurize, split, fit and score one experiment partition; read its request log.",
+    ),
+    "models_job": (
+        MODEL_ASSETS,
+        "Study-level models: pooled and cross-validated fits, synthetic-run calibration, the step-time "
+        "models replays use.",
+    ),
+    "replay_job": (
+        REPLAY_ASSETS,
+        "Replay one partition's request log through the simulator with every step-time model.",
+    ),
+    "study_job": (
+        REPORT_ASSETS,
+        "Replay scores (replay.csv), H1 verdict and the study report over all materialized experiments.",
+    ),
 }
 
 
@@ -28,14 +40,23 @@ def build_jobs(*, max_concurrent: int = 2, local: bool = True) -> list:
     """The four phase jobs. local: Dagster's multi_or_in_process executor, multiprocess with at most
     max_concurrent steps by default (UI launches) and in-process with IN_PROCESS_RUN_CONFIG (sensor runs);
     otherwise the Definitions' executor (Celery in stepml_dagster.distributed)."""
-    kw = dict(executor_def=dg.multi_or_in_process_executor,
-              config={"execution": {"config": {"multiprocess": {"max_concurrent": max_concurrent}}}}) if local else {}
-    return [dg.define_asset_job(name, selection=dg.AssetSelection.assets(*assets), description=desc, **kw)
-            for name, (assets, desc) in JOBS.items()]
+    kw = (
+        dict(
+            executor_def=dg.multi_or_in_process_executor,
+            config={"execution": {"config": {"multiprocess": {"max_concurrent": max_concurrent}}}},
+        )
+        if local
+        else {}
+    )
+    return [
+        dg.define_asset_job(name, selection=dg.AssetSelection.assets(*assets), description=desc, **kw)
+        for name, (assets, desc) in JOBS.items()
+    ]
 
 
-def build_definitions(settings: StepMLSettings | None = None, *, max_concurrent: int = 2,
-                      executor: dg.ExecutorDefinition | None = None) -> dg.Definitions:
+def build_definitions(
+    settings: StepMLSettings | None = None, *, max_concurrent: int = 2, executor: dg.ExecutorDefinition | None = None
+) -> dg.Definitions:
     settings = settings or settings_from_env()
     local = executor is None
     jobs = build_jobs(max_concurrent=max_concurrent, local=local)
@@ -44,7 +65,8 @@ def build_definitions(settings: StepMLSettings | None = None, *, max_concurrent:
         assets=ALL_ASSETS,
         asset_checks=REQUEST_CHECKS,
         jobs=jobs,
-        sensors=sensors, schedules=schedules,
+        sensors=sensors,
+        schedules=schedules,
         resources={"settings": settings, "io_manager": ParquetIOManager(base_dir=str(settings.assets_dir()))},
         # default: steps as local processes; stepml_dagster.distributed passes the Celery executor (several machines)
         executor=executor or dg.multiprocess_executor.configured({"max_concurrent": max_concurrent}),

@@ -27,8 +27,9 @@ def celery_executor_def() -> dg.ExecutorDefinition:
     """dagster-celery's executor with broker and result backend read from the environment at run time."""
     from dagster_celery import celery_executor
 
-    return celery_executor.configured({"broker": {"env": BROKER_ENV}, "backend": {"env": BACKEND_ENV}},
-                                      name="stepml_celery")
+    return celery_executor.configured(
+        {"broker": {"env": BROKER_ENV}, "backend": {"env": BACKEND_ENV}}, name="stepml_celery"
+    )
 
 
 def build_distributed_definitions() -> dg.Definitions:

@@ -17,30 +17,43 @@ from stepml_core.paths import PROJECT_ROOT
 
 
 def add_parser(sub, parents=()) -> None:
-    e = sub.add_parser("export", parents=list(parents), help="write the recommended step-time model per LLM model (BLIS or StepML format)")
-    e.add_argument("--format", choices=("blis", "stepml"), default="blis",
-                   help="blis: BLIS's --stepml-model file over BLIS features; stepml: StepML's own JSON (default blis)")
-    e.add_argument("--study", type=Path, default=PROJECT_ROOT / "out", help="a `stepml run` output folder (default: out/)")
+    e = sub.add_parser(
+        "export",
+        parents=list(parents),
+        help="write the recommended step-time model per LLM model (BLIS or StepML format)",
+    )
+    e.add_argument(
+        "--format",
+        choices=("blis", "stepml"),
+        default="blis",
+        help="blis: BLIS's --stepml-model file over BLIS features; stepml: StepML's own JSON (default blis)",
+    )
+    e.add_argument(
+        "--study", type=Path, default=PROJECT_ROOT / "out", help="a `stepml run` output folder (default: out/)"
+    )
     e.add_argument("--out", type=Path, required=True, help="folder to write <model_short>.json files into")
 
 
 def _load_study(study: Path):
     import polars as pl
 
+    from stepml_core.errors import UsageError
     from stepml_core.runs import parse_run_id
 
     from .io_manager import read_object
 
-    from stepml_core.errors import UsageError
-
     rp = study / "replay.csv"
     if not rp.is_file():
         raise UsageError(f"{rp} not found (run `stepml run --out {study}` first)")
-    rows = pl.read_csv(rp, schema_overrides={"observed": pl.Float64, "rel_err_pct": pl.Float64, "predicted": pl.Float64})
+    rows = pl.read_csv(
+        rp, schema_overrides={"observed": pl.Float64, "rel_err_pct": pl.Float64, "predicted": pl.Float64}
+    )
     try:
         specs = read_object(study / "assets" / "replay_models" / "__all__")
     except FileNotFoundError:
-        raise UsageError(f"no stored replay_models under {study / 'assets'} (run `stepml run --out {study}` first)") from None
+        raise UsageError(
+            f"no stored replay_models under {study / 'assets'} (run `stepml run --out {study}` first)"
+        ) from None
     try:
         cal = read_object(study / "assets" / "request_calibration" / "__all__")
         shipped = dict(cal["shipped"])
@@ -49,7 +62,11 @@ def _load_study(study: Path):
     try:
         fid = read_object(study / "assets" / "replay_fidelity" / "__all__")
         per = fid["recommended_per_llm"] if "recommended_per_llm" in fid else None
-        per_llm = dict(zip(per["llm_model"].to_list(), per["step_model"].to_list())) if per is not None and per.height else None
+        per_llm = (
+            dict(zip(per["llm_model"].to_list(), per["step_model"].to_list()))
+            if per is not None and per.height
+            else None
+        )
     except FileNotFoundError:
         per_llm = None
     llm_of = {e: parse_run_id(e).model for e in set(rows["experiment_id"].to_list())}
@@ -70,8 +87,10 @@ def run(a: argparse.Namespace) -> int:
         paths = _write_stepml(chosen, specs, shipped, Path(a.out))
     for llm, c in sorted(chosen.items()):
         cost = c.get("fidelity_cost_pct_points")
-        print(f"{llm}: {c['step_model']} (recommended: {c['recommended']}; fitted on {len(c['fitted_on'])} run(s))"
-              + (f"; {c['note']}; costs {cost}" if c.get("note") else ""))
+        print(
+            f"{llm}: {c['step_model']} (recommended: {c['recommended']}; fitted on {len(c['fitted_on'])} run(s))"
+            + (f"; {c['note']}; costs {cost}" if c.get("note") else "")
+        )
     print(f"wrote {len(paths)} file(s) under {a.out}")
     return 0
 
@@ -82,9 +101,19 @@ def _write_stepml(chosen: dict, specs: list[dict], shipped: dict, out: Path) -> 
     paths = []
     for llm, c in sorted(chosen.items()):
         rec = c["recommended"]
-        spec = next((s for s in specs if s.get("llm_model") == llm and s["name"] == rec and s.get("kind") == "stepml_export"), None)
-        doc = spec["exported"] if spec else (shipped.get(llm) if c["step_model"].startswith("requests_") else
-                                             next((s for s in specs if s.get("llm_model") == llm and s["name"] == c["step_model"]), None))
+        spec = next(
+            (s for s in specs if s.get("llm_model") == llm and s["name"] == rec and s.get("kind") == "stepml_export"),
+            None,
+        )
+        doc = (
+            spec["exported"]
+            if spec
+            else (
+                shipped.get(llm)
+                if c["step_model"].startswith("requests_")
+                else next((s for s in specs if s.get("llm_model") == llm and s["name"] == c["step_model"]), None)
+            )
+        )
         p = out / f"{llm}.json"
         p.write_text(json.dumps(doc, indent=1, sort_keys=True, default=float) + "\n")
         paths.append(p)

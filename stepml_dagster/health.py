@@ -24,8 +24,13 @@ LAUNCHER_TAG, PID_TAG, HOST_TAG = "stepml/launcher", "stepml/pid", "stepml/host"
 LAUNCHER = "stepml run"
 EXPERIMENT_JOB = "experiment_job"
 PARTITION_TAG = "dagster/partition"
-ACTIVE_STATUSES = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
-                   dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+ACTIVE_STATUSES = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
 FAILED_STATUSES = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 
 
@@ -99,7 +104,9 @@ def stale_reason(folder: Path, stored_files: list[dict] | None, stored_version: 
         now = {f["file"]: f for f in fingerprint(folder, with_hash=False)}
     except OSError as e:
         return f"its run folder cannot be read now ({e.strerror or e})"
-    if {k: (v["size_bytes"], v["mtime_ns"]) for k, v in now.items()} == {f["file"]: (f["size_bytes"], f["mtime_ns"]) for f in stored_files}:
+    if {k: (v["size_bytes"], v["mtime_ns"]) for k, v in now.items()} == {
+        f["file"]: (f["size_bytes"], f["mtime_ns"]) for f in stored_files
+    }:
         return None
     try:
         digest = fingerprint_digest(fingerprint(folder))
@@ -107,13 +114,17 @@ def stale_reason(folder: Path, stored_files: list[dict] | None, stored_version: 
         return f"its run folder cannot be read now ({e})"
     if digest == stored_version:
         return None
-    changed = sorted(set(now) ^ {f["file"] for f in stored_files}
-                     | {f["file"] for f in stored_files if f["file"] in now and now[f["file"]]["size_bytes"] != f["size_bytes"]})
+    changed = sorted(
+        set(now) ^ {f["file"] for f in stored_files}
+        | {f["file"] for f in stored_files if f["file"] in now and now[f["file"]]["size_bytes"] != f["size_bytes"]}
+    )
     what = ", ".join(changed) if changed else "file contents"
     return f"its input files changed since it was processed (data version {stored_version} → {digest}: {what})"
 
 
-def study_exclusions(instance: dg.DagsterInstance | None, data_root: Path, stored: dict[str, tuple[list, str]]) -> dict[str, dict]:
+def study_exclusions(
+    instance: dg.DagsterInstance | None, data_root: Path, stored: dict[str, tuple[list, str]]
+) -> dict[str, dict]:
     """{partition: {status: failed|stale, reason, run_id}} for stored partitions the study must leave out.
 
     stored: {partition: (files, data version)} as recorded by its stored raw_traces / run_summary.
@@ -135,8 +146,9 @@ def study_exclusions(instance: dg.DagsterInstance | None, data_root: Path, store
     return out
 
 
-def failed_without_results(instance: dg.DagsterInstance | None, keys: list[str], stored: set[str],
-                           data_root: Path) -> dict[str, dict]:
+def failed_without_results(
+    instance: dg.DagsterInstance | None, keys: list[str], stored: set[str], data_root: Path
+) -> dict[str, dict]:
     """Registered partitions with no stored results whose latest run failed or which `stepml run` refused
     (listed in the report too)."""
     out = {}

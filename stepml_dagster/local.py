@@ -46,7 +46,6 @@ from stepml_core.errors import NoUsableRunsError, StepMLError, UsageError
 from stepml_core.progress import make_progress
 from stepml_core.runs import RUN_FOLDER_CONTENTS, find_trace_file
 
-
 PARTITIONS_PER_WORKER = 4  # `stepml run --workers N`: partitions a worker process runs before it is replaced
 
 
@@ -83,6 +82,7 @@ def _stepml_error_names() -> set[str]:
 
 class PhaseJobs(NamedTuple):
     """The four phase jobs of definitions.py (JOBS, in run order), resolved once from the definitions."""
+
     experiment: dg.JobDefinition
     models: dg.JobDefinition
     replay: dg.JobDefinition
@@ -95,13 +95,20 @@ class PhaseJobs(NamedTuple):
         return cls(*(defs.resolve_job_def(name) for name in JOBS))
 
 
-def _materialize_partition(job: dg.JobDefinition, instance, key: str, selection: list | None = None,
-                           verbose: bool = False) -> tuple[str, bool, float, str | None]:
+def _materialize_partition(
+    job: dg.JobDefinition, instance, key: str, selection: list | None = None, verbose: bool = False
+) -> tuple[str, bool, float, str | None]:
     from .health import run_tags
 
     t = time.perf_counter()
-    res = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False, run_config=_run_config(verbose),
-                                 asset_selection=selection, tags=run_tags())  # who runs it: a dead worker's run is found and failed
+    res = job.execute_in_process(
+        partition_key=key,
+        instance=instance,
+        raise_on_error=False,
+        run_config=_run_config(verbose),
+        asset_selection=selection,
+        tags=run_tags(),
+    )  # who runs it: a dead worker's run is found and failed
     return key, res.success, time.perf_counter() - t, run_error(res)
 
 
@@ -118,14 +125,25 @@ def _partition_worker(data_dir: str, out_dir: str, seed: int, job_name: str, ver
         release_freed_memory()
 
 
-def _run_partitions(job: dg.JobDefinition, instance, settings, keys: list[str], workers: int, *, label: str,
-                    quiet: bool = False, verbose: bool = False, prefit_last: bool = False):
+def _run_partitions(
+    job: dg.JobDefinition,
+    instance,
+    settings,
+    keys: list[str],
+    workers: int,
+    *,
+    label: str,
+    quiet: bool = False,
+    verbose: bool = False,
+    prefit_last: bool = False,
+):
     """Materialize a partitioned job for each key (in `workers` processes when > 1); returns (failed keys, errors).
     Progress: a bar on a terminal, one line per partition otherwise; a failure is one line with its error."""
     import io
 
     failed, errors = [], {}
     with make_progress(len(keys), label, stream=io.StringIO() if quiet else None) as progress:
+
         def finished(key: str, ok: bool, secs: float, err: str | None) -> None:
             if ok:
                 progress.advance(f"{key}: ok ({secs:.1f} s)")
@@ -155,19 +173,32 @@ def _run_partitions(job: dg.JobDefinition, instance, settings, keys: list[str], 
             mark_abandoned_runs(instance, pid=pid, why=f"{key}: {msg}")
 
         common = (settings.data_dir, settings.out_dir, settings.seed, job.name, verbose)
-        for key, res, death in run_in_workers(_partition_worker, common, keys, min(workers, len(keys)),
-                                              PARTITIONS_PER_WORKER, died):
+        for key, res, death in run_in_workers(
+            _partition_worker, common, keys, min(workers, len(keys)), PARTITIONS_PER_WORKER, died
+        ):
             finished(*(res if death is None else (key, False, float("nan"), death)))
         # every worker has exited (and its memory is back) before the next phase starts
     return failed, errors
 
 
-FEATURE_ASSETS = ["raw_traces", "trace_steps", "trace_snapshots", "trace_journey", "trace_quarantine", "trace_spans",  # one step
-                  "step_table", "quarantine", "request_context", "feature_matrix", "split"]  # what pooled folds read
+FEATURE_ASSETS = [
+    "raw_traces",
+    "trace_steps",
+    "trace_snapshots",
+    "trace_journey",
+    "trace_quarantine",
+    "trace_spans",  # one step
+    "step_table",
+    "quarantine",
+    "request_context",
+    "feature_matrix",
+    "split",
+]  # what pooled folds read
 
 
-def _materialize_with_prefit(job: dg.JobDefinition, instance, key: str, settings, verbose: bool = False
-                             ) -> tuple[str, bool, float, str | None]:
+def _materialize_with_prefit(
+    job: dg.JobDefinition, instance, key: str, settings, verbose: bool = False
+) -> tuple[str, bool, float, str | None]:
     """One partition in two in-process runs (its feature assets, then the rest) with the study's pooled
     folds fitted in between, in a thread, into the fold cache: the study job then finds them fitted.
     Same assets materialized once each; the cache is content-keyed, so the study's result is the same."""
@@ -197,8 +228,12 @@ def prefit_pooled_folds(settings, keys: list[str]) -> None:
         return
     io = ParquetIOManager(base_dir=str(settings.assets_dir()))
     try:
-        matrices = pooled_matrices(settings, io.stored_partitions("feature_matrix", keys), io.stored_partitions("split", keys))
-        study.fit_study_pooled(matrices, seed=settings.seed, threads=settings.fit_threads, caches=settings.fold_caches(), score=False)
+        matrices = pooled_matrices(
+            settings, io.stored_partitions("feature_matrix", keys), io.stored_partitions("split", keys)
+        )
+        study.fit_study_pooled(
+            matrices, seed=settings.seed, threads=settings.fit_threads, caches=settings.fold_caches(), score=False
+        )
     except Exception:  # noqa: BLE001 - an optimisation only: pooled_models fits whatever is missing
         pass
 
@@ -224,8 +259,10 @@ def no_run_folders_message(root: Path, rejected: list[tuple[Path, str]]) -> str:
     """One line: the folder, and what a run folder must be (the --verbose run lists the ignored entries)."""
     where = f"{root}: no such folder" if not root.is_dir() else f"no run folders in {root}"
     ignored = f" ({len(rejected)} other entr{'y' if len(rejected) == 1 else 'ies'} ignored)" if rejected else ""
-    return (f"{where}{ignored}: a run folder is named YYYYMMDD-HHMMSS-<model>-tp<N>-<workload> and holds "
-            f"{RUN_FOLDER_CONTENTS} (`stepml run --synth` writes 16 synthetic runs there)")
+    return (
+        f"{where}{ignored}: a run folder is named YYYYMMDD-HHMMSS-<model>-tp<N>-<workload> and holds "
+        f"{RUN_FOLDER_CONTENTS} (`stepml run --synth` writes 16 synthetic runs there)"
+    )
 
 
 def _stored_elsewhere(settings, names: list[str], failed: list[str]) -> bool:
@@ -234,18 +271,31 @@ def _stored_elsewhere(settings, names: list[str], failed: list[str]) -> bool:
     from .io_manager import ParquetIOManager
 
     others = [n for n in names if n not in set(failed)]
-    return bool(others) and len(ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions("run_summary", others)) > 0
+    return (
+        bool(others)
+        and len(ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions("run_summary", others)) > 0
+    )
 
 
 def _say(quiet: bool):
     def say(msg: str, err: bool = True) -> None:  # diagnostics and progress on stderr, the result line on stdout
         if not quiet:
             print(msg, file=sys.stderr if err else sys.stdout, flush=True)
+
     return say
 
 
-def _choose_runs(data_dir: Path, experiments: list[str] | None, *, synth_if_empty: bool, seed: int, scale: float,
-                 quiet: bool, verbose: bool, say) -> tuple[Path, list[Path], list, list[str], dict[str, str]]:
+def _choose_runs(
+    data_dir: Path,
+    experiments: list[str] | None,
+    *,
+    synth_if_empty: bool,
+    seed: int,
+    scale: float,
+    quiet: bool,
+    verbose: bool,
+    say,
+) -> tuple[Path, list[Path], list, list[str], dict[str, str]]:
     """(data root, run folders, rejected entries, chosen keys, {refused key: why}). Nothing is written before run
     folders are found: with none, synth_if_empty synthesizes the 16 runs into data_dir, otherwise UsageError; a
     chosen run whose metadata has problems is refused (NoUsableRunsError when every one is)."""
@@ -254,7 +304,9 @@ def _choose_runs(data_dir: Path, experiments: list[str] | None, *, synth_if_empt
     root = resolve_data_root(data_dir)
     folders, rejected = discover_run_folders(root)
     if not folders and synth_if_empty:
-        say(f"No run folders in {root}: synthesizing the 16 runs modelled on the H100 study (scale {scale}, seed {seed}) ...")
+        say(
+            f"No run folders in {root}: synthesizing the 16 runs modelled on the H100 study (scale {scale}, seed {seed}) ..."
+        )
         synthesize(root, None, scale=scale, seed=seed, quiet=quiet)
         folders, rejected = discover_run_folders(root)
     if not folders:
@@ -269,37 +321,54 @@ def _choose_runs(data_dir: Path, experiments: list[str] | None, *, synth_if_empt
         keys = [k for k in keys if k in set(experiments)]
     if not keys:
         raise UsageError(f"none of the chosen experiments is a run folder in {root}")
-    refused = {k: "; ".join(x.rstrip(".") for x in p) for k in keys if (p := run_folder_problems(root / k, data_root=root))}
+    refused = {
+        k: "; ".join(x.rstrip(".") for x in p) for k in keys if (p := run_folder_problems(root / k, data_root=root))
+    }
     for key, why in refused.items():
         say(f"{key}: not run: {why}")
     if len(refused) == len(keys):
-        raise NoUsableRunsError(f"no usable run in {root}: all {len(keys)} run folder(s) have problems (one line each above); nothing was run")
+        raise NoUsableRunsError(
+            f"no usable run in {root}: all {len(keys)} run folder(s) have problems (one line each above); nothing was run"
+        )
     return root, folders, rejected, keys, refused
 
 
-def _study_chain(jobs: PhaseJobs, instance, settings, done: list[str], workers: int, *, quiet: bool, verbose: bool, say
-                 ) -> tuple[list[str], dict[str, str], bool, str | None]:
+def _study_chain(
+    jobs: PhaseJobs, instance, settings, done: list[str], workers: int, *, quiet: bool, verbose: bool, say
+) -> tuple[list[str], dict[str, str], bool, str | None]:
     """The study after the partitions: models_job, then replay_job for each run in `done` with a stored request
     log (a run that failed just now keeps an older stored log, not replayed), then study_job.
     Returns (failed replays, their errors, study ok, study error)."""
     from .io_manager import ParquetIOManager
 
-    res_models = jobs.models.execute_in_process(instance=instance, raise_on_error=False, run_config=_run_config(verbose))
+    res_models = jobs.models.execute_in_process(
+        instance=instance, raise_on_error=False, run_config=_run_config(verbose)
+    )
     if not res_models.success:
         say(f"models: FAILED: {run_error(res_models)}")
     with_logs = sorted(ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions("request_log", done))
     failed, errors = [], {}
     if res_models.success and with_logs:
-        failed, errors = _run_partitions(jobs.replay, instance, settings, with_logs, workers, label="replay",
-                                         quiet=quiet, verbose=verbose)
+        failed, errors = _run_partitions(
+            jobs.replay, instance, settings, with_logs, workers, label="replay", quiet=quiet, verbose=verbose
+        )
     release_freed_memory()
     res = jobs.study.execute_in_process(instance=instance, raise_on_error=False, run_config=_run_config(verbose))
     return failed, errors, res.success and res_models.success, run_error(res_models) or run_error(res)
 
 
-def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, seed: int = 0, scale: float = 1.0,
-              quiet: bool = False, experiments: list[str] | None = None, workers: int | None = None,
-              verbose: bool = False) -> dict:
+def run_study(
+    data_dir: Path,
+    out_dir: Path,
+    *,
+    synth_if_empty: bool = True,
+    seed: int = 0,
+    scale: float = 1.0,
+    quiet: bool = False,
+    experiments: list[str] | None = None,
+    workers: int | None = None,
+    verbose: bool = False,
+) -> dict:
     """Register partitions for the run folders under data_dir and materialize everything.
 
     Nothing is written before run folders are found (_choose_runs). Each partition runs with Dagster's
@@ -316,8 +385,16 @@ def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, see
     from .resources import StepMLSettings
 
     say = _say(quiet)
-    root, folders, rejected, keys, refused = _choose_runs(data_dir, experiments, synth_if_empty=synth_if_empty, seed=seed,
-                                                          scale=scale, quiet=quiet, verbose=verbose, say=say)
+    root, folders, rejected, keys, refused = _choose_runs(
+        data_dir,
+        experiments,
+        synth_if_empty=synth_if_empty,
+        seed=seed,
+        scale=scale,
+        quiet=quiet,
+        verbose=verbose,
+        say=say,
+    )
     todo = [k for k in keys if k not in refused]
     failed, errors = list(refused), dict(refused)
     # one stepml run per output folder, taken once the runs are known (nothing written before): a second one fails at once
@@ -332,21 +409,51 @@ def run_study(data_dir: Path, out_dir: Path, *, synth_if_empty: bool = True, see
         assert set(todo) <= registered, "every chosen run folder is an experiment partition (sync_partitions)"
         t0 = time.perf_counter()
         workers = max(1, min(workers or 1, len(todo)))
-        f, e = _run_partitions(jobs.experiment, instance, settings, todo, workers, label="runs", quiet=quiet,
-                               verbose=verbose, prefit_last=True)
+        f, e = _run_partitions(
+            jobs.experiment,
+            instance,
+            settings,
+            todo,
+            workers,
+            label="runs",
+            quiet=quiet,
+            verbose=verbose,
+            prefit_last=True,
+        )
         failed += f
         errors.update(e)
         if len(failed) == len(keys) and not _stored_elsewhere(settings, [f.name for f in folders], failed):
-            raise NoUsableRunsError(f"no usable run in {root}: all {len(keys)} run(s) failed (one line each above); no study was run")
+            raise NoUsableRunsError(
+                f"no usable run in {root}: all {len(keys)} run(s) failed (one line each above); no study was run"
+            )
         release_freed_memory()
-        r_failed, r_errors, study_ok, study_err = _study_chain(jobs, instance, settings, [k for k in todo if k not in set(failed)],
-                                                               workers, quiet=quiet, verbose=verbose, say=say)
+        r_failed, r_errors, study_ok, study_err = _study_chain(
+            jobs,
+            instance,
+            settings,
+            [k for k in todo if k not in set(failed)],
+            workers,
+            quiet=quiet,
+            verbose=verbose,
+            say=say,
+        )
         failed += [k for k in r_failed if k not in failed]
         errors.update({k: v for k, v in r_errors.items() if k not in errors})
-        say(f"study: {'ok' if study_ok else 'FAILED: ' + str(study_err)}; {len(keys) - len(failed)} of {len(keys)} "
-            f"experiment(s) in {time.perf_counter() - t0:.1f} s; outputs in {out_dir}", err=False)
-    return {"experiments": keys, "failed": failed, "errors": errors, "skipped": {str(p.name): why for p, why in rejected},
-            "study_ok": study_ok, "study_error": study_err, "out_dir": str(out_dir), "dagster_home": str(home)}
+        say(
+            f"study: {'ok' if study_ok else 'FAILED: ' + str(study_err)}; {len(keys) - len(failed)} of {len(keys)} "
+            f"experiment(s) in {time.perf_counter() - t0:.1f} s; outputs in {out_dir}",
+            err=False,
+        )
+    return {
+        "experiments": keys,
+        "failed": failed,
+        "errors": errors,
+        "skipped": {str(p.name): why for p, why in rejected},
+        "study_ok": study_ok,
+        "study_error": study_err,
+        "out_dir": str(out_dir),
+        "dagster_home": str(home),
+    }
 
 
 def synthesize(out_dir: Path, runs: list[str] | None, *, scale: float, seed: int, quiet: bool = False) -> list[Path]:
@@ -361,6 +468,7 @@ def synthesize(out_dir: Path, runs: list[str] | None, *, scale: float, seed: int
 
 
 # ------------------------------------------------------------------------- backfill
+
 
 class BackfillError(UsageError):
     """Bad selection (unknown or invalid experiment ids); raised before anything runs."""
@@ -380,14 +488,24 @@ def select_experiments(data_dir: Path, experiments: list[str] | None, *, all_: b
         return root, None
     unknown = [e for e in experiments if e not in found]  # an id is only ever compared, never made a path
     if unknown:
-        raise BackfillError(f"not a run folder in {root}: {', '.join(map(repr, unknown))}; "
-                            f"available: {', '.join(found)}")
+        raise BackfillError(
+            f"not a run folder in {root}: {', '.join(map(repr, unknown))}; available: {', '.join(found)}"
+        )
     return root, list(dict.fromkeys(experiments))
 
 
-def backfill(data_dir: Path, out_dir: Path, experiments: list[str] | None = None, *, all_: bool = False,
-             quiet: bool = False, seed: int = 0, verbose: bool = False) -> dict:
+def backfill(
+    data_dir: Path,
+    out_dir: Path,
+    experiments: list[str] | None = None,
+    *,
+    all_: bool = False,
+    quiet: bool = False,
+    seed: int = 0,
+    verbose: bool = False,
+) -> dict:
 
     root, chosen = select_experiments(data_dir, experiments, all_=all_)
-    return run_study(root, Path(out_dir), synth_if_empty=False, quiet=quiet, seed=seed, experiments=chosen,
-                     verbose=verbose)
+    return run_study(
+        root, Path(out_dir), synth_if_empty=False, quiet=quiet, seed=seed, experiments=chosen, verbose=verbose
+    )

@@ -56,13 +56,25 @@ def out_dir_lock(out_dir: Path, wait_s: float | None = None, command: str = "ste
                         who = f"{holder.get('command', 'stepml')} (pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')})"
                     except (ValueError, OSError):
                         who = "another stepml command"
-                    raise OutDirBusy(f"the output folder {out_dir} is in use by {who}; wait for it to finish "
-                                     f"or choose another --out (lock file {path}; STEPML_LOCK_WAIT_S waits for it, "
-                                     f"waited {wait_s:g} s)") from None
+                    raise OutDirBusy(
+                        f"the output folder {out_dir} is in use by {who}; wait for it to finish "
+                        f"or choose another --out (lock file {path}; STEPML_LOCK_WAIT_S waits for it, "
+                        f"waited {wait_s:g} s)"
+                    ) from None
                 time.sleep(0.2)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"command": command, "pid": os.getpid(), "host": socket.gethostname(),
-                                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}).encode(), 0)
+        os.pwrite(
+            fd,
+            json.dumps(
+                {
+                    "command": command,
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                }
+            ).encode(),
+            0,
+        )
         yield path
     finally:
         os.close(fd)  # releases the lock

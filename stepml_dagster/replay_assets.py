@@ -4,7 +4,6 @@ import warnings
 
 import dagster as dg
 
-
 from stepml_core import checks, pipeline
 from stepml_core.progress import make_progress
 
@@ -13,27 +12,43 @@ from .partitions import PART
 from .resources import StepMLSettings
 
 
-@dg.asset(**PART, group_name="requests", output_required=False,
-          description="Every request the run's load generator sent (arrival, tokens, role) and the TTFT/E2E its client saw, "
-                      "pandera-validated; bad records quarantined with file and record index.")
+@dg.asset(
+    **PART,
+    group_name="requests",
+    output_required=False,
+    description="Every request the run's load generator sent (arrival, tokens, role) and the TTFT/E2E its client saw, "
+    "pandera-validated; bad records quarantined with file and record index.",
+)
 def request_log(context: dg.AssetExecutionContext, settings: StepMLSettings):
     folder = settings.run_folder(context.partition_key)
     value = pipeline.request_log(folder)
     if value is None:
-        context.log.info(f"{folder}: no requests.json[.gz] or results/per_request_lifecycle_metrics.json: request-level assets skipped")
+        context.log.info(
+            f"{folder}: no requests.json[.gz] or results/per_request_lifecycle_metrics.json: request-level assets skipped"
+        )
         return
     # same data version as raw_traces: the digest of every input file of the run folder
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", dg.BetaWarning)  # Output(data_version=...) is beta in 1.13
-        out = dg.Output(value, data_version=dg.DataVersion(value["data_version"]),
-                        metadata={"role": value["header"].get("role") or "–", "format": value["header"].get("format"),
-                                  "ground_truth": value["has_ground_truth"], "files": dg.MetadataValue.json(value["files"]),
-                                  **value["counts"], "dagster/row_count": value["requests"].height})
+        out = dg.Output(
+            value,
+            data_version=dg.DataVersion(value["data_version"]),
+            metadata={
+                "role": value["header"].get("role") or "–",
+                "format": value["header"].get("format"),
+                "ground_truth": value["has_ground_truth"],
+                "files": dg.MetadataValue.json(value["files"]),
+                **value["counts"],
+                "dagster/row_count": value["requests"].height,
+            },
+        )
     yield out
 
 
-@dg.asset_check(asset=request_log, description="records in = records kept + records quarantined (runs only where a "
-                                               "request log was materialized).")
+@dg.asset_check(
+    asset=request_log,
+    description="records in = records kept + records quarantined (runs only where a request log was materialized).",
+)
 def records_balance(request_log) -> dg.AssetCheckResult:
     from .io_manager import StoredPartitions
 
@@ -42,9 +57,12 @@ def records_balance(request_log) -> dg.AssetCheckResult:
     return check_result(checks.records_balance(parts))
 
 
-@dg.asset(group_name="replay", description="Step-time models calibrated from request logs alone (BLIS model files): per LLM "
-                                            "model on its train runs (requests_roles), leaving one workload out (requests_lowo), "
-                                            "leaving one model out (requests_lomo), and on all runs (requests_all, for export).")
+@dg.asset(
+    group_name="replay",
+    description="Step-time models calibrated from request logs alone (BLIS model files): per LLM "
+    "model on its train runs (requests_roles), leaving one workload out (requests_lowo), "
+    "leaving one model out (requests_lomo), and on all runs (requests_all, for export).",
+)
 def request_calibration(context: dg.AssetExecutionContext, settings: StepMLSettings, request_log) -> dict:
     from .health import study_exclusions
 
@@ -61,53 +79,104 @@ def request_calibration(context: dg.AssetExecutionContext, settings: StepMLSetti
         context.log.info(f"calibration {i}/{n}: {what}")
 
     try:
-        out = pipeline.request_calibration(request_log, settings.data_root(), skipped=skipped, seed=settings.seed,
-                                           workers=settings.fit_threads, progress=progress,
-                                           cache_dir=settings.out_dir_path() / "cache" / "request_calibration",
-                                           warn=lambda e, err: context.log.warning(f"{e}: not used for calibration: {err}"))
+        out = pipeline.request_calibration(
+            request_log,
+            settings.data_root(),
+            skipped=skipped,
+            seed=settings.seed,
+            workers=settings.fit_threads,
+            progress=progress,
+            cache_dir=settings.out_dir_path() / "cache" / "request_calibration",
+            warn=lambda e, err: context.log.warning(f"{e}: not used for calibration: {err}"),
+        )
     finally:
         if bar:
             bar[0].__exit__(None, None, None)
     skipped = out["skipped_runs"]
-    context.add_output_metadata({"specs": len(out["specs"]), "calibrations": len(out["calibrations"]),
-                                 "skipped_runs": dg.MetadataValue.json(skipped), "failed": dg.MetadataValue.json(out["failed"]),
-                                 "reused": out["reused"], "computed": out["computed"], "seconds": out["seconds"],
-                                 "folds": dg.MetadataValue.json([{k: f[k] for k in ("name", "llm_model", "calibrate_on", "for_runs")}
-                                                                 for f in out["folds"]])})
+    context.add_output_metadata(
+        {
+            "specs": len(out["specs"]),
+            "calibrations": len(out["calibrations"]),
+            "skipped_runs": dg.MetadataValue.json(skipped),
+            "failed": dg.MetadataValue.json(out["failed"]),
+            "reused": out["reused"],
+            "computed": out["computed"],
+            "seconds": out["seconds"],
+            "folds": dg.MetadataValue.json(
+                [{k: f[k] for k in ("name", "llm_model", "calibrate_on", "for_runs")} for f in out["folds"]]
+            ),
+        }
+    )
     return out
 
 
-@dg.asset(group_name="replay", description="Step-time models a replay can use: the synthesizer's physics, every traced "
-                                            "run's cycle_us models (StepML export JSON / BLIS model file) and the models "
-                                            "calibrated from request logs, with what each was fitted on.")
-def replay_models(context: dg.AssetExecutionContext, settings: StepMLSettings, fitted_models, run_summary,
-                  request_calibration) -> list:
+@dg.asset(
+    group_name="replay",
+    description="Step-time models a replay can use: the synthesizer's physics, every traced "
+    "run's cycle_us models (StepML export JSON / BLIS model file) and the models "
+    "calibrated from request logs, with what each was fitted on.",
+)
+def replay_models(
+    context: dg.AssetExecutionContext, settings: StepMLSettings, fitted_models, run_summary, request_calibration
+) -> list:
     present = list(run_summary)
     specs = pipeline.replay_models(fitted_models, run_summary, present, request_calibration["specs"])
-    context.add_output_metadata({"models": len(specs), "by_kind": dg.MetadataValue.json(
-        {k: sum(1 for s in specs if s["kind"] == k) for k in sorted({s["kind"] for s in specs})})})
+    context.add_output_metadata(
+        {
+            "models": len(specs),
+            "by_kind": dg.MetadataValue.json(
+                {k: sum(1 for s in specs if s["kind"] == k) for k in sorted({s["kind"] for s in specs})}
+            ),
+        }
+    )
     return specs
 
 
-@dg.asset(**PART, group_name="replay", output_required=False,
-          description="The run's real requests replayed through StepML's vLLM simulator with each step-time model: "
-                      "predicted vs observed TTFT/E2E per metric, per-request predictions under out/replay/.")
+@dg.asset(
+    **PART,
+    group_name="replay",
+    output_required=False,
+    description="The run's real requests replayed through StepML's vLLM simulator with each step-time model: "
+    "predicted vs observed TTFT/E2E per metric, per-request predictions under out/replay/.",
+)
 def replay(context: dg.AssetExecutionContext, settings: StepMLSettings, request_log, replay_models):
     key = context.partition_key
-    value, facts = pipeline.replay(settings.run_folder(key), key, request_log, replay_models, data_root=settings.data_root(),
-                                   out_dir=settings.out_dir, seed=settings.seed)
-    yield dg.Output(value, metadata={**facts, "per_request_files": dg.MetadataValue.json(facts["per_request_files"]),
-                                     "assumptions": dg.MetadataValue.json(facts["assumptions"])})
+    value, facts = pipeline.replay(
+        settings.run_folder(key),
+        key,
+        request_log,
+        replay_models,
+        data_root=settings.data_root(),
+        out_dir=settings.out_dir,
+        seed=settings.seed,
+    )
+    yield dg.Output(
+        value,
+        metadata={
+            **facts,
+            "per_request_files": dg.MetadataValue.json(facts["per_request_files"]),
+            "assumptions": dg.MetadataValue.json(facts["assumptions"]),
+        },
+    )
 
 
-@dg.asset(group_name="replay", description="All replays: replay.csv (predicted vs observed per run × step model × metric, "
-                                            "in/out of sample, the recommended model per LLM model) beside BLIS iteration 4a.")
+@dg.asset(
+    group_name="replay",
+    description="All replays: replay.csv (predicted vs observed per run × step model × metric, "
+    "in/out of sample, the recommended model per LLM model) beside BLIS iteration 4a.",
+)
 def replay_fidelity(context: dg.AssetExecutionContext, settings: StepMLSettings, replay, request_log) -> dict:
     left_out = replays_left_out(settings, context.instance, request_log, list(replay))
     present = [e for e in replay if e not in left_out]
     tables = pipeline.replay_fidelity(replay, request_log, present, settings.out_dir)
-    context.add_output_metadata({"runs": len(present), "rows": tables["replay"].height, "left_out": dg.MetadataValue.json(left_out),
-                                 "replay_csv": dg.MetadataValue.path(str(tables["replay_csv"]))})
+    context.add_output_metadata(
+        {
+            "runs": len(present),
+            "rows": tables["replay"].height,
+            "left_out": dg.MetadataValue.json(left_out),
+            "replay_csv": dg.MetadataValue.path(str(tables["replay_csv"])),
+        }
+    )
     return {**{k: v for k, v in tables.items() if k != "replay_csv"}, "left_out": left_out}
 
 
@@ -121,7 +190,10 @@ def replays_left_out(settings: StepMLSettings, instance, request_log, replayed: 
         if e in request_log:
             v = request_log[e]
             stored[e] = (v.get("run_files"), v.get("data_version"))
-    out = {e: {"status": r["status"], "reason": r["reason"]} for e, r in study_exclusions(instance, settings.data_root(), stored).items()}
+    out = {
+        e: {"status": r["status"], "reason": r["reason"]}
+        for e, r in study_exclusions(instance, settings.data_root(), stored).items()
+    }
     for e in replayed:
         if e in out or instance is None:
             continue
@@ -131,13 +203,19 @@ def replays_left_out(settings: StepMLSettings, instance, request_log, replayed: 
     return out
 
 
-@dg.asset(group_name="replay", description="The request-calibrated models against the real steps (per-step MAPE on cycle_us "
-                                            "of traced runs) and their replays per protocol beside BLIS 4a, interval coverage, "
-                                            "the issue's goals; the report's calibration section.")
-def calibration_fidelity(context: dg.AssetExecutionContext, settings: StepMLSettings, request_calibration, replay_fidelity,
-                         step_table) -> dict:
+@dg.asset(
+    group_name="replay",
+    description="The request-calibrated models against the real steps (per-step MAPE on cycle_us "
+    "of traced runs) and their replays per protocol beside BLIS 4a, interval coverage, "
+    "the issue's goals; the report's calibration section.",
+)
+def calibration_fidelity(
+    context: dg.AssetExecutionContext, settings: StepMLSettings, request_calibration, replay_fidelity, step_table
+) -> dict:
     out = pipeline.calibration_fidelity(request_calibration, replay_fidelity, step_table, settings.out_dir_path())
-    context.add_output_metadata({"goals": dg.MetadataValue.json([{k: g[k] for k in ("goal", "measured", "met")} for g in out["goals"]])})
+    context.add_output_metadata(
+        {"goals": dg.MetadataValue.json([{k: g[k] for k in ("goal", "measured", "met")} for g in out["goals"]])}
+    )
     return out
 
 

@@ -10,8 +10,8 @@ import dagster as dg
 
 from stepml_core.limits import InputLimits
 from stepml_core.paths import DEFAULT_EXPERIMENTS_DIR, PROJECT_ROOT
-from stepml_core.study import POOLED_SETS, FoldCache
 from stepml_core.runs import check_inside_root, parse_run_id, resolve_data_root
+from stepml_core.study import POOLED_SETS, FoldCache
 
 DEFAULT_OUT_DIR = PROJECT_ROOT / "out"
 _SHARED_REAL = PROJECT_ROOT.parent / "shared" / "real" / "experiments"
@@ -28,8 +28,9 @@ class SensorLimits:
     time_budget_s: float = 20.0
 
     @classmethod
-    def from_env(cls, *, settle_s: float | None = None, hash_budget_mb: float | None = None,
-                 time_budget_s: float | None = None) -> "SensorLimits":
+    def from_env(
+        cls, *, settle_s: float | None = None, hash_budget_mb: float | None = None, time_budget_s: float | None = None
+    ) -> "SensorLimits":
         """Given values, else STEPML_SENSOR_SETTLE_S / _HASH_BUDGET_MB / _TIME_BUDGET_S, else the defaults
         (an unparsable variable counts as unset)."""
         settle = _env_float("STEPML_SENSOR_SETTLE_S", settle_s, 60.0)
@@ -53,7 +54,9 @@ class StepMLSettings(dg.ConfigurableResource):
     data_dir: str = str(DEFAULT_EXPERIMENTS_DIR)
     out_dir: str = str(DEFAULT_OUT_DIR)
     seed: int = 0
-    real_reference_dir: str = DEFAULT_REAL_REFERENCE_DIR  # real run folders to calibrate synthetic runs against ("" = none)
+    real_reference_dir: str = (
+        DEFAULT_REAL_REFERENCE_DIR  # real run folders to calibrate synthetic runs against ("" = none)
+    )
     fit_threads: int = min(2, os.cpu_count() or 1)  # threads for the pooled folds of the study assets
     reuse_fits: bool = True  # pooled folds whose training data and code are unchanged reuse their stored fit
     # input limits per run (None: STEPML_<NAME> from the environment, else the default in stepml_core.limits.InputLimits)
@@ -71,19 +74,29 @@ class StepMLSettings(dg.ConfigurableResource):
 
     def input_limits(self) -> InputLimits:
         """The limits a run folder is read under: these fields, else STEPML_<NAME>, else the defaults."""
-        return InputLimits.from_env(max_trace_bytes=self.max_trace_bytes, max_inflate_ratio=self.max_inflate_ratio,
-                                    max_line_bytes=self.max_line_bytes, max_unreadable_lines=self.max_unreadable_lines,
-                                    max_quarantine_rows=self.max_quarantine_rows, max_metadata_bytes=self.max_metadata_bytes,
-                                    max_yaml_nodes=self.max_yaml_nodes)
+        return InputLimits.from_env(
+            max_trace_bytes=self.max_trace_bytes,
+            max_inflate_ratio=self.max_inflate_ratio,
+            max_line_bytes=self.max_line_bytes,
+            max_unreadable_lines=self.max_unreadable_lines,
+            max_quarantine_rows=self.max_quarantine_rows,
+            max_metadata_bytes=self.max_metadata_bytes,
+            max_yaml_nodes=self.max_yaml_nodes,
+        )
 
     def sensor_limits(self) -> "SensorLimits":
         """What one experiment_sensor tick may spend: these fields, else STEPML_SENSOR_<NAME>, else the defaults."""
-        return SensorLimits.from_env(settle_s=self.sensor_settle_s, hash_budget_mb=self.sensor_hash_budget_mb,
-                                     time_budget_s=self.sensor_time_budget_s)
+        return SensorLimits.from_env(
+            settle_s=self.sensor_settle_s,
+            hash_budget_mb=self.sensor_hash_budget_mb,
+            time_budget_s=self.sensor_time_budget_s,
+        )
 
     def fold_caches(self) -> dict[str, FoldCache] | None:
         """<out_dir>/cache/<asset>/ per pooled asset: fitted folds keyed by content (see stepml_core.study.fold_key)."""
-        return {name: FoldCache(Path(self.out_dir) / "cache" / name) for name in POOLED_SETS} if self.reuse_fits else None
+        return (
+            {name: FoldCache(Path(self.out_dir) / "cache" / name) for name in POOLED_SETS} if self.reuse_fits else None
+        )
 
     def out_dir_path(self) -> Path:
         return Path(self.out_dir)

@@ -69,6 +69,8 @@ def study_inputs() -> list[dg.AssetKey]:
     partitioned = {k for a in PARTITIONED_ASSETS for k in a.keys}
     keys = {k for a in STUDY_ASSETS for k in a.dependency_keys if k in partitioned} | {dg.AssetKey("request_log")}
     return sorted(keys, key=lambda k: k.to_user_string())
+
+
 CURSOR_VERSION = 1
 DELETED_KEPT = 100  # partitions deleted by experiment_sensor, newest last, kept in its cursor as a record
 DATA_VERSION_TAG = "stepml/data_version"
@@ -88,7 +90,11 @@ def sensor_interval_s() -> int:
 
 def sensor_default_status() -> dg.DefaultSensorStatus:
     v = os.environ.get("STEPML_SENSOR_STATUS", "running").strip().lower()
-    return dg.DefaultSensorStatus.STOPPED if v in {"stopped", "off", "0", "false", "no"} else dg.DefaultSensorStatus.RUNNING
+    return (
+        dg.DefaultSensorStatus.STOPPED
+        if v in {"stopped", "off", "0", "false", "no"}
+        else dg.DefaultSensorStatus.RUNNING
+    )
 
 
 class _OutOfTime(Exception):
@@ -102,6 +108,7 @@ def rerun_cron() -> str:
 # --------------------------------------------------------------------------------------------
 # Is a run folder finished being written?
 # --------------------------------------------------------------------------------------------
+
 
 def trace_file_complete(path: Path, deadline: float | None = None) -> tuple[bool | None, str]:
     """(complete, why not). Plain: ends with a newline. Gzip: every member's stream ends cleanly.
@@ -124,7 +131,10 @@ def trace_file_complete(path: Path, deadline: float | None = None) -> tuple[bool
     except zlib.error as e:
         return False, f"{path.name}: gzip stream is corrupt ({e})"
     except _OutOfTime:
-        return None, f"{path.name}: gzip completeness not checked within the tick's time budget (STEPML_SENSOR_TIME_BUDGET_S)"
+        return (
+            None,
+            f"{path.name}: gzip completeness not checked within the tick's time budget (STEPML_SENSOR_TIME_BUDGET_S)",
+        )
     return (True, "") if ended else (False, f"{path.name}: gzip stream does not end cleanly (still being written?)")
 
 
@@ -137,7 +147,9 @@ def _gzip_ends_cleanly(path: Path, deadline: float | None = None) -> bool:
             while chunk:
                 if d.eof:  # the previous member ended; another one follows
                     d = zlib.decompressobj(wbits=31)
-                out = d.decompress(chunk, 1 << 22)  # at most 4 MiB out per call: a gzip bomb cannot stall between checks
+                out = d.decompress(
+                    chunk, 1 << 22
+                )  # at most 4 MiB out per call: a gzip bomb cannot stall between checks
                 if deadline is not None and time.monotonic() > deadline:
                     raise _OutOfTime
                 if d.eof:
@@ -172,11 +184,18 @@ def load_cursor(text: str | None) -> dict:
         c = {}
     if not isinstance(c, dict) or c.get("v") != CURSOR_VERSION:
         c = {}
-    return {"v": CURSOR_VERSION, "runs": dict(c.get("runs") or {}), "pending": dict(c.get("pending") or {}),
-            "rejected": list(c.get("rejected") or []), "deleted": list(c.get("deleted") or [])}
+    return {
+        "v": CURSOR_VERSION,
+        "runs": dict(c.get("runs") or {}),
+        "pending": dict(c.get("pending") or {}),
+        "rejected": list(c.get("rejected") or []),
+        "deleted": list(c.get("deleted") or []),
+    }
 
 
-def scan_data_folder(settings: StepMLSettings, cursor: dict, *, now: float | None = None, log=None) -> tuple[list[dict], dict]:
+def scan_data_folder(
+    settings: StepMLSettings, cursor: dict, *, now: float | None = None, log=None
+) -> tuple[list[dict], dict]:
     """One sensor tick without Dagster: ([{run_id, data_version, run_key, new, reason}], new cursor).
 
     Pure function of the folder and the cursor (testable without a daemon). Stays within
@@ -212,8 +231,11 @@ def scan_data_folder(settings: StepMLSettings, cursor: dict, *, now: float | Non
             say("warning", f"rejected {rid!r}: {e}")
             continue
         if checked.resolve() != folder.resolve():
-            say("warning", f"{folder}: run folders must sit directly in the data folder {settings.data_root()} "
-                           f"(set STEPML_DATA_DIR to {root})")
+            say(
+                "warning",
+                f"{folder}: run folders must sit directly in the data folder {settings.data_root()} "
+                f"(set STEPML_DATA_DIR to {root})",
+            )
             continue
         present.add(rid)
         try:
@@ -232,17 +254,37 @@ def scan_data_folder(settings: StepMLSettings, cursor: dict, *, now: float | Non
         examined += 1
         launches.append(launch)
     for gone in set(runs) - present:
-        say("info", f"{gone}: run folder no longer in the data folder; forgotten (its partition is deleted: the study report drops it)")
+        say(
+            "info",
+            f"{gone}: run folder no longer in the data folder; forgotten (its partition is deleted: the study report drops it)",
+        )
         runs.pop(gone)
     for gone in set(pending) - present:
         pending.pop(gone)
-    new_cursor = {"v": CURSOR_VERSION, "runs": runs, "pending": pending, "rejected": sorted(p.name for p, _ in rejected),
-                  "unreadable": unreadable, "deleted": list(cursor.get("deleted", []))}
+    new_cursor = {
+        "v": CURSOR_VERSION,
+        "runs": runs,
+        "pending": pending,
+        "rejected": sorted(p.name for p, _ in rejected),
+        "unreadable": unreadable,
+        "deleted": list(cursor.get("deleted", [])),
+    }
     return launches, new_cursor
 
 
-def _scan_one(folder: Path, rid: str, runs: dict, pending: dict, now: float, settle: float, t_end: float,
-              budget: int, spent: int, examined: int, say):
+def _scan_one(
+    folder: Path,
+    rid: str,
+    runs: dict,
+    pending: dict,
+    now: float,
+    settle: float,
+    t_end: float,
+    budget: int,
+    spent: int,
+    examined: int,
+    say,
+):
     """One run folder of a tick: None (nothing to do now), bytes hashed (no launch), or a launch dict (with _bytes)."""
     quick = _quick_state(folder)
     prev = runs.get(rid)
@@ -278,7 +320,10 @@ def _scan_one(folder: Path, rid: str, runs: dict, pending: dict, now: float, set
             pending[rid] = quick
             say("info", f"{rid}: {why}; later tick")
             return None
-        say("warning", f"{rid}: {why}, but unchanged for {settle:.0f} s: launching (the reader quarantines or reports it)")
+        say(
+            "warning",
+            f"{rid}: {why}, but unchanged for {settle:.0f} s: launching (the reader quarantines or reports it)",
+        )
     elif ok is None:
         say("warning", f"{rid}: {why}; launching (the run applies its input limits and says what is wrong)")
     try:
@@ -302,57 +347,87 @@ def _scan_one(folder: Path, rid: str, runs: dict, pending: dict, now: float, set
         return nbytes
     run_key = f"{rid}:{digest}" if digest not in history else f"{rid}:{digest}:{len(history)}"
     runs[rid]["history"] = (history + [digest])[-20:]
-    return {"run_id": rid, "data_version": digest, "run_key": run_key, "new": prev is None,
-            "reason": "new run folder" if prev is None else "changed input files", "_bytes": nbytes}
+    return {
+        "run_id": rid,
+        "data_version": digest,
+        "run_key": run_key,
+        "new": prev is None,
+        "reason": "new run folder" if prev is None else "changed input files",
+        "_bytes": nbytes,
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # Dagster definitions
 # --------------------------------------------------------------------------------------------
 
+
 def _logger(context):
     def say(level: str, msg: str) -> None:
         getattr(context.log, level)(msg)
+
     return say
 
 
-def build_experiment_sensor(*, minimum_interval_seconds: int | None = None,
-                            default_status: dg.DefaultSensorStatus | None = None, run_config: dict | None = None) -> dg.SensorDefinition:
+def build_experiment_sensor(
+    *,
+    minimum_interval_seconds: int | None = None,
+    default_status: dg.DefaultSensorStatus | None = None,
+    run_config: dict | None = None,
+) -> dg.SensorDefinition:
     @dg.sensor(
-        name="experiment_sensor", job_name=EXPERIMENT_JOB,
+        name="experiment_sensor",
+        job_name=EXPERIMENT_JOB,
         minimum_interval_seconds=minimum_interval_seconds or sensor_interval_s(),
         default_status=default_status or sensor_default_status(),
         description="Watches the data folder: a new run folder or changed input files register the experiment "
-                    "partition and launch experiment_job (run key <run id>:<data version>); folders still being "
-                    "written wait for a later tick.",
+        "partition and launch experiment_job (run key <run id>:<data version>); folders still being "
+        "written wait for a later tick.",
     )
     def experiment_sensor(context: dg.SensorEvaluationContext, settings: StepMLSettings):
         launches, cursor = scan_data_folder(settings, load_cursor(context.cursor), log=_logger(context))
         gone = partitions_without_folder(context.instance, settings)
         for k in gone:
-            context.log.info(f"{k}: run folder gone from {settings.data_root()}: partition deleted (its stored results stay "
-                             f"on disk; the study no longer reads them)")
+            context.log.info(
+                f"{k}: run folder gone from {settings.data_root()}: partition deleted (its stored results stay "
+                f"on disk; the study no longer reads them)"
+            )
         if gone:
             stamp = time.time()
-            cursor["deleted"] = (list(cursor.get("deleted", [])) + [{"run_id": k, "at": stamp} for k in gone])[-DELETED_KEPT:]
+            cursor["deleted"] = (list(cursor.get("deleted", [])) + [{"run_id": k, "at": stamp} for k in gone])[
+                -DELETED_KEPT:
+            ]
         deletes = [experiment_partitions.build_delete_request(gone)] if gone else []
         done = [l for l in launches if partition_up_to_date(context.instance, l["run_id"], l["data_version"])]
         for l in done:  # e.g. materialized by `stepml run`/`backfill` on the same instance, or a reset cursor
             context.log.info(f"{l['run_id']}: already materialized from data version {l['data_version']}; not launched")
         launches = [l for l in launches if l not in done]
-        new_keys = [l["run_id"] for l in launches if not context.instance.has_dynamic_partition(PARTITIONS_DEF_NAME, l["run_id"])]
-        requests = [dg.RunRequest(run_key=l["run_key"], partition_key=l["run_id"], run_config=run_config or {},
-                                  tags={DATA_VERSION_TAG: l["data_version"], TRIGGER_TAG: l["reason"]})
-                    for l in launches]
+        new_keys = [
+            l["run_id"]
+            for l in launches
+            if not context.instance.has_dynamic_partition(PARTITIONS_DEF_NAME, l["run_id"])
+        ]
+        requests = [
+            dg.RunRequest(
+                run_key=l["run_key"],
+                partition_key=l["run_id"],
+                run_config=run_config or {},
+                tags={DATA_VERSION_TAG: l["data_version"], TRIGGER_TAG: l["reason"]},
+            )
+            for l in launches
+        ]
         for l in launches:
-            context.log.info(f"{l['run_id']}: {l['reason']}, data version {l['data_version']}: requesting experiment_job")
+            context.log.info(
+                f"{l['run_id']}: {l['reason']}, data version {l['data_version']}: requesting experiment_job"
+            )
         cursor_text = json.dumps(cursor, sort_keys=True, separators=(",", ":"))
         if not requests:
             n_pending = len(cursor["pending"])
             why = f"{n_pending} run folder(s) still being written" if n_pending else "no new or changed run folders"
             if cursor.get("unreadable"):
                 why += f"; {len(cursor['unreadable'])} run folder(s) unreadable: " + "; ".join(
-                    f"{k}: {v}" for k, v in sorted(cursor["unreadable"].items()))
+                    f"{k}: {v}" for k, v in sorted(cursor["unreadable"].items())
+                )
             if gone:
                 why += f"; {len(gone)} partition(s) deleted (run folder gone): {', '.join(gone)}"
             return dg.SensorResult(skip_reason=why, cursor=cursor_text, dynamic_partitions_requests=deletes)
@@ -389,13 +464,19 @@ def partition_up_to_date(instance: dg.DagsterInstance, run_id: str, data_version
         return False
     latest = {}
     for key in {k for a in PARTITIONED_ASSETS for k in a.keys}:
-        recs = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[run_id]), limit=1).records
+        recs = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, asset_partitions=[run_id]), limit=1
+        ).records
         if recs:
             latest[key] = recs[0]
     if not latest:
         return False
     raw = latest.get(dg.AssetKey("raw_traces")) or latest.get(dg.AssetKey("request_log"))  # request-log-only runs
-    if raw is None or raw.asset_materialization is None or raw.asset_materialization.tags.get("dagster/data_version") != data_version:
+    if (
+        raw is None
+        or raw.asset_materialization is None
+        or raw.asset_materialization.tags.get("dagster/data_version") != data_version
+    ):
         return False
     return all(r.storage_id >= raw.storage_id for r in latest.values())
 
@@ -430,8 +511,15 @@ def study_staleness(instance: dg.DagsterInstance) -> dict:
     from .assets import MODEL_ASSETS
 
     active = {j: instance.get_runs_count(dg.RunsFilter(job_name=j, statuses=ACTIVE_STATUSES)) for j in PHASE_JOBS}
-    out = {"active": active, "models": None, "replay": [], "study": None, "replay_models": None,
-           "latest_input": None, "study_started": None}
+    out = {
+        "active": active,
+        "models": None,
+        "replay": [],
+        "study": None,
+        "replay_models": None,
+        "latest_input": None,
+        "study_started": None,
+    }
     inputs = study_inputs()
     latest_in = _latest(instance, inputs)
     out["latest_input"] = (latest_in.storage_id, latest_in.timestamp) if latest_in else None
@@ -465,14 +553,24 @@ def study_requests(instance: dg.DagsterInstance, run_config: dict | None = None)
     s = study_staleness(instance)
     busy = {j: n for j, n in s["active"].items() if n}
     if busy:
-        return dg.SkipReason("waiting for " + ", ".join(f"{n} {j} run(s)" for j, n in busy.items()) + " queued or in progress")
+        return dg.SkipReason(
+            "waiting for " + ", ".join(f"{n} {j} run(s)" for j, n in busy.items()) + " queued or in progress"
+        )
     rc = run_config or {}
     tags = {TRIGGER_TAG: "study chain"}
     if s["models"] is not None:
         return [dg.RunRequest(run_key=f"models:{s['models'][0]}", job_name=MODELS_JOB, run_config=rc, tags=tags)]
     if s["replay"]:
-        return [dg.RunRequest(run_key=f"replay:{s['replay_models']}:{log_id}:{p}", job_name=REPLAY_JOB, partition_key=p,
-                              run_config=rc, tags=tags) for p, log_id in s["replay"]]
+        return [
+            dg.RunRequest(
+                run_key=f"replay:{s['replay_models']}:{log_id}:{p}",
+                job_name=REPLAY_JOB,
+                partition_key=p,
+                run_config=rc,
+                tags=tags,
+            )
+            for p, log_id in s["replay"]
+        ]
     if s["study"] is not None:
         return [dg.RunRequest(run_key=f"study:{s['study'][0]}", job_name=STUDY_JOB, run_config=rc, tags=tags)]
     if s["latest_input"] is None:
@@ -480,20 +578,27 @@ def study_requests(instance: dg.DagsterInstance, run_config: dict | None = None)
     return dg.SkipReason("study report is up to date with every materialized experiment")
 
 
-def build_study_sensor(*, minimum_interval_seconds: int | None = None, default_status: dg.DefaultSensorStatus | None = None,
-                       run_config: dict | None = None, jobs: list | None = None) -> dg.SensorDefinition:
+def build_study_sensor(
+    *,
+    minimum_interval_seconds: int | None = None,
+    default_status: dg.DefaultSensorStatus | None = None,
+    run_config: dict | None = None,
+    jobs: list | None = None,
+) -> dg.SensorDefinition:
     """jobs: the models_job, replay_job and study_job definitions (default: built here, as in definitions.py)."""
     if jobs is None:
         from .definitions import build_jobs
+
         jobs = [j for j in build_jobs() if j.name in (MODELS_JOB, REPLAY_JOB, STUDY_JOB)]
 
     @dg.sensor(
-        name="study_sensor", jobs=jobs,
+        name="study_sensor",
+        jobs=jobs,
         minimum_interval_seconds=minimum_interval_seconds or sensor_interval_s(),
         default_status=default_status or sensor_default_status(),
         description="Runs the study chain once no phase run is queued or in progress: models_job after experiments were "
-                    "materialized, then replay_job for every partition with a request log, then study_job (replay.csv, "
-                    "verdict, report).",
+        "materialized, then replay_job for every partition with a request log, then study_job (replay.csv, "
+        "verdict, report).",
     )
     def study_sensor(context: dg.SensorEvaluationContext):
         for run_id in mark_abandoned_runs(context.instance):  # a dead `stepml run` must not hold the study back forever
@@ -503,14 +608,20 @@ def build_study_sensor(*, minimum_interval_seconds: int | None = None, default_s
     return study_sensor
 
 
-def build_rerun_schedule(*, cron: str | None = None,
-                         default_status: dg.DefaultScheduleStatus = dg.DefaultScheduleStatus.STOPPED,
-                         run_config: dict | None = None) -> dg.ScheduleDefinition:
+def build_rerun_schedule(
+    *,
+    cron: str | None = None,
+    default_status: dg.DefaultScheduleStatus = dg.DefaultScheduleStatus.STOPPED,
+    run_config: dict | None = None,
+) -> dg.ScheduleDefinition:
     @dg.schedule(
-        name="rerun_schedule", job_name=EXPERIMENT_JOB, cron_schedule=cron or rerun_cron(),
-        execution_timezone=os.environ.get("STEPML_RERUN_TZ", "UTC"), default_status=default_status,
+        name="rerun_schedule",
+        job_name=EXPERIMENT_JOB,
+        cron_schedule=cron or rerun_cron(),
+        execution_timezone=os.environ.get("STEPML_RERUN_TZ", "UTC"),
+        default_status=default_status,
         description="Re-materializes every registered experiment whose run folder still exists (one run per "
-                    "partition); study_sensor then refreshes the study. Off by default.",
+        "partition); study_sensor then refreshes the study. Off by default.",
     )
     def rerun_schedule(context: dg.ScheduleEvaluationContext, settings: StepMLSettings):
         stamp = context.scheduled_execution_time.isoformat() if context.scheduled_execution_time else str(time.time())
@@ -522,8 +633,14 @@ def build_rerun_schedule(*, cron: str | None = None,
                 context.log.warning(f"partition {key!r} skipped: {e}")
                 continue
             if folder.is_dir() and find_trace_file(folder):
-                requests.append(dg.RunRequest(run_key=f"{key}@{stamp}", partition_key=key, run_config=run_config or {},
-                                              tags={TRIGGER_TAG: "rerun_schedule"}))
+                requests.append(
+                    dg.RunRequest(
+                        run_key=f"{key}@{stamp}",
+                        partition_key=key,
+                        run_config=run_config or {},
+                        tags={TRIGGER_TAG: "rerun_schedule"},
+                    )
+                )
         if not requests:
             return dg.SkipReason("no registered experiment with a run folder")
         return requests
@@ -531,9 +648,13 @@ def build_rerun_schedule(*, cron: str | None = None,
     return rerun_schedule
 
 
-def build_automation(run_config: dict | None = None, jobs: list | None = None) -> tuple[list[dg.SensorDefinition], list[dg.ScheduleDefinition]]:
+def build_automation(
+    run_config: dict | None = None, jobs: list | None = None
+) -> tuple[list[dg.SensorDefinition], list[dg.ScheduleDefinition]]:
     """Sensors and schedules, configured from the environment at load time; run_config goes on every RunRequest.
     jobs: the Definitions' job objects (the study sensor targets models_job, replay_job and study_job)."""
     chain = [j for j in jobs if j.name in (MODELS_JOB, REPLAY_JOB, STUDY_JOB)] if jobs else None
-    return ([build_experiment_sensor(run_config=run_config), build_study_sensor(run_config=run_config, jobs=chain)],
-            [build_rerun_schedule(run_config=run_config)])
+    return (
+        [build_experiment_sensor(run_config=run_config), build_study_sensor(run_config=run_config, jobs=chain)],
+        [build_rerun_schedule(run_config=run_config)],
+    )

@@ -48,8 +48,11 @@ def death_message(pid: int, exitcode: int | None) -> str:
             name = signal.Signals(-exitcode).name
         except ValueError:
             name = f"signal {-exitcode}"
-        how = f"killed by {name}" + (" (the out-of-memory killer sends SIGKILL: check `dmesg`/the memory limit)"
-                                     if -exitcode == signal.SIGKILL else "")
+        how = f"killed by {name}" + (
+            " (the out-of-memory killer sends SIGKILL: check `dmesg`/the memory limit)"
+            if -exitcode == signal.SIGKILL
+            else ""
+        )
     else:
         how = f"exited with code {exitcode}"
     return f"the worker process (pid {pid}) running this partition died: {how}"
@@ -65,8 +68,14 @@ class _Worker:
         self.tasks_left = max_tasks  # partitions it will still take; at 0 it exits by itself after its last result
 
 
-def run_in_workers(fn: Callable, common: tuple, keys: list[str], workers: int, tasks_per_worker: int,
-                   on_death: Callable[[str, int, str], None] | None = None) -> Iterator[tuple[str, object | None, str | None]]:
+def run_in_workers(
+    fn: Callable,
+    common: tuple,
+    keys: list[str],
+    workers: int,
+    tasks_per_worker: int,
+    on_death: Callable[[str, int, str], None] | None = None,
+) -> Iterator[tuple[str, object | None, str | None]]:
     """Yield (key, fn(*common, key), None) as partitions finish, or (key, None, message) for a partition
     whose worker died; on_death(key, pid, message) is called first. Every worker has exited on return."""
     ctx = mp.get_context("spawn")
@@ -74,7 +83,9 @@ def run_in_workers(fn: Callable, common: tuple, keys: list[str], workers: int, t
     pool: list[_Worker] = []
     try:
         while todo or any(w.key is not None for w in pool):
-            for w in [w for w in pool if w.key is None and w.tasks_left == 0]:  # done its share: let it exit, never hand it more
+            for w in [
+                w for w in pool if w.key is None and w.tasks_left == 0
+            ]:  # done its share: let it exit, never hand it more
                 _retire(w)
                 pool.remove(w)
             busy = sum(w.key is not None for w in pool)

@@ -37,10 +37,21 @@ class Browser:
         self.width, self.height = width, height
         self.profile = tempfile.mkdtemp(prefix="stepml-chromium-")
         port = free_port()
-        args = [exe, "--headless=new", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                "--no-default-browser-check", "--hide-scrollbars", "--mute-audio",
-                f"--remote-debugging-port={port}", "--remote-debugging-address=127.0.0.1",
-                f"--user-data-dir={self.profile}", f"--window-size={width},{height}", "about:blank"]
+        args = [
+            exe,
+            "--headless=new",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--hide-scrollbars",
+            "--mute-audio",
+            f"--remote-debugging-port={port}",
+            "--remote-debugging-address=127.0.0.1",
+            f"--user-data-dir={self.profile}",
+            f"--window-size={width},{height}",
+            "about:blank",
+        ]
         if os.geteuid() == 0:
             args.insert(1, "--no-sandbox")  # Chromium refuses to start its sandbox as root
         self.log = open(Path(self.profile) / "chromium.log", "w")
@@ -93,7 +104,9 @@ class Browser:
 
     def key(self, key: str, code: str, vk: int, modifiers: int = 0) -> None:
         for t in ("rawKeyDown", "keyUp"):
-            self.call("Input.dispatchKeyEvent", type=t, key=key, code=code, windowsVirtualKeyCode=vk, modifiers=modifiers)
+            self.call(
+                "Input.dispatchKeyEvent", type=t, key=key, code=code, windowsVirtualKeyCode=vk, modifiers=modifiers
+            )
 
     def screenshot(self, path: Path) -> Path:
         data = self.call("Page.captureScreenshot", format="png")["data"]

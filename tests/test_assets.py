@@ -31,18 +31,37 @@ def run(tmp_path_factory):
 
 def _tables(run, **over) -> dict:
     """step_tables' inputs: the stored raw_traces (the run's metadata) and the trace tables it reads."""
-    return {"raw_traces": run["meta"], "trace_steps": run["raw"]["steps"], "trace_quarantine": run["raw"]["quarantine"], **over}
+    return {
+        "raw_traces": run["meta"],
+        "trace_steps": run["raw"]["steps"],
+        "trace_quarantine": run["raw"]["quarantine"],
+        **over,
+    }
 
 
 @pytest.fixture(scope="module")
 def chain(run):
     """The partition's upstream values, as the assets themselves produce them."""
     raw, meta = run["raw"], run["meta"]
-    outs = {o.output_name: o.value for o in A.step_tables(_ctx(run), settings=run["settings"], **_tables(run)) if isinstance(o, dg.Output)}
-    ctx_value = A.request_context(_ctx(run), raw_traces=meta, trace_steps=raw["steps"], trace_journey=raw["journey"],
-                                  trace_snapshots=raw["snapshots"])
-    fm = A.feature_matrix(_ctx(run), raw_traces=meta, step_table=outs["step_table"], request_context=ctx_value,
-                          trace_snapshots=raw["snapshots"])
+    outs = {
+        o.output_name: o.value
+        for o in A.step_tables(_ctx(run), settings=run["settings"], **_tables(run))
+        if isinstance(o, dg.Output)
+    }
+    ctx_value = A.request_context(
+        _ctx(run),
+        raw_traces=meta,
+        trace_steps=raw["steps"],
+        trace_journey=raw["journey"],
+        trace_snapshots=raw["snapshots"],
+    )
+    fm = A.feature_matrix(
+        _ctx(run),
+        raw_traces=meta,
+        step_table=outs["step_table"],
+        request_context=ctx_value,
+        trace_snapshots=raw["snapshots"],
+    )
     sp = A.split(_ctx(run), raw_traces=meta, step_table=outs["step_table"])
     fitted = A.fitted_models(feature_matrix=fm, split=sp)
     return {**outs, "request_context": ctx_value, "feature_matrix": fm, "split": sp, "fitted_models": fitted}
@@ -64,13 +83,18 @@ def _results(gen) -> tuple[dict, dict]:
 
 # --------------------------------------------------------------------------------- ingest ---
 
+
 def test_raw_traces_reads_the_run_with_lineage(run):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         outs = {o.output_name: o for o in A.raw_traces(_ctx(run), settings=run["settings"])}
     assert set(outs) == {"raw_traces", *A.TRACE_TABLES, "trace_spans"}
     meta, steps = outs["raw_traces"].value, outs["trace_steps"].value
-    assert meta["experiment_id"] == run["key"] and steps.height > 0 and not any(isinstance(v, pl.DataFrame) for v in meta.values())
+    assert (
+        meta["experiment_id"] == run["key"]
+        and steps.height > 0
+        and not any(isinstance(v, pl.DataFrame) for v in meta.values())
+    )
     assert {o.data_version.value for o in outs.values()} == {meta["data_version"]}
     assert outs["raw_traces"].metadata["steps_read"].value == steps.height == meta["rows"]["steps"]
     for name, (table, _) in A.TRACE_TABLES.items():
@@ -91,14 +115,22 @@ def test_step_tables_keep_valid_rows_and_pass_every_check(run, chain):
     assert steps.height + outs["step_table"].metadata["rows_quarantined"].value == run["raw"]["steps"].height
     assert {"schedule_us", "cycle_us"} <= set(steps.columns)
     assert quarantine.columns[:4] == ["file", "line", "kind", "reason"]
-    assert {n: c.passed for n, c in checks.items()} == {"schema_valid": True, "counts_balance": True, "no_unreadable_lines": True}
+    assert {n: c.passed for n, c in checks.items()} == {
+        "schema_valid": True,
+        "counts_balance": True,
+        "no_unreadable_lines": True,
+    }
 
 
 def test_schema_valid_fails_on_a_kept_row_that_breaks_the_schema(run, monkeypatch):
     def broken(raw, file, exp_config=None):  # a validation bug: a row whose tokens do not add up is kept
         v = validate_steps(raw, file, exp_config)
-        kept = v.kept.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.col("batch.prefill_tokens") + 1)
-                                   .otherwise(pl.col("batch.prefill_tokens")).alias("batch.prefill_tokens"))
+        kept = v.kept.with_columns(
+            pl.when(pl.int_range(pl.len()) == 0)
+            .then(pl.col("batch.prefill_tokens") + 1)
+            .otherwise(pl.col("batch.prefill_tokens"))
+            .alias("batch.prefill_tokens")
+        )
         return ValidatedSteps(kept=kept, quarantine=v.quarantine, rows_in=v.rows_in)
 
     monkeypatch.setattr(pipeline, "validate_steps", broken)
@@ -126,6 +158,7 @@ def test_no_unreadable_lines_warns_on_a_quarantined_line(run):
 
 # ------------------------------------------------------------------- features and models ---
 
+
 def test_request_context_rebuilds_every_step(chain):
     a = chain["request_context"]["agreement"]
     assert a["available"] and a["steps"] >= chain["step_table"].height
@@ -145,28 +178,52 @@ def test_split_is_temporal(chain):
 
 def test_fitted_predictions_metrics(chain):
     fitted = chain["fitted_models"]
-    assert set(fitted) == {"schedule_us", "cycle_us"} and {m["name"] for m in fitted["schedule_us"]} >= {"naive_mean", "ridge_30f"}
+    assert set(fitted) == {"schedule_us", "cycle_us"} and {m["name"] for m in fitted["schedule_us"]} >= {
+        "naive_mean",
+        "ridge_30f",
+    }
     pred = A.predictions(feature_matrix=chain["feature_matrix"], split=chain["split"], fitted_models=fitted)
     met = A.metrics(dg.build_asset_context(), predictions=pred)
     assert set(met["split"].unique()) == {"train", "valid", "test"} and (met["n"] > 0).all()
 
 
 def test_run_summary_counts(run, chain):
-    r = A.run_summary(raw_traces=run["meta"], step_table=chain["step_table"], quarantine=chain["quarantine"],
-                      feature_matrix=chain["feature_matrix"])
+    r = A.run_summary(
+        raw_traces=run["meta"],
+        step_table=chain["step_table"],
+        quarantine=chain["quarantine"],
+        feature_matrix=chain["feature_matrix"],
+    )
     assert r["experiment_id"] == run["key"] and r["steps_kept"] == chain["step_table"].height
     assert r["steps_read"] == r["steps_kept"] + r["steps_quarantined"]
 
 
 def test_method_checks_and_e2e(run, chain):
-    mc = A.method_checks(settings=run["settings"], step_table=chain["step_table"], feature_matrix=chain["feature_matrix"],
-                         split=chain["split"], fitted_models=chain["fitted_models"])
+    mc = A.method_checks(
+        settings=run["settings"],
+        step_table=chain["step_table"],
+        feature_matrix=chain["feature_matrix"],
+        split=chain["split"],
+        fitted_models=chain["fitted_models"],
+    )
     assert {"stage_mix", "cycle_rule"} <= set(mc)
-    e2e = A.e2e_fidelity(raw_traces=run["meta"], trace_journey=run["raw"]["journey"], request_context=chain["request_context"], fitted_models=chain["fitted_models"])
-    assert e2e["summary"].height > 0 and set(e2e["summary"]["model"]) <= {"naive_mean", "blackbox_2f", "ridge_30f", "nnls_physics", "hgb_30f"}
+    e2e = A.e2e_fidelity(
+        raw_traces=run["meta"],
+        trace_journey=run["raw"]["journey"],
+        request_context=chain["request_context"],
+        fitted_models=chain["fitted_models"],
+    )
+    assert e2e["summary"].height > 0 and set(e2e["summary"]["model"]) <= {
+        "naive_mean",
+        "blackbox_2f",
+        "ridge_30f",
+        "nnls_physics",
+        "hgb_30f",
+    }
 
 
 # ------------------------------------------------------------------------------ requests ---
+
 
 def test_request_log_and_its_check(run):
     with warnings.catch_warnings():

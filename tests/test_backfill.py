@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dagster as dg
 import pytest
-
 from ops_helpers import RUN_A, RUN_B, copy_run
+
 from stepml_dagster import assets as A
 from stepml_dagster import sensors as S
 from stepml_dagster.assets import ALL_ASSETS, STEP_ASSETS, STUDY_ASSETS
 from stepml_dagster.cli import main, run_study
 
-PART_KEYS = [k for a in STEP_ASSETS for k in a.keys]  # the real traced runs here have no request logs: no request_log, no replay
+PART_KEYS = [
+    k for a in STEP_ASSETS for k in a.keys
+]  # the real traced runs here have no request logs: no request_log, no replay
 STUDY_KEYS = [k for a in STUDY_ASSETS for k in a.keys]
 
 
@@ -32,8 +34,11 @@ def mat_counts(instance) -> dict:
     counts = {}
     for k in PART_KEYS:
         for p in (RUN_A, RUN_B):
-            counts[(k.to_user_string(), p)] = len(instance.fetch_materializations(
-                dg.AssetRecordsFilter(asset_key=k, asset_partitions=[p]), limit=100).records)
+            counts[(k.to_user_string(), p)] = len(
+                instance.fetch_materializations(
+                    dg.AssetRecordsFilter(asset_key=k, asset_partitions=[p]), limit=100
+                ).records
+            )
     for k in STUDY_KEYS:
         counts[(k.to_user_string(), None)] = len(instance.fetch_materializations(k, limit=100).records)
     return counts
@@ -48,13 +53,18 @@ def test_backfill_one_experiment_recomputes_only_it_and_the_study(study):
     before, files_before = mat_counts(instance), stored_mtimes(out)
     report_before = (out / "report.md").stat().st_mtime_ns
     assert all(v == 1 for v in before.values()), before
-    for key in ("global_models", "generalization"):  # stepml run fitted the pooled folds while the last partition finished
+    for key in (
+        "global_models",
+        "generalization",
+    ):  # stepml run fitted the pooled folds while the last partition finished
         meta = instance.fetch_materializations(dg.AssetKey(key), limit=1).records[0].asset_materialization.metadata
         assert meta["folds_reused"].value == meta["folds"].value > 0, (key, meta)
     assert main(["backfill", "--data", str(data), "--out", str(out), "--experiment", RUN_A]) == 0
     after, files_after = mat_counts(instance), stored_mtimes(out)
     changed = {k for k in after if after[k] != before[k]}
-    assert changed == {(k.to_user_string(), RUN_A) for k in PART_KEYS} | {(k.to_user_string(), None) for k in STUDY_KEYS}
+    assert changed == {(k.to_user_string(), RUN_A) for k in PART_KEYS} | {
+        (k.to_user_string(), None) for k in STUDY_KEYS
+    }
     assert all(after[k] == 2 for k in changed)
     for rel, mtime in files_before.items():
         if f"/{RUN_B}" in rel:
@@ -95,14 +105,22 @@ def test_changed_input_marks_downstream_partition_stale(study):
     from stepml_dagster.resources import StepMLSettings
 
     data, out, instance = study
-    rec = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("raw_traces"), asset_partitions=[RUN_A]), limit=1).records[0]
+    rec = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("raw_traces"), asset_partitions=[RUN_A]), limit=1
+    ).records[0]
     from stepml_core.ingest import fingerprint, fingerprint_digest
+
     assert rec.asset_materialization.tags["dagster/data_version"] == fingerprint_digest(fingerprint(data / RUN_A))
     with open(data / RUN_A / "profile.yaml", "a") as f:
         f.write("# edited after the run\n")
     defs = build_definitions(StepMLSettings(data_dir=str(data), out_dir=str(out)))
-    res = dg.materialize(ALL_ASSETS, selection=[k.to_user_string() for k in A.raw_traces.keys], partition_key=RUN_A,  # one step
-                         instance=instance, resources=dict(defs.resources))
+    res = dg.materialize(
+        ALL_ASSETS,
+        selection=[k.to_user_string() for k in A.raw_traces.keys],
+        partition_key=RUN_A,  # one step
+        instance=instance,
+        resources=dict(defs.resources),
+    )
     assert res.success
     resolver = get_stale_status_resolver(instance, ALL_ASSETS)
     assert resolver.get_status(dg.AssetKey("step_table"), RUN_A) == StaleStatus.STALE
@@ -128,7 +146,9 @@ def test_study_sensor_chains_models_replays_and_study(study):
     assert [r.job_name for r in req] == ["models_job"]
     instance.report_runless_asset_event(dg.AssetMaterialization("replay_models"))
     req = tick()
-    assert [(r.job_name, r.partition_key) for r in req] == [("replay_job", RUN_B)] and req[0].run_key.startswith("replay:")
+    assert [(r.job_name, r.partition_key) for r in req] == [("replay_job", RUN_B)] and req[0].run_key.startswith(
+        "replay:"
+    )
     instance.report_runless_asset_event(dg.AssetMaterialization("replay", partition=RUN_B))
     req = tick()
     assert [r.job_name for r in req] == ["study_job"] and req[0].run_key.startswith("study:")
@@ -146,8 +166,11 @@ def test_experiment_sensor_does_not_relaunch_what_the_cli_materialized(study):
     with open(data / RUN_A / "profile.yaml", "a") as f:
         f.write("# changed once more\n")
     sensor = S.build_experiment_sensor(minimum_interval_seconds=1)
-    ctx = lambda cursor: dg.build_sensor_context(instance=instance, cursor=cursor,  # noqa: E731
-                                                 resources={"settings": StepMLSettings(data_dir=str(data), out_dir=str(out))})
+    ctx = lambda cursor: dg.build_sensor_context(
+        instance=instance,
+        cursor=cursor,  # noqa: E731
+        resources={"settings": StepMLSettings(data_dir=str(data), out_dir=str(out))},
+    )
     first = sensor(ctx(None))  # RUN_B: up to date → not launched; RUN_A: just written → later tick
     assert not first.run_requests
     second = sensor(ctx(first.cursor))

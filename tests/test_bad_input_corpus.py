@@ -28,15 +28,56 @@ from stepml_dagster.cli import run_study
 
 BASE_REAL_ID = "20260217-155451-llama-2-7b-tp1-codegen"
 SLUG = "llama-2-7b-tp1-codegen"
-CASES = ["good", "truncated", "garbage", "utf8", "empty", "zero_byte_gz", "corrupt_gz", "missing_attr", "wrong_type",
-         "nan", "overflow", "duplicate", "durations", "out_of_order", "unknown_event", "dropped", "no_exp_config", "yaml_tags",
-         # issue 11
-         "dotted_a", "dotted_b", "victim", "appended", "truncated_gz", "bitflip_gz", "absurd", "clock_backwards",
-         "two_traces", "bad_optional", "lines_bomb", "repeat_bomb", "long_line", "many_bad_lines", "yaml_bomb", "yaml_big",
-         "fifo_trace", "dir_trace", "symlink_trace", "secret_line", "exp_tp0", "exp_lots"]
+CASES = [
+    "good",
+    "truncated",
+    "garbage",
+    "utf8",
+    "empty",
+    "zero_byte_gz",
+    "corrupt_gz",
+    "missing_attr",
+    "wrong_type",
+    "nan",
+    "overflow",
+    "duplicate",
+    "durations",
+    "out_of_order",
+    "unknown_event",
+    "dropped",
+    "no_exp_config",
+    "yaml_tags",
+    # issue 11
+    "dotted_a",
+    "dotted_b",
+    "victim",
+    "appended",
+    "truncated_gz",
+    "bitflip_gz",
+    "absurd",
+    "clock_backwards",
+    "two_traces",
+    "bad_optional",
+    "lines_bomb",
+    "repeat_bomb",
+    "long_line",
+    "many_bad_lines",
+    "yaml_bomb",
+    "yaml_big",
+    "fifo_trace",
+    "dir_trace",
+    "symlink_trace",
+    "secret_line",
+    "exp_tp0",
+    "exp_lots",
+]
 DOTTED = "mixtral-8x7b-v0.1-tp2"  # run ids that differ only after a '.': Path.with_suffix used to map both to one file
-MAX_LINE_BYTES = 1 << 20  # the corpus runs with STEPML_MAX_LINE_BYTES at 1 MiB (its lines are at most ~330 KB) to test that limit cheaply
-SECRET = "sk-live-" + "0123456789abcdef" * 4  # an API key inside an unparseable line: only a short escaped excerpt may reach outputs
+MAX_LINE_BYTES = (
+    1 << 20
+)  # the corpus runs with STEPML_MAX_LINE_BYTES at 1 MiB (its lines are at most ~330 KB) to test that limit cheaply
+SECRET = (
+    "sk-live-" + "0123456789abcdef" * 4
+)  # an API key inside an unparseable line: only a short escaped excerpt may reach outputs
 
 
 def run_id(case: str) -> str:
@@ -102,17 +143,35 @@ def corpus(tmp_path_factory):
 
     make("good", b"\n".join(lines) + b"\n")
     body = b"\n".join(lines[:-1]) + b"\n" + lines[-1][: len(lines[-1]) // 2]
-    make("truncated", body); info["truncated"] = (len(lines), steps_in(lines[-1]))
-    g = list(lines); g.insert(3, b'{"resourceSpans":[{"garbage'); make("garbage", b"\n".join(g) + b"\n"); info["garbage"] = 4
-    u = list(lines); u.insert(5, b'{"resourceSpans":[]}\xff\xfe'); make("utf8", b"\n".join(u) + b"\n"); info["utf8"] = 6
+    make("truncated", body)
+    info["truncated"] = (len(lines), steps_in(lines[-1]))
+    g = list(lines)
+    g.insert(3, b'{"resourceSpans":[{"garbage')
+    make("garbage", b"\n".join(g) + b"\n")
+    info["garbage"] = 4
+    u = list(lines)
+    u.insert(5, b'{"resourceSpans":[]}\xff\xfe')
+    make("utf8", b"\n".join(u) + b"\n")
+    info["utf8"] = 6
     make("empty", b"")
     make("zero_byte_gz", b"", gz=True)
     make("corrupt_gz", gzip.compress(b"\n".join(lines) + b"\n", mtime=0)[:-400] + b"\x00" * 64, gz=True)
-    body, ln = edit_first_summary(lambda ev: ev["attributes"].remove(_attr(ev, "step.duration_us"))); make("missing_attr", body); info["missing_attr"] = ln
-    body, ln = edit_first_summary(lambda ev: _attr(ev, "batch.prefill_tokens").update(value={"stringValue": "many"})); make("wrong_type", body); info["wrong_type"] = ln
-    body, ln = edit_first_summary(lambda ev: _attr(ev, "kv.usage_gpu_ratio").update(value={"doubleValue": "NaN"})); make("nan", body); info["nan"] = ln
-    body, ln = edit_first_summary(lambda ev: _attr(ev, "batch.decode_tokens").update(value={"intValue": str(2 ** 64)})); make("overflow", body); info["overflow"] = ln
-    dl = list(lines); dl.append(dl[step_idx[0]]); make("duplicate", b"\n".join(dl) + b"\n"); info["duplicate"] = (len(dl), steps_in(dl[step_idx[0]]))
+    body, ln = edit_first_summary(lambda ev: ev["attributes"].remove(_attr(ev, "step.duration_us")))
+    make("missing_attr", body)
+    info["missing_attr"] = ln
+    body, ln = edit_first_summary(lambda ev: _attr(ev, "batch.prefill_tokens").update(value={"stringValue": "many"}))
+    make("wrong_type", body)
+    info["wrong_type"] = ln
+    body, ln = edit_first_summary(lambda ev: _attr(ev, "kv.usage_gpu_ratio").update(value={"doubleValue": "NaN"}))
+    make("nan", body)
+    info["nan"] = ln
+    body, ln = edit_first_summary(lambda ev: _attr(ev, "batch.decode_tokens").update(value={"intValue": str(2**64)}))
+    make("overflow", body)
+    info["overflow"] = ln
+    dl = list(lines)
+    dl.append(dl[step_idx[0]])
+    make("duplicate", b"\n".join(dl) + b"\n")
+    info["duplicate"] = (len(dl), steps_in(dl[step_idx[0]]))
 
     def two_durations():
         out = list(lines)
@@ -122,9 +181,14 @@ def corpus(tmp_path_factory):
         _attr(evs[-1], "step.duration_us")["value"] = {"intValue": "-5"}
         out[step_idx[0]] = _dump(d)
         return b"\n".join(out) + b"\n", int(_attr(evs[-1], "step.id")["value"]["intValue"])
-    body, neg_id = two_durations(); make("durations", body); info["durations"] = neg_id
+
+    body, neg_id = two_durations()
+    make("durations", body)
+    info["durations"] = neg_id
     make("out_of_order", b"\n".join(reversed(lines)) + b"\n")
-    body, ln = edit_first_summary(lambda ev: ev.update(name="step.MYSTERY")); make("unknown_event", body); info["unknown_event"] = ln
+    body, ln = edit_first_summary(lambda ev: ev.update(name="step.MYSTERY"))
+    make("unknown_event", body)
+    info["unknown_event"] = ln
 
     def dropped():
         out = list(lines)
@@ -133,11 +197,15 @@ def corpus(tmp_path_factory):
         sp["droppedEventsCount"] = 37
         out[step_idx[0]] = _dump(d)
         return b"\n".join(out) + b"\n"
+
     make("dropped", dropped())
-    d = make("no_exp_config", b"\n".join(lines) + b"\n"); (d / "exp-config.yaml").unlink()
-    d = make("yaml_tags", b"\n".join(lines) + b"\n"); (d / "exp-config.yaml").write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
+    d = make("no_exp_config", b"\n".join(lines) + b"\n")
+    (d / "exp-config.yaml").unlink()
+    d = make("yaml_tags", b"\n".join(lines) + b"\n")
+    (d / "exp-config.yaml").write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
     # names that must never become partitions
-    (data / "not-a-run-id").mkdir(); (data / "not-a-run-id" / "traces.json").write_bytes(lines[0] + b"\n")
+    (data / "not-a-run-id").mkdir()
+    (data / "not-a-run-id" / "traces.json").write_bytes(lines[0] + b"\n")
     outside = tmp_path_factory.mktemp("outside") / f"20260301-999999-{SLUG}-synth"
     shutil.copytree(data / run_id("good"), outside)
     os.symlink(outside, data / f"20260301-888888-{SLUG}-synth")
@@ -173,6 +241,7 @@ def _appending_after_read(path: Path):
             with open(path, "ab") as f:
                 f.write(path.read_bytes().splitlines()[-1] + b"\n")
         return tables
+
     return read_then_append
 
 
@@ -192,7 +261,9 @@ def _edit_step(lines: list[bytes], step_id: int, fn) -> tuple[list[bytes], int]:
 
 
 def _step_ids(lines: list[bytes]) -> list[int]:
-    return sorted(int(_attr(ev, "step.id")["value"]["intValue"]) for l in lines for _, ev in _summaries(orjson.loads(l)))
+    return sorted(
+        int(_attr(ev, "step.id")["value"]["intValue"]) for l in lines for _, ev in _summaries(orjson.loads(l))
+    )
 
 
 def _set(ev: dict, key: str, value: int) -> None:
@@ -230,17 +301,31 @@ def hostile_cases(make, data: Path, lines: list[bytes], step_idx: list[int], inf
     big = 9_000_000_000_000_000_000
 
     def absurd(ev):
-        for k in ("step.ts_start_ns", "step.ts_end_ns", "step.duration_us", "queue.running_depth", "queue.waiting_depth",
-                  "batch.num_prefill_reqs", "batch.num_decode_reqs", "batch.scheduled_tokens", "batch.prefill_tokens",
-                  "batch.num_finished", "batch.num_preempted", "kv.blocks_total_gpu", "kv.blocks_free_gpu"):
+        for k in (
+            "step.ts_start_ns",
+            "step.ts_end_ns",
+            "step.duration_us",
+            "queue.running_depth",
+            "queue.waiting_depth",
+            "batch.num_prefill_reqs",
+            "batch.num_decode_reqs",
+            "batch.scheduled_tokens",
+            "batch.prefill_tokens",
+            "batch.num_finished",
+            "batch.num_preempted",
+            "kv.blocks_total_gpu",
+            "kv.blocks_free_gpu",
+        ):
             _set(ev, k, big)
         _set(ev, "batch.decode_tokens", 0)
+
     ab, ln_abs = _edit_step(lines, first, absurd)
     second = _step_ids(lines)[1]
 
     def over_budget(ev):
         _set(ev, "batch.scheduled_tokens", 4096)
         _set(ev, "batch.prefill_tokens", 4096 - _get(ev, "batch.decode_tokens"))
+
     ab, ln_budget = _edit_step(ab, second, over_budget)
     make("absurd", b"\n".join(ab) + b"\n")
     info["absurd"] = {first: ln_abs, second: ln_budget}
@@ -254,6 +339,7 @@ def hostile_cases(make, data: Path, lines: list[bytes], step_idx: list[int], inf
         span = _get(ev, "step.ts_end_ns") - _get(ev, "step.ts_start_ns")
         _set(ev, "step.ts_start_ns", ts_k["ts"] - 2_000_000)
         _set(ev, "step.ts_end_ns", ts_k["ts"] - 2_000_000 + span)
+
     cb, ln_back = _edit_step(lines, k + 1, backwards)
     make("clock_backwards", b"\n".join(cb) + b"\n")
     info["clock_backwards"] = (k, k + 1, ln_back)
@@ -272,7 +358,9 @@ def hostile_cases(make, data: Path, lines: list[bytes], step_idx: list[int], inf
     #    one 8 MiB line; 12,000 unreadable lines (over the 10,000 stored quarantine records); a YAML alias bomb; a 9 MB YAML
     unit = gzip.compress(b"x\n" * (32 << 20), compresslevel=9, mtime=0)
     make("lines_bomb", unit * 24, gz=True)
-    one = orjson.loads(lines[step_idx[0]])  # one valid line with a single step (short: deflate's window sees the repeats)
+    one = orjson.loads(
+        lines[step_idx[0]]
+    )  # one valid line with a single step (short: deflate's window sees the repeats)
     ss = one["resourceSpans"][0]["scopeSpans"][0]
     ss["spans"] = ss["spans"][:1]
     ss["spans"][0]["events"] = ss["spans"][0]["events"][:1]
@@ -296,8 +384,9 @@ def hostile_cases(make, data: Path, lines: list[bytes], step_idx: list[int], inf
     (d / "traces.json").mkdir()
     # 13. traces.json symlinked to a file outside the data root holding secrets; a secret inside an unreadable line
     secrets = tmp_path_factory.mktemp("secrets") / "shadow"
-    secrets.write_text("root:$6$saltsalt$Q1w2E3r4T5y6U7i8O9p0QwErTyUiOpAsDfGhJkLzXcVbNm:19000:0:99999:7:::\n"
-                       f"OPENAI_API_KEY={SECRET}\n")
+    secrets.write_text(
+        f"root:$6$saltsalt$Q1w2E3r4T5y6U7i8O9p0QwErTyUiOpAsDfGhJkLzXcVbNm:19000:0:99999:7:::\nOPENAI_API_KEY={SECRET}\n"
+    )
     d = make("symlink_trace")
     os.symlink(secrets, d / "traces.json")
     info["secrets"] = ["Q1w2E3r4T5y6U7i8O9p0", SECRET]
@@ -306,17 +395,26 @@ def hostile_cases(make, data: Path, lines: list[bytes], step_idx: list[int], inf
     make("secret_line", b"\n".join(sl) + b"\n")
     info["secret_line"] = 3
     # 14. exp-config values of the wrong kind
-    for case, (key, value) in (("exp_tp0", ("tensor_parallelism", "0")), ("exp_lots", ("max_num_batched_tokens", "lots"))):
+    for case, (key, value) in (
+        ("exp_tp0", ("tensor_parallelism", "0")),
+        ("exp_lots", ("max_num_batched_tokens", "lots")),
+    ):
         d = make(case, whole)
         text = (d / "exp-config.yaml").read_text()
-        (d / "exp-config.yaml").write_text("\n".join(f"{key}: {value}" if l.startswith(key + ":") else l for l in text.splitlines()) + "\n")
+        (d / "exp-config.yaml").write_text(
+            "\n".join(f"{key}: {value}" if l.startswith(key + ":") else l for l in text.splitlines()) + "\n"
+        )
     # 4. the same run under other names: a trailing newline, a full-width digit, tp01, a symlink inside the root
     good = data / run_id("good")
     for name in (good.name + "\n", good.name.replace("-tp1-", "-tp\uff11-"), good.name.replace("-tp1-", "-tp01-")):
         shutil.copytree(good, data / name)
     os.symlink(good, data / f"20260301-235959-{SLUG}-synth")
-    info["aliases"] = {good.name + "\n": "only ASCII", good.name.replace("-tp1-", "-tp\uff11-"): "only ASCII",
-                       good.name.replace("-tp1-", "-tp01-"): "leading zero", f"20260301-235959-{SLUG}-synth": "the same run folder as"}
+    info["aliases"] = {
+        good.name + "\n": "only ASCII",
+        good.name.replace("-tp1-", "-tp\uff11-"): "only ASCII",
+        good.name.replace("-tp1-", "-tp01-"): "leading zero",
+        f"20260301-235959-{SLUG}-synth": "the same run folder as",
+    }
 
 
 def _q(c, case):
@@ -328,7 +426,9 @@ def _kept(c, case):
 
 
 def _ok(c, case):
-    assert run_id(case) in c["res"]["experiments"] and run_id(case) not in c["res"]["failed"], c["res"]["errors"].get(run_id(case))
+    assert run_id(case) in c["res"]["experiments"] and run_id(case) not in c["res"]["failed"], c["res"]["errors"].get(
+        run_id(case)
+    )
 
 
 def test_good_run_and_study_unaffected(corpus):
@@ -376,9 +476,15 @@ def test_corrupt_gzip_fails_that_partition_naming_the_file(corpus):
     assert err.startswith("traces.json.gz: corrupt gzip stream after line ") and "incorrect data check" in err, err
 
 
-@pytest.mark.parametrize("case,needle", [("missing_attr", "missing attributes: step.duration_us"),
-                                         ("wrong_type", "batch.prefill_tokens"), ("nan", "NaN"),
-                                         ("overflow", "64-bit")])
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("missing_attr", "missing attributes: step.duration_us"),
+        ("wrong_type", "batch.prefill_tokens"),
+        ("nan", "NaN"),
+        ("overflow", "64-bit"),
+    ],
+)
 def test_bad_values_quarantine_exactly_that_row(corpus, case, needle):
     _ok(corpus, case)
     q = _q(corpus, case)
@@ -398,7 +504,11 @@ def test_duplicate_step_ids_keep_first(corpus):
 def test_zero_duration_kept_negative_quarantined(corpus):
     _ok(corpus, "durations")
     q = _q(corpus, "durations")
-    assert q.height == 1 and "step.duration_us" in q["reason"][0] and f"step.id={corpus['info']['durations']}" == q["excerpt"][0]
+    assert (
+        q.height == 1
+        and "step.duration_us" in q["reason"][0]
+        and f"step.id={corpus['info']['durations']}" == q["excerpt"][0]
+    )
     kept = _kept(corpus, "durations")
     assert kept.height == corpus["info"]["n_steps"] - 1 and (kept["step.duration_us"] == 0).sum() >= 1
 
@@ -406,13 +516,20 @@ def test_zero_duration_kept_negative_quarantined(corpus):
 def test_out_of_order_lines_are_all_kept_and_sorted(corpus):
     _ok(corpus, "out_of_order")
     kept = _kept(corpus, "out_of_order")
-    assert kept.height == corpus["info"]["n_steps"] and kept["step.id"].is_sorted() and _q(corpus, "out_of_order").height == 0
+    assert (
+        kept.height == corpus["info"]["n_steps"]
+        and kept["step.id"].is_sorted()
+        and _q(corpus, "out_of_order").height == 0
+    )
 
 
 def test_unknown_event_name_quarantined_as_event(corpus):
     _ok(corpus, "unknown_event")
     q = _q(corpus, "unknown_event")
-    assert q.select("kind", "line").rows() == [("event", corpus["info"]["unknown_event"])] and "step.MYSTERY" in q["reason"][0]
+    assert (
+        q.select("kind", "line").rows() == [("event", corpus["info"]["unknown_event"])]
+        and "step.MYSTERY" in q["reason"][0]
+    )
     assert _kept(corpus, "unknown_event").height == corpus["info"]["n_steps"] - 1
 
 
@@ -423,7 +540,9 @@ def test_dropped_event_counts_are_counted(corpus):
     assert _kept(corpus, "dropped").height == corpus["info"]["n_steps"]
 
 
-@pytest.mark.parametrize("case,needle", [("no_exp_config", "exp-config.yaml: missing"), ("yaml_tags", "exp-config.yaml")])
+@pytest.mark.parametrize(
+    "case,needle", [("no_exp_config", "exp-config.yaml: missing"), ("yaml_tags", "exp-config.yaml")]
+)
 def test_bad_metadata_fails_that_partition_naming_the_file(corpus, case, needle):
     assert run_id(case) in corpus["res"]["failed"]
     assert needle in corpus["res"]["errors"][run_id(case)]
@@ -439,6 +558,7 @@ def test_bad_names_and_symlinks_never_become_partitions(corpus):
 # ---------------------------------------------------------------------------------------------
 # issue 11: hostile and broken inputs (no silent wrong results, no hangs, bounded memory)
 # ---------------------------------------------------------------------------------------------
+
 
 def _failed_with(c, case: str, *needles: str) -> str:
     rid = run_id(case)
@@ -462,8 +582,12 @@ def test_1_run_ids_differing_after_a_dot_are_two_partitions_two_files(corpus):
     assert (corpus["out"] / "assets" / "step_table" / f"{b}.parquet").is_file()
     assert _kept(corpus, "dotted_a").height == corpus["info"]["n_steps"]
     assert _kept(corpus, "dotted_b").height == corpus["info"]["dotted_b"]
-    m = _metrics(corpus).filter((pl.col("scope") == "per_experiment") & (pl.col("model") == "naive_mean")
-                                & (pl.col("target") == "schedule_us") & (pl.col("split") == "test"))
+    m = _metrics(corpus).filter(
+        (pl.col("scope") == "per_experiment")
+        & (pl.col("model") == "naive_mean")
+        & (pl.col("target") == "schedule_us")
+        & (pl.col("split") == "test")
+    )
     rows = dict(m.select("experiment_id", "n").iter_rows())
     assert set(m["experiment_id"]).issuperset({a, b}) and m.filter(pl.col("experiment_id").is_in([a, b])).height == 2
     assert rows[a] > rows[b]  # each run's own numbers, not one run's twice
@@ -511,7 +635,9 @@ def test_3_absurd_row_and_row_over_the_token_budget_are_quarantined_pooled_model
     assert by_id[first].startswith("schema: ") and "step.duration_us: less_than_or_equal_to(3600000000)" in by_id[first]
     assert by_id[second] == "bound: batch.scheduled_tokens 4096 > max_num_batched_tokens 2048 (exp-config.yaml)"
     assert _kept(corpus, "absurd").height == corpus["info"]["n_steps"] - 2
-    g = _metrics(corpus).filter((pl.col("scope") == "global") & (pl.col("model") == "ridge_30f") & (pl.col("split") == "test"))
+    g = _metrics(corpus).filter(
+        (pl.col("scope") == "global") & (pl.col("model") == "ridge_30f") & (pl.col("split") == "test")
+    )
     assert g.height > 0 and g["mape_pct"].max() < 1000, g.sort("mape_pct").tail(3)  # poisoned: ~1e8 %
 
 
@@ -524,7 +650,9 @@ def test_4_the_same_run_under_other_names_is_one_partition(corpus):
 
 
 def test_5_two_trace_files_refuse_the_run(corpus):
-    _failed_with(corpus, "two_traces", "two trace files, traces.json (", "bytes) and traces.json.gz (", "remove the one")
+    _failed_with(
+        corpus, "two_traces", "two trace files, traces.json (", "bytes) and traces.json.gz (", "remove the one"
+    )
 
 
 def test_6_malformed_optional_results_files_are_quarantined_the_steps_survive(corpus):
@@ -532,7 +660,11 @@ def test_6_malformed_optional_results_files_are_quarantined_the_steps_survive(co
     assert _kept(corpus, "bad_optional").height == corpus["info"]["n_steps"]
     q = _q(corpus, "bad_optional").filter(pl.col("kind") == "file").sort("file")
     files = [Path(f).name for f in q["file"]]
-    assert files == ["stage_0_lifecycle_metrics.json", "stage_1_lifecycle_metrics.json", "summary_lifecycle_metrics.json"]
+    assert files == [
+        "stage_0_lifecycle_metrics.json",
+        "stage_1_lifecycle_metrics.json",
+        "summary_lifecycle_metrics.json",
+    ]
     assert all(r.startswith("optional file left out: ") for r in q["reason"])
     assert "expected a JSON object, got list" in q["reason"][0]
     assert "a FIFO (named pipe), not a regular file" in q["reason"][1]
@@ -550,22 +682,47 @@ def test_7_fingerprint_is_of_what_was_read_and_the_sensor_reads_the_appended_tai
     rec = next(f for f in meta["files"] if f["file"] == "traces.json")
     size, sha = corpus["info"]["appended_read"]
     assert (rec["size_bytes"], rec["sha256"]) == (size, sha)
-    assert (corpus["data"] / run_id("appended") / "traces.json").stat().st_size > size  # the file grew after it was read
+    assert (
+        corpus["data"] / run_id("appended") / "traces.json"
+    ).stat().st_size > size  # the file grew after it was read
     monkeypatch.setenv("STEPML_SENSOR_SETTLE_S", "0")
     monkeypatch.setenv("STEPML_SENSOR_TIME_BUDGET_S", "5")
-    ctx = dg.build_sensor_context(instance=dg.DagsterInstance.get(),
-                                  resources={"settings": StepMLSettings(data_dir=str(corpus["data"]), out_dir=str(corpus["out"]))})
+    ctx = dg.build_sensor_context(
+        instance=dg.DagsterInstance.get(),
+        resources={"settings": StepMLSettings(data_dir=str(corpus["data"]), out_dir=str(corpus["out"]))},
+    )
     res = S.build_experiment_sensor(minimum_interval_seconds=1)(ctx)
     requested = {r.partition_key for r in res.run_requests}
     assert run_id("appended") in requested and run_id("good") not in requested
 
 
 def test_8_resources_per_run_are_bounded_each_limit_named(corpus):
-    _failed_with(corpus, "lines_bomb", "traces.json.gz: more than 1000000 lines are not OTLP JSON", "max_unreadable_lines = 1000000")
-    _failed_with(corpus, "repeat_bomb", "traces.json.gz: inflates more than 100x", "max_inflate_ratio = 100", "stopped after line")
-    _failed_with(corpus, "long_line", f"traces.json.gz: a line longer than {MAX_LINE_BYTES} bytes",
-                 f"max_line_bytes = {MAX_LINE_BYTES} (STEPML_MAX_LINE_BYTES or settings.max_line_bytes)", "stopped after line 0")
-    _failed_with(corpus, "yaml_bomb", "exp-config.yaml: more than 100000 YAML nodes once aliases are expanded", "max_yaml_nodes = 100000")
+    _failed_with(
+        corpus,
+        "lines_bomb",
+        "traces.json.gz: more than 1000000 lines are not OTLP JSON",
+        "max_unreadable_lines = 1000000",
+    )
+    _failed_with(
+        corpus,
+        "repeat_bomb",
+        "traces.json.gz: inflates more than 100x",
+        "max_inflate_ratio = 100",
+        "stopped after line",
+    )
+    _failed_with(
+        corpus,
+        "long_line",
+        f"traces.json.gz: a line longer than {MAX_LINE_BYTES} bytes",
+        f"max_line_bytes = {MAX_LINE_BYTES} (STEPML_MAX_LINE_BYTES or settings.max_line_bytes)",
+        "stopped after line 0",
+    )
+    _failed_with(
+        corpus,
+        "yaml_bomb",
+        "exp-config.yaml: more than 100000 YAML nodes once aliases are expanded",
+        "max_yaml_nodes = 100000",
+    )
     _failed_with(corpus, "yaml_big", "profile.yaml: larger than 8388608 bytes", "max_metadata_bytes = 8388608")
     for case in ("lines_bomb", "repeat_bomb", "long_line", "yaml_bomb", "yaml_big"):
         assert run_id(case) in corpus["res"]["experiments"]  # failed alone; the study went on
@@ -578,14 +735,21 @@ def test_8_quarantine_stores_the_first_records_and_counts_the_rest(corpus):
     assert q.height == 10_001 and q["count"][:10_000].to_list() == [1] * 10_000
     summary = q.row(10_000, named=True)
     assert summary["kind"] == "line" and summary["count"] == 2_000 and summary["line"] is None
-    assert summary["reason"].startswith("2000 more line record(s)") and "max_quarantine_rows = 10000" in summary["reason"]
+    assert (
+        summary["reason"].startswith("2000 more line record(s)") and "max_quarantine_rows = 10000" in summary["reason"]
+    )
     assert q["count"].sum() == 12_000 and _kept(corpus, "many_bad_lines").height == corpus["info"]["n_steps"]
     rs = json.loads((corpus["out"] / "assets" / "run_summary" / f"{run_id('many_bad_lines')}.json").read_text())
     assert rs["quarantine_rows"] == 12_000 and rs["lines_quarantined"] == 12_000
 
 
-@pytest.mark.parametrize("case,needle", [("fifo_trace", "traces.json: a FIFO (named pipe), not a regular file"),
-                                         ("dir_trace", "traces.json: a directory, not a regular file")])
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("fifo_trace", "traces.json: a FIFO (named pipe), not a regular file"),
+        ("dir_trace", "traces.json: a directory, not a regular file"),
+    ],
+)
 def test_10_special_files_named_traces_json_fail_saying_what_they_are(corpus, case, needle):
     err = _failed_with(corpus, case, needle, "StepML reads regular files only")
     assert run_id(case) in err  # the path names the run folder
@@ -622,9 +786,13 @@ def _assert_nowhere_in_outputs(c, needles: list[str]) -> None:
             assert n.encode() not in blob, (n, p)
 
 
-@pytest.mark.parametrize("case,needle", [
-    ("exp_tp0", "exp-config.yaml: key tensor_parallelism: 0 is outside 1..1024"),
-    ("exp_lots", "exp-config.yaml: key max_num_batched_tokens: expected an integer from 1 to 16777216, got 'lots'")])
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("exp_tp0", "exp-config.yaml: key tensor_parallelism: 0 is outside 1..1024"),
+        ("exp_lots", "exp-config.yaml: key max_num_batched_tokens: expected an integer from 1 to 16777216, got 'lots'"),
+    ],
+)
 def test_14_bad_exp_config_values_fail_naming_file_and_key(corpus, case, needle):
     _failed_with(corpus, case, needle)
 

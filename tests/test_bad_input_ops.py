@@ -58,13 +58,16 @@ def _copy(src: Path, data: Path, name: str) -> Path:
 # point 9: a dead partition worker
 # --------------------------------------------------------------------------------------------
 
+
 def _kill_when_started(key: str, stop: threading.Event, killed: dict) -> None:
     """Wait for the partition's run to be STARTED, then SIGKILL the process that runs it (from the event log)."""
     inst = dg.DagsterInstance.get()
     while not stop.is_set():
         runs = inst.get_runs(dg.RunsFilter(tags={"dagster/partition": key}, statuses=[dg.DagsterRunStatus.STARTED]))
         for r in runs:
-            pids = {rec.dagster_event.pid for rec in inst.all_logs(r.run_id) if rec.dagster_event and rec.dagster_event.pid}
+            pids = {
+                rec.dagster_event.pid for rec in inst.all_logs(r.run_id) if rec.dagster_event and rec.dagster_event.pid
+            }
             pids.discard(os.getpid())
             if pids:
                 pid = pids.pop()
@@ -83,8 +86,9 @@ def test_9_dead_worker_fails_its_partition_the_rest_finish(small_run, tmp_path):
     stop, killed, result = threading.Event(), {}, {}
     killer = threading.Thread(target=_kill_when_started, args=(victim, stop, killed), daemon=True)
     killer.start()
-    runner = threading.Thread(target=lambda: result.update(res=run_study(data, out, synth_if_empty=False, quiet=True, workers=2)),
-                              daemon=True)
+    runner = threading.Thread(
+        target=lambda: result.update(res=run_study(data, out, synth_if_empty=False, quiet=True, workers=2)), daemon=True
+    )
     runner.start()
     runner.join(timeout=420)
     stop.set()
@@ -93,8 +97,10 @@ def test_9_dead_worker_fails_its_partition_the_rest_finish(small_run, tmp_path):
     res = result["res"]
     assert res["failed"] == [victim] and res["study_ok"]
     err = res["errors"][victim]
-    assert err == (f"the worker process (pid {killed['pid']}) running this partition died: killed by SIGKILL "
-                   "(the out-of-memory killer sends SIGKILL: check `dmesg`/the memory limit)")
+    assert err == (
+        f"the worker process (pid {killed['pid']}) running this partition died: killed by SIGKILL "
+        "(the out-of-memory killer sends SIGKILL: check `dmesg`/the memory limit)"
+    )
     inst = dg.DagsterInstance.get()
     assert inst.get_run_by_id(killed["run_id"]).status == dg.DagsterRunStatus.FAILURE
     assert inst.get_runs_count(dg.RunsFilter(job_name="experiment_job", statuses=S.ACTIVE_STATUSES)) == 0
@@ -109,6 +115,7 @@ def test_9_dead_worker_fails_its_partition_the_rest_finish(small_run, tmp_path):
 # --------------------------------------------------------------------------------------------
 # point 11: the sensor's time budget; unreadable entries
 # --------------------------------------------------------------------------------------------
+
 
 def _deny_reads_under(monkeypatch, folder: Path) -> None:
     """Opening any file under folder raises PermissionError (as for a daemon without read access; tests run as root)."""
@@ -128,7 +135,9 @@ def test_11_gzip_bomb_and_unreadable_folder_cannot_stop_the_sensor(small_run, tm
     data = tmp_path / "data"
     bomb, unreadable, good = rid(11), rid(12), rid(13)
     d = _copy(small_run, data, bomb)
-    (d / "traces.json.gz").write_bytes(gzip.compress(b"x\n" * (32 << 20), compresslevel=9, mtime=0) * 64)  # 4 MB → 4 GiB
+    (d / "traces.json.gz").write_bytes(
+        gzip.compress(b"x\n" * (32 << 20), compresslevel=9, mtime=0) * 64
+    )  # 4 MB → 4 GiB
     _copy(small_run, data, unreadable)
     _copy(small_run, data, good)
     monkeypatch.setenv("STEPML_SENSOR_SETTLE_S", "0")
@@ -136,15 +145,22 @@ def test_11_gzip_bomb_and_unreadable_folder_cannot_stop_the_sensor(small_run, tm
     _deny_reads_under(monkeypatch, data / unreadable)
     sensor = S.build_experiment_sensor(minimum_interval_seconds=1)
     with dg.instance_for_test() as inst:
+
         def tick(cursor):
-            ctx = dg.build_sensor_context(instance=inst, cursor=cursor,
-                                          resources={"settings": StepMLSettings(data_dir=str(data), out_dir=str(tmp_path / "out"))})
+            ctx = dg.build_sensor_context(
+                instance=inst,
+                cursor=cursor,
+                resources={"settings": StepMLSettings(data_dir=str(data), out_dir=str(tmp_path / "out"))},
+            )
             t = time.monotonic()
             res = sensor(ctx)
             return res, time.monotonic() - t
+
         res1, secs1 = tick(None)
         assert secs1 < 8, f"one tick took {secs1:.1f} s with a 2 s budget"
-        assert [r.partition_key for r in res1.run_requests] == [bomb]  # not checked in time: launched, the run applies its limits
+        assert [r.partition_key for r in res1.run_requests] == [
+            bomb
+        ]  # not checked in time: launched, the run applies its limits
         c1 = json.loads(res1.cursor)
         assert set(c1["pending"]) == {unreadable, good}  # the tick's time was used up: next tick
         res2, secs2 = tick(res1.cursor)
@@ -157,6 +173,7 @@ def test_11_gzip_bomb_and_unreadable_folder_cannot_stop_the_sensor(small_run, tm
 # --------------------------------------------------------------------------------------------
 # point 12: two `stepml run` on one output folder; atomic asset writes
 # --------------------------------------------------------------------------------------------
+
 
 def _locked(path: Path) -> bool:
     if not path.exists():
@@ -176,8 +193,9 @@ def test_12_second_stepml_run_on_the_same_out_fails_at_once_naming_the_holder(sm
     data, out = tmp_path / "data", tmp_path / "out"
     _copy(small_run, data, rid(21))
     result = {}
-    first = threading.Thread(target=lambda: result.update(res=run_study(data, out, synth_if_empty=False, quiet=True, workers=1)),
-                             daemon=True)
+    first = threading.Thread(
+        target=lambda: result.update(res=run_study(data, out, synth_if_empty=False, quiet=True, workers=1)), daemon=True
+    )
     first.start()
     deadline = time.monotonic() + 120
     while not _locked(out / ".stepml.lock") and time.monotonic() < deadline:
@@ -185,12 +203,16 @@ def test_12_second_stepml_run_on_the_same_out_fails_at_once_naming_the_holder(sm
     t = time.monotonic()
     rc = main(["run", "--data", str(data), "--out", str(out), "--workers", "1"])
     assert time.monotonic() - t < 5  # at once
-    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("stepml")]  # (the first run's thread may warn)
+    err = [
+        l for l in capsys.readouterr().err.splitlines() if l.startswith("stepml")
+    ]  # (the first run's thread may warn)
     assert rc == 2 and len(err) == 1, err  # refused before anything ran: one line
     msg = err[0]
     assert msg.startswith(f"stepml run: the output folder {out} is in use by stepml run (pid {os.getpid()} on ")
-    assert msg.endswith("wait for it to finish or choose another --out (lock file "
-                        f"{out / '.stepml.lock'}; STEPML_LOCK_WAIT_S waits for it, waited 0 s)")
+    assert msg.endswith(
+        "wait for it to finish or choose another --out (lock file "
+        f"{out / '.stepml.lock'}; STEPML_LOCK_WAIT_S waits for it, waited 0 s)"
+    )
     first.join(timeout=420)
     assert not first.is_alive() and result["res"]["study_ok"] and not result["res"]["failed"]
     assert (out / "report.md").is_file() and not _locked(out / ".stepml.lock")  # released at the end
@@ -206,6 +228,7 @@ def test_12_asset_writes_are_atomic(tmp_path, monkeypatch):
     def broken(self, path, *a, **kw):
         Path(path).write_bytes(b"PAR1 half a file")
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(pl.DataFrame, "write_parquet", broken)
     with pytest.raises(OSError):
         write_object(stem, pl.DataFrame({"x": [9]}))
@@ -236,10 +259,28 @@ def test_8_limits_come_from_settings_then_environment_then_defaults(monkeypatch)
 # point 1: partition keys ↔ file names
 # --------------------------------------------------------------------------------------------
 
+
 def test_1_partition_keys_map_to_file_names_one_to_one():
-    keys = ["20260101-000000-mixtral-8x7b-v0.1-tp2-general", "20260101-000000-mixtral-8x7b-v0.1-tp2-codegen",
-            "a", "a.json", "a.parquet", "a%2Ejson", ".hidden", "..", "__all__", "x/y", "x%2Fy", "", "é", "a\nb", "a b", "A",
-            "x" * 500, "x" * 501]
+    keys = [
+        "20260101-000000-mixtral-8x7b-v0.1-tp2-general",
+        "20260101-000000-mixtral-8x7b-v0.1-tp2-codegen",
+        "a",
+        "a.json",
+        "a.parquet",
+        "a%2Ejson",
+        ".hidden",
+        "..",
+        "__all__",
+        "x/y",
+        "x%2Fy",
+        "",
+        "é",
+        "a\nb",
+        "a b",
+        "A",
+        "x" * 500,
+        "x" * 501,
+    ]
     names = [file_name(k) for k in keys]
     assert len(set(names)) == len(keys)
     assert names[0] == keys[0]  # run ids stay readable

@@ -12,13 +12,20 @@ import jsonschema
 import polars as pl
 import pytest
 
-from stepml_core.blis_export import (BLIS_MODEL_SCHEMA, ExportError, blis_text, check_blis_doc, choose_exports,
-                                     validate_schema, write_exports)
+from stepml_core.blis_export import (
+    BLIS_MODEL_SCHEMA,
+    ExportError,
+    blis_text,
+    check_blis_doc,
+    choose_exports,
+    validate_schema,
+    write_exports,
+)
 from stepml_core.calibrate import StepParams
 from stepml_core.sim.step_models import LinearStepTime
 
-
 # ---------------------------------------------------------------------------- BLIS's rule, from the page alone
+
 
 def blis_features(batch: list[tuple[int, int, int, int]]) -> dict:
     """blis-stepml-format.md §1 'Step-time features': batch = (progress index PI, new tokens, len(input), len(output))."""
@@ -29,9 +36,20 @@ def blis_features(batch: list[tuple[int, int, int, int]]) -> dict:
     kv_sum = sum(pis)
     kv_mean = kv_sum / len(pis) if pis else 0.0
     kv_std = math.sqrt(sum((x - kv_mean) ** 2 for x in pis) / len(pis)) if len(pis) > 1 else 0.0
-    return {"prefill_tokens": P, "decode_tokens": D, "num_prefill_reqs": len(pre), "num_decode_reqs": len(dec),
-            "scheduled_tokens": P + D, "kv_sum": kv_sum, "kv_max": max(pis) if pis else 0, "kv_mean": kv_mean,
-            "kv_std": kv_std, "prefill_x_decode": P * D, "decode_x_kv_mean": len(dec) * kv_mean, "prefill_sq": P * P}
+    return {
+        "prefill_tokens": P,
+        "decode_tokens": D,
+        "num_prefill_reqs": len(pre),
+        "num_decode_reqs": len(dec),
+        "scheduled_tokens": P + D,
+        "kv_sum": kv_sum,
+        "kv_max": max(pis) if pis else 0,
+        "kv_mean": kv_mean,
+        "kv_std": kv_std,
+        "prefill_x_decode": P * D,
+        "decode_x_kv_mean": len(dec) * kv_mean,
+        "prefill_sq": P * P,
+    }
 
 
 def blis_linear(m: dict, f: dict) -> float:
@@ -45,9 +63,16 @@ def blis_step_time(doc: dict, batch) -> float:
     p = None
     for r in doc.get("step_time_regimes") or []:
         c = r.get("condition")
-        if c is None or {"==": f.get(c["feature"], 0) == c["value"], "<": f.get(c["feature"], 0) < c["value"],
-                         "<=": f.get(c["feature"], 0) <= c["value"], ">": f.get(c["feature"], 0) > c["value"],
-                         ">=": f.get(c["feature"], 0) >= c["value"]}[c["op"]]:
+        if (
+            c is None
+            or {
+                "==": f.get(c["feature"], 0) == c["value"],
+                "<": f.get(c["feature"], 0) < c["value"],
+                "<=": f.get(c["feature"], 0) <= c["value"],
+                ">": f.get(c["feature"], 0) > c["value"],
+                ">=": f.get(c["feature"], 0) >= c["value"],
+            }[c["op"]]
+        ):
             p = blis_linear(r["model"], f)
             break
     if p is None:
@@ -90,17 +115,49 @@ def random_batch(rng: random.Random):
 
 DOCS = [
     StepParams(b0_us=13400.0, b_dec_us=3.5, b_kv_us=0.057, b_pf_us=67.4, b_npf_us=1000.0, q0_us=24000.0).blis_doc(),
-    {"version": 2, "step_time_regimes": [
-        {"name": "decode_only", "condition": {"feature": "prefill_tokens", "op": "==", "value": 0},
-         "model": {"model_type": "linear", "intercept": 9000, "feature_coefficients": {"decode_tokens": 30.0, "kv_max": 0.4, "kv_std": 1.5}}},
-        {"name": "big", "condition": {"feature": "scheduled_tokens", "op": ">=", "value": 1024},
-         "model": {"model_type": "linear", "intercept": 9.2, "output_transform": "expm1",
-                   "feature_coefficients": {"prefill_tokens": 2e-4, "prefill_sq": 1e-8}}},
-        {"name": "mixed", "condition": None, "model": {"model_type": "linear", "intercept": 12000, "feature_coefficients": {
-            "scheduled_tokens": 40.0, "num_decode_reqs": 10.0, "prefill_x_decode": 0.01, "decode_x_kv_mean": 0.02,
-            "kv_mean": 0.5, "num_prefill_reqs": 300.0}}}],
-     "step_overhead_us": 9000, "step_overhead_per_req_us": 12.5,
-     "queueing_time": {"model_type": "linear", "intercept": 5000, "feature_coefficients": {"input_len": 1.5}}},
+    {
+        "version": 2,
+        "step_time_regimes": [
+            {
+                "name": "decode_only",
+                "condition": {"feature": "prefill_tokens", "op": "==", "value": 0},
+                "model": {
+                    "model_type": "linear",
+                    "intercept": 9000,
+                    "feature_coefficients": {"decode_tokens": 30.0, "kv_max": 0.4, "kv_std": 1.5},
+                },
+            },
+            {
+                "name": "big",
+                "condition": {"feature": "scheduled_tokens", "op": ">=", "value": 1024},
+                "model": {
+                    "model_type": "linear",
+                    "intercept": 9.2,
+                    "output_transform": "expm1",
+                    "feature_coefficients": {"prefill_tokens": 2e-4, "prefill_sq": 1e-8},
+                },
+            },
+            {
+                "name": "mixed",
+                "condition": None,
+                "model": {
+                    "model_type": "linear",
+                    "intercept": 12000,
+                    "feature_coefficients": {
+                        "scheduled_tokens": 40.0,
+                        "num_decode_reqs": 10.0,
+                        "prefill_x_decode": 0.01,
+                        "decode_x_kv_mean": 0.02,
+                        "kv_mean": 0.5,
+                        "num_prefill_reqs": 300.0,
+                    },
+                },
+            },
+        ],
+        "step_overhead_us": 9000,
+        "step_overhead_per_req_us": 12.5,
+        "queueing_time": {"model_type": "linear", "intercept": 5000, "feature_coefficients": {"input_len": 1.5}},
+    },
 ]
 
 
@@ -129,7 +186,8 @@ def test_calibrated_params_vectorized_formula_matches_the_file():
         b = random_batch(rng)
         f = blis_features(b)
         assert p.step_us(f["decode_tokens"], f["kv_sum"], f["prefill_tokens"], f["num_prefill_reqs"]) == pytest.approx(
-            lin.step_time_us(Batch(b)), rel=1e-12)
+            lin.step_time_us(Batch(b)), rel=1e-12
+        )
     assert lin.queueing_us(600) == pytest.approx(14059.2)
 
 
@@ -146,11 +204,19 @@ def test_schema_and_checks_refuse_what_blis_would_misread():
     bad_q["queueing_time"]["feature_coefficients"] = {"prompt_len": 1.0}
     with pytest.raises(ExportError, match="prompt_len"):
         check_blis_doc(bad_q)
-    for mutate, msg in ((lambda d: d.update(version=0), "version"),
-                        (lambda d: d["step_time"].update(model_type="tree"), "model_type"),
-                        (lambda d: d["step_time"].update(intercept=float("nan")), "intercept"),
-                        (lambda d: d.update(step_time_regimes=[{"condition": {"feature": "batch", "op": "==", "value": 0},
-                                                                "model": {"intercept": 1.0}}]), "batch")):
+    for mutate, msg in (
+        (lambda d: d.update(version=0), "version"),
+        (lambda d: d["step_time"].update(model_type="tree"), "model_type"),
+        (lambda d: d["step_time"].update(intercept=float("nan")), "intercept"),
+        (
+            lambda d: d.update(
+                step_time_regimes=[
+                    {"condition": {"feature": "batch", "op": "==", "value": 0}, "model": {"intercept": 1.0}}
+                ]
+            ),
+            "batch",
+        ),
+    ):
         d = json.loads(json.dumps(good))
         mutate(d)
         with pytest.raises(ExportError, match=msg):
@@ -163,23 +229,61 @@ def _rows(runs: dict[str, dict[str, tuple[float, float, str]]], recommended: dic
     for e, models in runs.items():
         for m, (e2e, ttft, sample) in models.items():
             for metric, v in (("e2e_mean", e2e), ("ttft_mean", ttft)):
-                out.append({"experiment_id": e, "source": "real", "role": "", "step_model": m, "fitted_on": "x", "sample": sample,
-                            "metric": metric, "predicted": 1.0, "observed": 1.0, "rel_err_pct": v, "recommended": recommended.get(e) == m})
+                out.append(
+                    {
+                        "experiment_id": e,
+                        "source": "real",
+                        "role": "",
+                        "step_model": m,
+                        "fitted_on": "x",
+                        "sample": sample,
+                        "metric": metric,
+                        "predicted": 1.0,
+                        "observed": 1.0,
+                        "rel_err_pct": v,
+                        "recommended": recommended.get(e) == m,
+                    }
+                )
     return pl.DataFrame(out)
 
 
-SPECS = [{"name": "requests_lowo", "kind": "blis_linear", "llm_model": "m", "fitted_on": ["r2"], "doc": DOCS[0]},
-         {"name": "blackbox_2f", "kind": "blis_linear", "llm_model": "m", "fitted_on": ["r1"],
-          "doc": {"version": 1, "step_time": {"model_type": "linear", "intercept": 9000.0,
-                                              "feature_coefficients": {"prefill_tokens": 40.0, "decode_tokens": 60.0}}}},
-         {"name": "hgb_30f", "kind": "stepml_export", "llm_model": "m", "fitted_on": ["r1"], "exported": {}}]
-SHIPPED = {"m": {"name": "requests_all", "kind": "blis_linear", "llm_model": "m", "fitted_on": ["r1", "r2", "r3"], "doc": DOCS[0]}}
+SPECS = [
+    {"name": "requests_lowo", "kind": "blis_linear", "llm_model": "m", "fitted_on": ["r2"], "doc": DOCS[0]},
+    {
+        "name": "blackbox_2f",
+        "kind": "blis_linear",
+        "llm_model": "m",
+        "fitted_on": ["r1"],
+        "doc": {
+            "version": 1,
+            "step_time": {
+                "model_type": "linear",
+                "intercept": 9000.0,
+                "feature_coefficients": {"prefill_tokens": 40.0, "decode_tokens": 60.0},
+            },
+        },
+    },
+    {"name": "hgb_30f", "kind": "stepml_export", "llm_model": "m", "fitted_on": ["r1"], "exported": {}},
+]
+SHIPPED = {
+    "m": {
+        "name": "requests_all",
+        "kind": "blis_linear",
+        "llm_model": "m",
+        "fitted_on": ["r1", "r2", "r3"],
+        "doc": DOCS[0],
+    }
+}
 
 
 def test_recommended_calibrated_model_ships_as_requests_all(tmp_path):
-    rows = _rows({"r1": {"requests_lowo": (1.0, 5.0, "out_of_sample"), "blackbox_2f": (3.0, 20.0, "in_sample")},
-                  "r2": {"requests_lowo": (-2.0, 4.0, "out_of_sample"), "blackbox_2f": (4.0, 30.0, "out_of_sample")}},
-                 {"r1": "requests_lowo", "r2": "requests_lowo"})
+    rows = _rows(
+        {
+            "r1": {"requests_lowo": (1.0, 5.0, "out_of_sample"), "blackbox_2f": (3.0, 20.0, "in_sample")},
+            "r2": {"requests_lowo": (-2.0, 4.0, "out_of_sample"), "blackbox_2f": (4.0, 30.0, "out_of_sample")},
+        },
+        {"r1": "requests_lowo", "r2": "requests_lowo"},
+    )
     c = choose_exports(rows, SPECS, SHIPPED, {"r1": "m", "r2": "m"})
     assert c["m"]["step_model"] == "requests_all" and c["m"]["recommended"] == "requests_lowo"
     assert c["m"]["fitted_on"] == ["r1", "r2", "r3"] and c["m"]["fidelity_cost_pct_points"] is None
@@ -190,18 +294,38 @@ def test_recommended_calibrated_model_ships_as_requests_all(tmp_path):
 
 
 def test_trees_recommended_export_the_best_linear_model_and_say_what_it_costs():
-    rows = _rows({"r1": {"hgb_30f": (1.0, 2.0, "out_of_sample"), "requests_lowo": (2.0, 6.0, "out_of_sample"),
-                         "blackbox_2f": (5.0, 30.0, "out_of_sample")}}, {"r1": "hgb_30f"})
+    rows = _rows(
+        {
+            "r1": {
+                "hgb_30f": (1.0, 2.0, "out_of_sample"),
+                "requests_lowo": (2.0, 6.0, "out_of_sample"),
+                "blackbox_2f": (5.0, 30.0, "out_of_sample"),
+            }
+        },
+        {"r1": "hgb_30f"},
+    )
     c = choose_exports(rows, SPECS, SHIPPED, {"r1": "m"})["m"]
     assert c["recommended"] == "hgb_30f" and c["step_model"] == "requests_all"
     assert "no BLIS form" in c["note"]
-    assert c["fidelity_cost_pct_points"] == {"e2e_mean_abs_pct": pytest.approx(1.0), "ttft_mean_abs_pct": pytest.approx(4.0)}
+    assert c["fidelity_cost_pct_points"] == {
+        "e2e_mean_abs_pct": pytest.approx(1.0),
+        "ttft_mean_abs_pct": pytest.approx(4.0),
+    }
 
 
 def test_export_refuses_unknown_feature_names(tmp_path):
-    bad = {"m": {"doc": {"version": 1, "step_time": {"model_type": "linear", "intercept": 1.0,
-                                                       "feature_coefficients": {"kv_len": 1.0}}},
-                 "step_model": "x", "recommended": "x", "fitted_on": [], "kind": "blis_linear"}}
+    bad = {
+        "m": {
+            "doc": {
+                "version": 1,
+                "step_time": {"model_type": "linear", "intercept": 1.0, "feature_coefficients": {"kv_len": 1.0}},
+            },
+            "step_model": "x",
+            "recommended": "x",
+            "fitted_on": [],
+            "kind": "blis_linear",
+        }
+    }
     with pytest.raises(ExportError, match="kv_len"):
         write_exports(bad, tmp_path, source="test")
     assert not (tmp_path / "m.json").exists()
@@ -215,17 +339,28 @@ def test_stepml_export_command_on_a_study_folder(tmp_path, capsys):
 
     study = tmp_path / "out"
     e1, e2 = "20260101-000000-llama-2-7b-tp1-codegen", "20260101-010000-llama-2-7b-tp1-general"
-    rows = _rows({e1: {"requests_lowo": (1.0, 5.0, "out_of_sample"), "physics": (0.5, 1.0, "in_sample")},
-                  e2: {"requests_lowo": (-2.0, 4.0, "out_of_sample")}}, {e1: "requests_lowo", e2: "requests_lowo"})
+    rows = _rows(
+        {
+            e1: {"requests_lowo": (1.0, 5.0, "out_of_sample"), "physics": (0.5, 1.0, "in_sample")},
+            e2: {"requests_lowo": (-2.0, 4.0, "out_of_sample")},
+        },
+        {e1: "requests_lowo", e2: "requests_lowo"},
+    )
     study.mkdir()
     rows.write_csv(study / "replay.csv")
     specs = [{**s, "llm_model": "llama-2-7b"} for s in SPECS]
     write_object(study / "assets" / "replay_models" / "__all__", specs)
-    write_object(study / "assets" / "request_calibration" / "__all__",
-                 {"specs": [], "shipped": {"llama-2-7b": {**SHIPPED["m"], "llm_model": "llama-2-7b"}}})
-    write_object(study / "assets" / "replay_fidelity" / "__all__",
-                 {"recommended_per_llm": pl.DataFrame({"llm_model": ["llama-2-7b"], "step_model": ["requests_lowo"]}),
-                  "replay": rows})
+    write_object(
+        study / "assets" / "request_calibration" / "__all__",
+        {"specs": [], "shipped": {"llama-2-7b": {**SHIPPED["m"], "llm_model": "llama-2-7b"}}},
+    )
+    write_object(
+        study / "assets" / "replay_fidelity" / "__all__",
+        {
+            "recommended_per_llm": pl.DataFrame({"llm_model": ["llama-2-7b"], "step_model": ["requests_lowo"]}),
+            "replay": rows,
+        },
+    )
     assert main(["export", "--format", "blis", "--study", str(study), "--out", str(tmp_path / "blis")]) == 0
     doc = json.loads((tmp_path / "blis" / "llama-2-7b.json").read_text())
     validate_schema(doc)

@@ -13,56 +13,121 @@ import polars as pl
 import pytest
 
 from stepml_core import calibration_protocols as cp
-from stepml_core.calibrate import (PARAM_NAMES, CalibrationRun, StepParams, Timelines, arch_prior, calibrate, fit_closed_form,
-                                   interval_bounds, request_timelines, serving_model)
+from stepml_core.calibrate import (
+    PARAM_NAMES,
+    CalibrationRun,
+    StepParams,
+    Timelines,
+    arch_prior,
+    calibrate,
+    fit_closed_form,
+    interval_bounds,
+    request_timelines,
+    serving_model,
+)
 from stepml_core.replay import RunContext, replay, replay_workload, run_context
 from stepml_core.replay_models import replay_run, specs_for_run
 from stepml_core.request_log import read_request_log
 from stepml_core.runs import read_run_metadata
 
 TRUTH = StepParams(b0_us=6000.0, b_dec_us=20.0, b_kv_us=0.2, b_pf_us=27.0, b_npf_us=500.0, q0_us=15000.0)
-CONFIG = {"tensor_parallelism": 1, "max_num_seqs": 128, "max_num_batched_tokens": 2048, "kv_blocks_total_gpu": 7000,
-          "block_size": 16}
+CONFIG = {
+    "tensor_parallelism": 1,
+    "max_num_seqs": 128,
+    "max_num_batched_tokens": 2048,
+    "kv_blocks_total_gpu": 7000,
+    "block_size": 16,
+}
 
 
 def _ctx(eid: str, output_len: int) -> RunContext:
-    return RunContext(experiment_id=eid, model="llama-2-7b", tp=1, max_num_seqs=128, max_num_batched_tokens=2048,
-                      kv_blocks_total=7000, num_groups=10, prompts_per_group=10, system_prompt_len=100,
-                      output_len=output_len, ignore_eos=True)
+    return RunContext(
+        experiment_id=eid,
+        model="llama-2-7b",
+        tp=1,
+        max_num_seqs=128,
+        max_num_batched_tokens=2048,
+        kv_blocks_total=7000,
+        num_groups=10,
+        prompts_per_group=10,
+        system_prompt_len=100,
+        output_len=output_len,
+        ignore_eos=True,
+    )
 
 
 def _requests(rate: float, seconds: float, prompt: int, seed: int) -> pl.DataFrame:
     rng = np.random.default_rng(seed)
     arr = np.cumsum(rng.exponential(1.0 / rate, int(rate * seconds)))
     n = arr.size
-    return pl.DataFrame({"index": np.arange(n), "arrival_time_us": np.rint((arr - arr[0]) * 1e6).astype(np.int64),
-                         "input_tokens": prompt + rng.integers(-8, 9, n), "output_tokens": np.full(n, 64),
-                         "prefix_group": [None] * n, "has_error": np.zeros(n, dtype=bool)},
-                        schema_overrides={"prefix_group": pl.Utf8})
+    return pl.DataFrame(
+        {
+            "index": np.arange(n),
+            "arrival_time_us": np.rint((arr - arr[0]) * 1e6).astype(np.int64),
+            "input_tokens": prompt + rng.integers(-8, 9, n),
+            "output_tokens": np.full(n, 64),
+            "prefix_group": [None] * n,
+            "has_error": np.zeros(n, dtype=bool),
+        },
+        schema_overrides={"prefix_group": pl.Utf8},
+    )
 
 
 def _observed(table: pl.DataFrame, ctx: RunContext, truth: StepParams) -> pl.DataFrame:
     """What a client of an engine whose steps follow ``truth`` would log (the simulator as ground truth)."""
-    r = replay(replay_workload(table.with_columns(observed_has_error=pl.lit(None, pl.Boolean),
-                                                  observed_ttft_s=pl.lit(None, pl.Float64),
-                                                  observed_e2e_s=pl.lit(None, pl.Float64)), ctx),
-               serving_model(truth), ctx).per_request
-    return table.join(r.select("index", observed_has_error=~pl.col("success"), observed_ttft_s=pl.col("ttft_s"),
-                               observed_e2e_s=pl.col("e2e_s")), on="index")
+    r = replay(
+        replay_workload(
+            table.with_columns(
+                observed_has_error=pl.lit(None, pl.Boolean),
+                observed_ttft_s=pl.lit(None, pl.Float64),
+                observed_e2e_s=pl.lit(None, pl.Float64),
+            ),
+            ctx,
+        ),
+        serving_model(truth),
+        ctx,
+    ).per_request
+    return table.join(
+        r.select(
+            "index",
+            observed_has_error=~pl.col("success"),
+            observed_ttft_s=pl.col("ttft_s"),
+            observed_e2e_s=pl.col("e2e_s"),
+        ),
+        on="index",
+    )
 
 
 def _run(eid: str, rate: float, seconds: float, prompt: int, seed: int, role="train", truth=TRUTH) -> CalibrationRun:
     ctx = _ctx(eid, 64)
-    return CalibrationRun(eid, "llama-2-7b", eid.rsplit("-", 1)[-1], role, _observed(_requests(rate, seconds, prompt, seed), ctx, truth), ctx)
+    return CalibrationRun(
+        eid,
+        "llama-2-7b",
+        eid.rsplit("-", 1)[-1],
+        role,
+        _observed(_requests(rate, seconds, prompt, seed), ctx, truth),
+        ctx,
+    )
 
 
 def test_timelines_by_hand():
     """Two requests: A decodes over [1, 3] s, B over [2, 4] s, each 3 generated tokens after prompts of 100 / 200:
     A's window sees 1.5 decoders on average and Σ context 100 + 3·0.5 + (B's 0.5 s: 200 + …)."""
     ctx = _ctx("20260101-000000-llama-2-7b-tp1-codegen", 3)
-    t = pl.DataFrame({"index": [0, 1], "arrival_time_us": [0, 1_000_000], "input_tokens": [100, 200], "output_tokens": [3, 3],
-                      "prefix_group": [None, None], "has_error": [False, False], "observed_has_error": [False, False],
-                      "observed_ttft_s": [1.0, 1.0], "observed_e2e_s": [3.0, 3.0]}, schema_overrides={"prefix_group": pl.Utf8})
+    t = pl.DataFrame(
+        {
+            "index": [0, 1],
+            "arrival_time_us": [0, 1_000_000],
+            "input_tokens": [100, 200],
+            "output_tokens": [3, 3],
+            "prefix_group": [None, None],
+            "has_error": [False, False],
+            "observed_has_error": [False, False],
+            "observed_ttft_s": [1.0, 1.0],
+            "observed_e2e_s": [3.0, 3.0],
+        },
+        schema_overrides={"prefix_group": pl.Utf8},
+    )
     tl = request_timelines(CalibrationRun(ctx.experiment_id, "llama-2-7b", "codegen", "train", t, ctx), grid_s=0.001)
     assert tl.cycle_us[0] == pytest.approx(1e6)  # (3 − 1) s / (3 − 1) tokens
     assert tl.dec_mean[0] == pytest.approx(1.5, abs=2e-3)
@@ -74,8 +139,10 @@ def test_timelines_by_hand():
 def test_calibration_recovers_a_known_engine():
     """Request logs of an engine whose steps follow a known BLIS model: the calibrated model's step time agrees
     with it within a few % where the runs operate, and replaying the runs reproduces their latencies."""
-    runs = [_run("20260101-000000-llama-2-7b-tp1-codegen", 6.0, 90, 500, 1),
-            _run("20260101-010000-llama-2-7b-tp1-general", 14.0, 90, 560, 2)]
+    runs = [
+        _run("20260101-000000-llama-2-7b-tp1-codegen", 6.0, 90, 500, 1),
+        _run("20260101-010000-llama-2-7b-tp1-general", 14.0, 90, 560, 2),
+    ]
     cal = calibrate(runs, refine_evals=4, n_boot=8)
     p = cal.params
     for dec, kv in ((10, 6000), (40, 24000), (80, 48000)):  # decoders, Σ context
@@ -93,9 +160,14 @@ def test_calibration_recovers_a_known_engine():
 
 def _infos() -> list[cp.RunInfo]:
     R = cp.RunInfo
-    return [R("a-codegen", "m1", 1, "codegen", "train", True, 900), R("a-general", "m1", 1, "general", "train", True, 1600),
-            R("a-roleplay", "m1", 1, "roleplay", "validate", False, 0), R("a-reasoning", "m1", 1, "reasoning", "test", True, 100),
-            R("b-codegen", "m2", 2, "codegen", "train", True, 900), R("b-general", "m2", 2, "general", "validate", True, 1700)]
+    return [
+        R("a-codegen", "m1", 1, "codegen", "train", True, 900),
+        R("a-general", "m1", 1, "general", "train", True, 1600),
+        R("a-roleplay", "m1", 1, "roleplay", "validate", False, 0),
+        R("a-reasoning", "m1", 1, "reasoning", "test", True, 100),
+        R("b-codegen", "m2", 2, "codegen", "train", True, 900),
+        R("b-general", "m2", 2, "general", "validate", True, 1700),
+    ]
 
 
 def test_folds_never_calibrate_on_what_they_score():
@@ -137,17 +209,46 @@ def _write_run(root: Path, eid: str, run: CalibrationRun, split: str) -> None:
     f = root / eid
     f.mkdir(parents=True)
     (f / "exp-config.yaml").write_text("tensor_parallelism: 1\nmax_num_seqs: 128\nmax_num_batched_tokens: 2048\n")
-    (f / "profile.yaml").write_text(json.dumps({"data": {"shared_prefix": {"num_groups": 10, "num_prompts_per_group": 10,
-                                                                           "system_prompt_len": 100, "output_len": 64}},
-                                                "server": {"ignore_eos": True}}))
+    (f / "profile.yaml").write_text(
+        json.dumps(
+            {
+                "data": {
+                    "shared_prefix": {
+                        "num_groups": 10,
+                        "num_prompts_per_group": 10,
+                        "system_prompt_len": 100,
+                        "output_len": 64,
+                    }
+                },
+                "server": {"ignore_eos": True},
+            }
+        )
+    )
     t = run.table
-    reqs = [{"index": int(i), "arrival_time_us": int(a), "input_tokens": int(x), "output_tokens": 64, "prefix_group": "",
-             "has_error": False} for i, a, x in zip(t["index"], t["arrival_time_us"], t["input_tokens"])]
-    doc = {"experiment": eid, "model_short": "llama-2-7b", "profile": eid.rsplit("-", 1)[-1], "split": split,
-           "config": CONFIG, "requests": reqs}
+    reqs = [
+        {
+            "index": int(i),
+            "arrival_time_us": int(a),
+            "input_tokens": int(x),
+            "output_tokens": 64,
+            "prefix_group": "",
+            "has_error": False,
+        }
+        for i, a, x in zip(t["index"], t["arrival_time_us"], t["input_tokens"])
+    ]
+    doc = {
+        "experiment": eid,
+        "model_short": "llama-2-7b",
+        "profile": eid.rsplit("-", 1)[-1],
+        "split": split,
+        "config": CONFIG,
+        "requests": reqs,
+    }
     (f / "requests.json.gz").write_bytes(gzip.compress(json.dumps(doc).encode()))
-    gt = [{"index": int(i), "has_error": bool(h), "ttft_s": float(tt), "e2e_s": float(e)}
-          for i, h, tt, e in zip(t["index"], t["observed_has_error"], t["observed_ttft_s"], t["observed_e2e_s"])]
+    gt = [
+        {"index": int(i), "has_error": bool(h), "ttft_s": float(tt), "e2e_s": float(e)}
+        for i, h, tt, e in zip(t["index"], t["observed_has_error"], t["observed_ttft_s"], t["observed_e2e_s"])
+    ]
     (f / "ground_truth.json.gz").write_bytes(gzip.compress(json.dumps(gt).encode()))
 
 
@@ -163,19 +264,43 @@ def _predict(root: Path, scored: str) -> tuple[dict[str, pl.DataFrame], pl.DataF
 
     def ctx_of(e):
         m = metas[e]
-        return run_context(m.folder, experiment_id=e, model=m.model, tp=m.tp, exp_config=m.exp_config, profile=m.profile,
-                           header=logs[e].header)
+        return run_context(
+            m.folder,
+            experiment_id=e,
+            model=m.model,
+            tp=m.tp,
+            exp_config=m.exp_config,
+            profile=m.profile,
+            header=logs[e].header,
+        )
 
-    out = cp.study_calibration(infos, lambda e: CalibrationRun(e, metas[e].model, metas[e].workload, logs[e].role,
-                                                               logs[e].table, ctx_of(e)),
-                               refine_evals=2, n_boot=6, lomo_models=[])
-    res = {e: replay_run(logs[e], ctx_of(e), [s for s in specs_for_run(out["specs"], e, "llama-2-7b") if s["kind"] != "physics"],
-                         source="real") for e in logs}
-    ivs = widen_intervals(pl.concat([r["intervals"] for r in res.values()]),
-                          {e: {"llm_model": metas[e].model, "workload": metas[e].workload} for e in logs}, level=0.5)
-    return ({name: t.select("index", "ttft_s", "e2e_s", "success") for name, t in res[scored]["per_request"].items()},
-            ivs.filter(pl.col("experiment_id") == scored).select("step_model", "metric", "predicted", "boot_lo", "boot_hi", "lo",
-                                                                "hi", "extrap_q_pct", "extrap_n").sort("step_model", "metric"))
+    out = cp.study_calibration(
+        infos,
+        lambda e: CalibrationRun(e, metas[e].model, metas[e].workload, logs[e].role, logs[e].table, ctx_of(e)),
+        refine_evals=2,
+        n_boot=6,
+        lomo_models=[],
+    )
+    res = {
+        e: replay_run(
+            logs[e],
+            ctx_of(e),
+            [s for s in specs_for_run(out["specs"], e, "llama-2-7b") if s["kind"] != "physics"],
+            source="real",
+        )
+        for e in logs
+    }
+    ivs = widen_intervals(
+        pl.concat([r["intervals"] for r in res.values()]),
+        {e: {"llm_model": metas[e].model, "workload": metas[e].workload} for e in logs},
+        level=0.5,
+    )
+    return (
+        {name: t.select("index", "ttft_s", "e2e_s", "success") for name, t in res[scored]["per_request"].items()},
+        ivs.filter(pl.col("experiment_id") == scored)
+        .select("step_model", "metric", "predicted", "boot_lo", "boot_hi", "lo", "hi", "extrap_q_pct", "extrap_n")
+        .sort("step_model", "metric"),
+    )
 
 
 def test_deleting_a_scored_runs_ground_truth_leaves_its_predictions_and_intervals_bit_identical(tmp_path):
@@ -184,13 +309,16 @@ def test_deleting_a_scored_runs_ground_truth_leaves_its_predictions_and_interval
     widened), bit for bit, although the other runs' leave-one-workload-out folds lose it. Deleting a *calibration*
     run's ground truth does change the predictions, deleting the other validate run's (whose error widens the
     interval) the interval (the test can fail)."""
+
     def run(eid, rate, prompt, seed):
         return _run(eid, rate, 50, prompt, seed)
 
-    runs = {"20260101-000000-llama-2-7b-tp1-codegen": (5.0, 500, 3, "train"),
-            "20260101-010000-llama-2-7b-tp1-general": (10.0, 560, 4, "train"),
-            "20260101-020000-llama-2-7b-tp1-roleplay": (6.0, 760, 5, "validate"),
-            "20260101-030000-llama-2-7b-tp1-reasoning": (4.0, 640, 6, "validate")}
+    runs = {
+        "20260101-000000-llama-2-7b-tp1-codegen": (5.0, 500, 3, "train"),
+        "20260101-010000-llama-2-7b-tp1-general": (10.0, 560, 4, "train"),
+        "20260101-020000-llama-2-7b-tp1-roleplay": (6.0, 760, 5, "validate"),
+        "20260101-030000-llama-2-7b-tp1-reasoning": (4.0, 640, 6, "validate"),
+    }
     for eid, (rate, prompt, seed, split) in runs.items():
         _write_run(tmp_path, eid, run(eid, rate, prompt, seed), split)
     scored = "20260101-020000-llama-2-7b-tp1-roleplay"
@@ -206,8 +334,11 @@ def test_deleting_a_scored_runs_ground_truth_leaves_its_predictions_and_interval
     (tmp_path / "20260101-030000-llama-2-7b-tp1-reasoning" / "ground_truth.json.gz").unlink()
     _, iv_other = _predict(tmp_path, scored)
     roles = pl.col("step_model") == "requests_roles"  # (its lowo fold calibrated on that run: those change anyway)
-    assert iv_other.filter(roles).select("predicted", "boot_lo", "boot_hi").equals(
-        iv_before.filter(roles).select("predicted", "boot_lo", "boot_hi"))
+    assert (
+        iv_other.filter(roles)
+        .select("predicted", "boot_lo", "boot_hi")
+        .equals(iv_before.filter(roles).select("predicted", "boot_lo", "boot_hi"))
+    )
     assert not iv_other.filter(roles).select("lo", "hi").equals(iv_before.filter(roles).select("lo", "hi"))
     (tmp_path / "20260101-010000-llama-2-7b-tp1-general" / "ground_truth.json.gz").unlink()
     changed, _ = _predict(tmp_path, scored)
@@ -219,8 +350,14 @@ def test_leave_one_model_out_transfer_through_the_architecture():
     a, b, t = arch_prior("llama-2-70b", 4), arch_prior("codellama-34b", 2), arch_prior("mixtral-8x7b", 2)
 
     def src(pr):
-        return StepParams(b0_us=1.4 * pr.weights_floor_us, b_dec_us=2.0 * pr.compute_floor_us, b_kv_us=1.8 * pr.kv_floor_us,
-                          b_pf_us=pr.prefill_prior_us, b_npf_us=15.0 * pr.layers, q0_us=25000.0)
+        return StepParams(
+            b0_us=1.4 * pr.weights_floor_us,
+            b_dec_us=2.0 * pr.compute_floor_us,
+            b_kv_us=1.8 * pr.kv_floor_us,
+            b_pf_us=pr.prefill_prior_us,
+            b_npf_us=15.0 * pr.layers,
+            q0_us=25000.0,
+        )
 
     p, per = cp.transfer_params([(src(a), a), (src(b), b)], t)
     assert p.b0_us == pytest.approx(1.4 * t.weights_floor_us)
@@ -232,10 +369,19 @@ def test_leave_one_model_out_transfer_through_the_architecture():
 
 
 def test_interval_bounds_pick_the_quantile_models():
-    rows = np.array([StepParams(b0_us=b0, b_dec_us=0, b_kv_us=0.1, b_pf_us=20, b_npf_us=0, q0_us=1e4).as_vector()
-                     for b0 in (5000, 5100, 4900, 5300, 4700, 5000, 5200, 4800, 5050, 4950, 5150)])
-    lo, hi = interval_bounds({"rows": rows.tolist()}, 1000, {"decode_tokens": 1e4, "kv_sum": 1e7, "prefill_tokens": 1e3,
-                                                              "num_prefill_reqs": 10}, 100, 500)
+    rows = np.array(
+        [
+            StepParams(b0_us=b0, b_dec_us=0, b_kv_us=0.1, b_pf_us=20, b_npf_us=0, q0_us=1e4).as_vector()
+            for b0 in (5000, 5100, 4900, 5300, 4700, 5000, 5200, 4800, 5050, 4950, 5150)
+        ]
+    )
+    lo, hi = interval_bounds(
+        {"rows": rows.tolist()},
+        1000,
+        {"decode_tokens": 1e4, "kv_sum": 1e7, "prefill_tokens": 1e3, "num_prefill_reqs": 10},
+        100,
+        500,
+    )
     assert lo.b0_us == 4700 and hi.b0_us == 5300
     assert interval_bounds({"rows": rows[:1].tolist()}, 10, {}, 1, 1) is None
 
@@ -244,10 +390,23 @@ def _timelines(eid: str, saturated: bool, dec: np.ndarray, ctx_per_seq: float, c
     n = dec.size
     kv = dec * ctx_per_seq
     z = np.zeros(n)
-    return Timelines(experiment_id=eid, saturated=saturated, arrival_s=np.arange(n, dtype=np.float64),
-                     ttft_s=np.full(n, 0.05), e2e_s=np.full(n, 3.0), success=np.ones(n, dtype=bool),
-                     generated=np.full(n, 200.0), input_tokens=np.full(n, 600.0), cycle_us=cycle_us, dec_mean=dec,
-                     kv_mean=kv, prefills_per_step=z, kv_over=z, dec_at_arrival=dec, kv_at_arrival=kv)
+    return Timelines(
+        experiment_id=eid,
+        saturated=saturated,
+        arrival_s=np.arange(n, dtype=np.float64),
+        ttft_s=np.full(n, 0.05),
+        e2e_s=np.full(n, 3.0),
+        success=np.ones(n, dtype=bool),
+        generated=np.full(n, 200.0),
+        input_tokens=np.full(n, 600.0),
+        cycle_us=cycle_us,
+        dec_mean=dec,
+        kv_mean=kv,
+        prefills_per_step=z,
+        kv_over=z,
+        dec_at_arrival=dec,
+        kv_at_arrival=kv,
+    )
 
 
 def test_a_cpu_bound_saturated_run_only_bounds_the_gpu_path_from_above():
@@ -265,16 +424,23 @@ def test_a_cpu_bound_saturated_run_only_bounds_the_gpu_path_from_above():
 
     d1, d2 = rng.uniform(10, 70, 400), rng.uniform(10, 70, 400)
     d3 = rng.uniform(120, 128, 200)
-    tls = [_timelines("a-codegen", False, d1, 500.0, gpu(d1, 500.0)),
-           _timelines("a-roleplay", False, d2, 900.0, gpu(d2, 900.0)),
-           _timelines("a-reasoning", True, d3, 1800.0, 1.3 * gpu(d3, 1800.0))]
+    tls = [
+        _timelines("a-codegen", False, d1, 500.0, gpu(d1, 500.0)),
+        _timelines("a-roleplay", False, d2, 900.0, gpu(d2, 900.0)),
+        _timelines("a-reasoning", True, d3, 1800.0, 1.3 * gpu(d3, 1800.0)),
+    ]
     p = fit_closed_form(tls, prior).params
     for dec, cps in ((40, 700.0), (110, 700.0), (125, 1800.0)):
         assert p.step_us(dec, dec * cps) == pytest.approx(gpu(dec, cps), rel=0.005)
     # a GPU-bound saturated run below what the non-saturated runs alone extrapolate to still pulls the fit down
-    flat = [_timelines("b-codegen", False, d1, 700.0, gpu(d1, 700.0)),  # one context length: split unidentified
-            _timelines("b-reasoning", True, d3, 1800.0, gpu(d3, 1800.0))]
+    flat = [
+        _timelines("b-codegen", False, d1, 700.0, gpu(d1, 700.0)),  # one context length: split unidentified
+        _timelines("b-reasoning", True, d3, 1800.0, gpu(d3, 1800.0)),
+    ]
     alone = fit_closed_form(flat[:1], prior).params
     both = fit_closed_form(flat, prior).params
     assert alone.step_us(125, 125 * 1800.0) > 1.02 * gpu(125, 1800.0)  # the calm run alone over-extrapolates
-    assert abs(both.step_us(125, 125 * 1800.0) / gpu(125, 1800.0) - 1) < abs(alone.step_us(125, 125 * 1800.0) / gpu(125, 1800.0) - 1) / 2
+    assert (
+        abs(both.step_us(125, 125 * 1800.0) / gpu(125, 1800.0) - 1)
+        < abs(alone.step_us(125, 125 * 1800.0) / gpu(125, 1800.0) - 1) / 2
+    )

@@ -9,13 +9,15 @@ import json
 import dagster as dg
 import polars as pl
 import pytest
-
 from test_calibrate import _run, _write_run
+
 from stepml_dagster.cli import main, run_study
 
-RUNS = {"20260101-000000-llama-2-7b-tp1-codegen": (5.0, 500, 3, "train"),
-        "20260101-010000-llama-2-7b-tp1-general": (10.0, 560, 4, "train"),
-        "20260101-020000-llama-2-7b-tp1-roleplay": (6.0, 760, 5, "validate")}
+RUNS = {
+    "20260101-000000-llama-2-7b-tp1-codegen": (5.0, 500, 3, "train"),
+    "20260101-010000-llama-2-7b-tp1-general": (10.0, 560, 4, "train"),
+    "20260101-020000-llama-2-7b-tp1-roleplay": (6.0, 760, 5, "validate"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,11 @@ def test_calibrated_models_are_replayed_per_protocol_out_of_sample(study):
     assert set(iv["step_model"]) == {"requests_roles", "requests_lowo"} and (iv["lo"] <= iv["hi"]).all()
     # widened (stepml_core.conformal): contains the bootstrap interval; a run's own error never widens it
     assert (iv["lo"] <= iv["boot_lo"]).all() and (iv["hi"] >= iv["boot_hi"]).all() and (iv["extrap_n"] >= 0).all()
-    meta = instance.fetch_materializations(dg.AssetKey("request_calibration"), limit=1).records[0].asset_materialization.metadata
+    meta = (
+        instance.fetch_materializations(dg.AssetKey("request_calibration"), limit=1)
+        .records[0]
+        .asset_materialization.metadata
+    )
     assert meta["calibrations"].value >= 4 and meta["computed"].value == meta["calibrations"].value
     report = (out / "report.md").read_text()
     assert "Step time calibrated from request logs" in report and "leave one workload out" in report

@@ -19,13 +19,15 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-
 from ops_helpers import REPO, free_port, open_instance, wait_for, write_instance_yaml
 
 pytestmark = pytest.mark.slow
 
-RUNS = ["20260217-203421-llama-2-70b-hf-tp4-codegen", "20260218-150304-codellama-34b-tp2-general",
-        "20260218-120914-mixtral-8x7b-v0-1-tp2-codegen"]
+RUNS = [
+    "20260217-203421-llama-2-70b-hf-tp4-codegen",
+    "20260218-150304-codellama-34b-tp2-general",
+    "20260218-120914-mixtral-8x7b-v0-1-tp2-codegen",
+]
 WORKER_NAME = "stepml-test"
 
 
@@ -46,8 +48,25 @@ def redis_broker(tmp_path_factory):
     pytest.importorskip("dagster_celery", reason="dagster-celery missing: pip install -e '.[celery]'")
     pytest.importorskip("redis", reason="redis client missing: pip install -e '.[celery]'")
     d, port = tmp_path_factory.mktemp("redis"), free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(d), "--protected-mode", "yes"], stdout=open(d / "redis.log", "w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(d),
+            "--protected-mode",
+            "yes",
+        ],
+        stdout=open(d / "redis.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_for(lambda: proc.poll() is not None or _ping(port), 30, 0.2, "redis-server to answer PING")
         if proc.poll() is not None:
@@ -68,11 +87,28 @@ def small_runs(tmp_path_factory):
 
 
 def _start_worker(env: dict, log: Path) -> subprocess.Popen:
-    cmd = [str(Path(sys.executable).parent / "dagster-celery"), "worker", "start", "-A", "dagster_celery.app",
-           "-y", str(REPO / "deploy" / "celery-worker.yaml"), "-q", "dagster", "-l", "INFO", "-n", WORKER_NAME,
-           "--", "--concurrency=2", "--pool=prefork"]
+    cmd = [
+        str(Path(sys.executable).parent / "dagster-celery"),
+        "worker",
+        "start",
+        "-A",
+        "dagster_celery.app",
+        "-y",
+        str(REPO / "deploy" / "celery-worker.yaml"),
+        "-q",
+        "dagster",
+        "-l",
+        "INFO",
+        "-n",
+        WORKER_NAME,
+        "--",
+        "--concurrency=2",
+        "--pool=prefork",
+    ]
     # own process group: the test stops dagster-celery and the celery processes it started, and nothing else
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _stop_worker(proc: subprocess.Popen) -> None:
@@ -94,8 +130,14 @@ def _run_study_through_celery(home: Path, data: Path, out: Path, broker: str, en
     from stepml_dagster import distributed
     from stepml_dagster.assets import PARTITIONED_ASSETS, STUDY_ASSETS
 
-    env = {"DAGSTER_HOME": str(home), "STEPML_DATA_DIR": str(data), "STEPML_OUT_DIR": str(out),
-           distributed.BROKER_ENV: f"{broker}/0", distributed.BACKEND_ENV: f"{broker}/1", **env_extra}
+    env = {
+        "DAGSTER_HOME": str(home),
+        "STEPML_DATA_DIR": str(data),
+        "STEPML_OUT_DIR": str(out),
+        distributed.BROKER_ENV: f"{broker}/0",
+        distributed.BACKEND_ENV: f"{broker}/1",
+        **env_extra,
+    }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     log = home / "celery-worker.log"
@@ -109,24 +151,60 @@ def _run_study_through_celery(home: Path, data: Path, out: Path, broker: str, en
             instance.add_dynamic_partitions("experiment", keys)
             results = []
             for key in keys:
-                results.append(dg.execute_job(dg.reconstructable(distributed.celery_experiment_job), instance=instance,
-                                              tags={"dagster/partition": key}, run_config=quiet))
-            results.append(dg.execute_job(dg.reconstructable(distributed.celery_models_job), instance=instance, run_config=quiet))
+                results.append(
+                    dg.execute_job(
+                        dg.reconstructable(distributed.celery_experiment_job),
+                        instance=instance,
+                        tags={"dagster/partition": key},
+                        run_config=quiet,
+                    )
+                )
+            results.append(
+                dg.execute_job(dg.reconstructable(distributed.celery_models_job), instance=instance, run_config=quiet)
+            )
             for key in keys:  # the synthetic runs carry per-request records: each is replayed
-                results.append(dg.execute_job(dg.reconstructable(distributed.celery_replay_job), instance=instance,
-                                              tags={"dagster/partition": key}, run_config=quiet))
-            results.append(dg.execute_job(dg.reconstructable(distributed.celery_study_job), instance=instance, run_config=quiet))
+                results.append(
+                    dg.execute_job(
+                        dg.reconstructable(distributed.celery_replay_job),
+                        instance=instance,
+                        tags={"dagster/partition": key},
+                        run_config=quiet,
+                    )
+                )
+            results.append(
+                dg.execute_job(dg.reconstructable(distributed.celery_study_job), instance=instance, run_config=quiet)
+            )
             assert all(r.success for r in results), [r.run_id for r in results if not r.success]
             for r in results:
                 logs = instance.all_logs(r.run_id)
-                done = {e.step_key for e in logs if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.STEP_SUCCESS}
-                in_worker = {e.step_key for e in logs if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.ENGINE_EVENT
-                             and WORKER_NAME in str(getattr(e.dagster_event.event_specific_data, "metadata", {}).get("Celery worker"))}
-                assert done and done <= in_worker, (r.run_id, done - in_worker)  # every step ran as a task on our worker
-                pids = {e.dagster_event.pid for e in logs if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.STEP_SUCCESS}
+                done = {
+                    e.step_key
+                    for e in logs
+                    if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.STEP_SUCCESS
+                }
+                in_worker = {
+                    e.step_key
+                    for e in logs
+                    if e.dagster_event
+                    and e.dagster_event.event_type == dg.DagsterEventType.ENGINE_EVENT
+                    and WORKER_NAME
+                    in str(getattr(e.dagster_event.event_specific_data, "metadata", {}).get("Celery worker"))
+                }
+                assert done and done <= in_worker, (
+                    r.run_id,
+                    done - in_worker,
+                )  # every step ran as a task on our worker
+                pids = {
+                    e.dagster_event.pid
+                    for e in logs
+                    if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.STEP_SUCCESS
+                }
                 assert os.getpid() not in pids
             for k in [k for a in PARTITIONED_ASSETS for k in a.keys]:
-                got = {r.partition_key for r in instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=k), limit=100).records}
+                got = {
+                    r.partition_key
+                    for r in instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=k), limit=100).records
+                }
                 assert got == set(keys), (k, got)
             for k in [k for a in STUDY_ASSETS for k in a.keys]:
                 assert instance.get_latest_materialization_event(k) is not None, k
@@ -148,8 +226,13 @@ def test_study_through_celery_on_postgres_instance(redis_broker, small_runs, req
     home = tmp_path / "home"
     home.mkdir()
     shutil.copy(REPO / "deploy" / "dagster-postgres.yaml", home / "dagster.yaml")
-    env = {"DAGSTER_PG_HOST": pg["host"], "DAGSTER_PG_PORT": str(pg["port"]), "DAGSTER_PG_USERNAME": PG_USER,
-           "DAGSTER_PG_PASSWORD": PG_PASSWORD, "DAGSTER_PG_DB": PG_DB}
+    env = {
+        "DAGSTER_PG_HOST": pg["host"],
+        "DAGSTER_PG_PORT": str(pg["port"]),
+        "DAGSTER_PG_USERNAME": PG_USER,
+        "DAGSTER_PG_PASSWORD": PG_PASSWORD,
+        "DAGSTER_PG_DB": PG_DB,
+    }
     _run_study_through_celery(home, small_runs, tmp_path / "out", redis_broker, env, monkeypatch)
     with open_instance(home) as inst:
         assert type(inst.event_log_storage).__name__ == "PostgresEventLogStorage"

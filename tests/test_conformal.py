@@ -14,10 +14,25 @@ from stepml_core.replay_models import INTERVAL_COLUMNS
 
 def _rows(specs):
     """specs: (experiment_id, role, protocol, fitted_on, predicted, lo, hi, observed)."""
-    return pl.DataFrame([{"experiment_id": e, "role": role, "step_model": f"requests_{p}", "protocol": p, "fitted_on": f,
-                          "metric": "e2e_mean", "predicted": pr, "lo": lo, "hi": hi, "observed": ob,
-                          "inside": None if ob is None else lo <= ob <= hi}
-                         for e, role, p, f, pr, lo, hi, ob in specs], schema=INTERVAL_COLUMNS)
+    return pl.DataFrame(
+        [
+            {
+                "experiment_id": e,
+                "role": role,
+                "step_model": f"requests_{p}",
+                "protocol": p,
+                "fitted_on": f,
+                "metric": "e2e_mean",
+                "predicted": pr,
+                "lo": lo,
+                "hi": hi,
+                "observed": ob,
+                "inside": None if ob is None else lo <= ob <= hi,
+            }
+            for e, role, p, f, pr, lo, hi, ob in specs
+        ],
+        schema=INTERVAL_COLUMNS,
+    )
 
 
 def test_conformal_rank_and_min_scores():
@@ -38,17 +53,33 @@ def test_who_could_have_used_whose_data():
     wl = np.array(["codegen", "general", "codegen"])
     role = np.array(["validate", "train", "test"])
     # rows r, columns j
-    assert could_use("lowo", llm, wl, llm, wl, role).tolist() == [[False, True, False], [True, False, False], [False, False, False]]
-    assert could_use("roles", llm, wl, llm, wl, role).tolist() == [[False, False, False], [True, True, False], [False, False, False]]
-    assert could_use("lomo", llm, wl, llm, wl, role).tolist() == [[False, False, True], [False, False, True], [True, True, False]]
+    assert could_use("lowo", llm, wl, llm, wl, role).tolist() == [
+        [False, True, False],
+        [True, False, False],
+        [False, False, False],
+    ]
+    assert could_use("roles", llm, wl, llm, wl, role).tolist() == [
+        [False, False, False],
+        [True, True, False],
+        [False, False, False],
+    ]
+    assert could_use("lomo", llm, wl, llm, wl, role).tolist() == [
+        [False, False, True],
+        [False, False, True],
+        [True, True, False],
+    ]
 
 
-RUNS = {f"r{i}": {"llm_model": f"m{i % 3}", "workload": ("codegen", "general", "roleplay", "reasoning")[i // 3]} for i in range(12)}
+RUNS = {
+    f"r{i}": {"llm_model": f"m{i % 3}", "workload": ("codegen", "general", "roleplay", "reasoning")[i // 3]}
+    for i in range(12)
+}
 
 
 def _lowo_table(observed: dict[str, float]):
-    return _rows([(e, "test", "lowo", "", 100.0, 95.0, 105.0, observed.get(e, 100.0 + 3 * i))
-                  for i, e in enumerate(RUNS)])
+    return _rows(
+        [(e, "test", "lowo", "", 100.0, 95.0, 105.0, observed.get(e, 100.0 + 3 * i)) for i, e in enumerate(RUNS)]
+    )
 
 
 def test_widened_interval_by_hand_and_independent_of_own_and_dependent_runs():
@@ -63,21 +94,37 @@ def test_widened_interval_by_hand_and_independent_of_own_and_dependent_runs():
     # r0's own observed value, and those of m0's other runs (their lowo folds calibrate on r0), change nothing for r0
     for changed in ({"r0": 1e6}, {"r3": 1e6, "r6": -5.0, "r9": 0.0}):
         w2 = widen_intervals(_lowo_table({**obs, **changed}), RUNS, level=0.5)
-        assert w2.filter(pl.col("experiment_id") == "r0").select("lo", "hi", "extrap_q_pct").equals(
-            w.filter(pl.col("experiment_id") == "r0").select("lo", "hi", "extrap_q_pct"))
+        assert (
+            w2.filter(pl.col("experiment_id") == "r0")
+            .select("lo", "hi", "extrap_q_pct")
+            .equals(w.filter(pl.col("experiment_id") == "r0").select("lo", "hi", "extrap_q_pct"))
+        )
     # ... while an eligible run's does (the test can fail)
     w3 = widen_intervals(_lowo_table({**obs, "r1": 150.0, "r2": 150.0, "r4": 150.0}), RUNS, level=0.5)
     assert w3.filter(pl.col("experiment_id") == "r0")["extrap_q_pct"][0] > 16.0
 
 
 def test_too_few_scores_pool_the_protocols_then_go_unbounded():
-    t = _rows([("a1", "test", "roles", "a0", 100.0, 95.0, 105.0, 120.0),
-               ("b1", "test", "roles", "b0", 100.0, 95.0, 105.0, 130.0)])
-    w = widen_intervals(t, {"a1": {"llm_model": "a", "workload": "x"}, "b1": {"llm_model": "b", "workload": "x"}}, level=0.9)
+    t = _rows(
+        [
+            ("a1", "test", "roles", "a0", 100.0, 95.0, 105.0, 120.0),
+            ("b1", "test", "roles", "b0", 100.0, 95.0, 105.0, 130.0),
+        ]
+    )
+    w = widen_intervals(
+        t, {"a1": {"llm_model": "a", "workload": "x"}, "b1": {"llm_model": "b", "workload": "x"}}, level=0.9
+    )
     assert w["extrap_n"].to_list() == [1, 1] and w["extrap_pool"].to_list() == ["all protocols"] * 2
     assert w["hi"].to_list() == [np.inf, np.inf] and w["lo"].to_list() == [0.0, 0.0] and w["inside"].all()
-    assert widen_intervals(t.head(0), {}).columns[-7:] == ["boot_lo", "boot_hi", "boot_inside", "excess_pct", "extrap_q_pct",
-                                                           "extrap_n", "extrap_pool"]
+    assert widen_intervals(t.head(0), {}).columns[-7:] == [
+        "boot_lo",
+        "boot_hi",
+        "boot_inside",
+        "excess_pct",
+        "extrap_q_pct",
+        "extrap_n",
+        "extrap_pool",
+    ]
 
 
 def test_widened_intervals_cover_exchangeable_runs():
@@ -108,4 +155,7 @@ def test_an_unbounded_interval_is_not_counted_as_covered():
     assert cov["predictions"] == 4 and cov["bounded"] == 0 and cov["inside"] == 0
     assert cov["coverage_pct"] is None  # not 100 %
     row = wide.row(0, named=True)
-    assert _interval_cell({"e2e_mean_lo": row["lo"], "e2e_mean_hi": row["hi"], "e2e_mean_inside": row["inside"]}) == "unbounded"
+    assert (
+        _interval_cell({"e2e_mean_lo": row["lo"], "e2e_mean_hi": row["hi"], "e2e_mean_inside": row["inside"]})
+        == "unbounded"
+    )

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-
 from ops_helpers import ARTIFACTS, REPO, RUN_A, drop_run, open_instance, wait_for
 
 pytestmark = pytest.mark.slow
-TIMEOUT_S = float(os.environ.get("STEPML_DAEMON_TEST_TIMEOUT_S", 480))  # ~22 s on an idle machine (80-110 s with a process per step); headroom for a loaded one
+TIMEOUT_S = float(
+    os.environ.get("STEPML_DAEMON_TEST_TIMEOUT_S", 480)
+)  # ~22 s on an idle machine (80-110 s with a process per step); headroom for a loaded one
 
 
 @pytest.fixture
@@ -29,12 +30,25 @@ def daemon(tmp_path, real_experiments):
     home.mkdir()
     data.mkdir()
     shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
-    env = {**os.environ, "DAGSTER_HOME": str(home), "STEPML_DATA_DIR": str(data), "STEPML_OUT_DIR": str(out),
-           "STEPML_SENSOR_INTERVAL_S": "2", "STEPML_SENSOR_STATUS": "running", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "STEPML_DATA_DIR": str(data),
+        "STEPML_OUT_DIR": str(out),
+        "STEPML_SENSOR_INTERVAL_S": "2",
+        "STEPML_SENSOR_STATUS": "running",
+        "PYTHONUNBUFFERED": "1",
+    }
     exe = Path(sys.executable).parent / "dagster-daemon"
     log = open(tmp_path / "daemon.log", "w")
-    proc = subprocess.Popen([str(exe), "run", "-w", str(REPO / "workspace.yaml")], cwd=REPO, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(exe), "run", "-w", str(REPO / "workspace.yaml")],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         yield {"home": home, "data": data, "out": out, "proc": proc, "log": tmp_path / "daemon.log"}
     finally:
@@ -54,8 +68,12 @@ def test_daemon_picks_up_new_run_folder_and_refreshes_study(daemon, real_experim
     home, data, out = daemon["home"], daemon["data"], daemon["out"]
     with open_instance(home) as instance:
         # the sensor daemon is up and has evaluated the (empty) data folder at least once
-        wait_for(lambda: daemon["proc"].poll() is None and instance.get_daemon_heartbeats().get("SENSOR"), 90, 1,
-                 "the sensor daemon's heartbeat")
+        wait_for(
+            lambda: daemon["proc"].poll() is None and instance.get_daemon_heartbeats().get("SENSOR"),
+            90,
+            1,
+            "the sensor daemon's heartbeat",
+        )
         time.sleep(3)
         t0 = time.time()
         drop_run(real_experiments / RUN_A, data)
@@ -66,7 +84,9 @@ def test_daemon_picks_up_new_run_folder_and_refreshes_study(daemon, real_experim
             assert daemon["proc"].poll() is None, "dagster-daemon exited:\n" + daemon["log"].read_text()[-3000:]
             failed = instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]))
             assert not failed, f"run {failed[0].job_name} failed; see test-artifacts/daemon-test.log"
-            return metrics.is_file() and report.is_file() and report.stat().st_mtime > t0 and RUN_A in report.read_text()
+            return (
+                metrics.is_file() and report.is_file() and report.stat().st_mtime > t0 and RUN_A in report.read_text()
+            )
 
         wait_for(done, TIMEOUT_S, 2, "metrics of the new partition and an updated study report")
         elapsed = time.time() - t0

@@ -19,7 +19,8 @@ def _batches(rng, n):
         for _ in range(int(rng.integers(1, 128))):
             p = int(rng.integers(100, 1200))
             if rng.random() < 0.1:
-                c = int(rng.integers(0, p)); reqs.append(RequestInBatch(c, min(p - c, 400), p))
+                c = int(rng.integers(0, p))
+                reqs.append(RequestInBatch(c, min(p - c, 400), p))
             else:
                 reqs.append(RequestInBatch(int(rng.integers(p, p + 250)), 1, p))
         out.append(reqs)
@@ -33,7 +34,11 @@ def training():
     batches = _batches(rng, 400)
     feats = [batch_features(b, m, g, 4) for b in batches]
     X = np.array([[f[c] for c in feature_columns()] for f in feats])
-    y = 9000 + 0.002 * X[:, feature_columns().index("total_flops_estimate")] / 1e6 + 3 * X[:, feature_columns().index("kv_sum")] / 100
+    y = (
+        9000
+        + 0.002 * X[:, feature_columns().index("total_flops_estimate")] / 1e6
+        + 3 * X[:, feature_columns().index("kv_sum")] / 100
+    )
     y = y * rng.lognormal(0, 0.03, len(y))
     return batches, feats, X, y
 
@@ -48,7 +53,10 @@ def test_export_matches_sklearn(training, kind):
         from sklearn.linear_model import Ridge
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
-        ref = make_pipeline(StandardScaler(), Ridge(alpha=fitted.alpha)).fit(np.vstack([X[:250], X[250:320]]), np.concatenate([y[:250], y[250:320]]))
+
+        ref = make_pipeline(StandardScaler(), Ridge(alpha=fitted.alpha)).fit(
+            np.vstack([X[:250], X[250:320]]), np.concatenate([y[:250], y[250:320]])
+        )
         sk = ref.predict(X[320:])
         fitted = {**fitted.to_dict(), "kind": "linear"}
     elif kind == "ridge_log":
@@ -56,14 +64,27 @@ def test_export_matches_sklearn(training, kind):
         from sklearn.linear_model import Ridge
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
-        ref = make_pipeline(StandardScaler(), Ridge(alpha=fitted["alpha"])).fit(np.vstack([X[:250], X[250:320]]), np.log(np.concatenate([y[:250], y[250:320]])))
+
+        ref = make_pipeline(StandardScaler(), Ridge(alpha=fitted["alpha"])).fit(
+            np.vstack([X[:250], X[250:320]]), np.log(np.concatenate([y[:250], y[250:320]]))
+        )
         sk = np.exp(ref.predict(X[320:]))
     else:
         fitted = fit_hgb_validated(*args)
         sk = np.exp(fitted.pop("_sklearn").predict(X[320:]))
-    exported = json.loads(json.dumps(export_model(fitted, model="llama-2-70b", tp=4, data_versions={"r": "abc"}, floor_us=0.0)))
-    via_json = [predict_step_time([(r.progress_index, r.new_tokens, r.prompt_len) for r in b], exported,
-                                  exported["model_spec"], exported["gpu_spec"], 4) for b in batches[320:]]
+    exported = json.loads(
+        json.dumps(export_model(fitted, model="llama-2-70b", tp=4, data_versions={"r": "abc"}, floor_us=0.0))
+    )
+    via_json = [
+        predict_step_time(
+            [(r.progress_index, r.new_tokens, r.prompt_len) for r in b],
+            exported,
+            exported["model_spec"],
+            exported["gpu_spec"],
+            4,
+        )
+        for b in batches[320:]
+    ]
     np.testing.assert_allclose(via_json, sk, rtol=1e-9)
     np.testing.assert_allclose(predict_model(fitted, X[320:]), sk, rtol=1e-9)
     assert exported["training_data"]["fingerprint"] and exported["feature_units"]["kv_mean"] == "tokens"
@@ -91,6 +112,7 @@ def test_compiled_tree_walk_equals_the_format_rule():
             right = grow(d + 1)
             nodes[i] = [rnd.randrange(3), rnd.uniform(-1, 1), left, right, rnd.random() < 0.5]
             return i
+
         grow(depth)
         return nodes
 

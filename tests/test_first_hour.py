@@ -53,7 +53,7 @@ def make_data(root: Path, small_run: Path, runs: dict[str, str]) -> Path:
             (d / "exp-config.yaml").unlink()
         elif kind == "corrupt_gz":
             body = bytearray((d / "traces.json.gz").read_bytes())  # bits flipped mid-stream (a copy cut short
-            for i in range(len(body) // 2, len(body) // 2 + 64):    # keeps the lines before the damage instead)
+            for i in range(len(body) // 2, len(body) // 2 + 64):  # keeps the lines before the damage instead)
                 body[i] ^= 0x5A
             (d / "traces.json.gz").write_bytes(bytes(body))
     return root
@@ -97,13 +97,18 @@ class _Synthesized(Exception):
     pass
 
 
-@pytest.mark.parametrize("argv,synthesizes", [
-    ([], True),                       # the project's default data folder, empty: synthesize there
-    (["--no-synth"], False),
-    (["--data", "{other}"], False),  # any other folder: only when asked
-    (["--data", "{other}", "--synth"], True),
-])
-def test_run_synthesizes_only_into_the_default_folder_or_when_asked(argv, synthesizes, tmp_path, monkeypatch, capfd, no_dagster_home):
+@pytest.mark.parametrize(
+    "argv,synthesizes",
+    [
+        ([], True),  # the project's default data folder, empty: synthesize there
+        (["--no-synth"], False),
+        (["--data", "{other}"], False),  # any other folder: only when asked
+        (["--data", "{other}", "--synth"], True),
+    ],
+)
+def test_run_synthesizes_only_into_the_default_folder_or_when_asked(
+    argv, synthesizes, tmp_path, monkeypatch, capfd, no_dagster_home
+):
     default, other = tmp_path / "default", tmp_path / "other"
     calls = []
 
@@ -152,7 +157,9 @@ def test_one_line_per_failing_run_and_the_study_goes_on(small_run, tmp_path, cap
     assert not re.search(r"Traceback|Stack Trace|dagster - ERROR", cap.out + cap.err)
     # nothing else: the instance's place and one line per run and phase (runs, calibrations from the request logs,
     # replay of the request logs)
-    assert all(l == bad_line or l.startswith(("Dagster instance: ", "runs [", "calibration [", "replay [")) for l in err), cap.err
+    assert all(
+        l == bad_line or l.startswith(("Dagster instance: ", "runs [", "calibration [", "replay [")) for l in err
+    ), cap.err
     assert len(lines(cap.out)) == 2, cap.out
     assert "study: ok; 1 of 3 experiment(s)" in cap.out
     assert (tmp_path / "out" / "report.md").is_file()
@@ -163,11 +170,14 @@ def test_a_study_whose_runs_all_fail_exits_with_a_clear_message(verbose, small_r
     """Before: the study ran anyway and died with `ValueError: cannot concat empty list`."""
     data = make_data(tmp_path / "data", small_run, {rid(2): "corrupt_gz"})
     out = tmp_path / "out"
-    rc = cli.main(["run", "--data", str(data), "--out", str(out), "--workers", "1"] + (["--verbose"] if verbose else []))
+    rc = cli.main(
+        ["run", "--data", str(data), "--out", str(out), "--workers", "1"] + (["--verbose"] if verbose else [])
+    )
     cap = capfd.readouterr()
     assert rc == 2
-    assert lines(cap.err)[-1] == (f"stepml run: no usable run in {data}: all 1 run(s) failed (one line each above); "
-                                  "no study was run")
+    assert lines(cap.err)[-1] == (
+        f"stepml run: no usable run in {data}: all 1 run(s) failed (one line each above); no study was run"
+    )
     assert "cannot concat" not in cap.err
     assert bool(re.search(r"Stack Trace|Traceback", cap.err)) == verbose  # tracebacks with --verbose only
     if not verbose:
@@ -212,8 +222,16 @@ def two_studies(small_run, tmp_path_factory):
         rc_a = cli.main(["run", "--data", str(data_a), "--out", str(out_a), "--workers", "1"])
         mp.setenv("DAGSTER_HOME", str(home_b))
         rc_b = cli.main(["run", "--data", str(data_b), "--out", str(out_b), "--workers", "1"])
-    return {"data_a": data_a, "out_a": out_a, "data_b": data_b, "out_b": out_b, "home_b": home_b,
-            "rc": (rc_a, rc_b), "stdout": stdout.getvalue(), "stderr": stderr.getvalue()}
+    return {
+        "data_a": data_a,
+        "out_a": out_a,
+        "data_b": data_b,
+        "out_b": out_b,
+        "home_b": home_b,
+        "rc": (rc_a, rc_b),
+        "stdout": stdout.getvalue(),
+        "stderr": stderr.getvalue(),
+    }
 
 
 def partitions(home: Path) -> list[str]:
@@ -227,7 +245,9 @@ def test_each_study_keeps_its_own_instance_and_says_where(two_studies):
     s = two_studies
     assert s["rc"] == (0, 0), s["stderr"]
     home_a = (s["out_a"] / "dagster_home").resolve()
-    assert f"Dagster instance: {home_a}\n" in s["stderr"] and f"Dagster instance: {s['home_b'].resolve()}\n" in s["stderr"]
+    assert (
+        f"Dagster instance: {home_a}\n" in s["stderr"] and f"Dagster instance: {s['home_b'].resolve()}\n" in s["stderr"]
+    )
     assert f"stepml ui --data {s['data_a']} --out {s['out_a']}" in s["stdout"]
     assert partitions(home_a) == [rid(1), rid(2)]
     assert partitions(s["home_b"]) == [rid(3)]  # DAGSTER_HOME set by the user: used, nothing under --out
@@ -263,7 +283,9 @@ def test_the_instance_gets_deploy_dagster_yaml(two_studies, tmp_path):
             assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == 2
     legacy = tmp_path / "legacy"
     legacy.mkdir()
-    (legacy / "dagster.yaml").write_text("# StepML default: embedded SQLite storage under DAGSTER_HOME\ntelemetry:\n  enabled: false\n")
+    (legacy / "dagster.yaml").write_text(
+        "# StepML default: embedded SQLite storage under DAGSTER_HOME\ntelemetry:\n  enabled: false\n"
+    )
     ensure_instance_config(legacy)  # an instance an older `stepml run` made gets the settings too
     assert (legacy / "dagster.yaml").read_bytes() == INSTANCE_CONFIG.read_bytes()
     mine = tmp_path / "mine"
@@ -302,8 +324,11 @@ def _free_port() -> int:
 
 
 def _graphql(port: int, query: str) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())["data"]
 
@@ -315,9 +340,24 @@ def test_stepml_ui_shows_exactly_this_studys_runs_with_the_promised_settings(two
     s, port = two_studies, _free_port()
     env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
     log = open(tmp_path / "ui.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "stepml_dagster.cli", "ui", "--data", str(s["data_a"]), "--out",
-                             str(s["out_a"]), "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stepml_dagster.cli",
+            "ui",
+            "--data",
+            str(s["data_a"]),
+            "--out",
+            str(s["out_a"]),
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 180
         while True:
@@ -327,8 +367,11 @@ def test_stepml_ui_shows_exactly_this_studys_runs_with_the_promised_settings(two
             except OSError:
                 assert proc.poll() is None and time.time() < deadline, (tmp_path / "ui.log").read_text()[-3000:]
                 time.sleep(1)
-        data = _graphql(port, '{ assetNodeOrError(assetKey: {path: ["raw_traces"]}) { ... on AssetNode { partitionKeys } }'
-                              ' instance { runQueueConfig { maxConcurrentRuns } } }')
+        data = _graphql(
+            port,
+            '{ assetNodeOrError(assetKey: {path: ["raw_traces"]}) { ... on AssetNode { partitionKeys } }'
+            " instance { runQueueConfig { maxConcurrentRuns } } }",
+        )
         assert sorted(data["assetNodeOrError"]["partitionKeys"]) == [rid(1), rid(2)]
         assert data["instance"]["runQueueConfig"]["maxConcurrentRuns"] == 2
     finally:
@@ -347,8 +390,14 @@ def test_readme_counts_the_tests_that_need_the_real_runs_and_they_skip_without_t
     m = re.search(r"(\d+) tests \(`pytest -m real`\) need `\.\./shared/real`", readme)
     assert m, "README: say how many tests need ../shared/real"
     env = {**os.environ, "STEPML_SHARED_REAL": str(tmp_path / "absent")}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "real", "-p", "no:cacheprovider", str(REPO / "tests")],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "real", "-p", "no:cacheprovider", str(REPO / "tests")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     summary = r.stdout.strip().splitlines()[-1]
     assert r.returncode == 0 and re.search(rf"\b{m.group(1)} skipped\b", summary) and "passed" not in summary, summary
 

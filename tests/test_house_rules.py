@@ -1,4 +1,4 @@
-"""House rules that a machine can check (issue 14): the linter passes, and no function is over ~80 lines
+"""House rules that a machine can check (issue 14): the linter and the formatter pass, and no function is over ~80 lines
 without a reason written above it (tools/long_functions.py)."""
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from long_functions import long_functions  # noqa: E402
 
 
 def test_every_long_function_has_a_written_reason():
-    missing = [f"{f['file']}:{f['line']} {f['name']} ({f['lines']} lines)" for f in long_functions(ROOT) if not f["reason"]]
+    missing = [
+        f"{f['file']}:{f['line']} {f['name']} ({f['lines']} lines)" for f in long_functions(ROOT) if not f["reason"]
+    ]
     assert not missing, "functions over 80 lines without a '# long: <reason>' line above them: " + "; ".join(missing)
 
 
@@ -32,8 +34,12 @@ def test_the_length_check_finds_a_long_function(tmp_path):
 
 
 def test_ruff_passes():
-    ruff = shutil.which("ruff") or (str(Path(sys.executable).parent / "ruff") if (Path(sys.executable).parent / "ruff").exists() else None)
+    ruff = shutil.which("ruff") or (
+        str(Path(sys.executable).parent / "ruff") if (Path(sys.executable).parent / "ruff").exists() else None
+    )
     if ruff is None:
         pytest.skip("ruff not installed (pip install -e '.[test]')")
     r = subprocess.run([ruff, "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:]
+    r = subprocess.run([ruff, "format", "--check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, "not formatted (run `ruff format .`): " + r.stdout[-3000:]

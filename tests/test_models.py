@@ -13,14 +13,34 @@ def _matrix(n=60, seed=0) -> pl.DataFrame:
     P, D = rng.integers(0, 2048, n).astype(float), rng.integers(1, 128, n).astype(float)
     y = 2000 + 3 * P + 40 * D + rng.normal(0, 50, n)
     split = np.array(["train"] * (n * 3 // 5) + ["valid"] * (n // 5) + ["test"] * (n - n * 3 // 5 - n // 5))
-    return pl.DataFrame({"experiment_id": ["e"] * n, "source": ["synthetic"] * n, "step.id": np.arange(n), "split": split,
-                         "load_stage": [0] * n, "kv_mean": [0.0] * n, "num_prefill_reqs": [1.0] * n, "num_decode_reqs": D,
-                         "prefill_tokens": P, "decode_tokens": D, "cycle_us": y})
+    return pl.DataFrame(
+        {
+            "experiment_id": ["e"] * n,
+            "source": ["synthetic"] * n,
+            "step.id": np.arange(n),
+            "split": split,
+            "load_stage": [0] * n,
+            "kv_mean": [0.0] * n,
+            "num_prefill_reqs": [1.0] * n,
+            "num_decode_reqs": D,
+            "prefill_tokens": P,
+            "decode_tokens": D,
+            "cycle_us": y,
+        }
+    )
 
 
 def test_the_registry_holds_the_studys_models_in_fitting_order():
-    assert list(models.REGISTRY) == ["naive_mean", "blackbox_2f", "ridge_30f", "blackbox_ols_orig", "ridge_30f_orig",
-                                     "ridge_log_30f", "nnls_physics", "hgb_30f"]
+    assert list(models.REGISTRY) == [
+        "naive_mean",
+        "blackbox_2f",
+        "ridge_30f",
+        "blackbox_ols_orig",
+        "ridge_30f_orig",
+        "ridge_log_30f",
+        "nnls_physics",
+        "hgb_30f",
+    ]
     assert study.MODELS is models.REGISTRY
     for name, m in models.REGISTRY.items():
         assert m.name == name and m.recipe in ("stepml", "original")
@@ -36,8 +56,14 @@ def test_a_new_model_is_one_class(monkeypatch):
 
         def fit(self, target, X_tr, y_tr, X_va, y_va, *, seed=0):
             y = np.concatenate([y_tr, y_va])
-            return {"target": target, "kind": "linear", "features": [], "intercept": float(np.median(y)), "floor_us": float(y.min()),
-                    "recipe": self.recipe}
+            return {
+                "target": target,
+                "kind": "linear",
+                "features": [],
+                "intercept": float(np.median(y)),
+                "floor_us": float(y.min()),
+                "recipe": self.recipe,
+            }
 
     monkeypatch.setitem(models.REGISTRY, "median", Median())
     fm = _matrix()
@@ -50,6 +76,7 @@ def test_a_new_model_is_one_class(monkeypatch):
 
 def test_registering_a_name_twice_is_refused():
     with pytest.raises(ValueError, match="registered twice"):
+
         @models.register
         class Again(models.NaiveMean):
             pass

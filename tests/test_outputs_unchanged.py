@@ -29,12 +29,20 @@ pytestmark = pytest.mark.slow  # two whole studies (≈ 2 + 5 min on 2 shared co
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("STEPML_UPDATE_GOLDEN") == "1"
 OUTPUTS = ("metrics.csv", "verdict.json", "replay.csv", "report.md")
-SYNTH_RUNS = ["20260217-155451-llama-2-7b-tp1-codegen", "20260217-162547-llama-2-7b-tp1-roleplay",
-              "20260218-150304-codellama-34b-tp2-general", "20260218-160939-codellama-34b-tp2-reasoning"]
+SYNTH_RUNS = [
+    "20260217-155451-llama-2-7b-tp1-codegen",
+    "20260217-162547-llama-2-7b-tp1-roleplay",
+    "20260218-150304-codellama-34b-tp2-general",
+    "20260218-160939-codellama-34b-tp2-reasoning",
+]
 SYNTH_SCALE, SYNTH_SEED = 0.03, 3
 # the two runs with step traces (assembled with their request logs) and two request-log-only runs
-REAL_RUNS = ["20260217-203421-llama-2-70b-hf-tp4-codegen", "20260218-150304-codellama-34b-tp2-general",
-             "20260218-084319-llama-2-70b-tp4-roleplay", "20260218-155500-codellama-34b-tp2-roleplay"]
+REAL_RUNS = [
+    "20260217-203421-llama-2-70b-hf-tp4-codegen",
+    "20260218-150304-codellama-34b-tp2-general",
+    "20260218-084319-llama-2-70b-tp4-roleplay",
+    "20260218-155500-codellama-34b-tp2-roleplay",
+]
 
 
 def _outputs(out: Path) -> dict[str, str]:
@@ -52,8 +60,10 @@ def _outputs(out: Path) -> dict[str, str]:
 
 
 def _mask_seconds(md: str) -> str:
-    return "".join(re.sub(r"[0-9][0-9.]* s\b", "<s> s", line) if line.startswith("Cost: ") else line
-                   for line in md.splitlines(keepends=True))
+    return "".join(
+        re.sub(r"[0-9][0-9.]* s\b", "<s> s", line) if line.startswith("Cost: ") else line
+        for line in md.splitlines(keepends=True)
+    )
 
 
 def _mask_speed(md: str) -> str:
@@ -64,7 +74,7 @@ def _mask_speed(md: str) -> str:
             col = len(cells) - 2  # the header of the replay-speed table: its last cell
         elif col is not None and line.startswith("|") and len(cells) == col + 2:
             if set(cells[col].strip()) - set("-"):  # a row, not the |---| rule
-                line = "|".join([*cells[:col], " <speed> ", *cells[col + 1:]]) + "\n"
+                line = "|".join([*cells[:col], " <speed> ", *cells[col + 1 :]]) + "\n"
         else:
             col = None
         out.append(line)

@@ -28,10 +28,12 @@ def _in_daemon(target, *args):
 
 
 def _calibrate_two_folds():
-    runs = {"a": SimpleNamespace(experiment_id="a", llm_model="m1", ctx=SimpleNamespace(tp=1)),
-            "b": SimpleNamespace(experiment_id="b", llm_model="m2", ctx=SimpleNamespace(tp=1)),
-            "c": SimpleNamespace(experiment_id="c", llm_model="m1", ctx=SimpleNamespace(tp=2)),
-            "d": SimpleNamespace(experiment_id="d", llm_model="m2", ctx=SimpleNamespace(tp=2))}
+    runs = {
+        "a": SimpleNamespace(experiment_id="a", llm_model="m1", ctx=SimpleNamespace(tp=1)),
+        "b": SimpleNamespace(experiment_id="b", llm_model="m2", ctx=SimpleNamespace(tp=1)),
+        "c": SimpleNamespace(experiment_id="c", llm_model="m1", ctx=SimpleNamespace(tp=2)),
+        "d": SimpleNamespace(experiment_id="d", llm_model="m2", ctx=SimpleNamespace(tp=2)),
+    }
     folds = [Fold("roles", "m1", ("a", "b"), None), Fold("roles", "m2", ("c", "d"), None)]
     out = run_calibrations(folds, runs.__getitem__, workers=2)
     return sorted((k[0], v) for k, v in out.items())

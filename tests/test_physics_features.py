@@ -3,8 +3,14 @@ import polars as pl
 import pytest
 
 from stepml_core.catalog import UnknownModelError, gpu_spec, model_spec
-from stepml_core.features import (SEED_FEATURES, RequestInBatch, batch_features, feature_columns, snapshot_aggregates,
-                                  step_table_features)
+from stepml_core.features import (
+    SEED_FEATURES,
+    RequestInBatch,
+    batch_features,
+    feature_columns,
+    snapshot_aggregates,
+    step_table_features,
+)
 from stepml_core.physics import per_gpu_constants
 
 # docs/features.md §1, per GPU: linear FLOPs/token/layer (M), weight MB/layer, KV B/token/layer, attn FLOPs/pair/layer, weights GB
@@ -66,21 +72,47 @@ def _random_batches(rng, n_steps):
         for _ in range(rng.integers(1, 40)):
             p = int(rng.integers(50, 1500))
             if rng.random() < 0.3:
-                c = int(rng.integers(0, p)); q = int(rng.integers(1, p - c + 1))
+                c = int(rng.integers(0, p))
+                q = int(rng.integers(1, p - c + 1))
             else:
-                c = int(rng.integers(p, p + 800)); q = 1
+                c = int(rng.integers(p, p + 800))
+                q = 1
             reqs.append(RequestInBatch(c, q, p))
         P = sum(r.new_tokens for r in reqs if r.progress_index < r.prompt_len)
         D = sum(r.new_tokens for r in reqs if r.progress_index >= r.prompt_len)
         npf = sum(r.progress_index < r.prompt_len for r in reqs)
-        rows.append({"step.id": sid, "batch.prefill_tokens": P, "batch.decode_tokens": D, "batch.scheduled_tokens": P + D,
-                     "batch.num_prefill_reqs": npf, "batch.num_decode_reqs": len(reqs) - npf, "queue.running_depth": len(reqs),
-                     "kv.blocks_total_gpu": 7000, "kv.blocks_free_gpu": 5000})
+        rows.append(
+            {
+                "step.id": sid,
+                "batch.prefill_tokens": P,
+                "batch.decode_tokens": D,
+                "batch.scheduled_tokens": P + D,
+                "batch.num_prefill_reqs": npf,
+                "batch.num_decode_reqs": len(reqs) - npf,
+                "queue.running_depth": len(reqs),
+                "kv.blocks_total_gpu": 7000,
+                "kv.blocks_free_gpu": 5000,
+            }
+        )
         for i, r in enumerate(reqs):
-            snaps.append({"step.id": sid, "request.id": f"r{i}", "request.num_computed_tokens": r.progress_index,
-                          "request.scheduled_tokens_this_step": r.new_tokens, "request.num_prompt_tokens": r.prompt_len})
-        snaps.append({"step.id": sid, "request.id": "idle", "request.num_computed_tokens": 77,
-                      "request.scheduled_tokens_this_step": 0, "request.num_prompt_tokens": 50})
+            snaps.append(
+                {
+                    "step.id": sid,
+                    "request.id": f"r{i}",
+                    "request.num_computed_tokens": r.progress_index,
+                    "request.scheduled_tokens_this_step": r.new_tokens,
+                    "request.num_prompt_tokens": r.prompt_len,
+                }
+            )
+        snaps.append(
+            {
+                "step.id": sid,
+                "request.id": "idle",
+                "request.num_computed_tokens": 77,
+                "request.scheduled_tokens_this_step": 0,
+                "request.num_prompt_tokens": 50,
+            }
+        )
         yield reqs, rows[-1]
     _random_batches.snaps = snaps
     _random_batches.rows = rows
@@ -101,9 +133,19 @@ def test_vectorized_equals_per_batch(model, tp):
 def test_proxy_rows_are_labelled_and_thirty_features():
     assert len(SEED_FEATURES) == 30
     m, g = model_spec("llama-2-7b"), gpu_spec()
-    steps = pl.DataFrame({"step.id": [1, 2], "batch.prefill_tokens": [100, 0], "batch.decode_tokens": [3, 4],
-                          "batch.scheduled_tokens": [103, 4], "batch.num_prefill_reqs": [1, 0], "batch.num_decode_reqs": [3, 4],
-                          "queue.running_depth": [4, 4], "kv.blocks_total_gpu": [1000, 1000], "kv.blocks_free_gpu": [900, 900]})
+    steps = pl.DataFrame(
+        {
+            "step.id": [1, 2],
+            "batch.prefill_tokens": [100, 0],
+            "batch.decode_tokens": [3, 4],
+            "batch.scheduled_tokens": [103, 4],
+            "batch.num_prefill_reqs": [1, 0],
+            "batch.num_decode_reqs": [3, 4],
+            "queue.running_depth": [4, 4],
+            "kv.blocks_total_gpu": [1000, 1000],
+            "kv.blocks_free_gpu": [900, 900],
+        }
+    )
     f = step_table_features(steps, m, g, 1)
     assert f["kv_source"].to_list() == ["proxy_blocks", "proxy_blocks"]
     assert f["kv_mean"].to_list() == [400.0, 400.0]  # 100 blocks × 16 tokens / 4 running

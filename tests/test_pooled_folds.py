@@ -10,8 +10,12 @@ from stepml_core import study
 from stepml_core.pipeline import run_matrix
 from stepml_core.synth import synthesize_runs
 
-RUNS = ["20260217-155451-llama-2-7b-tp1-codegen", "20260217-162547-llama-2-7b-tp1-roleplay",
-        "20260218-150304-codellama-34b-tp2-general", "20260218-160939-codellama-34b-tp2-reasoning"]
+RUNS = [
+    "20260217-155451-llama-2-7b-tp1-codegen",
+    "20260217-162547-llama-2-7b-tp1-roleplay",
+    "20260218-150304-codellama-34b-tp2-general",
+    "20260218-160939-codellama-34b-tp2-reasoning",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,10 @@ def _same(a: dict, b: dict):
 
 def test_threads_and_cache_give_the_same_fits(matrices, tmp_path):
     serial = study.fit_study_pooled(matrices, threads=1)
-    assert serial["generalization"]["metrics"]["scope"].unique().sort().to_list() == ["leave_one_model_out", "leave_one_workload_out"]
+    assert serial["generalization"]["metrics"]["scope"].unique().sort().to_list() == [
+        "leave_one_model_out",
+        "leave_one_workload_out",
+    ]
     assert {s for s in serial["global_models"]["models"]} == {"global", "per_model"}
     _same(serial, study.fit_study_pooled(matrices, threads=2))
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-
 from ops_helpers import REPO, RUN_A, copy_run, free_port, open_instance
 
 PG_USER, PG_PASSWORD, PG_DB = "stepml", "stepml-test-pw", "stepml_dagster"
@@ -25,7 +24,10 @@ def _pg_bin() -> Path | None:
     found = shutil.which("initdb")
     if found:
         return Path(found).parent
-    cands = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
+    cands = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0,
+    )
     return Path(cands[-1]).parent if cands else None
 
 
@@ -47,6 +49,7 @@ def pg_server():
     if os.geteuid() == 0:
         try:
             import pwd
+
             pw = pwd.getpwnam("postgres")
         except KeyError:
             pytest.skip("running as root and there is no 'postgres' user to run the server as")
@@ -63,10 +66,35 @@ def pg_server():
         return subprocess.run(_as_db_user(cmd), check=True, capture_output=True, text=True, timeout=120, **kw)
 
     try:
-        run([str(bindir / "initdb"), "-D", str(data), "-U", PG_USER, f"--pwfile={pwfile}", "-E", "UTF8",
-             "--auth-local=trust", "--auth-host=scram-sha-256"])
-        run([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "server.log"), "-w", "-t", "60",
-             "-o", f"-p {port} -h 127.0.0.1 -k {base}", "start"])
+        run(
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                PG_USER,
+                f"--pwfile={pwfile}",
+                "-E",
+                "UTF8",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+            ]
+        )
+        run(
+            [
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(base / "server.log"),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                f"-p {port} -h 127.0.0.1 -k {base}",
+                "start",
+            ]
+        )
     except subprocess.CalledProcessError as e:
         shutil.rmtree(base, ignore_errors=True)
         pytest.fail(f"could not start PostgreSQL: {e.stderr or e.stdout}")
@@ -79,8 +107,11 @@ def pg_server():
     try:
         yield {"host": "127.0.0.1", "port": port}
     finally:
-        subprocess.run(_as_db_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            _as_db_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
+            capture_output=True,
+            timeout=120,
+        )
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -91,8 +122,13 @@ def test_materialize_one_partition_on_postgres_instance(pg_server, real_experime
     home = tmp_path / "home"
     home.mkdir()
     shutil.copy(REPO / "deploy" / "dagster-postgres.yaml", home / "dagster.yaml")
-    for k, v in {"DAGSTER_PG_HOST": pg_server["host"], "DAGSTER_PG_PORT": str(pg_server["port"]),
-                 "DAGSTER_PG_USERNAME": PG_USER, "DAGSTER_PG_PASSWORD": PG_PASSWORD, "DAGSTER_PG_DB": PG_DB}.items():
+    for k, v in {
+        "DAGSTER_PG_HOST": pg_server["host"],
+        "DAGSTER_PG_PORT": str(pg_server["port"]),
+        "DAGSTER_PG_USERNAME": PG_USER,
+        "DAGSTER_PG_PASSWORD": PG_PASSWORD,
+        "DAGSTER_PG_DB": PG_DB,
+    }.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     data = tmp_path / "data"
@@ -104,7 +140,10 @@ def test_materialize_one_partition_on_postgres_instance(pg_server, real_experime
         assert type(instance.schedule_storage).__name__ == "PostgresScheduleStorage"
         instance.add_dynamic_partitions("experiment", [RUN_A])
         res = defs.resolve_job_def("experiment_job").execute_in_process(
-            partition_key=RUN_A, instance=instance, run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
+            partition_key=RUN_A,
+            instance=instance,
+            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+        )
         assert res.success
     # a fresh instance from the same DAGSTER_HOME (e.g. the daemon) sees it; so does the database itself
     with open_instance(home) as again:
@@ -113,9 +152,14 @@ def test_materialize_one_partition_on_postgres_instance(pg_server, real_experime
         assert again.get_dynamic_partitions("experiment") == [RUN_A]
     import psycopg2
 
-    with psycopg2.connect(host=pg_server["host"], port=pg_server["port"], user=PG_USER, password=PG_PASSWORD, dbname=PG_DB) as conn:
+    with psycopg2.connect(
+        host=pg_server["host"], port=pg_server["port"], user=PG_USER, password=PG_PASSWORD, dbname=PG_DB
+    ) as conn:
         cur = conn.cursor()
-        cur.execute("SELECT DISTINCT asset_key FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION' AND partition = %s", (RUN_A,))
+        cur.execute(
+            "SELECT DISTINCT asset_key FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION' AND partition = %s",
+            (RUN_A,),
+        )
         keys = {r[0] for r in cur.fetchall()}
         cur.execute("SELECT status FROM runs")
         statuses = [r[0] for r in cur.fetchall()]

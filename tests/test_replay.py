@@ -10,10 +10,17 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-
 from conftest import SHARED_REAL
-from stepml_core.replay import (CLIENT_TIMEOUT_S, RunContext, StepServingModel, replay, replay_workload, run_context,
-                                score_replay)
+
+from stepml_core.replay import (
+    CLIENT_TIMEOUT_S,
+    RunContext,
+    StepServingModel,
+    replay,
+    replay_workload,
+    run_context,
+    score_replay,
+)
 from stepml_core.replay_models import physics_spec, replay_run, serving_model
 from stepml_core.request_log import RequestLogError, read_request_log
 from stepml_core.sim.step_models import LinearStepTime, StepModelError
@@ -22,12 +29,30 @@ SHARED = SHARED_REAL.parent
 REQUESTS = SHARED_REAL / "requests"
 
 
-def write_request_run(folder: Path, requests: list[dict], ground_truth: list[dict] | None = None, *,
-                      config: dict | None = None, split: str = "train") -> Path:
+def write_request_run(
+    folder: Path,
+    requests: list[dict],
+    ground_truth: list[dict] | None = None,
+    *,
+    config: dict | None = None,
+    split: str = "train",
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    doc = {"experiment": folder.name, "model_short": "llama-2-7b", "profile": "codegen", "split": split,
-           "config": config or {"tensor_parallelism": 1, "max_num_seqs": 128, "max_num_batched_tokens": 2048,
-                                "kv_blocks_total_gpu": 7000, "block_size": 16}, "requests": requests}
+    doc = {
+        "experiment": folder.name,
+        "model_short": "llama-2-7b",
+        "profile": "codegen",
+        "split": split,
+        "config": config
+        or {
+            "tensor_parallelism": 1,
+            "max_num_seqs": 128,
+            "max_num_batched_tokens": 2048,
+            "kv_blocks_total_gpu": 7000,
+            "block_size": 16,
+        },
+        "requests": requests,
+    }
     (folder / "requests.json.gz").write_bytes(gzip.compress(json.dumps(doc).encode()))
     if ground_truth is not None:
         (folder / "ground_truth.json").write_text(json.dumps(ground_truth))
@@ -35,22 +60,51 @@ def write_request_run(folder: Path, requests: list[dict], ground_truth: list[dic
 
 
 def linear_model(b0=9000.0, b1=40.0, b2=60.0, **extra) -> StepServingModel:
-    doc = {"version": 1, "step_time": {"model_type": "linear", "intercept": b0,
-                                       "feature_coefficients": {"prefill_tokens": b1, "decode_tokens": b2}}, **extra}
+    doc = {
+        "version": 1,
+        "step_time": {
+            "model_type": "linear",
+            "intercept": b0,
+            "feature_coefficients": {"prefill_tokens": b1, "decode_tokens": b2},
+        },
+        **extra,
+    }
     lin = LinearStepTime(doc)
     return StepServingModel("lin", lin, queueing_us=lin.queueing_us, token_delay_us=lin.otpt_us)
 
 
-CTX = RunContext(experiment_id="20260101-000000-llama-2-7b-tp1-codegen", model="llama-2-7b", tp=1, max_num_seqs=128,
-                 max_num_batched_tokens=2048, kv_blocks_total=7000, output_len=3, ignore_eos=True)
+CTX = RunContext(
+    experiment_id="20260101-000000-llama-2-7b-tp1-codegen",
+    model="llama-2-7b",
+    tp=1,
+    max_num_seqs=128,
+    max_num_batched_tokens=2048,
+    kv_blocks_total=7000,
+    output_len=3,
+    ignore_eos=True,
+)
 
 
 def one_request_log(input_tokens=1000, output_tokens=3) -> pl.DataFrame:
-    return pl.DataFrame({"index": [0], "arrival_time_us": [0], "input_tokens": [input_tokens],
-                         "output_tokens": [output_tokens], "prefix_group": [None], "has_error": [False],
-                         "observed_has_error": [None], "observed_ttft_s": [None], "observed_e2e_s": [None]},
-                        schema_overrides={"prefix_group": pl.Utf8, "observed_has_error": pl.Boolean,
-                                          "observed_ttft_s": pl.Float64, "observed_e2e_s": pl.Float64})
+    return pl.DataFrame(
+        {
+            "index": [0],
+            "arrival_time_us": [0],
+            "input_tokens": [input_tokens],
+            "output_tokens": [output_tokens],
+            "prefix_group": [None],
+            "has_error": [False],
+            "observed_has_error": [None],
+            "observed_ttft_s": [None],
+            "observed_e2e_s": [None],
+        },
+        schema_overrides={
+            "prefix_group": pl.Utf8,
+            "observed_has_error": pl.Boolean,
+            "observed_ttft_s": pl.Float64,
+            "observed_e2e_s": pl.Float64,
+        },
+    )
 
 
 def test_lone_request_times_by_hand():
@@ -62,8 +116,10 @@ def test_lone_request_times_by_hand():
     assert r["ttft_s"][0] == pytest.approx(0.049, abs=1e-8)
     assert r["e2e_s"][0] == pytest.approx(0.049 + 2 * 0.00906, abs=1e-8)
     # queueing (α0 + α1·input_len) and per-token output processing shift TTFT and E2E as BLIS defines them
-    m = linear_model(queueing_time={"model_type": "linear", "intercept": 5000, "feature_coefficients": {"input_len": 2.0}},
-                     output_token_processing_time_us=100)
+    m = linear_model(
+        queueing_time={"model_type": "linear", "intercept": 5000, "feature_coefficients": {"input_len": 2.0}},
+        output_token_processing_time_us=100,
+    )
     r2 = replay(w, m, CTX).per_request
     assert r2["ttft_s"][0] == pytest.approx(0.049 + 0.007 + 0.0001, abs=1e-8)
     assert r2["e2e_s"][0] == pytest.approx(0.049 + 2 * 0.00906 + 0.007 + 0.0001, abs=1e-8)
@@ -87,22 +143,47 @@ def test_timeout_is_a_failure_on_the_predicted_side():
 def test_same_inputs_same_predictions_bit_for_bit(tmp_path):
     rng = np.random.default_rng(1)
     n = 300
-    reqs = [{"index": i, "arrival_time_us": int(t), "input_tokens": int(rng.integers(400, 900)), "output_tokens": 50,
-             "prefix_group": "", "has_error": False} for i, t in enumerate(np.sort(rng.uniform(0, 30e6, n)))]
+    reqs = [
+        {
+            "index": i,
+            "arrival_time_us": int(t),
+            "input_tokens": int(rng.integers(400, 900)),
+            "output_tokens": 50,
+            "prefix_group": "",
+            "has_error": False,
+        }
+        for i, t in enumerate(np.sort(rng.uniform(0, 30e6, n)))
+    ]
     folder = write_request_run(tmp_path / "20260101-000000-llama-2-7b-tp1-codegen", reqs)
     log = read_request_log(folder)
-    ctx = RunContext(**{**CTX.__dict__, "output_len": 50, "num_groups": 10, "prompts_per_group": 10, "system_prompt_len": 100})
+    ctx = RunContext(
+        **{**CTX.__dict__, "output_len": 50, "num_groups": 10, "prompts_per_group": 10, "system_prompt_len": 100}
+    )
     a = [replay(replay_workload(log.table, ctx), m, ctx).per_request for m in (linear_model(), linear_model())]
     assert a[0].equals(a[1])
-    phys = [replay(replay_workload(log.table, ctx), serving_model(physics_spec()), ctx, seed=3).per_request for _ in range(2)]
+    phys = [
+        replay(replay_workload(log.table, ctx), serving_model(physics_spec()), ctx, seed=3).per_request
+        for _ in range(2)
+    ]
     assert phys[0].equals(phys[1])
-    assert not phys[0].equals(replay(replay_workload(log.table, ctx), serving_model(physics_spec()), ctx, seed=4).per_request)
+    assert not phys[0].equals(
+        replay(replay_workload(log.table, ctx), serving_model(physics_spec()), ctx, seed=4).per_request
+    )
 
 
 def test_ground_truth_never_changes_predictions(tmp_path):
     """Deleting a scored run's ground truth leaves its predictions bit-identical (only the scores go)."""
-    reqs = [{"index": i, "arrival_time_us": i * 200_000, "input_tokens": 600, "output_tokens": 20, "prefix_group": "",
-             "has_error": False} for i in range(100)]
+    reqs = [
+        {
+            "index": i,
+            "arrival_time_us": i * 200_000,
+            "input_tokens": 600,
+            "output_tokens": 20,
+            "prefix_group": "",
+            "has_error": False,
+        }
+        for i in range(100)
+    ]
     gt = [{"index": i, "has_error": False, "e2e_s": 0.5, "ttft_s": 0.05} for i in range(100)]
     folder = write_request_run(tmp_path / "20260101-000000-llama-2-7b-tp1-codegen", reqs, gt)
     ctx = RunContext(**{**CTX.__dict__, "output_len": 20})
@@ -116,10 +197,24 @@ def test_ground_truth_never_changes_predictions(tmp_path):
 
 
 def test_scoring_definitions():
-    pred = pl.DataFrame({"index": [0, 1, 2], "arrival_time_us": [0, 1_000_000, 2_000_000], "ttft_s": [0.1, 0.2, None],
-                         "e2e_s": [1.1, 2.2, CLIENT_TIMEOUT_S], "success": [True, True, False], "output_tokens": [11, 11, 11]})
-    obs = pl.DataFrame({"index": [0, 1, 2], "observed_has_error": [False, False, False], "observed_ttft_s": [0.1, 0.1, 0.1],
-                        "observed_e2e_s": [1.0, 2.0, 1.0]})
+    pred = pl.DataFrame(
+        {
+            "index": [0, 1, 2],
+            "arrival_time_us": [0, 1_000_000, 2_000_000],
+            "ttft_s": [0.1, 0.2, None],
+            "e2e_s": [1.1, 2.2, CLIENT_TIMEOUT_S],
+            "success": [True, True, False],
+            "output_tokens": [11, 11, 11],
+        }
+    )
+    obs = pl.DataFrame(
+        {
+            "index": [0, 1, 2],
+            "observed_has_error": [False, False, False],
+            "observed_ttft_s": [0.1, 0.1, 0.1],
+            "observed_e2e_s": [1.0, 2.0, 1.0],
+        }
+    )
     rows, per = score_replay(pred, obs)
     d = {r["metric"]: r for r in rows}
     assert d["successes"]["predicted"] == 2 and d["successes"]["observed"] == 3
@@ -131,16 +226,70 @@ def test_scoring_definitions():
 
 
 def test_request_log_quarantines_bad_records_with_index_and_reason(tmp_path):
-    reqs = [{"index": 0, "arrival_time_us": 0, "input_tokens": 600, "output_tokens": 20, "prefix_group": "", "has_error": False},
-            {"index": 1, "arrival_time_us": -5, "input_tokens": 600, "output_tokens": 20, "prefix_group": "", "has_error": False},
-            {"index": 2, "arrival_time_us": 10, "input_tokens": "many", "output_tokens": 20, "prefix_group": "", "has_error": False},
-            "garbage",
-            {"index": 0, "arrival_time_us": 20, "input_tokens": 600, "output_tokens": 20, "prefix_group": "", "has_error": False},
-            {"index": 5, "arrival_time_us": 30, "input_tokens": 0, "output_tokens": 0, "prefix_group": "", "has_error": False},
-            {"index": 6, "arrival_time_us": 40, "input_tokens": 0, "output_tokens": 0, "prefix_group": "", "has_error": True},
-            {"index": 7, "arrival_time_us": 50, "input_tokens": 600, "output_tokens": 20, "prefix_group": "", "has_error": False}]
-    gt = [{"index": 6, "has_error": True, "e2e_s": 300.2}, {"index": 0, "has_error": False, "e2e_s": 0.4, "ttft_s": 0.1},
-          {"index": 7, "has_error": False, "e2e_s": 0.4, "ttft_s": 0.9}]
+    reqs = [
+        {
+            "index": 0,
+            "arrival_time_us": 0,
+            "input_tokens": 600,
+            "output_tokens": 20,
+            "prefix_group": "",
+            "has_error": False,
+        },
+        {
+            "index": 1,
+            "arrival_time_us": -5,
+            "input_tokens": 600,
+            "output_tokens": 20,
+            "prefix_group": "",
+            "has_error": False,
+        },
+        {
+            "index": 2,
+            "arrival_time_us": 10,
+            "input_tokens": "many",
+            "output_tokens": 20,
+            "prefix_group": "",
+            "has_error": False,
+        },
+        "garbage",
+        {
+            "index": 0,
+            "arrival_time_us": 20,
+            "input_tokens": 600,
+            "output_tokens": 20,
+            "prefix_group": "",
+            "has_error": False,
+        },
+        {
+            "index": 5,
+            "arrival_time_us": 30,
+            "input_tokens": 0,
+            "output_tokens": 0,
+            "prefix_group": "",
+            "has_error": False,
+        },
+        {
+            "index": 6,
+            "arrival_time_us": 40,
+            "input_tokens": 0,
+            "output_tokens": 0,
+            "prefix_group": "",
+            "has_error": True,
+        },
+        {
+            "index": 7,
+            "arrival_time_us": 50,
+            "input_tokens": 600,
+            "output_tokens": 20,
+            "prefix_group": "",
+            "has_error": False,
+        },
+    ]
+    gt = [
+        {"index": 6, "has_error": True, "e2e_s": 300.2},
+        {"index": 0, "has_error": False, "e2e_s": 0.4, "ttft_s": 0.1},
+        {"index": 7, "has_error": False, "e2e_s": 0.4, "ttft_s": 0.9},
+    ]
     folder = write_request_run(tmp_path / "20260101-000000-llama-2-7b-tp1-codegen", reqs, gt)
     log = read_request_log(folder)
     q = {r["line"]: r["reason"] for r in log.quarantine.iter_rows(named=True)}
@@ -156,27 +305,72 @@ def test_request_log_quarantines_bad_records_with_index_and_reason(tmp_path):
 
 def test_blis_model_file_rules():
     with pytest.raises(StepModelError, match="unknown feature"):
-        LinearStepTime({"version": 1, "step_time": {"model_type": "linear", "intercept": 1.0,
-                                                    "feature_coefficients": {"prefil_tokens": 2.0}}})
+        LinearStepTime(
+            {
+                "version": 1,
+                "step_time": {"model_type": "linear", "intercept": 1.0, "feature_coefficients": {"prefil_tokens": 2.0}},
+            }
+        )
     with pytest.raises(StepModelError, match="op"):
-        LinearStepTime({"version": 1, "step_time_regimes": [{"name": "x", "condition": {"feature": "prefill_tokens", "op": "!=",
-                                                                                         "value": 0}, "model": {}}]})
-    m = LinearStepTime({"version": 2, "step_time_regimes": [
-        {"name": "decode_only", "condition": {"feature": "prefill_tokens", "op": "==", "value": 0},
-         "model": {"model_type": "linear", "intercept": 9000, "feature_coefficients": {"decode_tokens": 30.0}}},
-        {"name": "mixed", "condition": None, "model": {"model_type": "linear", "intercept": 12000,
-                                                       "feature_coefficients": {"scheduled_tokens": 40.0}}}],
-        "step_overhead_us": 10000, "step_overhead_per_req_us": 5})
+        LinearStepTime(
+            {
+                "version": 1,
+                "step_time_regimes": [
+                    {"name": "x", "condition": {"feature": "prefill_tokens", "op": "!=", "value": 0}, "model": {}}
+                ],
+            }
+        )
+    m = LinearStepTime(
+        {
+            "version": 2,
+            "step_time_regimes": [
+                {
+                    "name": "decode_only",
+                    "condition": {"feature": "prefill_tokens", "op": "==", "value": 0},
+                    "model": {
+                        "model_type": "linear",
+                        "intercept": 9000,
+                        "feature_coefficients": {"decode_tokens": 30.0},
+                    },
+                },
+                {
+                    "name": "mixed",
+                    "condition": None,
+                    "model": {
+                        "model_type": "linear",
+                        "intercept": 12000,
+                        "feature_coefficients": {"scheduled_tokens": 40.0},
+                    },
+                },
+            ],
+            "step_overhead_us": 10000,
+            "step_overhead_per_req_us": 5,
+        }
+    )
     f = dict(prefill_tokens=0.0, decode_tokens=10.0, num_prefill_reqs=0.0, num_decode_reqs=10.0, scheduled_tokens=10.0)
     assert m.predict_features_us(f) == pytest.approx(10000 + 50)  # 9300 clamped up to the 10 ms overhead, + 5 µs × 10
-    f = dict(prefill_tokens=1000.0, decode_tokens=10.0, num_prefill_reqs=1.0, num_decode_reqs=10.0, scheduled_tokens=1010.0)
+    f = dict(
+        prefill_tokens=1000.0, decode_tokens=10.0, num_prefill_reqs=1.0, num_decode_reqs=10.0, scheduled_tokens=1010.0
+    )
     assert m.predict_features_us(f) == pytest.approx(30000 + 55)  # 52400 clamped down to 3 × overhead
-    e = LinearStepTime({"version": 1, "step_time": {"model_type": "linear", "intercept": 1.0, "feature_coefficients": {},
-                                                    "output_transform": "expm1"}})
-    assert e.predict_features_us({"num_prefill_reqs": 0, "num_decode_reqs": 0}) == pytest.approx(max(np.expm1(1.0), 1.0))
+    e = LinearStepTime(
+        {
+            "version": 1,
+            "step_time": {
+                "model_type": "linear",
+                "intercept": 1.0,
+                "feature_coefficients": {},
+                "output_transform": "expm1",
+            },
+        }
+    )
+    assert e.predict_features_us({"num_prefill_reqs": 0, "num_decode_reqs": 0}) == pytest.approx(
+        max(np.expm1(1.0), 1.0)
+    )
 
 
 # ---------------------------------------------------------------------------- real request logs
+
 
 @pytest.fixture(scope="module")
 def real_runs(tmp_path_factory):
@@ -185,7 +379,9 @@ def real_runs(tmp_path_factory):
     from stepml_core.real_data import assemble_real_runs
 
     out = tmp_path_factory.mktemp("real")
-    return assemble_real_runs(SHARED, out, ["20260218-150956-codellama-34b-tp2-codegen", "20260218-155500-codellama-34b-tp2-roleplay"])
+    return assemble_real_runs(
+        SHARED, out, ["20260218-150956-codellama-34b-tp2-codegen", "20260218-155500-codellama-34b-tp2-roleplay"]
+    )
 
 
 def test_assembled_real_runs_have_what_replay_needs(real_runs):
@@ -207,8 +403,15 @@ def test_physics_replay_of_a_real_run_and_an_unscored_one(real_runs):
     for f in real_runs:
         meta = read_run_metadata(f)
         log = read_request_log(f)
-        ctx = run_context(f, experiment_id=f.name, model=meta.model, tp=meta.tp, exp_config=meta.exp_config,
-                          profile=meta.profile, header=log.header)
+        ctx = run_context(
+            f,
+            experiment_id=f.name,
+            model=meta.model,
+            tp=meta.tp,
+            exp_config=meta.exp_config,
+            profile=meta.profile,
+            header=log.header,
+        )
         assert ctx.kv_blocks_total == 26602 and ctx.output_len > 200 and ctx.ignore_eos
         out[f.name] = replay_run(log, ctx, [physics_spec()], source=meta.source)
     cg = {r["metric"]: r for r in out[real_runs[0].name]["rows"].iter_rows(named=True)}
@@ -232,16 +435,51 @@ def test_exported_model_sees_the_proxy_features_it_was_trained_on():
     spec, gpu = model_spec("llama-2-70b"), gpu_spec()
     exported = {"model_spec": spec_dict(spec), "gpu_spec": gpu_dict(gpu), "tp": 4, "model_names": known_model_names()}
     st = ExportedStepTime(exported, kv_source="proxy_blocks", name="x")
-    cases = [dict(prefill_tokens=700, decode_tokens=60, num_prefill_reqs=3, num_decode_reqs=60, num_running=66,
-                  kv_blocks_free=20000, kv_blocks_total=31356), dict(prefill_tokens=0, decode_tokens=128, num_prefill_reqs=0,
-                  num_decode_reqs=128, num_running=128, kv_blocks_free=9000, kv_blocks_total=31356),
-             dict(prefill_tokens=2048, decode_tokens=0, num_prefill_reqs=1, num_decode_reqs=0, num_running=1,
-                  kv_blocks_free=31000, kv_blocks_total=31356)]
-    steps = pl.DataFrame([{"step.id": i + 1, "batch.prefill_tokens": c["prefill_tokens"], "batch.decode_tokens": c["decode_tokens"],
-                           "batch.scheduled_tokens": c["prefill_tokens"] + c["decode_tokens"],
-                           "batch.num_prefill_reqs": c["num_prefill_reqs"], "batch.num_decode_reqs": c["num_decode_reqs"],
-                           "queue.running_depth": c["num_running"], "kv.blocks_total_gpu": c["kv_blocks_total"],
-                           "kv.blocks_free_gpu": c["kv_blocks_free"]} for i, c in enumerate(cases)])
+    cases = [
+        dict(
+            prefill_tokens=700,
+            decode_tokens=60,
+            num_prefill_reqs=3,
+            num_decode_reqs=60,
+            num_running=66,
+            kv_blocks_free=20000,
+            kv_blocks_total=31356,
+        ),
+        dict(
+            prefill_tokens=0,
+            decode_tokens=128,
+            num_prefill_reqs=0,
+            num_decode_reqs=128,
+            num_running=128,
+            kv_blocks_free=9000,
+            kv_blocks_total=31356,
+        ),
+        dict(
+            prefill_tokens=2048,
+            decode_tokens=0,
+            num_prefill_reqs=1,
+            num_decode_reqs=0,
+            num_running=1,
+            kv_blocks_free=31000,
+            kv_blocks_total=31356,
+        ),
+    ]
+    steps = pl.DataFrame(
+        [
+            {
+                "step.id": i + 1,
+                "batch.prefill_tokens": c["prefill_tokens"],
+                "batch.decode_tokens": c["decode_tokens"],
+                "batch.scheduled_tokens": c["prefill_tokens"] + c["decode_tokens"],
+                "batch.num_prefill_reqs": c["num_prefill_reqs"],
+                "batch.num_decode_reqs": c["num_decode_reqs"],
+                "queue.running_depth": c["num_running"],
+                "kv.blocks_total_gpu": c["kv_blocks_total"],
+                "kv.blocks_free_gpu": c["kv_blocks_free"],
+            }
+            for i, c in enumerate(cases)
+        ]
+    )
     vec = step_table_features(steps, spec, gpu, 4)
     assert set(vec["kv_source"]) == {"proxy_blocks"}
     for i, c in enumerate(cases):
@@ -257,14 +495,31 @@ def test_recommendation_never_reads_the_scored_runs_errors():
 
     def rows(err_a_on_r1):
         out = []
-        errs = {("r1", "A"): err_a_on_r1, ("r1", "B"): 5.0, ("r2", "A"): 9.0, ("r2", "B"): 2.0, ("r3", "A"): 8.0, ("r3", "B"): 3.0}
+        errs = {
+            ("r1", "A"): err_a_on_r1,
+            ("r1", "B"): 5.0,
+            ("r2", "A"): 9.0,
+            ("r2", "B"): 2.0,
+            ("r3", "A"): 8.0,
+            ("r3", "B"): 3.0,
+        }
         for (e, m), err in errs.items():
             for metric in ("e2e_mean", "ttft_mean", "successes"):
                 obs = 100.0 if metric == "successes" else 1.0
-                out.append({"experiment_id": e, "source": "real", "role": "train", "step_model": m, "fitted_on": "x",
-                            "sample": "in_sample" if (e, m) == ("r2", "B") else "out_of_sample", "metric": metric,
-                            "predicted": obs if metric == "successes" else obs * (1 + err / 100), "observed": obs,
-                            "rel_err_pct": 0.0 if metric == "successes" else err})
+                out.append(
+                    {
+                        "experiment_id": e,
+                        "source": "real",
+                        "role": "train",
+                        "step_model": m,
+                        "fitted_on": "x",
+                        "sample": "in_sample" if (e, m) == ("r2", "B") else "out_of_sample",
+                        "metric": metric,
+                        "predicted": obs if metric == "successes" else obs * (1 + err / 100),
+                        "observed": obs,
+                        "rel_err_pct": 0.0 if metric == "successes" else err,
+                    }
+                )
         return pl.DataFrame(out)
 
     llm = {"r1": "m", "r2": "m", "r3": "m"}

@@ -16,25 +16,84 @@ from stepml_dagster.cli import run_study
 
 RUN = "20260101-000000-llama-2-7b-tp1-codegen"
 RUN_NO_GT = "20260101-010000-llama-2-7b-tp1-roleplay"
-COLUMNS = ["experiment_id", "source", "role", "step_model", "fitted_on", "sample", "metric", "predicted", "observed",
-           "rel_err_pct", "recommended"]
+COLUMNS = [
+    "experiment_id",
+    "source",
+    "role",
+    "step_model",
+    "fitted_on",
+    "sample",
+    "metric",
+    "predicted",
+    "observed",
+    "rel_err_pct",
+    "recommended",
+]
 
 
 def request_only_run(folder, n=150, seed=0, ground_truth=True, bad_records=0):
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
-    (folder / "exp-config.yaml").write_text(yaml.safe_dump({"model": "meta-llama/Llama-2-7b-hf", "tensor_parallelism": 1,
-                                                            "max_num_seqs": 128, "max_num_batched_tokens": 2048}))
-    (folder / "profile.yaml").write_text(json.dumps({"data": {"shared_prefix": {"num_groups": 2, "num_prompts_per_group": 3,
-                                                                              "system_prompt_len": 100, "output_len": 30}},
-                                                     "server": {"ignore_eos": True}}))
-    reqs = [{"index": i, "arrival_time_us": int(t), "input_tokens": int(rng.integers(300, 500)), "output_tokens": 30,
-             "prefix_group": "", "has_error": False} for i, t in enumerate(np.sort(rng.uniform(0, 20e6, n)))]
-    reqs += [{"index": n + k, "arrival_time_us": "soon", "input_tokens": 10, "output_tokens": 1, "prefix_group": "",
-              "has_error": False} for k in range(bad_records)]
-    doc = {"experiment": folder.name, "model_short": "llama-2-7b", "profile": "codegen", "split": "validate",
-           "config": {"tensor_parallelism": 1, "max_num_seqs": 128, "max_num_batched_tokens": 2048,
-                      "kv_blocks_total_gpu": 7000}, "requests": reqs}
+    (folder / "exp-config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": "meta-llama/Llama-2-7b-hf",
+                "tensor_parallelism": 1,
+                "max_num_seqs": 128,
+                "max_num_batched_tokens": 2048,
+            }
+        )
+    )
+    (folder / "profile.yaml").write_text(
+        json.dumps(
+            {
+                "data": {
+                    "shared_prefix": {
+                        "num_groups": 2,
+                        "num_prompts_per_group": 3,
+                        "system_prompt_len": 100,
+                        "output_len": 30,
+                    }
+                },
+                "server": {"ignore_eos": True},
+            }
+        )
+    )
+    reqs = [
+        {
+            "index": i,
+            "arrival_time_us": int(t),
+            "input_tokens": int(rng.integers(300, 500)),
+            "output_tokens": 30,
+            "prefix_group": "",
+            "has_error": False,
+        }
+        for i, t in enumerate(np.sort(rng.uniform(0, 20e6, n)))
+    ]
+    reqs += [
+        {
+            "index": n + k,
+            "arrival_time_us": "soon",
+            "input_tokens": 10,
+            "output_tokens": 1,
+            "prefix_group": "",
+            "has_error": False,
+        }
+        for k in range(bad_records)
+    ]
+    doc = {
+        "experiment": folder.name,
+        "model_short": "llama-2-7b",
+        "profile": "codegen",
+        "split": "validate",
+        "config": {
+            "tensor_parallelism": 1,
+            "max_num_seqs": 128,
+            "max_num_batched_tokens": 2048,
+            "kv_blocks_total_gpu": 7000,
+        },
+        "requests": reqs,
+    }
     (folder / "requests.json.gz").write_bytes(gzip.compress(json.dumps(doc).encode()))
     if ground_truth:
         gt = [{"index": r["index"], "has_error": False, "ttft_s": 0.03, "e2e_s": 0.03 + 29 * 0.009} for r in reqs[:n]]
@@ -62,14 +121,36 @@ def test_request_only_runs_are_replayed_and_reported(study):
     assert set(rows["experiment_id"]) == {RUN, RUN_NO_GT} and set(rows["step_model"]) == {"physics", "requests_lowo"}
     # the run without ground truth is predicted by a model calibrated on the other workload's request log only
     lowo = rows.filter(pl.col("step_model") == "requests_lowo")
-    assert set(lowo["experiment_id"]) == {RUN_NO_GT} and set(lowo["fitted_on"]) == {RUN} and set(lowo["sample"]) == {"out_of_sample"}
-    assert set(rows["metric"]) == {"ttft_mean", "ttft_p50", "ttft_p90", "ttft_p99", "e2e_mean", "e2e_p50", "e2e_p90",
-                                   "e2e_p99", "decode_interval_mean", "throughput_rps", "successes"}
+    assert (
+        set(lowo["experiment_id"]) == {RUN_NO_GT}
+        and set(lowo["fitted_on"]) == {RUN}
+        and set(lowo["sample"]) == {"out_of_sample"}
+    )
+    assert set(rows["metric"]) == {
+        "ttft_mean",
+        "ttft_p50",
+        "ttft_p90",
+        "ttft_p99",
+        "e2e_mean",
+        "e2e_p50",
+        "e2e_p90",
+        "e2e_p99",
+        "decode_interval_mean",
+        "throughput_rps",
+        "successes",
+    }
     scored = rows.filter(pl.col("experiment_id") == RUN)
     assert scored["observed"].is_not_null().all() and (scored["role"] == "validate").all()
     assert rows.filter(pl.col("experiment_id") == RUN_NO_GT)["observed"].is_null().all()
     per = pl.read_parquet(out / "replay" / RUN / "physics.parquet")
-    assert per.height == 150 and {"index", "arrival_time_us", "ttft_s", "e2e_s", "observed_ttft_s", "observed_e2e_s"} <= set(per.columns)
+    assert per.height == 150 and {
+        "index",
+        "arrival_time_us",
+        "ttft_s",
+        "e2e_s",
+        "observed_ttft_s",
+        "observed_e2e_s",
+    } <= set(per.columns)
     report = (out / "report.md").read_text()
     assert "Replaying the real runs" in report and "no H1 verdict" in report and "predicted only" in report
     assert report.index("**Request level**") < report.index("## Replaying the real runs")  # on the first screen
@@ -78,15 +159,27 @@ def test_request_only_runs_are_replayed_and_reported(study):
 def test_step_assets_skipped_request_assets_materialized_with_lineage(study):
     _, data, out, instance = study
     for key, want in (("raw_traces", 0), ("step_table", 0), ("request_log", 1), ("replay", 1)):
-        recs = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey(key), asset_partitions=[RUN]), limit=5).records
+        recs = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(key), asset_partitions=[RUN]), limit=5
+        ).records
         assert len(recs) == want, key
-    meta = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("request_log"), asset_partitions=[RUN]),
-                                           limit=1).records[0].asset_materialization.metadata
+    meta = (
+        instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("request_log"), asset_partitions=[RUN]), limit=1
+        )
+        .records[0]
+        .asset_materialization.metadata
+    )
     files = {f["file"]: f for f in meta["files"].value}
-    assert set(files) == {"requests.json.gz", "ground_truth.json.gz"} and all(len(f["sha256"]) == 64 for f in files.values())
-    assert meta["records_in"].value == 152 and meta["records_quarantined"].value == 2 and meta["role"].value == "validate"
+    assert set(files) == {"requests.json.gz", "ground_truth.json.gz"} and all(
+        len(f["sha256"]) == 64 for f in files.values()
+    )
+    assert (
+        meta["records_in"].value == 152 and meta["records_quarantined"].value == 2 and meta["role"].value == "validate"
+    )
     checks = instance.event_log_storage.get_asset_check_execution_history(
-        dg.AssetCheckKey(dg.AssetKey("request_log"), "records_balance"), limit=10)
+        dg.AssetCheckKey(dg.AssetKey("request_log"), "records_balance"), limit=10
+    )
     assert checks and all(c.status.value == "SUCCEEDED" for c in checks)
 
 

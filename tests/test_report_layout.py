@@ -13,7 +13,16 @@ from stepml_core.report import render_report
 from stepml_core.study import metrics_from_predictions
 from stepml_core.verdict import h1_verdict
 
-MODELS = ["naive_mean", "blackbox_2f", "ridge_30f", "blackbox_ols_orig", "ridge_30f_orig", "ridge_log_30f", "nnls_physics", "hgb_30f"]
+MODELS = [
+    "naive_mean",
+    "blackbox_2f",
+    "ridge_30f",
+    "blackbox_ols_orig",
+    "ridge_30f_orig",
+    "ridge_log_30f",
+    "nnls_physics",
+    "hgb_30f",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +43,38 @@ def sixteen():
                     floor[:2] = True
                     yp[:2] = y.min()
                 for scope in ("per_experiment", "per_model", "global"):
-                    parts.append(pl.DataFrame({"experiment_id": e, "source": "synthetic", "step.id": np.arange(n), "split": "test",
-                                               "load_stage": 1, "kv_mean": rng.uniform(0, 1000, n), "batch_size": rng.uniform(1, 128, n),
-                                               "target": target, "model": m, "scope": scope, "y": y, "y_pred": yp, "at_floor": floor}))
+                    parts.append(
+                        pl.DataFrame(
+                            {
+                                "experiment_id": e,
+                                "source": "synthetic",
+                                "step.id": np.arange(n),
+                                "split": "test",
+                                "load_stage": 1,
+                                "kv_mean": rng.uniform(0, 1000, n),
+                                "batch_size": rng.uniform(1, 128, n),
+                                "target": target,
+                                "model": m,
+                                "scope": scope,
+                                "y": y,
+                                "y_pred": yp,
+                                "at_floor": floor,
+                            }
+                        )
+                    )
     pred = pl.concat(parts)
     met = metrics_from_predictions(pred)
-    runs = [{"experiment_id": e, "source": "synthetic", "stands_for": e[:-6], "model": e.split("-")[2], "tp": 1, "workload": "x"} for e in ids]
+    runs = [
+        {
+            "experiment_id": e,
+            "source": "synthetic",
+            "stands_for": e[:-6],
+            "model": e.split("-")[2],
+            "tp": 1,
+            "workload": "x",
+        }
+        for e in ids
+    ]
     return ids, pred, met, runs
 
 
@@ -47,7 +82,10 @@ def _shown(axis):
     """The tick labels an axis draws (major and minor ticks inside its view interval, with text)."""
     lo, hi = sorted(axis.get_view_interval())
     out = []
-    for locs, labs in ((axis.get_majorticklocs(), axis.get_majorticklabels()), (axis.get_minorticklocs(), axis.get_minorticklabels())):
+    for locs, labs in (
+        (axis.get_majorticklocs(), axis.get_majorticklabels()),
+        (axis.get_minorticklocs(), axis.get_minorticklabels()),
+    ):
         out += [lab for loc, lab in zip(locs, labs) if lo <= loc <= hi and lab.get_text()]
     return out
 
@@ -102,7 +140,9 @@ def test_pred_vs_actual_one_labelled_panel_per_run_at_16_runs(sixteen):
     assert all(ax.get_title() for ax in panels)
     legend = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
     assert "y = x (perfect)" in legend and "raised to the positive floor" in legend and "ridge_30f prediction" in legend
-    assert sum("at floor" in ax.get_title() for ax in panels) == 6  # runs 0, 3, …, 15 have floored predictions, named in their title
+    assert (
+        sum("at floor" in ax.get_title() for ax in panels) == 6
+    )  # runs 0, 3, …, 15 have floored predictions, named in their title
     fig.canvas.draw()
     for ax in panels:
         _no_overlaps(fig, _shown(ax.xaxis), draw=False)
@@ -122,12 +162,19 @@ def test_report_starts_with_a_one_screen_summary_and_keeps_full_tables_in_the_ap
     ids, pred, met, runs = sixteen
     verdict = h1_verdict(met, pred, reps=100)
     findings = study_findings(predictions=pred)
-    md = render_report(runs=runs, metrics=met, predictions=pred, verdict=verdict, out_dir=tmp_path, findings=findings,
-                       extra_sections=["## A later section", ""])
+    md = render_report(
+        runs=runs,
+        metrics=met,
+        predictions=pred,
+        verdict=verdict,
+        out_dir=tmp_path,
+        findings=findings,
+        extra_sections=["## A later section", ""],
+    )
     lines = md.splitlines()
     heads = [i for i, l in enumerate(lines) if l.startswith("## ")]
     assert lines[heads[0]] == "## Summary" and lines[heads[1]] == "## Data"
-    summary = lines[heads[0]:heads[1]]
+    summary = lines[heads[0] : heads[1]]
     assert len(summary) <= 40, len(summary)
     for target, v in verdict["targets"].items():
         assert any(f"`{target}`" in l and f"**{v['verdict']}**" in l for l in summary)

@@ -6,11 +6,10 @@ import re
 from pathlib import Path
 
 import pytest
+from ops_helpers import open_instance
 
 from stepml_core.runs import RunIdError, RunMetadataError, read_run_metadata
 from stepml_dagster.resources import StepMLSettings
-
-from ops_helpers import open_instance
 
 REPO = Path(__file__).resolve().parents[1]
 RID = "20260101-120000-llama-2-70b-hf-tp4-codegen"
@@ -43,7 +42,9 @@ def test_asset_fails_with_the_yaml_error_naming_the_file(tmp_path):
     defs = build_definitions(StepMLSettings(data_dir=str(data), out_dir=str(tmp_path / "out")))
     with open_instance(tmp_path / "home") as inst:
         inst.add_dynamic_partitions("experiment", [RID])
-        res = defs.resolve_job_def("experiment_job").execute_in_process(partition_key=RID, instance=inst, raise_on_error=False)
+        res = defs.resolve_job_def("experiment_job").execute_in_process(
+            partition_key=RID, instance=inst, raise_on_error=False
+        )
     assert not res.success
     (failure,) = [ev for ev in res.all_events if ev.is_step_failure]
     assert failure.step_key == "raw_traces"
@@ -51,7 +52,9 @@ def test_asset_fails_with_the_yaml_error_naming_the_file(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("bad", ["..", "../etc", "/etc", f"{RID}/../../etc", f"../{RID}", f"{RID}\x00", "", f"{RID} ", RID.upper()])
+@pytest.mark.parametrize(
+    "bad", ["..", "../etc", "/etc", f"{RID}/../../etc", f"../{RID}", f"{RID}\x00", "", f"{RID} ", RID.upper()]
+)
 def test_run_folder_rejects_traversal_and_malformed_ids(tmp_path, bad):
     s = StepMLSettings(data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / "out"))
     with pytest.raises((RunIdError, RunMetadataError)):
@@ -73,8 +76,10 @@ def test_run_folder_rejects_symlink_out_of_the_root_others_unaffected(tmp_path):
 
 def test_nothing_is_unpickled_and_yaml_is_only_safe_loaded():
     """No pickle/joblib/unsafe YAML anywhere in the code that reads the data folder or stored assets."""
-    bad = re.compile(r"\bimport pickle\b|\bpickle\.loads?\b|\bjoblib\b|read_pickle|allow_pickle\s*=\s*True|"
-                     r"yaml\.(unsafe_load|full_load|load)\s*\(|yaml\.(Unsafe|Full)?Loader\b|cloudpickle|dill\b")
+    bad = re.compile(
+        r"\bimport pickle\b|\bpickle\.loads?\b|\bjoblib\b|read_pickle|allow_pickle\s*=\s*True|"
+        r"yaml\.(unsafe_load|full_load|load)\s*\(|yaml\.(Unsafe|Full)?Loader\b|cloudpickle|dill\b"
+    )
     hits = []
     for pkg in ("stepml_core", "stepml_dagster"):
         for p in (REPO / pkg).rglob("*.py"):

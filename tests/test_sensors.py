@@ -10,19 +10,20 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from ops_helpers import open_instance
 
 from stepml_core.ingest import fingerprint, fingerprint_digest
 from stepml_dagster import sensors as S
 from stepml_dagster.resources import StepMLSettings
-
-from ops_helpers import open_instance
 
 RID = "20260101-120000-llama-2-70b-hf-tp4-codegen"
 RID2 = "20260102-120000-codellama-34b-tp2-general"
 OLD = time.time() - 3600  # an hour ago: settled
 
 
-def make_run(root: Path, rid: str, *, body: bytes = b'{"a": 1}\n{"b": 2}\n', gz: bool = False, old: bool = True) -> Path:
+def make_run(
+    root: Path, rid: str, *, body: bytes = b'{"a": 1}\n{"b": 2}\n', gz: bool = False, old: bool = True
+) -> Path:
     d = root / rid
     d.mkdir(parents=True)
     (d / "exp-config.yaml").write_text("tensor_parallelism: 4\n")
@@ -52,7 +53,11 @@ def root(tmp_path):
 
 def tick(instance, root, cursor=None, sensor=None):
     sensor = sensor or S.build_experiment_sensor(minimum_interval_seconds=1)
-    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"settings": StepMLSettings(data_dir=str(root), out_dir=str(root.parent / "out"))})
+    ctx = dg.build_sensor_context(
+        instance=instance,
+        cursor=cursor,
+        resources={"settings": StepMLSettings(data_dir=str(root), out_dir=str(root.parent / "out"))},
+    )
     res = sensor(ctx)
     if isinstance(res, dg.SkipReason):
         return [], cursor, res
@@ -68,7 +73,10 @@ def test_new_run_folder_registers_partition_and_requests_run_once(instance, root
     (add,) = res.dynamic_partitions_requests
     assert add.partitions_def_name == "experiment" and list(add.partition_keys) == [RID]
     c = json.loads(cursor)
-    assert c["runs"][RID]["version"] == digest and {f["file"] for f in c["runs"][RID]["files"]} == {"traces.json", "exp-config.yaml"}
+    assert c["runs"][RID]["version"] == digest and {f["file"] for f in c["runs"][RID]["files"]} == {
+        "traces.json",
+        "exp-config.yaml",
+    }
     assert all("sha256" in f for f in c["runs"][RID]["files"])
     # next tick, and a fresh sensor definition (daemon restart: Dagster hands back the stored cursor)
     assert tick(instance, root, cursor)[0] == []
@@ -104,7 +112,7 @@ def test_file_still_being_written_waits_for_later_tick(instance, root, monkeypat
     reqs, cursor, _ = tick(instance, root, cursor)  # same size, but no trailing newline
     assert reqs == []
     with open(folder / "traces.json", "ab") as f:
-        f.write(b'2}\n')
+        f.write(b"2}\n")
     reqs, cursor, _ = tick(instance, root, cursor)  # size changed since the last tick
     assert reqs == []
     (r,), cursor, _ = tick(instance, root, cursor)  # unchanged across two ticks and complete
@@ -154,7 +162,7 @@ def test_truncated_gzip_run_waits(instance, root, monkeypatch):
 def test_bad_names_and_symlinks_out_of_root_rejected_others_launch(instance, root, tmp_path):
     make_run(root, RID)
     outside = make_run(tmp_path / "outside", RID2)
-    (root / RID2).symlink_to(outside, target_is_directory=True)   # valid id, points out of the data root
+    (root / RID2).symlink_to(outside, target_is_directory=True)  # valid id, points out of the data root
     make_run(root, "not-a-run")
     make_run(root, RID + "-x")
     make_run(root, "20261301-000000-llama-2-70b-hf-tp4-codegen")  # month 13
@@ -167,6 +175,7 @@ def test_bad_names_and_symlinks_out_of_root_rejected_others_launch(instance, roo
 
 def test_removed_folder_is_forgotten(instance, root):
     import shutil
+
     make_run(root, RID)
     make_run(root, RID2)
     reqs, cursor, _ = tick(instance, root)
@@ -178,6 +187,7 @@ def test_removed_folder_is_forgotten(instance, root):
 
 def test_partition_whose_run_folder_is_gone_is_deleted_and_recorded(instance, root):
     import shutil
+
     make_run(root, RID)
     make_run(root, RID2)
     _, cursor, _ = tick(instance, root)
@@ -203,7 +213,10 @@ def test_no_partition_deleted_while_the_data_folder_itself_is_missing(instance, 
     instance.add_dynamic_partitions("experiment", [RID])
     settings = StepMLSettings(data_dir=str(root.parent / "unmounted"), out_dir=str(root.parent / "out"))
     assert S.partitions_without_folder(instance, settings) == []
-    assert S.partitions_without_folder(instance, StepMLSettings(data_dir=str(root), out_dir=str(root.parent / "out"))) == []
+    assert (
+        S.partitions_without_folder(instance, StepMLSettings(data_dir=str(root), out_dir=str(root.parent / "out")))
+        == []
+    )
 
 
 def test_sensor_limits_come_from_the_settings_resource(monkeypatch):
@@ -224,7 +237,9 @@ def test_corrupt_cursor_starts_over(instance, root):
 def test_schedule_one_request_per_registered_partition_with_a_folder(instance, root, monkeypatch):
     make_run(root, RID)
     make_run(root, RID2)
-    instance.add_dynamic_partitions("experiment", [RID, RID2, "20260103-120000-llama-2-70b-hf-tp4-chat"])  # last: folder gone
+    instance.add_dynamic_partitions(
+        "experiment", [RID, RID2, "20260103-120000-llama-2-70b-hf-tp4-chat"]
+    )  # last: folder gone
     monkeypatch.setenv("STEPML_RERUN_CRON", "*/15 * * * *")
     sched = S.build_rerun_schedule()
     assert sched.cron_schedule == "*/15 * * * *" and sched.default_status == dg.DefaultScheduleStatus.STOPPED
@@ -232,8 +247,12 @@ def test_schedule_one_request_per_registered_partition_with_a_folder(instance, r
     monkeypatch.delenv("STEPML_RERUN_CRON")
     assert S.build_rerun_schedule().cron_schedule == "0 3 * * *"
     from datetime import datetime, timezone
-    ctx = dg.build_schedule_context(instance=instance, scheduled_execution_time=datetime(2026, 1, 5, 3, tzinfo=timezone.utc),
-                                    resources={"settings": StepMLSettings(data_dir=str(root), out_dir=str(root.parent / "out"))})
+
+    ctx = dg.build_schedule_context(
+        instance=instance,
+        scheduled_execution_time=datetime(2026, 1, 5, 3, tzinfo=timezone.utc),
+        resources={"settings": StepMLSettings(data_dir=str(root), out_dir=str(root.parent / "out"))},
+    )
     reqs = list(sched(ctx))
     assert sorted(r.partition_key for r in reqs) == sorted([RID, RID2])
     assert len({r.run_key for r in reqs}) == 2

@@ -26,9 +26,12 @@ GOLDEN = {
 
 
 def test_synthesizer_output_is_pinned(tmp_path):
-    f, = synthesize_runs(tmp_path, ["20260217-170634-llama-2-7b-tp1-reasoning"], scale=0.05, seed=11, workers=1)
-    got = {str(p.relative_to(f)): hashlib.sha256(p.read_bytes()).hexdigest()
-           for p in sorted(f.rglob("*")) if p.is_file() and p.name != "provenance.json"}
+    (f,) = synthesize_runs(tmp_path, ["20260217-170634-llama-2-7b-tp1-reasoning"], scale=0.05, seed=11, workers=1)
+    got = {
+        str(p.relative_to(f)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(f.rglob("*"))
+        if p.is_file() and p.name != "provenance.json"
+    }
     assert got == GOLDEN
 
 
@@ -55,13 +58,21 @@ def test_cycle_clock_steps_are_back_to_back_and_outputs_one_step_late():
     ts = np.diff(np.asarray(sim.ts_start_ns))
     assert (np.abs(ts - 1_000_000) <= 1).all()  # each cycle is the model's 1 ms (the clock counts whole ns)
     R = sim.requests[0]
-    assert R.first_token_step == 1 and R.segments == [(1, 4)] and sim.steps == 5  # prefill, 3 decodes, the lagged last step
+    assert (
+        R.first_token_step == 1 and R.segments == [(1, 4)] and sim.steps == 5
+    )  # prefill, 3 decodes, the lagged last step
     assert sim.update_s[0] == pytest.approx(1.0 + 0.001)  # step 1's output at the end of its cycle
 
 
 def test_budget_and_max_num_seqs_limit_admission():
-    eng, model = _engine(n=5, prompt=1000, out=2, max_num_batched_tokens=2048, max_num_seqs=2,
-                         arrivals=[0.0, 0.0005, 0.0005, 0.0005, 0.0005])
+    eng, model = _engine(
+        n=5,
+        prompt=1000,
+        out=2,
+        max_num_batched_tokens=2048,
+        max_num_seqs=2,
+        arrivals=[0.0, 0.0005, 0.0005, 0.0005, 0.0005],
+    )
     eng.run()
     assert max(b[3] for b in model.batches) == 2 and max(b[1] for b in model.batches) <= 2048
     second = model.batches[1]  # request 0 decodes, request 1's prompt runs; 2-4 wait for a free seq

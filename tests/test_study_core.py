@@ -26,29 +26,54 @@ def test_run_ids():
     r = parse_run_id("20260217-203421-llama-2-70b-hf-tp4-codegen")
     assert (r.model, r.tp, r.workload, r.synthetic_suffix) == ("llama-2-70b", 4, "codegen", False)
     assert parse_run_id("20260217-203421-llama-2-70b-hf-tp4-codegen-synth").synthetic_suffix
-    for bad in ["../etc", "20260217-203421-llama-2-7b-tp1-codegen/../../x", "x" * 200, "20261317-000000-llama-2-7b-tp1-codegen"]:
+    for bad in [
+        "../etc",
+        "20260217-203421-llama-2-7b-tp1-codegen/../../x",
+        "x" * 200,
+        "20261317-000000-llama-2-7b-tp1-codegen",
+    ]:
         with pytest.raises(RunIdError):
             parse_run_id(bad)
 
 
 def _steps(n=20):
-    return pl.DataFrame({
-        "step.id": list(range(1, n + 1)), "step.ts_start_ns": [i * 20_000_000 for i in range(n)],
-        "step.ts_end_ns": [i * 20_000_000 + 150_000 for i in range(n)], "step.duration_us": [150] * n,
-        "queue.running_depth": [3] * n, "queue.waiting_depth": [0] * n, "batch.num_prefill_reqs": [1] * n,
-        "batch.num_decode_reqs": [2] * n, "batch.scheduled_tokens": [312] * n, "batch.prefill_tokens": [310] * n,
-        "batch.decode_tokens": [2] * n, "batch.num_finished": [0] * n, "batch.num_preempted": [0] * n,
-        "kv.usage_gpu_ratio": [0.1] * n, "kv.blocks_total_gpu": [6852] * n, "kv.blocks_free_gpu": [6000] * n,
-        "source_line": list(range(1, n + 1)), "parse_issue": [None] * n,
-    }, schema_overrides={"parse_issue": pl.Utf8})
+    return pl.DataFrame(
+        {
+            "step.id": list(range(1, n + 1)),
+            "step.ts_start_ns": [i * 20_000_000 for i in range(n)],
+            "step.ts_end_ns": [i * 20_000_000 + 150_000 for i in range(n)],
+            "step.duration_us": [150] * n,
+            "queue.running_depth": [3] * n,
+            "queue.waiting_depth": [0] * n,
+            "batch.num_prefill_reqs": [1] * n,
+            "batch.num_decode_reqs": [2] * n,
+            "batch.scheduled_tokens": [312] * n,
+            "batch.prefill_tokens": [310] * n,
+            "batch.decode_tokens": [2] * n,
+            "batch.num_finished": [0] * n,
+            "batch.num_preempted": [0] * n,
+            "kv.usage_gpu_ratio": [0.1] * n,
+            "kv.blocks_total_gpu": [6852] * n,
+            "kv.blocks_free_gpu": [6000] * n,
+            "source_line": list(range(1, n + 1)),
+            "parse_issue": [None] * n,
+        },
+        schema_overrides={"parse_issue": pl.Utf8},
+    )
 
 
 def test_validation_quarantines_each_bad_row_with_reason():
     s = _steps().with_columns(
-        pl.when(pl.col("step.id") == 3).then(999).otherwise(pl.col("batch.prefill_tokens")).alias("batch.prefill_tokens"),
+        pl.when(pl.col("step.id") == 3)
+        .then(999)
+        .otherwise(pl.col("batch.prefill_tokens"))
+        .alias("batch.prefill_tokens"),
         pl.when(pl.col("step.id") == 5).then(9000).otherwise(pl.col("kv.blocks_free_gpu")).alias("kv.blocks_free_gpu"),
         pl.when(pl.col("step.id") == 7).then(1.5).otherwise(pl.col("kv.usage_gpu_ratio")).alias("kv.usage_gpu_ratio"),
-        pl.when(pl.col("step.id") == 9).then(pl.lit("step.duration_us: non-finite")).otherwise(pl.col("parse_issue")).alias("parse_issue"),
+        pl.when(pl.col("step.id") == 9)
+        .then(pl.lit("step.duration_us: non-finite"))
+        .otherwise(pl.col("parse_issue"))
+        .alias("parse_issue"),
     )
     s = pl.concat([s, s.filter(pl.col("step.id") == 11).with_columns(source_line=pl.lit(99, pl.Int64))])
     v = validate_steps(s, "traces.json")
@@ -70,7 +95,8 @@ def test_cycle_target_only_for_consecutive_ids():
 
 def test_ridge_alpha_on_validation_and_json_roundtrip():
     rng = np.random.default_rng(0)
-    X = rng.normal(size=(300, 3)); y = 100 + X @ np.array([5.0, -2.0, 0.5]) + rng.normal(0, 0.1, 300)
+    X = rng.normal(size=(300, 3))
+    y = 100 + X @ np.array([5.0, -2.0, 0.5]) + rng.normal(0, 0.1, 300)
     m = fit_ridge_validated("r", "t", ["a", "b", "c"], X[:200], y[:200], X[200:250], y[200:250])
     m2 = LinearStepModel.from_dict(m.to_dict())
     assert mape_pct(y[250:], m2.predict(X[250:])) < 1.0
@@ -83,9 +109,22 @@ def test_verdict_rule_and_metrics():
     for e in ["a", "b", "c", "d", "e", "f"]:
         y = rng.uniform(100, 200, 50)
         for model, err in [("ridge_30f", 0.1), ("blackbox_2f", 0.5), ("naive_mean", 0.6)]:
-            rows.append(pl.DataFrame({"experiment_id": e, "source": "synthetic", "step.id": np.arange(50), "split": "test",
-                                      "load_stage": 0, "target": "schedule_us", "model": model, "scope": "per_experiment",
-                                      "y": y, "y_pred": y * (1 + err * rng.choice([-1, 1], 50))}))
+            rows.append(
+                pl.DataFrame(
+                    {
+                        "experiment_id": e,
+                        "source": "synthetic",
+                        "step.id": np.arange(50),
+                        "split": "test",
+                        "load_stage": 0,
+                        "target": "schedule_us",
+                        "model": model,
+                        "scope": "per_experiment",
+                        "y": y,
+                        "y_pred": y * (1 + err * rng.choice([-1, 1], 50)),
+                    }
+                )
+            )
     pred = pl.concat(rows)
     met = metrics_from_predictions(pred)
     r = met.filter((pl.col("model") == "ridge_30f") & (pl.col("experiment_id") == "a"))

@@ -28,6 +28,7 @@ RUN_70B = "20260217-203421-llama-2-70b-hf-tp4-codegen"
 RUN_7B_REASONING = "20260217-170634-llama-2-7b-tp1-reasoning"
 RUN_CL = "20260218-150304-codellama-34b-tp2-general"
 from conftest import SHARED_REAL as REAL  # noqa: E402
+
 SCALE = 0.02
 
 
@@ -44,8 +45,11 @@ def patched_params():
 
 
 def _files(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +89,17 @@ def test_layout_and_provenance(small_runs):
     out, folders = small_runs
     assert [f.name for f in folders] == [synthetic_id(RUN_70B), synthetic_id(RUN_CL)]
     for f in folders:
-        for name in ["traces.json.gz", "exp-config.yaml", "profile.yaml", "provenance.json", "results/config.yaml",
-                     "results/per_request_lifecycle_metrics.json", "results/summary_lifecycle_metrics.json",
-                     "results/stage_0_lifecycle_metrics.json", "results/stage_1_lifecycle_metrics.json"]:
+        for name in [
+            "traces.json.gz",
+            "exp-config.yaml",
+            "profile.yaml",
+            "provenance.json",
+            "results/config.yaml",
+            "results/per_request_lifecycle_metrics.json",
+            "results/summary_lifecycle_metrics.json",
+            "results/stage_0_lifecycle_metrics.json",
+            "results/stage_1_lifecycle_metrics.json",
+        ]:
             assert (f / name).is_file(), name
         meta = read_run_metadata(f)
         assert meta.source == "synthetic"
@@ -103,8 +115,9 @@ def test_layout_and_provenance(small_runs):
         recs = json.loads((f / "results/per_request_lifecycle_metrics.json").read_bytes())
         assert len(recs) == prov["counts"]["requests_sent"]
         ok = [r for r in recs if r["error"] is None]
-        assert ok and all(len(r["info"]["output_token_times"]) == 2 * json.loads(r["request"])["max_tokens"] + 2
-                          for r in ok)
+        assert ok and all(
+            len(r["info"]["output_token_times"]) == 2 * json.loads(r["request"])["max_tokens"] + 2 for r in ok
+        )
         assert all(r["end_time"] >= r["start_time"] for r in recs)
         assert json.loads(ok[0]["request"])["ignore_eos"] is True
     # no leftovers of the atomic write
@@ -151,10 +164,24 @@ def test_round_trip_writer_reader(tmp_path):
     assert t.quarantine.height == 0
     assert counts["events_dropped"] == 0
     # step rows: every sampled record, all 16 attributes
-    cols = ["step.id", "step.ts_start_ns", "step.ts_end_ns", "step.duration_us", "queue.running_depth",
-            "queue.waiting_depth", "batch.num_prefill_reqs", "batch.num_decode_reqs", "batch.scheduled_tokens",
-            "batch.prefill_tokens", "batch.decode_tokens", "batch.num_finished", "batch.num_preempted",
-            "kv.usage_gpu_ratio", "kv.blocks_total_gpu", "kv.blocks_free_gpu"]
+    cols = [
+        "step.id",
+        "step.ts_start_ns",
+        "step.ts_end_ns",
+        "step.duration_us",
+        "queue.running_depth",
+        "queue.waiting_depth",
+        "batch.num_prefill_reqs",
+        "batch.num_decode_reqs",
+        "batch.scheduled_tokens",
+        "batch.prefill_tokens",
+        "batch.decode_tokens",
+        "batch.num_finished",
+        "batch.num_preempted",
+        "kv.usage_gpu_ratio",
+        "kv.blocks_total_gpu",
+        "kv.blocks_free_gpu",
+    ]
     want = pl.DataFrame([list(r) for r, _ in sim.sampled], schema=cols, orient="row")
     got = t.steps.select(cols).sort("step.id")
     assert got.equals(want.with_columns(pl.col(c).cast(got.schema[c]) for c in cols))
@@ -164,8 +191,14 @@ def test_round_trip_writer_reader(tmp_path):
     # journey events: per request, the same (type, step, ns) sequence
     names = {0: "QUEUED", 1: "SCHEDULED", 2: "FIRST_TOKEN", 3: "PREEMPTED", 4: "FINISHED"}
     want_j = sorted((names[e[0]], e[1], e[2], e[5]) for R in sim.requests for e in R.events)
-    got_j = sorted(zip(t.journey["event.type"].to_list(), t.journey["scheduler.step"].to_list(),
-                       t.journey["ts.monotonic_ns"].to_list(), t.journey["decode.done_tokens"].to_list()))
+    got_j = sorted(
+        zip(
+            t.journey["event.type"].to_list(),
+            t.journey["scheduler.step"].to_list(),
+            t.journey["ts.monotonic_ns"].to_list(),
+            t.journey["decode.done_tokens"].to_list(),
+        )
+    )
     assert got_j == want_j
     assert t.api.filter(pl.col("event") == "ARRIVED").height == len(sim.requests)
 
@@ -179,16 +212,19 @@ def _check_invariants(folder: Path, *, allow_drops: bool):
     assert (s["batch.prefill_tokens"] + s["batch.decode_tokens"] == s["batch.scheduled_tokens"]).all()
     assert (s["kv.blocks_free_gpu"] <= s["kv.blocks_total_gpu"]).all()
     assert s["kv.usage_gpu_ratio"].is_between(0.0, 1.0).all()
-    assert np.allclose(s["kv.usage_gpu_ratio"].to_numpy(),
-                       1 - s["kv.blocks_free_gpu"].to_numpy() / s["kv.blocks_total_gpu"].to_numpy())
+    assert np.allclose(
+        s["kv.usage_gpu_ratio"].to_numpy(), 1 - s["kv.blocks_free_gpu"].to_numpy() / s["kv.blocks_total_gpu"].to_numpy()
+    )
     assert (s["batch.scheduled_tokens"] <= 2048).all() and (s["queue.running_depth"] <= 128).all()
     assert (s["step.duration_us"] == (s["step.ts_end_ns"] - s["step.ts_start_ns"]) // 1000).all()
     # snapshot sums equal the BATCH_SUMMARY counts (steps whose snapshots all survived the event cap)
     sn = t.snapshots
     agg = sn.group_by("step.id").agg(
-        pl.len().alias("n"), pl.col("request.scheduled_tokens_this_step").sum().alias("tok"),
+        pl.len().alias("n"),
+        pl.col("request.scheduled_tokens_this_step").sum().alias("tok"),
         pl.col("request.scheduled_tokens_this_step").filter(pl.col("request.phase") == "PREFILL").sum().alias("pf"),
-        (pl.col("request.scheduled_tokens_this_step") > 0).sum().alias("nsched"))
+        (pl.col("request.scheduled_tokens_this_step") > 0).sum().alias("nsched"),
+    )
     j = agg.join(s, on="step.id").filter(pl.col("n") == pl.col("queue.running_depth"))
     assert j.height > 0
     assert (j["tok"] == j["batch.scheduled_tokens"]).all()
@@ -198,9 +234,12 @@ def _check_invariants(folder: Path, *, allow_drops: bool):
         assert agg.height == j.height
     # journey: SCHEDULED inside its step's window; ts.monotonic == ts.monotonic_ns / 1e9
     sch = t.journey.filter(pl.col("event.type") == "SCHEDULED").join(
-        s.select("step.id", "step.ts_start_ns", "step.ts_end_ns"), left_on="scheduler.step", right_on="step.id")
+        s.select("step.id", "step.ts_start_ns", "step.ts_end_ns"), left_on="scheduler.step", right_on="step.id"
+    )
     assert sch.height > 0
-    assert ((sch["ts.monotonic_ns"] >= sch["step.ts_start_ns"]) & (sch["ts.monotonic_ns"] <= sch["step.ts_end_ns"])).all()
+    assert (
+        (sch["ts.monotonic_ns"] >= sch["step.ts_start_ns"]) & (sch["ts.monotonic_ns"] <= sch["step.ts_end_ns"])
+    ).all()
     with gzip.open(folder / "traces.json.gz", "rb") as f:
         for k, line in enumerate(f):
             for rs in orjson.loads(line)["resourceSpans"]:

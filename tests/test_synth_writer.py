@@ -6,9 +6,19 @@ import gzip
 
 import orjson
 
-from stepml_core.trace_writer import (MAX_EVENTS_PER_SPAN, ExportItem, Span, batch_exports, encode_attrs,
-                                      encode_event, encode_value, export_line, merge_exports, resource_json,
-                                      write_lines)
+from stepml_core.trace_writer import (
+    MAX_EVENTS_PER_SPAN,
+    ExportItem,
+    Span,
+    batch_exports,
+    encode_attrs,
+    encode_event,
+    encode_value,
+    export_line,
+    merge_exports,
+    resource_json,
+    write_lines,
+)
 
 
 def test_encode_value_by_runtime_type():
@@ -33,8 +43,10 @@ def test_span_event_cap_drops_oldest():
 
 
 def test_batch_exports_flush_windows_and_max_batch():
-    items = [ExportItem(end_ns=int(t * 1e9), scope="s", span_json="{}", order=i)
-             for i, t in enumerate([0.5, 1.0, 4.9, 5.1, 12.0])]
+    items = [
+        ExportItem(end_ns=int(t * 1e9), scope="s", span_json="{}", order=i)
+        for i, t in enumerate([0.5, 1.0, 4.9, 5.1, 12.0])
+    ]
     ex = batch_exports(items, flush_s=5.0)
     assert [len(b) for _, b in ex] == [3, 1, 1]
     assert [t for t, _ in ex] == [5_000_000_000, 10_000_000_000, 15_000_000_000]
@@ -44,8 +56,14 @@ def test_batch_exports_flush_windows_and_max_batch():
 
 def test_export_lines_group_scopes_and_merge(tmp_path):
     res = resource_json()
-    a = export_line(res, [ExportItem(1, "vllm.scheduler.step", '{"x":1}'), ExportItem(2, "vllm.scheduler", '{"x":2}'),
-                          ExportItem(3, "vllm.scheduler.step", '{"x":3}')])
+    a = export_line(
+        res,
+        [
+            ExportItem(1, "vllm.scheduler.step", '{"x":1}'),
+            ExportItem(2, "vllm.scheduler", '{"x":2}'),
+            ExportItem(3, "vllm.scheduler.step", '{"x":3}'),
+        ],
+    )
     d = orjson.loads(a)
     scopes = d["resourceSpans"][0]["scopeSpans"]
     assert [s["scope"]["name"] for s in scopes] == ["vllm.scheduler.step", "vllm.scheduler"]

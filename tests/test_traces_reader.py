@@ -11,11 +11,11 @@ from pathlib import Path
 import orjson
 import polars as pl
 import pytest
+from conftest import SHARED_REAL as REAL  # noqa: E402
 from polars.testing import assert_frame_equal
 
 from stepml_core.traces import TABLE_SCHEMAS, TraceReadError, read_traces
 
-from conftest import SHARED_REAL as REAL  # noqa: E402
 TABLES = ("steps", "snapshots", "journey", "api", "step_spans", "quarantine")
 
 # ---------------------------------------------------------------------------------------------
@@ -47,8 +47,16 @@ def span(trace, sid, name, t0, t1, attrs, events, *, parent=None, kind=1, droppe
     d = {"traceId": trace, "spanId": sid}
     if parent:
         d["parentSpanId"] = parent
-    d.update({"flags": 768 if parent else 256, "name": name, "kind": kind,
-              "startTimeUnixNano": str(t0), "endTimeUnixNano": str(t1), "attributes": kv(attrs)})
+    d.update(
+        {
+            "flags": 768 if parent else 256,
+            "name": name,
+            "kind": kind,
+            "startTimeUnixNano": str(t0),
+            "endTimeUnixNano": str(t1),
+            "attributes": kv(attrs),
+        }
+    )
     if events:
         d["events"] = events
     if dropped:
@@ -57,30 +65,57 @@ def span(trace, sid, name, t0, t1, attrs, events, *, parent=None, kind=1, droppe
     return d
 
 
-RESOURCE = {"attributes": kv([("telemetry.sdk.language", "python"), ("telemetry.sdk.name", "opentelemetry"),
-                              ("telemetry.sdk.version", "1.26.0"), ("service.name", "stepml-test")])}
+RESOURCE = {
+    "attributes": kv(
+        [
+            ("telemetry.sdk.language", "python"),
+            ("telemetry.sdk.name", "opentelemetry"),
+            ("telemetry.sdk.version", "1.26.0"),
+            ("service.name", "stepml-test"),
+        ]
+    )
+}
 
 
 def export(*scopes, resource=RESOURCE):
     """scopes: (scope name, [spans]); one resourceSpans entry."""
-    return {"resourceSpans": [{"resource": resource,
-                               "scopeSpans": [{"scope": {"name": n}, "spans": s} for n, s in scopes]}]}
+    return {
+        "resourceSpans": [{"resource": resource, "scopeSpans": [{"scope": {"name": n}, "spans": s} for n, s in scopes]}]
+    }
 
 
 def export_multi(*resources):
     """Several resourceSpans entries, each a list of (scope, spans)."""
-    return {"resourceSpans": [{"resource": RESOURCE, "scopeSpans": [{"scope": {"name": n}, "spans": s}
-                                                                     for n, s in scopes]} for scopes in resources]}
+    return {
+        "resourceSpans": [
+            {"resource": RESOURCE, "scopeSpans": [{"scope": {"name": n}, "spans": s} for n, s in scopes]}
+            for scopes in resources
+        ]
+    }
 
 
 def line(doc) -> bytes:
     return orjson.dumps(doc)
 
 
-STEP_KEYS = ["step.id", "step.ts_start_ns", "step.ts_end_ns", "step.duration_us", "queue.running_depth",
-             "queue.waiting_depth", "batch.num_prefill_reqs", "batch.num_decode_reqs", "batch.scheduled_tokens",
-             "batch.prefill_tokens", "batch.decode_tokens", "batch.num_finished", "batch.num_preempted",
-             "kv.usage_gpu_ratio", "kv.blocks_total_gpu", "kv.blocks_free_gpu"]
+STEP_KEYS = [
+    "step.id",
+    "step.ts_start_ns",
+    "step.ts_end_ns",
+    "step.duration_us",
+    "queue.running_depth",
+    "queue.waiting_depth",
+    "batch.num_prefill_reqs",
+    "batch.num_decode_reqs",
+    "batch.scheduled_tokens",
+    "batch.prefill_tokens",
+    "batch.decode_tokens",
+    "batch.num_finished",
+    "batch.num_preempted",
+    "kv.usage_gpu_ratio",
+    "kv.blocks_total_gpu",
+    "kv.blocks_free_gpu",
+]
 
 
 def batch_pairs(step, *, ratio=0.125, **over):
@@ -95,31 +130,56 @@ def batch_event(step, t=None, **over):
 
 
 def snapshot_event(step, rid, phase="DECODE", eff=True):
-    pairs = [("step.id", step), ("request.id", rid), ("request.phase", phase), ("request.num_prompt_tokens", 500),
-             ("request.num_computed_tokens", 520), ("request.num_output_tokens", 20), ("request.num_preemptions", 0),
-             ("request.scheduled_tokens_this_step", 1), ("kv.blocks_allocated_gpu", 34), ("kv.blocks_cached_gpu", 4)]
+    pairs = [
+        ("step.id", step),
+        ("request.id", rid),
+        ("request.phase", phase),
+        ("request.num_prompt_tokens", 500),
+        ("request.num_computed_tokens", 520),
+        ("request.num_output_tokens", 20),
+        ("request.num_preemptions", 0),
+        ("request.scheduled_tokens_this_step", 1),
+        ("kv.blocks_allocated_gpu", 34),
+        ("kv.blocks_cached_gpu", 4),
+    ]
     if eff:
         pairs.append(("request.effective_prompt_len", 436))
     return ev("step.REQUEST_SNAPSHOT", 1_771_000_000_000_000_500 + step * 1000, pairs)
 
 
 def step_span(seq, events, *, dropped=None, end=True):
-    attrs = [("scheduler.span_sequence", seq), ("scheduler.step_range_start", seq * 10 - 9),
-             ("scheduler.closure_interval", 10)]
+    attrs = [
+        ("scheduler.span_sequence", seq),
+        ("scheduler.step_range_start", seq * 10 - 9),
+        ("scheduler.closure_interval", 10),
+    ]
     if end:
         attrs.append(("scheduler.step_range_end", seq * 10))
-    return span(f"{seq:032x}", f"{seq:016x}", f"scheduler_steps_{seq}", 1_771_000_000_000_000_000 + seq,
-                1_771_000_000_000_009_000 + seq, attrs, events, dropped=dropped)
+    return span(
+        f"{seq:032x}",
+        f"{seq:016x}",
+        f"scheduler_steps_{seq}",
+        1_771_000_000_000_000_000 + seq,
+        1_771_000_000_000_009_000 + seq,
+        attrs,
+        events,
+        dropped=dropped,
+    )
 
 
 def journey_event(typ, step, ns, *, with_ns=True, **extra):
     pairs = [("event.type", typ), ("ts.monotonic", ns / 1e9)]
     if with_ns:
         pairs.append(("ts.monotonic_ns", ns))
-    pairs += [("scheduler.step", step), ("phase", "WAITING" if typ == "QUEUED" else "DECODE"),
-              ("prefill.done_tokens", 0 if typ == "QUEUED" else 500), ("prefill.total_tokens", 500),
-              ("decode.done_tokens", 0 if typ in ("QUEUED", "SCHEDULED") else 7), ("decode.max_tokens", 64),
-              ("num_preemptions", extra.pop("preemptions", 0))]
+    pairs += [
+        ("scheduler.step", step),
+        ("phase", "WAITING" if typ == "QUEUED" else "DECODE"),
+        ("prefill.done_tokens", 0 if typ == "QUEUED" else 500),
+        ("prefill.total_tokens", 500),
+        ("decode.done_tokens", 0 if typ in ("QUEUED", "SCHEDULED") else 7),
+        ("decode.max_tokens", 64),
+        ("num_preemptions", extra.pop("preemptions", 0)),
+    ]
     if typ == "SCHEDULED":
         pairs.append(("schedule.kind", extra.pop("kind", "FIRST")))
     if typ == "FINISHED":
@@ -128,27 +188,54 @@ def journey_event(typ, step, ns, *, with_ns=True, **extra):
 
 
 def core_span(i, events, *, dropped=None):
-    return span(f"{0xabc000 + i:032x}", f"{0xc0de00 + i:016x}", "llm_core", 1_771_000_000_000_000_000 + i,
-                1_771_000_000_100_000_000 + i, [("gen_ai.request.id", f"cmpl-{i:016x}-0-{i:08x}")], events,
-                parent=f"{0xa91 + i:016x}", dropped=dropped)
+    return span(
+        f"{0xABC000 + i:032x}",
+        f"{0xC0DE00 + i:016x}",
+        "llm_core",
+        1_771_000_000_000_000_000 + i,
+        1_771_000_000_100_000_000 + i,
+        [("gen_ai.request.id", f"cmpl-{i:016x}-0-{i:08x}")],
+        events,
+        parent=f"{0xA91 + i:016x}",
+        dropped=dropped,
+    )
 
 
 def api_span(i, events, *, status=None, max_tokens=64):
-    attrs = [("gen_ai.request.id", f"cmpl-{i:016x}"), ("http.route", "/v1/completions"),
-             ("gen_ai.response.model", "meta-llama/Llama-2-7b-hf"), ("gen_ai.usage.prompt_tokens", 500),
-             ("gen_ai.request.temperature", 1.0), ("gen_ai.request.top_p", 1.0)]
+    attrs = [
+        ("gen_ai.request.id", f"cmpl-{i:016x}"),
+        ("http.route", "/v1/completions"),
+        ("gen_ai.response.model", "meta-llama/Llama-2-7b-hf"),
+        ("gen_ai.usage.prompt_tokens", 500),
+        ("gen_ai.request.temperature", 1.0),
+        ("gen_ai.request.top_p", 1.0),
+    ]
     if max_tokens is not None:
         attrs.append(("gen_ai.request.max_tokens", max_tokens))
     attrs.append(("gen_ai.request.n", 1))
-    return span(f"{0xabc000 + i:032x}", f"{0xa91 + i:016x}", "llm_request", 1_771_000_000_000_000_000 + i,
-                1_771_000_000_200_000_000 + i, attrs, events, kind=2, status=status)
+    return span(
+        f"{0xABC000 + i:032x}",
+        f"{0xA91 + i:016x}",
+        "llm_request",
+        1_771_000_000_000_000_000 + i,
+        1_771_000_000_200_000_000 + i,
+        attrs,
+        events,
+        kind=2,
+        status=status,
+    )
 
 
 def api_events(i, aborted=False):
     evs = [ev("api.ARRIVED", 1_771_000_000_000_000_100 + i, [("event.ts.monotonic", 1000.5 + i)])]
     if aborted:
-        evs.append(ev("api.ABORTED", 1_771_000_000_100_000_100 + i,
-                      [("event.ts.monotonic", 1001.25 + i), ("reason", "client_disconnect")]))
+        evs.append(
+            ev(
+                "api.ABORTED",
+                1_771_000_000_100_000_100 + i,
+                [("event.ts.monotonic", 1001.25 + i), ("reason", "client_disconnect")],
+            )
+        )
     else:
         evs.append(ev("api.DEPARTED", 1_771_000_000_100_000_100 + i, [("event.ts.monotonic", 1001.75 + i)]))
     return evs
@@ -191,31 +278,69 @@ def read_both(path: Path, **kw):
 
 
 def mixed_lines() -> list[bytes]:
-    steps1 = [step_span(1, [batch_event(3), snapshot_event(3, "cmpl-0000000000000001-0-00000001"),
-                            snapshot_event(3, "cmpl-0000000000000002-0-00000002", phase="PREFILL", eff=False),
-                            batch_event(7, ratio=0.0)]),
-              step_span(2, [batch_event(12)], dropped=37),
-              step_span(3, [batch_event(25, ratio={"intValue": "0"})], end=False)]
+    steps1 = [
+        step_span(
+            1,
+            [
+                batch_event(3),
+                snapshot_event(3, "cmpl-0000000000000001-0-00000001"),
+                snapshot_event(3, "cmpl-0000000000000002-0-00000002", phase="PREFILL", eff=False),
+                batch_event(7, ratio=0.0),
+            ],
+        ),
+        step_span(2, [batch_event(12)], dropped=37),
+        step_span(3, [batch_event(25, ratio={"intValue": "0"})], end=False),
+    ]
     # journey events out of order: FIRST_TOKEN of step 9 appended after a SCHEDULED from step 10
-    j1 = [journey_event("QUEUED", 4, 1_523_456_784_233_871), journey_event("SCHEDULED", 5, 1_523_456_789_061_217),
-          journey_event("PREEMPTED", 10, 1_523_456_800_000_000, preemptions=1),
-          journey_event("FIRST_TOKEN", 9, 1_523_456_811_482_930),
-          journey_event("SCHEDULED", 12, 1_523_456_820_000_000, kind="RESUME", preemptions=1),
-          journey_event("FINISHED", 30, 1_523_458_795_120_448, preemptions=1)]
-    j2 = [journey_event("QUEUED", 6, 1_523_456_900_000_000),
-          journey_event("FINISHED", 6, 1_523_456_950_000_000, status="aborted")]
+    j1 = [
+        journey_event("QUEUED", 4, 1_523_456_784_233_871),
+        journey_event("SCHEDULED", 5, 1_523_456_789_061_217),
+        journey_event("PREEMPTED", 10, 1_523_456_800_000_000, preemptions=1),
+        journey_event("FIRST_TOKEN", 9, 1_523_456_811_482_930),
+        journey_event("SCHEDULED", 12, 1_523_456_820_000_000, kind="RESUME", preemptions=1),
+        journey_event("FINISHED", 30, 1_523_458_795_120_448, preemptions=1),
+    ]
+    j2 = [
+        journey_event("QUEUED", 6, 1_523_456_900_000_000),
+        journey_event("FINISHED", 6, 1_523_456_950_000_000, status="aborted"),
+    ]
     return [
         line(export(("vllm.scheduler.step", steps1))),
         line(export(("vllm.scheduler", [core_span(1, j1), core_span(2, j2, dropped=3)]))),
-        line(export(("vllm.api", [api_span(1, api_events(1)),
-                                  api_span(2, api_events(2, aborted=True), max_tokens=None,
-                                           status={"message": "Client disconnected", "code": 2})]))),
+        line(
+            export(
+                (
+                    "vllm.api",
+                    [
+                        api_span(1, api_events(1)),
+                        api_span(
+                            2,
+                            api_events(2, aborted=True),
+                            max_tokens=None,
+                            status={"message": "Client disconnected", "code": 2},
+                        ),
+                    ],
+                )
+            )
+        ),
         # two scopes in one resource, then two resources in one line
-        line(export(("vllm.scheduler.step", [step_span(4, [batch_event(33)])]),
-                    ("vllm.scheduler", [core_span(3, [journey_event("QUEUED", 33, 1_523_457_000_000_000)])]))),
-        line(export_multi([("vllm.api", [api_span(3, api_events(3))])],
-                          [("vllm.scheduler.step", [step_span(5, [batch_event(41), batch_event(44)]),
-                                                    step_span(6, [batch_event(55)])])])),
+        line(
+            export(
+                ("vllm.scheduler.step", [step_span(4, [batch_event(33)])]),
+                ("vllm.scheduler", [core_span(3, [journey_event("QUEUED", 33, 1_523_457_000_000_000)])]),
+            )
+        ),
+        line(
+            export_multi(
+                [("vllm.api", [api_span(3, api_events(3))])],
+                [
+                    (
+                        "vllm.scheduler.step",
+                        [step_span(5, [batch_event(41), batch_event(44)]), step_span(6, [batch_event(55)])],
+                    )
+                ],
+            )
+        ),
         line(export(("vllm.scheduler.step", [step_span(7, [])]))),  # a span without events
     ]
 
@@ -231,8 +356,10 @@ def test_mixed_canonical_file(tmp_path):
     assert t.steps["kv.usage_gpu_ratio"].to_list() == [0.125, 0.0, 0.125, 0.0, 0.125, 0.125, 0.125, 0.125]
     assert t.steps["parse_issue"].null_count() == t.steps.height
     # snapshots, with the optional effective_prompt_len
-    assert t.snapshots["request.id"].to_list() == ["cmpl-0000000000000001-0-00000001",
-                                                   "cmpl-0000000000000002-0-00000002"]
+    assert t.snapshots["request.id"].to_list() == [
+        "cmpl-0000000000000001-0-00000001",
+        "cmpl-0000000000000002-0-00000002",
+    ]
     assert t.snapshots["request.effective_prompt_len"].to_list() == [436, None]
     assert t.snapshots["request.phase"].to_list() == ["DECODE", "PREFILL"]
     # step spans
@@ -246,10 +373,16 @@ def test_mixed_canonical_file(tmp_path):
     r1 = j.filter(pl.col("request.id") == "cmpl-0000000000000001-0-00000001")
     assert r1["event.type"].to_list() == ["QUEUED", "SCHEDULED", "PREEMPTED", "FIRST_TOKEN", "SCHEDULED", "FINISHED"]
     assert r1.sort("scheduler.step", "ts.monotonic_ns")["event.type"].to_list() == [
-        "QUEUED", "SCHEDULED", "FIRST_TOKEN", "PREEMPTED", "SCHEDULED", "FINISHED"]
+        "QUEUED",
+        "SCHEDULED",
+        "FIRST_TOKEN",
+        "PREEMPTED",
+        "SCHEDULED",
+        "FINISHED",
+    ]
     assert r1["schedule.kind"].to_list() == [None, "FIRST", None, None, "RESUME", None]
     assert r1["finish.status"].to_list()[-1] == "length"
-    assert r1["parent_span_id"].unique().to_list() == [f"{0xa92:016x}"]
+    assert r1["parent_span_id"].unique().to_list() == [f"{0xA92:016x}"]
     assert j["span_dropped_events"].to_list() == [0] * 6 + [3, 3, 0]
     assert j["ts.monotonic_ns"][0] == 1_523_456_784_233_871
     # api
@@ -271,9 +404,12 @@ def test_gz_and_plain_equal(tmp_path):
     a = read_traces(write(tmp_path, lines, "traces.json"))
     b = read_traces(write(tmp_path, lines, "traces.json.gz"))
     for name in TABLES:
-        assert_frame_equal(getattr(a, name), getattr(b, name).with_columns(
-            pl.lit(str(tmp_path / "traces.json")).alias("file")) if name == "quarantine" and b.quarantine.height
-            else getattr(b, name))
+        assert_frame_equal(
+            getattr(a, name),
+            getattr(b, name).with_columns(pl.lit(str(tmp_path / "traces.json")).alias("file"))
+            if name == "quarantine" and b.quarantine.height
+            else getattr(b, name),
+        )
     assert a.counters == b.counters
 
 
@@ -281,20 +417,36 @@ def test_chunking_and_workers_identical(tmp_path):
     rng = random.Random(7)
     lines = []
     for k in range(60):
-        spans = [step_span(k * 10 + i, [batch_event(k * 1000 + i * 10 + j, ratio=rng.random())
-                                        for j in range(rng.randint(1, 4))]) for i in range(rng.randint(1, 5))]
+        spans = [
+            step_span(
+                k * 10 + i, [batch_event(k * 1000 + i * 10 + j, ratio=rng.random()) for j in range(rng.randint(1, 4))]
+            )
+            for i in range(rng.randint(1, 5))
+        ]
         lines.append(line(export(("vllm.scheduler.step", spans))))
         if k % 7 == 3:
             lines.append(b"")
         if k % 11 == 5:
-            lines.append(line(export(("vllm.scheduler.step", [step_span(9999, [batch_event(
-                k, **{"step__duration_us": {"stringValue": "abc"}})])]))))
+            lines.append(
+                line(
+                    export(
+                        (
+                            "vllm.scheduler.step",
+                            [step_span(9999, [batch_event(k, **{"step__duration_us": {"stringValue": "abc"}})])],
+                        )
+                    )
+                )
+            )
     p = write(tmp_path, lines, "traces.json.gz")
     ref = read_traces(p)
     check_invariants(ref)
     assert ref.counters["lines_blank"] == 9 and ref.counters["lines_general"] == 5
-    for kw in ({"chunk_bytes": 1 << 16}, {"workers": 2}, {"workers": 2, "chunk_bytes": 1 << 16},
-               {"workers": 1, "chunk_bytes": 1 << 16, "fast": False}):
+    for kw in (
+        {"chunk_bytes": 1 << 16},
+        {"workers": 2},
+        {"workers": 2, "chunk_bytes": 1 << 16},
+        {"workers": 1, "chunk_bytes": 1 << 16, "fast": False},
+    ):
         assert_tables_equal(ref, read_traces(p, **kw))
 
 
@@ -304,21 +456,64 @@ def test_random_canonical_lines_fast_equals_general(tmp_path):
     for k in range(40):
         scopes = []
         if rng.random() < 0.7:
-            scopes.append(("vllm.scheduler.step", [step_span(
-                k * 10 + i, [batch_event(k * 100 + i * 10 + j, ratio=rng.choice([0.0, 1.0, rng.random(), 1e-7]))
-                             if rng.random() < 0.7 else
-                             snapshot_event(k, f"cmpl-{rng.getrandbits(64):016x}-0-{rng.getrandbits(32):08x}",
-                                            eff=rng.random() < 0.8) for j in range(rng.randint(0, 3))],
-                dropped=rng.choice([None, None, 5]), end=rng.random() < 0.9) for i in range(rng.randint(1, 3))]))
+            scopes.append(
+                (
+                    "vllm.scheduler.step",
+                    [
+                        step_span(
+                            k * 10 + i,
+                            [
+                                batch_event(k * 100 + i * 10 + j, ratio=rng.choice([0.0, 1.0, rng.random(), 1e-7]))
+                                if rng.random() < 0.7
+                                else snapshot_event(
+                                    k,
+                                    f"cmpl-{rng.getrandbits(64):016x}-0-{rng.getrandbits(32):08x}",
+                                    eff=rng.random() < 0.8,
+                                )
+                                for j in range(rng.randint(0, 3))
+                            ],
+                            dropped=rng.choice([None, None, 5]),
+                            end=rng.random() < 0.9,
+                        )
+                        for i in range(rng.randint(1, 3))
+                    ],
+                )
+            )
         if rng.random() < 0.5:
-            scopes.append(("vllm.scheduler", [core_span(k * 5 + i, [
-                journey_event(rng.choice(["QUEUED", "SCHEDULED", "FIRST_TOKEN", "PREEMPTED", "FINISHED"]),
-                              rng.randint(0, 10**6), rng.randint(1, 10**16), with_ns=rng.random() < 0.8)
-                for _ in range(rng.randint(1, 4))]) for i in range(rng.randint(1, 3))]))
+            scopes.append(
+                (
+                    "vllm.scheduler",
+                    [
+                        core_span(
+                            k * 5 + i,
+                            [
+                                journey_event(
+                                    rng.choice(["QUEUED", "SCHEDULED", "FIRST_TOKEN", "PREEMPTED", "FINISHED"]),
+                                    rng.randint(0, 10**6),
+                                    rng.randint(1, 10**16),
+                                    with_ns=rng.random() < 0.8,
+                                )
+                                for _ in range(rng.randint(1, 4))
+                            ],
+                        )
+                        for i in range(rng.randint(1, 3))
+                    ],
+                )
+            )
         if rng.random() < 0.5:
-            scopes.append(("vllm.api", [api_span(k * 5 + i, api_events(i, aborted=rng.random() < 0.3),
-                                                 max_tokens=rng.choice([None, 16, 4096]))
-                                        for i in range(rng.randint(1, 2))]))
+            scopes.append(
+                (
+                    "vllm.api",
+                    [
+                        api_span(
+                            k * 5 + i,
+                            api_events(i, aborted=rng.random() < 0.3),
+                            max_tokens=rng.choice([None, 16, 4096]),
+                        )
+                        for i in range(rng.randint(1, 2))
+                    ],
+                )
+            )
         if scopes:
             lines.append(line(export(*scopes)))
     t = read_both(write(tmp_path, lines))
@@ -402,8 +597,10 @@ def test_empty_file(tmp_path):
 
 def test_corrupt_and_truncated_gzip(tmp_path):
     rng = random.Random(3)
-    lines = [line(export(("vllm.scheduler.step", [step_span(i, [batch_event(i, ratio=rng.random())])])))
-             for i in range(1, 3000)]
+    lines = [
+        line(export(("vllm.scheduler.step", [step_span(i, [batch_event(i, ratio=rng.random())])])))
+        for i in range(1, 3000)
+    ]
     blob = gzip.compress(b"\n".join(lines) + b"\n")
     p = tmp_path / "traces.json.gz"
     corrupt = bytearray(blob)
@@ -417,7 +614,7 @@ def test_corrupt_and_truncated_gzip(tmp_path):
     d, out = zlib.decompressobj(wbits=31), []
     try:
         for i in range(0, len(corrupt), 4096):
-            out.append(d.decompress(bytes(corrupt[i:i + 4096])))
+            out.append(d.decompress(bytes(corrupt[i : i + 4096])))
     except zlib.error:
         pass
     reachable = b"".join(out).count(b"\n")
@@ -459,8 +656,9 @@ def test_non_finite_overflow_and_wrong_types(tmp_path):
     assert issues[2] == "batch.prefill_tokens: integer out of 64-bit range"
     assert issues[3] == "step.duration_us: expected integer, got stringValue 'abc'"
     assert issues[4] is None
-    assert issues[5] == ("queue.running_depth: integer out of 64-bit range; "
-                         "kv.usage_gpu_ratio: non-finite double -Infinity")
+    assert issues[5] == (
+        "queue.running_depth: integer out of 64-bit range; kv.usage_gpu_ratio: non-finite double -Infinity"
+    )
     assert issues[6] == "kv.blocks_free_gpu: expected integer, got doubleValue 2.5"
     assert issues[7] == "step.id: expected integer, got intValue '12abc'"
     assert s["kv.usage_gpu_ratio"].to_list()[:2] == [None, None]
@@ -471,8 +669,9 @@ def test_non_finite_overflow_and_wrong_types(tmp_path):
 
 
 def test_number_grammar_matches_json():
-    from stepml_core.traces import _json_numbers_ok
     import pyarrow as pa
+
+    from stepml_core.traces import _json_numbers_ok
 
     rx = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\Z")
     rng = random.Random(5)
@@ -494,16 +693,33 @@ def test_numbers_that_are_not_json(tmp_path):
 
 
 def test_missing_attributes(tmp_path):
-    evs = [ev("step.BATCH_SUMMARY", 1, batch_pairs(1, step__duration_us="<drop>", kv__blocks_free_gpu="<drop>")),
-           ev("step.REQUEST_SNAPSHOT", 2, [("step.id", 1), ("request.id", "r")]),
-           ev("step.BATCH_SUMMARY", 3, [])]
-    jev = [ev("journey.QUEUED", 4, [("event.type", "QUEUED"), ("ts.monotonic", 1.5), ("scheduler.step", 1),
-                                     ("phase", "WAITING"), ("prefill.done_tokens", 0), ("prefill.total_tokens", 9),
-                                     ("decode.done_tokens", 0), ("decode.max_tokens", 9), ("num_preemptions", 0)]),
-           ev("journey.SCHEDULED", 5, [("event.type", "SCHEDULED"), ("scheduler.step", 2)])]
+    evs = [
+        ev("step.BATCH_SUMMARY", 1, batch_pairs(1, step__duration_us="<drop>", kv__blocks_free_gpu="<drop>")),
+        ev("step.REQUEST_SNAPSHOT", 2, [("step.id", 1), ("request.id", "r")]),
+        ev("step.BATCH_SUMMARY", 3, []),
+    ]
+    jev = [
+        ev(
+            "journey.QUEUED",
+            4,
+            [
+                ("event.type", "QUEUED"),
+                ("ts.monotonic", 1.5),
+                ("scheduler.step", 1),
+                ("phase", "WAITING"),
+                ("prefill.done_tokens", 0),
+                ("prefill.total_tokens", 9),
+                ("decode.done_tokens", 0),
+                ("decode.max_tokens", 9),
+                ("num_preemptions", 0),
+            ],
+        ),
+        ev("journey.SCHEDULED", 5, [("event.type", "SCHEDULED"), ("scheduler.step", 2)]),
+    ]
     core = span("a" * 32, "b" * 16, "llm_core", 1, 2, [], jev, parent="c" * 16)
-    t = read_both(write(tmp_path, [line(export(("vllm.scheduler.step", [step_span(1, evs)]),
-                                               ("vllm.scheduler", [core])))]))
+    t = read_both(
+        write(tmp_path, [line(export(("vllm.scheduler.step", [step_span(1, evs)]), ("vllm.scheduler", [core])))])
+    )
     s = t.steps
     assert s["parse_issue"][0] == "missing attributes: step.duration_us, kv.blocks_free_gpu"
     assert s["step.duration_us"][0] is None and s["step.id"][0] == 1
@@ -511,29 +727,52 @@ def test_missing_attributes(tmp_path):
     assert t.snapshots["parse_issue"][0] == (
         "missing attributes: request.phase, request.num_prompt_tokens, request.num_computed_tokens, "
         "request.num_output_tokens, request.num_preemptions, request.scheduled_tokens_this_step, "
-        "kv.blocks_allocated_gpu, kv.blocks_cached_gpu")
+        "kv.blocks_allocated_gpu, kv.blocks_cached_gpu"
+    )
     j = t.journey
     assert j["parse_issue"][0] == "missing span attributes: gen_ai.request.id"
     assert j["ts.monotonic_ns"][0] == 1_500_000_000  # derived from ts.monotonic
-    assert j["parse_issue"][1] == ("missing span attributes: gen_ai.request.id; missing attributes: ts.monotonic_ns, "
-                                   "phase, prefill.done_tokens, prefill.total_tokens, decode.done_tokens, "
-                                   "decode.max_tokens, num_preemptions, schedule.kind")
+    assert j["parse_issue"][1] == (
+        "missing span attributes: gen_ai.request.id; missing attributes: ts.monotonic_ns, "
+        "phase, prefill.done_tokens, prefill.total_tokens, decode.done_tokens, "
+        "decode.max_tokens, num_preemptions, schedule.kind"
+    )
 
 
 def test_unknown_event_names_and_value_kinds(tmp_path):
-    evs = [batch_event(1), ev("step.MYSTERY", 2, [("x", 1)]), batch_event(3),
-           ev("step.BATCH_SUMMARY", 4, batch_pairs(4)[:3] + [("step.duration_us",
-                                                               {"arrayValue": {"values": [{"intValue": "1"}]}})])]
+    evs = [
+        batch_event(1),
+        ev("step.MYSTERY", 2, [("x", 1)]),
+        batch_event(3),
+        ev(
+            "step.BATCH_SUMMARY",
+            4,
+            batch_pairs(4)[:3] + [("step.duration_us", {"arrayValue": {"values": [{"intValue": "1"}]}})],
+        ),
+    ]
     jev = [journey_event("QUEUED", 1, 10), ev("journey.TELEPORTED", 11, [("event.type", "TELEPORTED")])]
     other = span("d" * 32, "e" * 16, "some_other_span", 1, 2, [], [ev("whatever", 1, [])])
-    t = read_both(write(tmp_path, [line(export(("vllm.scheduler.step", [step_span(1, evs)]),
-                                               ("vllm.scheduler", [core_span(1, jev)]),
-                                               ("my.scope", [other])))]))
+    t = read_both(
+        write(
+            tmp_path,
+            [
+                line(
+                    export(
+                        ("vllm.scheduler.step", [step_span(1, evs)]),
+                        ("vllm.scheduler", [core_span(1, jev)]),
+                        ("my.scope", [other]),
+                    )
+                )
+            ],
+        )
+    )
     q = t.quarantine
     assert q["kind"].to_list() == ["event", "event", "event"]
-    assert q["reason"].to_list() == ["unknown event name 'step.MYSTERY'",
-                                     "step.BATCH_SUMMARY: step.duration_us: unsupported value kind 'arrayValue'",
-                                     "unknown event name 'journey.TELEPORTED'"]
+    assert q["reason"].to_list() == [
+        "unknown event name 'step.MYSTERY'",
+        "step.BATCH_SUMMARY: step.duration_us: unsupported value kind 'arrayValue'",
+        "unknown event name 'journey.TELEPORTED'",
+    ]
     assert q["line"].to_list() == [1, 1, 1]
     assert q["excerpt"][0].startswith('{"timeUnixNano":"2","name":"step.MYSTERY"')
     assert t.steps["step.id"].to_list() == [1, 3]
@@ -551,15 +790,32 @@ def test_event_type_mismatch_and_bad_span_attrs(tmp_path):
     sp = core_span(1, [j])
     sp["attributes"][0]["value"] = {"intValue": "5"}
     t = read_both(write(tmp_path, [line(export(("vllm.scheduler", [sp])))]))
-    assert t.journey["parse_issue"][0] == ("gen_ai.request.id: expected string, got intValue '5'; event.type "
-                                           "attribute 'SCHEDULED' differs from event name 'journey.QUEUED'")
+    assert t.journey["parse_issue"][0] == (
+        "gen_ai.request.id: expected string, got intValue '5'; event.type "
+        "attribute 'SCHEDULED' differs from event name 'journey.QUEUED'"
+    )
     assert t.journey["event.type"][0] == "QUEUED" and t.journey["request.id"][0] is None
 
 
 def test_dropped_events_count(tmp_path):
-    t = read_both(write(tmp_path, [line(export(("vllm.scheduler.step", [
-        step_span(1, [snapshot_event(5, "r1"), snapshot_event(5, "r2")], dropped=126),
-        step_span(2, [batch_event(15)])])))]))
+    t = read_both(
+        write(
+            tmp_path,
+            [
+                line(
+                    export(
+                        (
+                            "vllm.scheduler.step",
+                            [
+                                step_span(1, [snapshot_event(5, "r1"), snapshot_event(5, "r2")], dropped=126),
+                                step_span(2, [batch_event(15)]),
+                            ],
+                        )
+                    )
+                )
+            ],
+        )
+    )
     assert t.step_spans["dropped_events_count"].to_list() == [126, 0]
     assert t.step_spans["n_events"].to_list() == [2, 1]
     assert t.counters["dropped_events_total"] == 126

@@ -20,12 +20,22 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from ops_helpers import ARTIFACTS, REPO, RUN_A, copy_run, free_port, wait_for, write_instance_yaml
 
 pytestmark = pytest.mark.slow
-STEPML_ASSETS = ["raw_traces", "step_table", "quarantine", "feature_matrix", "split", "fitted_models",
-                 "predictions", "metrics", "run_summary", "global_models", "study_report"]
+STEPML_ASSETS = [
+    "raw_traces",
+    "step_table",
+    "quarantine",
+    "feature_matrix",
+    "split",
+    "fitted_models",
+    "predictions",
+    "metrics",
+    "run_summary",
+    "global_models",
+    "study_report",
+]
 REPO_SELECTOR = {"repositoryLocationName": "stepml", "repositoryName": "__repository__"}
 
 
@@ -34,8 +44,11 @@ class Webserver:
         self.url, self.proc, self.log = url, proc, log
 
     def gql(self, query: str, **variables) -> dict:
-        req = urllib.request.Request(f"{self.url}/graphql", data=json.dumps({"query": query, "variables": variables}).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{self.url}/graphql",
+            data=json.dumps({"query": query, "variables": variables}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=60) as r:
             out = json.load(r)
         assert "errors" not in out, out["errors"]
@@ -49,18 +62,32 @@ def webserver(tmp_path, real_experiments):
     if find_chromium() is None:
         pytest.skip("headless Chromium not found (apt-get install chromium)")
     home, data, out = tmp_path / "home", tmp_path / "data", tmp_path / "out"
-    write_instance_yaml(home, "run_coordinator:\n  module: dagster._core.run_coordinator\n  class: DefaultRunCoordinator\n")
+    write_instance_yaml(
+        home, "run_coordinator:\n  module: dagster._core.run_coordinator\n  class: DefaultRunCoordinator\n"
+    )
     copy_run(real_experiments / RUN_A, data / RUN_A)
     port = free_port()
-    env = {**os.environ, "DAGSTER_HOME": str(home), "STEPML_DATA_DIR": str(data), "STEPML_OUT_DIR": str(out),
-           "STEPML_SENSOR_STATUS": "stopped"}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "STEPML_DATA_DIR": str(data),
+        "STEPML_OUT_DIR": str(out),
+        "STEPML_SENSOR_STATUS": "stopped",
+    }
     log_path = tmp_path / "webserver.log"
     log = open(log_path, "w")
     exe = Path(sys.executable).parent / "dagster-webserver"
-    proc = subprocess.Popen([str(exe), "-h", "127.0.0.1", "-p", str(port), "-w", str(REPO / "workspace.yaml")],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(exe), "-h", "127.0.0.1", "-p", str(port), "-w", str(REPO / "workspace.yaml")],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     ws = Webserver(f"http://127.0.0.1:{port}", proc, log_path)
     try:
+
         def up():
             assert proc.poll() is None, "dagster-webserver exited:\n" + log_path.read_text()[-3000:]
             try:
@@ -70,8 +97,15 @@ def webserver(tmp_path, real_experiments):
                 return False
 
         wait_for(up, 120, 1, "dagster-webserver /server_info")
-        wait_for(lambda: any(n["assetKey"]["path"] == ["raw_traces"] for n in ws.gql("{ assetNodes { assetKey { path } } }")["assetNodes"]),
-                 120, 1, "the stepml code location to load")
+        wait_for(
+            lambda: any(
+                n["assetKey"]["path"] == ["raw_traces"]
+                for n in ws.gql("{ assetNodes { assetKey { path } } }")["assetNodes"]
+            ),
+            120,
+            1,
+            "the stepml code location to load",
+        )
         yield ws
     finally:
         if proc.poll() is None:
@@ -99,7 +133,10 @@ def test_ui_shows_assets_and_materializes_a_partition(webserver, browser):
     ws = webserver
     assert ws.url.startswith("http://127.0.0.1:")
     ws.gql("mutation { setNuxSeen }")  # the one-time community pop-up would cover the page
-    nodes = {"/".join(n["assetKey"]["path"]): n for n in ws.gql("{ assetNodes { assetKey { path } groupName } }")["assetNodes"]}
+    nodes = {
+        "/".join(n["assetKey"]["path"]): n
+        for n in ws.gql("{ assetNodes { assetKey { path } groupName } }")["assetNodes"]
+    }
     assert set(STEPML_ASSETS) <= set(nodes)
 
     # 1. the asset graph page, every group expanded (⌥E, the UI's "Expand all groups")
@@ -137,38 +174,65 @@ def test_ui_shows_assets_and_materializes_a_partition(webserver, browser):
     assert seen == set(STEPML_ASSETS), set(STEPML_ASSETS) - seen
 
     # 2. register the partition and launch experiment_job for it (what the UI's Materialize button sends)
-    r = ws.gql("""mutation($k: String!, $repo: RepositorySelector!) {
+    r = ws.gql(
+        """mutation($k: String!, $repo: RepositorySelector!) {
         addDynamicPartition(repositorySelector: $repo, partitionsDefName: "experiment", partitionKey: $k) {
-          __typename ... on PythonError { message } ... on UnauthorizedError { message } } }""", k=RUN_A, repo=REPO_SELECTOR)
+          __typename ... on PythonError { message } ... on UnauthorizedError { message } } }""",
+        k=RUN_A,
+        repo=REPO_SELECTOR,
+    )
     assert r["addDynamicPartition"]["__typename"] == "AddDynamicPartitionSuccess", r
-    r = ws.gql("""mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
+    r = ws.gql(
+        """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
           __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message }
           ... on RunConfigValidationInvalid { errors { message } } ... on InvalidSubsetError { message } } }""",
-               p={"selector": {**REPO_SELECTOR, "jobName": "experiment_job"},
-                  "executionMetadata": {"tags": [{"key": "dagster/partition", "value": RUN_A}]}})
+        p={
+            "selector": {**REPO_SELECTOR, "jobName": "experiment_job"},
+            "executionMetadata": {"tags": [{"key": "dagster/partition", "value": RUN_A}]},
+        },
+    )
     assert r["launchRun"]["__typename"] == "LaunchRunSuccess", r
     run_id = r["launchRun"]["run"]["runId"]
 
     def finished():
-        st = ws.gql("query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }", id=run_id)["runOrError"]["status"]
+        st = ws.gql("query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }", id=run_id)["runOrError"][
+            "status"
+        ]
         return st if st in {"SUCCESS", "FAILURE", "CANCELED"} else None
 
-    assert wait_for(finished, 300, 2, f"run {run_id}") == "SUCCESS", (ARTIFACTS / "ui-webserver.log")
+    assert wait_for(finished, 300, 2, f"run {run_id}") == "SUCCESS", ARTIFACTS / "ui-webserver.log"
     browser.goto(f"{ws.url}/runs/{run_id}")
     browser.wait_text(["Success"], 60)
     time.sleep(1)
     browser.screenshot(ARTIFACTS / "ui-run.png")
 
     # 3. lineage metadata on the materialization, via GraphQL and as rendered on raw_traces' page
-    meta = ws.gql("""query($k: String!) { assetOrError(assetKey: {path: ["raw_traces"]}) { ... on Asset {
+    meta = ws.gql(
+        """query($k: String!) { assetOrError(assetKey: {path: ["raw_traces"]}) { ... on Asset {
         assetMaterializations(partitions: [$k], limit: 1) { partition tags { key value } metadataEntries { label } } } } }""",
-                  k=RUN_A)["assetOrError"]["assetMaterializations"][0]
+        k=RUN_A,
+    )["assetOrError"]["assetMaterializations"][0]
     labels = {m["label"] for m in meta["metadataEntries"]}
-    assert {"source", "stands_for", "model", "workload", "tp", "files", "data_version", "lines", "lines_quarantined",
-            "steps_read", "events_by_name", "run_folder"} <= labels, labels
+    assert {
+        "source",
+        "stands_for",
+        "model",
+        "workload",
+        "tp",
+        "files",
+        "data_version",
+        "lines",
+        "lines_quarantined",
+        "steps_read",
+        "events_by_name",
+        "run_folder",
+    } <= labels, labels
     assert any(t["key"] == "dagster/data_version" for t in meta["tags"])
-    q = ws.gql("""query($k: String!) { assetOrError(assetKey: {path: ["quarantine"]}) { ... on Asset {
-        assetMaterializations(partitions: [$k], limit: 1) { metadataEntries { label } } } } }""", k=RUN_A)
+    q = ws.gql(
+        """query($k: String!) { assetOrError(assetKey: {path: ["quarantine"]}) { ... on Asset {
+        assetMaterializations(partitions: [$k], limit: 1) { metadataEntries { label } } } } }""",
+        k=RUN_A,
+    )
     qlabels = {m["label"] for m in q["assetOrError"]["assetMaterializations"][0]["metadataEntries"]}
     assert {"quarantined_lines", "quarantined_events", "quarantined_rows", "dagster/row_count"} <= qlabels, qlabels
     browser.goto(f"{ws.url}/assets/raw_traces?view=partitions&partition={RUN_A}")

@@ -4,8 +4,14 @@ import numpy as np
 import polars as pl
 import pytest
 
-from stepml_core.stats import (WILCOXON_MIN_N, bootstrap_means, circular_block_indices, percentile_ci, wilcoxon_min_n,
-                               wilcoxon_one_sided)
+from stepml_core.stats import (
+    WILCOXON_MIN_N,
+    bootstrap_means,
+    circular_block_indices,
+    percentile_ci,
+    wilcoxon_min_n,
+    wilcoxon_one_sided,
+)
 from stepml_core.study import metrics_from_predictions
 from stepml_core.verdict import h1_verdict, rank_with_ties, recommend
 
@@ -14,7 +20,9 @@ def test_every_row_drawn_equally_often_and_bootstrap_centred_on_the_sample_mean(
     n = 142
     idx = circular_block_indices(n, 4000, seed=1)
     counts = np.bincount(idx.ravel(), minlength=n)
-    assert counts.min() > 0.85 * counts.mean() and counts.max() < 1.15 * counts.mean()  # last rows as often as the middle
+    assert (
+        counts.min() > 0.85 * counts.mean() and counts.max() < 1.15 * counts.mean()
+    )  # last rows as often as the middle
     d = np.random.default_rng(0).normal(0, 0.1, n)
     d[-3:] = 40.0  # one extreme error block at the end of the test rows (the real-run case)
     means = bootstrap_means(d, 4000, seed=2)
@@ -25,7 +33,7 @@ def test_point_estimate_inside_its_interval_with_extreme_last_rows():
     rng = np.random.default_rng(3)
     for k in range(20):
         d = rng.normal(-0.2, 0.3, int(rng.integers(100, 1500)))
-        d[-int(rng.integers(1, 4)):] = rng.uniform(20, 80)
+        d[-int(rng.integers(1, 4)) :] = rng.uniform(20, 80)
         lo, hi = percentile_ci(bootstrap_means(d, 1000, seed=k))
         assert lo <= d.mean() <= hi, (k, lo, d.mean(), hi)
 
@@ -61,9 +69,22 @@ def _predictions(errors: dict[str, float], n_exp: int, *, n_rows: int = 200, noi
         y = rng.uniform(100, 200, n_rows)
         for model, err in errors.items():
             ape = np.clip(err + noise * rng.normal(size=n_rows), 0, None)
-            rows.append(pl.DataFrame({"experiment_id": f"e{i}", "source": "synthetic", "step.id": np.arange(n_rows), "split": "test",
-                                      "load_stage": 0, "target": "cycle_us", "model": model, "scope": "per_experiment",
-                                      "y": y, "y_pred": y * (1 + ape * rng.choice([-1, 1], n_rows))}))
+            rows.append(
+                pl.DataFrame(
+                    {
+                        "experiment_id": f"e{i}",
+                        "source": "synthetic",
+                        "step.id": np.arange(n_rows),
+                        "split": "test",
+                        "load_stage": 0,
+                        "target": "cycle_us",
+                        "model": model,
+                        "scope": "per_experiment",
+                        "y": y,
+                        "y_pred": y * (1 + ape * rng.choice([-1, 1], n_rows)),
+                    }
+                )
+            )
     pred = pl.concat(rows)
     return metrics_from_predictions(pred), pred
 
@@ -76,7 +97,10 @@ def _verdict(errors, n_exp, **kw):
 def test_verdict_supported_needs_threshold_and_clear_wins():
     v = _verdict({"ridge_30f": 0.10, "blackbox_2f": 0.40, "naive_mean": 0.60}, 6, noise=0.02)
     assert v["verdict"] == "supported" and v["threshold_separates"]
-    assert v["baselines"]["blackbox_2f"]["outcome"] == "clearly_beats" and v["baselines"]["blackbox_2f"]["wilcoxon_p_one_sided"] < 0.05
+    assert (
+        v["baselines"]["blackbox_2f"]["outcome"] == "clearly_beats"
+        and v["baselines"]["blackbox_2f"]["wilcoxon_p_one_sided"] < 0.05
+    )
 
 
 def test_verdict_refuted_when_below_threshold_but_no_better_than_the_blackbox():
@@ -105,9 +129,14 @@ def test_verdict_inconclusive_when_the_comparison_is_undecided():
 def test_few_experiments_give_no_p_value_as_evidence():
     v = _verdict({"ridge_30f": 0.10, "blackbox_2f": 0.40, "naive_mean": 0.60}, 3, noise=0.02)
     b = v["baselines"]["blackbox_2f"]
-    assert b["wilcoxon_p_one_sided"] is None and not b["wilcoxon_reachable"] and b["wilcoxon_min_p"] == pytest.approx(0.125)
+    assert (
+        b["wilcoxon_p_one_sided"] is None
+        and not b["wilcoxon_reachable"]
+        and b["wilcoxon_min_p"] == pytest.approx(0.125)
+    )
     assert b["outcome"] == "clearly_beats" and "run by run" in b["decided_by"]  # every run's interval decides
     from stepml_core.report import verdict_section
+
     md = "\n".join(verdict_section({"rule": "r", "targets": {"cycle_us": v}}))
     assert "p =" not in md and "cannot reach p < 0.05" in md
     v6 = _verdict({"ridge_30f": 0.10, "blackbox_2f": 0.40, "naive_mean": 0.60}, 6, noise=0.02)
@@ -115,7 +144,9 @@ def test_few_experiments_give_no_p_value_as_evidence():
 
 
 def test_ties_within_noise_are_ties_and_the_simplest_tied_model_is_recommended():
-    met, pred = _predictions({"hgb_30f": 0.0200, "ridge_30f": 0.0201, "blackbox_2f": 0.0202, "naive_mean": 0.08}, 4, noise=0.01)
+    met, pred = _predictions(
+        {"hgb_30f": 0.0200, "ridge_30f": 0.0201, "blackbox_2f": 0.0202, "naive_mean": 0.08}, 4, noise=0.01
+    )
     pred = pred.with_columns(scope=pl.lit("per_model"))
     r = rank_with_ties(pred, "cycle_us", "per_model", reps=300)
     tied = dict(zip(r["model"].to_list(), r["tied_with_best"].to_list()))
@@ -127,8 +158,12 @@ def test_ties_within_noise_are_ties_and_the_simplest_tied_model_is_recommended()
 def test_a_model_with_an_absurd_run_is_never_tied_with_the_best():
     """One exploding run widens the interval to include 0; it does not make the model as good as the best."""
     met, pred = _predictions({"nnls_physics": 0.30, "ridge_log_30f": 0.28}, 16, n_rows=60, noise=0.05)
-    blow = (pl.col("model") == "ridge_log_30f") & (pl.col("experiment_id") == "e0") & (pl.col("step.id") < 2)  # exp() of two outlying rows
-    pred = pred.with_columns(y_pred=pl.when(blow).then(pl.col("y") * 4e4).otherwise(pl.col("y_pred")), scope=pl.lit("per_model"))
+    blow = (
+        (pl.col("model") == "ridge_log_30f") & (pl.col("experiment_id") == "e0") & (pl.col("step.id") < 2)
+    )  # exp() of two outlying rows
+    pred = pred.with_columns(
+        y_pred=pl.when(blow).then(pl.col("y") * 4e4).otherwise(pl.col("y_pred")), scope=pl.lit("per_model")
+    )
     r = rank_with_ties(pred, "cycle_us", "per_model", reps=300)
     row = r.filter(pl.col("model") == "ridge_log_30f").row(0, named=True)
     assert row["worst_run_mape_pct"] > 1000 and row["diff_lo_pct"] <= 0  # the interval alone would call it a tie

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("stepml_core", "stepml_dagster", "benchmarks")
+PACKAGES = ("stepml_core", "stepml_dagster", "benchmarks", "tests", "tools", "scripts")
 LIMIT = 80
 REASON = "# long:"
 
@@ -32,8 +32,15 @@ def long_functions(root: Path = ROOT, limit: int = LIMIT) -> list[dict]:
                     continue
                 top = min([node.lineno, *(d.lineno for d in node.decorator_list)])
                 above = src[top - 2].strip() if top >= 2 else ""
-                out.append({"file": str(path.relative_to(root)), "line": node.lineno, "name": node.name, "lines": n,
-                            "reason": above[len(REASON):].strip() if above.startswith(REASON) else None})
+                out.append(
+                    {
+                        "file": str(path.relative_to(root)),
+                        "line": node.lineno,
+                        "name": node.name,
+                        "lines": n,
+                        "reason": above[len(REASON) :].strip() if above.startswith(REASON) else None,
+                    }
+                )
     return sorted(out, key=lambda f: -f["lines"])
 
 
@@ -43,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     found = long_functions(limit=a.limit)
     for f in found:
-        print(f"{f['lines']:5d}  {f['file']}:{f['line']}  {f['name']}  {'reason: ' + f['reason'] if f['reason'] else 'NO REASON'}")
+        print(
+            f"{f['lines']:5d}  {f['file']}:{f['line']}  {f['name']}  {'reason: ' + f['reason'] if f['reason'] else 'NO REASON'}"
+        )
     missing = sum(1 for f in found if f["reason"] is None)
     print(f"{len(found)} function(s) over {a.limit} lines, {missing} without a reason")
     return 1 if missing else 0

@@ -8,5 +8,14 @@ from .engine import BatchView, EngineCore, SchedulerConfig, SimResult
 from .request import SimRequest
 from .timing import CycleClock, PhysicsClock
 
-__all__ = ["BatchView", "CycleClock", "EngineCore", "FixedArrivals", "PhysicsClock", "SchedulerConfig", "SimRequest",
-           "SimResult", "StagedArrivals"]
+__all__ = [
+    "BatchView",
+    "CycleClock",
+    "EngineCore",
+    "FixedArrivals",
+    "PhysicsClock",
+    "SchedulerConfig",
+    "SimRequest",
+    "SimResult",
+    "StagedArrivals",
+]

@@ -80,8 +80,9 @@ class FixedArrivals:
     """Recorded arrival times (s from the first request); ingress = ``ingress_s_of(prompt_len, api_tokens_per_s)``;
     a client that has no answer after ``timeout_s`` aborts (the engine learns it ``abort_lag_s`` later)."""
 
-    def __init__(self, arrival_s: np.ndarray, timeout_s: float, ingress_s_of, *, mono0: float = 1.0,
-                 abort_lag_s: float = 0.001):
+    def __init__(
+        self, arrival_s: np.ndarray, timeout_s: float, ingress_s_of, *, mono0: float = 1.0, abort_lag_s: float = 0.001
+    ):
         self.arrival_s = np.asarray(arrival_s, dtype=np.float64)
         self.mono0 = float(mono0)  # engine clock at the first arrival (> 0: 0.0 marks 'unknown')
         self.timeout_s = float(timeout_s)

@@ -28,8 +28,19 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .kv_cache import BlockPool
-from .request import (DECODE, DONE, EV_FINISHED, EV_FIRST_TOKEN, EV_PREEMPTED, EV_QUEUED, EV_SCHEDULED, PREFILL,
-                      WAITING, ZOMBIE, SimRequest)
+from .request import (
+    DECODE,
+    DONE,
+    EV_FINISHED,
+    EV_FIRST_TOKEN,
+    EV_PREEMPTED,
+    EV_QUEUED,
+    EV_SCHEDULED,
+    PREFILL,
+    WAITING,
+    ZOMBIE,
+    SimRequest,
+)
 
 
 @dataclass(frozen=True)
@@ -51,10 +62,26 @@ class BatchView:
     tokens computed before, prompt length) of each prompt chunk computed in this step.
     """
 
-    __slots__ = ("step", "scheduled_tokens", "num_scheduled", "prefill_tokens", "decode_tokens", "num_prefill_reqs",
-                 "num_decode_reqs", "new_prompt_tokens", "pure_decode", "decode_context_tokens", "chunks",
-                 "num_running", "num_waiting", "num_preempted", "num_finished", "kv_blocks_free", "kv_blocks_total",
-                 "_engine")
+    __slots__ = (
+        "step",
+        "scheduled_tokens",
+        "num_scheduled",
+        "prefill_tokens",
+        "decode_tokens",
+        "num_prefill_reqs",
+        "num_decode_reqs",
+        "new_prompt_tokens",
+        "pure_decode",
+        "decode_context_tokens",
+        "chunks",
+        "num_running",
+        "num_waiting",
+        "num_preempted",
+        "num_finished",
+        "kv_blocks_free",
+        "kv_blocks_total",
+        "_engine",
+    )
 
     def __init__(self, engine: "EngineCore"):
         self._engine = engine
@@ -83,8 +110,9 @@ class EngineCore:
     ``clock`` turns each batch into time (physics with noise for the synthesizer, a step-time model
     for replay); ``recorder`` (optional) writes sampled trace records."""
 
-    def __init__(self, requests: list[SimRequest], config: SchedulerConfig, arrivals, clock, *, recorder=None,
-                 progress=None):
+    def __init__(
+        self, requests: list[SimRequest], config: SchedulerConfig, arrivals, clock, *, recorder=None, progress=None
+    ):
         self.reqs = requests
         self.cfg = config
         self.arrivals = arrivals
@@ -138,10 +166,17 @@ class EngineCore:
                 self.progress(self.ai / max(1, n_req))
                 next_prog = self.ai + max(1, n_req // 50)
         rec = self.recorder
-        return SimResult(steps=N, ts_start_ns=self.ts_start_ns, dur_us=self.dur_us, update_s=self.update_s,
-                         sampled=rec.sampled if rec is not None else [], requests=self.reqs, counters=self.counters,
-                         features=rec.features if rec is not None else None,
-                         start_abs=getattr(self.arrivals, "start_abs", None))
+        return SimResult(
+            steps=N,
+            ts_start_ns=self.ts_start_ns,
+            dur_us=self.dur_us,
+            update_s=self.update_s,
+            sampled=rec.sampled if rec is not None else [],
+            requests=self.reqs,
+            counters=self.counters,
+            features=rec.features if rec is not None else None,
+            start_abs=getattr(self.arrivals, "start_abs", None),
+        )
 
     def _idle(self, now_s: float) -> float | None:
         """Nothing running or waiting: process the last step's output, else jump to the next arrival (None: done)."""
@@ -265,7 +300,9 @@ class EngineCore:
             R.state = DONE
             R.fver += 1
             ns = int(now_s * 1e9) + 1000
-            R.events.append((EV_FINISHED, N, ns, 0 if R.out_base == 0 else 1, R.prefill_hw, R.out_base, R.npre, "aborted"))
+            R.events.append(
+                (EV_FINISHED, N, ns, 0 if R.out_base == 0 else 1, R.prefill_hw, R.out_base, R.npre, "aborted")
+            )
             R.finish_status = "aborted"
             R.finish_step = N
             R.finish_ns = ns

@@ -95,7 +95,11 @@ class BlockPool:
         n = (tokens - 1) // BLOCK_TOKENS
         # R.key(k) inlined: shared system-prompt blocks, then the prompt's own blocks, then its output blocks
         ns, nf = R.nshared_blk, R.prompt_full_blk
-        g, pr, o = GROUP_BASE + R.group * BLK_STRIDE, PROMPT_BASE + R.prompt_id * BLK_STRIDE, OUT_BASE + R.idx * BLK_STRIDE
+        g, pr, o = (
+            GROUP_BASE + R.group * BLK_STRIDE,
+            PROMPT_BASE + R.prompt_id * BLK_STRIDE,
+            OUT_BASE + R.idx * BLK_STRIDE,
+        )
         for k in range(n):
             bid = cache.get((g if k < ns else pr if k < nf else o) + k)
             if bid is None:

@@ -18,8 +18,23 @@ class TraceRecorder:
         self.sample_rate = float(sample_rate)
         self.rich_rate = float(rich_rate)
         self.sampled: list = []
-        self.features = {k: [] for k in ("running", "waiting", "prefill_tokens", "prefill_reqs", "finished", "preempted",
-                                         "scheduled_tokens", "decode_reqs")} if record_all else None
+        self.features = (
+            {
+                k: []
+                for k in (
+                    "running",
+                    "waiting",
+                    "prefill_tokens",
+                    "prefill_reqs",
+                    "finished",
+                    "preempted",
+                    "scheduled_tokens",
+                    "decode_reqs",
+                )
+            }
+            if record_all
+            else None
+        )
 
     def on_schedule(self, engine, b, ts0: int, ts1: int, d_ns: int, sched_events: list) -> None:
         N = b.step
@@ -28,8 +43,9 @@ class TraceRecorder:
             for j, (R, et, kind) in enumerate(sched_events):
                 ens = ts0 + (d_ns * (j + 1)) // (k + 1)
                 if et == EV_SCHEDULED:
-                    R.events.append((EV_SCHEDULED, N, ens, 0 if R.out_base == 0 else 1, R.prefill_hw,
-                                     R.out_base, R.npre, kind))
+                    R.events.append(
+                        (EV_SCHEDULED, N, ens, 0 if R.out_base == 0 else 1, R.prefill_hw, R.out_base, R.npre, kind)
+                    )
                 else:
                     R.events.append((EV_PREEMPTED, N, ens, kind[0], R.prefill_hw, kind[1], R.npre, None))
         bi = self.rand.i - 1
@@ -37,9 +53,24 @@ class TraceRecorder:
             T, pf = b.scheduled_tokens, b.prefill_tokens
             free, total = b.kv_blocks_free, b.kv_blocks_total
             usage = 1.0 - free / total
-            rec_t = (N, ts0, ts1, d_ns // 1000, b.num_running, b.num_waiting, b.num_prefill_reqs,
-                     b.num_scheduled - b.num_prefill_reqs, T, pf, T - pf, b.num_finished, b.num_preempted, usage,
-                     total, free)
+            rec_t = (
+                N,
+                ts0,
+                ts1,
+                d_ns // 1000,
+                b.num_running,
+                b.num_waiting,
+                b.num_prefill_reqs,
+                b.num_scheduled - b.num_prefill_reqs,
+                T,
+                pf,
+                T - pf,
+                b.num_finished,
+                b.num_preempted,
+                usage,
+                total,
+                free,
+            )
             snaps = None
             if self.rand.u_rich[bi] < self.rich_rate:
                 snaps = []
@@ -53,8 +84,9 @@ class TraceRecorder:
                         out = R.out_base
                     sq = 1 if R.state == DECODE else (R.sched_q if R.sched_step == N else 0)
                     eff = R.prompt_len - R.cached_tokens if 0 <= R.cached_tokens < R.prompt_len else None
-                    snaps.append((R.idx, 0 if out == 0 else 1, R.prompt_len, comp, out, R.npre, sq,
-                                  len(R.blist), R.hit_blk, eff))
+                    snaps.append(
+                        (R.idx, 0 if out == 0 else 1, R.prompt_len, comp, out, R.npre, sq, len(R.blist), R.hit_blk, eff)
+                    )
             self.sampled.append((rec_t, snaps))
         f = self.features
         if f is not None:

@@ -23,8 +23,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-BLIS_STEP_FEATURES = ("prefill_tokens", "decode_tokens", "num_prefill_reqs", "num_decode_reqs", "scheduled_tokens",
-                      "kv_sum", "kv_max", "kv_mean", "kv_std", "prefill_x_decode", "decode_x_kv_mean", "prefill_sq")
+BLIS_STEP_FEATURES = (
+    "prefill_tokens",
+    "decode_tokens",
+    "num_prefill_reqs",
+    "num_decode_reqs",
+    "scheduled_tokens",
+    "kv_sum",
+    "kv_max",
+    "kv_mean",
+    "kv_std",
+    "prefill_x_decode",
+    "decode_x_kv_mean",
+    "prefill_sq",
+)
 BLIS_QUEUE_FEATURES = ("input_len",)
 BLIS_OPS = ("==", "<", "<=", ">", ">=")
 NEEDS_ALL_REQUESTS = {"kv_max", "kv_std"}  # every other BLIS feature is O(1) from the engine's running sums
@@ -55,9 +67,20 @@ def blis_features(b, needs_requests: bool = False) -> dict[str, float]:
     n_req = n_dec + pf_n + dx_n
     kv_sum = float(b.decode_context_tokens - n_dec + pi_chunks)
     kv_mean = kv_sum / n_req if n_req else 0.0
-    f = {"prefill_tokens": P, "decode_tokens": D, "num_prefill_reqs": float(pf_n), "num_decode_reqs": float(n_dec + dx_n),
-         "scheduled_tokens": P + D, "kv_sum": kv_sum, "kv_mean": kv_mean, "prefill_x_decode": P * D,
-         "decode_x_kv_mean": (n_dec + dx_n) * kv_mean, "prefill_sq": P * P, "kv_max": 0.0, "kv_std": 0.0}
+    f = {
+        "prefill_tokens": P,
+        "decode_tokens": D,
+        "num_prefill_reqs": float(pf_n),
+        "num_decode_reqs": float(n_dec + dx_n),
+        "scheduled_tokens": P + D,
+        "kv_sum": kv_sum,
+        "kv_mean": kv_mean,
+        "prefill_x_decode": P * D,
+        "decode_x_kv_mean": (n_dec + dx_n) * kv_mean,
+        "prefill_sq": P * P,
+        "kv_max": 0.0,
+        "kv_std": 0.0,
+    }
     if needs_requests and n_req:
         pis = [r[0] for r in b.requests()]
         f["kv_max"] = float(max(pis))
@@ -92,9 +115,12 @@ def _linear(d, where: str, known: tuple[str, ...] | None) -> LinearModel:
     if known is not None:
         unknown = sorted(set(coef) - set(known))
         if unknown:
-            raise StepModelError(f"{where}: unknown feature(s) {unknown} (BLIS would read them as 0); known: {list(known)}")
-    return LinearModel(float(d.get("intercept", 0.0)), {str(k): float(v) for k, v in coef.items()},
-                       d.get("output_transform") or "")
+            raise StepModelError(
+                f"{where}: unknown feature(s) {unknown} (BLIS would read them as 0); known: {list(known)}"
+            )
+    return LinearModel(
+        float(d.get("intercept", 0.0)), {str(k): float(v) for k, v in coef.items()}, d.get("output_transform") or ""
+    )
 
 
 @dataclass
@@ -115,7 +141,7 @@ class LinearStepTime:
             raise StepModelError("version: must be an integer >= 1")
         if d.get("step_time") is not None:
             if d["step_time"].get("model_type") != "linear":
-                raise StepModelError("step_time.model_type: must be \"linear\"")
+                raise StepModelError('step_time.model_type: must be "linear"')
             self.step = _linear(d["step_time"], "step_time", known)
         for i, r in enumerate(d.get("step_time_regimes") or []):
             cond = r.get("condition")
@@ -127,8 +153,11 @@ class LinearStepTime:
             self.regimes.append((cond, _linear(r.get("model"), f"step_time_regimes[{i}].model", known)))
         if self.step is None and not self.regimes:
             raise StepModelError("one of step_time / step_time_regimes is required")
-        self.queue = _linear(d["queueing_time"], "queueing_time", BLIS_QUEUE_FEATURES if self.strict else None) \
-            if d.get("queueing_time") is not None else None
+        self.queue = (
+            _linear(d["queueing_time"], "queueing_time", BLIS_QUEUE_FEATURES if self.strict else None)
+            if d.get("queueing_time") is not None
+            else None
+        )
         self.overhead_us = float(d.get("step_overhead_us") or 0.0)
         self.overhead_per_req_us = float(d.get("step_overhead_per_req_us") or 0.0)
         self.otpt_us = max(0.0, float(d.get("output_token_processing_time_us") or 0.0))
@@ -142,7 +171,9 @@ class LinearStepTime:
         if cond is None:
             return True
         x, op, v = f.get(cond["feature"], 0.0), cond["op"], float(cond["value"])
-        return x == v if op == "==" else x < v if op == "<" else x <= v if op == "<=" else x > v if op == ">" else x >= v
+        return (
+            x == v if op == "==" else x < v if op == "<" else x <= v if op == "<=" else x > v if op == ">" else x >= v
+        )
 
     def predict_features_us(self, f: dict) -> float:
         """BLIS's StepTime on a feature dict: regimes (first match) or step_time, transform, clamp, per-request overhead, ≥ 1."""
@@ -186,7 +217,12 @@ class ExportedStepTime:
         self._rp = rp
         m = exported["model_spec"]
         self._consts = rp._consts(m, int(exported["tp"]))
-        self._gpu, self._tp, self._names, self._model = exported["gpu_spec"], int(exported["tp"]), exported["model_names"], m["name"]
+        self._gpu, self._tp, self._names, self._model = (
+            exported["gpu_spec"],
+            int(exported["tp"]),
+            exported["model_names"],
+            m["name"],
+        )
 
     def sums(self, b) -> tuple:
         """The batch sums the features are computed from (reference_predictor.batch_sums' layout)."""

@@ -24,7 +24,6 @@ Two clocks:
 from __future__ import annotations
 
 import math
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -59,8 +58,14 @@ class StepRandomness:
         rng = self.rng
         nz = self.noise
         k = np.arange(step0, step0 + n, dtype=np.float64)
-        drift = nz["drift_sigma"] * (np.sin(2 * np.pi * k / nz["drift_period_steps"] + self.ph1)
-                                     + 0.5 * np.sin(2 * np.pi * k / (nz["drift_period_steps"] * 3.7) + self.ph2)) / 1.118
+        drift = (
+            nz["drift_sigma"]
+            * (
+                np.sin(2 * np.pi * k / nz["drift_period_steps"] + self.ph1)
+                + 0.5 * np.sin(2 * np.pi * k / (nz["drift_period_steps"] * 3.7) + self.ph2)
+            )
+            / 1.118
+        )
         mult = np.exp(nz["lognormal_sigma"] * rng.standard_normal(n) + drift)
         add = rng.gamma(nz["gamma_shape"], nz["gamma_mean_us"] * 1e-6 / nz["gamma_shape"], n)
         u = rng.random(n)

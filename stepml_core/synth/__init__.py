@@ -9,5 +9,12 @@ Dagster; synthesis reads only the project's data files.
 from .runner import synthesize_run, synthesize_runs
 from .spec import SYNTH_VERSION, RunSpec, reference_runs, resolve_run_ids, synthetic_id
 
-__all__ = ["synthesize_runs", "synthesize_run", "SYNTH_VERSION", "RunSpec", "reference_runs",
-           "resolve_run_ids", "synthetic_id"]
+__all__ = [
+    "synthesize_runs",
+    "synthesize_run",
+    "SYNTH_VERSION",
+    "RunSpec",
+    "reference_runs",
+    "resolve_run_ids",
+    "synthetic_id",
+]

@@ -27,9 +27,20 @@ from ..runs import RunMetadata, read_run_metadata
 TOL_LATENCY = 0.15
 TOL_SATURATED_SUCCESSES = 0.25
 
-STEP_COLUMNS = ("queue.running_depth", "queue.waiting_depth", "batch.num_prefill_reqs", "batch.num_decode_reqs",
-                "batch.scheduled_tokens", "batch.prefill_tokens", "batch.decode_tokens", "batch.num_finished",
-                "batch.num_preempted", "kv.usage_gpu_ratio", "kv.blocks_free_gpu", "step.duration_us")
+STEP_COLUMNS = (
+    "queue.running_depth",
+    "queue.waiting_depth",
+    "batch.num_prefill_reqs",
+    "batch.num_decode_reqs",
+    "batch.scheduled_tokens",
+    "batch.prefill_tokens",
+    "batch.decode_tokens",
+    "batch.num_finished",
+    "batch.num_preempted",
+    "kv.usage_gpu_ratio",
+    "kv.blocks_free_gpu",
+    "step.duration_us",
+)
 DEFAULT_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
@@ -50,10 +61,15 @@ def _summary_figures(summary: dict, output_len: int) -> dict:
     e2e = (lat.get("request_latency") or {}).get("mean")
     thr = s.get("throughput") or {}
     di = (e2e - ttft) / (output_len - 1) * 1e3 if (ttft is not None and e2e is not None and output_len > 1) else None
-    return {"ttft_mean_s": ttft, "e2e_mean_s": e2e, "decode_interval_ms": di,
-            "throughput_requests_per_s": thr.get("requests_per_sec"),
-            "throughput_output_tokens_per_s": thr.get("output_tokens_per_sec"),
-            "successes": s.get("count"), "failures": (summary.get("failures") or {}).get("count")}
+    return {
+        "ttft_mean_s": ttft,
+        "e2e_mean_s": e2e,
+        "decode_interval_ms": di,
+        "throughput_requests_per_s": thr.get("requests_per_sec"),
+        "throughput_output_tokens_per_s": thr.get("output_tokens_per_sec"),
+        "successes": s.get("count"),
+        "failures": (summary.get("failures") or {}).get("count"),
+    }
 
 
 def _reference(reference) -> dict[str, dict]:
@@ -83,15 +99,27 @@ def compare_run(meta: RunMetadata | Path, reference: dict[str, dict] | Path | No
     syn = _summary_figures(meta.summary, out_len)
     syn["sampled_steps"] = (prov.get("counts") or {}).get("sampled_steps")
     sat = is_saturated(ref)
-    real = {"ttft_mean_s": float(ref["ttft_mean_s"]), "e2e_mean_s": float(ref["e2e_mean_s"]),
-            "decode_interval_ms": float(ref["derived_decode_interval_per_token_ms"]),
-            "throughput_requests_per_s": float(ref["throughput_requests_per_s"]),
-            "throughput_output_tokens_per_s": float(ref["throughput_output_tokens_per_s"]),
-            "successes": float(ref["num_success"]), "failures": float(ref["num_failed"]),
-            "sampled_steps": float(ref["num_sampled_steps"])}
+    real = {
+        "ttft_mean_s": float(ref["ttft_mean_s"]),
+        "e2e_mean_s": float(ref["e2e_mean_s"]),
+        "decode_interval_ms": float(ref["derived_decode_interval_per_token_ms"]),
+        "throughput_requests_per_s": float(ref["throughput_requests_per_s"]),
+        "throughput_output_tokens_per_s": float(ref["throughput_output_tokens_per_s"]),
+        "successes": float(ref["num_success"]),
+        "failures": float(ref["num_failed"]),
+        "sampled_steps": float(ref["num_sampled_steps"]),
+    }
     rows = []
-    for m in ("ttft_mean_s", "e2e_mean_s", "decode_interval_ms", "throughput_requests_per_s",
-              "throughput_output_tokens_per_s", "successes", "failures", "sampled_steps"):
+    for m in (
+        "ttft_mean_s",
+        "e2e_mean_s",
+        "decode_interval_ms",
+        "throughput_requests_per_s",
+        "throughput_output_tokens_per_s",
+        "successes",
+        "failures",
+        "sampled_steps",
+    ):
         s_val = syn.get(m)
         r_val = real[m]
         per_scale = m in ("successes", "failures", "sampled_steps")
@@ -103,10 +131,22 @@ def compare_run(meta: RunMetadata | Path, reference: dict[str, dict] | Path | No
         if sat and m == "successes":
             tol = TOL_SATURATED_SUCCESSES
         ok = None if tol is None or ratio is None else bool(abs(ratio - 1.0) <= tol)
-        rows.append({"experiment_id": meta.experiment_id, "stands_for": real_id, "workload": ref["workload"],
-                     "model": ref["model_short"], "saturated": sat, "scale": scale, "metric": m,
-                     "synthetic": None if s_val is None else float(s_val), "real": r_cmp, "ratio": ratio,
-                     "tolerance": tol, "within": ok})
+        rows.append(
+            {
+                "experiment_id": meta.experiment_id,
+                "stands_for": real_id,
+                "workload": ref["workload"],
+                "model": ref["model_short"],
+                "saturated": sat,
+                "scale": scale,
+                "metric": m,
+                "synthetic": None if s_val is None else float(s_val),
+                "real": r_cmp,
+                "ratio": ratio,
+                "tolerance": tol,
+                "within": ok,
+            }
+        )
     return rows
 
 
@@ -118,9 +158,20 @@ def compare_runs(metas, reference: dict[str, dict] | Path | None = None) -> pl.D
     """
     reference = _reference(reference)
     rows = [r for m in metas for r in compare_run(m, reference)]
-    schema = {"experiment_id": pl.Utf8, "stands_for": pl.Utf8, "workload": pl.Utf8, "model": pl.Utf8,
-              "saturated": pl.Boolean, "scale": pl.Float64, "metric": pl.Utf8, "synthetic": pl.Float64,
-              "real": pl.Float64, "ratio": pl.Float64, "tolerance": pl.Float64, "within": pl.Boolean}
+    schema = {
+        "experiment_id": pl.Utf8,
+        "stands_for": pl.Utf8,
+        "workload": pl.Utf8,
+        "model": pl.Utf8,
+        "saturated": pl.Boolean,
+        "scale": pl.Float64,
+        "metric": pl.Utf8,
+        "synthetic": pl.Float64,
+        "real": pl.Float64,
+        "ratio": pl.Float64,
+        "tolerance": pl.Float64,
+        "within": pl.Boolean,
+    }
     return pl.DataFrame(rows, schema=schema)
 
 
@@ -141,8 +192,9 @@ def cycle_times_ms(steps: pl.DataFrame) -> np.ndarray:
     return (np.diff(ts)[m] / 1e6).astype(np.float64)
 
 
-def compare_step_quantiles(synth_steps: pl.DataFrame, real_steps: pl.DataFrame, *,
-                           quantiles=DEFAULT_QUANTILES, columns=STEP_COLUMNS) -> pl.DataFrame:
+def compare_step_quantiles(
+    synth_steps: pl.DataFrame, real_steps: pl.DataFrame, *, quantiles=DEFAULT_QUANTILES, columns=STEP_COLUMNS
+) -> pl.DataFrame:
     """Quantiles of step attributes, step.duration_us and cycle time: synthetic vs real."""
     rows = []
 
@@ -152,31 +204,55 @@ def compare_step_quantiles(synth_steps: pl.DataFrame, real_steps: pl.DataFrame, 
         for q in quantiles:
             sv = float(np.quantile(a, q)) if a.size else None
             rv = float(np.quantile(b, q)) if b.size else None
-            rows.append({"metric": metric, "quantile": float(q), "synthetic": sv, "real": rv,
-                         "ratio": (sv / rv) if (sv is not None and rv) else None,
-                         "n_synthetic": int(a.size), "n_real": int(b.size)})
+            rows.append(
+                {
+                    "metric": metric,
+                    "quantile": float(q),
+                    "synthetic": sv,
+                    "real": rv,
+                    "ratio": (sv / rv) if (sv is not None and rv) else None,
+                    "n_synthetic": int(a.size),
+                    "n_real": int(b.size),
+                }
+            )
 
     for c in columns:
         if c in synth_steps.columns and c in real_steps.columns:
-            add(c, synth_steps[c].drop_nulls().cast(pl.Float64).to_numpy(),
-                real_steps[c].drop_nulls().cast(pl.Float64).to_numpy())
+            add(
+                c,
+                synth_steps[c].drop_nulls().cast(pl.Float64).to_numpy(),
+                real_steps[c].drop_nulls().cast(pl.Float64).to_numpy(),
+            )
     add("cycle_time_ms", cycle_times_ms(synth_steps), cycle_times_ms(real_steps))
-    return pl.DataFrame(rows, schema={"metric": pl.Utf8, "quantile": pl.Float64, "synthetic": pl.Float64,
-                                      "real": pl.Float64, "ratio": pl.Float64, "n_synthetic": pl.Int64,
-                                      "n_real": pl.Int64})
+    return pl.DataFrame(
+        rows,
+        schema={
+            "metric": pl.Utf8,
+            "quantile": pl.Float64,
+            "synthetic": pl.Float64,
+            "real": pl.Float64,
+            "ratio": pl.Float64,
+            "n_synthetic": pl.Int64,
+            "n_real": pl.Int64,
+        },
+    )
 
 
-def calibration_tables(run_records: list[dict], step_tables: dict[str, pl.DataFrame], data_root: Path,
-                       real_reference_dir: Path | None = None) -> dict[str, pl.DataFrame]:
+def calibration_tables(
+    run_records: list[dict],
+    step_tables: dict[str, pl.DataFrame],
+    data_root: Path,
+    real_reference_dir: Path | None = None,
+) -> dict[str, pl.DataFrame]:
     """Calibration of every synthetic run in a study.
 
     public: compare_run() for each synthetic run (its own inference-perf summary vs runs.csv).
     steps: compare_step_quantiles() where the real run's step table is available — as a real
     partition of the same study, or as a run folder under real_reference_dir (e.g. shared/real).
     """
+    from ..runs import find_trace_file
     from ..tables import add_targets, validate_steps
     from ..traces import read_traces
-    from ..runs import find_trace_file
 
     reference = load_reference()
     synth = [r for r in run_records if r.get("source") == "synthetic"]
@@ -189,21 +265,42 @@ def calibration_tables(run_records: list[dict], step_tables: dict[str, pl.DataFr
         if m.summary is not None:
             metas.append(m)
     public = compare_runs(metas, reference)
-    real_tables = {r["experiment_id"]: step_tables[r["experiment_id"]] for r in run_records
-                   if r.get("source") == "real" and r["experiment_id"] in step_tables}
+    real_tables = {
+        r["experiment_id"]: step_tables[r["experiment_id"]]
+        for r in run_records
+        if r.get("source") == "real" and r["experiment_id"] in step_tables
+    }
     parts = []
     for r in synth:
         real_id = r.get("stands_for") or r["experiment_id"].removesuffix("-synth")
         real = real_tables.get(real_id)
         if real is None and real_reference_dir is not None:
-            tf = find_trace_file(Path(real_reference_dir) / real_id) if (Path(real_reference_dir) / real_id).is_dir() else None
+            tf = (
+                find_trace_file(Path(real_reference_dir) / real_id)
+                if (Path(real_reference_dir) / real_id).is_dir()
+                else None
+            )
             if tf is not None:
                 real = add_targets(validate_steps(read_traces(tf).steps, str(tf)).kept)
         if real is None or r["experiment_id"] not in step_tables:
             continue
         q = compare_step_quantiles(step_tables[r["experiment_id"]], real)
         parts.append(q.with_columns(experiment_id=pl.lit(r["experiment_id"]), real_run=pl.lit(real_id)))
-    steps = pl.concat(parts) if parts else pl.DataFrame(schema={"metric": pl.Utf8, "quantile": pl.Float64, "synthetic": pl.Float64,
-                                                                 "real": pl.Float64, "ratio": pl.Float64, "n_synthetic": pl.Int64,
-                                                                 "n_real": pl.Int64, "experiment_id": pl.Utf8, "real_run": pl.Utf8})
+    steps = (
+        pl.concat(parts)
+        if parts
+        else pl.DataFrame(
+            schema={
+                "metric": pl.Utf8,
+                "quantile": pl.Float64,
+                "synthetic": pl.Float64,
+                "real": pl.Float64,
+                "ratio": pl.Float64,
+                "n_synthetic": pl.Int64,
+                "n_real": pl.Int64,
+                "experiment_id": pl.Utf8,
+                "real_run": pl.Utf8,
+            }
+        )
+    )
     return {"public": public, "steps": steps}

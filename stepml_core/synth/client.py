@@ -61,7 +61,11 @@ def client_records(spec: RunSpec, wl, sim, rng: np.random.Generator, *, mono0: f
         ok = R.finish_status == "length"
         times = None
         if ok:
-            steps = np.concatenate([np.arange(F, F + c, dtype=np.int64) for F, c in R.segments]) if R.segments else np.zeros(0, np.int64)
+            steps = (
+                np.concatenate([np.arange(F, F + c, dtype=np.int64) for F, c in R.segments])
+                if R.segments
+                else np.zeros(0, np.int64)
+            )
             if len(steps) != R.max_tokens:
                 ok = False
             else:
@@ -79,28 +83,59 @@ def client_records(spec: RunSpec, wl, sim, rng: np.random.Generator, *, mono0: f
                     R.client_timeout = True
         p = R.prompt_id
         if p not in prompts:
-            prompts[p] = json.dumps({
-                "model": hf_id,
-                "prompt": f"[synthetic shared-prefix prompt: group {R.group}, prompt {p % max(1, spec.prompts_per_group)}, "
-                          f"{R.prompt_len} tokens]",
-                "max_tokens": R.max_tokens, "ignore_eos": True, "stream": True,
-                "stream_options": {"include_usage": "true"},
-            })
+            prompts[p] = json.dumps(
+                {
+                    "model": hf_id,
+                    "prompt": f"[synthetic shared-prefix prompt: group {R.group}, prompt {p % max(1, spec.prompts_per_group)}, "
+                    f"{R.prompt_len} tokens]",
+                    "max_tokens": R.max_tokens,
+                    "ignore_eos": True,
+                    "stream": True,
+                    "stream_options": {"include_usage": "true"},
+                }
+            )
         if ok:
-            recs.append({
-                "start_time": st, "end_time": float(end), "request": prompts[p], "response": "",
-                "info": {"input_tokens": int(R.prompt_len), "output_tokens": int(wl.client_out_tokens[i]),
-                         "output_token_times": times.tolist(), "extra_info": {}, "lora_adapter": None},
-                "error": None, "_ok": True, "_idx": i, "_stage": int(wl.stage[i]), "_intended": float(intended[i]),
-            })
+            recs.append(
+                {
+                    "start_time": st,
+                    "end_time": float(end),
+                    "request": prompts[p],
+                    "response": "",
+                    "info": {
+                        "input_tokens": int(R.prompt_len),
+                        "output_tokens": int(wl.client_out_tokens[i]),
+                        "output_token_times": times.tolist(),
+                        "extra_info": {},
+                        "lora_adapter": None,
+                    },
+                    "error": None,
+                    "_ok": True,
+                    "_idx": i,
+                    "_stage": int(wl.stage[i]),
+                    "_intended": float(intended[i]),
+                }
+            )
         else:
-            recs.append({
-                "start_time": st, "end_time": st + float(wl.timeout_s[i]), "request": prompts[p], "response": "",
-                "info": {"input_tokens": 0, "output_tokens": 0, "output_token_times": [], "extra_info": {},
-                         "lora_adapter": None},
-                "error": {"error_type": "TimeoutError", "error_msg": ""}, "_ok": False, "_idx": i,
-                "_stage": int(wl.stage[i]), "_intended": float(intended[i]),
-            })
+            recs.append(
+                {
+                    "start_time": st,
+                    "end_time": st + float(wl.timeout_s[i]),
+                    "request": prompts[p],
+                    "response": "",
+                    "info": {
+                        "input_tokens": 0,
+                        "output_tokens": 0,
+                        "output_token_times": [],
+                        "extra_info": {},
+                        "lora_adapter": None,
+                    },
+                    "error": {"error_type": "TimeoutError", "error_msg": ""},
+                    "_ok": False,
+                    "_idx": i,
+                    "_stage": int(wl.stage[i]),
+                    "_intended": float(intended[i]),
+                }
+            )
     recs.sort(key=lambda r: (r["end_time"], r["_idx"]))
     return recs
 
@@ -113,8 +148,13 @@ def summarize(recs: list[dict], *, stage: dict | None = None) -> dict:
     if stage is not None:
         starts = [r["start_time"] for r in recs]
         send = (max(starts) - min(starts)) if starts else 0.0
-        load.update({"send_duration": send, "requested_rate": stage["rate"],
-                     "achieved_rate": (len(recs) / send) if send > 0 else 0.0})
+        load.update(
+            {
+                "send_duration": send,
+                "requested_rate": stage["rate"],
+                "achieved_rate": (len(recs) / send) if send > 0 else 0.0,
+            }
+        )
     lat, ttft, tpot, ntpot, itl, plen, olen = [], [], [], [], [], [], []
     for r in ok:
         t = r["info"]["output_token_times"]
@@ -132,17 +172,30 @@ def summarize(recs: list[dict], *, stage: dict | None = None) -> dict:
     else:
         dur = 0.0
     sin, sout = float(sum(plen)), float(sum(olen))
-    thr = {"input_tokens_per_sec": sin / dur if dur > 0 else 0.0, "output_tokens_per_sec": sout / dur if dur > 0 else 0.0,
-           "total_tokens_per_sec": (sin + sout) / dur if dur > 0 else 0.0,
-           "requests_per_sec": len(ok) / dur if dur > 0 else 0.0}
-    succ = {"count": len(ok),
-            "latency": {"request_latency": dist(lat), "normalized_time_per_output_token": dist(ntpot),
-                        "time_per_output_token": dist(tpot), "time_to_first_token": dist(ttft),
-                        "inter_token_latency": dist(np.concatenate(itl)) if itl else None},
-            "throughput": thr, "prompt_len": dist(plen), "output_len": dist(olen)}
-    fail = {"count": len(bad),
-            "request_latency": dist([r["end_time"] - r["start_time"] for r in bad]),
-            "prompt_len": dist([r["info"]["input_tokens"] for r in bad])}
+    thr = {
+        "input_tokens_per_sec": sin / dur if dur > 0 else 0.0,
+        "output_tokens_per_sec": sout / dur if dur > 0 else 0.0,
+        "total_tokens_per_sec": (sin + sout) / dur if dur > 0 else 0.0,
+        "requests_per_sec": len(ok) / dur if dur > 0 else 0.0,
+    }
+    succ = {
+        "count": len(ok),
+        "latency": {
+            "request_latency": dist(lat),
+            "normalized_time_per_output_token": dist(ntpot),
+            "time_per_output_token": dist(tpot),
+            "time_to_first_token": dist(ttft),
+            "inter_token_latency": dist(np.concatenate(itl)) if itl else None,
+        },
+        "throughput": thr,
+        "prompt_len": dist(plen),
+        "output_len": dist(olen),
+    }
+    fail = {
+        "count": len(bad),
+        "request_latency": dist([r["end_time"] - r["start_time"] for r in bad]),
+        "prompt_len": dist([r["info"]["input_tokens"] for r in bad]),
+    }
     return {"load_summary": load, "successes": succ, "failures": fail}
 
 

@@ -21,9 +21,17 @@ from .workload import Workload
 __all__ = ["simulate_synthetic_run", "SimResult"]
 
 
-def simulate_synthetic_run(spec: RunSpec, wl: Workload, rng: np.random.Generator, *, mono0: float,
-                           sched_model: ScheduleTimeModel | None = None, record_all: bool = False, progress=None,
-                           params: dict | None = None) -> SimResult:
+def simulate_synthetic_run(
+    spec: RunSpec,
+    wl: Workload,
+    rng: np.random.Generator,
+    *,
+    mono0: float,
+    sched_model: ScheduleTimeModel | None = None,
+    record_all: bool = False,
+    progress=None,
+    params: dict | None = None,
+) -> SimResult:
     """Simulate one synthetic run: same spec, workload and generator state → the same result, bit for bit."""
     P = params or engine_params()
     sp = P["scheduler"]
@@ -35,8 +43,15 @@ def simulate_synthetic_run(spec: RunSpec, wl: Workload, rng: np.random.Generator
     for i in range(len(wl.send_time)):
         p = int(wl.prompt_id[i])
         reqs.append(SimRequest(i, p, p // ppg, int(wl.prompt_lens[p]), wl.max_tokens, nsh))
-    cfg = SchedulerConfig(max_num_batched_tokens=int(sp["max_num_batched_tokens"]), max_num_seqs=int(sp["max_num_seqs"]),
-                          kv_blocks_total=clock.phys.kv_blocks_total)
-    recorder = TraceRecorder(clock.rand, sample_rate=float(sp["step_sample_rate"]),
-                             rich_rate=float(sp["rich_subsample_rate"]), record_all=record_all)
+    cfg = SchedulerConfig(
+        max_num_batched_tokens=int(sp["max_num_batched_tokens"]),
+        max_num_seqs=int(sp["max_num_seqs"]),
+        kv_blocks_total=clock.phys.kv_blocks_total,
+    )
+    recorder = TraceRecorder(
+        clock.rand,
+        sample_rate=float(sp["step_sample_rate"]),
+        rich_rate=float(sp["rich_subsample_rate"]),
+        record_all=record_all,
+    )
     return EngineCore(reqs, cfg, arrivals, clock, recorder=recorder, progress=progress).run()

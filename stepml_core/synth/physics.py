@@ -108,5 +108,12 @@ class EnginePhysics:
         attn = sum_ctx * self.kv_time_per_token + prefill_attn_s
         if attn < self.attn_floor:
             attn = self.attn_floor
-        return (self.layer_list[Te] + self.launch[mode] + attn + self.lm_fixed + self.lm_per_seq * n_seq
-                + self.host_fixed + self.host_per_req * n_seq)
+        return (
+            self.layer_list[Te]
+            + self.launch[mode]
+            + attn
+            + self.lm_fixed
+            + self.lm_per_seq * n_seq
+            + self.host_fixed
+            + self.host_per_req * n_seq
+        )

@@ -71,6 +71,7 @@ class ScheduleTimeModel:
         """Standardized residuals for uniforms u (inverse of the stored empirical CDF)."""
         if self.res_p is None:
             from scipy.stats import norm
+
             return norm.ppf(np.clip(u, 1e-6, 1 - 1e-6))
         return np.interp(u, self.res_p, self.res_s if slow else self.res_f)
 

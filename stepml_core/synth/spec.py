@@ -84,19 +84,28 @@ def reference_runs() -> dict[str, RunSpec]:
         for r in csv.DictReader(f):
             rid = parse_run_id(r["experiment_id"])
             out[r["experiment_id"]] = RunSpec(
-                real_id=r["experiment_id"], model_slug=rid.model_slug, model=canonical_model_name(rid.model_slug),
-                tp=int(r["tp"]), workload=r["workload"],
+                real_id=r["experiment_id"],
+                model_slug=rid.model_slug,
+                model=canonical_model_name(rid.model_slug),
+                tp=int(r["tp"]),
+                workload=r["workload"],
                 stage_rates=tuple(float(x) for x in r["stage_rates_rps"].split(";")),
                 stage_durations=tuple(float(x) for x in r["stage_durations_s"].split(";")),
-                system_prompt_len=int(r["system_prompt_len"]), question_len=int(r["question_len"]),
-                output_len=int(r["output_len"]), num_groups=int(r["num_groups_resolved"]),
+                system_prompt_len=int(r["system_prompt_len"]),
+                question_len=int(r["question_len"]),
+                output_len=int(r["output_len"]),
+                num_groups=int(r["num_groups_resolved"]),
                 prompts_per_group=int(r["num_prompts_per_group_resolved"]),
-                num_requests_sent=int(r["num_requests_sent"]), num_success=int(r["num_success"]),
-                num_failed=int(r["num_failed"]), num_sampled_steps=int(r["num_sampled_steps"]),
-                ttft_mean_s=_f(r["ttft_mean_s"]), e2e_mean_s=_f(r["e2e_mean_s"]),
+                num_requests_sent=int(r["num_requests_sent"]),
+                num_success=int(r["num_success"]),
+                num_failed=int(r["num_failed"]),
+                num_sampled_steps=int(r["num_sampled_steps"]),
+                ttft_mean_s=_f(r["ttft_mean_s"]),
+                e2e_mean_s=_f(r["e2e_mean_s"]),
                 throughput_requests_per_s=_f(r["throughput_requests_per_s"]),
                 throughput_output_tokens_per_s=_f(r["throughput_output_tokens_per_s"]),
-                prompt_len_mean=_f(r["prompt_len_mean"]), output_len_mean=_f(r["output_len_mean"]),
+                prompt_len_mean=_f(r["prompt_len_mean"]),
+                output_len_mean=_f(r["output_len_mean"]),
                 decode_interval_ms=_f(r["derived_decode_interval_per_token_ms"]),
                 started_at=rid.started_at.replace(tzinfo=timezone.utc),
             )
@@ -126,7 +135,9 @@ def resolve_run_ids(run_ids: list[str] | None) -> list[RunSpec]:
 def client_token_counts() -> dict[str, dict[str, float]]:
     """Transcribed client-side prompt/output token-count quantiles per real run."""
     with open(SYNTH_DATA_DIR / "client_token_counts.csv", newline="") as f:
-        return {r["experiment_id"]: {k: float(v) for k, v in r.items() if k != "experiment_id"} for r in csv.DictReader(f)}
+        return {
+            r["experiment_id"]: {k: float(v) for k, v in r.items() if k != "experiment_id"} for r in csv.DictReader(f)
+        }
 
 
 @lru_cache(maxsize=None)
@@ -149,6 +160,7 @@ def check_run_id(run_id: str) -> None:
         parse_run_id(run_id)
     except RunIdError:
         raise
+
 
 # Version of the synthesizer's model (bump when outputs for a given seed change on purpose).
 SYNTH_VERSION = "1.0.0"

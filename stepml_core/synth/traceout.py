@@ -18,16 +18,33 @@ from pathlib import Path
 
 import numpy as np
 
-from ..trace_writer import (FLAGS_LOCAL, FLAGS_REMOTE_PARENT, KIND_INTERNAL, KIND_SERVER, ExportItem, Span,
-                            batch_exports, encode_attrs, encode_event, export_line, merge_exports,
-                            resource_json, write_lines)
 from ..sim.engine import SimResult
 from ..sim.request import EV_FINISHED, EV_FIRST_TOKEN, EV_PREEMPTED, EV_QUEUED, EV_SCHEDULED
+from ..trace_writer import (
+    FLAGS_LOCAL,
+    FLAGS_REMOTE_PARENT,
+    KIND_INTERNAL,
+    KIND_SERVER,
+    ExportItem,
+    Span,
+    batch_exports,
+    encode_attrs,
+    encode_event,
+    export_line,
+    merge_exports,
+    resource_json,
+    write_lines,
+)
 from .spec import engine_params
 
 SCOPE_STEP, SCOPE_CORE, SCOPE_API = "vllm.scheduler.step", "vllm.scheduler", "vllm.api"
-EV_NAMES = {EV_QUEUED: "QUEUED", EV_SCHEDULED: "SCHEDULED", EV_FIRST_TOKEN: "FIRST_TOKEN",
-            EV_PREEMPTED: "PREEMPTED", EV_FINISHED: "FINISHED"}
+EV_NAMES = {
+    EV_QUEUED: "QUEUED",
+    EV_SCHEDULED: "SCHEDULED",
+    EV_FIRST_TOKEN: "FIRST_TOKEN",
+    EV_PREEMPTED: "PREEMPTED",
+    EV_FINISHED: "FINISHED",
+}
 
 _BS_TMPL = (
     '{"timeUnixNano":"%d","name":"step.BATCH_SUMMARY","attributes":['
@@ -90,7 +107,7 @@ class Ids:
     def hexes(self, n: int, nbytes: int) -> list[str]:
         b = self.rng.bytes(n * nbytes).hex()
         w = 2 * nbytes
-        return [b[i * w:(i + 1) * w] for i in range(n)]
+        return [b[i * w : (i + 1) * w] for i in range(n)]
 
 
 def request_ids(n: int, ids: Ids) -> tuple[list[str], list[str]]:
@@ -101,8 +118,9 @@ def request_ids(n: int, ids: Ids) -> tuple[list[str], list[str]]:
     return api, [api[i] + "-0-" + s[i] for i in range(n)]
 
 
-def step_spans(sim: SimResult, engine_ids: list[str], wall_off: int, rng: np.random.Generator, ids: Ids,
-               closure: int) -> tuple[list[Span], dict]:
+def step_spans(
+    sim: SimResult, engine_ids: list[str], wall_off: int, rng: np.random.Generator, ids: Ids, closure: int
+) -> tuple[list[Span], dict]:
     """Step spans with their events, plus counts (sampled steps emitted, events dropped)."""
     ts, dur = sim.ts_start_ns, sim.dur_us
     N = sim.steps
@@ -118,8 +136,15 @@ def step_spans(sim: SimResult, engine_ids: list[str], wall_off: int, rng: np.ran
         return ts[step - 1] + dur[step - 1] * 1000
 
     def new_span(start_step: int, start_ns: int) -> Span:
-        sp = Span(trace_id=tids[seq - 1], span_id=sids[seq - 1], name=f"scheduler_steps_{seq}", kind=KIND_INTERNAL,
-                  start_ns=start_ns, end_ns=0, flags=FLAGS_LOCAL)
+        sp = Span(
+            trace_id=tids[seq - 1],
+            span_id=sids[seq - 1],
+            name=f"scheduler_steps_{seq}",
+            kind=KIND_INTERNAL,
+            start_ns=start_ns,
+            end_ns=0,
+            flags=FLAGS_LOCAL,
+        )
         sp._range_start = start_step  # type: ignore[attr-defined]
         return sp
 
@@ -134,15 +159,46 @@ def step_spans(sim: SimResult, engine_ids: list[str], wall_off: int, rng: np.ran
             rec, snaps = sampled[si]
             t_bs = rec[2] + wall_off + bs_off[si]
             u = rec[13]
-            cur.add_event(_BS_TMPL % (t_bs, rec[0], rec[1], rec[2], rec[3], rec[4], rec[5], rec[6], rec[7], rec[8],
-                                      rec[9], rec[10], rec[11], rec[12], _dbl(u), rec[14], rec[15]))
+            cur.add_event(
+                _BS_TMPL
+                % (
+                    t_bs,
+                    rec[0],
+                    rec[1],
+                    rec[2],
+                    rec[3],
+                    rec[4],
+                    rec[5],
+                    rec[6],
+                    rec[7],
+                    rec[8],
+                    rec[9],
+                    rec[10],
+                    rec[11],
+                    rec[12],
+                    _dbl(u),
+                    rec[14],
+                    rec[15],
+                )
+            )
             n_bs += 1
             if snaps:
                 t = t_bs
-                for (idx, ph, plen, comp, out, npre, sq, nb, hb, eff) in snaps:
+                for idx, ph, plen, comp, out, npre, sq, nb, hb, eff in snaps:
                     t += 14000
-                    e = _SNAP_HEAD % (t, rec[0], engine_ids[idx], "DECODE" if ph else "PREFILL", plen, comp, out, npre,
-                                      sq, nb, hb)
+                    e = _SNAP_HEAD % (
+                        t,
+                        rec[0],
+                        engine_ids[idx],
+                        "DECODE" if ph else "PREFILL",
+                        plen,
+                        comp,
+                        out,
+                        npre,
+                        sq,
+                        nb,
+                        hb,
+                    )
                     cur.add_event(e + (_SNAP_EFF % eff if eff is not None else "]}"))
                 last_ev = t
             else:
@@ -154,8 +210,14 @@ def step_spans(sim: SimResult, engine_ids: list[str], wall_off: int, rng: np.ran
         if emitted_since:
             end = max(ts_end(c) + wall_off + 40000, last_ev + 5000)
             cur.end_ns = end
-            cur.attrs_json = encode_attrs([("scheduler.span_sequence", seq), ("scheduler.step_range_start", cur._range_start),
-                                           ("scheduler.closure_interval", closure), ("scheduler.step_range_end", c)])
+            cur.attrs_json = encode_attrs(
+                [
+                    ("scheduler.span_sequence", seq),
+                    ("scheduler.step_range_start", cur._range_start),
+                    ("scheduler.closure_interval", closure),
+                    ("scheduler.step_range_end", c),
+                ]
+            )
             spans.append(cur)
             seq += 1
             cur = new_span(c + 1, end + 1000)
@@ -164,18 +226,36 @@ def step_spans(sim: SimResult, engine_ids: list[str], wall_off: int, rng: np.ran
     if N and (cur.events or cur._range_start <= N):
         end = max(ts_end(N) + wall_off + 200000, last_ev + 5000)
         cur.end_ns = max(end, cur.start_ns + 1000)
-        cur.attrs_json = encode_attrs([("scheduler.span_sequence", seq), ("scheduler.step_range_start", cur._range_start),
-                                       ("scheduler.closure_interval", closure), ("scheduler.step_range_end", N)])
+        cur.attrs_json = encode_attrs(
+            [
+                ("scheduler.span_sequence", seq),
+                ("scheduler.step_range_start", cur._range_start),
+                ("scheduler.closure_interval", closure),
+                ("scheduler.step_range_end", N),
+            ]
+        )
         spans.append(cur)
     dropped = sum(s.dropped_events for s in spans)
     # BATCH_SUMMARY events that survived the cap
     kept = sum(sum(1 for e in s.events if '"step.BATCH_SUMMARY"' in e[:96]) for s in spans)
-    return spans, {"batch_summaries_emitted": n_bs, "batch_summaries_written": kept, "events_dropped": dropped,
-                   "step_spans": len(spans)}
+    return spans, {
+        "batch_summaries_emitted": n_bs,
+        "batch_summaries_written": kept,
+        "events_dropped": dropped,
+        "step_spans": len(spans),
+    }
 
 
-def journey_spans(sim: SimResult, api_ids: list[str], engine_ids: list[str], *, hf_id: str, wall_off: int,
-                  rng: np.random.Generator, ids: Ids) -> tuple[list[Span], list[Span]]:
+def journey_spans(
+    sim: SimResult,
+    api_ids: list[str],
+    engine_ids: list[str],
+    *,
+    hf_id: str,
+    wall_off: int,
+    rng: np.random.Generator,
+    ids: Ids,
+) -> tuple[list[Span], list[Span]]:
     """(llm_request spans, llm_core spans) for every request that reached the server."""
     reqs = sim.requests
     n = len(reqs)
@@ -190,11 +270,23 @@ def journey_spans(sim: SimResult, api_ids: list[str], engine_ids: list[str], *, 
             continue
         arr_ns = int(R.api_arrival * 1e9)
         ev_json = []
-        for (et, step, ns, ph, pdone, ddone, npre, extra) in R.events:
+        for et, step, ns, ph, pdone, ddone, npre, extra in R.events:
             name = EV_NAMES[et]
             phase = "WAITING" if et == EV_QUEUED else ("DECODE" if ph else "PREFILL")
-            s = _J_TMPL % (ns + wall_off, name, name, repr(ns / 1e9), ns, step, phase, pdone, R.prompt_len, ddone,
-                           R.max_tokens, npre)
+            s = _J_TMPL % (
+                ns + wall_off,
+                name,
+                name,
+                repr(ns / 1e9),
+                ns,
+                step,
+                phase,
+                pdone,
+                R.prompt_len,
+                ddone,
+                R.max_tokens,
+                npre,
+            )
             if et == EV_SCHEDULED:
                 s += ',{"key":"schedule.kind","value":{"stringValue":"%s"}}]}' % extra
             elif et == EV_FINISHED:
@@ -204,34 +296,65 @@ def journey_spans(sim: SimResult, api_ids: list[str], engine_ids: list[str], *, 
             ev_json.append(s)
         q_ns = R.events[0][2]
         fin_ns = R.finish_ns if R.finish_ns > 0 else R.events[-1][2]
-        core = Span(trace_id=tids[i], span_id=cids[i], parent_span_id=aids[i], name="llm_core", kind=KIND_INTERNAL,
-                    flags=FLAGS_REMOTE_PARENT, start_ns=q_ns - 3000 + wall_off, end_ns=fin_ns + 6000 + wall_off,
-                    attrs_json=encode_attrs([("gen_ai.request.id", engine_ids[i])]))
+        core = Span(
+            trace_id=tids[i],
+            span_id=cids[i],
+            parent_span_id=aids[i],
+            name="llm_core",
+            kind=KIND_INTERNAL,
+            flags=FLAGS_REMOTE_PARENT,
+            start_ns=q_ns - 3000 + wall_off,
+            end_ns=fin_ns + 6000 + wall_off,
+            attrs_json=encode_attrs([("gen_ai.request.id", engine_ids[i])]),
+        )
         for e in ev_json:
             core.add_event(e)
         core_spans.append(core)
         # API side
         if R.finish_status == "length" and not R.client_timeout:
             end_mono = fin_ns + dep[i]
-            term = encode_event(end_mono + wall_off, "api.DEPARTED", encode_attrs([("event.ts.monotonic", end_mono / 1e9)]))
+            term = encode_event(
+                end_mono + wall_off, "api.DEPARTED", encode_attrs([("event.ts.monotonic", end_mono / 1e9)])
+            )
         else:
             end_mono = int(R.api_abort * 1e9)
-            term = encode_event(end_mono + wall_off, "api.ABORTED",
-                                encode_attrs([("event.ts.monotonic", end_mono / 1e9), ("reason", "client_disconnect")]))
-        api = Span(trace_id=tids[i], span_id=aids[i], name="llm_request", kind=KIND_SERVER, flags=FLAGS_LOCAL,
-                   start_ns=arr_ns + wall_off, end_ns=end_mono + 2000 + wall_off,
-                   attrs_json=encode_attrs([("gen_ai.request.id", api_ids[i]), ("http.route", "/v1/completions"),
-                                            ("gen_ai.response.model", hf_id), ("gen_ai.usage.prompt_tokens", R.prompt_len),
-                                            ("gen_ai.request.max_tokens", R.max_tokens), ("gen_ai.request.n", 1)]))
-        api.add_event(encode_event(arr_ns + 1200 + wall_off, "api.ARRIVED",
-                                   encode_attrs([("event.ts.monotonic", (arr_ns + 1200) / 1e9)])))
+            term = encode_event(
+                end_mono + wall_off,
+                "api.ABORTED",
+                encode_attrs([("event.ts.monotonic", end_mono / 1e9), ("reason", "client_disconnect")]),
+            )
+        api = Span(
+            trace_id=tids[i],
+            span_id=aids[i],
+            name="llm_request",
+            kind=KIND_SERVER,
+            flags=FLAGS_LOCAL,
+            start_ns=arr_ns + wall_off,
+            end_ns=end_mono + 2000 + wall_off,
+            attrs_json=encode_attrs(
+                [
+                    ("gen_ai.request.id", api_ids[i]),
+                    ("http.route", "/v1/completions"),
+                    ("gen_ai.response.model", hf_id),
+                    ("gen_ai.usage.prompt_tokens", R.prompt_len),
+                    ("gen_ai.request.max_tokens", R.max_tokens),
+                    ("gen_ai.request.n", 1),
+                ]
+            ),
+        )
+        api.add_event(
+            encode_event(
+                arr_ns + 1200 + wall_off, "api.ARRIVED", encode_attrs([("event.ts.monotonic", (arr_ns + 1200) / 1e9)])
+            )
+        )
         api.add_event(term)
         api_spans.append(api)
     return api_spans, core_spans
 
 
-def write_run_traces(path: Path, sim: SimResult, *, hf_id: str, wall_off: int, rng: np.random.Generator,
-                     compresslevel: int = 3) -> dict:
+def write_run_traces(
+    path: Path, sim: SimResult, *, hf_id: str, wall_off: int, rng: np.random.Generator, compresslevel: int = 3
+) -> dict:
     """Write ``traces.json[.gz]`` for a simulated run; returns counts for provenance."""
     P = engine_params()
     sp = P["scheduler"]

@@ -42,6 +42,7 @@ def quantile_sampler(qvals: dict[str, float], prefix: str, target_mean: float | 
             i = np.clip(np.searchsorted(ps, u, side="right") - 1, 0, len(ps) - 2)
             t = (u - ps[i]) / (ps[i + 1] - ps[i])
             return xs[i] + (xs[i + 1] - xs[i]) * t**gamma
+
         return draw
 
     if target_mean is None or not np.isfinite(target_mean):
@@ -105,6 +106,15 @@ def build_workload(spec: RunSpec, scale: float, rng: np.random.Generator) -> Wor
         outc = np.full(n, spec.output_len, dtype=np.int64)
     lo, hi = P["client_timeout_s"]
     timeout = rng.uniform(lo, hi, n)
-    return Workload(prompt_lens=lens, shared_prefix_tokens=spec.system_prompt_len + 1, send_time=send,
-                    start_time=start, stage=stage, prompt_id=prompt_id, max_tokens=spec.output_len,
-                    client_out_tokens=np.maximum(outc, 0), timeout_s=timeout, stage_bounds=bounds)
+    return Workload(
+        prompt_lens=lens,
+        shared_prefix_tokens=spec.system_prompt_len + 1,
+        send_time=send,
+        start_time=start,
+        stage=stage,
+        prompt_id=prompt_id,
+        max_tokens=spec.output_len,
+        client_out_tokens=np.maximum(outc, 0),
+        timeout_s=timeout,
+        stage_bounds=bounds,
+    )

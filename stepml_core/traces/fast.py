@@ -10,7 +10,26 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .schema import API_ATTRS, API_EVENTS, EV_BATCH, EV_SNAPSHOT, F64, I64, JOURNEY_ATTRS, JOURNEY_TYPES, SCOPE_API, SCOPE_CORE, SCOPE_STEP, SNAPSHOT_ATTRS, SNAPSHOT_OPTIONAL, STEP_ATTRS, TABLE_SCHEMAS, _ARROW, _INTERNAL, _new_counters
+from .schema import (
+    _ARROW,
+    _INTERNAL,
+    API_ATTRS,
+    API_EVENTS,
+    EV_BATCH,
+    EV_SNAPSHOT,
+    F64,
+    I64,
+    JOURNEY_ATTRS,
+    JOURNEY_TYPES,
+    SCOPE_API,
+    SCOPE_CORE,
+    SCOPE_STEP,
+    SNAPSHOT_ATTRS,
+    SNAPSHOT_OPTIONAL,
+    STEP_ATTRS,
+    TABLE_SCHEMAS,
+    _new_counters,
+)
 
 # --------------------------------------------------------------------------------------------
 # Fast path: numpy template matching on compact canonical lines
@@ -43,9 +62,11 @@ def _A_S(key: str, col: str | None = None):
 
 
 def _A_F(key: str, col: str | None = None):
-    return [_lit(b'{"key":"%s","value":{' % key.encode()),
-            _alt([_lit(b'"doubleValue":'), ("n", col or key)], [_lit(b'"intValue":"'), ("if", col or key)]),
-            _lit(b"}}")]
+    return [
+        _lit(b'{"key":"%s","value":{' % key.encode()),
+        _alt([_lit(b'"doubleValue":'), ("n", col or key)], [_lit(b'"intValue":"'), ("if", col or key)]),
+        _lit(b"}}"),
+    ]
 
 
 _ATTR_BUILDERS = {int: _A_I, float: _A_F, str: _A_S}
@@ -79,8 +100,11 @@ def _compile(items, follow: bytes | None = None):
     out = []
     for i, it in enumerate(merged):
         tag = it[0]
-        nxt = merged[i + 1][1] if i + 1 < len(merged) and merged[i + 1][0] == "lit" else (
-            follow if i + 1 == len(merged) else None)
+        nxt = (
+            merged[i + 1][1]
+            if i + 1 < len(merged) and merged[i + 1][0] == "lit"
+            else (follow if i + 1 == len(merged) else None)
+        )
         if tag == "lit":
             out.append(("lit", it[1], it[1].count(b'"')))
         elif tag == "opt":
@@ -103,48 +127,96 @@ _SPAN_PREFIX = b'{"traceId":"'
 _EV_HEAD = _compile([("i", "time"), _lit(b',"name":"'), ("s", "_name")])
 _EV_BODIES = {
     "bs": _compile([_lit(b',"attributes":[')] + _attr_list(STEP_ATTRS) + [_lit(b"]}"), ("sep", "sep")]),
-    "snap": _compile([_lit(b',"attributes":[')] + _attr_list(SNAPSHOT_ATTRS, SNAPSHOT_OPTIONAL)
-                     + [_lit(b"]}"), ("sep", "sep")]),
-    "journey": _compile([_lit(b',"attributes":[')]
-                        + _attr_list(JOURNEY_ATTRS, {"ts.monotonic_ns", "schedule.kind", "finish.status"})
-                        + [_lit(b"]}"), ("sep", "sep")]),
-    "api": _compile([_lit(b',"attributes":[')] + _attr_list(API_ATTRS, {"reason", "error"})
-                    + [_lit(b"]}"), ("sep", "sep")]),
+    "snap": _compile(
+        [_lit(b',"attributes":[')] + _attr_list(SNAPSHOT_ATTRS, SNAPSHOT_OPTIONAL) + [_lit(b"]}"), ("sep", "sep")]
+    ),
+    "journey": _compile(
+        [_lit(b',"attributes":[')]
+        + _attr_list(JOURNEY_ATTRS, {"ts.monotonic_ns", "schedule.kind", "finish.status"})
+        + [_lit(b"]}"), ("sep", "sep")]
+    ),
+    "api": _compile(
+        [_lit(b',"attributes":[')] + _attr_list(API_ATTRS, {"reason", "error"}) + [_lit(b"]}"), ("sep", "sep")]
+    ),
 }
 _EVENT_NAMES: list[tuple[bytes, str, str]] = (  # (name, body, label)
     [(EV_BATCH.encode(), "bs", EV_BATCH), (EV_SNAPSHOT.encode(), "snap", EV_SNAPSHOT)]
     + [(b"journey." + t.encode(), "journey", "journey." + t) for t in JOURNEY_TYPES]
-    + [(b"api." + t.encode(), "api", "api." + t) for t in API_EVENTS])
-_SPAN_HEAD = _compile([("s", "trace_id"), _lit(b',"spanId":"'), ("s", "span_id"),
-                       _opt(_lit(b',"parentSpanId":"'), ("s", "parent_span_id")),
-                       _opt(_lit(b',"flags":'), ("u", "_flags")), _lit(b',"name":"'), ("s", "_name")])
-_SPAN_COMMON = [_lit(b',"kind":'), ("u", "_kind"), _lit(b',"startTimeUnixNano":"'), ("i", "start"),
-                _lit(b',"endTimeUnixNano":"'), ("i", "end"), _lit(b',"attributes":[')]
+    + [(b"api." + t.encode(), "api", "api." + t) for t in API_EVENTS]
+)
+_SPAN_HEAD = _compile(
+    [
+        ("s", "trace_id"),
+        _lit(b',"spanId":"'),
+        ("s", "span_id"),
+        _opt(_lit(b',"parentSpanId":"'), ("s", "parent_span_id")),
+        _opt(_lit(b',"flags":'), ("u", "_flags")),
+        _lit(b',"name":"'),
+        ("s", "_name"),
+    ]
+)
+_SPAN_COMMON = [
+    _lit(b',"kind":'),
+    ("u", "_kind"),
+    _lit(b',"startTimeUnixNano":"'),
+    ("i", "start"),
+    _lit(b',"endTimeUnixNano":"'),
+    ("i", "end"),
+    _lit(b',"attributes":['),
+]
 _SPAN_BODIES = {
-    "step": _compile(_SPAN_COMMON + _A_I("scheduler.span_sequence", "span_sequence") + [_lit(b",")]
-                     + _A_I("scheduler.step_range_start", "step_range_start") + [_lit(b",")]
-                     + _A_I("scheduler.closure_interval", "closure_interval")
-                     + [_opt(_lit(b","), *_A_I("scheduler.step_range_end", "step_range_end")), _lit(b"]"),
-                        ("flag", (b',"events":[', "has_events"))]),
-    "core": _compile(_SPAN_COMMON + _A_S("gen_ai.request.id", "request.id")
-                     + [_lit(b"]"), ("flag", (b',"events":[', "has_events"))]),
-    "api": _compile(_SPAN_COMMON + _A_S("gen_ai.request.id", "request.id")
-                    + [_opt(_lit(b","), *_A_S("http.route", "_route")),
-                       _opt(_lit(b","), *_A_S("gen_ai.response.model", "model")),
-                       _opt(_lit(b","), *_A_I("gen_ai.usage.prompt_tokens", "prompt_tokens")),
-                       _opt(_lit(b","), *_A_F("gen_ai.request.temperature", "_temperature")),
-                       _opt(_lit(b","), *_A_F("gen_ai.request.top_p", "_top_p")),
-                       _opt(_lit(b","), *_A_I("gen_ai.request.max_tokens", "max_tokens")),
-                       _opt(_lit(b","), *_A_I("gen_ai.request.n", "_n")),
-                       _lit(b"]"), ("flag", (b',"events":[', "has_events"))]),
+    "step": _compile(
+        _SPAN_COMMON
+        + _A_I("scheduler.span_sequence", "span_sequence")
+        + [_lit(b",")]
+        + _A_I("scheduler.step_range_start", "step_range_start")
+        + [_lit(b",")]
+        + _A_I("scheduler.closure_interval", "closure_interval")
+        + [
+            _opt(_lit(b","), *_A_I("scheduler.step_range_end", "step_range_end")),
+            _lit(b"]"),
+            ("flag", (b',"events":[', "has_events")),
+        ]
+    ),
+    "core": _compile(
+        _SPAN_COMMON + _A_S("gen_ai.request.id", "request.id") + [_lit(b"]"), ("flag", (b',"events":[', "has_events"))]
+    ),
+    "api": _compile(
+        _SPAN_COMMON
+        + _A_S("gen_ai.request.id", "request.id")
+        + [
+            _opt(_lit(b","), *_A_S("http.route", "_route")),
+            _opt(_lit(b","), *_A_S("gen_ai.response.model", "model")),
+            _opt(_lit(b","), *_A_I("gen_ai.usage.prompt_tokens", "prompt_tokens")),
+            _opt(_lit(b","), *_A_F("gen_ai.request.temperature", "_temperature")),
+            _opt(_lit(b","), *_A_F("gen_ai.request.top_p", "_top_p")),
+            _opt(_lit(b","), *_A_I("gen_ai.request.max_tokens", "max_tokens")),
+            _opt(_lit(b","), *_A_I("gen_ai.request.n", "_n")),
+            _lit(b"]"),
+            ("flag", (b',"events":[', "has_events")),
+        ]
+    ),
 }
-_STATUS_SET = [[_lit(b'"code":'), ("u", "status_code"), _lit(b"}")],
-               [_lit(b'"message":"'), ("s", "_message"), _opt(_lit(b',"code":'), ("u", "status_code")), _lit(b"}")]]
-_SPAN_TAIL = _compile([_alt([_lit(b',"status":{}}')],  # the usual tail, one literal
-                            [_lit(b',"droppedEventsCount":'), ("u", "dropped"), _lit(b',"status":{'),
-                             _alt([_lit(b"}")], *_STATUS_SET), _lit(b"}")],
-                            [_lit(b',"status":{'), _alt(*_STATUS_SET), _lit(b"}")]),
-                       ("sep", "sep")])
+_STATUS_SET = [
+    [_lit(b'"code":'), ("u", "status_code"), _lit(b"}")],
+    [_lit(b'"message":"'), ("s", "_message"), _opt(_lit(b',"code":'), ("u", "status_code")), _lit(b"}")],
+]
+_SPAN_TAIL = _compile(
+    [
+        _alt(
+            [_lit(b',"status":{}}')],  # the usual tail, one literal
+            [
+                _lit(b',"droppedEventsCount":'),
+                ("u", "dropped"),
+                _lit(b',"status":{'),
+                _alt([_lit(b"}")], *_STATUS_SET),
+                _lit(b"}"),
+            ],
+            [_lit(b',"status":{'), _alt(*_STATUS_SET), _lit(b"}")],
+        ),
+        ("sep", "sep"),
+    ]
+)
 _SPAN_KIND_SCOPE = {"step": SCOPE_STEP, "core": SCOPE_CORE, "api": SCOPE_API}
 
 
@@ -172,14 +244,28 @@ assert _max_quotes(_SPAN_TAIL) < _NQSENT
 # glue between span chains: line start, scope/resource changes, line end (bytes regexes)
 _J_S = rb'"[^"\\\x00-\x1f]*"'
 _J_NUM = rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
-_J_VAL = (rb'\{(?:"stringValue":' + _J_S + rb'|"intValue":(?:"-?[0-9]+"|-?[0-9]+)|"doubleValue":(?:' + _J_NUM
-          + rb'|"NaN"|"Infinity"|"-Infinity")|"boolValue":(?:true|false))?\}')
+_J_VAL = (
+    rb'\{(?:"stringValue":'
+    + _J_S
+    + rb'|"intValue":(?:"-?[0-9]+"|-?[0-9]+)|"doubleValue":(?:'
+    + _J_NUM
+    + rb'|"NaN"|"Infinity"|"-Infinity")|"boolValue":(?:true|false))?\}'
+)
 _J_ATTR = rb'\{"key":' + _J_S + rb',"value":' + _J_VAL + rb"\}"
 _J_ATTRS = rb"\[(?:" + _J_ATTR + rb"(?:," + _J_ATTR + rb")*)?\]"
-_J_RES = (rb'\{"resource":\{(?:"attributes":' + _J_ATTRS + rb'(?:,"droppedAttributesCount":[0-9]+)?'
-          rb'|"droppedAttributesCount":[0-9]+)?\},"scopeSpans":\[')
-_J_SCOPE = (rb'\{"scope":\{(?:"name":(?P<scope>' + _J_S + rb')(?:,"version":' + _J_S + rb')?|"version":'
-            + _J_S + rb')?\},"spans":\[')
+_J_RES = (
+    rb'\{"resource":\{(?:"attributes":' + _J_ATTRS + rb'(?:,"droppedAttributesCount":[0-9]+)?'
+    rb'|"droppedAttributesCount":[0-9]+)?\},"scopeSpans":\['
+)
+_J_SCOPE = (
+    rb'\{"scope":\{(?:"name":(?P<scope>'
+    + _J_S
+    + rb')(?:,"version":'
+    + _J_S
+    + rb')?|"version":'
+    + _J_S
+    + rb')?\},"spans":\['
+)
 _J_CLOSE = rb'(?:,"schemaUrl":' + _J_S + rb")?\}"
 _JOINT_RES = {
     "start": re.compile(rb'\{"resourceSpans":\[' + _J_RES + _J_SCOPE),
@@ -208,7 +294,7 @@ class _Scan:
 
     def __init__(self, a: np.ndarray, n: int):
         self.a, self.n = a, n
-        self.q = np.flatnonzero(a[:n + _NQSENT] == 34)  # ends with the padding's sentinel quotes
+        self.q = np.flatnonzero(a[: n + _NQSENT] == 34)  # ends with the padding's sentinel quotes
         self._views: dict[int, np.ndarray] = {}
         self.frags: list = []  # (kind, owner, field, rows, start, length)
 
@@ -234,8 +320,15 @@ class _Cur:
     quote at or after ``pos``; a quoted value therefore ends at ``q[qi]`` without scanning.
     """
 
-    def __init__(self, sc: _Scan, owner: str, rows: np.ndarray, pos: np.ndarray, ok: np.ndarray | None = None,
-                 qi: np.ndarray | None = None):
+    def __init__(
+        self,
+        sc: _Scan,
+        owner: str,
+        rows: np.ndarray,
+        pos: np.ndarray,
+        ok: np.ndarray | None = None,
+        qi: np.ndarray | None = None,
+    ):
         self.sc, self.owner, self.rows = sc, owner, rows
         self.pos = pos.astype(np.int64, copy=True)
         self.qi = np.searchsorted(sc.q, self.pos) if qi is None else qi.astype(np.int64, copy=True)
@@ -387,10 +480,15 @@ def _json_numbers_ok(s: pa.Array) -> np.ndarray:
         is_e = (ch == 101) | (ch == 69)
         is_sign = (ch == 43) | (ch == 45)
         prev_e = ((c[special - 1] == 101) | (c[special - 1] == 69)) & ~at_start
-        good = np.where(ch == 46, prev_dig & next_dig,
-                        np.where(is_e, prev_dig & (next_dig | (((nxt == 43) | (nxt == 45)) & (special + 2 < en[owner])
-                                                              & dig[special + 2])),
-                                 np.where(is_sign, (at_start & (ch == 45)) | (prev_e & next_dig), True)))
+        good = np.where(
+            ch == 46,
+            prev_dig & next_dig,
+            np.where(
+                is_e,
+                prev_dig & (next_dig | (((nxt == 43) | (nxt == 45)) & (special + 2 < en[owner]) & dig[special + 2])),
+                np.where(is_sign, (at_start & (ch == 45)) | (prev_e & next_dig), True),
+            ),
+        )
         ok[owner[~good]] = False
         # at most one '.', one exponent, and the '.' before the exponent
         dots = np.bincount(owner[ch == 46], minlength=n)
@@ -463,10 +561,10 @@ class _Fields:
             for f in frs:
                 k = len(f[3])
                 if bad is not None:
-                    b = bad[off:off + k]
+                    b = bad[off : off + k]
                     if b.any():
                         self.bad_rows.setdefault(f[1], []).append(f[3][b])
-                store.setdefault((f[1], f[2]), []).append((f[3], vals[off:off + k]))
+                store.setdefault((f[1], f[2]), []).append((f[3], vals[off : off + k]))
                 off += k
 
     def number(self, owner: str, name: str, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
@@ -526,8 +624,18 @@ def _ffill_index(has: np.ndarray) -> np.ndarray:
 # instance kinds in the chain check
 _H1, _H0, _EC, _EB, _TC, _TB = range(6)
 _ALLOW = np.zeros((6, 6), bool)
-for _a, _b in [(_H1, _EC), (_H1, _EB), (_H0, _TC), (_H0, _TB), (_EC, _EC), (_EC, _EB), (_EB, _TC), (_EB, _TB),
-               (_TC, _H1), (_TC, _H0)]:
+for _a, _b in [
+    (_H1, _EC),
+    (_H1, _EB),
+    (_H0, _TC),
+    (_H0, _TB),
+    (_EC, _EC),
+    (_EC, _EB),
+    (_EB, _TC),
+    (_EB, _TB),
+    (_TC, _H1),
+    (_TC, _H0),
+]:
     _ALLOW[_a, _b] = True
 _GROUPS = ("bs", "snap", "journey", "api")  # event groups (codes 0..3)
 _GROUP_OF_NAME = np.array([_GROUPS.index(g) for _, g, _ in _EVENT_NAMES] + [-1])  # index -1: unknown
@@ -538,8 +646,17 @@ _SCHEDULED_CODE = [lbl for _, _, lbl in _EVENT_NAMES].index("journey.SCHEDULED")
 _FINISHED_CODE = [lbl for _, _, lbl in _EVENT_NAMES].index("journey.FINISHED")
 
 
-def _fast_chunk(data: bytes, a: np.ndarray, n: int, starts: np.ndarray, ends: np.ndarray,
-                eligible: np.ndarray, first_line: int, joint_cache: dict, n_newlines: int):
+def _fast_chunk(
+    data: bytes,
+    a: np.ndarray,
+    n: int,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    eligible: np.ndarray,
+    first_line: int,
+    joint_cache: dict,
+    n_newlines: int,
+):
     """Match canonical lines; returns (verified line mask, tables, counters) for the verified lines."""
     nlines = len(starts)
     bad = ~eligible
@@ -551,12 +668,55 @@ def _fast_chunk(data: bytes, a: np.ndarray, n: int, starts: np.ndarray, ends: np
     ev_pos, ev_qi, sc, sp_pos, sp_qi = _fc_candidates(a, bad, body, data, ends, line_of, n, n_newlines, starts)
     ce, ev_code, ev_end, ev_grp, ev_last, groups, ne = _fc_events(ev_pos, ev_qi, sc)
     ch, ns, sp_end, sp_has_ev, sp_kind, span_groups = _fc_spans(sc, sp_pos, sp_qi)
-    K, SRC, bad, ct, head_scope, is_head, nt, scope_ids, scope_names, t_pos = _fc_chain(bad, ce, ch, data, eligible, ends, ev_end, ev_last, ev_pos, joint_cache, line_of, ne, nlines, ns, sc, sp_end, sp_has_ev, sp_pos, starts)
-    ev_line, ev_span, scope_of_head, sp_line, t_line, t_span = _fc_owners(K, SRC, bad, ev_grp, ev_pos, head_scope, is_head, line_of, ne, ns, nt, scope_ids, sp_kind, sp_pos, t_pos)
-    fl, good_line = _fc_values(bad, ce, ch, ct, ev_code, ev_line, groups, ne, ns, nt, sc, sp_kind, sp_line, span_groups, t_line)
-    sp_dropped, sp_end_t, sp_start, tables, take = _fc_event_tables(ev_code, ev_line, ev_span, first_line, fl, good_line, groups, ns, nt, span_groups, t_span)
-    _fc_step_span_table(ev_line, ev_span, first_line, fl, good_line, ne, ns, sp_dropped, sp_end_t, sp_line, sp_start, span_groups, tables, take)
-    return _fc_counters(eligible, ev_code, ev_line, good_line, ne, ns, scope_names, scope_of_head, sp_dropped, sp_line, tables)
+    K, SRC, bad, ct, head_scope, is_head, nt, scope_ids, scope_names, t_pos = _fc_chain(
+        bad,
+        ce,
+        ch,
+        data,
+        eligible,
+        ends,
+        ev_end,
+        ev_last,
+        ev_pos,
+        joint_cache,
+        line_of,
+        ne,
+        nlines,
+        ns,
+        sc,
+        sp_end,
+        sp_has_ev,
+        sp_pos,
+        starts,
+    )
+    ev_line, ev_span, scope_of_head, sp_line, t_line, t_span = _fc_owners(
+        K, SRC, bad, ev_grp, ev_pos, head_scope, is_head, line_of, ne, ns, nt, scope_ids, sp_kind, sp_pos, t_pos
+    )
+    fl, good_line = _fc_values(
+        bad, ce, ch, ct, ev_code, ev_line, groups, ne, ns, nt, sc, sp_kind, sp_line, span_groups, t_line
+    )
+    sp_dropped, sp_end_t, sp_start, tables, take = _fc_event_tables(
+        ev_code, ev_line, ev_span, first_line, fl, good_line, groups, ns, nt, span_groups, t_span
+    )
+    _fc_step_span_table(
+        ev_line,
+        ev_span,
+        first_line,
+        fl,
+        good_line,
+        ne,
+        ns,
+        sp_dropped,
+        sp_end_t,
+        sp_line,
+        sp_start,
+        span_groups,
+        tables,
+        take,
+    )
+    return _fc_counters(
+        eligible, ev_code, ev_line, good_line, ne, ns, scope_names, scope_of_head, sp_dropped, sp_line, tables
+    )
 
 
 def _fc_candidates(a, bad, body, data, ends, line_of, n, n_newlines, starts):
@@ -573,7 +733,7 @@ def _fc_candidates(a, bad, body, data, ends, line_of, n, n_newlines, starts):
         for li in np.unique(line_of(pos_odd[c >= 128])).tolist():
             if not bad[li]:
                 try:
-                    data[starts[li]:ends[li]].decode("utf-8")
+                    data[starts[li] : ends[li]].decode("utf-8")
                 except UnicodeDecodeError:
                     bad[li] = True
     sc = _Scan(a, n)
@@ -658,7 +818,27 @@ def _fc_spans(sc, sp_pos, sp_qi):
     return ch, ns, sp_end, sp_has_ev, sp_kind, span_groups
 
 
-def _fc_chain(bad, ce, ch, data, eligible, ends, ev_end, ev_last, ev_pos, joint_cache, line_of, ne, nlines, ns, sc, sp_end, sp_has_ev, sp_pos, starts):
+def _fc_chain(
+    bad,
+    ce,
+    ch,
+    data,
+    eligible,
+    ends,
+    ev_end,
+    ev_last,
+    ev_pos,
+    joint_cache,
+    line_of,
+    ne,
+    nlines,
+    ns,
+    sc,
+    sp_end,
+    sp_has_ev,
+    sp_pos,
+    starts,
+):
     """Span tails matched; the instances must tile each line in a legal order, the glue between them (joints)
     must match the grammar; the scope named by each joint."""
     # ---- span tails: after a last event, or after a head without events
@@ -708,7 +888,7 @@ def _fc_chain(bad, ce, ch, data, eligible, ends, ev_end, ev_last, ev_pos, joint_
                 if bad[li]:
                     continue
                 s0 = starts[li] if typ == "start" else E[i - 1]
-                t, sname = _joint(data[s0:S[i]], joint_cache)
+                t, sname = _joint(data[s0 : S[i]], joint_cache)
                 if t != typ:
                     bad[li] = True
                     continue
@@ -719,12 +899,14 @@ def _fc_chain(bad, ce, ch, data, eligible, ends, ev_end, ev_last, ev_pos, joint_
                 head_scope[i] = sid
         for i in np.flatnonzero(last).tolist():
             li = LN[i]
-            if not bad[li] and _joint(data[E[i]:ends[li]], joint_cache)[0] != "end":
+            if not bad[li] and _joint(data[E[i] : ends[li]], joint_cache)[0] != "end":
                 bad[li] = True
     return K, SRC, bad, ct, head_scope, is_head, nt, scope_ids, scope_names, t_pos
 
 
-def _fc_owners(K, SRC, bad, ev_grp, ev_pos, head_scope, is_head, line_of, ne, ns, nt, scope_ids, sp_kind, sp_pos, t_pos):
+def _fc_owners(
+    K, SRC, bad, ev_grp, ev_pos, head_scope, is_head, line_of, ne, ns, nt, scope_ids, sp_kind, sp_pos, t_pos
+):
     """Scope of every span head, the span that owns each event and tail; heads must fit their scope, events their
     span kind, all on their span's line."""
     # scope of every head: from the joint before it, else from the previous head
@@ -776,8 +958,13 @@ def _fc_values(bad, ce, ch, ct, ev_code, ev_line, groups, ne, ns, nt, sc, sp_kin
         sel = msk[f[3]]
         frags.append(f if sel.all() else (f[0], f[1], f[2], f[3][sel], f[4][sel], f[5][sel]))
     sc.frags = frags
-    sizes = {"ev": ne, "span": ns, "tail": nt, **{g: len(r) for g, r in groups.items()},
-             **{"sp_" + k: len(r) for k, r in span_groups.items()}}
+    sizes = {
+        "ev": ne,
+        "span": ns,
+        "tail": nt,
+        **{g: len(r) for g, r in groups.items()},
+        **{"sp_" + k: len(r) for k, r in span_groups.items()},
+    }
     fl = _Fields(sc, sizes)
     for owner_name, rows_list in fl.bad_rows.items():
         rows = np.concatenate(rows_list)
@@ -854,11 +1041,15 @@ def _fc_event_tables(ev_code, ev_line, ev_span, first_line, fl, good_line, group
         else:
             kind_owner = "sp_core" if g == "journey" else "sp_api"
             ispn = pa.array(spn)
-            cols.update({"request.id": fl.text(kind_owner, "request.id").take(pa.array(pk)),
-                         "trace_id": fl.text("span", "trace_id").take(ispn),
-                         "span_id": fl.text("span", "span_id").take(ispn),
-                         "span_start_unix_nano": take(sp_start, spn),
-                         "span_end_unix_nano": take(sp_end_t, spn)})
+            cols.update(
+                {
+                    "request.id": fl.text(kind_owner, "request.id").take(pa.array(pk)),
+                    "trace_id": fl.text("span", "trace_id").take(ispn),
+                    "span_id": fl.text("span", "span_id").take(ispn),
+                    "span_start_unix_nano": take(sp_start, spn),
+                    "span_end_unix_nano": take(sp_end_t, spn),
+                }
+            )
             label = _EV_SUFFIX.take(pa.array(ev_code[er]))
             isel = pa.array(sel)
             if g == "journey":
@@ -885,7 +1076,22 @@ def _fc_event_tables(ev_code, ev_line, ev_span, first_line, fl, good_line, group
     return sp_dropped, sp_end_t, sp_start, tables, take
 
 
-def _fc_step_span_table(ev_line, ev_span, first_line, fl, good_line, ne, ns, sp_dropped, sp_end_t, sp_line, sp_start, span_groups, tables, take):
+def _fc_step_span_table(
+    ev_line,
+    ev_span,
+    first_line,
+    fl,
+    good_line,
+    ne,
+    ns,
+    sp_dropped,
+    sp_end_t,
+    sp_line,
+    sp_start,
+    span_groups,
+    tables,
+    take,
+):
     """The step_spans table of the verified lines."""
     rows = span_groups["step"]
     sel = np.flatnonzero(good_line[sp_line[rows]]) if rows.size else rows
@@ -893,15 +1099,25 @@ def _fc_step_span_table(ev_line, ev_span, first_line, fl, good_line, ne, ns, sp_
         sr = rows[sel]
         counted = (ev_span >= 0) & good_line[ev_line] if ne else np.zeros(0, bool)
         n_ev = np.bincount(ev_span[counted], minlength=ns).astype(np.int64)
-        cols = {c: take(fl.number("sp_step", c), sel)
-                for c in ("span_sequence", "step_range_start", "step_range_end", "closure_interval")}
-        cols.update({"dropped_events_count": sp_dropped[sr], "n_events": n_ev[sr],
-                     "start_unix_nano": take(sp_start, sr), "end_unix_nano": take(sp_end_t, sr),
-                     "source_line": first_line + sp_line[sr]})
+        cols = {
+            c: take(fl.number("sp_step", c), sel)
+            for c in ("span_sequence", "step_range_start", "step_range_end", "closure_interval")
+        }
+        cols.update(
+            {
+                "dropped_events_count": sp_dropped[sr],
+                "n_events": n_ev[sr],
+                "start_unix_nano": take(sp_start, sr),
+                "end_unix_nano": take(sp_end_t, sr),
+                "source_line": first_line + sp_line[sr],
+            }
+        )
         tables["step_spans"] = _columns("step_spans", cols, len(sr))
 
 
-def _fc_counters(eligible, ev_code, ev_line, good_line, ne, ns, scope_names, scope_of_head, sp_dropped, sp_line, tables):
+def _fc_counters(
+    eligible, ev_code, ev_line, good_line, ne, ns, scope_names, scope_of_head, sp_dropped, sp_line, tables
+):
     """Spans per scope, dropped events and events per name over the verified lines."""
     # ---- counters over verified lines
     cnt = _new_counters()
@@ -914,5 +1130,3 @@ def _fc_counters(eligible, ev_code, ev_line, good_line, ne, ns, scope_names, sco
         ids, counts = np.unique(ev_code[good_line[ev_line]], return_counts=True)
         cnt["events_by_name"] = {_EVENT_NAMES[i][2]: int(c) for i, c in zip(ids.tolist(), counts.tolist())}
     return good_line & eligible, tables, cnt
-
-

@@ -10,7 +10,33 @@ import orjson
 import polars as pl
 import pyarrow as pa
 
-from .schema import API_ATTRS, API_EVENTS, API_SPAN_ATTRS, EV_BATCH, EV_SNAPSHOT, INT64_MAX, INT64_MIN, JOURNEY_ATTRS, JOURNEY_REQUIRED, JOURNEY_TYPES, SCOPE_API, SCOPE_CORE, SCOPE_STEP, SNAPSHOT_ATTRS, SNAPSHOT_OPTIONAL, STEP_ATTRS, STEP_SPAN_ATTRS, TABLES, TABLE_SCHEMAS, _ARROW, _EMPTY, _INTERNAL, _excerpt, _merge_counters, _new_counters
+from .schema import (
+    _ARROW,
+    _EMPTY,
+    _INTERNAL,
+    API_ATTRS,
+    API_EVENTS,
+    API_SPAN_ATTRS,
+    EV_BATCH,
+    EV_SNAPSHOT,
+    INT64_MAX,
+    INT64_MIN,
+    JOURNEY_ATTRS,
+    JOURNEY_REQUIRED,
+    JOURNEY_TYPES,
+    SCOPE_API,
+    SCOPE_CORE,
+    SCOPE_STEP,
+    SNAPSHOT_ATTRS,
+    SNAPSHOT_OPTIONAL,
+    STEP_ATTRS,
+    STEP_SPAN_ATTRS,
+    TABLE_SCHEMAS,
+    TABLES,
+    _excerpt,
+    _merge_counters,
+    _new_counters,
+)
 
 # --------------------------------------------------------------------------------------------
 # General path: orjson + a walk with per-field coercion
@@ -40,7 +66,7 @@ def _value_kind(key: str, v):
     if not isinstance(v, dict):
         raise _EventReject(f"{key}: malformed attribute value {_short(v)}")
     if len(v) == 1:
-        (kind, x), = v.items()
+        ((kind, x),) = v.items()
     elif not v:
         return None, f"{key}: empty value"
     else:
@@ -213,7 +239,7 @@ class _Sink:
         except _LineReject as e:
             for t, cols in self.cols.items():
                 for lst in cols.values():
-                    del lst[marks[t]:]
+                    del lst[marks[t] :]
             for lst in self.quarantine.values():
                 del lst[qmark:]
             self.not_stored = ns_mark
@@ -294,17 +320,30 @@ class _Sink:
                         sv[col] = None
             seq = sv.get("span_sequence")
             if seq is None and "scheduler.span_sequence" not in sattrs:
-                suffix = name[len("scheduler_steps_"):]
+                suffix = name[len("scheduler_steps_") :]
                 seq = int(suffix) if suffix.isdigit() and len(suffix) < 19 else None
-            self._add("step_spans", {"span_sequence": seq, "step_range_start": sv.get("step_range_start"),
-                                     "step_range_end": sv.get("step_range_end"),
-                                     "closure_interval": sv.get("closure_interval"), "dropped_events_count": dropped,
-                                     "n_events": len(events), "start_unix_nano": t0, "end_unix_nano": t1,
-                                     "source_line": line_no})
+            self._add(
+                "step_spans",
+                {
+                    "span_sequence": seq,
+                    "step_range_start": sv.get("step_range_start"),
+                    "step_range_end": sv.get("step_range_end"),
+                    "closure_interval": sv.get("closure_interval"),
+                    "dropped_events_count": dropped,
+                    "n_events": len(events),
+                    "start_unix_nano": t0,
+                    "end_unix_nano": t1,
+                    "source_line": line_no,
+                },
+            )
             ctx = {"span_sequence": seq}
         else:
-            ctx = {"trace_id": sp.get("traceId"), "span_id": sp.get("spanId"),
-                   "span_start_unix_nano": t0, "span_end_unix_nano": t1}
+            ctx = {
+                "trace_id": sp.get("traceId"),
+                "span_id": sp.get("spanId"),
+                "span_start_unix_nano": t0,
+                "span_end_unix_nano": t1,
+            }
             for k in ("trace_id", "span_id"):
                 if not isinstance(ctx[k], str):
                     ctx[k] = None
@@ -338,14 +377,20 @@ class _Sink:
         if kind == "step":
             table = "steps" if name == EV_BATCH else "snapshots" if name == EV_SNAPSHOT else None
         elif kind == "core":
-            table = "journey" if isinstance(name, str) and name[:8] == "journey." and name[8:] in JOURNEY_TYPES else None
+            table = (
+                "journey" if isinstance(name, str) and name[:8] == "journey." and name[8:] in JOURNEY_TYPES else None
+            )
         else:
             table = "api" if isinstance(name, str) and name[:4] == "api." and name[4:] in API_EVENTS else None
         if table is None:
             cnt["events_unknown"] += 1
             cnt["events_quarantined"] += 1
-            self._quarantine(line_no, "event", f"unknown event name {_short(name) if not isinstance(name, str) else repr(name)}",
-                             _excerpt(orjson.dumps(ev)))
+            self._quarantine(
+                line_no,
+                "event",
+                f"unknown event name {_short(name) if not isinstance(name, str) else repr(name)}",
+                _excerpt(orjson.dumps(ev)),
+            )
             return
         issues: list[str] = []
         try:
@@ -377,8 +422,11 @@ class _Sink:
             else:
                 vals = _read_attrs(m, API_ATTRS, issues)
                 missing = [] if "event.ts.monotonic" in m else ["event.ts.monotonic"]
-                row = {"event": name[4:], "event.ts.monotonic": vals.get("event.ts.monotonic"),
-                       "reason": vals.get("reason")}
+                row = {
+                    "event": name[4:],
+                    "event.ts.monotonic": vals.get("event.ts.monotonic"),
+                    "reason": vals.get("reason"),
+                }
                 row.update(ctx)
         except _EventReject as e:
             cnt["events_quarantined"] += 1
@@ -408,5 +456,3 @@ class _Sink:
         if not self.quarantine["line"]:
             return _EMPTY["quarantine"]
         return pl.DataFrame(self.quarantine, schema=TABLE_SCHEMAS["quarantine"])
-
-

@@ -19,12 +19,24 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..parallel import process_workers
 from ..limits import DEFAULT_LIMITS, InputLimitError, InputLimits
+from ..parallel import process_workers
 from ..runs import open_input
-from .schema import I64, TABLES, TABLE_SCHEMAS, TraceReadError, TraceTables, _EMPTY, _GzipError, _INTERNAL, _LimitError, _merge_counters, _new_counters
+from .fast import _NQSENT, PAD, PAD_BYTES, _fast_chunk
 from .general import _Sink
-from .fast import PAD, PAD_BYTES, _NQSENT, _fast_chunk
+from .schema import (
+    _EMPTY,
+    _INTERNAL,
+    I64,
+    TABLE_SCHEMAS,
+    TABLES,
+    TraceReadError,
+    TraceTables,
+    _GzipError,
+    _LimitError,
+    _merge_counters,
+    _new_counters,
+)
 
 # --------------------------------------------------------------------------------------------
 # Chunks
@@ -69,14 +81,21 @@ def _pad(data: bytes) -> bytes:
     return data + PAD_BYTES
 
 
-def _process_chunk(data: bytes, n: int, first_line: int, unterminated: bool, label: str, fast: bool = True,
-                   max_quarantine: int | None = None) -> _Part:
+def _process_chunk(
+    data: bytes,
+    n: int,
+    first_line: int,
+    unterminated: bool,
+    label: str,
+    fast: bool = True,
+    max_quarantine: int | None = None,
+) -> _Part:
     """Parse one chunk of whole lines: ``data[:n]`` followed by ``PAD_BYTES``.
 
     The last line of the file may be unterminated (``unterminated``). At most ``max_quarantine``
     quarantine records are stored (the rest are counted in ``_Part.not_stored``).
     """
-    if len(data) < n + PAD or data[n:n + _NQSENT] != PAD_BYTES[:_NQSENT]:
+    if len(data) < n + PAD or data[n : n + _NQSENT] != PAD_BYTES[:_NQSENT]:
         raise ValueError("chunk is not padded with PAD_BYTES")
     _tune_malloc()
     a = np.frombuffer(data, np.uint8)
@@ -97,7 +116,7 @@ def _process_chunk(data: bytes, n: int, first_line: int, unterminated: bool, lab
         fast_counters["lines_ok"] = fast_counters["lines_fast"] = int(verified.sum())
         fast_counters["lines_total"] = int(verified.sum())
     for i in np.flatnonzero(general).tolist():
-        sink.line(data[starts[i]:ends[i]], first_line + i, unterminated and i == nlines - 1)
+        sink.line(data[starts[i] : ends[i]], first_line + i, unterminated and i == nlines - 1)
     c = sink.counters
     nb = int(blank.sum())
     c["lines_total"] += nb
@@ -123,8 +142,14 @@ class _ChunkStream:
 
     RATIO_FLOOR_BYTES = 64 << 20  # the inflation ratio is judged once this many bytes are inflated
 
-    def __init__(self, path: Path, fileobj, chunk_bytes: int, first_chunk_bytes: int | None = None,
-                 limits: InputLimits = DEFAULT_LIMITS):
+    def __init__(
+        self,
+        path: Path,
+        fileobj,
+        chunk_bytes: int,
+        first_chunk_bytes: int | None = None,
+        limits: InputLimits = DEFAULT_LIMITS,
+    ):
         self.path, self.f, self.chunk_bytes = path, fileobj, chunk_bytes
         self.first_chunk_bytes = first_chunk_bytes or chunk_bytes
         self.limits = limits
@@ -168,8 +193,10 @@ class _ChunkStream:
                     raise _GzipError(consumed, str(e)) from None
                 inflated = self.bytes_uncompressed + len(out)
                 if inflated > self.RATIO_FLOOR_BYTES and inflated > lim.max_inflate_ratio * max(1, self.bytes_read):
-                    raise _LimitError(f"{name}: inflates more than {lim.max_inflate_ratio:g}x ({inflated} bytes from "
-                                      f"{self.bytes_read} compressed; limit {lim.describe('max_inflate_ratio')}): a gzip bomb?")
+                    raise _LimitError(
+                        f"{name}: inflates more than {lim.max_inflate_ratio:g}x ({inflated} bytes from "
+                        f"{self.bytes_read} compressed; limit {lim.describe('max_inflate_ratio')}): a gzip bomb?"
+                    )
                 if d.eof:
                     rest = d.unused_data
                     consumed += len(cb) - len(rest)
@@ -204,8 +231,10 @@ class _ChunkStream:
             for b in self._blocks():
                 self.bytes_uncompressed += len(b)
                 if self.bytes_uncompressed > lim.max_trace_bytes:
-                    raise _LimitError(f"{self.path.name}: more than {lim.max_trace_bytes} bytes of trace JSON "
-                                      f"(limit {lim.describe('max_trace_bytes')})")
+                    raise _LimitError(
+                        f"{self.path.name}: more than {lim.max_trace_bytes} bytes of trace JSON "
+                        f"(limit {lim.describe('max_trace_bytes')})"
+                    )
                 j = b.rfind(b"\n")
                 if j < 0:
                     line_len += len(b)
@@ -213,8 +242,10 @@ class _ChunkStream:
                     line_len = len(b) - j - 1
                     last_nl = len(pending)
                 if line_len > lim.max_line_bytes:
-                    raise _LimitError(f"{self.path.name}: a line longer than {lim.max_line_bytes} bytes "
-                                      f"(limit {lim.describe('max_line_bytes')})")
+                    raise _LimitError(
+                        f"{self.path.name}: a line longer than {lim.max_line_bytes} bytes "
+                        f"(limit {lim.describe('max_line_bytes')})"
+                    )
                 pending.append(b)
                 size += len(b)
                 if size < (self.first_chunk_bytes if first else self.chunk_bytes) or last_nl < 0:
@@ -225,9 +256,9 @@ class _ChunkStream:
                 cut = piece.rfind(b"\n") + 1
                 head, tail = (piece, b"") if cut == len(piece) else (piece[:cut], piece[cut:])
                 body = pending[:k] + [head]
-                n = size - len(tail) - sum(len(x) for x in pending[k + 1:])
+                n = size - len(tail) - sum(len(x) for x in pending[k + 1 :])
                 chunk = b"".join(body + [PAD_BYTES])
-                pending[:] = ([tail] if tail else []) + pending[k + 1:]
+                pending[:] = ([tail] if tail else []) + pending[k + 1 :]
                 last_nl = -1
                 size = sum(len(x) for x in pending)
                 if not self._put((chunk, n, False)):
@@ -235,7 +266,7 @@ class _ChunkStream:
                 first = False
             if size:
                 chunk = b"".join(pending + [PAD_BYTES])
-                self._put((chunk, size, chunk[size - 1:size] != b"\n"))
+                self._put((chunk, size, chunk[size - 1 : size] != b"\n"))
             self._put(None)
         except _GzipError as e:  # the consumer adds the lines it has seen
             e.pending_lines = sum(p.count(b"\n") for p in self._pending)
@@ -317,8 +348,15 @@ def _auto_workers(est: int) -> int:
     return 2 if est >= (256 << 20) else 1
 
 
-def read_traces(path: str | Path, *, workers: int | None = None, fast: bool = True,
-                chunk_bytes: int | None = None, limits: InputLimits | None = None, root: Path | None = None) -> TraceTables:
+def read_traces(
+    path: str | Path,
+    *,
+    workers: int | None = None,
+    fast: bool = True,
+    chunk_bytes: int | None = None,
+    limits: InputLimits | None = None,
+    root: Path | None = None,
+) -> TraceTables:
     """Read ``traces.json`` or ``traces.json.gz`` into :class:`TraceTables`.
 
     ``workers``: processes that parse chunks (None: 1, or 2 for files over 256 MB); the calling
@@ -355,10 +393,20 @@ def read_traces(path: str | Path, *, workers: int | None = None, fast: bool = Tr
         consumed, why = stream.truncated
         n = tables.counters["lines_total"]
         tables.counters["gzip_truncated"] = 1
-        record = pl.DataFrame({"file": [label], "line": [n], "kind": ["file"], "count": [1], "excerpt": [None],
-                               "reason": [f"truncated gzip stream: {why} (compressed byte {consumed} of {stream.bytes_read}); "
-                                          f"the {n} line(s) before the damage are kept, the rest of the run is missing"]},
-                              schema=TABLE_SCHEMAS["quarantine"])
+        record = pl.DataFrame(
+            {
+                "file": [label],
+                "line": [n],
+                "kind": ["file"],
+                "count": [1],
+                "excerpt": [None],
+                "reason": [
+                    f"truncated gzip stream: {why} (compressed byte {consumed} of {stream.bytes_read}); "
+                    f"the {n} line(s) before the damage are kept, the rest of the run is missing"
+                ],
+            },
+            schema=TABLE_SCHEMAS["quarantine"],
+        )
         tables.quarantine = pl.concat([tables.quarantine, record])
     return tables
 
@@ -382,9 +430,11 @@ def _read_parts(stream: _ChunkStream, path: Path, label: str, workers: int, fast
         stored += part.quarantine.height
         bad = sum(p.counters["lines_quarantined"] for p in parts)
         if bad > limits.max_unreadable_lines:
-            raise InputLimitError(f"{path.name}: more than {limits.max_unreadable_lines} lines are not OTLP JSON (by line "
-                                  f"{sum(p.counters['lines_total'] for p in parts)}; limit "
-                                  f"{limits.describe('max_unreadable_lines')}): not a trace file?")
+            raise InputLimitError(
+                f"{path.name}: more than {limits.max_unreadable_lines} lines are not OTLP JSON (by line "
+                f"{sum(p.counters['lines_total'] for p in parts)}; limit "
+                f"{limits.describe('max_unreadable_lines')}): not a trace file?"
+            )
 
     try:
         if workers == 1:
@@ -393,15 +443,18 @@ def _read_parts(stream: _ChunkStream, path: Path, label: str, workers: int, fast
         else:
             pool = _pool(workers)
             for chunk, n, unterminated in stream:
-                pending.append(pool.submit(_process_chunk, chunk, n, 1, unterminated, label, fast, max(0, cap - stored)))
+                pending.append(
+                    pool.submit(_process_chunk, chunk, n, 1, unterminated, label, fast, max(0, cap - stored))
+                )
                 while len(pending) > 2 * workers:
                     take(pending.popleft().result())
             while pending:
                 take(pending.popleft().result())
     except _GzipError as e:
         lines = _lines_reached(parts, pending) + e.pending_lines
-        raise TraceReadError(f"{path.name}: corrupt gzip stream after line {lines} "
-                             f"(compressed byte {e.consumed}: {e.reason})") from None
+        raise TraceReadError(
+            f"{path.name}: corrupt gzip stream after line {lines} (compressed byte {e.consumed}: {e.reason})"
+        ) from None
     except _LimitError as e:
         lines = _lines_reached(parts, pending)
         raise InputLimitError(f"{path}: {e.message.split(': ', 1)[1]}; stopped after line {lines}") from None
@@ -438,8 +491,10 @@ def _assemble(parts: list[_Part], nbytes: int, max_quarantine: int | None = None
         if not pieces[t]:
             df = _EMPTY[t]
         else:
-            arrays = [pa.concat_arrays([c[name] for c in pieces[t]]) if len(pieces[t]) > 1 else pieces[t][0][name]
-                      for name in schema]
+            arrays = [
+                pa.concat_arrays([c[name] for c in pieces[t]]) if len(pieces[t]) > 1 else pieces[t][0][name]
+                for name in schema
+            ]
             df = pl.from_arrow(pa.Table.from_arrays(arrays, names=list(schema)))
             if df.schema != schema:
                 df = df.cast(schema)
@@ -449,7 +504,9 @@ def _assemble(parts: list[_Part], nbytes: int, max_quarantine: int | None = None
             df = df.with_columns(
                 pl.when(pl.col("ts.monotonic_ns").is_null())
                 .then((pl.col("_ts_monotonic") * 1e9).round().cast(I64, strict=False))
-                .otherwise(pl.col("ts.monotonic_ns")).alias("ts.monotonic_ns")).drop("_ts_monotonic")
+                .otherwise(pl.col("ts.monotonic_ns"))
+                .alias("ts.monotonic_ns")
+            ).drop("_ts_monotonic")
         out[t] = df
     q = pl.concat(quarantine) if quarantine else _EMPTY["quarantine"]
     not_stored: dict[str, int] = {}
@@ -469,9 +526,19 @@ def _assemble(parts: list[_Part], nbytes: int, max_quarantine: int | None = None
 def quarantine_summary(file: str, not_stored: dict[str, int], max_rows: int | None) -> pl.DataFrame:
     """One record per kind standing for ``count`` quarantine records that were counted but not stored."""
     kinds = sorted(not_stored)
-    return pl.DataFrame({"file": [file] * len(kinds), "line": [None] * len(kinds), "kind": kinds,
-                         "reason": [f"{not_stored[k]} more {k} record(s) like the stored ones, not stored "
-                                    f"(limit max_quarantine_rows = {max_rows}; STEPML_MAX_QUARANTINE_ROWS or "
-                                    "settings.max_quarantine_rows)" for k in kinds],
-                         "excerpt": [None] * len(kinds), "count": [not_stored[k] for k in kinds]},
-                        schema=TABLE_SCHEMAS["quarantine"])
+    return pl.DataFrame(
+        {
+            "file": [file] * len(kinds),
+            "line": [None] * len(kinds),
+            "kind": kinds,
+            "reason": [
+                f"{not_stored[k]} more {k} record(s) like the stored ones, not stored "
+                f"(limit max_quarantine_rows = {max_rows}; STEPML_MAX_QUARANTINE_ROWS or "
+                "settings.max_quarantine_rows)"
+                for k in kinds
+            ],
+            "excerpt": [None] * len(kinds),
+            "count": [not_stored[k] for k in kinds],
+        },
+        schema=TABLE_SCHEMAS["quarantine"],
+    )
