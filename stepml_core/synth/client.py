@@ -43,13 +43,72 @@ def _order(d: dict) -> dict:
     return {k: d[k] for k in keys}
 
 
+def _token_times(R, U: np.ndarray, egress: np.ndarray, shift: float, rng: np.random.Generator, sse_us: tuple):
+    """(SSE message times, end time) [s, client clock] of a request that produced all its tokens, else None.
+
+    Token k of step s: t = update(s) + egress(s) + shift + N(0, 20 µs), made non-decreasing; its second SSE
+    message t + U(sse_us) µs; then the usage chunk (+60–250 µs), ``[DONE]`` (+5–60 µs), end (+50–300 µs)."""
+    steps = (
+        np.concatenate([np.arange(F, F + c, dtype=np.int64) for F, c in R.segments])
+        if R.segments
+        else np.zeros(0, np.int64)
+    )
+    if len(steps) != R.max_tokens:
+        return None
+    slo, shi = sse_us
+    t = U[steps - 1] + egress[steps - 1] + shift + rng.normal(0.0, 20e-6, len(steps))
+    t = np.maximum.accumulate(t)
+    t2 = t + rng.uniform(slo, shi, len(t)) * 1e-6
+    times = np.empty(2 * len(t) + 2)
+    times[0:-2:2] = t
+    times[1:-2:2] = t2
+    times[-2] = t2[-1] + rng.uniform(60, 250) * 1e-6
+    times[-1] = times[-2] + rng.uniform(5, 60) * 1e-6
+    end = times[-1] + rng.uniform(50, 300) * 1e-6
+    return times, end
+
+
+def _prompt_json(spec: RunSpec, R, hf_id: str) -> str:
+    """The request body inference-perf sent for the request's prompt (a placeholder text naming group and prompt)."""
+    return json.dumps(
+        {
+            "model": hf_id,
+            "prompt": f"[synthetic shared-prefix prompt: group {R.group}, prompt {R.prompt_id % max(1, spec.prompts_per_group)}, "
+            f"{R.prompt_len} tokens]",
+            "max_tokens": R.max_tokens,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": "true"},
+        }
+    )
+
+
+def _record(wl, i: int, start: float, end: float, request: str, intended: float, info: dict, error) -> dict:
+    """One per-request record (inference-perf's fields, then the private ``_ok, _idx, _stage, _intended``)."""
+    return {
+        "start_time": start,
+        "end_time": end,
+        "request": request,
+        "response": "",
+        "info": {**info, "extra_info": {}, "lora_adapter": None},
+        "error": error,
+        "_ok": error is None,
+        "_idx": i,
+        "_stage": int(wl.stage[i]),
+        "_intended": intended,
+    }
+
+
 def client_records(spec: RunSpec, wl, sim, rng: np.random.Generator, *, mono0: float, client0: float, hf_id: str):
-    """Per-request records (inference-perf order: completion order) + arrays for summaries."""
+    """Per-request records (inference-perf order: completion order) + arrays for summaries.
+
+    A request succeeds if the engine produced all its tokens and the client received them within its timeout
+    (else a TimeoutError record ending at start + timeout; a late one is marked ``client_timeout``)."""
     api = engine_params()["api"]
     U = np.asarray(sim.update_s, dtype=np.float64)
     lo, hi = api["engine_to_client_ms"]
     egress = rng.uniform(lo, hi, len(U)) * 1e-3
-    slo, shi = api["second_event_us"]
+    sse_us = api["second_event_us"]
     start = client0 + np.asarray(sim.start_abs, dtype=np.float64)
     intended = start - (wl.start_time - wl.send_time)
     shift = client0 - mono0
@@ -58,84 +117,25 @@ def client_records(spec: RunSpec, wl, sim, rng: np.random.Generator, *, mono0: f
     for R in sim.requests:
         i = R.idx
         st = float(start[i])
-        ok = R.finish_status == "length"
-        times = None
-        if ok:
-            steps = (
-                np.concatenate([np.arange(F, F + c, dtype=np.int64) for F, c in R.segments])
-                if R.segments
-                else np.zeros(0, np.int64)
-            )
-            if len(steps) != R.max_tokens:
-                ok = False
-            else:
-                t = U[steps - 1] + egress[steps - 1] + shift + rng.normal(0.0, 20e-6, len(steps))
-                t = np.maximum.accumulate(t)
-                t2 = t + rng.uniform(slo, shi, len(t)) * 1e-6
-                times = np.empty(2 * len(t) + 2)
-                times[0:-2:2] = t
-                times[1:-2:2] = t2
-                times[-2] = t2[-1] + rng.uniform(60, 250) * 1e-6
-                times[-1] = times[-2] + rng.uniform(5, 60) * 1e-6
-                end = times[-1] + rng.uniform(50, 300) * 1e-6
-                if end - st > wl.timeout_s[i]:
-                    ok = False
-                    R.client_timeout = True
+        got = _token_times(R, U, egress, shift, rng, sse_us) if R.finish_status == "length" else None
+        if got is not None and got[1] - st > wl.timeout_s[i]:
+            got = None
+            R.client_timeout = True
         p = R.prompt_id
         if p not in prompts:
-            prompts[p] = json.dumps(
-                {
-                    "model": hf_id,
-                    "prompt": f"[synthetic shared-prefix prompt: group {R.group}, prompt {p % max(1, spec.prompts_per_group)}, "
-                    f"{R.prompt_len} tokens]",
-                    "max_tokens": R.max_tokens,
-                    "ignore_eos": True,
-                    "stream": True,
-                    "stream_options": {"include_usage": "true"},
-                }
-            )
-        if ok:
-            recs.append(
-                {
-                    "start_time": st,
-                    "end_time": float(end),
-                    "request": prompts[p],
-                    "response": "",
-                    "info": {
-                        "input_tokens": int(R.prompt_len),
-                        "output_tokens": int(wl.client_out_tokens[i]),
-                        "output_token_times": times.tolist(),
-                        "extra_info": {},
-                        "lora_adapter": None,
-                    },
-                    "error": None,
-                    "_ok": True,
-                    "_idx": i,
-                    "_stage": int(wl.stage[i]),
-                    "_intended": float(intended[i]),
-                }
-            )
+            prompts[p] = _prompt_json(spec, R, hf_id)
+        if got is not None:
+            times, end = got
+            info = {
+                "input_tokens": int(R.prompt_len),
+                "output_tokens": int(wl.client_out_tokens[i]),
+                "output_token_times": times.tolist(),
+            }
+            recs.append(_record(wl, i, st, float(end), prompts[p], float(intended[i]), info, None))
         else:
-            recs.append(
-                {
-                    "start_time": st,
-                    "end_time": st + float(wl.timeout_s[i]),
-                    "request": prompts[p],
-                    "response": "",
-                    "info": {
-                        "input_tokens": 0,
-                        "output_tokens": 0,
-                        "output_token_times": [],
-                        "extra_info": {},
-                        "lora_adapter": None,
-                    },
-                    "error": {"error_type": "TimeoutError", "error_msg": ""},
-                    "_ok": False,
-                    "_idx": i,
-                    "_stage": int(wl.stage[i]),
-                    "_intended": float(intended[i]),
-                }
-            )
+            info = {"input_tokens": 0, "output_tokens": 0, "output_token_times": []}
+            error = {"error_type": "TimeoutError", "error_msg": ""}
+            recs.append(_record(wl, i, st, st + float(wl.timeout_s[i]), prompts[p], float(intended[i]), info, error))
     recs.sort(key=lambda r: (r["end_time"], r["_idx"]))
     return recs
 

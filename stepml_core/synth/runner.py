@@ -189,25 +189,9 @@ def _data_digest() -> dict:
     return out
 
 
-def synthesize_run(
-    spec: RunSpec,
-    out_dir: Path,
-    *,
-    scale: float = 1.0,
-    seed: int = 0,
-    progress: Callable[[float], None] | None = None,
-    compresslevel: int = 3,
-) -> Path:
-    """Simulate one run and write its folder ``out_dir/<synthetic id>``; returns the folder."""
-    if not (0.0 < scale <= 1.0):
-        raise ValueError(f"scale must be in (0, 1], got {scale}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / spec.synth_id
-    tmp = out_dir / f".{spec.synth_id}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "results").mkdir(parents=True)
+def _simulate(spec: RunSpec, scale: float, seed: int, trace_path: Path, progress, compresslevel: int):
+    """Workload, engine simulation, client records and the trace file, each from its own random stream;
+    (simulation, client records, trace counts). Progress: 0 → 0.8 in the simulation, 0.95 when written."""
     rng_wl, rng_eng, rng_cli, rng_trace, _ = _streams(spec.real_id, seed)
     mono0, client0, wall_off = _clocks(spec)
     wl = build_workload(spec, scale, rng_wl)
@@ -219,7 +203,7 @@ def synthesize_run(
         progress(0.8)
     recs = client_records(spec, wl, sim, rng_cli, mono0=mono0, client0=client0, hf_id=spec.arch.hf_id)
     counts = write_run_traces(
-        tmp / "traces.json.gz",
+        trace_path,
         sim,
         hf_id=spec.arch.hf_id,
         wall_off=wall_off,
@@ -228,6 +212,12 @@ def synthesize_run(
     )
     if progress:
         progress(0.95)
+    return sim, recs, counts
+
+
+def _write_client_files(tmp: Path, spec: RunSpec, scale: float, recs: list[dict]) -> dict:
+    """inference-perf's results/ (per-request records, per-stage and overall summaries, config.yaml) plus
+    exp-config.yaml and profile.yaml; returns the overall summary."""
     res = tmp / "results"
     out_path = f"/synthetic/{spec.synth_id}/results"
     (res / "per_request_lifecycle_metrics.json").write_bytes(orjson.dumps(public_records(recs)))
@@ -243,8 +233,13 @@ def synthesize_run(
     (tmp / "profile.yaml").write_text(
         json.dumps(_profile(spec, scale, out_path), sort_keys=True, separators=(",", ":")) + "\n"
     )
+    return summary
+
+
+def _provenance(spec: RunSpec, scale: float, seed: int, sim, summary: dict, counts: dict) -> dict:
+    """provenance.json of a synthetic run: what it stands for, generator, seed, scale, data digests, counts."""
     stm = schedule_time_model()
-    prov = {
+    return {
         "source": "synthetic",
         "stands_for": spec.real_id,
         "generator": GENERATOR,
@@ -271,7 +266,32 @@ def synthesize_run(
             **{k: int(v) for k, v in sim.counters.items()},
         },
     }
-    _write_json(tmp / PROVENANCE_FILE, prov)
+
+
+def synthesize_run(
+    spec: RunSpec,
+    out_dir: Path,
+    *,
+    scale: float = 1.0,
+    seed: int = 0,
+    progress: Callable[[float], None] | None = None,
+    compresslevel: int = 3,
+) -> Path:
+    """Simulate one run and write its folder ``out_dir/<synthetic id>``; returns the folder.
+
+    Written into ``.<id>.partial`` first and renamed when complete."""
+    if not (0.0 < scale <= 1.0):
+        raise ValueError(f"scale must be in (0, 1], got {scale}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / spec.synth_id
+    tmp = out_dir / f".{spec.synth_id}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "results").mkdir(parents=True)
+    sim, recs, counts = _simulate(spec, scale, seed, tmp / "traces.json.gz", progress, compresslevel)
+    summary = _write_client_files(tmp, spec, scale, recs)
+    _write_json(tmp / PROVENANCE_FILE, _provenance(spec, scale, seed, sim, summary, counts))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -118,10 +118,95 @@ def request_ids(n: int, ids: Ids) -> tuple[list[str], list[str]]:
     return api, [api[i] + "-0-" + s[i] for i in range(n)]
 
 
+def _bs_event(rec: tuple, t_bs: int) -> str:
+    """A ``step.BATCH_SUMMARY`` event at wall time ``t_bs`` [ns] from a recorder record (16 fields, field 13 the
+    KV usage ratio)."""
+    return _BS_TMPL % (t_bs, *rec[:13], _dbl(rec[13]), *rec[14:16])
+
+
+def _snapshot_events(step_id: int, snaps: list, engine_ids: list[str], t_bs: int) -> list[tuple[int, str]]:
+    """(wall time [ns], ``step.REQUEST_SNAPSHOT`` event) per running request, 14 µs apart after the summary."""
+    out = []
+    t = t_bs
+    for idx, ph, plen, comp, out_tok, npre, sq, nb, hb, eff in snaps:
+        t += 14000
+        e = _SNAP_HEAD % (
+            t,
+            step_id,
+            engine_ids[idx],
+            "DECODE" if ph else "PREFILL",
+            plen,
+            comp,
+            out_tok,
+            npre,
+            sq,
+            nb,
+            hb,
+        )
+        out.append((t, e + (_SNAP_EFF % eff if eff is not None else "]}")))
+    return out
+
+
+def _emit_sampled_step(span: Span, rec: tuple, snaps: list | None, engine_ids: list[str], t_bs: int) -> int:
+    """Add a sampled step's BATCH_SUMMARY (and its snapshots, if rich-sampled) to ``span``; returns the wall time
+    [ns] of the last event added."""
+    span.add_event(_bs_event(rec, t_bs))
+    if not snaps:
+        return t_bs
+    events = _snapshot_events(rec[0], snaps, engine_ids, t_bs)
+    for _, e in events:
+        span.add_event(e)
+    return events[-1][0]
+
+
+def _new_step_span(tids: list[str], sids: list[str], seq: int, start_step: int, start_ns: int) -> Span:
+    """The open span ``scheduler_steps_<seq>`` whose step range starts at ``start_step``."""
+    sp = Span(
+        trace_id=tids[seq - 1],
+        span_id=sids[seq - 1],
+        name=f"scheduler_steps_{seq}",
+        kind=KIND_INTERNAL,
+        start_ns=start_ns,
+        end_ns=0,
+        flags=FLAGS_LOCAL,
+    )
+    sp._range_start = start_step  # type: ignore[attr-defined]
+    return sp
+
+
+def _close_step_span(sp: Span, seq: int, closure: int, range_end: int, end_ns: int) -> None:
+    """Close a step span at ``end_ns`` with its ``scheduler.*`` attributes (step range start … ``range_end``)."""
+    sp.end_ns = end_ns
+    sp.attrs_json = encode_attrs(
+        [
+            ("scheduler.span_sequence", seq),
+            ("scheduler.step_range_start", sp._range_start),  # type: ignore[attr-defined]
+            ("scheduler.closure_interval", closure),
+            ("scheduler.step_range_end", range_end),
+        ]
+    )
+
+
+def _step_span_counts(spans: list[Span], n_emitted: int) -> dict:
+    """Provenance counts: BATCH_SUMMARYs emitted and surviving the 128-event cap, events dropped, spans."""
+    dropped = sum(s.dropped_events for s in spans)
+    kept = sum(sum(1 for e in s.events if '"step.BATCH_SUMMARY"' in e[:96]) for s in spans)
+    return {
+        "batch_summaries_emitted": n_emitted,
+        "batch_summaries_written": kept,
+        "events_dropped": dropped,
+        "step_spans": len(spans),
+    }
+
+
 def step_spans(
     sim: SimResult, engine_ids: list[str], wall_off: int, rng: np.random.Generator, ids: Ids, closure: int
 ) -> tuple[list[Span], dict]:
-    """Step spans with their events, plus counts (sampled steps emitted, events dropped)."""
+    """Step spans with their events, plus counts (sampled steps emitted, events dropped).
+
+    Every ``closure`` steps the open span closes at max(end of the step + 40 µs, last event + 5 µs) if a sampled
+    step was emitted since the last check; the last one closes at shutdown (end of the last step + 200 µs).
+    A BATCH_SUMMARY leaves 3–12 µs after its step's end."""
     ts, dur = sim.ts_start_ns, sim.dur_us
     N = sim.steps
     sampled = sim.sampled
@@ -135,115 +220,129 @@ def step_spans(
     def ts_end(step: int) -> int:
         return ts[step - 1] + dur[step - 1] * 1000
 
-    def new_span(start_step: int, start_ns: int) -> Span:
-        sp = Span(
-            trace_id=tids[seq - 1],
-            span_id=sids[seq - 1],
-            name=f"scheduler_steps_{seq}",
-            kind=KIND_INTERNAL,
-            start_ns=start_ns,
-            end_ns=0,
-            flags=FLAGS_LOCAL,
-        )
-        sp._range_start = start_step  # type: ignore[attr-defined]
-        return sp
-
-    cur = new_span(1, ts[0] + wall_off - 2000 if N else wall_off)
+    cur = _new_step_span(tids, sids, seq, 1, ts[0] + wall_off - 2000 if N else wall_off)
     last_ev = 0
     emitted_since = 0
     si = 0
-    n_bs = 0
     for c in range(closure, N + closure, closure):
         hi = min(c, N)
         while si < n_s and sampled[si][0][0] <= hi:
             rec, snaps = sampled[si]
-            t_bs = rec[2] + wall_off + bs_off[si]
-            u = rec[13]
-            cur.add_event(
-                _BS_TMPL
-                % (
-                    t_bs,
-                    rec[0],
-                    rec[1],
-                    rec[2],
-                    rec[3],
-                    rec[4],
-                    rec[5],
-                    rec[6],
-                    rec[7],
-                    rec[8],
-                    rec[9],
-                    rec[10],
-                    rec[11],
-                    rec[12],
-                    _dbl(u),
-                    rec[14],
-                    rec[15],
-                )
-            )
-            n_bs += 1
-            if snaps:
-                t = t_bs
-                for idx, ph, plen, comp, out, npre, sq, nb, hb, eff in snaps:
-                    t += 14000
-                    e = _SNAP_HEAD % (
-                        t,
-                        rec[0],
-                        engine_ids[idx],
-                        "DECODE" if ph else "PREFILL",
-                        plen,
-                        comp,
-                        out,
-                        npre,
-                        sq,
-                        nb,
-                        hb,
-                    )
-                    cur.add_event(e + (_SNAP_EFF % eff if eff is not None else "]}"))
-                last_ev = t
-            else:
-                last_ev = t_bs
+            last_ev = _emit_sampled_step(cur, rec, snaps, engine_ids, rec[2] + wall_off + bs_off[si])
             emitted_since += 1
             si += 1
         if c > N:
             break
         if emitted_since:
             end = max(ts_end(c) + wall_off + 40000, last_ev + 5000)
-            cur.end_ns = end
-            cur.attrs_json = encode_attrs(
-                [
-                    ("scheduler.span_sequence", seq),
-                    ("scheduler.step_range_start", cur._range_start),
-                    ("scheduler.closure_interval", closure),
-                    ("scheduler.step_range_end", c),
-                ]
-            )
+            _close_step_span(cur, seq, closure, c, end)
             spans.append(cur)
             seq += 1
-            cur = new_span(c + 1, end + 1000)
+            cur = _new_step_span(tids, sids, seq, c + 1, end + 1000)
             emitted_since = 0
     # shutdown: close the open span
-    if N and (cur.events or cur._range_start <= N):
+    if N and (cur.events or cur._range_start <= N):  # type: ignore[attr-defined]
         end = max(ts_end(N) + wall_off + 200000, last_ev + 5000)
-        cur.end_ns = max(end, cur.start_ns + 1000)
-        cur.attrs_json = encode_attrs(
-            [
-                ("scheduler.span_sequence", seq),
-                ("scheduler.step_range_start", cur._range_start),
-                ("scheduler.closure_interval", closure),
-                ("scheduler.step_range_end", N),
-            ]
-        )
+        _close_step_span(cur, seq, closure, N, max(end, cur.start_ns + 1000))
         spans.append(cur)
-    dropped = sum(s.dropped_events for s in spans)
-    # BATCH_SUMMARY events that survived the cap
-    kept = sum(sum(1 for e in s.events if '"step.BATCH_SUMMARY"' in e[:96]) for s in spans)
-    return spans, {
-        "batch_summaries_emitted": n_bs,
-        "batch_summaries_written": kept,
-        "events_dropped": dropped,
-        "step_spans": len(spans),
-    }
+    return spans, _step_span_counts(spans, si)
+
+
+def _journey_event(R, event: tuple, wall_off: int) -> str:
+    """A ``journey.<TYPE>`` event of an llm_core span (wall time = engine monotonic + ``wall_off``)."""
+    et, step, ns, ph, pdone, ddone, npre, extra = event
+    name = EV_NAMES[et]
+    phase = "WAITING" if et == EV_QUEUED else ("DECODE" if ph else "PREFILL")
+    s = _J_TMPL % (
+        ns + wall_off,
+        name,
+        name,
+        repr(ns / 1e9),
+        ns,
+        step,
+        phase,
+        pdone,
+        R.prompt_len,
+        ddone,
+        R.max_tokens,
+        npre,
+    )
+    if et == EV_SCHEDULED:
+        return s + ',{"key":"schedule.kind","value":{"stringValue":"%s"}}]}' % extra
+    if et == EV_FINISHED:
+        return s + ',{"key":"finish.status","value":{"stringValue":"%s"}}]}' % extra
+    return s + "]}"
+
+
+def _core_span(R, trace_id: str, span_id: str, parent_id: str, engine_id: str, wall_off: int) -> Span:
+    """The engine-side ``llm_core`` span of a request: first journey event − 3 µs … finish + 6 µs."""
+    ev_json = [_journey_event(R, e, wall_off) for e in R.events]
+    q_ns = R.events[0][2]
+    fin_ns = R.finish_ns if R.finish_ns > 0 else R.events[-1][2]
+    core = Span(
+        trace_id=trace_id,
+        span_id=span_id,
+        parent_span_id=parent_id,
+        name="llm_core",
+        kind=KIND_INTERNAL,
+        flags=FLAGS_REMOTE_PARENT,
+        start_ns=q_ns - 3000 + wall_off,
+        end_ns=fin_ns + 6000 + wall_off,
+        attrs_json=encode_attrs([("gen_ai.request.id", engine_id)]),
+    )
+    for e in ev_json:
+        core.add_event(e)
+    return core
+
+
+def _api_terminal_event(R, depart_ns: int, wall_off: int) -> tuple[int, str]:
+    """(API-process monotonic end [ns], the ``api.DEPARTED`` event of a completed request, ``depart_ns`` after its
+    finish, else ``api.ABORTED`` at the client's abort)."""
+    fin_ns = R.finish_ns if R.finish_ns > 0 else R.events[-1][2]
+    if R.finish_status == "length" and not R.client_timeout:
+        end_mono = fin_ns + depart_ns
+        term = encode_event(end_mono + wall_off, "api.DEPARTED", encode_attrs([("event.ts.monotonic", end_mono / 1e9)]))
+    else:
+        end_mono = int(R.api_abort * 1e9)
+        term = encode_event(
+            end_mono + wall_off,
+            "api.ABORTED",
+            encode_attrs([("event.ts.monotonic", end_mono / 1e9), ("reason", "client_disconnect")]),
+        )
+    return end_mono, term
+
+
+def _api_span(R, trace_id: str, span_id: str, api_id: str, depart_ns: int, hf_id: str, wall_off: int) -> Span:
+    """The API-process ``llm_request`` span of a request: arrival … end + 2 µs, events ARRIVED (+1.2 µs) and
+    DEPARTED / ABORTED."""
+    arr_ns = int(R.api_arrival * 1e9)
+    end_mono, term = _api_terminal_event(R, depart_ns, wall_off)
+    api = Span(
+        trace_id=trace_id,
+        span_id=span_id,
+        name="llm_request",
+        kind=KIND_SERVER,
+        flags=FLAGS_LOCAL,
+        start_ns=arr_ns + wall_off,
+        end_ns=end_mono + 2000 + wall_off,
+        attrs_json=encode_attrs(
+            [
+                ("gen_ai.request.id", api_id),
+                ("http.route", "/v1/completions"),
+                ("gen_ai.response.model", hf_id),
+                ("gen_ai.usage.prompt_tokens", R.prompt_len),
+                ("gen_ai.request.max_tokens", R.max_tokens),
+                ("gen_ai.request.n", 1),
+            ]
+        ),
+    )
+    api.add_event(
+        encode_event(
+            arr_ns + 1200 + wall_off, "api.ARRIVED", encode_attrs([("event.ts.monotonic", (arr_ns + 1200) / 1e9)])
+        )
+    )
+    api.add_event(term)
+    return api
 
 
 def journey_spans(
@@ -256,7 +355,8 @@ def journey_spans(
     rng: np.random.Generator,
     ids: Ids,
 ) -> tuple[list[Span], list[Span]]:
-    """(llm_request spans, llm_core spans) for every request that reached the server."""
+    """(llm_request spans, llm_core spans) for every request that reached the server; a completed request departs
+    the API 150–450 µs after it finished."""
     reqs = sim.requests
     n = len(reqs)
     tids = ids.hexes(n, 16)
@@ -268,87 +368,8 @@ def journey_spans(
         i = R.idx
         if not R.events:
             continue
-        arr_ns = int(R.api_arrival * 1e9)
-        ev_json = []
-        for et, step, ns, ph, pdone, ddone, npre, extra in R.events:
-            name = EV_NAMES[et]
-            phase = "WAITING" if et == EV_QUEUED else ("DECODE" if ph else "PREFILL")
-            s = _J_TMPL % (
-                ns + wall_off,
-                name,
-                name,
-                repr(ns / 1e9),
-                ns,
-                step,
-                phase,
-                pdone,
-                R.prompt_len,
-                ddone,
-                R.max_tokens,
-                npre,
-            )
-            if et == EV_SCHEDULED:
-                s += ',{"key":"schedule.kind","value":{"stringValue":"%s"}}]}' % extra
-            elif et == EV_FINISHED:
-                s += ',{"key":"finish.status","value":{"stringValue":"%s"}}]}' % extra
-            else:
-                s += "]}"
-            ev_json.append(s)
-        q_ns = R.events[0][2]
-        fin_ns = R.finish_ns if R.finish_ns > 0 else R.events[-1][2]
-        core = Span(
-            trace_id=tids[i],
-            span_id=cids[i],
-            parent_span_id=aids[i],
-            name="llm_core",
-            kind=KIND_INTERNAL,
-            flags=FLAGS_REMOTE_PARENT,
-            start_ns=q_ns - 3000 + wall_off,
-            end_ns=fin_ns + 6000 + wall_off,
-            attrs_json=encode_attrs([("gen_ai.request.id", engine_ids[i])]),
-        )
-        for e in ev_json:
-            core.add_event(e)
-        core_spans.append(core)
-        # API side
-        if R.finish_status == "length" and not R.client_timeout:
-            end_mono = fin_ns + dep[i]
-            term = encode_event(
-                end_mono + wall_off, "api.DEPARTED", encode_attrs([("event.ts.monotonic", end_mono / 1e9)])
-            )
-        else:
-            end_mono = int(R.api_abort * 1e9)
-            term = encode_event(
-                end_mono + wall_off,
-                "api.ABORTED",
-                encode_attrs([("event.ts.monotonic", end_mono / 1e9), ("reason", "client_disconnect")]),
-            )
-        api = Span(
-            trace_id=tids[i],
-            span_id=aids[i],
-            name="llm_request",
-            kind=KIND_SERVER,
-            flags=FLAGS_LOCAL,
-            start_ns=arr_ns + wall_off,
-            end_ns=end_mono + 2000 + wall_off,
-            attrs_json=encode_attrs(
-                [
-                    ("gen_ai.request.id", api_ids[i]),
-                    ("http.route", "/v1/completions"),
-                    ("gen_ai.response.model", hf_id),
-                    ("gen_ai.usage.prompt_tokens", R.prompt_len),
-                    ("gen_ai.request.max_tokens", R.max_tokens),
-                    ("gen_ai.request.n", 1),
-                ]
-            ),
-        )
-        api.add_event(
-            encode_event(
-                arr_ns + 1200 + wall_off, "api.ARRIVED", encode_attrs([("event.ts.monotonic", (arr_ns + 1200) / 1e9)])
-            )
-        )
-        api.add_event(term)
-        api_spans.append(api)
+        core_spans.append(_core_span(R, tids[i], cids[i], aids[i], engine_ids[i], wall_off))
+        api_spans.append(_api_span(R, tids[i], aids[i], api_ids[i], dep[i], hf_id, wall_off))
     return api_spans, core_spans
 
 
