@@ -665,25 +665,48 @@ def reconstruct(
     (else 16); ``output_lag`` = 1 for async scheduling (vLLM v0.15.1 default), 0 for sync.
     """
     B = int(max_num_batched_tokens)
+    last_step = _default_last_step(journey, steps, last_step, output_lag)
+    episodes, req = journey_episodes(journey, last_step=last_step, output_lag=output_lag)
+    bs = int(block_size) if block_size else infer_block_size(snapshots)
+    diag: dict = {
+        "requests": req.height,
+        "episodes": episodes.height,
+        "block_size": bs,
+        "max_num_batched_tokens": B,
+        "output_lag": output_lag,
+    }
+    if episodes.height == 0:
+        empty = pl.DataFrame(schema=BATCH_SCHEMA)
+        return Reconstruction(empty, episodes, req, diag)
+    return _solve(episodes, req, steps, snapshots, B, bs, last_step, output_lag, repair_rounds, diag)
+
+
+def _default_last_step(
+    journey: pl.DataFrame, steps: pl.DataFrame | None, last_step: int | None, output_lag: int
+) -> int | None:
+    """``last_step`` if given, else max(last BATCH_SUMMARY step id, last journey step + ``output_lag``) when there
+    are BATCH_SUMMARY rows, else None."""
     if last_step is None and steps is not None and steps.height:
         last_step = int(steps["step.id"].max())
         jmax = journey["scheduler.step"].max() if journey.height else None
         if jmax is not None:
             last_step = max(last_step, int(jmax) + output_lag)
-    episodes, req = journey_episodes(journey, last_step=last_step, output_lag=output_lag)
-    bs = int(block_size) if block_size else infer_block_size(snapshots)
-    n = episodes.height
-    diag: dict = {
-        "requests": req.height,
-        "episodes": n,
-        "block_size": bs,
-        "max_num_batched_tokens": B,
-        "output_lag": output_lag,
-    }
-    if n == 0:
-        empty = pl.DataFrame(schema=BATCH_SCHEMA)
-        return Reconstruction(empty, episodes, req, diag)
+    return last_step
 
+
+def _solve(
+    episodes: pl.DataFrame,
+    req: pl.DataFrame,
+    steps: pl.DataFrame | None,
+    snapshots: pl.DataFrame | None,
+    B: int,
+    bs: int,
+    last_step: int | None,
+    output_lag: int,
+    repair_rounds: int,
+    diag: dict,
+) -> Reconstruction:
+    """Completion steps and hits known from snapshots, the chunk passes (with repairs), then the batches."""
     s = episodes["s"].to_numpy().copy()
     E = episodes["E"].to_numpy().copy()
     F = episodes["F"].to_numpy().copy()
@@ -706,7 +729,27 @@ def reconstruct(
     totals = _step_totals(steps, size)
     # decode rows of episodes with a known completion step: [F+1, E]
     used0 = _decode_rows_per_step(F, E, size)
-    # admission order (= running order): step, then SCHEDULED time stamp
+    ctx, order = _pass_input(episodes, B, bs, s, E, target, incomplete, tb, cb, totals)
+    res, overrides, n_rep = _passes(ctx, used0, F, h, hsrc, prior, prompt, target, first_ep, bs, repair_rounds)
+    diag["repair_passes"] = n_rep
+    diag["repaired_hits"] = len(overrides)
+    return _assemble(episodes, req, res, Fsrc, E, order, output_lag, diag)
+
+
+def _pass_input(
+    episodes: pl.DataFrame,
+    B: int,
+    bs: int,
+    s: np.ndarray,
+    E: np.ndarray,
+    target: np.ndarray,
+    incomplete: np.ndarray,
+    tb: np.ndarray,
+    cb: np.ndarray,
+    totals: np.ndarray,
+) -> tuple[_PassInput, np.ndarray]:
+    """(the chunk passes' input, the admission order = running order: step, then SCHEDULED time stamp)."""
+    n = episodes.height
     ts_s = episodes["ts_s"].fill_null(0).to_numpy()
     order = np.lexsort((np.arange(n), ts_s, s))
     ctx = _PassInput(
@@ -722,15 +765,26 @@ def reconstruct(
         end_hw=episodes["end_hw"].to_list(),
         totals=totals,
     )
-    res, overrides, n_rep = _passes(ctx, used0, F, h, hsrc, prior, prompt, target, first_ep, bs, repair_rounds)
+    return ctx, order
+
+
+def _assemble(
+    episodes: pl.DataFrame,
+    req: pl.DataFrame,
+    res: _PassResult,
+    Fsrc: np.ndarray,
+    E: np.ndarray,
+    order: np.ndarray,
+    output_lag: int,
+    diag: dict,
+) -> Reconstruction:
+    """The batches of the last pass, the episodes with their completion step, hit and sources, and the counts."""
     r_step, r_ep, r_done, r_q = res.rows
     n_solved, n_incons = res.n_solved, len(res.violations)
     h = np.asarray(res.h, np.int64)
     hsrc = np.asarray(res.hsrc, np.int8)
     F = np.asarray(res.F, np.int64)
     Fsrc = np.where((Fsrc == 0) & (F >= 0), 6, Fsrc).astype(np.int8)
-    diag["repair_passes"] = n_rep
-    diag["repaired_hits"] = len(overrides)
 
     batches = _batch_rows(episodes, (r_step, r_ep, r_done, r_q), F, E, h, order, output_lag)
     episodes = episodes.with_columns(
@@ -938,23 +992,10 @@ def _rate(num: int, den: int) -> float | None:
     return float(num) / den if den else None
 
 
-def compare_with_snapshots(
-    batches: pl.DataFrame, snapshots: pl.DataFrame, *, steps: pl.DataFrame | None = None
-) -> dict:
-    """Agreement of the reconstruction with REQUEST_SNAPSHOTs on every (step, request) pair at a
-    snapshot step.
-
-    Pairs: the union of snapshot rows and reconstructed rows at steps that have snapshots.
-    ``membership``: scheduled in the snapshot (``scheduled_tokens_this_step > 0``) ⇔ present in
-    the reconstruction. On pairs scheduled in both: exact-match rates of ``new_tokens`` vs
-    ``scheduled_tokens_this_step``, ``progress_index`` vs ``num_computed_tokens``,
-    ``prompt_len`` vs ``num_prompt_tokens``, ``phase`` vs ``request.phase`` and
-    ``num_output_tokens``. ``all_fields``: membership agrees and, if scheduled, every field
-    matches — over all pairs. With ``steps``, snapshot steps whose snapshot count differs from
-    ``queue.running_depth`` (events lost to the 128-event span cap) are reported
-    (``incomplete_snapshot_steps``) and their reconstruction-only pairs are not counted.
-    """
-    sn = snapshots.select(
+def _snapshot_pairs(snapshots: pl.DataFrame) -> pl.DataFrame:
+    """(step.id, request.id) of the snapshots with their fields ``s_q, s_c, s_p, s_phase, s_out`` (first row of a
+    duplicated pair)."""
+    return snapshots.select(
         pl.col("step.id").cast(pl.Int64),
         pl.col("request.id").cast(pl.Utf8),
         s_q=pl.col("request.scheduled_tokens_this_step").cast(pl.Int64),
@@ -963,19 +1004,28 @@ def compare_with_snapshots(
         s_phase=pl.col("request.phase"),
         s_out=pl.col("request.num_output_tokens").cast(pl.Int64),
     ).unique(["step.id", "request.id"], keep="first")
-    snap_steps = sn.select("step.id").unique()
-    incomplete = pl.DataFrame(schema={"step.id": pl.Int64})
-    if steps is not None and steps.height:
-        cnt = (
-            sn.group_by("step.id")
-            .len()
-            .join(
-                steps.select(pl.col("step.id").cast(pl.Int64), pl.col("queue.running_depth")), on="step.id", how="left"
-            )
-        )
-        incomplete = cnt.filter(
-            pl.col("queue.running_depth").is_null() | (pl.col("len") != pl.col("queue.running_depth"))
-        ).select("step.id")
+
+
+def _incomplete_snapshot_steps(sn: pl.DataFrame, steps: pl.DataFrame | None) -> pl.DataFrame:
+    """Snapshot steps whose snapshot count differs from (or has no) ``queue.running_depth`` (``step.id``)."""
+    if steps is None or not steps.height:
+        return pl.DataFrame(schema={"step.id": pl.Int64})
+    cnt = (
+        sn.group_by("step.id")
+        .len()
+        .join(steps.select(pl.col("step.id").cast(pl.Int64), pl.col("queue.running_depth")), on="step.id", how="left")
+    )
+    return cnt.filter(
+        pl.col("queue.running_depth").is_null() | (pl.col("len") != pl.col("queue.running_depth"))
+    ).select("step.id")
+
+
+def _joined_pairs(
+    batches: pl.DataFrame, sn: pl.DataFrame, snap_steps: pl.DataFrame, incomplete: pl.DataFrame
+) -> pl.DataFrame:
+    """Snapshot pairs full-joined with the reconstructed pairs (``r_q, r_c, r_p, r_phase, r_out``) at snapshot
+    steps, flagged ``s_sched, r_sched, in_snap, step_incomplete``; reconstruction-only pairs at incomplete steps
+    dropped."""
     rb = batches.join(snap_steps, on="step.id", how="semi").select(
         pl.col("step.id").cast(pl.Int64),
         pl.col("request.id").cast(pl.Utf8),
@@ -993,7 +1043,29 @@ def compare_with_snapshots(
         step_incomplete=pl.col("step.id").is_in(incomplete["step.id"].implode()),
     )
     # reconstruction-only pairs at incomplete snapshot steps are not evidence against it
-    j = j.filter(pl.col("in_snap") | ~pl.col("step_incomplete"))
+    return j.filter(pl.col("in_snap") | ~pl.col("step_incomplete"))
+
+
+def compare_with_snapshots(
+    batches: pl.DataFrame, snapshots: pl.DataFrame, *, steps: pl.DataFrame | None = None
+) -> dict:
+    """Agreement of the reconstruction with REQUEST_SNAPSHOTs on every (step, request) pair at a
+    snapshot step.
+
+    Pairs: the union of snapshot rows and reconstructed rows at steps that have snapshots.
+    ``membership``: scheduled in the snapshot (``scheduled_tokens_this_step > 0``) ⇔ present in
+    the reconstruction. On pairs scheduled in both: exact-match rates of ``new_tokens`` vs
+    ``scheduled_tokens_this_step``, ``progress_index`` vs ``num_computed_tokens``,
+    ``prompt_len`` vs ``num_prompt_tokens``, ``phase`` vs ``request.phase`` and
+    ``num_output_tokens``. ``all_fields``: membership agrees and, if scheduled, every field
+    matches — over all pairs. With ``steps``, snapshot steps whose snapshot count differs from
+    ``queue.running_depth`` (events lost to the 128-event span cap) are reported
+    (``incomplete_snapshot_steps``) and their reconstruction-only pairs are not counted.
+    """
+    sn = _snapshot_pairs(snapshots)
+    snap_steps = sn.select("step.id").unique()
+    incomplete = _incomplete_snapshot_steps(sn, steps)
+    j = _joined_pairs(batches, sn, snap_steps, incomplete)
     both = j.filter(pl.col("s_sched") & pl.col("r_sched"))
     eq = {
         "new_tokens": (both["s_q"] == both["r_q"]),
