@@ -680,9 +680,7 @@ def _fast_chunk(
         ev_pos,
         joint_cache,
         line_of,
-        ne,
         nlines,
-        ns,
         sc,
         sp_end,
         sp_has_ev,
@@ -695,7 +693,7 @@ def _fast_chunk(
     fl, good_line = _fc_values(
         bad, ce, ch, ct, ev_code, ev_line, groups, ne, ns, nt, sc, sp_kind, sp_line, span_groups, t_line
     )
-    sp_dropped, sp_end_t, sp_start, tables, take = _fc_event_tables(
+    sp_dropped, sp_end_t, sp_start, tables = _fc_event_tables(
         ev_code, ev_line, ev_span, first_line, fl, good_line, groups, ns, nt, span_groups, t_span
     )
     _fc_step_span_table(
@@ -712,7 +710,6 @@ def _fast_chunk(
         sp_start,
         span_groups,
         tables,
-        take,
     )
     return _fc_counters(
         eligible, ev_code, ev_line, good_line, ne, ns, scope_names, scope_of_head, sp_dropped, sp_line, tables
@@ -830,9 +827,7 @@ def _fc_chain(
     ev_pos,
     joint_cache,
     line_of,
-    ne,
     nlines,
-    ns,
     sc,
     sp_end,
     sp_has_ev,
@@ -841,24 +836,49 @@ def _fc_chain(
 ):
     """Span tails matched; the instances must tile each line in a legal order, the glue between them (joints)
     must match the grammar; the scope named by each joint."""
-    # ---- span tails: after a last event, or after a head without events
+    ct, t_last, t_pos = _fc_tails(sc, ce, ch, ev_end, ev_last, sp_end, sp_has_ev)
+    nt = len(t_pos)
+    K, SRC, LN, S, E, is_head, first, last, gap = _fc_tiling(
+        bad,
+        eligible,
+        line_of,
+        nlines,
+        (np.where(sp_has_ev, _H1, _H0), sp_pos, sp_end, ch.ok),
+        (np.where(ev_last, _EB, _EC), ev_pos, ev_end, ce.ok),
+        (np.where(t_last, _TB, _TC), t_pos, ct.pos, ct.ok),
+    )
+    head_scope, scope_ids, scope_names = _fc_joints(bad, data, ends, joint_cache, starts, LN, S, E, first, last, gap)
+    return K, SRC, bad, ct, head_scope, is_head, nt, scope_ids, scope_names, t_pos
+
+
+def _fc_tails(sc, ce, ch, ev_end, ev_last, sp_end, sp_has_ev):
+    """Span tails matched after a last event, or after a span head without events: (cursor, ``last`` flags,
+    positions in file order)."""
     t_pos = np.sort(np.concatenate([ev_end[ev_last & ce.ok], sp_end[~sp_has_ev & ch.ok]]))
     nt = len(t_pos)
     ct = _Cur(sc, "tail", np.arange(nt), t_pos)
     ct.run(_SPAN_TAIL)
-    t_last = ct.flags.get("last", np.zeros(nt, bool))
+    return ct, ct.flags.get("last", np.zeros(nt, bool)), t_pos
 
-    # ---- chain check: instances must tile each line in a legal order
-    kind = np.concatenate([np.where(sp_has_ev, _H1, _H0), np.where(ev_last, _EB, _EC), np.where(t_last, _TB, _TC)])
-    st = np.concatenate([sp_pos, ev_pos, t_pos])
-    en = np.concatenate([sp_end, ev_end, ct.pos])
-    okk = np.concatenate([ch.ok, ce.ok, ct.ok])
-    src = np.concatenate([np.arange(ns), np.arange(ne), np.arange(nt)])
+
+def _fc_tiling(bad, eligible, line_of, nlines, heads, events, tails):
+    """Chain check: span heads, events and span tails, each (instance kind, start, end, matched) in source order,
+    sorted by position must tile each line (contiguous, legal successions, a head first and a last tail at the end;
+    a gap only between a last tail and the next head). Marks lines ``bad`` in place; returns the instances in
+    position order (kind, index in its source, line, start, end, head mask) and the masks first / last of a line
+    and gap after."""
+    parts = (heads, events, tails)
+    kind = np.concatenate([p[0] for p in parts])
+    st = np.concatenate([p[1] for p in parts])
+    en = np.concatenate([p[2] for p in parts])
+    okk = np.concatenate([p[3] for p in parts])
+    src = np.concatenate([np.arange(len(p[1])) for p in parts])
     order = np.argsort(st, kind="stable")
     K, S, E, OK, SRC = kind[order], st[order], en[order], okk[order], src[order]
     LN = line_of(S)
     ninst = len(K)
     is_head = K <= _H0
+    first = last = gap = None
     if ninst:
         bad[LN[~OK]] = True
         same = LN[1:] == LN[:-1]
@@ -877,31 +897,38 @@ def _fc_chain(
         bad |= ~has_inst & eligible
     else:
         bad |= eligible
-    # joints (glue) and the scopes of the span heads that follow them
+    return K, SRC, LN, S, E, is_head, first, last, gap
+
+
+def _fc_joints(bad, data, ends, joint_cache, starts, LN, S, E, first, last, gap):
+    """The glue before each line's first head ("start"), between a last tail and the next head ("mid") and after
+    the last tail ("end") must match the grammar (else the line is bad); (scope index of each head after a joint,
+    else -1; scope ids by name; scope names)."""
     scope_names: list[str] = []
     scope_ids: dict[str, int] = {}
-    head_scope = np.full(ninst, -1, np.int64)
-    if ninst:
-        for typ, idxs in (("start", np.flatnonzero(first)), ("mid", np.flatnonzero(gap) + 1)):
-            for i in idxs.tolist():
-                li = LN[i]
-                if bad[li]:
-                    continue
-                s0 = starts[li] if typ == "start" else E[i - 1]
-                t, sname = _joint(data[s0 : S[i]], joint_cache)
-                if t != typ:
-                    bad[li] = True
-                    continue
-                sid = scope_ids.get(sname)
-                if sid is None:
-                    sid = scope_ids[sname] = len(scope_names)
-                    scope_names.append(sname)
-                head_scope[i] = sid
-        for i in np.flatnonzero(last).tolist():
+    head_scope = np.full(len(LN), -1, np.int64)
+    if first is None:
+        return head_scope, scope_ids, scope_names
+    for typ, idxs in (("start", np.flatnonzero(first)), ("mid", np.flatnonzero(gap) + 1)):
+        for i in idxs.tolist():
             li = LN[i]
-            if not bad[li] and _joint(data[E[i] : ends[li]], joint_cache)[0] != "end":
+            if bad[li]:
+                continue
+            s0 = starts[li] if typ == "start" else E[i - 1]
+            t, sname = _joint(data[s0 : S[i]], joint_cache)
+            if t != typ:
                 bad[li] = True
-    return K, SRC, bad, ct, head_scope, is_head, nt, scope_ids, scope_names, t_pos
+                continue
+            sid = scope_ids.get(sname)
+            if sid is None:
+                sid = scope_ids[sname] = len(scope_names)
+                scope_names.append(sname)
+            head_scope[i] = sid
+    for i in np.flatnonzero(last).tolist():
+        li = LN[i]
+        if not bad[li] and _joint(data[E[i] : ends[li]], joint_cache)[0] != "end":
+            bad[li] = True
+    return head_scope, scope_ids, scope_names
 
 
 def _fc_owners(
@@ -992,34 +1019,68 @@ def _fc_values(bad, ce, ch, ct, ev_code, ev_line, groups, ne, ns, nt, sc, sp_kin
     return fl, good_line
 
 
-def _fc_event_tables(ev_code, ev_line, ev_span, first_line, fl, good_line, groups, ns, nt, span_groups, t_span):
-    """Column arrays of the event tables (steps, snapshots, journey, api) of the verified lines."""
-    # ---- tables of the verified lines
+def _take(pair, idx):
+    """A (values, present) pair at rows ``idx``."""
+    return pair[0][idx], pair[1][idx]
+
+
+def _span_number(fl, span_groups, ns, name: str):
+    """A field of the per-kind span bodies as (values, present) over all spans."""
+    vals, valid = np.zeros(ns, np.int64), np.zeros(ns, bool)
+    for k, grp in span_groups.items():
+        if grp.size:
+            v, ok = fl.number("sp_" + k, name)
+            vals[grp], valid[grp] = v, ok
+    return vals, valid
+
+
+def _fc_span_fields(fl, ns, nt, span_groups, t_span):
+    """Per span: events dropped and index of its tail (-1: none), position among the spans of its kind, start and
+    end times [ns] as (values, present)."""
     sp_dropped = np.zeros(ns, np.int64)
     tail_idx = np.full(ns, -1, np.int64)
     if nt:
         okt = t_span >= 0
         sp_dropped[t_span[okt]] = fl.number("tail", "dropped")[0][okt]
         tail_idx[t_span[okt]] = np.flatnonzero(okt)
-    ev_time = fl.number("ev", "time")
     pos_in_kind = np.full(ns, -1, np.int64)
     for grp in span_groups.values():
         pos_in_kind[grp] = np.arange(len(grp))
+    sp_start, sp_end_t = _span_number(fl, span_groups, ns, "start"), _span_number(fl, span_groups, ns, "end")
+    return sp_dropped, tail_idx, pos_in_kind, sp_start, sp_end_t
 
-    def take(pair, idx):
-        return pair[0][idx], pair[1][idx]
 
-    def span_number(name: str):
-        """A field of the per-kind span bodies as (values, present) over all spans."""
-        vals, valid = np.zeros(ns, np.int64), np.zeros(ns, bool)
-        for k, grp in span_groups.items():
-            if grp.size:
-                v, ok = fl.number("sp_" + k, name)
-                vals[grp], valid[grp] = v, ok
-        return vals, valid
+def _fc_journey_cols(cols: dict, fl, sel, spn, label, sp_dropped) -> None:
+    """Adds the journey table's own columns (events ``sel`` of the journey group, spans ``spn``, event type
+    ``label``) to ``cols``."""
+    isel = pa.array(sel)
+    cols["parent_span_id"] = fl.text("span", "parent_span_id").take(pa.array(spn))
+    cols["event.type"] = label
+    for k, t in JOURNEY_ATTRS:
+        if k in ("event.type", "ts.monotonic"):
+            continue
+        cols[k] = fl.text("journey", k).take(isel) if t is str else _take(fl.number("journey", k), sel)
+    cols["_ts_monotonic"] = _take(fl.number("journey", "ts.monotonic", np.float64), sel)
+    cols["span_dropped_events"] = sp_dropped[spn]
 
-    sp_start, sp_end_t = span_number("start"), span_number("end")
 
+def _fc_api_cols(cols: dict, fl, sel, spn, pk, tail_idx) -> None:
+    """Adds the api table's own columns (events ``sel`` of the api group, spans ``spn`` at positions ``pk`` among
+    the llm_request spans; the status code from the span's tail) to ``cols``."""
+    cols["event.ts.monotonic"] = _take(fl.number("api", "event.ts.monotonic", np.float64), sel)
+    cols["reason"] = fl.text("api", "reason").take(pa.array(sel))
+    cols["prompt_tokens"] = _take(fl.number("sp_api", "prompt_tokens"), pk)
+    cols["max_tokens"] = _take(fl.number("sp_api", "max_tokens"), pk)
+    cols["model"] = fl.text("sp_api", "model").take(pa.array(pk))
+    code_vals, code_ok = fl.number("tail", "status_code")
+    ti = tail_idx[spn]
+    cols["status_code"] = (code_vals[np.maximum(ti, 0)], code_ok[np.maximum(ti, 0)] & (ti >= 0))
+
+
+def _fc_event_tables(ev_code, ev_line, ev_span, first_line, fl, good_line, groups, ns, nt, span_groups, t_span):
+    """Column arrays of the event tables (steps, snapshots, journey, api) of the verified lines."""
+    sp_dropped, tail_idx, pos_in_kind, sp_start, sp_end_t = _fc_span_fields(fl, ns, nt, span_groups, t_span)
+    ev_time = fl.number("ev", "time")
     tables: dict[str, dict] = {}
     for g, rows in groups.items():
         sel = np.flatnonzero(good_line[ev_line[rows]])
@@ -1028,52 +1089,36 @@ def _fc_event_tables(ev_code, ev_line, ev_span, first_line, fl, good_line, group
         er = rows[sel]
         spn = ev_span[er]
         pk = pos_in_kind[spn]
-        cols = {"event_time_unix_nano": take(ev_time, er), "source_line": first_line + ev_line[er]}
+        cols = {"event_time_unix_nano": _take(ev_time, er), "source_line": first_line + ev_line[er]}
         if g == "bs":
             for k, t in STEP_ATTRS:
-                cols[k] = take(fl.number("bs", k, np.float64 if t is float else np.int64), sel)
-            cols["span_sequence"] = take(fl.number("sp_step", "span_sequence"), pk)
+                cols[k] = _take(fl.number("bs", k, np.float64 if t is float else np.int64), sel)
+            cols["span_sequence"] = _take(fl.number("sp_step", "span_sequence"), pk)
             tables["steps"] = _columns("steps", cols, len(er))
         elif g == "snap":
             for k, t in SNAPSHOT_ATTRS:
-                cols[k] = fl.text("snap", k).take(pa.array(sel)) if t is str else take(fl.number("snap", k), sel)
+                cols[k] = fl.text("snap", k).take(pa.array(sel)) if t is str else _take(fl.number("snap", k), sel)
             tables["snapshots"] = _columns("snapshots", cols, len(er))
         else:
-            kind_owner = "sp_core" if g == "journey" else "sp_api"
             ispn = pa.array(spn)
             cols.update(
                 {
-                    "request.id": fl.text(kind_owner, "request.id").take(pa.array(pk)),
+                    "request.id": fl.text("sp_core" if g == "journey" else "sp_api", "request.id").take(pa.array(pk)),
                     "trace_id": fl.text("span", "trace_id").take(ispn),
                     "span_id": fl.text("span", "span_id").take(ispn),
-                    "span_start_unix_nano": take(sp_start, spn),
-                    "span_end_unix_nano": take(sp_end_t, spn),
+                    "span_start_unix_nano": _take(sp_start, spn),
+                    "span_end_unix_nano": _take(sp_end_t, spn),
                 }
             )
             label = _EV_SUFFIX.take(pa.array(ev_code[er]))
-            isel = pa.array(sel)
             if g == "journey":
-                cols["parent_span_id"] = fl.text("span", "parent_span_id").take(ispn)
-                cols["event.type"] = label
-                for k, t in JOURNEY_ATTRS:
-                    if k in ("event.type", "ts.monotonic"):
-                        continue
-                    cols[k] = fl.text("journey", k).take(isel) if t is str else take(fl.number("journey", k), sel)
-                cols["_ts_monotonic"] = take(fl.number("journey", "ts.monotonic", np.float64), sel)
-                cols["span_dropped_events"] = sp_dropped[spn]
+                _fc_journey_cols(cols, fl, sel, spn, label, sp_dropped)
                 tables["journey"] = _columns("journey", cols, len(er))
             else:
                 cols["event"] = label
-                cols["event.ts.monotonic"] = take(fl.number("api", "event.ts.monotonic", np.float64), sel)
-                cols["reason"] = fl.text("api", "reason").take(isel)
-                cols["prompt_tokens"] = take(fl.number("sp_api", "prompt_tokens"), pk)
-                cols["max_tokens"] = take(fl.number("sp_api", "max_tokens"), pk)
-                cols["model"] = fl.text("sp_api", "model").take(pa.array(pk))
-                code_vals, code_ok = fl.number("tail", "status_code")
-                ti = tail_idx[spn]
-                cols["status_code"] = (code_vals[np.maximum(ti, 0)], code_ok[np.maximum(ti, 0)] & (ti >= 0))
+                _fc_api_cols(cols, fl, sel, spn, pk, tail_idx)
                 tables["api"] = _columns("api", cols, len(er))
-    return sp_dropped, sp_end_t, sp_start, tables, take
+    return sp_dropped, sp_end_t, sp_start, tables
 
 
 def _fc_step_span_table(
@@ -1090,7 +1135,6 @@ def _fc_step_span_table(
     sp_start,
     span_groups,
     tables,
-    take,
 ):
     """The step_spans table of the verified lines."""
     rows = span_groups["step"]
@@ -1100,15 +1144,15 @@ def _fc_step_span_table(
         counted = (ev_span >= 0) & good_line[ev_line] if ne else np.zeros(0, bool)
         n_ev = np.bincount(ev_span[counted], minlength=ns).astype(np.int64)
         cols = {
-            c: take(fl.number("sp_step", c), sel)
+            c: _take(fl.number("sp_step", c), sel)
             for c in ("span_sequence", "step_range_start", "step_range_end", "closure_interval")
         }
         cols.update(
             {
                 "dropped_events_count": sp_dropped[sr],
                 "n_events": n_ev[sr],
-                "start_unix_nano": take(sp_start, sr),
-                "end_unix_nano": take(sp_end_t, sr),
+                "start_unix_nano": _take(sp_start, sr),
+                "end_unix_nano": _take(sp_end_t, sr),
                 "source_line": first_line + sp_line[sr],
             }
         )

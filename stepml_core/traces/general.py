@@ -181,6 +181,55 @@ def _read_attrs(m: dict, spec, issues: list) -> dict:
     return out
 
 
+def _span_kind(scope: str, name) -> str | None:
+    """The span kind, "step", "core" or "api", of the three known (scope, span name) pairs, else None."""
+    if scope == SCOPE_STEP and isinstance(name, str) and name.startswith("scheduler_steps_"):
+        return "step"
+    if scope == SCOPE_CORE and name == "llm_core":
+        return "core"
+    if scope == SCOPE_API and name == "llm_request":
+        return "api"
+    return None
+
+
+def _request_span_context(kind: str, sp: dict, sattrs: dict, dropped: int, t0, t1, span_issues: list[str]) -> dict:
+    """Context of the events of an ``llm_core`` / ``llm_request`` span: trace and span ids, span times, request id
+    (+ the API span attributes, the parent span and dropped events of a core span, the status code of an API
+    span); value problems appended to ``span_issues``."""
+    ctx = {
+        "trace_id": sp.get("traceId"),
+        "span_id": sp.get("spanId"),
+        "span_start_unix_nano": t0,
+        "span_end_unix_nano": t1,
+    }
+    for k in ("trace_id", "span_id"):
+        if not isinstance(ctx[k], str):
+            ctx[k] = None
+    spec = API_SPAN_ATTRS if kind == "api" else API_SPAN_ATTRS[:1]
+    for k, col, typ in spec:
+        if k in sattrs:
+            try:
+                val, iss = _coerce(k, sattrs[k], typ)
+            except _EventReject as e:
+                val, iss = None, str(e)
+            ctx[col] = val
+            if iss:
+                span_issues.append(iss)
+    if "gen_ai.request.id" not in sattrs:
+        span_issues.append("missing span attributes: gen_ai.request.id")
+    if kind == "core":
+        p = sp.get("parentSpanId")
+        ctx["parent_span_id"] = p if isinstance(p, str) and p else None
+        ctx["span_dropped_events"] = dropped
+    else:
+        st = sp.get("status")
+        code = st.get("code") if isinstance(st, dict) else None
+        if isinstance(code, str):
+            code = {"STATUS_CODE_UNSET": 0, "STATUS_CODE_OK": 1, "STATUS_CODE_ERROR": 2}.get(code, code)
+        ctx["status_code"] = _uint_field("status.code", code, span_issues)
+    return ctx
+
+
 class _Sink:
     """Column lists for one chunk's general-path rows, quarantine records and counters."""
 
@@ -290,15 +339,10 @@ class _Sink:
                     self._span(sname, sp, events, dropped, line_no, cnt)
 
     def _span(self, scope: str, sp: dict, events: list, dropped: int, line_no: int, cnt: dict) -> None:
+        """One span: its attributes and times read (issues collected), a step span's row stored, then its events
+        read with the span's context (a span of an unknown kind only has its events counted)."""
         name = sp.get("name")
-        if scope == SCOPE_STEP and isinstance(name, str) and name.startswith("scheduler_steps_"):
-            kind = "step"
-        elif scope == SCOPE_CORE and name == "llm_core":
-            kind = "core"
-        elif scope == SCOPE_API and name == "llm_request":
-            kind = "api"
-        else:
-            kind = None
+        kind = _span_kind(scope, name)
         span_issues: list[str] = []
         try:
             sattrs = _attr_map(sp.get("attributes"), span_issues)
@@ -311,66 +355,41 @@ class _Sink:
             cnt["events_unknown"] += len(events)
             return
         if kind == "step":
-            sv = {}
-            for k, col, typ in STEP_SPAN_ATTRS:
-                if k in sattrs:
-                    try:
-                        sv[col] = _coerce(k, sattrs[k], typ)[0]
-                    except _EventReject:
-                        sv[col] = None
-            seq = sv.get("span_sequence")
-            if seq is None and "scheduler.span_sequence" not in sattrs:
-                suffix = name[len("scheduler_steps_") :]
-                seq = int(suffix) if suffix.isdigit() and len(suffix) < 19 else None
-            self._add(
-                "step_spans",
-                {
-                    "span_sequence": seq,
-                    "step_range_start": sv.get("step_range_start"),
-                    "step_range_end": sv.get("step_range_end"),
-                    "closure_interval": sv.get("closure_interval"),
-                    "dropped_events_count": dropped,
-                    "n_events": len(events),
-                    "start_unix_nano": t0,
-                    "end_unix_nano": t1,
-                    "source_line": line_no,
-                },
-            )
-            ctx = {"span_sequence": seq}
+            ctx = self._step_span(name, sattrs, dropped, len(events), t0, t1, line_no)
         else:
-            ctx = {
-                "trace_id": sp.get("traceId"),
-                "span_id": sp.get("spanId"),
-                "span_start_unix_nano": t0,
-                "span_end_unix_nano": t1,
-            }
-            for k in ("trace_id", "span_id"):
-                if not isinstance(ctx[k], str):
-                    ctx[k] = None
-            spec = API_SPAN_ATTRS if kind == "api" else API_SPAN_ATTRS[:1]
-            for k, col, typ in spec:
-                if k in sattrs:
-                    try:
-                        val, iss = _coerce(k, sattrs[k], typ)
-                    except _EventReject as e:
-                        val, iss = None, str(e)
-                    ctx[col] = val
-                    if iss:
-                        span_issues.append(iss)
-            if "gen_ai.request.id" not in sattrs:
-                span_issues.append("missing span attributes: gen_ai.request.id")
-            if kind == "core":
-                p = sp.get("parentSpanId")
-                ctx["parent_span_id"] = p if isinstance(p, str) and p else None
-                ctx["span_dropped_events"] = dropped
-            else:
-                st = sp.get("status")
-                code = st.get("code") if isinstance(st, dict) else None
-                if isinstance(code, str):
-                    code = {"STATUS_CODE_UNSET": 0, "STATUS_CODE_OK": 1, "STATUS_CODE_ERROR": 2}.get(code, code)
-                ctx["status_code"] = _uint_field("status.code", code, span_issues)
+            ctx = _request_span_context(kind, sp, sattrs, dropped, t0, t1, span_issues)
         for ev in events:
             self._event(kind, ev, ctx, span_issues, line_no, cnt)
+
+    def _step_span(self, name: str, sattrs: dict, dropped: int, n_events: int, t0, t1, line_no: int) -> dict:
+        """Store a ``scheduler_steps_<n>`` span's row (sequence from its attribute, else from its name); returns the
+        context of its events."""
+        sv = {}
+        for k, col, typ in STEP_SPAN_ATTRS:
+            if k in sattrs:
+                try:
+                    sv[col] = _coerce(k, sattrs[k], typ)[0]
+                except _EventReject:
+                    sv[col] = None
+        seq = sv.get("span_sequence")
+        if seq is None and "scheduler.span_sequence" not in sattrs:
+            suffix = name[len("scheduler_steps_") :]
+            seq = int(suffix) if suffix.isdigit() and len(suffix) < 19 else None
+        self._add(
+            "step_spans",
+            {
+                "span_sequence": seq,
+                "step_range_start": sv.get("step_range_start"),
+                "step_range_end": sv.get("step_range_end"),
+                "closure_interval": sv.get("closure_interval"),
+                "dropped_events_count": dropped,
+                "n_events": n_events,
+                "start_unix_nano": t0,
+                "end_unix_nano": t1,
+                "source_line": line_no,
+            },
+        )
+        return {"span_sequence": seq}
 
     def _event(self, kind: str, ev: dict, ctx: dict, span_issues: list, line_no: int, cnt: dict) -> None:
         name = ev.get("name")
