@@ -595,7 +595,7 @@ def build_study_sensor(
 ) -> dg.SensorDefinition:
     """jobs: the models_job, replay_job and study_job definitions (default: built here, as in definitions.py)."""
     if jobs is None:
-        from .definitions import build_jobs
+        from .jobs import build_jobs
 
         jobs = [j for j in build_jobs() if j.name in (MODELS_JOB, REPLAY_JOB, STUDY_JOB)]
 
