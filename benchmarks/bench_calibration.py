@@ -28,31 +28,13 @@ TARGET_S = 300.0
 
 
 def load_runs(root: Path):
-    from stepml_core import calibration_protocols as cp
-    from stepml_core.calibrate import CalibrationRun
-    from stepml_core.replay import run_context
+    from stepml_core.pipeline import calibration_inputs, log_as_stored
     from stepml_core.request_log import read_request_log
     from stepml_core.runs import read_run_metadata
 
-    metas, logs = {}, {}
-    for f in sorted(root.iterdir()):
-        metas[f.name], logs[f.name] = read_run_metadata(f), read_request_log(f)
-    infos = [cp.run_info(e, metas[e], logs[e].table, logs[e].header, logs[e].has_ground_truth) for e in metas]
-
-    def load(e):
-        m = metas[e]
-        ctx = run_context(
-            m.folder,
-            experiment_id=e,
-            model=m.model,
-            tp=m.tp,
-            exp_config=m.exp_config,
-            profile=m.profile,
-            header=logs[e].header,
-        )
-        return CalibrationRun(e, m.model, m.workload, logs[e].role, logs[e].table, ctx)
-
-    return infos, load
+    folders = sorted(root.iterdir())
+    metas = {f.name: read_run_metadata(f) for f in folders}
+    return calibration_inputs(metas, {f.name: log_as_stored(read_request_log(f)) for f in folders})
 
 
 @contextmanager

@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 from _common import (
     REPO,
@@ -47,6 +47,7 @@ from _common import (
     sampled_steps,
     synthesize_seeds,
 )  # noqa: E402
+from process_group import stop_process_group  # noqa: E402
 
 OUTPUTS = ("metrics.csv", "verdict.json")
 
@@ -121,6 +122,39 @@ def local_variant(root: Path, tmp: Path, name: str, workers: int) -> dict:
     }
 
 
+def _chain_done(recs, n_runs: int) -> bool:
+    """Nothing queued or running, study_job succeeded and every experiment_job run has ended."""
+    import dagster as dg
+
+    S = dg.DagsterRunStatus
+    active = [r for r in recs if r.dagster_run.status in (S.QUEUED, S.STARTING, S.STARTED, S.NOT_STARTED)]
+    study_done = any(r.dagster_run.job_name == "study_job" and r.dagster_run.status == S.SUCCESS for r in recs)
+    exp_done = sum(r.dagster_run.job_name == "experiment_job" and r.end_time is not None for r in recs)
+    return not active and study_done and exp_done >= n_runs
+
+
+def _run_record_summary(recs, t0: float, status: str) -> dict:
+    """ok, status, wall_s (t0 → the last run's end), runs per job and the failed runs, from the daemon's run records."""
+    import dagster as dg
+
+    ends = [r.end_time for r in recs if r.end_time]
+    by_job: dict[str, int] = {}
+    for r in recs:
+        by_job[r.dagster_run.job_name] = by_job.get(r.dagster_run.job_name, 0) + 1
+    failed = [
+        f"{r.dagster_run.job_name}[{r.dagster_run.tags.get('dagster/partition', '')}]"
+        for r in recs
+        if r.dagster_run.status == dg.DagsterRunStatus.FAILURE
+    ]
+    return {
+        "ok": status == "done" and not failed,
+        "status": status,
+        "wall_s": (max(ends) - t0) if ends else float("nan"),
+        "runs": by_job,
+        "failed_runs": failed,
+    }
+
+
 def daemon_variant(root: Path, tmp: Path, name: str, n_runs: int, timeout_s: float, interval_s: int) -> dict:
     """dagster-daemon on workspace.yaml until every phase's runs have finished and nothing is queued or running."""
     import dagster as dg
@@ -161,24 +195,7 @@ def daemon_variant(root: Path, tmp: Path, name: str, n_runs: int, timeout_s: flo
                 if proc.poll() is not None:
                     status = "daemon exited"
                     break
-                recs = inst.get_run_records()
-                active = [
-                    r
-                    for r in recs
-                    if r.dagster_run.status
-                    in (
-                        dg.DagsterRunStatus.QUEUED,
-                        dg.DagsterRunStatus.STARTING,
-                        dg.DagsterRunStatus.STARTED,
-                        dg.DagsterRunStatus.NOT_STARTED,
-                    )
-                ]
-                study_done = any(
-                    r.dagster_run.job_name == "study_job" and r.dagster_run.status == dg.DagsterRunStatus.SUCCESS
-                    for r in recs
-                )
-                exp_done = sum(r.dagster_run.job_name == "experiment_job" and r.end_time is not None for r in recs)
-                if active or not study_done or exp_done < n_runs:
+                if not _chain_done(inst.get_run_records(), n_runs):
                     quiet_since = None
                     continue
                 quiet_since = quiet_since or time.time()
@@ -187,35 +204,17 @@ def daemon_variant(root: Path, tmp: Path, name: str, n_runs: int, timeout_s: flo
                     break
     finally:
         stopped = time.time()
-        os.killpg(proc.pid, signal.SIGTERM)  # the daemon's process group: it, its code server, its runs
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        stop_process_group(proc)  # the daemon's process group: it, its code server, its runs
         log.close()
     recs = inst.get_run_records()
     inst.dispose()
     if status != "done":  # runs the kill interrupted are not failures of theirs
         recs = [r for r in recs if r.end_time is not None and r.end_time < stopped]
-    ends = [r.end_time for r in recs if r.end_time]
-    by_job: dict[str, int] = {}
-    for r in recs:
-        by_job[r.dagster_run.job_name] = by_job.get(r.dagster_run.job_name, 0) + 1
-    failed = [
-        f"{r.dagster_run.job_name}[{r.dagster_run.tags.get('dagster/partition', '')}]"
-        for r in recs
-        if r.dagster_run.status == dg.DagsterRunStatus.FAILURE
-    ]
     return {
-        "ok": status == "done" and not failed,
-        "status": status,
-        "wall_s": (max(ends) - t0) if ends else float("nan"),
+        **_run_record_summary(recs, t0, status),
         "cpu_s": children_cpu_s() - cpu0,
         "peak_rss_gb": mem.peak / 1e9,
         "peak_one_process_gb": mem.peak_one / 1e9,
-        "runs": by_job,
-        "failed_runs": failed,
         "load_before": load0,
         "load_after": load_avg(),
         "outputs": digest(out),

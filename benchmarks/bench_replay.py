@@ -27,21 +27,14 @@ LARGEST = "20260218-150304-codellama-34b-tp2-general"
 
 
 def _prepare(folder: Path):
-    from stepml_core.replay import replay_workload, run_context
+    from stepml_core.pipeline import replay_context
+    from stepml_core.replay import replay_workload
     from stepml_core.request_log import read_request_log
     from stepml_core.runs import read_run_metadata
 
     meta = read_run_metadata(folder)
     log = read_request_log(folder)
-    ctx = run_context(
-        folder,
-        experiment_id=folder.name,
-        model=meta.model,
-        tp=meta.tp,
-        exp_config=meta.exp_config,
-        profile=meta.profile,
-        header=log.header,
-    )
+    ctx = replay_context(folder.name, meta, log.header)
     return log, ctx, replay_workload(log.table, ctx)
 
 

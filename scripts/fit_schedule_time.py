@@ -206,6 +206,47 @@ def simulate_features(real_id: str, scale: float, model: dict, seed: int = 0) ->
     return {k: np.asarray(v, dtype=np.float64) for k, v in sim.features.items()}
 
 
+def _gate_center(r: np.ndarray, target: float, width: float) -> float:
+    """r0 of the slow-regime gate sigmoid((running - r0) / width) whose mean over the window is the real slow
+    fraction `target` (bisection); 1e6 (gate shut) when there is no slow regime."""
+    if target <= 0.005:
+        return 1e6
+    if target >= 0.995:  # all slow in the window: gate open from just below its running depths
+        return float(np.quantile(r, 0.05)) - 2.0 * width
+    a, b = -1000.0, 2000.0
+    for _ in range(80):
+        mid = 0.5 * (a + b)
+        if _sigmoid((r - mid) / width).mean() > target:
+            a = mid
+        else:
+            b = mid
+    return 0.5 * (a + b)
+
+
+def _weighted_quantile(y: np.ndarray, w: np.ndarray, q: float) -> float:
+    """The q-quantile of y with weights w (the first y whose cumulative weight reaches q · Σw)."""
+    o = np.argsort(y)
+    c = np.cumsum(w[o])
+    return float(y[o][min(len(y) - 1, np.searchsorted(c, q * c[-1]))])
+
+
+def _fit_regime(lin, z, sigma, w, real_r, real_median) -> tuple[float, float, float]:
+    """(center, δ, k): the regime's median and inter-quartile range matched to the real ones."""
+    wq = _weighted_quantile
+    if w.sum() <= 1.0:
+        return 0.0, 0.0, 1.0
+    c = wq(lin, w, 0.5)
+    iqr_real = float(np.subtract(*np.quantile(real_r, [0.75, 0.25])))
+    k, d = 1.0, 0.0
+    for _ in range(6):
+        y = c + k * (lin - c) + k * sigma * z
+        iqr = wq(y, w, 0.75) - wq(y, w, 0.25)
+        k = float(np.clip(k * iqr_real / max(iqr, 1e-6), 0.05, 3.0))
+    y = c + k * (lin - c) + k * sigma * z
+    d = real_median - wq(y, w, 0.5)
+    return c, d, k
+
+
 def fit_run(feat: dict[str, np.ndarray], real: np.ndarray, model: dict, rng: np.random.Generator) -> dict:
     n = len(feat["running"])
     lo = int(n * 0.8)
@@ -228,19 +269,7 @@ def fit_run(feat: dict[str, np.ndarray], real: np.ndarray, model: dict, rng: np.
     if not bimodal:  # one mode: the regime whose synthetic median is nearer
         p_slow = 0.0 if abs(np.median(mF_lin) - mf) <= abs(np.median(mS_lin) - mf) else 1.0
     target = min(max(p_slow, 0.0), 1.0)
-    if target <= 0.005:
-        r0 = 1e6
-    elif target >= 0.995:  # all slow in the window: gate open from just below its running depths
-        r0 = float(np.quantile(r, 0.05)) - 2.0 * width
-    else:
-        a, b = -1000.0, 2000.0
-        for _ in range(80):
-            mid = 0.5 * (a + b)
-            if _sigmoid((r - mid) / width).mean() > target:
-                a = mid
-            else:
-                b = mid
-        r0 = 0.5 * (a + b)
+    r0 = _gate_center(r, target, width)
     g = _sigmoid((r - r0) / width) if r0 < 1e5 else np.zeros(len(r))
     if bimodal:
         cut = np.quantile(logd, 1 - target)
@@ -248,28 +277,8 @@ def fit_run(feat: dict[str, np.ndarray], real: np.ndarray, model: dict, rng: np.
     else:
         realF = realS = logd
 
-    def wq(y, w, q):
-        o = np.argsort(y)
-        c = np.cumsum(w[o])
-        return float(y[o][min(len(y) - 1, np.searchsorted(c, q * c[-1]))])
-
-    def fit_regime(lin, z, sigma, w, real_r, real_median):
-        """(center, δ, k): the regime's median and inter-quartile range matched to the real ones."""
-        if w.sum() <= 1.0:
-            return 0.0, 0.0, 1.0
-        c = wq(lin, w, 0.5)
-        iqr_real = float(np.subtract(*np.quantile(real_r, [0.75, 0.25])))
-        k, d = 1.0, 0.0
-        for _ in range(6):
-            y = c + k * (lin - c) + k * sigma * z
-            iqr = wq(y, w, 0.75) - wq(y, w, 0.25)
-            k = float(np.clip(k * iqr_real / max(iqr, 1e-6), 0.05, 3.0))
-        y = c + k * (lin - c) + k * sigma * z
-        d = real_median - wq(y, w, 0.5)
-        return c, d, k
-
-    cF, dF, kF = fit_regime(mF_lin, zF, sF, 1 - g, realF, mf) if target < 0.995 else (0.0, 0.0, 1.0)
-    cS, dS, kS = fit_regime(mS_lin, zS, sS, g, realS, ms) if target > 0.005 else (0.0, 0.0, 1.0)
+    cF, dF, kF = _fit_regime(mF_lin, zF, sF, 1 - g, realF, mf) if target < 0.995 else (0.0, 0.0, 1.0)
+    cS, dS, kS = _fit_regime(mS_lin, zS, sS, g, realS, ms) if target > 0.005 else (0.0, 0.0, 1.0)
     yF = cF + dF + kF * (mF_lin - cF) + kF * sF * zF
     yS = cS + dS + kS * (mS_lin - cS) + kS * sS * zS
     pick = rng.random(len(XF)) < g

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import polars as pl
 
@@ -343,6 +343,50 @@ def synth_kv_blocks(meta) -> int | None:
     return int(engine_params()["models"][meta.model]["kv_blocks_total"])
 
 
+def replay_context(key: str, meta, header: Mapping):
+    """The simulator's context of one run (stepml_core.replay.run_context): engine and cluster from the run's metadata
+    (runs.RunMetadata), arrival facts from its request log's header; a synthetic run also gets its engine's KV blocks.
+    Every replay and calibration (assets, benchmarks, tests) builds it here."""
+    from .replay import run_context
+
+    return run_context(
+        meta.folder,
+        experiment_id=key,
+        model=meta.model,
+        tp=meta.tp,
+        exp_config=meta.exp_config,
+        profile=meta.profile,
+        header=header,
+        kv_blocks_from_traces=synth_kv_blocks(meta),
+    )
+
+
+def calibration_inputs(metas: Mapping, logs: Mapping) -> tuple[list, Callable]:
+    """(run infos, load) for calibration_protocols.study_calibration over the runs of `metas` ({run: RunMetadata}),
+    sorted; logs: {run: {"requests", "header", "has_ground_truth"}} (the request_log asset's value, or
+    log_as_stored(RequestLog)). load(run) builds the CalibrationRun, when a protocol needs that run."""
+    from . import calibration_protocols as cp
+    from .calibrate import CalibrationRun
+
+    present = sorted(metas)
+    infos = [
+        cp.run_info(e, metas[e], logs[e]["requests"], logs[e]["header"], logs[e]["has_ground_truth"]) for e in present
+    ]
+
+    def load(e: str) -> CalibrationRun:  # called for calibration runs only (calibration_protocols.run_calibrations)
+        m, log = metas[e], logs[e]
+        return CalibrationRun(
+            e, m.model, m.workload, log["header"].get("role"), log["requests"], replay_context(e, m, log["header"])
+        )
+
+    return infos, load
+
+
+def log_as_stored(log) -> dict:
+    """A RequestLog (request_log.read_request_log) as the request_log asset stores it, for calibration_inputs."""
+    return {"requests": log.table, "header": log.header, "has_ground_truth": log.has_ground_truth}
+
+
 def request_calibration(
     logs: Mapping,
     data_root: Path,
@@ -358,8 +402,6 @@ def request_calibration(
     runs in `logs` less those `skipped` ({run: why}); a run whose metadata cannot be read is added to the skipped
     ones (warn(run, error) is told) and the others calibrate. Returns study_calibration's value with skipped_runs."""
     from . import calibration_protocols as cp
-    from .calibrate import CalibrationRun
-    from .replay import run_context
     from .runs import check_inside_root, parse_run_id, read_run_metadata
 
     skipped = dict(skipped or {})
@@ -374,25 +416,7 @@ def request_calibration(
             skipped[e] = str(err)
             if warn is not None:
                 warn(e, err)
-    present = sorted(metas)
-    infos = [
-        cp.run_info(e, metas[e], logs[e]["requests"], logs[e]["header"], logs[e]["has_ground_truth"]) for e in present
-    ]
-
-    def load(e: str) -> CalibrationRun:  # called for calibration runs only (calibration_protocols.run_calibrations)
-        m = metas[e]
-        ctx = run_context(
-            m.folder,
-            experiment_id=e,
-            model=m.model,
-            tp=m.tp,
-            exp_config=m.exp_config,
-            profile=m.profile,
-            header=logs[e]["header"],
-            kv_blocks_from_traces=synth_kv_blocks(m),
-        )
-        return CalibrationRun(e, m.model, m.workload, logs[e]["header"].get("role"), logs[e]["requests"], ctx)
-
+    infos, load = calibration_inputs(metas, logs)
     out = cp.study_calibration(
         infos,
         load,
@@ -449,21 +473,11 @@ def replay(
     """One run's requests replayed with each applicable step-time model; per-request predictions written under
     out_dir/replay/. Returns (stored value, facts for the asset's metadata)."""
     from . import replay_models as rm
-    from .replay import run_context
     from .runs import read_run_metadata
 
     meta = read_run_metadata(folder, data_root=data_root)
     log = log_from_stored(stored_log)
-    ctx = run_context(
-        folder,
-        experiment_id=key,
-        model=meta.model,
-        tp=meta.tp,
-        exp_config=meta.exp_config,
-        profile=meta.profile,
-        header=log.header,
-        kv_blocks_from_traces=synth_kv_blocks(meta),
-    )
+    ctx = replay_context(key, meta, log.header)
     specs = rm.specs_for_run(list(specs), key, meta.model)
     out = rm.replay_run(log, ctx, specs, source=meta.source, stands_for=meta.stands_for, seed=seed)
     paths = rm.write_per_request(out_dir, key, out["per_request"])

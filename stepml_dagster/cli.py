@@ -33,7 +33,8 @@ def _is_default(path: Path | None, default: Path) -> bool:
     return path is None or Path(path).resolve() == default.resolve()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `stepml` parser: one sub-command per verb, each sharing --verbose."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "-v", "--verbose", action="store_true", help="tracebacks and Dagster's log with errors (default: one line each)"
@@ -45,6 +46,18 @@ def main(argv: list[str] | None = None) -> int:
         "2 refused before anything ran (nothing written).",
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
+    _add_run(sub, common)
+    _add_synth(sub, common)
+    _add_backfill(sub, common)
+    _add_ui(sub, common)
+    _add_real_data(sub, common)
+    from . import export_cli  # `stepml export` (its own module)
+
+    export_cli.add_parser(sub, parents=[common])
+    return ap
+
+
+def _add_run(sub, common) -> None:
     r = sub.add_parser(
         "run",
         parents=[common],
@@ -75,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument(
         "--workers", type=int, default=None, help="partitions processed in parallel (default: min(2, cores))"
     )
+
+
+def _add_synth(sub, common) -> None:
     s = sub.add_parser("synth", parents=[common], help="synthesize run folders modelled on the 16 H100 runs")
     s.add_argument(
         "--out", type=Path, default=DEFAULT_EXPERIMENTS_DIR, help="where the run folders go (default: data/experiments)"
@@ -82,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--runs", nargs="*", default=None, help="real run ids (or their -synth ids); default all 16")
     s.add_argument("--scale", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
+
+
+def _add_backfill(sub, common) -> None:
     b = sub.add_parser(
         "backfill", parents=[common], help="re-materialize chosen experiment partitions, then the study (in-process)"
     )
@@ -92,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--experiment", action="append", help="experiment (run folder) id; repeatable")
     b.add_argument("--all", action="store_true", help="every run folder in --data")
     b.add_argument("--seed", type=int, default=0)
+
+
+def _add_ui(sub, common) -> None:
     u = sub.add_parser(
         "ui",
         parents=[common],
@@ -105,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     u.add_argument("--out", type=Path, default=PROJECT_ROOT / "out", help="output folder (default: out/)")
     u.add_argument("--port", type=int, default=3000)
+
+
+def _add_real_data(sub, common) -> None:
     rd = sub.add_parser(
         "real-data",
         parents=[common],
@@ -117,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=PROJECT_ROOT / "data" / "real", help="where the run folders go (default: data/real)"
     )
     rd.add_argument("--runs", nargs="*", default=None, help="only these run ids (default: all)")
-    from . import export_cli  # `stepml export` (its own module)
 
-    export_cli.add_parser(sub, parents=[common])
-    a = ap.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     try:
         return _dispatch(a)
     except StepMLError as e:

@@ -357,6 +357,41 @@ def _study_chain(
     return failed, errors, res.success and res_models.success, run_error(res_models) or run_error(res)
 
 
+def _study_jobs(instance, settings, folder_names: list[str], todo: list[str]) -> PhaseJobs:
+    """The study's phase jobs, after marking runs a killed `stepml run` left STARTED as abandoned and syncing the
+    instance's experiment partitions to the run folders (every key in `todo` is then a partition)."""
+    from .definitions import build_definitions
+    from .health import mark_abandoned_runs
+    from .instance import sync_partitions
+
+    mark_abandoned_runs(instance)
+    sync_partitions(instance, folder_names)
+    jobs = PhaseJobs.of(build_definitions(settings))
+    registered = set(jobs.experiment.partitions_def.get_partition_keys(dynamic_partitions_store=instance))
+    assert set(todo) <= registered, "every chosen run folder is an experiment partition (sync_partitions)"
+    return jobs
+
+
+def _partition_phase(
+    jobs: PhaseJobs, instance, settings, folder_names, todo, refused: dict, workers: int, *, quiet: bool, verbose: bool
+) -> tuple[list[str], dict]:
+    """experiment_job over the `todo` partitions (`workers` at once, the pooled-fold prefit last).
+    Returns (failed keys, {key: error}), the refused runs first; NoUsableRunsError when no run is usable, here or
+    stored from an earlier run."""
+    failed, errors = list(refused), dict(refused)
+    f, e = _run_partitions(
+        jobs.experiment, instance, settings, todo, workers, label="runs", quiet=quiet, verbose=verbose, prefit_last=True
+    )
+    failed += f
+    errors.update(e)
+    n = len(todo) + len(refused)
+    if len(failed) == n and not _stored_elsewhere(settings, folder_names, failed):
+        raise NoUsableRunsError(
+            f"no usable run in {settings.data_dir}: all {n} run(s) failed (one line each above); no study was run"
+        )
+    return failed, errors
+
+
 def run_study(
     data_dir: Path,
     out_dir: Path,
@@ -378,9 +413,7 @@ def run_study(
     The instance is the study's own (<out_dir>/dagster_home unless DAGSTER_HOME is set, see instance.py),
     its partitions exactly the run folders of data_dir.
     """
-    from .definitions import build_definitions
-    from .health import mark_abandoned_runs
-    from .instance import study_instance_env, sync_partitions
+    from .instance import study_instance_env
     from .outlock import out_dir_lock
     from .resources import StepMLSettings
 
@@ -396,36 +429,17 @@ def run_study(
         say=say,
     )
     todo = [k for k in keys if k not in refused]
-    failed, errors = list(refused), dict(refused)
     # one stepml run per output folder, taken once the runs are known (nothing written before): a second one fails at once
     with out_dir_lock(Path(out_dir)), study_instance_env(out_dir) as home:
         say(f"Dagster instance: {home}")
         instance = dg.DagsterInstance.get()
-        mark_abandoned_runs(instance)  # runs left STARTED by an earlier stepml run that was killed
-        sync_partitions(instance, [f.name for f in folders])
         settings = StepMLSettings(data_dir=str(root), out_dir=str(out_dir), seed=seed)
-        jobs = PhaseJobs.of(build_definitions(settings))
-        registered = set(jobs.experiment.partitions_def.get_partition_keys(dynamic_partitions_store=instance))
-        assert set(todo) <= registered, "every chosen run folder is an experiment partition (sync_partitions)"
+        jobs = _study_jobs(instance, settings, [f.name for f in folders], todo)
         t0 = time.perf_counter()
         workers = max(1, min(workers or 1, len(todo)))
-        f, e = _run_partitions(
-            jobs.experiment,
-            instance,
-            settings,
-            todo,
-            workers,
-            label="runs",
-            quiet=quiet,
-            verbose=verbose,
-            prefit_last=True,
+        failed, errors = _partition_phase(
+            jobs, instance, settings, [f.name for f in folders], todo, refused, workers, quiet=quiet, verbose=verbose
         )
-        failed += f
-        errors.update(e)
-        if len(failed) == len(keys) and not _stored_elsewhere(settings, [f.name for f in folders], failed):
-            raise NoUsableRunsError(
-                f"no usable run in {root}: all {len(keys)} run(s) failed (one line each above); no study was run"
-            )
         release_freed_memory()
         r_failed, r_errors, study_ok, study_err = _study_chain(
             jobs,

@@ -272,6 +272,30 @@ def scan_data_folder(
     return launches, new_cursor
 
 
+def _why_later(settled: bool, spent_bytes: int, budget_bytes: int, t_end: float) -> str | None:
+    """Why a run folder waits for a later tick, or None: still being written, or this tick's hashing or time
+    budget used up (keep the tick short: sensor evaluations time out)."""
+    if not settled:
+        return "files changed since the last tick (still being written?)"
+    if spent_bytes >= budget_bytes:
+        return "hashing budget of this tick used up"
+    if time.monotonic() > t_end:
+        return "time budget of this tick used up (STEPML_SENSOR_TIME_BUDGET_S)"
+    return None
+
+
+def _trace_readiness(folder: Path, t_end: float) -> tuple[bool | None, str]:
+    """(True, _) a complete trace file; (False, why) none yet or one still being written; (None, why) one the run
+    will refuse itself (two trace files, or a link out of the data folder)."""
+    try:
+        trace = find_trace_file(folder)
+    except RunMetadataError as e:  # two trace files: the run refuses itself with this message
+        return None, str(e)
+    if trace is not None and folder.resolve().parent not in trace.resolve().parents:
+        return None, f"{trace.name} leads out of the data folder (the run will refuse it)"
+    return trace_file_complete(trace, t_end) if trace else (False, "no trace file")
+
+
 def _scan_one(
     folder: Path,
     rid: str,
@@ -293,28 +317,12 @@ def _scan_one(
         return None
     newest = max((v[1] for v in quick.values()), default=0) / 1e9
     settled = pending.get(rid) == quick or (now - newest) >= settle
-    if not settled:
+    later = _why_later(settled, spent, budget, t_end)
+    if later:
         pending[rid] = quick
-        say("info", f"{rid}: files changed since the last tick (still being written?); later tick")
+        say("info", f"{rid}: {later}; later tick")
         return None
-    if spent >= budget:  # keep the tick short (sensor evaluations time out); the rest next tick
-        pending[rid] = quick
-        say("info", f"{rid}: hashing budget of this tick used up; later tick")
-        return None
-    if time.monotonic() > t_end:
-        pending[rid] = quick
-        say("info", f"{rid}: time budget of this tick used up (STEPML_SENSOR_TIME_BUDGET_S); later tick")
-        return None
-    try:
-        trace = find_trace_file(folder)
-    except RunMetadataError as e:  # two trace files: the run refuses itself with this message
-        trace, why = None, str(e)
-        ok = None
-    else:
-        if trace is not None and folder.resolve().parent not in trace.resolve().parents:
-            ok, why = None, f"{trace.name} leads out of the data folder (the run will refuse it)"
-        else:
-            ok, why = trace_file_complete(trace, t_end) if trace else (False, "no trace file")
+    ok, why = _trace_readiness(folder, t_end)
     if ok is False:
         if (now - newest) < settle:
             pending[rid] = quick
@@ -587,7 +595,7 @@ def build_study_sensor(
 ) -> dg.SensorDefinition:
     """jobs: the models_job, replay_job and study_job definitions (default: built here, as in definitions.py)."""
     if jobs is None:
-        from .definitions import build_jobs
+        from .jobs import build_jobs
 
         jobs = [j for j in build_jobs() if j.name in (MODELS_JOB, REPLAY_JOB, STUDY_JOB)]
 

@@ -10,7 +10,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -18,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from ops_helpers import free_port, wait_for
+from process_group import stop_process_group
 
 BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
@@ -119,12 +119,6 @@ class Browser:
             self.ws.__exit__(None, None, None)
         except Exception:
             pass
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        stop_process_group(self.proc, wait_s=15, kill_wait_s=5)  # the browser and its helper processes
         self.log.close()
         shutil.rmtree(self.profile, ignore_errors=True)

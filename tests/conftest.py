@@ -1,9 +1,11 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))  # the project's developer tools (process_group, long_functions), for the tests
 # ../shared/real (the two real H100 runs); STEPML_SHARED_REAL overrides it (e.g. to check that tests skip cleanly without it)
 SHARED_REAL = Path(os.environ.get("STEPML_SHARED_REAL", str(REPO.parent / "shared" / "real")))
 REAL_EXPERIMENTS = SHARED_REAL / "experiments"

@@ -109,6 +109,7 @@ def _dump(d: dict) -> bytes:
     return json.dumps(d, separators=(",", ":")).encode()
 
 
+# long: the corpus fixture: builds the good run and the plain bad-input cases, one short block per case, then runs both studies
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     base = tmp_path_factory.mktemp("base")
@@ -274,6 +275,7 @@ def _get(ev: dict, key: str) -> int:
     return int(_attr(ev, key)["value"]["intValue"])
 
 
+# long: a table of the issue-11 cases, one numbered block per case, all cut from the same base run's lines
 def hostile_cases(make, data: Path, lines: list[bytes], step_idx: list[int], info: dict, tmp_path_factory) -> None:
     """The issue-11 cases: one run folder each, next to the good run."""
     whole = b"\n".join(lines) + b"\n"

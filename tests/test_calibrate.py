@@ -25,7 +25,8 @@ from stepml_core.calibrate import (
     request_timelines,
     serving_model,
 )
-from stepml_core.replay import RunContext, replay, replay_workload, run_context
+from stepml_core.pipeline import calibration_inputs, log_as_stored, replay_context
+from stepml_core.replay import RunContext, replay, replay_workload
 from stepml_core.replay_models import replay_run, specs_for_run
 from stepml_core.request_log import read_request_log
 from stepml_core.runs import read_run_metadata
@@ -260,23 +261,11 @@ def _predict(root: Path, scored: str) -> tuple[dict[str, pl.DataFrame], pl.DataF
 
     logs = {f.name: read_request_log(f) for f in sorted(root.iterdir())}
     metas = {e: read_run_metadata(root / e) for e in logs}
-    infos = [cp.run_info(e, metas[e], logs[e].table, logs[e].header, logs[e].has_ground_truth) for e in logs]
-
-    def ctx_of(e):
-        m = metas[e]
-        return run_context(
-            m.folder,
-            experiment_id=e,
-            model=m.model,
-            tp=m.tp,
-            exp_config=m.exp_config,
-            profile=m.profile,
-            header=logs[e].header,
-        )
-
+    infos, load = calibration_inputs(metas, {e: log_as_stored(log) for e, log in logs.items()})
+    ctx_of = lambda e: replay_context(e, metas[e], logs[e].header)  # noqa: E731
     out = cp.study_calibration(
         infos,
-        lambda e: CalibrationRun(e, metas[e].model, metas[e].workload, logs[e].role, logs[e].table, ctx_of(e)),
+        load,
         refine_evals=2,
         n_boot=6,
         lomo_models=[],

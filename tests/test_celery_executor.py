@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from ops_helpers import REPO, free_port, open_instance, wait_for, write_instance_yaml
+from process_group import stop_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -112,18 +112,50 @@ def _start_worker(env: dict, log: Path) -> subprocess.Popen:
 
 
 def _stop_worker(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    stop_process_group(proc, wait_s=60)
 
 
 def _worker_ready(log: Path) -> bool:
     return log.is_file() and " ready." in log.read_text(errors="replace")
+
+
+def _execute_the_four_jobs(instance, keys: list[str]) -> list:
+    """experiment_job per partition, models_job, replay_job per partition, study_job: the Celery variants, in order."""
+    from stepml_dagster import distributed
+
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+    def run(job, key=None):
+        tags = {"dagster/partition": key} if key else None
+        return dg.execute_job(dg.reconstructable(job), instance=instance, tags=tags, run_config=quiet)
+
+    results = [run(distributed.celery_experiment_job, key) for key in keys]
+    results.append(run(distributed.celery_models_job))
+    results += [run(distributed.celery_replay_job, key) for key in keys]  # synthetic runs carry request records
+    results.append(run(distributed.celery_study_job))
+    return results
+
+
+def _assert_every_step_ran_on_the_worker(instance, run_id: str) -> None:
+    """Every step that succeeded ran as a task on our Celery worker, in a process other than this one."""
+    logs = instance.all_logs(run_id)
+    done = {
+        e.step_key for e in logs if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.STEP_SUCCESS
+    }
+    in_worker = {
+        e.step_key
+        for e in logs
+        if e.dagster_event
+        and e.dagster_event.event_type == dg.DagsterEventType.ENGINE_EVENT
+        and WORKER_NAME in str(getattr(e.dagster_event.event_specific_data, "metadata", {}).get("Celery worker"))
+    }
+    assert done and done <= in_worker, (run_id, done - in_worker)
+    pids = {
+        e.dagster_event.pid
+        for e in logs
+        if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.STEP_SUCCESS
+    }
+    assert os.getpid() not in pids
 
 
 def _run_study_through_celery(home: Path, data: Path, out: Path, broker: str, env_extra: dict, monkeypatch) -> None:
@@ -146,60 +178,12 @@ def _run_study_through_celery(home: Path, data: Path, out: Path, broker: str, en
         wait_for(lambda: worker.poll() is not None or _worker_ready(log), 120, 0.5, "the Celery worker to be ready")
         assert worker.poll() is None, log.read_text()[-3000:]
         keys = sorted(p.name for p in data.iterdir() if p.is_dir())
-        quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
         with open_instance(home) as instance:
             instance.add_dynamic_partitions("experiment", keys)
-            results = []
-            for key in keys:
-                results.append(
-                    dg.execute_job(
-                        dg.reconstructable(distributed.celery_experiment_job),
-                        instance=instance,
-                        tags={"dagster/partition": key},
-                        run_config=quiet,
-                    )
-                )
-            results.append(
-                dg.execute_job(dg.reconstructable(distributed.celery_models_job), instance=instance, run_config=quiet)
-            )
-            for key in keys:  # the synthetic runs carry per-request records: each is replayed
-                results.append(
-                    dg.execute_job(
-                        dg.reconstructable(distributed.celery_replay_job),
-                        instance=instance,
-                        tags={"dagster/partition": key},
-                        run_config=quiet,
-                    )
-                )
-            results.append(
-                dg.execute_job(dg.reconstructable(distributed.celery_study_job), instance=instance, run_config=quiet)
-            )
+            results = _execute_the_four_jobs(instance, keys)
             assert all(r.success for r in results), [r.run_id for r in results if not r.success]
             for r in results:
-                logs = instance.all_logs(r.run_id)
-                done = {
-                    e.step_key
-                    for e in logs
-                    if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.STEP_SUCCESS
-                }
-                in_worker = {
-                    e.step_key
-                    for e in logs
-                    if e.dagster_event
-                    and e.dagster_event.event_type == dg.DagsterEventType.ENGINE_EVENT
-                    and WORKER_NAME
-                    in str(getattr(e.dagster_event.event_specific_data, "metadata", {}).get("Celery worker"))
-                }
-                assert done and done <= in_worker, (
-                    r.run_id,
-                    done - in_worker,
-                )  # every step ran as a task on our worker
-                pids = {
-                    e.dagster_event.pid
-                    for e in logs
-                    if e.dagster_event and e.dagster_event.event_type == dg.DagsterEventType.STEP_SUCCESS
-                }
-                assert os.getpid() not in pids
+                _assert_every_step_ran_on_the_worker(instance, r.run_id)
             for k in [k for a in PARTITIONED_ASSETS for k in a.keys]:
                 got = {
                     r.partition_key

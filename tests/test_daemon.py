@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from ops_helpers import ARTIFACTS, REPO, RUN_A, drop_run, open_instance, wait_for
+from process_group import stop_process_group
 
 pytestmark = pytest.mark.slow
 TIMEOUT_S = float(
@@ -52,13 +52,7 @@ def daemon(tmp_path, real_experiments):
     try:
         yield {"home": home, "data": data, "out": out, "proc": proc, "log": tmp_path / "daemon.log"}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the daemon's own process group: it, its code server, its runs
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        stop_process_group(proc)  # the daemon's own process group: it, its code server, its runs
         log.close()
         ARTIFACTS.mkdir(exist_ok=True)
         shutil.copy(tmp_path / "daemon.log", ARTIFACTS / "daemon-test.log")

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from process_group import stop_process_group
 
 import stepml_dagster.cli as cli
 import stepml_dagster.local as local
@@ -375,11 +377,7 @@ def test_stepml_ui_shows_exactly_this_studys_runs_with_the_promised_settings(two
         assert sorted(data["assetNodeOrError"]["partitionKeys"]) == [rid(1), rid(2)]
         assert data["instance"]["runQueueConfig"]["maxConcurrentRuns"] == 2
     finally:
-        os.killpg(proc.pid, 2)  # SIGINT, as Ctrl-C: dg dev stops the webserver and daemon
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        stop_process_group(proc, signal.SIGINT)  # SIGINT, as Ctrl-C: dg dev stops the webserver and daemon
         log.close()
     assert "SupersessionWarning" not in (tmp_path / "ui.log").read_text()
 

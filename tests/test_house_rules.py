@@ -1,5 +1,5 @@
 """House rules that a machine can check (issue 14): the linter and the formatter pass, and no function is over ~80 lines
-without a reason written above it (tools/long_functions.py)."""
+without a reason written above it (tools/long_functions.py), no import cycles (tools/import_cycles.py)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from import_cycles import import_cycles  # tools/ (on the path by conftest.py)
+from long_functions import long_functions
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-from long_functions import long_functions  # noqa: E402
 
 
 def test_every_long_function_has_a_written_reason():
@@ -43,3 +42,18 @@ def test_ruff_passes():
     assert r.returncode == 0, r.stdout[-3000:]
     r = subprocess.run([ruff, "format", "--check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, "not formatted (run `ruff format .`): " + r.stdout[-3000:]
+
+
+def test_no_import_cycles():
+    """No two project modules import each other, directly or round a loop, also through imports inside functions."""
+    assert import_cycles(ROOT) == []
+
+
+def test_the_cycle_check_finds_a_cycle_through_a_deferred_import(tmp_path):
+    pkg = tmp_path / "stepml_dagster"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .b import f\n")
+    (pkg / "b.py").write_text("def f():\n    from . import a\n    return a\n")
+    (pkg / "c.py").write_text("from stepml_dagster.a import f\n")
+    assert import_cycles(tmp_path, ("stepml_dagster",)) == [["stepml_dagster.a", "stepml_dagster.b"]]

@@ -12,13 +12,13 @@ import polars as pl
 import pytest
 from conftest import SHARED_REAL
 
+from stepml_core.pipeline import replay_context
 from stepml_core.replay import (
     CLIENT_TIMEOUT_S,
     RunContext,
     StepServingModel,
     replay,
     replay_workload,
-    run_context,
     score_replay,
 )
 from stepml_core.replay_models import physics_spec, replay_run, serving_model
@@ -403,15 +403,7 @@ def test_physics_replay_of_a_real_run_and_an_unscored_one(real_runs):
     for f in real_runs:
         meta = read_run_metadata(f)
         log = read_request_log(f)
-        ctx = run_context(
-            f,
-            experiment_id=f.name,
-            model=meta.model,
-            tp=meta.tp,
-            exp_config=meta.exp_config,
-            profile=meta.profile,
-            header=log.header,
-        )
+        ctx = replay_context(f.name, meta, log.header)
         assert ctx.kv_blocks_total == 26602 and ctx.output_len > 200 and ctx.ignore_eos
         out[f.name] = replay_run(log, ctx, [physics_spec()], source=meta.source)
     cg = {r["metric"]: r for r in out[real_runs[0].name]["rows"].iter_rows(named=True)}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from ops_helpers import ARTIFACTS, REPO, RUN_A, copy_run, free_port, wait_for, write_instance_yaml
+from process_group import stop_process_group
 
 pytestmark = pytest.mark.slow
 STEPML_ASSETS = [
@@ -108,13 +108,7 @@ def webserver(tmp_path, real_experiments):
         )
         yield ws
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the webserver's own group: it, its code server, its run
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        stop_process_group(proc)  # the webserver's own group: it, its code server, its run
         log.close()
         ARTIFACTS.mkdir(exist_ok=True)
         shutil.copy(log_path, ARTIFACTS / "ui-webserver.log")
@@ -139,6 +133,18 @@ def test_ui_shows_assets_and_materializes_a_partition(webserver, browser):
     }
     assert set(STEPML_ASSETS) <= set(nodes)
 
+    _see_every_asset_in_the_graph(ws, browser)
+    run_id = _launch_experiment_job(ws)
+    browser.goto(f"{ws.url}/runs/{run_id}")
+    browser.wait_text(["Success"], 60)
+    time.sleep(1)
+    browser.screenshot(ARTIFACTS / "ui-run.png")
+    _check_lineage_metadata(ws, browser)
+    assert (ARTIFACTS / "ui-asset-graph.png").stat().st_size > 10_000
+
+
+def _see_every_asset_in_the_graph(ws, browser) -> None:
+    """The asset graph page with every group expanded shows every StepML asset (panning down over it)."""
     # 1. the asset graph page, every group expanded (⌥E, the UI's "Expand all groups")
     browser.goto(f"{ws.url}/asset-groups")
     collapsed = "document.querySelectorAll('[class*=\"CollapsedGroupNode_collapsedGroupNodeContainer\"]').length"
@@ -173,6 +179,9 @@ def test_ui_shows_assets_and_materializes_a_partition(webserver, browser):
         time.sleep(1.5)
     assert seen == set(STEPML_ASSETS), set(STEPML_ASSETS) - seen
 
+
+def _launch_experiment_job(ws) -> str:
+    """Register RUN_A's partition and launch experiment_job for it, as the UI's Materialize button does; its run id, once it succeeded."""
     # 2. register the partition and launch experiment_job for it (what the UI's Materialize button sends)
     r = ws.gql(
         """mutation($k: String!, $repo: RepositorySelector!) {
@@ -201,11 +210,11 @@ def test_ui_shows_assets_and_materializes_a_partition(webserver, browser):
         return st if st in {"SUCCESS", "FAILURE", "CANCELED"} else None
 
     assert wait_for(finished, 300, 2, f"run {run_id}") == "SUCCESS", ARTIFACTS / "ui-webserver.log"
-    browser.goto(f"{ws.url}/runs/{run_id}")
-    browser.wait_text(["Success"], 60)
-    time.sleep(1)
-    browser.screenshot(ARTIFACTS / "ui-run.png")
+    return run_id
 
+
+def _check_lineage_metadata(ws, browser) -> None:
+    """Lineage metadata on raw_traces' and quarantine's materializations, via GraphQL and as rendered on raw_traces' page."""
     # 3. lineage metadata on the materialization, via GraphQL and as rendered on raw_traces' page
     meta = ws.gql(
         """query($k: String!) { assetOrError(assetKey: {path: ["raw_traces"]}) { ... on Asset {
@@ -239,4 +248,3 @@ def test_ui_shows_assets_and_materializes_a_partition(webserver, browser):
     browser.wait_text(["stands_for", "workload", "data_version"], 90)
     time.sleep(1)
     browser.screenshot(ARTIFACTS / "ui-raw-traces-partition.png")
-    assert (ARTIFACTS / "ui-asset-graph.png").stat().st_size > 10_000
