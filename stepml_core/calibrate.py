@@ -352,30 +352,13 @@ class ClosedForm:
     bounds_active: tuple  # parameters that sit on a physics bound
 
 
-def fit_closed_form(
-    timelines: list[Timelines],
-    prior: ArchPrior,
-    *,
-    weights: list[np.ndarray] | None = None,
-    saturated_weight: float | None = None,
-) -> ClosedForm:
-    """Stage 1: bounded least squares of the observed decode cycles on the window-averaged batch composition.
-
-    c_i = β0 + β_dec·n̄_i + β_kv·kv̄_i + (β_npf + β_pf·m)·p_i with p_i = prompts started per step in the
-    window; β_pf = the compute prior (cache-miss tokens m are few: the runs' prompts repeat), β_kv ≥ the
-    KV-read floor, all ≥ 0. Residuals are relative (÷ c_i) and each non-saturated run weighs the same; a
-    saturated run weighs ``saturated_weight`` (SATURATED_RUN_WEIGHT) of one when non-saturated runs are there,
-    and one-sided: its cycle is max(GPU path, CPU path) and with 128 running requests and a queue of minutes
-    the CPU path can bind, so a window counts only where the model's GPU path exceeds its cycle (active set,
-    ≤ ONE_SIDED_MAX_ITER refits). At ~700 tokens of context per sequence the non-saturated runs cannot tell a
-    per-sequence cost from a per-context-token cost (they move together); a long-context saturated run caps
-    the split's extrapolation without bending what the non-saturated runs determine. ``weights`` (per run, per
-    request; bootstrap counts) multiply the request weights. Then α0 = mean over the
-    non-saturated runs of the median of TTFT − 1.5·ĉ(arrival) − β_npf (half a cycle's wait, the prompt's step)."""
-    from scipy.optimize import lsq_linear
-
+def _cycle_rows(
+    timelines: list[Timelines], weights: list[np.ndarray] | None, sw: float
+) -> tuple[list[tuple], dict[str, int]]:
+    """Per run, the decode windows the cycle regression uses: (X = [1, n̄, kv̄, p], c = cycle_us, row weight, one-sided)
+    with row weight √(w_i / Σw · run weight) / c_i (relative residuals, each run weighing the same, a saturated run
+    ``sw`` of one and one-sided when non-saturated runs are there); and the windows used per run."""
     rows, used = [], {}
-    sw = SATURATED_RUN_WEIGHT if saturated_weight is None else saturated_weight
     mixed = any(tl.saturated for tl in timelines) and not all(tl.saturated for tl in timelines)
     for k, tl in enumerate(timelines):
         m = np.isfinite(tl.cycle_us) & (tl.kv_over <= 0.05) & np.isfinite(tl.dec_mean)
@@ -394,7 +377,14 @@ def fit_closed_form(
         raise CalibrationError("no usable decode windows in the calibration runs (successful requests with ≥ 2 tokens)")
     if all(r[3] for r in rows):  # no non-saturated window to stand on: the saturated ones count both ways
         rows = [(a, b, c, False) for a, b, c, _ in rows]
-    lo = np.array([0.0, 0.0, prior.kv_floor_us, 0.0])
+    return rows, used
+
+
+def _fit_one_sided(rows: list[tuple], lo: np.ndarray) -> tuple:
+    """Bounded (β ≥ lo) weighted least squares where one-sided rows count only where the model reaches their cycle;
+    the active set is iterated (≤ ONE_SIDED_MAX_ITER) and the iterate of least one-sided cost kept.
+    Returns (X, y, row weights, lsq_linear result) of that iterate."""
+    from scipy.optimize import lsq_linear
 
     def solve(masks):
         X = np.vstack([r[0][mk] for r, mk in zip(rows, masks)])
@@ -420,17 +410,13 @@ def fit_closed_form(
         if all(np.array_equal(a, b) for a, b in zip(new, masks)):
             break
         masks = new
-    X, y, wt, res = best[1]
-    b0, bd, bkv, bnpf = (float(x) for x in res.x)
-    pred = X @ res.x
-    r2 = 1.0 - float(
-        np.sum((wt * (y - pred)) ** 2) / max(np.sum((wt * (y - np.average(y, weights=wt**2))) ** 2), 1e-12)
-    )
-    active = tuple(
-        n
-        for n, x, b in zip(("b0_us", "b_dec_us", "b_kv_us", "b_npf_us"), res.x, lo)
-        if abs(x - b) <= 1e-9 * max(1.0, abs(b))
-    )
+    return best[1]
+
+
+def _queue_offset_us(
+    timelines: list[Timelines], weights: list[np.ndarray] | None, b0: float, bd: float, bkv: float, bnpf: float
+) -> float:
+    """α0 = max(0, mean over the non-saturated runs of median(TTFT − 1.5·ĉ(arrival) − β_npf)), µs."""
     q_meds = []
     for k, tl in enumerate(timelines):
         if tl.saturated:
@@ -442,7 +428,44 @@ def fit_closed_form(
             continue
         c_hat = b0 + bd * tl.dec_at_arrival[m] + bkv * tl.kv_at_arrival[m]
         q_meds.append(float(np.median(tl.ttft_s[m] * 1e6 - 1.5 * c_hat - bnpf)))
-    q0 = max(0.0, float(np.mean(q_meds))) if q_meds else 0.0
+    return max(0.0, float(np.mean(q_meds))) if q_meds else 0.0
+
+
+def fit_closed_form(
+    timelines: list[Timelines],
+    prior: ArchPrior,
+    *,
+    weights: list[np.ndarray] | None = None,
+    saturated_weight: float | None = None,
+) -> ClosedForm:
+    """Stage 1: bounded least squares of the observed decode cycles on the window-averaged batch composition.
+
+    c_i = β0 + β_dec·n̄_i + β_kv·kv̄_i + (β_npf + β_pf·m)·p_i with p_i = prompts started per step in the
+    window; β_pf = the compute prior (cache-miss tokens m are few: the runs' prompts repeat), β_kv ≥ the
+    KV-read floor, all ≥ 0. Residuals are relative (÷ c_i) and each non-saturated run weighs the same; a
+    saturated run weighs ``saturated_weight`` (SATURATED_RUN_WEIGHT) of one when non-saturated runs are there,
+    and one-sided: its cycle is max(GPU path, CPU path) and with 128 running requests and a queue of minutes
+    the CPU path can bind, so a window counts only where the model's GPU path exceeds its cycle (active set,
+    ≤ ONE_SIDED_MAX_ITER refits). At ~700 tokens of context per sequence the non-saturated runs cannot tell a
+    per-sequence cost from a per-context-token cost (they move together); a long-context saturated run caps
+    the split's extrapolation without bending what the non-saturated runs determine. ``weights`` (per run, per
+    request; bootstrap counts) multiply the request weights. Then α0 = mean over the
+    non-saturated runs of the median of TTFT − 1.5·ĉ(arrival) − β_npf (half a cycle's wait, the prompt's step)."""
+    sw = SATURATED_RUN_WEIGHT if saturated_weight is None else saturated_weight
+    rows, used = _cycle_rows(timelines, weights, sw)
+    lo = np.array([0.0, 0.0, prior.kv_floor_us, 0.0])
+    X, y, wt, res = _fit_one_sided(rows, lo)
+    b0, bd, bkv, bnpf = (float(x) for x in res.x)
+    pred = X @ res.x
+    r2 = 1.0 - float(
+        np.sum((wt * (y - pred)) ** 2) / max(np.sum((wt * (y - np.average(y, weights=wt**2))) ** 2), 1e-12)
+    )
+    active = tuple(
+        n
+        for n, x, b in zip(("b0_us", "b_dec_us", "b_kv_us", "b_npf_us"), res.x, lo)
+        if abs(x - b) <= 1e-9 * max(1.0, abs(b))
+    )
+    q0 = _queue_offset_us(timelines, weights, b0, bd, bkv, bnpf)
     params = StepParams(b0_us=b0, b_dec_us=bd, b_kv_us=bkv, b_pf_us=prior.prefill_prior_us, b_npf_us=bnpf, q0_us=q0)
     return ClosedForm(
         params=params, requests_used=int(sum(used.values())), requests_by_run=used, r2=r2, bounds_active=active

@@ -153,6 +153,81 @@ def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame | None:
     return pl.concat(frames, how="diagonal_relaxed") if frames else None
 
 
+def _study_tables(
+    present: list[str], metrics: Mapping, predictions: Mapping, global_models: dict
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """All metrics of the runs present (per run + pooled fits), and their test-split predictions (what the verdict
+    and the plots read; one partition in memory at a time)."""
+    gm, gp = global_models["metrics"], global_models["predictions"]
+    all_metrics = pl.concat(
+        [*(metrics[e] for e in present if e in metrics), gm.filter(pl.col("experiment_id").is_in(present))],
+        how="diagonal_relaxed",
+    )
+    test = pl.col("split") == "test"  # the verdict and the plots read test rows only; one partition in memory at a time
+    all_pred = pl.concat(
+        [
+            *(predictions[e].filter(test) for e in present if e in predictions),
+            gp.filter(pl.col("experiment_id").is_in(present) & test),
+        ],
+        how="diagonal_relaxed",
+    )
+    return all_metrics, all_pred
+
+
+def _study_findings(
+    present: list[str],
+    all_pred: pl.DataFrame,
+    generalization: dict,
+    ablation: Mapping,
+    method_checks: Mapping,
+    global_models: dict,
+    seed: int,
+) -> tuple[pl.DataFrame | None, dict, dict]:
+    """(ablation of the runs present, method checks gathered, findings: rankings, recommendations, ...)."""
+    from .findings import study_findings
+    from .method_checks import gather as gather_checks
+
+    gen_present = {
+        k: v.filter(pl.col("experiment_id").is_in(present)) if v.height else v
+        for k, v in generalization.items()
+        if k in ("metrics", "predictions")
+    }
+    abl = pl.concat([ablation[e] for e in present if e in ablation], how="diagonal_relaxed") if ablation else None
+    checks = gather_checks(method_checks, present, global_models["models"])
+    findings = study_findings(predictions=all_pred, generalization=gen_present, ablation=abl, checks=checks, seed=seed)
+    return abl, checks, findings
+
+
+def _extra_study_sections(
+    present: list[str],
+    runs: list[dict],
+    abl: pl.DataFrame | None,
+    agreements: Mapping,
+    e2e_fidelity: Mapping,
+    calibration: dict,
+    extra_sections: list[str] | None,
+    left_out: dict[str, dict],
+    stored: set[str] | None,
+    out_dir: Path,
+) -> list[str]:
+    """The report's sections after the verdict, in order: runs left out, feature provenance, reconstruction,
+    teacher-forced E2E (plots written to out_dir), calibration, then `extra_sections`."""
+    from .report import calibration_sections, e2e_section, feature_provenance_section, reconstruction_section
+    from .report_status import runs_left_out_section
+
+    extra = runs_left_out_section(left_out, set(stored or ()))  # failed or stale runs: named, their old results unused
+    extra += feature_provenance_section(runs, abl)
+    extra += reconstruction_section({e: agreements[e] for e in present if e in agreements})
+    e2e_parts = [e2e_fidelity[e] for e in present if e in e2e_fidelity]
+    per_request = _concat([p["per_request"] for p in e2e_parts])
+    extra += e2e_section(
+        _concat([p["summary"] for p in e2e_parts]), pl.DataFrame() if per_request is None else per_request, out_dir
+    )
+    extra += calibration_sections(calibration["public"], calibration["steps"])
+    extra += extra_sections or []
+    return extra
+
+
 def assemble_study(
     present: list[str],
     *,
@@ -184,53 +259,19 @@ def assemble_study(
     """
     present = sorted(present)
     runs = [run_summary[e] for e in present]
-    gm, gp = global_models["metrics"], global_models["predictions"]
-    all_metrics = pl.concat(
-        [*(metrics[e] for e in present if e in metrics), gm.filter(pl.col("experiment_id").is_in(present))],
-        how="diagonal_relaxed",
-    )
-    test = pl.col("split") == "test"  # the verdict and the plots read test rows only; one partition in memory at a time
-    all_pred = pl.concat(
-        [
-            *(predictions[e].filter(test) for e in present if e in predictions),
-            gp.filter(pl.col("experiment_id").is_in(present) & test),
-        ],
-        how="diagonal_relaxed",
-    )
+    all_metrics, all_pred = _study_tables(present, metrics, predictions, global_models)
     verdict = study.h1_verdict(all_metrics, all_pred, seed=seed)
     gen = generalization["metrics"]
-    gen_present = {
-        k: v.filter(pl.col("experiment_id").is_in(present)) if v.height else v
-        for k, v in generalization.items()
-        if k in ("metrics", "predictions")
-    }
-    abl = pl.concat([ablation[e] for e in present if e in ablation], how="diagonal_relaxed") if ablation else None
-    from .findings import study_findings
-    from .method_checks import gather as gather_checks
-    from .report import (
-        calibration_sections,
-        e2e_section,
-        feature_provenance_section,
-        reconstruction_section,
-        render_report,
-        write_outputs,
+    abl, checks, findings = _study_findings(
+        present, all_pred, generalization, ablation, method_checks, global_models, seed
     )
-    from .report_status import runs_left_out_section
+    from .report import render_report, write_outputs
 
-    checks = gather_checks(method_checks, present, global_models["models"])
-    findings = study_findings(predictions=all_pred, generalization=gen_present, ablation=abl, checks=checks, seed=seed)
     verdict["recommendations"] = findings["recommendations"]
     left_out = left_out or {}
-    extra = runs_left_out_section(left_out, set(stored or ()))  # failed or stale runs: named, their old results unused
-    extra += feature_provenance_section(runs, abl)
-    extra += reconstruction_section({e: agreements[e] for e in present if e in agreements})
-    e2e_parts = [e2e_fidelity[e] for e in present if e in e2e_fidelity]
-    per_request = _concat([p["per_request"] for p in e2e_parts])
-    extra += e2e_section(
-        _concat([p["summary"] for p in e2e_parts]), pl.DataFrame() if per_request is None else per_request, out_dir
+    extra = _extra_study_sections(
+        present, runs, abl, agreements, e2e_fidelity, calibration, extra_sections, left_out, stored, out_dir
     )
-    extra += calibration_sections(calibration["public"], calibration["steps"])
-    extra += extra_sections or []
     verdict["runs_left_out"] = {e: {"status": r["status"], "reason": r["reason"]} for e, r in sorted(left_out.items())}
     write_outputs(
         out_dir, pl.concat([all_metrics, gen], how="diagonal_relaxed") if gen.height else all_metrics, verdict

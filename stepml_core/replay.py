@@ -85,6 +85,71 @@ class ReplayWorkload:
     assumptions: dict
 
 
+def _impute_prompt_tokens(inp: np.ndarray, rng: np.random.Generator, assumptions: dict) -> np.ndarray:
+    """Prompt lengths ≤ 0 (errored requests) drawn from the run's other requests (one rng.choice draw)."""
+    missing = inp <= 0
+    if missing.any():
+        pool = inp[~missing]
+        inp = inp.copy()
+        inp[missing] = rng.choice(pool, int(missing.sum())) if pool.size else 1
+        assumptions["prompt_tokens_imputed"] = int(missing.sum())
+    return inp
+
+
+def _generated_tokens(out: np.ndarray, ctx: RunContext, output_tokens: str, assumptions: dict) -> np.ndarray:
+    """Tokens the server generates per request: output_len for all (ignore_eos) or the client's counts, where
+    a count ≤ 0 becomes the median of the positive ones (at least 1)."""
+    if output_tokens == "server" and ctx.ignore_eos and ctx.output_len:
+        assumptions["generated_tokens"] = f"output_len {ctx.output_len} for every request (ignore_eos)"
+        return np.full(out.size, int(ctx.output_len), dtype=np.int64)
+    gen = np.maximum(out, 1)
+    if out.min(initial=1) <= 0:
+        gen[out <= 0] = max(1, int(np.median(out[out > 0])) if (out > 0).any() else 1)
+    assumptions["generated_tokens"] = "the client's output_tokens"
+    return gen
+
+
+def _prompt_identity(
+    inp: np.ndarray, ctx: RunContext, rng: np.random.Generator, assumptions: dict
+) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt id, group) per request: each prompt length gets its share k = max(1, round(P · count / n)) of the
+    P = groups × prompts-per-group prompts, a request one of its length's k uniformly (rng.random), each prompt a
+    uniform group (rng.integers), in that draw order."""
+    n = inp.size
+    groups = max(1, int(ctx.num_groups or 1))
+    ppg = max(1, int(ctx.prompts_per_group or 1))
+    n_prompts = groups * ppg
+    lengths, inverse, counts = np.unique(inp, return_inverse=True, return_counts=True)
+    k_len = np.maximum(1, np.rint(n_prompts * counts / max(1, n)).astype(np.int64))
+    offset = np.concatenate([[0], np.cumsum(k_len)[:-1]])
+    prompt_id = offset[inverse] + (rng.random(n) * k_len[inverse]).astype(np.int64)
+    group_of_prompt = rng.integers(0, groups, int(k_len.sum()))
+    assumptions["prompt_identity"] = (
+        f"{n_prompts} prompts ({groups} groups x {ppg}) spread over {lengths.size} prompt "
+        f"lengths; system prompt {ctx.system_prompt_len or 0} tokens shared per group"
+    )
+    return prompt_id, group_of_prompt[prompt_id]
+
+
+def _serving_config(ctx: RunContext, default_kv_blocks: int | None, assumptions: dict) -> SchedulerConfig:
+    """The run's serving limits (defaults 2048 batched tokens, 128 sequences); its KV blocks are required."""
+    kv = ctx.kv_blocks_total or default_kv_blocks
+    if not kv:
+        raise ValueError(f"{ctx.experiment_id}: the run's KV-cache size (kv_blocks_total_gpu) is unknown")
+    cfg = SchedulerConfig(
+        max_num_batched_tokens=int(ctx.max_num_batched_tokens or 2048),
+        max_num_seqs=int(ctx.max_num_seqs or 128),
+        kv_blocks_total=int(kv),
+    )
+    assumptions["serving"] = {
+        "max_num_seqs": cfg.max_num_seqs,
+        "max_num_batched_tokens": cfg.max_num_batched_tokens,
+        "kv_blocks_total": cfg.kv_blocks_total,
+        "from": ctx.sources,
+    }
+    return cfg
+
+
 def replay_workload(
     log_table: pl.DataFrame,
     ctx: RunContext,
@@ -107,53 +172,14 @@ def replay_workload(
       the run's other requests (seeded) and the same generated length.
     """
     t = log_table.sort("index")
-    n = t.height
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x5E91A7])
-    inp = t["input_tokens"].to_numpy().astype(np.int64)
     out = t["output_tokens"].to_numpy().astype(np.int64)
     arrival = t["arrival_time_us"].to_numpy().astype(np.float64) * 1e-6
     assumptions: dict = {}
-    missing = inp <= 0
-    if missing.any():
-        pool = inp[~missing]
-        inp = inp.copy()
-        inp[missing] = rng.choice(pool, int(missing.sum())) if pool.size else 1
-        assumptions["prompt_tokens_imputed"] = int(missing.sum())
-    if output_tokens == "server" and ctx.ignore_eos and ctx.output_len:
-        gen = np.full(n, int(ctx.output_len), dtype=np.int64)
-        assumptions["generated_tokens"] = f"output_len {ctx.output_len} for every request (ignore_eos)"
-    else:
-        gen = np.maximum(out, 1)
-        if out.min(initial=1) <= 0:
-            gen[out <= 0] = max(1, int(np.median(out[out > 0])) if (out > 0).any() else 1)
-        assumptions["generated_tokens"] = "the client's output_tokens"
-    groups = max(1, int(ctx.num_groups or 1))
-    ppg = max(1, int(ctx.prompts_per_group or 1))
-    n_prompts = groups * ppg
-    lengths, inverse, counts = np.unique(inp, return_inverse=True, return_counts=True)
-    k_len = np.maximum(1, np.rint(n_prompts * counts / max(1, n)).astype(np.int64))
-    offset = np.concatenate([[0], np.cumsum(k_len)[:-1]])
-    prompt_id = offset[inverse] + (rng.random(n) * k_len[inverse]).astype(np.int64)
-    group_of_prompt = rng.integers(0, groups, int(k_len.sum()))
-    group = group_of_prompt[prompt_id]
-    assumptions["prompt_identity"] = (
-        f"{n_prompts} prompts ({groups} groups x {ppg}) spread over {lengths.size} prompt "
-        f"lengths; system prompt {ctx.system_prompt_len or 0} tokens shared per group"
-    )
-    kv = ctx.kv_blocks_total or default_kv_blocks
-    if not kv:
-        raise ValueError(f"{ctx.experiment_id}: the run's KV-cache size (kv_blocks_total_gpu) is unknown")
-    cfg = SchedulerConfig(
-        max_num_batched_tokens=int(ctx.max_num_batched_tokens or 2048),
-        max_num_seqs=int(ctx.max_num_seqs or 128),
-        kv_blocks_total=int(kv),
-    )
-    assumptions["serving"] = {
-        "max_num_seqs": cfg.max_num_seqs,
-        "max_num_batched_tokens": cfg.max_num_batched_tokens,
-        "kv_blocks_total": cfg.kv_blocks_total,
-        "from": ctx.sources,
-    }
+    inp = _impute_prompt_tokens(t["input_tokens"].to_numpy().astype(np.int64), rng, assumptions)
+    gen = _generated_tokens(out, ctx, output_tokens, assumptions)
+    prompt_id, group = _prompt_identity(inp, ctx, rng, assumptions)
+    cfg = _serving_config(ctx, default_kv_blocks, assumptions)
     return ReplayWorkload(
         experiment_id=ctx.experiment_id,
         arrival_s=arrival,

@@ -186,6 +186,73 @@ def fitted_on_label(spec: dict) -> str:
     return ";".join(spec.get("fitted_on") or [])
 
 
+def _replay_detail(spec: dict, label: str, sample: str, r, secs: float, per_req: dict) -> dict:
+    """What one replay did: steps, wall seconds, simulated seconds and their ratio, preemptions, clamped steps."""
+    return {
+        "step_model": spec["name"],
+        "kind": spec["kind"],
+        "fitted_on": label,
+        "sample": sample,
+        "steps": r.steps,
+        "seconds": round(secs, 3),
+        "simulated_s": round(r.sim_seconds, 3),
+        "real_time_ratio": round(r.sim_seconds / secs, 1) if secs > 0 else None,
+        "preemptions": r.counters.get("preemptions", 0),
+        "steps_clamped": sum(v for k, v in r.counters.items() if k.startswith("step_time_")),
+        **per_req,
+    }
+
+
+def _replay_spec(
+    spec: dict,
+    log,
+    ctx: RunContext,
+    w: ReplayWorkload,
+    obs: pl.DataFrame,
+    *,
+    source: str,
+    stands_for: str | None,
+    seed: int,
+    intervals: bool,
+) -> tuple[list[dict], list[dict], pl.DataFrame, dict]:
+    """Replay the workload with one spec: (replay.csv rows, interval rows, per-request table with the observed
+    columns, details). The wall time covers building the serving model and the replay."""
+    import time
+
+    from .calibrate import FeatureSums, replay_interval
+
+    role = log.role or ""
+    t0 = time.perf_counter()
+    model = serving_model(spec)
+    sample = sample_of(spec, ctx.experiment_id, stands_for)
+    rec = None
+    if intervals and sample == "out_of_sample" and (spec.get("bootstrap") or {}).get("rows"):
+        rec = model.step_model = FeatureSums(model.step_model)
+    r = replay(w, model, ctx, seed=seed)
+    secs = time.perf_counter() - t0
+    scores, per_req = score_replay(r.per_request, log.table)
+    label = fitted_on_label(spec)
+    head = {"experiment_id": ctx.experiment_id, "role": role, "step_model": spec["name"]}
+    interval_rows = []
+    if rec is not None:
+        for iv in replay_interval(spec, w, ctx, log.table, scores, rec, seed=seed):
+            interval_rows.append({**head, "protocol": spec.get("protocol", ""), "fitted_on": label, **iv})
+    rows = [
+        {
+            "experiment_id": ctx.experiment_id,
+            "source": source,
+            "role": role,
+            "step_model": spec["name"],
+            "fitted_on": label,
+            "sample": sample,
+            **s,
+        }
+        for s in scores
+    ]
+    per_request = r.per_request.join(obs, on="index", how="left")
+    return rows, interval_rows, per_request, _replay_detail(spec, label, sample, r, secs, per_req)
+
+
 def replay_run(
     log,
     ctx: RunContext,
@@ -200,65 +267,16 @@ def replay_run(
     """Replay one run with each spec: {'rows': replay.csv rows, 'per_request': {step model: table}, 'runs': details,
     'intervals': interval rows}. A request-calibrated spec (with ``bootstrap`` rows) that predicts the run out of
     sample also gets an interval per metric (two more replays, stepml_core.calibrate.replay_interval)."""
-    import time
-
-    from .calibrate import FeatureSums, replay_interval
-
     w = workload or replay_workload(log.table, ctx, seed=seed)
-    role = log.role or ""
     rows, per_request, details, interval_rows = [], {}, [], []
     obs = log.table.select("index", "observed_has_error", "observed_ttft_s", "observed_e2e_s")
     for spec in specs:
-        t0 = time.perf_counter()
-        model = serving_model(spec)
-        sample = sample_of(spec, ctx.experiment_id, stands_for)
-        rec = None
-        if intervals and sample == "out_of_sample" and (spec.get("bootstrap") or {}).get("rows"):
-            rec = model.step_model = FeatureSums(model.step_model)
-        r = replay(w, model, ctx, seed=seed)
-        secs = time.perf_counter() - t0
-        scores, per_req = score_replay(r.per_request, log.table)
-        label = fitted_on_label(spec)
-        if rec is not None:
-            for iv in replay_interval(spec, w, ctx, log.table, scores, rec, seed=seed):
-                interval_rows.append(
-                    {
-                        "experiment_id": ctx.experiment_id,
-                        "role": role,
-                        "step_model": spec["name"],
-                        "protocol": spec.get("protocol", ""),
-                        "fitted_on": label,
-                        **iv,
-                    }
-                )
-        for s in scores:
-            rows.append(
-                {
-                    "experiment_id": ctx.experiment_id,
-                    "source": source,
-                    "role": role,
-                    "step_model": spec["name"],
-                    "fitted_on": label,
-                    "sample": sample,
-                    **s,
-                }
-            )
-        per_request[spec["name"]] = r.per_request.join(obs, on="index", how="left")
-        details.append(
-            {
-                "step_model": spec["name"],
-                "kind": spec["kind"],
-                "fitted_on": label,
-                "sample": sample,
-                "steps": r.steps,
-                "seconds": round(secs, 3),
-                "simulated_s": round(r.sim_seconds, 3),
-                "real_time_ratio": round(r.sim_seconds / secs, 1) if secs > 0 else None,
-                "preemptions": r.counters.get("preemptions", 0),
-                "steps_clamped": sum(v for k, v in r.counters.items() if k.startswith("step_time_")),
-                **per_req,
-            }
+        spec_rows, spec_intervals, per_request[spec["name"]], detail = _replay_spec(
+            spec, log, ctx, w, obs, source=source, stands_for=stands_for, seed=seed, intervals=intervals
         )
+        rows += spec_rows
+        interval_rows += spec_intervals
+        details.append(detail)
     table = pl.DataFrame(rows, schema=REPLAY_COLUMNS) if rows else pl.DataFrame(schema=REPLAY_COLUMNS)
     iv = (
         pl.DataFrame(interval_rows, schema=INTERVAL_COLUMNS) if interval_rows else pl.DataFrame(schema=INTERVAL_COLUMNS)

@@ -184,28 +184,21 @@ def _mean_abs(vals) -> float | None:
     return float(np.mean(v)) if v else None
 
 
-def replay_section(fid: dict, out_dir: Path) -> list[str]:
-    """'Replaying the real runs': per run set, the recommended out-of-sample model and the physics beside BLIS 4a."""
-    rows, runs = fid.get("replay"), fid.get("runs")
-    left = fid.get("left_out") or {}
-    left_lines = (
-        [
-            "**Left out of the replay scores** (their stored replays are not current; nothing here uses them):",
-            "",
-            _md(["run", "status", "reason"], [[e, r["status"], r["reason"]] for e, r in sorted(left.items())]),
-            "",
-        ]
-        if left
-        else []
-    )
-    if rows is None or rows.height == 0:
-        return ["## Replaying the runs", "", "No current replay.", "", *left_lines] if left else []
-    w = _wide(rows)
-    rec = rows.filter(pl.col("recommended")).select("experiment_id", "step_model").unique()
-    rec_of = dict(rec.iter_rows())
-    blis = {r["experiment_id"]: r for r in fid["blis4a"].iter_rows(named=True)} if fid["blis4a"].height else {}
-    src = sorted(set(rows["source"]))
-    lines = [
+def _left_out_lines(left: dict[str, dict]) -> list[str]:
+    """The runs whose stored replays are not current ({run: {status, reason}}), named and unused."""
+    if not left:
+        return []
+    return [
+        "**Left out of the replay scores** (their stored replays are not current; nothing here uses them):",
+        "",
+        _md(["run", "status", "reason"], [[e, r["status"], r["reason"]] for e, r in sorted(left.items())]),
+        "",
+    ]
+
+
+def _replay_intro_lines(src: list[str]) -> list[str]:
+    """The section's heading (which data) and how runs are replayed and scored."""
+    return [
         "## Replaying the real runs" if src == ["real"] else f"## Replaying the runs ({', '.join(src)} data)",
         "",
         "Every request of each run replayed at its recorded arrival time through StepML's vLLM v1 simulator "
@@ -218,7 +211,10 @@ def replay_section(fid: dict, out_dir: Path) -> list[str]:
         "scored run's ground truth). BLIS 4a: the best-calibrated BLIS simulator (`train` rows in-sample).",
         "",
     ]
-    st = {r["experiment_id"]: r for r in runs.iter_rows(named=True)} if runs is not None and runs.height else {}
+
+
+def _replay_runs_lines(st: dict[str, dict]) -> list[str]:
+    """The runs with request logs: LLM model, role, requests, whether there is ground truth."""
     data_rows = [
         [
             e,
@@ -229,28 +225,34 @@ def replay_section(fid: dict, out_dir: Path) -> list[str]:
         ]
         for e in sorted(st)
     ]
-    lines += [
+    return [
         "Runs with request logs (role = the run's role in BLIS 4a's calibration):",
         "",
         _md(["run", "LLM model", "role", "requests", "ground truth"], data_rows),
         "",
     ]
-    lines += left_lines
-    summary = []
+
+
+def _run_sets_lines(st: dict[str, dict], w: pl.DataFrame, rec_of: dict, blis: dict) -> list[str]:
+    """The scored runs' tables, non-saturated then saturated, and the mean absolute errors (%) per run set."""
+    lines, summary = [], []
     for title, sat in (("non-saturated runs", False), ("saturated runs (reasoning: a queue of minutes)", True)):
         exps = [e for e in sorted(st) if st[e].get("scored") and bool(st[e].get("saturated")) == sat]
         if exps:
             table, means = _run_set(title, exps, st, w, rec_of, blis)
             lines += table
             summary += means
-    lines += [
+    return lines + [
         "### Mean absolute errors (%)",
         "",
         _md(["run set", "model", "runs", "TTFT", "E2E", "p99 E2E"], summary),
         "",
     ]
-    lines += _simulator_builder_lines(fid.get("recommended_per_llm"))
-    lines += _per_request_lines(fid.get("details"))
+
+
+def _replay_cdf_lines(out_dir: Path, rows: pl.DataFrame, rec_of: dict) -> list[str]:
+    """The E2E and TTFT CDF plots (written to out_dir) with their captions."""
+    lines = []
     for metric in ("e2e", "ttft"):
         plot = plot_replay_cdfs(out_dir, rows, rec_of, metric)
         if plot:
@@ -261,13 +263,38 @@ def replay_section(fid: dict, out_dir: Path) -> list[str]:
                 "physics (grey, dashed).",
                 "",
             ]
-    lines += [
-        "Assumptions of every replay: each request generates the run's `output_len` tokens (ignore_eos; the "
-        "client's token count is a re-count of the text), prompts are drawn from the run's shared-prefix shape "
-        "(10 groups × 10 prompts; requests of equal length may share a prompt), clients time out after 300 s, "
-        "serving limits and KV blocks from the run's own files.",
-        "",
-    ]
+    return lines
+
+
+_REPLAY_ASSUMPTION_LINES = [
+    "Assumptions of every replay: each request generates the run's `output_len` tokens (ignore_eos; the "
+    "client's token count is a re-count of the text), prompts are drawn from the run's shared-prefix shape "
+    "(10 groups × 10 prompts; requests of equal length may share a prompt), clients time out after 300 s, "
+    "serving limits and KV blocks from the run's own files.",
+    "",
+]
+
+
+def replay_section(fid: dict, out_dir: Path) -> list[str]:
+    """'Replaying the real runs': per run set, the recommended out-of-sample model and the physics beside BLIS 4a."""
+    rows, runs = fid.get("replay"), fid.get("runs")
+    left = fid.get("left_out") or {}
+    left_lines = _left_out_lines(left)
+    if rows is None or rows.height == 0:
+        return ["## Replaying the runs", "", "No current replay.", "", *left_lines] if left else []
+    w = _wide(rows)
+    rec = rows.filter(pl.col("recommended")).select("experiment_id", "step_model").unique()
+    rec_of = dict(rec.iter_rows())
+    blis = {r["experiment_id"]: r for r in fid["blis4a"].iter_rows(named=True)} if fid["blis4a"].height else {}
+    lines = _replay_intro_lines(sorted(set(rows["source"])))
+    st = {r["experiment_id"]: r for r in runs.iter_rows(named=True)} if runs is not None and runs.height else {}
+    lines += _replay_runs_lines(st)
+    lines += left_lines
+    lines += _run_sets_lines(st, w, rec_of, blis)
+    lines += _simulator_builder_lines(fid.get("recommended_per_llm"))
+    lines += _per_request_lines(fid.get("details"))
+    lines += _replay_cdf_lines(out_dir, rows, rec_of)
+    lines += list(_REPLAY_ASSUMPTION_LINES)
     return lines
 
 

@@ -356,8 +356,16 @@ def data_section(runs: list[dict]) -> list[str]:
     ]
 
 
-def verdict_section(verdict: dict) -> list[str]:
-    lines = ["## H1 verdict in detail", "", f"Rule: {verdict.get('rule')}.", ""]
+def _verdict_baseline_cell(b: dict) -> str:
+    """One baseline's cell: its mean test MAPE, the outcome, and the one-sided Wilcoxon p when enough runs allow one."""
+    p = b.get("wilcoxon_p_one_sided")
+    return f"{_pct(b.get('mean_test_mape_pct'))}: {OUTCOME_WORDS.get(b.get('outcome'), '–')}" + (
+        f" (Wilcoxon p = {p:.3g})" if p is not None and b.get("n_experiments", 0) >= WILCOXON_MIN_N else ""
+    )
+
+
+def _verdict_summary_lines(verdict: dict) -> list[str]:
+    """The table of one row per target: verdict, H1 model MAPE, the two baselines, skill vs naive mean."""
     rows = []
     for target, v in verdict.get("targets", {}).items():
         if v.get("verdict") == "no data":
@@ -372,15 +380,10 @@ def verdict_section(verdict: dict) -> list[str]:
             v["n_test_rows"],
         ]
         for base in ("blackbox_2f", "naive_mean"):
-            b = v["baselines"].get(base, {})
-            p = b.get("wilcoxon_p_one_sided")
-            cells.append(
-                f"{_pct(b.get('mean_test_mape_pct'))}: {OUTCOME_WORDS.get(b.get('outcome'), '–')}"
-                + (f" (Wilcoxon p = {p:.3g})" if p is not None and b.get("n_experiments", 0) >= WILCOXON_MIN_N else "")
-            )
+            cells.append(_verdict_baseline_cell(v["baselines"].get(base, {})))
         cells.append(_fmt(v.get("skill_vs_naive_mean")))
         rows.append(cells)
-    lines += [
+    return [
         _md_table(
             [
                 "target",
@@ -398,6 +401,12 @@ def verdict_section(verdict: dict) -> list[str]:
         ),
         "",
     ]
+
+
+def _verdict_caveat_lines(verdict: dict) -> list[str]:
+    """Why no p-value is shown with fewer than WILCOXON_MIN_N runs (smallest one-sided p = 0.5^n), and the targets
+    where the naive mean is itself below the threshold."""
+    lines = []
     n = max((v.get("n_experiments") or 0 for v in verdict.get("targets", {}).values()), default=0)
     if 0 < n < WILCOXON_MIN_N:
         lines += [
@@ -413,46 +422,60 @@ def verdict_section(verdict: dict) -> list[str]:
                 f"read the comparisons and the skill (1 − MAPE({H1_MODEL}) / MAPE(naive_mean)).",
                 "",
             ]
+    return lines
+
+
+def _verdict_per_run_lines(target: str, v: dict) -> list[str]:
+    """One target's table of H1 model minus baseline per run (test APE, percentage points) with its bootstrap interval."""
+    rows = []
+    for base, b in v.get("baselines", {}).items():
+        for e, pe in b.get("per_experiment_bootstrap", {}).items():
+            rows.append(
+                [
+                    f"`{short_run_name(e)}`",
+                    base,
+                    _pct(pe["model_mape_pct"]),
+                    _pct(pe["baseline_mape_pct"]),
+                    _fmt(pe["mape_diff_pct"]),
+                    f"[{_fmt(pe['ci95'][0])}, {_fmt(pe['ci95'][1])}]",
+                    _fmt(-pe["margin_pct"]),
+                    OUTCOME_WORDS.get(pe["outcome"], pe["outcome"]),
+                    pe["n_test"],
+                ]
+            )
+    if not rows:
+        return []
+    return [
+        f"### `{target}`: {H1_MODEL} minus baseline per run (test APE, percentage points)",
+        "",
+        f"'clearly better' needs the whole 95 % interval below 0 and the difference at or below −margin "
+        f"({100 * CLEAR_MARGIN_REL:g} % of the baseline's MAPE); 'not clearly better' means the interval lies above −margin.",
+        "",
+        _md_table(
+            [
+                "run",
+                "baseline",
+                H1_MODEL,
+                "baseline MAPE",
+                "difference",
+                "95 % interval",
+                "−margin",
+                "outcome",
+                "test rows",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+
+def verdict_section(verdict: dict) -> list[str]:
+    """The H1 verdict per target, the caveats on its statistics, and each target's per-run comparisons."""
+    lines = ["## H1 verdict in detail", "", f"Rule: {verdict.get('rule')}.", ""]
+    lines += _verdict_summary_lines(verdict)
+    lines += _verdict_caveat_lines(verdict)
     for target, v in verdict.get("targets", {}).items():
-        rows = []
-        for base, b in v.get("baselines", {}).items():
-            for e, pe in b.get("per_experiment_bootstrap", {}).items():
-                rows.append(
-                    [
-                        f"`{short_run_name(e)}`",
-                        base,
-                        _pct(pe["model_mape_pct"]),
-                        _pct(pe["baseline_mape_pct"]),
-                        _fmt(pe["mape_diff_pct"]),
-                        f"[{_fmt(pe['ci95'][0])}, {_fmt(pe['ci95'][1])}]",
-                        _fmt(-pe["margin_pct"]),
-                        OUTCOME_WORDS.get(pe["outcome"], pe["outcome"]),
-                        pe["n_test"],
-                    ]
-                )
-        if rows:
-            lines += [
-                f"### `{target}`: {H1_MODEL} minus baseline per run (test APE, percentage points)",
-                "",
-                f"'clearly better' needs the whole 95 % interval below 0 and the difference at or below −margin "
-                f"({100 * CLEAR_MARGIN_REL:g} % of the baseline's MAPE); 'not clearly better' means the interval lies above −margin.",
-                "",
-                _md_table(
-                    [
-                        "run",
-                        "baseline",
-                        H1_MODEL,
-                        "baseline MAPE",
-                        "difference",
-                        "95 % interval",
-                        "−margin",
-                        "outcome",
-                        "test rows",
-                    ],
-                    rows,
-                ),
-                "",
-            ]
+        lines += _verdict_per_run_lines(target, v)
     return lines
 
 
@@ -742,11 +765,9 @@ def published_section(runs: list[dict], metrics: pl.DataFrame) -> list[str]:
     ]
 
 
-def ranking_section(findings: dict, predictions: pl.DataFrame, out_dir: Path) -> list[str]:
-    ranks, recs = findings.get("rankings") or {}, findings.get("recommendations") or {}
-    if not ranks:
-        return []
-    lines = [
+def _ranking_intro_lines(findings: dict) -> list[str]:
+    """The section's heading and how models are ranked, tied and recommended."""
+    return [
         "## Which step-time model a simulator should use",
         "",
         "Models ranked by mean test MAPE over runs. 'Difference vs best' is the gap to the best model of that scope with a 95 % "
@@ -762,73 +783,88 @@ def ranking_section(findings: dict, predictions: pl.DataFrame, out_dir: Path) ->
         ),
         "",
     ]
+
+
+def _ranking_row(scope: str, x: dict) -> list:
+    """One model's ranking row; the best model has difference 0 and interval [0, 0]."""
+    is_best = x["diff_vs_best_pct"] == 0 and x["diff_lo_pct"] == 0 and x["diff_hi_pct"] == 0
+    absurd = x["worst_run_mape_pct"] > ABSURD_MAPE_PCT
+    return [
+        scope,
+        x["model"],
+        _pct(x["mean_mape_pct"]),
+        _pct(x["median_mape_pct"]),
+        _pct(x["worst_run_mape_pct"]),
+        "best" if is_best else _fmt(x["diff_vs_best_pct"]),
+        "–" if is_best else f"[{_fmt(x['diff_lo_pct'])}, {_fmt(x['diff_hi_pct'])}]",
+        "best" if is_best else "**tied**" if x["tied_with_best"] else ("worse (absurd run)" if absurd else "worse"),
+        x["n_experiments"],
+        x["test_rows"],
+    ]
+
+
+def _ranking_table_lines(target: str, by_scope: dict) -> list[str]:
+    """One target's ranking table over the scopes per_model, per_experiment, global (in that order)."""
+    rows = []
+    for scope in ("per_model", "per_experiment", "global"):
+        r = by_scope.get(scope)
+        if r is None:
+            continue
+        rows += [_ranking_row(scope, x) for x in r.iter_rows(named=True)]
+    return [
+        f"### `{target}`",
+        "",
+        _md_table(
+            [
+                "scope",
+                "model",
+                "mean MAPE",
+                "median",
+                "worst run",
+                "difference vs best (pt)",
+                "95 % interval",
+                "vs best",
+                "runs",
+                "test rows",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+
+def _recommendation_lines(target: str, rec: dict, predictions: pl.DataFrame, out_dir: Path) -> list[str]:
+    """The recommended model for one target, and its residual plot (written to out_dir) when one can be drawn."""
+    lines = [
+        f"**Recommendation for `{target}`: `{rec['model']}` fitted {rec['scope'].replace('_', ' ')}** "
+        f"({_pct(rec['mean_mape_pct'])}; the best and the models within noise of it: {', '.join(f'`{m}`' for m in rec['tied'])}). "
+        + (
+            "This is the target a simulator advances its clock by."
+            if target == "cycle_us"
+            else "This target is scheduler CPU time, not the step a simulator needs; use it only to model scheduler overhead."
+        ),
+        "",
+    ]
+    png = plot_residuals(predictions, target, rec["model"], rec["scope"], Path(out_dir) / f"residuals_{target}.png")
+    if png:
+        lines += [f"![{png.stem}]({png.name})", ""]
+    return lines
+
+
+def ranking_section(findings: dict, predictions: pl.DataFrame, out_dir: Path) -> list[str]:
+    """The models ranked per target and scope, and the recommendation for each target."""
+    ranks, recs = findings.get("rankings") or {}, findings.get("recommendations") or {}
+    if not ranks:
+        return []
+    lines = _ranking_intro_lines(findings)
     for target in ("cycle_us", "schedule_us"):
         by_scope = ranks.get(target)
         if not by_scope:
             continue
-        rows = []
-        for scope in ("per_model", "per_experiment", "global"):
-            r = by_scope.get(scope)
-            if r is None:
-                continue
-            for x in r.iter_rows(named=True):
-                is_best = x["diff_vs_best_pct"] == 0 and x["diff_lo_pct"] == 0 and x["diff_hi_pct"] == 0
-                absurd = x["worst_run_mape_pct"] > ABSURD_MAPE_PCT
-                rows.append(
-                    [
-                        scope,
-                        x["model"],
-                        _pct(x["mean_mape_pct"]),
-                        _pct(x["median_mape_pct"]),
-                        _pct(x["worst_run_mape_pct"]),
-                        "best" if is_best else _fmt(x["diff_vs_best_pct"]),
-                        "–" if is_best else f"[{_fmt(x['diff_lo_pct'])}, {_fmt(x['diff_hi_pct'])}]",
-                        "best"
-                        if is_best
-                        else "**tied**"
-                        if x["tied_with_best"]
-                        else ("worse (absurd run)" if absurd else "worse"),
-                        x["n_experiments"],
-                        x["test_rows"],
-                    ]
-                )
-        lines += [
-            f"### `{target}`",
-            "",
-            _md_table(
-                [
-                    "scope",
-                    "model",
-                    "mean MAPE",
-                    "median",
-                    "worst run",
-                    "difference vs best (pt)",
-                    "95 % interval",
-                    "vs best",
-                    "runs",
-                    "test rows",
-                ],
-                rows,
-            ),
-            "",
-        ]
+        lines += _ranking_table_lines(target, by_scope)
         rec = recs.get(target)
         if rec:
-            lines += [
-                f"**Recommendation for `{target}`: `{rec['model']}` fitted {rec['scope'].replace('_', ' ')}** "
-                f"({_pct(rec['mean_mape_pct'])}; the best and the models within noise of it: {', '.join(f'`{m}`' for m in rec['tied'])}). "
-                + (
-                    "This is the target a simulator advances its clock by."
-                    if target == "cycle_us"
-                    else "This target is scheduler CPU time, not the step a simulator needs; use it only to model scheduler overhead."
-                ),
-                "",
-            ]
-            png = plot_residuals(
-                predictions, target, rec["model"], rec["scope"], Path(out_dir) / f"residuals_{target}.png"
-            )
-            if png:
-                lines += [f"![{png.stem}]({png.name})", ""]
+            lines += _recommendation_lines(target, rec, predictions, out_dir)
     return lines
 
 

@@ -127,66 +127,54 @@ def _threshold(mean_mape: float) -> str:
     return "below" if mean_mape < SUPPORT_BELOW_PCT else "above" if mean_mape > REFUTE_ABOVE_PCT else "between"
 
 
-def verdict_for_target(test_metrics: pl.DataFrame, apes: dict, target: str, *, reps: int, seed: int) -> dict:
-    """The verdict for one target from per_experiment test metrics and test APE arrays."""
-    t = test_metrics.filter(pl.col("target") == target)
-    ridge = t.filter(pl.col("model") == H1_MODEL).sort("experiment_id")
-    if ridge.height == 0:
-        return {"verdict": "no data", "n_experiments": 0, "reasons": [f"no {H1_MODEL} test rows for {target}"]}
-    mean_mape = float(ridge["mape_pct"].mean())
-    res = {
-        "mean_test_mape_pct": mean_mape,
-        "median_test_mape_pct": float(ridge["mape_pct"].median()),
-        "n_experiments": ridge.height,
-        "n_test_rows": int(ridge["n"].sum()),
-        "threshold": _threshold(mean_mape),
-        "n_below_threshold": int((ridge["mape_pct"] < SUPPORT_BELOW_PCT).sum()),
-        "sources": sorted(set(ridge["source"].to_list())),
-        "per_experiment": {},
-        "baselines": {},
+_NO_PAIRS = {
+    "outcome": "undecided",
+    "decided_by": "no paired test rows",
+    "wilcoxon_p_one_sided": None,
+    "wilcoxon_reachable": False,
+    "wilcoxon_min_p": 1.0,
+    "significant": False,
+    "relative_change_median": None,
+}
+
+
+def _compare_baseline(
+    t: pl.DataFrame, experiments: list[str], apes: dict, base: str, k: int, *, reps: int, seed: int
+) -> dict:
+    """H1 model vs one baseline (the k-th of H1_BASELINES): per-run bootstrap comparisons (seed + 1000 k + i for the
+    i-th experiment) and the decision across runs."""
+    b = t.filter(pl.col("model") == base).sort("experiment_id")
+    runs = {}
+    for i, e in enumerate(experiments):
+        a, c = apes.get((e, H1_MODEL)), apes.get((e, base))
+        if a is None or c is None or len(a) != len(c) or len(a) == 0:
+            continue
+        runs[e] = compare_run(a, c, reps=reps, seed=seed + 1000 * k + i)
+    across = compare_across(runs) if runs else dict(_NO_PAIRS)
+    return {
+        "mean_test_mape_pct": float(b["mape_pct"].mean()) if b.height else None,
+        "median_test_mape_pct": float(b["mape_pct"].median()) if b.height else None,
+        "ridge_lower_in": sum(r["mape_diff_pct"] < 0 for r in runs.values()),
+        "n_experiments": len(runs),
+        **across,
+        "per_experiment_bootstrap": runs,
     }
-    for e, mp, n in ridge.select("experiment_id", "mape_pct", "n").iter_rows():
-        res["per_experiment"][e] = {"ridge_30f_test_mape_pct": mp, "n_test": n}
-    for k, base in enumerate(H1_BASELINES):
-        b = t.filter(pl.col("model") == base).sort("experiment_id")
-        runs = {}
-        for i, e in enumerate(ridge["experiment_id"].to_list()):
-            a, c = apes.get((e, H1_MODEL)), apes.get((e, base))
-            if a is None or c is None or len(a) != len(c) or len(a) == 0:
-                continue
-            runs[e] = compare_run(a, c, reps=reps, seed=seed + 1000 * k + i)
-        across = (
-            compare_across(runs)
-            if runs
-            else {
-                "outcome": "undecided",
-                "decided_by": "no paired test rows",
-                "wilcoxon_p_one_sided": None,
-                "wilcoxon_reachable": False,
-                "wilcoxon_min_p": 1.0,
-                "significant": False,
-                "relative_change_median": None,
-            }
-        )
-        res["baselines"][base] = {
-            "mean_test_mape_pct": float(b["mape_pct"].mean()) if b.height else None,
-            "median_test_mape_pct": float(b["mape_pct"].median()) if b.height else None,
-            "ridge_lower_in": sum(r["mape_diff_pct"] < 0 for r in runs.values()),
-            "n_experiments": len(runs),
-            **across,
-            "per_experiment_bootstrap": runs,
-        }
-    naive = res["baselines"].get("naive_mean", {}).get("mean_test_mape_pct")
-    res["naive_mean_below_threshold"] = bool(naive is not None and naive < SUPPORT_BELOW_PCT)
-    res["threshold_separates"] = not res["naive_mean_below_threshold"]
+
+
+def _skill_vs_naive_mean(res: dict) -> float | None:
+    """Mean over runs of skill = 1 − MAPE(H1 model) / MAPE(naive mean) (runs with a positive naive MAPE)."""
     skills = [
         1 - r["model_mape_pct"] / r["baseline_mape_pct"]
         for r in res["baselines"].get("naive_mean", {}).get("per_experiment_bootstrap", {}).values()
         if r["baseline_mape_pct"] > 0
     ]
-    res["skill_vs_naive_mean"] = float(np.mean(skills)) if skills else None
-    outcomes = {b: v["outcome"] for b, v in res["baselines"].items()}
-    res["clearly_beats_baselines"] = all(o == "clearly_beats" for o in outcomes.values())
+    return float(np.mean(skills)) if skills else None
+
+
+def _verdict_reasons(
+    res: dict, outcomes: dict[str, str], target: str, mean_mape: float, naive: float | None
+) -> list[str]:
+    """The sentences that decided the verdict: the threshold, each baseline's outcome, the naive mean caveat."""
     reasons = []
     if res["threshold"] == "above":
         reasons.append(f"mean test MAPE {mean_mape:.2f} % > {REFUTE_ABOVE_PCT:g} %")
@@ -208,17 +196,54 @@ def verdict_for_target(test_metrics: pl.DataFrame, apes: dict, target: str, *, r
             if v["mean_test_mape_pct"] is not None
             else f"{words} {base}"
         )
-    res["decided_by"] = next((v["decided_by"] for v in res["baselines"].values()), "")
     if res["naive_mean_below_threshold"]:
         reasons.append(
             f"the {SUPPORT_BELOW_PCT:g} % threshold does not separate models on {target}: the naive mean reaches {naive:.2f} %"
         )
+    return reasons
+
+
+def _verdict_word(res: dict, outcomes: dict[str, str]) -> str:
+    """refuted / supported / inconclusive from the threshold and the baselines' outcomes (module docstring, step 3)."""
     if res["threshold"] == "above" or "does_not_clearly_beat" in outcomes.values():
-        res["verdict"] = "refuted"
-    elif res["threshold"] == "below" and res["clearly_beats_baselines"]:
-        res["verdict"] = "supported"
-    else:
-        res["verdict"] = "inconclusive"
+        return "refuted"
+    if res["threshold"] == "below" and res["clearly_beats_baselines"]:
+        return "supported"
+    return "inconclusive"
+
+
+def verdict_for_target(test_metrics: pl.DataFrame, apes: dict, target: str, *, reps: int, seed: int) -> dict:
+    """The verdict for one target from per_experiment test metrics and test APE arrays."""
+    t = test_metrics.filter(pl.col("target") == target)
+    ridge = t.filter(pl.col("model") == H1_MODEL).sort("experiment_id")
+    if ridge.height == 0:
+        return {"verdict": "no data", "n_experiments": 0, "reasons": [f"no {H1_MODEL} test rows for {target}"]}
+    mean_mape = float(ridge["mape_pct"].mean())
+    res = {
+        "mean_test_mape_pct": mean_mape,
+        "median_test_mape_pct": float(ridge["mape_pct"].median()),
+        "n_experiments": ridge.height,
+        "n_test_rows": int(ridge["n"].sum()),
+        "threshold": _threshold(mean_mape),
+        "n_below_threshold": int((ridge["mape_pct"] < SUPPORT_BELOW_PCT).sum()),
+        "sources": sorted(set(ridge["source"].to_list())),
+        "per_experiment": {},
+        "baselines": {},
+    }
+    for e, mp, n in ridge.select("experiment_id", "mape_pct", "n").iter_rows():
+        res["per_experiment"][e] = {"ridge_30f_test_mape_pct": mp, "n_test": n}
+    experiments = ridge["experiment_id"].to_list()
+    for k, base in enumerate(H1_BASELINES):
+        res["baselines"][base] = _compare_baseline(t, experiments, apes, base, k, reps=reps, seed=seed)
+    naive = res["baselines"].get("naive_mean", {}).get("mean_test_mape_pct")
+    res["naive_mean_below_threshold"] = bool(naive is not None and naive < SUPPORT_BELOW_PCT)
+    res["threshold_separates"] = not res["naive_mean_below_threshold"]
+    res["skill_vs_naive_mean"] = _skill_vs_naive_mean(res)
+    outcomes = {b: v["outcome"] for b, v in res["baselines"].items()}
+    res["clearly_beats_baselines"] = all(o == "clearly_beats" for o in outcomes.values())
+    reasons = _verdict_reasons(res, outcomes, target, mean_mape, naive)
+    res["decided_by"] = next((v["decided_by"] for v in res["baselines"].values()), "")
+    res["verdict"] = _verdict_word(res, outcomes)
     res["reasons"] = reasons
     return res
 
