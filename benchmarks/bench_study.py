@@ -290,7 +290,7 @@ def _run_before(a, root: Path, tmp: Path) -> tuple[dict, dict]:
 
 def _expected_keys() -> tuple[set[str], set[str]]:
     """(asset keys of one partition: experiment_job + replay_job, asset keys of the study: models_job + study_job)."""
-    from stepml_dagster.definitions import JOBS
+    from stepml_dagster.jobs import JOBS
 
     keys = lambda jobs: {k.to_user_string() for j in jobs for a in JOBS[j][0] for k in a.keys}  # noqa: E731
     return keys(("experiment_job", "replay_job")), keys(("models_job", "study_job"))

@@ -6,7 +6,7 @@ import dagster as dg
 
 from .assets import ALL_ASSETS
 from .io_manager import ParquetIOManager
-from .jobs import IN_PROCESS_RUN_CONFIG, JOBS, build_jobs  # noqa: F401 (JOBS: the phase jobs, imported from here)
+from .jobs import IN_PROCESS_RUN_CONFIG, build_jobs
 from .replay_assets import REQUEST_CHECKS
 from .resources import StepMLSettings, settings_from_env
 from .sensors import build_automation

@@ -81,7 +81,7 @@ def _stepml_error_names() -> set[str]:
 
 
 class PhaseJobs(NamedTuple):
-    """The four phase jobs of definitions.py (JOBS, in run order), resolved once from the definitions."""
+    """The four phase jobs (jobs.JOBS, in run order), resolved once from the definitions."""
 
     experiment: dg.JobDefinition
     models: dg.JobDefinition
@@ -90,7 +90,7 @@ class PhaseJobs(NamedTuple):
 
     @classmethod
     def of(cls, defs: dg.Definitions) -> PhaseJobs:
-        from .definitions import JOBS
+        from .jobs import JOBS
 
         return cls(*(defs.resolve_job_def(name) for name in JOBS))
 
