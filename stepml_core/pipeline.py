@@ -163,7 +163,7 @@ def _study_tables(
         [*(metrics[e] for e in present if e in metrics), gm.filter(pl.col("experiment_id").is_in(present))],
         how="diagonal_relaxed",
     )
-    test = pl.col("split") == "test"  # the verdict and the plots read test rows only; one partition in memory at a time
+    test = pl.col("split") == "test"  # filtered per partition before the concat
     all_pred = pl.concat(
         [
             *(predictions[e].filter(test) for e in present if e in predictions),
