@@ -41,6 +41,9 @@ class InputLimits:
     """bytes of one metadata file (exp-config.yaml, profile.yaml, provenance.json, results/*.json)"""
     max_yaml_nodes: int = 100_000
     """YAML nodes of one metadata file after expanding aliases (a billion-laughs file has ~10^9)"""
+    max_request_bytes: int = 1 << 30
+    """bytes of one request log or ground-truth file once inflated (1 GiB; the 16 real logs: at most 2.0 MB,
+    inference-perf's per-request files of real runs ~160 MB)"""
 
     @classmethod
     def from_env(cls, environ: dict | None = None, **overrides) -> "InputLimits":

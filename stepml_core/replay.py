@@ -62,6 +62,7 @@ class RunContext:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     kv_blocks_total: int | None = None
+    max_model_len: int | None = None  # exp-config.yaml: a longer request is refused (vLLM's API server)
     num_groups: int | None = None  # shared-prefix shape (inference-perf shared_prefix, resolved config)
     prompts_per_group: int | None = None
     system_prompt_len: int | None = None
@@ -140,6 +141,7 @@ def _serving_config(ctx: RunContext, default_kv_blocks: int | None, assumptions:
         max_num_batched_tokens=int(ctx.max_num_batched_tokens or 2048),
         max_num_seqs=int(ctx.max_num_seqs or 128),
         kv_blocks_total=int(kv),
+        max_model_len=int(ctx.max_model_len) if ctx.max_model_len else None,
     )
     assumptions["serving"] = {
         "max_num_seqs": cfg.max_num_seqs,
@@ -171,7 +173,7 @@ def replay_workload(
     * errored requests logged with 0 input tokens (client timeouts) get a prompt length drawn from
       the run's other requests (seeded) and the same generated length.
     """
-    t = log_table.sort("index")
+    t = log_table.sort("arrival_time_us", "index")  # the engine takes requests in arrival order
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x5E91A7])
     out = t["output_tokens"].to_numpy().astype(np.int64)
     arrival = t["arrival_time_us"].to_numpy().astype(np.float64) * 1e-6
@@ -300,7 +302,8 @@ def replay(w: ReplayWorkload, model, ctx: RunContext, *, seed: int = 0, progress
     ttft = np.where(first > 0, U[np.maximum(first, 1) - 1] + td - start, np.nan) if U.size else np.full(n, np.nan)
     e2e = np.where(ok & (last > 0), U[np.maximum(last, 1) - 1] + td - start, np.nan) if U.size else np.full(n, np.nan)
     success = ok & (e2e <= w.timeout_s)
-    e2e = np.where(success, e2e, w.timeout_s)
+    refused = np.fromiter((R.finish_status == "refused" for R in reqs), dtype=bool, count=n)
+    e2e = np.where(success, e2e, np.where(refused, 0.0, w.timeout_s))  # a refused request is answered at once
     ttft = np.where(success, ttft, np.nan)
     table = pl.DataFrame(
         {
@@ -355,11 +358,14 @@ def score_replay(pred: pl.DataFrame, observed: pl.DataFrame) -> tuple[list[dict]
 
     Observed values are null where the log has no ground truth (the run is predicted, not scored)."""
     p = pred.sort("index")
+    o = observed.sort("index").select("index", "observed_has_error", "observed_ttft_s", "observed_e2e_s")
+    scored = o["observed_e2e_s"].is_not_null().any()
+    if scored:  # only the requests with truth are scored, on both sides (the others were replayed all the same)
+        o = o.filter(pl.col("observed_has_error").is_not_null())
+        p = p.join(o.select("index"), on="index", how="semi")
     a = p["arrival_time_us"].to_numpy() * 1e-6
     tok = p["output_tokens"].to_numpy()
     pv = latency_summary(a, p["ttft_s"].to_numpy(), p["e2e_s"].to_numpy(), p["success"].to_numpy(), tok)
-    o = observed.sort("index").select("index", "observed_has_error", "observed_ttft_s", "observed_e2e_s")
-    scored = o["observed_e2e_s"].is_not_null().any()
     ov, per_req = {}, {}
     if scored:
         j = p.join(o, on="index", how="left")
@@ -443,6 +449,7 @@ def run_context(
             (req_file, hc, "max_num_batched_tokens"),
             ("exp-config.yaml", ec, "max_num_batched_tokens"),
         ),
+        max_model_len=pick("max_model_len", ("exp-config.yaml", ec, "max_model_len")),
         kv_blocks_total=pick(
             "kv_blocks_total",
             (req_file, hc, "kv_blocks_total_gpu"),

@@ -36,6 +36,9 @@ TRACE_FILE_NAMES = ("traces.json", "traces.json.gz")
 # what a run folder holds, in words (messages, --help): keep in step with discover_run_folders
 RUN_FOLDER_CONTENTS = "traces.json[.gz] or requests.json[.gz] plus exp-config.yaml"
 PROVENANCE_FILE = "provenance.json"
+REQUESTS_FILES = ("requests.json", "requests.json.gz")  # request logs (stepml_core.request_log reads them)
+GROUND_TRUTH_FILES = ("ground_truth.json", "ground_truth.json.gz")
+LIFECYCLE_FILE = "results/per_request_lifecycle_metrics.json"
 
 
 class RunIdError(StepMLError, ValueError):
@@ -493,6 +496,11 @@ def _read_provenance(path: Path, kw: dict) -> dict | None:
     return doc
 
 
+def _has_request_log(folder: Path, names: set[str]) -> bool:
+    """An entry named like a request log (of any type: reading it says what is wrong)."""
+    return bool(names & set(REQUESTS_FILES)) or os.path.lexists(folder / LIFECYCLE_FILE)
+
+
 def check_inside_root(folder: Path, data_root: Path) -> None:
     """Refuse folders (or symlinks) that resolve outside the data root."""
     root = Path(data_root).resolve()
@@ -520,8 +528,6 @@ def discover_run_folders(data_root: Path) -> tuple[list[Path], list[tuple[Path, 
     folders that cannot be listed, folders with neither an entry named traces.json[.gz] nor a
     request log.
     """
-    from .request_log import has_request_log
-
     root = resolve_data_root(data_root)
     good, bad = [], []
     if not root.is_dir():
@@ -549,7 +555,7 @@ def discover_run_folders(data_root: Path) -> tuple[list[Path], list[tuple[Path, 
             bad.append((p, f"{p}: cannot be read ({e.strerror or e})"))
             continue
         seen[ident] = p.name
-        if not names & set(TRACE_FILE_NAMES) and not has_request_log(p):
+        if not names & set(TRACE_FILE_NAMES) and not _has_request_log(p, names):
             bad.append(
                 (
                     p,

@@ -292,12 +292,26 @@ def test_request_log_quarantines_bad_records_with_index_and_reason(tmp_path):
     ]
     folder = write_request_run(tmp_path / "20260101-000000-llama-2-7b-tp1-codegen", reqs, gt)
     log = read_request_log(folder)
-    q = {r["line"]: r["reason"] for r in log.quarantine.iter_rows(named=True)}
-    assert log.records_in == 8 and log.table.height + log.quarantine.height == 8
-    assert log.table["index"].to_list() == [0, 6]
+    recs = log.quarantine.filter(pl.col("kind") == "record")
+    q = {r["line"]: r["reason"] for r in recs.iter_rows(named=True)}
+    assert log.records_in == 8 and log.table.height + recs.height == 8
+    # bad truth (index 7: ttft > e2e) leaves its request in the load, unscored; the load never depends on the truth
+    assert (
+        log.table["index"].to_list() == [0, 6, 7]
+        and log.table.filter(pl.col("index") == 7)["observed_e2e_s"][0] is None
+    )
     assert "arrival_time_us" in q[1] and "input_tokens" in q[2] and "not a JSON object" in q[3]
-    assert "duplicate index" in q[4] and "input_tokens is 0" in q[5] and "ttft_s > e2e_s" in q[7]
-    assert (log.quarantine["file"] == str(folder / "requests.json.gz")).all()
+    assert "duplicate index" in q[4] and "input_tokens is 0" in q[5]
+    assert (recs["file"] == str(folder / "requests.json.gz")).all()
+    truth = log.quarantine.filter(pl.col("kind") == "ground_truth")
+    assert truth.select("line", "reason").rows() == [(2, "ttft_s > e2e_s (the request is replayed, not scored)")]
+    assert log.truth == {
+        "truth_in": 3,
+        "truth_used": 2,
+        "truth_quarantined": 1,
+        "requests_without_truth": 1,
+        "first_without_truth": [7],
+    }
     (folder / "requests.json.gz").write_bytes(b"\x1f\x8b not gzip")
     with pytest.raises(RequestLogError, match="requests.json.gz"):
         read_request_log(folder)

@@ -27,6 +27,7 @@ import heapq
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..errors import StepMLError
 from .kv_cache import BlockPool
 from .request import (
     DECODE,
@@ -50,6 +51,16 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 128
     kv_blocks_total: int = 7300  # usable GPU KV blocks of 16 tokens
+    max_model_len: int | None = None  # tokens of prompt + output one request may have (None: the KV cache's)
+
+
+class SimulationStalled(StepMLError, RuntimeError):
+    """The engine made no progress for MAX_EMPTY_STEPS steps in a row (work per simulated second unbounded)."""
+
+
+# consecutive steps that schedule nothing before the simulation is judged stalled: an empty step happens only while
+# a finished step's output is still in flight, so a working engine never makes more than a few in a row
+MAX_EMPTY_STEPS = 10_000
 
 
 class BatchView:
@@ -137,6 +148,11 @@ class EngineCore:
         self.last_visible = 0.0
         self.tok_rate = 0.0  # EMA of streamed tokens per second (API-server load)
         self.counters = {"preemptions": 0, "aborts": 0, "aborted_running": 0, "evictions_hits": 0, "empty_steps": 0}
+        self.empty_run = 0  # steps in a row that scheduled nothing
+        kv_tokens = 16 * int(config.kv_blocks_total)
+        # vLLM answers a request longer than max_model_len (which it starts only if the KV cache holds it) with an
+        # error at once: such a request is refused, never queued (it could never be scheduled)
+        self.max_request_tokens = min(kv_tokens, int(config.max_model_len or kv_tokens))
         self.batch = BatchView(self)
 
     # ------------------------------------------------------------------ the loop
@@ -219,6 +235,14 @@ class EngineCore:
         self.dur_us.append(window_ns // 1000)
         if b.scheduled_tokens == 0:
             self.counters["empty_steps"] += 1
+            self.empty_run += 1
+            if self.empty_run > MAX_EMPTY_STEPS:
+                raise SimulationStalled(
+                    f"the simulated engine scheduled nothing for {self.empty_run} steps in a row at step {N} "
+                    f"({len(self.waiting)} waiting, {len(self.running)} running); stopped"
+                )
+        else:
+            self.empty_run = 0
         if self._sched_list:
             self._apply_scheduled(N)
         return b
@@ -257,9 +281,25 @@ class EngineCore:
                 self.last_visible = R.visible
             if R.visible > now_s:
                 break
+            self.ai += 1
+            if R.prompt_len + R.max_tokens > self.max_request_tokens:
+                self._refuse(R, now_s, N)
+                continue
             R.events.append((EV_QUEUED, N, int(now_s * 1e9), 0, 0, 0, 0, None))
             self.waiting.append(R)
-            self.ai += 1
+
+    def _refuse(self, R: SimRequest, now_s: float, N: int) -> None:
+        """A request that can never fit (prompt + output over max_model_len or the KV cache): FINISHED(refused) at
+        once, as vLLM's API server answers it with an error."""
+        ns = int(now_s * 1e9)
+        R.state = DONE
+        R.events.append((EV_FINISHED, N, ns, 0, 0, 0, 0, "refused"))
+        R.finish_status = "refused"
+        R.finish_step = N
+        R.finish_ns = ns
+        self.counters["refused"] = self.counters.get("refused", 0) + 1  # only where it happens (synth: never)
+        self.n_done += 1
+        self.arrivals.on_done(self, R, now_s)
 
     def _next_visible_s(self) -> float | None:
         """When the next request reaches WAITING (idle engine; ingress at zero API load)."""

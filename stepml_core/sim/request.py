@@ -10,8 +10,13 @@ from __future__ import annotations
 
 WAITING, PREFILL, DECODE, DONE, ZOMBIE = 0, 1, 2, 3, 4
 EV_QUEUED, EV_SCHEDULED, EV_FIRST_TOKEN, EV_PREEMPTED, EV_FINISHED = 0, 1, 2, 3, 4
-GROUP_BASE, PROMPT_BASE, OUT_BASE = 1 << 40, 1 << 36, 0  # key spaces of the prefix-cache block hashes
-BLK_STRIDE = 1024  # > max blocks per request (max_model_len 4096 / 16)
+# Prefix-cache block keys: space base + id × BLK_STRIDE + block. A request has fewer than BLK_STRIDE blocks (2^24
+# blocks = 2^28 tokens; the request log allows 2^20 prompt and 2^20 output tokens) and ids stay below MAX_KEY_ID, so
+# keys of different prompts, groups and outputs never meet (a stride of 1,024 blocks let prompts over 16,384 tokens
+# run into the next prompt's keys: false cache hits).
+BLK_STRIDE = 1 << 24
+MAX_KEY_ID = 1 << 28
+OUT_BASE, PROMPT_BASE, GROUP_BASE = 0, BLK_STRIDE * MAX_KEY_ID, 2 * BLK_STRIDE * MAX_KEY_ID
 
 
 class SimRequest:
@@ -63,6 +68,10 @@ class SimRequest:
     )
 
     def __init__(self, idx: int, prompt_id: int, group: int, prompt_len: int, max_tokens: int, nshared_blk: int):
+        if not (0 <= idx < MAX_KEY_ID and 0 <= prompt_id < MAX_KEY_ID and 0 <= group < MAX_KEY_ID):
+            raise ValueError(f"request {idx}: ids (prompt {prompt_id}, group {group}) outside 0..{MAX_KEY_ID - 1}")
+        if prompt_len + max_tokens >= 16 * BLK_STRIDE:
+            raise ValueError(f"request {idx}: {prompt_len} + {max_tokens} tokens, over {16 * BLK_STRIDE}")
         self.idx = idx
         self.prompt_id = prompt_id
         self.group = group
