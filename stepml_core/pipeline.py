@@ -120,7 +120,7 @@ def run_summary(meta: dict, steps: pl.DataFrame, quarantine: pl.DataFrame, fm: p
     """The small per-run record the study report reads: lineage, counts, where the KV features came from."""
     m = meta  # raw_traces: the run's metadata, with each table's row count
     kv = dict(fm["kv_source"].value_counts().iter_rows())
-    return {
+    summary = {
         **{k: m[k] for k in RUN_SUMMARY_META},
         "steps_read": m["rows"]["steps"],
         "steps_kept": steps.height,
@@ -130,6 +130,18 @@ def run_summary(meta: dict, steps: pl.DataFrame, quarantine: pl.DataFrame, fm: p
         "kv_source": ", ".join(f"{k} {v}" for k, v in sorted(kv.items())),
         "kv_source_counts": kv,
     }
+    damage = [
+        *(["the gzip stream ends early (cut short)"] if m["counters"].get("gzip_truncated") else []),
+        *(["its last line is cut short"] if _last_line_cut(quarantine) else []),
+    ]
+    if damage:  # only then: a whole trace's summary is unchanged
+        summary["read_in_part"] = f"{' and '.join(damage)}: studied on the {steps.height} steps read before the damage"
+    return summary
+
+
+def _last_line_cut(quarantine: pl.DataFrame) -> bool:
+    """Whether the trace's quarantine holds a last line cut short (traces.general: 'truncated JSON at end of file')."""
+    return quarantine.height > 0 and bool(quarantine["reason"].str.starts_with("truncated JSON at end of file").any())
 
 
 def run_matrix(folder: Path, data_root: Path | None = None) -> pl.DataFrame:
@@ -213,9 +225,10 @@ def _extra_study_sections(
     """The report's sections after the verdict, in order: runs left out, feature provenance, reconstruction,
     teacher-forced E2E (plots written to out_dir), calibration, then `extra_sections`."""
     from .report import calibration_sections, e2e_section, feature_provenance_section, reconstruction_section
-    from .report_status import runs_left_out_section
+    from .report_status import runs_left_out_section, runs_read_in_part_section
 
     extra = runs_left_out_section(left_out, set(stored or ()))  # failed or stale runs: named, their old results unused
+    extra += runs_read_in_part_section(runs)  # traces cut short: studied on part of their steps, said so
     extra += feature_provenance_section(runs, abl)
     extra += reconstruction_section({e: agreements[e] for e in present if e in agreements})
     e2e_parts = [e2e_fidelity[e] for e in present if e in e2e_fidelity]
@@ -293,20 +306,28 @@ def assemble_study(
 # ------------------------------------------------------------------------- request level ---
 
 
-def request_log(folder: Path) -> dict | None:
-    """The run's request log as stored (requests, quarantine, header, files with sha256, counts, and the run folder's
-    file fingerprint with its digest: the same data version as raw_traces); None without one."""
-    from .ingest import fingerprint, fingerprint_digest, sha256_file
-    from .request_log import find_request_files, read_request_log
+def request_log(folder: Path, data_root: Path | None = None, limits=None) -> dict | None:
+    """The run's request log as stored (requests, quarantine, header, files with sha256 as read, counts, truth, and
+    the run folder's file fingerprint with its digest: the same data version as raw_traces); None without one.
+
+    The files are read as traces are (inside the data root, regular, within ``limits``); the header is checked
+    against the run's exp-config.yaml (request_log.check_header) and the run must be replayable: its KV-cache size
+    known and able to hold one max_model_len sequence (vLLM does not start otherwise). Every problem is a
+    RequestLogError (or RunMetadataError) naming the file and key: this run fails, alone."""
+    from .ingest import fingerprint, fingerprint_digest
+    from .request_log import RequestLogError, read_request_log
+    from .runs import read_run_metadata
 
     folder = Path(folder)
-    log = read_request_log(folder)
+    meta = read_run_metadata(folder, data_root=data_root, limits=limits)
+    reads: dict = {}
+    log = read_request_log(folder, data_root=data_root, limits=limits, exp_config=meta.exp_config, reads=reads)
     if log is None:
         return None
-    files = [
-        {"file": str(p.relative_to(folder)), "size_bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in find_request_files(folder).values()
-    ]
+    problem = replayable(replay_context(folder.name, meta, log.header))
+    if problem:
+        raise RequestLogError(f"{folder / log.files[0]}: {problem}")
+    files = [{"file": k, "size_bytes": v["size_bytes"], "sha256": v["sha256"]} for k, v in sorted(reads.items())]
     run_files = fingerprint(folder)
     return {
         "requests": log.table,
@@ -315,9 +336,22 @@ def request_log(folder: Path) -> dict | None:
         "files": files,
         "has_ground_truth": log.has_ground_truth,
         "counts": log.counts,
+        "truth": log.truth,
         "run_files": run_files,
         "data_version": fingerprint_digest(run_files),
     }
+
+
+def replayable(ctx) -> str | None:
+    """Why a run with this context (replay.RunContext) cannot be replayed, naming the key; None if it can."""
+    if not ctx.kv_blocks_total:
+        return "key config.kv_blocks_total_gpu: missing (the run's KV-cache size; the replay needs it)"
+    if ctx.max_model_len and 16 * int(ctx.kv_blocks_total) < int(ctx.max_model_len):
+        return (
+            f"key config.kv_blocks_total_gpu: {ctx.kv_blocks_total} blocks ({16 * int(ctx.kv_blocks_total)} tokens) "
+            f"cannot hold one sequence of max_model_len {ctx.max_model_len} (exp-config.yaml): vLLM does not start so"
+        )
+    return None
 
 
 def log_from_stored(stored: Mapping):
@@ -331,6 +365,7 @@ def log_from_stored(stored: Mapping):
         files=[f["file"] for f in stored["files"]],
         has_ground_truth=stored["has_ground_truth"],
         records_in=stored["counts"]["records_in"],
+        truth=stored.get("truth") or {},
     )
 
 
@@ -400,7 +435,7 @@ def request_calibration(
 ) -> dict:
     """Step-time models calibrated from the request logs alone (calibration_protocols.study_calibration) over the
     runs in `logs` less those `skipped` ({run: why}); a run whose metadata cannot be read is added to the skipped
-    ones (warn(run, error) is told) and the others calibrate. Returns study_calibration's value with skipped_runs."""
+    ones (warn(run, error) is told), as is one that cannot be replayed (pipeline.replayable), and the others calibrate. Returns study_calibration's value with skipped_runs."""
     from . import calibration_protocols as cp
     from .runs import check_inside_root, parse_run_id, read_run_metadata
 
@@ -411,8 +446,12 @@ def request_calibration(
             parse_run_id(e)  # the checks of StepMLSettings.run_folder: run-id syntax, inside the data root
             folder = Path(data_root) / e
             check_inside_root(folder, Path(data_root))
-            metas[e] = read_run_metadata(folder, data_root=data_root)
-        except (ValueError, KeyError, OSError) as err:
+            meta = read_run_metadata(folder, data_root=data_root)
+            problem = replayable(replay_context(e, meta, logs[e]["header"]))  # a stored log from before the checks
+            if problem:
+                raise ValueError(f"{e}: {problem}")
+            metas[e] = meta
+        except (ValueError, KeyError, TypeError, OSError) as err:  # StepMLErrors are ValueErrors
             skipped[e] = str(err)
             if warn is not None:
                 warn(e, err)
@@ -480,6 +519,7 @@ def replay(
     ctx = replay_context(key, meta, log.header)
     specs = rm.specs_for_run(list(specs), key, meta.model)
     out = rm.replay_run(log, ctx, specs, source=meta.source, stands_for=meta.stands_for, seed=seed)
+    out["assumptions"].update(header_choices(log.header, ctx))
     paths = rm.write_per_request(out_dir, key, out["per_request"])
     details = pl.DataFrame(out["runs"])
     value = {
@@ -491,6 +531,8 @@ def replay(
         "model": meta.model,
         "role": log.role or "",
         "requests": log.table.height,
+        "truth": dict(log.truth),
+        "request_log_version": stored_log.get("data_version"),  # a replay is current only for this request log
     }
     return value, {
         "step_models": len(specs),
@@ -498,6 +540,20 @@ def replay(
         "seconds": float(details["seconds"].sum()) if details.height else 0.0,
         "assumptions": out["assumptions"],
     }
+
+
+def header_choices(header: Mapping, ctx) -> dict:
+    """Where the request file's header and the run's other files disagree on the workload's shape, the replay takes
+    results/config.yaml or profile.yaml (what inference-perf ran; the 16 real headers say 0 for system_prompt_len,
+    their profiles 100-150): the stated choice, {"header_not_used": {key: {header, used, from}}} (empty: agree)."""
+    cfg = header.get("config") or {}
+    pairs = (("system_prompt_len", "system_prompt_len"), ("num_prefix_groups", "num_groups"))
+    out = {
+        hk: {"header": cfg[hk], "used": getattr(ctx, ck), "from": ctx.sources.get(ck)}
+        for hk, ck in pairs
+        if cfg.get(hk) is not None and getattr(ctx, ck) is not None and cfg[hk] != getattr(ctx, ck)
+    }
+    return {"header_not_used": out} if out else {}
 
 
 def replay_fidelity(replays: Mapping, logs: Mapping, present: list[str], out_dir) -> dict:

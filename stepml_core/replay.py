@@ -19,6 +19,7 @@ its last token ``timeout_s`` after its arrival failed (client timeout), on both 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -409,8 +410,6 @@ def run_context(
     """Serving limits and workload shape of a run, each from the first file that has it:
     the request file's ``config`` header, ``exp-config.yaml``, inference-perf's resolved
     ``results/config.yaml`` (what actually ran), then ``profile.yaml``."""
-    from pathlib import Path
-
     from .runs import safe_load_yaml
 
     folder = Path(folder)

@@ -35,10 +35,10 @@ from .errors import StepMLError
 from .limits import DEFAULT_LIMITS, InputLimitError, InputLimits
 from .runs import (
     EXP_CONFIG_INT_KEYS,
-    GROUND_TRUTH_FILES,
     LIFECYCLE_FILE,
     REQUESTS_FILES,
     RunMetadataError,
+    find_request_entries,
     read_input_bytes,
 )
 from .schemas import MAX_KV_BLOCKS
@@ -194,28 +194,10 @@ class RequestLog:
 def find_request_files(folder: Path) -> dict[str, Path]:
     """{'requests': path, 'ground_truth': path, 'lifecycle': path} for the request-log entries present (of any type:
     reading says what a FIFO or directory is); RequestLogError naming both when a run has two forms of one file."""
-    folder = Path(folder)
-    out = {}
-    for kind, names in (("requests", REQUESTS_FILES), ("ground_truth", GROUND_TRUTH_FILES)):
-        found = [folder / n for n in names if os.path.lexists(folder / n)]
-        if len(found) > 1:
-            sizes = " and ".join(f"{p.name} ({_lsize(p)} bytes)" for p in found)
-            raise RequestLogError(
-                f"{folder}: two {kind.replace('_', ' ')} files, {sizes}; StepML reads one: remove the one that is "
-                "not the whole run"
-            )
-        if found:
-            out[kind] = found[0]
-    if os.path.lexists(folder / LIFECYCLE_FILE):
-        out["lifecycle"] = folder / LIFECYCLE_FILE
-    return out
-
-
-def _lsize(p: Path) -> int | str:
     try:
-        return os.lstat(p).st_size
-    except OSError:
-        return "?"
+        return find_request_entries(folder)
+    except RunMetadataError as e:
+        raise RequestLogError(str(e)) from None
 
 
 def has_request_log(folder: Path) -> bool:

@@ -370,6 +370,33 @@ def find_trace_file(folder: Path) -> Path | None:
     return found[0] if found else None
 
 
+def find_request_entries(folder: Path) -> dict[str, Path]:
+    """{'requests', 'ground_truth', 'lifecycle': path} of the request-log entries present (of any type: reading says
+    what a FIFO or directory is); RunMetadataError naming both when a run has two forms of one file (as traces)."""
+    folder = Path(folder)
+    out = {}
+    for kind, names in (("requests", REQUESTS_FILES), ("ground_truth", GROUND_TRUTH_FILES)):
+        found = [folder / n for n in names if os.path.lexists(folder / n)]
+        if len(found) > 1:
+            sizes = " and ".join(f"{p.name} ({_lsize(p)} bytes)" for p in found)
+            raise RunMetadataError(
+                f"{folder}: two {kind.replace('_', ' ')} files, {sizes}; StepML reads one: remove the one that is "
+                "not the whole run"
+            )
+        if found:
+            out[kind] = found[0]
+    if os.path.lexists(folder / LIFECYCLE_FILE):
+        out["lifecycle"] = folder / LIFECYCLE_FILE
+    return out
+
+
+def _lsize(p: Path) -> int | str:
+    try:
+        return os.lstat(p).st_size
+    except OSError:
+        return "?"
+
+
 def _optional_json(path: Path, issues: list, **kw) -> Any:
     """An optional JSON object (results/*.json): None and an issue if unreadable, malformed or not a regular file."""
     try:
@@ -424,6 +451,7 @@ def read_run_metadata(folder: Path, *, data_root: Path | None = None, limits: In
     summary, stages = _read_results(folder / "results", issues, kw)  # optional: left out with an issue, never a problem
     provenance = attempt(lambda: _read_provenance(folder / PROVENANCE_FILE, kw), None)
     trace_path = attempt(lambda: find_trace_file(folder), None)
+    attempt(lambda: find_request_entries(folder), None)  # two forms of a request file: refused as two trace files
     if problems:
         raise RunMetadataError("; ".join(problems), problems)
     synthetic = bool(provenance and provenance.get("source") == "synthetic") or run.synthetic_suffix

@@ -21,7 +21,7 @@ from .resources import StepMLSettings
 )
 def request_log(context: dg.AssetExecutionContext, settings: StepMLSettings):
     folder = settings.run_folder(context.partition_key)
-    value = pipeline.request_log(folder)
+    value = pipeline.request_log(folder, settings.data_root(), settings.input_limits())
     if value is None:
         context.log.info(
             f"{folder}: no requests.json[.gz] or results/per_request_lifecycle_metrics.json: request-level assets skipped"
@@ -166,7 +166,7 @@ def replay(context: dg.AssetExecutionContext, settings: StepMLSettings, request_
     "in/out of sample, the recommended model per LLM model) beside BLIS iteration 4a.",
 )
 def replay_fidelity(context: dg.AssetExecutionContext, settings: StepMLSettings, replay, request_log) -> dict:
-    left_out = replays_left_out(settings, context.instance, request_log, list(replay))
+    left_out = replays_left_out(settings, context.instance, request_log, replay)
     present = [e for e in replay if e not in left_out]
     tables = pipeline.replay_fidelity(replay, request_log, present, settings.out_dir)
     context.add_output_metadata(
@@ -180,11 +180,13 @@ def replay_fidelity(context: dg.AssetExecutionContext, settings: StepMLSettings,
     return {**{k: v for k, v in tables.items() if k != "replay_csv"}, "left_out": left_out}
 
 
-def replays_left_out(settings: StepMLSettings, instance, request_log, replayed: list[str]) -> dict[str, dict]:
-    """Stored replays that are not current: the run's latest experiment_job or replay_job run failed, or its run folder
-    changed since its request log was read (health.study_exclusions). {run: {status, reason}}."""
+def replays_left_out(settings: StepMLSettings, instance, request_log, replays) -> dict[str, dict]:
+    """Stored replays that are not current: the run's latest experiment_job or replay_job run failed, its run folder
+    changed since its request log was read (health.study_exclusions), or the replay was made from an earlier request
+    log than the one stored now (not replayed since: e.g. the models phase failed). {run: {status, reason}}."""
     from .health import FAILED_STATUSES, run_error, study_exclusions
 
+    replayed = list(replays)
     stored = {}
     for e in replayed:
         if e in request_log:
@@ -194,6 +196,13 @@ def replays_left_out(settings: StepMLSettings, instance, request_log, replayed: 
         e: {"status": r["status"], "reason": r["reason"]}
         for e, r in study_exclusions(instance, settings.data_root(), stored).items()
     }
+    for e in replayed:
+        made_from, now = (replays[e] or {}).get("request_log_version"), (request_log.get(e) or {}).get("data_version")
+        if e not in out and made_from and now and made_from != now:
+            out[e] = {
+                "status": "stale",
+                "reason": f"replay made from an earlier request log ({made_from}; now {now}) and not re-run since",
+            }
     for e in replayed:
         if e in out or instance is None:
             continue
