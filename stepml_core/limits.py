@@ -44,6 +44,9 @@ class InputLimits:
     max_request_bytes: int = 1 << 30
     """bytes of one request log or ground-truth file once inflated (1 GiB; the 16 real logs: at most 2.0 MB,
     inference-perf's per-request files of real runs ~160 MB)"""
+    max_request_span_s: float = 6 * 3600.0
+    """seconds from a request log's first arrival to its last (6 h; the 16 real runs: 20 min). Calibration's request
+    timelines cost memory in proportion (~0.1 GB per hour of span): one arrival a week late would need ~10 GB"""
 
     @classmethod
     def from_env(cls, environ: dict | None = None, **overrides) -> "InputLimits":

@@ -603,6 +603,7 @@ def read_request_log(
     if kept.height == 0:
         reason = quarantine["reason"][0] if quarantine.height else "none kept"
         raise RequestLogError(f"{path}: no usable request: all {n_in} quarantined (first: {reason})")
+    _check_span(kept, quarantine, path, limits or DEFAULT_LIMITS)
     truth = _truth_counts(kept, quarantine, truth_file, truth_in, has_gt)
     log = RequestLog(
         table=kept, quarantine=quarantine, header=header, files=used, has_ground_truth=has_gt, records_in=n_in
@@ -612,6 +613,19 @@ def read_request_log(
     assert c["records_kept"] + c["records_quarantined"] == n_in, "request records in != kept + quarantined"
     assert truth.get("truth_in", 0) == truth.get("truth_used", 0) + truth.get("truth_quarantined", 0)
     return log
+
+
+def _check_span(kept: pl.DataFrame, q: pl.DataFrame, path: Path, limits: InputLimits) -> None:
+    """InputLimitError naming the file, the latest request and the limit when the arrivals span more than
+    limits.max_request_span_s."""
+    a = kept["arrival_time_us"]
+    span_s = (a.max() - a.min()) * 1e-6
+    if span_s > limits.max_request_span_s:
+        last = kept.sort("arrival_time_us")["index"][-1]
+        raise InputLimitError(
+            f"{path}: arrivals span {span_s:.0f} s (request index {last} at {a.max() * 1e-6:.0f} s; limit "
+            f"{limits.describe('max_request_span_s')})"
+        )
 
 
 def _truth_counts(kept: pl.DataFrame, q: pl.DataFrame, truth_file: str | None, truth_in: int, has_gt: bool) -> dict:

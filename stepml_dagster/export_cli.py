@@ -34,43 +34,67 @@ def add_parser(sub, parents=()) -> None:
     e.add_argument("--out", type=Path, required=True, help="folder to write <model_short>.json files into")
 
 
+def _stored(path: Path, what: str, required: bool):
+    """A stored asset value (io_manager.read_object), None if absent and not required; a value that cannot be read
+    (damaged, truncated, not what `stepml run` writes) is a UsageError naming it: one line, no traceback."""
+    import polars as pl
+
+    from stepml_core.errors import UsageError
+
+    from .io_manager import read_object
+
+    study = path.parents[2]
+    try:
+        return read_object(path)
+    except FileNotFoundError:
+        if required:
+            raise UsageError(
+                f"no stored {what} under {study / 'assets'} (run `stepml run --out {study}` first)"
+            ) from None
+        return None
+    except (OSError, ValueError, pl.exceptions.PolarsError) as e:
+        raise UsageError(
+            f"{path}: the stored {what} cannot be read ({_one_line(e)}); re-run `stepml run --out {study}`"
+        ) from None
+
+
+def _one_line(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def _load_study(study: Path):
     import polars as pl
 
     from stepml_core.errors import UsageError
-    from stepml_core.runs import parse_run_id
-
-    from .io_manager import read_object
+    from stepml_core.runs import RunIdError, parse_run_id
 
     rp = study / "replay.csv"
     if not rp.is_file():
         raise UsageError(f"{rp} not found (run `stepml run --out {study}` first)")
-    rows = pl.read_csv(
-        rp, schema_overrides={"observed": pl.Float64, "rel_err_pct": pl.Float64, "predicted": pl.Float64}
-    )
     try:
-        specs = read_object(study / "assets" / "replay_models" / "__all__")
-    except FileNotFoundError:
-        raise UsageError(
-            f"no stored replay_models under {study / 'assets'} (run `stepml run --out {study}` first)"
-        ) from None
+        rows = pl.read_csv(
+            rp, schema_overrides={"observed": pl.Float64, "rel_err_pct": pl.Float64, "predicted": pl.Float64}
+        )
+        llm_of = {e: parse_run_id(e).model for e in set(rows["experiment_id"].to_list())}
+    except (OSError, pl.exceptions.PolarsError, RunIdError) as e:
+        raise UsageError(f"{rp}: not a replay.csv `stepml run` writes ({_one_line(e)})") from None
+    specs = _stored(study / "assets" / "replay_models" / "__all__", "replay_models", True)
+    cal = _stored(study / "assets" / "request_calibration" / "__all__", "request_calibration", False)
+    fid = _stored(study / "assets" / "replay_fidelity" / "__all__", "replay_fidelity", False)
     try:
-        cal = read_object(study / "assets" / "request_calibration" / "__all__")
-        shipped = dict(cal["shipped"])
-    except FileNotFoundError:
-        shipped = {}
-    try:
-        fid = read_object(study / "assets" / "replay_fidelity" / "__all__")
-        per = fid["recommended_per_llm"] if "recommended_per_llm" in fid else None
+        shipped = dict(cal["shipped"]) if cal is not None else {}
+        per = fid["recommended_per_llm"] if fid is not None and "recommended_per_llm" in fid else None
         per_llm = (
             dict(zip(per["llm_model"].to_list(), per["step_model"].to_list()))
             if per is not None and per.height
             else None
         )
-    except FileNotFoundError:
-        per_llm = None
-    llm_of = {e: parse_run_id(e).model for e in set(rows["experiment_id"].to_list())}
-    return rows, list(specs), shipped, llm_of, per_llm
+        return rows, list(specs), shipped, llm_of, per_llm
+    except (KeyError, TypeError, AttributeError, pl.exceptions.PolarsError) as e:
+        raise UsageError(
+            f"{study / 'assets'}: stored values not as `stepml run` writes them ({_one_line(e)}); re-run it"
+        ) from None
 
 
 def run(a: argparse.Namespace) -> int:
@@ -81,10 +105,13 @@ def run(a: argparse.Namespace) -> int:
     chosen = choose_exports(rows, specs, shipped, llm_of, per_llm)
     if not chosen:
         raise UsageError(f"no exportable model in {a.study}")
-    if a.format == "blis":
-        paths = write_exports(chosen, a.out, source=str(a.study))  # ExportError (a StepMLError) names the field
-    else:
-        paths = _write_stepml(chosen, specs, shipped, Path(a.out))
+    try:
+        if a.format == "blis":
+            paths = write_exports(chosen, a.out, source=str(a.study))  # ExportError (a StepMLError) names the field
+        else:
+            paths = _write_stepml(chosen, specs, shipped, Path(a.out))
+    except OSError as e:
+        raise UsageError(f"--out {a.out}: cannot write there ({e.strerror or e})") from None
     for llm, c in sorted(chosen.items()):
         cost = c.get("fidelity_cost_pct_points")
         print(

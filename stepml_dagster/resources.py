@@ -68,6 +68,7 @@ class StepMLSettings(dg.ConfigurableResource):
     max_metadata_bytes: int | None = None
     max_yaml_nodes: int | None = None
     max_request_bytes: int | None = None
+    max_request_span_s: float | None = None
     # experiment_sensor's tick (None: STEPML_SENSOR_<NAME> from the environment, else the default in SensorLimits)
     sensor_settle_s: float | None = None  # a folder unchanged this long is launched even if it looks unfinished
     sensor_hash_budget_mb: float | None = None  # MiB one tick may hash or inflate
@@ -84,6 +85,7 @@ class StepMLSettings(dg.ConfigurableResource):
             max_metadata_bytes=self.max_metadata_bytes,
             max_yaml_nodes=self.max_yaml_nodes,
             max_request_bytes=self.max_request_bytes,
+            max_request_span_s=self.max_request_span_s,
         )
 
     def sensor_limits(self) -> "SensorLimits":
