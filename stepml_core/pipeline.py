@@ -130,12 +130,15 @@ def run_summary(meta: dict, steps: pl.DataFrame, quarantine: pl.DataFrame, fm: p
         "kv_source": ", ".join(f"{k} {v}" for k, v in sorted(kv.items())),
         "kv_source_counts": kv,
     }
-    damage = [
-        *(["the gzip stream ends early (cut short)"] if m["counters"].get("gzip_truncated") else []),
-        *(["its last line is cut short"] if _last_line_cut(quarantine) else []),
-    ]
+    damage = (
+        "the gzip stream ends early (cut short)"
+        if m["counters"].get("gzip_truncated")
+        else "its last line is cut short"
+        if _last_line_cut(quarantine)
+        else None
+    )
     if damage:  # only then: a whole trace's summary is unchanged
-        summary["read_in_part"] = f"{' and '.join(damage)}: studied on the {steps.height} steps read before the damage"
+        summary["read_in_part"] = f"{damage}: studied on the {steps.height} steps read before the damage"
     return summary
 
 

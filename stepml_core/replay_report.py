@@ -113,6 +113,12 @@ def recommend_per_llm(rows: pl.DataFrame, llm_of: dict[str, str], status: pl.Dat
     )
 
 
+def _scored_requests(replay: dict) -> int:
+    """Requests scored: those with ground truth (request_log's truth_used), else all replayed (older stored values)."""
+    used = (replay.get("truth") or {}).get("truth_used")
+    return int(used if used is not None else replay.get("requests") or 0)
+
+
 def _workload(experiment_id: str) -> str:
     from .runs import RunIdError, parse_run_id
 
@@ -127,7 +133,7 @@ def replay_fidelity_tables(replays: dict[str, dict], headers: dict[str, dict], o
     parts = [r["rows"] for r in replays.values() if r["rows"].height]
     rows = pl.concat(parts) if parts else pl.DataFrame(schema=REPLAY_COLUMNS)
     llm_of = {e: r.get("model") for e, r in replays.items()}
-    status = run_status(rows, {e: int(r.get("requests") or 0) for e, r in replays.items()})
+    status = run_status(rows, {e: _scored_requests(r) for e, r in replays.items()})
     rec = recommend(rows, llm_of, status).with_columns(recommended=pl.lit(True))
     rows = rows.join(rec, on=["experiment_id", "step_model"], how="left").with_columns(
         pl.col("recommended").fill_null(False)
@@ -155,6 +161,7 @@ def replay_fidelity_tables(replays: dict[str, dict], headers: dict[str, dict], o
                 "role": r.get("role") or "",
                 "requests": int(r.get("requests") or 0),
                 "ground_truth": bool(r.get("has_ground_truth")),
+                "scored_requests": _scored_requests(r) if r.get("has_ground_truth") else 0,
             }
             for e, r in sorted(replays.items())
         ]
@@ -213,6 +220,16 @@ def _replay_intro_lines(src: list[str]) -> list[str]:
     ]
 
 
+def _truth_cell(r: dict) -> str:
+    """'yes', 'partial: N of M requests (the rest replayed, not scored)' or '**no** (predicted only)'."""
+    if not r["ground_truth"]:
+        return "**no** (predicted only)"
+    scored = r.get("scored_requests")
+    if scored is None or scored >= r["requests"]:
+        return "yes"
+    return f"**partial**: {scored} of {r['requests']} requests (the rest replayed, not scored)"
+
+
 def _replay_runs_lines(st: dict[str, dict]) -> list[str]:
     """The runs with request logs: LLM model, role, requests, whether there is ground truth."""
     data_rows = [
@@ -221,7 +238,7 @@ def _replay_runs_lines(st: dict[str, dict]) -> list[str]:
             st[e]["llm_model"],
             st[e]["role"] or "–",
             st[e]["requests"],
-            "yes" if st[e]["ground_truth"] else "**no** (predicted only)",
+            _truth_cell(st[e]),
         ]
         for e in sorted(st)
     ]
