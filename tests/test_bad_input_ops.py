@@ -292,3 +292,31 @@ def test_1_partition_keys_map_to_file_names_one_to_one():
     assert len(set(forms)) == len(forms)
     io = ParquetIOManager(base_dir="/tmp/x")
     assert io._stem(dg.AssetKey("m"), keys[0]) != io._stem(dg.AssetKey("m"), keys[1])
+
+
+def test_real_data_answers_bad_options_with_one_line_and_never_deletes_your_files(tmp_path, capsys):
+    """Issue 21: `stepml real-data` into a run folder holding the user's own files deleted them without a word; a
+    bad --out, --shared or --runs gave tracebacks. Built on a shared folder of one run laid out as ../shared is."""
+    run = "20260217-155451-llama-2-7b-tp1-codegen"
+    shared = tmp_path / "shared"
+    (shared / "real" / "requests" / run).mkdir(parents=True)
+    (shared / "real" / "requests" / run / "requests.json").write_text(json.dumps({"requests": []}))
+    (shared / "reference" / "experiments" / run).mkdir(parents=True)
+    (shared / "reference" / "experiments" / run / "exp-config.yaml").write_text("tensor_parallelism: 1\n")
+    out = tmp_path / "real"
+    assert main(["real-data", "--shared", str(shared), "--out", str(out)]) == 0
+    assert main(["real-data", "--shared", str(shared), "--out", str(out)]) == 0  # ours: replaced
+    (out / run / "notes.txt").write_text("my notes")
+    (tmp_path / "afile").write_text("mine")
+    capsys.readouterr()
+    for argv, needle in (
+        (["--out", str(out)], f"{out / run}: holds 1 file(s) stepml real-data did not write (notes.txt)"),
+        (["--out", str(tmp_path / "afile")], f"--out {tmp_path / 'afile'}: not a folder"),
+        (["--out", str(out), "--runs", "20990101-000000-x-tp1-y"], "--runs: not real runs under"),
+    ):
+        assert main(["real-data", "--shared", str(shared), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and needle in err, err
+    assert main(["real-data", "--shared", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert f"--shared {tmp_path / 'nope'}: no folder" in capsys.readouterr().err
+    assert (out / run / "notes.txt").read_text() == "my notes" and (tmp_path / "afile").read_text() == "mine"

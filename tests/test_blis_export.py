@@ -335,6 +335,50 @@ def test_stepml_export_command_on_a_study_folder(tmp_path, capsys):
     """`stepml export --format blis --study OUT --out DIR` reads a `stepml run` output folder (replay.csv, stored
     assets) and writes DIR/<model_short>.json that BLIS reads; `--format stepml` writes StepML's own JSON."""
     from stepml_dagster.cli import main
+
+    study = _study_folder(tmp_path)
+    assert main(["export", "--format", "blis", "--study", str(study), "--out", str(tmp_path / "blis")]) == 0
+    doc = json.loads((tmp_path / "blis" / "llama-2-7b.json").read_text())
+    validate_schema(doc)
+    assert doc == DOCS[0]
+    assert "llama-2-7b: requests_all (recommended: requests_lowo" in capsys.readouterr().out
+    assert main(["export", "--format", "stepml", "--study", str(study), "--out", str(tmp_path / "sm")]) == 0
+    assert json.loads((tmp_path / "sm" / "llama-2-7b.json").read_text())["name"] == "requests_all"
+    assert main(["export", "--study", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    assert "replay.csv" in capsys.readouterr().err
+
+
+def test_stepml_export_answers_a_bad_out_or_a_damaged_study_with_one_line(tmp_path, capsys):
+    """Issue 21: a file as --out, a damaged stored asset or replay.csv gave tracebacks."""
+    from stepml_dagster.cli import main
+
+    study = _study_folder(tmp_path)
+    (tmp_path / "afile").write_text("mine")
+    cases = [
+        (lambda: None, tmp_path / "afile", f"stepml export: --out {tmp_path / 'afile'}: cannot write there"),
+        (
+            lambda: (study / "assets" / "replay_models" / "__all__.json").write_text("{cut"),
+            tmp_path / "o1",
+            f"{study / 'assets' / 'replay_models' / '__all__'}: the stored replay_models cannot be read",
+        ),
+        (
+            lambda: (study / "replay.csv").write_bytes(b"experiment_id,x\nnot-a-run,1\n"),
+            tmp_path / "o2",
+            f"{study / 'replay.csv'}: not a replay.csv `stepml run` writes",
+        ),
+    ]
+    for damage, out, needle in cases:
+        damage()
+        capsys.readouterr()
+        assert main(["export", "--study", str(study), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and needle in err, err
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def _study_folder(tmp_path):
+    """A `stepml run` output folder as export reads it: replay.csv and the stored replay_models,
+    request_calibration and replay_fidelity."""
     from stepml_dagster.io_manager import write_object
 
     study = tmp_path / "out"
@@ -361,12 +405,4 @@ def test_stepml_export_command_on_a_study_folder(tmp_path, capsys):
             "replay": rows,
         },
     )
-    assert main(["export", "--format", "blis", "--study", str(study), "--out", str(tmp_path / "blis")]) == 0
-    doc = json.loads((tmp_path / "blis" / "llama-2-7b.json").read_text())
-    validate_schema(doc)
-    assert doc == DOCS[0]
-    assert "llama-2-7b: requests_all (recommended: requests_lowo" in capsys.readouterr().out
-    assert main(["export", "--format", "stepml", "--study", str(study), "--out", str(tmp_path / "sm")]) == 0
-    assert json.loads((tmp_path / "sm" / "llama-2-7b.json").read_text())["name"] == "requests_all"
-    assert main(["export", "--study", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
-    assert "replay.csv" in capsys.readouterr().err
+    return study

@@ -84,3 +84,37 @@ def test_preemption_when_kv_runs_out():
     sim = eng.run()
     assert sim.counters["preemptions"] > 0
     assert all(R.finish_status == "length" for R in sim.requests)  # recomputed, every request still finishes
+
+
+def _two(prompts, outs, arrivals, **cfg):
+    reqs = [SimRequest(i, i, 0, p, o, 0) for i, (p, o) in enumerate(zip(prompts, outs))]
+    arr = FixedArrivals(np.asarray(arrivals, dtype=float), 300.0, lambda p, r: 0.0)
+    return EngineCore(reqs, SchedulerConfig(**cfg), arr, CycleClock(ConstantStep(1000.0)))
+
+
+def test_prompts_over_16384_tokens_never_share_prefix_cache_keys():
+    """Issue 21: with 1,024 blocks per key stride, prompt 0's blocks past 16,384 tokens had prompt 1's keys."""
+    sim = _two([17_000, 17_000], [2, 2], [0.0, 5.0], kv_blocks_total=4000).run()
+    a, b = sim.requests
+    assert a.finish_status == b.finish_status == "length"
+    assert b.cached_tokens == 0  # a different prompt: no prefix-cache hit (was 608 tokens)
+    same = _two([17_000, 17_000], [2, 2], [0.0, 5.0], kv_blocks_total=4000)
+    same.reqs[1].prompt_id = 0  # the same prompt twice: the whole prompt but its last token hits
+    assert same.run().requests[1].cached_tokens == 16 * ((17_000 - 1) // 16)
+
+
+@pytest.mark.parametrize("cfg", [{"kv_blocks_total": 100}, {"kv_blocks_total": 4000, "max_model_len": 4096}])
+def test_a_request_that_can_never_fit_is_refused_at_once_the_others_run(cfg):
+    """vLLM answers a request over max_model_len (its KV cache holds max_model_len) with an error at once; before,
+    one stayed at the head of the queue and every later step was empty until its client gave up."""
+    sim = _two([5_000, 100, 100], [10, 10, 10], [0.0, 0.01, 0.02], **cfg).run()
+    assert [R.finish_status for R in sim.requests] == ["refused", "length", "length"]
+    assert sim.counters["refused"] == 1 and sim.counters["empty_steps"] <= 2 and sim.steps < 30
+
+
+def test_an_engine_that_cannot_progress_stops_with_an_error_not_300k_empty_steps():
+    from stepml_core.sim.engine import MAX_EMPTY_STEPS, SimulationStalled
+
+    eng = _two([100], [10], [0.0], kv_blocks_total=100, max_num_batched_tokens=0)
+    with pytest.raises(SimulationStalled, match=f"scheduled nothing for {MAX_EMPTY_STEPS + 1} steps in a row"):
+        eng.run()
