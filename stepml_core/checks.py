@@ -47,10 +47,22 @@ def no_unreadable_lines(counters: dict) -> CheckOutcome:
 
 
 def records_balance(logs: dict[str, dict]) -> CheckOutcome:
-    """Per stored request log ({partition: value}): records in = rows stored + quarantine rows stored."""
-    counts = {
-        k: {**v["counts"], "rows_stored": v["requests"].height, "quarantine_rows_stored": v["quarantine"].height}
-        for k, v in logs.items()
-    }
-    bad = [k for k, c in counts.items() if c["records_in"] != c["rows_stored"] + c["quarantine_rows_stored"]]
+    """Per stored request log ({partition: value}): records in = rows stored + request quarantine rows stored, and
+    ground-truth records in = used + ground-truth quarantine rows stored (kind ground_truth)."""
+    counts = {}
+    for k, v in logs.items():
+        q = v["quarantine"]
+        n_truth_q = int((q["kind"] == "ground_truth").sum()) if q.height else 0
+        counts[k] = {
+            **v["counts"],
+            "rows_stored": v["requests"].height,
+            "quarantine_rows_stored": q.height - n_truth_q,
+            "truth_quarantine_rows_stored": n_truth_q,
+        }
+    bad = [
+        k
+        for k, c in counts.items()
+        if c["records_in"] != c["rows_stored"] + c["quarantine_rows_stored"]
+        or c.get("truth_in", 0) != c.get("truth_used", 0) + c["truth_quarantine_rows_stored"]
+    ]
     return CheckOutcome(not bad, {"partitions": counts, "unbalanced": bad})

@@ -18,10 +18,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from stepml_core.checks import records_balance
 from stepml_core.request_log import MAX_ARRIVAL_US, read_request_log
 from stepml_core.synth import synthesize_runs
 from stepml_core.synth.spec import engine_params
 from stepml_dagster.cli import run_study
+from stepml_dagster.io_manager import read_object
 
 BASE_REAL_ID = "20260217-155451-llama-2-7b-tp1-codegen"
 SLUG = "llama-2-7b-tp1-codegen"
@@ -327,6 +329,9 @@ def test_bad_truth_values_never_change_the_simulated_load(corpus):
     assert _per_request(corpus["out"], "bad_truth").equals(corpus["first"]["good"])
     q = pl.read_parquet(corpus["out"] / "assets" / "request_log" / run_id("bad_truth") / "quarantine.parquet")
     assert q.filter(pl.col("kind") == "ground_truth").select("line").to_series().sort().to_list() == [7, 8]
+    stored = read_object(corpus["out"] / "assets" / "request_log" / run_id("bad_truth"))
+    outcome = records_balance({run_id("bad_truth"): stored})  # records in = kept + quarantined, truth in = used + q.
+    assert outcome.passed and outcome.metadata["partitions"][run_id("bad_truth")]["truth_quarantine_rows_stored"] == 2
 
 
 def test_arrivals_out_of_index_order_are_replayed_in_time_order(corpus):
