@@ -18,6 +18,11 @@ as fitted. A recommended model BLIS cannot express (trees, or linear models over
 features) is replaced by the best BLIS-form one, and the manifest says what that costs: the
 difference of the two models' mean |E2E| and |TTFT| errors over the runs where both were replayed
 out of sample.
+
+The manifest's ``errors`` are those measured for the file shipped, out of sample; ``requests_all`` has none
+(every run with ground truth calibrated it), so its entry says so and quotes ``recipe_errors``: the same recipe
+with one workload held out (``requests_lowo``), never another protocol's (a leave-one-model-out transfer's
+errors say nothing of a model calibrated on the LLM model's own logs).
 """
 
 from __future__ import annotations
@@ -218,9 +223,10 @@ def choose_exports(
             if recommended:
                 note = f"recommended {recommended} has no BLIS form (StepML features or trees); exported the best BLIS-form model"
         spec = exportable[pick]
+        basis = _evidence_model(spec, pick, err)
         cost = None
-        if recommended and pick != recommended:
-            a, b = err.get(recommended, {}), err.get(pick, {})
+        if recommended and basis and basis != recommended:
+            a, b = err.get(recommended, {}), err.get(basis, {})
             cost = {
                 k: (b.get(k, float("nan")) - a.get(k, float("nan"))) for k in ("e2e_mean_abs_pct", "ttft_mean_abs_pct")
             }
@@ -233,9 +239,45 @@ def choose_exports(
             "protocol": spec.get("protocol", ""),
             "note": note,
             "fidelity_cost_pct_points": cost,
-            "errors": err.get(pick),
+            "fidelity_cost_basis": basis if cost is not None else None,
+            **_shipped_errors(llm, spec, basis, err),
         }
     return out
+
+
+def _evidence_model(spec: dict, pick: str, err: dict) -> str | None:
+    """The replayed step model whose out-of-sample errors speak for the file shipped: the model itself, or for
+    ``requests_all`` (replayed nowhere out of sample: every run with ground truth calibrated it) the same recipe
+    with one workload held out (``requests_lowo``), where it was replayed."""
+    if spec["name"] != "requests_all":
+        return pick if pick in err else None
+    return "requests_lowo" if "requests_lowo" in err else None
+
+
+def _shipped_errors(llm: str, spec: dict, basis: str | None, err: dict) -> dict:
+    """The manifest's ``errors`` (measured for the file shipped, else None), ``recipe_errors`` and a note saying
+    which replays measured them."""
+    if spec["name"] != "requests_all":
+        return {
+            "errors": err.get(basis) if basis else None,
+            "errors_note": "" if basis else "not replayed out of sample",
+        }
+    note = (
+        f"requests_all is calibrated on every run of {llm} with ground truth ({len(spec['fitted_on'])} run(s)): "
+        "no out-of-sample error of this file exists. "
+    )
+    if basis:
+        note += (
+            "recipe_errors: the same recipe calibrated on the model's other workloads (requests_lowo), replayed on "
+            "the held-out workload's runs"
+        )
+    else:
+        note += "No replay of the same recipe out of sample exists in this study."
+    return {
+        "errors": None,
+        "recipe_errors": ({"step_model": basis, **err[basis]} if basis else None),
+        "errors_note": note,
+    }
 
 
 def _errors(r: pl.DataFrame) -> dict[str, dict]:

@@ -232,7 +232,9 @@ class StepServingModel:
 
 class PhysicsServingModel:
     """The synthesizer's engine physics (roofline GPU time with noise, empirical schedule() time, host work)
-    and its API latencies (data/synth/engine_params.json), seeded. Tuned on the 16 reference runs' aggregates."""
+    and its API latencies (data/synth/engine_params.json), seeded. In sample on the 16 reference runs: efficiencies
+    tuned on their per-stage TPOT, API terms on their per-stage TTFT, schedule() per-run parameters on each run's own
+    test-split schedule() times (replay_models.PHYSICS_BASIS)."""
 
     kind = "physics"
 

@@ -185,13 +185,35 @@ def test_folds_never_calibrate_on_what_they_score():
     assert by[("lowo", "m1", "roleplay")].for_runs == ("a-roleplay",)  # predicted without ground truth
     assert by[("lowo", "m1", "reasoning")].calibrate_on == ("a-codegen", "a-general")
     assert by[("lomo", "m1", "m1")].transfer_from == ("m2",)
-    assert cp.most_data_model(infos) == "m1"
+    every = {(f.llm_model, f.transfer_from) for f in cp.plan_folds(infos) if f.protocol == "lomo"}
+    assert every == {("m1", ("m2",)), ("m2", ("m1",))}  # by default every LLM model is held out once
     with pytest.raises(cp.FoldError):
         cp.check_folds([cp.Fold("lowo", "m1", ("a-codegen", "a-general"), ("a-codegen",))], infos)
     with pytest.raises(cp.FoldError):
         cp.check_folds([cp.Fold("roles", "m2", ("b-general",), None)], infos)  # a validate run
     with pytest.raises(cp.FoldError):
         cp.check_folds([cp.Fold("lowo", "m1", ("a-roleplay",), ("a-general",))], infos)  # no ground truth
+
+
+def test_which_runs_get_a_prediction_never_depends_on_their_ground_truth():
+    """Issue 20 point 3: the folds that predict a run out of sample are the same whether that run has ground truth or
+    not, and every LLM model is held out once; before, the leave-one-model-out target was the model with the most
+    observed successes, so a withheld run's truth could switch it and give that very run a prediction."""
+    from dataclasses import replace
+
+    infos = [*_infos(), cp.RunInfo("b-roleplay", "m2", 2, "roleplay", "validate", False, 1800)]
+
+    def predicting(inf, run):
+        return sorted(
+            (f.protocol, f.calibrate_on, f.transfer_from)
+            for f in cp.plan_folds(inf)
+            if f.protocol in ("lowo", "lomo") and run in f.for_runs
+        )
+
+    assert {f.llm_model for f in cp.plan_folds(infos) if f.protocol == "lomo"} == {"m1", "m2"}
+    for k, r in enumerate(infos):  # give a run without truth truth, take a run's truth away
+        flipped = [*infos[:k], replace(r, has_ground_truth=not r.has_ground_truth), *infos[k + 1 :]]
+        assert predicting(flipped, r.experiment_id) == predicting(infos, r.experiment_id), r.experiment_id
 
 
 def test_only_calibration_runs_are_loaded(monkeypatch):

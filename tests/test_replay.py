@@ -515,12 +515,91 @@ def test_recommendation_never_reads_the_scored_runs_errors():
         return pl.DataFrame(out)
 
     llm = {"r1": "m", "r2": "m", "r3": "m"}
+    facts = {e: {"llm_model": "m", "workload": f"w{e}", "role": "test"} for e in llm}
     picks = []
     for err in (0.1, 50.0):
         r = rows(err)
         st = run_status(r, {"r1": 100, "r2": 100, "r3": 100})
-        picks.append(dict(recommend(r, llm, st).iter_rows()))
-    assert picks[0] == picks[1] and picks[0]["r1"] == "B"  # B is best on r2 and r3, whatever A does on r1
+        picks.append({e: m for e, m, _ in recommend(r, facts, st).iter_rows()})
+    assert picks[0]["r1"] == picks[1]["r1"] == "B"  # B is best on r2 and r3, whatever A does on r1
     per = recommend_per_llm(rows(0.1), llm, run_status(rows(0.1), {"r1": 100, "r2": 100, "r3": 100}))
     # out-of-sample rows only: B's in-sample 2 % on r2 does not count (B: 5, 3 → 4; A: 0.1, 9, 8 → 5.7)
     assert per.row(0, named=True)["step_model"] == "B" and per.row(0, named=True)["runs"] == 2
+
+
+def _replay_rows(errs: dict[tuple[str, str], tuple[float, str]]) -> pl.DataFrame:
+    """replay.csv rows: per (run, step model) an error % on e2e_mean and ttft_mean, fitted on the runs named."""
+    out = []
+    for (e, m), (err, fitted) in errs.items():
+        for metric in ("e2e_mean", "ttft_mean", "successes"):
+            out.append(
+                {
+                    "experiment_id": e,
+                    "source": "real",
+                    "role": "test",
+                    "step_model": m,
+                    "fitted_on": fitted,
+                    "sample": "in_sample" if e in fitted.split(";") else "out_of_sample",
+                    "metric": metric,
+                    "predicted": 100.0 if metric == "successes" else 1 + err / 100,
+                    "observed": 100.0 if metric == "successes" else 1.0,
+                    "rel_err_pct": 0.0 if metric == "successes" else err,
+                }
+            )
+    return pl.DataFrame(out)
+
+
+def test_recommendation_is_nested_no_score_that_saw_the_scored_run_decides():
+    """Issue 20 point 1: for run X (llama, codegen) a leave-one-workload-out fold of another llama workload
+    calibrated on X, so its error there carries X's ground truth; the run-roles and leave-one-model-out rows of
+    other runs could not have used X. Making those X-fed rows as good or as bad as one likes must not change X's
+    pick, while making a row that never saw X worse does. Runs of every LLM model count."""
+    from stepml_core.replay_report import recommend, run_status
+
+    runs = {
+        "l-codegen": ("llama", "codegen", "test"),
+        "l-general": ("llama", "general", "train"),
+        "l-roleplay": ("llama", "roleplay", "validate"),
+        "m-codegen": ("mixtral", "codegen", "validate"),
+        "m-general": ("mixtral", "general", "train"),
+    }
+    facts = {e: {"llm_model": m, "workload": w, "role": r} for e, (m, w, r) in runs.items()}
+
+    def errs(lowo_fed_by_x: float, roles_other: float) -> dict:
+        return {
+            ("l-codegen", "requests_lowo"): (1.0, "l-general;l-roleplay"),
+            ("l-codegen", "requests_roles"): (1.0, "l-general"),
+            ("l-roleplay", "requests_lowo"): (lowo_fed_by_x, "l-codegen;l-general"),  # calibrated on X
+            ("l-roleplay", "requests_roles"): (roles_other, "l-general"),  # X is not a train run: never saw X
+            ("m-codegen", "requests_lowo"): (6.0, "m-general"),  # another LLM model: never saw X
+            ("m-codegen", "requests_roles"): (roles_other, "m-general"),
+        }
+
+    def pick(*a) -> str:
+        r = _replay_rows(errs(*a))
+        st = run_status(r, dict.fromkeys(runs, 100))
+        return {e: m for e, m, _ in recommend(r, facts, st).iter_rows()}["l-codegen"]
+
+    # lowo's only score that never saw X is 6 % (mixtral); roles' are 5 % on both runs
+    assert pick(0.0, 5.0) == pick(100.0, 5.0) == "requests_roles"
+    assert pick(0.0, 9.0) == "requests_lowo"  # a row that never saw X does decide
+    st = run_status(_replay_rows(errs(0.0, 5.0)), dict.fromkeys(runs, 100))
+    rec = {e: n for e, _, n in recommend(_replay_rows(errs(0.0, 5.0)), facts, st).iter_rows()}
+    assert rec["l-codegen"] == 2  # two other runs' replays scored the winner
+
+
+def test_a_model_fitted_on_a_runs_synthetic_twin_is_in_sample_for_it():
+    """Issue 20 point 4: a model fitted on X-synth (built from X's aggregates) replayed on real X is in sample, and
+    a step-trained source that is not X's twin is preferred for X."""
+    from stepml_core.replay_models import sample_of, specs_for_run
+
+    x = "20260217-155451-llama-2-7b-tp1-codegen"
+    twin = {"name": "ridge_30f", "kind": "stepml_export", "llm_model": "llama-2-7b", "fitted_on": [x + "-synth"]}
+    twin |= {"source_run": x + "-synth", "stands_for": [x], "n_fit": 900}
+    other = {**twin, "fitted_on": ["r-other"], "source_run": "r-other", "stands_for": [], "n_fit": 100}
+    assert sample_of(twin, x, None) == "in_sample"
+    assert sample_of(twin, x + "-synth", x) == "in_sample"
+    assert sample_of({**twin, "fitted_on": [x], "stands_for": []}, x + "-synth", x) == "in_sample"
+    assert sample_of(other, x, None) == "out_of_sample"
+    assert specs_for_run([twin, other], x, "llama-2-7b")[0]["source_run"] == "r-other"  # despite fewer steps
+    assert specs_for_run([twin], x, "llama-2-7b")[0]["source_run"] == x + "-synth"  # the only one: in sample
