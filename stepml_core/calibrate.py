@@ -20,8 +20,9 @@ the GPU, so a real cycle is max(GPU path, CPU path); the real traced runs never 
 binding (schedule() stays below the cycle in every traced step), so the GPU path alone is kept and
 the export needs no max() (docs/calibration.md). A saturated run (a queue of minutes, 128 running
 requests) can be CPU-bound — the real Mixtral and CodeLlama reasoning runs are (schedule() median
-32.0 / 26.1 ms against mean cycles of 35.5 / 26.6 ms) — so its cycles only bound the GPU path from
-above (cycle ≥ GPU path) and enter stage 1 one-sided.
+32.0 / 26.1 ms against mean cycles of 35.5 / 26.6 ms) — so its cycles may only bound the GPU path from
+above (cycle ≥ GPU path): whether they enter stage 1 one-sided or two-sided, and at what weight, is chosen per
+calibration by inner validation on its own runs (:func:`choose_saturated_setting`).
 
 Two stages:
 
@@ -56,7 +57,10 @@ from .sim.step_models import LinearStepTime
 
 SATURATED_TTFT_S = 5.0  # same rule as replay_report: a run whose clients saw failures or a mean TTFT above this
 PREFILL_COMPUTE_EFFICIENCY = 0.5  # assumed fraction of dense bf16 peak a prompt chunk's GEMMs reach (β_pf prior)
-SATURATED_RUN_WEIGHT = 0.1  # stage 1: a saturated calibration run's weight relative to a non-saturated one
+SATURATED_RUN_WEIGHT = 0.1  # stage 1: a saturated calibration run's weight relative to a non-saturated one (default)
+# stage 1's treatment of saturated calibration runs beside non-saturated ones, (one-sided, weight) candidates: chosen per
+# calibration by inner validation on its own runs (choose_saturated_setting), never on a run it predicts
+SATURATED_SETTINGS = ((True, SATURATED_RUN_WEIGHT), (True, 1.0), (False, 1.0), (False, SATURATED_RUN_WEIGHT))
 ONE_SIDED_MAX_ITER = 25  # stage 1: active-set iterations of the one-sided (cycle ≥ GPU path) saturated rows
 KV_OVER_CAPACITY = 0.95  # stage 1 skips decode windows where the timeline's KV demand exceeds this share of the pool
 GRID_S = 0.005  # time grid of the timeline integrals
@@ -353,7 +357,7 @@ class ClosedForm:
 
 
 def _cycle_rows(
-    timelines: list[Timelines], weights: list[np.ndarray] | None, sw: float
+    timelines: list[Timelines], weights: list[np.ndarray] | None, sw: float, one_sided: bool = True
 ) -> tuple[list[tuple], dict[str, int]]:
     """Per run, the decode windows the cycle regression uses: (X = [1, n̄, kv̄, p], c = cycle_us, row weight, one-sided)
     with row weight √(w_i / Σw · run weight) / c_i (relative residuals, each run weighing the same, a saturated run
@@ -371,8 +375,9 @@ def _cycle_rows(
             continue
         c = tl.cycle_us[m_idx]
         Xk = np.column_stack([np.ones(m_idx.size), tl.dec_mean[m_idx], tl.kv_mean[m_idx], tl.prefills_per_step[m_idx]])
-        upper = mixed and tl.saturated  # cycle = max(GPU, CPU) ≥ GPU path: a bound from above only
-        rows.append((Xk, c, np.sqrt(cw / cw.sum() * (sw if upper else 1.0)) / c, upper))
+        sat = mixed and tl.saturated
+        upper = sat and one_sided  # cycle = max(GPU, CPU) ≥ GPU path: a bound from above only
+        rows.append((Xk, c, np.sqrt(cw / cw.sum() * (sw if sat else 1.0)) / c, upper))
     if not rows:
         raise CalibrationError("no usable decode windows in the calibration runs (successful requests with ≥ 2 tokens)")
     if all(r[3] for r in rows):  # no non-saturated window to stand on: the saturated ones count both ways
@@ -437,6 +442,7 @@ def fit_closed_form(
     *,
     weights: list[np.ndarray] | None = None,
     saturated_weight: float | None = None,
+    one_sided: bool = True,
 ) -> ClosedForm:
     """Stage 1: bounded least squares of the observed decode cycles on the window-averaged batch composition.
 
@@ -448,11 +454,12 @@ def fit_closed_form(
     the CPU path can bind, so a window counts only where the model's GPU path exceeds its cycle (active set,
     ≤ ONE_SIDED_MAX_ITER refits). At ~700 tokens of context per sequence the non-saturated runs cannot tell a
     per-sequence cost from a per-context-token cost (they move together); a long-context saturated run caps
-    the split's extrapolation without bending what the non-saturated runs determine. ``weights`` (per run, per
+    the split's extrapolation without bending what the non-saturated runs determine (``one_sided`` False: the
+    saturated windows count both ways, at the same weight). ``weights`` (per run, per
     request; bootstrap counts) multiply the request weights. Then α0 = mean over the
     non-saturated runs of the median of TTFT − 1.5·ĉ(arrival) − β_npf (half a cycle's wait, the prompt's step)."""
     sw = SATURATED_RUN_WEIGHT if saturated_weight is None else saturated_weight
-    rows, used = _cycle_rows(timelines, weights, sw)
+    rows, used = _cycle_rows(timelines, weights, sw, one_sided)
     lo = np.array([0.0, 0.0, prior.kv_floor_us, 0.0])
     X, y, wt, res = _fit_one_sided(rows, lo)
     b0, bd, bkv, bnpf = (float(x) for x in res.x)
@@ -469,6 +476,59 @@ def fit_closed_form(
     params = StepParams(b0_us=b0, b_dec_us=bd, b_kv_us=bkv, b_pf_us=prior.prefill_prior_us, b_npf_us=bnpf, q0_us=q0)
     return ClosedForm(
         params=params, requests_used=int(sum(used.values())), requests_by_run=used, r2=r2, bounds_active=active
+    )
+
+
+@dataclass(frozen=True)
+class SaturatedSetting:
+    """How stage 1 treats saturated calibration runs beside non-saturated ones, and what chose it."""
+
+    one_sided: bool
+    weight: float
+    chosen_by: str
+    inner_error_pct: dict = field(default_factory=dict)  # "one-sided, weight 0.1" → mean |cycle error| % held out
+
+
+def setting_label(one_sided: bool, weight: float) -> str:
+    return f"{'one-sided' if one_sided else 'two-sided'}, weight {weight:g}"
+
+
+def cycle_error_pct(tl: Timelines, p: StepParams) -> float:
+    """Mean |predicted − observed| / observed decode cycle (%) over a run's usable decode windows (stage 1's rows)."""
+    m = np.isfinite(tl.cycle_us) & (tl.kv_over <= 0.05) & np.isfinite(tl.dec_mean)
+    if not m.any():
+        return float("nan")
+    pred = p.b0_us + p.b_dec_us * tl.dec_mean[m] + p.b_kv_us * tl.kv_mean[m] + p.b_npf_us * tl.prefills_per_step[m]
+    return float(np.mean(np.abs(pred - tl.cycle_us[m]) / tl.cycle_us[m]) * 100.0)
+
+
+def choose_saturated_setting(timelines: list[Timelines], prior: ArchPrior) -> SaturatedSetting:
+    """Inner validation on the calibration runs alone: for each (one-sided, weight) of SATURATED_SETTINGS, hold out
+    each non-saturated calibration run in turn, fit stage 1 on the others (saturated ones included) and score the
+    held-out run's decode cycles (cycle_error_pct); the setting of least mean error wins (ties: the order of
+    SATURATED_SETTINGS). Needs saturated runs and ≥ 2 non-saturated ones; otherwise the setting cannot matter or
+    cannot be validated, and the first of SATURATED_SETTINGS is used (fixed in advance)."""
+    calm = [k for k, tl in enumerate(timelines) if not tl.saturated]
+    if not calm or len(calm) == len(timelines):
+        return SaturatedSetting(*SATURATED_SETTINGS[0], "not needed (no saturated beside non-saturated runs)")
+    if len(calm) < 2:
+        return SaturatedSetting(*SATURATED_SETTINGS[0], "fixed in advance (one non-saturated run: none to hold out)")
+    errs = {}
+    for one_sided, w in SATURATED_SETTINGS:
+        e = []
+        for k in calm:
+            rest = [tl for j, tl in enumerate(timelines) if j != k]
+            try:
+                p = fit_closed_form(rest, prior, saturated_weight=w, one_sided=one_sided).params
+            except CalibrationError:
+                continue
+            e.append(cycle_error_pct(timelines[k], p))
+        errs[(one_sided, w)] = float(np.nanmean(e)) if e and np.isfinite(e).any() else float("inf")
+    best = min(SATURATED_SETTINGS, key=lambda s: (errs[s], SATURATED_SETTINGS.index(s)))
+    return SaturatedSetting(
+        *best,
+        f"inner validation: leave one of {len(calm)} non-saturated calibration runs out",
+        {setting_label(*k): round(v, 4) for k, v in errs.items()},
     )
 
 
@@ -658,7 +718,14 @@ def refine(
 
 
 def bootstrap_params(
-    timelines: list[Timelines], prior: ArchPrior, *, step_scale: float, q_shift_us: float, n_boot: int, seed: int
+    timelines: list[Timelines],
+    prior: ArchPrior,
+    *,
+    step_scale: float,
+    q_shift_us: float,
+    n_boot: int,
+    seed: int,
+    setting: SaturatedSetting | None = None,
 ) -> np.ndarray:
     """Closed-form refits on two-stage resamples (calibration runs with replacement, then requests within each
     drawn run with replacement), each with stage 2's correction applied: rows of PARAM_NAMES values."""
@@ -674,11 +741,15 @@ def bootstrap_params(
                 rng.multinomial(n * int(draws[j]), np.full(n, 1.0 / n)).astype(np.float64) if draws[j] else np.zeros(n)
             )
         try:
-            cf = fit_closed_form(timelines, prior, weights=ws)
+            cf = fit_closed_form(timelines, prior, weights=ws, **_setting_kw(setting))
         except CalibrationError:
             continue
         out.append(cf.params.scaled(step_scale, q_shift_us).as_vector())
     return np.asarray(out) if out else np.zeros((0, len(PARAM_NAMES)))
+
+
+def _setting_kw(setting: SaturatedSetting | None) -> dict:
+    return {} if setting is None else {"saturated_weight": setting.weight, "one_sided": setting.one_sided}
 
 
 # ---------------------------------------------------------------------------- the whole calibration
@@ -699,6 +770,7 @@ class Calibration:
     requests_used: dict
     r2: float
     bounds_active: tuple
+    saturated_setting: dict = field(default_factory=dict)  # SaturatedSetting as a dict: what stage 1 did, what chose it
 
     def doc(self) -> dict:
         return self.params.blis_doc()
@@ -715,6 +787,7 @@ class Calibration:
             "requests_used": self.requests_used,
             "closed_form_r2": self.r2,
             "bounds_active": list(self.bounds_active),
+            "saturated_setting": self.saturated_setting,
             "bootstrap_params": {"names": list(PARAM_NAMES), "rows": self.bootstrap.round(6).tolist()},
         }
 
@@ -733,6 +806,7 @@ class Calibration:
             requests_used=d["requests_used"],
             r2=d["closed_form_r2"],
             bounds_active=tuple(d["bounds_active"]),
+            saturated_setting=d.get("saturated_setting") or {},
         )
 
 
@@ -752,7 +826,8 @@ def calibrate(
     t0 = time.perf_counter()
     prior = arch_prior(llm, tp)
     tls = [request_timelines(r) for r in runs]
-    cf = fit_closed_form(tls, prior)
+    setting = choose_saturated_setting(tls, prior)
+    cf = fit_closed_form(tls, prior, **_setting_kw(setting))
     t1 = time.perf_counter()
     params, rep = cf.params, None
     if with_refine:
@@ -760,7 +835,7 @@ def calibrate(
     t2 = time.perf_counter()
     scale, shift = (rep.step_scale, rep.q_shift_us) if rep else (1.0, 0.0)
     boot = (
-        bootstrap_params(tls, prior, step_scale=scale, q_shift_us=shift, n_boot=n_boot, seed=seed)
+        bootstrap_params(tls, prior, step_scale=scale, q_shift_us=shift, n_boot=n_boot, seed=seed, setting=setting)
         if n_boot
         else np.zeros((0, len(PARAM_NAMES)))
     )
@@ -777,6 +852,7 @@ def calibrate(
         requests_used=cf.requests_by_run,
         r2=cf.r2,
         bounds_active=cf.bounds_active,
+        saturated_setting=asdict(setting),
     )
 
 

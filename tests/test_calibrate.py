@@ -455,3 +455,30 @@ def test_a_cpu_bound_saturated_run_only_bounds_the_gpu_path_from_above():
         abs(both.step_us(125, 125 * 1800.0) / gpu(125, 1800.0) - 1)
         < abs(alone.step_us(125, 125 * 1800.0) / gpu(125, 1800.0) - 1) / 2
     )
+
+
+def test_the_saturated_runs_treatment_is_chosen_inside_the_calibration_runs():
+    """Issue 20 point 2: the weight and one-sidedness of saturated calibration runs are chosen by inner validation on
+    the calibration runs alone (hold out each non-saturated one, score its decode cycles), not on a held-out run's
+    errors. A CPU-bound saturated run (cycles 1.3× the GPU path) must count one-sided; with one non-saturated run
+    there is nothing to hold out and the order fixed in advance decides; the choice is recorded."""
+    from stepml_core.calibrate import SATURATED_SETTINGS, choose_saturated_setting
+
+    truth = StepParams(b0_us=16000.0, b_dec_us=10.0, b_kv_us=0.04, b_pf_us=25.0, b_npf_us=0.0, q0_us=2e4)
+    prior = arch_prior("mixtral-8x7b", 2)
+    rng = np.random.default_rng(5)
+    gpu = lambda dec, cps: truth.step_us(dec, dec * cps)  # noqa: E731
+    d1, d2, d3 = rng.uniform(10, 70, 400), rng.uniform(10, 70, 400), rng.uniform(120, 128, 200)
+    calm = [
+        _timelines("a-codegen", False, d1, 500.0, gpu(d1, 500.0) * rng.normal(1, 0.01, 400)),
+        _timelines("a-roleplay", False, d2, 900.0, gpu(d2, 900.0) * rng.normal(1, 0.01, 400)),
+    ]
+    cpu_bound = _timelines("a-reasoning", True, d3, 1800.0, 1.3 * gpu(d3, 1800.0))
+    s = choose_saturated_setting([*calm, cpu_bound], prior)
+    assert s.one_sided and s.chosen_by.startswith("inner validation")
+    assert len(s.inner_error_pct) == len(SATURATED_SETTINGS)
+    two_sided = min(v for k, v in s.inner_error_pct.items() if k.startswith("two-sided"))
+    assert two_sided > s.inner_error_pct[f"one-sided, weight {s.weight:g}"]  # bending the fit costs the held-out run
+    one = choose_saturated_setting([calm[0], cpu_bound], prior)
+    assert (one.one_sided, one.weight) == SATURATED_SETTINGS[0] and one.chosen_by.startswith("fixed in advance")
+    assert choose_saturated_setting(calm, prior).chosen_by.startswith("not needed")
