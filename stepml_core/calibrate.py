@@ -639,6 +639,7 @@ def window_workloads(
             prompt_id=w.prompt_id[idx],
             group=w.group[idx],
             index=w.index[idx],
+            timeout_s=np.broadcast_to(w.timeout_s, a.shape)[idx],
         )
         out.append((sub, a[idx] >= start))
     return out

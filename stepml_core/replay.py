@@ -13,7 +13,8 @@ A serving model = a clock for the engine (physics, or a step-time model) + the r
 delays around it: ``ingress_s`` (client send → the engine's WAITING queue) and ``token_delay_s``
 (a token leaves the engine → the client sees it). Predicted TTFT = first token's step end +
 token delay − arrival; E2E = last token's step end + token delay − arrival; a request without
-its last token ``timeout_s`` after its arrival failed (client timeout), on both sides.
+its last token by its client's limit (:func:`stepml_core.rules.client_limits_s`: 300 s rounded up to the client's
+next whole second) failed, as the client decided on the observed side.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
+from .rules import CLIENT_TIMEOUT_S, client_limits_s
 from .sim.arrivals import FixedArrivals
 from .sim.engine import EngineCore, SchedulerConfig
 from .sim.request import SimRequest
 from .sim.timing import CycleClock, PhysicsClock
 
-CLIENT_TIMEOUT_S = 300.0  # inference-perf's aiohttp ClientTimeout(total=300): the reasoning runs' failures end there
+__all__ = ["CLIENT_TIMEOUT_S"]  # re-exported: the constant lives in stepml_core.rules
 REPLAY_METRICS = (
     "ttft_mean",
     "ttft_p50",
@@ -80,7 +82,7 @@ class ReplayWorkload:
     group: np.ndarray
     nshared_blk: int
     config: SchedulerConfig
-    timeout_s: float
+    timeout_s: np.ndarray  # per request: the client's limit (s from its send), stepml_core.rules.client_limits_s
     index: np.ndarray
     assumptions: dict
 
@@ -189,7 +191,7 @@ def replay_workload(
         group=group,
         nshared_blk=(int(ctx.system_prompt_len or 0) + 1) // 16,
         config=cfg,
-        timeout_s=CLIENT_TIMEOUT_S,
+        timeout_s=client_limits_s(arrival),
         index=t["index"].to_numpy(),
         assumptions=assumptions,
     )

@@ -23,6 +23,7 @@ from stepml_core.replay import (
 )
 from stepml_core.replay_models import physics_spec, replay_run, serving_model
 from stepml_core.request_log import RequestLogError, read_request_log
+from stepml_core.rules import client_limits_s
 from stepml_core.sim.step_models import LinearStepTime, StepModelError
 
 SHARED = SHARED_REAL.parent
@@ -138,6 +139,21 @@ def test_timeout_is_a_failure_on_the_predicted_side():
     w.timeout_s = 5.0
     r = replay(w, slow, CTX).per_request
     assert not r["success"][0] and r["e2e_s"][0] == 5.0 and r["ttft_s"][0] is None
+
+
+def test_the_client_gives_up_at_its_next_whole_second_after_300_s():
+    """inference-perf's aiohttp timeout rounds send + 300 s up to the next whole second of the client's clock
+    (stepml_core.rules; the real runs' errors end at 300.0–301.0 s, four CodeLlama successes at 300.1–300.4 s):
+    a request sent at 0.5 s whose last token comes 300.2 s later succeeds (limit 300.5 s), one sent at 0.9 s with
+    the same E2E fails (limit 300.1 s) and records its limit as E2E. Before, any E2E above 300 s failed."""
+    assert client_limits_s(np.array([0.0, 0.5, 0.9, 2.0])) == pytest.approx([300.0, 300.5, 300.1, 300.0])
+    ctx = RunContext(**{**CTX.__dict__, "output_len": 40})
+    slow = linear_model(b0=7.505e6, b1=0.0, b2=0.0)  # 40 steps of 7.505 s: E2E 300.2 s
+    for sent_us, ok in ((500_000, True), (900_000, False)):
+        log = one_request_log(output_tokens=40).with_columns(arrival_time_us=pl.lit(sent_us, pl.Int64))
+        r = replay(replay_workload(log, ctx), slow, ctx).per_request
+        assert r["success"][0] == ok
+        assert r["e2e_s"][0] == pytest.approx(300.2 if ok else 300.1, abs=1e-6)
 
 
 def test_same_inputs_same_predictions_bit_for_bit(tmp_path):
