@@ -49,12 +49,12 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import polars as pl
 
+from . import rules
 from .catalog import gpu_spec, model_spec
 from .errors import StepMLError
 from .replay import ReplayWorkload, RunContext, StepServingModel, latency_summary, replay, replay_workload
 from .sim.step_models import LinearStepTime
 
-SATURATED_TTFT_S = 5.0  # same rule as replay_report: a run whose clients saw failures or a mean TTFT above this
 PREFILL_COMPUTE_EFFICIENCY = 0.5  # assumed fraction of dense bf16 peak a prompt chunk's GEMMs reach (β_pf prior)
 SATURATED_RUN_WEIGHT = 0.1  # stage 1: a saturated calibration run's weight relative to a non-saturated one
 ONE_SIDED_MAX_ITER = 25  # stage 1: active-set iterations of the one-sided (cycle ≥ GPU path) saturated rows
@@ -108,10 +108,10 @@ class CalibrationRun:
 
 
 def is_saturated(table: pl.DataFrame) -> bool:
-    """A run whose clients saw failures or a mean TTFT above SATURATED_TTFT_S (the reasoning runs' queue of minutes)."""
+    """The run's observed failures and mean TTFT of its successes, judged by stepml_core.rules.is_saturated."""
     err = table["observed_has_error"].fill_null(False)
     ttft = table.filter(~err)["observed_ttft_s"].drop_nulls()
-    return bool(err.any()) or (ttft.len() > 0 and float(ttft.mean()) > SATURATED_TTFT_S)
+    return rules.is_saturated(int(err.sum()), float(ttft.mean()) if ttft.len() else None)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 Recommendation rule (per LLM model and scored run, never looking at that run's ground truth):
 among the step models whose replay of the run is out of sample, the one with the lowest mean of
 (|E2E mean error| + |TTFT mean error|)/2 over the *other* non-saturated, scored runs of the same
-LLM model. A run is *saturated* when its clients saw failures or a mean TTFT above 5 s (the
-reasoning runs: a queue of minutes builds up).
+LLM model. A run is *saturated* as stepml_core.rules.is_saturated defines it (its clients saw failures, or its
+mean TTFT is above 5 s: the reasoning runs, where a queue of minutes builds up).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import polars as pl
 from .conformal import widen_intervals
 from .paths import REFERENCE_DIR
 from .replay_models import INTERVAL_COLUMNS, REPLAY_COLUMNS
+from .rules import is_saturated
 
-SATURATED_TTFT_S = 5.0
 BLIS_FILE = REFERENCE_DIR / "blis_iter4a_replay.csv"
 
 
@@ -40,7 +40,8 @@ def _wide(rows: pl.DataFrame) -> pl.DataFrame:
 
 
 def run_status(rows: pl.DataFrame, requests: dict[str, int]) -> pl.DataFrame:
-    """Per run: scored (ground truth present), saturated (observed failures or mean TTFT > 5 s)."""
+    """Per run: scored (ground truth present), saturated (stepml_core.rules.is_saturated of the observed failures =
+    requests − successes, and the observed mean TTFT)."""
     obs = (
         rows.filter(pl.col("metric").is_in(["successes", "ttft_mean"]))
         .group_by("experiment_id", "metric")
@@ -51,7 +52,7 @@ def run_status(rows: pl.DataFrame, requests: dict[str, int]) -> pl.DataFrame:
     for r in obs.iter_rows(named=True):
         scored = r.get("successes") is not None
         n = requests.get(r["experiment_id"], 0)
-        sat = scored and ((r["successes"] < n) or (r.get("ttft_mean") or 0.0) > SATURATED_TTFT_S)
+        sat = scored and is_saturated(max(0, n - int(r["successes"])), r.get("ttft_mean"))
         out.append({"experiment_id": r["experiment_id"], "scored": scored, "saturated": bool(sat)})
     return pl.DataFrame(out, schema={"experiment_id": pl.Utf8, "scored": pl.Boolean, "saturated": pl.Boolean})
 

@@ -212,6 +212,35 @@ def test_ground_truth_never_changes_predictions(tmp_path):
     assert without["rows"]["predicted"].equals(with_gt["rows"]["predicted"])
 
 
+def test_one_saturation_rule_everywhere():
+    """ "Saturated" is stepml_core.rules.is_saturated wherever a run is judged (issue 20, point 9c): the calibration
+    (from a request log), the replay scores (replay.csv's observed figures), the synthesizer's calibration table
+    (the public aggregates). Before, the synthesizer's table read a mean TTFT above 10 s, the others above 5 s: a
+    run at 7 s was saturated for the calibration and not for the synthesizer."""
+    from stepml_core.calibrate import is_saturated as table_saturated
+    from stepml_core.replay_report import run_status
+    from stepml_core.rules import SATURATED_TTFT_S, is_saturated
+    from stepml_core.synth.calibration import is_saturated as ref_saturated
+
+    for failed, ttft in ((0, 0.1), (0, 7.0), (0, 2 * SATURATED_TTFT_S + 1), (3, 0.1), (0, None)):
+        want = is_saturated(failed, ttft)
+        n = 10
+        table = pl.DataFrame(
+            {
+                "observed_has_error": [True] * failed + [False] * (n - failed),
+                "observed_ttft_s": [None] * failed + [ttft] * (n - failed),
+            },
+            schema={"observed_has_error": pl.Boolean, "observed_ttft_s": pl.Float64},
+        )
+        assert table_saturated(table) == want, (failed, ttft)
+        rows = pl.DataFrame(
+            {"experiment_id": ["r", "r"], "metric": ["successes", "ttft_mean"], "observed": [n - failed, ttft]},
+            schema={"experiment_id": pl.Utf8, "metric": pl.Utf8, "observed": pl.Float64},
+        )
+        assert run_status(rows, {"r": n})["saturated"][0] == want, (failed, ttft)
+        assert ref_saturated({"num_failed": str(failed), "ttft_mean_s": "" if ttft is None else str(ttft)}) == want
+
+
 def test_scoring_definitions():
     pred = pl.DataFrame(
         {
