@@ -123,12 +123,12 @@ def cap_share(study: Path) -> None:
                 m: rows.filter(
                     (pl.col("experiment_id") == d.name) & (pl.col("step_model") == f.stem) & (pl.col("metric") == m)
                 )["rel_err_pct"].to_list()
-                for m in ("decode_interval_mean", "ttft_mean")
+                for m in ("decode_time_per_token_mean", "ttft_mean")
             }
             fmt = lambda v: f"{float(v[0]):+6.1f}" if v and v[0] else "     –"  # noqa: E731
             print(
                 f"   {d.name:48s} {f.stem:15s} at cap: observed {100 * obs:4.1f} %, replayed {100 * pred:4.1f} %; "
-                f"cycle err {fmt(err['decode_interval_mean'])} %, TTFT err {fmt(err['ttft_mean'])} %"
+                f"cycle err {fmt(err['decode_time_per_token_mean'])} %, TTFT err {fmt(err['ttft_mean'])} %"
             )
 
 

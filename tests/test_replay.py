@@ -264,7 +264,7 @@ def test_scoring_definitions():
     d = {r["metric"]: r for r in rows}
     assert d["successes"]["predicted"] == 2 and d["successes"]["observed"] == 3
     assert d["e2e_mean"]["predicted"] == pytest.approx(1.65) and d["e2e_mean"]["observed"] == pytest.approx(4 / 3)
-    assert d["decode_interval_mean"]["predicted"] == pytest.approx(((1.0 / 10) + (2.0 / 10)) / 2)
+    assert d["decode_time_per_token_mean"]["predicted"] == pytest.approx(((1.0 / 10) + (2.0 / 10)) / 2)
     assert d["throughput_rps"]["predicted"] == pytest.approx(2 / (2 + CLIENT_TIMEOUT_S))  # ends: last start + timeout
     assert d["e2e_mean"]["rel_err_pct"] == pytest.approx((1.65 - 4 / 3) / (4 / 3) * 100)
     assert per["requests_both_succeeded"] == 2 and per["e2e_median_ape_pct"] == pytest.approx(10.0)
