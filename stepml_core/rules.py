@@ -1,5 +1,7 @@
-"""What a failed request and a saturated run are: one definition each, used by the simulator, the scoring, the
-calibration, the synthesizer, the report and the export (docs/request-logs.md, *Definitions*).
+"""What a failed request and a saturated run are: one definition each (docs/request-logs.md §5). The client limit:
+the replay's simulator (the observed side takes the client's own verdict, ``has_error``); the synthesizer draws its
+limits from the same 1-s window (data/synth/engine_params.json ``client_timeout_s``). Saturation: the calibration,
+the replay scores and report, the synthesizer's calibration table and the export.
 
 **Client timeout.** inference-perf's client (aiohttp, ``ClientTimeout(total=300)``) gives every request
 CLIENT_TIMEOUT_S from its send; aiohttp rounds a deadline above 5 s up to the next whole second of the client's
@@ -12,7 +14,7 @@ spread of limits, not the same limit per request.
 
 **Saturated run.** A run whose clients saw a failure, or whose successful requests waited on average more than
 SATURATED_TTFT_S for their first token: a queue that outlives a request. On the 16 real runs the two regimes are
-far apart (mean TTFT ≤ 0.11 s, or 103–120 s with client timeouts in all four reasoning runs).
+far apart (mean TTFT 0.03–0.10 s, or 103–120 s with client timeouts in all four reasoning runs).
 """
 
 from __future__ import annotations
