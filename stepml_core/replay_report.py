@@ -270,7 +270,9 @@ def _replay_cdf_lines(out_dir: Path, rows: pl.DataFrame, rec_of: dict) -> list[s
 _REPLAY_ASSUMPTION_LINES = [
     "Assumptions of every replay: each request generates the run's `output_len` tokens (ignore_eos; the "
     "client's token count is a re-count of the text), prompts are drawn from the run's shared-prefix shape "
-    "(10 groups × 10 prompts; requests of equal length may share a prompt), clients time out after 300 s, "
+    "(10 groups × 10 prompts; requests of equal length may share a prompt), clients time out 300 s after sending, "
+    "rounded up to their next whole second (inference-perf's aiohttp timeout; the observed side takes the client's "
+    "verdict), "
     "serving limits and KV blocks from the run's own files.",
     "",
 ]
