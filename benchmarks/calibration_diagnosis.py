@@ -18,7 +18,9 @@
    decoders of the stage-1 windows, rebuilt from the successes alone (the timelines before the fix: the errored
    requests dropped) and with the errored requests' modelled windows; per LLM model the closed-form parameters
    (all runs) both ways. ``--errored-replay``: the leave-one-workload-out calibrations (simulator in the loop)
-   both ways, replayed on their held-out runs, for the LLM models whose closed form moves.
+   both ways, replayed on their held-out runs, for the LLM models whose closed form moves. ``--timeout-rule``
+   (issue 20, point 9b): each saturated run replayed by its leave-one-workload-out model with a flat 300 s limit
+   (the rule before) and with the client's (300 s rounded up to its next whole second, ``rules.client_limits_s``).
 3. **CPU-bound saturated runs** (needs ``--study OUT`` and the real steps' schedule() times in
    ``../shared/real/xgboost_round1_test_predictions.csv.gz``): per run, the real schedule() median
    against the mean cycle (run time / steps), and — diagnosis only, **in sample** — the run-roles model replayed
@@ -120,6 +122,29 @@ def errored_replay(moved: dict) -> None:
             f"   {e:48s} "
             + ", ".join(f"{m} {errs[0][m]:+.2f} → {errs[1][m]:+.2f} %" for m in ("ttft_mean", "e2e_mean", "e2e_p99"))
         )
+
+
+def timeout_rule(infos, load) -> None:
+    """Section 0c: the saturated runs' errors with a flat 300 s client limit and with the client's rule."""
+    from stepml_core import calibrate as C
+    from stepml_core.replay import CLIENT_TIMEOUT_S, replay, replay_workload, score_replay
+
+    print("\n0c. saturated runs, leave one workload out: client limit flat 300 s → the client's rule (errors %)")
+    runs = {i.experiment_id: load(i.experiment_id) for i in infos if i.has_ground_truth}
+    for e, r in sorted(runs.items()):
+        if not r.saturated:
+            continue
+        sel = [v for v in runs.values() if v.llm_model == r.llm_model and v.workload != r.workload]
+        model = C.serving_model(C.calibrate(sel, n_boot=0).params)
+        errs = []
+        for flat in (True, False):
+            w = replay_workload(r.table, r.ctx)
+            if flat:
+                w.timeout_s = CLIENT_TIMEOUT_S
+            pr = replay(w, model, r.ctx).per_request
+            errs.append({x["metric"]: x["rel_err_pct"] for x in score_replay(pr, r.table)[0]})
+        ms = ("ttft_mean", "e2e_mean", "e2e_p99", "successes")
+        print(f"   {e:48s} " + ", ".join(f"{m} {errs[0][m]:+.2f} → {errs[1][m]:+.2f}" for m in ms))
 
 
 def held_out_cycles(infos, load) -> None:
@@ -288,6 +313,7 @@ def main() -> int:
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     ap.add_argument("--study", type=Path, default=None, help="a `stepml run` output folder on the real runs")
     ap.add_argument("--errored-replay", action="store_true", help="section 0b: leave one workload out, replayed")
+    ap.add_argument("--timeout-rule", action="store_true", help="section 0c: saturated runs, flat vs client limit")
     a = ap.parse_args()
     from bench_calibration import real_runs
 
@@ -298,6 +324,8 @@ def main() -> int:
         moved = errored_requests(infos, load)
         if a.errored_replay:
             errored_replay(moved)
+        if a.timeout_rule:
+            timeout_rule(infos, load)
         held_out_cycles(infos, load)
         cycle_slopes(infos, load)
         if a.study:
