@@ -154,6 +154,16 @@ def test_the_client_gives_up_at_its_next_whole_second_after_300_s():
         r = replay(replay_workload(log, ctx), slow, ctx).per_request
         assert r["success"][0] == ok
         assert r["e2e_s"][0] == pytest.approx(300.2 if ok else 300.1, abs=1e-6)
+    # stage 2's windows of a run keep each request's own limit
+    from stepml_core.calibrate import window_workloads
+
+    n = 500
+    log = pl.concat([one_request_log()] * n).with_columns(
+        index=pl.int_range(n, dtype=pl.Int64), arrival_time_us=pl.int_range(n, dtype=pl.Int64) * 1_300_000
+    )
+    for sub, _ in window_workloads(replay_workload(log, CTX), 4, 60.0, 20.0):
+        assert sub.timeout_s.shape == sub.arrival_s.shape
+        assert np.array_equal(sub.timeout_s, client_limits_s(sub.arrival_s))
 
 
 def test_same_inputs_same_predictions_bit_for_bit(tmp_path):
