@@ -26,7 +26,8 @@ above (cycle ≥ GPU path) and enter stage 1 one-sided.
 Two stages:
 
 1. **closed form, no simulator** (:func:`fit_closed_form`). From the observed timelines
-   (request i decodes from arrival + TTFT to arrival + E2E) the number of decoding requests and
+   (request i decodes from arrival + TTFT to arrival + E2E; an errored request from its modelled admission, first
+   come first served at max_num_seqs, until its client's abort) the number of decoding requests and
    their total context are known at any time; each request's average cycle over its decode window is
    c_i = (E2E − TTFT)/(G − 1) with G the tokens the server generated. A bounded least-squares fit of
    c_i on the window averages of the batch composition gives β0, β_dec, β_kv, β_npf; the median of
