@@ -1,6 +1,6 @@
 """What a failed request and a saturated run are: one definition each (docs/request-logs.md §5). The client limit:
 the replay's simulator (the observed side takes the client's own verdict, ``has_error``); the synthesizer draws its
-limits from the same 1-s window (data/synth/engine_params.json ``client_timeout_s``). Saturation: the calibration,
+limits uniformly from the same 1-s window (stepml_core.synth.workload). Saturation: the calibration,
 the replay scores and report, the synthesizer's calibration table and the export.
 
 **Client timeout.** inference-perf's client (aiohttp, ``ClientTimeout(total=300)``) gives every request
