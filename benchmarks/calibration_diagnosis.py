@@ -206,7 +206,9 @@ def cycle_slopes(infos, load) -> None:
 def cap_share(study: Path) -> None:
     import polars as pl
 
-    rows = pl.read_csv(study / "replay.csv", infer_schema_length=0)
+    rows = pl.read_csv(study / "replay.csv", infer_schema_length=0).with_columns(
+        pl.col("metric").replace("decode_interval_mean", "decode_time_per_token_mean")  # its name before issue 20
+    )
     print(f"\n2. time at the max_num_seqs cap (≥ {CAP_NEAR} decoding), second stage (t > 600 s) of the general runs")
     for d in sorted((study / "replay").iterdir()):
         if not d.name.endswith("-general"):
