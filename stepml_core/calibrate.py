@@ -299,8 +299,8 @@ def _errored_windows(
     """Decode windows of the errored requests (the client's log has their arrival and abort, not their first token):
     (first token, end, tokens/s) per request, nan where none. The first token is modelled where it is not logged:
     admission by :func:`fcfs_admissions` at the run's ``max_num_seqs`` (departures = successes' last tokens and
-    errored requests' aborts, both in the ground truth), plus the median TTFT of the successes that were admitted on
-    arrival (prefill and token delay); a request admitted after its abort never decoded. Until its abort it decodes
+    errored requests' aborts, both in the ground truth), plus the successes' median delay from that modelled admission
+    to their observed first token (prefill and token delay); a request admitted after its abort never decoded. Until its abort it decodes
     at the run's median rate of the successes (tokens/s), never reaching its G tokens (else it had succeeded)."""
     f, e, rate = (np.full(a.size, np.nan) for _ in range(3))
     err = err & np.isfinite(e2e)
@@ -310,8 +310,8 @@ def _errored_windows(
     if cap:
         order = np.argsort(a, kind="stable")
         adm[order] = fcfs_admissions(a[order], a[order] + np.where(np.isfinite(e2e), e2e, 0.0)[order], int(cap))
-    on_arrival = ok & (adm <= a)
-    delay = float(np.median(ttft[on_arrival])) if on_arrival.any() else 0.0
+    seen = ok & np.isfinite(adm)  # the successes' first token after the modelled admission: prefill, token delay
+    delay = float(np.median(a[seen] + ttft[seen] - adm[seen])) if seen.any() else 0.0
     f[err] = np.where(np.isfinite(ttft[err]), a[err] + ttft[err], adm[err] + delay)
     e[err] = a[err] + e2e[err]
     f[err & ~(f < e)] = np.nan

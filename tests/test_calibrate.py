@@ -141,7 +141,8 @@ def test_timelines_by_hand():
 
 def _errored_run(cap: int) -> CalibrationRun:
     """A (success): first token at 0.1 s, done at 10 s; B, C errored (no first token logged) arriving at 0.2 / 0.3 s,
-    aborted by their clients at 8 / 5 s; D a success arriving at 20 s (its TTFT, 0.1 s, is the on-arrival delay)."""
+    aborted by their clients at 8 / 5 s; D a success arriving at 20 s (A's and D's TTFT, 0.1 s after their admission on
+    arrival, is the delay from a modelled admission to the first token)."""
     ctx = replace(_ctx("20260101-000000-llama-2-7b-tp1-reasoning", 11), max_num_seqs=cap)
     t = pl.DataFrame(
         {
@@ -162,7 +163,7 @@ def _errored_run(cap: int) -> CalibrationRun:
 
 def test_errored_requests_decode_until_their_abort_within_the_cap():
     """Errored requests count in the decoding population until their abort (issue 20, point 7): with
-    max_num_seqs = 2, B gets the second slot on arrival (first token 0.1 s later, the on-arrival delay) and decodes
+    max_num_seqs = 2, B gets the second slot on arrival (first token 0.1 s later, the successes' delay) and decodes
     until its abort at 8 s, inside A's window [0.1, 10]; C waits behind A and B until B leaves at 8 s, after its own
     abort at 5 s, so it never decodes. With max_num_seqs = 1 B waits for A to leave and never decodes either.
     Before, the timelines dropped every request without a logged first token: A's window saw 1 decoder."""
