@@ -35,6 +35,7 @@ from pathlib import Path
 import polars as pl
 
 from .errors import StepMLError
+from .rules import is_saturated
 from .sim.step_models import BLIS_OPS, BLIS_QUEUE_FEATURES, BLIS_STEP_FEATURES
 
 BLIS_KINDS = ("blis_linear",)
@@ -196,11 +197,13 @@ def choose_exports(
     shipped: dict[str, dict],
     llm_of: dict[str, str],
     per_llm: dict[str, str] | None = None,
+    saturated: set[str] | None = None,
 ) -> dict[str, dict]:
     """Per LLM model: {'doc', 'step_model', 'recommended', 'fitted_on', 'kind', 'note', 'fidelity_cost_pct_points', 'errors'}.
 
     ``replay_rows``: replay.csv; ``specs``: the replay_models specs; ``shipped``: requests_all specs per LLM
-    model; ``llm_of``: run → LLM model; ``per_llm``: LLM model → the study's recommended step model."""
+    model; ``llm_of``: run → LLM model; ``per_llm``: LLM model → the study's recommended step model; ``saturated``:
+    the study's saturated runs (replay_fidelity's run status)."""
     rows = replay_rows.with_columns(pl.col("experiment_id").replace_strict(llm_of, default=None).alias("llm_model"))
     out = {}
     for llm in sorted({m for m in llm_of.values() if m}):
@@ -210,7 +213,7 @@ def choose_exports(
             rec = r.filter(pl.col("recommended")).select("experiment_id", "step_model").unique()
             counts = rec.group_by("step_model").len().sort(["len", "step_model"], descending=[True, False])
             recommended = counts["step_model"][0] if counts.height else None
-        err = _errors(r)
+        err = _errors(r, saturated)
         exportable = _exportable(llm, specs, shipped)
         if not exportable:
             continue
@@ -280,13 +283,15 @@ def _shipped_errors(llm: str, spec: dict, basis: str | None, err: dict) -> dict:
     }
 
 
-def _errors(r: pl.DataFrame) -> dict[str, dict]:
+def _errors(r: pl.DataFrame, saturated: set[str] | None = None) -> dict[str, dict]:
     """Per step model: mean |E2E mean err| and |TTFT mean err| (%) over its out-of-sample rows on non-saturated
-    scored runs (the recommendation's criterion)."""
-    from .replay_report import SATURATED_TTFT_S
-
-    # saturated (replay.csv alone): an observed mean TTFT above SATURATED_TTFT_S (a queue of minutes)
-    sat = set(r.filter((pl.col("metric") == "ttft_mean") & (pl.col("observed") > SATURATED_TTFT_S))["experiment_id"])
+    scored runs (the recommendation's criterion). ``saturated``: the study's saturated runs (replay_fidelity's run
+    status); without it, stepml_core.rules.is_saturated on what replay.csv holds (its mean TTFT; the failures need
+    the run's request count, which replay.csv lacks)."""
+    if saturated is None:
+        ttft = r.filter(pl.col("metric") == "ttft_mean").select("experiment_id", "observed").unique("experiment_id")
+        saturated = {e for e, t in ttft.iter_rows() if is_saturated(None, t)}
+    sat = saturated
     o = r.filter(
         (pl.col("sample") == "out_of_sample")
         & pl.col("rel_err_pct").is_not_null()

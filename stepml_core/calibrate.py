@@ -27,7 +27,8 @@ calibration by inner validation on its own runs (:func:`choose_saturated_setting
 Two stages:
 
 1. **closed form, no simulator** (:func:`fit_closed_form`). From the observed timelines
-   (request i decodes from arrival + TTFT to arrival + E2E) the number of decoding requests and
+   (request i decodes from arrival + TTFT to arrival + E2E; an errored request from its modelled admission, first
+   come first served at max_num_seqs, until its client's abort) the number of decoding requests and
    their total context are known at any time; each request's average cycle over its decode window is
    c_i = (E2E − TTFT)/(G − 1) with G the tokens the server generated. A bounded least-squares fit of
    c_i on the window averages of the batch composition gives β0, β_dec, β_kv, β_npf; the median of
@@ -50,12 +51,12 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import polars as pl
 
+from . import rules
 from .catalog import gpu_spec, model_spec
 from .errors import StepMLError
 from .replay import ReplayWorkload, RunContext, StepServingModel, latency_summary, replay, replay_workload
 from .sim.step_models import LinearStepTime
 
-SATURATED_TTFT_S = 5.0  # same rule as replay_report: a run whose clients saw failures or a mean TTFT above this
 PREFILL_COMPUTE_EFFICIENCY = 0.5  # assumed fraction of dense bf16 peak a prompt chunk's GEMMs reach (β_pf prior)
 SATURATED_RUN_WEIGHT = 0.1  # stage 1: a saturated calibration run's weight relative to a non-saturated one (default)
 # stage 1's treatment of saturated calibration runs beside non-saturated ones, (one-sided, weight) candidates: chosen per
@@ -112,10 +113,10 @@ class CalibrationRun:
 
 
 def is_saturated(table: pl.DataFrame) -> bool:
-    """A run whose clients saw failures or a mean TTFT above SATURATED_TTFT_S (the reasoning runs' queue of minutes)."""
+    """The run's observed failures and mean TTFT of its successes, judged by stepml_core.rules.is_saturated."""
     err = table["observed_has_error"].fill_null(False)
     ttft = table.filter(~err)["observed_ttft_s"].drop_nulls()
-    return bool(err.any()) or (ttft.len() > 0 and float(ttft.mean()) > SATURATED_TTFT_S)
+    return rules.is_saturated(int(err.sum()), float(ttft.mean()) if ttft.len() else None)
 
 
 @dataclass(frozen=True)
@@ -278,12 +279,59 @@ def _generated_tokens(table: pl.DataFrame, ctx: RunContext) -> np.ndarray:
     return np.maximum(out, 1.0)
 
 
+def fcfs_admissions(arrival_s: np.ndarray, depart_s: np.ndarray, cap: int) -> np.ndarray:
+    """When each request (in arrival order) got a slot in an engine that admits first come, first served, up to
+    ``cap`` running requests: max(arrival, the cap-th latest departure of the requests that arrived before it) —
+    a request waits while ``cap`` earlier ones are still in the system (running, or waiting ahead of it).
+    ``depart_s``: when each left (its last token, or the client's abort). One heap pass (O(n log cap))."""
+    import heapq
+
+    h: list[float] = []
+    out = np.empty(arrival_s.size)
+    for i, (ai, di) in enumerate(zip(arrival_s.tolist(), depart_s.tolist())):
+        out[i] = max(ai, h[0]) if len(h) >= cap else ai
+        if len(h) < cap:
+            heapq.heappush(h, di)
+        elif di > h[0]:
+            heapq.heapreplace(h, di)
+    return out
+
+
+def _errored_windows(
+    a: np.ndarray, ttft: np.ndarray, e2e: np.ndarray, ok: np.ndarray, err: np.ndarray, gen: np.ndarray, cap
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode windows of the errored requests (the client's log has their arrival and abort, not their first token):
+    (first token, end, tokens/s) per request, nan where none. The first token is modelled where it is not logged:
+    admission by :func:`fcfs_admissions` at the run's ``max_num_seqs`` (departures = successes' last tokens and
+    errored requests' aborts, both in the ground truth), plus the successes' median delay from that modelled admission
+    to their observed first token (prefill and token delay); a request admitted after its abort never decoded. Until its abort it decodes
+    at the run's median rate of the successes (tokens/s), never reaching its G tokens (else it had succeeded)."""
+    f, e, rate = (np.full(a.size, np.nan) for _ in range(3))
+    err = err & np.isfinite(e2e)
+    if not err.any() or not ok.any():
+        return f, e, rate
+    adm = np.full(a.size, np.nan)  # without max_num_seqs only logged first tokens count
+    if cap:
+        order = np.argsort(a, kind="stable")
+        adm[order] = fcfs_admissions(a[order], a[order] + np.where(np.isfinite(e2e), e2e, 0.0)[order], int(cap))
+    seen = ok & np.isfinite(adm)  # the successes' first token after the modelled admission: prefill, token delay
+    delay = float(np.median(a[seen] + ttft[seen] - adm[seen])) if seen.any() else 0.0
+    f[err] = np.where(np.isfinite(ttft[err]), a[err] + ttft[err], adm[err] + delay)
+    e[err] = a[err] + e2e[err]
+    f[err & ~(f < e)] = np.nan
+    med = float(np.median(gen[ok] / np.maximum(e2e[ok] - ttft[ok], 1e-3)))
+    m = np.isfinite(f)
+    rate[m] = np.minimum(med, (gen[m] - 1) / np.maximum(e[m] - f[m], 1e-3))
+    return f, e, rate
+
+
 def request_timelines(run: CalibrationRun, grid_s: float = GRID_S) -> Timelines:
     """The run's observed request timelines → per-request decode cycles and window-averaged batch composition.
 
-    Request i decodes on [a_i + TTFT_i, a_i + E2E_i] (client clock; errored requests with a first token
-    until their abort); its context grows linearly from its prompt to prompt + G. Integrals over a
-    ``grid_s`` grid give each window's time-averaged number of decoders and Σ context."""
+    Request i decodes on [a_i + TTFT_i, a_i + E2E_i] (client clock); an errored request decodes from its first
+    token (logged, else modelled: :func:`_errored_windows`) until its abort; its context grows linearly from its
+    prompt to prompt + G. Integrals over a ``grid_s`` grid give each window's time-averaged number of decoders and
+    Σ context."""
     t = run.table.sort("index")
     if t["observed_e2e_s"].null_count() == t.height:
         raise CalibrationError(f"{run.experiment_id}: no observed latencies (ground truth) to calibrate on")
@@ -295,9 +343,13 @@ def request_timelines(run: CalibrationRun, grid_s: float = GRID_S) -> Timelines:
     inp = t["input_tokens"].to_numpy().astype(np.float64)
     if (inp > 0).any():
         inp = np.where(inp <= 0, np.median(inp[inp > 0]), inp)
-    has = np.isfinite(ttft) & np.isfinite(e2e) & (e2e >= ttft)
-    f = a + np.where(has, ttft, 0.0)
-    e = a + np.where(has, e2e, 0.0)
+    ok &= e2e >= ttft
+    ef, ee, er = _errored_windows(
+        a, ttft, e2e, ok, t["observed_has_error"].fill_null(False).to_numpy(), gen, run.ctx.max_num_seqs
+    )
+    has = ok | np.isfinite(ef)
+    f = np.where(ok, a + np.where(ok, ttft, 0.0), np.where(has, ef, a))
+    e = np.where(ok, a + np.where(ok, e2e, 0.0), np.where(has, ee, a))
     span = float(np.max(np.where(has, e, a))) + 1.0 if a.size else 1.0
     ng = int(span / grid_s) + 2
     idx = np.flatnonzero(has)
@@ -306,7 +358,8 @@ def request_timelines(run: CalibrationRun, grid_s: float = GRID_S) -> Timelines:
     ei = np.maximum(ei, fi + 1)
     dn = np.bincount(fi, minlength=ng) - np.bincount(ei, minlength=ng)
     n_dec = np.cumsum(dn).astype(np.float64)
-    rate = gen[idx] / np.maximum(e[idx] - f[idx], 1e-3)  # tokens/s while decoding
+    rate = np.where(ok, gen, 0.0)[idx] / np.maximum(e[idx] - f[idx], 1e-3)  # tokens/s while decoding
+    rate = np.where(ok[idx], rate, er[idx])
     c0 = inp[idx] - rate * f[idx]
     k0 = np.cumsum(np.bincount(fi, c0, ng) - np.bincount(ei, c0, ng))
     k1 = np.cumsum(np.bincount(fi, rate, ng) - np.bincount(ei, rate, ng))
@@ -647,6 +700,7 @@ def window_workloads(
             prompt_id=w.prompt_id[idx],
             group=w.group[idx],
             index=w.index[idx],
+            timeout_s=np.broadcast_to(w.timeout_s, a.shape)[idx],
         )
         out.append((sub, a[idx] >= start))
     return out

@@ -8,8 +8,8 @@ calibration protocols' fold rule — run roles: X is a train run of that LLM mod
 X is of that LLM model and another workload; leave one model out: X is of another LLM model — and, for
 any model, X or its synthetic twin among the runs it was fitted on). Runs of every LLM model count, so a
 recipe is judged by how it generalizes. Ties: more scores, then the name. No candidate with such a score:
-the first candidate in :data:`FALLBACK_ORDER` (a rule fixed in advance). A run is *saturated* when its
-clients saw failures or a mean TTFT above 5 s (the reasoning runs: a queue of minutes builds up).
+the first candidate in :data:`FALLBACK_ORDER` (a rule fixed in advance). A run is *saturated* as
+stepml_core.rules.is_saturated defines it (its clients saw failures, or its mean TTFT is above 5 s).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from .calibration_protocols import STEP_MODEL_OF
 from .conformal import could_use, widen_intervals
 from .paths import REFERENCE_DIR
 from .replay_models import INTERVAL_COLUMNS, REPLAY_COLUMNS
+from .rules import is_saturated
 
-SATURATED_TTFT_S = 5.0
 BLIS_FILE = REFERENCE_DIR / "blis_iter4a_replay.csv"
 PROTOCOL_OF = {name: p for p, name in STEP_MODEL_OF.items()}  # requests_lowo → lowo, ...
 # when no candidate has a score that X's ground truth could not have reached: calibrated on the LLM model's own
@@ -50,7 +50,8 @@ def _wide(rows: pl.DataFrame) -> pl.DataFrame:
 
 
 def run_status(rows: pl.DataFrame, requests: dict[str, int]) -> pl.DataFrame:
-    """Per run: scored (ground truth present), saturated (observed failures or mean TTFT > 5 s)."""
+    """Per run: scored (ground truth present), saturated (stepml_core.rules.is_saturated of the observed failures =
+    requests − successes, and the observed mean TTFT)."""
     obs = (
         rows.filter(pl.col("metric").is_in(["successes", "ttft_mean"]))
         .group_by("experiment_id", "metric")
@@ -61,7 +62,7 @@ def run_status(rows: pl.DataFrame, requests: dict[str, int]) -> pl.DataFrame:
     for r in obs.iter_rows(named=True):
         scored = r.get("successes") is not None
         n = requests.get(r["experiment_id"], 0)
-        sat = scored and ((r["successes"] < n) or (r.get("ttft_mean") or 0.0) > SATURATED_TTFT_S)
+        sat = scored and is_saturated(max(0, n - int(r["successes"])), r.get("ttft_mean"))
         out.append({"experiment_id": r["experiment_id"], "scored": scored, "saturated": bool(sat)})
     return pl.DataFrame(out, schema={"experiment_id": pl.Utf8, "scored": pl.Boolean, "saturated": pl.Boolean})
 
@@ -376,7 +377,9 @@ def _replay_cdf_lines(out_dir: Path, rows: pl.DataFrame, rec_of: dict) -> list[s
 _REPLAY_ASSUMPTION_LINES = [
     "Assumptions of every replay: each request generates the run's `output_len` tokens (ignore_eos; the "
     "client's token count is a re-count of the text), prompts are drawn from the run's shared-prefix shape "
-    "(10 groups × 10 prompts; requests of equal length may share a prompt), clients time out after 300 s, "
+    "(10 groups × 10 prompts; requests of equal length may share a prompt), clients time out 300 s after sending, "
+    "rounded up to their next whole second (inference-perf's aiohttp timeout; the observed side takes the client's "
+    "verdict), "
     "serving limits and KV blocks from the run's own files.",
     "",
 ]

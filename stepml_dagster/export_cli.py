@@ -59,6 +59,7 @@ def _load_study(study: Path):
         shipped = dict(cal["shipped"])
     except FileNotFoundError:
         shipped = {}
+    per_llm = saturated = None
     try:
         fid = read_object(study / "assets" / "replay_fidelity" / "__all__")
         per = fid["recommended_per_llm"] if "recommended_per_llm" in fid else None
@@ -67,18 +68,21 @@ def _load_study(study: Path):
             if per is not None and per.height
             else None
         )
+        st = fid.get("runs")
+        if st is not None and "saturated" in st.columns:  # the study's run status (stepml_core.rules.is_saturated)
+            saturated = set(st.filter(pl.col("saturated").fill_null(False))["experiment_id"].to_list())
     except FileNotFoundError:
-        per_llm = None
+        pass
     llm_of = {e: parse_run_id(e).model for e in set(rows["experiment_id"].to_list())}
-    return rows, list(specs), shipped, llm_of, per_llm
+    return rows, list(specs), shipped, llm_of, per_llm, saturated
 
 
 def run(a: argparse.Namespace) -> int:
     from stepml_core.blis_export import choose_exports, write_exports
     from stepml_core.errors import UsageError
 
-    rows, specs, shipped, llm_of, per_llm = _load_study(Path(a.study))
-    chosen = choose_exports(rows, specs, shipped, llm_of, per_llm)
+    rows, specs, shipped, llm_of, per_llm, saturated = _load_study(Path(a.study))
+    chosen = choose_exports(rows, specs, shipped, llm_of, per_llm, saturated)
     if not chosen:
         raise UsageError(f"no exportable model in {a.study}")
     if a.format == "blis":

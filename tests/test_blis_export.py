@@ -320,6 +320,22 @@ def test_manifest_quotes_errors_of_the_recipe_shipped_never_another_protocols():
     assert "No replay of the same recipe out of sample" in no_lowo["m"]["errors_note"]
 
 
+def test_the_errors_quoted_leave_out_the_studys_saturated_runs():
+    """The errors quoted per model are over the non-saturated runs as the study judged them (stepml_core.rules: r2's
+    clients saw failures although its mean TTFT, 1 s, is low); replay.csv alone cannot see failures (no request
+    counts), so without the study's run status only the TTFT clause applies and r2 counts. Before, the export
+    applied its own TTFT-only rule whatever the study said."""
+    rows = _rows(
+        {"r1": {"requests_lowo": (1.0, 5.0, "out_of_sample")}, "r2": {"requests_lowo": (-3.0, 9.0, "out_of_sample")}},
+        {"r1": "requests_lowo", "r2": "requests_lowo"},
+    )
+    llm_of = {"r1": "m", "r2": "m"}
+    err = choose_exports(rows, SPECS, SHIPPED, llm_of, saturated={"r2"})["m"]["recipe_errors"]
+    assert err["e2e_mean_abs_pct"] == pytest.approx(1.0) and err["ttft_mean_abs_pct"] == pytest.approx(5.0)
+    err = choose_exports(rows, SPECS, SHIPPED, llm_of)["m"]["recipe_errors"]
+    assert err["e2e_mean_abs_pct"] == pytest.approx(2.0) and err["ttft_mean_abs_pct"] == pytest.approx(7.0)
+
+
 def test_trees_recommended_export_the_best_linear_model_and_say_what_it_costs():
     rows = _rows(
         {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from stepml_core.calibrate import (
     Timelines,
     arch_prior,
     calibrate,
+    fcfs_admissions,
     fit_closed_form,
     interval_bounds,
     request_timelines,
@@ -135,6 +137,43 @@ def test_timelines_by_hand():
     # A's context grows 100 → 103 over [1, 3]: mean 101.5; B is in A's window for [2, 3]: mean 200.75 over half of it
     assert tl.kv_mean[0] == pytest.approx(101.5 + 0.5 * 200.75, rel=2e-3)
     assert tl.prefills_per_step[0] == pytest.approx(1 / 2)  # B's first token (t = 2 s) inside A's window, 2 steps
+
+
+def _errored_run(cap: int) -> CalibrationRun:
+    """A (success): first token at 0.1 s, done at 10 s; B, C errored (no first token logged) arriving at 0.2 / 0.3 s,
+    aborted by their clients at 8 / 5 s; D a success arriving at 20 s (A's and D's TTFT, 0.1 s after their admission on
+    arrival, is the delay from a modelled admission to the first token)."""
+    ctx = replace(_ctx("20260101-000000-llama-2-7b-tp1-reasoning", 11), max_num_seqs=cap)
+    t = pl.DataFrame(
+        {
+            "index": [0, 1, 2, 3],
+            "arrival_time_us": [0, 200_000, 300_000, 20_000_000],
+            "input_tokens": [100, 0, 0, 100],
+            "output_tokens": [11, 0, 0, 11],
+            "prefix_group": [None] * 4,
+            "has_error": [False, True, True, False],
+            "observed_has_error": [False, True, True, False],
+            "observed_ttft_s": [0.1, None, None, 0.1],
+            "observed_e2e_s": [10.0, 7.8, 4.7, 1.1],
+        },
+        schema_overrides={"prefix_group": pl.Utf8},
+    )
+    return CalibrationRun(ctx.experiment_id, "llama-2-7b", "reasoning", "train", t, ctx)
+
+
+def test_errored_requests_decode_until_their_abort_within_the_cap():
+    """Errored requests count in the decoding population until their abort (issue 20, point 7): with
+    max_num_seqs = 2, B gets the second slot on arrival (first token 0.1 s later, the successes' delay) and decodes
+    until its abort at 8 s, inside A's window [0.1, 10]; C waits behind A and B until B leaves at 8 s, after its own
+    abort at 5 s, so it never decodes. With max_num_seqs = 1 B waits for A to leave and never decodes either.
+    Before, the timelines dropped every request without a logged first token: A's window saw 1 decoder."""
+    tl = request_timelines(_errored_run(cap=2), grid_s=0.001)
+    assert tl.dec_mean[0] == pytest.approx(1 + (8.0 - 0.3) / (10.0 - 0.1), abs=2e-3)
+    assert tl.prefills_per_step[0] == pytest.approx(1 / 10)  # B's (modelled) first token inside A's window
+    assert np.isnan(tl.cycle_us[1]) and np.isnan(tl.cycle_us[2])  # no cycle of its own: it never finished
+    assert request_timelines(_errored_run(cap=1), grid_s=0.001).dec_mean[0] == pytest.approx(1.0, abs=2e-3)
+    adm = fcfs_admissions(np.array([0.0, 0.2, 0.3, 20.0]), np.array([10.0, 8.0, 5.0, 21.1]), 2)
+    assert adm.tolist() == [0.0, 0.2, 8.0, 20.0]
 
 
 def test_calibration_recovers_a_known_engine():
