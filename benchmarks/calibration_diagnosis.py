@@ -12,6 +12,15 @@
    stage (t > 600 s) with ≥ 125 requests decoding, observed (from the request timelines) and as replayed by
    each calibrated model, beside its decode-cycle and TTFT errors — near the cap, TTFT is a threshold function
    of the cycle.
+0. **Errored requests in stage 1** (issue 20, point 7): per run with client timeouts, how well first come, first
+   served admission at ``max_num_seqs`` (``calibrate.fcfs_admissions``, departures from the ground truth) predicts
+   the first token of the successes that queued; the time-averaged decoders while a queue exists and the mean
+   decoders of the stage-1 windows, rebuilt from the successes alone (the timelines before the fix: the errored
+   requests dropped) and with the errored requests' modelled windows; per LLM model the closed-form parameters
+   (all runs) both ways. ``--errored-replay``: the leave-one-workload-out calibrations (simulator in the loop)
+   both ways, replayed on their held-out runs, for the LLM models whose closed form moves. ``--timeout-rule``
+   (issue 20, point 9b): each saturated run replayed by its leave-one-workload-out model with a flat 300 s limit
+   (the rule before) and with the client's (300 s rounded up to its next whole second, ``rules.client_limits_s``).
 3. **CPU-bound saturated runs** (needs ``--study OUT`` and the real steps' schedule() times in
    ``../shared/real/xgboost_round1_test_predictions.csv.gz``): per run, the real schedule() median
    against the mean cycle (run time / steps), and — diagnosis only, **in sample** — the run-roles model replayed
@@ -32,6 +41,110 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 CAP_NEAR = 125  # "at the cap": ≥ this many requests decoding (max_num_seqs 128)
+
+
+def _occupancy(f: np.ndarray, e: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    ok = np.isfinite(f) & np.isfinite(e)
+    return np.searchsorted(np.sort(f[ok]), grid, side="right") - np.searchsorted(np.sort(e[ok]), grid, side="right")
+
+
+def errored_requests(infos, load) -> dict:
+    """Section 0; returns {run: (with, without errored requests)} CalibrationRuns of the LLM models whose closed
+    form moves (for --errored-replay)."""
+    from dataclasses import replace
+
+    import polars as pl
+
+    from stepml_core import calibrate as C
+
+    print("0. errored requests: FCFS admission at max_num_seqs, decoders rebuilt without / with them")
+    runs = {i.experiment_id: load(i.experiment_id) for i in infos if i.has_ground_truth}
+    drop = {e: replace(r, table=r.table.filter(~pl.col("observed_has_error"))) for e, r in runs.items()}
+    for e, r in sorted(runs.items()):
+        t = r.table.sort("index")
+        err = t["observed_has_error"].to_numpy()
+        if not err.any():
+            continue
+        a = t["arrival_time_us"].to_numpy() * 1e-6
+        ttft, e2e = (t[c].fill_null(np.nan).to_numpy() for c in ("observed_ttft_s", "observed_e2e_s"))
+        adm = C.fcfs_admissions(a, a + e2e, int(r.ctx.max_num_seqs))
+        queued = ~err & (adm > a)
+        gap = (a + ttft - adm)[queued]
+        grid = np.arange(0.0, float(a.max()), 0.05)
+        insys = _occupancy(a, a + e2e, grid) > int(r.ctx.max_num_seqs)  # a queue exists
+        rows = []
+        for tl in (C.request_timelines(drop[e]), C.request_timelines(r)):
+            m = np.isfinite(tl.cycle_us) & (tl.kv_over <= 0.05) & np.isfinite(tl.dec_mean)
+            rows.append(float(np.mean(tl.dec_mean[m])) if m.any() else float("nan"))
+        ef, ee, _ = C._errored_windows(a, ttft, e2e, ~err, err, C._generated_tokens(t, r.ctx), r.ctx.max_num_seqs)
+        only = _occupancy((a + ttft)[~err], (a + e2e)[~err], grid)
+        both = only + _occupancy(ef, ee, grid)
+        print(
+            f"   {e:48s} errored {int(err.sum()):4d} (decoding {int(np.isfinite(ef).sum()):4d}); queued successes: first "
+            f"token − admission median {np.median(gap):.3f} s, p95 {np.percentile(gap, 95):.3f} s; while a queue exists "
+            f"({insys.sum() * 0.05:.0f} s) decoders {only[insys].mean():5.1f} → {both[insys].mean():5.1f} of "
+            f"{r.ctx.max_num_seqs}; stage-1 windows {rows[0]:5.1f} → {rows[1]:5.1f}"
+        )
+    moved = {}
+    for llm in sorted({r.llm_model for r in runs.values()}):
+        mine = sorted(e for e in runs if runs[e].llm_model == llm)
+        prior = C.arch_prior(llm, runs[mine[0]].ctx.tp)
+        p0, p1 = (C.fit_closed_form([C.request_timelines(x[e]) for e in mine], prior).params for x in (drop, runs))
+        names = ("b0_us", "b_dec_us", "b_kv_us", "b_npf_us", "q0_us")
+        print(
+            f"   {llm:16s} closed form, all runs: "
+            + ", ".join(f"{n} {getattr(p0, n):.4g} → {getattr(p1, n):.4g}" for n in names)
+        )
+        if p0 != p1:
+            moved.update({e: (runs[e], drop[e]) for e in mine})
+    return moved
+
+
+def errored_replay(moved: dict) -> None:
+    """Leave one workload out (calibrate, simulator in the loop, no bootstrap) with / without the errored requests,
+    replayed on each held-out run with ground truth: TTFT, E2E, p99 E2E errors (%)."""
+    from stepml_core import calibrate as C
+    from stepml_core.replay import replay, replay_workload, score_replay
+
+    print(
+        "\n0b. leave one workload out with the errored requests' windows (before: dropped): errors on the held-out run"
+    )
+    for e, (r, _) in sorted(moved.items()):
+        sel = [v for x, v in moved.items() if v[0].llm_model == r.llm_model and v[0].workload != r.workload]
+        if all(v[0].table.height == v[1].table.height for v in sel):
+            continue  # no calibration run with errored requests: the same fold both ways
+        errs = []
+        for k in (1, 0):
+            params = C.calibrate([v[k] for v in sel], n_boot=0).params
+            pr = replay(replay_workload(r.table, r.ctx), C.serving_model(params), r.ctx).per_request
+            errs.append({x["metric"]: x["rel_err_pct"] for x in score_replay(pr, r.table)[0]})
+        print(
+            f"   {e:48s} "
+            + ", ".join(f"{m} {errs[0][m]:+.2f} → {errs[1][m]:+.2f} %" for m in ("ttft_mean", "e2e_mean", "e2e_p99"))
+        )
+
+
+def timeout_rule(infos, load) -> None:
+    """Section 0c: the saturated runs' errors with a flat 300 s client limit and with the client's rule."""
+    from stepml_core import calibrate as C
+    from stepml_core.replay import CLIENT_TIMEOUT_S, replay, replay_workload, score_replay
+
+    print("\n0c. saturated runs, leave one workload out: client limit flat 300 s → the client's rule (errors %)")
+    runs = {i.experiment_id: load(i.experiment_id) for i in infos if i.has_ground_truth}
+    for e, r in sorted(runs.items()):
+        if not r.saturated:
+            continue
+        sel = [v for v in runs.values() if v.llm_model == r.llm_model and v.workload != r.workload]
+        model = C.serving_model(C.calibrate(sel, n_boot=0).params)
+        errs = []
+        for flat in (True, False):
+            w = replay_workload(r.table, r.ctx)
+            if flat:
+                w.timeout_s = CLIENT_TIMEOUT_S
+            pr = replay(w, model, r.ctx).per_request
+            errs.append({x["metric"]: x["rel_err_pct"] for x in score_replay(pr, r.table)[0]})
+        ms = ("ttft_mean", "e2e_mean", "e2e_p99", "successes")
+        print(f"   {e:48s} " + ", ".join(f"{m} {errs[0][m]:+.2f} → {errs[1][m]:+.2f}" for m in ms))
 
 
 def held_out_cycles(infos, load) -> None:
@@ -93,7 +206,9 @@ def cycle_slopes(infos, load) -> None:
 def cap_share(study: Path) -> None:
     import polars as pl
 
-    rows = pl.read_csv(study / "replay.csv", infer_schema_length=0)
+    rows = pl.read_csv(study / "replay.csv", infer_schema_length=0).with_columns(
+        pl.col("metric").replace("decode_interval_mean", "decode_time_per_token_mean")  # its name before issue 20
+    )
     print(f"\n2. time at the max_num_seqs cap (≥ {CAP_NEAR} decoding), second stage (t > 600 s) of the general runs")
     for d in sorted((study / "replay").iterdir()):
         if not d.name.endswith("-general"):
@@ -123,12 +238,12 @@ def cap_share(study: Path) -> None:
                 m: rows.filter(
                     (pl.col("experiment_id") == d.name) & (pl.col("step_model") == f.stem) & (pl.col("metric") == m)
                 )["rel_err_pct"].to_list()
-                for m in ("decode_interval_mean", "ttft_mean")
+                for m in ("decode_time_per_token_mean", "ttft_mean")
             }
             fmt = lambda v: f"{float(v[0]):+6.1f}" if v and v[0] else "     –"  # noqa: E731
             print(
                 f"   {d.name:48s} {f.stem:15s} at cap: observed {100 * obs:4.1f} %, replayed {100 * pred:4.1f} %; "
-                f"cycle err {fmt(err['decode_interval_mean'])} %, TTFT err {fmt(err['ttft_mean'])} %"
+                f"cycle err {fmt(err['decode_time_per_token_mean'])} %, TTFT err {fmt(err['ttft_mean'])} %"
             )
 
 
@@ -199,6 +314,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     ap.add_argument("--study", type=Path, default=None, help="a `stepml run` output folder on the real runs")
+    ap.add_argument("--errored-replay", action="store_true", help="section 0b: leave one workload out, replayed")
+    ap.add_argument("--timeout-rule", action="store_true", help="section 0c: saturated runs, flat vs client limit")
     a = ap.parse_args()
     from bench_calibration import real_runs
 
@@ -206,6 +323,11 @@ def main() -> int:
         if runs is None:
             return 0
         infos, load = runs
+        moved = errored_requests(infos, load)
+        if a.errored_replay:
+            errored_replay(moved)
+        if a.timeout_rule:
+            timeout_rule(infos, load)
         held_out_cycles(infos, load)
         cycle_slopes(infos, load)
         if a.study:

@@ -18,6 +18,11 @@ as fitted. A recommended model BLIS cannot express (trees, or linear models over
 features) is replaced by the best BLIS-form one, and the manifest says what that costs: the
 difference of the two models' mean |E2E| and |TTFT| errors over the runs where both were replayed
 out of sample.
+
+The manifest's ``errors`` are those measured for the file shipped, out of sample; ``requests_all`` has none
+(every run with ground truth calibrated it), so its entry says so and quotes ``recipe_errors``: the same recipe
+with one workload held out (``requests_lowo``), never another protocol's (a leave-one-model-out transfer's
+errors say nothing of a model calibrated on the LLM model's own logs).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 import polars as pl
 
 from .errors import StepMLError
+from .rules import is_saturated
 from .sim.step_models import BLIS_OPS, BLIS_QUEUE_FEATURES, BLIS_STEP_FEATURES
 
 BLIS_KINDS = ("blis_linear",)
@@ -191,11 +197,13 @@ def choose_exports(
     shipped: dict[str, dict],
     llm_of: dict[str, str],
     per_llm: dict[str, str] | None = None,
+    saturated: set[str] | None = None,
 ) -> dict[str, dict]:
     """Per LLM model: {'doc', 'step_model', 'recommended', 'fitted_on', 'kind', 'note', 'fidelity_cost_pct_points', 'errors'}.
 
     ``replay_rows``: replay.csv; ``specs``: the replay_models specs; ``shipped``: requests_all specs per LLM
-    model; ``llm_of``: run → LLM model; ``per_llm``: LLM model → the study's recommended step model."""
+    model; ``llm_of``: run → LLM model; ``per_llm``: LLM model → the study's recommended step model; ``saturated``:
+    the study's saturated runs (replay_fidelity's run status)."""
     rows = replay_rows.with_columns(pl.col("experiment_id").replace_strict(llm_of, default=None).alias("llm_model"))
     out = {}
     for llm in sorted({m for m in llm_of.values() if m}):
@@ -205,7 +213,7 @@ def choose_exports(
             rec = r.filter(pl.col("recommended")).select("experiment_id", "step_model").unique()
             counts = rec.group_by("step_model").len().sort(["len", "step_model"], descending=[True, False])
             recommended = counts["step_model"][0] if counts.height else None
-        err = _errors(r)
+        err = _errors(r, saturated)
         exportable = _exportable(llm, specs, shipped)
         if not exportable:
             continue
@@ -218,9 +226,10 @@ def choose_exports(
             if recommended:
                 note = f"recommended {recommended} has no BLIS form (StepML features or trees); exported the best BLIS-form model"
         spec = exportable[pick]
+        basis = _evidence_model(spec, pick, err)
         cost = None
-        if recommended and pick != recommended:
-            a, b = err.get(recommended, {}), err.get(pick, {})
+        if recommended and basis and basis != recommended:
+            a, b = err.get(recommended, {}), err.get(basis, {})
             cost = {
                 k: (b.get(k, float("nan")) - a.get(k, float("nan"))) for k in ("e2e_mean_abs_pct", "ttft_mean_abs_pct")
             }
@@ -233,18 +242,56 @@ def choose_exports(
             "protocol": spec.get("protocol", ""),
             "note": note,
             "fidelity_cost_pct_points": cost,
-            "errors": err.get(pick),
+            "fidelity_cost_basis": basis if cost is not None else None,
+            **_shipped_errors(llm, spec, basis, err),
         }
     return out
 
 
-def _errors(r: pl.DataFrame) -> dict[str, dict]:
-    """Per step model: mean |E2E mean err| and |TTFT mean err| (%) over its out-of-sample rows on non-saturated
-    scored runs (the recommendation's criterion)."""
-    from .replay_report import SATURATED_TTFT_S
+def _evidence_model(spec: dict, pick: str, err: dict) -> str | None:
+    """The replayed step model whose out-of-sample errors speak for the file shipped: the model itself, or for
+    ``requests_all`` (replayed nowhere out of sample: every run with ground truth calibrated it) the same recipe
+    with one workload held out (``requests_lowo``), where it was replayed."""
+    if spec["name"] != "requests_all":
+        return pick if pick in err else None
+    return "requests_lowo" if "requests_lowo" in err else None
 
-    # saturated (replay.csv alone): an observed mean TTFT above SATURATED_TTFT_S (a queue of minutes)
-    sat = set(r.filter((pl.col("metric") == "ttft_mean") & (pl.col("observed") > SATURATED_TTFT_S))["experiment_id"])
+
+def _shipped_errors(llm: str, spec: dict, basis: str | None, err: dict) -> dict:
+    """The manifest's ``errors`` (measured for the file shipped, else None), ``recipe_errors`` and a note saying
+    which replays measured them."""
+    if spec["name"] != "requests_all":
+        return {
+            "errors": err.get(basis) if basis else None,
+            "errors_note": "" if basis else "not replayed out of sample",
+        }
+    note = (
+        f"requests_all is calibrated on every run of {llm} with ground truth ({len(spec['fitted_on'])} run(s)): "
+        "no out-of-sample error of this file exists. "
+    )
+    if basis:
+        note += (
+            "recipe_errors: the same recipe calibrated on the model's other workloads (requests_lowo), replayed on "
+            "the held-out workload's runs"
+        )
+    else:
+        note += "No replay of the same recipe out of sample exists in this study."
+    return {
+        "errors": None,
+        "recipe_errors": ({"step_model": basis, **err[basis]} if basis else None),
+        "errors_note": note,
+    }
+
+
+def _errors(r: pl.DataFrame, saturated: set[str] | None = None) -> dict[str, dict]:
+    """Per step model: mean |E2E mean err| and |TTFT mean err| (%) over its out-of-sample rows on non-saturated
+    scored runs (the recommendation's criterion). ``saturated``: the study's saturated runs (replay_fidelity's run
+    status); without it, stepml_core.rules.is_saturated on what replay.csv holds (its mean TTFT; the failures need
+    the run's request count, which replay.csv lacks)."""
+    if saturated is None:
+        ttft = r.filter(pl.col("metric") == "ttft_mean").select("experiment_id", "observed").unique("experiment_id")
+        saturated = {e for e, t in ttft.iter_rows() if is_saturated(None, t)}
+    sat = saturated
     o = r.filter(
         (pl.col("sample") == "out_of_sample")
         & pl.col("rel_err_pct").is_not_null()

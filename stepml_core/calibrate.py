@@ -20,13 +20,15 @@ the GPU, so a real cycle is max(GPU path, CPU path); the real traced runs never 
 binding (schedule() stays below the cycle in every traced step), so the GPU path alone is kept and
 the export needs no max() (docs/calibration.md). A saturated run (a queue of minutes, 128 running
 requests) can be CPU-bound — the real Mixtral and CodeLlama reasoning runs are (schedule() median
-32.0 / 26.1 ms against mean cycles of 35.5 / 26.6 ms) — so its cycles only bound the GPU path from
-above (cycle ≥ GPU path) and enter stage 1 one-sided.
+32.0 / 26.1 ms against mean cycles of 35.5 / 26.6 ms) — so its cycles may only bound the GPU path from
+above (cycle ≥ GPU path): whether they enter stage 1 one-sided or two-sided, and at what weight, is chosen per
+calibration by inner validation on its own runs (:func:`choose_saturated_setting`).
 
 Two stages:
 
 1. **closed form, no simulator** (:func:`fit_closed_form`). From the observed timelines
-   (request i decodes from arrival + TTFT to arrival + E2E) the number of decoding requests and
+   (request i decodes from arrival + TTFT to arrival + E2E; an errored request from its modelled admission, first
+   come first served at max_num_seqs, until its client's abort) the number of decoding requests and
    their total context are known at any time; each request's average cycle over its decode window is
    c_i = (E2E − TTFT)/(G − 1) with G the tokens the server generated. A bounded least-squares fit of
    c_i on the window averages of the batch composition gives β0, β_dec, β_kv, β_npf; the median of
@@ -49,14 +51,17 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import polars as pl
 
+from . import rules
 from .catalog import gpu_spec, model_spec
 from .errors import StepMLError
 from .replay import ReplayWorkload, RunContext, StepServingModel, latency_summary, replay, replay_workload
 from .sim.step_models import LinearStepTime
 
-SATURATED_TTFT_S = 5.0  # same rule as replay_report: a run whose clients saw failures or a mean TTFT above this
 PREFILL_COMPUTE_EFFICIENCY = 0.5  # assumed fraction of dense bf16 peak a prompt chunk's GEMMs reach (β_pf prior)
-SATURATED_RUN_WEIGHT = 0.1  # stage 1: a saturated calibration run's weight relative to a non-saturated one
+SATURATED_RUN_WEIGHT = 0.1  # stage 1: a saturated calibration run's weight relative to a non-saturated one (default)
+# stage 1's treatment of saturated calibration runs beside non-saturated ones, (one-sided, weight) candidates: chosen per
+# calibration by inner validation on its own runs (choose_saturated_setting), never on a run it predicts
+SATURATED_SETTINGS = ((True, SATURATED_RUN_WEIGHT), (True, 1.0), (False, 1.0), (False, SATURATED_RUN_WEIGHT))
 ONE_SIDED_MAX_ITER = 25  # stage 1: active-set iterations of the one-sided (cycle ≥ GPU path) saturated rows
 KV_OVER_CAPACITY = 0.95  # stage 1 skips decode windows where the timeline's KV demand exceeds this share of the pool
 GRID_S = 0.005  # time grid of the timeline integrals
@@ -108,10 +113,10 @@ class CalibrationRun:
 
 
 def is_saturated(table: pl.DataFrame) -> bool:
-    """A run whose clients saw failures or a mean TTFT above SATURATED_TTFT_S (the reasoning runs' queue of minutes)."""
+    """The run's observed failures and mean TTFT of its successes, judged by stepml_core.rules.is_saturated."""
     err = table["observed_has_error"].fill_null(False)
     ttft = table.filter(~err)["observed_ttft_s"].drop_nulls()
-    return bool(err.any()) or (ttft.len() > 0 and float(ttft.mean()) > SATURATED_TTFT_S)
+    return rules.is_saturated(int(err.sum()), float(ttft.mean()) if ttft.len() else None)
 
 
 @dataclass(frozen=True)
@@ -274,12 +279,59 @@ def _generated_tokens(table: pl.DataFrame, ctx: RunContext) -> np.ndarray:
     return np.maximum(out, 1.0)
 
 
+def fcfs_admissions(arrival_s: np.ndarray, depart_s: np.ndarray, cap: int) -> np.ndarray:
+    """When each request (in arrival order) got a slot in an engine that admits first come, first served, up to
+    ``cap`` running requests: max(arrival, the cap-th latest departure of the requests that arrived before it) —
+    a request waits while ``cap`` earlier ones are still in the system (running, or waiting ahead of it).
+    ``depart_s``: when each left (its last token, or the client's abort). One heap pass (O(n log cap))."""
+    import heapq
+
+    h: list[float] = []
+    out = np.empty(arrival_s.size)
+    for i, (ai, di) in enumerate(zip(arrival_s.tolist(), depart_s.tolist())):
+        out[i] = max(ai, h[0]) if len(h) >= cap else ai
+        if len(h) < cap:
+            heapq.heappush(h, di)
+        elif di > h[0]:
+            heapq.heapreplace(h, di)
+    return out
+
+
+def _errored_windows(
+    a: np.ndarray, ttft: np.ndarray, e2e: np.ndarray, ok: np.ndarray, err: np.ndarray, gen: np.ndarray, cap
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode windows of the errored requests (the client's log has their arrival and abort, not their first token):
+    (first token, end, tokens/s) per request, nan where none. The first token is modelled where it is not logged:
+    admission by :func:`fcfs_admissions` at the run's ``max_num_seqs`` (departures = successes' last tokens and
+    errored requests' aborts, both in the ground truth), plus the successes' median delay from that modelled admission
+    to their observed first token (prefill and token delay); a request admitted after its abort never decoded. Until its abort it decodes
+    at the run's median rate of the successes (tokens/s), never reaching its G tokens (else it had succeeded)."""
+    f, e, rate = (np.full(a.size, np.nan) for _ in range(3))
+    err = err & np.isfinite(e2e)
+    if not err.any() or not ok.any():
+        return f, e, rate
+    adm = np.full(a.size, np.nan)  # without max_num_seqs only logged first tokens count
+    if cap:
+        order = np.argsort(a, kind="stable")
+        adm[order] = fcfs_admissions(a[order], a[order] + np.where(np.isfinite(e2e), e2e, 0.0)[order], int(cap))
+    seen = ok & np.isfinite(adm)  # the successes' first token after the modelled admission: prefill, token delay
+    delay = float(np.median(a[seen] + ttft[seen] - adm[seen])) if seen.any() else 0.0
+    f[err] = np.where(np.isfinite(ttft[err]), a[err] + ttft[err], adm[err] + delay)
+    e[err] = a[err] + e2e[err]
+    f[err & ~(f < e)] = np.nan
+    med = float(np.median(gen[ok] / np.maximum(e2e[ok] - ttft[ok], 1e-3)))
+    m = np.isfinite(f)
+    rate[m] = np.minimum(med, (gen[m] - 1) / np.maximum(e[m] - f[m], 1e-3))
+    return f, e, rate
+
+
 def request_timelines(run: CalibrationRun, grid_s: float = GRID_S) -> Timelines:
     """The run's observed request timelines → per-request decode cycles and window-averaged batch composition.
 
-    Request i decodes on [a_i + TTFT_i, a_i + E2E_i] (client clock; errored requests with a first token
-    until their abort); its context grows linearly from its prompt to prompt + G. Integrals over a
-    ``grid_s`` grid give each window's time-averaged number of decoders and Σ context."""
+    Request i decodes on [a_i + TTFT_i, a_i + E2E_i] (client clock); an errored request decodes from its first
+    token (logged, else modelled: :func:`_errored_windows`) until its abort; its context grows linearly from its
+    prompt to prompt + G. Integrals over a ``grid_s`` grid give each window's time-averaged number of decoders and
+    Σ context."""
     t = run.table.sort("index")
     if t["observed_e2e_s"].null_count() == t.height:
         raise CalibrationError(f"{run.experiment_id}: no observed latencies (ground truth) to calibrate on")
@@ -291,9 +343,13 @@ def request_timelines(run: CalibrationRun, grid_s: float = GRID_S) -> Timelines:
     inp = t["input_tokens"].to_numpy().astype(np.float64)
     if (inp > 0).any():
         inp = np.where(inp <= 0, np.median(inp[inp > 0]), inp)
-    has = np.isfinite(ttft) & np.isfinite(e2e) & (e2e >= ttft)
-    f = a + np.where(has, ttft, 0.0)
-    e = a + np.where(has, e2e, 0.0)
+    ok &= e2e >= ttft
+    ef, ee, er = _errored_windows(
+        a, ttft, e2e, ok, t["observed_has_error"].fill_null(False).to_numpy(), gen, run.ctx.max_num_seqs
+    )
+    has = ok | np.isfinite(ef)
+    f = np.where(ok, a + np.where(ok, ttft, 0.0), np.where(has, ef, a))
+    e = np.where(ok, a + np.where(ok, e2e, 0.0), np.where(has, ee, a))
     span = float(np.max(np.where(has, e, a))) + 1.0 if a.size else 1.0
     ng = int(span / grid_s) + 2
     idx = np.flatnonzero(has)
@@ -302,7 +358,8 @@ def request_timelines(run: CalibrationRun, grid_s: float = GRID_S) -> Timelines:
     ei = np.maximum(ei, fi + 1)
     dn = np.bincount(fi, minlength=ng) - np.bincount(ei, minlength=ng)
     n_dec = np.cumsum(dn).astype(np.float64)
-    rate = gen[idx] / np.maximum(e[idx] - f[idx], 1e-3)  # tokens/s while decoding
+    rate = np.where(ok, gen, 0.0)[idx] / np.maximum(e[idx] - f[idx], 1e-3)  # tokens/s while decoding
+    rate = np.where(ok[idx], rate, er[idx])
     c0 = inp[idx] - rate * f[idx]
     k0 = np.cumsum(np.bincount(fi, c0, ng) - np.bincount(ei, c0, ng))
     k1 = np.cumsum(np.bincount(fi, rate, ng) - np.bincount(ei, rate, ng))
@@ -353,7 +410,7 @@ class ClosedForm:
 
 
 def _cycle_rows(
-    timelines: list[Timelines], weights: list[np.ndarray] | None, sw: float
+    timelines: list[Timelines], weights: list[np.ndarray] | None, sw: float, one_sided: bool = True
 ) -> tuple[list[tuple], dict[str, int]]:
     """Per run, the decode windows the cycle regression uses: (X = [1, n̄, kv̄, p], c = cycle_us, row weight, one-sided)
     with row weight √(w_i / Σw · run weight) / c_i (relative residuals, each run weighing the same, a saturated run
@@ -371,8 +428,9 @@ def _cycle_rows(
             continue
         c = tl.cycle_us[m_idx]
         Xk = np.column_stack([np.ones(m_idx.size), tl.dec_mean[m_idx], tl.kv_mean[m_idx], tl.prefills_per_step[m_idx]])
-        upper = mixed and tl.saturated  # cycle = max(GPU, CPU) ≥ GPU path: a bound from above only
-        rows.append((Xk, c, np.sqrt(cw / cw.sum() * (sw if upper else 1.0)) / c, upper))
+        sat = mixed and tl.saturated
+        upper = sat and one_sided  # cycle = max(GPU, CPU) ≥ GPU path: a bound from above only
+        rows.append((Xk, c, np.sqrt(cw / cw.sum() * (sw if sat else 1.0)) / c, upper))
     if not rows:
         raise CalibrationError("no usable decode windows in the calibration runs (successful requests with ≥ 2 tokens)")
     if all(r[3] for r in rows):  # no non-saturated window to stand on: the saturated ones count both ways
@@ -437,6 +495,7 @@ def fit_closed_form(
     *,
     weights: list[np.ndarray] | None = None,
     saturated_weight: float | None = None,
+    one_sided: bool = True,
 ) -> ClosedForm:
     """Stage 1: bounded least squares of the observed decode cycles on the window-averaged batch composition.
 
@@ -448,11 +507,12 @@ def fit_closed_form(
     the CPU path can bind, so a window counts only where the model's GPU path exceeds its cycle (active set,
     ≤ ONE_SIDED_MAX_ITER refits). At ~700 tokens of context per sequence the non-saturated runs cannot tell a
     per-sequence cost from a per-context-token cost (they move together); a long-context saturated run caps
-    the split's extrapolation without bending what the non-saturated runs determine. ``weights`` (per run, per
+    the split's extrapolation without bending what the non-saturated runs determine (``one_sided`` False: the
+    saturated windows count both ways, at the same weight). ``weights`` (per run, per
     request; bootstrap counts) multiply the request weights. Then α0 = mean over the
     non-saturated runs of the median of TTFT − 1.5·ĉ(arrival) − β_npf (half a cycle's wait, the prompt's step)."""
     sw = SATURATED_RUN_WEIGHT if saturated_weight is None else saturated_weight
-    rows, used = _cycle_rows(timelines, weights, sw)
+    rows, used = _cycle_rows(timelines, weights, sw, one_sided)
     lo = np.array([0.0, 0.0, prior.kv_floor_us, 0.0])
     X, y, wt, res = _fit_one_sided(rows, lo)
     b0, bd, bkv, bnpf = (float(x) for x in res.x)
@@ -469,6 +529,59 @@ def fit_closed_form(
     params = StepParams(b0_us=b0, b_dec_us=bd, b_kv_us=bkv, b_pf_us=prior.prefill_prior_us, b_npf_us=bnpf, q0_us=q0)
     return ClosedForm(
         params=params, requests_used=int(sum(used.values())), requests_by_run=used, r2=r2, bounds_active=active
+    )
+
+
+@dataclass(frozen=True)
+class SaturatedSetting:
+    """How stage 1 treats saturated calibration runs beside non-saturated ones, and what chose it."""
+
+    one_sided: bool
+    weight: float
+    chosen_by: str
+    inner_error_pct: dict = field(default_factory=dict)  # "one-sided, weight 0.1" → mean |cycle error| % held out
+
+
+def setting_label(one_sided: bool, weight: float) -> str:
+    return f"{'one-sided' if one_sided else 'two-sided'}, weight {weight:g}"
+
+
+def cycle_error_pct(tl: Timelines, p: StepParams) -> float:
+    """Mean |predicted − observed| / observed decode cycle (%) over a run's usable decode windows (stage 1's rows)."""
+    m = np.isfinite(tl.cycle_us) & (tl.kv_over <= 0.05) & np.isfinite(tl.dec_mean)
+    if not m.any():
+        return float("nan")
+    pred = p.b0_us + p.b_dec_us * tl.dec_mean[m] + p.b_kv_us * tl.kv_mean[m] + p.b_npf_us * tl.prefills_per_step[m]
+    return float(np.mean(np.abs(pred - tl.cycle_us[m]) / tl.cycle_us[m]) * 100.0)
+
+
+def choose_saturated_setting(timelines: list[Timelines], prior: ArchPrior) -> SaturatedSetting:
+    """Inner validation on the calibration runs alone: for each (one-sided, weight) of SATURATED_SETTINGS, hold out
+    each non-saturated calibration run in turn, fit stage 1 on the others (saturated ones included) and score the
+    held-out run's decode cycles (cycle_error_pct); the setting of least mean error wins (ties: the order of
+    SATURATED_SETTINGS). Needs saturated runs and ≥ 2 non-saturated ones; otherwise the setting cannot matter or
+    cannot be validated, and the first of SATURATED_SETTINGS is used (fixed in advance)."""
+    calm = [k for k, tl in enumerate(timelines) if not tl.saturated]
+    if not calm or len(calm) == len(timelines):
+        return SaturatedSetting(*SATURATED_SETTINGS[0], "not needed (no saturated beside non-saturated runs)")
+    if len(calm) < 2:
+        return SaturatedSetting(*SATURATED_SETTINGS[0], "fixed in advance (one non-saturated run: none to hold out)")
+    errs = {}
+    for one_sided, w in SATURATED_SETTINGS:
+        e = []
+        for k in calm:
+            rest = [tl for j, tl in enumerate(timelines) if j != k]
+            try:
+                p = fit_closed_form(rest, prior, saturated_weight=w, one_sided=one_sided).params
+            except CalibrationError:
+                continue
+            e.append(cycle_error_pct(timelines[k], p))
+        errs[(one_sided, w)] = float(np.nanmean(e)) if e and np.isfinite(e).any() else float("inf")
+    best = min(SATURATED_SETTINGS, key=lambda s: (errs[s], SATURATED_SETTINGS.index(s)))
+    return SaturatedSetting(
+        *best,
+        f"inner validation: leave one of {len(calm)} non-saturated calibration runs out",
+        {setting_label(*k): round(v, 4) for k, v in errs.items()},
     )
 
 
@@ -587,6 +700,7 @@ def window_workloads(
             prompt_id=w.prompt_id[idx],
             group=w.group[idx],
             index=w.index[idx],
+            timeout_s=np.broadcast_to(w.timeout_s, a.shape)[idx],
         )
         out.append((sub, a[idx] >= start))
     return out
@@ -658,7 +772,14 @@ def refine(
 
 
 def bootstrap_params(
-    timelines: list[Timelines], prior: ArchPrior, *, step_scale: float, q_shift_us: float, n_boot: int, seed: int
+    timelines: list[Timelines],
+    prior: ArchPrior,
+    *,
+    step_scale: float,
+    q_shift_us: float,
+    n_boot: int,
+    seed: int,
+    setting: SaturatedSetting | None = None,
 ) -> np.ndarray:
     """Closed-form refits on two-stage resamples (calibration runs with replacement, then requests within each
     drawn run with replacement), each with stage 2's correction applied: rows of PARAM_NAMES values."""
@@ -674,11 +795,15 @@ def bootstrap_params(
                 rng.multinomial(n * int(draws[j]), np.full(n, 1.0 / n)).astype(np.float64) if draws[j] else np.zeros(n)
             )
         try:
-            cf = fit_closed_form(timelines, prior, weights=ws)
+            cf = fit_closed_form(timelines, prior, weights=ws, **_setting_kw(setting))
         except CalibrationError:
             continue
         out.append(cf.params.scaled(step_scale, q_shift_us).as_vector())
     return np.asarray(out) if out else np.zeros((0, len(PARAM_NAMES)))
+
+
+def _setting_kw(setting: SaturatedSetting | None) -> dict:
+    return {} if setting is None else {"saturated_weight": setting.weight, "one_sided": setting.one_sided}
 
 
 # ---------------------------------------------------------------------------- the whole calibration
@@ -699,6 +824,7 @@ class Calibration:
     requests_used: dict
     r2: float
     bounds_active: tuple
+    saturated_setting: dict = field(default_factory=dict)  # SaturatedSetting as a dict: what stage 1 did, what chose it
 
     def doc(self) -> dict:
         return self.params.blis_doc()
@@ -715,6 +841,7 @@ class Calibration:
             "requests_used": self.requests_used,
             "closed_form_r2": self.r2,
             "bounds_active": list(self.bounds_active),
+            "saturated_setting": self.saturated_setting,
             "bootstrap_params": {"names": list(PARAM_NAMES), "rows": self.bootstrap.round(6).tolist()},
         }
 
@@ -733,6 +860,7 @@ class Calibration:
             requests_used=d["requests_used"],
             r2=d["closed_form_r2"],
             bounds_active=tuple(d["bounds_active"]),
+            saturated_setting=d.get("saturated_setting") or {},
         )
 
 
@@ -752,7 +880,8 @@ def calibrate(
     t0 = time.perf_counter()
     prior = arch_prior(llm, tp)
     tls = [request_timelines(r) for r in runs]
-    cf = fit_closed_form(tls, prior)
+    setting = choose_saturated_setting(tls, prior)
+    cf = fit_closed_form(tls, prior, **_setting_kw(setting))
     t1 = time.perf_counter()
     params, rep = cf.params, None
     if with_refine:
@@ -760,7 +889,7 @@ def calibrate(
     t2 = time.perf_counter()
     scale, shift = (rep.step_scale, rep.q_shift_us) if rep else (1.0, 0.0)
     boot = (
-        bootstrap_params(tls, prior, step_scale=scale, q_shift_us=shift, n_boot=n_boot, seed=seed)
+        bootstrap_params(tls, prior, step_scale=scale, q_shift_us=shift, n_boot=n_boot, seed=seed, setting=setting)
         if n_boot
         else np.zeros((0, len(PARAM_NAMES)))
     )
@@ -777,6 +906,7 @@ def calibrate(
         requests_used=cf.requests_by_run,
         r2=cf.r2,
         bounds_active=cf.bounds_active,
+        saturated_setting=asdict(setting),
     )
 
 

@@ -8,9 +8,11 @@ replayed on (``for_runs``). Protocols (step-model names say which):
   sample): the roles BLIS iteration 4a used, so the rows sit beside ``blis_iter4a_replay.csv``;
 * ``requests_lowo`` — leave one workload out: per LLM model and workload w, the model's runs of the
   other workloads calibrate, the runs of w are predicted (every run gets an out-of-sample prediction);
-* ``requests_lomo`` — leave one model out, for the LLM model with the most data (most successful
-  requests with ground truth; ``lomo_models`` to choose others): the other LLM models' calibrations
-  (``requests_all``) are carried over through the architecture (:func:`transfer_params`);
+* ``requests_lomo`` — leave one model out, for every LLM model of the study (``lomo_models`` to choose
+  fewer): the other LLM models' calibrations (``requests_all``) are carried over through the architecture
+  (:func:`transfer_params`). Which models are held out is a rule fixed in advance, never a count of
+  observed latencies: a scored run's ground truth cannot decide whether it gets a leave-one-model-out
+  prediction;
 * ``requests_all`` — every run of the model with ground truth calibrates: the model StepML ships
   (``stepml export``) and the source of the leave-one-model-out transfer; not replayed.
 
@@ -52,7 +54,8 @@ class FoldError(StepMLError, ValueError):
 
 @dataclass(frozen=True)
 class RunInfo:
-    """What planning folds may know about a run: no latencies, only whether ground truth exists."""
+    """What planning folds may know about a run: no latencies, only whether ground truth exists (a run with it may
+    calibrate; which runs are predicted, and by which protocol, never depends on it)."""
 
     experiment_id: str
     llm_model: str
@@ -60,7 +63,8 @@ class RunInfo:
     workload: str
     role: str | None
     has_ground_truth: bool
-    successes: int = 0  # requests with an observed successful latency (data volume, for choosing the LOMO model)
+    requests: int = 0  # requests in its log (known without ground truth)
+    stands_for: str | None = None  # a synthetic run: the real run it was modelled on (its data is that run's)
 
 
 @dataclass(frozen=True)
@@ -80,19 +84,6 @@ class Fold:
     def key(self) -> tuple:
         """Folds with the same calibration runs share one calibration."""
         return (self.llm_model, self.calibrate_on)
-
-
-def most_data_model(runs: list[RunInfo]) -> str | None:
-    """The LLM model with the most successful requests with ground truth (ties: more runs, then name)."""
-    tot: dict[str, list] = {}
-    for r in runs:
-        if r.has_ground_truth:
-            t = tot.setdefault(r.llm_model, [0, 0])
-            t[0] += r.successes
-            t[1] += 1
-    if not tot:
-        return None
-    return sorted(tot, key=lambda m: (-tot[m][0], -tot[m][1], m))[0]
 
 
 def plan_folds(runs: list[RunInfo], *, protocols=PROTOCOLS, lomo_models: list[str] | None = None) -> list[Fold]:
@@ -118,7 +109,7 @@ def plan_folds(runs: list[RunInfo], *, protocols=PROTOCOLS, lomo_models: list[st
                         Fold("lowo", llm, cal, tuple(r.experiment_id for r in rs if r.workload == w), held_out=w)
                     )
     if "lomo" in protocols:
-        targets = lomo_models if lomo_models is not None else [m for m in [most_data_model(runs)] if m]
+        targets = sorted(by_model) if lomo_models is None else lomo_models  # every LLM model: no choice to make
         have_all = {f.llm_model for f in folds if f.protocol == "all"}
         for m in targets:
             sources = tuple(sorted(have_all - {m}))
@@ -284,6 +275,7 @@ def fold_specs(
                 f,
                 p,
                 fitted,
+                info,
                 {
                     "transfer_from": list(f.transfer_from),
                     "prior": asdict(target),
@@ -300,7 +292,7 @@ def fold_specs(
         cal = cals.get(f.key)
         if cal is None:
             continue
-        spec = _spec(f, cal.params, list(cal.fitted_on), cal.summary(), cal.bootstrap)
+        spec = _spec(f, cal.params, list(cal.fitted_on), info, cal.summary(), cal.bootstrap)
         spec["basis"] = f"request logs of {len(cal.fitted_on)} run(s) ({f.protocol})"
         if f.protocol == "all":
             shipped[f.llm_model] = spec
@@ -312,12 +304,16 @@ def fold_specs(
     return specs, shipped
 
 
-def _spec(f: Fold, p: StepParams, fitted_on: list[str], calibration: dict, boot: np.ndarray) -> dict:
+def _spec(
+    f: Fold, p: StepParams, fitted_on: list[str], info: dict[str, RunInfo], calibration: dict, boot: np.ndarray
+) -> dict:
+    twins = sorted({t for e in fitted_on if (t := getattr(info.get(e), "stands_for", None))})
     spec = {
         "name": f.name,
         "kind": "blis_linear",
         "llm_model": f.llm_model,
         "fitted_on": sorted(fitted_on),
+        "stands_for": twins,  # the real runs whose data the synthetic calibration runs were built from
         "protocol": f.protocol,
         "held_out": f.held_out,
         "doc": p.blis_doc(),
@@ -372,10 +368,11 @@ class CalibrationCache:
     """Calibrations as JSON files keyed by (code, calibration runs' content, seed, settings): a calibration whose
     inputs did not change is read back instead of recomputed (same result, bit for bit)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, *, prune: bool = True):
         from pathlib import Path
 
         self.folder = Path(folder)
+        self.prune = prune  # keep_only removes the entries a study no longer uses (False: keep every entry)
 
     def key(self, runs: list[CalibrationRun], seed: int, kw: dict) -> str:
         import hashlib
@@ -402,7 +399,7 @@ class CalibrationCache:
         tmp.replace(self.folder / f"{key}.json")
 
     def keep_only(self, keys) -> None:
-        if self.folder.is_dir():
+        if self.prune and self.folder.is_dir():
             keep = {f"{k}.json" for k in keys}
             for p in self.folder.glob("*.json"):
                 if p.name not in keep:
@@ -475,7 +472,8 @@ def study_calibration(
 
 
 def run_info(experiment_id: str, meta, table, header: dict, has_ground_truth: bool) -> RunInfo:
-    """A run's RunInfo from its metadata (stepml_core.runs.RunMetadata) and request log (no latency is kept)."""
+    """A run's RunInfo from its metadata (stepml_core.runs.RunMetadata) and request log (no latency is kept; ground truth
+    counts only if it has at least one successful request to calibrate on)."""
     import polars as pl
 
     ok = 0
@@ -490,5 +488,6 @@ def run_info(experiment_id: str, meta, table, header: dict, has_ground_truth: bo
         workload=meta.workload,
         role=(header or {}).get("role"),
         has_ground_truth=bool(has_ground_truth and ok),
-        successes=ok,
+        requests=int(table.height),
+        stands_for=getattr(meta, "stands_for", None),
     )

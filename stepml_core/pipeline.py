@@ -520,23 +520,13 @@ def replay(
     meta = read_run_metadata(folder, data_root=data_root)
     log = log_from_stored(stored_log)
     ctx = replay_context(key, meta, log.header)
-    specs = rm.specs_for_run(list(specs), key, meta.model)
+    specs = rm.specs_for_run(list(specs), key, meta.model, meta.stands_for)
     out = rm.replay_run(log, ctx, specs, source=meta.source, stands_for=meta.stands_for, seed=seed)
     out["assumptions"].update(header_choices(log.header, ctx))
     paths = rm.write_per_request(out_dir, key, out["per_request"])
-    details = pl.DataFrame(out["runs"])
-    value = {
-        "rows": out["rows"],
-        "details": details,
-        "assumptions": out["assumptions"],
-        "intervals": out["intervals"],
-        "has_ground_truth": out["has_ground_truth"],
-        "model": meta.model,
-        "role": log.role or "",
-        "requests": log.table.height,
-        "truth": dict(log.truth),
-        "request_log_version": stored_log.get("data_version"),  # a replay is current only for this request log
-    }
+    value = replay_value(out, meta, log)
+    value["request_log_version"] = stored_log.get("data_version")  # a replay is current only for this request log
+    details = value["details"]
     return value, {
         "step_models": len(specs),
         "per_request_files": [str(p) for p in paths],
@@ -557,6 +547,22 @@ def header_choices(header: Mapping, ctx) -> dict:
         if cfg.get(hk) is not None and getattr(ctx, ck) is not None and cfg[hk] != getattr(ctx, ck)
     }
     return {"header_not_used": out} if out else {}
+
+
+def replay_value(out: dict, meta, log) -> dict:
+    """The replay asset's value of one run from replay_models.replay_run's result, its metadata and request log."""
+    return {
+        "rows": out["rows"],
+        "details": pl.DataFrame(out["runs"]),
+        "assumptions": out["assumptions"],
+        "intervals": out["intervals"],
+        "has_ground_truth": out["has_ground_truth"],
+        "model": meta.model,
+        "role": log.role or "",
+        "stands_for": meta.stands_for,
+        "requests": log.table.height,
+        "truth": dict(log.truth),
+    }
 
 
 def replay_fidelity(replays: Mapping, logs: Mapping, present: list[str], out_dir) -> dict:

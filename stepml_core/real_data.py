@@ -117,3 +117,26 @@ def _assemble_one(lay: dict, shared: Path, out: Path, rid: str) -> Path:
         shutil.rmtree(final)  # ours: _not_ours found nothing else in it
     os.replace(tmp, final)
     return final
+
+
+def cut_request_logs(src: Path, dst: Path, seconds: float) -> Path:
+    """A copy of the run folders under `src` (no step traces) whose request log (``requests.json.gz``) and ground
+    truth keep the requests that arrived in the first `seconds`: the same runs, roles and serving limits, smaller
+    (for tests and quick audits; tests/test_out_of_sample.py, benchmarks/oos_audit.py). Returns `dst`."""
+    import gzip
+
+    dst = Path(dst)
+    dst.mkdir(parents=True)
+    for f in sorted(p for p in Path(src).iterdir() if p.is_dir() and (p / "requests.json.gz").is_file()):
+        d = dst / f.name
+        shutil.copytree(f, d, ignore=shutil.ignore_patterns("traces.json*", "ground_truth*", "requests*"))
+        doc = json.loads(gzip.decompress((f / "requests.json.gz").read_bytes()))
+        doc["requests"] = [r for r in doc["requests"] if r["arrival_time_us"] < seconds * 1e6]
+        kept = {r["index"] for r in doc["requests"]}
+        (d / "requests.json.gz").write_bytes(gzip.compress(json.dumps(doc).encode()))
+        if (f / "ground_truth.json.gz").is_file():
+            gt = [
+                r for r in json.loads(gzip.decompress((f / "ground_truth.json.gz").read_bytes())) if r["index"] in kept
+            ]
+            (d / "ground_truth.json.gz").write_bytes(gzip.compress(json.dumps(gt).encode()))
+    return dst

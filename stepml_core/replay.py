@@ -13,7 +13,8 @@ A serving model = a clock for the engine (physics, or a step-time model) + the r
 delays around it: ``ingress_s`` (client send → the engine's WAITING queue) and ``token_delay_s``
 (a token leaves the engine → the client sees it). Predicted TTFT = first token's step end +
 token delay − arrival; E2E = last token's step end + token delay − arrival; a request without
-its last token ``timeout_s`` after its arrival failed (client timeout), on both sides.
+its last token by its client's limit (:func:`stepml_core.rules.client_limits_s`: 300 s rounded up to the client's
+next whole second) failed, as the client decided on the observed side.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from .rules import CLIENT_TIMEOUT_S, client_limits_s
 from .sim.arrivals import FixedArrivals
 from .sim.engine import EngineCore, SchedulerConfig
 from .sim.request import SimRequest
 from .sim.timing import CycleClock, PhysicsClock
 
-CLIENT_TIMEOUT_S = 300.0  # inference-perf's aiohttp ClientTimeout(total=300): the reasoning runs' failures end there
+__all__ = ["CLIENT_TIMEOUT_S"]  # re-exported: the constant lives in stepml_core.rules
 REPLAY_METRICS = (
     "ttft_mean",
     "ttft_p50",
@@ -39,7 +41,7 @@ REPLAY_METRICS = (
     "e2e_p50",
     "e2e_p90",
     "e2e_p99",
-    "decode_interval_mean",
+    "decode_time_per_token_mean",
     "throughput_rps",
     "successes",
 )
@@ -82,7 +84,7 @@ class ReplayWorkload:
     group: np.ndarray
     nshared_blk: int
     config: SchedulerConfig
-    timeout_s: float
+    timeout_s: np.ndarray  # per request: the client's limit (s from its send), stepml_core.rules.client_limits_s
     index: np.ndarray
     assumptions: dict
 
@@ -192,7 +194,7 @@ def replay_workload(
         group=group,
         nshared_blk=(int(ctx.system_prompt_len or 0) + 1) // 16,
         config=cfg,
-        timeout_s=CLIENT_TIMEOUT_S,
+        timeout_s=client_limits_s(arrival),
         index=t["index"].to_numpy(),
         assumptions=assumptions,
     )
@@ -235,7 +237,9 @@ class StepServingModel:
 
 class PhysicsServingModel:
     """The synthesizer's engine physics (roofline GPU time with noise, empirical schedule() time, host work)
-    and its API latencies (data/synth/engine_params.json), seeded. Tuned on the 16 reference runs' aggregates."""
+    and its API latencies (data/synth/engine_params.json), seeded. In sample on the 16 reference runs: efficiencies
+    tuned on their per-stage TPOT, API terms on their per-stage TTFT, schedule() per-run parameters on each run's own
+    test-split schedule() times (replay_models.PHYSICS_BASIS)."""
 
     kind = "physics"
 
@@ -335,8 +339,16 @@ def replay(w: ReplayWorkload, model, ctx: RunContext, *, seed: int = 0, progress
 def latency_summary(
     arrival_s: np.ndarray, ttft_s: np.ndarray, e2e_s: np.ndarray, success: np.ndarray, tokens: np.ndarray
 ) -> dict[str, float]:
-    """inference-perf's figures over successful requests: TTFT/E2E mean and p50/p90/p99 (s), mean decode interval
-    (E2E − TTFT)/(tokens − 1) (s), throughput = successes / (last end − first start) (1/s), successes (count)."""
+    """Figures over successful requests: TTFT/E2E mean and p50/p90/p99 (s), ``decode_time_per_token_mean`` = mean of
+    (E2E − TTFT)/(tokens − 1) with ``tokens`` the tokens the server generated (s), throughput = successes / (last end
+    − first start) (1/s), successes (count).
+
+    ``decode_time_per_token_mean`` is not the ``time_per_output_token`` (TPOT) of the real runs' inference-perf
+    results, which is ≈ half of it: that inference-perf version timed streamed events, ≈ 2 per token ((E2E − TTFT) /
+    TPOT = 495–504 for 247–251 generated tokens, 2,896 for 1,448; its ITL mean equals its TPOT mean), so its TPOT =
+    (last event − first event) / (events − 1). Later inference-perf divides (last token − first token) by the
+    output tokens − 1 (client re-count by default: short on the Llama-2-7B runs), which differs from this figure by
+    the stream's end after the last token and by that count (docs/request-logs.md, *Definitions*)."""
     ok = success.astype(bool)
     out: dict[str, float] = {"successes": float(ok.sum())}
     for name, v in (("ttft", ttft_s[ok]), ("e2e", e2e_s[ok])):
@@ -346,7 +358,7 @@ def latency_summary(
             out[f"{name}_p{p}"] = float(np.percentile(v, p)) if v.size else float("nan")
     di = (e2e_s[ok] - ttft_s[ok]) / np.maximum(tokens[ok] - 1, 1)
     di = di[np.isfinite(di)]
-    out["decode_interval_mean"] = float(di.mean()) if di.size else float("nan")
+    out["decode_time_per_token_mean"] = float(di.mean()) if di.size else float("nan")
     end = arrival_s + e2e_s
     span = float(np.nanmax(end) - np.min(arrival_s)) if arrival_s.size else 0.0
     out["throughput_rps"] = float(ok.sum() / span) if span > 0 else float("nan")

@@ -2,16 +2,19 @@
 
 A spec is ``{"name", "kind", "llm_model", "fitted_on": [run ids], "basis", ...}`` with ``kind``:
 
-* ``physics`` — the synthesizer's engine physics (tuned on the 16 reference runs' public
-  aggregates, so in-sample for each of them);
+* ``physics`` — the synthesizer's engine physics: efficiencies tuned on the 16 reference runs' per-stage
+  TPOT, API terms on their per-stage TTFT, and a schedule() model with per-run parameters fitted to each
+  run's own test-split schedule() times — in sample for each of them;
 * ``stepml_export`` — a StepML ``cycle_us`` model fitted on one traced run's steps (per-experiment
   fit, ``stepml_core.export`` JSON through the reference predictor), for runs of the same LLM model;
 * ``blis_linear`` — a BLIS StepML model file (e.g. ``blackbox_2f`` un-standardized to
   β0 + β1·prefill_tokens + β2·decode_tokens, the BLIS blackbox form), evaluated as BLIS does;
 * request-calibrated models (``stepml_core.calibrate``) are ``blis_linear`` specs too.
 
-``sample`` of a replay row is ``in_sample`` when the scored run is among ``fitted_on`` (its steps,
-its requests or its aggregates built the model), else ``out_of_sample``.
+``sample`` of a replay row is ``in_sample`` when the scored run's data built the model: the run is among
+``fitted_on`` (its steps, its requests or its aggregates), or among the real runs the synthetic runs in
+``fitted_on`` stand for (``stands_for``: a synthetic twin is built from its real run's aggregates), or the
+scored run is a synthetic twin of a run the model was fitted on; else ``out_of_sample``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,10 @@ REPLAY_STEP_MODELS = ("naive_mean", "blackbox_2f", "ridge_30f", "ridge_log_30f",
 # full-size run costs 3-5 CPU-s with a linear model, 6-9 with the 30-feature exports; every model fitted on *real* steps
 # is replayed)
 SYNTHETIC_REPLAY_STEP_MODELS = ("blackbox_2f", "ridge_30f")
-PHYSICS_BASIS = "aggregates of the 16 reference runs (data/synth/engine_params.json, schedule_time_model.json)"
+PHYSICS_BASIS = (
+    "the 16 reference runs: per-stage TPOT/TTFT aggregates (data/synth/engine_params.json) and each run's own "
+    "test-split schedule() times (data/synth/schedule_time_model.json)"
+)
 INTERVAL_COLUMNS = {
     "experiment_id": pl.Utf8,
     "role": pl.Utf8,
@@ -108,6 +114,7 @@ def step_trained_specs(
                 "source_run": exp,
                 "source": run["source"],
                 "n_fit": m.get("n_fit"),
+                "stands_for": [run["stands_for"]] if run.get("stands_for") else [],
                 "basis": f"{m.get('n_fit')} cycle_us steps of {exp}",
             }
             if m["name"] == "blackbox_2f":
@@ -152,11 +159,12 @@ def serving_model(spec: dict):
     raise ValueError(f"unknown replay model kind {kind!r}")
 
 
-def specs_for_run(specs: list[dict], experiment_id: str, llm_model: str) -> list[dict]:
+def specs_for_run(specs: list[dict], experiment_id: str, llm_model: str, stands_for: str | None = None) -> list[dict]:
     """The specs a run is replayed with: physics; every other spec of its LLM model that applies to it (a spec
     with ``for_runs`` applies to those runs only, e.g. the fold of a leave-one-workload-out calibration that
     held the run out); and per step-trained model name (specs with ``source_run``) one source run of the same
-    LLM model — the largest other traced run (out of sample) where there is one, else the run itself (in sample)."""
+    LLM model — the largest traced run whose data is not the scored run's (out of sample: neither the run nor
+    its synthetic twin; ``sample_of``) where there is one, else the run itself (in sample)."""
     chosen, by_name = [], {}
     for s in specs:
         if s["kind"] == "physics":
@@ -169,15 +177,24 @@ def specs_for_run(specs: list[dict], experiment_id: str, llm_model: str) -> list
             by_name.setdefault(s["name"], []).append(s)
     for name in sorted(by_name):
         cands = sorted(
-            by_name[name], key=lambda s: (s["source_run"] == experiment_id, -(s.get("n_fit") or 0), s["source_run"])
+            by_name[name],
+            key=lambda s: (
+                sample_of(s, experiment_id, stands_for) == "in_sample",
+                -(s.get("n_fit") or 0),
+                s["source_run"],
+            ),
         )
         chosen.append(cands[0])
     return chosen
 
 
 def sample_of(spec: dict, experiment_id: str, stands_for: str | None) -> str:
-    fitted = set(spec.get("fitted_on") or [])
-    return "in_sample" if (experiment_id in fitted or (stands_for and stands_for in fitted)) else "out_of_sample"
+    """``in_sample`` when the scored run's data built the model (its own run id, or a synthetic twin's, among the
+    runs fitted on or the real runs they stand for), else ``out_of_sample``. ``stands_for``: the real run the scored
+    run was modelled on, if it is synthetic."""
+    data_of = set(spec.get("fitted_on") or []) | set(spec.get("stands_for") or [])
+    ours = {experiment_id, stands_for} - {None}
+    return "in_sample" if ours & data_of else "out_of_sample"
 
 
 def fitted_on_label(spec: dict) -> str:
@@ -288,6 +305,20 @@ def replay_run(
         "assumptions": w.assumptions,
         "has_ground_truth": bool(log.has_ground_truth),
         "intervals": iv,
+    }
+
+
+def merge_replays(parts: list[dict]) -> dict:
+    """replay_run results of one run (each with some of its specs) as one replay_run result."""
+    rows = [p["rows"] for p in parts if p["rows"].height]
+    ivs = [p["intervals"] for p in parts if p["intervals"].height]
+    return {
+        "rows": pl.concat(rows) if rows else pl.DataFrame(schema=REPLAY_COLUMNS),
+        "per_request": {k: v for p in parts for k, v in p["per_request"].items()},
+        "runs": [d for p in parts for d in p["runs"]],
+        "assumptions": parts[0]["assumptions"] if parts else {},
+        "has_ground_truth": bool(parts and parts[0]["has_ground_truth"]),
+        "intervals": pl.concat(ivs) if ivs else pl.DataFrame(schema=INTERVAL_COLUMNS),
     }
 
 

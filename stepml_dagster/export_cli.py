@@ -90,7 +90,11 @@ def _load_study(study: Path):
             if per is not None and per.height
             else None
         )
-        return rows, list(specs), shipped, llm_of, per_llm
+        st = fid.get("runs") if fid is not None else None
+        saturated = None
+        if st is not None and "saturated" in st.columns:  # the study's run status (stepml_core.rules.is_saturated)
+            saturated = set(st.filter(pl.col("saturated").fill_null(False))["experiment_id"].to_list())
+        return rows, list(specs), shipped, llm_of, per_llm, saturated
     except (KeyError, TypeError, AttributeError, pl.exceptions.PolarsError) as e:
         raise UsageError(
             f"{study / 'assets'}: stored values not as `stepml run` writes them ({_one_line(e)}); re-run it"
@@ -101,8 +105,8 @@ def run(a: argparse.Namespace) -> int:
     from stepml_core.blis_export import choose_exports, write_exports
     from stepml_core.errors import UsageError
 
-    rows, specs, shipped, llm_of, per_llm = _load_study(Path(a.study))
-    chosen = choose_exports(rows, specs, shipped, llm_of, per_llm)
+    rows, specs, shipped, llm_of, per_llm, saturated = _load_study(Path(a.study))
+    chosen = choose_exports(rows, specs, shipped, llm_of, per_llm, saturated)
     if not chosen:
         raise UsageError(f"no exportable model in {a.study}")
     try:

@@ -31,7 +31,7 @@ def _isolated_dagster_home(tmp_path_factory):
 
 
 # fixtures that read ../shared/real (and skip without it); a new one goes here (README counts the `real` tests)
-REAL_DATA_FIXTURES = ("real_experiments", "real_runs")
+REAL_DATA_FIXTURES = ("real_experiments", "real_runs", "real_request_study")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -293,6 +293,49 @@ def test_recommended_calibrated_model_ships_as_requests_all(tmp_path):
     assert json.loads((tmp_path / "manifest.json").read_text())["models"]["m"]["step_model"] == "requests_all"
 
 
+def test_manifest_quotes_errors_of_the_recipe_shipped_never_another_protocols():
+    """A requests_lomo recommendation ships requests_all (the LLM model's own logs): the manifest's errors are not the
+    transfer's; requests_all has no out-of-sample error, so it says so and quotes requests_lowo (same recipe, one
+    workload held out) as recipe_errors (issue 20 point 6)."""
+    specs = [*SPECS, {**SPECS[0], "name": "requests_lomo"}]
+    rows = _rows(
+        {
+            "r1": {"requests_lomo": (1.0, 2.0, "out_of_sample"), "requests_lowo": (4.0, 10.0, "out_of_sample")},
+            "r2": {"requests_lomo": (-1.0, 2.0, "out_of_sample"), "requests_lowo": (6.0, 20.0, "out_of_sample")},
+        },
+        {"r1": "requests_lomo", "r2": "requests_lomo"},
+    )
+    c = choose_exports(rows, specs, SHIPPED, {"r1": "m", "r2": "m"})["m"]
+    assert c["step_model"] == "requests_all" and c["recommended"] == "requests_lomo"
+    assert c["errors"] is None and "no out-of-sample error of this file exists" in c["errors_note"]
+    assert c["recipe_errors"]["step_model"] == "requests_lowo"
+    assert c["recipe_errors"]["e2e_mean_abs_pct"] == pytest.approx(5.0)
+    assert c["recipe_errors"]["ttft_mean_abs_pct"] == pytest.approx(15.0)
+    assert c["fidelity_cost_basis"] == "requests_lowo"
+    assert c["fidelity_cost_pct_points"]["e2e_mean_abs_pct"] == pytest.approx(4.0)  # 5.0 (lowo) - 1.0 (lomo)
+    no_lowo = choose_exports(
+        rows.filter(pl.col("step_model") != "requests_lowo"), specs, SHIPPED, {"r1": "m", "r2": "m"}
+    )
+    assert no_lowo["m"]["errors"] is None and no_lowo["m"]["recipe_errors"] is None
+    assert "No replay of the same recipe out of sample" in no_lowo["m"]["errors_note"]
+
+
+def test_the_errors_quoted_leave_out_the_studys_saturated_runs():
+    """The errors quoted per model are over the non-saturated runs as the study judged them (stepml_core.rules: r2's
+    clients saw failures although its mean TTFT, 1 s, is low); replay.csv alone cannot see failures (no request
+    counts), so without the study's run status only the TTFT clause applies and r2 counts. Before, the export
+    applied its own TTFT-only rule whatever the study said."""
+    rows = _rows(
+        {"r1": {"requests_lowo": (1.0, 5.0, "out_of_sample")}, "r2": {"requests_lowo": (-3.0, 9.0, "out_of_sample")}},
+        {"r1": "requests_lowo", "r2": "requests_lowo"},
+    )
+    llm_of = {"r1": "m", "r2": "m"}
+    err = choose_exports(rows, SPECS, SHIPPED, llm_of, saturated={"r2"})["m"]["recipe_errors"]
+    assert err["e2e_mean_abs_pct"] == pytest.approx(1.0) and err["ttft_mean_abs_pct"] == pytest.approx(5.0)
+    err = choose_exports(rows, SPECS, SHIPPED, llm_of)["m"]["recipe_errors"]
+    assert err["e2e_mean_abs_pct"] == pytest.approx(2.0) and err["ttft_mean_abs_pct"] == pytest.approx(7.0)
+
+
 def test_trees_recommended_export_the_best_linear_model_and_say_what_it_costs():
     rows = _rows(
         {

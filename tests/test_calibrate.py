@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from stepml_core.calibrate import (
     Timelines,
     arch_prior,
     calibrate,
+    fcfs_admissions,
     fit_closed_form,
     interval_bounds,
     request_timelines,
@@ -137,6 +139,43 @@ def test_timelines_by_hand():
     assert tl.prefills_per_step[0] == pytest.approx(1 / 2)  # B's first token (t = 2 s) inside A's window, 2 steps
 
 
+def _errored_run(cap: int) -> CalibrationRun:
+    """A (success): first token at 0.1 s, done at 10 s; B, C errored (no first token logged) arriving at 0.2 / 0.3 s,
+    aborted by their clients at 8 / 5 s; D a success arriving at 20 s (A's and D's TTFT, 0.1 s after their admission on
+    arrival, is the delay from a modelled admission to the first token)."""
+    ctx = replace(_ctx("20260101-000000-llama-2-7b-tp1-reasoning", 11), max_num_seqs=cap)
+    t = pl.DataFrame(
+        {
+            "index": [0, 1, 2, 3],
+            "arrival_time_us": [0, 200_000, 300_000, 20_000_000],
+            "input_tokens": [100, 0, 0, 100],
+            "output_tokens": [11, 0, 0, 11],
+            "prefix_group": [None] * 4,
+            "has_error": [False, True, True, False],
+            "observed_has_error": [False, True, True, False],
+            "observed_ttft_s": [0.1, None, None, 0.1],
+            "observed_e2e_s": [10.0, 7.8, 4.7, 1.1],
+        },
+        schema_overrides={"prefix_group": pl.Utf8},
+    )
+    return CalibrationRun(ctx.experiment_id, "llama-2-7b", "reasoning", "train", t, ctx)
+
+
+def test_errored_requests_decode_until_their_abort_within_the_cap():
+    """Errored requests count in the decoding population until their abort (issue 20, point 7): with
+    max_num_seqs = 2, B gets the second slot on arrival (first token 0.1 s later, the successes' delay) and decodes
+    until its abort at 8 s, inside A's window [0.1, 10]; C waits behind A and B until B leaves at 8 s, after its own
+    abort at 5 s, so it never decodes. With max_num_seqs = 1 B waits for A to leave and never decodes either.
+    Before, the timelines dropped every request without a logged first token: A's window saw 1 decoder."""
+    tl = request_timelines(_errored_run(cap=2), grid_s=0.001)
+    assert tl.dec_mean[0] == pytest.approx(1 + (8.0 - 0.3) / (10.0 - 0.1), abs=2e-3)
+    assert tl.prefills_per_step[0] == pytest.approx(1 / 10)  # B's (modelled) first token inside A's window
+    assert np.isnan(tl.cycle_us[1]) and np.isnan(tl.cycle_us[2])  # no cycle of its own: it never finished
+    assert request_timelines(_errored_run(cap=1), grid_s=0.001).dec_mean[0] == pytest.approx(1.0, abs=2e-3)
+    adm = fcfs_admissions(np.array([0.0, 0.2, 0.3, 20.0]), np.array([10.0, 8.0, 5.0, 21.1]), 2)
+    assert adm.tolist() == [0.0, 0.2, 8.0, 20.0]
+
+
 def test_calibration_recovers_a_known_engine():
     """Request logs of an engine whose steps follow a known BLIS model: the calibrated model's step time agrees
     with it within a few % where the runs operate, and replaying the runs reproduces their latencies."""
@@ -185,13 +224,35 @@ def test_folds_never_calibrate_on_what_they_score():
     assert by[("lowo", "m1", "roleplay")].for_runs == ("a-roleplay",)  # predicted without ground truth
     assert by[("lowo", "m1", "reasoning")].calibrate_on == ("a-codegen", "a-general")
     assert by[("lomo", "m1", "m1")].transfer_from == ("m2",)
-    assert cp.most_data_model(infos) == "m1"
+    every = {(f.llm_model, f.transfer_from) for f in cp.plan_folds(infos) if f.protocol == "lomo"}
+    assert every == {("m1", ("m2",)), ("m2", ("m1",))}  # by default every LLM model is held out once
     with pytest.raises(cp.FoldError):
         cp.check_folds([cp.Fold("lowo", "m1", ("a-codegen", "a-general"), ("a-codegen",))], infos)
     with pytest.raises(cp.FoldError):
         cp.check_folds([cp.Fold("roles", "m2", ("b-general",), None)], infos)  # a validate run
     with pytest.raises(cp.FoldError):
         cp.check_folds([cp.Fold("lowo", "m1", ("a-roleplay",), ("a-general",))], infos)  # no ground truth
+
+
+def test_which_runs_get_a_prediction_never_depends_on_their_ground_truth():
+    """Issue 20 point 3: the folds that predict a run out of sample are the same whether that run has ground truth or
+    not, and every LLM model is held out once; before, the leave-one-model-out target was the model with the most
+    observed successes, so a withheld run's truth could switch it and give that very run a prediction."""
+    from dataclasses import replace
+
+    infos = [*_infos(), cp.RunInfo("b-roleplay", "m2", 2, "roleplay", "validate", False, 1800)]
+
+    def predicting(inf, run):
+        return sorted(
+            (f.protocol, f.calibrate_on, f.transfer_from)
+            for f in cp.plan_folds(inf)
+            if f.protocol in ("lowo", "lomo") and run in f.for_runs
+        )
+
+    assert {f.llm_model for f in cp.plan_folds(infos) if f.protocol == "lomo"} == {"m1", "m2"}
+    for k, r in enumerate(infos):  # give a run without truth truth, take a run's truth away
+        flipped = [*infos[:k], replace(r, has_ground_truth=not r.has_ground_truth), *infos[k + 1 :]]
+        assert predicting(flipped, r.experiment_id) == predicting(infos, r.experiment_id), r.experiment_id
 
 
 def test_only_calibration_runs_are_loaded(monkeypatch):
@@ -433,3 +494,30 @@ def test_a_cpu_bound_saturated_run_only_bounds_the_gpu_path_from_above():
         abs(both.step_us(125, 125 * 1800.0) / gpu(125, 1800.0) - 1)
         < abs(alone.step_us(125, 125 * 1800.0) / gpu(125, 1800.0) - 1) / 2
     )
+
+
+def test_the_saturated_runs_treatment_is_chosen_inside_the_calibration_runs():
+    """Issue 20 point 2: the weight and one-sidedness of saturated calibration runs are chosen by inner validation on
+    the calibration runs alone (hold out each non-saturated one, score its decode cycles), not on a held-out run's
+    errors. A CPU-bound saturated run (cycles 1.3× the GPU path) must count one-sided; with one non-saturated run
+    there is nothing to hold out and the order fixed in advance decides; the choice is recorded."""
+    from stepml_core.calibrate import SATURATED_SETTINGS, choose_saturated_setting
+
+    truth = StepParams(b0_us=16000.0, b_dec_us=10.0, b_kv_us=0.04, b_pf_us=25.0, b_npf_us=0.0, q0_us=2e4)
+    prior = arch_prior("mixtral-8x7b", 2)
+    rng = np.random.default_rng(5)
+    gpu = lambda dec, cps: truth.step_us(dec, dec * cps)  # noqa: E731
+    d1, d2, d3 = rng.uniform(10, 70, 400), rng.uniform(10, 70, 400), rng.uniform(120, 128, 200)
+    calm = [
+        _timelines("a-codegen", False, d1, 500.0, gpu(d1, 500.0) * rng.normal(1, 0.01, 400)),
+        _timelines("a-roleplay", False, d2, 900.0, gpu(d2, 900.0) * rng.normal(1, 0.01, 400)),
+    ]
+    cpu_bound = _timelines("a-reasoning", True, d3, 1800.0, 1.3 * gpu(d3, 1800.0))
+    s = choose_saturated_setting([*calm, cpu_bound], prior)
+    assert s.one_sided and s.chosen_by.startswith("inner validation")
+    assert len(s.inner_error_pct) == len(SATURATED_SETTINGS)
+    two_sided = min(v for k, v in s.inner_error_pct.items() if k.startswith("two-sided"))
+    assert two_sided > s.inner_error_pct[f"one-sided, weight {s.weight:g}"]  # bending the fit costs the held-out run
+    one = choose_saturated_setting([calm[0], cpu_bound], prior)
+    assert (one.one_sided, one.weight) == SATURATED_SETTINGS[0] and one.chosen_by.startswith("fixed in advance")
+    assert choose_saturated_setting(calm, prior).chosen_by.startswith("not needed")

@@ -23,6 +23,7 @@ from stepml_core.replay import (
 )
 from stepml_core.replay_models import physics_spec, replay_run, serving_model
 from stepml_core.request_log import RequestLogError, read_request_log
+from stepml_core.rules import client_limits_s
 from stepml_core.sim.step_models import LinearStepTime, StepModelError
 
 SHARED = SHARED_REAL.parent
@@ -140,6 +141,31 @@ def test_timeout_is_a_failure_on_the_predicted_side():
     assert not r["success"][0] and r["e2e_s"][0] == 5.0 and r["ttft_s"][0] is None
 
 
+def test_the_client_gives_up_at_its_next_whole_second_after_300_s():
+    """inference-perf's aiohttp timeout rounds send + 300 s up to the next whole second of the client's clock
+    (stepml_core.rules; the real runs' errors end at 300.0–301.0 s, four CodeLlama successes at 300.1–300.4 s):
+    a request sent at 0.5 s whose last token comes 300.2 s later succeeds (limit 300.5 s), one sent at 0.9 s with
+    the same E2E fails (limit 300.1 s) and records its limit as E2E. Before, any E2E above 300 s failed."""
+    assert client_limits_s(np.array([0.0, 0.5, 0.9, 2.0])) == pytest.approx([300.0, 300.5, 300.1, 300.0])
+    ctx = RunContext(**{**CTX.__dict__, "output_len": 40})
+    slow = linear_model(b0=7.505e6, b1=0.0, b2=0.0)  # 40 steps of 7.505 s: E2E 300.2 s
+    for sent_us, ok in ((500_000, True), (900_000, False)):
+        log = one_request_log(output_tokens=40).with_columns(arrival_time_us=pl.lit(sent_us, pl.Int64))
+        r = replay(replay_workload(log, ctx), slow, ctx).per_request
+        assert r["success"][0] == ok
+        assert r["e2e_s"][0] == pytest.approx(300.2 if ok else 300.1, abs=1e-6)
+    # stage 2's windows of a run keep each request's own limit
+    from stepml_core.calibrate import window_workloads
+
+    n = 500
+    log = pl.concat([one_request_log()] * n).with_columns(
+        index=pl.int_range(n, dtype=pl.Int64), arrival_time_us=pl.int_range(n, dtype=pl.Int64) * 1_300_000
+    )
+    for sub, _ in window_workloads(replay_workload(log, CTX), 4, 60.0, 20.0):
+        assert sub.timeout_s.shape == sub.arrival_s.shape
+        assert np.array_equal(sub.timeout_s, client_limits_s(sub.arrival_s))
+
+
 def test_same_inputs_same_predictions_bit_for_bit(tmp_path):
     rng = np.random.default_rng(1)
     n = 300
@@ -196,6 +222,35 @@ def test_ground_truth_never_changes_predictions(tmp_path):
     assert without["rows"]["predicted"].equals(with_gt["rows"]["predicted"])
 
 
+def test_one_saturation_rule_everywhere():
+    """ "Saturated" is stepml_core.rules.is_saturated wherever a run is judged (issue 20, point 9c): the calibration
+    (from a request log), the replay scores (replay.csv's observed figures), the synthesizer's calibration table
+    (the public aggregates). Before, the synthesizer's table read a mean TTFT above 10 s, the others above 5 s: a
+    run at 7 s was saturated for the calibration and not for the synthesizer."""
+    from stepml_core.calibrate import is_saturated as table_saturated
+    from stepml_core.replay_report import run_status
+    from stepml_core.rules import SATURATED_TTFT_S, is_saturated
+    from stepml_core.synth.calibration import is_saturated as ref_saturated
+
+    for failed, ttft in ((0, 0.1), (0, 7.0), (0, 2 * SATURATED_TTFT_S + 1), (3, 0.1), (0, None)):
+        want = is_saturated(failed, ttft)
+        n = 10
+        table = pl.DataFrame(
+            {
+                "observed_has_error": [True] * failed + [False] * (n - failed),
+                "observed_ttft_s": [None] * failed + [ttft] * (n - failed),
+            },
+            schema={"observed_has_error": pl.Boolean, "observed_ttft_s": pl.Float64},
+        )
+        assert table_saturated(table) == want, (failed, ttft)
+        rows = pl.DataFrame(
+            {"experiment_id": ["r", "r"], "metric": ["successes", "ttft_mean"], "observed": [n - failed, ttft]},
+            schema={"experiment_id": pl.Utf8, "metric": pl.Utf8, "observed": pl.Float64},
+        )
+        assert run_status(rows, {"r": n})["saturated"][0] == want, (failed, ttft)
+        assert ref_saturated({"num_failed": str(failed), "ttft_mean_s": "" if ttft is None else str(ttft)}) == want
+
+
 def test_scoring_definitions():
     pred = pl.DataFrame(
         {
@@ -219,7 +274,7 @@ def test_scoring_definitions():
     d = {r["metric"]: r for r in rows}
     assert d["successes"]["predicted"] == 2 and d["successes"]["observed"] == 3
     assert d["e2e_mean"]["predicted"] == pytest.approx(1.65) and d["e2e_mean"]["observed"] == pytest.approx(4 / 3)
-    assert d["decode_interval_mean"]["predicted"] == pytest.approx(((1.0 / 10) + (2.0 / 10)) / 2)
+    assert d["decode_time_per_token_mean"]["predicted"] == pytest.approx(((1.0 / 10) + (2.0 / 10)) / 2)
     assert d["throughput_rps"]["predicted"] == pytest.approx(2 / (2 + CLIENT_TIMEOUT_S))  # ends: last start + timeout
     assert d["e2e_mean"]["rel_err_pct"] == pytest.approx((1.65 - 4 / 3) / (4 / 3) * 100)
     assert per["requests_both_succeeded"] == 2 and per["e2e_median_ape_pct"] == pytest.approx(10.0)
@@ -518,12 +573,91 @@ def test_recommendation_never_reads_the_scored_runs_errors():
         return pl.DataFrame(out)
 
     llm = {"r1": "m", "r2": "m", "r3": "m"}
+    facts = {e: {"llm_model": "m", "workload": f"w{e}", "role": "test"} for e in llm}
     picks = []
     for err in (0.1, 50.0):
         r = rows(err)
         st = run_status(r, {"r1": 100, "r2": 100, "r3": 100})
-        picks.append(dict(recommend(r, llm, st).iter_rows()))
-    assert picks[0] == picks[1] and picks[0]["r1"] == "B"  # B is best on r2 and r3, whatever A does on r1
+        picks.append({e: m for e, m, _ in recommend(r, facts, st).iter_rows()})
+    assert picks[0]["r1"] == picks[1]["r1"] == "B"  # B is best on r2 and r3, whatever A does on r1
     per = recommend_per_llm(rows(0.1), llm, run_status(rows(0.1), {"r1": 100, "r2": 100, "r3": 100}))
     # out-of-sample rows only: B's in-sample 2 % on r2 does not count (B: 5, 3 → 4; A: 0.1, 9, 8 → 5.7)
     assert per.row(0, named=True)["step_model"] == "B" and per.row(0, named=True)["runs"] == 2
+
+
+def _replay_rows(errs: dict[tuple[str, str], tuple[float, str]]) -> pl.DataFrame:
+    """replay.csv rows: per (run, step model) an error % on e2e_mean and ttft_mean, fitted on the runs named."""
+    out = []
+    for (e, m), (err, fitted) in errs.items():
+        for metric in ("e2e_mean", "ttft_mean", "successes"):
+            out.append(
+                {
+                    "experiment_id": e,
+                    "source": "real",
+                    "role": "test",
+                    "step_model": m,
+                    "fitted_on": fitted,
+                    "sample": "in_sample" if e in fitted.split(";") else "out_of_sample",
+                    "metric": metric,
+                    "predicted": 100.0 if metric == "successes" else 1 + err / 100,
+                    "observed": 100.0 if metric == "successes" else 1.0,
+                    "rel_err_pct": 0.0 if metric == "successes" else err,
+                }
+            )
+    return pl.DataFrame(out)
+
+
+def test_recommendation_is_nested_no_score_that_saw_the_scored_run_decides():
+    """Issue 20 point 1: for run X (llama, codegen) a leave-one-workload-out fold of another llama workload
+    calibrated on X, so its error there carries X's ground truth; the run-roles and leave-one-model-out rows of
+    other runs could not have used X. Making those X-fed rows as good or as bad as one likes must not change X's
+    pick, while making a row that never saw X worse does. Runs of every LLM model count."""
+    from stepml_core.replay_report import recommend, run_status
+
+    runs = {
+        "l-codegen": ("llama", "codegen", "test"),
+        "l-general": ("llama", "general", "train"),
+        "l-roleplay": ("llama", "roleplay", "validate"),
+        "m-codegen": ("mixtral", "codegen", "validate"),
+        "m-general": ("mixtral", "general", "train"),
+    }
+    facts = {e: {"llm_model": m, "workload": w, "role": r} for e, (m, w, r) in runs.items()}
+
+    def errs(lowo_fed_by_x: float, roles_other: float) -> dict:
+        return {
+            ("l-codegen", "requests_lowo"): (1.0, "l-general;l-roleplay"),
+            ("l-codegen", "requests_roles"): (1.0, "l-general"),
+            ("l-roleplay", "requests_lowo"): (lowo_fed_by_x, "l-codegen;l-general"),  # calibrated on X
+            ("l-roleplay", "requests_roles"): (roles_other, "l-general"),  # X is not a train run: never saw X
+            ("m-codegen", "requests_lowo"): (6.0, "m-general"),  # another LLM model: never saw X
+            ("m-codegen", "requests_roles"): (roles_other, "m-general"),
+        }
+
+    def pick(*a) -> str:
+        r = _replay_rows(errs(*a))
+        st = run_status(r, dict.fromkeys(runs, 100))
+        return {e: m for e, m, _ in recommend(r, facts, st).iter_rows()}["l-codegen"]
+
+    # lowo's only score that never saw X is 6 % (mixtral); roles' are 5 % on both runs
+    assert pick(0.0, 5.0) == pick(100.0, 5.0) == "requests_roles"
+    assert pick(0.0, 9.0) == "requests_lowo"  # a row that never saw X does decide
+    st = run_status(_replay_rows(errs(0.0, 5.0)), dict.fromkeys(runs, 100))
+    rec = {e: n for e, _, n in recommend(_replay_rows(errs(0.0, 5.0)), facts, st).iter_rows()}
+    assert rec["l-codegen"] == 2  # two other runs' replays scored the winner
+
+
+def test_a_model_fitted_on_a_runs_synthetic_twin_is_in_sample_for_it():
+    """Issue 20 point 4: a model fitted on X-synth (built from X's aggregates) replayed on real X is in sample, and
+    a step-trained source that is not X's twin is preferred for X."""
+    from stepml_core.replay_models import sample_of, specs_for_run
+
+    x = "20260217-155451-llama-2-7b-tp1-codegen"
+    twin = {"name": "ridge_30f", "kind": "stepml_export", "llm_model": "llama-2-7b", "fitted_on": [x + "-synth"]}
+    twin |= {"source_run": x + "-synth", "stands_for": [x], "n_fit": 900}
+    other = {**twin, "fitted_on": ["r-other"], "source_run": "r-other", "stands_for": [], "n_fit": 100}
+    assert sample_of(twin, x, None) == "in_sample"
+    assert sample_of(twin, x + "-synth", x) == "in_sample"
+    assert sample_of({**twin, "fitted_on": [x], "stands_for": []}, x + "-synth", x) == "in_sample"
+    assert sample_of(other, x, None) == "out_of_sample"
+    assert specs_for_run([twin, other], x, "llama-2-7b")[0]["source_run"] == "r-other"  # despite fewer steps
+    assert specs_for_run([twin], x, "llama-2-7b")[0]["source_run"] == x + "-synth"  # the only one: in sample

@@ -135,7 +135,7 @@ def test_request_only_runs_are_replayed_and_reported(study):
         "e2e_p50",
         "e2e_p90",
         "e2e_p99",
-        "decode_interval_mean",
+        "decode_time_per_token_mean",
         "throughput_rps",
         "successes",
     }

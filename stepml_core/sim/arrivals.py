@@ -78,20 +78,21 @@ class StagedArrivals:
 
 class FixedArrivals:
     """Recorded arrival times (s from the first request); ingress = ``ingress_s_of(prompt_len, api_tokens_per_s)``;
-    a client that has no answer after ``timeout_s`` aborts (the engine learns it ``abort_lag_s`` later)."""
+    a client that has no answer after ``timeout_s`` (per request, or one for all) aborts (the engine learns it
+    ``abort_lag_s`` later)."""
 
     def __init__(
-        self, arrival_s: np.ndarray, timeout_s: float, ingress_s_of, *, mono0: float = 1.0, abort_lag_s: float = 0.001
+        self, arrival_s: np.ndarray, timeout_s, ingress_s_of, *, mono0: float = 1.0, abort_lag_s: float = 0.001
     ):
         self.arrival_s = np.asarray(arrival_s, dtype=np.float64)
         self.mono0 = float(mono0)  # engine clock at the first arrival (> 0: 0.0 marks 'unknown')
-        self.timeout_s = float(timeout_s)
+        self.timeout_s = np.broadcast_to(np.asarray(timeout_s, dtype=np.float64), self.arrival_s.shape)
         self.abort_lag_s = float(abort_lag_s)
         self.ingress_of = ingress_s_of
 
     def start(self, engine) -> None:
-        heap, mono0, to = engine.abort_heap, self.mono0, self.timeout_s
-        for R, a in zip(engine.reqs, self.arrival_s.tolist()):
+        heap, mono0 = engine.abort_heap, self.mono0
+        for R, a, to in zip(engine.reqs, self.arrival_s.tolist(), self.timeout_s.tolist()):
             R.api_arrival = mono0 + a
             R.api_abort = mono0 + a + to
             heap.append((mono0 + a + to + self.abort_lag_s, R.idx))

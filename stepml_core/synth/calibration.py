@@ -22,6 +22,7 @@ import numpy as np
 import polars as pl
 
 from ..paths import REFERENCE_DIR
+from ..rules import is_saturated as rules_saturated
 from ..runs import RunMetadata, read_run_metadata
 
 TOL_LATENCY = 0.15
@@ -50,8 +51,9 @@ def load_reference(runs_csv: Path | None = None) -> dict[str, dict]:
 
 
 def is_saturated(ref: dict) -> bool:
-    """A real run whose clients timed out or whose mean TTFT is above 10 s (the reasoning runs)."""
-    return int(ref.get("num_failed") or 0) > 0 or float(ref.get("ttft_mean_s") or 0) > 10.0
+    """A real run's public figures (failures, mean TTFT) judged by stepml_core.rules.is_saturated."""
+    ttft = ref.get("ttft_mean_s")
+    return rules_saturated(int(ref.get("num_failed") or 0), float(ttft) if ttft not in (None, "") else None)
 
 
 def _summary_figures(summary: dict, output_len: int) -> dict:

@@ -13,7 +13,9 @@
   195–209 of 247–251, come from: their E2E latencies show full-length generation).
 * constant-rate stages: the stage's request count rate × duration × scale, arrival times a
   Poisson process conditioned on that count (sorted uniforms).
-* client timeout ≈ 300 s (aiohttp's default total timeout), uniform in [300, 301] s.
+* client timeout: stepml_core.rules' limit (300 s, rounded up by aiohttp to the client's next whole second), drawn
+  uniformly in [300, 301] s per request (the grid's phase is not modelled); ``client_timeout_s`` in the engine
+  parameters overrides it (a test's short timeouts).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..rules import CLIENT_TIMEOUT_S, CLIENT_TIMEOUT_TICK_S
 from .spec import QUANTILE_KEYS, QUANTILE_PROBS, RunSpec, client_token_counts, engine_params
 
 
@@ -104,7 +107,7 @@ def build_workload(spec: RunSpec, scale: float, rng: np.random.Generator) -> Wor
         outc = np.rint(quantile_sampler(q, "output_len", spec.output_len_mean)(rng.random(n))).astype(np.int64)
     else:
         outc = np.full(n, spec.output_len, dtype=np.int64)
-    lo, hi = P["client_timeout_s"]
+    lo, hi = P.get("client_timeout_s", (CLIENT_TIMEOUT_S, CLIENT_TIMEOUT_S + CLIENT_TIMEOUT_TICK_S))
     timeout = rng.uniform(lo, hi, n)
     return Workload(
         prompt_lens=lens,
