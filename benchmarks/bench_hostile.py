@@ -15,6 +15,16 @@ Each case runs in its own fresh process (so its peak RSS is its own) on inputs b
 * ``ingest_real`` - read_traces on the real traces (../shared/real), best of 5: the cost of hashing
   while reading (compare with the same command on an older checkout).
 
+Request logs (issue 21), on a 300-request log built here (arrivals every 0.1 s, 600-token prompts, 100 tokens out,
+Llama-2-7B's 7,462 KV blocks, max_model_len 4096):
+
+* ``request_huge``   - one request of 200,000 prompt tokens: the request log read and replayed with the physics
+  model (the request is refused as vLLM does; before, every later step was empty until its client gave up);
+* ``request_bomb``   - requests.json.gz of 8 GiB of spaces (128 members, 8 MB): stopped by max_inflate_ratio;
+* ``timelines_20m``, ``timelines_6h``, ``timelines_24h`` - calibration's request timelines of the log with its last
+  arrival 20 min / 6 h / 24 h after the first (the memory max_request_span_s bounds; the read itself refuses a
+  span over 6 h).
+
     python benchmarks/bench_hostile.py [--cases lines_bomb,long_line,...]
 """
 
@@ -35,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 REAL = ROOT.parent / "shared" / "real" / "experiments"
 CASES = ["lines_bomb", "long_line", "repeat_bomb", "yaml_bomb", "sensor_bomb", "dead_worker", "ingest_real"]
+CASES += ["request_huge", "request_bomb", "timelines_20m", "timelines_6h", "timelines_24h"]
 RID = "20260101-120000-llama-2-7b-tp1-codegen"
 
 
@@ -117,6 +128,8 @@ def case(name: str, tmp: Path) -> dict:
         return ingest_real()
     elif name == "dead_worker":
         return dead_worker(tmp)
+    elif name.startswith(("request_", "timelines_")):
+        return request_case(name, tmp)
     else:
         raise SystemExit(f"unknown case {name}")
     size = sum(p.stat().st_size for p in d.iterdir())
@@ -127,6 +140,66 @@ def case(name: str, tmp: Path) -> dict:
     except Exception as e:  # noqa: BLE001 - the outcome is what is measured
         result = f"{type(e).__name__}: {str(e).replace(str(tmp), '…')}"
     return {"case": name, "input_bytes": size, "seconds": round(time.perf_counter() - t, 2), "outcome": result}
+
+
+def _request_folder(root: Path, huge: bool = False, last_s: float | None = None, bomb: bool = False) -> Path:
+    n = 300
+    reqs = [
+        {"index": i, "arrival_time_us": i * 100_000, "input_tokens": 600, "output_tokens": 100, "has_error": False}
+        for i in range(n)
+    ]
+    if huge:
+        reqs[5]["input_tokens"] = 200_000
+    if last_s is not None:
+        reqs[-1]["arrival_time_us"] = int(last_s * 1e6)
+    header = {
+        "split": "train",
+        "config": {"max_num_seqs": 128, "max_num_batched_tokens": 2048, "kv_blocks_total_gpu": 7462},
+    }
+    d = _run_folder(
+        root,
+        "ground_truth.json",
+        json.dumps([{"index": i, "has_error": False, "ttft_s": 0.1, "e2e_s": 2.0} for i in range(n)]).encode(),
+        "max_model_len: 4096\n",
+    )
+    if bomb:
+        (d / "requests.json.gz").write_bytes(gzip.compress(b" " * (64 << 20), compresslevel=9, mtime=0) * 128)
+    else:
+        (d / "requests.json").write_text(json.dumps({**header, "requests": reqs}))
+    return d
+
+
+def request_case(name: str, tmp: Path) -> dict:
+    """Read (and replay, or build the calibration timelines of) a request log built by _request_folder."""
+    from stepml_core import pipeline
+    from stepml_core.limits import InputLimits
+
+    spans = {"timelines_20m": 1200.0, "timelines_6h": 6 * 3600.0, "timelines_24h": 24 * 3600.0}
+    d = _request_folder(tmp, huge=name == "request_huge", last_s=spans.get(name), bomb=name == "request_bomb")
+    size = sum(p.stat().st_size for p in d.iterdir())
+    t = time.perf_counter()
+    try:
+        limits = InputLimits.from_env(max_request_span_s=max(spans.values()) + 1) if name in spans else None
+        stored = pipeline.request_log(d, tmp, limits)
+        result = _request_outcome(name, d, stored)
+    except Exception as e:  # noqa: BLE001 - the outcome is what is measured
+        result = f"{type(e).__name__}: {str(e).replace(str(tmp), '…')}"
+    return {"case": name, "input_bytes": size, "seconds": round(time.perf_counter() - t, 2), "outcome": result}
+
+
+def _request_outcome(name: str, d: Path, stored: dict) -> str:
+    from stepml_core import pipeline
+    from stepml_core.calibrate import CalibrationRun, request_timelines
+    from stepml_core.replay import PhysicsServingModel, replay, replay_workload
+    from stepml_core.runs import read_run_metadata
+
+    meta = read_run_metadata(d)
+    ctx = pipeline.replay_context(d.name, meta, stored["header"])
+    if name == "request_huge":
+        r = replay(replay_workload(stored["requests"], ctx), PhysicsServingModel(), ctx)
+        return f"replayed: {r.steps} steps, {r.counters.get('refused', 0)} refused, {r.counters['empty_steps']} empty"
+    tl = request_timelines(CalibrationRun(d.name, meta.model, meta.workload, "train", stored["requests"], ctx))
+    return f"timelines of {tl.arrival_s.size} requests over {tl.arrival_s.max():.0f} s"
 
 
 def sensor_case(tmp: Path) -> dict:

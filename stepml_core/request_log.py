@@ -205,7 +205,7 @@ def has_request_log(folder: Path) -> bool:
     return any(os.path.lexists(Path(folder) / n) for n in (*REQUESTS_FILES, LIFECYCLE_FILE))
 
 
-def _inflate(data: bytes, path: Path, limits: InputLimits) -> bytes:
+def _inflate(data: bytes, path: Path, limits: InputLimits) -> bytearray:
     """A gzip file's bytes inflated in 16 MiB pieces, within limits.max_request_bytes and limits.max_inflate_ratio
     (judged past 64 MiB inflated); a stream cut short or corrupt is an error naming the file (a log must be whole)."""
     cap, out = limits.max_request_bytes, bytearray()
@@ -215,13 +215,14 @@ def _inflate(data: bytes, path: Path, limits: InputLimits) -> bytes:
             piece = d.decompress(rest, 16 << 20)
             out += piece
             rest = d.unconsumed_tail
+            consumed = len(data) - len(rest) - len(d.unused_data)  # compressed bytes inflated so far (all members)
             if len(out) > cap:
                 raise InputLimitError(
                     f"{path}: inflates to more than {cap} bytes (limit {limits.describe('max_request_bytes')})"
                 )
-            if len(out) > RATIO_FLOOR_BYTES and len(out) > limits.max_inflate_ratio * len(data):
+            if len(out) > RATIO_FLOOR_BYTES and len(out) > limits.max_inflate_ratio * max(1, consumed):
                 raise InputLimitError(
-                    f"{path}: inflates more than {limits.max_inflate_ratio:g}x ({len(out)} bytes from {len(data)} "
+                    f"{path}: inflates more than {limits.max_inflate_ratio:g}x ({len(out)} bytes from {consumed} "
                     f"compressed; limit {limits.describe('max_inflate_ratio')}): a gzip bomb?"
                 )
             if d.eof and d.unused_data:  # the next gzip member
@@ -235,7 +236,7 @@ def _inflate(data: bytes, path: Path, limits: InputLimits) -> bytes:
             f"{path}: truncated gzip stream ({len(out)} bytes inflated before the compressed data ends); "
             "a request log is read whole or not at all"
         )
-    return bytes(out)
+    return out
 
 
 def _load_json(path: Path, *, root: Path | None, limits: InputLimits, reads: dict | None = None):
