@@ -318,10 +318,12 @@ def request_log(folder: Path, data_root: Path | None = None, limits=None) -> dic
     known and able to hold one max_model_len sequence (vLLM does not start otherwise). Every problem is a
     RequestLogError (or RunMetadataError) naming the file and key: this run fails, alone."""
     from .ingest import fingerprint, fingerprint_digest
-    from .request_log import RequestLogError, read_request_log
+    from .request_log import RequestLogError, has_request_log, read_request_log
     from .runs import read_run_metadata
 
     folder = Path(folder)
+    if not has_request_log(folder):
+        return None  # (its metadata is raw_traces' to read and judge)
     meta = read_run_metadata(folder, data_root=data_root, limits=limits)
     reads: dict = {}
     log = read_request_log(folder, data_root=data_root, limits=limits, exp_config=meta.exp_config, reads=reads)
