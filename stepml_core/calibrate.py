@@ -611,6 +611,8 @@ class _Objective:
         for r in runs:
             w = replay_workload(r.table, r.ctx, seed=seed)
             parts = window_workloads(w, *windows) if windows else [(w, np.ones(w.index.size, dtype=bool))]
+            truth = r.table.filter(pl.col("observed_has_error").is_not_null())["index"].to_numpy()
+            parts = [(sub, keep & np.isin(sub.index, truth)) for sub, keep in parts]  # score what has ground truth
             scored = np.concatenate([sub.index[keep] for sub, keep in parts])
             self.work.append((r, parts))
             self.observed.append(_observed_summary(r.table.filter(pl.col("index").is_in(scored))))

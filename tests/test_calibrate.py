@@ -521,3 +521,27 @@ def test_the_saturated_runs_treatment_is_chosen_inside_the_calibration_runs():
     one = choose_saturated_setting([calm[0], cpu_bound], prior)
     assert (one.one_sided, one.weight) == SATURATED_SETTINGS[0] and one.chosen_by.startswith("fixed in advance")
     assert choose_saturated_setting(calm, prior).chosen_by.startswith("not needed")
+
+
+def test_stage_two_scores_only_the_requests_with_ground_truth():
+    """Issue 21: truth for half the requests made stage 2 count the other half as observed failures (and predicted
+    successes); both sides now cover the requests with truth only, and those without stay in the load."""
+    from stepml_core.calibrate import _Objective
+
+    run = _run("20260101-000000-llama-2-7b-tp1-codegen", 4.0, 60.0, 600, 1)
+    n = run.table.height
+    half = replace(
+        run,
+        table=run.table.with_columns(
+            *(
+                pl.when(pl.col("index") < n // 2).then(pl.col(c)).otherwise(None).alias(c)
+                for c in ("observed_has_error", "observed_ttft_s", "observed_e2e_s")
+            )
+        ),
+    )
+    whole = _Objective(TRUTH, [run], 0, None)
+    part = _Objective(TRUTH, [half], 0, None)
+    ok_first_half = int((~run.table.filter(pl.col("index") < n // 2)["observed_has_error"]).sum())
+    assert part.observed[0]["successes"] == ok_first_half < whole.observed[0]["successes"]
+    x0 = np.zeros(2)
+    assert part.evaluate(x0)[1][0]["successes"] <= n // 2 < whole.evaluate(x0)[1][0]["successes"]
