@@ -511,9 +511,10 @@ def check_header(doc: dict, path: Path, exp_config: dict | None = None) -> dict:
             problems.append(f"key config.{k}: expected an integer from {lo} to {hi}, got {_short(v)}")
         elif not lo <= v <= hi:
             problems.append(f"key config.{k}: {v} is outside {lo}..{hi}")
+    bad = {p.split(":")[0].removeprefix("key config.") for p in problems}
     for k in HEADER_VS_EXP_CONFIG:
         ev, hv = (exp_config or {}).get(k), cfg.get(k)
-        if ev is not None and hv is not None and ev != hv and not problems:
+        if ev is not None and hv is not None and ev != hv and k not in bad:
             problems.append(f"key config.{k}: {hv}, but exp-config.yaml says {ev} (one run has one setting)")
     split = doc.get("split")
     if split is not None and split not in ROLES:
