@@ -329,6 +329,12 @@ def request_log(folder: Path, data_root: Path | None = None, limits=None) -> dic
     log = read_request_log(folder, data_root=data_root, limits=limits, exp_config=meta.exp_config, reads=reads)
     if log is None:
         return None
+    tp = (log.header.get("config") or {}).get("tensor_parallelism")
+    if tp is not None and tp != meta.run.tp:
+        raise RequestLogError(
+            f"{folder / log.files[0]}: key config.tensor_parallelism: {tp}, but the run id {folder.name!r} says "
+            f"tp{meta.run.tp}"
+        )
     problem = replayable(replay_context(folder.name, meta, log.header))
     if problem:
         raise RequestLogError(f"{folder / log.files[0]}: {problem}")

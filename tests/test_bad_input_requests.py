@@ -38,6 +38,7 @@ CASES = [
     "budget_negative",
     "kv_one_block",
     "header_disagrees",
+    "header_tp",
     "symlink_log",
     "symlink_truth",
     "fifo_log",
@@ -138,6 +139,12 @@ def corpus(tmp_path_factory):
     make("budget_negative", hdr=with_config(max_num_batched_tokens=-2048))
     make("kv_one_block", hdr=with_config(kv_blocks_total_gpu=1))
     make("header_disagrees", hdr=with_config(max_num_seqs=64))  # exp-config.yaml says 128
+    d = make("header_tp", hdr=with_config(tensor_parallelism=2))  # the run id says tp1; exp-config.yaml says none
+    (d / "exp-config.yaml").write_text(
+        "".join(
+            line for line in (d / "exp-config.yaml").read_text().splitlines(True) if "tensor_parallelism" not in line
+        )
+    )
     d = make("symlink_log")
     (outside / "requests.json").write_bytes((d / "requests.json").read_bytes())
     (d / "requests.json").unlink()
@@ -268,6 +275,10 @@ def test_an_arrival_a_week_late_fails_the_run_naming_the_limit(corpus):
             "requests.json: key config.kv_blocks_total_gpu: 1 blocks (16 tokens) cannot hold one sequence",
         ),
         ("header_disagrees", "requests.json: key config.max_num_seqs: 64, but exp-config.yaml says 128"),
+        (
+            "header_tp",
+            f"requests.json: key config.tensor_parallelism: 2, but the run id '{run_id('header_tp')}' says tp1",
+        ),
     ],
 )
 def test_a_bad_header_fails_that_run_alone_naming_file_and_key(corpus, case, needle):
