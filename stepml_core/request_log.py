@@ -16,7 +16,13 @@ A run folder may hold either or both of
 ``index, arrival_time_us, input_tokens, output_tokens, prefix_group, has_error`` and the
 observed ``observed_has_error, observed_ttft_s, observed_e2e_s`` (null where the run's ground
 truth is absent: such a run can be predicted, not scored). Records that fail the schema go to
-the quarantine (file, record index, reason): records in = kept + quarantined.
+the quarantine (file, record index, reason): records in = kept + quarantined; truth that fails its rules is
+quarantined (kind ``ground_truth``) while its request stays in the load (the load never depends on the truth).
+
+Every file is read as traces are (runs.read_input_bytes: a regular file inside the data root, bounded; gzip within
+max_request_bytes and max_inflate_ratio); the header's ``config`` is checked (check_header); the truth is matched
+to the requests by index (match_truth). A file that cannot be used raises RequestLogError, one line naming the
+file and the key, record or limit: that run fails alone.
 """
 
 from __future__ import annotations
