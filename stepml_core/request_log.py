@@ -41,6 +41,7 @@ from .errors import StepMLError
 from .limits import DEFAULT_LIMITS, InputLimitError, InputLimits
 from .runs import (
     EXP_CONFIG_INT_KEYS,
+    GROUND_TRUTH_FILES,  # noqa: F401 - re-exported: callers (oos_audit) import it from here
     LIFECYCLE_FILE,
     REQUESTS_FILES,
     RunMetadataError,
