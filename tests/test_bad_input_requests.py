@@ -93,6 +93,8 @@ def _base_log(tmp_path_factory) -> tuple[Path, dict, list[dict], list[dict]]:
             "max_num_batched_tokens": 2048,
             "kv_blocks_total_gpu": kv,
             "block_size": 16,
+            "num_prefix_groups": 0,  # as the 16 real headers say; the profile (what ran) says 10 groups, 100 tokens
+            "system_prompt_len": 0,
         },
     }
     return src, header, reqs, truth
@@ -249,6 +251,14 @@ def test_good_runs_replayed_and_scored_the_study_goes_on(corpus):
     for case in ("good", "good_test"):
         assert corpus["first"][case].height == corpus["info"]["n"]
         assert _replay_rows(corpus, case)["observed"].is_not_null().any() or case == "good_test"
+
+
+def test_header_shape_values_the_replay_does_not_use_are_a_stated_choice(corpus):
+    stored = json.loads((corpus["out"] / "assets" / "replay" / run_id("good") / "_values.json").read_text())
+    choice = stored["assumptions"]["header_not_used"]
+    assert choice["system_prompt_len"]["header"] == 0 and choice["system_prompt_len"]["used"] == 100
+    assert choice["num_prefix_groups"]["header"] == 0 and choice["num_prefix_groups"]["used"] == 10
+    assert choice["system_prompt_len"]["from"] in ("results/config.yaml", "profile.yaml")
 
 
 def test_a_request_that_can_never_fit_is_refused_as_vllm_does_not_a_stall(corpus):
