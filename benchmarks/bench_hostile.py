@@ -23,7 +23,7 @@ Llama-2-7B's 7,462 KV blocks, max_model_len 4096):
 * ``request_bomb``   - requests.json.gz of 8 GiB of spaces (128 members, 8 MB): stopped by max_inflate_ratio;
 * ``timelines_20m``, ``timelines_6h``, ``timelines_24h`` - calibration's request timelines of the log with its last
   arrival 20 min / 6 h / 24 h after the first (the memory max_request_span_s bounds; the read itself refuses a
-  span over 6 h).
+  span over a day).
 
     python benchmarks/bench_hostile.py [--cases lines_bomb,long_line,...]
 """

@@ -44,9 +44,10 @@ class InputLimits:
     max_request_bytes: int = 1 << 30
     """bytes of one request log or ground-truth file once inflated (1 GiB; the 16 real logs: at most 2.0 MB,
     inference-perf's per-request files of real runs ~160 MB)"""
-    max_request_span_s: float = 6 * 3600.0
-    """seconds from a request log's first arrival to its last (6 h; the 16 real runs: 20 min). Calibration's request
-    timelines cost memory in proportion (~0.1 GB per hour of span): one arrival a week late would need ~10 GB"""
+    max_request_span_s: float = 24 * 3600.0
+    """seconds from a request log's first arrival to its last (a day; the 16 real runs: 20 min; 10^6 requests at the
+    real runs' highest rate, 14/s: 20 h). Calibration's request timelines cost memory in proportion (~0.06 GB per
+    hour of span; 1.6 GB at a day): one arrival a week late needed ~5 GB"""
 
     @classmethod
     def from_env(cls, environ: dict | None = None, **overrides) -> "InputLimits":
