@@ -54,6 +54,7 @@ CASES = [
     "two_logs",
     "two_truths",
     "traced_cut",
+    "long_prompts",
 ]
 MAX_REQUEST_BYTES = 16 << 20  # the corpus runs with STEPML_MAX_REQUEST_BYTES at 16 MiB to test that limit cheaply
 MODEL = "requests_roles"  # one calibrated model for every run of the LLM: equal loads give equal predictions
@@ -191,6 +192,18 @@ def corpus(tmp_path_factory):
     (d / "requests.json.gz").write_bytes(gzip.compress((d / "requests.json").read_bytes(), mtime=0))
     d = make("two_truths")
     (d / "ground_truth.json.gz").write_bytes(gzip.compress((d / "ground_truth.json").read_bytes(), mtime=0))
+    # 200 prompts of 17,000-17,199 tokens, 10 s apart: alone in the engine; as many lengths as the profile's 100
+    # prompts or more, so each length is one prompt and consecutive requests have consecutive prompt ids
+    long = [{**reqs[0], "index": i, "arrival_time_us": i * 10_000_000, "input_tokens": 17_000 + i} for i in range(200)]
+    d = make("long_prompts", long, hdr={**header, "split": "test"})
+    (d / "ground_truth.json").unlink()  # predicted only: out of every calibration
+    (d / "exp-config.yaml").write_text((d / "exp-config.yaml").read_text().replace("4096", "32768"))
+    for f in (d / "results" / "config.yaml", d / "profile.yaml"):  # no shared system prompt: nothing to share at all
+        f.write_text(
+            f.read_text()
+            .replace("system_prompt_len: 100", "system_prompt_len: 0")
+            .replace('"system_prompt_len":100', '"system_prompt_len":0')
+        )
     d = make("traced_cut", keep_traces=True)
     blob = (d / "traces.json.gz").read_bytes()
     (d / "traces.json.gz").write_bytes(blob[: len(blob) // 2])
@@ -375,6 +388,16 @@ def test_values_over_64_bits_are_quarantined_naming_the_record(corpus):
 
 def test_an_empty_request_list_fails_with_a_clear_error(corpus):
     _failed_with(corpus, "empty", "requests.json: key requests: the list is empty")
+
+
+def test_prompts_over_16384_tokens_get_no_false_prefix_cache_hits(corpus):
+    """Each request runs alone with its own prompt: TTFT grows with the prompt. With keys 1,024 blocks apart, the
+    blocks past 16,384 tokens of one prompt were found as the next prompt's first blocks (false hits, a faster
+    TTFT for every request after the first)."""
+    _ok(corpus, "long_prompts")
+    ttft = _per_request(corpus["out"], "long_prompts").sort("index")["ttft_s"].to_list()
+    assert len(ttft) == 200 and all(t is not None for t in ttft)
+    assert all(b >= a * (1 - 1e-9) for a, b in zip(ttft, ttft[1:])), ttft
 
 
 @pytest.mark.parametrize("case,kind", [("two_logs", "requests"), ("two_truths", "ground truth")])
