@@ -1,11 +1,15 @@
 """Coverage of the 90 % intervals of the request-calibrated out-of-sample predictions, bootstrap only and widened
-(stepml_core.conformal), per protocol and metric (README, *Calibration from request logs*).
+(stepml_core.conformal), per protocol, metric and regime (observed saturated or not), each k/n with its exact 95 %
+binomial interval, the widened coverage the method gives by construction, and the intervals that carry no evidence
+counted apart (stepml_core.coverage; README, *Calibration from request logs*).
 
     python benchmarks/interval_coverage.py --study OUT [--metrics all]
 
-Reads OUT/replay_intervals.csv of a `stepml run`. A file written before the widening (no ``boot_lo`` column) holds the
-bootstrap intervals only: they are widened here exactly as ``replay_fidelity`` does (the LLM model and workload of each
-run from its run id), so the figures of an earlier study are recomputed without replaying anything.
+Reads OUT/replay_intervals.csv of a `stepml run`, and OUT/replay.csv with the per-request tables under OUT/replay/
+for each run's regime (replay_report.run_status, the study's own rule). A file written before the widening (no
+``boot_lo`` column) holds the bootstrap intervals only: they are widened here exactly as ``replay_fidelity`` does (the
+LLM model and workload of each run from its run id), so the figures of an earlier study are recomputed without
+replaying anything.
 """
 
 from __future__ import annotations
@@ -18,11 +22,53 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def saturation(study: Path) -> dict[str, bool]:
+    """Per scored run: saturated as the study decides it (replay_report.run_status over replay.csv; the request count
+    from the run's per-request replay table). Empty where replay.csv is missing."""
+    import polars as pl
+
+    from stepml_core.replay_report import run_status
+
+    if not (study / "replay.csv").is_file():
+        return {}
+    rows = pl.read_csv(study / "replay.csv", infer_schema_length=None)
+    requests = {}
+    for e in rows["experiment_id"].unique().to_list():
+        tables = sorted((study / "replay" / e).glob("*.parquet"))
+        if tables:
+            requests[e] = pl.scan_parquet(tables[0]).select(pl.len()).collect().item()
+    st = run_status(rows, requests)
+    return {r["experiment_id"]: bool(r["saturated"]) for r in st.iter_rows(named=True) if r["scored"]}
+
+
+def print_table(cov) -> None:
+    from stepml_core.coverage import coverage_cell, not_counted_cell
+
+    head = (
+        f"{'protocol':8s} {'metric':22s} {'regime':13s} {'n':>3s}  {'bootstrap: inside [95 % CI]':27s} "
+        f"{'width %':>7s}  {'widened: inside [95 % CI]':27s} {'constr %':>8s} {'width %':>7s} {'q %':>6s} "
+        f"{'scores':>7s}  not counted / wide (bootstrap | widened)"
+    )
+    print(head)
+    for r in cov.iter_rows(named=True):
+        bw, ww, bc = r["boot_median_width_pct"], r["median_width_pct"], r["by_construction_pct"]
+        print(
+            f"{r['protocol']:8s} {r['metric']:22s} {r['regime']:13s} {r['predictions']:3d}  "
+            f"{coverage_cell(r['boot_inside'], r['boot_counted'], r['boot_cp_lo_pct'], r['boot_cp_hi_pct']):27s} "
+            f"{'–' if bw is None else f'{bw:.1f}':>7s}  "
+            f"{coverage_cell(r['inside'], r['counted'], r['cp_lo_pct'], r['cp_hi_pct']):27s} "
+            f"{'–' if bc is None else f'{bc:.0f}':>8s} "
+            f"{'–' if ww is None else f'{ww:.1f}':>7s} {r['median_q_pct']:6.1f} "
+            f"{r['scores_min']:>3d}–{r['scores_max']:<3d}  {not_counted_cell(r, 'boot_')} | {not_counted_cell(r)}"
+        )
+
+
 def main(argv=None) -> int:
     import polars as pl
 
-    from stepml_core.calibration_report import METRICS, _coverage
-    from stepml_core.conformal import widen_intervals
+    from stepml_core.calibration_report import METRICS
+    from stepml_core.conformal import CONFORMAL_LEVEL, widen_intervals
+    from stepml_core.coverage import WIDE_PCT, clopper_pearson, coverage_table
     from stepml_core.replay_report import _workload
     from stepml_core.runs import parse_run_id
 
@@ -41,23 +87,26 @@ def main(argv=None) -> int:
         iv = widen_intervals(iv, runs)
         print(f"{a.study / 'replay_intervals.csv'}: bootstrap intervals only; widened here")
     metrics = tuple(sorted(iv["metric"].unique())) if a.metrics == "all" else METRICS
-    cov = _coverage(iv, pl.DataFrame(), metrics)
-    x = iv.filter(pl.col("inside").is_not_null() & pl.col("metric").is_in(list(metrics)))
+    sat = saturation(a.study)
+    cov = coverage_table(iv, sat, metrics, level=CONFORMAL_LEVEL)
     print(
-        f"{'protocol':8s} {'metric':22s} {'n':>3s}  {'bootstrap cov %':>15s} {'width %':>8s}  {'widened cov %':>13s} "
-        f"{'width %':>8s} {'median q %':>10s} {'scores':>7s}  pool"
+        f"k/n over the bounded intervals of non-zero width; [95 % CI] exact binomial (Clopper–Pearson); wide = width "
+        f">= {WIDE_PCT:.0f} % of the prediction (counted); constr = widened coverage by construction on exchangeable "
+        f"runs; regime: observed saturated or not ({len(sat)} scored runs, {sum(sat.values())} saturated)\n"
     )
-    for r in cov.iter_rows(named=True):
-        print(
-            f"{r['protocol']:8s} {r['metric']:22s} {r['predictions']:3d}  {r['boot_coverage_pct']:15.0f} "
-            f"{r['boot_median_width_pct']:8.1f}  {r['coverage_pct']:13.0f} {r['median_width_pct']:8.1f} "
-            f"{r['median_q_pct']:10.1f} {r['scores_min']:>3d}–{r['scores_max']:<3d}  {r['pool']}"
-        )
-    for p, g in x.group_by("protocol", maintain_order=True):
-        print(
-            f"{p[0]}: {g.height} predictions, bootstrap {g['boot_inside'].mean() * 100:.0f} %, "
-            f"widened {g['inside'].mean() * 100:.0f} % inside"
-        )
+    print_table(cov)
+    # one row per protocol and metric: 'all', or the only regime there is
+    tot = cov.filter((pl.col("regime") == "all") | (pl.len().over("protocol", "metric") == 1))
+    print()
+    for p, g in tot.group_by("protocol", maintain_order=True):
+        for pre, what in (("boot_", "bootstrap"), ("", "widened")):
+            k, n = int(g[f"{pre}inside"].sum()), int(g[f"{pre}counted"].sum())
+            lo, hi = clopper_pearson(k, n)
+            print(
+                f"{p[0]} {what}: {k}/{n} counted predictions inside"
+                + (f" = {100 * k / n:.0f} % [{100 * lo:.0f}, {100 * hi:.0f}]" if n else "")
+                + f" (metrics pooled: not independent); {g['predictions'].sum()} predictions"
+            )
     return 0
 
 
