@@ -81,9 +81,14 @@ def _with_kinds(x: pl.DataFrame, level: float) -> pl.DataFrame:
             extrap_n=pl.lit(0, pl.Int64),
             extrap_pool=pl.lit(""),
         )
+    if "brun_lo" not in x.columns:  # intervals written before the between-run term
+        x = x.with_columns(
+            brun_lo=pl.lit(None, pl.Float64), brun_hi=pl.lit(None, pl.Float64), brun_inside=pl.lit(None, pl.Boolean)
+        )
     col = lambda c: x[c].cast(pl.Float64).fill_null(np.nan).to_numpy()  # noqa: E731
     return x.with_columns(
         boot_kind=pl.Series(interval_kind(col("boot_lo"), col("boot_hi"), col("predicted"))),
+        brun_kind=pl.Series(interval_kind(col("brun_lo"), col("brun_hi"), col("predicted"))),
         kind=pl.Series(interval_kind(col("lo"), col("hi"), col("predicted"), col("extrap_q_pct"))),
         by_construction=pl.Series(construction_coverage(x["extrap_n"].fill_null(0).to_numpy(), level)).fill_nan(None),
     )
@@ -94,6 +99,7 @@ def _summary(g: pl.DataFrame, conf: float) -> dict:
     out: dict = {"predictions": g.height}
     for pre, kind, inside, lo, hi in (
         ("boot_", "boot_kind", "boot_inside", "boot_lo", "boot_hi"),
+        ("brun_", "brun_kind", "brun_inside", "brun_lo", "brun_hi"),
         ("", "kind", "inside", "lo", "hi"),
     ):
         k = g[kind]
@@ -101,7 +107,7 @@ def _summary(g: pl.DataFrame, conf: float) -> dict:
             out[f"{pre}{name.replace(' ', '_')}"] = int((k == name).sum())
         counted = g.filter(pl.col(kind).is_in(["informative", "wide"]))
         info = counted.filter(pl.col(kind) == "informative")
-        n, n_in = counted.height, int(counted[inside].sum()) if counted.height else 0
+        n, n_in = counted.height, int(counted[inside].fill_null(False).sum()) if counted.height else 0
         c_lo, c_hi = clopper_pearson(n_in, n, conf)
         out |= {
             f"{pre}counted": n,
@@ -109,7 +115,7 @@ def _summary(g: pl.DataFrame, conf: float) -> dict:
             f"{pre}coverage_pct": 100.0 * n_in / n if n else None,
             f"{pre}cp_lo_pct": 100.0 * c_lo if n else None,
             f"{pre}cp_hi_pct": 100.0 * c_hi if n else None,
-            f"{pre}informative_inside": int(info[inside].sum()) if info.height else 0,
+            f"{pre}informative_inside": int(info[inside].fill_null(False).sum()) if info.height else 0,
             f"{pre}median_width_pct": (
                 float(((counted[hi] - counted[lo]) / counted["predicted"].abs() * 100).median()) if n else None
             ),
