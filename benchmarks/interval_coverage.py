@@ -41,26 +41,36 @@ def saturation(study: Path) -> dict[str, bool]:
     return {r["experiment_id"]: bool(r["saturated"]) for r in st.iter_rows(named=True) if r["scored"]}
 
 
-def print_table(cov) -> None:
+INTERVALS = (
+    ("boot_", "bootstrap (calibration noise)"),
+    ("", "widened: bootstrap + split-conformal q (the interval reported: lo, hi, inside)"),
+    ("brun_", "bootstrap + between-run term (leave one calibration run out)"),
+)
+
+
+def print_table(cov, pre: str, title: str) -> None:
     from stepml_core.coverage import coverage_cell, not_counted_cell
 
-    head = (
-        f"{'protocol':8s} {'metric':22s} {'regime':13s} {'n':>3s}  {'bootstrap: inside [95 % CI]':27s} "
-        f"{'width %':>7s}  {'widened: inside [95 % CI]':27s} {'constr %':>8s} {'width %':>7s} {'q %':>6s} "
-        f"{'scores':>7s}  not counted / wide (bootstrap | widened)"
+    extra = pre == ""
+    print(f"\n{title}")
+    print(
+        f"{'protocol':8s} {'metric':22s} {'regime':13s} {'n':>3s}  {'inside / counted = % [95 % CI]':30s} "
+        f"{'width %':>7s}" + (f" {'constr %':>8s} {'q %':>6s} {'scores':>7s}" if extra else "") + "  not counted; wide"
     )
-    print(head)
     for r in cov.iter_rows(named=True):
-        bw, ww, bc = r["boot_median_width_pct"], r["median_width_pct"], r["by_construction_pct"]
-        print(
+        w = r[f"{pre}median_width_pct"]
+        line = (
             f"{r['protocol']:8s} {r['metric']:22s} {r['regime']:13s} {r['predictions']:3d}  "
-            f"{coverage_cell(r['boot_inside'], r['boot_counted'], r['boot_cp_lo_pct'], r['boot_cp_hi_pct']):27s} "
-            f"{'–' if bw is None else f'{bw:.1f}':>7s}  "
-            f"{coverage_cell(r['inside'], r['counted'], r['cp_lo_pct'], r['cp_hi_pct']):27s} "
-            f"{'–' if bc is None else f'{bc:.0f}':>8s} "
-            f"{'–' if ww is None else f'{ww:.1f}':>7s} {r['median_q_pct']:6.1f} "
-            f"{r['scores_min']:>3d}–{r['scores_max']:<3d}  {not_counted_cell(r, 'boot_')} | {not_counted_cell(r)}"
+            f"{coverage_cell(r[f'{pre}inside'], r[f'{pre}counted'], r[f'{pre}cp_lo_pct'], r[f'{pre}cp_hi_pct']):30s} "
+            f"{'–' if w is None else f'{w:.1f}':>7s}"
         )
+        if extra:
+            bc = r["by_construction_pct"]
+            line += (
+                f" {'–' if bc is None else f'{bc:.0f}':>8s} {r['median_q_pct']:6.1f} "
+                f"{r['scores_min']:>3d}–{r['scores_max']:<3d}"
+            )
+        print(f"{line}  {not_counted_cell(r, pre)}")
 
 
 def main(argv=None) -> int:
@@ -90,16 +100,18 @@ def main(argv=None) -> int:
     sat = saturation(a.study)
     cov = coverage_table(iv, sat, metrics, level=CONFORMAL_LEVEL)
     print(
-        f"k/n over the bounded intervals of non-zero width; [95 % CI] exact binomial (Clopper–Pearson); wide = width "
+        f"k/n over the bounded intervals that are not points; [95 % CI] exact binomial (Clopper–Pearson); wide = "
+        f"width "
         f">= {WIDE_PCT:.0f} % of the prediction (counted); constr = widened coverage by construction on exchangeable "
         f"runs; regime: observed saturated or not ({len(sat)} scored runs, {sum(sat.values())} saturated)\n"
     )
-    print_table(cov)
+    for pre, title in INTERVALS:
+        print_table(cov, pre, title)
     # one row per protocol and metric: 'all', or the only regime there is
     tot = cov.filter((pl.col("regime") == "all") | (pl.len().over("protocol", "metric") == 1))
     print()
     for p, g in tot.group_by("protocol", maintain_order=True):
-        for pre, what in (("boot_", "bootstrap"), ("", "widened")):
+        for pre, what in (("boot_", "bootstrap"), ("", "widened"), ("brun_", "between-run")):
             k, n = int(g[f"{pre}inside"].sum()), int(g[f"{pre}counted"].sum())
             lo, hi = clopper_pearson(k, n)
             print(
@@ -107,7 +119,31 @@ def main(argv=None) -> int:
                 + (f" = {100 * k / n:.0f} % [{100 * lo:.0f}, {100 * hi:.0f}]" if n else "")
                 + f" (metrics pooled: not independent); {g['predictions'].sum()} predictions"
             )
+    paired(iv, metrics)
     return 0
+
+
+def paired(iv, metrics) -> None:
+    """Widened vs between-run on the same predictions: those where both intervals are counted (bounded, not a point)."""
+    import polars as pl
+
+    from stepml_core.conformal import CONFORMAL_LEVEL
+    from stepml_core.coverage import clopper_pearson, with_kinds
+
+    x = with_kinds(iv.filter(pl.col("inside").is_not_null() & pl.col("metric").is_in(list(metrics))), CONFORMAL_LEVEL)
+    both = x.filter(pl.col("kind").is_in(["informative", "wide"]) & pl.col("brun_kind").is_in(["informative", "wide"]))
+    print("\nsame predictions (both intervals counted): widened vs bootstrap + between-run")
+    for p, g in both.group_by("protocol", maintain_order=True):
+        cells = []
+        for pre, what in (("", "widened"), ("brun_", "between-run")):
+            k, n = int(g[f"{pre}inside"].sum()), g.height
+            lo, hi = clopper_pearson(k, n)
+            w = ((g[f"{pre}hi"] - g[f"{pre}lo"]) / g["predicted"].abs() * 100).median()
+            wide = int((g[f"{pre}kind"] == "wide").sum())
+            cells.append(
+                f"{what} {k}/{n} = {100 * k / n:.0f} % [{100 * lo:.0f}, {100 * hi:.0f}], median width {w:.0f} %, wide {wide}"
+            )
+        print(f"{p[0]}: " + "; ".join(cells))
 
 
 if __name__ == "__main__":

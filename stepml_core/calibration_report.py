@@ -17,7 +17,7 @@ import polars as pl
 
 from .calibrate import PARAM_UNITS, StepParams
 from .conformal import CONFORMAL_LEVEL
-from .coverage import WIDE_PCT, coverage_cell, coverage_table, not_counted_cell
+from .coverage import WIDE_PCT, coverage_table, interval_cell
 
 PROTOCOL_OF = {"requests_roles": "roles", "requests_lowo": "lowo", "requests_lomo": "lomo"}
 PROTOCOL_TITLE = {
@@ -644,14 +644,26 @@ def _uncertainty_lines(t: dict) -> list[str]:
         "60 resamples, the pooling threshold (the rank's need) fixed in advance; conditioning q on the predicted "
         "saturation was tried on these real runs and not kept.",
         "",
+        "**Bootstrap + between-run term** (fitted on the fold's calibration runs only; `brun_*` in "
+        "replay_intervals.csv): each calibration run left out in turn, stage 1 refitted on the others and its error "
+        "on the left-out run measured (log of observed / predicted decode cycles on its own windows; its α0 offset); "
+        "with k such errors and a new run's error ~ N(0, σ²), z = t_k(0.95)·√(Σe²/k) bounds a new run's step error, "
+        "each bootstrap bound model's step part is moved out to exp(±√(h² + z²)) of the central one (h: the "
+        "bootstrap's own half-width), α0 by the same quantile of the α0 errors, and the two are replayed. None with "
+        "one calibration run (a run-roles fold with one train run) or for a transfer (leave one model out): those "
+        "count as "
+        "*unbounded*. Settings fixed in advance: level 90 %, Student t on k.",
+        "",
         "How far the coverage can be read: k/n with its exact (Clopper–Pearson) 95 % interval, per protocol, metric "
-        "and regime (the run observed saturated or not; *all* = both); the predictions share scores, so the interval "
-        "is if anything too narrow. Not counted: *zero width* (a point, e.g. `successes` of a run every replay serves "
-        "in full — known without the model's uncertainty) and *unbounded* (too few other runs' scores); *wide* "
+        "and regime (the run observed saturated or not; *all* = both); the predictions share scores and calibration "
+        "runs, so the interval is if anything too narrow. Not counted: *point* (every model variant replayed gives "
+        "the same value, e.g. `successes` = every request of a run all replays serve in full: known without the "
+        "model's uncertainty, widened or not) and *unbounded*; *wide* "
         f"(width ≥ {WIDE_PCT:.0f} % of the prediction: carries little) is counted and shown. *By construction*: the "
         "coverage the widening gives on exchangeable runs whatever the errors, ⌈(n + 1)·0.9⌉/(n + 1) (n/(n + 1) "
-        "for n = 9–18: the largest other excess) — a widened coverage at that figure is what the method yields, "
-        "not a check of it; protocols, folds and regimes pooled in q are not exchangeable.",
+        "for n = 9–18: q is the largest other excess) — a widened coverage at that figure is what the method "
+        "yields, not a check of it; the protocols, folds and regimes pooled in q are not exchangeable. Width: median "
+        "over the counted intervals, % of the prediction.",
         "",
         _md(
             [
@@ -659,15 +671,11 @@ def _uncertainty_lines(t: dict) -> list[str]:
                 "metric",
                 "regime",
                 "predictions",
-                "bootstrap: inside, % [95 % CI]",
-                "median width %",
-                "not counted / wide",
-                "widened: inside, % [95 % CI]",
+                "bootstrap: inside / counted = % [95 % CI]",
+                "widened (split conformal)",
                 "by construction %",
-                "median width %",
-                "not counted / wide",
-                "median q %",
-                "scores behind q",
+                "median q % (scores)",
+                "bootstrap + between-run term",
             ],
             [
                 [
@@ -675,15 +683,12 @@ def _uncertainty_lines(t: dict) -> list[str]:
                     r["metric"],
                     r["regime"],
                     r["predictions"],
-                    coverage_cell(r["boot_inside"], r["boot_counted"], r["boot_cp_lo_pct"], r["boot_cp_hi_pct"]),
-                    _f(r["boot_median_width_pct"], 1),
-                    not_counted_cell(r, "boot_"),
-                    coverage_cell(r["inside"], r["counted"], r["cp_lo_pct"], r["cp_hi_pct"]),
+                    interval_cell(r, "boot_"),
+                    interval_cell(r),
                     _f(r["by_construction_pct"], 0),
-                    _f(r["median_width_pct"], 1),
-                    not_counted_cell(r),
-                    "∞" if r["median_q_pct"] == math.inf else _f(r["median_q_pct"], 1),
-                    f"{r['scores_min']}–{r['scores_max']} ({r['pool'] or '–'})",
+                    ("∞" if r["median_q_pct"] == math.inf else _f(r["median_q_pct"], 1))
+                    + f" ({r['scores_min']}–{r['scores_max']}, {r['pool'] or '–'})",
+                    interval_cell(r, "brun_"),
                 ]
                 for r in cov.iter_rows(named=True)
             ],

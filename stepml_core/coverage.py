@@ -9,14 +9,16 @@ Which interval counts as evidence (``interval_kind``; the rule reads the interva
 observed value):
 
 * ``unbounded`` — q = ∞ (fewer scores than the conformal rank needs): it contains every value;
-* ``zero width`` — hi − lo ≤ 1e-9·|ŷ|: a point, e.g. ``successes`` of a run every replay serves in full; "inside" there
-  means the count is exactly right, which the bootstrap or the other runs never bounded (it is known without them);
+* ``point`` — the model-based interval has zero width (≤ 1e-9·|ŷ|): every model variant replayed gives the same
+  value, e.g. ``successes`` = every request of a run all replays serve in full. The quantity is known without the
+  model's uncertainty, and "inside" says nothing about the interval. For the widened interval the model-based part
+  is its bootstrap interval: widening a point by q % of it (``successes`` ± 10 %) is still a point's interval;
 * ``wide`` — hi − lo ≥ ``WIDE_PCT`` % of |ŷ|: an interval at least as wide as the prediction itself (e.g. [0.5·ŷ,
   1.5·ŷ] or wider) cannot tell the prediction from half or one and a half times it: it carries little;
 * ``informative`` — the rest.
 
-Coverage is computed over the bounded, non-zero-width intervals (``counted``: informative + wide) and, apart, over
-the informative ones. Beside it, the coverage the widening gives *by construction*: with n eligible scores the
+Coverage is computed over the bounded intervals that are not points (``counted``: informative + wide) and, apart,
+over the informative ones. Beside it, the coverage the widening gives *by construction*: with n eligible scores the
 widened interval of a run misses only if its excess exceeds the ⌈(n + 1)·level⌉-th smallest of them — the largest
 for n = 9 … 18 — so on exchangeable runs P(inside) = ⌈(n + 1)·level⌉/(n + 1) (n/(n + 1) there: 90–95 %) whatever
 the model's errors are. A widened coverage equal to that figure is what the method yields, not a check of it.
@@ -32,7 +34,7 @@ import polars as pl
 COVERAGE_CONF = 0.95  # the binomial interval on k/n
 WIDE_PCT = 100.0  # an interval at least this wide (% of |prediction|) carries little
 ZERO_REL = 1e-9  # relative width below which an interval is a point
-KINDS = ("informative", "wide", "zero width", "unbounded")
+KINDS = ("informative", "wide", "point", "unbounded")
 REGIMES = ("non-saturated", "saturated")
 
 
@@ -57,21 +59,23 @@ def construction_coverage(n, level: float) -> np.ndarray:
         return np.where(k <= n, k / (n + 1), np.nan)
 
 
-def interval_kind(lo, hi, predicted, q=None) -> np.ndarray:
-    """Per interval: 'unbounded', 'zero width', 'wide' or 'informative' (module docstring). ``q``: the widening term
-    (∞ → unbounded); None for an interval without one (the bootstrap's)."""
+def interval_kind(lo, hi, predicted, q=None, base_lo=None, base_hi=None) -> np.ndarray:
+    """Per interval: 'unbounded', 'point', 'wide' or 'informative' (module docstring). ``q``: the widening term
+    (∞ → unbounded), None for an interval without one; base_lo, base_hi: its model-based part (the bootstrap interval
+    of a widened one; default the interval itself), a point where that has zero width."""
     lo, hi, p = (np.asarray(a, dtype=np.float64) for a in (lo, hi, predicted))
+    blo = lo if base_lo is None else np.asarray(base_lo, dtype=np.float64)
+    bhi = hi if base_hi is None else np.asarray(base_hi, dtype=np.float64)
     unb = ~np.isfinite(hi) | ~np.isfinite(lo)
     if q is not None:
         unb |= ~np.isfinite(np.asarray(q, dtype=np.float64))
     with np.errstate(invalid="ignore"):
-        w = hi - lo
-        zero = w <= ZERO_REL * np.abs(p)
-        wide = w >= WIDE_PCT / 100.0 * np.abs(p)
-    return np.where(unb, "unbounded", np.where(zero, "zero width", np.where(wide, "wide", "informative")))
+        point = bhi - blo <= ZERO_REL * np.abs(p)
+        wide = hi - lo >= WIDE_PCT / 100.0 * np.abs(p)
+    return np.where(unb, "unbounded", np.where(point, "point", np.where(wide, "wide", "informative")))
 
 
-def _with_kinds(x: pl.DataFrame, level: float) -> pl.DataFrame:
+def with_kinds(x: pl.DataFrame, level: float) -> pl.DataFrame:
     if "boot_lo" not in x.columns:  # intervals written before the widening: the bootstrap only
         x = x.with_columns(
             boot_lo=pl.col("lo"),
@@ -89,7 +93,9 @@ def _with_kinds(x: pl.DataFrame, level: float) -> pl.DataFrame:
     return x.with_columns(
         boot_kind=pl.Series(interval_kind(col("boot_lo"), col("boot_hi"), col("predicted"))),
         brun_kind=pl.Series(interval_kind(col("brun_lo"), col("brun_hi"), col("predicted"))),
-        kind=pl.Series(interval_kind(col("lo"), col("hi"), col("predicted"), col("extrap_q_pct"))),
+        kind=pl.Series(
+            interval_kind(col("lo"), col("hi"), col("predicted"), col("extrap_q_pct"), col("boot_lo"), col("boot_hi"))
+        ),
         by_construction=pl.Series(construction_coverage(x["extrap_n"].fill_null(0).to_numpy(), level)).fill_nan(None),
     )
 
@@ -149,7 +155,7 @@ def coverage_table(
     if x.height == 0:
         return pl.DataFrame()
     sat = saturated or {}
-    x = _with_kinds(x, level).with_columns(
+    x = with_kinds(x, level).with_columns(
         regime=pl.col("experiment_id").replace_strict(
             {e: REGIMES[int(bool(s))] for e, s in sat.items()}, default="unknown"
         ),
@@ -177,6 +183,17 @@ def coverage_cell(k, n, lo_pct, hi_pct) -> str:
 
 
 def not_counted_cell(r: dict, pre: str = "") -> str:
-    """The intervals left out of k/n and the wide ones inside it: 'zero width z, unbounded u; wide w'."""
-    keys = (("zero width", "zero_width"), ("unbounded", "unbounded"), ("wide", "wide"))
+    """The intervals left out of k/n and the wide ones inside it: 'point z, unbounded u, wide w'."""
+    keys = (("point", "point"), ("unbounded", "unbounded"), ("wide", "wide"))
     return ", ".join(f"{name} {r[pre + k]}" for name, k in keys if r[pre + k]) or "–"
+
+
+def interval_cell(r: dict, pre: str = "") -> str:
+    """One interval's cell: 'k/n = c % [lo, hi]; width w %; point z, unbounded u, wide v'."""
+    w = r[f"{pre}median_width_pct"]
+    nc = not_counted_cell(r, pre)
+    return (
+        coverage_cell(r[f"{pre}inside"], r[f"{pre}counted"], r[f"{pre}cp_lo_pct"], r[f"{pre}cp_hi_pct"])
+        + ("" if w is None else f"; width {w:.0f} %")
+        + ("" if nc == "–" else f"; {nc}")
+    )

@@ -176,16 +176,23 @@ def test_clopper_pearson_and_the_coverage_by_construction():
     assert np.isnan(construction_coverage([8], 0.9)[0]) and construction_coverage([19], 0.9)[0] == pytest.approx(0.9)
 
 
-def test_zero_width_and_wide_intervals_are_not_evidence_and_regimes_are_apart():
-    """A zero-width interval (successes = every request, predicted and observed) is not counted as covered; an
-    interval at least as wide as its prediction is counted but flagged wide; saturated and non-saturated runs get
-    their own rows, each with its binomial interval."""
+def test_point_and_wide_intervals_are_not_evidence_and_regimes_are_apart():
+    """An interval around a point (successes = every request, predicted and observed: every model variant agrees),
+    widened or not, is not counted as covered; an interval at least as wide as its prediction is counted but flagged
+    wide; saturated and non-saturated runs get their own rows, each with its binomial interval."""
     from stepml_core.coverage import coverage_table, interval_kind
 
     assert interval_kind([90.0, 100.0, 40.0], [110.0, 100.0, 140.0], [100.0] * 3, [5.0, 0.0, 5.0]).tolist() == [
         "informative",
-        "zero width",
+        "point",
         "wide",
+    ]
+    # a point widened by q = 10 % is still a point's interval; an unbounded one is unbounded
+    assert interval_kind(
+        [90.0, 0.0], [110.0, np.inf], [100.0] * 2, [10.0, np.inf], [100.0] * 2, [100.0] * 2
+    ).tolist() == [
+        "point",
+        "unbounded",
     ]
     rows = []
     for i in range(12):
@@ -206,12 +213,12 @@ def test_zero_width_and_wide_intervals_are_not_evidence_and_regimes_are_apart():
                 "predicted": p,
                 "boot_lo": lo,
                 "boot_hi": hi,
-                "lo": lo,
-                "hi": hi,
+                "lo": lo * 0.9,  # widened by q = 10 %
+                "hi": hi * 1.1,
                 "observed": ob,
-                "inside": lo <= ob <= hi,
+                "inside": lo * 0.9 <= ob <= hi * 1.1,
                 "boot_inside": lo <= ob <= hi,
-                "extrap_q_pct": 0.0,
+                "extrap_q_pct": 10.0,
                 "extrap_n": 11,
                 "extrap_pool": "protocol",
             }
@@ -221,7 +228,8 @@ def test_zero_width_and_wide_intervals_are_not_evidence_and_regimes_are_apart():
     sat = {f"r{i}": i >= 8 for i in range(12)}
     cov = {(r["metric"], r["regime"]): r for r in coverage_table(t, sat, ("ttft_mean", "successes")).to_dicts()}
     s = cov[("successes", "non-saturated")]
-    assert (s["predictions"], s["zero_width"], s["counted"], s["coverage_pct"]) == (8, 8, 0, None)
+    assert (s["predictions"], s["point"], s["counted"], s["coverage_pct"]) == (8, 8, 0, None)
+    assert (s["boot_point"], s["boot_counted"]) == (8, 0)
     s = cov[("successes", "saturated")]
     assert (s["counted"], s["inside"], s["wide"]) == (4, 4, 0)
     assert s["cp_lo_pct"] == pytest.approx(100 * 0.025 ** (1 / 4))
