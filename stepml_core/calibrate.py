@@ -1070,8 +1070,9 @@ def replay_interval(
 ) -> list[dict]:
     """Interval per replay metric of an out-of-sample calibrated prediction: replays with the two bound models;
     [lo, hi] = the range of the bound replays and the central one; ``inside`` says whether the observed value is in it.
-    brun_lo, brun_hi, brun_inside: the same with the bound models widened by the calibration's between-run term
-    (between_run_bounds; null without one), brun_step_pct and brun_runs its size and the runs behind it."""
+    brun_lo, brun_hi, brun_inside: the range of those and two more replays, with the bound models widened by the
+    calibration's between-run term (between_run_bounds; null without one: a replayed metric need not be monotone in the
+    step scale, so the range keeps the bootstrap's); brun_step_pct and brun_runs its size and the runs behind it."""
     mean_generated = float(np.mean(workload.max_tokens))
     b = interval_bounds(
         spec.get("bootstrap"), sums.steps, sums.sums, mean_generated, float(np.mean(workload.prompt_tokens))
@@ -1084,7 +1085,7 @@ def replay_interval(
     out = []
     for c in central:
         lo, hi, inside = _range(c, boot_rows)
-        blo, bhi, binside = _range(c, brun_rows) if brun_rows else (None, None, None)
+        blo, bhi, binside = _range(c, boot_rows + brun_rows) if brun_rows else (None, None, None)
         out.append(
             {
                 "metric": c["metric"],
