@@ -3,7 +3,7 @@
 binomial interval, the widened coverage the method gives by construction, and the intervals that carry no evidence
 counted apart (stepml_core.coverage; README, *Calibration from request logs*).
 
-    python benchmarks/interval_coverage.py --study OUT [--metrics all]
+    python benchmarks/interval_coverage.py --study OUT [--metrics all] [--data RUNS]
 
 Reads OUT/replay_intervals.csv of a `stepml run`, and OUT/replay.csv with the per-request tables under OUT/replay/
 for each run's regime (replay_report.run_status, the study's own rule). A file written before the widening (no
@@ -22,12 +22,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def saturation(study: Path) -> dict[str, bool]:
-    """Per scored run: saturated as the study decides it (replay_report.run_status over replay.csv; the request count
-    from the run's per-request replay table). Empty where replay.csv is missing."""
+def saturation(study: Path, data: Path | None = None) -> dict[str, bool]:
+    """Per scored run: saturated as the study decides it (replay_report.run_status over replay.csv); each run's request
+    count from its per-request replay table under OUT/replay/, or from its request log under ``data``. Empty where
+    replay.csv is missing."""
     import polars as pl
 
     from stepml_core.replay_report import run_status
+    from stepml_core.request_log import read_request_log
 
     if not (study / "replay.csv").is_file():
         return {}
@@ -37,6 +39,8 @@ def saturation(study: Path) -> dict[str, bool]:
         tables = sorted((study / "replay" / e).glob("*.parquet"))
         if tables:
             requests[e] = pl.scan_parquet(tables[0]).select(pl.len()).collect().item()
+        elif data is not None and (data / e).is_dir():
+            requests[e] = read_request_log(data / e).table.height
     st = run_status(rows, requests)
     return {r["experiment_id"]: bool(r["saturated"]) for r in st.iter_rows(named=True) if r["scored"]}
 
@@ -90,6 +94,7 @@ def main(argv=None) -> int:
         default="report",
         help=f"report: {', '.join(METRICS)} (the report's table); all: every replayed metric",
     )
+    ap.add_argument("--data", type=Path, help="the run folders, for request counts where OUT/replay/ is absent")
     a = ap.parse_args(argv)
     iv = pl.read_csv(a.study / "replay_intervals.csv", infer_schema_length=None)
     if "boot_lo" not in iv.columns:
@@ -97,7 +102,7 @@ def main(argv=None) -> int:
         iv = widen_intervals(iv, runs)
         print(f"{a.study / 'replay_intervals.csv'}: bootstrap intervals only; widened here")
     metrics = tuple(sorted(iv["metric"].unique())) if a.metrics == "all" else METRICS
-    sat = saturation(a.study)
+    sat = saturation(a.study, a.data)
     cov = coverage_table(iv, sat, metrics, level=CONFORMAL_LEVEL)
     print(
         f"k/n over the bounded intervals that are not points; [95 % CI] exact binomial (Clopper–Pearson); wide = "
