@@ -29,8 +29,8 @@ sys.path.insert(0, str(REPO))
 
 def saturation(study: Path, data: Path | None = None) -> dict[str, bool]:
     """Per scored run: saturated as the study decides it (replay_report.run_status over replay.csv); each run's request
-    count from its per-request replay table under OUT/replay/, or from its request log under ``data``. Empty where
-    replay.csv is missing."""
+    count from its per-request replay table under OUT/replay/, or from its request log under ``data``; a run with
+    neither is left out (regime 'unknown'). Empty where replay.csv is missing."""
     import polars as pl
 
     from stepml_core.replay_report import run_status
@@ -47,7 +47,12 @@ def saturation(study: Path, data: Path | None = None) -> dict[str, bool]:
         elif data is not None and (data / e).is_dir():
             requests[e] = read_request_log(data / e).table.height
     st = run_status(rows, requests)
-    return {r["experiment_id"]: bool(r["saturated"]) for r in st.iter_rows(named=True) if r["scored"]}
+    # without its request count a run's failures cannot be told: its regime stays unknown
+    return {
+        r["experiment_id"]: bool(r["saturated"])
+        for r in st.iter_rows(named=True)
+        if r["scored"] and r["experiment_id"] in requests
+    }
 
 
 INTERVALS = (
@@ -119,7 +124,7 @@ def main(argv=None) -> int:
         f"k/n over the bounded intervals that are not points; [95 % CI] exact binomial (Clopper–Pearson); wide = "
         f"width "
         f">= {WIDE_PCT:.0f} % of the prediction (counted); constr = widened coverage by construction on exchangeable "
-        f"runs; regime: observed saturated or not ({len(sat)} scored runs, {sum(sat.values())} saturated)\n"
+        f"runs; regime: observed saturated or not (known for {len(sat)} scored runs, {sum(sat.values())} saturated)\n"
     )
     for pre, title in INTERVALS:
         print_table(cov, pre, title)
