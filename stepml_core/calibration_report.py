@@ -548,13 +548,16 @@ def _real_step_lines(t: dict) -> list[str]:
 
 
 def _interval_cell(r: dict) -> str:
-    """The E2E 90 % interval of a run's row: [lo, hi] ✓/✗; unbounded (too few other runs' scores) without a mark."""
+    """The E2E 90 % interval of a run's row: [lo, hi] ✓/✗, 'wide' where it is at least WIDE_PCT % of the prediction
+    (it carries little); unbounded (too few other runs' scores) without a mark."""
     lo, hi, inside = r.get("e2e_mean_lo"), r.get("e2e_mean_hi"), r.get("e2e_mean_inside")
     if lo is None:
         return "–"
     if hi is None or not math.isfinite(hi):
         return "unbounded"
-    return f"[{_f(lo, 2)}, {_f(hi, 2)}] {'✓' if inside else '✗' if inside is False else ''}"
+    pred = r.get("e2e_mean_pred")
+    wide = pred is not None and hi - lo >= WIDE_PCT / 100.0 * abs(pred)
+    return f"[{_f(lo, 2)}, {_f(hi, 2)}] {'✓' if inside else '✗' if inside is False else ''}" + (" wide" if wide else "")
 
 
 def _protocol_lines(t: dict) -> list[str]:

@@ -159,6 +159,9 @@ def test_an_unbounded_interval_is_not_counted_as_covered():
         _interval_cell({"e2e_mean_lo": row["lo"], "e2e_mean_hi": row["hi"], "e2e_mean_inside": row["inside"]})
         == "unbounded"
     )
+    cell = {"e2e_mean_lo": 0.5, "e2e_mean_hi": 1.6, "e2e_mean_inside": True, "e2e_mean_pred": 1.0}
+    assert _interval_cell(cell) == "[0.50, 1.60] ✓ wide"  # at least as wide as the prediction: carries little
+    assert _interval_cell({**cell, "e2e_mean_hi": 1.4}) == "[0.50, 1.40] ✓"
 
 
 def test_clopper_pearson_and_the_coverage_by_construction():
