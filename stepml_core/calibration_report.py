@@ -635,7 +635,7 @@ def _uncertainty_lines(t: dict) -> list[str]:
     return [
         "### Uncertainty",
         "",
-        "Each out-of-sample prediction gets a 90 % interval in two steps. **Bootstrap** (fitted on the fold's "
+        "Each out-of-sample prediction gets three 90 % intervals; the report shows the second. **Bootstrap** (fitted on the fold's "
         "calibration runs only): the calibration refitted (closed form, stage 2's correction kept) on two-stage "
         "bootstrap resamples (calibration runs, then requests within them); the resamples at the 5th and 95th "
         "percentile of the scored run's mean request latency in the model's terms are replayed (leave-one-model-out: "
