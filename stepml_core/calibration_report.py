@@ -16,10 +16,10 @@ import numpy as np
 import polars as pl
 
 from .calibrate import PARAM_UNITS, StepParams
+from .calibration_protocols import PROTOCOL_OF
 from .conformal import CONFORMAL_LEVEL
 from .coverage import WIDE_PCT, coverage_table, interval_cell
 
-PROTOCOL_OF = {"requests_roles": "roles", "requests_lowo": "lowo", "requests_lomo": "lomo"}
 PROTOCOL_TITLE = {
     "roles": "run roles (train calibrates; validate and test scored) — comparable with BLIS 4a",
     "lowo": "leave one workload out (per LLM model: 3 workloads calibrate, the 4th is predicted)",
