@@ -808,6 +808,41 @@ def _setting_kw(setting: SaturatedSetting | None) -> dict:
     return {} if setting is None else {"saturated_weight": setting.weight, "one_sided": setting.one_sided}
 
 
+def _run_step_error(tl: Timelines, p: StepParams) -> float:
+    """log(Σ observed decode cycles / Σ the model's cycles) over the run's usable decode windows (those stage 1
+    regresses on); NaN without any."""
+    m = np.isfinite(tl.cycle_us) & (tl.kv_over <= 0.05) & np.isfinite(tl.dec_mean)
+    if not m.any():
+        return math.nan
+    pred = p.step_us(tl.dec_mean[m], tl.kv_mean[m], 0.0, tl.prefills_per_step[m])
+    tot = float(np.sum(pred))
+    return math.log(float(np.sum(tl.cycle_us[m])) / tot) if tot > 0 else math.nan
+
+
+def between_run_errors(timelines: list[Timelines], prior: ArchPrior, setting: SaturatedSetting | None = None) -> dict:
+    """Leave one calibration run out, in stage 1's terms: per calibration run c, the closed form refitted on the
+    other calibration runs and its error on c — ``step_log_err`` = log(Σ observed decode cycles of c / Σ the refit's
+    cycles on c's own decode windows), ``q_err_us`` = c's own α0 (median TTFT − 1.5·ĉ − β_npf with the refit's ĉ)
+    minus the refit's α0 (NaN for a saturated c: its TTFT is its queue). Only calibration runs enter: the error a
+    model makes on a run it never saw, measured among the runs it may see (docs/calibration.md, *Uncertainty*). Each
+    refit treats saturated runs as the calibration does (``setting``, chosen on the calibration runs)."""
+    out = {"runs": [], "step_log_err": [], "q_err_us": []}
+    for k, tl in enumerate(timelines):
+        rest = timelines[:k] + timelines[k + 1 :]
+        try:
+            p = fit_closed_form(rest, prior, **_setting_kw(setting)).params
+        except CalibrationError:
+            continue
+        q, m = math.nan, tl.success & np.isfinite(tl.ttft_s)
+        if not tl.saturated and m.any():
+            c_hat = p.b0_us + p.b_dec_us * tl.dec_at_arrival[m] + p.b_kv_us * tl.kv_at_arrival[m]
+            q = float(np.median(tl.ttft_s[m] * 1e6 - 1.5 * c_hat - p.b_npf_us)) - p.q0_us
+        out["runs"].append(tl.experiment_id)
+        out["step_log_err"].append(round(_run_step_error(tl, p), 9))
+        out["q_err_us"].append(round(q, 3))
+    return out
+
+
 # ---------------------------------------------------------------------------- the whole calibration
 
 
@@ -827,6 +862,7 @@ class Calibration:
     r2: float
     bounds_active: tuple
     saturated_setting: dict = field(default_factory=dict)  # SaturatedSetting as a dict: what stage 1 did, what chose it
+    between_runs: dict | None = None  # between_run_errors: leave one calibration run out (for intervals)
 
     def doc(self) -> dict:
         return self.params.blis_doc()
@@ -845,6 +881,7 @@ class Calibration:
             "bounds_active": list(self.bounds_active),
             "saturated_setting": self.saturated_setting,
             "bootstrap_params": {"names": list(PARAM_NAMES), "rows": self.bootstrap.round(6).tolist()},
+            "between_runs": self.between_runs,
         }
 
     @classmethod
@@ -863,6 +900,7 @@ class Calibration:
             r2=d["closed_form_r2"],
             bounds_active=tuple(d["bounds_active"]),
             saturated_setting=d.get("saturated_setting") or {},
+            between_runs=d.get("between_runs"),
         )
 
 
@@ -896,6 +934,8 @@ def calibrate(
         else np.zeros((0, len(PARAM_NAMES)))
     )
     t3 = time.perf_counter()
+    between = between_run_errors(tls, prior, setting) if n_boot and len(tls) >= 2 else None
+    t4 = time.perf_counter()
     return Calibration(
         llm_model=llm,
         fitted_on=[r.experiment_id for r in runs],
@@ -904,11 +944,17 @@ def calibrate(
         prior=prior,
         refine=rep,
         bootstrap=boot,
-        seconds={"closed_form": round(t1 - t0, 3), "refine": round(t2 - t1, 3), "bootstrap": round(t3 - t2, 3)},
+        seconds={
+            "closed_form": round(t1 - t0, 3),
+            "refine": round(t2 - t1, 3),
+            "bootstrap": round(t3 - t2, 3),
+            "between_runs": round(t4 - t3, 3),
+        },
         requests_used=cf.requests_by_run,
         r2=cf.r2,
         bounds_active=cf.bounds_active,
         saturated_setting=asdict(setting),
+        between_runs=between,
     )
 
 
@@ -968,37 +1014,93 @@ def interval_bounds(
     return StepParams.from_vector(rows[order[k_lo]]), StepParams.from_vector(rows[order[k_hi]])
 
 
+def _step_part(p: StepParams, steps: int, sums: dict, mean_generated: float) -> float:
+    return float(latency_index_us(p.as_vector()[None, :], steps, sums, mean_generated, 0.0)[0] - p.q0_us)
+
+
+def between_run_bounds(
+    spec: dict, bounds: tuple[StepParams, StepParams], steps: int, sums: dict, mean_generated: float, level: float
+) -> tuple[StepParams, StepParams, dict] | None:
+    """The bootstrap's bound models widened by the between-run term of the calibration (``between_runs``: leave one
+    calibration run out, stage 1's terms). With the k runs' log step errors e_c and a new run's error ~ N(0, σ²),
+    z = t_k((1 + level)/2)·√(Σe_c²/k) bounds a new run's log step error; each side's log half-width of the step part
+    of the latency index becomes √(h_boot² + z²) (independent parts), the bound model's step coefficients scaled to
+    it; α0 moves by ∓ the same quantile of the non-saturated runs' α0 errors. None without between-run errors (one
+    calibration run, a leave-one-model-out transfer)."""
+    from scipy.stats import t as student_t
+
+    br = ((spec.get("calibration") or {}).get("between_runs")) or {}
+    e = np.asarray([x for x in br.get("step_log_err") or [] if x is not None], dtype=np.float64)
+    e = e[np.isfinite(e)]
+    if e.size == 0:
+        return None
+    tq = (1.0 + level) / 2.0
+    z = float(student_t.ppf(tq, e.size)) * math.sqrt(float(np.mean(e**2)))
+    qe = np.asarray([x for x in br.get("q_err_us") or [] if x is not None], dtype=np.float64)
+    qe = qe[np.isfinite(qe)]
+    zq = float(student_t.ppf(tq, qe.size)) * math.sqrt(float(np.mean(qe**2))) if qe.size else 0.0
+    s_c = _step_part(StepParams(**spec["params"]), steps, sums, mean_generated)
+    out = []
+    for p, sign in zip(bounds, (-1.0, 1.0)):
+        s_b = _step_part(p, steps, sums, mean_generated)
+        if not (s_b > 0 and s_c > 0):
+            return None
+        h = abs(math.log(s_b / s_c))
+        out.append(p.scaled(s_c * math.exp(sign * math.hypot(h, z)) / s_b, sign * zq))
+    return out[0], out[1], {"step_pct": 100.0 * math.expm1(z), "q_ms": zq / 1e3, "runs": int(e.size)}
+
+
+def _bound_replays(models: list[StepParams], spec: dict, workload, ctx: RunContext, table, seed: int) -> list[dict]:
+    from .replay import score_replay
+
+    out = []
+    for p in models:
+        r = replay(workload, serving_model(p, spec["name"]), ctx, seed=seed)
+        out.append({x["metric"]: x["predicted"] for x in score_replay(r.per_request, table)[0]})
+    return out
+
+
+def _range(c: dict, bound_rows: list[dict]) -> tuple[float | None, float | None, bool | None]:
+    vals = [v for v in (c["predicted"], *(b.get(c["metric"]) for b in bound_rows)) if v is not None and np.isfinite(v)]
+    lo, hi = (min(vals), max(vals)) if vals else (None, None)
+    ob = c.get("observed")
+    return lo, hi, (None if ob is None or lo is None else bool(lo <= ob <= hi))
+
+
 def replay_interval(
     spec: dict, workload, ctx: RunContext, table: pl.DataFrame, central: list[dict], sums: FeatureSums, *, seed: int = 0
 ) -> list[dict]:
     """Interval per replay metric of an out-of-sample calibrated prediction: replays with the two bound models;
-    [lo, hi] = the range of the bound replays and the central one; ``inside`` says whether the observed value is in it."""
-    from .replay import score_replay
-
+    [lo, hi] = the range of the bound replays and the central one; ``inside`` says whether the observed value is in it.
+    brun_lo, brun_hi, brun_inside: the range of those and two more replays, with the bound models widened by the
+    calibration's between-run term (between_run_bounds; null without one: a replayed metric need not be monotone in the
+    step scale, so the range keeps the bootstrap's); brun_step_pct and brun_runs its size and the runs behind it."""
+    mean_generated = float(np.mean(workload.max_tokens))
     b = interval_bounds(
-        spec.get("bootstrap"),
-        sums.steps,
-        sums.sums,
-        float(np.mean(workload.max_tokens)),
-        float(np.mean(workload.prompt_tokens)),
+        spec.get("bootstrap"), sums.steps, sums.sums, mean_generated, float(np.mean(workload.prompt_tokens))
     )
     if b is None:
         return []
-    bound_rows = []
-    for p in b:
-        r = replay(workload, serving_model(p, spec["name"]), ctx, seed=seed)
-        bound_rows.append({x["metric"]: x["predicted"] for x in score_replay(r.per_request, table)[0]})
+    boot_rows = _bound_replays(list(b), spec, workload, ctx, table, seed)
+    wb = between_run_bounds(spec, b, sums.steps, sums.sums, mean_generated, INTERVAL_LEVEL)
+    brun_rows = _bound_replays(list(wb[:2]), spec, workload, ctx, table, seed) if wb else None
     out = []
     for c in central:
-        vals = [
-            v
-            for v in (c["predicted"], bound_rows[0].get(c["metric"]), bound_rows[1].get(c["metric"]))
-            if v is not None and np.isfinite(v)
-        ]
-        lo, hi = (min(vals), max(vals)) if vals else (None, None)
-        ob = c.get("observed")
-        inside = None if ob is None or lo is None else bool(lo <= ob <= hi)
+        lo, hi, inside = _range(c, boot_rows)
+        blo, bhi, binside = _range(c, boot_rows + brun_rows) if brun_rows else (None, None, None)
         out.append(
-            {"metric": c["metric"], "predicted": c["predicted"], "lo": lo, "hi": hi, "observed": ob, "inside": inside}
+            {
+                "metric": c["metric"],
+                "predicted": c["predicted"],
+                "lo": lo,
+                "hi": hi,
+                "observed": c.get("observed"),
+                "inside": inside,
+                "brun_lo": blo,
+                "brun_hi": bhi,
+                "brun_inside": binside,
+                "brun_step_pct": wb[2]["step_pct"] if wb else None,
+                "brun_runs": wb[2]["runs"] if wb else None,
+            }
         )
     return out

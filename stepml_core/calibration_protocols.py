@@ -46,6 +46,7 @@ from .parallel import process_workers
 
 PROTOCOLS = ("roles", "lowo", "lomo")
 STEP_MODEL_OF = {"roles": "requests_roles", "lowo": "requests_lowo", "lomo": "requests_lomo", "all": "requests_all"}
+PROTOCOL_OF = {STEP_MODEL_OF[p]: p for p in PROTOCOLS}  # the replayed step models: requests_lowo → lowo, ...
 
 
 class FoldError(StepMLError, ValueError):

@@ -40,7 +40,21 @@ from .request_log import GROUND_TRUTH_FILES, has_request_log, read_request_log
 from .runs import read_run_metadata
 
 ROW_KEYS = ("step_model", "metric", "predicted", "fitted_on", "sample")
-INTERVAL_KEYS = ("step_model", "metric", "predicted", "boot_lo", "boot_hi", "lo", "hi", "extrap_q_pct", "extrap_n")
+INTERVAL_KEYS = (
+    "step_model",
+    "metric",
+    "predicted",
+    "boot_lo",
+    "boot_hi",
+    "lo",
+    "hi",
+    "extrap_q_pct",
+    "extrap_n",
+    "brun_lo",
+    "brun_hi",
+    "brun_step_pct",
+    "brun_runs",
+)
 
 
 @dataclass

@@ -55,6 +55,11 @@ INTERVAL_COLUMNS = {
     "hi": pl.Float64,
     "observed": pl.Float64,
     "inside": pl.Boolean,
+    "brun_lo": pl.Float64,
+    "brun_hi": pl.Float64,
+    "brun_inside": pl.Boolean,
+    "brun_step_pct": pl.Float64,
+    "brun_runs": pl.Int64,
 }
 REPLAY_COLUMNS = {
     "experiment_id": pl.Utf8,

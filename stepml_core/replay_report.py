@@ -21,14 +21,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .calibration_protocols import STEP_MODEL_OF
+from .calibration_protocols import PROTOCOL_OF
 from .conformal import could_use, widen_intervals
 from .paths import REFERENCE_DIR
 from .replay_models import INTERVAL_COLUMNS, REPLAY_COLUMNS
 from .rules import is_saturated
 
 BLIS_FILE = REFERENCE_DIR / "blis_iter4a_replay.csv"
-PROTOCOL_OF = {name: p for p, name in STEP_MODEL_OF.items()}  # requests_lowo → lowo, ...
 # when no candidate has a score that X's ground truth could not have reached: calibrated on the LLM model's own
 # other workloads first (the most data of that model that never saw X), then the run roles, the architecture transfer
 FALLBACK_ORDER = ("requests_lowo", "requests_roles", "requests_lomo")
@@ -78,8 +77,8 @@ def could_use_run(step_model: str, fitted_on: set[str], replayed: dict, x: str, 
     if (ours - {None}) & (data - {None}):
         return True
     p = PROTOCOL_OF.get(step_model)
-    if p is None or p == "all":
-        return p == "all"
+    if p is None:
+        return False
     arr = lambda k, r: np.array([str(r.get(k) or "")])  # noqa: E731
     u = could_use(
         p,

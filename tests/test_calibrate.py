@@ -20,6 +20,8 @@ from stepml_core.calibrate import (
     StepParams,
     Timelines,
     arch_prior,
+    between_run_bounds,
+    between_run_errors,
     calibrate,
     fcfs_admissions,
     fit_closed_form,
@@ -348,15 +350,30 @@ def _predict(root: Path, scored: str) -> tuple[dict[str, pl.DataFrame], pl.DataF
     return (
         {name: t.select("index", "ttft_s", "e2e_s", "success") for name, t in res[scored]["per_request"].items()},
         ivs.filter(pl.col("experiment_id") == scored)
-        .select("step_model", "metric", "predicted", "boot_lo", "boot_hi", "lo", "hi", "extrap_q_pct", "extrap_n")
+        .select(
+            "step_model",
+            "metric",
+            "predicted",
+            "boot_lo",
+            "boot_hi",
+            "lo",
+            "hi",
+            "extrap_q_pct",
+            "extrap_n",
+            "brun_lo",
+            "brun_hi",
+            "brun_step_pct",
+            "brun_runs",
+        )
         .sort("step_model", "metric"),
     )
 
 
 def test_deleting_a_scored_runs_ground_truth_leaves_its_predictions_and_intervals_bit_identical(tmp_path):
     """The validate run's ground truth is read by nothing that predicts it or bounds its interval: deleting the file
-    changes none of its predicted latencies (requests_roles and requests_lowo) and none of its intervals (bootstrap and
-    widened), bit for bit, although the other runs' leave-one-workload-out folds lose it. Deleting a *calibration*
+    changes none of its predicted latencies (requests_roles and requests_lowo) and none of its intervals (bootstrap,
+    widened, and bootstrap + between-run term), bit for bit, although the other runs' leave-one-workload-out folds lose
+    it. Deleting a *calibration*
     run's ground truth does change the predictions, deleting the other validate run's (whose error widens the
     interval) the interval (the test can fail)."""
 
@@ -376,6 +393,12 @@ def test_deleting_a_scored_runs_ground_truth_leaves_its_predictions_and_interval
     assert set(before) == {"requests_roles", "requests_lowo"}
     assert set(iv_before["step_model"]) == {"requests_roles", "requests_lowo"}
     assert (iv_before["extrap_n"] == 1).all() and iv_before["extrap_q_pct"].is_finite().all()  # the other validate run
+    # the between-run term: roles from its 2 train runs, lowo from the fold's 3 calibration runs
+    assert iv_before.group_by("step_model").agg(pl.col("brun_runs").max()).sort("step_model").rows() == [
+        ("requests_lowo", 3),
+        ("requests_roles", 2),
+    ]
+    assert iv_before["brun_lo"].is_not_null().all() and (iv_before["brun_step_pct"] > 0).all()
     (tmp_path / scored / "ground_truth.json.gz").unlink()
     after, iv_after = _predict(tmp_path, scored)
     for name in before:
@@ -386,9 +409,11 @@ def test_deleting_a_scored_runs_ground_truth_leaves_its_predictions_and_interval
     roles = pl.col("step_model") == "requests_roles"  # (its lowo fold calibrated on that run: those change anyway)
     assert (
         iv_other.filter(roles)
-        .select("predicted", "boot_lo", "boot_hi")
-        .equals(iv_before.filter(roles).select("predicted", "boot_lo", "boot_hi"))
+        .select("predicted", "boot_lo", "boot_hi", "brun_lo", "brun_hi")
+        .equals(iv_before.filter(roles).select("predicted", "boot_lo", "boot_hi", "brun_lo", "brun_hi"))
     )
+    lowo = pl.col("step_model") == "requests_lowo"  # its fold calibrated on that run: its between-run term moves
+    assert not iv_other.filter(lowo)["brun_step_pct"].equals(iv_before.filter(lowo)["brun_step_pct"])
     assert not iv_other.filter(roles).select("lo", "hi").equals(iv_before.filter(roles).select("lo", "hi"))
     (tmp_path / "20260101-010000-llama-2-7b-tp1-general" / "ground_truth.json.gz").unlink()
     changed, _ = _predict(tmp_path, scored)
@@ -545,3 +570,42 @@ def test_stage_two_scores_only_the_requests_with_ground_truth():
     assert part.observed[0]["successes"] == ok_first_half < whole.observed[0]["successes"]
     x0 = np.zeros(2)
     assert part.evaluate(x0)[1][0]["successes"] <= n // 2 < whole.evaluate(x0)[1][0]["successes"]
+
+
+def test_between_run_errors_leave_each_calibration_run_out():
+    """Three runs of one linear engine: each left-out run is predicted by the other two within a fraction of a %;
+    a fourth run whose cycles are 10 % slower is off by ≈ log 1.1 when left out, and only calibration runs enter."""
+    rng = np.random.default_rng(3)
+    truth = lambda d, kv: 6000.0 + 20.0 * d + 0.2 * kv  # noqa: E731
+
+    def tl(eid, lo, hi, ctx, slow=1.0):
+        dec = rng.uniform(lo, hi, 400)
+        return _timelines(eid, False, dec, ctx, truth(dec, dec * ctx) * slow * rng.normal(1, 0.01, 400))
+
+    prior = arch_prior("llama-2-7b", 1)
+    same = [tl("a", 10, 60, 500), tl("b", 20, 90, 700), tl("c", 5, 40, 900)]
+    br = between_run_errors(same, prior)
+    assert br["runs"] == ["a", "b", "c"] and max(abs(e) for e in br["step_log_err"]) < 0.01
+    br = between_run_errors([*same, tl("d", 10, 70, 600, slow=1.1)], prior)
+    assert br["runs"] == ["a", "b", "c", "d"]
+    assert br["step_log_err"][3] == pytest.approx(np.log(1.1), abs=0.02)
+    assert all(-0.08 < e < 0 for e in br["step_log_err"][:3])  # the slow run, calibrating, pulls the others up
+
+
+def test_between_run_bounds_widen_the_bootstrap_models():
+    """z = t_k(0.95)·√(Σe²/k) of the leave-one-run-out log step errors; the bound models' step part of the latency
+    index sits at exp(±√(h_boot² + z²)) of the central one, α0 moved by the same quantile of the α0 errors."""
+    from scipy.stats import t as student_t
+
+    c = StepParams(b0_us=5000.0, b_dec_us=10.0, b_kv_us=0.1, b_pf_us=20.0, b_npf_us=0.0, q0_us=2e4)
+    sums = {"decode_tokens": 4e4, "kv_sum": 2e7, "prefill_tokens": 0.0, "num_prefill_reqs": 0.0}
+    spec = {"params": c.__dict__, "calibration": {"between_runs": {"step_log_err": [0.1, -0.1], "q_err_us": [3e3]}}}
+    z, zq = student_t.ppf(0.95, 2) * 0.1, student_t.ppf(0.95, 1) * 3e3
+    lo, hi, info = between_run_bounds(spec, (c, c), 1000, sums, 200.0, 0.9)  # bootstrap of zero width: h = 0
+    assert lo.b0_us == pytest.approx(5000.0 * np.exp(-z)) and hi.b_kv_us == pytest.approx(0.1 * np.exp(z))
+    assert (lo.q0_us, hi.q0_us) == pytest.approx((2e4 - zq, 2e4 + zq))
+    assert info["runs"] == 2 and info["step_pct"] == pytest.approx(100 * np.expm1(z))
+    up = c.scaled(1.05)  # a bootstrap bound 5 % up: that side's half-width √(log(1.05)² + z²)
+    _, hi2, _ = between_run_bounds(spec, (c, up), 1000, sums, 200.0, 0.9)
+    assert hi2.b0_us == pytest.approx(5000.0 * np.exp(np.hypot(np.log(1.05), z)))
+    assert between_run_bounds({**spec, "calibration": {}}, (c, c), 1000, sums, 200.0, 0.9) is None

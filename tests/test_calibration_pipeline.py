@@ -50,6 +50,9 @@ def test_calibrated_models_are_replayed_per_protocol_out_of_sample(study):
     assert set(iv["step_model"]) == {"requests_roles", "requests_lowo"} and (iv["lo"] <= iv["hi"]).all()
     # widened (stepml_core.conformal): contains the bootstrap interval; a run's own error never widens it
     assert (iv["lo"] <= iv["boot_lo"]).all() and (iv["hi"] >= iv["boot_hi"]).all() and (iv["extrap_n"] >= 0).all()
+    # bootstrap + between-run term (leave one calibration run out): contains the bootstrap interval
+    b = iv.filter(pl.col("brun_lo").is_not_null())
+    assert b.height and (b["brun_lo"] <= b["boot_lo"] + 1e-12).all() and (b["brun_hi"] >= b["boot_hi"] - 1e-12).all()
     meta = (
         instance.fetch_materializations(dg.AssetKey("request_calibration"), limit=1)
         .records[0]
@@ -58,7 +61,8 @@ def test_calibrated_models_are_replayed_per_protocol_out_of_sample(study):
     assert meta["calibrations"].value >= 4 and meta["computed"].value == meta["calibrations"].value
     report = (out / "report.md").read_text()
     assert "Step time calibrated from request logs" in report and "leave one workload out" in report
-    assert "### Uncertainty" in report and "widened: inside" in report
+    assert "### Uncertainty" in report and "widened (split conformal)" in report and "by construction" in report
+    assert "Clopper–Pearson" in report and "bootstrap + between-run term" in report
 
 
 def test_export_ships_the_calibrated_model_in_blis_format(study, tmp_path):

@@ -152,10 +152,92 @@ def test_an_unbounded_interval_is_not_counted_as_covered():
     wide = widen_intervals(_rows(specs), runs)
     assert (wide["extrap_q_pct"] == np.inf).all() and wide["inside"].all()  # 3 scores each: unbounded, contains all
     cov = _coverage(wide, pl.DataFrame()).row(0, named=True)
-    assert cov["predictions"] == 4 and cov["bounded"] == 0 and cov["inside"] == 0
-    assert cov["coverage_pct"] is None  # not 100 %
+    assert cov["predictions"] == 4 and cov["unbounded"] == 4 and cov["counted"] == 0 and cov["inside"] == 0
+    assert cov["coverage_pct"] is None and cov["cp_lo_pct"] is None  # not 100 %
     row = wide.row(0, named=True)
     assert (
         _interval_cell({"e2e_mean_lo": row["lo"], "e2e_mean_hi": row["hi"], "e2e_mean_inside": row["inside"]})
         == "unbounded"
     )
+    cell = {"e2e_mean_lo": 0.5, "e2e_mean_hi": 1.6, "e2e_mean_inside": True, "e2e_mean_pred": 1.0}
+    assert _interval_cell(cell) == "[0.50, 1.60] ✓ wide"  # at least as wide as the prediction: carries little
+    assert _interval_cell({**cell, "e2e_mean_hi": 1.4}) == "[0.50, 1.40] ✓"
+
+
+def test_clopper_pearson_and_the_coverage_by_construction():
+    """The exact binomial interval against its closed forms at k = 0 and k = n; with n = 9 … 18 eligible scores the
+    conformal rank is the largest, so the widened interval covers n/(n + 1) of exchangeable runs by construction."""
+    from stepml_core.coverage import clopper_pearson, construction_coverage
+
+    assert clopper_pearson(0, 5) == pytest.approx((0.0, 1 - 0.025 ** (1 / 5)))
+    assert clopper_pearson(5, 5) == pytest.approx((0.025 ** (1 / 5), 1.0))
+    lo, hi = clopper_pearson(13, 14)  # 93 %: anything from ~66 % to ~100 % is consistent with it
+    assert 0.6 < lo < 0.7 and hi > 0.99
+    assert np.isnan(clopper_pearson(0, 0)).all()
+    n = np.arange(9, 19)
+    assert construction_coverage(n, 0.9) == pytest.approx(n / (n + 1))
+    assert np.isnan(construction_coverage([8], 0.9)[0]) and construction_coverage([19], 0.9)[0] == pytest.approx(0.9)
+
+
+def test_point_and_wide_intervals_are_not_evidence_and_regimes_are_apart():
+    """An interval around a point (successes = every request, predicted and observed: every model variant agrees),
+    widened or not, is not counted as covered; an interval at least as wide as its prediction is counted but flagged
+    wide; saturated and non-saturated runs get their own rows, each with its binomial interval."""
+    from stepml_core.coverage import coverage_table, interval_kind
+
+    assert interval_kind([90.0, 100.0, 40.0], [110.0, 100.0, 140.0], [100.0] * 3, [5.0, 0.0, 5.0]).tolist() == [
+        "informative",
+        "point",
+        "wide",
+    ]
+    # a point widened by q = 10 % is still a point's interval; an unbounded one is unbounded
+    assert interval_kind(
+        [90.0, 0.0], [110.0, np.inf], [100.0] * 2, [10.0, np.inf], [100.0] * 2, [100.0] * 2
+    ).tolist() == [
+        "point",
+        "unbounded",
+    ]
+    rows = []
+    for i in range(12):
+        e = f"r{i}"
+        sat = i >= 8
+        # successes: a point at every request for the non-saturated runs, an interval for the saturated ones
+        rows.append((e, "successes", 500.0, 500.0 if not sat else 300.0, 500.0, 500.0 if not sat else 420.0))
+        rows.append((e, "ttft_mean", 1.0, 0.9 if i % 2 else 0.2, 1.1 if i % 2 else 1.5, 1.05 if i != 3 else 2.0))
+    t = pl.DataFrame(
+        [
+            {
+                "experiment_id": e,
+                "role": "test",
+                "step_model": "requests_lowo",
+                "protocol": "lowo",
+                "fitted_on": "",
+                "metric": m,
+                "predicted": p,
+                "boot_lo": lo,
+                "boot_hi": hi,
+                "lo": lo * 0.9,  # widened by q = 10 %
+                "hi": hi * 1.1,
+                "observed": ob,
+                "inside": lo * 0.9 <= ob <= hi * 1.1,
+                "boot_inside": lo <= ob <= hi,
+                "extrap_q_pct": 10.0,
+                "extrap_n": 11,
+                "extrap_pool": "protocol",
+            }
+            for e, m, p, lo, hi, ob in rows
+        ]
+    )
+    sat = {f"r{i}": i >= 8 for i in range(12)}
+    cov = {(r["metric"], r["regime"]): r for r in coverage_table(t, sat, ("ttft_mean", "successes")).to_dicts()}
+    s = cov[("successes", "non-saturated")]
+    assert (s["predictions"], s["point"], s["counted"], s["coverage_pct"]) == (8, 8, 0, None)
+    assert (s["boot_point"], s["boot_counted"]) == (8, 0)
+    s = cov[("successes", "saturated")]
+    assert (s["counted"], s["inside"], s["wide"]) == (4, 4, 0)
+    assert s["cp_lo_pct"] == pytest.approx(100 * 0.025 ** (1 / 4))
+    a = cov[("successes", "all")]
+    assert (a["predictions"], a["counted"], a["inside"]) == (12, 4, 4)
+    tt = cov[("ttft_mean", "non-saturated")]  # r0, r2, r4, r6 wide ([0.2, 1.5] of 1.0); r3 outside
+    assert (tt["counted"], tt["wide"], tt["inside"], tt["informative_inside"]) == (8, 4, 7, 3)
+    assert tt["by_construction_pct"] == pytest.approx(100 * 11 / 12)
