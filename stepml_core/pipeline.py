@@ -534,6 +534,7 @@ def replay(
     paths = rm.write_per_request(out_dir, key, out["per_request"])
     value = replay_value(out, meta, log)
     value["request_log_version"] = stored_log.get("data_version")  # a replay is current only for this request log
+    value["models_version"] = models_version(specs)  # ... and for these step models
     details = value["details"]
     return value, {
         "step_models": len(specs),
@@ -555,6 +556,39 @@ def header_choices(header: Mapping, ctx) -> dict:
         if cfg.get(hk) is not None and getattr(ctx, ck) is not None and cfg[hk] != getattr(ctx, ck)
     }
     return {"header_not_used": out} if out else {}
+
+
+def models_version(specs: list[dict]) -> str:
+    """A digest of the step-model specs one run is replayed with (replay_models.specs_for_run): its stored replay is
+    current only while the specs that apply to the run are these."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(specs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stale_replay_reason(key: str, stored_replay: Mapping, stored_log: Mapping | None, specs: list[dict] | None) -> str:
+    """Why a stored replay of run `key` is not current ('' when it is): made from an earlier request log than the one
+    stored now, or with other step models than the `specs` (replay_models' value) that apply to the run now."""
+    made_from, now = stored_replay.get("request_log_version"), (stored_log or {}).get("data_version")
+    if made_from and now and made_from != now:
+        return f"replay made from an earlier request log ({made_from}; now {now}) and not re-run since"
+    return models_behind_reason(key, stored_replay, specs)
+
+
+def models_behind_reason(key: str, stored_replay: Mapping, specs: list[dict] | None) -> str:
+    """'' when the stored replay of run `key` was made with the step models that `specs` give the run now (or cannot
+    tell: no specs, a replay stored before models_version), else why not."""
+    from . import replay_models as rm
+
+    made_with = stored_replay.get("models_version")
+    if not made_with or specs is None:
+        return ""
+    run_specs = rm.specs_for_run(list(specs), key, stored_replay.get("model"), stored_replay.get("stands_for"))
+    current = models_version(run_specs)
+    if current == made_with:
+        return ""
+    return f"replay made with earlier step models ({made_with}; now {current}) and not re-run since"
 
 
 def replay_value(out: dict, meta, log) -> dict:

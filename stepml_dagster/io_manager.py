@@ -225,6 +225,11 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         key = asset if isinstance(asset, dg.AssetKey) else dg.AssetKey(asset)
         return StoredPartitions({k: self._stem(key, k) for k in keys if self._exists(key, k)})
 
+    def stored_value(self, asset: str) -> Any:
+        """An unpartitioned asset's stored value (None where there is none)."""
+        key = dg.AssetKey(asset)
+        return read_object(self._stem(key, None)) if self._exists(key, None) else None
+
     def load_input(self, context: dg.InputContext) -> Any:
         key = context.asset_key
         if context.has_asset_partitions:

@@ -42,6 +42,7 @@ from typing import NamedTuple
 
 import dagster as dg
 
+from stepml_core import pipeline
 from stepml_core.errors import NoUsableRunsError, StepMLError, UsageError
 from stepml_core.progress import make_progress
 from stepml_core.runs import RUN_FOLDER_CONTENTS, find_trace_file
@@ -337,8 +338,9 @@ def _study_chain(
     jobs: PhaseJobs, instance, settings, done: list[str], workers: int, *, quiet: bool, verbose: bool, say
 ) -> tuple[list[str], dict[str, str], bool, str | None]:
     """The study after the partitions: models_job, then replay_job for each run in `done` with a stored request
-    log (a run that failed just now keeps an older stored log, not replayed), then study_job.
-    Returns (failed replays, their errors, study ok, study error)."""
+    log (a run that failed just now keeps an older stored log, not replayed) and for each other run whose stored
+    replay was made with other step models than apply to it now (the models changed: its old replay would not be
+    current), then study_job. Returns (failed replays, their errors, study ok, study error)."""
     from .io_manager import ParquetIOManager
 
     res_models = jobs.models.execute_in_process(
@@ -346,7 +348,10 @@ def _study_chain(
     )
     if not res_models.success:
         say(f"models: FAILED: {run_error(res_models)}")
-    with_logs = sorted(ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions("request_log", done))
+    io = ParquetIOManager(base_dir=str(settings.assets_dir()))
+    with_logs = sorted(
+        set(io.stored_partitions("request_log", done)) | set(_replays_behind_models(io, jobs, instance, done))
+    )
     failed, errors = [], {}
     if res_models.success and with_logs:
         failed, errors = _run_partitions(
@@ -355,6 +360,19 @@ def _study_chain(
     release_freed_memory()
     res = jobs.study.execute_in_process(instance=instance, raise_on_error=False, run_config=_run_config(verbose))
     return failed, errors, res.success and res_models.success, run_error(res_models) or run_error(res)
+
+
+def _replays_behind_models(io, jobs: PhaseJobs, instance, done: list[str]) -> list[str]:
+    """Runs not in `done` whose stored replay was made with other step models than the stored replay_models give them
+    now (pipeline.stale_replay_reason); their request logs are as stored."""
+    specs = io.stored_value("replay_models")
+    if specs is None:
+        return []
+    keys = [
+        k for k in jobs.experiment.partitions_def.get_partition_keys(dynamic_partitions_store=instance) if k not in done
+    ]
+    replays, logs = io.stored_partitions("replay", keys), io.stored_partitions("request_log", keys)
+    return [e for e in replays if e in logs and pipeline.models_behind_reason(e, replays[e], specs)]
 
 
 def _study_jobs(instance, settings, folder_names: list[str], todo: list[str]) -> PhaseJobs:

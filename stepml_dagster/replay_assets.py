@@ -165,8 +165,10 @@ def replay(context: dg.AssetExecutionContext, settings: StepMLSettings, request_
     description="All replays: replay.csv (predicted vs observed per run × step model × metric, "
     "in/out of sample, the recommended model per LLM model) beside BLIS iteration 4a.",
 )
-def replay_fidelity(context: dg.AssetExecutionContext, settings: StepMLSettings, replay, request_log) -> dict:
-    left_out = replays_left_out(settings, context.instance, request_log, replay)
+def replay_fidelity(
+    context: dg.AssetExecutionContext, settings: StepMLSettings, replay, request_log, replay_models
+) -> dict:
+    left_out = replays_left_out(settings, context.instance, request_log, replay, replay_models)
     present = [e for e in replay if e not in left_out]
     tables = pipeline.replay_fidelity(replay, request_log, present, settings.out_dir)
     context.add_output_metadata(
@@ -180,10 +182,11 @@ def replay_fidelity(context: dg.AssetExecutionContext, settings: StepMLSettings,
     return {**{k: v for k, v in tables.items() if k != "replay_csv"}, "left_out": left_out}
 
 
-def replays_left_out(settings: StepMLSettings, instance, request_log, replays) -> dict[str, dict]:
+def replays_left_out(settings: StepMLSettings, instance, request_log, replays, specs=None) -> dict[str, dict]:
     """Stored replays that are not current: the run's latest experiment_job or replay_job run failed, its run folder
     changed since its request log was read (health.study_exclusions), or the replay was made from an earlier request
-    log than the one stored now (not replayed since: e.g. the models phase failed). {run: {status, reason}}."""
+    log than the one stored now or with other step models than `specs` give the run now (not replayed since: e.g. the
+    models phase failed; pipeline.stale_replay_reason). {run: {status, reason}}."""
     from .health import FAILED_STATUSES, run_error, study_exclusions
 
     replayed = list(replays)
@@ -197,12 +200,9 @@ def replays_left_out(settings: StepMLSettings, instance, request_log, replays) -
         for e, r in study_exclusions(instance, settings.data_root(), stored).items()
     }
     for e in replayed:
-        made_from, now = (replays[e] or {}).get("request_log_version"), (request_log.get(e) or {}).get("data_version")
-        if e not in out and made_from and now and made_from != now:
-            out[e] = {
-                "status": "stale",
-                "reason": f"replay made from an earlier request log ({made_from}; now {now}) and not re-run since",
-            }
+        why = "" if e in out else pipeline.stale_replay_reason(e, replays[e] or {}, request_log.get(e), specs)
+        if why:
+            out[e] = {"status": "stale", "reason": why}
     for e in replayed:
         if e in out or instance is None:
             continue

@@ -183,6 +183,35 @@ def test_step_assets_skipped_request_assets_materialized_with_lineage(study):
     assert checks and all(c.status.value == "SUCCEEDED" for c in checks)
 
 
+def test_a_replay_made_with_earlier_models_is_replayed_again_not_shown_as_current(study):
+    """`stepml run --experiment RUN` after RUN's ground truth changed re-calibrates; RUN_NO_GT's stored replay was made
+    with the models calibrated on the old truth, so it is replayed again (its predictions move and its stored
+    models_version is the current one); left alone, the report would have shown the old replay as current. Runs
+    before the test that breaks RUN's log (both change the module's data)."""
+    from stepml_core import pipeline
+    from stepml_dagster.io_manager import ParquetIOManager
+
+    _, data, out, _ = study
+    before = pl.read_csv(out / "replay.csv").filter(pl.col("experiment_id") == RUN_NO_GT)
+    gt = json.loads(gzip.decompress((data / RUN / "ground_truth.json.gz").read_bytes()))
+    for r in gt:
+        r["e2e_s"] *= 1.5  # a slower engine: every calibrated model changes
+    (data / RUN / "ground_truth.json.gz").write_bytes(gzip.compress(json.dumps(gt).encode()))
+    res = run_study(data, out, synth_if_empty=False, quiet=True, workers=1, experiments=[RUN])
+    assert res["study_ok"] and not res["failed"], res
+    after = pl.read_csv(out / "replay.csv").filter(pl.col("experiment_id") == RUN_NO_GT)
+    calibrated = pl.col("step_model").str.starts_with("requests_")
+    assert not before.filter(calibrated)["predicted"].equals(after.filter(calibrated)["predicted"])
+    io = ParquetIOManager(base_dir=str(out / "assets"))
+    stored = io.stored_partitions("replay", [RUN_NO_GT])[RUN_NO_GT]
+    assert pipeline.models_behind_reason(RUN_NO_GT, stored, io.stored_value("replay_models")) == ""
+    assert "Left out of the replay scores" not in (out / "report.md").read_text()
+    # a replay whose models moved on is named stale, never shown as current
+    assert "earlier step models" in pipeline.models_behind_reason(
+        RUN_NO_GT, {**stored, "models_version": "x"}, io.stored_value("replay_models")
+    )
+
+
 def test_a_run_whose_request_log_breaks_is_left_out_not_shown_stale(study):
     """After a scored run's request file is damaged, `stepml run` fails that run, does not replay it with its old stored
     log, and the report lists it as left out instead of showing its earlier replay as current (runs last: it changes
