@@ -708,6 +708,10 @@ def _goal_lines(t: dict) -> list[str]:
         lines += [
             "### Goals",
             "",
+            "Fitted on: as each goal says (run roles: the LLM model's `train` runs; leave one workload out: its runs of "
+            "the other workloads; never a scored run). No model choice enters (each row is one protocol's model). "
+            "Settings: see *What each figure rests on* under *Replaying the runs*.",
+            "",
             _md(
                 ["goal", "runs", "measured %", "met"],
                 [
