@@ -29,6 +29,7 @@ from stepml_core.calibrate import (
     request_timelines,
     serving_model,
 )
+from stepml_core.oos_audit import INTERVAL_KEYS
 from stepml_core.pipeline import calibration_inputs, log_as_stored, replay_context
 from stepml_core.replay import RunContext, replay, replay_workload
 from stepml_core.replay_models import replay_run, specs_for_run
@@ -349,23 +350,7 @@ def _predict(root: Path, scored: str) -> tuple[dict[str, pl.DataFrame], pl.DataF
     )
     return (
         {name: t.select("index", "ttft_s", "e2e_s", "success") for name, t in res[scored]["per_request"].items()},
-        ivs.filter(pl.col("experiment_id") == scored)
-        .select(
-            "step_model",
-            "metric",
-            "predicted",
-            "boot_lo",
-            "boot_hi",
-            "lo",
-            "hi",
-            "extrap_q_pct",
-            "extrap_n",
-            "brun_lo",
-            "brun_hi",
-            "brun_step_pct",
-            "brun_runs",
-        )
-        .sort("step_model", "metric"),
+        ivs.filter(pl.col("experiment_id") == scored).select(INTERVAL_KEYS).sort("step_model", "metric"),
     )
 
 
