@@ -652,14 +652,16 @@ def replay_summary(fid: dict) -> list[str]:
         "",
         *(
             [
-                "Errors above 1,000 % come from models extrapolating far outside the load they were fitted on (log-target "
-                "models do so exponentially).",
+                "Errors above 1,000 % come from replays in which the model overloads the engine (a queue the run never "
+                "had): models extrapolating far outside the load they were fitted on (log-target models do so "
+                "exponentially) or carried over from other LLM models (`requests_lomo`).",
                 "",
             ]
             if any(_big(c) for r in table for c in r[1:])
             else []
         ),
-        f"For a run a model has not seen, per LLM model: {rec}.",
+        f"For a run a model has not seen, per LLM model: {rec} (each figure is the error on the runs that chose "
+        "the model, so optimistic; the per-run recommended rows are the out-of-sample estimate).",
         "",
     ]
 
