@@ -67,7 +67,7 @@ def main() -> int:
         if runs is None:
             return 0
         infos, load = runs
-        big = max(infos, key=lambda r: (r.successes, r.experiment_id)).experiment_id
+        big = max(infos, key=lambda r: (r.requests, r.experiment_id)).experiment_id
         run = load(big)
         p = StepParams(b0_us=13400.0, b_dec_us=0.0, b_kv_us=0.05, b_pf_us=67.0, b_npf_us=1000.0, q0_us=24000.0)
         t = time.perf_counter()
