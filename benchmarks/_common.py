@@ -134,7 +134,7 @@ def run_stepml(args: list[str], dagster_home: Path, log: Path | None = None, cod
 # ---------------------------------------------------------------------------- synthesis ---
 def shifted_id(run_id: str, seconds: int) -> str:
     """The same run id with its start time moved by `seconds` (a distinct id for another seed's copy)."""
-    from stepml_core.runs import parse_run_id
+    from stepml_core.runs.folders import parse_run_id
 
     r = parse_run_id(run_id)
     stamp = (r.started_at + timedelta(seconds=seconds)).strftime("%Y%m%d-%H%M%S")

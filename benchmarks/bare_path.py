@@ -13,8 +13,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from stepml_core import pipeline, study
-from stepml_core.ingest import ingest_run
+from stepml_core import pipeline
+from stepml_core.runs.ingest import ingest_run
+from stepml_core.study import h1 as study
 
 
 class Timer(dict):
@@ -29,7 +30,7 @@ class Timer(dict):
 
 def bare_partition(folder: Path, data_root: Path, seed: int = 0) -> tuple[dict, dict]:
     """One experiment: the partitioned assets' work. Returns ({asset: value}, {asset: seconds})."""
-    from stepml_core.limits import InputLimits
+    from stepml_core.runs.limits import InputLimits
 
     t = Timer()
     limits = InputLimits.from_env()  # what the settings resource gives the assets when none of its fields is set
@@ -100,7 +101,7 @@ def bare_models(
 ) -> tuple[dict, dict]:
     """The models phase (models_job): pooled folds (no fold cache: the cold cost), calibration, the calibration from
     request logs (no cache either), replay models."""
-    from stepml_core.synth.calibration import calibration_tables
+    from stepml_core.synth.against_real import calibration_tables
 
     t = Timer()
     present = sorted(parts)
@@ -147,7 +148,7 @@ def bare_report(
     parts: dict[str, dict], models: dict, replays: dict[str, dict], out_dir: Path, seed: int = 0
 ) -> tuple[dict, dict]:
     """The report phase (study_job): replay_fidelity, calibration_fidelity, then study_report (pipeline.assemble_study)."""
-    from stepml_core.replay_report import replay_section, replay_summary
+    from stepml_core.replay.scores import replay_section, replay_summary
 
     t = Timer()
     present = sorted(parts)

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_calibration.py [--workers 2] [--protocols] [--shared ../shared]
 
-1. assembles the 16 real runs from ../shared (stepml_core.real_data; skips cleanly without it);
+1. assembles the 16 real runs from ../shared (stepml_core.runs.real_data; skips cleanly without it);
 2. baseline, same process: one replay of the largest run (16,800 requests) with a calibrated-form model;
 3. the deployable calibration of every LLM model on all its runs with ground truth (requests_all: 4 models,
    16 runs' request logs) in ``--workers`` processes — the goal's figure;
@@ -29,8 +29,8 @@ TARGET_S = 300.0
 
 def load_runs(root: Path):
     from stepml_core.pipeline import calibration_inputs, log_as_stored
-    from stepml_core.request_log import read_request_log
-    from stepml_core.runs import read_run_metadata
+    from stepml_core.runs.folders import read_run_metadata
+    from stepml_core.runs.request_log import read_request_log
 
     folders = sorted(root.iterdir())
     metas = {f.name: read_run_metadata(f) for f in folders}
@@ -45,7 +45,7 @@ def real_runs(shared: Path):
         print(f"skipped: no real request logs under {shared}/real/requests")
         yield None
         return
-    from stepml_core.real_data import assemble_real_runs
+    from stepml_core.runs.real_data import assemble_real_runs
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "real16"
@@ -59,9 +59,9 @@ def main() -> int:
     ap.add_argument("--protocols", action="store_true", help="also time every protocol's calibrations")
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     a = ap.parse_args()
-    from stepml_core import calibration_protocols as cp
-    from stepml_core.calibrate import StepParams, serving_model
-    from stepml_core.replay import replay, replay_workload
+    from stepml_core.calibration import protocols as cp
+    from stepml_core.calibration.fit import StepParams, serving_model
+    from stepml_core.replay.simulate import replay, replay_workload
 
     with real_runs(a.shared) as runs:
         if runs is None:

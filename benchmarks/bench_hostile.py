@@ -108,7 +108,7 @@ def _run_folder(root: Path, trace_name: str, trace: bytes, exp_extra: str = "") 
 
 def case(name: str, tmp: Path) -> dict:
     """Build the input, then time the real code path that must stop it."""
-    from stepml_core.ingest import ingest_run
+    from stepml_core.runs.ingest import ingest_run
 
     if name == "lines_bomb":
         d = _run_folder(tmp, "traces.json.gz", gzip.compress(b"x\n" * (32 << 20), compresslevel=9, mtime=0) * 84)
@@ -172,7 +172,7 @@ def _request_folder(root: Path, huge: bool = False, last_s: float | None = None,
 def request_case(name: str, tmp: Path) -> dict:
     """Read (and replay, or build the calibration timelines of) a request log built by _request_folder."""
     from stepml_core import pipeline
-    from stepml_core.limits import InputLimits
+    from stepml_core.runs.limits import InputLimits
 
     spans = {"timelines_20m": 1200.0, "timelines_6h": 6 * 3600.0, "timelines_24h": 24 * 3600.0}
     d = _request_folder(tmp, huge=name == "request_huge", last_s=spans.get(name), bomb=name == "request_bomb")
@@ -189,9 +189,9 @@ def request_case(name: str, tmp: Path) -> dict:
 
 def _request_outcome(name: str, d: Path, stored: dict) -> str:
     from stepml_core import pipeline
-    from stepml_core.calibrate import CalibrationRun, request_timelines
-    from stepml_core.replay import PhysicsServingModel, replay, replay_workload
-    from stepml_core.runs import read_run_metadata
+    from stepml_core.calibration.fit import CalibrationRun, request_timelines
+    from stepml_core.replay.simulate import PhysicsServingModel, replay, replay_workload
+    from stepml_core.runs.folders import read_run_metadata
 
     meta = read_run_metadata(d)
     ctx = pipeline.replay_context(d.name, meta, stored["header"])

@@ -17,16 +17,21 @@ import numpy as np
 import polars as pl
 
 from stepml_core.catalog import gpu_spec, model_spec
-from stepml_core.estimators import fit_hgb_validated, fit_ridge_log_validated, fit_ridge_validated, predict_model
-from stepml_core.export import export_model
-from stepml_core.features import (
+from stepml_core.features.step_features import (
     RequestInBatch,
     batch_features,
     feature_columns,
     snapshot_aggregates,
     step_table_features,
 )
-from stepml_core.reference_predictor import predict_step_time
+from stepml_core.stepmodels.estimators import (
+    fit_hgb_validated,
+    fit_ridge_log_validated,
+    fit_ridge_validated,
+    predict_model,
+)
+from stepml_core.stepmodels.json_export import export_model
+from stepml_core.stepmodels.reference_predictor import predict_step_time
 
 
 def make_batch(rng, n=128, prefill=2):

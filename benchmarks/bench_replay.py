@@ -28,9 +28,9 @@ LARGEST = "20260218-150304-codellama-34b-tp2-general"
 
 def _prepare(folder: Path):
     from stepml_core.pipeline import replay_context
-    from stepml_core.replay import replay_workload
-    from stepml_core.request_log import read_request_log
-    from stepml_core.runs import read_run_metadata
+    from stepml_core.replay.simulate import replay_workload
+    from stepml_core.runs.folders import read_run_metadata
+    from stepml_core.runs.request_log import read_request_log
 
     meta = read_run_metadata(folder)
     log = read_request_log(folder)
@@ -39,8 +39,8 @@ def _prepare(folder: Path):
 
 
 def _one(folder: str) -> tuple[str, float, float, int]:
-    from stepml_core.replay import replay
-    from stepml_core.replay_models import physics_spec, serving_model
+    from stepml_core.replay.simulate import replay
+    from stepml_core.replay.specs import physics_spec, serving_model
 
     log, ctx, w = _prepare(Path(folder))
     t = time.perf_counter()
@@ -55,9 +55,9 @@ def main(argv=None) -> int:
     if not (SHARED / "real" / "requests").is_dir():
         print(f"skipped: no real request logs under {SHARED / 'real' / 'requests'}")
         return 0
-    from stepml_core.real_data import assemble_real_runs
-    from stepml_core.replay import StepServingModel, replay
-    from stepml_core.replay_models import physics_spec, serving_model
+    from stepml_core.replay.simulate import StepServingModel, replay
+    from stepml_core.replay.specs import physics_spec, serving_model
+    from stepml_core.runs.real_data import assemble_real_runs
     from stepml_core.sim.step_models import LinearStepTime
 
     with tempfile.TemporaryDirectory() as d:

@@ -192,7 +192,7 @@ def land_new_run(root: Path, tmp: Path, real_id: str, seed: int = 100) -> str:
 
 def _data(a, tmp: Path, res: dict) -> tuple[Path, list[Path]]:
     """The data folder (synthesized, or hard links to --data when a run will be added) and its run folders."""
-    from stepml_core.runs import discover_run_folders, resolve_data_root
+    from stepml_core.runs.folders import discover_run_folders, resolve_data_root
 
     if a.data:
         root = resolve_data_root(a.data)

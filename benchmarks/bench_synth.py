@@ -30,7 +30,7 @@ from stepml_core.synth import resolve_run_ids, synthesize_runs  # noqa: E402
 
 
 def engine_only(run_ids, scale: float, seed: int) -> None:
-    from stepml_core.synth.engine import simulate_synthetic_run
+    from stepml_core.synth.run_engine import simulate_synthetic_run
     from stepml_core.synth.runner import _clocks, _streams
     from stepml_core.synth.workload import build_workload
 

@@ -55,7 +55,7 @@ def errored_requests(infos, load) -> dict:
 
     import polars as pl
 
-    from stepml_core import calibrate as C
+    from stepml_core.calibration import fit as C
 
     print("0. errored requests: FCFS admission at max_num_seqs, decoders rebuilt without / with them")
     runs = {i.experiment_id: load(i.experiment_id) for i in infos if i.has_ground_truth}
@@ -103,8 +103,8 @@ def errored_requests(infos, load) -> dict:
 def errored_replay(moved: dict) -> None:
     """Leave one workload out (calibrate, simulator in the loop, no bootstrap) with / without the errored requests,
     replayed on each held-out run with ground truth: TTFT, E2E, p99 E2E errors (%)."""
-    from stepml_core import calibrate as C
-    from stepml_core.replay import replay, replay_workload, score_replay
+    from stepml_core.calibration import fit as C
+    from stepml_core.replay.simulate import replay, replay_workload, score_replay
 
     print(
         "\n0b. leave one workload out with the errored requests' windows (before: dropped): errors on the held-out run"
@@ -126,8 +126,8 @@ def errored_replay(moved: dict) -> None:
 
 def timeout_rule(infos, load) -> None:
     """Section 0c: the saturated runs' errors with a flat 300 s client limit and with the client's rule."""
-    from stepml_core import calibrate as C
-    from stepml_core.replay import CLIENT_TIMEOUT_S, replay, replay_workload, score_replay
+    from stepml_core.calibration import fit as C
+    from stepml_core.replay.simulate import CLIENT_TIMEOUT_S, replay, replay_workload, score_replay
 
     print("\n0c. saturated runs, leave one workload out: client limit flat 300 s → the client's rule (errors %)")
     runs = {i.experiment_id: load(i.experiment_id) for i in infos if i.has_ground_truth}
@@ -148,7 +148,7 @@ def timeout_rule(infos, load) -> None:
 
 
 def held_out_cycles(infos, load) -> None:
-    from stepml_core import calibrate as C
+    from stepml_core.calibration import fit as C
 
     runs = {i.experiment_id: load(i.experiment_id) for i in infos if i.has_ground_truth}
     tls = {e: C.request_timelines(r) for e, r in runs.items()}
@@ -182,7 +182,7 @@ def held_out_cycles(infos, load) -> None:
 def cycle_slopes(infos, load) -> None:
     """Per LLM model, pooled over its non-saturated runs: slope of the observed per-request decode cycle on the
     window's mean decoders, below 60 and from 80 decoders (least squares; µs per decoder)."""
-    from stepml_core import calibrate as C
+    from stepml_core.calibration import fit as C
 
     print("\n1b. observed decode cycle vs decoders (non-saturated runs pooled): slope µs per decoder")
     for llm in sorted({i.llm_model for i in infos}):
@@ -250,8 +250,8 @@ def cap_share(study: Path) -> None:
 def cpu_floor(study: Path, shared: Path, infos, load) -> None:
     import polars as pl
 
-    from stepml_core.calibrate import StepParams, serving_model
-    from stepml_core.replay import StepServingModel, replay, replay_workload, score_replay
+    from stepml_core.calibration.fit import StepParams, serving_model
+    from stepml_core.replay.simulate import StepServingModel, replay, replay_workload, score_replay
 
     xg_file = shared / "real" / "xgboost_round1_test_predictions.csv.gz"
     cal_file = study / "assets" / "request_calibration" / "__all__.json"

@@ -1,13 +1,13 @@
 """Coverage of the 90 % intervals of the request-calibrated out-of-sample predictions, bootstrap only and widened
-(stepml_core.conformal), per protocol, metric and regime (observed saturated or not), each k/n with its exact 95 %
+(stepml_core.replay.intervals), per protocol, metric and regime (observed saturated or not), each k/n with its exact 95 %
 binomial interval, the widened coverage the method gives by construction, and the intervals that carry no evidence
-counted apart (stepml_core.coverage; README, *Calibration from request logs*).
+counted apart (stepml_core.replay.coverage; README, *Calibration from request logs*).
 
     python benchmarks/interval_coverage.py --study OUT [--metrics all] [--data RUNS]
     python benchmarks/interval_coverage.py --request-level RUNS --study OUT   # run the request level first
 
 --request-level RUNS runs the request level of `stepml run` on the run folders RUNS into OUT first
-(stepml_core.oos_audit.request_level_study: the same calibrations, replays and intervals, without the step-level
+(stepml_core.replay.oos_audit.request_level_study: the same calibrations, replays and intervals, without the step-level
 study and the report; ≈ 15 min on the 16 real runs on 2 cores), then reports as above.
 
 Reads OUT/replay_intervals.csv of a `stepml run`, and OUT/replay.csv with the per-request tables under OUT/replay/
@@ -33,8 +33,8 @@ def saturation(study: Path, data: Path | None = None) -> dict[str, bool]:
     neither is left out (regime 'unknown'). Empty where replay.csv is missing."""
     import polars as pl
 
-    from stepml_core.replay_report import run_status
-    from stepml_core.request_log import read_request_log
+    from stepml_core.replay.scores import run_status
+    from stepml_core.runs.request_log import read_request_log
 
     if not (study / "replay.csv").is_file():
         return {}
@@ -63,7 +63,7 @@ INTERVALS = (
 
 
 def print_table(cov, pre: str, title: str) -> None:
-    from stepml_core.coverage import coverage_cell, not_counted_cell
+    from stepml_core.replay.coverage import coverage_cell, not_counted_cell
 
     extra = pre == ""
     print(f"\n{title}")
@@ -90,11 +90,11 @@ def print_table(cov, pre: str, title: str) -> None:
 def main(argv=None) -> int:
     import polars as pl
 
-    from stepml_core.calibration_report import METRICS
-    from stepml_core.conformal import CONFORMAL_LEVEL, widen_intervals
-    from stepml_core.coverage import WIDE_PCT, clopper_pearson, coverage_table
-    from stepml_core.replay_report import _workload
-    from stepml_core.runs import parse_run_id
+    from stepml_core.replay.coverage import WIDE_PCT, clopper_pearson, coverage_table
+    from stepml_core.replay.intervals import CONFORMAL_LEVEL, widen_intervals
+    from stepml_core.replay.scores import _workload
+    from stepml_core.report.calibration import METRICS
+    from stepml_core.runs.folders import parse_run_id
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--study", type=Path, required=True, help="a `stepml run` output folder")
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--request-level", type=Path, help="run folders: run the request level into --study first")
     a = ap.parse_args(argv)
     if a.request_level:
-        from stepml_core.oos_audit import ReplayMemo, request_level_study
+        from stepml_core.replay.oos_audit import ReplayMemo, request_level_study
 
         request_level_study(a.request_level, a.study, cache_dir=a.study / "calibration-cache", memo=ReplayMemo())
         a.data = a.data or a.request_level
@@ -148,8 +148,8 @@ def paired(iv, metrics) -> None:
     """Widened vs between-run on the same predictions: those where both intervals are counted (bounded, not a point)."""
     import polars as pl
 
-    from stepml_core.conformal import CONFORMAL_LEVEL
-    from stepml_core.coverage import clopper_pearson, with_kinds
+    from stepml_core.replay.coverage import clopper_pearson, with_kinds
+    from stepml_core.replay.intervals import CONFORMAL_LEVEL
 
     x = with_kinds(iv.filter(pl.col("inside").is_not_null() & pl.col("metric").is_in(list(metrics))), CONFORMAL_LEVEL)
     both = x.filter(pl.col("kind").is_in(["informative", "wide"]) & pl.col("brun_kind").is_in(["informative", "wide"]))

@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .errors import StepMLError
-from .paths import CATALOG_DIR
+from stepml_core.errors import StepMLError
+from stepml_core.paths import CATALOG_DIR
 
 BYTES_PER_PARAM = 2  # bf16 / fp16 weights
 BYTES_PER_KV_ELEMENT = 2  # bf16 / fp16 KV cache

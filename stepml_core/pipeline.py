@@ -27,9 +27,9 @@ from typing import Callable, Mapping
 
 import polars as pl
 
-from . import study
-from .splits import split_table
-from .tables import add_targets, cap_quarantine, cycle_rule_counts, quarantine_counts, validate_steps
+from stepml_core.study import h1 as study
+from stepml_core.tables.splits import split_table
+from stepml_core.tables.steps import add_targets, cap_quarantine, cycle_rule_counts, quarantine_counts, validate_steps
 
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048  # vLLM's default token budget, when exp-config.yaml does not give it
 
@@ -108,7 +108,7 @@ def e2e_fidelity(meta: dict, journey: pl.DataFrame, context: dict, fitted: dict)
 
 def method_checks(fm_split: pl.DataFrame, fitted: dict, steps: pl.DataFrame, seed: int = 0) -> dict:
     """Stage mix, split schemes, the cycle rule's effect, batch N vs N−1 alignment, alpha at the grid ends (method_checks.py)."""
-    from .method_checks import method_checks as checks
+    from stepml_core.study.method_checks import method_checks as checks
 
     return checks(fm_split, fitted, cycle_rule_counts(steps), seed=seed)
 
@@ -149,7 +149,7 @@ def _last_line_cut(quarantine: pl.DataFrame) -> bool:
 
 def run_matrix(folder: Path, data_root: Path | None = None) -> pl.DataFrame:
     """One run folder → its feature matrix with split and load stage (what fits and pooled folds read)."""
-    from .ingest import ingest_run
+    from stepml_core.runs.ingest import ingest_run
 
     raw = ingest_run(Path(folder), data_root)
     meta = raw["meta"]
@@ -199,8 +199,8 @@ def _study_findings(
     seed: int,
 ) -> tuple[pl.DataFrame | None, dict, dict]:
     """(ablation of the runs present, method checks gathered, findings: rankings, recommendations, ...)."""
-    from .findings import study_findings
-    from .method_checks import gather as gather_checks
+    from stepml_core.study.findings import study_findings
+    from stepml_core.study.method_checks import gather as gather_checks
 
     gen_present = {
         k: v.filter(pl.col("experiment_id").is_in(present)) if v.height else v
@@ -227,8 +227,13 @@ def _extra_study_sections(
 ) -> list[str]:
     """The report's sections after the verdict, in order: runs left out, feature provenance, reconstruction,
     teacher-forced E2E (plots written to out_dir), calibration, then `extra_sections`."""
-    from .report import calibration_sections, e2e_section, feature_provenance_section, reconstruction_section
-    from .report_status import runs_left_out_section, runs_read_in_part_section
+    from stepml_core.report.status import runs_left_out_section, runs_read_in_part_section
+    from stepml_core.report.study import (
+        calibration_sections,
+        e2e_section,
+        feature_provenance_section,
+        reconstruction_section,
+    )
 
     extra = runs_left_out_section(left_out, set(stored or ()))  # failed or stale runs: named, their old results unused
     extra += runs_read_in_part_section(runs)  # traces cut short: studied on part of their steps, said so
@@ -281,7 +286,7 @@ def assemble_study(
     abl, checks, findings = _study_findings(
         present, all_pred, generalization, ablation, method_checks, global_models, seed
     )
-    from .report import render_report, write_outputs
+    from stepml_core.report.study import render_report, write_outputs
 
     verdict["recommendations"] = findings["recommendations"]
     left_out = left_out or {}
@@ -317,9 +322,9 @@ def request_log(folder: Path, data_root: Path | None = None, limits=None) -> dic
     against the run's exp-config.yaml (request_log.check_header) and the run must be replayable: its KV-cache size
     known and able to hold one max_model_len sequence (vLLM does not start otherwise). Every problem is a
     RequestLogError (or RunMetadataError) naming the file and key: this run fails, alone."""
-    from .ingest import fingerprint, fingerprint_digest
-    from .request_log import RequestLogError, has_request_log, read_request_log
-    from .runs import read_run_metadata
+    from stepml_core.runs.folders import read_run_metadata
+    from stepml_core.runs.ingest import fingerprint, fingerprint_digest
+    from stepml_core.runs.request_log import RequestLogError, has_request_log, read_request_log
 
     folder = Path(folder)
     if not has_request_log(folder):
@@ -367,7 +372,7 @@ def replayable(ctx) -> str | None:
 
 def log_from_stored(stored: Mapping):
     """A stored request_log value back as a request_log.RequestLog."""
-    from .request_log import RequestLog
+    from stepml_core.runs.request_log import RequestLog
 
     return RequestLog(
         table=stored["requests"],
@@ -384,16 +389,16 @@ def synth_kv_blocks(meta) -> int | None:
     """KV blocks of a synthetic run's engine (the synthesizer's per-model value); None for real runs."""
     if meta.source != "synthetic":
         return None
-    from .synth.spec import engine_params
+    from stepml_core.synth.spec import engine_params
 
     return int(engine_params()["models"][meta.model]["kv_blocks_total"])
 
 
 def replay_context(key: str, meta, header: Mapping):
-    """The simulator's context of one run (stepml_core.replay.run_context): engine and cluster from the run's metadata
+    """The simulator's context of one run (stepml_core.replay.simulate.run_context): engine and cluster from the run's metadata
     (runs.RunMetadata), arrival facts from its request log's header; a synthetic run also gets its engine's KV blocks.
     Every replay and calibration (assets, benchmarks, tests) builds it here."""
-    from .replay import run_context
+    from stepml_core.replay.simulate import run_context
 
     return run_context(
         meta.folder,
@@ -411,8 +416,8 @@ def calibration_inputs(metas: Mapping, logs: Mapping) -> tuple[list, Callable]:
     """(run infos, load) for calibration_protocols.study_calibration over the runs of `metas` ({run: RunMetadata}),
     sorted; logs: {run: {"requests", "header", "has_ground_truth"}} (the request_log asset's value, or
     log_as_stored(RequestLog)). load(run) builds the CalibrationRun, when a protocol needs that run."""
-    from . import calibration_protocols as cp
-    from .calibrate import CalibrationRun
+    from stepml_core.calibration import protocols as cp
+    from stepml_core.calibration.fit import CalibrationRun
 
     present = sorted(metas)
     infos = [
@@ -447,8 +452,8 @@ def request_calibration(
     """Step-time models calibrated from the request logs alone (calibration_protocols.study_calibration) over the
     runs in `logs` less those `skipped` ({run: why}); a run whose metadata cannot be read is added to the skipped
     ones (warn(run, error) is told), as is one that cannot be replayed (pipeline.replayable), and the others calibrate. Returns study_calibration's value with skipped_runs."""
-    from . import calibration_protocols as cp
-    from .runs import check_inside_root, parse_run_id, read_run_metadata
+    from stepml_core.calibration import protocols as cp
+    from stepml_core.runs.folders import check_inside_root, parse_run_id, read_run_metadata
 
     skipped = dict(skipped or {})
     metas = {}
@@ -482,9 +487,9 @@ def request_calibration(
 def calibration_fidelity(calibrated: dict, replay_fidelity: dict, step_table: Mapping, out_dir: Path) -> dict:
     """The request-calibrated models against the real steps and their replays per protocol beside BLIS 4a
     (calibration_report.calibration_fidelity) and the report's section: {"lines", tables..., "goals"}."""
-    from .calibration_report import calibration_fidelity as gather
-    from .calibration_report import calibration_section
-    from .runs import parse_run_id
+    from stepml_core.report.calibration import calibration_fidelity as gather
+    from stepml_core.report.calibration import calibration_section
+    from stepml_core.runs.folders import parse_run_id
 
     steps = {e: step_table[e] for e in step_table}
     runs = replay_fidelity.get("runs")
@@ -503,7 +508,7 @@ def replay_models(
 ) -> list[dict]:
     """The step-time models a replay can use: the synthesizer's physics, the cycle_us fits of the runs present and
     the models `calibrated` from request logs (request_calibration's specs)."""
-    from . import replay_models as rm
+    from stepml_core.replay import specs as rm
 
     runs = {}
     for e in present:
@@ -522,8 +527,8 @@ def replay(
 ) -> tuple[dict, dict]:
     """One run's requests replayed with each applicable step-time model; per-request predictions written under
     out_dir/replay/. Returns (stored value, facts for the asset's metadata)."""
-    from . import replay_models as rm
-    from .runs import read_run_metadata
+    from stepml_core.replay import specs as rm
+    from stepml_core.runs.folders import read_run_metadata
 
     meta = read_run_metadata(folder, data_root=data_root)
     log = log_from_stored(stored_log)
@@ -579,7 +584,7 @@ def stale_replay_reason(key: str, stored_replay: Mapping, stored_log: Mapping | 
 def models_behind_reason(key: str, stored_replay: Mapping, specs: list[dict] | None) -> str:
     """'' when the stored replay of run `key` was made with the step models that `specs` give the run now (or cannot
     tell: no specs, a replay stored before models_version), else why not."""
-    from . import replay_models as rm
+    from stepml_core.replay import specs as rm
 
     made_with = stored_replay.get("models_version")
     if not made_with or specs is None:
@@ -609,7 +614,7 @@ def replay_value(out: dict, meta, log) -> dict:
 
 def replay_fidelity(replays: Mapping, logs: Mapping, present: list[str], out_dir) -> dict:
     """replay.csv over the runs present and the tables the report reads (replay_report.replay_fidelity_tables)."""
-    from .replay_report import replay_fidelity_tables
+    from stepml_core.replay.scores import replay_fidelity_tables
 
     return replay_fidelity_tables(
         {e: replays[e] for e in present}, {e: logs[e]["header"] for e in present if e in logs}, out_dir

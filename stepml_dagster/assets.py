@@ -6,12 +6,14 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from stepml_core import checks, pipeline, study
-from stepml_core.ingest import ingest_run
-from stepml_core.replay_report import replay_section, replay_summary, requests_only_report
-from stepml_core.runs import find_trace_file
-from stepml_core.splits import split_summary
-from stepml_core.tables import quarantine_counts
+from stepml_core import pipeline
+from stepml_core.replay.scores import replay_section, replay_summary, requests_only_report
+from stepml_core.runs.folders import find_trace_file
+from stepml_core.runs.ingest import ingest_run
+from stepml_core.study import h1 as study
+from stepml_core.tables import data_checks as checks
+from stepml_core.tables.splits import split_summary
+from stepml_core.tables.steps import quarantine_counts
 
 from .checks import check_result
 from .partitions import PART, experiment_partitions  # noqa: F401 (re-exported)
@@ -338,7 +340,7 @@ def runs_left_out(settings: StepMLSettings, instance, keys: list[str]) -> dict[s
     description="Synthetic runs against the real runs they stand for: public latency/throughput figures and step-level quantiles.",
 )
 def calibration(context: dg.AssetExecutionContext, settings: StepMLSettings, run_summary, step_table) -> dict:
-    from stepml_core.synth.calibration import calibration_tables
+    from stepml_core.synth.against_real import calibration_tables
 
     left_out = runs_left_out(settings, context.instance, list(run_summary))
     runs = [r for e, r in run_summary.items() if e not in left_out]

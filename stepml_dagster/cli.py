@@ -24,7 +24,7 @@ from pathlib import Path
 
 from stepml_core.errors import StepMLError
 from stepml_core.paths import DEFAULT_EXPERIMENTS_DIR, PROJECT_ROOT
-from stepml_core.runs import RUN_FOLDER_CONTENTS
+from stepml_core.runs.folders import RUN_FOLDER_CONTENTS
 
 from .local import backfill, run_study, synthesize
 
@@ -163,7 +163,7 @@ def _dispatch(a) -> int:
 
         return export_cli.run(a)
     if a.cmd == "real-data":
-        from stepml_core.real_data import assemble_real_runs
+        from stepml_core.runs.real_data import assemble_real_runs
 
         folders = assemble_real_runs(a.shared, a.out, a.runs)
         print(

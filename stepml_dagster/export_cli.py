@@ -67,7 +67,7 @@ def _load_study(study: Path):
     import polars as pl
 
     from stepml_core.errors import UsageError
-    from stepml_core.runs import RunIdError, parse_run_id
+    from stepml_core.runs.folders import RunIdError, parse_run_id
 
     rp = study / "replay.csv"
     if not rp.is_file():
@@ -92,7 +92,7 @@ def _load_study(study: Path):
         )
         st = fid.get("runs") if fid is not None else None
         saturated = None
-        if st is not None and "saturated" in st.columns:  # the study's run status (stepml_core.rules.is_saturated)
+        if st is not None and "saturated" in st.columns:  # the study's run status (stepml_core.runs.rules.is_saturated)
             saturated = set(st.filter(pl.col("saturated").fill_null(False))["experiment_id"].to_list())
         return rows, list(specs), shipped, llm_of, per_llm, saturated
     except (KeyError, TypeError, AttributeError, pl.exceptions.PolarsError) as e:
@@ -102,8 +102,8 @@ def _load_study(study: Path):
 
 
 def run(a: argparse.Namespace) -> int:
-    from stepml_core.blis_export import choose_exports, write_exports
     from stepml_core.errors import UsageError
+    from stepml_core.stepmodels.blis import choose_exports, write_exports
 
     rows, specs, shipped, llm_of, per_llm, saturated = _load_study(Path(a.study))
     chosen = choose_exports(rows, specs, shipped, llm_of, per_llm, saturated)
@@ -127,7 +127,7 @@ def run(a: argparse.Namespace) -> int:
 
 
 def _write_stepml(chosen: dict, specs: list[dict], shipped: dict, out: Path) -> list[Path]:
-    """StepML's own JSON: a step-trained model's stepml_core.export document, or the calibration record."""
+    """StepML's own JSON: a step-trained model's stepml_core.stepmodels.json_export document, or the calibration record."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for llm, c in sorted(chosen.items()):

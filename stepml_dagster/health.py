@@ -17,8 +17,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from stepml_core.ingest import fingerprint, fingerprint_digest
-from stepml_core.runs import run_folder_problems
+from stepml_core.runs.folders import run_folder_problems
+from stepml_core.runs.ingest import fingerprint, fingerprint_digest
 
 LAUNCHER_TAG, PID_TAG, HOST_TAG = "stepml/launcher", "stepml/pid", "stepml/host"
 LAUNCHER = "stepml run"

@@ -91,7 +91,7 @@ def prune_partitions(home: Path, data_root: Path) -> list[str]:
     """Delete the instance's partitions whose run folder is no longer in data_root (before the UI opens)."""
     import dagster as dg
 
-    from stepml_core.runs import discover_run_folders
+    from stepml_core.runs.folders import discover_run_folders
 
     old = os.environ.get("DAGSTER_HOME")
     os.environ["DAGSTER_HOME"] = str(home)

@@ -30,7 +30,7 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
-from stepml_core.study import json_default
+from stepml_core.study.h1 import json_default
 
 UNPARTITIONED = "__all__"
 # lz4: reads 3x faster than zstd (polars' default) for ~10 % more disk (4 M-row batch table: 33 vs 92 ms, 11.2 vs 10.2 MB)

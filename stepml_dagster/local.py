@@ -45,7 +45,7 @@ import dagster as dg
 from stepml_core import pipeline
 from stepml_core.errors import NoUsableRunsError, StepMLError, UsageError
 from stepml_core.progress import make_progress
-from stepml_core.runs import RUN_FOLDER_CONTENTS, find_trace_file
+from stepml_core.runs.folders import RUN_FOLDER_CONTENTS, find_trace_file
 
 PARTITIONS_PER_WORKER = 4  # `stepml run --workers N`: partitions a worker process runs before it is replaced
 
@@ -220,7 +220,7 @@ def _materialize_with_prefit(
 
 def prefit_pooled_folds(settings, keys: list[str]) -> None:
     """Fill the fold cache from the stored feature matrices and splits: what pooled_models will read."""
-    from stepml_core import study
+    from stepml_core.study import h1 as study
 
     from .assets import pooled_matrices
     from .io_manager import ParquetIOManager
@@ -300,7 +300,7 @@ def _choose_runs(
     """(data root, run folders, rejected entries, chosen keys, {refused key: why}). Nothing is written before run
     folders are found: with none, synth_if_empty synthesizes the 16 runs into data_dir, otherwise UsageError; a
     chosen run whose metadata has problems is refused (NoUsableRunsError when every one is)."""
-    from stepml_core.runs import discover_run_folders, resolve_data_root, run_folder_problems
+    from stepml_core.runs.folders import discover_run_folders, resolve_data_root, run_folder_problems
 
     root = resolve_data_root(data_dir)
     folders, rejected = discover_run_folders(root)
@@ -508,7 +508,7 @@ class BackfillError(UsageError):
 
 def select_experiments(data_dir: Path, experiments: list[str] | None, *, all_: bool) -> tuple[Path, list[str] | None]:
     """(data root, experiment ids or None for all). Ids must name run folders found in the data root."""
-    from stepml_core.runs import discover_run_folders, resolve_data_root
+    from stepml_core.runs.folders import discover_run_folders, resolve_data_root
 
     root = resolve_data_root(Path(data_dir))
     found = sorted(f.name for f in discover_run_folders(root)[0])

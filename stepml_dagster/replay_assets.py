@@ -4,8 +4,9 @@ import warnings
 
 import dagster as dg
 
-from stepml_core import checks, pipeline
+from stepml_core import pipeline
 from stepml_core.progress import make_progress
+from stepml_core.tables import data_checks as checks
 
 from .checks import check_result
 from .partitions import PART

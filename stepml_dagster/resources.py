@@ -8,10 +8,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from stepml_core.limits import InputLimits
 from stepml_core.paths import DEFAULT_EXPERIMENTS_DIR, PROJECT_ROOT
-from stepml_core.runs import check_inside_root, parse_run_id, resolve_data_root
-from stepml_core.study import POOLED_SETS, FoldCache
+from stepml_core.runs.folders import check_inside_root, parse_run_id, resolve_data_root
+from stepml_core.runs.limits import InputLimits
+from stepml_core.study.h1 import POOLED_SETS, FoldCache
 
 DEFAULT_OUT_DIR = PROJECT_ROOT / "out"
 _SHARED_REAL = PROJECT_ROOT.parent / "shared" / "real" / "experiments"
@@ -59,7 +59,7 @@ class StepMLSettings(dg.ConfigurableResource):
     )
     fit_threads: int = min(2, os.cpu_count() or 1)  # threads for the pooled folds of the study assets
     reuse_fits: bool = True  # pooled folds whose training data and code are unchanged reuse their stored fit
-    # input limits per run (None: STEPML_<NAME> from the environment, else the default in stepml_core.limits.InputLimits)
+    # input limits per run (None: STEPML_<NAME> from the environment, else the default in stepml_core.runs.limits.InputLimits)
     max_trace_bytes: int | None = None
     max_inflate_ratio: float | None = None
     max_line_bytes: int | None = None
@@ -97,7 +97,7 @@ class StepMLSettings(dg.ConfigurableResource):
         )
 
     def fold_caches(self) -> dict[str, FoldCache] | None:
-        """<out_dir>/cache/<asset>/ per pooled asset: fitted folds keyed by content (see stepml_core.study.fold_key)."""
+        """<out_dir>/cache/<asset>/ per pooled asset: fitted folds keyed by content (see stepml_core.study.h1.fold_key)."""
         return (
             {name: FoldCache(Path(self.out_dir) / "cache" / name) for name in POOLED_SETS} if self.reuse_fits else None
         )

@@ -46,8 +46,14 @@ from pathlib import Path
 
 import dagster as dg
 
-from stepml_core.ingest import fingerprint, fingerprint_digest
-from stepml_core.runs import RunIdError, RunMetadataError, discover_run_folders, find_trace_file, resolve_data_root
+from stepml_core.runs.folders import (
+    RunIdError,
+    RunMetadataError,
+    discover_run_folders,
+    find_trace_file,
+    resolve_data_root,
+)
+from stepml_core.runs.ingest import fingerprint, fingerprint_digest
 
 from .health import ACTIVE_STATUSES, mark_abandoned_runs
 from .partitions import experiment_partitions

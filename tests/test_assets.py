@@ -10,9 +10,9 @@ import polars as pl
 import pytest
 
 from stepml_core import pipeline
-from stepml_core.ingest import ingest_run
+from stepml_core.runs.ingest import ingest_run
 from stepml_core.synth import synthesize_runs
-from stepml_core.tables import ValidatedSteps, validate_steps
+from stepml_core.tables.steps import ValidatedSteps, validate_steps
 from stepml_dagster import assets as A
 from stepml_dagster.replay_assets import records_balance, request_log
 from stepml_dagster.resources import StepMLSettings

@@ -242,7 +242,7 @@ def test_12_asset_writes_are_atomic(tmp_path, monkeypatch):
 
 
 def test_8_limits_come_from_settings_then_environment_then_defaults(monkeypatch):
-    from stepml_core.limits import DEFAULT_LIMITS, InputLimitError, InputLimits
+    from stepml_core.runs.limits import DEFAULT_LIMITS, InputLimitError, InputLimits
 
     assert StepMLSettings().input_limits() == DEFAULT_LIMITS
     monkeypatch.setenv("STEPML_MAX_LINE_BYTES", "1e6")

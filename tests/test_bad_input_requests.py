@@ -18,10 +18,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from stepml_core.checks import records_balance
-from stepml_core.request_log import MAX_ARRIVAL_US, read_request_log
+from stepml_core.runs.request_log import MAX_ARRIVAL_US, read_request_log
 from stepml_core.synth import synthesize_runs
 from stepml_core.synth.spec import engine_params
+from stepml_core.tables.data_checks import records_balance
 from stepml_dagster.cli import run_study
 from stepml_dagster.io_manager import read_object
 

@@ -12,7 +12,9 @@ import jsonschema
 import polars as pl
 import pytest
 
-from stepml_core.blis_export import (
+from stepml_core.calibration.fit import StepParams
+from stepml_core.sim.step_models import LinearStepTime
+from stepml_core.stepmodels.blis import (
     BLIS_MODEL_SCHEMA,
     ExportError,
     blis_text,
@@ -21,8 +23,6 @@ from stepml_core.blis_export import (
     validate_schema,
     write_exports,
 )
-from stepml_core.calibrate import StepParams
-from stepml_core.sim.step_models import LinearStepTime
 
 # ---------------------------------------------------------------------------- BLIS's rule, from the page alone
 
@@ -321,7 +321,7 @@ def test_manifest_quotes_errors_of_the_recipe_shipped_never_another_protocols():
 
 
 def test_the_errors_quoted_leave_out_the_studys_saturated_runs():
-    """The errors quoted per model are over the non-saturated runs as the study judged them (stepml_core.rules: r2's
+    """The errors quoted per model are over the non-saturated runs as the study judged them (stepml_core.runs.rules: r2's
     clients saw failures although its mean TTFT, 1 s, is low); replay.csv alone cannot see failures (no request
     counts), so without the study's run status only the TTFT clause applies and r2 counts. Before, the export
     applied its own TTFT-only rule whatever the study said."""

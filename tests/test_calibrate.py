@@ -13,8 +13,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from stepml_core import calibration_protocols as cp
-from stepml_core.calibrate import (
+from stepml_core.calibration import protocols as cp
+from stepml_core.calibration.fit import (
     PARAM_NAMES,
     CalibrationRun,
     StepParams,
@@ -29,12 +29,12 @@ from stepml_core.calibrate import (
     request_timelines,
     serving_model,
 )
-from stepml_core.oos_audit import INTERVAL_KEYS
 from stepml_core.pipeline import calibration_inputs, log_as_stored, replay_context
-from stepml_core.replay import RunContext, replay, replay_workload
-from stepml_core.replay_models import replay_run, specs_for_run
-from stepml_core.request_log import read_request_log
-from stepml_core.runs import read_run_metadata
+from stepml_core.replay.oos_audit import INTERVAL_KEYS
+from stepml_core.replay.simulate import RunContext, replay, replay_workload
+from stepml_core.replay.specs import replay_run, specs_for_run
+from stepml_core.runs.folders import read_run_metadata
+from stepml_core.runs.request_log import read_request_log
 
 TRUTH = StepParams(b0_us=6000.0, b_dec_us=20.0, b_kv_us=0.2, b_pf_us=27.0, b_npf_us=500.0, q0_us=15000.0)
 CONFIG = {
@@ -319,9 +319,9 @@ def _write_run(root: Path, eid: str, run: CalibrationRun, split: str) -> None:
 
 def _predict(root: Path, scored: str) -> tuple[dict[str, pl.DataFrame], pl.DataFrame]:
     """The whole path of the pipeline for one scored run: read every log, calibrate the folds, replay every run with
-    intervals, widen them (stepml_core.conformal, at 50 % so that one other run's score bounds the widening).
+    intervals, widen them (stepml_core.replay.intervals, at 50 % so that one other run's score bounds the widening).
     Returns the scored run's per-request predictions and its interval rows."""
-    from stepml_core.conformal import widen_intervals
+    from stepml_core.replay.intervals import widen_intervals
 
     logs = {f.name: read_request_log(f) for f in sorted(root.iterdir())}
     metas = {e: read_run_metadata(root / e) for e in logs}
@@ -511,7 +511,7 @@ def test_the_saturated_runs_treatment_is_chosen_inside_the_calibration_runs():
     the calibration runs alone (hold out each non-saturated one, score its decode cycles), not on a held-out run's
     errors. A CPU-bound saturated run (cycles 1.3× the GPU path) must count one-sided; with one non-saturated run
     there is nothing to hold out and the order fixed in advance decides; the choice is recorded."""
-    from stepml_core.calibrate import SATURATED_SETTINGS, choose_saturated_setting
+    from stepml_core.calibration.fit import SATURATED_SETTINGS, choose_saturated_setting
 
     truth = StepParams(b0_us=16000.0, b_dec_us=10.0, b_kv_us=0.04, b_pf_us=25.0, b_npf_us=0.0, q0_us=2e4)
     prior = arch_prior("mixtral-8x7b", 2)
@@ -536,7 +536,7 @@ def test_the_saturated_runs_treatment_is_chosen_inside_the_calibration_runs():
 def test_stage_two_scores_only_the_requests_with_ground_truth():
     """Issue 21: truth for half the requests made stage 2 count the other half as observed failures (and predicted
     successes); both sides now cover the requests with truth only, and those without stay in the load."""
-    from stepml_core.calibrate import _Objective
+    from stepml_core.calibration.fit import _Objective
 
     run = _run("20260101-000000-llama-2-7b-tp1-codegen", 4.0, 60.0, 600, 1)
     n = run.table.height

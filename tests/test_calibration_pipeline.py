@@ -48,7 +48,7 @@ def test_calibrated_models_are_replayed_per_protocol_out_of_sample(study):
         assert abs(r["rel_err_pct"]) < 10  # same engine behind all three runs
     iv = pl.read_csv(out / "replay_intervals.csv")
     assert set(iv["step_model"]) == {"requests_roles", "requests_lowo"} and (iv["lo"] <= iv["hi"]).all()
-    # widened (stepml_core.conformal): contains the bootstrap interval; a run's own error never widens it
+    # widened (stepml_core.replay.intervals): contains the bootstrap interval; a run's own error never widens it
     assert (iv["lo"] <= iv["boot_lo"]).all() and (iv["hi"] >= iv["boot_hi"]).all() and (iv["extrap_n"] >= 0).all()
     # bootstrap + between-run term (leave one calibration run out): contains the bootstrap interval
     b = iv.filter(pl.col("brun_lo").is_not_null())
@@ -66,8 +66,8 @@ def test_calibrated_models_are_replayed_per_protocol_out_of_sample(study):
 
 
 def test_export_ships_the_calibrated_model_in_blis_format(study, tmp_path):
-    from stepml_core.blis_export import validate_schema
     from stepml_core.sim.step_models import LinearStepTime
+    from stepml_core.stepmodels.blis import validate_schema
 
     _, _, out, _ = study
     assert main(["export", "--format", "blis", "--study", str(out), "--out", str(tmp_path)]) == 0

@@ -1,4 +1,4 @@
-"""Intervals widened by a split-conformal extrapolation term (stepml_core.conformal): the formula by hand, a run's
+"""Intervals widened by a split-conformal extrapolation term (stepml_core.replay.intervals): the formula by hand, a run's
 interval never reads its own ground truth nor the errors of models that could have used its data, and on
 exchangeable runs the widened 90 % intervals cover ≥ 90 % where the bootstrap alone does not."""
 
@@ -8,8 +8,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from stepml_core.conformal import conformal_quantile, could_use, excess_pct, min_scores, widen_intervals
-from stepml_core.replay_models import INTERVAL_COLUMNS
+from stepml_core.replay.intervals import conformal_quantile, could_use, excess_pct, min_scores, widen_intervals
+from stepml_core.replay.specs import INTERVAL_COLUMNS
 
 
 def _rows(specs):
@@ -145,7 +145,7 @@ def test_widened_intervals_cover_exchangeable_runs():
 def test_an_unbounded_interval_is_not_counted_as_covered():
     """With fewer than 9 other runs' scores the widened interval is unbounded: it contains every value, so the coverage
     table counts it apart (unbounded) instead of as a covered prediction, and the run's row says 'unbounded'."""
-    from stepml_core.calibration_report import _coverage, _interval_cell
+    from stepml_core.report.calibration import _coverage, _interval_cell
 
     specs = [(f"r{i}", "test", "lowo", f"t{i}", 100.0, 95.0, 105.0, 100.0 + 3.0 * i) for i in range(4)]
     runs = {f"r{i}": {"llm_model": f"m{i}", "workload": "codegen"} for i in range(4)}
@@ -167,7 +167,7 @@ def test_an_unbounded_interval_is_not_counted_as_covered():
 def test_clopper_pearson_and_the_coverage_by_construction():
     """The exact binomial interval against its closed forms at k = 0 and k = n; with n = 9 … 18 eligible scores the
     conformal rank is the largest, so the widened interval covers n/(n + 1) of exchangeable runs by construction."""
-    from stepml_core.coverage import clopper_pearson, construction_coverage
+    from stepml_core.replay.coverage import clopper_pearson, construction_coverage
 
     assert clopper_pearson(0, 5) == pytest.approx((0.0, 1 - 0.025 ** (1 / 5)))
     assert clopper_pearson(5, 5) == pytest.approx((0.025 ** (1 / 5), 1.0))
@@ -183,7 +183,7 @@ def test_point_and_wide_intervals_are_not_evidence_and_regimes_are_apart():
     """An interval around a point (successes = every request, predicted and observed: every model variant agrees),
     widened or not, is not counted as covered; an interval at least as wide as its prediction is counted but flagged
     wide; saturated and non-saturated runs get their own rows, each with its binomial interval."""
-    from stepml_core.coverage import coverage_table, interval_kind
+    from stepml_core.replay.coverage import coverage_table, interval_kind
 
     assert interval_kind([90.0, 100.0, 40.0], [110.0, 100.0, 140.0], [100.0] * 3, [5.0, 0.0, 5.0]).tolist() == [
         "informative",

@@ -6,10 +6,15 @@ import numpy as np
 import pytest
 
 from stepml_core.catalog import gpu_spec, model_spec
-from stepml_core.estimators import fit_hgb_validated, fit_ridge_log_validated, fit_ridge_validated, predict_model
-from stepml_core.export import export_model
-from stepml_core.features import RequestInBatch, batch_features, feature_columns
-from stepml_core.reference_predictor import predict_step_time
+from stepml_core.features.step_features import RequestInBatch, batch_features, feature_columns
+from stepml_core.stepmodels.estimators import (
+    fit_hgb_validated,
+    fit_ridge_log_validated,
+    fit_ridge_validated,
+    predict_model,
+)
+from stepml_core.stepmodels.json_export import export_model
+from stepml_core.stepmodels.reference_predictor import predict_step_time
 
 
 def _batches(rng, n):
@@ -95,7 +100,7 @@ def test_compiled_tree_walk_equals_the_format_rule():
     import math
     import random
 
-    from stepml_core.reference_predictor import _tree_value, _trees_sum
+    from stepml_core.stepmodels.reference_predictor import _tree_value, _trees_sum
 
     rnd = random.Random(5)
 

@@ -8,7 +8,13 @@ from sklearn.linear_model import Ridge
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from stepml_core.estimators import ALPHA_GRID, _ridge_path, fit_ridge_log_validated, fit_ridge_validated, mape_pct
+from stepml_core.stepmodels.estimators import (
+    ALPHA_GRID,
+    _ridge_path,
+    fit_ridge_log_validated,
+    fit_ridge_validated,
+    mape_pct,
+)
 
 
 def _data(seed, n=3000, p=12):
@@ -53,7 +59,7 @@ def test_validated_fits_choose_the_same_alpha_as_before(seed):
 
 @pytest.mark.parametrize("n_rows", [1, 300, 70000])  # all trees at once / groups of trees / one tree at a time
 def test_predict_trees_matches_sklearn(n_rows):
-    from stepml_core.estimators import fit_hgb_validated, predict_trees
+    from stepml_core.stepmodels.estimators import fit_hgb_validated, predict_trees
 
     X, y = _data(5, 4000)
     Xv, yv = _data(6, 1000)

@@ -200,7 +200,7 @@ def test_runs_with_problems_only_are_refused_before_anything_is_written(small_ru
 
 def test_library_errors_are_one_family():
     from stepml_core.catalog import UnknownModelError
-    from stepml_core.runs import RunIdError, RunMetadataError
+    from stepml_core.runs.folders import RunIdError, RunMetadataError
     from stepml_core.traces import TraceReadError
     from stepml_dagster.local import BackfillError
 

@@ -7,13 +7,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from stepml_core.estimators import ALPHA_GRID, fit_ols_original, fit_ridge_validated, predict_model
-from stepml_core.features import feature_columns
-from stepml_core.findings import ablation_summary, generalization_summary, transfer_statement
-from stepml_core.method_checks import alignment_comparison, alpha_choices, stage_mix_table
-from stepml_core.splits import random_split, split_sizes, stage_matched_split
-from stepml_core.study import fit_models
-from stepml_core.tables import add_targets, cycle_rule_counts, validate_steps
+from stepml_core.features.step_features import feature_columns
+from stepml_core.stepmodels.estimators import ALPHA_GRID, fit_ols_original, fit_ridge_validated, predict_model
+from stepml_core.study.findings import ablation_summary, generalization_summary, transfer_statement
+from stepml_core.study.h1 import fit_models
+from stepml_core.study.method_checks import alignment_comparison, alpha_choices, stage_mix_table
+from stepml_core.tables.splits import random_split, split_sizes, stage_matched_split
+from stepml_core.tables.steps import add_targets, cycle_rule_counts, validate_steps
 
 
 def _linear_data(n=300, seed=0):
@@ -24,8 +24,8 @@ def _linear_data(n=300, seed=0):
 
 
 def test_every_stepml_model_and_the_exported_predictor_floor_predictions_the_same_way():
-    from stepml_core.export import export_model
-    from stepml_core.reference_predictor import predict_from_features
+    from stepml_core.stepmodels.json_export import export_model
+    from stepml_core.stepmodels.reference_predictor import predict_from_features
 
     X, y = _linear_data()
     m = fit_ridge_validated("r", "cycle_us", ["a", "b"], X[:200], y[:200], X[200:250], y[200:250]).to_dict() | {
@@ -54,7 +54,9 @@ def test_fit_models_floor_all_stepml_models_not_the_original_recipes():
         split=pl.Series(np.repeat(["train", "valid", "test"], [240, 80, 80])),
     )
     fm = fm.with_columns(cycle_us=50 + 0.2 * pl.col("prefill_tokens") + pl.Series(rng.normal(0, 5, n)))
-    for c in [c for c in __import__("stepml_core.features", fromlist=["ORIGINAL_FEATURES"]).ORIGINAL_FEATURES]:
+    for c in [
+        c for c in __import__("stepml_core.features.step_features", fromlist=["ORIGINAL_FEATURES"]).ORIGINAL_FEATURES
+    ]:
         fm = fm.with_columns(pl.lit(1.0).alias(c))
     models = {m["name"]: m for m in fit_models(fm, "cycle_us", "per_experiment")}
     for name, m in models.items():

@@ -4,8 +4,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from stepml_core import models, study
-from stepml_core.estimators import PREDICTORS, LinearStepModel, predict_model
+from stepml_core.stepmodels import recipes as models
+from stepml_core.stepmodels.estimators import PREDICTORS, LinearStepModel, predict_model
+from stepml_core.study import h1 as study
 
 
 def _matrix(n=60, seed=0) -> pl.DataFrame:

@@ -116,7 +116,7 @@ def synthetic_study(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def real_study(real_experiments, tmp_path_factory) -> Path:
-    from stepml_core.real_data import assemble_real_runs
+    from stepml_core.runs.real_data import assemble_real_runs
 
     data, out = tmp_path_factory.mktemp("real_data"), tmp_path_factory.mktemp("real_out")
     assemble_real_runs(real_experiments.parents[1], data, REAL_RUNS)

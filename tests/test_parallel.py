@@ -6,7 +6,7 @@ Without ``stepml_core.parallel.process_workers`` both calls below fail there wit
 import multiprocessing as mp
 from types import SimpleNamespace
 
-from stepml_core.calibration_protocols import Fold, run_calibrations
+from stepml_core.calibration.protocols import Fold, run_calibrations
 from stepml_core.parallel import process_workers
 
 

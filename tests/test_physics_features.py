@@ -3,7 +3,8 @@ import polars as pl
 import pytest
 
 from stepml_core.catalog import UnknownModelError, gpu_spec, model_spec
-from stepml_core.features import (
+from stepml_core.features.roofline import per_gpu_constants
+from stepml_core.features.step_features import (
     SEED_FEATURES,
     RequestInBatch,
     batch_features,
@@ -11,7 +12,6 @@ from stepml_core.features import (
     snapshot_aggregates,
     step_table_features,
 )
-from stepml_core.physics import per_gpu_constants
 
 # docs/features.md §1, per GPU: linear FLOPs/token/layer (M), weight MB/layer, KV B/token/layer, attn FLOPs/pair/layer, weights GB
 SPEC_TABLE = {

@@ -6,8 +6,8 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from stepml_core import study
 from stepml_core.pipeline import run_matrix
+from stepml_core.study import h1 as study
 from stepml_core.synth import synthesize_runs
 
 RUNS = [

@@ -1,4 +1,4 @@
-"""Batch reconstruction from journey events (stepml_core.reconstruct) and teacher-forced E2E fidelity (stepml_core.e2e)."""
+"""Batch reconstruction from journey events (stepml_core.tables.reconstruct) and teacher-forced E2E fidelity (stepml_core.e2e)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,19 @@ import numpy as np
 import polars as pl
 import pytest
 
-import stepml_core.trace_writer as trace_writer
-from stepml_core.e2e import compare_step_table, e2e_fidelity, gap_cycle_us, observed_cycle_us, step_inputs, step_table
-from stepml_core.features import AGGREGATE_FIELDS, snapshot_aggregates
-from stepml_core.reconstruct import (
+import stepml_core.traces.writer as trace_writer
+from stepml_core.features.step_features import AGGREGATE_FIELDS, snapshot_aggregates
+from stepml_core.study.e2e import (
+    compare_step_table,
+    e2e_fidelity,
+    gap_cycle_us,
+    observed_cycle_us,
+    step_inputs,
+    step_table,
+)
+from stepml_core.synth import synthesize_runs
+from stepml_core.synth.spec import engine_params
+from stepml_core.tables.reconstruct import (
     compare_with_batch_summary,
     compare_with_snapshots,
     reconstruct,
@@ -20,8 +29,6 @@ from stepml_core.reconstruct import (
     reconstruct_run,
     request_aggregates,
 )
-from stepml_core.synth import synthesize_runs
-from stepml_core.synth.spec import engine_params
 from stepml_core.traces import read_traces
 
 RUN_7B_CODEGEN = "20260217-155451-llama-2-7b-tp1-codegen"

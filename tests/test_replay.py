@@ -13,7 +13,7 @@ import pytest
 from conftest import SHARED_REAL
 
 from stepml_core.pipeline import replay_context
-from stepml_core.replay import (
+from stepml_core.replay.simulate import (
     CLIENT_TIMEOUT_S,
     RunContext,
     StepServingModel,
@@ -21,9 +21,9 @@ from stepml_core.replay import (
     replay_workload,
     score_replay,
 )
-from stepml_core.replay_models import physics_spec, replay_run, serving_model
-from stepml_core.request_log import RequestLogError, read_request_log
-from stepml_core.rules import client_limits_s
+from stepml_core.replay.specs import physics_spec, replay_run, serving_model
+from stepml_core.runs.request_log import RequestLogError, read_request_log
+from stepml_core.runs.rules import client_limits_s
 from stepml_core.sim.step_models import LinearStepTime, StepModelError
 
 SHARED = SHARED_REAL.parent
@@ -143,7 +143,7 @@ def test_timeout_is_a_failure_on_the_predicted_side():
 
 def test_the_client_gives_up_at_its_next_whole_second_after_300_s():
     """inference-perf's aiohttp timeout rounds send + 300 s up to the next whole second of the client's clock
-    (stepml_core.rules; the real runs' errors end at 300.0–301.0 s, four CodeLlama successes at 300.1–300.4 s):
+    (stepml_core.runs.rules; the real runs' errors end at 300.0–301.0 s, four CodeLlama successes at 300.1–300.4 s):
     a request sent at 0.5 s whose last token comes 300.2 s later succeeds (limit 300.5 s), one sent at 0.9 s with
     the same E2E fails (limit 300.1 s) and records its limit as E2E. Before, any E2E above 300 s failed."""
     assert client_limits_s(np.array([0.0, 0.5, 0.9, 2.0])) == pytest.approx([300.0, 300.5, 300.1, 300.0])
@@ -155,7 +155,7 @@ def test_the_client_gives_up_at_its_next_whole_second_after_300_s():
         assert r["success"][0] == ok
         assert r["e2e_s"][0] == pytest.approx(300.2 if ok else 300.1, abs=1e-6)
     # stage 2's windows of a run keep each request's own limit
-    from stepml_core.calibrate import window_workloads
+    from stepml_core.calibration.fit import window_workloads
 
     n = 500
     log = pl.concat([one_request_log()] * n).with_columns(
@@ -223,14 +223,14 @@ def test_ground_truth_never_changes_predictions(tmp_path):
 
 
 def test_one_saturation_rule_everywhere():
-    """ "Saturated" is stepml_core.rules.is_saturated wherever a run is judged (issue 20, point 9c): the calibration
+    """ "Saturated" is stepml_core.runs.rules.is_saturated wherever a run is judged (issue 20, point 9c): the calibration
     (from a request log), the replay scores (replay.csv's observed figures), the synthesizer's calibration table
     (the public aggregates). Before, the synthesizer's table read a mean TTFT above 10 s, the others above 5 s: a
     run at 7 s was saturated for the calibration and not for the synthesizer."""
-    from stepml_core.calibrate import is_saturated as table_saturated
-    from stepml_core.replay_report import run_status
-    from stepml_core.rules import SATURATED_TTFT_S, is_saturated
-    from stepml_core.synth.calibration import is_saturated as ref_saturated
+    from stepml_core.calibration.fit import is_saturated as table_saturated
+    from stepml_core.replay.scores import run_status
+    from stepml_core.runs.rules import SATURATED_TTFT_S, is_saturated
+    from stepml_core.synth.against_real import is_saturated as ref_saturated
 
     for failed, ttft in ((0, 0.1), (0, 7.0), (0, 2 * SATURATED_TTFT_S + 1), (3, 0.1), (0, None)):
         want = is_saturated(failed, ttft)
@@ -434,7 +434,7 @@ def test_blis_model_file_rules():
 def real_runs(tmp_path_factory):
     if not REQUESTS.is_dir():
         pytest.skip(f"real request logs not available at {REQUESTS}")
-    from stepml_core.real_data import assemble_real_runs
+    from stepml_core.runs.real_data import assemble_real_runs
 
     out = tmp_path_factory.mktemp("real")
     return assemble_real_runs(
@@ -455,7 +455,7 @@ def test_assembled_real_runs_have_what_replay_needs(real_runs):
 
 
 def test_physics_replay_of_a_real_run_and_an_unscored_one(real_runs):
-    from stepml_core.runs import read_run_metadata
+    from stepml_core.runs.folders import read_run_metadata
 
     out = {}
     for f in real_runs:
@@ -477,10 +477,10 @@ def test_exported_model_sees_the_proxy_features_it_was_trained_on():
     ExportedStepTime computes the same features from the simulator's batch counts and KV pool."""
     from types import SimpleNamespace
 
-    from stepml_core import reference_predictor as rp
     from stepml_core.catalog import gpu_spec, known_model_names, model_spec
-    from stepml_core.features import SEED_FEATURES, gpu_dict, spec_dict, step_table_features
+    from stepml_core.features.step_features import SEED_FEATURES, gpu_dict, spec_dict, step_table_features
     from stepml_core.sim.step_models import ExportedStepTime
+    from stepml_core.stepmodels import reference_predictor as rp
 
     spec, gpu = model_spec("llama-2-70b"), gpu_spec()
     exported = {"model_spec": spec_dict(spec), "gpu_spec": gpu_dict(gpu), "tp": 4, "model_names": known_model_names()}
@@ -541,7 +541,7 @@ def test_exported_model_sees_the_proxy_features_it_was_trained_on():
 def test_recommendation_never_reads_the_scored_runs_errors():
     """The model recommended for a run is picked on the other runs of its LLM model: changing that run's own errors
     cannot change its pick; per LLM model the recommendation reads out-of-sample rows only."""
-    from stepml_core.replay_report import recommend, recommend_per_llm, run_status
+    from stepml_core.replay.scores import recommend, recommend_per_llm, run_status
 
     def rows(err_a_on_r1):
         out = []
@@ -612,7 +612,7 @@ def test_recommendation_is_nested_no_score_that_saw_the_scored_run_decides():
     calibrated on X, so its error there carries X's ground truth; the run-roles and leave-one-model-out rows of
     other runs could not have used X. Making those X-fed rows as good or as bad as one likes must not change X's
     pick, while making a row that never saw X worse does. Runs of every LLM model count."""
-    from stepml_core.replay_report import recommend, run_status
+    from stepml_core.replay.scores import recommend, run_status
 
     runs = {
         "l-codegen": ("llama", "codegen", "test"),
@@ -649,7 +649,7 @@ def test_recommendation_is_nested_no_score_that_saw_the_scored_run_decides():
 def test_a_model_fitted_on_a_runs_synthetic_twin_is_in_sample_for_it():
     """Issue 20 point 4: a model fitted on X-synth (built from X's aggregates) replayed on real X is in sample, and
     a step-trained source that is not X's twin is preferred for X."""
-    from stepml_core.replay_models import sample_of, specs_for_run
+    from stepml_core.replay.specs import sample_of, specs_for_run
 
     x = "20260217-155451-llama-2-7b-tp1-codegen"
     twin = {"name": "ridge_30f", "kind": "stepml_export", "llm_model": "llama-2-7b", "fitted_on": [x + "-synth"]}

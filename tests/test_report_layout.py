@@ -6,12 +6,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-from stepml_core.findings import study_findings
 from stepml_core.paths import REFERENCE_DIR
-from stepml_core.plots import MODEL_ORDER, figure_mape_by_experiment, figure_pred_vs_actual, figure_residuals
-from stepml_core.report import render_report
-from stepml_core.study import metrics_from_predictions
-from stepml_core.verdict import h1_verdict
+from stepml_core.report.plots import MODEL_ORDER, figure_mape_by_experiment, figure_pred_vs_actual, figure_residuals
+from stepml_core.report.study import render_report
+from stepml_core.study.findings import study_findings
+from stepml_core.study.h1 import metrics_from_predictions
+from stepml_core.study.verdict import h1_verdict
 
 MODELS = [
     "naive_mean",

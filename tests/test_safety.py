@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from ops_helpers import open_instance
 
-from stepml_core.runs import RunIdError, RunMetadataError, read_run_metadata
+from stepml_core.runs.folders import RunIdError, RunMetadataError, read_run_metadata
 from stepml_dagster.resources import StepMLSettings
 
 REPO = Path(__file__).resolve().parents[1]

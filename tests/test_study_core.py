@@ -2,11 +2,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from stepml_core.estimators import LinearStepModel, fit_ridge_validated, mape_pct
-from stepml_core.runs import RunIdError, parse_run_id
-from stepml_core.splits import load_stage, split_sizes, temporal_split
-from stepml_core.study import h1_verdict, metrics_from_predictions
-from stepml_core.tables import add_targets, validate_steps
+from stepml_core.runs.folders import RunIdError, parse_run_id
+from stepml_core.stepmodels.estimators import LinearStepModel, fit_ridge_validated, mape_pct
+from stepml_core.study.h1 import h1_verdict, metrics_from_predictions
+from stepml_core.tables.splits import load_stage, split_sizes, temporal_split
+from stepml_core.tables.steps import add_targets, validate_steps
 
 
 def test_split_sizes_follow_original_rounding():

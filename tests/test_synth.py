@@ -14,10 +14,10 @@ import orjson
 import polars as pl
 import pytest
 
-from stepml_core.runs import parse_run_id, read_run_metadata
+from stepml_core.runs.folders import parse_run_id, read_run_metadata
 from stepml_core.synth import resolve_run_ids, synthesize_run, synthesize_runs, synthetic_id
-from stepml_core.synth.calibration import compare_runs, compare_step_quantiles, cycle_times_ms, ratio_table
-from stepml_core.synth.engine import simulate_synthetic_run
+from stepml_core.synth.against_real import compare_runs, compare_step_quantiles, cycle_times_ms, ratio_table
+from stepml_core.synth.run_engine import simulate_synthetic_run
 from stepml_core.synth.runner import _clocks, _streams
 from stepml_core.synth.spec import engine_params, reference_runs
 from stepml_core.synth.traceout import write_run_traces

@@ -6,7 +6,7 @@ import gzip
 
 import orjson
 
-from stepml_core.trace_writer import (
+from stepml_core.traces.writer import (
     MAX_EVENTS_PER_SPAN,
     ExportItem,
     Span,

@@ -4,7 +4,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from stepml_core.stats import (
+from stepml_core.study.h1 import metrics_from_predictions
+from stepml_core.study.stats import (
     WILCOXON_MIN_N,
     bootstrap_means,
     circular_block_indices,
@@ -12,8 +13,7 @@ from stepml_core.stats import (
     wilcoxon_min_n,
     wilcoxon_one_sided,
 )
-from stepml_core.study import metrics_from_predictions
-from stepml_core.verdict import h1_verdict, rank_with_ties, recommend
+from stepml_core.study.verdict import h1_verdict, rank_with_ties, recommend
 
 
 def test_every_row_drawn_equally_often_and_bootstrap_centred_on_the_sample_mean():
@@ -135,7 +135,7 @@ def test_few_experiments_give_no_p_value_as_evidence():
         and b["wilcoxon_min_p"] == pytest.approx(0.125)
     )
     assert b["outcome"] == "clearly_beats" and "run by run" in b["decided_by"]  # every run's interval decides
-    from stepml_core.report import verdict_section
+    from stepml_core.report.study import verdict_section
 
     md = "\n".join(verdict_section({"rule": "r", "targets": {"cycle_us": v}}))
     assert "p =" not in md and "cannot reach p < 0.05" in md

@@ -3,10 +3,10 @@ async-scheduling event loop, and pluggable clocks (physics for the synthesizer, 
 model for replay). Pure Python + numpy; see docs/simulator.md.
 """
 
-from .arrivals import FixedArrivals, StagedArrivals
-from .engine import BatchView, EngineCore, SchedulerConfig, SimResult
-from .request import SimRequest
-from .timing import CycleClock, PhysicsClock
+from stepml_core.sim.arrivals import FixedArrivals, StagedArrivals
+from stepml_core.sim.engine import BatchView, EngineCore, SchedulerConfig, SimResult
+from stepml_core.sim.request import SimRequest
+from stepml_core.sim.timing import CycleClock, PhysicsClock
 
 __all__ = [
     "BatchView",

@@ -27,9 +27,9 @@ import heapq
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..errors import StepMLError
-from .kv_cache import BlockPool
-from .request import (
+from stepml_core.errors import StepMLError
+from stepml_core.sim.kv_cache import BlockPool
+from stepml_core.sim.request import (
     DECODE,
     DONE,
     EV_FINISHED,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from .request import BLK_STRIDE, GROUP_BASE, OUT_BASE, PROMPT_BASE, SimRequest
+from stepml_core.sim.request import BLK_STRIDE, GROUP_BASE, OUT_BASE, PROMPT_BASE, SimRequest
 
 BLOCK_TOKENS = 16
 

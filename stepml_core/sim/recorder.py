@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from .request import DECODE, EV_PREEMPTED, EV_SCHEDULED
+from stepml_core.sim.request import DECODE, EV_PREEMPTED, EV_SCHEDULED
 
 
 class TraceRecorder:

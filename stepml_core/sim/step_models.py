@@ -8,7 +8,7 @@ scheduler just formed, and a name. Request-level overheads around the steps come
   regimes of them) over BLIS's step features, optional ``expm1`` transform, the
   ``step_overhead_us`` clamp and per-request overhead, ``queueing_time`` on ``input_len`` and
   ``output_token_processing_time_us`` — computed here exactly as BLIS documents it;
-* :class:`ExportedStepTime` — a StepML export (``stepml_core.export``: linear, log-linear or
+* :class:`ExportedStepTime` — a StepML export (``stepml_core.stepmodels.json_export``: linear, log-linear or
   boosted trees on the 30 features) through the stdlib reference predictor, with the per-request
   batch (``kv_source`` journey/snapshot) or the BATCH_SUMMARY proxies (``proxy_blocks``) the model
   was trained on.
@@ -205,11 +205,11 @@ class ExportedStepTime:
     ``kv_source``: what the model's KV features were computed from when it was fitted —
     ``proxy_blocks`` (BATCH_SUMMARY-only runs: every decoder at the mean context
     (blocks_total − blocks_free)·16 / max(running, 1), prompt chunks from c = 0 with the mean chunk
-    size, the documented proxies of ``stepml_core.features``) or ``journey``/``snapshot`` (the batch's own
+    size, the documented proxies of ``stepml_core.features.step_features``) or ``journey``/``snapshot`` (the batch's own
     requests). Token counts follow the trace's BATCH_SUMMARY labels either way."""
 
     def __init__(self, exported: dict, *, kv_source: str, name: str):
-        from .. import reference_predictor as rp
+        from stepml_core.stepmodels import reference_predictor as rp
 
         self.exported = exported
         self.kv_source = kv_source

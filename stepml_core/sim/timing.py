@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # the physics lives with the synthesizer's data (imported lazily: synth builds on sim)
-    from ..synth.schedtime import ScheduleTimeModel
+    from stepml_core.synth.schedtime import ScheduleTimeModel
 
 RNG_BLOCK = 8192  # steps of pre-drawn randomness per refill
 
@@ -91,7 +91,7 @@ class PhysicsClock:
     schedule() time, host work per step and per request (parameters: data/synth/engine_params.json)."""
 
     def __init__(self, model: str, tp: int, params: dict, rng: np.random.Generator, sched_model: "ScheduleTimeModel"):
-        from ..synth.physics import EnginePhysics
+        from stepml_core.synth.cycle_time import EnginePhysics
 
         P = params
         self.phys = EnginePhysics(model, tp, P)

@@ -21,7 +21,7 @@ import json
 
 import numpy as np
 
-from .spec import RunSpec, engine_params
+from stepml_core.synth.spec import RunSpec, engine_params
 
 DIST_PCTS = (0.1, 1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9)
 

@@ -14,14 +14,14 @@ import numpy as np
 import orjson
 import yaml
 
-from ..parallel import process_workers
-from ..runs import PROVENANCE_FILE
-from .client import client_records, public_records, summarize
-from .engine import simulate_synthetic_run
-from .schedtime import ScheduleTimeModel
-from .spec import SYNTH_VERSION, RunSpec, engine_params, resolve_run_ids, schedule_time_model
-from .traceout import write_run_traces
-from .workload import build_workload
+from stepml_core.parallel import process_workers
+from stepml_core.runs.folders import PROVENANCE_FILE
+from stepml_core.synth.client import client_records, public_records, summarize
+from stepml_core.synth.run_engine import simulate_synthetic_run
+from stepml_core.synth.schedtime import ScheduleTimeModel
+from stepml_core.synth.spec import SYNTH_VERSION, RunSpec, engine_params, resolve_run_ids, schedule_time_model
+from stepml_core.synth.traceout import write_run_traces
+from stepml_core.synth.workload import build_workload
 
 GENERATOR = "stepml-synth"
 Progress = Callable[[str, float], None]
@@ -175,8 +175,8 @@ def _resolved_config(spec: RunSpec, scale: float, out_path: str) -> dict:
 
 
 def _data_digest() -> dict:
-    from ..paths import REFERENCE_DIR
-    from .spec import SYNTH_DATA_DIR
+    from stepml_core.paths import REFERENCE_DIR
+    from stepml_core.synth.spec import SYNTH_DATA_DIR
 
     out = {}
     for p in [

@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from .spec import schedule_time_model
+from stepml_core.synth.spec import schedule_time_model
 
 FEATURES = ("const", "log1p_running", "log1p_prefill_tokens", "prefill_reqs", "finished", "preempted")
 

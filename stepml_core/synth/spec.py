@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 
-from ..catalog import ModelSpec, canonical_model_name, model_spec
-from ..paths import DATA_DIR, REFERENCE_DIR
-from ..runs import RunIdError, parse_run_id
+from stepml_core.catalog import ModelSpec, canonical_model_name, model_spec
+from stepml_core.paths import DATA_DIR, REFERENCE_DIR
+from stepml_core.runs.folders import RunIdError, parse_run_id
 
 SYNTH_DATA_DIR = DATA_DIR / "synth"
 SYNTH_SUFFIX = "-synth"

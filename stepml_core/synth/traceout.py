@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..sim.engine import SimResult
-from ..sim.request import EV_FINISHED, EV_FIRST_TOKEN, EV_PREEMPTED, EV_QUEUED, EV_SCHEDULED
-from ..trace_writer import (
+from stepml_core.sim.engine import SimResult
+from stepml_core.sim.request import EV_FINISHED, EV_FIRST_TOKEN, EV_PREEMPTED, EV_QUEUED, EV_SCHEDULED
+from stepml_core.synth.spec import engine_params
+from stepml_core.traces.writer import (
     FLAGS_LOCAL,
     FLAGS_REMOTE_PARENT,
     KIND_INTERNAL,
@@ -35,7 +36,6 @@ from ..trace_writer import (
     resource_json,
     write_lines,
 )
-from .spec import engine_params
 
 SCOPE_STEP, SCOPE_CORE, SCOPE_API = "vllm.scheduler.step", "vllm.scheduler", "vllm.api"
 EV_NAMES = {

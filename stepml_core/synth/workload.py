@@ -13,7 +13,7 @@
   195–209 of 247–251, come from: their E2E latencies show full-length generation).
 * constant-rate stages: the stage's request count rate × duration × scale, arrival times a
   Poisson process conditioned on that count (sorted uniforms).
-* client timeout: stepml_core.rules' limit (300 s, rounded up by aiohttp to the client's next whole second), drawn
+* client timeout: stepml_core.runs.rules' limit (300 s, rounded up by aiohttp to the client's next whole second), drawn
   uniformly in [300, 301] s per request (the grid's phase is not modelled); ``client_timeout_s`` in the engine
   parameters overrides it (a test's short timeouts).
 """
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..rules import CLIENT_TIMEOUT_S, CLIENT_TIMEOUT_TICK_S
-from .spec import QUANTILE_KEYS, QUANTILE_PROBS, RunSpec, client_token_counts, engine_params
+from stepml_core.runs.rules import CLIENT_TIMEOUT_S, CLIENT_TIMEOUT_TICK_S
+from stepml_core.synth.spec import QUANTILE_KEYS, QUANTILE_PROBS, RunSpec, client_token_counts, engine_params
 
 
 def quantile_sampler(qvals: dict[str, float], prefix: str, target_mean: float | None = None):

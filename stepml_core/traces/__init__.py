@@ -36,8 +36,8 @@ excerpt (``EXCERPT_CHARS``); a corrupt gzip stream raises :class:`TraceReadError
 (the stream ends early: a copy cut short) keeps every line before the damage and records the
 truncation as a ``file`` quarantine record.
 
-Limits (:class:`stepml_core.limits.InputLimits`): inflated bytes, gzip inflation ratio, bytes per
-line and unreadable lines per file raise :class:`~stepml_core.limits.InputLimitError` naming the
+Limits (:class:`stepml_core.runs.limits.InputLimits`): inflated bytes, gzip inflation ratio, bytes per
+line and unreadable lines per file raise :class:`~stepml_core.runs.limits.InputLimitError` naming the
 limit; at most ``max_quarantine_rows`` quarantine records are stored, the rest counted in one
 summary record per kind (column ``count``). Only a regular file inside ``root`` is read (a FIFO,
 directory or symlink out of the data root gets RunMetadataError saying so), and ``TraceTables.read``
@@ -48,8 +48,8 @@ Modules, along the reader's own sections: ``schema`` (table schemas, errors, cou
 read_traces and assembly).
 """
 
-from .fast import _json_numbers_ok  # noqa: F401 (tests check it directly)
-from .reader import quarantine_summary, read_traces
-from .schema import TABLE_SCHEMAS, TraceReadError, TraceTables
+from stepml_core.traces.fast import _json_numbers_ok  # noqa: F401 (tests check it directly)
+from stepml_core.traces.reader import quarantine_summary, read_traces
+from stepml_core.traces.schema import TABLE_SCHEMAS, TraceReadError, TraceTables
 
 __all__ = ["TraceTables", "TraceReadError", "read_traces", "TABLE_SCHEMAS", "quarantine_summary"]

@@ -10,7 +10,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .schema import (
+from stepml_core.traces.schema import (
     _ARROW,
     _INTERNAL,
     API_ATTRS,

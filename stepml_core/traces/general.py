@@ -10,7 +10,7 @@ import orjson
 import polars as pl
 import pyarrow as pa
 
-from .schema import (
+from stepml_core.traces.schema import (
     _ARROW,
     _EMPTY,
     _INTERNAL,

@@ -19,12 +19,12 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..limits import DEFAULT_LIMITS, InputLimitError, InputLimits
-from ..parallel import process_workers
-from ..runs import open_input
-from .fast import _NQSENT, PAD, PAD_BYTES, _fast_chunk
-from .general import _Sink
-from .schema import (
+from stepml_core.parallel import process_workers
+from stepml_core.runs.folders import open_input
+from stepml_core.runs.limits import DEFAULT_LIMITS, InputLimitError, InputLimits
+from stepml_core.traces.fast import _NQSENT, PAD, PAD_BYTES, _fast_chunk
+from stepml_core.traces.general import _Sink
+from stepml_core.traces.schema import (
     _EMPTY,
     _INTERNAL,
     I64,
@@ -364,13 +364,13 @@ def read_traces(
     (scripts must guard their entry point with ``if __name__ == "__main__":``).
     ``fast=False`` sends every line through the general orjson path (same tables, slower; for
     checks). ``chunk_bytes``: uncompressed bytes per chunk (None: 2 MiB, the first one 1 MiB).
-    ``limits``: see :class:`~stepml_core.limits.InputLimits`; ``root``: the data root the file
+    ``limits``: see :class:`~stepml_core.runs.limits.InputLimits`; ``root``: the data root the file
     must lie in (symlinks out of it are refused).
 
     Malformed lines and events are quarantined, never raised; a corrupt gzip stream raises
     :class:`TraceReadError`; a truncated one keeps the lines before the damage and adds a ``file``
     quarantine record; a missing file raises FileNotFoundError; a passed limit raises
-    :class:`~stepml_core.limits.InputLimitError` naming the file, the line reached and the limit.
+    :class:`~stepml_core.runs.limits.InputLimitError` naming the file, the line reached and the limit.
     """
     path = Path(path)
     label = str(path)

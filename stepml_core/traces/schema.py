@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import polars as pl
 import pyarrow as pa
 
-from ..errors import StepMLError
+from stepml_core.errors import StepMLError
 
 I64, F64, STR = pl.Int64, pl.Float64, pl.Utf8
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
