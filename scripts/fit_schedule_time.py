@@ -190,7 +190,7 @@ def split_regimes(logd: np.ndarray):
 
 
 def simulate_features(real_id: str, scale: float, model: dict, seed: int = 0) -> dict[str, np.ndarray]:
-    from stepml_core.synth.engine import simulate_synthetic_run
+    from stepml_core.synth.run_engine import simulate_synthetic_run
     from stepml_core.synth.runner import _clocks, _streams
     from stepml_core.synth.schedtime import ScheduleTimeModel
     from stepml_core.synth.spec import resolve_run_ids
