@@ -21,14 +21,8 @@ from stepml_core.study.e2e import (
 )
 from stepml_core.synth import synthesize_runs
 from stepml_core.synth.spec import engine_params
-from stepml_core.tables.reconstruct import (
-    compare_with_batch_summary,
-    compare_with_snapshots,
-    reconstruct,
-    reconstruct_batches,
-    reconstruct_run,
-    request_aggregates,
-)
+from stepml_core.tables.batch_checks import compare_with_batch_summary, compare_with_snapshots, request_aggregates
+from stepml_core.tables.reconstruct import reconstruct, reconstruct_batches, reconstruct_run
 from stepml_core.traces import read_traces
 
 RUN_7B_CODEGEN = "20260217-155451-llama-2-7b-tp1-codegen"

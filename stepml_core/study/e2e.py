@@ -25,7 +25,7 @@ FINISHED − QUEUED (natural finishes only), decode interval as above; with the 
 API-side latency (DEPARTED − ARRIVED, same host clock) is reported beside it.
 
 Entry points: :func:`step_table` (BATCH_SUMMARY-like columns for every step, from the
-reconstruction), :func:`step_inputs` (that plus :func:`reconstruct.request_aggregates`),
+reconstruction), :func:`step_inputs` (that plus :func:`batch_checks.request_aggregates`),
 :func:`e2e_fidelity`, and the observed-cycle helpers :func:`observed_cycle_us` /
 :func:`gap_cycle_us`.
 
@@ -48,12 +48,9 @@ from typing import Callable, Union
 import numpy as np
 import polars as pl
 
-from stepml_core.tables.reconstruct import (
-    DEFAULT_BLOCK_SIZE,
-    batch_summary_counts,
-    journey_episodes,
-    request_aggregates,
-)
+from stepml_core.tables.batch_checks import batch_summary_counts, request_aggregates
+from stepml_core.tables.journeys import journey_episodes
+from stepml_core.tables.prefix_hits import DEFAULT_BLOCK_SIZE
 
 __all__ = [
     "step_table",

@@ -486,7 +486,8 @@ def request_context(
     Returns {"batches", "step_inputs", "agreement"}; empty tables when the run has no journey events.
     """
     from stepml_core.study.e2e import compare_step_table, step_inputs
-    from stepml_core.tables.reconstruct import compare_with_batch_summary, compare_with_snapshots, reconstruct
+    from stepml_core.tables.batch_checks import compare_with_batch_summary, compare_with_snapshots
+    from stepml_core.tables.reconstruct import reconstruct
 
     if journey.height == 0:
         return {
@@ -545,7 +546,7 @@ def e2e_fidelity_for_models(
 ) -> dict:
     """Teacher-forced E2E: each cycle_us model predicts every step; sums per request vs observed TTFT/decode/E2E."""
     from stepml_core.study.e2e import e2e_fidelity, scheduled_counts_of
-    from stepml_core.tables.reconstruct import journey_episodes
+    from stepml_core.tables.journeys import journey_episodes
 
     table = context["step_inputs"]
     if table.height == 0:
