@@ -44,12 +44,14 @@ directory or symlink out of the data root gets RunMetadataError saying so), and 
 fingerprints the bytes actually read (size, sha256, mtime before reading).
 
 Modules, along the reader's own sections: ``schema`` (table schemas, errors, counters), ``general``
-(the reference path), ``fast`` (template matching), ``reader`` (chunks, gzip thread, process pool,
-read_traces and assembly).
+(the reference path), ``templates`` (the canonical line templates and their lock-step matcher), ``values``
+(matched bytes → typed Arrow columns), ``fast`` (one chunk through the fast path: candidates, tiling, owners,
+tables), ``reader`` (chunks, gzip thread, process pool, read_traces and assembly), ``writer`` (the writer the
+synthesizer uses: OTLP/JSON lines as the collector writes them).
 """
 
-from stepml_core.traces.fast import _json_numbers_ok  # noqa: F401 (tests check it directly)
 from stepml_core.traces.reader import quarantine_summary, read_traces
 from stepml_core.traces.schema import TABLE_SCHEMAS, TraceReadError, TraceTables
+from stepml_core.traces.values import _json_numbers_ok  # noqa: F401 (tests check it directly)
 
 __all__ = ["TraceTables", "TraceReadError", "read_traces", "TABLE_SCHEMAS", "quarantine_summary"]

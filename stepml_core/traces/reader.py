@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from stepml_core.parallel import process_workers
 from stepml_core.runs.folders import open_input
 from stepml_core.runs.limits import DEFAULT_LIMITS, InputLimitError, InputLimits
-from stepml_core.traces.fast import _NQSENT, PAD, PAD_BYTES, _fast_chunk
+from stepml_core.traces.fast import _fast_chunk
 from stepml_core.traces.general import _Sink
 from stepml_core.traces.schema import (
     _EMPTY,
@@ -37,6 +37,7 @@ from stepml_core.traces.schema import (
     _merge_counters,
     _new_counters,
 )
+from stepml_core.traces.templates import _NQSENT, PAD, PAD_BYTES
 
 # --------------------------------------------------------------------------------------------
 # Chunks
