@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from stepml_core import pipeline
-from stepml_core.runs.ingest import ingest_run
 from stepml_core.study import h1 as study
+from stepml_core.tables.ingest import ingest_run
 
 
 class Timer(dict):

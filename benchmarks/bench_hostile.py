@@ -108,7 +108,7 @@ def _run_folder(root: Path, trace_name: str, trace: bytes, exp_extra: str = "") 
 
 def case(name: str, tmp: Path) -> dict:
     """Build the input, then time the real code path that must stop it."""
-    from stepml_core.runs.ingest import ingest_run
+    from stepml_core.tables.ingest import ingest_run
 
     if name == "lines_bomb":
         d = _run_folder(tmp, "traces.json.gz", gzip.compress(b"x\n" * (32 << 20), compresslevel=9, mtime=0) * 84)

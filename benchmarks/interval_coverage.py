@@ -7,7 +7,7 @@ counted apart (stepml_core.replay.coverage; README, *Calibration from request lo
     python benchmarks/interval_coverage.py --request-level RUNS --study OUT   # run the request level first
 
 --request-level RUNS runs the request level of `stepml run` on the run folders RUNS into OUT first
-(stepml_core.replay.oos_audit.request_level_study: the same calibrations, replays and intervals, without the step-level
+(stepml_core.oos_audit.request_level_study: the same calibrations, replays and intervals, without the step-level
 study and the report; ≈ 15 min on the 16 real runs on 2 cores), then reports as above.
 
 Reads OUT/replay_intervals.csv of a `stepml run`, and OUT/replay.csv with the per-request tables under OUT/replay/
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--request-level", type=Path, help="run folders: run the request level into --study first")
     a = ap.parse_args(argv)
     if a.request_level:
-        from stepml_core.replay.oos_audit import ReplayMemo, request_level_study
+        from stepml_core.oos_audit import ReplayMemo, request_level_study
 
         request_level_study(a.request_level, a.study, cache_dir=a.study / "calibration-cache", memo=ReplayMemo())
         a.data = a.data or a.request_level

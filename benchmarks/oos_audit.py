@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The out-of-sample audit on the full-size real request logs (issue 20; stepml_core.replay.oos_audit).
+"""The out-of-sample audit on the full-size real request logs (issue 20; stepml_core.oos_audit).
 
 For every run of ../shared/real with ground truth: delete its ground_truth file, run the request level of the study
 again (calibrations of every protocol, every run replayed with every request-calibrated model, recommendation,
@@ -39,7 +39,7 @@ def main() -> int:
 
     import polars as pl
 
-    from stepml_core.replay.oos_audit import audit
+    from stepml_core.oos_audit import audit
     from stepml_core.runs.real_data import assemble_real_runs, cut_request_logs
 
     if a.work.exists():

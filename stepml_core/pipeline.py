@@ -149,7 +149,7 @@ def _last_line_cut(quarantine: pl.DataFrame) -> bool:
 
 def run_matrix(folder: Path, data_root: Path | None = None) -> pl.DataFrame:
     """One run folder → its feature matrix with split and load stage (what fits and pooled folds read)."""
-    from stepml_core.runs.ingest import ingest_run
+    from stepml_core.tables.ingest import ingest_run
 
     raw = ingest_run(Path(folder), data_root)
     meta = raw["meta"]
@@ -323,8 +323,8 @@ def request_log(folder: Path, data_root: Path | None = None, limits=None) -> dic
     known and able to hold one max_model_len sequence (vLLM does not start otherwise). Every problem is a
     RequestLogError (or RunMetadataError) naming the file and key: this run fails, alone."""
     from stepml_core.runs.folders import read_run_metadata
-    from stepml_core.runs.ingest import fingerprint, fingerprint_digest
     from stepml_core.runs.request_log import RequestLogError, has_request_log, read_request_log
+    from stepml_core.tables.ingest import fingerprint, fingerprint_digest
 
     folder = Path(folder)
     if not has_request_log(folder):

@@ -18,7 +18,7 @@ from pathlib import Path
 import dagster as dg
 
 from stepml_core.runs.folders import run_folder_problems
-from stepml_core.runs.ingest import fingerprint, fingerprint_digest
+from stepml_core.tables.ingest import fingerprint, fingerprint_digest
 
 LAUNCHER_TAG, PID_TAG, HOST_TAG = "stepml/launcher", "stepml/pid", "stepml/host"
 LAUNCHER = "stepml run"

@@ -53,7 +53,7 @@ from stepml_core.runs.folders import (
     find_trace_file,
     resolve_data_root,
 )
-from stepml_core.runs.ingest import fingerprint, fingerprint_digest
+from stepml_core.tables.ingest import fingerprint, fingerprint_digest
 
 from .health import ACTIVE_STATUSES, mark_abandoned_runs
 from .partitions import experiment_partitions

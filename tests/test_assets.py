@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 
 from stepml_core import pipeline
-from stepml_core.runs.ingest import ingest_run
 from stepml_core.synth import synthesize_runs
+from stepml_core.tables.ingest import ingest_run
 from stepml_core.tables.steps import ValidatedSteps, validate_steps
 from stepml_dagster import assets as A
 from stepml_dagster.replay_assets import records_balance, request_log

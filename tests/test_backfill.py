@@ -108,7 +108,7 @@ def test_changed_input_marks_downstream_partition_stale(study):
     rec = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("raw_traces"), asset_partitions=[RUN_A]), limit=1
     ).records[0]
-    from stepml_core.runs.ingest import fingerprint, fingerprint_digest
+    from stepml_core.tables.ingest import fingerprint, fingerprint_digest
 
     assert rec.asset_materialization.tags["dagster/data_version"] == fingerprint_digest(fingerprint(data / RUN_A))
     with open(data / RUN_A / "profile.yaml", "a") as f:

@@ -29,8 +29,8 @@ from stepml_core.calibration.fit import (
     request_timelines,
     serving_model,
 )
+from stepml_core.oos_audit import INTERVAL_KEYS
 from stepml_core.pipeline import calibration_inputs, log_as_stored, replay_context
-from stepml_core.replay.oos_audit import INTERVAL_KEYS
 from stepml_core.replay.simulate import RunContext, replay, replay_workload
 from stepml_core.replay.specs import replay_run, specs_for_run
 from stepml_core.runs.folders import read_run_metadata

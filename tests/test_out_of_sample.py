@@ -2,7 +2,7 @@
 
 For every run X of the 16 real runs that has ground truth, X's ground_truth file is deleted and the request level
 of the study (calibrations of every protocol, replays, recommendation, intervals) is run again
-(stepml_core.replay.oos_audit): X's out-of-sample rows and intervals must be bit-identical, no model may be out of sample
+(stepml_core.oos_audit): X's out-of-sample rows and intervals must be bit-identical, no model may be out of sample
 for X only because X's truth is present, and the recommended model must not move where X's candidates are the same.
 
 The real request logs are cut to their first CUT_S seconds of arrivals (all 4 LLM models × 4 workloads, 14 runs
@@ -19,7 +19,7 @@ import polars as pl
 import pytest
 from conftest import SHARED_REAL
 
-from stepml_core.replay.oos_audit import audit
+from stepml_core.oos_audit import audit
 
 pytestmark = pytest.mark.slow  # 15 request-level studies of 16 runs (≈ 6 min on 2 cores)
 

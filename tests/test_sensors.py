@@ -12,7 +12,7 @@ import dagster as dg
 import pytest
 from ops_helpers import open_instance
 
-from stepml_core.runs.ingest import fingerprint, fingerprint_digest
+from stepml_core.tables.ingest import fingerprint, fingerprint_digest
 from stepml_dagster import sensors as S
 from stepml_dagster.resources import StepMLSettings
 

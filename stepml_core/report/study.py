@@ -28,14 +28,14 @@ import numpy as np
 import polars as pl
 
 from stepml_core.paths import REFERENCE_DIR
-from stepml_core.report.plots import (
+from stepml_core.report.plots import (  # noqa: F401
     MODEL_ORDER,
     plot_e2e,
     plot_mape_by_experiment,
     plot_pred_vs_actual,
     plot_residuals,
     short_run_name,
-)  # noqa: F401
+)
 from stepml_core.study.findings import LOG_TARGET_MODELS
 from stepml_core.study.stats import WILCOXON_MIN_N, wilcoxon_min_p
 from stepml_core.study.verdict import ABSURD_MAPE_PCT, CLEAR_MARGIN_REL, H1_MODEL, REFUTE_ABOVE_PCT, SUPPORT_BELOW_PCT

@@ -47,7 +47,8 @@ from stepml_core.runs.folders import (
     read_input_bytes,
 )
 from stepml_core.runs.limits import DEFAULT_LIMITS, InputLimitError, InputLimits
-from stepml_core.tables.schemas import MAX_KV_BLOCKS
+
+MAX_KV_BLOCKS = 10**9  # KV-cache blocks of one engine, as the step table bounds them (tables.schemas)
 
 RATIO_FLOOR_BYTES = 64 << 20  # as for traces: the inflation ratio is judged once this many bytes are inflated
 MAX_ARRIVAL_US = 7 * 24 * 3600 * 10**6  # a week of traffic

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pandera.polars as pa
 import polars as pl
 
+from stepml_core.runs.request_log import MAX_KV_BLOCKS  # KV-cache blocks of one engine (16-token blocks: 1.6e10 tokens)
+
 STEP_INT_COLUMNS = [
     "step.id",
     "step.ts_start_ns",
@@ -42,7 +44,6 @@ MAX_BATCH_REQUESTS = (
 )  # running / scheduled / finished / preempted requests: vLLM's max_num_seqs bound (exp-config schema)
 MAX_WAITING_REQUESTS = 10**8  # requests queued at one instant
 MAX_STEP_TOKENS = 1 << 24  # tokens scheduled in one step: the max_num_batched_tokens bound (exp-config schema)
-MAX_KV_BLOCKS = 10**9  # KV-cache blocks of one engine (16-token blocks: 1.6e10 tokens)
 
 STEP_BOUNDS = {  # column: highest plausible value (lowest: 0, or 1 for step.id and kv.blocks_total_gpu)
     "step.id": MAX_STEP_ID,

@@ -7,12 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stepml_core.traces.schema import (
-    JOURNEY_ATTRS,
-    SNAPSHOT_ATTRS,
-    STEP_ATTRS,
-    _new_counters,
-)
+from stepml_core.traces.schema import JOURNEY_ATTRS, SNAPSHOT_ATTRS, STEP_ATTRS, _new_counters
 from stepml_core.traces.templates import (
     _EV_BODIES,
     _EV_HEAD,

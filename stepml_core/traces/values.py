@@ -9,13 +9,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stepml_core.traces.schema import (
-    _ARROW,
-    _INTERNAL,
-    F64,
-    I64,
-    TABLE_SCHEMAS,
-)
+from stepml_core.traces.schema import _ARROW, _INTERNAL, F64, I64, TABLE_SCHEMAS
 from stepml_core.traces.templates import _Scan
 
 
