@@ -57,3 +57,47 @@ def test_the_cycle_check_finds_a_cycle_through_a_deferred_import(tmp_path):
     (pkg / "b.py").write_text("def f():\n    from . import a\n    return a\n")
     (pkg / "c.py").write_text("from stepml_dagster.a import f\n")
     assert import_cycles(tmp_path, ("stepml_dagster",)) == [["stepml_dagster.a", "stepml_dagster.b"]]
+
+
+def doc_references(root: Path) -> list[tuple[str, str]]:
+    """(file, docs/<name>.md) for every docs page the code or the docs name."""
+    import re
+
+    files = [*root.glob("stepml_core/**/*.py"), *root.glob("stepml_dagster/**/*.py"), *root.glob("docs/*.md")]
+    files.append(root / "README.md")
+    return [
+        (str(p.relative_to(root)), m)
+        for p in files
+        if p.is_file()
+        for m in re.findall(r"\bdocs/[a-z0-9_-]+\.md\b", p.read_text(encoding="utf-8"))
+    ]
+
+
+def test_every_docs_page_named_exists():
+    missing = sorted({f"{f} → {d}" for f, d in doc_references(ROOT) if not (ROOT / d).is_file()})
+    assert not missing, "pages named but not in docs/: " + "; ".join(missing)
+
+
+def test_the_docs_check_finds_a_missing_page(tmp_path):
+    (tmp_path / "stepml_core").mkdir()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "stepml_core" / "m.py").write_text('"""See docs/nowhere.md."""\n')
+    refs = doc_references(tmp_path)
+    assert refs == [("stepml_core/m.py", "docs/nowhere.md")] and not (tmp_path / refs[0][1]).is_file()
+
+
+def test_every_core_package_has_a_front_door():
+    """Each package of stepml_core opens with a module docstring (what it holds, module by module)."""
+    import ast
+
+    bare = [
+        str(p.relative_to(ROOT))
+        for p in sorted((ROOT / "stepml_core").glob("*/__init__.py"))
+        if not ast.get_docstring(ast.parse(p.read_text(encoding="utf-8")))
+    ]
+    missing = [
+        str(d.relative_to(ROOT))
+        for d in (ROOT / "stepml_core").iterdir()
+        if d.is_dir() and d.name != "__pycache__" and not (d / "__init__.py").is_file()
+    ]
+    assert not bare and not missing, f"packages without a docstring front door: {bare}; without __init__.py: {missing}"

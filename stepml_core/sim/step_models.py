@@ -4,7 +4,7 @@ Each has ``step_time_us(batch) -> float`` over the :class:`~stepml_core.sim.engi
 scheduler just formed, and a name. Request-level overheads around the steps come with them in a
 :class:`ServingModel` (queueing delay per request, delay per streamed token).
 
-* :class:`LinearStepTime` — the BLIS StepML model file (docs/blis-export.md): a linear model (or
+* :class:`LinearStepTime` — the BLIS StepML model file (docs/calibration.md, *Export to BLIS*): a linear model (or
   regimes of them) over BLIS's step features, optional ``expm1`` transform, the
   ``step_overhead_us`` clamp and per-request overhead, ``queueing_time`` on ``input_len`` and
   ``output_token_processing_time_us`` — computed here exactly as BLIS documents it;
