@@ -29,7 +29,7 @@ import polars as pl
 
 from stepml_core.paths import REFERENCE_DIR
 from stepml_core.report.plots import (
-    MODEL_ORDER,
+    model_order,
     plot_e2e,
     plot_mape_by_experiment,
     plot_pred_vs_actual,
@@ -729,7 +729,7 @@ def published_section(runs: list[dict], metrics: pl.DataFrame) -> list[str]:
             m: test_pe.filter((pl.col("experiment_id") == r["experiment_id"]) & (pl.col("model") == m))[
                 "mape_pct"
             ].to_list()
-            for m in MODEL_ORDER
+            for m in model_order()
         }
         g = lambda m: _fmt(ours[m][0]) if ours.get(m) else "–"
         rows.append(

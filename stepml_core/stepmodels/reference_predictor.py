@@ -208,7 +208,7 @@ def predict_from_features(feats: dict, exported: dict) -> float:
         y = math.exp(s) if exported.get("log_target") else s
     else:
         raise ValueError(f"unknown exported model kind {kind!r}")
-    floor = exported.get("floor_us")  # the positive floor, the same rule as estimators.predict_model
+    floor = exported.get("floor_us")  # the positive floor, the same rule as fitted.predict_model
     return y if floor is None else max(y, floor)
 
 

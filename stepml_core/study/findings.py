@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 
 from stepml_core.study.stats import combined_mean_ci, within_noise
-from stepml_core.study.verdict import ABSURD_MAPE_PCT, CLEAR_MARGIN_REL, SIMPLICITY, rank_with_ties, recommend
+from stepml_core.study.verdict import ABSURD_MAPE_PCT, CLEAR_MARGIN_REL, rank_with_ties, recommend, simplicity_order
 from stepml_core.tables.steps import TARGETS
 
 DEPLOY_SCOPE = "per_model"  # a simulator models one LLM over its workloads
@@ -28,7 +28,7 @@ def rankings(predictions: pl.DataFrame, *, seed: int = 0, reps: int = 400) -> di
     out: dict[str, dict[str, pl.DataFrame]] = {}
     for target in TARGETS:
         for scope in RANK_SCOPES:
-            r = rank_with_ties(predictions, target, scope, SIMPLICITY, reps=reps, seed=seed)
+            r = rank_with_ties(predictions, target, scope, simplicity_order(), reps=reps, seed=seed)
             if r.height:
                 out.setdefault(target, {})[scope] = r
     return out
