@@ -93,3 +93,33 @@ def test_one_linear_rule_for_the_dataclass_and_the_stored_dict():
     assert set(KINDS) == {"linear", "log_linear", "trees"}
     with pytest.raises(ValueError, match="unknown fitted step-model kind"):
         predict_model({**m, "kind": "unknown"}, X)
+
+
+def test_the_roles_give_the_lists_the_study_used_to_keep_by_hand():
+    """Each list of model names is read from the recipes' roles; these are the lists the study kept before."""
+    assert models.replayed_names("real") == GENERALIZATION
+    assert models.replayed_names("synthetic") == ("blackbox_2f", "ridge_30f")
+    assert [n for n, r in models.REGISTRY.items() if r.replay_in_blis_form] == ["blackbox_2f"]
+    assert models.names_with("generalization") == GENERALIZATION
+    assert models.names_with("h1_trio") == ("naive_mean", "blackbox_2f", "ridge_30f")
+    assert models.names_with("teacher_forced_e2e") == (
+        "naive_mean",
+        "blackbox_2f",
+        "ridge_30f",
+        "nnls_physics",
+        "hgb_30f",
+    )
+    assert models.simplicity_order() == [
+        "naive_mean",
+        "blackbox_2f",
+        "nnls_physics",
+        "ridge_30f",
+        "ridge_log_30f",
+        "hgb_30f",
+    ]
+    assert set(models.log_target_models()) == {"ridge_log_30f", "hgb_30f"}
+    styles = models.plot_styles()
+    assert list(styles) == models.plot_order() == list(models.REGISTRY) and len(set(styles.values())) == len(styles)
+
+
+GENERALIZATION = ("naive_mean", "blackbox_2f", "ridge_30f", "ridge_log_30f", "nnls_physics", "hgb_30f")

@@ -36,7 +36,7 @@ from stepml_core.report.plots import (
     plot_residuals,
     short_run_name,
 )  # noqa: F401
-from stepml_core.study.findings import LOG_TARGET_MODELS
+from stepml_core.stepmodels.recipes import log_target_models
 from stepml_core.study.stats import WILCOXON_MIN_N, wilcoxon_min_p
 from stepml_core.study.verdict import ABSURD_MAPE_PCT, CLEAR_MARGIN_REL, H1_MODEL, REFUTE_ABOVE_PCT, SUPPORT_BELOW_PCT
 
@@ -237,7 +237,7 @@ def _does_not_work_lines(verdict: dict, findings: dict) -> list[str]:
         bad = gen.filter(pl.col("absurd")).sort("max_mape_pct", descending=True)
         worst = bad.row(0, named=True)
         models = sorted(set(bad["model"].to_list()))
-        logs = [m for m in models if m in LOG_TARGET_MODELS]
+        logs = [m for m in models if m in log_target_models()]
         out.append(
             f"* **Absurd generalization values** (a held-out run above {ABSURD_MAPE_PCT:,.0f} % per-step MAPE) in {bad.height} "
             f"(target, scope, model) cells, models {', '.join(f'`{m}`' for m in models)}; worst `{worst['model']}` "

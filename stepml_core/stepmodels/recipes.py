@@ -86,6 +86,7 @@ class Recipe:
     teacher_forced_e2e: ClassVar[bool] = False  # its per-step predictions summed per request (study.e2e)
     simplicity: ClassVar[int | None] = None  # the recommendation's tie-break, simplest first; None: not ranked
     style: ClassVar[tuple[str, str] | None] = None  # the report's (colour, marker); None: one of SPARE_STYLES
+    log_target: ClassVar[str | None] = None  # fitted on log(step time): the model in words, for the report
 
     def feature_columns(self) -> list[str]:
         return feature_columns() if self.features is SEED30 else list(self.features)
@@ -110,6 +111,11 @@ def replayed_names(source: str) -> tuple[str, ...]:
 def simplicity_order() -> list[str]:
     """The ranked models, simplest first (the recommendation picks the simplest tied with the best)."""
     return [n for _, n in sorted((r.simplicity, n) for n, r in REGISTRY.items() if r.simplicity is not None)]
+
+
+def log_target_models() -> dict[str, str]:
+    """{model: the model in words} of the models fitted on log(step time) (they extrapolate exponentially)."""
+    return {n: r.log_target for n, r in REGISTRY.items() if r.log_target}
 
 
 def plot_order() -> list[str]:
@@ -141,13 +147,8 @@ class Blackbox2f(Recipe):
     """Ridge on (prefill_tokens, decode_tokens), alpha on valid, refit on train + valid."""
 
     name, recipe, features = "blackbox_2f", "stepml", BLACKBOX_FEATURES
-    replayed_on, replay_in_blis_form, generalization, h1_trio, teacher_forced_e2e = (
-        ("real", "synthetic"),
-        True,
-        True,
-        True,
-        True,
-    )
+    replayed_on, replay_in_blis_form = ("real", "synthetic"), True  # the BLIS blackbox form
+    generalization = h1_trio = teacher_forced_e2e = True
     simplicity, style = 1, ("#1f77b4", "s")
 
     def fit(self, target, X_tr, y_tr, X_va, y_va, *, seed=0) -> dict:
@@ -159,13 +160,8 @@ class Ridge30f(Blackbox2f):
     """Ridge on the seed's 30 features (standardized), alpha on valid, refit on train + valid."""
 
     name, recipe, features = "ridge_30f", "stepml", SEED30
-    replayed_on, replay_in_blis_form, generalization, h1_trio, teacher_forced_e2e = (
-        ("real", "synthetic"),
-        False,
-        True,
-        True,
-        True,
-    )
+    replayed_on, replay_in_blis_form = ("real", "synthetic"), False  # the H1 model
+    generalization = h1_trio = teacher_forced_e2e = True
     simplicity, style = 3, ("#d62728", "D")
 
 
@@ -197,6 +193,7 @@ class RidgeLog30f(Recipe):
 
     name, recipe, features = "ridge_log_30f", "stepml", SEED30
     replayed_on, generalization, simplicity, style = ("real",), True, 4, ("#9467bd", "P")
+    log_target = "Ridge on log(step time): ŷ = exp(linear score)"
 
     def fit(self, target, X_tr, y_tr, X_va, y_va, *, seed=0) -> dict:
         return fit_ridge_log_validated(self.name, target, self.feature_columns(), X_tr, y_tr, X_va, y_va)
@@ -221,6 +218,7 @@ class Hgb30f(Recipe):
     name, recipe, features = "hgb_30f", "stepml", SEED30
     replayed_on, generalization, teacher_forced_e2e, simplicity = ("real",), True, True, 5
     style = ("#ff7f0e", "*")
+    log_target = "boosted trees on log(step time)"
 
     def fit(self, target, X_tr, y_tr, X_va, y_va, *, seed=0) -> dict:
         m = fit_hgb_validated(self.name, target, self.feature_columns(), X_tr, y_tr, X_va, y_va, seed=seed)
