@@ -515,11 +515,11 @@ def replay_models(
         r = run_summary[e]
         kv = r.get("kv_source_counts") or {}
         runs[e] = {**r, "kv_source": max(kv, key=kv.get) if kv else "proxy_blocks"}
-    return [
+    specs = [
         rm.physics_spec(),
         *rm.step_trained_specs({e: fitted_models[e] for e in present if e in fitted_models}, runs),
-        *(calibrated or []),
     ]
+    return [s.to_json() for s in specs] + list(calibrated or [])  # stored as JSON (rm.ReplaySpec.from_json reads it)
 
 
 def replay(

@@ -11,8 +11,8 @@ from stepml_core.stepmodels.estimators import (
     fit_hgb_validated,
     fit_ridge_log_validated,
     fit_ridge_validated,
-    predict_model,
 )
+from stepml_core.stepmodels.fitted import predict_model
 from stepml_core.stepmodels.json_export import export_model
 from stepml_core.stepmodels.reference_predictor import predict_step_time
 

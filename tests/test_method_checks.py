@@ -8,7 +8,8 @@ import polars as pl
 import pytest
 
 from stepml_core.features.step_features import feature_columns
-from stepml_core.stepmodels.estimators import ALPHA_GRID, fit_ols_original, fit_ridge_validated, predict_model
+from stepml_core.stepmodels.estimators import ALPHA_GRID, fit_ols_original, fit_ridge_validated
+from stepml_core.stepmodels.fitted import predict_model
 from stepml_core.study.findings import ablation_summary, generalization_summary, transfer_statement
 from stepml_core.study.h1 import fit_models
 from stepml_core.study.method_checks import alignment_comparison, alpha_choices, stage_mix_table

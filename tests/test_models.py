@@ -5,7 +5,8 @@ import polars as pl
 import pytest
 
 from stepml_core.stepmodels import recipes as models
-from stepml_core.stepmodels.estimators import PREDICTORS, LinearStepModel, predict_model
+from stepml_core.stepmodels.estimators import LinearStepModel
+from stepml_core.stepmodels.fitted import KINDS, predict_model
 from stepml_core.study import h1 as study
 
 
@@ -50,7 +51,7 @@ def test_the_registry_holds_the_studys_models_in_fitting_order():
 
 
 def test_a_new_model_is_one_class(monkeypatch):
-    class Median(models._Columns):
+    class Median(models.Recipe):
         """ŷ = median of the train + valid targets."""
 
         name, recipe, features = "median", "stepml", ()
@@ -89,6 +90,36 @@ def test_one_linear_rule_for_the_dataclass_and_the_stored_dict():
     X = fm.select(m["features"]).to_numpy()
     obj = LinearStepModel(**{k: v for k, v in m.items() if k not in ("kind", "scope")})
     assert np.array_equal(obj.predict(X), predict_model(m, X))
-    assert set(PREDICTORS) == {"linear", "log_linear", "trees"}
-    with pytest.raises(KeyError):
+    assert set(KINDS) == {"linear", "log_linear", "trees"}
+    with pytest.raises(ValueError, match="unknown fitted step-model kind"):
         predict_model({**m, "kind": "unknown"}, X)
+
+
+def test_the_roles_give_the_lists_the_study_used_to_keep_by_hand():
+    """Each list of model names is read from the recipes' roles; these are the lists the study kept before."""
+    assert models.replayed_names("real") == GENERALIZATION
+    assert models.replayed_names("synthetic") == ("blackbox_2f", "ridge_30f")
+    assert [n for n, r in models.REGISTRY.items() if r.replay_in_blis_form] == ["blackbox_2f"]
+    assert models.names_with("generalization") == GENERALIZATION
+    assert models.names_with("h1_trio") == ("naive_mean", "blackbox_2f", "ridge_30f")
+    assert models.names_with("teacher_forced_e2e") == (
+        "naive_mean",
+        "blackbox_2f",
+        "ridge_30f",
+        "nnls_physics",
+        "hgb_30f",
+    )
+    assert models.simplicity_order() == [
+        "naive_mean",
+        "blackbox_2f",
+        "nnls_physics",
+        "ridge_30f",
+        "ridge_log_30f",
+        "hgb_30f",
+    ]
+    assert set(models.log_target_models()) == {"ridge_log_30f", "hgb_30f"}
+    styles = models.plot_styles()
+    assert list(styles) == models.plot_order() == list(models.REGISTRY) and len(set(styles.values())) == len(styles)
+
+
+GENERALIZATION = ("naive_mean", "blackbox_2f", "ridge_30f", "ridge_log_30f", "nnls_physics", "hgb_30f")

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from stepml_core.paths import REFERENCE_DIR
-from stepml_core.report.plots import MODEL_ORDER, figure_mape_by_experiment, figure_pred_vs_actual, figure_residuals
+from stepml_core.report.plots import figure_mape_by_experiment, figure_pred_vs_actual, figure_residuals, model_order
 from stepml_core.report.study import render_report
 from stepml_core.study.findings import study_findings
 from stepml_core.study.h1 import metrics_from_predictions
@@ -126,9 +126,9 @@ def test_mape_by_experiment_readable_at_16_runs(sixteen):
     assert _no_overlaps(fig, _shown(ax.yaxis)) == 16
     _no_overlaps(fig, _shown(ax.xaxis))
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert set(MODEL_ORDER) <= set(legend) and "H1 threshold: 25 %" in legend and "refuted above 30 %" in legend
+    assert set(model_order()) <= set(legend) and "H1 threshold: 25 %" in legend and "refuted above 30 %" in legend
     colours = {tuple(np.round(c.get_facecolor()[0], 3)) for c in ax.collections}
-    assert len(colours) == len(MODEL_ORDER)  # one colour per model, none repeated
+    assert len(colours) == len(model_order())  # one colour per model, none repeated
     _all_texts_apart(fig)
 
 

@@ -1,14 +1,17 @@
-"""The step-time models a replay can use, as plain JSON specs, and replaying one run with them.
+"""The step-time models a replay can use, as :class:`ReplaySpec` (stored as JSON), and replaying one run with them.
 
-A spec is ``{"name", "kind", "llm_model", "fitted_on": [run ids], "basis", ...}`` with ``kind``:
+A spec has a name, a ``kind``, the LLM model it applies to, the runs it was ``fitted_on`` and a ``basis`` (what
+built it), and what its kind needs; ``kind``:
 
 * ``physics`` — the synthesizer's engine physics: efficiencies tuned on the 16 reference runs' per-stage
   TPOT, API terms on their per-stage TTFT, and a schedule() model with per-run parameters fitted to each
   run's own test-split schedule() times — in sample for each of them;
 * ``stepml_export`` — a StepML ``cycle_us`` model fitted on one traced run's steps (per-experiment
-  fit, ``stepml_core.stepmodels.json_export`` JSON through the reference predictor), for runs of the same LLM model;
-* ``blis_linear`` — a BLIS StepML model file (e.g. ``blackbox_2f`` un-standardized to
-  β0 + β1·prefill_tokens + β2·decode_tokens, the BLIS blackbox form), evaluated as BLIS does;
+  fit, ``stepml_core.stepmodels.json_export`` JSON, predicted by its fitted kind: stepml_core.stepmodels.fitted),
+  for runs of the same LLM model; which models' fits are replayed is each recipe's ``replayed_on``;
+* ``blis_linear`` — a BLIS StepML model file, evaluated as BLIS does: a fit whose recipe says
+  ``replay_in_blis_form`` (``blackbox_2f``: its ``blis_form()``, β0 + β1·prefill_tokens + β2·decode_tokens,
+  the BLIS blackbox form);
 * request-calibrated models (``stepml_core.calibration.fit``) are ``blis_linear`` specs too.
 
 ``sample`` of a replay row is ``in_sample`` when the scored run's data built the model: the run is among
@@ -19,6 +22,7 @@ scored run is a synthetic twin of a run the model was fitted on; else ``out_of_s
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import polars as pl
@@ -32,13 +36,13 @@ from stepml_core.replay.simulate import (
     replay_workload,
     score_replay,
 )
-from stepml_core.sim.step_models import ExportedStepTime, LinearStepTime
+from stepml_core.sim.step_models import LinearStepTime
+from stepml_core.stepmodels.fitted import FittedStepModel
+from stepml_core.stepmodels.recipes import REGISTRY, replayed_names
 
-REPLAY_STEP_MODELS = ("naive_mean", "blackbox_2f", "ridge_30f", "ridge_log_30f", "nnls_physics", "hgb_30f")
-# models fitted on synthetic steps that are replayed by default: the BLIS blackbox form and the H1 model (a replay of a
-# full-size run costs 3-5 CPU-s with a linear model, 6-9 with the 30-feature exports; every model fitted on *real* steps
-# is replayed)
-SYNTHETIC_REPLAY_STEP_MODELS = ("blackbox_2f", "ridge_30f")
+# which fits are replayed is each recipe's `replayed_on` (stepml_core.stepmodels.recipes): of synthetic runs, the BLIS
+# blackbox form and the H1 model only (a replay of a full-size run costs 3-5 CPU-s with a linear model, 6-9 with the
+# 30-feature exports); every model fitted on *real* steps
 PHYSICS_BASIS = (
     "the 16 reference runs: per-stage TPOT/TTFT aggregates (data/synth/engine_params.json) and each run's own "
     "test-split schedule() times (data/synth/schedule_time_model.json)"
@@ -75,35 +79,84 @@ REPLAY_COLUMNS = {
 }
 
 
-def physics_spec() -> dict:
+REPLAY_KINDS = ("physics", "blis_linear", "stepml_export")
+_LISTS = ("fitted_on", "stands_for", "for_runs")  # stored as JSON lists
+
+
+@dataclass(frozen=True)
+class ReplaySpec:
+    """A step-time model a replay can use (the module docstring says each kind). Stored as JSON (``to_json``, the
+    replay_models asset's value): ``from_json(d).to_json() == d``, a key stored as null stays null, an absent key
+    absent."""
+
+    name: str
+    kind: str  # one of REPLAY_KINDS
+    llm_model: str | None  # the LLM model whose runs it replays; None: any (physics)
+    fitted_on: tuple[str, ...]  # the runs whose data built it
+    basis: str | None = None  # what built it, in words
+    source_run: str | None = None  # step-trained: the traced run fitted
+    source: str | None = None  # step-trained: that run's source (real | synthetic)
+    n_fit: int | None = None  # step-trained: rows fitted
+    stands_for: tuple[str, ...] | None = None  # the real runs the synthetic runs in fitted_on were built from
+    kv_source: str | None = None  # stepml_export: what its KV features were computed from
+    doc: dict | None = None  # blis_linear: the BLIS model file
+    exported: dict | None = None  # stepml_export: the json_export document
+    protocol: str | None = None  # request-calibrated (stepml_core.calibration.protocols): its protocol
+    held_out: str | None = None
+    for_runs: tuple[str, ...] | None = None  # applies to these runs only
+    params: dict | None = None
+    calibration: dict | None = None
+    bootstrap: dict | None = None  # {'names', 'rows'}: parameter draws for the replay interval
+    stored_nulls: frozenset[str] = field(default=frozenset(), compare=False, repr=False)  # keys stored as null
+
+    def __post_init__(self):
+        if self.kind not in REPLAY_KINDS:
+            raise ValueError(f"unknown replay model kind {self.kind!r}")
+
+    @classmethod
+    def from_json(cls, d: dict) -> ReplaySpec:
+        known = {f.name for f in fields(cls)} - {"stored_nulls"}
+        if set(d) - known:
+            raise ValueError(f"replay spec {d.get('name')!r}: unknown key(s) {sorted(set(d) - known)}")
+        kw = {k: tuple(v) if k in _LISTS and v is not None else v for k, v in d.items()}
+        return cls(**kw, stored_nulls=frozenset(k for k, v in d.items() if v is None))
+
+    @classmethod
+    def of(cls, spec: ReplaySpec | dict) -> ReplaySpec:
+        return spec if isinstance(spec, ReplaySpec) else cls.from_json(spec)
+
+    def to_json(self) -> dict:
+        required = ("name", "kind", "llm_model", "fitted_on")
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "stored_nulls" or (v is None and f.name not in required and f.name not in self.stored_nulls):
+                continue
+            out[f.name] = list(v) if f.name in _LISTS and v is not None else v
+        return out
+
+
+def physics_spec() -> ReplaySpec:
     from stepml_core.synth.spec import reference_runs
 
-    return {
-        "name": "physics",
-        "kind": "physics",
-        "llm_model": None,
-        "fitted_on": sorted(reference_runs()),
-        "basis": PHYSICS_BASIS,
-    }
-
-
-def blis_doc_from_linear(m: dict) -> dict:
-    """A standardized linear fit (intercept, coef, mean, scale over BLIS feature names) → BLIS model file."""
-    b0 = m["intercept"] - sum(c * mu / s for c, mu, s in zip(m["coef"], m["mean"], m["scale"]))
-    coef = {f: c / s for f, c, s in zip(m["features"], m["coef"], m["scale"])}
-    return {"version": 1, "step_time": {"model_type": "linear", "intercept": b0, "feature_coefficients": coef}}
+    return ReplaySpec(
+        "physics", "physics", llm_model=None, fitted_on=tuple(sorted(reference_runs())), basis=PHYSICS_BASIS
+    )
 
 
 def step_trained_specs(
-    fits: dict[str, dict], runs: dict[str, dict], names=REPLAY_STEP_MODELS, synthetic_names=SYNTHETIC_REPLAY_STEP_MODELS
-) -> list[dict]:
+    fits: dict[str, dict], runs: dict[str, dict], names=None, synthetic_names=None
+) -> list[ReplaySpec]:
     """Specs from each traced run's per-experiment ``cycle_us`` fits (``fitted_models`` values): the models in
-    ``names`` of real runs, those in ``synthetic_names`` of synthetic runs.
+    ``names`` of real runs, those in ``synthetic_names`` of synthetic runs (by default the recipes'
+    ``replayed_on``), in BLIS's form where the recipe says ``replay_in_blis_form``, else as StepML exports.
 
     ``runs[experiment]`` has ``model``, ``tp``, ``source``, ``data_version`` and ``kv_source`` (what its KV
     features were computed from)."""
     from stepml_core.stepmodels.json_export import export_model
 
+    names = replayed_names("real") if names is None else names
+    synthetic_names = replayed_names("synthetic") if synthetic_names is None else synthetic_names
     out = []
     for exp in sorted(fits):
         run = runs.get(exp)
@@ -113,106 +166,103 @@ def step_trained_specs(
         for m in fits[exp].get("cycle_us", []):
             if m.get("name") not in wanted or m.get("scope", "per_experiment") != "per_experiment":
                 continue
-            base = {
-                "llm_model": run["model"],
-                "fitted_on": [exp],
-                "source_run": exp,
-                "source": run["source"],
-                "n_fit": m.get("n_fit"),
-                "stands_for": [run["stands_for"]] if run.get("stands_for") else [],
-                "basis": f"{m.get('n_fit')} cycle_us steps of {exp}",
-            }
-            if m["name"] == "blackbox_2f":
-                out.append({**base, "name": "blackbox_2f", "kind": "blis_linear", "doc": blis_doc_from_linear(m)})
+            base = dict(
+                name=m["name"],
+                llm_model=run["model"],
+                fitted_on=(exp,),
+                source_run=exp,
+                source=run["source"],
+                n_fit=m.get("n_fit"),
+                stands_for=(run["stands_for"],) if run.get("stands_for") else (),
+                basis=f"{m.get('n_fit')} cycle_us steps of {exp}",
+            )
+            recipe = REGISTRY.get(m["name"])
+            if recipe is not None and recipe.replay_in_blis_form:
+                out.append(ReplaySpec(**base, kind="blis_linear", doc=FittedStepModel.from_json(m).blis_form()))
             else:
                 ex = export_model(
                     m, model=run["model"], tp=int(run["tp"]), data_versions={exp: run.get("data_version", "")}
                 )
-                out.append(
-                    {
-                        **base,
-                        "name": m["name"],
-                        "kind": "stepml_export",
-                        "exported": ex,
-                        "kv_source": run.get("kv_source", "proxy_blocks"),
-                    }
-                )
+                kv = run.get("kv_source", "proxy_blocks")
+                out.append(ReplaySpec(**base, kind="stepml_export", exported=ex, kv_source=kv))
     return out
 
 
-def serving_model(spec: dict):
+def serving_model(spec: ReplaySpec | dict):
     """A spec → a serving model the replay runs."""
-    kind = spec["kind"]
-    if kind == "physics":
-        return PhysicsServingModel(spec["name"], fitted_on=spec["fitted_on"])
-    if kind == "blis_linear":
-        lin = LinearStepTime(spec["doc"], name=spec["name"])
+    spec = ReplaySpec.of(spec)
+    if spec.kind == "physics":
+        return PhysicsServingModel(spec.name, fitted_on=list(spec.fitted_on))
+    if spec.kind == "blis_linear":
+        lin = LinearStepTime(spec.doc, name=spec.name)
         return StepServingModel(
-            spec["name"],
+            spec.name,
             lin,
             queueing_us=lin.queueing_us,
             token_delay_us=lin.otpt_us,
-            fitted_on=spec["fitted_on"],
-            llm_model=spec.get("llm_model"),
-            kind=kind,
+            fitted_on=list(spec.fitted_on),
+            llm_model=spec.llm_model,
+            kind=spec.kind,
         )
-    if kind == "stepml_export":
-        st = ExportedStepTime(spec["exported"], kv_source=spec.get("kv_source", "proxy_blocks"), name=spec["name"])
-        return StepServingModel(
-            spec["name"], st, fitted_on=spec["fitted_on"], llm_model=spec.get("llm_model"), kind=kind
-        )
-    raise ValueError(f"unknown replay model kind {kind!r}")
+    st = FittedStepModel.from_json(spec.exported).step_time_model(
+        kv_source=spec.kv_source or "proxy_blocks", name=spec.name
+    )
+    return StepServingModel(spec.name, st, fitted_on=list(spec.fitted_on), llm_model=spec.llm_model, kind=spec.kind)
 
 
-def specs_for_run(specs: list[dict], experiment_id: str, llm_model: str, stands_for: str | None = None) -> list[dict]:
+def specs_for_run(specs: list, experiment_id: str, llm_model: str, stands_for: str | None = None) -> list:
     """The specs a run is replayed with: physics; every other spec of its LLM model that applies to it (a spec
     with ``for_runs`` applies to those runs only, e.g. the fold of a leave-one-workload-out calibration that
     held the run out); and per step-trained model name (specs with ``source_run``) one source run of the same
     LLM model — the largest traced run whose data is not the scored run's (out of sample: neither the run nor
-    its synthetic twin; ``sample_of``) where there is one, else the run itself (in sample)."""
+    its synthetic twin; ``sample_of``) where there is one, else the run itself (in sample). The specs come back
+    as given (ReplaySpec or their JSON)."""
     chosen, by_name = [], {}
-    for s in specs:
-        if s["kind"] == "physics":
-            chosen.append(s)
-        elif s.get("llm_model") != llm_model or ("for_runs" in s and experiment_id not in s["for_runs"]):
+    for given in specs:
+        s = ReplaySpec.of(given)
+        if s.kind == "physics":
+            chosen.append(given)
+        elif s.llm_model != llm_model or (s.for_runs is not None and experiment_id not in s.for_runs):
             continue
-        elif "source_run" not in s:
-            chosen.append(s)
+        elif s.source_run is None:
+            chosen.append(given)
         else:
-            by_name.setdefault(s["name"], []).append(s)
+            by_name.setdefault(s.name, []).append((s, given))
     for name in sorted(by_name):
         cands = sorted(
             by_name[name],
-            key=lambda s: (
-                sample_of(s, experiment_id, stands_for) == "in_sample",
-                -(s.get("n_fit") or 0),
-                s["source_run"],
+            key=lambda sg: (
+                sample_of(sg[0], experiment_id, stands_for) == "in_sample",
+                -(sg[0].n_fit or 0),
+                sg[0].source_run,
             ),
         )
-        chosen.append(cands[0])
+        chosen.append(cands[0][1])
     return chosen
 
 
-def sample_of(spec: dict, experiment_id: str, stands_for: str | None) -> str:
+def sample_of(spec: ReplaySpec | dict, experiment_id: str, stands_for: str | None) -> str:
     """``in_sample`` when the scored run's data built the model (its own run id, or a synthetic twin's, among the
     runs fitted on or the real runs they stand for), else ``out_of_sample``. ``stands_for``: the real run the scored
     run was modelled on, if it is synthetic."""
-    data_of = set(spec.get("fitted_on") or []) | set(spec.get("stands_for") or [])
+    spec = ReplaySpec.of(spec)
+    data_of = set(spec.fitted_on or ()) | set(spec.stands_for or ())
     ours = {experiment_id, stands_for} - {None}
     return "in_sample" if ours & data_of else "out_of_sample"
 
 
-def fitted_on_label(spec: dict) -> str:
-    if spec["kind"] == "physics":
-        return spec.get("basis", PHYSICS_BASIS)
-    return ";".join(spec.get("fitted_on") or [])
+def fitted_on_label(spec: ReplaySpec | dict) -> str:
+    spec = ReplaySpec.of(spec)
+    if spec.kind == "physics":
+        return spec.basis if spec.basis is not None or "basis" in spec.stored_nulls else PHYSICS_BASIS
+    return ";".join(spec.fitted_on or ())
 
 
-def _replay_detail(spec: dict, label: str, sample: str, r, secs: float, per_req: dict) -> dict:
+def _replay_detail(spec: ReplaySpec, label: str, sample: str, r, secs: float, per_req: dict) -> dict:
     """What one replay did: steps, wall seconds, simulated seconds and their ratio, preemptions, clamped steps."""
     return {
-        "step_model": spec["name"],
-        "kind": spec["kind"],
+        "step_model": spec.name,
+        "kind": spec.kind,
         "fitted_on": label,
         "sample": sample,
         "steps": r.steps,
@@ -226,7 +276,7 @@ def _replay_detail(spec: dict, label: str, sample: str, r, secs: float, per_req:
 
 
 def _replay_spec(
-    spec: dict,
+    spec: ReplaySpec,
     log,
     ctx: RunContext,
     w: ReplayWorkload,
@@ -248,23 +298,23 @@ def _replay_spec(
     model = serving_model(spec)
     sample = sample_of(spec, ctx.experiment_id, stands_for)
     rec = None
-    if intervals and sample == "out_of_sample" and (spec.get("bootstrap") or {}).get("rows"):
+    if intervals and sample == "out_of_sample" and (spec.bootstrap or {}).get("rows"):
         rec = model.step_model = FeatureSums(model.step_model)
     r = replay(w, model, ctx, seed=seed)
     secs = time.perf_counter() - t0
     scores, per_req = score_replay(r.per_request, log.table)
     label = fitted_on_label(spec)
-    head = {"experiment_id": ctx.experiment_id, "role": role, "step_model": spec["name"]}
+    head = {"experiment_id": ctx.experiment_id, "role": role, "step_model": spec.name}
     interval_rows = []
     if rec is not None:
-        for iv in replay_interval(spec, w, ctx, log.table, scores, rec, seed=seed):
-            interval_rows.append({**head, "protocol": spec.get("protocol", ""), "fitted_on": label, **iv})
+        for iv in replay_interval(spec.to_json(), w, ctx, log.table, scores, rec, seed=seed):
+            interval_rows.append({**head, "protocol": spec.protocol or "", "fitted_on": label, **iv})
     rows = [
         {
             "experiment_id": ctx.experiment_id,
             "source": source,
             "role": role,
-            "step_model": spec["name"],
+            "step_model": spec.name,
             "fitted_on": label,
             "sample": sample,
             **s,
@@ -278,7 +328,7 @@ def _replay_spec(
 def replay_run(
     log,
     ctx: RunContext,
-    specs: list[dict],
+    specs: list,
     *,
     source: str,
     stands_for: str | None = None,
@@ -292,8 +342,9 @@ def replay_run(
     w = workload or replay_workload(log.table, ctx, seed=seed)
     rows, per_request, details, interval_rows = [], {}, [], []
     obs = log.table.select("index", "observed_has_error", "observed_ttft_s", "observed_e2e_s")
-    for spec in specs:
-        spec_rows, spec_intervals, per_request[spec["name"]], detail = _replay_spec(
+    for given in specs:
+        spec = ReplaySpec.of(given)
+        spec_rows, spec_intervals, per_request[spec.name], detail = _replay_spec(
             spec, log, ctx, w, obs, source=source, stands_for=stands_for, seed=seed, intervals=intervals
         )
         rows += spec_rows

@@ -12,26 +12,19 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-MODEL_ORDER = [
-    "naive_mean",
-    "blackbox_2f",
-    "ridge_30f",
-    "blackbox_ols_orig",
-    "ridge_30f_orig",
-    "ridge_log_30f",
-    "nnls_physics",
-    "hgb_30f",
-]
-MODEL_STYLE = {  # (colour, marker): one distinct pair per model
-    "naive_mean": ("#7f7f7f", "o"),
-    "blackbox_2f": ("#1f77b4", "s"),
-    "ridge_30f": ("#d62728", "D"),
-    "blackbox_ols_orig": ("#aec7e8", "v"),
-    "ridge_30f_orig": ("#ff9896", "^"),
-    "ridge_log_30f": ("#9467bd", "P"),
-    "nnls_physics": ("#2ca02c", "X"),
-    "hgb_30f": ("#ff7f0e", "*"),
-}
+from stepml_core.stepmodels.recipes import plot_order, plot_styles
+
+
+def model_order() -> list[str]:
+    """The legend order: every registered step model (stepml_core.stepmodels.recipes.plot_order)."""
+    return plot_order()
+
+
+def model_style(model: str, default: tuple[str, str]) -> tuple[str, str]:
+    """A model's (colour, marker): its recipe's, one distinct pair per model (recipes.plot_styles)."""
+    return plot_styles().get(model, default)
+
+
 DPI = 110
 
 
@@ -86,14 +79,14 @@ def figure_mape_by_experiment(metrics: pl.DataFrame, target: str, source: str = 
     if t.height == 0:
         return None
     exps = sorted(set(t["experiment_id"].to_list()))
-    models = [m for m in MODEL_ORDER if m in set(t["model"].to_list())]
+    models = [m for m in model_order() if m in set(t["model"].to_list())]
     fig, ax = plt.subplots(figsize=(10, 1.6 + 0.38 * len(exps)))
     y = np.arange(len(exps))
     look = {(e, m): v for e, m, v in t.select("experiment_id", "model", "mape_pct").iter_rows()}
     off = np.linspace(-0.3, 0.3, len(models)) if len(models) > 1 else np.zeros(1)
     for k, m in enumerate(models):
         vals = np.array([look.get((e, m), np.nan) for e in exps], float)
-        colour, marker = MODEL_STYLE.get(m, ("k", "o"))
+        colour, marker = model_style(m, ("k", "o"))
         ax.scatter(np.clip(vals, 1e-2, None), y + off[k], color=colour, marker=marker, s=28, label=m, zorder=3)
     ax.axvline(25, color="k", ls="--", lw=0.9, label="H1 threshold: 25 %")
     ax.axvline(30, color="k", ls=":", lw=0.9, label="refuted above 30 %")
@@ -142,7 +135,7 @@ def figure_pred_vs_actual(predictions: pl.DataFrame, target: str, model: str = "
     cols = min(4, len(exps))
     rows = math.ceil(len(exps) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols + 0.7, 2.9 * rows + 1.4), squeeze=False)
-    colour = MODEL_STYLE.get(model, ("#d62728", "o"))[0]
+    colour = model_style(model, ("#d62728", "o"))[0]
     for ax, e in zip(axes.flat, exps):
         s = p.filter(pl.col("experiment_id") == e)
         yv, yp = s["y"].to_numpy(), s["y_pred"].to_numpy()
@@ -218,7 +211,7 @@ def figure_residuals(predictions: pl.DataFrame, target: str, model: str, scope: 
             r,
             s=2,
             alpha=0.3,
-            color=MODEL_STYLE.get(model, ("C0", "o"))[0],
+            color=model_style(model, ("C0", "o"))[0],
             label=f"test step ({p.height} over {p['experiment_id'].n_unique()} runs)",
         )
         ax.axhline(0, color="k", lw=0.8, label="no error")

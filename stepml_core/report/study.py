@@ -29,14 +29,14 @@ import polars as pl
 
 from stepml_core.paths import REFERENCE_DIR
 from stepml_core.report.plots import (  # noqa: F401
-    MODEL_ORDER,
+    model_order,
     plot_e2e,
     plot_mape_by_experiment,
     plot_pred_vs_actual,
     plot_residuals,
     short_run_name,
 )
-from stepml_core.study.findings import LOG_TARGET_MODELS
+from stepml_core.stepmodels.recipes import log_target_models
 from stepml_core.study.stats import WILCOXON_MIN_N, wilcoxon_min_p
 from stepml_core.study.verdict import ABSURD_MAPE_PCT, CLEAR_MARGIN_REL, H1_MODEL, REFUTE_ABOVE_PCT, SUPPORT_BELOW_PCT
 
@@ -237,7 +237,7 @@ def _does_not_work_lines(verdict: dict, findings: dict) -> list[str]:
         bad = gen.filter(pl.col("absurd")).sort("max_mape_pct", descending=True)
         worst = bad.row(0, named=True)
         models = sorted(set(bad["model"].to_list()))
-        logs = [m for m in models if m in LOG_TARGET_MODELS]
+        logs = [m for m in models if m in log_target_models()]
         out.append(
             f"* **Absurd generalization values** (a held-out run above {ABSURD_MAPE_PCT:,.0f} % per-step MAPE) in {bad.height} "
             f"(target, scope, model) cells, models {', '.join(f'`{m}`' for m in models)}; worst `{worst['model']}` "
@@ -729,7 +729,7 @@ def published_section(runs: list[dict], metrics: pl.DataFrame) -> list[str]:
             m: test_pe.filter((pl.col("experiment_id") == r["experiment_id"]) & (pl.col("model") == m))[
                 "mape_pct"
             ].to_list()
-            for m in MODEL_ORDER
+            for m in model_order()
         }
         g = lambda m: _fmt(ours[m][0]) if ours.get(m) else "–"
         rows.append(

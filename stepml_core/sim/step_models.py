@@ -206,12 +206,16 @@ class ExportedStepTime:
     ``proxy_blocks`` (BATCH_SUMMARY-only runs: every decoder at the mean context
     (blocks_total − blocks_free)·16 / max(running, 1), prompt chunks from c = 0 with the mean chunk
     size, the documented proxies of ``stepml_core.features.step_features``) or ``journey``/``snapshot`` (the batch's own
-    requests). Token counts follow the trace's BATCH_SUMMARY labels either way."""
+    requests). Token counts follow the trace's BATCH_SUMMARY labels either way.
 
-    def __init__(self, exported: dict, *, kv_source: str, name: str):
+    ``predict_features``: {feature: value} → µs; by default the reference predictor on ``exported`` (a fitted
+    model's ``predict_features``, stepml_core.stepmodels.fitted, for a kind the reference predictor lacks)."""
+
+    def __init__(self, exported: dict, *, kv_source: str, name: str, predict_features=None):
         from stepml_core.stepmodels import reference_predictor as rp
 
         self.exported = exported
+        self._predict = predict_features or (lambda f: rp.predict_from_features(f, exported))
         self.kv_source = kv_source
         self.name = name
         self._rp = rp
@@ -235,4 +239,4 @@ class ExportedStepTime:
 
     def step_time_us(self, b) -> float:
         f = self._rp.features_from_sums(self.sums(b), self._consts, self._gpu, self._tp, self._names, self._model)
-        return self._rp.predict_from_features(f, self.exported)
+        return self._predict(f)

@@ -224,7 +224,8 @@ def choose_exports(
             ranked = sorted(exportable, key=lambda m: (err.get(m, {}).get("score", float("inf")), m))
             pick = ranked[0]
             if recommended:
-                note = f"recommended {recommended} has no BLIS form (StepML features or trees); exported the best BLIS-form model"
+                why = _no_blis_form_reason(llm, recommended, specs)
+                note = f"recommended {recommended} has no BLIS form ({why}); exported the best BLIS-form model"
         spec = exportable[pick]
         basis = _evidence_model(spec, pick, err)
         cost = None
@@ -246,6 +247,22 @@ def choose_exports(
             **_shipped_errors(llm, spec, basis, err),
         }
     return out
+
+
+def _no_blis_form_reason(llm: str, model: str, specs: list[dict]) -> str:
+    """Why a replayed step model has no BLIS form: its fitted kind's own answer (fitted.FittedStepModel.blis_form)."""
+    from stepml_core.stepmodels.fitted import FittedStepModel, NoBlisForm
+
+    for s in specs:
+        if s.get("llm_model") == llm and s["name"] == model and s.get("kind") == "stepml_export":
+            try:
+                FittedStepModel.from_json(s["exported"]).blis_form()
+            except NoBlisForm as e:
+                return str(e)
+            except (KeyError, TypeError, ValueError):  # an export without the fitted numbers: say what is known
+                break
+            return "replayed as a StepML export"
+    return "StepML features or trees"
 
 
 def _evidence_model(spec: dict, pick: str, err: dict) -> str | None:

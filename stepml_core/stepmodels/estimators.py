@@ -6,7 +6,7 @@ are counted in the report), then refit on train + valid. Original-study recipe (
 reproducing published numbers): blackbox OLS on train; Ridge alpha = 1 on train.
 A fitted model predicts ŷ = intercept + Σ coef_k (x_k − mean_k) / scale_k.
 
-Positive floor (every StepML model, the same rule in `predict_model` and in the exported
+Positive floor (every StepML model, the same rule in `fitted.predict_model` and in the exported
 reference predictor): ŷ = max(ŷ, floor_us), floor_us = the smallest positive target value the
 model was fitted on, stored in the model. A step time is never predicted ≤ 0 µs nor faster
 than the fastest step seen in training. The `*_orig` recipes carry floor_us = None: they exist
@@ -394,25 +394,3 @@ def _fit_hgb(name, target, features, X_tr, y_tr, X_va, y_va, seed, max_grid_rows
         "floor_us": fit_floor_us(y),
         "_sklearn": est,
     }
-
-
-def _predict_linear(model: dict, X: np.ndarray) -> np.ndarray:
-    return linear_score(model, X)
-
-
-def _predict_log_linear(model: dict, X: np.ndarray) -> np.ndarray:
-    return np.exp(np.minimum(linear_score(model, X), 50.0))  # exp(50) µs ≈ 160 years: a cap, not a value
-
-
-def _predict_trees(model: dict, X: np.ndarray) -> np.ndarray:
-    s = predict_trees(model, X)
-    return np.exp(s) if model.get("log_target") else s
-
-
-# the forms a fitted model dict can take ("kind"): {kind: X → ŷ before the floor}; a model of a new form adds one here
-PREDICTORS = {"linear": _predict_linear, "log_linear": _predict_log_linear, "trees": _predict_trees}
-
-
-def predict_model(model: dict, X: np.ndarray) -> np.ndarray:
-    """Predictions of a stored model dict of any kind (PREDICTORS), floored at model["floor_us"]."""
-    return apply_floor(PREDICTORS[model.get("kind", "linear")](model, clean_matrix(X)), model.get("floor_us"))

@@ -1,6 +1,6 @@
 """Export a fitted step-time model as JSON for simulators (no pickle, no scikit-learn needed to use it).
 
-The JSON carries: kind (linear | log_linear | trees), target and its unit (µs), the positive
+The JSON carries: kind (one of stepml_core.stepmodels.fitted.KINDS), target and its unit (µs), the positive
 floor (predictions are max(ŷ, floor_us), the same rule as the study's), feature order
 and units, scaler (mean, scale) and coefficients or trees, the model and GPU specs it was
 fitted for, the model-id one-hot vocabulary, and a fingerprint of the training data.
@@ -62,10 +62,12 @@ def export_model(
     """A fitted model dict (from study.fit_models) → self-contained export JSON object.
 
     floor_us: the positive floor the predictor applies (ŷ = max(ŷ, floor_us)); by default the
-    fitted model's own floor_us (the rule of `estimators.predict_model`), so the exported
+    fitted model's own floor_us (the rule of `fitted.predict_model`), so the exported
     predictor and the study predict the same numbers."""
-    if fitted.get("kind") not in ("linear", "log_linear", "trees"):
-        raise ValueError(f"cannot export model kind {fitted.get('kind')!r}")
+    from stepml_core.stepmodels.fitted import KINDS
+
+    if fitted.get("kind") not in KINDS:
+        raise ValueError(f"cannot export model kind {fitted.get('kind')!r} (registered kinds: {sorted(KINDS)})")
     out = {k: v for k, v in fitted.items() if not k.startswith("_")}
     out.update(
         {

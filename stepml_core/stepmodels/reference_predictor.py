@@ -7,7 +7,8 @@
 max(ŷ, exported["floor_us"]), the model's positive floor (see `stepml_core.stepmodels.estimators`); `model_spec` / `gpu_spec` are
 plain dicts (the catalogue's fields). The features are the seed's 30 (docs/features.md §4),
 computed here in plain Python — an independent implementation of `features.step_table_features`
-(tests check both agree to 1e-9).
+(tests check both agree to 1e-9). It knows the built-in kinds (linear, log_linear, trees); a kind added
+since replays through its own class (`stepml_core.stepmodels.fitted`).
 """
 
 from __future__ import annotations
@@ -202,13 +203,14 @@ def predict_from_features(feats: dict, exported: dict) -> float:
         s = exported["intercept"]
         for xi, mu, sd, w in zip(x, exported["mean"], exported["scale"], exported["coef"]):
             s += w * (xi - mu) / sd
-        y = math.exp(s) * exported.get("smearing", 1.0) if kind == "log_linear" else s
+        # exp capped at exp(50) µs (≈ 160 years), as the study predicts (fitted.LogLinearFit): a cap, not a value
+        y = math.exp(min(s, 50.0)) * exported.get("smearing", 1.0) if kind == "log_linear" else s
     elif kind == "trees":
         s = _trees_sum(exported["trees"], x, exported["baseline"])
         y = math.exp(s) if exported.get("log_target") else s
     else:
         raise ValueError(f"unknown exported model kind {kind!r}")
-    floor = exported.get("floor_us")  # the positive floor, the same rule as estimators.predict_model
+    floor = exported.get("floor_us")  # the positive floor, the same rule as fitted.predict_model
     return y if floor is None else max(y, floor)
 
 

@@ -10,16 +10,13 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from stepml_core.stepmodels.recipes import log_target_models
 from stepml_core.study.stats import combined_mean_ci, within_noise
-from stepml_core.study.verdict import ABSURD_MAPE_PCT, CLEAR_MARGIN_REL, SIMPLICITY, rank_with_ties, recommend
+from stepml_core.study.verdict import ABSURD_MAPE_PCT, CLEAR_MARGIN_REL, rank_with_ties, recommend, simplicity_order
 from stepml_core.tables.steps import TARGETS
 
 DEPLOY_SCOPE = "per_model"  # a simulator models one LLM over its workloads
 RANK_SCOPES = ("per_model", "per_experiment", "global")
-LOG_TARGET_MODELS = {
-    "ridge_log_30f": "Ridge on log(step time): ŷ = exp(linear score)",
-    "hgb_30f": "boosted trees on log(step time)",
-}
 NO_CHANGE_PT = 0.01  # an ablation change below 0.01 point is reported as no change (numerical noise of the refit)
 
 
@@ -28,7 +25,7 @@ def rankings(predictions: pl.DataFrame, *, seed: int = 0, reps: int = 400) -> di
     out: dict[str, dict[str, pl.DataFrame]] = {}
     for target in TARGETS:
         for scope in RANK_SCOPES:
-            r = rank_with_ties(predictions, target, scope, SIMPLICITY, reps=reps, seed=seed)
+            r = rank_with_ties(predictions, target, scope, simplicity_order(), reps=reps, seed=seed)
             if r.height:
                 out.setdefault(target, {})[scope] = r
     return out
@@ -93,8 +90,8 @@ def generalization_summary(gen_metrics: pl.DataFrame | None, gen_predictions: pl
                     ratio = (p["y_pred"] / p["y"]).to_numpy()
                     why += f": there it predicts a median {np.nanmedian(ratio):,.3g}× (up to {np.nanmax(ratio):,.3g}×) the observed step time"
             why += (
-                f"; {LOG_TARGET_MODELS[r['model']]} extrapolates exponentially when a held-out run's features leave the training range"
-                if r["model"] in LOG_TARGET_MODELS
+                f"; {log_target_models()[r['model']]} extrapolates exponentially when a held-out run's features leave the training range"
+                if r["model"] in log_target_models()
                 else "; the held-out run's step times are on another scale than the training runs', whose level the model keeps"
             )
         whys.append(why)

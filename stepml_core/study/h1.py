@@ -26,8 +26,9 @@ from stepml_core.features.step_features import (
     snapshot_aggregates,
     step_table_features,
 )
-from stepml_core.stepmodels.estimators import fit_ridge_validated, predict_model
-from stepml_core.stepmodels.recipes import REGISTRY
+from stepml_core.stepmodels.estimators import fit_ridge_validated
+from stepml_core.stepmodels.fitted import predict_model
+from stepml_core.stepmodels.recipes import REGISTRY, names_with
 from stepml_core.study.verdict import H1_MODEL, REFUTE_ABOVE_PCT, SUPPORT_BELOW_PCT, h1_verdict  # noqa: F401  (re-exported)
 from stepml_core.tables.steps import TARGETS
 
@@ -386,11 +387,15 @@ def json_default(o):
     raise TypeError(f"not JSON: {type(o)}")
 
 
-GENERALIZATION_MODELS = ("naive_mean", "blackbox_2f", "ridge_30f", "ridge_log_30f", "nnls_physics", "hgb_30f")
-POOLED_SETS = {  # study asset: (scopes, model names; None = every registered model)
+POOLED_SETS = {  # study asset: (scopes, the recipes' role that picks the models; None = every registered model)
     "global_models": (("global", "per_model"), None),
-    "generalization": (("leave_one_model_out", "leave_one_workload_out"), GENERALIZATION_MODELS),
+    "generalization": (("leave_one_model_out", "leave_one_workload_out"), "generalization"),
 }
+
+
+def pooled_sets() -> dict[str, tuple[tuple[str, ...], tuple[str, ...] | None]]:
+    """POOLED_SETS with each role read from the registry: {set: (scopes, model names; None = every registered)}."""
+    return {k: (scopes, names_with(role) if role else None) for k, (scopes, role) in POOLED_SETS.items()}
 
 
 def fit_study_pooled(
@@ -412,7 +417,7 @@ def fit_study_pooled(
             }
             for name in POOLED_SETS
         }
-    return fit_pooled_sets(matrices, POOLED_SETS, seed, threads, caches, score)
+    return fit_pooled_sets(matrices, pooled_sets(), seed, threads, caches, score)
 
 
 def feature_group_ablation(
@@ -542,9 +547,10 @@ def e2e_fidelity_for_models(
     model: str,
     tp: int,
     experiment_id: str,
-    names: tuple[str, ...] = ("naive_mean", "blackbox_2f", "ridge_30f", "nnls_physics", "hgb_30f"),
+    names: tuple[str, ...] | None = None,
 ) -> dict:
-    """Teacher-forced E2E: each cycle_us model predicts every step; sums per request vs observed TTFT/decode/E2E."""
+    """Teacher-forced E2E: each cycle_us model predicts every step; sums per request vs observed TTFT/decode/E2E.
+    names: the models checked (default: the recipes with the teacher_forced_e2e role)."""
     from stepml_core.study.e2e import e2e_fidelity, scheduled_counts_of
     from stepml_core.tables.journeys import journey_episodes
 
@@ -560,6 +566,7 @@ def e2e_fidelity_for_models(
         journey_episodes(journey, output_lag=1)[1],
         scheduled_counts_of(context["batches"]),
     )  # once, not per model
+    names = names_with("teacher_forced_e2e") if names is None else names
     for m in fitted.get("cycle_us", []):
         if m["name"] not in names:
             continue

@@ -16,12 +16,13 @@ import numpy as np
 import polars as pl
 
 from stepml_core.features.step_features import PREV_SUFFIX, feature_columns, with_previous_step
-from stepml_core.stepmodels.estimators import ALPHA_GRID, fit_ridge_validated, predict_model
+from stepml_core.stepmodels.estimators import ALPHA_GRID, fit_ridge_validated
+from stepml_core.stepmodels.fitted import predict_model
+from stepml_core.stepmodels.recipes import names_with
 from stepml_core.study.stats import bootstrap_means, percentile_ci
 from stepml_core.tables.splits import random_split, stage_matched_split, stage_mix
 from stepml_core.tables.steps import TARGETS
 
-H1_TRIO = ("naive_mean", "blackbox_2f", "ridge_30f")
 MIN_ALIGNMENT_ROWS = 30  # fewer rows with N−1, N and N+1 sampled: no alignment fit for that run
 
 
@@ -54,13 +55,14 @@ def split_sensitivity(fm_split: pl.DataFrame, seed: int = 0, fitted: dict | None
     (the temporal scheme reuses `fitted`, the experiment's own fits, when given)."""
     from stepml_core.study.h1 import fit_models, metrics_from_predictions, predict
 
+    trio = names_with("h1_trio")
     rows = []
     for scheme, labels in scheme_labels(fm_split, seed).items():
         fm2 = fm_split.with_columns(split=pl.Series(labels))
         if scheme == "temporal" and fitted:
-            models = [m for t in TARGETS for m in fitted.get(t, []) if m["name"] in H1_TRIO]
+            models = [m for t in TARGETS for m in fitted.get(t, []) if m["name"] in trio]
         else:
-            models = [m for t in TARGETS for m in fit_models(fm2, t, "per_experiment", H1_TRIO, seed)]
+            models = [m for t in TARGETS for m in fit_models(fm2, t, "per_experiment", trio, seed)]
         met = metrics_from_predictions(predict(fm2, models, "per_experiment")).filter(pl.col("split") == "test")
         rows.append(
             met.select(

@@ -259,7 +259,12 @@ def h1_verdict(metrics: pl.DataFrame, predictions: pl.DataFrame, *, seed: int = 
 
 # ------------------------------------------------------------------ ranking with ties ---
 
-SIMPLICITY = ["naive_mean", "blackbox_2f", "nnls_physics", "ridge_30f", "ridge_log_30f", "hgb_30f"]  # simplest first
+
+def simplicity_order() -> list[str]:
+    """The ranked step models, simplest first (each recipe's ``simplicity``, stepml_core.stepmodels.recipes)."""
+    from stepml_core.stepmodels.recipes import simplicity_order as order
+
+    return order()
 
 
 def rank_with_ties(
@@ -330,11 +335,11 @@ def rank_with_ties(
 
 
 def recommend(ranking: pl.DataFrame) -> dict | None:
-    """The simplest model tied with the best (SIMPLICITY order), and the tie set."""
+    """The simplest model tied with the best (simplicity_order), and the tie set."""
     if ranking.height == 0:
         return None
     tied = ranking.filter(pl.col("tied_with_best"))["model"].to_list()
-    order = {m: i for i, m in enumerate(SIMPLICITY)}
+    order = {m: i for i, m in enumerate(simplicity_order())}
     pick = min(tied, key=lambda m: (order.get(m, len(order)), m))
     best = ranking.row(0, named=True)
     row = ranking.filter(pl.col("model") == pick).row(0, named=True)
