@@ -438,7 +438,7 @@ def calibration_inputs(metas: Mapping, logs: Mapping) -> tuple[list, Callable]:
     sorted; logs: {run: {"requests", "header", "has_ground_truth"}} (the request_log asset's value, or
     log_as_stored(RequestLog)). load(run) builds the CalibrationRun, when a protocol needs that run."""
     from stepml_core.calibration import protocols as cp
-    from stepml_core.calibration.fit import CalibrationRun
+    from stepml_core.calibration.timelines import CalibrationRun
 
     present = sorted(metas)
     infos = [
