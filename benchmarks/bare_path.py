@@ -134,7 +134,7 @@ def bare_replay(
     """One partition of the replay phase (replay_job): (value, seconds)."""
     t = time.perf_counter()
     value, _ = pipeline.replay(
-        Path(folder), Path(folder).name, stored_log, specs, data_root=Path(data_root), out_dir=str(out_dir), seed=seed
+        Path(folder).name, stored_log, specs, data_root=Path(data_root), out_dir=str(out_dir), seed=seed
     )
     return value, time.perf_counter() - t
 
@@ -164,23 +164,25 @@ def bare_report(
         )
     with t("study_report"):
         col = lambda name: {e: parts[e][name] for e in present}  # noqa: E731
-        verdict = pipeline.assemble_study(
-            present,
+        tables = pipeline.StudyTables(
             metrics=col("metrics"),
             predictions=col("predictions"),
-            global_models=models["global_models"],
             run_summary=col("run_summary"),
             ablation=col("ablation"),
-            generalization=models["generalization"],
-            calibration=models["calibration"],
             agreements=col("agreement"),
             e2e_fidelity=col("e2e_fidelity"),
             method_checks=col("method_checks"),
-            out_dir=str(out_dir),
-            seed=seed,
-            extra_sections=replay_section(fid, str(out_dir)) + list(cal_fid["lines"]),
-            summary_extra=replay_summary(fid),
-        )["verdict"]
+            global_models=models["global_models"],
+            generalization=models["generalization"],
+            calibration=models["calibration"],
+        )
+        additions = pipeline.ReportAdditions(
+            sections=tuple(replay_section(fid, str(out_dir)) + list(cal_fid["lines"])),
+            summary_lines=tuple(replay_summary(fid)),
+        )
+        verdict = pipeline.assemble_study(present, tables, out_dir=str(out_dir), seed=seed, additions=additions)[
+            "verdict"
+        ]
     return {"verdict": verdict}, dict(t)
 
 

@@ -60,7 +60,7 @@ def main() -> int:
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     a = ap.parse_args()
     from stepml_core.calibration import protocols as cp
-    from stepml_core.calibration.fit import StepParams, serving_model
+    from stepml_core.calibration.params import StepParams, serving_model
     from stepml_core.replay.simulate import replay, replay_workload
 
     with real_runs(a.shared) as runs:

@@ -189,7 +189,7 @@ def request_case(name: str, tmp: Path) -> dict:
 
 def _request_outcome(name: str, d: Path, stored: dict) -> str:
     from stepml_core import pipeline
-    from stepml_core.calibration.fit import CalibrationRun, request_timelines
+    from stepml_core.calibration.timelines import CalibrationRun, request_timelines
     from stepml_core.replay.simulate import PhysicsServingModel, replay, replay_workload
     from stepml_core.runs.folders import read_run_metadata
 

@@ -55,7 +55,8 @@ def errored_requests(infos, load) -> dict:
 
     import polars as pl
 
-    from stepml_core.calibration import fit as C
+    from stepml_core.calibration import fit as F
+    from stepml_core.calibration import timelines as C
 
     print("0. errored requests: FCFS admission at max_num_seqs, decoders rebuilt without / with them")
     runs = {i.experiment_id: load(i.experiment_id) for i in infos if i.has_ground_truth}
@@ -88,8 +89,8 @@ def errored_requests(infos, load) -> dict:
     moved = {}
     for llm in sorted({r.llm_model for r in runs.values()}):
         mine = sorted(e for e in runs if runs[e].llm_model == llm)
-        prior = C.arch_prior(llm, runs[mine[0]].ctx.tp)
-        p0, p1 = (C.fit_closed_form([C.request_timelines(x[e]) for e in mine], prior).params for x in (drop, runs))
+        prior = F.arch_prior(llm, runs[mine[0]].ctx.tp)
+        p0, p1 = (F.fit_closed_form([C.request_timelines(x[e]) for e in mine], prior).params for x in (drop, runs))
         names = ("b0_us", "b_dec_us", "b_kv_us", "b_npf_us", "q0_us")
         print(
             f"   {llm:16s} closed form, all runs: "
@@ -104,6 +105,7 @@ def errored_replay(moved: dict) -> None:
     """Leave one workload out (calibrate, simulator in the loop, no bootstrap) with / without the errored requests,
     replayed on each held-out run with ground truth: TTFT, E2E, p99 E2E errors (%)."""
     from stepml_core.calibration import fit as C
+    from stepml_core.calibration.params import serving_model
     from stepml_core.replay.simulate import replay, replay_workload, score_replay
 
     print(
@@ -116,7 +118,7 @@ def errored_replay(moved: dict) -> None:
         errs = []
         for k in (1, 0):
             params = C.calibrate([v[k] for v in sel], n_boot=0).params
-            pr = replay(replay_workload(r.table, r.ctx), C.serving_model(params), r.ctx).per_request
+            pr = replay(replay_workload(r.table, r.ctx), serving_model(params), r.ctx).per_request
             errs.append({x["metric"]: x["rel_err_pct"] for x in score_replay(pr, r.table)[0]})
         print(
             f"   {e:48s} "
@@ -127,6 +129,7 @@ def errored_replay(moved: dict) -> None:
 def timeout_rule(infos, load) -> None:
     """Section 0c: the saturated runs' errors with a flat 300 s client limit and with the client's rule."""
     from stepml_core.calibration import fit as C
+    from stepml_core.calibration.params import serving_model
     from stepml_core.replay.simulate import CLIENT_TIMEOUT_S, replay, replay_workload, score_replay
 
     print("\n0c. saturated runs, leave one workload out: client limit flat 300 s → the client's rule (errors %)")
@@ -135,7 +138,7 @@ def timeout_rule(infos, load) -> None:
         if not r.saturated:
             continue
         sel = [v for v in runs.values() if v.llm_model == r.llm_model and v.workload != r.workload]
-        model = C.serving_model(C.calibrate(sel, n_boot=0).params)
+        model = serving_model(C.calibrate(sel, n_boot=0).params)
         errs = []
         for flat in (True, False):
             w = replay_workload(r.table, r.ctx)
@@ -250,7 +253,7 @@ def cap_share(study: Path) -> None:
 def cpu_floor(study: Path, shared: Path, infos, load) -> None:
     import polars as pl
 
-    from stepml_core.calibration.fit import StepParams, serving_model
+    from stepml_core.calibration.params import StepParams, serving_model
     from stepml_core.replay.simulate import StepServingModel, replay, replay_workload, score_replay
 
     xg_file = shared / "real" / "xgboost_round1_test_predictions.csv.gz"

@@ -15,13 +15,13 @@ written once:
 Each function takes the run's metadata and only the tables it reads, so each asset loads only what it uses
 (the run's tables are separate assets: raw_traces is the metadata alone).
 
-`run_matrix(folder)` runs that chain for one run folder; `assemble_study` is the study report's
-assembly over all runs (filtering to the runs present, concatenation, verdict, findings, report).
+`run_matrix(folder)` runs that chain for one run folder; `assemble_study(present, StudyTables(...))` is the study
+report's assembly over all runs (filtering to the runs present, concatenation, verdict, findings, report).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -163,17 +163,45 @@ def run_matrix(folder: Path, data_root: Path | None = None) -> pl.DataFrame:
 # ---------------------------------------------------------------------------- the study ---
 
 
+@dataclass(frozen=True)
+class StudyTables:
+    """What the study reads: per-run values ({run: value}; a mapping may hold other runs and may load each value on
+    access, as Dagster's stored partitions do) and the pooled fits over all runs."""
+
+    metrics: Mapping  # {run: metrics table of its own fits} (study.metrics_from_predictions)
+    predictions: Mapping  # {run: predictions table} (all splits; the study reads the test rows)
+    run_summary: Mapping  # {run: run_summary record}
+    ablation: Mapping  # {run: feature-group ablation table}
+    agreements: Mapping  # {run: request_context's journey-vs-step agreement}
+    e2e_fidelity: Mapping  # {run: {"summary", "per_request"}} (e2e_fidelity)
+    method_checks: Mapping  # {run: method_checks record}
+    global_models: Mapping  # pooled fits: {"models", "metrics", "predictions"}
+    generalization: Mapping  # leave-one-out fits: {"metrics", "predictions"}
+    calibration: Mapping  # synthetic vs real: {"public", "steps"} (synth.against_real.calibration_tables)
+
+
+@dataclass(frozen=True)
+class ReportAdditions:
+    """What the study report holds beyond the step study: `sections` after the calibration section (e.g. the replay),
+    `summary_lines` ending the first screen, and the runs `left_out` ({run: {status, reason}}: failed or stale among
+    the `stored` ones), named first and recorded in verdict.json."""
+
+    sections: tuple[str, ...] = ()
+    summary_lines: tuple[str, ...] = ()
+    left_out: Mapping[str, Mapping] = field(default_factory=dict)
+    stored: frozenset[str] = frozenset()
+
+
 def _concat(frames: list[pl.DataFrame]) -> pl.DataFrame | None:
     frames = [f for f in frames if f.height]
     return pl.concat(frames, how="diagonal_relaxed") if frames else None
 
 
-def _study_tables(
-    present: list[str], metrics: Mapping, predictions: Mapping, global_models: dict
-) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _study_tables(present: list[str], tables: StudyTables) -> tuple[pl.DataFrame, pl.DataFrame]:
     """All metrics of the runs present (per run + pooled fits), and their test-split predictions (what the verdict
     and the plots read; one partition in memory at a time)."""
-    gm, gp = global_models["metrics"], global_models["predictions"]
+    metrics, predictions = tables.metrics, tables.predictions
+    gm, gp = tables.global_models["metrics"], tables.global_models["predictions"]
     all_metrics = pl.concat(
         [*(metrics[e] for e in present if e in metrics), gm.filter(pl.col("experiment_id").is_in(present))],
         how="diagonal_relaxed",
@@ -190,13 +218,7 @@ def _study_tables(
 
 
 def _study_findings(
-    present: list[str],
-    all_pred: pl.DataFrame,
-    generalization: dict,
-    ablation: Mapping,
-    method_checks: Mapping,
-    global_models: dict,
-    seed: int,
+    present: list[str], all_pred: pl.DataFrame, tables: StudyTables, seed: int
 ) -> tuple[pl.DataFrame | None, dict, dict]:
     """(ablation of the runs present, method checks gathered, findings: rankings, recommendations, ...)."""
     from stepml_core.study.findings import study_findings
@@ -204,11 +226,12 @@ def _study_findings(
 
     gen_present = {
         k: v.filter(pl.col("experiment_id").is_in(present)) if v.height else v
-        for k, v in generalization.items()
+        for k, v in tables.generalization.items()
         if k in ("metrics", "predictions")
     }
+    ablation = tables.ablation
     abl = pl.concat([ablation[e] for e in present if e in ablation], how="diagonal_relaxed") if ablation else None
-    checks = gather_checks(method_checks, present, global_models["models"])
+    checks = gather_checks(tables.method_checks, present, tables.global_models["models"])
     findings = study_findings(predictions=all_pred, generalization=gen_present, ablation=abl, checks=checks, seed=seed)
     return abl, checks, findings
 
@@ -217,16 +240,12 @@ def _extra_study_sections(
     present: list[str],
     runs: list[dict],
     abl: pl.DataFrame | None,
-    agreements: Mapping,
-    e2e_fidelity: Mapping,
-    calibration: dict,
-    extra_sections: list[str] | None,
-    left_out: dict[str, dict],
-    stored: set[str] | None,
+    tables: StudyTables,
+    additions: ReportAdditions,
     out_dir: Path,
 ) -> list[str]:
     """The report's sections after the verdict, in order: runs left out, feature provenance, reconstruction,
-    teacher-forced E2E (plots written to out_dir), calibration, then `extra_sections`."""
+    teacher-forced E2E (plots written to out_dir), calibration, then the additions' sections."""
     from stepml_core.report.status import runs_left_out_section, runs_read_in_part_section
     from stepml_core.report.study import (
         calibration_sections,
@@ -235,65 +254,50 @@ def _extra_study_sections(
         reconstruction_section,
     )
 
-    extra = runs_left_out_section(left_out, set(stored or ()))  # failed or stale runs: named, their old results unused
+    # failed or stale runs: named, their old results unused
+    extra = runs_left_out_section(dict(additions.left_out), set(additions.stored))
     extra += runs_read_in_part_section(runs)  # traces cut short: studied on part of their steps, said so
     extra += feature_provenance_section(runs, abl)
+    agreements, e2e = tables.agreements, tables.e2e_fidelity
     extra += reconstruction_section({e: agreements[e] for e in present if e in agreements})
-    e2e_parts = [e2e_fidelity[e] for e in present if e in e2e_fidelity]
+    e2e_parts = [e2e[e] for e in present if e in e2e]
     per_request = _concat([p["per_request"] for p in e2e_parts])
     extra += e2e_section(
         _concat([p["summary"] for p in e2e_parts]), pl.DataFrame() if per_request is None else per_request, out_dir
     )
-    extra += calibration_sections(calibration["public"], calibration["steps"])
-    extra += extra_sections or []
+    extra += calibration_sections(tables.calibration["public"], tables.calibration["steps"])
+    extra += list(additions.sections)
     return extra
 
 
 def assemble_study(
     present: list[str],
+    tables: StudyTables,
     *,
-    metrics: Mapping,
-    predictions: Mapping,
-    global_models: dict,
-    run_summary: Mapping,
-    ablation: Mapping,
-    generalization: dict,
-    calibration: dict,
-    agreements: Mapping,
-    e2e_fidelity: Mapping,
-    method_checks: Mapping,
     out_dir: Path,
     seed: int = 0,
-    extra_sections: list[str] | None = None,
-    summary_extra: list[str] | None = None,
-    left_out: dict[str, dict] | None = None,
-    stored: set[str] | None = None,
+    additions: ReportAdditions = ReportAdditions(),
 ) -> dict:
-    """The study over the runs `present` (sorted; the per-run mappings may hold others): verdict, findings,
-    metrics.csv, verdict.json and report.md (+ plots) written to out_dir.
+    """The study over the runs `present` (sorted; the per-run mappings of `tables` may hold others): verdict,
+    findings, metrics.csv, verdict.json and report.md (+ plots) written to out_dir, with the report's `additions`.
 
     Per-run values are read one run at a time (a mapping may load each on access); predictions are
     reduced to their test rows, what the verdict and plots read. Pooled fits are kept for the runs
-    present. `extra_sections` (e.g. the replay) go after the calibration section, `summary_extra` into
-    the first screen. `left_out` ({run: {status, reason}}: failed or stale runs among the `stored` ones) are
-    named first and recorded in verdict.json. Returns {"verdict", "markdown", "experiments"}.
+    present. Returns {"verdict", "markdown", "experiments"}.
     """
     present = sorted(present)
-    runs = [run_summary[e] for e in present]
-    all_metrics, all_pred = _study_tables(present, metrics, predictions, global_models)
+    runs = [tables.run_summary[e] for e in present]
+    all_metrics, all_pred = _study_tables(present, tables)
     verdict = study.h1_verdict(all_metrics, all_pred, seed=seed)
-    gen = generalization["metrics"]
-    abl, checks, findings = _study_findings(
-        present, all_pred, generalization, ablation, method_checks, global_models, seed
-    )
+    gen = tables.generalization["metrics"]
+    abl, checks, findings = _study_findings(present, all_pred, tables, seed)
     from stepml_core.report.study import render_report, write_outputs
 
     verdict["recommendations"] = findings["recommendations"]
-    left_out = left_out or {}
-    extra = _extra_study_sections(
-        present, runs, abl, agreements, e2e_fidelity, calibration, extra_sections, left_out, stored, out_dir
-    )
-    verdict["runs_left_out"] = {e: {"status": r["status"], "reason": r["reason"]} for e, r in sorted(left_out.items())}
+    extra = _extra_study_sections(present, runs, abl, tables, additions, out_dir)
+    verdict["runs_left_out"] = {
+        e: {"status": r["status"], "reason": r["reason"]} for e, r in sorted(additions.left_out.items())
+    }
     write_outputs(
         out_dir, pl.concat([all_metrics, gen], how="diagonal_relaxed") if gen.height else all_metrics, verdict
     )
@@ -306,7 +310,7 @@ def assemble_study(
         findings=findings,
         checks=checks,
         extra_sections=extra,
-        summary_extra=summary_extra,
+        summary_extra=list(additions.summary_lines),
     )
     return {"verdict": verdict, "markdown": md, "experiments": present}
 
@@ -321,7 +325,9 @@ def request_log(folder: Path, data_root: Path | None = None, limits=None) -> dic
     The files are read as traces are (inside the data root, regular, within ``limits``); the header is checked
     against the run's exp-config.yaml (request_log.check_header) and the run must be replayable: its KV-cache size
     known and able to hold one max_model_len sequence (vLLM does not start otherwise). Every problem is a
-    RequestLogError (or RunMetadataError) naming the file and key: this run fails, alone."""
+    RequestLogError (or RunMetadataError) naming the file and key: this run fails, alone. The run's metadata, read
+    here once, is stored beside the log (``run_metadata``: RunMetadata.to_json) for the request path after it
+    (request_calibration, replay: ``stored_run_metadata``)."""
     from stepml_core.runs.folders import read_run_metadata
     from stepml_core.runs.request_log import RequestLogError, has_request_log, read_request_log
     from stepml_core.tables.ingest import fingerprint, fingerprint_digest
@@ -355,7 +361,22 @@ def request_log(folder: Path, data_root: Path | None = None, limits=None) -> dic
         "truth": log.truth,
         "run_files": run_files,
         "data_version": fingerprint_digest(run_files),
+        "run_metadata": meta.to_json(),
     }
+
+
+def stored_run_metadata(key: str, stored_log: Mapping, data_root: Path):
+    """The RunMetadata the request_log value of run `key` was read with (runs.folders.RunMetadata); a value stored
+    before it held one (no ``run_metadata``) has its run folder's metadata read again, with the checks of
+    StepMLSettings.run_folder (run-id syntax, inside the data root)."""
+    from stepml_core.runs.folders import RunMetadata, check_inside_root, parse_run_id, read_run_metadata
+
+    if stored_log.get("run_metadata") is not None:
+        return RunMetadata.from_json(stored_log["run_metadata"])
+    parse_run_id(key)
+    folder = Path(data_root) / key
+    check_inside_root(folder, Path(data_root))
+    return read_run_metadata(folder, data_root=data_root)
 
 
 def replayable(ctx) -> str | None:
@@ -417,7 +438,7 @@ def calibration_inputs(metas: Mapping, logs: Mapping) -> tuple[list, Callable]:
     sorted; logs: {run: {"requests", "header", "has_ground_truth"}} (the request_log asset's value, or
     log_as_stored(RequestLog)). load(run) builds the CalibrationRun, when a protocol needs that run."""
     from stepml_core.calibration import protocols as cp
-    from stepml_core.calibration.fit import CalibrationRun
+    from stepml_core.calibration.timelines import CalibrationRun
 
     present = sorted(metas)
     infos = [
@@ -451,18 +472,16 @@ def request_calibration(
 ) -> dict:
     """Step-time models calibrated from the request logs alone (calibration_protocols.study_calibration) over the
     runs in `logs` less those `skipped` ({run: why}); a run whose metadata cannot be read is added to the skipped
-    ones (warn(run, error) is told), as is one that cannot be replayed (pipeline.replayable), and the others calibrate. Returns study_calibration's value with skipped_runs."""
+    ones (warn(run, error) is told), as is one that cannot be replayed (pipeline.replayable), and the others calibrate.
+    Each run's metadata is the one stored with its log (stored_run_metadata). Returns study_calibration's value with
+    skipped_runs."""
     from stepml_core.calibration import protocols as cp
-    from stepml_core.runs.folders import check_inside_root, parse_run_id, read_run_metadata
 
     skipped = dict(skipped or {})
     metas = {}
     for e in sorted(e for e in logs if e not in skipped):
         try:  # a run whose metadata cannot be read is left out (its own partitions say why), the others calibrate
-            parse_run_id(e)  # the checks of StepMLSettings.run_folder: run-id syntax, inside the data root
-            folder = Path(data_root) / e
-            check_inside_root(folder, Path(data_root))
-            meta = read_run_metadata(folder, data_root=data_root)
+            meta = stored_run_metadata(e, logs[e], data_root)
             problem = replayable(replay_context(e, meta, logs[e]["header"]))  # a stored log from before the checks
             if problem:
                 raise ValueError(f"{e}: {problem}")
@@ -523,14 +542,14 @@ def replay_models(
 
 
 def replay(
-    folder: Path, key: str, stored_log: Mapping, specs: list[dict], *, data_root: Path, out_dir, seed: int = 0
+    key: str, stored_log: Mapping, specs: list[dict], *, data_root: Path, out_dir, seed: int = 0
 ) -> tuple[dict, dict]:
     """One run's requests replayed with each applicable step-time model; per-request predictions written under
-    out_dir/replay/. Returns (stored value, facts for the asset's metadata)."""
+    out_dir/replay/. The run's metadata is the one stored with its log (stored_run_metadata). Returns (stored value,
+    facts for the asset's metadata)."""
     from stepml_core.replay import specs as rm
-    from stepml_core.runs.folders import read_run_metadata
 
-    meta = read_run_metadata(folder, data_root=data_root)
+    meta = stored_run_metadata(key, stored_log, data_root)
     log = log_from_stored(stored_log)
     ctx = replay_context(key, meta, log.header)
     specs = rm.specs_for_run(list(specs), key, meta.model, meta.stands_for)

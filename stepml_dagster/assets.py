@@ -391,25 +391,25 @@ def study_report(
             {"report": dg.MetadataValue.md(md), "out_dir": dg.MetadataValue.path(settings.out_dir)}
         )
         return {"verdict": None, "experiments": []}
-    out = pipeline.assemble_study(
-        present,
+    tables = pipeline.StudyTables(
         metrics=metrics,
         predictions=predictions,
-        global_models=global_models,
         run_summary=run_summary,
         ablation=ablation,
-        generalization=generalization,
-        calibration=calibration,
         agreements={e: request_context[e]["agreement"] for e in present if e in request_context},
         e2e_fidelity=e2e_fidelity,
         method_checks=method_checks,
-        out_dir=settings.out_dir,
-        seed=settings.seed,
-        extra_sections=replay_lines,
-        summary_extra=replay_summary(replay_fidelity),
-        left_out=left_out,
-        stored=set(run_summary),
+        global_models=global_models,
+        generalization=generalization,
+        calibration=calibration,
     )
+    additions = pipeline.ReportAdditions(
+        sections=tuple(replay_lines),
+        summary_lines=tuple(replay_summary(replay_fidelity)),
+        left_out=left_out,
+        stored=frozenset(run_summary),
+    )
+    out = pipeline.assemble_study(present, tables, out_dir=settings.out_dir, seed=settings.seed, additions=additions)
     verdict, md = out["verdict"], out["markdown"]
     context.add_output_metadata(
         {

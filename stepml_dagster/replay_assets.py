@@ -142,8 +142,8 @@ def replay_models(
 )
 def replay(context: dg.AssetExecutionContext, settings: StepMLSettings, request_log, replay_models):
     key = context.partition_key
+    settings.run_folder(key)  # the run id's checks (syntax, inside the data root)
     value, facts = pipeline.replay(
-        settings.run_folder(key),
         key,
         request_log,
         replay_models,

@@ -12,7 +12,7 @@ import jsonschema
 import polars as pl
 import pytest
 
-from stepml_core.calibration.fit import StepParams
+from stepml_core.calibration.params import StepParams
 from stepml_core.sim.step_models import LinearStepTime
 from stepml_core.stepmodels.blis import (
     BLIS_MODEL_SCHEMA,

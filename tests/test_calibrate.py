@@ -4,6 +4,7 @@ its predictions, leave-one-model-out transfer and intervals."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 from dataclasses import replace
@@ -15,22 +16,19 @@ import pytest
 
 from stepml_core.calibration import protocols as cp
 from stepml_core.calibration.fit import (
-    PARAM_NAMES,
-    CalibrationRun,
-    StepParams,
-    Timelines,
+    BetweenRunErrors,
+    Calibration,
+    SaturatedSetting,
     arch_prior,
-    between_run_bounds,
     between_run_errors,
     calibrate,
-    fcfs_admissions,
     fit_closed_form,
-    interval_bounds,
-    request_timelines,
-    serving_model,
 )
+from stepml_core.calibration.params import PARAM_NAMES, StepParams, serving_model
+from stepml_core.calibration.timelines import CalibrationRun, Timelines, fcfs_admissions, request_timelines
 from stepml_core.oos_audit import INTERVAL_KEYS
 from stepml_core.pipeline import calibration_inputs, log_as_stored, replay_context
+from stepml_core.replay.intervals import between_run_bounds, interval_bounds
 from stepml_core.replay.simulate import RunContext, replay, replay_workload
 from stepml_core.replay.specs import replay_run, specs_for_run
 from stepml_core.runs.folders import read_run_metadata
@@ -199,6 +197,18 @@ def test_calibration_recovers_a_known_engine():
     assert cal.bootstrap.shape[1] == len(PARAM_NAMES) and cal.bootstrap.shape[0] >= 4
     # what is replayed is the BLIS file: the doc round-trips
     assert StepParams.from_blis_doc(cal.doc()) == p
+    # typed records, JSON at the cache: the summary round-trips to the same record and the same JSON
+    assert isinstance(cal.saturated_setting, SaturatedSetting) and isinstance(cal.between_runs, BetweenRunErrors)
+    text = json.dumps(cal.summary())
+    back = Calibration.from_summary(json.loads(text))
+    assert json.dumps(back.summary()) == text
+    assert (back.saturated_setting, back.between_runs, back.refine) == (
+        cal.saturated_setting,
+        cal.between_runs,
+        cal.refine,
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cal.params = back.params
 
 
 def _infos() -> list[cp.RunInfo]:
@@ -536,7 +546,7 @@ def test_the_saturated_runs_treatment_is_chosen_inside_the_calibration_runs():
 def test_stage_two_scores_only_the_requests_with_ground_truth():
     """Issue 21: truth for half the requests made stage 2 count the other half as observed failures (and predicted
     successes); both sides now cover the requests with truth only, and those without stay in the load."""
-    from stepml_core.calibration.fit import _Objective
+    from stepml_core.calibration.refine import _Objective
 
     run = _run("20260101-000000-llama-2-7b-tp1-codegen", 4.0, 60.0, 600, 1)
     n = run.table.height
@@ -570,11 +580,11 @@ def test_between_run_errors_leave_each_calibration_run_out():
     prior = arch_prior("llama-2-7b", 1)
     same = [tl("a", 10, 60, 500), tl("b", 20, 90, 700), tl("c", 5, 40, 900)]
     br = between_run_errors(same, prior)
-    assert br["runs"] == ["a", "b", "c"] and max(abs(e) for e in br["step_log_err"]) < 0.01
+    assert br.runs == ("a", "b", "c") and max(abs(e) for e in br.step_log_err) < 0.01
     br = between_run_errors([*same, tl("d", 10, 70, 600, slow=1.1)], prior)
-    assert br["runs"] == ["a", "b", "c", "d"]
-    assert br["step_log_err"][3] == pytest.approx(np.log(1.1), abs=0.02)
-    assert all(-0.08 < e < 0 for e in br["step_log_err"][:3])  # the slow run, calibrating, pulls the others up
+    assert br.runs == ("a", "b", "c", "d")
+    assert br.step_log_err[3] == pytest.approx(np.log(1.1), abs=0.02)
+    assert all(-0.08 < e < 0 for e in br.step_log_err[:3])  # the slow run, calibrating, pulls the others up
 
 
 def test_between_run_bounds_widen_the_bootstrap_models():

@@ -155,7 +155,7 @@ def test_the_client_gives_up_at_its_next_whole_second_after_300_s():
         assert r["success"][0] == ok
         assert r["e2e_s"][0] == pytest.approx(300.2 if ok else 300.1, abs=1e-6)
     # stage 2's windows of a run keep each request's own limit
-    from stepml_core.calibration.fit import window_workloads
+    from stepml_core.calibration.refine import window_workloads
 
     n = 500
     log = pl.concat([one_request_log()] * n).with_columns(
@@ -227,7 +227,7 @@ def test_one_saturation_rule_everywhere():
     (from a request log), the replay scores (replay.csv's observed figures), the synthesizer's calibration table
     (the public aggregates). Before, the synthesizer's table read a mean TTFT above 10 s, the others above 5 s: a
     run at 7 s was saturated for the calibration and not for the synthesizer."""
-    from stepml_core.calibration.fit import is_saturated as table_saturated
+    from stepml_core.calibration.timelines import is_saturated as table_saturated
     from stepml_core.replay.scores import run_status
     from stepml_core.runs.rules import SATURATED_TTFT_S, is_saturated
     from stepml_core.synth.against_real import is_saturated as ref_saturated

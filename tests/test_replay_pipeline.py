@@ -224,3 +224,28 @@ def test_a_run_whose_request_log_breaks_is_left_out_not_shown_stale(study):
     assert set(rows["experiment_id"]) == {RUN_NO_GT}
     report = (out / "report.md").read_text()
     assert "Left out of the replay scores" in report and RUN in report.split("Left out of the replay scores")[1]
+
+
+def test_request_path_carries_the_run_metadata_it_read(tmp_path):
+    """request_log stores the RunMetadata it read (JSON at the store); the replay uses that one and reads no
+    metadata file again: with exp-config.yaml gone from the folder afterwards, the stored log still replays."""
+    import dataclasses
+
+    from stepml_core import pipeline
+    from stepml_core.replay import specs as rm
+    from stepml_core.runs.folders import RunMetadata, read_run_metadata
+    from stepml_dagster.io_manager import read_object, write_object
+
+    folder = request_only_run(tmp_path / "data" / RUN)
+    meta = read_run_metadata(folder, data_root=folder.parent)
+    assert RunMetadata.from_json(json.loads(json.dumps(meta.to_json()))) == meta
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        meta.source = "synthetic"
+    write_object(tmp_path / "store" / RUN, pipeline.request_log(folder, folder.parent))
+    stored = read_object(tmp_path / "store" / RUN)  # the request_log value as an asset reads it
+    assert pipeline.stored_run_metadata(RUN, stored, folder.parent) == meta
+    (folder / "exp-config.yaml").unlink()
+    value, _ = pipeline.replay(
+        RUN, stored, [rm.physics_spec()], data_root=folder.parent, out_dir=tmp_path / "out", seed=0
+    )
+    assert value["model"] == meta.model and value["details"].height

@@ -31,16 +31,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from stepml_core.calibration.fit import (
-    PARAM_NAMES,
-    ArchPrior,
-    Calibration,
-    CalibrationError,
-    CalibrationRun,
-    StepParams,
-    arch_prior,
-    calibrate,
-)
+from stepml_core.calibration.fit import ArchPrior, Calibration, arch_prior, calibrate
+from stepml_core.calibration.params import PARAM_NAMES, StepParams
+from stepml_core.calibration.timelines import CalibrationError, CalibrationRun
 from stepml_core.errors import StepMLError
 from stepml_core.parallel import process_workers
 

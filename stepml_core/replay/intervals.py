@@ -1,6 +1,13 @@
-"""Intervals honest about extrapolation: the bootstrap interval of a request-calibrated prediction, widened by a
-split-conformal term learned from the same protocol's out-of-sample predictions of *other* runs
-(docs/calibration.md, *Uncertainty*).
+"""Intervals of a request-calibrated model's replayed predictions (docs/calibration.md, *Uncertainty*), in two parts.
+
+**Bootstrap bounds, per replay** (:func:`replay_interval`; replay.specs calls it for a calibrated model that predicts
+the run out of sample). :class:`FeatureSums` records Σ of the BLIS features over the replay's steps; the bootstrap
+models at the (1 ∓ level)/2 quantiles of the run's latency index (:func:`latency_index_us`, monotone in every
+coefficient) are replayed beside the central model, and [lo, hi] is the range of the three. The calibration's
+leave-one-run-out errors widen those bound models (:func:`between_run_bounds`) for two more replays (brun_*).
+
+**Honest about extrapolation, over the study**: the bootstrap interval of a request-calibrated prediction, widened by
+a split-conformal term learned from the same protocol's out-of-sample predictions of *other* runs.
 
 The bootstrap interval [lo, hi] of a replayed metric carries the noise of the calibration data, not the error of
 applying the model to a workload or load it never saw. Per scored prediction j (observed y_j, predicted ŷ_j), the
@@ -26,6 +33,10 @@ import math
 
 import numpy as np
 import polars as pl
+
+from stepml_core.calibration.params import PARAM_NAMES, StepParams, serving_model
+from stepml_core.replay.simulate import RunContext, replay
+from stepml_core.sim.step_models import LinearStepTime
 
 CONFORMAL_LEVEL = 0.90
 WIDENED_COLUMNS = {
@@ -141,3 +152,151 @@ def widen_intervals(ivs: pl.DataFrame, runs: dict[str, dict], level: float = CON
         )
         .select(list(dict(ivs.schema)) + list(WIDENED_COLUMNS))
     )
+
+
+# ---------------------------------------------------------------------------- bootstrap bounds of one replay
+
+INTERVAL_LEVEL = 0.90  # two-sided: the bootstrap models at the 5th and 95th percentile of the run's latency index
+
+
+class FeatureSums:
+    """Wraps a LinearStepTime: same prediction, and Σ over the replay's steps of the BLIS features a calibrated
+    model uses — enough to evaluate any calibrated model's total step time over the same batches exactly."""
+
+    KEYS = ("decode_tokens", "kv_sum", "prefill_tokens", "num_prefill_reqs")
+
+    def __init__(self, inner: LinearStepTime):
+        from stepml_core.sim.step_models import blis_features
+
+        self.inner, self.name, self._feat = inner, inner.name, blis_features
+        self.steps = 0
+        self.sums = dict.fromkeys(self.KEYS, 0.0)
+
+    def step_time_us(self, b) -> float:
+        f = self._feat(b, self.inner.needs_requests)
+        self.steps += 1
+        s = self.sums
+        for k in self.KEYS:
+            s[k] += f[k]
+        return self.inner.predict_features_us(f)
+
+
+def latency_index_us(rows: np.ndarray, steps: int, sums: dict, mean_generated: float, mean_input: float) -> np.ndarray:
+    """Per parameter row: mean step time over the replay's batches × mean generated tokens + queueing at the mean
+    prompt — a request's E2E in the model's terms, monotone in every coefficient."""
+    P = {k: rows[:, i] for i, k in enumerate(PARAM_NAMES)}
+    n = max(int(steps), 1)
+    mean_step = (
+        P["b0_us"] * n
+        + P["b_dec_us"] * sums["decode_tokens"]
+        + P["b_kv_us"] * sums["kv_sum"]
+        + P["b_pf_us"] * sums["prefill_tokens"]
+        + P["b_npf_us"] * sums["num_prefill_reqs"]
+    ) / n
+    return mean_step * mean_generated + P["q0_us"] + P["q1_us"] * mean_input
+
+
+def interval_bounds(
+    boot: dict, steps: int, sums: dict, mean_generated: float, mean_input: float, level: float = INTERVAL_LEVEL
+) -> tuple[StepParams, StepParams] | None:
+    """The bootstrap (or per-source) models at the (1 − level)/2 and (1 + level)/2 quantiles of the latency index."""
+    rows = np.asarray((boot or {}).get("rows") or [], dtype=np.float64)
+    if rows.ndim != 2 or rows.shape[0] < 2:
+        return None
+    idx = latency_index_us(rows, steps, sums, mean_generated, mean_input)
+    order = np.argsort(idx, kind="stable")
+    k_lo = int(np.floor((1 - level) / 2 * (len(order) - 1)))
+    k_hi = int(np.ceil((1 + level) / 2 * (len(order) - 1)))
+    return StepParams.from_vector(rows[order[k_lo]]), StepParams.from_vector(rows[order[k_hi]])
+
+
+def _step_part(p: StepParams, steps: int, sums: dict, mean_generated: float) -> float:
+    return float(latency_index_us(p.as_vector()[None, :], steps, sums, mean_generated, 0.0)[0] - p.q0_us)
+
+
+def between_run_bounds(
+    spec: dict, bounds: tuple[StepParams, StepParams], steps: int, sums: dict, mean_generated: float, level: float
+) -> tuple[StepParams, StepParams, dict] | None:
+    """The bootstrap's bound models widened by the between-run term of the calibration (``between_runs``: leave one
+    calibration run out, stage 1's terms). With the k runs' log step errors e_c and a new run's error ~ N(0, σ²),
+    z = t_k((1 + level)/2)·√(Σe_c²/k) bounds a new run's log step error; each side's log half-width of the step part
+    of the latency index becomes √(h_boot² + z²) (independent parts), the bound model's step coefficients scaled to
+    it; α0 moves by ∓ the same quantile of the non-saturated runs' α0 errors. None without between-run errors (one
+    calibration run, a leave-one-model-out transfer)."""
+    from scipy.stats import t as student_t
+
+    br = ((spec.get("calibration") or {}).get("between_runs")) or {}
+    e = np.asarray([x for x in br.get("step_log_err") or [] if x is not None], dtype=np.float64)
+    e = e[np.isfinite(e)]
+    if e.size == 0:
+        return None
+    tq = (1.0 + level) / 2.0
+    z = float(student_t.ppf(tq, e.size)) * math.sqrt(float(np.mean(e**2)))
+    qe = np.asarray([x for x in br.get("q_err_us") or [] if x is not None], dtype=np.float64)
+    qe = qe[np.isfinite(qe)]
+    zq = float(student_t.ppf(tq, qe.size)) * math.sqrt(float(np.mean(qe**2))) if qe.size else 0.0
+    s_c = _step_part(StepParams(**spec["params"]), steps, sums, mean_generated)
+    out = []
+    for p, sign in zip(bounds, (-1.0, 1.0)):
+        s_b = _step_part(p, steps, sums, mean_generated)
+        if not (s_b > 0 and s_c > 0):
+            return None
+        h = abs(math.log(s_b / s_c))
+        out.append(p.scaled(s_c * math.exp(sign * math.hypot(h, z)) / s_b, sign * zq))
+    return out[0], out[1], {"step_pct": 100.0 * math.expm1(z), "q_ms": zq / 1e3, "runs": int(e.size)}
+
+
+def _bound_replays(models: list[StepParams], spec: dict, workload, ctx: RunContext, table, seed: int) -> list[dict]:
+    from stepml_core.replay.simulate import score_replay
+
+    out = []
+    for p in models:
+        r = replay(workload, serving_model(p, spec["name"]), ctx, seed=seed)
+        out.append({x["metric"]: x["predicted"] for x in score_replay(r.per_request, table)[0]})
+    return out
+
+
+def _range(c: dict, bound_rows: list[dict]) -> tuple[float | None, float | None, bool | None]:
+    vals = [v for v in (c["predicted"], *(b.get(c["metric"]) for b in bound_rows)) if v is not None and np.isfinite(v)]
+    lo, hi = (min(vals), max(vals)) if vals else (None, None)
+    ob = c.get("observed")
+    return lo, hi, (None if ob is None or lo is None else bool(lo <= ob <= hi))
+
+
+def replay_interval(
+    spec: dict, workload, ctx: RunContext, table: pl.DataFrame, central: list[dict], sums: FeatureSums, *, seed: int = 0
+) -> list[dict]:
+    """Interval per replay metric of an out-of-sample calibrated prediction: replays with the two bound models;
+    [lo, hi] = the range of the bound replays and the central one; ``inside`` says whether the observed value is in it.
+    brun_lo, brun_hi, brun_inside: the range of those and two more replays, with the bound models widened by the
+    calibration's between-run term (between_run_bounds; null without one: a replayed metric need not be monotone in the
+    step scale, so the range keeps the bootstrap's); brun_step_pct and brun_runs its size and the runs behind it."""
+    mean_generated = float(np.mean(workload.max_tokens))
+    b = interval_bounds(
+        spec.get("bootstrap"), sums.steps, sums.sums, mean_generated, float(np.mean(workload.prompt_tokens))
+    )
+    if b is None:
+        return []
+    boot_rows = _bound_replays(list(b), spec, workload, ctx, table, seed)
+    wb = between_run_bounds(spec, b, sums.steps, sums.sums, mean_generated, INTERVAL_LEVEL)
+    brun_rows = _bound_replays(list(wb[:2]), spec, workload, ctx, table, seed) if wb else None
+    out = []
+    for c in central:
+        lo, hi, inside = _range(c, boot_rows)
+        blo, bhi, binside = _range(c, boot_rows + brun_rows) if brun_rows else (None, None, None)
+        out.append(
+            {
+                "metric": c["metric"],
+                "predicted": c["predicted"],
+                "lo": lo,
+                "hi": hi,
+                "observed": c.get("observed"),
+                "inside": inside,
+                "brun_lo": blo,
+                "brun_hi": bhi,
+                "brun_inside": binside,
+                "brun_step_pct": wb[2]["step_pct"] if wb else None,
+                "brun_runs": wb[2]["runs"] if wb else None,
+            }
+        )
+    return out

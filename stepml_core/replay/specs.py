@@ -291,7 +291,7 @@ def _replay_spec(
     columns, details). The wall time covers building the serving model and the replay."""
     import time
 
-    from stepml_core.calibration.fit import FeatureSums, replay_interval
+    from stepml_core.replay.intervals import FeatureSums, replay_interval
 
     role = log.role or ""
     t0 = time.perf_counter()

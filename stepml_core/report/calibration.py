@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from stepml_core.calibration.fit import PARAM_UNITS, StepParams
+from stepml_core.calibration.params import PARAM_UNITS, StepParams
 from stepml_core.calibration.protocols import PROTOCOL_OF
 from stepml_core.replay.coverage import WIDE_PCT, coverage_table, interval_cell
 from stepml_core.replay.intervals import CONFORMAL_LEVEL

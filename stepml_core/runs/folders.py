@@ -15,7 +15,7 @@ import stat
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
@@ -301,9 +301,10 @@ def _short_repr(v: Any) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunMetadata:
-    """Everything about one run folder except its traces."""
+    """Everything about one run folder except its traces: read once (read_run_metadata) and handed on typed; JSON only
+    where a stored value holds it (``to_json`` / ``from_json``: the request_log asset's ``run_metadata``)."""
 
     run: RunId
     folder: Path
@@ -346,6 +347,41 @@ class RunMetadata:
             "stands_for": self.stands_for,
             "trace_file": str(self.trace_path) if self.trace_path else None,
         }
+
+    def to_json(self) -> dict:
+        """Every field as JSON values (paths as strings, the run as its id): what a stored value holds."""
+        return {
+            "experiment_id": self.experiment_id,
+            "folder": str(self.folder),
+            "trace_path": str(self.trace_path) if self.trace_path else None,
+            "source": self.source,
+            "stands_for": self.stands_for,
+            "exp_config": self.exp_config,
+            "profile": self.profile,
+            "summary": self.summary,
+            "stages": self.stages,
+            "provenance": self.provenance,
+            "issues": self.issues,
+            "reads": self.reads,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> RunMetadata:
+        """The RunMetadata of ``to_json``'s value (the run id parsed and validated again)."""
+        return cls(
+            run=parse_run_id(d["experiment_id"]),
+            folder=Path(d["folder"]),
+            trace_path=Path(d["trace_path"]) if d.get("trace_path") else None,
+            source=d["source"],
+            stands_for=d.get("stands_for"),
+            exp_config=dict(d.get("exp_config") or {}),
+            profile=dict(d.get("profile") or {}),
+            summary=d.get("summary"),
+            stages=list(d.get("stages") or []),
+            provenance=d.get("provenance"),
+            issues=list(d.get("issues") or []),
+            reads=dict(d.get("reads") or {}),
+        )
 
 
 def trace_file_entries(folder: Path) -> list[Path]:

@@ -3,6 +3,9 @@ the same tables as the general path on those lines (tests/test_traces_reader.py)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -49,6 +52,76 @@ _SCHEDULED_CODE = [lbl for _, _, lbl in _EVENT_NAMES].index("journey.SCHEDULED")
 _FINISHED_CODE = [lbl for _, _, lbl in _EVENT_NAMES].index("journey.FINISHED")
 
 
+@dataclass(frozen=True)
+class _Lines:
+    """The chunk being matched: its bytes, each line's [start, end) offsets, the lines eligible for the fast path,
+    and ``bad``, the lines found not canonical (set in place by every stage; a bad line goes to the slow path)."""
+
+    data: bytes
+    starts: np.ndarray
+    ends: np.ndarray
+    line_of: Callable[[np.ndarray], np.ndarray]  # byte offsets → line indices
+    nlines: int
+    eligible: np.ndarray
+    bad: np.ndarray
+    joint_cache: dict  # glue text → (joint type, scope name), shared across chunks
+
+
+@dataclass(frozen=True)
+class _Events:
+    """Event candidates matched: opening position, cursor (``cur.ok``: matched), event-name code (-1 unknown), end
+    position, event group (_GROUPS index), ``last`` (the span's last event), and the rows of each group."""
+
+    pos: np.ndarray
+    cur: _Cur
+    code: np.ndarray
+    end: np.ndarray
+    grp: np.ndarray
+    last: np.ndarray
+    groups: dict[str, np.ndarray]
+
+    @property
+    def n(self) -> int:
+        return len(self.pos)
+
+
+@dataclass(frozen=True)
+class _Spans:
+    """Span heads matched: opening position, cursor (``cur.ok``: matched), span kind (_SPAN_KINDS index, -1
+    unknown), end of the head, whether events follow, and the rows of each kind."""
+
+    pos: np.ndarray
+    cur: _Cur
+    kind: np.ndarray
+    end: np.ndarray
+    has_events: np.ndarray
+    groups: dict[str, np.ndarray]
+
+    @property
+    def n(self) -> int:
+        return len(self.pos)
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """The chain check's instances (span heads, events, span tails) in position order: kind (_H1.._TB), index in
+    its source, head mask, scope index named by the joint before a head (-1: none); the span tails (cursor and
+    positions) and the scopes named (ids by name, names)."""
+
+    kind: np.ndarray
+    src: np.ndarray
+    is_head: np.ndarray
+    head_scope: np.ndarray
+    tails: _Cur
+    t_pos: np.ndarray
+    scope_ids: dict[str, int]
+    scope_names: list[str]
+
+    @property
+    def n_tails(self) -> int:
+        return len(self.t_pos)
+
+
 def _fast_chunk(
     data: bytes,
     a: np.ndarray,
@@ -68,31 +141,15 @@ def _fast_chunk(
     def line_of(p):
         return np.searchsorted(starts, p, side="right") - 1
 
+    lines = _Lines(data, starts, ends, line_of, nlines, eligible, bad, joint_cache)
     ev_pos, ev_qi, sc, sp_pos, sp_qi = _fc_candidates(a, bad, body, data, ends, line_of, n, n_newlines, starts)
-    ce, ev_code, ev_end, ev_grp, ev_last, groups, ne = _fc_events(ev_pos, ev_qi, sc)
-    ch, ns, sp_end, sp_has_ev, sp_kind, span_groups = _fc_spans(sc, sp_pos, sp_qi)
-    K, SRC, bad, ct, head_scope, is_head, nt, scope_ids, scope_names, t_pos = _fc_chain(
-        bad,
-        ce,
-        ch,
-        data,
-        eligible,
-        ends,
-        ev_end,
-        ev_last,
-        ev_pos,
-        joint_cache,
-        line_of,
-        nlines,
-        sc,
-        sp_end,
-        sp_has_ev,
-        sp_pos,
-        starts,
-    )
-    ev_line, ev_span, scope_of_head, sp_line, t_line, t_span = _fc_owners(
-        K, SRC, bad, ev_grp, ev_pos, head_scope, is_head, line_of, ne, ns, nt, scope_ids, sp_kind, sp_pos, t_pos
-    )
+    events = _fc_events(ev_pos, ev_qi, sc)
+    spans = _fc_spans(sc, sp_pos, sp_qi)
+    chain = _fc_chain(lines, sc, events, spans)
+    ce, ev_code, groups, ne = events.cur, events.code, events.groups, events.n
+    ch, ns, sp_kind, span_groups = spans.cur, spans.n, spans.kind, spans.groups
+    ct, nt, scope_names = chain.tails, chain.n_tails, chain.scope_names
+    ev_line, ev_span, scope_of_head, sp_line, t_line, t_span = _fc_owners(lines, events, spans, chain)
     fl, good_line = _fc_values(
         bad, ce, ch, ct, ev_code, ev_line, groups, ne, ns, nt, sc, sp_kind, sp_line, span_groups, t_line
     )
@@ -156,7 +213,7 @@ def _fc_candidates(a, bad, body, data, ends, line_of, n, n_newlines, starts):
     return ev_pos, ev_qi, sc, sp_pos, sp_qi
 
 
-def _fc_events(ev_pos, ev_qi, sc):
+def _fc_events(ev_pos, ev_qi, sc) -> _Events:
     """Event heads matched, dispatched on the event name, each group's body matched."""
     # ---- events: common head, dispatch on the name, group bodies
     ne = len(ev_pos)
@@ -184,10 +241,10 @@ def _fc_events(ev_pos, ev_qi, sc):
         ce.ok[rows] = c.ok
         ev_end[rows] = c.pos
         ev_last[rows] = c.flags.get("last", np.zeros(len(rows), bool))
-    return ce, ev_code, ev_end, ev_grp, ev_last, groups, ne
+    return _Events(ev_pos, ce, ev_code, ev_end, ev_grp, ev_last, groups)
 
 
-def _fc_spans(sc, sp_pos, sp_qi):
+def _fc_spans(sc, sp_pos, sp_qi) -> _Spans:
     """Span heads matched, dispatched on the span name, each kind's body matched."""
     # ---- span heads
     ns = len(sp_pos)
@@ -215,43 +272,26 @@ def _fc_spans(sc, sp_pos, sp_qi):
         ch.ok[rows] = c.ok
         sp_end[rows] = c.pos
         sp_has_ev[rows] = c.flags.get("has_events", np.zeros(len(rows), bool))
-    return ch, ns, sp_end, sp_has_ev, sp_kind, span_groups
+    return _Spans(sp_pos, ch, sp_kind, sp_end, sp_has_ev, span_groups)
 
 
-def _fc_chain(
-    bad,
-    ce,
-    ch,
-    data,
-    eligible,
-    ends,
-    ev_end,
-    ev_last,
-    ev_pos,
-    joint_cache,
-    line_of,
-    nlines,
-    sc,
-    sp_end,
-    sp_has_ev,
-    sp_pos,
-    starts,
-):
+def _fc_chain(lines: _Lines, sc, events: _Events, spans: _Spans) -> _Chain:
     """Span tails matched; the instances must tile each line in a legal order, the glue between them (joints)
-    must match the grammar; the scope named by each joint."""
-    ct, t_last, t_pos = _fc_tails(sc, ce, ch, ev_end, ev_last, sp_end, sp_has_ev)
-    nt = len(t_pos)
+    must match the grammar; the scope named by each joint. Lines that fail are marked in ``lines.bad``."""
+    ct, t_last, t_pos = _fc_tails(sc, events.cur, spans.cur, events.end, events.last, spans.end, spans.has_events)
     K, SRC, LN, S, E, is_head, first, last, gap = _fc_tiling(
-        bad,
-        eligible,
-        line_of,
-        nlines,
-        (np.where(sp_has_ev, _H1, _H0), sp_pos, sp_end, ch.ok),
-        (np.where(ev_last, _EB, _EC), ev_pos, ev_end, ce.ok),
+        lines.bad,
+        lines.eligible,
+        lines.line_of,
+        lines.nlines,
+        (np.where(spans.has_events, _H1, _H0), spans.pos, spans.end, spans.cur.ok),
+        (np.where(events.last, _EB, _EC), events.pos, events.end, events.cur.ok),
         (np.where(t_last, _TB, _TC), t_pos, ct.pos, ct.ok),
     )
-    head_scope, scope_ids, scope_names = _fc_joints(bad, data, ends, joint_cache, starts, LN, S, E, first, last, gap)
-    return K, SRC, bad, ct, head_scope, is_head, nt, scope_ids, scope_names, t_pos
+    head_scope, scope_ids, scope_names = _fc_joints(
+        lines.bad, lines.data, lines.ends, lines.joint_cache, lines.starts, LN, S, E, first, last, gap
+    )
+    return _Chain(K, SRC, is_head, head_scope, ct, t_pos, scope_ids, scope_names)
 
 
 def _fc_tails(sc, ce, ch, ev_end, ev_last, sp_end, sp_has_ev):
@@ -334,11 +374,19 @@ def _fc_joints(bad, data, ends, joint_cache, starts, LN, S, E, first, last, gap)
     return head_scope, scope_ids, scope_names
 
 
-def _fc_owners(
-    K, SRC, bad, ev_grp, ev_pos, head_scope, is_head, line_of, ne, ns, nt, scope_ids, sp_kind, sp_pos, t_pos
-):
+def _fc_owners(lines: _Lines, events: _Events, spans: _Spans, chain: _Chain):
     """Scope of every span head, the span that owns each event and tail; heads must fit their scope, events their
-    span kind, all on their span's line."""
+    span kind, all on their span's line (else the line is marked in ``lines.bad``)."""
+    K, SRC, is_head, head_scope, scope_ids = chain.kind, chain.src, chain.is_head, chain.head_scope, chain.scope_ids
+    bad, line_of, ev_grp, ev_pos, sp_kind, sp_pos = (
+        lines.bad,
+        lines.line_of,
+        events.grp,
+        events.pos,
+        spans.kind,
+        spans.pos,
+    )
+    ne, ns, nt, t_pos = events.n, spans.n, chain.n_tails, chain.t_pos
     # scope of every head: from the joint before it, else from the previous head
     head_pos = np.flatnonzero(is_head)
     hs = head_scope[head_pos]
