@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     from stepml_core.replay.simulate import StepServingModel, replay
     from stepml_core.replay.specs import physics_spec, serving_model
     from stepml_core.runs.real_data import assemble_real_runs
-    from stepml_core.sim.step_models import LinearStepTime
+    from stepml_core.stepmodels.sim_step_time import LinearStepTime
 
     with tempfile.TemporaryDirectory() as d:
         folders = assemble_real_runs(SHARED, Path(d))

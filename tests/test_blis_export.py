@@ -13,7 +13,6 @@ import polars as pl
 import pytest
 
 from stepml_core.calibration.params import StepParams
-from stepml_core.sim.step_models import LinearStepTime
 from stepml_core.stepmodels.blis import (
     BLIS_MODEL_SCHEMA,
     ExportError,
@@ -23,6 +22,7 @@ from stepml_core.stepmodels.blis import (
     validate_schema,
     write_exports,
 )
+from stepml_core.stepmodels.sim_step_time import LinearStepTime
 
 # ---------------------------------------------------------------------------- BLIS's rule, from the page alone
 

@@ -66,8 +66,8 @@ def test_calibrated_models_are_replayed_per_protocol_out_of_sample(study):
 
 
 def test_export_ships_the_calibrated_model_in_blis_format(study, tmp_path):
-    from stepml_core.sim.step_models import LinearStepTime
     from stepml_core.stepmodels.blis import validate_schema
+    from stepml_core.stepmodels.sim_step_time import LinearStepTime
 
     _, _, out, _ = study
     assert main(["export", "--format", "blis", "--study", str(out), "--out", str(tmp_path)]) == 0

@@ -101,3 +101,37 @@ def test_every_core_package_has_a_front_door():
         if d.is_dir() and d.name != "__pycache__" and not (d / "__init__.py").is_file()
     ]
     assert not bare and not missing, f"packages without a docstring front door: {bare}; without __init__.py: {missing}"
+
+
+# Two-way package edges that are known and argued in docs/architecture.md (*The core's packages*); a new one fails.
+KNOWN_TWO_WAY = {("calibration", "replay"), ("features", "stepmodels")}
+
+
+def package_edges(core: Path) -> set[tuple[str, str]]:
+    """(a, b) when a module of core package a imports one of package b (top-level modules count as packages)."""
+    import ast
+
+    edges = set()
+    for f in core.rglob("*.py"):
+        parts = f.relative_to(core).parts
+        me = parts[0] if len(parts) > 1 else parts[0][:-3]
+        for n in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith(core.name + "."):
+                other = n.module.split(".")[1]
+                if other != me:
+                    edges.add((me, other))
+    return edges
+
+
+def test_packages_import_one_way():
+    edges = package_edges(ROOT / "stepml_core")
+    two_way = {tuple(sorted(e)) for e in edges if (e[1], e[0]) in edges}
+    assert two_way <= KNOWN_TWO_WAY, f"packages importing each other: {sorted(two_way - KNOWN_TWO_WAY)}"
+
+
+def test_the_package_check_finds_a_two_way_edge(tmp_path):
+    core = tmp_path / "stepml_core"
+    for pkg, target in (("a", "b"), ("b", "a")):
+        (core / pkg).mkdir(parents=True)
+        (core / pkg / "m.py").write_text(f"def f():\n    from stepml_core.{target}.m import f\n")
+    assert {("a", "b"), ("b", "a")} <= package_edges(core)

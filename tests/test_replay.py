@@ -24,7 +24,7 @@ from stepml_core.replay.simulate import (
 from stepml_core.replay.specs import physics_spec, replay_run, serving_model
 from stepml_core.runs.request_log import RequestLogError, read_request_log
 from stepml_core.runs.rules import client_limits_s
-from stepml_core.sim.step_models import LinearStepTime, StepModelError
+from stepml_core.stepmodels.sim_step_time import LinearStepTime, StepModelError
 
 SHARED = SHARED_REAL.parent
 REQUESTS = SHARED_REAL / "requests"
@@ -479,8 +479,8 @@ def test_exported_model_sees_the_proxy_features_it_was_trained_on():
 
     from stepml_core.catalog import gpu_spec, known_model_names, model_spec
     from stepml_core.features.step_features import SEED_FEATURES, gpu_dict, spec_dict, step_table_features
-    from stepml_core.sim.step_models import ExportedStepTime
     from stepml_core.stepmodels import reference_predictor as rp
+    from stepml_core.stepmodels.sim_step_time import ExportedStepTime
 
     spec, gpu = model_spec("llama-2-70b"), gpu_spec()
     exported = {"model_spec": spec_dict(spec), "gpu_spec": gpu_dict(gpu), "tp": 4, "model_names": known_model_names()}

@@ -3,7 +3,7 @@
 Most people who want a step-time model have a load generator's request log (arrival, tokens,
 client-side TTFT and E2E per request), not an instrumented engine. :func:`calibrate` turns the
 request logs of some *calibration runs* of one LLM model into a BLIS StepML model file (BLIS's own
-feature names, evaluated by :class:`~stepml_core.sim.step_models.LinearStepTime`, so what StepML
+feature names, evaluated by :class:`~stepml_core.stepmodels.sim_step_time.LinearStepTime`, so what StepML
 replays is exactly what BLIS would read):
 
     step_us  = β0 + β_dec·decode_tokens + β_kv·kv_sum + β_pf·prefill_tokens + β_npf·num_prefill_reqs

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from stepml_core.replay.simulate import StepServingModel
-from stepml_core.sim.step_models import LinearStepTime
+from stepml_core.stepmodels.sim_step_time import LinearStepTime
 
 PARAM_NAMES = ("b0_us", "b_dec_us", "b_kv_us", "b_pf_us", "b_npf_us", "q0_us", "q1_us")
 PARAM_UNITS = {

@@ -36,7 +36,7 @@ import polars as pl
 
 from stepml_core.calibration.params import PARAM_NAMES, StepParams, serving_model
 from stepml_core.replay.simulate import RunContext, replay
-from stepml_core.sim.step_models import LinearStepTime
+from stepml_core.stepmodels.sim_step_time import LinearStepTime
 
 CONFORMAL_LEVEL = 0.90
 WIDENED_COLUMNS = {
@@ -166,7 +166,7 @@ class FeatureSums:
     KEYS = ("decode_tokens", "kv_sum", "prefill_tokens", "num_prefill_reqs")
 
     def __init__(self, inner: LinearStepTime):
-        from stepml_core.sim.step_models import blis_features
+        from stepml_core.stepmodels.sim_step_time import blis_features
 
         self.inner, self.name, self._feat = inner, inner.name, blis_features
         self.steps = 0

@@ -29,7 +29,7 @@ from stepml_core.runs.rules import CLIENT_TIMEOUT_S, client_limits_s
 from stepml_core.sim.arrivals import FixedArrivals
 from stepml_core.sim.engine import EngineCore, SchedulerConfig
 from stepml_core.sim.request import SimRequest
-from stepml_core.sim.timing import CycleClock, PhysicsClock
+from stepml_core.sim.timing import CycleClock
 
 __all__ = ["CLIENT_TIMEOUT_S"]  # re-exported: the constant lives in stepml_core.runs.rules
 REPLAY_METRICS = (
@@ -257,6 +257,7 @@ class PhysicsServingModel:
         self._api = api
 
     def clock(self, ctx: RunContext, rng: np.random.Generator):
+        from stepml_core.synth.physics_clock import PhysicsClock
         from stepml_core.synth.schedtime import ScheduleTimeModel
         from stepml_core.synth.spec import real_id_of
 

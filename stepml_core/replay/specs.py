@@ -36,9 +36,9 @@ from stepml_core.replay.simulate import (
     replay_workload,
     score_replay,
 )
-from stepml_core.sim.step_models import LinearStepTime
 from stepml_core.stepmodels.fitted import FittedStepModel
 from stepml_core.stepmodels.recipes import REGISTRY, replayed_names
+from stepml_core.stepmodels.sim_step_time import LinearStepTime
 
 # which fits are replayed is each recipe's `replayed_on` (stepml_core.stepmodels.recipes): of synthetic runs, the BLIS
 # blackbox form and the H1 model only (a replay of a full-size run costs 3-5 CPU-s with a linear model, 6-9 with the

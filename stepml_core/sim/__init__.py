@@ -6,14 +6,13 @@ model for replay). Pure Python + numpy; see docs/simulator.md.
 from stepml_core.sim.arrivals import FixedArrivals, StagedArrivals
 from stepml_core.sim.engine import BatchView, EngineCore, SchedulerConfig, SimResult
 from stepml_core.sim.request import SimRequest
-from stepml_core.sim.timing import CycleClock, PhysicsClock
+from stepml_core.sim.timing import CycleClock
 
 __all__ = [
     "BatchView",
     "CycleClock",
     "EngineCore",
     "FixedArrivals",
-    "PhysicsClock",
     "SchedulerConfig",
     "SimRequest",
     "SimResult",

@@ -11,7 +11,8 @@
   max(ŷ, floor_us), gives the simulator its step time (``step_time_model``), and BLIS's model file
   (``blis_form``) or `NoBlisForm` saying why not. Kinds: linear, log_linear, trees.
 * `estimators` fits them (scikit-learn, stored as plain numbers); `json_export` writes a fitted model for
-  simulators; `reference_predictor` predicts the built-in kinds in plain Python (stdlib only); `blis` ships
+  simulators; `reference_predictor` predicts the built-in kinds in plain Python (stdlib only); `sim_step_time`
+  turns a model file (BLIS's linear form or StepML's JSON) into the simulator's step time; `blis` ships
   BLIS-form models.
 
 Adding a model: one ``@register`` recipe class (in `recipes`, or any module imported before the study runs)

@@ -36,7 +36,7 @@ import polars as pl
 
 from stepml_core.errors import StepMLError
 from stepml_core.runs.rules import is_saturated
-from stepml_core.sim.step_models import BLIS_OPS, BLIS_QUEUE_FEATURES, BLIS_STEP_FEATURES
+from stepml_core.stepmodels.sim_step_time import BLIS_OPS, BLIS_QUEUE_FEATURES, BLIS_STEP_FEATURES
 
 BLIS_KINDS = ("blis_linear",)
 FLOAT_FIELDS = (

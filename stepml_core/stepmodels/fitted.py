@@ -80,7 +80,7 @@ class FittedStepModel:
     def step_time_model(self, *, kv_source: str, name: str):
         """The simulator's step-time model (sim.step_models.ExportedStepTime) of an exported model
         (stepmodels.json_export: the doc carries model_spec, gpu_spec, tp and model_names)."""
-        from stepml_core.sim.step_models import ExportedStepTime
+        from stepml_core.stepmodels.sim_step_time import ExportedStepTime
 
         return ExportedStepTime(self.doc, kv_source=kv_source, name=name, predict_features=self.predict_features)
 

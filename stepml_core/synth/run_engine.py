@@ -13,7 +13,7 @@ from stepml_core.sim.arrivals import StagedArrivals
 from stepml_core.sim.engine import EngineCore, SchedulerConfig, SimResult
 from stepml_core.sim.recorder import TraceRecorder
 from stepml_core.sim.request import SimRequest
-from stepml_core.sim.timing import PhysicsClock
+from stepml_core.synth.physics_clock import PhysicsClock
 from stepml_core.synth.schedtime import ScheduleTimeModel
 from stepml_core.synth.spec import RunSpec, engine_params
 from stepml_core.synth.workload import Workload
