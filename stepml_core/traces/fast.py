@@ -122,6 +122,31 @@ class _Chain:
         return len(self.t_pos)
 
 
+@dataclass(frozen=True)
+class _Owners:
+    """Who owns what: the scope of every span head (-1: none), each event's and tail's line and span (-1: none),
+    each span head's line."""
+
+    scope_of_head: np.ndarray
+    ev_line: np.ndarray
+    ev_span: np.ndarray
+    sp_line: np.ndarray
+    t_line: np.ndarray
+    t_span: np.ndarray
+
+
+@dataclass(frozen=True)
+class _SpanFields:
+    """Per span: events dropped, index of its tail (-1: none), position among the spans of its kind, start and end
+    times as (values, present)."""
+
+    dropped: np.ndarray
+    tail_idx: np.ndarray
+    pos_in_kind: np.ndarray
+    start: tuple[np.ndarray, np.ndarray]
+    end: tuple[np.ndarray, np.ndarray]
+
+
 def _fast_chunk(
     data: bytes,
     a: np.ndarray,
@@ -146,34 +171,12 @@ def _fast_chunk(
     events = _fc_events(ev_pos, ev_qi, sc)
     spans = _fc_spans(sc, sp_pos, sp_qi)
     chain = _fc_chain(lines, sc, events, spans)
-    ce, ev_code, groups, ne = events.cur, events.code, events.groups, events.n
-    ch, ns, sp_kind, span_groups = spans.cur, spans.n, spans.kind, spans.groups
-    ct, nt, scope_names = chain.tails, chain.n_tails, chain.scope_names
-    ev_line, ev_span, scope_of_head, sp_line, t_line, t_span = _fc_owners(lines, events, spans, chain)
-    fl, good_line = _fc_values(
-        bad, ce, ch, ct, ev_code, ev_line, groups, ne, ns, nt, sc, sp_kind, sp_line, span_groups, t_line
-    )
-    sp_dropped, sp_end_t, sp_start, tables = _fc_event_tables(
-        ev_code, ev_line, ev_span, first_line, fl, good_line, groups, ns, nt, span_groups, t_span
-    )
-    _fc_step_span_table(
-        ev_line,
-        ev_span,
-        first_line,
-        fl,
-        good_line,
-        ne,
-        ns,
-        sp_dropped,
-        sp_end_t,
-        sp_line,
-        sp_start,
-        span_groups,
-        tables,
-    )
-    return _fc_counters(
-        eligible, ev_code, ev_line, good_line, ne, ns, scope_names, scope_of_head, sp_dropped, sp_line, tables
-    )
+    owners = _fc_owners(lines, events, spans, chain)
+    fl, good_line = _fc_values(lines, sc, events, spans, chain, owners)
+    span_fields = _fc_span_fields(fl, spans, chain, owners)
+    tables = _fc_event_tables(events, owners, span_fields, fl, good_line, first_line)
+    _fc_step_span_table(events, spans, owners, span_fields, fl, good_line, first_line, tables)
+    return _fc_counters(lines, events, spans, chain, owners, span_fields, good_line, tables)
 
 
 def _fc_candidates(a, bad, body, data, ends, line_of, n, n_newlines, starts):
@@ -374,7 +377,7 @@ def _fc_joints(bad, data, ends, joint_cache, starts, LN, S, E, first, last, gap)
     return head_scope, scope_ids, scope_names
 
 
-def _fc_owners(lines: _Lines, events: _Events, spans: _Spans, chain: _Chain):
+def _fc_owners(lines: _Lines, events: _Events, spans: _Spans, chain: _Chain) -> _Owners:
     """Scope of every span head, the span that owns each event and tail; heads must fit their scope, events their
     span kind, all on their span's line (else the line is marked in ``lines.bad``)."""
     K, SRC, is_head, head_scope, scope_ids = chain.kind, chain.src, chain.is_head, chain.head_scope, chain.scope_ids
@@ -413,12 +416,16 @@ def _fc_owners(lines: _Lines, events: _Events, spans: _Spans, chain: _Chain):
         bad[ev_line[(ev_span < 0) | (sp_kind[sp_of] != _SPAN_OF_GROUP[ev_grp]) | (sp_line[sp_of] != ev_line)]] = True
     if nt:
         bad[t_line[(t_span < 0) | (sp_line[np.maximum(t_span, 0)] != t_line)]] = True
-    return ev_line, ev_span, scope_of_head, sp_line, t_line, t_span
+    return _Owners(scope_of_head, ev_line, ev_span, sp_line, t_line, t_span)
 
 
-def _fc_values(bad, ce, ch, ct, ev_code, ev_line, groups, ne, ns, nt, sc, sp_kind, sp_line, span_groups, t_line):
+def _fc_values(lines: _Lines, sc, events: _Events, spans: _Spans, chain: _Chain, owners: _Owners):
     """Values parsed for the rows of lines still in play; a value that does not parse, or an inconsistent journey
-    event, marks its line bad."""
+    event, marks its line bad. Returns (the fields parsed, the good-line mask)."""
+    bad, ce, ch, ct = lines.bad, events.cur, spans.cur, chain.tails
+    ev_code, groups, ne, ns, nt = events.code, events.groups, events.n, spans.n, chain.n_tails
+    sp_kind, span_groups = spans.kind, spans.groups
+    ev_line, sp_line, t_line = owners.ev_line, owners.sp_line, owners.t_line
     # ---- values: only for matched rows of lines still in play (span ids only for journey/api spans)
     keep = {"ev": ce.ok & ~bad[ev_line], "tail": ct.ok & ~bad[t_line]}
     keep_span = ch.ok & ~bad[sp_line]
@@ -485,9 +492,10 @@ def _span_number(fl, span_groups, ns, name: str):
     return vals, valid
 
 
-def _fc_span_fields(fl, ns, nt, span_groups, t_span):
+def _fc_span_fields(fl, spans: _Spans, chain: _Chain, owners: _Owners) -> _SpanFields:
     """Per span: events dropped and index of its tail (-1: none), position among the spans of its kind, start and
     end times [ns] as (values, present)."""
+    ns, nt, span_groups, t_span = spans.n, chain.n_tails, spans.groups, owners.t_span
     sp_dropped = np.zeros(ns, np.int64)
     tail_idx = np.full(ns, -1, np.int64)
     if nt:
@@ -498,7 +506,7 @@ def _fc_span_fields(fl, ns, nt, span_groups, t_span):
     for grp in span_groups.values():
         pos_in_kind[grp] = np.arange(len(grp))
     sp_start, sp_end_t = _span_number(fl, span_groups, ns, "start"), _span_number(fl, span_groups, ns, "end")
-    return sp_dropped, tail_idx, pos_in_kind, sp_start, sp_end_t
+    return _SpanFields(sp_dropped, tail_idx, pos_in_kind, sp_start, sp_end_t)
 
 
 def _fc_journey_cols(cols: dict, fl, sel, spn, label, sp_dropped) -> None:
@@ -528,9 +536,12 @@ def _fc_api_cols(cols: dict, fl, sel, spn, pk, tail_idx) -> None:
     cols["status_code"] = (code_vals[np.maximum(ti, 0)], code_ok[np.maximum(ti, 0)] & (ti >= 0))
 
 
-def _fc_event_tables(ev_code, ev_line, ev_span, first_line, fl, good_line, groups, ns, nt, span_groups, t_span):
+def _fc_event_tables(
+    events: _Events, owners: _Owners, sf: _SpanFields, fl, good_line: np.ndarray, first_line: int
+) -> dict[str, dict]:
     """Column arrays of the event tables (steps, snapshots, journey, api) of the verified lines."""
-    sp_dropped, tail_idx, pos_in_kind, sp_start, sp_end_t = _fc_span_fields(fl, ns, nt, span_groups, t_span)
+    ev_code, groups, ev_line, ev_span = events.code, events.groups, owners.ev_line, owners.ev_span
+    sp_dropped, tail_idx, pos_in_kind, sp_start, sp_end_t = sf.dropped, sf.tail_idx, sf.pos_in_kind, sf.start, sf.end
     ev_time = fl.number("ev", "time")
     tables: dict[str, dict] = {}
     for g, rows in groups.items():
@@ -569,25 +580,23 @@ def _fc_event_tables(ev_code, ev_line, ev_span, first_line, fl, good_line, group
                 cols["event"] = label
                 _fc_api_cols(cols, fl, sel, spn, pk, tail_idx)
                 tables["api"] = _columns("api", cols, len(er))
-    return sp_dropped, sp_end_t, sp_start, tables
+    return tables
 
 
 def _fc_step_span_table(
-    ev_line,
-    ev_span,
-    first_line,
+    events: _Events,
+    spans: _Spans,
+    owners: _Owners,
+    sf: _SpanFields,
     fl,
-    good_line,
-    ne,
-    ns,
-    sp_dropped,
-    sp_end_t,
-    sp_line,
-    sp_start,
-    span_groups,
-    tables,
-):
-    """The step_spans table of the verified lines."""
+    good_line: np.ndarray,
+    first_line: int,
+    tables: dict,
+) -> None:
+    """The step_spans table of the verified lines, added to ``tables``."""
+    ne, ns, span_groups = events.n, spans.n, spans.groups
+    ev_line, ev_span, sp_line = owners.ev_line, owners.ev_span, owners.sp_line
+    sp_dropped, sp_start, sp_end_t = sf.dropped, sf.start, sf.end
     rows = span_groups["step"]
     sel = np.flatnonzero(good_line[sp_line[rows]]) if rows.size else rows
     if sel.size:
@@ -611,9 +620,19 @@ def _fc_step_span_table(
 
 
 def _fc_counters(
-    eligible, ev_code, ev_line, good_line, ne, ns, scope_names, scope_of_head, sp_dropped, sp_line, tables
+    lines: _Lines,
+    events: _Events,
+    spans: _Spans,
+    chain: _Chain,
+    owners: _Owners,
+    sf: _SpanFields,
+    good_line: np.ndarray,
+    tables: dict,
 ):
-    """Spans per scope, dropped events and events per name over the verified lines."""
+    """Spans per scope, dropped events and events per name over the verified lines: (verified line mask, tables,
+    counters)."""
+    eligible, ev_code, ne, ns, scope_names = lines.eligible, events.code, events.n, spans.n, chain.scope_names
+    ev_line, sp_line, scope_of_head, sp_dropped = owners.ev_line, owners.sp_line, owners.scope_of_head, sf.dropped
     # ---- counters over verified lines
     cnt = _new_counters()
     if ns:
