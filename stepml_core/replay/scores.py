@@ -323,7 +323,7 @@ def provenance_lines(st: dict[str, dict]) -> list[str]:
         "**What each figure rests on.** Fit: `fitted_on` of each row of `replay.csv` (runs whose steps or request "
         "logs built the model). Model choice: the nested rule above. Calibration settings (stage-1 weights and the "
         "one-sided fit of saturated runs, the stage-2 loss and windows, the physics priors): constants in "
-        "`stepml_core/calibration/fit.py`, the same for every fold and run (docs/calibration.md, *Settings and what chose "
+        "`stepml_core/calibration/` (`fit`, `refine`), the same for every fold and run (docs/calibration.md, *Settings and what chose "
         "them*).",
         "",
     ]

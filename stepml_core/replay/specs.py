@@ -338,7 +338,7 @@ def replay_run(
 ) -> dict:
     """Replay one run with each spec: {'rows': replay.csv rows, 'per_request': {step model: table}, 'runs': details,
     'intervals': interval rows}. A request-calibrated spec (with ``bootstrap`` rows) that predicts the run out of
-    sample also gets an interval per metric (two more replays, stepml_core.calibration.fit.replay_interval)."""
+    sample also gets an interval per metric (two more replays, stepml_core.replay.intervals.replay_interval)."""
     w = workload or replay_workload(log.table, ctx, seed=seed)
     rows, per_request, details, interval_rows = [], {}, [], []
     obs = log.table.select("index", "observed_has_error", "observed_ttft_s", "observed_e2e_s")
