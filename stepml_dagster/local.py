@@ -406,15 +406,34 @@ def _study_jobs(instance, settings, folder_names: list[str], todo: list[str]) ->
 
 
 def _partition_phase(
-    jobs: PhaseJobs, instance, settings, folder_names, todo, refused: dict, workers: int, *, quiet: bool, verbose: bool
+    jobs: PhaseJobs,
+    instance,
+    settings,
+    folder_names,
+    todo,
+    refused: dict,
+    workers: int,
+    *,
+    quiet: bool,
+    verbose: bool,
+    clock: PhaseClock | None = None,
 ) -> tuple[list[str], dict]:
     """experiment_job over the `todo` partitions (`workers` at once, the pooled-fold prefit last).
     Returns (failed keys, {key: error}), the refused runs first; NoUsableRunsError when no run is usable, here or
     stored from an earlier run."""
     failed, errors = list(refused), dict(refused)
-    f, e = _run_partitions(
-        jobs.experiment, instance, settings, todo, workers, label="runs", quiet=quiet, verbose=verbose, prefit_last=True
-    )
+    with (clock or PhaseClock()).phase("runs"):
+        f, e = _run_partitions(
+            jobs.experiment,
+            instance,
+            settings,
+            todo,
+            workers,
+            label="runs",
+            quiet=quiet,
+            verbose=verbose,
+            prefit_last=True,
+        )
     failed += f
     errors.update(e)
     n = len(todo) + len(refused)
@@ -423,6 +442,13 @@ def _partition_phase(
             f"no usable run in {settings.data_dir}: all {n} run(s) failed (one line each above); no study was run"
         )
     return failed, errors
+
+
+def _result_line(study_ok: bool, study_err, n_ok: int, n: int, t0: float, out_dir) -> str:
+    return (
+        f"study: {'ok' if study_ok else 'FAILED: ' + str(study_err)}; {n_ok} of {n} "
+        f"experiment(s) in {time.perf_counter() - t0:.1f} s; outputs in {out_dir}"
+    )
 
 
 def run_study(
@@ -469,21 +495,13 @@ def run_study(
         say(f"Dagster instance: {home}")
         instance = dg.DagsterInstance.get()
         settings = StepMLSettings(data_dir=str(root), out_dir=str(out_dir), seed=seed)
-        jobs = _study_jobs(instance, settings, [f.name for f in folders], todo)
+        names = [f.name for f in folders]
+        jobs = _study_jobs(instance, settings, names, todo)
         t0 = time.perf_counter()
         workers = max(1, min(workers or 1, len(todo)))
-        with clock.phase("runs"):
-            failed, errors = _partition_phase(
-                jobs,
-                instance,
-                settings,
-                [f.name for f in folders],
-                todo,
-                refused,
-                workers,
-                quiet=quiet,
-                verbose=verbose,
-            )
+        failed, errors = _partition_phase(
+            jobs, instance, settings, names, todo, refused, workers, quiet=quiet, verbose=verbose, clock=clock
+        )
         release_freed_memory()
         r_failed, r_errors, study_ok, study_err = _study_chain(
             jobs,
@@ -498,11 +516,7 @@ def run_study(
         )
         failed += [k for k in r_failed if k not in failed]
         errors.update({k: v for k, v in r_errors.items() if k not in errors})
-        say(
-            f"study: {'ok' if study_ok else 'FAILED: ' + str(study_err)}; {len(keys) - len(failed)} of {len(keys)} "
-            f"experiment(s) in {time.perf_counter() - t0:.1f} s; outputs in {out_dir}",
-            err=False,
-        )
+        say(_result_line(study_ok, study_err, len(keys) - len(failed), len(keys), t0, out_dir), err=False)
         say(clock.summary())
     return {
         "experiments": keys,
