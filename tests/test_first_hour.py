@@ -434,3 +434,19 @@ def test_synth_log_has_one_line_per_run(tmp_path, capfd):
     assert [l.split("] ")[0] for l in err] == ["synth [1/2", "synth [2/2"], cap.err
     assert sorted(l.split("] ")[1] for l in err) == sorted(f"{r}-synth" for r in ids)
     assert lines(cap.out) == [f"wrote 2 run folder(s) under {tmp_path / 'runs'}"]
+
+
+def test_phase_clock_sums_wall_and_cpu_seconds_per_phase():
+    from stepml_core.progress import PhaseClock
+
+    clock = PhaseClock()
+    for _ in range(2):
+        with clock.phase("busy"):
+            sum(i * i for i in range(200_000))  # CPU time
+    with clock.phase("idle"):
+        pass
+    assert list(clock.phases) == ["busy", "idle"]
+    wall, cpu = clock.phases["busy"]
+    assert wall > 0 and cpu > 0 and clock.phases["idle"][1] >= 0
+    line = clock.summary()
+    assert line.startswith("phases (wall s / CPU s): busy ") and "; idle " in line and "; total " in line
