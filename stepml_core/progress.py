@@ -138,3 +138,47 @@ class Progress:
     def _write(self, line: str) -> None:
         self.stream.write(line + "\n")
         self.stream.flush()
+
+
+class PhaseClock:
+    """Wall and CPU seconds per phase of a long command (synth, runs, models, replay, study), and a summary line.
+
+    CPU seconds = user + system of this process and of its waited-for children (worker processes: their time
+    counts once they have exited, which every phase waits for), from ``resource.getrusage``; the sum over
+    phases is what ``/usr/bin/time`` reports for the command, less start-up.
+
+        clock = PhaseClock()
+        with clock.phase("synth"):
+            ...
+        clock.summary()   # "phases (wall s / CPU s): synth 95.1 / 180.4; total 95.1 / 180.4"
+    """
+
+    def __init__(self):
+        self.phases: dict[str, tuple[float, float]] = {}  # name -> (wall s, CPU s), summed over its entries
+
+    @staticmethod
+    def cpu_s() -> float:
+        """User + system seconds of this process and its waited-for children so far."""
+        import resource
+
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def phase(self, name: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def timed():
+            w0, c0 = time.perf_counter(), self.cpu_s()
+            try:
+                yield
+            finally:
+                w, c = self.phases.get(name, (0.0, 0.0))
+                self.phases[name] = (w + time.perf_counter() - w0, c + self.cpu_s() - c0)
+
+        return timed()
+
+    def summary(self) -> str:
+        parts = [f"{n} {w:.1f} / {c:.1f}" for n, (w, c) in self.phases.items()]
+        wall, cpu = sum(w for w, _ in self.phases.values()), sum(c for _, c in self.phases.values())
+        return f"phases (wall s / CPU s): {'; '.join(parts)}; total {wall:.1f} / {cpu:.1f}"

@@ -44,7 +44,7 @@ import dagster as dg
 
 from stepml_core import pipeline
 from stepml_core.errors import NoUsableRunsError, StepMLError, UsageError
-from stepml_core.progress import make_progress
+from stepml_core.progress import PhaseClock, make_progress
 from stepml_core.runs.folders import RUN_FOLDER_CONTENTS, find_trace_file
 
 PARTITIONS_PER_WORKER = 4  # `stepml run --workers N`: partitions a worker process runs before it is replaced
@@ -296,6 +296,7 @@ def _choose_runs(
     quiet: bool,
     verbose: bool,
     say,
+    clock: PhaseClock | None = None,
 ) -> tuple[Path, list[Path], list, list[str], dict[str, str]]:
     """(data root, run folders, rejected entries, chosen keys, {refused key: why}). Nothing is written before run
     folders are found: with none, synth_if_empty synthesizes the 16 runs into data_dir, otherwise UsageError; a
@@ -308,7 +309,8 @@ def _choose_runs(
         say(
             f"No run folders in {root}: synthesizing the 16 runs modelled on the H100 study (scale {scale}, seed {seed}) ..."
         )
-        synthesize(root, None, scale=scale, seed=seed, quiet=quiet)
+        with (clock or PhaseClock()).phase("synth"):
+            synthesize(root, None, scale=scale, seed=seed, quiet=quiet)
         folders, rejected = discover_run_folders(root)
     if not folders:
         if verbose:
@@ -335,7 +337,16 @@ def _choose_runs(
 
 
 def _study_chain(
-    jobs: PhaseJobs, instance, settings, done: list[str], workers: int, *, quiet: bool, verbose: bool, say
+    jobs: PhaseJobs,
+    instance,
+    settings,
+    done: list[str],
+    workers: int,
+    *,
+    quiet: bool,
+    verbose: bool,
+    say,
+    clock: PhaseClock | None = None,
 ) -> tuple[list[str], dict[str, str], bool, str | None]:
     """The study after the partitions: models_job, then replay_job for each run in `done` with a stored request
     log (a run that failed just now keeps an older stored log, not replayed) and for each other run whose stored
@@ -343,9 +354,11 @@ def _study_chain(
     current), then study_job. Returns (failed replays, their errors, study ok, study error)."""
     from .io_manager import ParquetIOManager
 
-    res_models = jobs.models.execute_in_process(
-        instance=instance, raise_on_error=False, run_config=_run_config(verbose)
-    )
+    clock = clock or PhaseClock()
+    with clock.phase("models"):
+        res_models = jobs.models.execute_in_process(
+            instance=instance, raise_on_error=False, run_config=_run_config(verbose)
+        )
     if not res_models.success:
         say(f"models: FAILED: {run_error(res_models)}")
     io = ParquetIOManager(base_dir=str(settings.assets_dir()))
@@ -354,11 +367,13 @@ def _study_chain(
     )
     failed, errors = [], {}
     if res_models.success and with_logs:
-        failed, errors = _run_partitions(
-            jobs.replay, instance, settings, with_logs, workers, label="replay", quiet=quiet, verbose=verbose
-        )
+        with clock.phase("replay"):
+            failed, errors = _run_partitions(
+                jobs.replay, instance, settings, with_logs, workers, label="replay", quiet=quiet, verbose=verbose
+            )
     release_freed_memory()
-    res = jobs.study.execute_in_process(instance=instance, raise_on_error=False, run_config=_run_config(verbose))
+    with clock.phase("study"):
+        res = jobs.study.execute_in_process(instance=instance, raise_on_error=False, run_config=_run_config(verbose))
     return failed, errors, res.success and res_models.success, run_error(res_models) or run_error(res)
 
 
@@ -391,15 +406,34 @@ def _study_jobs(instance, settings, folder_names: list[str], todo: list[str]) ->
 
 
 def _partition_phase(
-    jobs: PhaseJobs, instance, settings, folder_names, todo, refused: dict, workers: int, *, quiet: bool, verbose: bool
+    jobs: PhaseJobs,
+    instance,
+    settings,
+    folder_names,
+    todo,
+    refused: dict,
+    workers: int,
+    *,
+    quiet: bool,
+    verbose: bool,
+    clock: PhaseClock | None = None,
 ) -> tuple[list[str], dict]:
     """experiment_job over the `todo` partitions (`workers` at once, the pooled-fold prefit last).
     Returns (failed keys, {key: error}), the refused runs first; NoUsableRunsError when no run is usable, here or
     stored from an earlier run."""
     failed, errors = list(refused), dict(refused)
-    f, e = _run_partitions(
-        jobs.experiment, instance, settings, todo, workers, label="runs", quiet=quiet, verbose=verbose, prefit_last=True
-    )
+    with (clock or PhaseClock()).phase("runs"):
+        f, e = _run_partitions(
+            jobs.experiment,
+            instance,
+            settings,
+            todo,
+            workers,
+            label="runs",
+            quiet=quiet,
+            verbose=verbose,
+            prefit_last=True,
+        )
     failed += f
     errors.update(e)
     n = len(todo) + len(refused)
@@ -408,6 +442,13 @@ def _partition_phase(
             f"no usable run in {settings.data_dir}: all {n} run(s) failed (one line each above); no study was run"
         )
     return failed, errors
+
+
+def _result_line(study_ok: bool, study_err, n_ok: int, n: int, t0: float, out_dir) -> str:
+    return (
+        f"study: {'ok' if study_ok else 'FAILED: ' + str(study_err)}; {n_ok} of {n} "
+        f"experiment(s) in {time.perf_counter() - t0:.1f} s; outputs in {out_dir}"
+    )
 
 
 def run_study(
@@ -436,6 +477,7 @@ def run_study(
     from .resources import StepMLSettings
 
     say = _say(quiet)
+    clock = PhaseClock()
     root, folders, rejected, keys, refused = _choose_runs(
         data_dir,
         experiments,
@@ -445,6 +487,7 @@ def run_study(
         quiet=quiet,
         verbose=verbose,
         say=say,
+        clock=clock,
     )
     todo = [k for k in keys if k not in refused]
     # one stepml run per output folder, taken once the runs are known (nothing written before): a second one fails at once
@@ -452,11 +495,12 @@ def run_study(
         say(f"Dagster instance: {home}")
         instance = dg.DagsterInstance.get()
         settings = StepMLSettings(data_dir=str(root), out_dir=str(out_dir), seed=seed)
-        jobs = _study_jobs(instance, settings, [f.name for f in folders], todo)
+        names = [f.name for f in folders]
+        jobs = _study_jobs(instance, settings, names, todo)
         t0 = time.perf_counter()
         workers = max(1, min(workers or 1, len(todo)))
         failed, errors = _partition_phase(
-            jobs, instance, settings, [f.name for f in folders], todo, refused, workers, quiet=quiet, verbose=verbose
+            jobs, instance, settings, names, todo, refused, workers, quiet=quiet, verbose=verbose, clock=clock
         )
         release_freed_memory()
         r_failed, r_errors, study_ok, study_err = _study_chain(
@@ -468,14 +512,12 @@ def run_study(
             quiet=quiet,
             verbose=verbose,
             say=say,
+            clock=clock,
         )
         failed += [k for k in r_failed if k not in failed]
         errors.update({k: v for k, v in r_errors.items() if k not in errors})
-        say(
-            f"study: {'ok' if study_ok else 'FAILED: ' + str(study_err)}; {len(keys) - len(failed)} of {len(keys)} "
-            f"experiment(s) in {time.perf_counter() - t0:.1f} s; outputs in {out_dir}",
-            err=False,
-        )
+        say(_result_line(study_ok, study_err, len(keys) - len(failed), len(keys), t0, out_dir), err=False)
+        say(clock.summary())
     return {
         "experiments": keys,
         "failed": failed,
@@ -485,6 +527,7 @@ def run_study(
         "study_error": study_err,
         "out_dir": str(out_dir),
         "dagster_home": str(home),
+        "phases": dict(clock.phases),
     }
 
 

@@ -157,11 +157,14 @@ def test_one_line_per_failing_run_and_the_study_goes_on(small_run, tmp_path, cap
     [good_line] = [l for l in err if good in l and l.startswith("runs [")]
     assert ": ok (" in good_line
     assert not re.search(r"Traceback|Stack Trace|dagster - ERROR", cap.out + cap.err)
-    # nothing else: the instance's place and one line per run and phase (runs, calibrations from the request logs,
-    # replay of the request logs)
+    # nothing else: the instance's place, one line per run and phase (runs, calibrations from the request logs,
+    # replay of the request logs) and the phases' wall and CPU seconds
     assert all(
-        l == bad_line or l.startswith(("Dagster instance: ", "runs [", "calibration [", "replay [")) for l in err
+        l == bad_line or l.startswith(("Dagster instance: ", "runs [", "calibration [", "replay [", "phases ("))
+        for l in err
     ), cap.err
+    [phases] = [l for l in err if l.startswith("phases (")]
+    assert all(f"{p} " in phases for p in ("runs", "models", "replay", "study", "total")), phases
     assert len(lines(cap.out)) == 2, cap.out
     assert "study: ok; 1 of 3 experiment(s)" in cap.out
     assert (tmp_path / "out" / "report.md").is_file()
@@ -434,3 +437,19 @@ def test_synth_log_has_one_line_per_run(tmp_path, capfd):
     assert [l.split("] ")[0] for l in err] == ["synth [1/2", "synth [2/2"], cap.err
     assert sorted(l.split("] ")[1] for l in err) == sorted(f"{r}-synth" for r in ids)
     assert lines(cap.out) == [f"wrote 2 run folder(s) under {tmp_path / 'runs'}"]
+
+
+def test_phase_clock_sums_wall_and_cpu_seconds_per_phase():
+    from stepml_core.progress import PhaseClock
+
+    clock = PhaseClock()
+    for _ in range(2):
+        with clock.phase("busy"):
+            sum(i * i for i in range(200_000))  # CPU time
+    with clock.phase("idle"):
+        pass
+    assert list(clock.phases) == ["busy", "idle"]
+    wall, cpu = clock.phases["busy"]
+    assert wall > 0 and cpu > 0 and clock.phases["idle"][1] >= 0
+    line = clock.summary()
+    assert line.startswith("phases (wall s / CPU s): busy ") and "; idle " in line and "; total " in line

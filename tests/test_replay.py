@@ -661,3 +661,47 @@ def test_a_model_fitted_on_a_runs_synthetic_twin_is_in_sample_for_it():
     assert sample_of(other, x, None) == "out_of_sample"
     assert specs_for_run([twin, other], x, "llama-2-7b")[0]["source_run"] == "r-other"  # despite fewer steps
     assert specs_for_run([twin], x, "llama-2-7b")[0]["source_run"] == x + "-synth"  # the only one: in sample
+
+
+def test_linear_step_model_on_the_feature_tuple_is_the_dict_path_bit_for_bit():
+    """LinearStepTime.step_time_us (feature tuple) and FeatureSums give exactly what predict_features_us on
+    blis_features' dict gives, for every option of a BLIS file that the tuple path serves."""
+    from types import SimpleNamespace
+
+    from stepml_core.calibration.fit import FeatureSums
+    from stepml_core.stepmodels.sim_step_time import BLIS_STEP_FEATURES, blis_features
+
+    rng = np.random.default_rng(7)
+    names = [f for f in BLIS_STEP_FEATURES if f not in ("kv_max", "kv_std")]
+    docs = [
+        {"step_time": {"model_type": "linear", "intercept": 5000.5, "feature_coefficients": {"decode_tokens": 31.7}}},
+        {
+            "step_time": {
+                "model_type": "linear",
+                "intercept": 7.1,
+                "feature_coefficients": {n: float(rng.normal(0, 1e-3)) for n in names},
+                "output_transform": "expm1",
+            },
+            "step_overhead_us": 900.0,
+            "step_overhead_per_req_us": 3.3,
+        },
+    ]
+    for doc in docs:
+        m = LinearStepTime({"version": 1, **doc})
+        assert m.reads_values
+        sums = FeatureSums(LinearStepTime({"version": 1, **doc}))
+        for _ in range(300):
+            chunks = tuple(
+                (int(rng.integers(1, 600)), int(rng.integers(0, 3000)), int(rng.integers(1, 3000)))
+                for _ in range(int(rng.integers(0, 4)))
+            )
+            n_dec = int(rng.integers(0, 200))
+            new = sum(q for q, _, _ in chunks)
+            b = SimpleNamespace(
+                scheduled_tokens=n_dec + new,
+                new_prompt_tokens=new,
+                chunks=chunks,
+                decode_context_tokens=n_dec * int(rng.integers(1, 4000)),
+            )
+            want = m.predict_features_us(blis_features(b))
+            assert m.step_time_us(b) == want and sums.step_time_us(b) == want

@@ -166,13 +166,22 @@ class FeatureSums:
     KEYS = ("decode_tokens", "kv_sum", "prefill_tokens", "num_prefill_reqs")
 
     def __init__(self, inner: LinearStepTime):
-        from stepml_core.stepmodels.sim_step_time import blis_features
+        from stepml_core.stepmodels.sim_step_time import BLIS_STEP_FEATURES, blis_feature_values, blis_features
 
         self.inner, self.name, self._feat = inner, inner.name, blis_features
+        self._values = blis_feature_values if inner.reads_values else None  # the same sums without the dict
+        self._at = tuple(BLIS_STEP_FEATURES.index(k) for k in self.KEYS)
         self.steps = 0
         self.sums = dict.fromkeys(self.KEYS, 0.0)
 
     def step_time_us(self, b) -> float:
+        if self._values is not None:
+            v = self._values(b)
+            self.steps += 1
+            s = self.sums
+            for k, i in zip(self.KEYS, self._at):
+                s[k] += v[i]
+            return self.inner.predict_values_us(v)
         f = self._feat(b, self.inner.needs_requests)
         self.steps += 1
         s = self.sums

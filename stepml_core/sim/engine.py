@@ -167,17 +167,29 @@ class EngineCore:
         self._gpu_end_prev_s = 0.0
         self._last_ts_ns = None
         N, next_prog = 0, 0
+        reqs, heap = self.reqs, self.abort_heap
+        enqueue, aborts, schedule, finish = (
+            self._enqueue_arrivals,
+            self._apply_client_aborts,
+            self._schedule,
+            self._finish_step,
+        )
         while True:
-            self._enqueue_arrivals(now_s, N)
-            self._apply_client_aborts(now_s, N)
+            # the two input phases are called only when they have something to do (the per-step hot path)
+            if self.ai < n_req:
+                v = reqs[self.ai].visible
+                if v == 0.0 or v <= now_s:  # not yet timed (visibility is set on first sight), or due
+                    enqueue(now_s, N)
+            if heap and heap[0][0] <= now_s:
+                aborts(now_s, N)
             if not self.running and not self.waiting:
                 now_s = self._idle(now_s)
                 if now_s is None:
                     break
                 continue
             N += 1
-            b = self._schedule(N, int(now_s * 1e9))
-            now_s = self._finish_step(N, b)
+            b = schedule(N, int(now_s * 1e9))
+            now_s = finish(N, b)
             if self.progress is not None and self.ai >= next_prog:
                 self.progress(self.ai / max(1, n_req))
                 next_prog = self.ai + max(1, n_req // 50)

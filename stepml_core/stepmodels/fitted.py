@@ -78,7 +78,7 @@ class FittedStepModel:
         return float(self.predict(np.array([[feats[f] for f in self.features]], dtype=float))[0])
 
     def step_time_model(self, *, kv_source: str, name: str):
-        """The simulator's step-time model (sim.step_models.ExportedStepTime) of an exported model
+        """The simulator's step-time model (stepmodels.sim_step_time.ExportedStepTime) of an exported model
         (stepmodels.json_export: the doc carries model_spec, gpu_spec, tp and model_names)."""
         from stepml_core.stepmodels.sim_step_time import ExportedStepTime
 

@@ -46,8 +46,9 @@ class StepModelError(ValueError):
     """A step-time model file that cannot be used (names the file/field)."""
 
 
-def blis_features(b, needs_requests: bool = False) -> dict[str, float]:
-    """BLIS's step features of a batch (blis-stepml-format.md §1).
+def blis_feature_values(b) -> tuple[float, ...]:
+    """BLIS's step features of a batch as a tuple in BLIS_STEP_FEATURES order (blis-stepml-format.md §1), kv_max and
+    kv_std 0 (they need every request: blis_features).
 
     O(1) from the engine's sums: decoders contribute PI = context − 1 each (Σ PI = Σ context − n);
     prompt chunks contribute their tokens computed before the step."""
@@ -67,21 +68,16 @@ def blis_features(b, needs_requests: bool = False) -> dict[str, float]:
     n_req = n_dec + pf_n + dx_n
     kv_sum = float(b.decode_context_tokens - n_dec + pi_chunks)
     kv_mean = kv_sum / n_req if n_req else 0.0
-    f = {
-        "prefill_tokens": P,
-        "decode_tokens": D,
-        "num_prefill_reqs": float(pf_n),
-        "num_decode_reqs": float(n_dec + dx_n),
-        "scheduled_tokens": P + D,
-        "kv_sum": kv_sum,
-        "kv_mean": kv_mean,
-        "prefill_x_decode": P * D,
-        "decode_x_kv_mean": (n_dec + dx_n) * kv_mean,
-        "prefill_sq": P * P,
-        "kv_max": 0.0,
-        "kv_std": 0.0,
-    }
-    if needs_requests and n_req:
+    n_decode = float(n_dec + dx_n)
+    return (P, D, float(pf_n), n_decode, P + D, kv_sum, 0.0, kv_mean, 0.0, P * D, n_decode * kv_mean, P * P)
+
+
+def blis_features(b, needs_requests: bool = False) -> dict[str, float]:
+    """BLIS's step features of a batch by name (blis_feature_values), with kv_max and kv_std over every scheduled
+    request when ``needs_requests``."""
+    v = blis_feature_values(b)
+    f = dict(zip(BLIS_STEP_FEATURES, v))
+    if needs_requests and b.scheduled_tokens - b.new_prompt_tokens + len(b.chunks):
         pis = [r[0] for r in b.requests()]
         f["kv_max"] = float(max(pis))
         if len(pis) > 1:
@@ -165,6 +161,16 @@ class LinearStepTime:
         for cond, m in self.regimes:
             used |= set(m.coefficients) | ({cond["feature"]} if cond else set())
         self.needs_requests = bool(used & NEEDS_ALL_REQUESTS)
+        # one linear model over known features (every calibrated model, blackbox_2f): evaluated on the feature tuple
+        # with the same operations in the same order as predict_features_us, so the same float, without the dict
+        self._terms = None
+        if (
+            self.step is not None
+            and not self.regimes
+            and not self.needs_requests
+            and set(used) <= set(BLIS_STEP_FEATURES)
+        ):
+            self._terms = tuple((BLIS_STEP_FEATURES.index(k), w) for k, w in self.step.coefficients.items())
 
     @staticmethod
     def _holds(cond: dict | None, f: dict) -> bool:
@@ -190,7 +196,27 @@ class LinearStepTime:
             p += self.overhead_per_req_us * (f["num_prefill_reqs"] + f["num_decode_reqs"])
         return max(p, 1.0)
 
+    def predict_values_us(self, v: tuple) -> float:
+        """predict_features_us on blis_feature_values' tuple (a model without regimes or per-request features)."""
+        p = self.step.intercept
+        for i, w in self._terms:
+            p += w * v[i]
+        if self.step.transform == "expm1":
+            p = math.expm1(p)
+        if self.overhead_us > 0:
+            p = min(max(p, self.overhead_us), 3 * self.overhead_us)
+        if self.overhead_per_req_us > 0:
+            p += self.overhead_per_req_us * (v[2] + v[3])
+        return max(p, 1.0)
+
+    @property
+    def reads_values(self) -> bool:
+        """Whether predict_values_us applies (one linear model over features blis_feature_values computes)."""
+        return self._terms is not None
+
     def step_time_us(self, b) -> float:
+        if self._terms is not None:
+            return self.predict_values_us(blis_feature_values(b))
         return self.predict_features_us(blis_features(b, self.needs_requests))
 
     def queueing_us(self, input_len: float) -> float:
