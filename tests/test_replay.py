@@ -668,7 +668,7 @@ def test_linear_step_model_on_the_feature_tuple_is_the_dict_path_bit_for_bit():
     blis_features' dict gives, for every option of a BLIS file that the tuple path serves."""
     from types import SimpleNamespace
 
-    from stepml_core.calibration.fit import FeatureSums
+    from stepml_core.replay.intervals import FeatureSums
     from stepml_core.stepmodels.sim_step_time import BLIS_STEP_FEATURES, blis_features
 
     rng = np.random.default_rng(7)
