@@ -22,10 +22,12 @@ from .replay_assets import (
     replay,
     replay_fidelity,
     replay_models,
+    replay_status,
     request_calibration,
     request_log,
 )
 from .resources import StepMLSettings
+from .status import FAILED, all_current_check, not_current, run_statuses, status_metadata, stored_fingerprints
 
 
 def _lineage(meta: dict) -> dict:
@@ -290,10 +292,10 @@ def method_checks(
         ),
     },
 )
-def pooled_models(context: dg.AssetExecutionContext, settings: StepMLSettings, feature_matrix, split):
-    """Both sets of pooled folds in one thread pool; unchanged folds reuse their stored fit."""
-    left_out = runs_left_out(settings, context.instance, list(feature_matrix))
-    matrices = pooled_matrices(settings, feature_matrix, split, exclude=set(left_out))
+def pooled_models(settings: StepMLSettings, feature_matrix, split, run_status: dict):
+    """Both sets of pooled folds in one thread pool; unchanged folds reuse their stored fit. Runs not current
+    (run_status) are left out."""
+    matrices = pooled_matrices(settings, feature_matrix, split, exclude=set(not_current(run_status)))
     out = study.fit_study_pooled(
         matrices, seed=settings.seed, threads=settings.fit_threads, caches=settings.fold_caches()
     )
@@ -318,31 +320,36 @@ def pooled_matrices(
     return {e: study.with_split(feature_matrix[e], split[e]) for e in sorted(present)}
 
 
-def runs_left_out(settings: StepMLSettings, instance, keys: list[str]) -> dict[str, dict]:
-    """Stored partitions the study must not use: latest run failed, or run folder changed since (health.py);
-    plus registered partitions whose latest run failed with nothing stored. {run: {status, reason, run_id}}."""
-    from .health import failed_without_results, study_exclusions
-    from .io_manager import ParquetIOManager
-
-    summaries = ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions("run_summary", list(keys))
-    stored = {}
-    for k in summaries:
-        r = summaries[k]
-        stored[k] = (r.get("files"), r.get("data_version"))
-    out = study_exclusions(instance, settings.data_root(), stored)
-    registered = instance.get_dynamic_partitions("experiment") if instance is not None else []
-    out.update(failed_without_results(instance, list(registered), set(stored), settings.data_root()))
-    return out
+@dg.asset(
+    group_name="study",
+    description="Each run current, stale (its run folder changed since its results were stored: which files) or "
+    "failed (which step, the error), as Dagster's partition status and the run folders show it now. Every study "
+    "asset leaves out the runs that are not current and the report lists them.",
+    check_specs=[
+        dg.AssetCheckSpec(
+            "runs_current", asset="run_status", description="Every run is current (warns naming the others)."
+        )
+    ],
+)
+def run_status(context: dg.AssetExecutionContext, settings: StepMLSettings, run_summary, request_log):
+    keys = [k for a in PARTITIONED_ASSETS for k in a.keys]
+    stored = stored_fingerprints(run_summary, request_log)
+    statuses = run_statuses(context.instance, settings.data_root(), experiment_partitions, keys, stored)
+    out = {k: v.as_dict() for k, v in statuses.items()}
+    yield dg.Output(out, metadata=status_metadata(out, "experiment"))
+    yield all_current_check(out, "runs_current", "run_status")
 
 
 @dg.asset(
     group_name="synthetic",
     description="Synthetic runs against the real runs they stand for: public latency/throughput figures and step-level quantiles.",
 )
-def calibration(context: dg.AssetExecutionContext, settings: StepMLSettings, run_summary, step_table) -> dict:
+def calibration(
+    context: dg.AssetExecutionContext, settings: StepMLSettings, run_summary, step_table, run_status: dict
+) -> dict:
     from stepml_core.synth.against_real import calibration_tables
 
-    left_out = runs_left_out(settings, context.instance, list(run_summary))
+    left_out = not_current(run_status)
     runs = [r for e, r in run_summary.items() if e not in left_out]
     out = calibration_tables(
         runs,
@@ -379,8 +386,10 @@ def study_report(
     method_checks,
     replay_fidelity,
     calibration_fidelity,
+    run_status: dict,
 ) -> dict:
-    left_out = runs_left_out(settings, context.instance, list(run_summary))  # failed or stale: results not current
+    # failed or stale: results not current (a stale run without step results is the replay's to list)
+    left_out = {e: r for e, r in not_current(run_status).items() if e in run_summary or r["status"] == FAILED}
     present = sorted(
         e for e in run_summary if e not in left_out
     )  # the partitions, less those left out, in a fixed order
@@ -445,8 +454,8 @@ STEP_ASSETS = [
 ]
 # the pipeline's four phases (a job each): partitions → study-level models → replays per partition → report
 PARTITIONED_ASSETS = [*STEP_ASSETS, request_log]  # experiment_job
-MODEL_ASSETS = [pooled_models, calibration, request_calibration, replay_models]  # models_job
+MODEL_ASSETS = [run_status, pooled_models, calibration, request_calibration, replay_models]  # models_job
 REPLAY_ASSETS = [replay]  # replay_job (partitioned: reads the study-level replay_models)
-REPORT_ASSETS = [replay_fidelity, calibration_fidelity, study_report]  # study_job
+REPORT_ASSETS = [replay_status, replay_fidelity, calibration_fidelity, study_report]  # study_job
 STUDY_ASSETS = [*MODEL_ASSETS, *REPORT_ASSETS]  # every unpartitioned asset
 ALL_ASSETS = [*PARTITIONED_ASSETS, *MODEL_ASSETS, *REPLAY_ASSETS, *REPORT_ASSETS]
