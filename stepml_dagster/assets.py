@@ -209,15 +209,6 @@ def feature_matrix(
 
 
 @dg.asset(
-    **PART,
-    group_name="beyond_h1",
-    description="Teacher-forced E2E: each cycle_us model predicts every step; per-request sums vs observed TTFT, decode interval, E2E.",
-)
-def e2e_fidelity(raw_traces: dict, trace_journey: pl.DataFrame, request_context, fitted_models) -> dict:
-    return pipeline.e2e_fidelity(raw_traces, trace_journey, request_context, fitted_models)
-
-
-@dg.asset(
     **PART, group_name="features", description="Temporal 60/20/20 split by step id, with the load stage of each row."
 )
 def split(context: dg.AssetExecutionContext, raw_traces: dict, step_table: pl.DataFrame) -> pl.DataFrame:
@@ -226,58 +217,119 @@ def split(context: dg.AssetExecutionContext, raw_traces: dict, step_table: pl.Da
     return s
 
 
-@dg.asset(
-    **PART, group_name="models", description="Per-experiment fitted models per target, as plain JSON coefficients."
+def _model_out(group: str, description: str, *deps: str) -> tuple[dg.AssetOut, set[dg.AssetKey]]:
+    return dg.AssetOut(group_name=group, description=description), {dg.AssetKey(d) for d in deps}
+
+
+EXPERIMENT_MODEL_OUTS = {  # output: (AssetOut, the assets it is computed from: the graph's edges)
+    "fitted_models": _model_out(
+        "models", "Per-experiment fitted models per target, as plain JSON coefficients.", "feature_matrix", "split"
+    ),
+    "predictions": _model_out(
+        "models",
+        "Per-step predictions of every per-experiment model on every split.",
+        "feature_matrix",
+        "split",
+        "fitted_models",
+    ),
+    "metrics": _model_out(
+        "models", "n, MAPE, median/p90 APE, Pearson r, MSPE per target × model × split.", "predictions"
+    ),
+    "run_summary": _model_out(
+        "study",
+        "Small per-run record for the study report (lineage, counts, KV sources).",
+        "raw_traces",
+        "step_table",
+        "quarantine",
+        "feature_matrix",
+    ),
+    "ablation": _model_out(
+        "beyond_h1",
+        "Test MAPE of ridge_30f with all features, without each feature group, and with only it.",
+        "feature_matrix",
+        "split",
+    ),
+    "e2e_fidelity": _model_out(
+        "beyond_h1",
+        "Teacher-forced E2E: each cycle_us model predicts every step; per-request sums vs observed TTFT, "
+        "decode interval, E2E.",
+        "raw_traces",
+        "trace_journey",
+        "request_context",
+        "fitted_models",
+    ),
+    "method_checks": _model_out(
+        "study",
+        "Method checks: each block's load-stage mix under temporal / stage-matched / random splits and the H1 "
+        "models under each, the cycle rule's effect, batch N vs N−1 features for cycle_us, alpha at the grid ends.",
+        "step_table",
+        "feature_matrix",
+        "split",
+        "fitted_models",
+    ),
+}
+
+
+@dg.multi_asset(
+    **PART,
+    can_subset=False,
+    outs={name: out for name, (out, _) in EXPERIMENT_MODEL_OUTS.items()},
+    internal_asset_deps={name: deps for name, (_, deps) in EXPERIMENT_MODEL_OUTS.items()},
 )
-def fitted_models(feature_matrix: pl.DataFrame, split: pl.DataFrame) -> dict:
-    return study.fit_experiment(study.with_split(feature_matrix, split))
-
-
-@dg.asset(**PART, group_name="models", description="Per-step predictions of every per-experiment model on every split.")
-def predictions(feature_matrix: pl.DataFrame, split: pl.DataFrame, fitted_models) -> pl.DataFrame:
-    return study.predict_experiment(study.with_split(feature_matrix, split), fitted_models)
-
-
-@dg.asset(
-    **PART, group_name="models", description="n, MAPE, median/p90 APE, Pearson r, MSPE per target × model × split."
-)
-def metrics(context: dg.AssetExecutionContext, predictions: pl.DataFrame) -> pl.DataFrame:
-    m = study.metrics_from_predictions(predictions)
+def experiment_models(
+    settings: StepMLSettings,
+    raw_traces: dict,
+    step_table: pl.DataFrame,
+    quarantine: pl.DataFrame,
+    feature_matrix: pl.DataFrame,
+    split: pl.DataFrame,
+    request_context,
+    trace_journey: pl.DataFrame,
+):
+    """One experiment's models, scores and checks in one step (seven assets, each stored and shown with its own
+    lineage): one step's events and input loads instead of seven (docs/architecture.md, Steps and lineage)."""
+    data = study.with_split(feature_matrix, split)
+    fitted = fitted_models(feature_matrix, split, data)
+    yield dg.Output(fitted, "fitted_models")
+    pred = predictions(feature_matrix, split, fitted, data)
+    yield dg.Output(pred, "predictions")
+    m = metrics(pred)
     test = m.filter(pl.col("split") == "test").select("target", "model", "n", "mape_pct")
-    context.add_output_metadata({"test": dg.MetadataValue.md(_md(test))})
-    return m
+    yield dg.Output(m, "metrics", metadata={"test": dg.MetadataValue.md(_md(test))})
+    yield dg.Output(run_summary(raw_traces, step_table, quarantine, feature_matrix), "run_summary")
+    yield dg.Output(ablation(feature_matrix, split, data), "ablation")
+    yield dg.Output(e2e_fidelity(raw_traces, trace_journey, request_context, fitted), "e2e_fidelity")
+    yield dg.Output(method_checks(settings, step_table, feature_matrix, split, fitted, data), "method_checks")
 
 
-@dg.asset(
-    **PART, group_name="study", description="Small per-run record for the study report (lineage, counts, KV sources)."
-)
-def run_summary(
-    raw_traces: dict, step_table: pl.DataFrame, quarantine: pl.DataFrame, feature_matrix: pl.DataFrame
-) -> dict:
+# the seven values of experiment_models, each computable on its own (tests; `data` = the matrix with its split)
+def fitted_models(feature_matrix: pl.DataFrame, split: pl.DataFrame, data: pl.DataFrame | None = None) -> dict:
+    return study.fit_experiment(study.with_split(feature_matrix, split) if data is None else data)
+
+
+def predictions(feature_matrix, split, fitted_models, data: pl.DataFrame | None = None) -> pl.DataFrame:
+    return study.predict_experiment(study.with_split(feature_matrix, split) if data is None else data, fitted_models)
+
+
+def metrics(predictions: pl.DataFrame) -> pl.DataFrame:
+    return study.metrics_from_predictions(predictions)
+
+
+def run_summary(raw_traces: dict, step_table, quarantine, feature_matrix) -> dict:
     return pipeline.run_summary(raw_traces, step_table, quarantine, feature_matrix)
 
 
-@dg.asset(
-    **PART,
-    group_name="beyond_h1",
-    description="Test MAPE of ridge_30f with all features, without each feature group, and with only it.",
-)
-def ablation(feature_matrix: pl.DataFrame, split: pl.DataFrame) -> pl.DataFrame:
-    return study.feature_group_ablation(study.with_split(feature_matrix, split))
+def ablation(feature_matrix, split, data: pl.DataFrame | None = None) -> pl.DataFrame:
+    return study.feature_group_ablation(study.with_split(feature_matrix, split) if data is None else data)
 
 
-@dg.asset(
-    **PART,
-    group_name="study",
-    description="Method checks: each block's load-stage mix under temporal / stage-matched / random "
-    "splits and the H1 models under each, the cycle rule's effect, batch N vs N−1 features for cycle_us, alpha at the grid ends.",
-)
-def method_checks(
-    settings: StepMLSettings, step_table: pl.DataFrame, feature_matrix: pl.DataFrame, split: pl.DataFrame, fitted_models
-) -> dict:
-    return pipeline.method_checks(
-        study.with_split(feature_matrix, split), fitted_models, step_table, seed=settings.seed
-    )
+def e2e_fidelity(raw_traces: dict, trace_journey: pl.DataFrame, request_context, fitted_models) -> dict:
+    return pipeline.e2e_fidelity(raw_traces, trace_journey, request_context, fitted_models)
+
+
+def method_checks(settings, step_table, feature_matrix, split, fitted_models, data: pl.DataFrame | None = None) -> dict:
+    data = study.with_split(feature_matrix, split) if data is None else data
+    return pipeline.method_checks(data, fitted_models, step_table, seed=settings.seed)
 
 
 @dg.multi_asset(
@@ -438,20 +490,7 @@ def _md(df: pl.DataFrame) -> str:
     return "\n".join(rows)
 
 
-STEP_ASSETS = [
-    raw_traces,
-    step_tables,
-    request_context,
-    feature_matrix,
-    split,
-    fitted_models,
-    predictions,
-    metrics,
-    run_summary,
-    ablation,
-    e2e_fidelity,
-    method_checks,
-]
+STEP_ASSETS = [raw_traces, step_tables, request_context, feature_matrix, split, experiment_models]
 # the pipeline's four phases (a job each): partitions → study-level models → replays per partition → report
 PARTITIONED_ASSETS = [*STEP_ASSETS, request_log]  # experiment_job
 MODEL_ASSETS = [run_status, pooled_models, calibration, request_calibration, replay_models]  # models_job
