@@ -22,10 +22,12 @@ from .replay_assets import (
     replay,
     replay_fidelity,
     replay_models,
+    replay_status,
     request_calibration,
     request_log,
 )
 from .resources import StepMLSettings
+from .status import FAILED, all_current_check, not_current, run_statuses, status_metadata, stored_fingerprints
 
 
 def _lineage(meta: dict) -> dict:
@@ -207,15 +209,6 @@ def feature_matrix(
 
 
 @dg.asset(
-    **PART,
-    group_name="beyond_h1",
-    description="Teacher-forced E2E: each cycle_us model predicts every step; per-request sums vs observed TTFT, decode interval, E2E.",
-)
-def e2e_fidelity(raw_traces: dict, trace_journey: pl.DataFrame, request_context, fitted_models) -> dict:
-    return pipeline.e2e_fidelity(raw_traces, trace_journey, request_context, fitted_models)
-
-
-@dg.asset(
     **PART, group_name="features", description="Temporal 60/20/20 split by step id, with the load stage of each row."
 )
 def split(context: dg.AssetExecutionContext, raw_traces: dict, step_table: pl.DataFrame) -> pl.DataFrame:
@@ -224,58 +217,119 @@ def split(context: dg.AssetExecutionContext, raw_traces: dict, step_table: pl.Da
     return s
 
 
-@dg.asset(
-    **PART, group_name="models", description="Per-experiment fitted models per target, as plain JSON coefficients."
+def _model_out(group: str, description: str, *deps: str) -> tuple[dg.AssetOut, set[dg.AssetKey]]:
+    return dg.AssetOut(group_name=group, description=description), {dg.AssetKey(d) for d in deps}
+
+
+EXPERIMENT_MODEL_OUTS = {  # output: (AssetOut, the assets it is computed from: the graph's edges)
+    "fitted_models": _model_out(
+        "models", "Per-experiment fitted models per target, as plain JSON coefficients.", "feature_matrix", "split"
+    ),
+    "predictions": _model_out(
+        "models",
+        "Per-step predictions of every per-experiment model on every split.",
+        "feature_matrix",
+        "split",
+        "fitted_models",
+    ),
+    "metrics": _model_out(
+        "models", "n, MAPE, median/p90 APE, Pearson r, MSPE per target × model × split.", "predictions"
+    ),
+    "run_summary": _model_out(
+        "study",
+        "Small per-run record for the study report (lineage, counts, KV sources).",
+        "raw_traces",
+        "step_table",
+        "quarantine",
+        "feature_matrix",
+    ),
+    "ablation": _model_out(
+        "beyond_h1",
+        "Test MAPE of ridge_30f with all features, without each feature group, and with only it.",
+        "feature_matrix",
+        "split",
+    ),
+    "e2e_fidelity": _model_out(
+        "beyond_h1",
+        "Teacher-forced E2E: each cycle_us model predicts every step; per-request sums vs observed TTFT, "
+        "decode interval, E2E.",
+        "raw_traces",
+        "trace_journey",
+        "request_context",
+        "fitted_models",
+    ),
+    "method_checks": _model_out(
+        "study",
+        "Method checks: each block's load-stage mix under temporal / stage-matched / random splits and the H1 "
+        "models under each, the cycle rule's effect, batch N vs N−1 features for cycle_us, alpha at the grid ends.",
+        "step_table",
+        "feature_matrix",
+        "split",
+        "fitted_models",
+    ),
+}
+
+
+@dg.multi_asset(
+    **PART,
+    can_subset=False,
+    outs={name: out for name, (out, _) in EXPERIMENT_MODEL_OUTS.items()},
+    internal_asset_deps={name: deps for name, (_, deps) in EXPERIMENT_MODEL_OUTS.items()},
 )
-def fitted_models(feature_matrix: pl.DataFrame, split: pl.DataFrame) -> dict:
-    return study.fit_experiment(study.with_split(feature_matrix, split))
-
-
-@dg.asset(**PART, group_name="models", description="Per-step predictions of every per-experiment model on every split.")
-def predictions(feature_matrix: pl.DataFrame, split: pl.DataFrame, fitted_models) -> pl.DataFrame:
-    return study.predict_experiment(study.with_split(feature_matrix, split), fitted_models)
-
-
-@dg.asset(
-    **PART, group_name="models", description="n, MAPE, median/p90 APE, Pearson r, MSPE per target × model × split."
-)
-def metrics(context: dg.AssetExecutionContext, predictions: pl.DataFrame) -> pl.DataFrame:
-    m = study.metrics_from_predictions(predictions)
+def experiment_models(
+    settings: StepMLSettings,
+    raw_traces: dict,
+    step_table: pl.DataFrame,
+    quarantine: pl.DataFrame,
+    feature_matrix: pl.DataFrame,
+    split: pl.DataFrame,
+    request_context,
+    trace_journey: pl.DataFrame,
+):
+    """One experiment's models, scores and checks in one step (seven assets, each stored and shown with its own
+    lineage): one step's events and input loads instead of seven (docs/architecture.md, Steps and lineage)."""
+    data = study.with_split(feature_matrix, split)
+    fitted = fitted_models(feature_matrix, split, data)
+    yield dg.Output(fitted, "fitted_models")
+    pred = predictions(feature_matrix, split, fitted, data)
+    yield dg.Output(pred, "predictions")
+    m = metrics(pred)
     test = m.filter(pl.col("split") == "test").select("target", "model", "n", "mape_pct")
-    context.add_output_metadata({"test": dg.MetadataValue.md(_md(test))})
-    return m
+    yield dg.Output(m, "metrics", metadata={"test": dg.MetadataValue.md(_md(test))})
+    yield dg.Output(run_summary(raw_traces, step_table, quarantine, feature_matrix), "run_summary")
+    yield dg.Output(ablation(feature_matrix, split, data), "ablation")
+    yield dg.Output(e2e_fidelity(raw_traces, trace_journey, request_context, fitted), "e2e_fidelity")
+    yield dg.Output(method_checks(settings, step_table, feature_matrix, split, fitted, data), "method_checks")
 
 
-@dg.asset(
-    **PART, group_name="study", description="Small per-run record for the study report (lineage, counts, KV sources)."
-)
-def run_summary(
-    raw_traces: dict, step_table: pl.DataFrame, quarantine: pl.DataFrame, feature_matrix: pl.DataFrame
-) -> dict:
+# the seven values of experiment_models, each computable on its own (tests; `data` = the matrix with its split)
+def fitted_models(feature_matrix: pl.DataFrame, split: pl.DataFrame, data: pl.DataFrame | None = None) -> dict:
+    return study.fit_experiment(study.with_split(feature_matrix, split) if data is None else data)
+
+
+def predictions(feature_matrix, split, fitted_models, data: pl.DataFrame | None = None) -> pl.DataFrame:
+    return study.predict_experiment(study.with_split(feature_matrix, split) if data is None else data, fitted_models)
+
+
+def metrics(predictions: pl.DataFrame) -> pl.DataFrame:
+    return study.metrics_from_predictions(predictions)
+
+
+def run_summary(raw_traces: dict, step_table, quarantine, feature_matrix) -> dict:
     return pipeline.run_summary(raw_traces, step_table, quarantine, feature_matrix)
 
 
-@dg.asset(
-    **PART,
-    group_name="beyond_h1",
-    description="Test MAPE of ridge_30f with all features, without each feature group, and with only it.",
-)
-def ablation(feature_matrix: pl.DataFrame, split: pl.DataFrame) -> pl.DataFrame:
-    return study.feature_group_ablation(study.with_split(feature_matrix, split))
+def ablation(feature_matrix, split, data: pl.DataFrame | None = None) -> pl.DataFrame:
+    return study.feature_group_ablation(study.with_split(feature_matrix, split) if data is None else data)
 
 
-@dg.asset(
-    **PART,
-    group_name="study",
-    description="Method checks: each block's load-stage mix under temporal / stage-matched / random "
-    "splits and the H1 models under each, the cycle rule's effect, batch N vs N−1 features for cycle_us, alpha at the grid ends.",
-)
-def method_checks(
-    settings: StepMLSettings, step_table: pl.DataFrame, feature_matrix: pl.DataFrame, split: pl.DataFrame, fitted_models
-) -> dict:
-    return pipeline.method_checks(
-        study.with_split(feature_matrix, split), fitted_models, step_table, seed=settings.seed
-    )
+def e2e_fidelity(raw_traces: dict, trace_journey: pl.DataFrame, request_context, fitted_models) -> dict:
+    return pipeline.e2e_fidelity(raw_traces, trace_journey, request_context, fitted_models)
+
+
+def method_checks(settings, step_table, feature_matrix, split, fitted_models, data: pl.DataFrame | None = None) -> dict:
+    data = study.with_split(feature_matrix, split) if data is None else data
+    return pipeline.method_checks(data, fitted_models, step_table, seed=settings.seed)
 
 
 @dg.multi_asset(
@@ -290,10 +344,10 @@ def method_checks(
         ),
     },
 )
-def pooled_models(context: dg.AssetExecutionContext, settings: StepMLSettings, feature_matrix, split):
-    """Both sets of pooled folds in one thread pool; unchanged folds reuse their stored fit."""
-    left_out = runs_left_out(settings, context.instance, list(feature_matrix))
-    matrices = pooled_matrices(settings, feature_matrix, split, exclude=set(left_out))
+def pooled_models(settings: StepMLSettings, feature_matrix, split, run_status: dict):
+    """Both sets of pooled folds in one thread pool; unchanged folds reuse their stored fit. Runs not current
+    (run_status) are left out."""
+    matrices = pooled_matrices(settings, feature_matrix, split, exclude=set(not_current(run_status)))
     out = study.fit_study_pooled(
         matrices, seed=settings.seed, threads=settings.fit_threads, caches=settings.fold_caches()
     )
@@ -318,31 +372,36 @@ def pooled_matrices(
     return {e: study.with_split(feature_matrix[e], split[e]) for e in sorted(present)}
 
 
-def runs_left_out(settings: StepMLSettings, instance, keys: list[str]) -> dict[str, dict]:
-    """Stored partitions the study must not use: latest run failed, or run folder changed since (health.py);
-    plus registered partitions whose latest run failed with nothing stored. {run: {status, reason, run_id}}."""
-    from .health import failed_without_results, study_exclusions
-    from .io_manager import ParquetIOManager
-
-    summaries = ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions("run_summary", list(keys))
-    stored = {}
-    for k in summaries:
-        r = summaries[k]
-        stored[k] = (r.get("files"), r.get("data_version"))
-    out = study_exclusions(instance, settings.data_root(), stored)
-    registered = instance.get_dynamic_partitions("experiment") if instance is not None else []
-    out.update(failed_without_results(instance, list(registered), set(stored), settings.data_root()))
-    return out
+@dg.asset(
+    group_name="study",
+    description="Each run current, stale (its run folder changed since its results were stored: which files) or "
+    "failed (which step, the error), as Dagster's partition status and the run folders show it now. Every study "
+    "asset leaves out the runs that are not current and the report lists them.",
+    check_specs=[
+        dg.AssetCheckSpec(
+            "runs_current", asset="run_status", description="Every run is current (warns naming the others)."
+        )
+    ],
+)
+def run_status(context: dg.AssetExecutionContext, settings: StepMLSettings, run_summary, request_log):
+    keys = [k for a in PARTITIONED_ASSETS for k in a.keys]
+    stored = stored_fingerprints(run_summary, request_log)
+    statuses = run_statuses(context.instance, settings.data_root(), experiment_partitions, keys, stored)
+    out = {k: v.as_dict() for k, v in statuses.items()}
+    yield dg.Output(out, metadata=status_metadata(out, "experiment"))
+    yield all_current_check(out, "runs_current", "run_status")
 
 
 @dg.asset(
     group_name="synthetic",
     description="Synthetic runs against the real runs they stand for: public latency/throughput figures and step-level quantiles.",
 )
-def calibration(context: dg.AssetExecutionContext, settings: StepMLSettings, run_summary, step_table) -> dict:
+def calibration(
+    context: dg.AssetExecutionContext, settings: StepMLSettings, run_summary, step_table, run_status: dict
+) -> dict:
     from stepml_core.synth.against_real import calibration_tables
 
-    left_out = runs_left_out(settings, context.instance, list(run_summary))
+    left_out = not_current(run_status)
     runs = [r for e, r in run_summary.items() if e not in left_out]
     out = calibration_tables(
         runs,
@@ -379,8 +438,10 @@ def study_report(
     method_checks,
     replay_fidelity,
     calibration_fidelity,
+    run_status: dict,
 ) -> dict:
-    left_out = runs_left_out(settings, context.instance, list(run_summary))  # failed or stale: results not current
+    # failed or stale: results not current (a stale run without step results is the replay's to list)
+    left_out = {e: r for e, r in not_current(run_status).items() if e in run_summary or r["status"] == FAILED}
     present = sorted(
         e for e in run_summary if e not in left_out
     )  # the partitions, less those left out, in a fixed order
@@ -429,24 +490,11 @@ def _md(df: pl.DataFrame) -> str:
     return "\n".join(rows)
 
 
-STEP_ASSETS = [
-    raw_traces,
-    step_tables,
-    request_context,
-    feature_matrix,
-    split,
-    fitted_models,
-    predictions,
-    metrics,
-    run_summary,
-    ablation,
-    e2e_fidelity,
-    method_checks,
-]
+STEP_ASSETS = [raw_traces, step_tables, request_context, feature_matrix, split, experiment_models]
 # the pipeline's four phases (a job each): partitions → study-level models → replays per partition → report
 PARTITIONED_ASSETS = [*STEP_ASSETS, request_log]  # experiment_job
-MODEL_ASSETS = [pooled_models, calibration, request_calibration, replay_models]  # models_job
+MODEL_ASSETS = [run_status, pooled_models, calibration, request_calibration, replay_models]  # models_job
 REPLAY_ASSETS = [replay]  # replay_job (partitioned: reads the study-level replay_models)
-REPORT_ASSETS = [replay_fidelity, calibration_fidelity, study_report]  # study_job
+REPORT_ASSETS = [replay_status, replay_fidelity, calibration_fidelity, study_report]  # study_job
 STUDY_ASSETS = [*MODEL_ASSETS, *REPORT_ASSETS]  # every unpartitioned asset
 ALL_ASSETS = [*PARTITIONED_ASSETS, *MODEL_ASSETS, *REPLAY_ASSETS, *REPORT_ASSETS]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from .assets import ALL_ASSETS
-from .io_manager import ParquetIOManager
+from .io_manager import stored_assets
 from .jobs import IN_PROCESS_RUN_CONFIG, build_jobs
 from .replay_assets import REQUEST_CHECKS
 from .resources import StepMLSettings, settings_from_env
@@ -25,7 +25,7 @@ def build_definitions(
         jobs=jobs,
         sensors=sensors,
         schedules=schedules,
-        resources={"settings": settings, "io_manager": ParquetIOManager(base_dir=str(settings.assets_dir()))},
+        resources={"settings": settings, "io_manager": stored_assets(settings)},
         # default: steps as local processes; stepml_dagster.distributed passes the Celery executor (several machines)
         executor=executor or dg.multiprocess_executor.configured({"max_concurrent": max_concurrent}),
     )

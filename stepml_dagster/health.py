@@ -4,9 +4,8 @@
   process died (a partition worker killed by the out-of-memory killer, a ``stepml run`` killed by
   hand) stays STARTED in the instance forever, and ``study_sensor`` would wait for it forever:
   ``mark_abandoned_runs`` reports such runs failed (a run of this host whose process is gone).
-* The study assets read every stored partition. A partition whose latest run failed, or whose
-  run folder changed since it was stored, holds results that are not current: ``study_exclusions``
-  names them with the reason, and the study leaves them out and lists them in the report.
+* A stored partition whose run folder changed since it was stored holds results that are not current:
+  ``stale_reason`` says which files changed (status.py turns it into the run_status asset's 'stale').
 """
 
 from __future__ import annotations
@@ -17,12 +16,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from stepml_core.runs.folders import run_folder_problems
 from stepml_core.tables.ingest import fingerprint, fingerprint_digest
 
 LAUNCHER_TAG, PID_TAG, HOST_TAG = "stepml/launcher", "stepml/pid", "stepml/host"
 LAUNCHER = "stepml run"
-EXPERIMENT_JOB = "experiment_job"
 PARTITION_TAG = "dagster/partition"
 ACTIVE_STATUSES = [
     dg.DagsterRunStatus.QUEUED,
@@ -31,7 +28,6 @@ ACTIVE_STATUSES = [
     dg.DagsterRunStatus.STARTED,
     dg.DagsterRunStatus.CANCELING,
 ]
-FAILED_STATUSES = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
 
 
 def run_tags() -> dict[str, str]:
@@ -69,31 +65,6 @@ def mark_abandoned_runs(instance: dg.DagsterInstance, *, pid: int | None = None,
     return marked
 
 
-def run_error(instance: dg.DagsterInstance, run_id: str) -> str:
-    """One line: the innermost error of a failed run's failing step, else its run-failure message."""
-    msg = None
-    for rec in instance.all_logs(run_id, of_type={dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.RUN_FAILURE}):
-        ev = rec.dagster_event
-        err = getattr(ev.event_specific_data, "error", None) if ev else None
-        if err is not None:
-            while getattr(err, "cause", None) is not None:
-                err = err.cause
-            lines = err.message.strip().splitlines()
-            if lines:
-                return lines[-1]
-        if ev is not None and ev.message and msg is None:
-            msg = ev.message.strip().splitlines()[-1]
-    return msg or "failed"
-
-
-def latest_failure(instance: dg.DagsterInstance, key: str) -> tuple[str, str] | None:
-    """(run id, one-line error) if the latest experiment_job run of this partition failed (or was canceled)."""
-    runs = instance.get_runs(dg.RunsFilter(job_name=EXPERIMENT_JOB, tags={PARTITION_TAG: key}), limit=1)
-    if runs and runs[0].status in FAILED_STATUSES:
-        return runs[0].run_id, run_error(instance, runs[0].run_id)
-    return None
-
-
 def stale_reason(folder: Path, stored_files: list[dict] | None, stored_version: str | None) -> str | None:
     """Why a stored partition's inputs differ from its run folder now (None: current).
 
@@ -120,53 +91,3 @@ def stale_reason(folder: Path, stored_files: list[dict] | None, stored_version: 
     )
     what = ", ".join(changed) if changed else "file contents"
     return f"its input files changed since it was processed (data version {stored_version} → {digest}: {what})"
-
-
-def study_exclusions(
-    instance: dg.DagsterInstance | None, data_root: Path, stored: dict[str, tuple[list, str]]
-) -> dict[str, dict]:
-    """{partition: {status: failed|stale, reason, run_id}} for stored partitions the study must leave out.
-
-    stored: {partition: (files, data version)} as recorded by its stored raw_traces / run_summary.
-    A partition whose latest run failed, or whose metadata now stops a run (what `stepml run` refuses
-    before starting it), is 'failed' (its stored results are from an earlier run); otherwise one
-    whose run folder changed since is 'stale'."""
-    out = {}
-    for key, (files, version) in stored.items():
-        folder = Path(data_root) / key
-        if not folder.is_dir():
-            continue  # removed runs are dropped by the study already
-        fail = _failure(instance, data_root, key)
-        if fail is not None:
-            out[key] = fail
-            continue
-        why = stale_reason(folder, files, version)
-        if why:
-            out[key] = {"status": "stale", "reason": why, "run_id": None}
-    return out
-
-
-def failed_without_results(
-    instance: dg.DagsterInstance | None, keys: list[str], stored: set[str], data_root: Path
-) -> dict[str, dict]:
-    """Registered partitions with no stored results whose latest run failed or which `stepml run` refused
-    (listed in the report too)."""
-    out = {}
-    for key in keys:
-        if key in stored:
-            continue
-        fail = _failure(instance, data_root, key)
-        if fail is not None:
-            out[key] = fail
-    return out
-
-
-def _failure(instance: dg.DagsterInstance | None, data_root: Path, key: str) -> dict | None:
-    """{status: failed, reason, run_id} if the partition's latest run failed or its metadata stops a run now."""
-    fail = latest_failure(instance, key) if instance is not None else None
-    if fail is not None:
-        return {"status": "failed", "reason": fail[1], "run_id": fail[0]}
-    problems = run_folder_problems(Path(data_root) / key, data_root=Path(data_root))
-    if problems:
-        return {"status": "failed", "reason": "not run: " + "; ".join(problems), "run_id": None}
-    return None

@@ -242,3 +242,9 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     def _exists(self, key, partition) -> bool:
         s = self._stem(key, partition)
         return _with_suffix(s, ".parquet").exists() or _with_suffix(s, ".json").exists() or s.is_dir()
+
+
+def stored_assets(settings) -> ParquetIOManager:
+    """The one way to build StepML's IO manager: asset values under settings.assets_dir() (a StepMLSettings). The
+    Definitions' io_manager resource and every reader of stored values outside a run (local.py) use it."""
+    return ParquetIOManager(base_dir=str(settings.assets_dir()))

@@ -202,7 +202,9 @@ def _materialize_with_prefit(
 ) -> tuple[str, bool, float, str | None]:
     """One partition in two in-process runs (its feature assets, then the rest) with the study's pooled
     folds fitted in between, in a thread, into the fold cache: the study job then finds them fitted.
-    Same assets materialized once each; the cache is content-keyed, so the study's result is the same."""
+    Same assets materialized once each; the cache is content-keyed, so the study's result is the same.
+    A failed pre-fit costs only time (pooled_models fits whatever is missing) but is never silent: its error
+    is an engine event (ERROR) of the partition's second run, and a warning line on stderr."""
     import threading
 
     first = [k for k in job.asset_layer.executable_asset_keys if k.to_user_string() in FEATURE_ASSETS]
@@ -211,11 +213,41 @@ def _materialize_with_prefit(
     if not ok:
         return key, ok, secs1, err
     registered = job.partitions_def.get_partition_keys(dynamic_partitions_store=instance)
-    prefit = threading.Thread(target=prefit_pooled_folds, args=(settings, registered), daemon=True)
-    prefit.start()
+    prefit_error: list[BaseException] = []
+
+    def prefit() -> None:
+        try:
+            prefit_pooled_folds(settings, registered)
+        except Exception as e:  # noqa: BLE001 - recorded below, after the join: never swallowed
+            prefit_error.append(e)
+
+    thread = threading.Thread(target=prefit, name="prefit-pooled-folds", daemon=True)
+    thread.start()
     key, ok, secs2, err = _materialize_partition(job, instance, key, rest, verbose=verbose)
-    prefit.join()
+    thread.join()
+    if prefit_error:
+        report_prefit_failure(instance, job.name, key, prefit_error[0])
     return key, ok, secs1 + secs2, err
+
+
+def report_prefit_failure(instance, job_name: str, key: str, error: BaseException) -> str:
+    """The pre-fit's error as an ERROR engine event of the partition's latest run of `job_name` (what the UI shows in
+    that run's log) and a line on stderr. Returns the message."""
+    from dagster._core.events import EngineEventData  # not re-exported; the error makes the event an ERROR
+    from dagster._utils.error import serializable_error_info_from_exc_info
+
+    from .health import PARTITION_TAG
+
+    msg = (
+        f"pre-fit of the study's pooled folds failed ({type(error).__name__}: {error}); "
+        "pooled_models fits them in the models phase instead"
+    )
+    runs = instance.get_runs(dg.RunsFilter(job_name=job_name, tags={PARTITION_TAG: key}), limit=1)
+    if runs:
+        error_info = serializable_error_info_from_exc_info((type(error), error, error.__traceback__))
+        instance.report_engine_event(msg, runs[0], EngineEventData(error=error_info))
+    print(f"{key}: warning: {msg}", file=sys.stderr, flush=True)
+    return msg
 
 
 def prefit_pooled_folds(settings, keys: list[str]) -> None:
@@ -223,20 +255,17 @@ def prefit_pooled_folds(settings, keys: list[str]) -> None:
     from stepml_core.study import h1 as study
 
     from .assets import pooled_matrices
-    from .io_manager import ParquetIOManager
+    from .io_manager import stored_assets
 
     if not settings.reuse_fits:
         return
-    io = ParquetIOManager(base_dir=str(settings.assets_dir()))
-    try:
-        matrices = pooled_matrices(
-            settings, io.stored_partitions("feature_matrix", keys), io.stored_partitions("split", keys)
-        )
-        study.fit_study_pooled(
-            matrices, seed=settings.seed, threads=settings.fit_threads, caches=settings.fold_caches(), score=False
-        )
-    except Exception:  # noqa: BLE001 - an optimisation only: pooled_models fits whatever is missing
-        pass
+    io = stored_assets(settings)
+    matrices = pooled_matrices(
+        settings, io.stored_partitions("feature_matrix", keys), io.stored_partitions("split", keys)
+    )
+    study.fit_study_pooled(
+        matrices, seed=settings.seed, threads=settings.fit_threads, caches=settings.fold_caches(), score=False
+    )
 
 
 def release_freed_memory() -> None:
@@ -269,13 +298,10 @@ def no_run_folders_message(root: Path, rejected: list[tuple[Path, str]]) -> str:
 def _stored_elsewhere(settings, names: list[str], failed: list[str]) -> bool:
     """Another run of this data folder has stored results: the study must run again, so that its report
     lists the failed runs instead of showing their earlier results as current (issue 11)."""
-    from .io_manager import ParquetIOManager
+    from .io_manager import stored_assets
 
     others = [n for n in names if n not in set(failed)]
-    return (
-        bool(others)
-        and len(ParquetIOManager(base_dir=str(settings.assets_dir())).stored_partitions("run_summary", others)) > 0
-    )
+    return bool(others) and len(stored_assets(settings).stored_partitions("run_summary", others)) > 0
 
 
 def _say(quiet: bool):
@@ -352,7 +378,7 @@ def _study_chain(
     log (a run that failed just now keeps an older stored log, not replayed) and for each other run whose stored
     replay was made with other step models than apply to it now (the models changed: its old replay would not be
     current), then study_job. Returns (failed replays, their errors, study ok, study error)."""
-    from .io_manager import ParquetIOManager
+    from .io_manager import stored_assets
 
     clock = clock or PhaseClock()
     with clock.phase("models"):
@@ -361,7 +387,7 @@ def _study_chain(
         )
     if not res_models.success:
         say(f"models: FAILED: {run_error(res_models)}")
-    io = ParquetIOManager(base_dir=str(settings.assets_dir()))
+    io = stored_assets(settings)
     with_logs = sorted(
         set(io.stored_partitions("request_log", done)) | set(_replays_behind_models(io, jobs, instance, done))
     )

@@ -9,8 +9,9 @@ from stepml_core.progress import make_progress
 from stepml_core.tables import data_checks as checks
 
 from .checks import check_result
-from .partitions import PART
+from .partitions import PART, experiment_partitions
 from .resources import StepMLSettings
+from .status import all_current_check, not_current, replay_statuses, status_metadata
 
 
 @dg.asset(
@@ -64,13 +65,14 @@ def records_balance(request_log) -> dg.AssetCheckResult:
     "model on its train runs (requests_roles), leaving one workload out (requests_lowo), "
     "leaving one model out (requests_lomo), and on all runs (requests_all, for export).",
 )
-def request_calibration(context: dg.AssetExecutionContext, settings: StepMLSettings, request_log) -> dict:
-    from .health import study_exclusions
-
-    skipped = {}
-    stored = {e: (request_log[e].get("run_files"), request_log[e].get("data_version")) for e in request_log}
-    for e, r in study_exclusions(context.instance, settings.data_root(), stored).items():
-        skipped[e] = f"request log not current ({r['status']}): {r['reason']}"  # calibrate on current logs only
+def request_calibration(
+    context: dg.AssetExecutionContext, settings: StepMLSettings, request_log, run_status: dict
+) -> dict:
+    skipped = {  # calibrate on current logs only
+        e: f"request log not current ({r['status']}): {r['reason']}"
+        for e, r in not_current(run_status).items()
+        if e in request_log
+    }
     bar = []  # one progress bar (stepml_core.progress), opened when the number of calibrations to make is known
 
     def progress(i: int, n: int, what: str) -> None:
@@ -163,13 +165,33 @@ def replay(context: dg.AssetExecutionContext, settings: StepMLSettings, request_
 
 @dg.asset(
     group_name="replay",
+    description="Each stored replay current, stale (made from an earlier request log or with other step models than "
+    "apply to its run now) or failed (its run, or its replay: which step, the error); replay_fidelity scores the "
+    "current ones only.",
+    check_specs=[
+        dg.AssetCheckSpec(
+            "replays_current",
+            asset="replay_status",
+            description="Every stored replay is current (warns naming the others).",
+        )
+    ],
+)
+def replay_status(context: dg.AssetExecutionContext, replay, request_log, replay_models, run_status: dict):
+    statuses = replay_statuses(context.instance, experiment_partitions, replay, request_log, replay_models, run_status)
+    out = {k: v.as_dict() for k, v in statuses.items()}
+    yield dg.Output(out, metadata=status_metadata(out, "replay"))
+    yield all_current_check(out, "replays_current", "replay_status")
+
+
+@dg.asset(
+    group_name="replay",
     description="All replays: replay.csv (predicted vs observed per run × step model × metric, "
     "in/out of sample, the recommended model per LLM model) beside BLIS iteration 4a.",
 )
 def replay_fidelity(
-    context: dg.AssetExecutionContext, settings: StepMLSettings, replay, request_log, replay_models
+    context: dg.AssetExecutionContext, settings: StepMLSettings, replay, request_log, replay_status: dict
 ) -> dict:
-    left_out = replays_left_out(settings, context.instance, request_log, replay, replay_models)
+    left_out = {e: {"status": r["status"], "reason": r["reason"]} for e, r in not_current(replay_status).items()}
     present = [e for e in replay if e not in left_out]
     tables = pipeline.replay_fidelity(replay, request_log, present, settings.out_dir)
     context.add_output_metadata(
@@ -181,36 +203,6 @@ def replay_fidelity(
         }
     )
     return {**{k: v for k, v in tables.items() if k != "replay_csv"}, "left_out": left_out}
-
-
-def replays_left_out(settings: StepMLSettings, instance, request_log, replays, specs=None) -> dict[str, dict]:
-    """Stored replays that are not current: the run's latest experiment_job or replay_job run failed, its run folder
-    changed since its request log was read (health.study_exclusions), or the replay was made from an earlier request
-    log than the one stored now or with other step models than `specs` give the run now (not replayed since: e.g. the
-    models phase failed; pipeline.stale_replay_reason). {run: {status, reason}}."""
-    from .health import FAILED_STATUSES, run_error, study_exclusions
-
-    replayed = list(replays)
-    stored = {}
-    for e in replayed:
-        if e in request_log:
-            v = request_log[e]
-            stored[e] = (v.get("run_files"), v.get("data_version"))
-    out = {
-        e: {"status": r["status"], "reason": r["reason"]}
-        for e, r in study_exclusions(instance, settings.data_root(), stored).items()
-    }
-    for e in replayed:
-        why = "" if e in out else pipeline.stale_replay_reason(e, replays[e] or {}, request_log.get(e), specs)
-        if why:
-            out[e] = {"status": "stale", "reason": why}
-    for e in replayed:
-        if e in out or instance is None:
-            continue
-        runs = instance.get_runs(dg.RunsFilter(job_name="replay_job", tags={"dagster/partition": e}), limit=1)
-        if runs and runs[0].status in FAILED_STATUSES:
-            out[e] = {"status": "failed", "reason": "replay: " + run_error(instance, runs[0].run_id)}
-    return out
 
 
 @dg.asset(
@@ -233,4 +225,4 @@ REQUEST_ASSETS = [request_log]
 REQUEST_CHECKS = [records_balance]
 MODEL_ASSETS = [request_calibration, replay_models]
 REPLAY_ASSETS = [replay]
-REPORT_ASSETS = [replay_fidelity, calibration_fidelity]
+REPORT_ASSETS = [replay_status, replay_fidelity, calibration_fidelity]

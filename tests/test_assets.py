@@ -183,8 +183,22 @@ def test_fitted_predictions_metrics(chain):
         "ridge_30f",
     }
     pred = A.predictions(feature_matrix=chain["feature_matrix"], split=chain["split"], fitted_models=fitted)
-    met = A.metrics(dg.build_asset_context(), predictions=pred)
+    met = A.metrics(predictions=pred)
     assert set(met["split"].unique()) == {"train", "valid", "test"} and (met["n"] > 0).all()
+
+
+def test_experiment_models_is_one_step_storing_each_of_its_assets(run, chain):
+    """The seven per-experiment model assets come from one step, each value the same as computed on its own."""
+    inputs = {k: chain[k] for k in ("step_table", "quarantine", "feature_matrix", "split", "request_context")}
+    outs = {
+        o.output_name: o
+        for o in A.experiment_models(
+            settings=run["settings"], raw_traces=run["meta"], trace_journey=run["raw"]["journey"], **inputs
+        )
+    }
+    assert set(outs) == set(A.EXPERIMENT_MODEL_OUTS) == {k.to_user_string() for k in A.experiment_models.keys}
+    assert outs["fitted_models"].value == chain["fitted_models"]
+    assert outs["metrics"].value.equals(A.metrics(outs["predictions"].value)) and "test" in outs["metrics"].metadata
 
 
 def test_run_summary_counts(run, chain):

@@ -189,7 +189,8 @@ def test_a_replay_made_with_earlier_models_is_replayed_again_not_shown_as_curren
     models_version is the current one); left alone, the report would have shown the old replay as current. Runs
     before the test that breaks RUN's log (both change the module's data)."""
     from stepml_core import pipeline
-    from stepml_dagster.io_manager import ParquetIOManager
+    from stepml_dagster.io_manager import stored_assets
+    from stepml_dagster.resources import StepMLSettings
 
     _, data, out, _ = study
     before = pl.read_csv(out / "replay.csv").filter(pl.col("experiment_id") == RUN_NO_GT)
@@ -202,7 +203,7 @@ def test_a_replay_made_with_earlier_models_is_replayed_again_not_shown_as_curren
     after = pl.read_csv(out / "replay.csv").filter(pl.col("experiment_id") == RUN_NO_GT)
     calibrated = pl.col("step_model").str.starts_with("requests_")
     assert not before.filter(calibrated)["predicted"].equals(after.filter(calibrated)["predicted"])
-    io = ParquetIOManager(base_dir=str(out / "assets"))
+    io = stored_assets(StepMLSettings(data_dir=str(data), out_dir=str(out)))
     stored = io.stored_partitions("replay", [RUN_NO_GT])[RUN_NO_GT]
     assert pipeline.models_behind_reason(RUN_NO_GT, stored, io.stored_value("replay_models")) == ""
     assert "Left out of the replay scores" not in (out / "report.md").read_text()
@@ -224,6 +225,14 @@ def test_a_run_whose_request_log_breaks_is_left_out_not_shown_stale(study):
     assert set(rows["experiment_id"]) == {RUN_NO_GT}
     report = (out / "report.md").read_text()
     assert "Left out of the replay scores" in report and RUN in report.split("Left out of the replay scores")[1]
+    # the graph says so: replay_status (read by replay_fidelity) names the run failed at its request_log step
+    status = json.loads((out / "assets" / "replay_status" / "__all__.json").read_text())
+    assert status[RUN]["status"] == "failed" and status[RUN]["step"] == "request_log", status[RUN]
+    assert status[RUN_NO_GT]["status"] == "current"
+    check = instance.get_latest_asset_check_evaluation_record(
+        dg.AssetCheckKey(dg.AssetKey("replay_status"), "replays_current")
+    )
+    assert not check.event.asset_check_evaluation.passed
 
 
 def test_request_path_carries_the_run_metadata_it_read(tmp_path):
