@@ -101,15 +101,15 @@ def bare_models(
 ) -> tuple[dict, dict]:
     """The models phase (models_job): pooled folds (no fold cache: the cold cost), calibration, the calibration from
     request logs (no cache either), replay models."""
-    from stepml_core.synth.against_real import calibration_tables
+    from stepml_core.synth.against_real import synthetic_vs_real_tables
 
     t = Timer()
     present = sorted(parts)
     mats = {e: study.with_split(parts[e]["feature_matrix"], parts[e]["split"]) for e in present}
     with t("pooled_models"):  # global_models + generalization, one pool of folds
         pooled = study.fit_study_pooled(mats, seed=seed, threads=threads)
-    with t("calibration"):
-        cal = calibration_tables(
+    with t("synthetic_vs_real"):
+        cal = synthetic_vs_real_tables(
             [parts[e]["run_summary"] for e in present],
             {e: parts[e]["step_table"] for e in present},
             Path(data_root),
@@ -125,7 +125,7 @@ def bare_models(
             present,
             calibrated["specs"],
         )
-    return {**pooled, "calibration": cal, "request_calibration": calibrated, "replay_models": specs}, dict(t)
+    return {**pooled, "synthetic_vs_real": cal, "request_calibration": calibrated, "replay_models": specs}, dict(t)
 
 
 def bare_replay(
@@ -174,7 +174,7 @@ def bare_report(
             method_checks=col("method_checks"),
             global_models=models["global_models"],
             generalization=models["generalization"],
-            calibration=models["calibration"],
+            synthetic_vs_real=models["synthetic_vs_real"],
         )
         additions = pipeline.ReportAdditions(
             sections=tuple(replay_section(fid, str(out_dir)) + list(cal_fid["lines"])),

@@ -76,7 +76,7 @@ EXPERIMENT_MODELS = [
 # step keys of the study chain (pooled_models materializes global_models + generalization); replay is per partition
 STUDY = [
     "pooled_models",
-    "calibration",
+    "synthetic_vs_real",
     "request_calibration",
     "replay_models",
     "replay",
@@ -383,7 +383,7 @@ def main(argv=None) -> int:
         "--before", type=Path, help="a tree of earlier code (git archive REF | tar -x -C DIR): its `stepml run` too"
     )
     a = ap.parse_args(argv)
-    a.real_reference_dir = DEFAULT_REAL_REFERENCE_DIR  # what `stepml run`'s calibration asset compares with
+    a.real_reference_dir = DEFAULT_REAL_REFERENCE_DIR  # what `stepml run`'s synthetic_vs_real asset compares with
 
     tmp = a.keep or Path(tempfile.mkdtemp(prefix="bench_study_"))
     tmp.mkdir(parents=True, exist_ok=True)

@@ -177,7 +177,7 @@ class StudyTables:
     method_checks: Mapping  # {run: method_checks record}
     global_models: Mapping  # pooled fits: {"models", "metrics", "predictions"}
     generalization: Mapping  # leave-one-out fits: {"metrics", "predictions"}
-    calibration: Mapping  # synthetic vs real: {"public", "steps"} (synth.against_real.calibration_tables)
+    synthetic_vs_real: Mapping  # {"public", "steps"} (synth.against_real.synthetic_vs_real_tables)
 
 
 @dataclass(frozen=True)
@@ -248,10 +248,10 @@ def _extra_study_sections(
     teacher-forced E2E (plots written to out_dir), calibration, then the additions' sections."""
     from stepml_core.report.status import runs_left_out_section, runs_read_in_part_section
     from stepml_core.report.study import (
-        calibration_sections,
         e2e_section,
         feature_provenance_section,
         reconstruction_section,
+        synthetic_vs_real_sections,
     )
 
     # failed or stale runs: named, their old results unused
@@ -265,7 +265,7 @@ def _extra_study_sections(
     extra += e2e_section(
         _concat([p["summary"] for p in e2e_parts]), pl.DataFrame() if per_request is None else per_request, out_dir
     )
-    extra += calibration_sections(tables.calibration["public"], tables.calibration["steps"])
+    extra += synthetic_vs_real_sections(tables.synthetic_vs_real["public"], tables.synthetic_vs_real["steps"])
     extra += list(additions.sections)
     return extra
 

@@ -396,14 +396,14 @@ def run_status(context: dg.AssetExecutionContext, settings: StepMLSettings, run_
     group_name="synthetic",
     description="Synthetic runs against the real runs they stand for: public latency/throughput figures and step-level quantiles.",
 )
-def calibration(
+def synthetic_vs_real(
     context: dg.AssetExecutionContext, settings: StepMLSettings, run_summary, step_table, run_status: dict
 ) -> dict:
-    from stepml_core.synth.against_real import calibration_tables
+    from stepml_core.synth.against_real import synthetic_vs_real_tables
 
     left_out = not_current(run_status)
     runs = [r for e, r in run_summary.items() if e not in left_out]
-    out = calibration_tables(
+    out = synthetic_vs_real_tables(
         runs,
         step_table,
         settings.data_root(),
@@ -432,7 +432,7 @@ def study_report(
     run_summary,
     ablation,
     generalization,
-    calibration,
+    synthetic_vs_real,
     request_context,
     e2e_fidelity,
     method_checks,
@@ -462,7 +462,7 @@ def study_report(
         method_checks=method_checks,
         global_models=global_models,
         generalization=generalization,
-        calibration=calibration,
+        synthetic_vs_real=synthetic_vs_real,
     )
     additions = pipeline.ReportAdditions(
         sections=tuple(replay_lines),
@@ -493,7 +493,7 @@ def _md(df: pl.DataFrame) -> str:
 STEP_ASSETS = [raw_traces, step_tables, request_context, feature_matrix, split, experiment_models]
 # the pipeline's four phases (a job each): partitions → study-level models → replays per partition → report
 PARTITIONED_ASSETS = [*STEP_ASSETS, request_log]  # experiment_job
-MODEL_ASSETS = [run_status, pooled_models, calibration, request_calibration, replay_models]  # models_job
+MODEL_ASSETS = [run_status, pooled_models, synthetic_vs_real, request_calibration, replay_models]  # models_job
 REPLAY_ASSETS = [replay]  # replay_job (partitioned: reads the study-level replay_models)
 REPORT_ASSETS = [replay_status, replay_fidelity, calibration_fidelity, study_report]  # study_job
 STUDY_ASSETS = [*MODEL_ASSETS, *REPORT_ASSETS]  # every unpartitioned asset

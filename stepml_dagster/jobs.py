@@ -19,7 +19,7 @@ JOBS = {  # name: (assets, description); run in this order (the study_sensor cha
     ),
     "models_job": (
         MODEL_ASSETS,
-        "Study-level models: pooled and cross-validated fits, synthetic-run calibration, the step-time "
+        "Study-level models: pooled and cross-validated fits, synthetic runs against the real ones, the step-time "
         "models replays use.",
     ),
     "replay_job": (

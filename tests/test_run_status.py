@@ -105,7 +105,7 @@ def test_run_status_is_upstream_of_every_study_asset_that_leaves_runs_out():
     from stepml_dagster.definitions import build_definitions
 
     graph = build_definitions().resolve_asset_graph()
-    for asset in ("global_models", "calibration", "request_calibration", "study_report", "replay_status"):
+    for asset in ("global_models", "synthetic_vs_real", "request_calibration", "study_report", "replay_status"):
         assert dg.AssetKey("run_status") in graph.get(dg.AssetKey(asset)).parent_keys, asset
     assert dg.AssetKey("replay_status") in graph.get(dg.AssetKey("replay_fidelity")).parent_keys
 

@@ -1051,8 +1051,8 @@ def write_outputs(out_dir: Path, metrics: pl.DataFrame, verdict: dict) -> None:
     (out_dir / "verdict.json").write_text(json.dumps(verdict, indent=2, sort_keys=True, default=float))
 
 
-def calibration_sections(public: pl.DataFrame | None, step_quantiles: pl.DataFrame | None) -> list[str]:
-    """Calibration of synthetic runs against the real runs they stand for (figures computed by the calibration asset)."""
+def synthetic_vs_real_sections(public: pl.DataFrame | None, step_quantiles: pl.DataFrame | None) -> list[str]:
+    """Calibration of synthetic runs against the real runs they stand for (figures computed by the synthetic_vs_real asset)."""
     if (public is None or public.height == 0) and (step_quantiles is None or step_quantiles.height == 0):
         return []
     lines = ["## Calibration: synthetic runs against the real runs they stand for", ""]

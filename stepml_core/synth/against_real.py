@@ -240,7 +240,7 @@ def compare_step_quantiles(
     )
 
 
-def calibration_tables(
+def synthetic_vs_real_tables(
     run_records: list[dict],
     step_tables: dict[str, pl.DataFrame],
     data_root: Path,
