@@ -247,7 +247,7 @@ def _extra_study_sections(
     """The report's sections after the verdict, in order: runs left out, feature provenance, reconstruction,
     teacher-forced E2E (plots written to out_dir), calibration, then the additions' sections."""
     from stepml_core.report.status import runs_left_out_section, runs_read_in_part_section
-    from stepml_core.report.study import (
+    from stepml_core.report.evidence import (
         e2e_section,
         feature_provenance_section,
         reconstruction_section,
