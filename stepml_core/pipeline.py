@@ -246,13 +246,13 @@ def _extra_study_sections(
 ) -> list[str]:
     """The report's sections after the verdict, in order: runs left out, feature provenance, reconstruction,
     teacher-forced E2E (plots written to out_dir), calibration, then the additions' sections."""
-    from stepml_core.report.status import runs_left_out_section, runs_read_in_part_section
-    from stepml_core.report.study import (
+    from stepml_core.report.evidence import (
         e2e_section,
         feature_provenance_section,
         reconstruction_section,
         synthetic_vs_real_sections,
     )
+    from stepml_core.report.status import runs_left_out_section, runs_read_in_part_section
 
     # failed or stale runs: named, their old results unused
     extra = runs_left_out_section(dict(additions.left_out), set(additions.stored))
