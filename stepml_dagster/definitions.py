@@ -7,6 +7,7 @@ import dagster as dg
 from .assets import ALL_ASSETS
 from .io_manager import stored_assets
 from .jobs import IN_PROCESS_RUN_CONFIG, build_jobs
+from .replay_assets import REQUEST_CHECKS
 from .resources import StepMLSettings, settings_from_env
 from .sensors import build_automation
 
@@ -20,6 +21,7 @@ def build_definitions(
     sensors, schedules = build_automation(run_config=IN_PROCESS_RUN_CONFIG if local else None, jobs=jobs)  # sensors.py
     return dg.Definitions(
         assets=ALL_ASSETS,
+        asset_checks=REQUEST_CHECKS,
         jobs=jobs,
         sensors=sensors,
         schedules=schedules,

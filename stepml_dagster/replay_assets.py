@@ -20,14 +20,6 @@ from .status import all_current_check, not_current, replay_statuses, status_meta
     output_required=False,
     description="Every request the run's load generator sent (arrival, tokens, role) and the TTFT/E2E its client saw, "
     "pandera-validated; bad records quarantined with file and record index.",
-    check_specs=[
-        dg.AssetCheckSpec(
-            "records_balance",
-            asset="request_log",
-            description="records in = records kept + records quarantined (runs only where a request log was "
-            "materialized).",
-        )
-    ],
 )
 def request_log(context: dg.AssetExecutionContext, settings: StepMLSettings):
     folder = settings.run_folder(context.partition_key)
@@ -53,13 +45,18 @@ def request_log(context: dg.AssetExecutionContext, settings: StepMLSettings):
             },
         )
     yield out
-    # the check in the asset's own step: no step, events and input load of its own
-    yield records_balance(value, context.partition_key)
 
 
-def records_balance(request_log: dict, partition_key: str = "") -> dg.AssetCheckResult:
-    """request_log's records_balance check on one partition's value."""
-    return check_result(checks.records_balance({partition_key: request_log}), "records_balance", "request_log")
+@dg.asset_check(
+    asset=request_log,
+    description="records in = records kept + records quarantined (runs only where a request log was materialized).",
+)
+def records_balance(request_log) -> dg.AssetCheckResult:
+    from .io_manager import StoredPartitions
+
+    # a check on a partitioned asset is handed the partition(s) of its run as {partition key: value}
+    parts = dict(request_log.items()) if isinstance(request_log, StoredPartitions) else {"": request_log}
+    return check_result(checks.records_balance(parts))
 
 
 @dg.asset(
@@ -225,6 +222,7 @@ def calibration_fidelity(
 
 
 REQUEST_ASSETS = [request_log]
+REQUEST_CHECKS = [records_balance]
 MODEL_ASSETS = [request_calibration, replay_models]
 REPLAY_ASSETS = [replay]
 REPORT_ASSETS = [replay_status, replay_fidelity, calibration_fidelity]
