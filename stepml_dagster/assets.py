@@ -49,11 +49,20 @@ def _lineage(meta: dict) -> dict:
 TRACE_TABLES = {  # asset → the table of ingest_run it holds, and who reads it
     "trace_steps": (
         "steps",
-        "BATCH_SUMMARY rows as read (before validation): read by step_tables and request_context.",
+        "BATCH_SUMMARY rows as read (before validation): read by experiment_features (step_table, request_context).",
     ),
-    "trace_snapshots": ("snapshots", "Scheduler snapshot events: read by request_context and feature_matrix."),
-    "trace_journey": ("journey", "Request journey events: read by request_context and e2e_fidelity."),
-    "trace_quarantine": ("quarantine", "The reader's rejected lines, events and files: read by step_tables."),
+    "trace_snapshots": (
+        "snapshots",
+        "Scheduler snapshot events: read by experiment_features (request_context, feature_matrix).",
+    ),
+    "trace_journey": (
+        "journey",
+        "Request journey events: read by experiment_features (request_context) and experiment_models.",
+    ),
+    "trace_quarantine": (
+        "quarantine",
+        "The reader's rejected lines, events and files: read by experiment_features (quarantine).",
+    ),
 }
 
 
@@ -108,32 +117,85 @@ def raw_traces(context: dg.AssetExecutionContext, settings: StepMLSettings):
         yield dg.Output({"api": out["api"], "step_spans": out["step_spans"]}, "trace_spans", data_version=version)
 
 
+def _feature_out(group: str, description: str, *deps: str) -> tuple[dg.AssetOut, set[dg.AssetKey]]:
+    return dg.AssetOut(group_name=group, description=description), {dg.AssetKey(d) for d in deps}
+
+
+EXPERIMENT_FEATURE_OUTS = {  # output: (AssetOut, the assets it is computed from: the graph's edges)
+    "step_table": _feature_out(
+        "ingest",
+        "Sampled steps (BATCH_SUMMARY) that pass StepTableSchema, with targets schedule_us and cycle_us.",
+        "raw_traces",
+        "trace_steps",
+        "trace_quarantine",
+    ),
+    "quarantine": _feature_out(
+        "ingest",
+        "Every rejected line, event or step row with file, line and reason.",
+        "raw_traces",
+        "trace_steps",
+        "trace_quarantine",
+    ),
+    "request_context": _feature_out(
+        "ingest",
+        "Every step's batch rebuilt from journey events (requests, new tokens, context lengths), checked against "
+        "snapshots and BATCH_SUMMARY.",
+        "raw_traces",
+        "trace_steps",
+        "trace_journey",
+        "trace_snapshots",
+    ),
+    "feature_matrix": _feature_out(
+        "features",
+        "The seed's 30 features (+ original-study features) and both targets per kept step.",
+        "raw_traces",
+        "step_table",
+        "request_context",
+        "trace_snapshots",
+    ),
+    "split": _feature_out(
+        "features", "Temporal 60/20/20 split by step id, with the load stage of each row.", "raw_traces", "step_table"
+    ),
+}
+STEP_TABLE_CHECKS = [
+    dg.AssetCheckSpec("schema_valid", asset="step_table", description="Kept rows pass the pandera StepTableSchema."),
+    dg.AssetCheckSpec("counts_balance", asset="step_table", description="rows in = rows kept + rows quarantined."),
+    dg.AssetCheckSpec(
+        "no_unreadable_lines", asset="quarantine", description="Every trace line parsed (warns otherwise)."
+    ),
+]
+
+
 @dg.multi_asset(
     **PART,
-    group_name="ingest",
-    outs={
-        "step_table": dg.AssetOut(
-            description="Sampled steps (BATCH_SUMMARY) that pass StepTableSchema, with targets schedule_us and cycle_us."
-        ),
-        "quarantine": dg.AssetOut(description="Every rejected line, event or step row with file, line and reason."),
-    },
-    check_specs=[
-        dg.AssetCheckSpec(
-            "schema_valid", asset="step_table", description="Kept rows pass the pandera StepTableSchema."
-        ),
-        dg.AssetCheckSpec("counts_balance", asset="step_table", description="rows in = rows kept + rows quarantined."),
-        dg.AssetCheckSpec(
-            "no_unreadable_lines", asset="quarantine", description="Every trace line parsed (warns otherwise)."
-        ),
-    ],
+    can_subset=False,
+    outs={name: out for name, (out, _) in EXPERIMENT_FEATURE_OUTS.items()},
+    internal_asset_deps={name: deps for name, (_, deps) in EXPERIMENT_FEATURE_OUTS.items()},
+    check_specs=STEP_TABLE_CHECKS,
 )
-def step_tables(
-    context: dg.AssetExecutionContext,
+def experiment_features(
     settings: StepMLSettings,
     raw_traces: dict,
     trace_steps: pl.DataFrame,
     trace_quarantine: pl.DataFrame,
+    trace_journey: pl.DataFrame,
+    trace_snapshots: pl.DataFrame,
 ):
+    """One experiment's step table, request context, features and split in one step (five assets and the step
+    table's checks, each stored and shown with its own lineage): one step's events and input loads instead of four
+    (docs/architecture.md, Steps and lineage)."""
+    tables = list(step_tables(settings, raw_traces, trace_steps, trace_quarantine))
+    yield from tables
+    step_table = next(t.value for t in tables if isinstance(t, dg.Output) and t.output_name == "step_table")
+    ctx = request_context(raw_traces, trace_steps, trace_journey, trace_snapshots)
+    yield ctx
+    yield feature_matrix(raw_traces, step_table, ctx.value, trace_snapshots)
+    yield split(raw_traces, step_table)
+
+
+# the values of experiment_features, each computable on its own (tests): dg.Output (value and metadata), and checks
+def step_tables(settings, raw_traces: dict, trace_steps: pl.DataFrame, trace_quarantine: pl.DataFrame):
+    """step_table and quarantine, then the three checks on them."""
     t = pipeline.step_tables(
         raw_traces, trace_steps, trace_quarantine, max_quarantine_rows=settings.input_limits().max_quarantine_rows
     )
@@ -162,59 +224,31 @@ def step_tables(
     )
 
 
-@dg.asset(
-    **PART,
-    group_name="ingest",
-    description="Every step's batch rebuilt from journey events (requests, new tokens, context lengths), checked against snapshots and BATCH_SUMMARY.",
-)
 def request_context(
-    context: dg.AssetExecutionContext,
-    raw_traces: dict,
-    trace_steps: pl.DataFrame,
-    trace_journey: pl.DataFrame,
-    trace_snapshots: pl.DataFrame,
-) -> dict:
+    raw_traces: dict, trace_steps: pl.DataFrame, trace_journey: pl.DataFrame, trace_snapshots: pl.DataFrame
+) -> dg.Output:
     out = pipeline.request_context(raw_traces, trace_steps, trace_journey, trace_snapshots)
     a, snap = out["agreement"], (out["agreement"].get("snapshots") or {})
-    context.add_output_metadata(
-        {
-            "available": a["available"],
-            "steps": a.get("steps", 0),
-            "pairs": a.get("pairs", 0),
-            "snapshot_pairs": snap.get("pairs_scheduled_both", 0),
-            "snapshot_agreement_all_fields": snap.get("all_fields") if snap.get("all_fields") is not None else -1.0,
-            "agreement": dg.MetadataValue.json(a),
-        }
-    )
-    return out
+    metadata = {
+        "available": a["available"],
+        "steps": a.get("steps", 0),
+        "pairs": a.get("pairs", 0),
+        "snapshot_pairs": snap.get("pairs_scheduled_both", 0),
+        "snapshot_agreement_all_fields": snap.get("all_fields") if snap.get("all_fields") is not None else -1.0,
+        "agreement": dg.MetadataValue.json(a),
+    }
+    return dg.Output(out, "request_context", metadata=metadata)
 
 
-@dg.asset(
-    **PART,
-    group_name="features",
-    description="The seed's 30 features (+ original-study features) and both targets per kept step.",
-)
-def feature_matrix(
-    context: dg.AssetExecutionContext,
-    raw_traces: dict,
-    step_table: pl.DataFrame,
-    request_context,
-    trace_snapshots: pl.DataFrame,
-) -> pl.DataFrame:
+def feature_matrix(raw_traces: dict, step_table: pl.DataFrame, request_context, trace_snapshots) -> dg.Output:
     fm = pipeline.feature_matrix(raw_traces, step_table, request_context, trace_snapshots)
-    context.add_output_metadata(
-        {"rows": fm.height, "kv_source": dg.MetadataValue.json(dict(fm["kv_source"].value_counts().iter_rows()))}
-    )
-    return fm
+    kv_source = dg.MetadataValue.json(dict(fm["kv_source"].value_counts().iter_rows()))
+    return dg.Output(fm, "feature_matrix", metadata={"rows": fm.height, "kv_source": kv_source})
 
 
-@dg.asset(
-    **PART, group_name="features", description="Temporal 60/20/20 split by step id, with the load stage of each row."
-)
-def split(context: dg.AssetExecutionContext, raw_traces: dict, step_table: pl.DataFrame) -> pl.DataFrame:
+def split(raw_traces: dict, step_table: pl.DataFrame) -> dg.Output:
     s = pipeline.split(raw_traces, step_table)
-    context.add_output_metadata({"blocks": dg.MetadataValue.json(split_summary(s))})
-    return s
+    return dg.Output(s, "split", metadata={"blocks": dg.MetadataValue.json(split_summary(s))})
 
 
 def _model_out(group: str, description: str, *deps: str) -> tuple[dg.AssetOut, set[dg.AssetKey]]:
@@ -490,7 +524,7 @@ def _md(df: pl.DataFrame) -> str:
     return "\n".join(rows)
 
 
-STEP_ASSETS = [raw_traces, step_tables, request_context, feature_matrix, split, experiment_models]
+STEP_ASSETS = [raw_traces, experiment_features, experiment_models]
 # the pipeline's four phases (a job each): partitions → study-level models → replays per partition → report
 PARTITIONED_ASSETS = [*STEP_ASSETS, request_log]  # experiment_job
 MODEL_ASSETS = [run_status, pooled_models, synthetic_vs_real, request_calibration, replay_models]  # models_job

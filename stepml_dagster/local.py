@@ -193,8 +193,8 @@ FEATURE_ASSETS = [
     "quarantine",
     "request_context",
     "feature_matrix",
-    "split",
-]  # what pooled folds read
+    "split",  # one step (experiment_features)
+]  # what pooled folds read: the partition's first run is raw_traces and experiment_features
 
 
 def _materialize_with_prefit(

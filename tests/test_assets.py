@@ -43,26 +43,10 @@ def _tables(run, **over) -> dict:
 def chain(run):
     """The partition's upstream values, as the assets themselves produce them."""
     raw, meta = run["raw"], run["meta"]
-    outs = {
-        o.output_name: o.value
-        for o in A.step_tables(_ctx(run), settings=run["settings"], **_tables(run))
-        if isinstance(o, dg.Output)
-    }
-    ctx_value = A.request_context(
-        _ctx(run),
-        raw_traces=meta,
-        trace_steps=raw["steps"],
-        trace_journey=raw["journey"],
-        trace_snapshots=raw["snapshots"],
-    )
-    fm = A.feature_matrix(
-        _ctx(run),
-        raw_traces=meta,
-        step_table=outs["step_table"],
-        request_context=ctx_value,
-        trace_snapshots=raw["snapshots"],
-    )
-    sp = A.split(_ctx(run), raw_traces=meta, step_table=outs["step_table"])
+    outs = {o.output_name: o.value for o in A.step_tables(run["settings"], **_tables(run)) if isinstance(o, dg.Output)}
+    ctx_value = A.request_context(meta, raw["steps"], raw["journey"], raw["snapshots"]).value
+    fm = A.feature_matrix(meta, outs["step_table"], ctx_value, raw["snapshots"]).value
+    sp = A.split(meta, outs["step_table"]).value
     fitted = A.fitted_models(feature_matrix=fm, split=sp)
     return {**outs, "request_context": ctx_value, "feature_matrix": fm, "split": sp, "fitted_models": fitted}
 
@@ -110,7 +94,7 @@ def test_raw_traces_skips_a_run_without_traces(run, tmp_path):
 
 
 def test_step_tables_keep_valid_rows_and_pass_every_check(run, chain):
-    outs, checks = _results(A.step_tables(_ctx(run), settings=run["settings"], **_tables(run)))
+    outs, checks = _results(A.step_tables(run["settings"], **_tables(run)))
     steps, quarantine = outs["step_table"].value, outs["quarantine"].value
     assert steps.height + outs["step_table"].metadata["rows_quarantined"].value == run["raw"]["steps"].height
     assert {"schedule_us", "cycle_us"} <= set(steps.columns)
@@ -134,7 +118,7 @@ def test_schema_valid_fails_on_a_kept_row_that_breaks_the_schema(run, monkeypatc
         return ValidatedSteps(kept=kept, quarantine=v.quarantine, rows_in=v.rows_in)
 
     monkeypatch.setattr(pipeline, "validate_steps", broken)
-    _, checks = _results(A.step_tables(_ctx(run), settings=run["settings"], **_tables(run)))
+    _, checks = _results(A.step_tables(run["settings"], **_tables(run)))
     assert not checks["schema_valid"].passed and checks["counts_balance"].passed
     assert "prefill + decode tokens == scheduled tokens" in str(checks["schema_valid"].metadata["failures"].value)
 
@@ -145,13 +129,13 @@ def test_counts_balance_fails_when_a_row_is_lost(run, monkeypatch):
         return ValidatedSteps(kept=v.kept.slice(1), quarantine=v.quarantine, rows_in=v.rows_in)
 
     monkeypatch.setattr(pipeline, "validate_steps", lossy)
-    _, checks = _results(A.step_tables(_ctx(run), settings=run["settings"], **_tables(run)))
+    _, checks = _results(A.step_tables(run["settings"], **_tables(run)))
     assert not checks["counts_balance"].passed and checks["schema_valid"].passed
 
 
 def test_no_unreadable_lines_warns_on_a_quarantined_line(run):
     meta = {**run["meta"], "counters": {**run["meta"]["counters"], "lines_quarantined": 2}}
-    _, checks = _results(A.step_tables(_ctx(run), settings=run["settings"], **_tables(run, raw_traces=meta)))
+    _, checks = _results(A.step_tables(run["settings"], **_tables(run, raw_traces=meta)))
     c = checks["no_unreadable_lines"]
     assert not c.passed and c.severity == dg.AssetCheckSeverity.WARN and c.metadata["lines_quarantined"].value == 2
 
