@@ -27,12 +27,10 @@ import polars as pl
 
 from stepml_core.report.format import OUTCOME_WORDS, _fmt, _md_table, _pct, _source_words, published_results
 from stepml_core.report.method import method_section
-from stepml_core.report.plots import (  # noqa: F401
+from stepml_core.report.plots import (
     model_order,
-    plot_e2e,
     plot_mape_by_experiment,
     plot_pred_vs_actual,
-    plot_residuals,
     short_run_name,
 )
 from stepml_core.report.rankings import ablation_section, generalization_section, ranking_section
