@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from stepml_core.calibration.params import PARAM_UNITS, StepParams
-from stepml_core.calibration.protocols import PROTOCOL_OF
+from stepml_core.calibration.protocols import LINEAR_STEP_MODELS, PROTOCOL_OF
 from stepml_core.replay.coverage import WIDE_PCT, coverage_table, interval_cell
 from stepml_core.replay.intervals import CONFORMAL_LEVEL
 
@@ -121,7 +121,13 @@ def calibration_fidelity(
 
 def _params_table(specs: list[dict], shipped: dict[str, dict]) -> pl.DataFrame:
     out = []
-    for s in [*shipped.values(), *(s for s in specs if s["protocol"] in ("roles", "lomo"))]:
+    linear = [
+        s for s in [*shipped.values(), *specs] if s.get("form", "linear") == "linear"
+    ]  # the piecewise form: its own section
+    for s in [
+        *(s for s in linear if s["protocol"] == "all"),
+        *(s for s in linear if s["protocol"] in ("roles", "lomo")),
+    ]:
         p = StepParams(**s["params"])
         pr = (s.get("calibration") or {}).get("prior") or {}
         out.append(
@@ -174,6 +180,7 @@ def _mape_table(specs, shipped, steps, llm_of) -> pl.DataFrame:
             for s in specs
             if s.get("llm_model") == llm
             and s["protocol"] in ("roles", "lowo", "lomo")
+            and s.get("form", "linear") == "linear"
             and ("for_runs" not in s or e in s["for_runs"])
         ]
         if llm in shipped:
@@ -199,7 +206,7 @@ def _protocol_errors(rows: pl.DataFrame, runs: pl.DataFrame, ivs: pl.DataFrame, 
     """One row per run × request-calibrated step model: errors (%), sample, interval of the E2E/TTFT means, BLIS 4a."""
     if rows.height == 0:
         return pl.DataFrame()
-    r = rows.filter(pl.col("step_model").is_in(list(PROTOCOL_OF)))
+    r = rows.filter(pl.col("step_model").is_in(list(LINEAR_STEP_MODELS)))  # the piecewise form: its own section
     if r.height == 0:
         return pl.DataFrame()
     st = {x["experiment_id"]: x for x in runs.iter_rows(named=True)} if runs.height else {}
