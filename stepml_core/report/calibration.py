@@ -19,6 +19,7 @@ from stepml_core.calibration.params import PARAM_UNITS, StepParams
 from stepml_core.calibration.protocols import LINEAR_STEP_MODELS, PROTOCOL_OF
 from stepml_core.replay.coverage import WIDE_PCT, coverage_table, interval_cell
 from stepml_core.replay.intervals import CONFORMAL_LEVEL
+from stepml_core.report.piecewise import piecewise_section, piecewise_table
 
 PROTOCOL_TITLE = {
     "roles": "run roles (train calibrates; validate and test scored) — comparable with BLIS 4a",
@@ -110,6 +111,7 @@ def calibration_fidelity(
         "params": params,
         "mape": mape,
         "errors": errors,
+        "piecewise": piecewise_table(specs, rows, runs),
         "goals": goals,
         "coverage": coverage,
         "costs": _costs(cal),
@@ -421,7 +423,8 @@ def calibration_section(t: dict) -> list[str]:
         "mean/p50/p90(/p99).",
         "",
     ]
-    lines += _cost_lines(t) + _parameter_lines(t) + _real_step_lines(t) + _protocol_lines(t) + _uncertainty_lines(t)
+    lines += _cost_lines(t) + _parameter_lines(t) + _real_step_lines(t) + _protocol_lines(t)
+    lines += piecewise_section(t.get("piecewise")) + _uncertainty_lines(t)
     lines += _goal_lines(t)
     lines += [
         "What the BLIS file cannot say: BLIS adds `output_token_processing_time_us` to every token and counts one "
