@@ -135,3 +135,49 @@ def test_the_piecewise_folds_mirror_the_linear_ones():
     assert all(f.key != g.key for f in pw for g in folds if g.form == "linear")
     assert cp.PROTOCOL_OF["requests_pw_lowo"] == "lowo"
     assert not [f for f in cp.plan_folds(runs, piecewise=False) if f.form != "linear"]
+
+
+def test_piecewise_specs_load_and_replay_as_their_blis_file():
+    """fold_specs: a piecewise fold's spec says its form, loads as a ReplaySpec, serves its regimes; its requests_all
+    twin is shipped under "<model>:piecewise", the linear one under the model as before."""
+    from stepml_core.replay.specs import ReplaySpec
+    from stepml_core.replay.specs import serving_model as spec_model
+
+    runs = [
+        cp.RunInfo(f"r-{m}-{w}", m, tp, w, "train", True)
+        for m, tp in (("llama-2-70b", 4), ("codellama-34b", 2))
+        for w in ("a", "b")
+    ]
+    folds = cp.plan_folds(runs)
+    linear = StepParams(**{**PW.__dict__, "b_hinge_us": 0.0, "hinge_decoders": 0.0})
+    cals = {}
+    for f in folds:
+        if f.calibrate_on:
+            p = PW if f.form == "piecewise" else linear
+            cals[f.key] = F.Calibration(
+                llm_model=f.llm_model,
+                fitted_on=f.calibrate_on,
+                params=p,
+                closed_form=p,
+                prior=F.arch_prior(f.llm_model, 4 if f.llm_model == "llama-2-70b" else 2),
+                refine=None,
+                bootstrap=np.zeros((0, 7)),
+                seconds={},
+                requests_used={},
+                r2=1.0,
+                bounds_active=(),
+                form=f.form,
+            )
+    specs, shipped = cp.fold_specs(folds, cals, runs)
+    pw = [s for s in specs if s["name"].startswith("requests_pw_")]
+    assert pw and all(s["form"] == "piecewise" and "step_time_regimes" in s["doc"] for s in pw)
+    for s in specs:
+        r = ReplaySpec.from_json(s)
+        assert r.to_json() == s
+        assert spec_model(r).step_model.reads_values
+    assert (
+        "step_time_regimes" in shipped["llama-2-70b:piecewise"]["doc"] and "step_time" in shipped["llama-2-70b"]["doc"]
+    )
+    pw_key = next(f.key for f in folds if f.form == "piecewise")
+    back = F.Calibration.from_summary(cals[pw_key].summary())
+    assert back.form == "piecewise" and back.params == PW

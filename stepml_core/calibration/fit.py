@@ -565,7 +565,11 @@ class Calibration:
             "saturated_setting": self.saturated_setting.summary() if self.saturated_setting else {},
             "bootstrap_params": {"names": list(PARAM_NAMES), "rows": self.bootstrap.round(6).tolist()},
             "between_runs": self.between_runs.summary() if self.between_runs else None,
-        } | ({"form": self.form, "break_choice": self.break_choice.summary()} if self.form != "linear" else {})
+        } | (
+            {"form": self.form, "break_choice": self.break_choice.summary() if self.break_choice else None}
+            if self.form != "linear"
+            else {}
+        )
 
     @classmethod
     def from_summary(cls, d: Mapping) -> Calibration:
