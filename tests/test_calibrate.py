@@ -276,8 +276,9 @@ def test_only_calibration_runs_are_loaded(monkeypatch):
     monkeypatch.setattr(cp, "calibrate", lambda runs, **kw: seen.append([r.experiment_id for r in runs]) or "fit")
     cals = cp.run_calibrations(folds, lambda e: loaded.append(e) or CalibrationRun(e, "m", "w", None, None, None))
     assert sorted(loaded) == ["a-codegen", "a-general", "b-codegen"]
-    assert sorted(map(tuple, seen)) == [("a-codegen", "a-general"), ("b-codegen",)]
-    assert len(cals) == 2
+    # each calibration set twice: the linear form and the piecewise one (the same folds)
+    assert sorted(map(tuple, seen)) == [("a-codegen", "a-general")] * 2 + [("b-codegen",)] * 2
+    assert len(cals) == 4
 
 
 def _write_run(root: Path, eid: str, run: CalibrationRun, split: str) -> None:
