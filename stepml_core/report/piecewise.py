@@ -90,7 +90,7 @@ def piecewise_section(t: pl.DataFrame) -> list[str]:
         "linear TTFT / E2E / p99 %",
         "piecewise TTFT / E2E / p99 %",
         "break (decoders)",
-        "µs per decoder below / above",
+        "β_dec µs per decoder below / above",
         "calibrated on",
     ]
     body = []
