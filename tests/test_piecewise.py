@@ -181,3 +181,39 @@ def test_piecewise_specs_load_and_replay_as_their_blis_file():
     pw_key = next(f.key for f in folds if f.form == "piecewise")
     back = F.Calibration.from_summary(cals[pw_key].summary())
     assert back.form == "piecewise" and back.params == PW
+
+
+def test_the_piecewise_form_is_a_candidate_unless_switched_off(monkeypatch):
+    """The recommendation picks requests_pw_lowo where its errors on the other runs are lower; with
+    PIECEWISE_RECOMMENDABLE off it is evidence only and the linear model is picked, per run and per LLM model."""
+    import polars as pl
+
+    from stepml_core.replay import scores
+
+    rows = []
+    for run in ("x", "y"):
+        for model, err in (("requests_lowo", 10.0), ("requests_pw_lowo", 1.0)):
+            for metric in ("ttft_mean", "e2e_mean"):
+                rows.append(
+                    {
+                        "experiment_id": run,
+                        "source": "real",
+                        "role": "",
+                        "step_model": model,
+                        "fitted_on": f"{run}-other",
+                        "sample": "out_of_sample",
+                        "metric": metric,
+                        "predicted": 1.0 + err / 100,
+                        "observed": 1.0,
+                        "rel_err_pct": err,
+                    }
+                )
+    rows = pl.DataFrame(rows)
+    runs = {"x": {"llm_model": "m", "workload": "a"}, "y": {"llm_model": "n", "workload": "a"}}
+    status = pl.DataFrame({"experiment_id": ["x", "y"], "scored": [True, True], "saturated": [False, False]})
+    llm_of = {"x": "m", "y": "n"}
+    assert set(scores.recommend(rows, runs, status)["step_model"]) == {"requests_pw_lowo"}
+    assert set(scores.recommend_per_llm(rows, llm_of, status)["step_model"]) == {"requests_pw_lowo"}
+    monkeypatch.setattr(cp, "PIECEWISE_RECOMMENDABLE", False)
+    assert set(scores.recommend(rows, runs, status)["step_model"]) == {"requests_lowo"}
+    assert set(scores.recommend_per_llm(rows, llm_of, status)["step_model"]) == {"requests_lowo"}

@@ -48,6 +48,9 @@ PIECEWISE_PROTOCOLS = ("roles", "lowo", "all")  # the protocols the piecewise fo
 PIECEWISE_STEP_MODEL_OF = {p: f"requests_pw_{p}" for p in PIECEWISE_PROTOCOLS}
 LINEAR_STEP_MODELS = tuple(STEP_MODEL_OF[p] for p in PROTOCOLS)  # the replayed linear calibrated step models
 PIECEWISE_STEP_MODELS = tuple(PIECEWISE_STEP_MODEL_OF[p] for p in PIECEWISE_PROTOCOLS if p in PROTOCOLS)
+# whether the piecewise form's replays are recommendation candidates (fixed before any of its replays was scored; False:
+# replayed and reported as evidence only, the recommendation as without it: docs/calibration.md, *The piecewise ...*)
+PIECEWISE_RECOMMENDABLE = True
 PROTOCOL_OF = {  # the replayed step models: requests_lowo → lowo, requests_pw_lowo → lowo, ...
     **{STEP_MODEL_OF[p]: p for p in PROTOCOLS},
     **{PIECEWISE_STEP_MODEL_OF[p]: p for p in PIECEWISE_PROTOCOLS if p in PROTOCOLS},
@@ -95,6 +98,11 @@ class Fold:
             if self.form == "linear"
             else (self.llm_model, self.calibrate_on, self.form)
         )
+
+
+def not_recommendable() -> frozenset[str]:
+    """The replayed step models the recommendation never picks (the piecewise form's unless PIECEWISE_RECOMMENDABLE)."""
+    return frozenset() if PIECEWISE_RECOMMENDABLE else frozenset(PIECEWISE_STEP_MODELS)
 
 
 def plan_folds(
