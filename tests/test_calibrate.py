@@ -276,8 +276,9 @@ def test_only_calibration_runs_are_loaded(monkeypatch):
     monkeypatch.setattr(cp, "calibrate", lambda runs, **kw: seen.append([r.experiment_id for r in runs]) or "fit")
     cals = cp.run_calibrations(folds, lambda e: loaded.append(e) or CalibrationRun(e, "m", "w", None, None, None))
     assert sorted(loaded) == ["a-codegen", "a-general", "b-codegen"]
-    assert sorted(map(tuple, seen)) == [("a-codegen", "a-general"), ("b-codegen",)]
-    assert len(cals) == 2
+    # each calibration set twice: the linear form and the piecewise one (the same folds)
+    assert sorted(map(tuple, seen)) == [("a-codegen", "a-general")] * 2 + [("b-codegen",)] * 2
+    assert len(cals) == 4
 
 
 def _write_run(root: Path, eid: str, run: CalibrationRun, split: str) -> None:
@@ -385,7 +386,8 @@ def test_deleting_a_scored_runs_ground_truth_leaves_its_predictions_and_interval
         _write_run(tmp_path, eid, run(eid, rate, prompt, seed), split)
     scored = "20260101-020000-llama-2-7b-tp1-roleplay"
     before, iv_before = _predict(tmp_path, scored)
-    assert set(before) == {"requests_roles", "requests_lowo"}
+    # the piecewise form's replays (same folds) are checked bit for bit with the linear ones below
+    assert set(before) == {"requests_roles", "requests_lowo", "requests_pw_roles", "requests_pw_lowo"}
     assert set(iv_before["step_model"]) == {"requests_roles", "requests_lowo"}
     assert (iv_before["extrap_n"] == 1).all() and iv_before["extrap_q_pct"].is_finite().all()  # the other validate run
     # the between-run term: roles from its 2 train runs, lowo from the fold's 3 calibration runs

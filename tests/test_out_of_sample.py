@@ -54,10 +54,11 @@ def test_deleting_any_runs_ground_truth_moves_none_of_its_out_of_sample_figures(
         | (pl.col("recommended_same") == False)  # noqa: E712
     )
     assert failures.height == 0, failures.to_dicts()
-    # the train runs' truth makes the run-roles model in sample for them: without it, it becomes a candidate
+    # the train runs' truth makes the run-roles models (linear and piecewise) in sample for them: without it, they become
+    # candidates
     train = set(runs.filter(pl.col("role") == "train")["experiment_id"])
     kept = set(table.filter(pl.col("recommended_same").is_not_null())["run"])
     assert set(table["run"]) - train <= kept and len(kept) >= 4  # the validate/test runs keep their candidates
     for r in table.iter_rows(named=True):
         added = set(filter(None, r["candidates_added_without_truth"].split(",")))
-        assert added <= {"requests_roles"} and (not added or r["run"] in train), r
+        assert added <= {"requests_roles", "requests_pw_roles"} and (not added or r["run"] in train), r

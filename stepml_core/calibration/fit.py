@@ -64,6 +64,11 @@ SATURATED_RUN_WEIGHT = 0.1  # stage 1: a saturated calibration run's weight rela
 # calibration by inner validation on its own runs (choose_saturated_setting), never on a run it predicts
 SATURATED_SETTINGS = ((True, SATURATED_RUN_WEIGHT), (True, 1.0), (False, 1.0), (False, SATURATED_RUN_WEIGHT))
 ONE_SIDED_MAX_ITER = 25  # stage 1: active-set iterations of the one-sided (cycle ≥ GPU path) saturated rows
+# the piecewise form (FORMS): candidate breaks (decode requests), fixed in advance; a break is a candidate for a
+# calibration only where its non-saturated runs spend at least BREAK_MIN_SIDE_SHARE of their decoding time on each side
+FORMS = ("linear", "piecewise")
+BREAK_CANDIDATES = (40, 50, 60, 70, 80, 90, 100)
+BREAK_MIN_SIDE_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -122,11 +127,17 @@ class ClosedForm:
 
 
 def _cycle_rows(
-    timelines: list[Timelines], weights: list[np.ndarray] | None, sw: float, one_sided: bool = True
+    timelines: list[Timelines],
+    weights: list[np.ndarray] | None,
+    sw: float,
+    one_sided: bool = True,
+    break_decoders: float | None = None,
 ) -> tuple[list[tuple], dict[str, int]]:
     """Per run, the decode windows the cycle regression uses: (X = [1, n̄, kv̄, p], c = cycle_us, row weight, one-sided)
     with row weight √(w_i / Σw · run weight) / c_i (relative residuals, each run weighing the same, a saturated run
-    ``sw`` of one and one-sided when non-saturated runs are there); and the windows used per run."""
+    ``sw`` of one and one-sided when non-saturated runs are there); and the windows used per run. With a break k
+    (the piecewise form) X = [1, n̄ − h̄, kv̄, p, h̄], h̄ the window mean of max(0, n(t) − k): the slopes below and
+    above k."""
     rows, used = [], {}
     mixed = any(tl.saturated for tl in timelines) and not all(tl.saturated for tl in timelines)
     for k, tl in enumerate(timelines):
@@ -140,6 +151,9 @@ def _cycle_rows(
             continue
         c = tl.cycle_us[m_idx]
         Xk = np.column_stack([np.ones(m_idx.size), tl.dec_mean[m_idx], tl.kv_mean[m_idx], tl.prefills_per_step[m_idx]])
+        if break_decoders is not None:
+            h = np.nan_to_num(tl.hinge_mean(break_decoders)[m_idx])
+            Xk = np.column_stack([Xk[:, 0], Xk[:, 1] - h, Xk[:, 2], Xk[:, 3], h])
         sat = mixed and tl.saturated
         upper = sat and one_sided  # cycle = max(GPU, CPU) ≥ GPU path: a bound from above only
         rows.append((Xk, c, np.sqrt(cw / cw.sum() * (sw if sat else 1.0)) / c, upper))
@@ -153,14 +167,14 @@ def _cycle_rows(
 def _fit_one_sided(rows: list[tuple], lo: np.ndarray) -> tuple:
     """Bounded (β ≥ lo) weighted least squares where one-sided rows count only where the model reaches their cycle;
     the active set is iterated (≤ ONE_SIDED_MAX_ITER) and the iterate of least one-sided cost kept.
-    Returns (X, y, row weights, lsq_linear result) of that iterate."""
+    Returns (X, y, row weights, lsq_linear result, its one-sided cost) of that iterate."""
     from scipy.optimize import lsq_linear
 
     def solve(masks):
         X = np.vstack([r[0][mk] for r, mk in zip(rows, masks)])
         y = np.concatenate([r[1][mk] for r, mk in zip(rows, masks)])
         wt = np.concatenate([r[2][mk] for r, mk in zip(rows, masks)])
-        return X, y, wt, lsq_linear(X * wt[:, None], y * wt, bounds=(lo, np.full(4, np.inf)), method="bvls")
+        return X, y, wt, lsq_linear(X * wt[:, None], y * wt, bounds=(lo, np.full(lo.size, np.inf)), method="bvls")
 
     def one_sided_cost(x):  # Σ (w·r)² over two-sided rows + Σ (w·max(0, model − cycle))² over one-sided rows
         return sum(
@@ -180,13 +194,20 @@ def _fit_one_sided(rows: list[tuple], lo: np.ndarray) -> tuple:
         if all(np.array_equal(a, b) for a, b in zip(new, masks)):
             break
         masks = new
-    return best[1]
+    return (*best[1], best[0])
 
 
 def _queue_offset_us(
-    timelines: list[Timelines], weights: list[np.ndarray] | None, b0: float, bd: float, bkv: float, bnpf: float
+    timelines: list[Timelines],
+    weights: list[np.ndarray] | None,
+    b0: float,
+    bd: float,
+    bkv: float,
+    bnpf: float,
+    hinge: tuple[float, float] = (0.0, 0.0),
 ) -> float:
-    """α0 = max(0, mean over the non-saturated runs of median(TTFT − 1.5·ĉ(arrival) − β_npf)), µs."""
+    """α0 = max(0, mean over the non-saturated runs of median(TTFT − 1.5·ĉ(arrival) − β_npf)), µs; ``hinge`` = (β_h, k)
+    of the piecewise form (ĉ gains β_h·max(0, n − k))."""
     q_meds = []
     for k, tl in enumerate(timelines):
         if tl.saturated:
@@ -197,6 +218,8 @@ def _queue_offset_us(
         if not m.any():
             continue
         c_hat = b0 + bd * tl.dec_at_arrival[m] + bkv * tl.kv_at_arrival[m]
+        if hinge[0]:
+            c_hat = c_hat + hinge[0] * np.maximum(tl.dec_at_arrival[m] - hinge[1], 0.0)
         q_meds.append(float(np.median(tl.ttft_s[m] * 1e6 - 1.5 * c_hat - bnpf)))
     return max(0.0, float(np.mean(q_meds))) if q_meds else 0.0
 
@@ -208,6 +231,7 @@ def fit_closed_form(
     weights: list[np.ndarray] | None = None,
     saturated_weight: float | None = None,
     one_sided: bool = True,
+    break_decoders: float | None = None,
 ) -> ClosedForm:
     """Stage 1: bounded least squares of the observed decode cycles on the window-averaged batch composition.
 
@@ -222,26 +246,52 @@ def fit_closed_form(
     the split's extrapolation without bending what the non-saturated runs determine (``one_sided`` False: the
     saturated windows count both ways, at the same weight). ``weights`` (per run, per
     request; bootstrap counts) multiply the request weights. Then α0 = mean over the
-    non-saturated runs of the median of TTFT − 1.5·ĉ(arrival) − β_npf (half a cycle's wait, the prompt's step)."""
+    non-saturated runs of the median of TTFT − 1.5·ĉ(arrival) − β_npf (half a cycle's wait, the prompt's step).
+    ``break_decoders`` k: the piecewise form, a hinge at k decoders (the slopes below and above k, each ≥ 0;
+    β_h = the slope above − the slope below)."""
+    fit = _fit_closed_form(timelines, prior, weights, saturated_weight, one_sided, break_decoders)
+    return fit[0]
+
+
+def _fit_closed_form(
+    timelines: list[Timelines],
+    prior: ArchPrior,
+    weights: list[np.ndarray] | None,
+    saturated_weight: float | None,
+    one_sided: bool,
+    break_decoders: float | None,
+) -> tuple[ClosedForm, float]:
+    """fit_closed_form and the stage-1 cost of its fit (what choose_break compares)."""
     sw = SATURATED_RUN_WEIGHT if saturated_weight is None else saturated_weight
-    rows, used = _cycle_rows(timelines, weights, sw, one_sided)
-    lo = np.array([0.0, 0.0, prior.kv_floor_us, 0.0])
-    X, y, wt, res = _fit_one_sided(rows, lo)
-    b0, bd, bkv, bnpf = (float(x) for x in res.x)
+    rows, used = _cycle_rows(timelines, weights, sw, one_sided, break_decoders)
+    lo = np.array([0.0, 0.0, prior.kv_floor_us, 0.0] + ([0.0] if break_decoders is not None else []))
+    X, y, wt, res, cost = _fit_one_sided(rows, lo)
+    b0, bd, bkv, bnpf = (float(x) for x in res.x[:4])
+    hinge = (float(res.x[4]) - bd, float(break_decoders)) if break_decoders is not None else (0.0, 0.0)
     pred = X @ res.x
     r2 = 1.0 - float(
         np.sum((wt * (y - pred)) ** 2) / max(np.sum((wt * (y - np.average(y, weights=wt**2))) ** 2), 1e-12)
     )
     active = tuple(
         n
-        for n, x, b in zip(("b0_us", "b_dec_us", "b_kv_us", "b_npf_us"), res.x, lo)
+        for n, x, b in zip(("b0_us", "b_dec_us", "b_kv_us", "b_npf_us", "b_dec_above_us"), res.x, lo)
         if abs(x - b) <= 1e-9 * max(1.0, abs(b))
     )
-    q0 = _queue_offset_us(timelines, weights, b0, bd, bkv, bnpf)
-    params = StepParams(b0_us=b0, b_dec_us=bd, b_kv_us=bkv, b_pf_us=prior.prefill_prior_us, b_npf_us=bnpf, q0_us=q0)
-    return ClosedForm(
+    q0 = _queue_offset_us(timelines, weights, b0, bd, bkv, bnpf, hinge)
+    params = StepParams(
+        b0_us=b0,
+        b_dec_us=bd,
+        b_kv_us=bkv,
+        b_pf_us=prior.prefill_prior_us,
+        b_npf_us=bnpf,
+        q0_us=q0,
+        b_hinge_us=hinge[0],
+        hinge_decoders=hinge[1] if hinge[0] else 0.0,
+    )
+    cf = ClosedForm(
         params=params, requests_used=int(sum(used.values())), requests_by_run=used, r2=r2, bounds_active=active
     )
+    return cf, cost
 
 
 @dataclass(frozen=True)
@@ -271,8 +321,13 @@ def cycle_error_pct(tl: Timelines, p: StepParams) -> float:
     m = np.isfinite(tl.cycle_us) & (tl.kv_over <= 0.05) & np.isfinite(tl.dec_mean)
     if not m.any():
         return float("nan")
-    pred = p.b0_us + p.b_dec_us * tl.dec_mean[m] + p.b_kv_us * tl.kv_mean[m] + p.b_npf_us * tl.prefills_per_step[m]
+    pred = p.step_us(tl.dec_mean[m], tl.kv_mean[m], 0.0, tl.prefills_per_step[m], _hinge_of(tl, p)[m])
     return float(np.mean(np.abs(pred - tl.cycle_us[m]) / tl.cycle_us[m]) * 100.0)
+
+
+def _hinge_of(tl: Timelines, p: StepParams) -> np.ndarray | float:
+    """The window means of max(0, n − k) the piecewise form reads (0 for the linear form)."""
+    return np.nan_to_num(tl.hinge_mean(p.hinge_decoders)) if p.piecewise else np.zeros(tl.arrival_s.size)
 
 
 def choose_saturated_setting(timelines: list[Timelines], prior: ArchPrior) -> SaturatedSetting:
@@ -303,6 +358,69 @@ def choose_saturated_setting(timelines: list[Timelines], prior: ArchPrior) -> Sa
         f"inner validation: leave one of {len(calm)} non-saturated calibration runs out",
         {setting_label(*k): round(v, 4) for k, v in errs.items()},
     )
+
+
+# ---------------------------------------------------------------------------- the piecewise form's break
+
+
+@dataclass(frozen=True)
+class BreakChoice:
+    """Where the piecewise form's hinge sits, and what chose it (on the calibration runs alone)."""
+
+    break_decoders: float | None  # None: no candidate break the calibration runs can place (the linear form)
+    chosen_by: str
+    stage1_cost: dict = field(default_factory=dict)  # "k=60" → stage-1 cost of the fit with that break
+    share_above: dict = field(default_factory=dict)  # "k=60" → the non-saturated runs' decoding time above k
+
+    def summary(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_summary(cls, d: Mapping) -> BreakChoice:
+        return cls(
+            d["break_decoders"], d["chosen_by"], dict(d.get("stage1_cost") or {}), dict(d.get("share_above") or {})
+        )
+
+
+def choose_break(timelines: list[Timelines], prior: ArchPrior, setting: SaturatedSetting | None = None) -> BreakChoice:
+    """The piecewise form's break k on the calibration runs alone: among BREAK_CANDIDATES, those where the non-saturated
+    calibration runs spend ≥ BREAK_MIN_SIDE_SHARE of their decoding time (n(t) > 0) at or below k and above k (a
+    saturated run's cycle is max(GPU path, CPU path): it cannot show the GPU path's bend); stage 1 is fitted with a
+    hinge at each and the least stage-1 cost wins (a profile fit: ties to the smaller k). None where no candidate has
+    both sides: the calibration runs cannot place a bend, and the form stays linear."""
+    calm = [tl for tl in timelines if not tl.saturated and tl.dec_grid is not None]
+    if not calm:
+        return BreakChoice(None, "no non-saturated calibration run: linear form")
+    busy = np.concatenate([tl.dec_grid[tl.dec_grid > 0] for tl in calm])
+    shares = {f"k={k}": round(float(np.mean(busy > k)), 4) if busy.size else 0.0 for k in BREAK_CANDIDATES}
+    ok = [k for k in BREAK_CANDIDATES if BREAK_MIN_SIDE_SHARE <= shares[f"k={k}"] <= 1 - BREAK_MIN_SIDE_SHARE]
+    if not ok:
+        return BreakChoice(
+            None,
+            f"no candidate break with ≥ {BREAK_MIN_SIDE_SHARE:.0%} of the non-saturated calibration runs' decoding time "
+            "on each side: linear form",
+            {},
+            shares,
+        )
+    costs = {}
+    for k in ok:
+        try:
+            costs[k] = _fit_closed_form(timelines, prior, None, *_setting_args(setting), float(k))[1]
+        except CalibrationError:
+            continue
+    if not costs:
+        return BreakChoice(None, "no candidate break could be fitted: linear form", {}, shares)
+    best = min(costs, key=lambda k: (costs[k], k))
+    return BreakChoice(
+        float(best),
+        f"least stage-1 cost among {len(costs)} candidate break(s) with both sides in the non-saturated calibration runs",
+        {f"k={k}": round(v, 9) for k, v in costs.items()},
+        shares,
+    )
+
+
+def _setting_args(setting: SaturatedSetting | None) -> tuple:
+    return (None, True) if setting is None else (setting.weight, setting.one_sided)
 
 
 # ---------------------------------------------------------------------------- bootstrap (uncertainty)
@@ -349,7 +467,7 @@ def _run_step_error(tl: Timelines, p: StepParams) -> float:
     m = np.isfinite(tl.cycle_us) & (tl.kv_over <= 0.05) & np.isfinite(tl.dec_mean)
     if not m.any():
         return math.nan
-    pred = p.step_us(tl.dec_mean[m], tl.kv_mean[m], 0.0, tl.prefills_per_step[m])
+    pred = p.step_us(tl.dec_mean[m], tl.kv_mean[m], 0.0, tl.prefills_per_step[m], _hinge_of(tl, p)[m])
     tot = float(np.sum(pred))
     return math.log(float(np.sum(tl.cycle_us[m])) / tot) if tot > 0 else math.nan
 
@@ -391,7 +509,13 @@ def between_run_errors(
             continue
         q, m = math.nan, tl.success & np.isfinite(tl.ttft_s)
         if not tl.saturated and m.any():
-            c_hat = p.b0_us + p.b_dec_us * tl.dec_at_arrival[m] + p.b_kv_us * tl.kv_at_arrival[m]
+            c_hat = p.step_us(
+                tl.dec_at_arrival[m],
+                tl.kv_at_arrival[m],
+                0.0,
+                0.0,
+                np.maximum(tl.dec_at_arrival[m] - p.hinge_decoders, 0),
+            )
             q = float(np.median(tl.ttft_s[m] * 1e6 - 1.5 * c_hat - p.b_npf_us)) - p.q0_us
         runs.append(tl.experiment_id)
         step_err.append(round(_run_step_error(tl, p), 9))
@@ -420,6 +544,8 @@ class Calibration:
     bounds_active: tuple
     saturated_setting: SaturatedSetting | None = None  # what stage 1 did with saturated runs, what chose it
     between_runs: BetweenRunErrors | None = None  # leave one calibration run out (for intervals)
+    form: str = "linear"  # FORMS
+    break_choice: BreakChoice | None = None  # the piecewise form: where its break sits, what chose it
 
     def doc(self) -> dict:
         return self.params.blis_doc()
@@ -439,7 +565,11 @@ class Calibration:
             "saturated_setting": self.saturated_setting.summary() if self.saturated_setting else {},
             "bootstrap_params": {"names": list(PARAM_NAMES), "rows": self.bootstrap.round(6).tolist()},
             "between_runs": self.between_runs.summary() if self.between_runs else None,
-        }
+        } | (
+            {"form": self.form, "break_choice": self.break_choice.summary() if self.break_choice else None}
+            if self.form != "linear"
+            else {}
+        )
 
     @classmethod
     def from_summary(cls, d: Mapping) -> Calibration:
@@ -451,22 +581,36 @@ class Calibration:
             closed_form=StepParams(**d["closed_form"]),
             prior=ArchPrior(**d["prior"]),
             refine=RefineReport(**rep) if rep else None,
-            bootstrap=np.asarray(d["bootstrap_params"]["rows"], dtype=np.float64).reshape(-1, len(PARAM_NAMES)),
+            bootstrap=np.asarray(d["bootstrap_params"]["rows"], dtype=np.float64).reshape(
+                -1, len(d["bootstrap_params"]["names"])
+            ),
             seconds=d["seconds"],
             requests_used=d["requests_used"],
             r2=d["closed_form_r2"],
             bounds_active=tuple(d["bounds_active"]),
             saturated_setting=SaturatedSetting.from_summary(setting) if setting else None,
             between_runs=BetweenRunErrors.from_summary(between) if between is not None else None,
+            form=d.get("form", "linear"),
+            break_choice=BreakChoice.from_summary(d["break_choice"]) if d.get("break_choice") else None,
         )
 
 
 def calibrate(
-    runs: list[CalibrationRun], *, seed: int = 0, refine_evals: int = 6, n_boot: int = 60, with_refine: bool = True
+    runs: list[CalibrationRun],
+    *,
+    seed: int = 0,
+    refine_evals: int = 6,
+    n_boot: int = 60,
+    with_refine: bool = True,
+    form: str = "linear",
 ) -> Calibration:
     """Calibrate one LLM model's step-time model on these runs' request logs (and nothing else).
 
-    ``runs`` must be of one LLM model and TP, each with ground truth."""
+    ``runs`` must be of one LLM model and TP, each with ground truth. ``form``: ``linear``, or ``piecewise`` (a hinge
+    in the decoders at the break choose_break places on these runs; stage 2 as for the linear form; no bootstrap and
+    no between-run errors, so its replays carry no interval)."""
+    if form not in FORMS:
+        raise ValueError(f"form {form!r}: one of {FORMS}")
     if not runs:
         raise CalibrationError("no calibration runs")
     models = {(r.llm_model, int(r.ctx.tp)) for r in runs}
@@ -478,7 +622,10 @@ def calibrate(
     prior = arch_prior(llm, tp)
     tls = [request_timelines(r) for r in runs]
     setting = choose_saturated_setting(tls, prior)
-    cf = fit_closed_form(tls, prior, **_setting_kw(setting))
+    brk = choose_break(tls, prior, setting) if form == "piecewise" else None
+    if brk is not None:
+        n_boot = 0
+    cf = fit_closed_form(tls, prior, **_setting_kw(setting), break_decoders=brk.break_decoders if brk else None)
     t1 = time.perf_counter()
     params, rep = cf.params, None
     if with_refine:
@@ -512,4 +659,6 @@ def calibrate(
         bounds_active=cf.bounds_active,
         saturated_setting=setting,
         between_runs=between,
+        form=form,
+        break_choice=brk,
     )

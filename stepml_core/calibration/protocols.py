@@ -16,6 +16,11 @@ replayed on (``for_runs``). Protocols (step-model names say which):
 * ``requests_all`` — every run of the model with ground truth calibrates: the model StepML ships
   (``stepml export``) and the source of the leave-one-model-out transfer; not replayed.
 
+The piecewise form (``stepml_core.calibration.fit.choose_break``: a hinge in the decoders, BLIS's
+``step_time_regimes``) is calibrated on the same folds of the run roles, leave one workload out and all
+(``requests_pw_roles``, ``requests_pw_lowo``, ``requests_pw_all``); not transferred across models (the architecture
+scales say nothing of where a bend sits). Its calibrations carry no bootstrap, so its replays have no interval.
+
 Out of sample is enforced by construction: :func:`run_calibrations` loads the request logs of a
 fold's ``calibrate_on`` runs only and hands them to :func:`stepml_core.calibration.fit.calibrate`; a run in
 ``for_runs`` is never among them (:func:`check_folds`).
@@ -27,7 +32,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -39,7 +44,17 @@ from stepml_core.parallel import process_workers
 
 PROTOCOLS = ("roles", "lowo", "lomo")
 STEP_MODEL_OF = {"roles": "requests_roles", "lowo": "requests_lowo", "lomo": "requests_lomo", "all": "requests_all"}
-PROTOCOL_OF = {STEP_MODEL_OF[p]: p for p in PROTOCOLS}  # the replayed step models: requests_lowo → lowo, ...
+PIECEWISE_PROTOCOLS = ("roles", "lowo", "all")  # the protocols the piecewise form is calibrated in
+PIECEWISE_STEP_MODEL_OF = {p: f"requests_pw_{p}" for p in PIECEWISE_PROTOCOLS}
+LINEAR_STEP_MODELS = tuple(STEP_MODEL_OF[p] for p in PROTOCOLS)  # the replayed linear calibrated step models
+PIECEWISE_STEP_MODELS = tuple(PIECEWISE_STEP_MODEL_OF[p] for p in PIECEWISE_PROTOCOLS if p in PROTOCOLS)
+# whether the piecewise form's replays are recommendation candidates (fixed before any of its replays was scored; False:
+# replayed and reported as evidence only, the recommendation as without it: docs/calibration.md, *The piecewise ...*)
+PIECEWISE_RECOMMENDABLE = True
+PROTOCOL_OF = {  # the replayed step models: requests_lowo → lowo, requests_pw_lowo → lowo, ...
+    **{STEP_MODEL_OF[p]: p for p in PROTOCOLS},
+    **{PIECEWISE_STEP_MODEL_OF[p]: p for p in PIECEWISE_PROTOCOLS if p in PROTOCOLS},
+}
 
 
 class FoldError(StepMLError, ValueError):
@@ -69,20 +84,33 @@ class Fold:
     for_runs: tuple[str, ...] | None  # runs the model predicts (None: every run of llm_model)
     transfer_from: tuple[str, ...] = ()  # lomo: the LLM models whose requests_all calibrations are carried over
     held_out: str = ""  # lowo: the workload; lomo: the LLM model
+    form: str = "linear"  # the calibrated form (calibration.fit.FORMS)
 
     @property
     def name(self) -> str:
-        return STEP_MODEL_OF[self.protocol]
+        return STEP_MODEL_OF[self.protocol] if self.form == "linear" else PIECEWISE_STEP_MODEL_OF[self.protocol]
 
     @property
     def key(self) -> tuple:
-        """Folds with the same calibration runs share one calibration."""
-        return (self.llm_model, self.calibrate_on)
+        """Folds with the same calibration runs and form share one calibration (the linear key as before)."""
+        return (
+            (self.llm_model, self.calibrate_on)
+            if self.form == "linear"
+            else (self.llm_model, self.calibrate_on, self.form)
+        )
 
 
-def plan_folds(runs: list[RunInfo], *, protocols=PROTOCOLS, lomo_models: list[str] | None = None) -> list[Fold]:
-    """The folds of each protocol for these runs (see module docstring). Runs without ground truth are
-    predicted, never calibrated on."""
+def not_recommendable() -> frozenset[str]:
+    """The replayed step models the recommendation never picks (the piecewise form's unless PIECEWISE_RECOMMENDABLE)."""
+    return frozenset() if PIECEWISE_RECOMMENDABLE else frozenset(PIECEWISE_STEP_MODELS)
+
+
+def plan_folds(
+    runs: list[RunInfo], *, protocols=PROTOCOLS, lomo_models: list[str] | None = None, piecewise: bool = True
+) -> list[Fold]:
+    """The folds of each protocol for these runs (see module docstring); ``piecewise``: the same folds of
+    PIECEWISE_PROTOCOLS once more for the piecewise form. Runs without ground truth are predicted, never
+    calibrated on."""
     by_model: dict[str, list[RunInfo]] = {}
     for r in sorted(runs, key=lambda r: r.experiment_id):
         by_model.setdefault(r.llm_model, []).append(r)
@@ -111,6 +139,8 @@ def plan_folds(runs: list[RunInfo], *, protocols=PROTOCOLS, lomo_models: list[st
                 folds.append(
                     Fold("lomo", m, (), tuple(r.experiment_id for r in by_model[m]), transfer_from=sources, held_out=m)
                 )
+    if piecewise:
+        folds += [replace(f, form="piecewise") for f in folds if f.protocol in PIECEWISE_PROTOCOLS]
     check_folds(folds, runs)
     return folds
 
@@ -164,13 +194,14 @@ def run_calibrations(
     for f in folds:
         if f.calibrate_on:
             jobs.setdefault(f.key, f.calibrate_on)
+    form_of = {f.key: f.form for f in folds}
     cache: dict[str, CalibrationRun] = {}
     args = []
     for key, ids in sorted(jobs.items(), key=lambda kv: -len(kv[1])):  # biggest first: the pool ends together
         for e in ids:
             if e not in cache:
                 cache[e] = load(e)
-        args.append((key, [cache[e] for e in ids], seed, calibrate_kw))
+        args.append((key, [cache[e] for e in ids], seed, form_kw(form_of[key], calibrate_kw)))
     out: dict[tuple, Calibration] = {}
     done = 0
     workers = process_workers(workers)
@@ -254,7 +285,9 @@ def fold_specs(
 ) -> tuple[list[dict], dict[str, dict]]:
     """Replay specs (kind blis_linear) per fold, and the ``requests_all`` spec per LLM model (for export)."""
     info = {r.experiment_id: r for r in runs}
-    all_by_model = {f.llm_model: cals[f.key] for f in folds if f.protocol == "all" and f.key in cals}
+    all_by_model = {
+        f.llm_model: cals[f.key] for f in folds if f.protocol == "all" and f.form == "linear" and f.key in cals
+    }
     specs, shipped = [], {}
     for f in folds:
         if f.protocol == "lomo":
@@ -288,14 +321,22 @@ def fold_specs(
             continue
         spec = _spec(f, cal.params, list(cal.fitted_on), info, cal.summary(), cal.bootstrap)
         spec["basis"] = f"request logs of {len(cal.fitted_on)} run(s) ({f.protocol})"
+        if f.form != "linear":
+            spec["form"] = f.form
+            spec["basis"] += f", {f.form} form"
         if f.protocol == "all":
-            shipped[f.llm_model] = spec
+            shipped[shipped_key(f.llm_model, f.form)] = spec
         else:
             specs.append(spec)
     for s in specs:  # out of sample by construction: say so loudly if not
         if s["protocol"] in ("lowo", "lomo") and set(s.get("for_runs") or ()) & set(s["fitted_on"]):
             raise FoldError(f"{s['name']}: fitted on a run it predicts")
     return specs, shipped
+
+
+def shipped_key(llm_model: str, form: str = "linear") -> str:
+    """The key of a ``requests_all`` spec in ``shipped``: the LLM model (linear form), ``<model>:<form>`` otherwise."""
+    return llm_model if form == "linear" else f"{llm_model}:{form}"
 
 
 def _spec(
@@ -318,6 +359,11 @@ def _spec(
     if f.for_runs is not None:
         spec["for_runs"] = list(f.for_runs)
     return spec
+
+
+def form_kw(form: str, calibrate_kw: dict) -> dict:
+    """calibrate()'s keywords for a fold's form (the linear form's as given: its cache keys stay as they were)."""
+    return dict(calibrate_kw) if form == "linear" else {**calibrate_kw, "form": form}
 
 
 def calibration_workers() -> int:
@@ -403,11 +449,12 @@ def study_calibration(
         return loaded[e]
 
     keys = {f.key for f in folds if f.calibrate_on}
+    form_of = {f.key: f.form for f in folds}
     cached, todo, ckeys = {}, [], {}
-    for k in sorted(keys, key=lambda k: (k[0], k[1])):
+    for k in sorted(keys, key=lambda k: (k[0], k[1], k[2:])):
         runs_k = [load_once(e) for e in k[1]]
         if cache is not None:
-            ckeys[k] = cache.key(runs_k, seed, calibrate_kw)
+            ckeys[k] = cache.key(runs_k, seed, form_kw(form_of[k], calibrate_kw))
             hit = cache.get(ckeys[k])
             if hit is not None:
                 cached[k] = hit
@@ -437,7 +484,10 @@ def study_calibration(
         "specs": specs,
         "shipped": shipped,
         "folds": [asdict(f) | {"name": f.name} for f in folds],
-        "calibrations": [{"llm_model": k[0], "calibrate_on": list(k[1]), **cals[k].summary()} for k in sorted(cals)],
+        "calibrations": [
+            {"llm_model": k[0], "calibrate_on": list(k[1]), **cals[k].summary()}
+            for k in sorted(cals, key=lambda k: (k[0], k[1], k[2:]))
+        ],
         "seconds": round(time.perf_counter() - t0, 3),
         "reused": len(cached),
         "computed": len(fresh),

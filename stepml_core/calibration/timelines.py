@@ -69,6 +69,27 @@ class Timelines:
     kv_over: np.ndarray  # share of the window where the timeline's KV demand exceeds the pool
     dec_at_arrival: np.ndarray
     kv_at_arrival: np.ndarray
+    dec_grid: np.ndarray | None = None  # decoding requests on the time grid (grid_s apart)
+    window_grid: np.ndarray | None = None  # per request: [first, end) grid indices of its decode window, -1 where none
+
+    def hinge_mean(self, break_decoders: float) -> np.ndarray:
+        """Per request: the time-average of max(0, n(t) − k) over its decode window (k = ``break_decoders``; n(t)
+        the decoding requests of the timeline), NaN where it has none: what a hinge at k adds to stage 1's rows."""
+        out = np.full(self.arrival_s.size, np.nan)
+        if self.dec_grid is None or self.window_grid is None:
+            return out
+        h = np.concatenate([[0.0], np.cumsum(np.maximum(self.dec_grid - float(break_decoders), 0.0))])
+        lo, hi = self.window_grid[:, 0], self.window_grid[:, 1]
+        m = lo >= 0
+        out[m] = (h[hi[m]] - h[lo[m]]) / (hi[m] - lo[m])
+        return out
+
+    def time_share_above(self, break_decoders: float) -> float:
+        """Share of the run's decoding time (n(t) > 0) with more than ``break_decoders`` requests decoding."""
+        if self.dec_grid is None:
+            return float("nan")
+        busy = self.dec_grid > 0
+        return float(np.mean(self.dec_grid[busy] > break_decoders)) if busy.any() else float("nan")
 
 
 def _generated_tokens(table: pl.DataFrame, ctx: RunContext) -> np.ndarray:
@@ -181,6 +202,8 @@ def request_timelines(run: CalibrationRun, grid_s: float = GRID_S) -> Timelines:
     usable = ok & (gen >= 2) & has
     cyc[usable] = (e2e[usable] - ttft[usable]) / (gen[usable] - 1) * 1e6
     ai = np.clip(np.rint(a / grid_s).astype(np.int64), 0, ng - 1)
+    window = np.full((n, 2), -1, dtype=np.int64)
+    window[idx, 0], window[idx, 1] = fi, ei
     return Timelines(
         experiment_id=run.experiment_id,
         saturated=run.saturated,
@@ -197,4 +220,6 @@ def request_timelines(run: CalibrationRun, grid_s: float = GRID_S) -> Timelines:
         kv_over=kv_over,
         dec_at_arrival=n_dec[ai],
         kv_at_arrival=kv[ai],
+        dec_grid=n_dec,
+        window_grid=window,
     )

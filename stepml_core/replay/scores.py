@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from stepml_core.calibration.protocols import PROTOCOL_OF
+from stepml_core.calibration.protocols import PROTOCOL_OF, not_recommendable
 from stepml_core.paths import REFERENCE_DIR
 from stepml_core.replay.intervals import could_use, widen_intervals
 from stepml_core.replay.specs import INTERVAL_COLUMNS, REPLAY_COLUMNS
@@ -111,7 +111,11 @@ def candidate_scores(rows: pl.DataFrame, runs: dict[str, dict], status: pl.DataF
     w = _wide(rows)
     calm = {r["experiment_id"] for r in status.iter_rows(named=True) if r["scored"] and not r["saturated"]}
     scores = _scores(w, calm)
-    cands = w.filter(pl.col("sample") == "out_of_sample").select("experiment_id", "step_model").unique()
+    cands = (
+        w.filter((pl.col("sample") == "out_of_sample") & ~pl.col("step_model").is_in(sorted(not_recommendable())))
+        .select("experiment_id", "step_model")
+        .unique()
+    )
     out = []
     for x, m in sorted(cands.iter_rows()):
         vals = [
@@ -159,6 +163,8 @@ def recommend_per_llm(rows: pl.DataFrame, llm_of: dict[str, str], status: pl.Dat
     acc: dict[tuple[str, str], list[float]] = {}
     for r in w.iter_rows(named=True):
         if r.get("e2e_mean_err") is None or r.get("ttft_mean_err") is None:
+            continue
+        if r["step_model"] in not_recommendable():
             continue
         acc.setdefault((llm_of.get(r["experiment_id"]), r["step_model"]), []).append(
             (abs(r["e2e_mean_err"]) + abs(r["ttft_mean_err"])) / 2

@@ -102,6 +102,7 @@ class ReplaySpec:
     doc: dict | None = None  # blis_linear: the BLIS model file
     exported: dict | None = None  # stepml_export: the json_export document
     protocol: str | None = None  # request-calibrated (stepml_core.calibration.protocols): its protocol
+    form: str | None = None  # request-calibrated: "piecewise" (calibration.fit.FORMS); absent: the linear form
     held_out: str | None = None
     for_runs: tuple[str, ...] | None = None  # applies to these runs only
     params: dict | None = None

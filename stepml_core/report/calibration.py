@@ -16,9 +16,10 @@ import numpy as np
 import polars as pl
 
 from stepml_core.calibration.params import PARAM_UNITS, StepParams
-from stepml_core.calibration.protocols import PROTOCOL_OF
+from stepml_core.calibration.protocols import LINEAR_STEP_MODELS, PROTOCOL_OF
 from stepml_core.replay.coverage import WIDE_PCT, coverage_table, interval_cell
 from stepml_core.replay.intervals import CONFORMAL_LEVEL
+from stepml_core.report.piecewise import piecewise_section, piecewise_table
 
 PROTOCOL_TITLE = {
     "roles": "run roles (train calibrates; validate and test scored) — comparable with BLIS 4a",
@@ -110,6 +111,7 @@ def calibration_fidelity(
         "params": params,
         "mape": mape,
         "errors": errors,
+        "piecewise": piecewise_table(specs, rows, runs),
         "goals": goals,
         "coverage": coverage,
         "costs": _costs(cal),
@@ -121,7 +123,13 @@ def calibration_fidelity(
 
 def _params_table(specs: list[dict], shipped: dict[str, dict]) -> pl.DataFrame:
     out = []
-    for s in [*shipped.values(), *(s for s in specs if s["protocol"] in ("roles", "lomo"))]:
+    linear = [
+        s for s in [*shipped.values(), *specs] if s.get("form", "linear") == "linear"
+    ]  # the piecewise form: its own section
+    for s in [
+        *(s for s in linear if s["protocol"] == "all"),
+        *(s for s in linear if s["protocol"] in ("roles", "lomo")),
+    ]:
         p = StepParams(**s["params"])
         pr = (s.get("calibration") or {}).get("prior") or {}
         out.append(
@@ -174,6 +182,7 @@ def _mape_table(specs, shipped, steps, llm_of) -> pl.DataFrame:
             for s in specs
             if s.get("llm_model") == llm
             and s["protocol"] in ("roles", "lowo", "lomo")
+            and s.get("form", "linear") == "linear"
             and ("for_runs" not in s or e in s["for_runs"])
         ]
         if llm in shipped:
@@ -199,7 +208,7 @@ def _protocol_errors(rows: pl.DataFrame, runs: pl.DataFrame, ivs: pl.DataFrame, 
     """One row per run × request-calibrated step model: errors (%), sample, interval of the E2E/TTFT means, BLIS 4a."""
     if rows.height == 0:
         return pl.DataFrame()
-    r = rows.filter(pl.col("step_model").is_in(list(PROTOCOL_OF)))
+    r = rows.filter(pl.col("step_model").is_in(list(LINEAR_STEP_MODELS)))  # the piecewise form: its own section
     if r.height == 0:
         return pl.DataFrame()
     st = {x["experiment_id"]: x for x in runs.iter_rows(named=True)} if runs.height else {}
@@ -414,7 +423,8 @@ def calibration_section(t: dict) -> list[str]:
         "mean/p50/p90(/p99).",
         "",
     ]
-    lines += _cost_lines(t) + _parameter_lines(t) + _real_step_lines(t) + _protocol_lines(t) + _uncertainty_lines(t)
+    lines += _cost_lines(t) + _parameter_lines(t) + _real_step_lines(t) + _protocol_lines(t)
+    lines += piecewise_section(t.get("piecewise")) + _uncertainty_lines(t)
     lines += _goal_lines(t)
     lines += [
         "What the BLIS file cannot say: BLIS adds `output_token_processing_time_us` to every token and counts one "

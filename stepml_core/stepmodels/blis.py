@@ -269,26 +269,32 @@ def _evidence_model(spec: dict, pick: str, err: dict) -> str | None:
     """The replayed step model whose out-of-sample errors speak for the file shipped: the model itself, or for
     ``requests_all`` (replayed nowhere out of sample: every run with ground truth calibrated it) the same recipe
     with one workload held out (``requests_lowo``), where it was replayed."""
-    if spec["name"] != "requests_all":
+    if not _is_all(spec["name"]):
         return pick if pick in err else None
-    return "requests_lowo" if "requests_lowo" in err else None
+    lowo = spec["name"].removesuffix("all") + "lowo"  # requests_all → requests_lowo, requests_pw_all → requests_pw_lowo
+    return lowo if lowo in err else None
+
+
+def _is_all(name: str) -> bool:
+    """A calibration on every run with ground truth (requests_all, requests_pw_all): replayed nowhere out of sample."""
+    return name.startswith("requests_") and name.endswith("_all")
 
 
 def _shipped_errors(llm: str, spec: dict, basis: str | None, err: dict) -> dict:
     """The manifest's ``errors`` (measured for the file shipped, else None), ``recipe_errors`` and a note saying
     which replays measured them."""
-    if spec["name"] != "requests_all":
+    if not _is_all(spec["name"]):
         return {
             "errors": err.get(basis) if basis else None,
             "errors_note": "" if basis else "not replayed out of sample",
         }
     note = (
-        f"requests_all is calibrated on every run of {llm} with ground truth ({len(spec['fitted_on'])} run(s)): "
+        f"{spec['name']} is calibrated on every run of {llm} with ground truth ({len(spec['fitted_on'])} run(s)): "
         "no out-of-sample error of this file exists. "
     )
     if basis:
         note += (
-            "recipe_errors: the same recipe calibrated on the model's other workloads (requests_lowo), replayed on "
+            f"recipe_errors: the same recipe calibrated on the model's other workloads ({basis}), replayed on "
             "the held-out workload's runs"
         )
     else:
@@ -329,14 +335,16 @@ def _errors(r: pl.DataFrame, saturated: set[str] | None = None) -> dict[str, dic
 
 
 def _exportable(llm: str, specs: list[dict], shipped: dict[str, dict]) -> dict[str, dict]:
-    """Step-model name → the BLIS-form spec shipped for it: requests_* → requests_all, blackbox_2f → its fit."""
+    """Step-model name → the BLIS-form spec shipped for it: requests_* → requests_all (requests_pw_* → the piecewise
+    form's requests_pw_all, shipped under "<model>:piecewise"), blackbox_2f → its fit."""
     out = {}
     for s in specs:
         if s.get("llm_model") != llm or s.get("kind") not in BLIS_KINDS:
             continue
         if s["name"].startswith("requests_"):
-            if llm in shipped:
-                out[s["name"]] = shipped[llm]
+            key = llm if s.get("form", "linear") == "linear" else f"{llm}:{s['form']}"
+            if key in shipped:
+                out[s["name"]] = shipped[key]
         elif s["name"] not in out:
             out[s["name"]] = s
     return out

@@ -164,6 +164,7 @@ class LinearStepTime:
         # one linear model over known features (every calibrated model, blackbox_2f): evaluated on the feature tuple
         # with the same operations in the same order as predict_features_us, so the same float, without the dict
         self._terms = None
+        self._regime_terms = None
         if (
             self.step is not None
             and not self.regimes
@@ -171,6 +172,18 @@ class LinearStepTime:
             and set(used) <= set(BLIS_STEP_FEATURES)
         ):
             self._terms = tuple((BLIS_STEP_FEATURES.index(k), w) for k, w in self.step.coefficients.items())
+        elif self.regimes and not self.needs_requests and set(used) <= set(BLIS_STEP_FEATURES):
+            # regimes over known features (the piecewise calibrated form): the first matching one on the tuple, as
+            # predict_features_us does on the dict (same operations, same order); a fall-through to step_time or 1
+            models = [(c, m) for c, m in self.regimes] + ([(None, self.step)] if self.step is not None else [])
+            self._regime_terms = tuple(
+                (
+                    None if c is None else (BLIS_STEP_FEATURES.index(c["feature"]), c["op"], float(c["value"])),
+                    m,
+                    tuple((BLIS_STEP_FEATURES.index(k), w) for k, w in m.coefficients.items()),
+                )
+                for c, m in models
+            )
 
     @staticmethod
     def _holds(cond: dict | None, f: dict) -> bool:
@@ -197,12 +210,23 @@ class LinearStepTime:
         return max(p, 1.0)
 
     def predict_values_us(self, v: tuple) -> float:
-        """predict_features_us on blis_feature_values' tuple (a model without regimes or per-request features)."""
-        p = self.step.intercept
-        for i, w in self._terms:
-            p += w * v[i]
-        if self.step.transform == "expm1":
-            p = math.expm1(p)
+        """predict_features_us on blis_feature_values' tuple (a model without per-request features)."""
+        if self._terms is not None:
+            m, terms = self.step, self._terms
+        else:
+            m, terms = None, ()
+            for cond, mm, tt in self._regime_terms:
+                if cond is None or _holds_value(v[cond[0]], cond[1], cond[2]):
+                    m, terms = mm, tt
+                    break
+        if m is None:
+            p = 1.0
+        else:
+            p = m.intercept
+            for i, w in terms:
+                p += w * v[i]
+            if m.transform == "expm1":
+                p = math.expm1(p)
         if self.overhead_us > 0:
             p = min(max(p, self.overhead_us), 3 * self.overhead_us)
         if self.overhead_per_req_us > 0:
@@ -211,11 +235,11 @@ class LinearStepTime:
 
     @property
     def reads_values(self) -> bool:
-        """Whether predict_values_us applies (one linear model over features blis_feature_values computes)."""
-        return self._terms is not None
+        """Whether predict_values_us applies (linear models over features blis_feature_values computes)."""
+        return self._terms is not None or self._regime_terms is not None
 
     def step_time_us(self, b) -> float:
-        if self._terms is not None:
+        if self.reads_values:
             return self.predict_values_us(blis_feature_values(b))
         return self.predict_features_us(blis_features(b, self.needs_requests))
 
@@ -223,6 +247,11 @@ class LinearStepTime:
         if self.queue is None:
             return 0.0
         return max(0.0, self.queue.value({"input_len": float(input_len)}))
+
+
+def _holds_value(x: float, op: str, v: float) -> bool:
+    """A regime's condition on one feature's value (LinearStepTime._holds without the dict)."""
+    return x == v if op == "==" else x < v if op == "<" else x <= v if op == "<=" else x > v if op == ">" else x >= v
 
 
 class ExportedStepTime:
