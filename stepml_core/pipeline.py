@@ -469,6 +469,7 @@ def request_calibration(
     cache_dir: Path | None = None,
     progress=None,
     warn=None,
+    piecewise: bool = False,
 ) -> dict:
     """Step-time models calibrated from the request logs alone (calibration_protocols.study_calibration) over the
     runs in `logs` less those `skipped` ({run: why}); a run whose metadata cannot be read is added to the skipped
@@ -498,6 +499,7 @@ def request_calibration(
         workers=workers,
         cache=cp.CalibrationCache(cache_dir) if cache_dir is not None else None,
         progress=progress,
+        piecewise=piecewise,
     )
     out["skipped_runs"] = skipped
     return out

@@ -84,6 +84,12 @@ def _add_run(sub, common) -> None:
     r.add_argument("--no-synth", action="store_true", help="never synthesize, not even into the default data folder")
     r.add_argument("--scale", type=float, default=1.0, help="duration fraction when synthesizing (default 1.0)")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument(
+        "--piecewise-decode",
+        action="store_true",
+        help="also calibrate the piecewise decode form (a bend in the per-decoder cost; BLIS step_time_regimes) "
+        "and replay it beside the linear one; same as STEPML_PIECEWISE_DECODE=1 (docs/calibration.md)",
+    )
     r.add_argument("--experiment", action="append", help="only these experiment ids (repeatable)")
     r.add_argument(
         "--workers", type=int, default=None, help="partitions processed in parallel (default: min(2, cores))"
@@ -174,6 +180,8 @@ def _dispatch(a) -> int:
         res = backfill(a.data, a.out, a.experiment, all_=a.all, seed=a.seed, verbose=a.verbose)
         return 0 if res["study_ok"] and not res["failed"] else 1
     if a.cmd == "run":
+        if a.piecewise_decode:  # read by StepMLSettings.piecewise_decode, here and in the partition workers
+            os.environ["STEPML_PIECEWISE_DECODE"] = "1"
         synth = not a.no_synth and (a.synth or _is_default(a.data, DEFAULT_EXPERIMENTS_DIR))
         res = run_study(
             a.data or DEFAULT_EXPERIMENTS_DIR,

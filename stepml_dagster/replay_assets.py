@@ -91,6 +91,7 @@ def request_calibration(
             progress=progress,
             cache_dir=settings.out_dir_path() / "cache" / "request_calibration",
             warn=lambda e, err: context.log.warning(f"{e}: not used for calibration: {err}"),
+            piecewise=settings.piecewise_decode,
         )
     finally:
         if bar:

@@ -73,6 +73,16 @@ class StepMLSettings(dg.ConfigurableResource):
     sensor_settle_s: float | None = None  # a folder unchanged this long is launched even if it looks unfinished
     sensor_hash_budget_mb: float | None = None  # MiB one tick may hash or inflate
     sensor_time_budget_s: float | None = None  # seconds one tick may spend (Dagster stops an evaluation at 60 s)
+    # calibrate the piecewise decode form too (None: STEPML_PIECEWISE_DECODE=1 from the environment, else off;
+    # docs/calibration.md, *The piecewise decode form*)
+    piecewise_decode_form: bool | None = None
+
+    @property
+    def piecewise_decode(self) -> bool:
+        """Whether request_calibration calibrates the piecewise decode form beside the linear one (opt-in)."""
+        if self.piecewise_decode_form is not None:
+            return bool(self.piecewise_decode_form)
+        return os.environ.get("STEPML_PIECEWISE_DECODE", "").strip().lower() in ("1", "true", "yes", "on")
 
     def input_limits(self) -> InputLimits:
         """The limits a run folder is read under: these fields, else STEPML_<NAME>, else the defaults."""

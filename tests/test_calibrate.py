@@ -271,7 +271,7 @@ def test_which_runs_get_a_prediction_never_depends_on_their_ground_truth():
 def test_only_calibration_runs_are_loaded(monkeypatch):
     """run_calibrations hands calibrate() the logs of a fold's calibration runs and never loads another run."""
     infos = _infos()
-    folds = [f for f in cp.plan_folds(infos, protocols=("roles",)) if f.protocol == "roles"]
+    folds = [f for f in cp.plan_folds(infos, protocols=("roles",), piecewise=True) if f.protocol == "roles"]
     loaded, seen = [], []
     monkeypatch.setattr(cp, "calibrate", lambda runs, **kw: seen.append([r.experiment_id for r in runs]) or "fit")
     cals = cp.run_calibrations(folds, lambda e: loaded.append(e) or CalibrationRun(e, "m", "w", None, None, None))
@@ -344,6 +344,7 @@ def _predict(root: Path, scored: str) -> tuple[dict[str, pl.DataFrame], pl.DataF
         refine_evals=2,
         n_boot=6,
         lomo_models=[],
+        piecewise=True,
     )
     res = {
         e: replay_run(

@@ -125,7 +125,7 @@ def test_the_piecewise_folds_mirror_the_linear_ones():
         for m in ("m1", "m2")
         for w in ("a", "b", "c")
     ]
-    folds = cp.plan_folds(runs)
+    folds = cp.plan_folds(runs, piecewise=True)
     lin = {(f.protocol, f.llm_model, f.calibrate_on, f.for_runs) for f in folds if f.form == "linear"}
     pw = [f for f in folds if f.form == "piecewise"]
     assert {(f.protocol, f.llm_model, f.calibrate_on, f.for_runs) for f in pw} == {
@@ -135,6 +135,7 @@ def test_the_piecewise_folds_mirror_the_linear_ones():
     assert all(f.key != g.key for f in pw for g in folds if g.form == "linear")
     assert cp.PROTOCOL_OF["requests_pw_lowo"] == "lowo"
     assert not [f for f in cp.plan_folds(runs, piecewise=False) if f.form != "linear"]
+    assert not [f for f in cp.plan_folds(runs) if f.form != "linear"]  # opt-in: `stepml run --piecewise-decode`
 
 
 def test_piecewise_specs_load_and_replay_as_their_blis_file():
@@ -148,7 +149,7 @@ def test_piecewise_specs_load_and_replay_as_their_blis_file():
         for m, tp in (("llama-2-70b", 4), ("codellama-34b", 2))
         for w in ("a", "b")
     ]
-    folds = cp.plan_folds(runs)
+    folds = cp.plan_folds(runs, piecewise=True)
     linear = StepParams(**{**PW.__dict__, "b_hinge_us": 0.0, "hinge_decoders": 0.0})
     cals = {}
     for f in folds:
@@ -217,3 +218,17 @@ def test_the_piecewise_form_is_a_candidate_unless_switched_off(monkeypatch):
     monkeypatch.setattr(cp, "PIECEWISE_RECOMMENDABLE", False)
     assert set(scores.recommend(rows, runs, status)["step_model"]) == {"requests_lowo"}
     assert set(scores.recommend_per_llm(rows, llm_of, status)["step_model"]) == {"requests_lowo"}
+
+
+def test_the_piecewise_form_is_opt_in(monkeypatch):
+    """Off unless asked: the settings field, else STEPML_PIECEWISE_DECODE (which `stepml run --piecewise-decode` sets)."""
+    from stepml_dagster.cli import build_parser
+    from stepml_dagster.resources import StepMLSettings
+
+    monkeypatch.delenv("STEPML_PIECEWISE_DECODE", raising=False)
+    assert StepMLSettings().piecewise_decode is False
+    monkeypatch.setenv("STEPML_PIECEWISE_DECODE", "1")
+    assert StepMLSettings().piecewise_decode is True
+    assert StepMLSettings(piecewise_decode_form=False).piecewise_decode is False
+    assert build_parser().parse_args(["run", "--piecewise-decode"]).piecewise_decode
+    assert not build_parser().parse_args(["run"]).piecewise_decode

@@ -106,7 +106,7 @@ def not_recommendable() -> frozenset[str]:
 
 
 def plan_folds(
-    runs: list[RunInfo], *, protocols=PROTOCOLS, lomo_models: list[str] | None = None, piecewise: bool = True
+    runs: list[RunInfo], *, protocols=PROTOCOLS, lomo_models: list[str] | None = None, piecewise: bool = False
 ) -> list[Fold]:
     """The folds of each protocol for these runs (see module docstring); ``piecewise``: the same folds of
     PIECEWISE_PROTOCOLS once more for the piecewise form. Runs without ground truth are predicted, never
@@ -435,12 +435,14 @@ def study_calibration(
     cache: CalibrationCache | None = None,
     lomo_models: list[str] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    piecewise: bool = False,
     **calibrate_kw,
 ) -> dict:
     """Plan the folds, calibrate each distinct calibration set once (from the cache where unchanged), and build
-    the replay specs: {'specs', 'shipped' (requests_all per LLM model), 'folds', 'calibrations', 'seconds', 'reused'}."""
+    the replay specs: {'specs', 'shipped' (requests_all per LLM model), 'folds', 'calibrations', 'seconds', 'reused'}.
+    ``piecewise``: the piecewise decode form's folds too (opt-in: `stepml run --piecewise-decode`)."""
     t0 = time.perf_counter()
-    folds = plan_folds(runs, lomo_models=lomo_models)
+    folds = plan_folds(runs, lomo_models=lomo_models, piecewise=piecewise)
     loaded: dict[str, CalibrationRun] = {}
 
     def load_once(e: str) -> CalibrationRun:
