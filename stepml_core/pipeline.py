@@ -638,3 +638,21 @@ def replay_fidelity(replays: Mapping, logs: Mapping, present: list[str], out_dir
     return replay_fidelity_tables(
         {e: replays[e] for e in present}, {e: logs[e]["header"] for e in present if e in logs}, out_dir
     )
+
+
+def whatif_runs(logs: Mapping, data_root: Path) -> list:
+    """The study's runs as a what-if sees them (stepml_core.whatif.study.StudyRun: profile, serving limits, prompt
+    tokens; no latencies), from their stored request logs; a run whose metadata cannot be read or that cannot be
+    replayed is left out."""
+    from stepml_core.whatif.study import study_run
+
+    out = []
+    for e in sorted(logs):
+        try:
+            meta = stored_run_metadata(e, logs[e], data_root)
+            ctx = replay_context(e, meta, logs[e]["header"])
+            if replayable(ctx) is None and meta.profile:
+                out.append(study_run(e, meta.workload, meta.profile, ctx, logs[e]["requests"]))
+        except (ValueError, KeyError, TypeError, OSError):  # StepMLErrors are ValueErrors; its own assets say why
+            continue
+    return out

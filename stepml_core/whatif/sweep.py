@@ -155,9 +155,11 @@ def run_sweep(
         for j in jobs:
             done(*_point_job(j))
     else:
+        import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(max_workers=n) as ex:
+        # spawn, not fork: a forked child of a process with polars' threads can deadlock on their locks
+        with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as ex:
             for f in as_completed([ex.submit(_point_job, j) for j in jobs]):
                 done(*f.result())
     return [r for p in points for r in results[p]]
