@@ -644,6 +644,7 @@ def whatif_runs(logs: Mapping, data_root: Path) -> list:
     """The study's runs as a what-if sees them (stepml_core.whatif.study.StudyRun: profile, serving limits, prompt
     tokens; no latencies), from their stored request logs; a run whose metadata cannot be read or that cannot be
     replayed is left out."""
+    from stepml_core.errors import StepMLError
     from stepml_core.whatif.study import study_run
 
     out = []
@@ -651,9 +652,9 @@ def whatif_runs(logs: Mapping, data_root: Path) -> list:
         try:
             meta = stored_run_metadata(e, logs[e], data_root)
             ctx = replay_context(e, meta, logs[e]["header"])
-            if replayable(ctx) is None and meta.profile:
+            if replayable(ctx) is None:
                 out.append(study_run(e, meta.workload, meta.profile, ctx, logs[e]["requests"]))
-        except (ValueError, KeyError, TypeError, OSError):  # StepMLErrors are ValueErrors; its own assets say why
+        except (StepMLError, ValueError, KeyError, TypeError, OSError):  # its own assets say why
             continue
     return out
 

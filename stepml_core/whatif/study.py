@@ -23,12 +23,44 @@ class StudyRun:
     limits: ServingLimits
     prompt_tokens_mean: float  # mean input tokens of its logged requests (> 0)
     requests: int
+    filled: tuple[str, ...] = ()  # profile fields filled from its inputs (completed_profile)
+
+
+def completed_profile(profile: dict, ctx: RunContext, requests: pl.DataFrame) -> tuple[dict, list[str]]:
+    """The profile with what it leaves out filled from the run's inputs (never its latencies), and what was filled:
+    no ``load.stages`` → one stage at the logged arrivals' mean rate over their span; no ``output_len`` → the
+    context's, else the median logged output tokens; no ``system_prompt_len`` → the context's, else 0; no
+    ``question_len`` → mean prompt tokens − system prompt (template tokens then 0)."""
+    prof = {**profile, "load": dict(profile.get("load") or {}), "data": dict(profile.get("data") or {})}
+    sp = dict(prof["data"].get("shared_prefix") or {})
+    filled = []
+    if not prof["load"].get("stages"):
+        a = requests["arrival_time_us"].to_numpy() * 1e-6
+        span = float(a.max() - a.min()) if a.size > 1 else 1.0
+        prof["load"]["stages"] = [{"rate": a.size / max(span, 1e-6), "duration": max(span, 1e-6)}]
+        filled.append("load.stages (logged arrivals)")
+    if not sp.get("output_len"):
+        out = requests["output_tokens"].to_numpy()
+        sp["output_len"] = int(ctx.output_len or (np.median(out[out > 0]) if (out > 0).any() else 1))
+        filled.append("output_len")
+    if sp.get("system_prompt_len") is None:
+        sp["system_prompt_len"] = int(ctx.system_prompt_len or 0)
+        filled.append("system_prompt_len")
+    if not sp.get("question_len"):
+        inp = requests["input_tokens"].to_numpy()
+        mean = float(inp[inp > 0].mean()) if (inp > 0).any() else 1.0
+        sp["question_len"] = max(1, int(round(mean - sp["system_prompt_len"])))
+        filled.append("question_len (logged prompt tokens)")
+    prof["data"]["shared_prefix"] = sp
+    return prof, filled
 
 
 def study_run(experiment_id: str, workload: str, profile: dict, ctx: RunContext, requests: pl.DataFrame) -> StudyRun:
-    """A run from its profile (``profile.yaml``), its replay context (serving limits, the resolved shared-prefix
-    shape, which wins over the profile's) and its request table's input tokens."""
-    desc = WorkloadDescription.from_profile(profile)
+    """A run from its profile (``profile.yaml``; what it leaves out from :func:`completed_profile`), its replay
+    context (serving limits, the resolved shared-prefix shape, which wins over the profile's) and its request
+    table's input tokens."""
+    prof, filled = completed_profile(profile or {}, ctx, requests)
+    desc = WorkloadDescription.from_profile(prof)
     desc = replace(
         desc,
         num_groups=int(ctx.num_groups or desc.num_groups),
@@ -43,12 +75,15 @@ def study_run(experiment_id: str, workload: str, profile: dict, ctx: RunContext,
         limits=ServingLimits.of(ctx),
         prompt_tokens_mean=float(inp.mean()) if inp.size else float("nan"),
         requests=int(requests.height),
+        filled=tuple(filled),
     )
 
 
 def template_tokens(runs: list[StudyRun]) -> float:
     """Template tokens (prompt tokens beyond system + question) averaged over these runs (NaN prompt means left out)."""
-    ok = [r for r in runs if np.isfinite(r.prompt_tokens_mean)]
+    ok = [
+        r for r in runs if np.isfinite(r.prompt_tokens_mean) and not any(f.startswith("question_len") for f in r.filled)
+    ]
     return template_tokens_of([r.prompt_tokens_mean for r in ok], [r.description for r in ok])
 
 
