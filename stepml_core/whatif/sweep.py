@@ -6,12 +6,11 @@ its uncertainty; the table, the largest rate meeting an SLO and where the engine
     summary = summarize(table, parse_slo("ttft_p99<2s,e2e_p99<30s"))
 
 **A point** replays the description at that point's constant rate (one stage of ``duration_s``) and limits with the
-model (central), then with the bound models of its parameter draws (:func:`stepml_core.replay.intervals.
-replay_interval`: the bootstrap draws at the 5th/95th percentile of the replay's latency index, widened by the
-calibration's between-run term where it has one): ``lo``/``hi`` = the range of those replays and the central one
-(a model without draws: lo = hi = predicted). Metrics: replay.csv's (seconds; ``throughput_rps`` 1/s,
-``successes`` a count) and ``saturated`` (1/0: :func:`stepml_core.runs.rules.is_saturated` of the point's predicted
-failures and mean TTFT; lo/hi from the bound replays' extremes).
+model (central), then with the two bound models of its parameter draws (:func:`bound_models`: the bootstrap draws at
+the 5th/95th percentile of the replay's latency index, widened by the calibration's between-run term where it has
+one, as replay_intervals.csv's ``brun_*``): ``lo``/``hi`` = the range of the three replays (a model without draws:
+lo = hi = predicted). Metrics: replay.csv's (seconds; ``throughput_rps`` 1/s, ``successes`` a count) and
+``saturated`` (1/0: :func:`stepml_core.runs.rules.is_saturated` of each replay's failures and mean TTFT).
 
 **Saturation rate** of a (max_num_seqs, max_num_batched_tokens) pair: the smallest swept rate whose central
 prediction is saturated (a failed request, or mean TTFT above SATURATED_TTFT_S over the point's duration), with
@@ -72,11 +71,26 @@ def _truthless(index: np.ndarray) -> pl.DataFrame:
     )
 
 
+def bound_models(spec: dict, sums, w) -> list:
+    """The two parameter sets that bound a point (stepml_core.replay.intervals): the bootstrap draws at the 5th/95th
+    percentile of the replay's latency index, widened by the calibration's between-run term where it has one
+    (between_run_bounds), else as drawn; [] without draws."""
+    from stepml_core.replay.intervals import INTERVAL_LEVEL, between_run_bounds, interval_bounds
+
+    mean_generated = float(np.mean(w.max_tokens))
+    b = interval_bounds(spec.get("bootstrap"), sums.steps, sums.sums, mean_generated, float(np.mean(w.prompt_tokens)))
+    if b is None:
+        return []
+    wb = between_run_bounds(spec, b, sums.steps, sums.sums, mean_generated, INTERVAL_LEVEL)
+    return list(wb[:2]) if wb else list(b)
+
+
 def predict_point(
     spec: dict, desc: WorkloadDescription, limits: ServingLimits, point: SweepPoint, *, seed: int, duration_s: float
 ) -> list[dict]:
-    """WHATIF_COLUMNS rows of one point (see the module docstring)."""
-    from stepml_core.replay.intervals import FeatureSums, replay_interval
+    """WHATIF_COLUMNS rows of one point (see the module docstring): the central replay and one per bound model."""
+    from stepml_core.calibration.params import serving_model as params_model
+    from stepml_core.replay.intervals import FeatureSums
     from stepml_core.replay.simulate import replay, score_replay
     from stepml_core.replay.specs import serving_model
     from stepml_core.runs.rules import is_saturated
@@ -89,32 +103,28 @@ def predict_point(
     model = serving_model(spec)
     sums = model.step_model = FeatureSums(model.step_model) if (spec.get("bootstrap") or {}).get("rows") else None
     table = _truthless(w.index)
-    central = score_replay(replay(w, model, ctx, seed=seed).per_request, table)[0]
-    bounds = replay_interval(spec, w, ctx, table, central, sums, seed=seed) if sums is not None else []
-    by_metric = {b["metric"]: b for b in bounds}
-    values = {}
-    for c in central:
-        b = by_metric.get(c["metric"], {})
-        lo, hi = (b.get("brun_lo"), b.get("brun_hi")) if b.get("brun_lo") is not None else (b.get("lo"), b.get("hi"))
-        values[c["metric"]] = (
-            c["predicted"],
-            c["predicted"] if lo is None else lo,
-            c["predicted"] if hi is None else hi,
-        )
+
+    def scores(m) -> dict[str, float]:
+        return {r["metric"]: r["predicted"] for r in score_replay(replay(w, m, ctx, seed=seed).per_request, table)[0]}
+
+    central = scores(model)
+    bounds = [scores(params_model(p, spec["name"])) for p in (bound_models(spec, sums, w) if sums else [])]
     n = int(w.index.size)
-    succ, ttft = values["successes"], values["ttft_mean"]
-    sat = [float(is_saturated(n - int(s), t)) for s, t in ((succ[0], ttft[0]), (succ[2], ttft[1]), (succ[1], ttft[2]))]
-    values["saturated"] = (sat[0], min(sat), max(sat))
+    runs = [central, *bounds]
+    sat = [float(is_saturated(n - int(r["successes"]), r["ttft_mean"])) for r in runs]
     head = {
         "model": limits.model,
         "rate_rps": point.rate_rps,
         "max_num_seqs": point.max_num_seqs,
         "max_num_batched_tokens": point.max_num_batched_tokens,
     }
-    return [
-        {**head, "metric": m, "predicted": p, "lo": min(lo, p), "hi": max(hi, p)}
-        for m, (p, lo, hi) in ((m, values[m]) for m in WHATIF_METRICS)
-    ]
+    out = []
+    for m in WHATIF_METRICS:
+        vals = sat if m == "saturated" else [r[m] for r in runs]
+        finite = [v for v in vals if v is not None and np.isfinite(v)]
+        lo, hi = (min(finite), max(finite)) if finite else (None, None)
+        out.append({**head, "metric": m, "predicted": vals[0], "lo": lo, "hi": hi})
+    return out
 
 
 def _point_job(args) -> tuple[SweepPoint, list[dict]]:
