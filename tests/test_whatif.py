@@ -111,3 +111,44 @@ def test_saturation_rate_and_largest_rate_meeting_the_slo():
     s = summarize(whatif_table(rows), parse_slo("e2e_p99<60s"))[0]
     assert s["saturation_rate_rps"] == 16.0 and s["largest_rate_meeting_slo_rps"] == 4.0
     assert s["saturation_rate_lo_rps"] <= s["saturation_rate_rps"] <= s["saturation_rate_hi_rps"]
+
+
+def test_profile_check_reads_no_ground_truth_of_the_scored_run():
+    """Out of sample (stepml_core.whatif.check): delete the scored run's ground truth and its predicted figures and
+    saturation do not move; only the observed side goes."""
+    import polars as pl
+
+    from stepml_core.whatif.check import check_run, lowo_spec
+    from stepml_core.whatif.study import StudyRun
+
+    run = StudyRun(
+        "r", "general", WorkloadDescription(stages=((2.0, 20.0), (4.0, 20.0)), output_tokens=32), LIMITS, 580.0, 120
+    )
+    n = 120
+    truth = pl.DataFrame(
+        {
+            "index": np.arange(n),
+            "arrival_time_us": np.sort(np.random.default_rng(0).random(n) * 40e6).astype(np.int64),
+            "input_tokens": np.full(n, 580),
+            "output_tokens": np.full(n, 32),
+            "observed_has_error": np.zeros(n, dtype=bool),
+            "observed_ttft_s": np.full(n, 0.05),
+            "observed_e2e_s": np.full(n, 0.6),
+        }
+    )
+    spec = {**_spec(PARAMS), "name": "requests_lowo", "for_runs": ["r"], "fitted_on": ["a", "b"]}
+    assert lowo_spec([spec], run) is spec
+    cols = ["stage", "metric", "predicted"]
+    with_truth = check_run(spec, run, 30.0, truth)
+    deleted = truth.with_columns(
+        observed_has_error=pl.lit(None, pl.Boolean),
+        observed_ttft_s=pl.lit(None, pl.Float64),
+        observed_e2e_s=pl.lit(None, pl.Float64),
+    )
+    without = check_run(spec, run, 30.0, deleted)
+    a, b = pl.DataFrame(with_truth["rows"]), pl.DataFrame(without["rows"])
+    assert a.select(cols).equals(b.select(cols)) and with_truth["saturation"] == without["saturation"]
+    assert a["observed"].is_not_null().any() and b["observed"].is_null().all()
+    assert set(a["stage"]) == {"all", "0", "1"}
+    with pytest.raises(AssertionError, match="fitted on it"):
+        lowo_spec([{**spec, "fitted_on": ["r"]}], run)
