@@ -44,8 +44,9 @@ def add_parser(sub, parents=()) -> None:
     w.add_argument("--study", type=Path, default=PROJECT_ROOT / "out", help="a `stepml run` output folder")
     w.add_argument("--model", required=True, help="LLM model (catalogue key, e.g. llama-2-70b)")
     w.add_argument("--out", type=Path, required=True, help="folder for whatif.csv, whatif.json, whatif.png")
-    w.add_argument("--rates", type=_numbers(float), help="offered rates to sweep, req/s (e.g. 2,4,8,16)")
-    w.add_argument("--rate", type=float, help="one offered rate, req/s")
+    rates = w.add_mutually_exclusive_group()
+    rates.add_argument("--rates", type=_numbers(float), help="offered rates to sweep, req/s (e.g. 2,4,8,16)")
+    rates.add_argument("--rate", type=_numbers(float), help="one offered rate, req/s")
     w.add_argument("--max-num-seqs", type=_numbers(int), help="max_num_seqs values to sweep (default: the run's)")
     w.add_argument("--max-num-batched-tokens", type=_numbers(int), help="max_num_batched_tokens values to sweep")
     w.add_argument("--slo", help="e.g. 'ttft_p99<2s,e2e_p99<30s' (metrics of replay.csv; s or ms)")
@@ -118,7 +119,7 @@ def run(a: argparse.Namespace) -> int:
     spec, info = choose_model(a.model, rows, specs, shipped, llm_of, per_llm, saturated)
     desc, limits, from_run = model_defaults(a.model, study_runs(Path(a.study), Path(a.data)))
     desc = described(a, desc)
-    rates = a.rates or ([a.rate] if a.rate else None)
+    rates = a.rates or a.rate
     res = run_whatif(
         spec,
         info,
@@ -156,7 +157,7 @@ def summary_line(s: dict) -> str:
         sat = f"saturated from {s['saturation_rate_rps']:g} req/s"
     lo, hi = s["saturation_rate_lo_rps"], s["saturation_rate_hi_rps"]
     if (lo, hi) != (s["saturation_rate_rps"],) * 2:
-        sat += f" (interval: from {_rate(lo)} to {_rate(hi)})"
+        sat += f" (bound models: the slower saturated from {_rate(lo)}, the faster from {_rate(hi)})"
     out = sat + f"; max throughput {s['max_throughput_rps']:.3g} req/s"
     if "slo" in s:
         out += (
