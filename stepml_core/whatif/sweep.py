@@ -170,7 +170,9 @@ def run_sweep(
 
         # spawn, not fork: a forked child of a process with polars' threads can deadlock on their locks
         with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn")) as ex:
-            for f in as_completed([ex.submit(_point_job, j) for j in jobs]):
+            # the heaviest points (highest rates: the longest replays) first, so no worker idles at the end
+            order = sorted(jobs, key=lambda j: -j[3].rate_rps)
+            for f in as_completed([ex.submit(_point_job, j) for j in order]):
                 done(*f.result())
     return [r for p in points for r in results[p]]
 
