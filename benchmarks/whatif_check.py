@@ -6,7 +6,7 @@ Each run's latencies predicted from its profile alone with the leave-one-workloa
 LLM model's other workloads; template tokens from those runs), scored against its clients; the `general` runs per load
 stage; per run the predicted saturation rate of its shape against whether the run saturated (the study's run status,
 stepml_core.runs.rules.is_saturated). Prints the issue's goal figures; writes DIR/whatif_check.csv and
-DIR/whatif_saturation.csv (default DIR: STUDY's parent /whatif_check).
+DIR/whatif_saturation.csv (default DIR: out/whatif_check in this checkout; the study is only read).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     with make_progress(len(runs), "whatif check") as bar:
         table, sat = check_runs(runs, specs, requests, seed=a.seed, workers=a.workers, progress=bar)
     seconds = time.perf_counter() - t0
-    out = a.out or a.study.parent / "whatif_check"
+    out = a.out or REPO / "out" / "whatif_check"
     out.mkdir(parents=True, exist_ok=True)
     table.write_csv(out / "whatif_check.csv")
     sat = sat.with_columns(observed_saturated=pl.col("experiment_id").is_in(sorted(saturated)))
