@@ -55,6 +55,12 @@ def goals(table, sat, saturated: set, truth: dict, pl) -> list[str]:
             f"general {r['experiment_id']} stage {r['stage']} ({r['rate_rps']:g} req/s): E2E mean predicted "
             f"{r['predicted']:.3f} s, observed {r['observed']:.3f} s, {r['rel_err_pct']:+.1f} %"
         )
+    iv = whole.filter(pl.col("experiment_id").is_in(ok_runs) & pl.col("metric").is_in(["e2e_mean", "ttft_mean"]))
+    inside = iv.filter((pl.col("lo") <= pl.col("observed")) & (pl.col("observed") <= pl.col("hi")))
+    lines.append(
+        f"observed mean E2E/TTFT inside [lo, hi] (bound models: bootstrap + between-run) over the same runs: "
+        f"{inside.height}/{iv.height}"
+    )
     right = sum(bool(r["predicted_overloaded"]) == (r["experiment_id"] in saturated) for r in sat.iter_rows(named=True))
     lines.append(f"saturation classified right: {right}/{sat.height} runs")
     return lines

@@ -4,6 +4,7 @@ The command line and the Dagster asset on a study are in test_calibration_pipeli
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pytest
 
 from stepml_core.calibration.params import StepParams
@@ -152,3 +153,17 @@ def test_profile_check_reads_no_ground_truth_of_the_scored_run():
     assert set(a["stage"]) == {"all", "0", "1"}
     with pytest.raises(AssertionError, match="fitted on it"):
         lowo_spec([{**spec, "fitted_on": ["r"]}], run)
+
+
+def test_a_model_without_parameter_draws_has_a_point_interval():
+    """A shipped model without bootstrap rows (a step-trained BLIS fit) is replayed as it is: lo = predicted = hi."""
+    spec = {k: v for k, v in _spec(PARAMS).items() if k != "bootstrap"}
+    rows = run_sweep(
+        spec,
+        WorkloadDescription(stages=((2.0, 20.0),), output_tokens=32),
+        LIMITS,
+        sweep_points([2], [], [], LIMITS),
+        seed=0,
+    )
+    t = whatif_table(rows).filter(pl.col("metric") == "e2e_mean")
+    assert t["lo"][0] == t["predicted"][0] == t["hi"][0] > 0

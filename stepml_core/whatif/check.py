@@ -49,6 +49,8 @@ CHECK_COLUMNS = {
     "fitted_on": pl.Utf8,
     "metric": pl.Utf8,
     "predicted": pl.Float64,
+    "lo": pl.Float64,  # the range of the central and the two bound models' replays
+    "hi": pl.Float64,
     "observed": pl.Float64,
     "rel_err_pct": pl.Float64,
 }
@@ -95,25 +97,46 @@ def observed_summaries(requests: pl.DataFrame, run: StudyRun) -> dict[str, dict]
     return _summaries(a, ttft, e2e, ok, tokens, run.description.stages)
 
 
-def _replay(spec: dict, desc, limits, seed: int):
+def _replay(spec: dict, desc, limits, seed: int, *, params=None, record: bool = False):
+    """(workload, per-request table, feature sums or None): the spec's model, or ``params`` (a bound model)."""
+    from stepml_core.calibration.params import serving_model as params_model
+    from stepml_core.replay.intervals import FeatureSums
     from stepml_core.replay.simulate import replay
     from stepml_core.replay.specs import serving_model
 
     w, ctx = whatif_workload(desc, limits, seed=seed)
-    return w, replay(w, serving_model(spec), ctx, seed=seed).per_request
+    model = serving_model(spec) if params is None else params_model(params, spec["name"])
+    sums = FeatureSums(model.step_model) if record else None
+    if sums is not None:  # same step times, and the Σ features the bound models are chosen by
+        model.step_model = sums
+    return w, replay(w, model, ctx, seed=seed).per_request, sums
 
 
-def predicted_summaries(spec: dict, run: StudyRun, template: float, seed: int) -> tuple[dict[str, dict], bool]:
-    """The run's profile replayed with the model: summaries (whole run, per stage) and whether it is saturated."""
+def _replay_summaries(w, p, stages) -> dict[str, dict]:
+    ok = p["success"].to_numpy()
+    return _summaries(
+        w.arrival_s, p["ttft_s"].fill_null(np.nan).to_numpy(), p["e2e_s"].to_numpy(), ok, w.max_tokens, stages
+    )
+
+
+def predicted_summaries(
+    spec: dict, run: StudyRun, template: float, seed: int
+) -> tuple[dict[str, dict], list[dict[str, dict]], bool]:
+    """The run's profile replayed with the model: summaries (whole run, per stage), the same of its two bound models
+    (stepml_core.whatif.sweep.bound_models; none without parameter draws) and whether the central replay is
+    saturated."""
     from stepml_core.runs.rules import is_saturated
+    from stepml_core.whatif.sweep import bound_models
 
     desc = replace(run.description, template_tokens=template)
-    w, p = _replay(spec, desc, run.limits, seed)
-    ok = p["success"].to_numpy()
-    s = _summaries(
-        w.arrival_s, p["ttft_s"].fill_null(np.nan).to_numpy(), p["e2e_s"].to_numpy(), ok, w.max_tokens, desc.stages
-    )
-    return s, is_saturated(int((~ok).sum()), s["all"]["ttft_mean"])
+    draws = bool((spec.get("bootstrap") or {}).get("rows"))
+    w, p, sums = _replay(spec, desc, run.limits, seed, record=draws)
+    central = _replay_summaries(w, p, desc.stages)
+    bounds = []
+    for params in bound_models(spec, sums, w) if draws else []:
+        wb, pb, _ = _replay(spec, desc, run.limits, seed, params=params)
+        bounds.append(_replay_summaries(wb, pb, desc.stages))
+    return central, bounds, is_saturated(int((~p["success"].to_numpy()).sum()), central["all"]["ttft_mean"])
 
 
 def saturation_rate(spec: dict, run: StudyRun, template: float, seed: int) -> float:
@@ -125,7 +148,7 @@ def saturation_rate(spec: dict, run: StudyRun, template: float, seed: int) -> fl
     dur = max(d for _, d in desc.stages)
 
     def saturated(rate: float) -> bool:
-        w, p = _replay(spec, desc.at_rate(rate, dur), run.limits, seed)
+        _, p, _ = _replay(spec, desc.at_rate(rate, dur), run.limits, seed)
         ok = p["success"].to_numpy()
         t = p.filter(pl.col("success"))["ttft_s"].mean()
         return is_saturated(int((~ok).sum()), float(t) if t is not None else None)
@@ -143,7 +166,7 @@ def saturation_rate(spec: dict, run: StudyRun, template: float, seed: int) -> fl
 
 def check_run(spec: dict, run: StudyRun, template: float, requests: pl.DataFrame, seed: int = 0) -> dict:
     """One run: {"rows": CHECK_COLUMNS rows, "saturation": {...}} (see the module docstring)."""
-    pred, pred_sat = predicted_summaries(spec, run, template, seed)
+    pred, bounds, pred_sat = predicted_summaries(spec, run, template, seed)
     obs = observed_summaries(requests, run)
     rows = []
     for stage, pv in pred.items():
@@ -151,6 +174,7 @@ def check_run(spec: dict, run: StudyRun, template: float, requests: pl.DataFrame
         rate = run.description.stages[int(stage)][0] if stage != "all" else None
         for m in CHECK_METRICS:
             p, o = pv.get(m), ov.get(m)
+            vals = [v for v in (p, *(b[stage].get(m) for b in bounds)) if v is not None and math.isfinite(v)]
             ok = o is not None and math.isfinite(o) and o != 0 and p is not None and math.isfinite(p)
             rows.append(
                 {
@@ -163,6 +187,8 @@ def check_run(spec: dict, run: StudyRun, template: float, requests: pl.DataFrame
                     "fitted_on": ";".join(spec.get("fitted_on") or ()),
                     "metric": m,
                     "predicted": p,
+                    "lo": min(vals) if vals else None,
+                    "hi": max(vals) if vals else None,
                     "observed": o,
                     "rel_err_pct": (p - o) / o * 100 if ok else None,
                 }

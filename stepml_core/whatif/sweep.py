@@ -101,7 +101,9 @@ def predict_point(
         seed=seed,
     )
     model = serving_model(spec)
-    sums = model.step_model = FeatureSums(model.step_model) if (spec.get("bootstrap") or {}).get("rows") else None
+    sums = FeatureSums(model.step_model) if (spec.get("bootstrap") or {}).get("rows") else None
+    if sums is not None:  # same step times, and the Σ features the bound models are chosen by
+        model.step_model = sums
     table = _truthless(w.index)
 
     def scores(m) -> dict[str, float]:
