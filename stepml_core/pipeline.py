@@ -640,3 +640,68 @@ def replay_fidelity(replays: Mapping, logs: Mapping, present: list[str], out_dir
     return replay_fidelity_tables(
         {e: replays[e] for e in present}, {e: logs[e]["header"] for e in present if e in logs}, out_dir
     )
+
+
+def whatif_runs(logs: Mapping, data_root: Path) -> list:
+    """The study's runs as a what-if sees them (stepml_core.whatif.study.StudyRun: profile, serving limits, prompt
+    tokens; no latencies), from their stored request logs; a run whose metadata cannot be read or that cannot be
+    replayed is left out."""
+    from stepml_core.errors import StepMLError
+    from stepml_core.whatif.study import study_run
+
+    out = []
+    for e in sorted(logs):
+        try:
+            meta = stored_run_metadata(e, logs[e], data_root)
+            ctx = replay_context(e, meta, logs[e]["header"])
+            if replayable(ctx) is None:
+                out.append(study_run(e, meta.workload, meta.profile, ctx, logs[e]["requests"]))
+        except (StepMLError, ValueError, KeyError, TypeError, OSError):  # its own assets say why
+            continue
+    return out
+
+
+def whatif(
+    replay_fidelity: Mapping,
+    replay_models: list,
+    request_calibration: Mapping,
+    logs: Mapping,
+    data_root: Path,
+    out_dir: Path,
+    *,
+    models: list[str] | None = None,
+    progress_factory=None,
+    **sweep,
+) -> dict:
+    """The whatif asset's value: per LLM model (``models``, default every one with an exportable model) a sweep with
+    the model `stepml export` ships (stepml_core.whatif.run.run_whatif, written under out_dir/whatif/<model>/) from
+    the defaults of its runs; ``sweep``: run_whatif's keywords. {"table": every model's rows, "summary": rows}."""
+    from stepml_core.runs.folders import parse_run_id
+    from stepml_core.whatif.run import run_whatif
+    from stepml_core.whatif.study import choose_model, model_defaults
+
+    rows = replay_fidelity["replay"]
+    llm_of = {e: parse_run_id(e).model for e in set(rows["experiment_id"].to_list())}
+    per = replay_fidelity["recommended_per_llm"]
+    per_llm = dict(zip(per["llm_model"].to_list(), per["step_model"].to_list())) if per.height else None
+    st = replay_fidelity["runs"]
+    saturated = set(st.filter(pl.col("saturated").fill_null(False))["experiment_id"].to_list())
+    shipped = dict(request_calibration.get("shipped") or {})
+    runs = whatif_runs(logs, data_root)
+    tables, summary = [], []
+    for llm in models or sorted({m for m in llm_of.values() if m}):
+        spec, info = choose_model(llm, rows, list(replay_models), shipped, llm_of, per_llm, saturated)
+        desc, limits, from_run = model_defaults(llm, runs)
+        res = run_whatif(
+            spec,
+            info,
+            desc,
+            limits,
+            Path(out_dir) / "whatif" / llm,
+            defaults_from=from_run,
+            progress_factory=progress_factory,
+            **sweep,
+        )
+        tables.append(res["table"])
+        summary += [{"model": llm, "step_model": info["step_model"], **s} for s in res["summary"]]
+    return {"table": pl.concat(tables) if tables else pl.DataFrame(), "summary": summary}

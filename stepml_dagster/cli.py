@@ -9,6 +9,8 @@ Arguments only: the execution is stepml_dagster/local.py (run_study, backfill, s
   stepml real-data [--shared DIR] [--out DIR]       assemble the 16 real runs from ../shared into run folders
   stepml export --format blis|stepml [--study OUT] --out DIR
                                           the recommended step-time model per LLM model (stepml_dagster/export_cli.py)
+  stepml whatif --model M --rates 2,4,8,16 [--study OUT] --out DIR [--slo 'ttft_p99<2s'] ...
+                                          capacity sweep with the calibrated model (stepml_dagster/whatif_cli.py)
 
 Library code raises StepMLError (stepml_core.errors) and never exits; main() alone maps outcomes to
 exit codes: 0 done; 1 the study ran but a run or the study failed; 2 refused before anything ran
@@ -54,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import export_cli  # `stepml export` (its own module)
 
     export_cli.add_parser(sub, parents=[common])
+    from . import whatif_cli  # `stepml whatif` (its own module)
+
+    whatif_cli.add_parser(sub, parents=[common])
     return ap
 
 
@@ -168,6 +173,10 @@ def _dispatch(a) -> int:
         from . import export_cli
 
         return export_cli.run(a)
+    if a.cmd == "whatif":
+        from . import whatif_cli
+
+        return whatif_cli.run(a)
     if a.cmd == "real-data":
         from stepml_core.runs.real_data import assemble_real_runs
 

@@ -76,3 +76,51 @@ def test_export_ships_the_calibrated_model_in_blis_format(study, tmp_path):
     LinearStepTime(doc)  # what StepML replays
     man = json.loads((tmp_path / "manifest.json").read_text())["models"]["llama-2-7b"]
     assert man["step_model"] == "requests_all" and len(man["fitted_on"]) == 3
+
+
+# ---------------------------------------------------------------------------- what if (stepml_core.whatif) on this study
+
+WHATIF_CSV_COLUMNS = ["model", "rate_rps", "max_num_seqs", "max_num_batched_tokens", "metric", "predicted", "lo", "hi"]
+
+
+def test_whatif_minimum_form_writes_table_plot_and_summary(study, tmp_path):
+    _, _, out, _ = study
+    args = ["whatif", "--study", str(out), "--model", "llama-2-7b", "--rates", "2,4,8,16", "--slo", "e2e_p99<30s"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    t = pl.read_csv(tmp_path / "a" / "whatif.csv")
+    assert t.columns == WHATIF_CSV_COLUMNS and sorted(t["rate_rps"].unique().to_list()) == [2.0, 4.0, 8.0, 16.0]
+    assert set(t["model"]) == {"llama-2-7b"} and t["max_num_seqs"].unique().to_list() == [128]
+    ok = t.drop_nulls()
+    assert ok.height and ((ok["lo"] <= ok["predicted"]) & (ok["predicted"] <= ok["hi"])).all()
+    assert (t.filter(pl.col("metric") == "e2e_mean")["hi"] > t.filter(pl.col("metric") == "e2e_mean")["lo"]).all()
+    doc = json.loads((tmp_path / "a" / "whatif.json").read_text())
+    assert doc["step_model"]["step_model"] == "requests_all" and doc["step_model"]["draws"] > 1
+    assert doc["summary"][0]["slo"] == "e2e_p99<30s" and "saturation_rate_rps" in doc["summary"][0]
+    assert (tmp_path / "a" / "whatif.png").stat().st_size > 10_000
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0  # the same seed: the same table
+    assert (tmp_path / "b" / "whatif.csv").read_bytes() == (tmp_path / "a" / "whatif.csv").read_bytes()
+
+
+def test_whatif_refuses_a_bad_slo_or_model_in_one_line(study, tmp_path, capsys):
+    _, _, out, _ = study
+    base = ["whatif", "--study", str(out), "--rates", "2", "--out", str(tmp_path / "w")]
+    assert main([*base, "--model", "llama-2-7b", "--slo", "ttft_p99<2h"]) == 2
+    assert "SLO term 'ttft_p99<2h': unit 'h' is not s or ms" in capsys.readouterr().err
+    assert main([*base, "--model", "mixtral-8x7b"]) == 2
+    assert "no exportable model for 'mixtral-8x7b'" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_whatif_asset_materializes_with_its_run_config(study):
+    from stepml_dagster.definitions import build_definitions
+    from stepml_dagster.resources import StepMLSettings
+
+    _, data, out, instance = study
+    job = build_definitions(StepMLSettings(data_dir=str(data), out_dir=str(out))).resolve_job_def("whatif_job")
+    config = {"models": ["llama-2-7b"], "rates": [2.0, 8.0], "max_num_seqs": [32, 128], "slo": "e2e_p99<30s"}
+    res = job.execute_in_process(instance=instance, run_config={"ops": {"whatif": {"config": config}}})
+    assert res.success
+    t = pl.read_csv(out / "whatif" / "llama-2-7b" / "whatif.csv")
+    assert t.columns == WHATIF_CSV_COLUMNS and sorted(t["max_num_seqs"].unique().to_list()) == [32, 128]
+    meta = instance.fetch_materializations(dg.AssetKey("whatif"), limit=1).records[0].asset_materialization.metadata
+    assert meta["points"].value == 4 and meta["summary"].value[0]["slo"] == "e2e_p99<30s"

@@ -1,0 +1,89 @@
+"""One what-if, start to end: sweep, summarize, write ``whatif.csv``, ``whatif.json`` and ``whatif.png``."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from stepml_core.whatif.slo import parse_slo
+from stepml_core.whatif.sweep import run_sweep, summarize, sweep_points, whatif_table
+from stepml_core.whatif.workload import ServingLimits, WorkloadDescription
+
+SATURATION_RULE = (
+    "a point is saturated when its predicted replay has a failed request (no last token by the client's 300 s limit) "
+    "or a mean TTFT above stepml_core.runs.rules.SATURATED_TTFT_S (is_saturated); the saturation rate is the smallest "
+    "swept rate whose central prediction is saturated (lo/hi: the smallest rates at which the slowest/fastest bound "
+    "model saturates)"
+)
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def run_whatif(
+    spec: dict,
+    model_info: dict,
+    desc: WorkloadDescription,
+    limits: ServingLimits,
+    out_dir: Path,
+    *,
+    rates=None,
+    max_num_seqs=None,
+    max_num_batched_tokens=None,
+    slo: str | None = None,
+    seed: int = 0,
+    duration_s: float | None = None,
+    workers: int = 1,
+    progress_factory=None,
+    defaults_from: str | None = None,
+) -> dict:
+    """Sweep (rates default: the description's stage rates), write DIR/whatif.csv (WHATIF_COLUMNS), whatif.json (the
+    summary, the model and what fitted it, the workload, limits, seed, seconds) and whatif.png; returns
+    {"table", "summary", "paths", "seconds"}. ``progress_factory(total, label)``: a stepml_core.progress context."""
+    from stepml_core.whatif.plots import plot_whatif
+
+    terms = parse_slo(slo) if slo else ()
+    rates = sorted({float(r) for r in (rates or [r for r, _ in desc.stages])})
+    points = sweep_points(rates, max_num_seqs, max_num_batched_tokens, limits)
+    t0 = time.perf_counter()
+    if progress_factory is not None:
+        with progress_factory(len(points), "whatif") as bar:
+            rows = run_sweep(
+                spec, desc, limits, points, seed=seed, duration_s=duration_s, workers=workers, progress=bar
+            )
+    else:
+        rows = run_sweep(spec, desc, limits, points, seed=seed, duration_s=duration_s, workers=workers)
+    seconds = time.perf_counter() - t0
+    table = whatif_table(rows)
+    summary = summarize(table, terms)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv = out_dir / "whatif.csv"
+    table.write_csv(csv)
+    title = f"{limits.model} (TP {limits.tp}): {model_info.get('step_model')} fitted on {len(model_info.get('fitted_on') or [])} run(s)"
+    png = plot_whatif(table, out_dir / "whatif.png", title, summary)
+    doc = {
+        "model": limits.model,
+        "step_model": model_info,
+        "workload": {**asdict(desc), "duration_s": duration_s or max(d for _, d in desc.stages)},
+        "serving_limits": asdict(limits),
+        "defaults_from": defaults_from,
+        "seed": seed,
+        "points": len(points),
+        "seconds": round(seconds, 2),
+        "saturation_rule": SATURATION_RULE,
+        "summary": summary,
+    }
+    js = out_dir / "whatif.json"
+    js.write_text(json.dumps(_clean(doc), indent=1, sort_keys=True, default=str) + "\n")
+    return {"table": table, "summary": summary, "paths": [csv, js, png], "seconds": seconds}

@@ -1,0 +1,68 @@
+"""The what-if asset: capacity sweeps with the study's calibrated models, configured from the launchpad."""
+
+import os
+
+import dagster as dg
+
+from stepml_core import pipeline
+from stepml_core.progress import make_progress
+
+from .resources import StepMLSettings
+
+
+class WhatIfConfig(dg.Config):
+    """Run config of the whatif asset (the launchpad's form): every field has a default."""
+
+    models: list[str] = []  # LLM models (catalogue keys); empty: every model with an exportable model
+    rates: list[float] = []  # offered rates to sweep (req/s); empty: the profile's stage rates
+    max_num_seqs: list[int] = []  # empty: each model's run's own
+    max_num_batched_tokens: list[int] = []
+    slo: str = ""  # e.g. "ttft_p99<2s,e2e_p99<30s"
+    seed: int = 0
+    duration_s: float = 0.0  # seconds of load per point; 0: the profile's longest stage
+
+
+@dg.asset(
+    group_name="whatif",
+    description="What if: each LLM model's calibrated model (the one `stepml export` ships) replayed over a sweep of "
+    "rate × max_num_seqs × max_num_batched_tokens for its runs' profile, with intervals from its parameter draws; "
+    "the saturation rate and the largest rate meeting an SLO. Files under <out>/whatif/<model>/.",
+)
+def whatif(
+    context: dg.AssetExecutionContext,
+    config: WhatIfConfig,
+    settings: StepMLSettings,
+    replay_fidelity,
+    replay_models,
+    request_calibration,
+    request_log,
+) -> dict:
+    value = pipeline.whatif(
+        replay_fidelity,
+        replay_models,
+        request_calibration,
+        request_log,
+        settings.data_root(),
+        settings.out_dir_path(),
+        models=config.models or None,
+        rates=config.rates or None,
+        max_num_seqs=config.max_num_seqs or None,
+        max_num_batched_tokens=config.max_num_batched_tokens or None,
+        slo=config.slo or None,
+        seed=config.seed,
+        duration_s=config.duration_s or None,
+        workers=min(2, os.cpu_count() or 1),
+        progress_factory=make_progress,
+    )
+    context.add_output_metadata(
+        {
+            "points": value["table"].select("model", "rate_rps", "max_num_seqs", "max_num_batched_tokens").n_unique()
+            if value["table"].height
+            else 0,
+            "summary": dg.MetadataValue.json(value["summary"]),
+        }
+    )
+    return value
+
+
+WHATIF_ASSETS = [whatif]

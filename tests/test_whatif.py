@@ -1,0 +1,169 @@
+"""What if (stepml_core.whatif): workloads from a description, the SLO parser, sweeps with intervals, saturation.
+The command line and the Dagster asset on a study are in test_calibration_pipeline.py (its small study)."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from stepml_core.calibration.params import StepParams
+from stepml_core.whatif.slo import SLOError, meets, parse_slo
+from stepml_core.whatif.sweep import WHATIF_COLUMNS, WHATIF_METRICS, run_sweep, summarize, sweep_points, whatif_table
+from stepml_core.whatif.workload import ServingLimits, WorkloadDescription, whatif_workload
+
+PROFILE = {  # the shape of the real `general` runs' inference-perf profile
+    "load": {"type": "constant", "stages": [{"rate": 8, "duration": 60}, {"rate": 20, "duration": 60}]},
+    "data": {
+        "type": "shared_prefix",
+        "shared_prefix": {"system_prompt_len": 100, "question_len": 447, "output_len": 248},
+    },
+}
+LIMITS = ServingLimits("llama-2-7b", 1, kv_blocks_total=7462)
+
+
+def _spec(params: StepParams, draws: int = 12, seed: int = 1) -> dict:
+    """A request-calibrated spec as the study stores it: the BLIS file of the central parameters and draws around it."""
+    rng = np.random.default_rng(seed)
+    rows = [params.scaled(float(s)).as_vector().tolist() for s in rng.lognormal(0.0, 0.05, draws)]
+    names = ["b0_us", "b_dec_us", "b_kv_us", "b_pf_us", "b_npf_us", "q0_us", "q1_us"]
+    return {
+        "name": "requests_all",
+        "kind": "blis_linear",
+        "llm_model": "llama-2-7b",
+        "fitted_on": ["a", "b"],
+        "doc": params.blis_doc(),
+        "params": {k: getattr(params, k) for k in names},
+        "bootstrap": {"names": names, "rows": rows},
+    }
+
+
+PARAMS = StepParams(b0_us=6000.0, b_dec_us=10.0, b_kv_us=0.01, b_pf_us=25.0, b_npf_us=300.0, q0_us=20000.0)
+
+
+def test_profile_becomes_the_described_workload():
+    d = WorkloadDescription.from_profile(PROFILE, template_tokens=30)
+    assert d.stages == ((8.0, 60.0), (20.0, 60.0)) and (d.num_groups, d.prompts_per_group) == (10, 10)
+    w, ctx = whatif_workload(d, LIMITS, seed=3)
+    n = w.arrival_s.size
+    assert n == 8 * 60 + 20 * 60 and np.all(np.diff(w.arrival_s) >= 0) and w.arrival_s[0] == 0
+    assert (w.max_tokens == 248).all() and abs(w.prompt_tokens.mean() - 577) < 10  # system + question + template
+    assert w.group.max() < 10 and w.nshared_blk == 101 // 16 and ctx.kv_blocks_total == 7462
+    assert ((w.timeout_s >= 300) & (w.timeout_s <= 301)).all()
+
+
+def test_same_seed_same_requests_other_seed_other_requests():
+    d = WorkloadDescription(stages=((5.0, 30.0),))
+    a, _ = whatif_workload(d, LIMITS, seed=7)
+    b, _ = whatif_workload(d, LIMITS, seed=7)
+    c, _ = whatif_workload(d, LIMITS, seed=8)
+    assert np.array_equal(a.arrival_s, b.arrival_s) and np.array_equal(a.prompt_id, b.prompt_id)
+    assert not np.array_equal(a.arrival_s, c.arrival_s)
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("", "empty SLO"),
+        ("ttft_p99<2s,", "empty term"),
+        ("ttft_p999<2s", "unknown metric 'ttft_p999'"),
+        ("ttft_p99<2h", "unit 'h'"),
+        ("ttft_p99=2s", "not <metric><op><number><unit>"),
+        ("throughput_rps>3s", "throughput is in rps"),
+    ],
+)
+def test_slo_parser_says_what_is_wrong(text, says):
+    with pytest.raises(SLOError, match=says.replace("<", ".").replace(">", ".")):
+        parse_slo(text)
+
+
+def test_slo_terms_and_units():
+    terms = parse_slo("ttft_p99<2s, e2e_p99 <= 30000ms,throughput_rps>=4")
+    assert [(t.metric, t.op, t.bound) for t in terms] == [
+        ("ttft_p99", "<", 2.0),
+        ("e2e_p99", "<=", 30.0),
+        ("throughput_rps", ">=", 4.0),
+    ]
+    assert meets(terms, {"ttft_p99": 1.0, "e2e_p99": 30.0, "throughput_rps": 4.0})
+    assert not meets(terms, {"ttft_p99": float("nan"), "e2e_p99": 1.0, "throughput_rps": 5.0})
+
+
+def test_sweep_intervals_hold_the_prediction_and_repeat_with_the_seed():
+    spec = _spec(PARAMS)
+    d = WorkloadDescription(stages=((4.0, 30.0),), output_tokens=64)
+    pts = sweep_points([2, 6], [64, 128], [], LIMITS)
+    assert len(pts) == 4
+    rows = run_sweep(spec, d, LIMITS, pts, seed=0)
+    t = whatif_table(rows)
+    assert dict(t.schema) == WHATIF_COLUMNS and t.height == 4 * len(WHATIF_METRICS)
+    ok = t.drop_nans().drop_nulls()
+    assert ((ok["lo"] <= ok["predicted"]) & (ok["predicted"] <= ok["hi"])).all()
+    lat = t.filter(t["metric"] == "e2e_mean")
+    assert (lat["hi"] > lat["lo"]).all()  # the draws move the prediction
+    assert whatif_table(run_sweep(spec, d, LIMITS, pts, seed=0)).equals(t)
+
+
+def test_saturation_rate_and_largest_rate_meeting_the_slo():
+    """A model slow enough that ≈ 9 req/s of 128 tokens fill the engine (128 × 128 tokens per 60 ms + 128 × 400 µs
+    step): 16 req/s saturates it, 4 req/s does not and meets the SLO."""
+    slow = _spec(StepParams(b0_us=60000.0, b_dec_us=400.0, b_kv_us=0.0, b_pf_us=200.0, b_npf_us=0.0, q0_us=0.0))
+    d = WorkloadDescription(stages=((1.0, 120.0),), output_tokens=128)
+    rows = run_sweep(slow, d, LIMITS, sweep_points([0.5, 1, 4, 16], [], [], LIMITS), seed=0)
+    s = summarize(whatif_table(rows), parse_slo("e2e_p99<60s"))[0]
+    assert s["saturation_rate_rps"] == 16.0 and s["largest_rate_meeting_slo_rps"] == 4.0
+    assert s["saturation_rate_lo_rps"] <= s["saturation_rate_rps"] <= s["saturation_rate_hi_rps"]
+
+
+def test_profile_check_reads_no_ground_truth_of_the_scored_run():
+    """Out of sample (stepml_core.whatif.check): delete the scored run's ground truth and its predicted figures and
+    saturation do not move; only the observed side goes."""
+    import polars as pl
+
+    from stepml_core.whatif.check import check_run, lowo_spec
+    from stepml_core.whatif.study import StudyRun
+
+    run = StudyRun(
+        "r", "general", WorkloadDescription(stages=((2.0, 20.0), (4.0, 20.0)), output_tokens=32), LIMITS, 580.0, 120
+    )
+    n = 120
+    truth = pl.DataFrame(
+        {
+            "index": np.arange(n),
+            "arrival_time_us": np.sort(np.random.default_rng(0).random(n) * 40e6).astype(np.int64),
+            "input_tokens": np.full(n, 580),
+            "output_tokens": np.full(n, 32),
+            "observed_has_error": np.zeros(n, dtype=bool),
+            "observed_ttft_s": np.full(n, 0.05),
+            "observed_e2e_s": np.full(n, 0.6),
+        }
+    )
+    spec = {**_spec(PARAMS), "name": "requests_lowo", "for_runs": ["r"], "fitted_on": ["a", "b"]}
+    assert lowo_spec([spec], run) is spec
+    cols = ["stage", "metric", "predicted"]
+    with_truth = check_run(spec, run, 30.0, truth)
+    deleted = truth.with_columns(
+        observed_has_error=pl.lit(None, pl.Boolean),
+        observed_ttft_s=pl.lit(None, pl.Float64),
+        observed_e2e_s=pl.lit(None, pl.Float64),
+    )
+    without = check_run(spec, run, 30.0, deleted)
+    a, b = pl.DataFrame(with_truth["rows"]), pl.DataFrame(without["rows"])
+    assert a.select(cols).equals(b.select(cols)) and with_truth["saturation"] == without["saturation"]
+    assert a["observed"].is_not_null().any() and b["observed"].is_null().all()
+    assert set(a["stage"]) == {"all", "0", "1"}
+    with pytest.raises(AssertionError, match="fitted on it"):
+        lowo_spec([{**spec, "fitted_on": ["r"]}], run)
+
+
+def test_a_model_without_parameter_draws_has_a_point_interval():
+    """A shipped model without bootstrap rows (a step-trained BLIS fit) is replayed as it is: lo = predicted = hi."""
+    spec = {k: v for k, v in _spec(PARAMS).items() if k != "bootstrap"}
+    rows = run_sweep(
+        spec,
+        WorkloadDescription(stages=((2.0, 20.0),), output_tokens=32),
+        LIMITS,
+        sweep_points([2], [], [], LIMITS),
+        seed=0,
+    )
+    t = whatif_table(rows).filter(pl.col("metric") == "e2e_mean")
+    assert t["lo"][0] == t["predicted"][0] == t["hi"][0] > 0
