@@ -99,7 +99,14 @@ def stepml_figures(chosen: dict, r: BundleRun, *, seed: int) -> dict:
     from stepml_core.replay.simulate import replay, score_replay
     from stepml_core.replay.specs import serving_model
 
-    spec = {"name": "exported", "kind": "blis_linear", "doc": chosen[r.llm_model]["doc"], "llm_model": r.llm_model}
+    c = chosen[r.llm_model]
+    spec = {
+        "name": "exported",
+        "kind": "blis_linear",
+        "doc": c["doc"],
+        "llm_model": r.llm_model,
+        "fitted_on": c["fitted_on"],
+    }
     t0 = time.perf_counter()
     res = replay(r.workload, serving_model(spec), r.ctx, seed=seed)
     secs = time.perf_counter() - t0
@@ -109,7 +116,7 @@ def stepml_figures(chosen: dict, r: BundleRun, *, seed: int) -> dict:
     rows, _ = score_replay(p, r.log_table)
     obs = {row["metric"]: row["observed"] for row in rows}
     return {
-        "stepml_ttft_ms": float(np.nanmean(p["ttft_s"].to_numpy(np.float64)[ok])) * 1e3 if ok.any() else math.nan,
+        "stepml_ttft_ms": float(np.nanmean(p["ttft_s"].fill_null(np.nan).to_numpy()[ok])) * 1e3 if ok.any() else math.nan,
         "stepml_e2e_ms": float(e2e[ok].mean()) * 1e3 if ok.any() else math.nan,
         "stepml_e2e_plus_step_ms": float(np.mean((e2e + np.nan_to_num(res.final_step_s))[ok])) * 1e3
         if ok.any()

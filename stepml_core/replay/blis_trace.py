@@ -196,6 +196,8 @@ def find_blis(project_root: Path) -> tuple[Path | None, str]:
     """(the BLIS binary, '') from $STEPML_BLIS, else ../shared/tools/blis/blis beside the project, else `blis` on
     PATH; (None, why not) when none is there."""
     given = os.environ.get(BLIS_ENV)
+    if given == "off":
+        return None, f"${BLIS_ENV}=off"
     cands = [Path(given)] if given else [Path(project_root).parent / "shared" / "tools" / "blis" / "blis"]
     for c in cands:
         if c.is_file() and os.access(c, os.X_OK):
