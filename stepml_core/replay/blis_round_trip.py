@@ -115,12 +115,13 @@ def stepml_figures(chosen: dict, r: BundleRun, *, seed: int) -> dict:
     e2e = p["e2e_s"].to_numpy()
     rows, _ = score_replay(p, r.log_table)
     obs = {row["metric"]: row["observed"] for row in rows}
+    ttft = p["ttft_s"].fill_null(np.nan).to_numpy()
+    plus_step = e2e + np.nan_to_num(res.final_step_s)
+    mean_ok = lambda x: float(np.nanmean(x[ok])) * 1e3 if ok.any() else math.nan  # noqa: E731
     return {
-        "stepml_ttft_ms": float(np.nanmean(p["ttft_s"].fill_null(np.nan).to_numpy()[ok])) * 1e3 if ok.any() else math.nan,
-        "stepml_e2e_ms": float(e2e[ok].mean()) * 1e3 if ok.any() else math.nan,
-        "stepml_e2e_plus_step_ms": float(np.mean((e2e + np.nan_to_num(res.final_step_s))[ok])) * 1e3
-        if ok.any()
-        else math.nan,
+        "stepml_ttft_ms": mean_ok(ttft),
+        "stepml_e2e_ms": mean_ok(e2e),
+        "stepml_e2e_plus_step_ms": mean_ok(plus_step),
         "stepml_failed": int((~ok).sum()),
         "observed_ttft_ms": obs["ttft_mean"] * 1e3 if obs.get("ttft_mean") is not None else None,
         "observed_e2e_ms": obs["e2e_mean"] * 1e3 if obs.get("e2e_mean") is not None else None,
@@ -141,8 +142,8 @@ def agreement_row(chosen: dict, r: BundleRun, out_dir: Path, blis: Path | None, 
     status, res, secs = why_not, {}, None
     if blis is not None and row["stepml_failed"]:
         status = (
-            f"not run: {row['stepml_failed']} request(s) time out at the client in StepML's replay (a saturated run); "
-            "BLIS has no client timeout, its queue would grow without bound"
+            f"not run: {row['stepml_failed']} request(s) fail in StepML's replay (client timeouts of a saturated run, "
+            "or refused: longer than max_model_len); BLIS has no client timeout (its queue would grow without bound)"
         )
     elif blis is not None:
         t0 = time.perf_counter()

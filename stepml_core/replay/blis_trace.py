@@ -12,7 +12,9 @@ the prompt identity StepML's replay imputed (:func:`stepml_core.replay.simulate.
 * output tokens are the request's own, ``1 + groups + prompts + row``, so no two requests share an output block;
 * a prompt of a whole number of blocks ends with one block of the request's own token: StepML's cache (like vLLM's)
   hits at most prompt − 1 tokens, so that block is always computed; BLIS would hit it (a one-request probe shows
-  BLIS computing 0 tokens of a fully cached 992-token prompt).
+  BLIS computing 0 tokens of a fully cached 992-token prompt). Not for a prompt no longer than the shared system
+  prompt (its blocks are the group's, which longer prompts hit): there BLIS hits one block more than StepML when
+  the whole prompt is cached (no such prompt in the 16 real runs: their prompts are 4–8× the system prompt).
 
 A block's hash covers every token before it, so two prompts share exactly the blocks StepML's prefix cache shares
 (``stepml_core.sim.request.SimRequest.key``): the group's blocks, then, for the same prompt, its own full blocks.
@@ -78,18 +80,16 @@ def write_blis_trace(w, path: Path, *, model: str) -> Path:
         f.write(TRACE_HEADER)
         for i in range(n):
             p, L = pid[i], plen[i]
-            aligned = L % BLIS_BLOCK_TOKENS == 0
+            # an aligned prompt's last block is the request's own (not a prompt inside the system prompt: the group's)
+            own_block = L % BLIS_BLOCK_TOKENS == 0 and L > shared_tokens
             text = prompt_text.get(p)
             if text is None:
-                head = L - BLIS_BLOCK_TOKENS if aligned else L  # an aligned prompt's last block: the request's own
+                head = L - BLIS_BLOCK_TOKENS if own_block else L
                 shared = min(shared_tokens, head)
                 text = _join(_repeat(1 + grp[i], shared), _repeat(1 + groups + p, head - shared))
                 prompt_text[p] = text
             own = out_base + i
-            if aligned:
-                text_i = _join(text, _repeat(own, BLIS_BLOCK_TOKENS))
-            else:
-                text_i = text
+            text_i = _join(text, _repeat(own, BLIS_BLOCK_TOKENS)) if own_block else text
             f.write(f'{arrivals[i]},request_{idx[i]},{model},"[{text_i}]","[{_repeat(own, gen[i])}]"\n')
     os.replace(tmp, path)
     return path
