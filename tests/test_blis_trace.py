@@ -133,3 +133,60 @@ def test_trace_of_a_large_run_is_written(tmp_path, n):
     w = _workload(n=n, seed=1)
     path = write_blis_trace(w, tmp_path / "t.csv", model="m")
     assert sum(1 for _ in open(path)) == n + 1
+
+
+def test_final_step_is_what_blis_adds_to_a_finished_requests_e2e():
+    """blis-stepml-format.md §1: a lone request, input 1000 / output 3, step 9000 + 40·prefill + 60·decode µs: BLIS's
+    TTFT 49.00 ms, E2E 49 + 3 × 9.06 ms; StepML's E2E counts two decode steps, plus final_step_s = BLIS's."""
+    from stepml_core.replay.simulate import replay
+    from stepml_core.replay.specs import serving_model
+
+    doc = {
+        "version": 1,
+        "step_time": {
+            "model_type": "linear",
+            "intercept": 9000,
+            "feature_coefficients": {"prefill_tokens": 40.0, "decode_tokens": 60.0},
+        },
+    }
+    w = ReplayWorkload(
+        "x",
+        np.array([0.0]),
+        np.array([1000]),
+        np.array([3]),
+        np.array([0]),
+        np.array([0]),
+        0,
+        SchedulerConfig(kv_blocks_total=1000),
+        np.array([np.inf]),
+        np.array([0]),
+        {},
+    )
+    spec = {"name": "m", "kind": "blis_linear", "doc": doc, "llm_model": "llama-2-7b", "fitted_on": []}
+    r = replay(w, serving_model(spec), RunContext("x", "llama-2-7b", 1))
+    assert r.per_request["ttft_s"][0] * 1e3 == pytest.approx(49.0)
+    assert r.per_request["e2e_s"][0] * 1e3 == pytest.approx(49 + 2 * 9.06)
+    assert (r.per_request["e2e_s"][0] + r.final_step_s[0]) * 1e3 == pytest.approx(49 + 3 * 9.06)
+
+
+def test_the_report_section_says_when_blis_is_not_found():
+    import polars as pl
+
+    from stepml_core.replay.blis_round_trip import AGREEMENT_SCHEMA, blis_section
+
+    row = {k: None for k in AGREEMENT_SCHEMA} | {
+        "experiment_id": "20260101-000000-llama-2-7b-tp1-general",
+        "llm_model": "llama-2-7b",
+        "requests": 10,
+        "stepml_ttft_ms": 30.0,
+        "stepml_e2e_ms": 400.0,
+        "blis_status": "BLIS not found: no executable BLIS binary at /nowhere",
+    }
+    lines = blis_section(
+        pl.DataFrame([row], schema=AGREEMENT_SCHEMA), None, blis_note=row["blis_status"], out_dir_name="blis"
+    )
+    text = "\n".join(lines)
+    assert (
+        "## The exported model in BLIS" in text and "**BLIS not found: no executable BLIS binary at /nowhere**" in text
+    )
+    assert "| 30.000 / 400.000 | – / – |" in text and "BLIS within ±1 %" not in text
