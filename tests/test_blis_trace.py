@@ -182,11 +182,14 @@ def test_the_report_section_says_when_blis_is_not_found():
         "stepml_e2e_ms": 400.0,
         "blis_status": "BLIS not found: no executable BLIS binary at /nowhere",
     }
+    blis4a = pl.DataFrame(  # as replay.scores.load_blis4a gives it
+        {"experiment_id": [row["experiment_id"]], "ttft_mean_err_pct": [2.49], "e2e_mean_err_pct": [-4.01]}
+    )
     lines = blis_section(
-        pl.DataFrame([row], schema=AGREEMENT_SCHEMA), None, blis_note=row["blis_status"], out_dir_name="blis"
+        pl.DataFrame([row], schema=AGREEMENT_SCHEMA), blis4a, blis_note=row["blis_status"], out_dir_name="blis"
     )
     text = "\n".join(lines)
     assert (
         "## The exported model in BLIS" in text and "**BLIS not found: no executable BLIS binary at /nowhere**" in text
     )
-    assert "| 30.000 / 400.000 | – / – |" in text and "BLIS within ±1 %" not in text
+    assert "| 30.000 / 400.000 | – / – |" in text and "| +2.5 / -4.0 |" in text and "BLIS within ±1 %" not in text

@@ -267,7 +267,7 @@ def blis_section(table: pl.DataFrame, blis4a: pl.DataFrame | None, *, blis_note:
             f"{_f(r['blis_vs_stepml_e2e_plus_step_pct'], '+.2f')} "
             f"| {_f(r['stepml_ttft_err_pct'], '+.1f')} / {_f(r['stepml_e2e_err_pct'], '+.1f')} "
             f"| {_f(r['blis_ttft_err_pct'], '+.1f')} / {_f(r['blis_e2e_err_pct'], '+.1f')} "
-            f"| {_f(a.get('ttft_mean_re_pct'), '+.1f')} / {_f(a.get('e2e_mean_re_pct'), '+.1f')} "
+            f"| {_f(a.get('ttft_mean_err_pct'), '+.1f')} / {_f(a.get('e2e_mean_err_pct'), '+.1f')} "
             f"| {r['blis_status']} |"
         )
     lines.append("")
