@@ -18,6 +18,8 @@ Differences between the two simulators that the table shows (measured with one-r
 * StepML models vLLM v1's async scheduling: a finished request stays in the next step's batch (its slot, KV blocks
   and one decode token freed a step later); BLIS frees them at once. At the ``max_num_seqs`` cap a waiting request
   is admitted a step sooner in BLIS (Llama-2-70B ``general``: BLIS's TTFT −4.7 %, −0.14 % with the cap lifted);
+* in the step that prefills a request with prefix-cache hits, BLIS's features count its progress index as 0, StepML
+  as the hit tokens (a ``kv_sum`` term makes that step shorter in BLIS);
 * StepML registers a prompt's blocks in the prefix cache after the step that computes them; BLIS at admission, so
   two requests of the same prompt (or system prompt) admitted in the same step share it in BLIS, not in StepML;
 * BLIS has no client timeout: a run whose StepML replay has requests the client gave up on (a saturated run) is not
