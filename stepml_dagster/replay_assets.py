@@ -254,7 +254,11 @@ def blis_round_trip(
         out_dir=settings.out_dir_path(),
         seed=settings.seed,
         blis=blis,
-        why_not=f"BLIS not found: {why}" if blis is None else "",
+        why_not=""
+        if blis is not None
+        else f"BLIS not run: {why}"
+        if why.endswith("=off")
+        else f"BLIS not found: {why}",
     )
     out["lines"] = blis_section(
         out["table"], replay_fidelity.get("blis4a"), blis_note=out["why_not"], out_dir_name="blis"
