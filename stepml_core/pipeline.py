@@ -705,3 +705,65 @@ def whatif(
         tables.append(res["table"])
         summary += [{"model": llm, "step_model": info["step_model"], **s} for s in res["summary"]]
     return {"table": pl.concat(tables) if tables else pl.DataFrame(), "summary": summary}
+
+
+# ------------------------------------------------------------------------- the BLIS round trip ---
+
+
+def export_choice(rows: pl.DataFrame, specs: list, calibration: Mapping | None, fidelity: Mapping | None) -> dict:
+    """The model file per LLM model that `stepml export --format blis` ships (stepmodels.blis.choose_exports) from
+    replay.csv's rows, replay_models' specs, request_calibration's value and replay_fidelity's value (either may be
+    None)."""
+    from stepml_core.runs.folders import parse_run_id
+    from stepml_core.stepmodels.blis import choose_exports
+
+    llm_of = {e: parse_run_id(e).model for e in set(rows["experiment_id"].to_list())}
+    shipped = dict(calibration["shipped"]) if calibration is not None else {}
+    per = fidelity.get("recommended_per_llm") if fidelity is not None else None
+    per_llm = (
+        dict(zip(per["llm_model"].to_list(), per["step_model"].to_list())) if per is not None and per.height else None
+    )
+    st = fidelity.get("runs") if fidelity is not None else None
+    saturated = None
+    if st is not None and "saturated" in st.columns:
+        saturated = set(st.filter(pl.col("saturated").fill_null(False))["experiment_id"].to_list())
+    return choose_exports(rows, list(specs), shipped, llm_of, per_llm, saturated)
+
+
+def blis_bundle_run(key: str, stored_log: Mapping, data_root: Path, *, seed: int = 0):
+    """One run's replay.blis_round_trip.BundleRun from its stored request_log value: the workload StepML's replay
+    builds (replay_workload, same seed) and its context; a run that cannot be replayed raises ValueError."""
+    from stepml_core.replay.blis_round_trip import BundleRun
+    from stepml_core.replay.simulate import replay_workload
+
+    meta = stored_run_metadata(key, stored_log, data_root)
+    log = log_from_stored(stored_log)
+    ctx = replay_context(key, meta, log.header)
+    problem = replayable(ctx)
+    if problem:
+        raise ValueError(f"{key}: {problem}")
+    w = replay_workload(log.table, ctx, seed=seed)
+    return BundleRun(key, meta.model, w, ctx, log.table)
+
+
+def blis_round_trip(
+    chosen: dict,
+    logs: Mapping,
+    present: list[str],
+    *,
+    data_root: Path,
+    out_dir: Path,
+    seed: int = 0,
+    blis=None,
+    why_not: str = "",
+) -> dict:
+    """The export bundle of the runs `present` (their stored request logs) under out_dir/blis (what `stepml export
+    --format blis --study OUT` writes) and, with a BLIS binary, each run's script run there beside StepML's replay of
+    the same file (replay.blis_round_trip.agreement_table). Returns {"table", "manifest", "blis", "why_not"}."""
+    from stepml_core.replay import blis_round_trip as brt
+
+    bundle_dir = Path(out_dir) / "blis"
+    runs = [blis_bundle_run(e, logs[e], data_root, seed=seed) for e in sorted(present)]
+    manifest = brt.write_bundle(chosen, runs, bundle_dir, source=str(out_dir), seed=seed)
+    table = brt.agreement_table(chosen, runs, bundle_dir, blis, seed=seed, why_not=why_not)
+    return {"table": table, "manifest": manifest, "blis": str(blis) if blis else "", "why_not": why_not}

@@ -18,6 +18,7 @@ from stepml_core.tables.steps import quarantine_counts
 from .checks import check_result
 from .partitions import PART, experiment_partitions  # noqa: F401 (re-exported)
 from .replay_assets import (
+    blis_round_trip,
     calibration_fidelity,
     replay,
     replay_fidelity,
@@ -472,6 +473,7 @@ def study_report(
     method_checks,
     replay_fidelity,
     calibration_fidelity,
+    blis_round_trip,
     run_status: dict,
 ) -> dict:
     # failed or stale: results not current (a stale run without step results is the replay's to list)
@@ -479,7 +481,11 @@ def study_report(
     present = sorted(
         e for e in run_summary if e not in left_out
     )  # the partitions, less those left out, in a fixed order
-    replay_lines = replay_section(replay_fidelity, settings.out_dir) + list(calibration_fidelity["lines"])
+    replay_lines = (
+        replay_section(replay_fidelity, settings.out_dir)
+        + list(calibration_fidelity["lines"])
+        + list(blis_round_trip["lines"])
+    )
     if not present:  # request logs only: no step data, no H1 study; the replay is the report
         md = requests_only_report(replay_fidelity, replay_lines, settings.out_dir)
         context.add_output_metadata(
@@ -529,6 +535,6 @@ STEP_ASSETS = [raw_traces, experiment_features, experiment_models]
 PARTITIONED_ASSETS = [*STEP_ASSETS, request_log]  # experiment_job
 MODEL_ASSETS = [run_status, pooled_models, synthetic_vs_real, request_calibration, replay_models]  # models_job
 REPLAY_ASSETS = [replay]  # replay_job (partitioned: reads the study-level replay_models)
-REPORT_ASSETS = [replay_status, replay_fidelity, calibration_fidelity, study_report]  # study_job
+REPORT_ASSETS = [replay_status, replay_fidelity, calibration_fidelity, blis_round_trip, study_report]  # study_job
 STUDY_ASSETS = [*MODEL_ASSETS, *REPORT_ASSETS]  # every unpartitioned asset
 ALL_ASSETS = [*PARTITIONED_ASSETS, *MODEL_ASSETS, *REPLAY_ASSETS, *REPORT_ASSETS]

@@ -1,10 +1,15 @@
 """`stepml export`: ship a study's recommended step-time model per LLM model.
 
-  stepml export --format blis   [--study OUT] --out DIR   DIR/<model_short>.json in BLIS's StepML model format
+  stepml export --format blis   [--study OUT] --out DIR   DIR/<model_short>.json in BLIS's StepML model format,
+                                                          and per run of OUT with a request log DIR/runs/<run>/
+                                                          trace.csv + run_blis.sh (its `blis run` command)
+  stepml export --format blis   [--study OUT] --out DIR --requests RUN_FOLDER [RUN_FOLDER ...]
+                                                          the same for run folders holding a request log (and the
+                                                          profile/config files `stepml run` reads), not OUT's runs
   stepml export --format stepml [--study OUT] --out DIR   DIR/<model_short>.json in StepML's own JSON
 
 OUT is a `stepml run` output folder (default out/): its replay.csv says which model is recommended,
-its stored assets hold the models (replay_models, request_calibration).
+its stored assets hold the models (replay_models, request_calibration) and the runs' request logs.
 """
 
 from __future__ import annotations
@@ -32,6 +37,15 @@ def add_parser(sub, parents=()) -> None:
         "--study", type=Path, default=PROJECT_ROOT / "out", help="a `stepml run` output folder (default: out/)"
     )
     e.add_argument("--out", type=Path, required=True, help="folder to write <model_short>.json files into")
+    e.add_argument(
+        "--requests",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="blis: run folders (a request log + the run's profile/config) to write BLIS traces and commands for, "
+        "instead of the study's runs",
+    )
+    e.add_argument("--seed", type=int, default=0, help="the seed `stepml run` replayed with (default 0)")
 
 
 def _stored(path: Path, what: str, required: bool):
@@ -103,15 +117,15 @@ def _load_study(study: Path):
 
 def run(a: argparse.Namespace) -> int:
     from stepml_core.errors import UsageError
-    from stepml_core.stepmodels.blis import choose_exports, write_exports
+    from stepml_core.stepmodels.blis import choose_exports
 
     rows, specs, shipped, llm_of, per_llm, saturated = _load_study(Path(a.study))
     chosen = choose_exports(rows, specs, shipped, llm_of, per_llm, saturated)
     if not chosen:
         raise UsageError(f"no exportable model in {a.study}")
     try:
-        if a.format == "blis":
-            paths = write_exports(chosen, a.out, source=str(a.study))  # ExportError (a StepMLError) names the field
+        if a.format == "blis":  # ExportError (a StepMLError) names the field
+            paths = _write_blis(chosen, Path(a.study), Path(a.out), a.requests, a.seed)
         else:
             paths = _write_stepml(chosen, specs, shipped, Path(a.out))
     except OSError as e:
@@ -124,6 +138,48 @@ def run(a: argparse.Namespace) -> int:
         )
     print(f"wrote {len(paths)} file(s) under {a.out}")
     return 0
+
+
+def _bundle_runs(study: Path, requests: list[Path] | None, seed: int) -> list:
+    """The runs to write BLIS traces for: each --requests run folder (its request log read as `stepml run` reads it),
+    else every run of the study with a stored request log. A run that cannot be read is a UsageError naming it."""
+    from stepml_core import pipeline
+    from stepml_core.errors import StepMLError, UsageError
+
+    if requests:
+        runs = []
+        for folder in requests:
+            folder = folder.resolve()
+            try:
+                value = pipeline.request_log(folder, data_root=folder.parent)
+                if value is None:
+                    raise UsageError(f"{folder}: no request log (requests.json[.gz]) in it")
+                runs.append(pipeline.blis_bundle_run(folder.name, value, folder.parent, seed=seed))
+            except (StepMLError, ValueError, OSError) as e:
+                raise UsageError(f"--requests {folder}: {_one_line(e)}") from None
+        return runs
+    base = study / "assets" / "request_log"
+    keys = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    runs = []
+    for key in keys:
+        stored = _stored(base / key, f"request_log of {key}", True)
+        try:
+            runs.append(pipeline.blis_bundle_run(key, stored, PROJECT_ROOT / "data", seed=seed))
+        except (StepMLError, ValueError, KeyError, OSError) as e:
+            print(f"warning: {key}: no BLIS trace written ({_one_line(e)})")
+    return runs
+
+
+def _write_blis(chosen: dict, study: Path, out: Path, requests: list[Path] | None, seed: int) -> list[Path]:
+    """DIR/<llm>.json, DIR/runs/<run>/{trace.csv, run_blis.sh} and DIR/manifest.json (replay.blis_round_trip)."""
+    from stepml_core.replay.blis_round_trip import write_bundle
+
+    runs = _bundle_runs(study, requests, seed)
+    manifest = write_bundle(chosen, runs, out, source=str(study), seed=seed)
+    for e, why in sorted(manifest["runs_not_exported"].items()):
+        print(f"warning: {e}: {why}")
+    paths = [out / f"{llm}.json" for llm in sorted(chosen)]
+    return paths + [out / r["script"] for r in manifest["runs"].values()]
 
 
 def _write_stepml(chosen: dict, specs: list[dict], shipped: dict, out: Path) -> list[Path]:

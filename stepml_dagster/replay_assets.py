@@ -222,8 +222,56 @@ def calibration_fidelity(
     return out
 
 
+@dg.asset(
+    group_name="replay",
+    description="The BLIS round trip: the exported model files with each run's trace and `blis run` script under "
+    "out/blis/ (what `stepml export --format blis` writes), each script run in the real BLIS binary when it is found "
+    "($STEPML_BLIS, else ../shared/tools/blis/blis; STEPML_BLIS=off skips it) beside StepML's replay of the same "
+    "file; the report's section.",
+)
+def blis_round_trip(
+    context: dg.AssetExecutionContext,
+    settings: StepMLSettings,
+    request_log,
+    replay_models,
+    request_calibration,
+    replay_fidelity,
+) -> dict:
+    from stepml_core.paths import PROJECT_ROOT
+    from stepml_core.replay.blis_round_trip import blis_section
+    from stepml_core.replay.blis_trace import find_blis
+
+    runs = replay_fidelity.get("runs")
+    present = [
+        e for e in (runs["experiment_id"].to_list() if runs is not None and runs.height else []) if e in request_log
+    ]
+    chosen = pipeline.export_choice(replay_fidelity["replay"], replay_models, request_calibration, replay_fidelity)
+    blis, why = find_blis(PROJECT_ROOT)
+    out = pipeline.blis_round_trip(
+        chosen,
+        request_log,
+        present,
+        data_root=settings.data_root(),
+        out_dir=settings.out_dir_path(),
+        seed=settings.seed,
+        blis=blis,
+        why_not=""
+        if blis is not None
+        else f"BLIS not run: {why}"
+        if why.endswith("=off")
+        else f"BLIS not found: {why}",
+    )
+    out["lines"] = blis_section(
+        out["table"], replay_fidelity.get("blis4a"), blis_note=out["why_not"], out_dir_name="blis"
+    )
+    context.add_output_metadata(
+        {"blis": out["blis"] or out["why_not"], "runs": out["table"].height, "dagster/row_count": out["table"].height}
+    )
+    return out
+
+
 REQUEST_ASSETS = [request_log]
 REQUEST_CHECKS = [records_balance]
 MODEL_ASSETS = [request_calibration, replay_models]
 REPLAY_ASSETS = [replay]
-REPORT_ASSETS = [replay_status, replay_fidelity, calibration_fidelity]
+REPORT_ASSETS = [replay_status, replay_fidelity, calibration_fidelity, blis_round_trip]

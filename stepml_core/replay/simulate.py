@@ -285,6 +285,9 @@ class ReplayResult:
     steps: int
     counters: dict
     sim_seconds: float  # simulated span (first arrival → last update)
+    # per request (the per_request table's order): the time of the step that emitted its last token (s; NaN without
+    # one). BLIS appends that step once more to a finished request (blis-stepml-format.md §1): its E2E = this E2E + it
+    final_step_s: np.ndarray | None = None
 
 
 def replay(w: ReplayWorkload, model, ctx: RunContext, *, seed: int = 0, progress=None) -> ReplayResult:
@@ -307,6 +310,11 @@ def replay(w: ReplayWorkload, model, ctx: RunContext, *, seed: int = 0, progress
     td = model.token_delay_s
     ttft = np.where(first > 0, U[np.maximum(first, 1) - 1] + td - start, np.nan) if U.size else np.full(n, np.nan)
     e2e = np.where(ok & (last > 0), U[np.maximum(last, 1) - 1] + td - start, np.nan) if U.size else np.full(n, np.nan)
+    final_step = (
+        np.where(last > 1, U[np.maximum(last, 2) - 1] - U[np.maximum(last, 2) - 2], np.nan)
+        if U.size > 1
+        else np.full(n, np.nan)
+    )
     success = ok & (e2e <= w.timeout_s)
     refused = np.fromiter((R.finish_status == "refused" for R in reqs), dtype=bool, count=n)
     e2e = np.where(success, e2e, np.where(refused, 0.0, w.timeout_s))  # a refused request is answered at once
@@ -331,6 +339,7 @@ def replay(w: ReplayWorkload, model, ctx: RunContext, *, seed: int = 0, progress
         steps=sim.steps,
         counters=counters,
         sim_seconds=span,
+        final_step_s=final_step,
     )
 
 
