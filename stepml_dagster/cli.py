@@ -95,6 +95,16 @@ def _add_run(sub, common) -> None:
         help="also calibrate the piecewise decode form (a bend in the per-decoder cost; BLIS step_time_regimes) "
         "and replay it beside the linear one; same as STEPML_PIECEWISE_DECODE=1 (docs/calibration.md)",
     )
+    r.add_argument(
+        "--blis",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="PATH",
+        help="also write each run's BLIS trace and command under OUT/blis and run them in BLIS (PATH, else "
+        "../shared/tools/blis/blis, else `blis` on PATH); the report compares BLIS with StepML's replay; same as "
+        "STEPML_BLIS=auto|PATH",
+    )
     r.add_argument("--experiment", action="append", help="only these experiment ids (repeatable)")
     r.add_argument(
         "--workers", type=int, default=None, help="partitions processed in parallel (default: min(2, cores))"
@@ -189,6 +199,8 @@ def _dispatch(a) -> int:
         res = backfill(a.data, a.out, a.experiment, all_=a.all, seed=a.seed, verbose=a.verbose)
         return 0 if res["study_ok"] and not res["failed"] else 1
     if a.cmd == "run":
+        if a.blis:  # read by the blis_round_trip asset (stepml_core.replay.blis_trace.study_blis)
+            os.environ["STEPML_BLIS"] = a.blis
         if a.piecewise_decode:  # read by StepMLSettings.piecewise_decode, here and in the partition workers
             os.environ["STEPML_PIECEWISE_DECODE"] = "1"
         synth = not a.no_synth and (a.synth or _is_default(a.data, DEFAULT_EXPERIMENTS_DIR))

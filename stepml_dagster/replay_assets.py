@@ -225,9 +225,9 @@ def calibration_fidelity(
 @dg.asset(
     group_name="replay",
     description="The BLIS round trip: the exported model files with each run's trace and `blis run` script under "
-    "out/blis/ (what `stepml export --format blis` writes), each script run in the real BLIS binary when it is found "
-    "($STEPML_BLIS, else ../shared/tools/blis/blis; STEPML_BLIS=off skips it) beside StepML's replay of the same "
-    "file; the report's section.",
+    "out/blis/ (what `stepml export --format blis` writes), each script run in the real BLIS binary beside StepML's "
+    "replay of the same file; the report's section. Opt-in: `stepml run --blis [PATH]` or STEPML_BLIS=auto|PATH "
+    "(auto: ../shared/tools/blis/blis, else `blis` on PATH); otherwise the section says it was not run.",
 )
 def blis_round_trip(
     context: dg.AssetExecutionContext,
@@ -238,29 +238,28 @@ def blis_round_trip(
     replay_fidelity,
 ) -> dict:
     from stepml_core.paths import PROJECT_ROOT
-    from stepml_core.replay.blis_round_trip import blis_section
-    from stepml_core.replay.blis_trace import find_blis
+    from stepml_core.replay.blis_round_trip import blis_section, not_asked
+    from stepml_core.replay.blis_trace import study_blis
 
     runs = replay_fidelity.get("runs")
     present = [
         e for e in (runs["experiment_id"].to_list() if runs is not None and runs.height else []) if e in request_log
     ]
-    chosen = pipeline.export_choice(replay_fidelity["replay"], replay_models, request_calibration, replay_fidelity)
-    blis, why = find_blis(PROJECT_ROOT)
-    out = pipeline.blis_round_trip(
-        chosen,
-        request_log,
-        present,
-        data_root=settings.data_root(),
-        out_dir=settings.out_dir_path(),
-        seed=settings.seed,
-        blis=blis,
-        why_not=""
-        if blis is not None
-        else f"BLIS not run: {why}"
-        if why.endswith("=off")
-        else f"BLIS not found: {why}",
-    )
+    blis, why, asked = study_blis(PROJECT_ROOT)
+    if not asked:  # opt-in: nothing written, the section says how to ask
+        out = not_asked(why)
+    else:
+        chosen = pipeline.export_choice(replay_fidelity["replay"], replay_models, request_calibration, replay_fidelity)
+        out = pipeline.blis_round_trip(
+            chosen,
+            request_log,
+            present,
+            data_root=settings.data_root(),
+            out_dir=settings.out_dir_path(),
+            seed=settings.seed,
+            blis=blis,
+            why_not="" if blis is not None else f"BLIS not found: {why}",
+        )
     out["lines"] = blis_section(
         out["table"], replay_fidelity.get("blis4a"), blis_note=out["why_not"], out_dir_name="blis"
     )

@@ -193,3 +193,23 @@ def test_the_report_section_says_when_blis_is_not_found():
         "## The exported model in BLIS" in text and "**BLIS not found: no executable BLIS binary at /nowhere**" in text
     )
     assert "| 30.000 / 400.000 | – / – |" in text and "| +2.5 / -4.0 |" in text and "BLIS within ±1 %" not in text
+
+
+def test_the_studys_round_trip_is_opt_in(monkeypatch, tmp_path):
+    """`stepml run` writes and runs the BLIS bundle only when asked (`--blis [PATH]` sets STEPML_BLIS)."""
+    from stepml_core.replay.blis_trace import study_blis
+    from stepml_dagster.cli import build_parser
+
+    monkeypatch.delenv(BLIS_ENV, raising=False)
+    blis, why, asked = study_blis(tmp_path)
+    assert blis is None and not asked and "stepml run --blis" in why
+    monkeypatch.setenv(BLIS_ENV, "off")
+    assert study_blis(tmp_path)[2] is False
+    monkeypatch.setenv(BLIS_ENV, "auto")
+    assert study_blis(tmp_path)[2] is True  # discovery: here nothing beside tmp_path, maybe `blis` on PATH
+    monkeypatch.setenv(BLIS_ENV, str(tmp_path / "nowhere"))
+    blis, why, asked = study_blis(tmp_path)
+    assert asked and blis is None and "nowhere" in why
+    assert build_parser().parse_args(["run", "--blis"]).blis == "auto"
+    assert build_parser().parse_args(["run", "--blis", "/x/blis"]).blis == "/x/blis"
+    assert build_parser().parse_args(["run"]).blis is None

@@ -29,6 +29,7 @@ def study(tmp_path_factory):
         _write_run(data, eid, _run(eid, rate, 40, prompt, seed), split)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DAGSTER_HOME", str(base / "home"))
+        mp.setenv("STEPML_BLIS", "auto")  # the BLIS round trip (opt-in): the bundle always, BLIS where found
         res = run_study(data, out, synth_if_empty=False, quiet=True, workers=1)
         yield res, data, out, dg.DagsterInstance.get()
 

@@ -214,6 +214,11 @@ def agreement_table(
     return pl.DataFrame(rows, schema=AGREEMENT_SCHEMA) if rows else pl.DataFrame(schema=AGREEMENT_SCHEMA)
 
 
+def not_asked(why: str) -> dict:
+    """blis_round_trip's value when the study was not asked to run it: nothing written, no run, the reason."""
+    return {"table": pl.DataFrame(schema=AGREEMENT_SCHEMA), "manifest": None, "blis": "", "why_not": why}
+
+
 def without_timeouts(r: BundleRun) -> BundleRun:
     """The run with no client timeout (what BLIS simulates): for a saturated run's engine-to-engine comparison."""
     w = replace(r.workload, timeout_s=np.full(r.workload.timeout_s.size, np.inf))
@@ -252,7 +257,7 @@ def blis_section(table: pl.DataFrame, blis4a: pl.DataFrame | None, *, blis_note:
     if blis_note:
         lines += [f"**{blis_note}**", ""]
     if not table.height:
-        return lines + ["No run was exported.", ""]
+        return lines + ([] if blis_note else ["No run was exported.", ""])
     b4 = {r["experiment_id"]: r for r in blis4a.iter_rows(named=True)} if blis4a is not None and blis4a.height else {}
     head = (
         "| run | observed TTFT / E2E (ms) | StepML TTFT / E2E (ms) | BLIS TTFT / E2E (ms) | BLIS vs StepML TTFT / E2E "

@@ -196,6 +196,8 @@ def find_blis(project_root: Path) -> tuple[Path | None, str]:
     """(the BLIS binary, '') from $STEPML_BLIS, else ../shared/tools/blis/blis beside the project, else `blis` on
     PATH; (None, why not) when none is there."""
     given = os.environ.get(BLIS_ENV)
+    if given == "auto":  # the discovery below, as when unset
+        given = None
     if given == "off":
         return None, f"${BLIS_ENV}=off"
     cands = [Path(given)] if given else [Path(project_root).parent / "shared" / "tools" / "blis" / "blis"]
@@ -207,6 +209,23 @@ def find_blis(project_root: Path) -> tuple[Path | None, str]:
         return Path(on_path), ""
     where = f"${BLIS_ENV}={given}" if given else f"{cands[0]} (or ${BLIS_ENV}, or `blis` on PATH)"
     return None, f"no executable BLIS binary at {where}"
+
+
+def study_blis(project_root: Path) -> tuple[Path | None, str, bool]:
+    """For `stepml run`'s blis_round_trip, which is opt-in (writing every run's trace and running BLIS costs minutes
+    and hundreds of MB on full-size runs): (binary, why not, asked). $STEPML_BLIS unset or ``off``: not asked;
+    ``auto`` (what `stepml run --blis` sets): find_blis's discovery; a path: that binary."""
+    given = os.environ.get(BLIS_ENV)
+    if not given or given == "off":
+        return (
+            None,
+            "BLIS round trip not run in this study (opt-in: `stepml run --blis [PATH]` or "
+            f"${BLIS_ENV}=auto|PATH writes each run's BLIS trace and command under OUT/blis and runs them in BLIS; "
+            "`stepml export --format blis` writes the same files on request)",
+            False,
+        )
+    blis, why = find_blis(project_root)
+    return blis, why, True
 
 
 def run_bundle(script: Path, blis: Path, *, timeout_s: float = 900.0) -> dict:
