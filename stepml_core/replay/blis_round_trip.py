@@ -236,7 +236,10 @@ def _f(x, fmt: str) -> str:
 
 def blis_section(table: pl.DataFrame, blis4a: pl.DataFrame | None, *, blis_note: str, out_dir_name: str) -> list[str]:
     """'The exported model in BLIS': per run, observed vs StepML's replay of the exported file vs BLIS with it (its
-    results.json, as a user's run of the written script gives it) vs BLIS iteration 4a's published error."""
+    results.json, as a user's run of the written script gives it) vs BLIS iteration 4a's published error; the title
+    and the note alone when no run was compared or run (blis_note says why)."""
+    if not table.height and blis_note:
+        return ["## The exported model in BLIS", "", f"**{blis_note}**", ""]
     lines = [
         "## The exported model in BLIS",
         "",
@@ -257,7 +260,7 @@ def blis_section(table: pl.DataFrame, blis4a: pl.DataFrame | None, *, blis_note:
     if blis_note:
         lines += [f"**{blis_note}**", ""]
     if not table.height:
-        return lines + ([] if blis_note else ["No run was exported.", ""])
+        return lines + ["No run was exported.", ""]
     b4 = {r["experiment_id"]: r for r in blis4a.iter_rows(named=True)} if blis4a is not None and blis4a.height else {}
     head = (
         "| run | observed TTFT / E2E (ms) | StepML TTFT / E2E (ms) | BLIS TTFT / E2E (ms) | BLIS vs StepML TTFT / E2E "
