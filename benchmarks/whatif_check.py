@@ -38,34 +38,6 @@ def load(study: Path, data: Path):
     return runs, specs, requests, set(saturated or ()), truth, pl
 
 
-def goals(table, sat, saturated: set, truth: dict, pl) -> list[str]:
-    """The issue's goal figures: mean |E2E|, |TTFT| over the non-saturated runs with truth; each general stage's E2E;
-    the saturation classification."""
-    whole = table.filter(pl.col("stage") == "all")
-    ok_runs = [e for e in whole["experiment_id"].unique().sort().to_list() if truth.get(e) and e not in saturated]
-    lines = []
-    for m in ("e2e_mean", "ttft_mean"):
-        v = whole.filter(pl.col("experiment_id").is_in(ok_runs) & (pl.col("metric") == m))["rel_err_pct"].abs()
-        lines.append(f"mean |{m}| error over the {v.len()} non-saturated runs with ground truth: {v.mean():.1f} %")
-    gen = table.filter(
-        (pl.col("workload") == "general") & (pl.col("stage") != "all") & (pl.col("metric") == "e2e_mean")
-    )
-    for r in gen.sort("experiment_id", "stage").iter_rows(named=True):
-        lines.append(
-            f"general {r['experiment_id']} stage {r['stage']} ({r['rate_rps']:g} req/s): E2E mean predicted "
-            f"{r['predicted']:.3f} s, observed {r['observed']:.3f} s, {r['rel_err_pct']:+.1f} %"
-        )
-    iv = whole.filter(pl.col("experiment_id").is_in(ok_runs) & pl.col("metric").is_in(["e2e_mean", "ttft_mean"]))
-    inside = iv.filter((pl.col("lo") <= pl.col("observed")) & (pl.col("observed") <= pl.col("hi")))
-    lines.append(
-        f"observed mean E2E/TTFT inside [lo, hi] (bound models: bootstrap + between-run) over the same runs: "
-        f"{inside.height}/{iv.height}"
-    )
-    right = sum(bool(r["predicted_overloaded"]) == (r["experiment_id"] in saturated) for r in sat.iter_rows(named=True))
-    lines.append(f"saturation classified right: {right}/{sat.height} runs")
-    return lines
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--study", type=Path, required=True)
@@ -75,7 +47,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     from stepml_core.progress import make_progress
-    from stepml_core.whatif.check import check_runs
+    from stepml_core.whatif.check import check_runs, goal_lines
 
     runs, specs, requests, saturated, truth, pl = load(a.study, a.data)
     t0 = time.perf_counter()
@@ -100,7 +72,7 @@ def main(argv=None) -> int:
             "observed_saturated",
         )
     )
-    for line in goals(table, sat, saturated, truth, pl):
+    for line in goal_lines(table, sat, saturated, truth):
         print(line)
     print(f"{len(runs)} runs checked in {seconds:.0f} s ({a.workers} workers); tables under {out}")
     return 0

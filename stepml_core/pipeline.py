@@ -767,3 +767,34 @@ def blis_round_trip(
     manifest = brt.write_bundle(chosen, runs, bundle_dir, source=str(out_dir), seed=seed)
     table = brt.agreement_table(chosen, runs, bundle_dir, blis, seed=seed, why_not=why_not)
     return {"table": table, "manifest": manifest, "blis": str(blis) if blis else "", "why_not": why_not}
+
+
+def whatif_check(
+    logs: Mapping,
+    specs: list,
+    replay_fidelity: Mapping,
+    data_root: Path,
+    *,
+    seed: int = 0,
+    workers: int = 1,
+    progress=None,
+) -> dict:
+    """Every run predicted from its profile alone with its leave-one-workload-out model and scored
+    (stepml_core.whatif.check.check_runs); the saturated runs and ground truth from the study's run status.
+    Returns {"table", "saturation", "lines"} (the report's section)."""
+    from stepml_core.whatif.check import check_runs, check_section
+
+    runs = whatif_runs(logs, data_root)
+    st = replay_fidelity.get("runs")
+    rows = st.to_dicts() if st is not None and st.height else []
+    saturated = {r["experiment_id"] for r in rows if r.get("saturated")}
+    truth = {r["experiment_id"]: bool(r.get("ground_truth")) for r in rows}
+    table, sat = check_runs(
+        runs,
+        list(specs),
+        {r.experiment_id: logs[r.experiment_id]["requests"] for r in runs},
+        seed=seed,
+        workers=workers,
+        progress=progress,
+    )
+    return {"table": table, "saturation": sat, "lines": check_section(table, sat, saturated, truth)}

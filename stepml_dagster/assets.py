@@ -29,6 +29,7 @@ from .replay_assets import (
 )
 from .resources import StepMLSettings
 from .status import FAILED, all_current_check, not_current, run_statuses, status_metadata, stored_fingerprints
+from .whatif_assets import whatif_check
 
 
 def _lineage(meta: dict) -> dict:
@@ -474,6 +475,7 @@ def study_report(
     replay_fidelity,
     calibration_fidelity,
     blis_round_trip,
+    whatif_check,
     run_status: dict,
 ) -> dict:
     # failed or stale: results not current (a stale run without step results is the replay's to list)
@@ -485,6 +487,7 @@ def study_report(
         replay_section(replay_fidelity, settings.out_dir)
         + list(calibration_fidelity["lines"])
         + list(blis_round_trip["lines"])
+        + list(whatif_check["lines"])
     )
     if not present:  # request logs only: no step data, no H1 study; the replay is the report
         md = requests_only_report(replay_fidelity, replay_lines, settings.out_dir)
@@ -535,6 +538,13 @@ STEP_ASSETS = [raw_traces, experiment_features, experiment_models]
 PARTITIONED_ASSETS = [*STEP_ASSETS, request_log]  # experiment_job
 MODEL_ASSETS = [run_status, pooled_models, synthetic_vs_real, request_calibration, replay_models]  # models_job
 REPLAY_ASSETS = [replay]  # replay_job (partitioned: reads the study-level replay_models)
-REPORT_ASSETS = [replay_status, replay_fidelity, calibration_fidelity, blis_round_trip, study_report]  # study_job
+REPORT_ASSETS = [
+    replay_status,
+    replay_fidelity,
+    calibration_fidelity,
+    blis_round_trip,
+    whatif_check,
+    study_report,
+]  # study_job
 STUDY_ASSETS = [*MODEL_ASSETS, *REPORT_ASSETS]  # every unpartitioned asset
 ALL_ASSETS = [*PARTITIONED_ASSETS, *MODEL_ASSETS, *REPLAY_ASSETS, *REPORT_ASSETS]

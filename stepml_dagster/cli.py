@@ -105,6 +105,12 @@ def _add_run(sub, common) -> None:
         "../shared/tools/blis/blis, else `blis` on PATH); the report compares BLIS with StepML's replay; same as "
         "STEPML_BLIS=auto|PATH",
     )
+    r.add_argument(
+        "--whatif-check",
+        action="store_true",
+        help="also predict every run from its profile alone with its leave-one-workload-out model and score it "
+        "(report section; same as STEPML_WHATIF_CHECK=1; docs/whatif.md)",
+    )
     r.add_argument("--experiment", action="append", help="only these experiment ids (repeatable)")
     r.add_argument(
         "--workers", type=int, default=None, help="partitions processed in parallel (default: min(2, cores))"
@@ -201,6 +207,8 @@ def _dispatch(a) -> int:
     if a.cmd == "run":
         if a.blis:  # read by the blis_round_trip asset (stepml_core.replay.blis_trace.study_blis)
             os.environ["STEPML_BLIS"] = a.blis
+        if a.whatif_check:  # read by StepMLSettings.whatif_check
+            os.environ["STEPML_WHATIF_CHECK"] = "1"
         if a.piecewise_decode:  # read by StepMLSettings.piecewise_decode, here and in the partition workers
             os.environ["STEPML_PIECEWISE_DECODE"] = "1"
         synth = not a.no_synth and (a.synth or _is_default(a.data, DEFAULT_EXPERIMENTS_DIR))

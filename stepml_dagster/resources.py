@@ -76,6 +76,15 @@ class StepMLSettings(dg.ConfigurableResource):
     # calibrate the piecewise decode form too (None: STEPML_PIECEWISE_DECODE=1 from the environment, else off;
     # docs/calibration.md, *The piecewise decode form*)
     piecewise_decode_form: bool | None = None
+    # check the what-if against the recorded runs in the study (None: STEPML_WHATIF_CHECK=1 from the environment)
+    whatif_check_runs: bool | None = None
+
+    @property
+    def whatif_check(self) -> bool:
+        """Whether the study's whatif_check asset predicts every run from its profile alone (opt-in)."""
+        if self.whatif_check_runs is not None:
+            return bool(self.whatif_check_runs)
+        return os.environ.get("STEPML_WHATIF_CHECK", "").strip().lower() in ("1", "true", "yes", "on")
 
     @property
     def piecewise_decode(self) -> bool:

@@ -65,4 +65,33 @@ def whatif(
     return value
 
 
+@dg.asset(
+    group_name="replay",
+    description="What if, checked against the recorded runs (opt-in: `stepml run --whatif-check` or "
+    "STEPML_WHATIF_CHECK=1): each run predicted from its profile alone with its leave-one-workload-out model, scored "
+    "against its clients, per load stage for `general` runs, and the predicted saturation rate against whether it "
+    "saturated; the report's section.",
+)
+def whatif_check(
+    context: dg.AssetExecutionContext, settings: StepMLSettings, request_log, replay_models, replay_fidelity
+) -> dict:
+    from stepml_core.whatif.check import check_section
+
+    if not settings.whatif_check:
+        note = "not run in this study (opt-in: `stepml run --whatif-check`, or `python benchmarks/whatif_check.py --study OUT`)"
+        return {"table": None, "saturation": None, "lines": check_section(None, None, set(), {}, note)}
+    with make_progress(len(request_log), "whatif check") as bar:
+        value = pipeline.whatif_check(
+            request_log,
+            replay_models,
+            replay_fidelity,
+            settings.data_root(),
+            seed=settings.seed,
+            workers=settings.fit_threads,
+            progress=bar,
+        )
+    context.add_output_metadata({"runs": value["saturation"].height, "dagster/row_count": value["table"].height})
+    return value
+
+
 WHATIF_ASSETS = [whatif]

@@ -30,6 +30,7 @@ def study(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DAGSTER_HOME", str(base / "home"))
         mp.setenv("STEPML_BLIS", "auto")  # the BLIS round trip (opt-in): the bundle always, BLIS where found
+        mp.setenv("STEPML_WHATIF_CHECK", "1")  # the what-if check against the recorded runs (opt-in)
         res = run_study(data, out, synth_if_empty=False, quiet=True, workers=1)
         yield res, data, out, dg.DagsterInstance.get()
 
@@ -187,3 +188,21 @@ def test_blis_round_trip_agrees_with_stepml_and_a_users_run_reproduces_the_repor
         res = run_bundle(tmp_path / man["runs"][r["experiment_id"]]["script"], blis)
         assert res["ttft_mean_ms"] == r["blis_ttft_ms"] and res["e2e_mean_ms"] == r["blis_e2e_ms"]
         assert f"{res['ttft_mean_ms']!r} / {res['e2e_mean_ms']!r}" in report
+
+
+def test_whatif_check_predicts_each_run_from_its_profile_in_the_report(study):
+    """`stepml run --whatif-check`: every run predicted from its profile alone with its leave-one-workload-out model
+    (fitted without the run), scored; the report's section has the per-run table and the goal figures."""
+    from stepml_dagster.io_manager import read_object
+
+    _, _, out, _ = study
+    v = read_object(out / "assets" / "whatif_check" / "__all__")
+    table, sat = v["table"], v["saturation"]
+    assert set(sat["experiment_id"]) == set(RUNS) and not sat["predicted_overloaded"].any()  # calm small runs
+    whole = table.filter((pl.col("stage") == "all") & (pl.col("metric") == "e2e_mean"))
+    assert whole.height == len(RUNS) and (whole["rel_err_pct"].abs() < 25).all(), whole  # one engine behind all three
+    for r in whole.iter_rows(named=True):
+        assert r["experiment_id"] not in (r["fitted_on"] or "").split(";")
+    report = (out / "report.md").read_text()
+    assert "## What if, checked against the recorded runs" in report
+    assert "saturation classified right (overloaded or not at the run's rate): 3/3 run(s)" in report

@@ -167,3 +167,14 @@ def test_a_model_without_parameter_draws_has_a_point_interval():
     )
     t = whatif_table(rows).filter(pl.col("metric") == "e2e_mean")
     assert t["lo"][0] == t["predicted"][0] == t["hi"][0] > 0
+
+
+def test_the_studys_whatif_check_is_opt_in(monkeypatch):
+    from stepml_dagster.cli import build_parser
+    from stepml_dagster.resources import StepMLSettings
+
+    monkeypatch.delenv("STEPML_WHATIF_CHECK", raising=False)
+    assert StepMLSettings().whatif_check is False
+    monkeypatch.setenv("STEPML_WHATIF_CHECK", "1")
+    assert StepMLSettings().whatif_check is True and StepMLSettings(whatif_check_runs=False).whatif_check is False
+    assert build_parser().parse_args(["run", "--whatif-check"]).whatif_check

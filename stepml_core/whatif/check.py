@@ -256,3 +256,71 @@ def check_runs(
     rows = [x for r in results for x in r["rows"]]
     table = pl.DataFrame(rows, schema=CHECK_COLUMNS) if rows else pl.DataFrame(schema=CHECK_COLUMNS)
     return table, pl.DataFrame([r["saturation"] for r in results])
+
+
+# ---------------------------------------------------------------------------- the report's section
+
+
+def goal_lines(table: pl.DataFrame, sat: pl.DataFrame, saturated: set, truth: dict) -> list[str]:
+    """The issue's goal figures: mean |E2E|, |TTFT| over the non-saturated runs with ground truth; each `general`
+    stage's mean E2E; the observed means inside [lo, hi]; the saturation classification."""
+    whole = table.filter(pl.col("stage") == "all")
+    ok_runs = [e for e in whole["experiment_id"].unique().sort().to_list() if truth.get(e) and e not in saturated]
+    lines = []
+    for m in ("e2e_mean", "ttft_mean"):
+        v = whole.filter(pl.col("experiment_id").is_in(ok_runs) & (pl.col("metric") == m))["rel_err_pct"].abs()
+        mean = f"{v.mean():.1f} %" if v.len() else "–"
+        lines.append(f"mean |{m}| error over the {v.len()} non-saturated run(s) with ground truth: {mean}")
+    gen = table.filter(
+        (pl.col("workload") == "general") & (pl.col("stage") != "all") & (pl.col("metric") == "e2e_mean")
+    )
+    for r in gen.sort("experiment_id", "stage").iter_rows(named=True):
+        err = "–" if r["rel_err_pct"] is None else f"{r['rel_err_pct']:+.1f} %"
+        lines.append(
+            f"`general` {r['experiment_id']} stage {r['stage']} ({r['rate_rps']:g} req/s): mean E2E predicted "
+            f"{r['predicted']:.3f} s, observed {_num(r['observed'], '.3f')} s, {err}"
+        )
+    iv = whole.filter(pl.col("experiment_id").is_in(ok_runs) & pl.col("metric").is_in(["e2e_mean", "ttft_mean"]))
+    inside = iv.filter((pl.col("lo") <= pl.col("observed")) & (pl.col("observed") <= pl.col("hi")))
+    lines.append(f"observed mean E2E / TTFT inside [lo, hi] over the same runs: {inside.height}/{iv.height}")
+    right = sum(bool(r["predicted_overloaded"]) == (r["experiment_id"] in saturated) for r in sat.iter_rows(named=True))
+    lines.append(f"saturation classified right (overloaded or not at the run's rate): {right}/{sat.height} run(s)")
+    return lines
+
+
+def _num(x, fmt: str) -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def check_section(
+    table: pl.DataFrame | None, sat: pl.DataFrame | None, saturated: set, truth: dict, note: str = ""
+) -> list[str]:
+    """'What if, checked against the recorded runs': per run its profile-alone prediction against what it observed
+    (out of sample: each run's leave-one-workload-out model), the goal figures, the saturation rates."""
+    lines = ["## What if, checked against the recorded runs", ""]
+    if table is None:
+        return lines + [f"**{note}**", ""]
+    if not sat.height:
+        return lines + ["No run has a leave-one-workload-out model to predict it with.", ""]
+    lines += [
+        "Each run predicted from its profile and serving limits alone (no request log, no ground truth): a workload "
+        "drawn from the profile (stepml_core.whatif.workload, seeded) replayed with the run's leave-one-workload-out "
+        "calibration (fitted on the same LLM model's other workloads only; template tokens from those runs); scored "
+        "against the run's clients. Errors (predicted − observed) / observed × 100; [lo, hi] from the model's bound "
+        "models (bootstrap and between-run). Saturation rate: the lowest arrival rate of the run's shape at which "
+        "the model predicts overload (a failed request or mean TTFT > 5 s), against whether the run saturated.",
+        "",
+        "| run | TTFT mean err % | E2E mean err % | predicted saturation rate (req/s) | run's highest rate | "
+        "predicted overloaded | observed saturated |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    whole = table.filter(pl.col("stage") == "all")
+    err = {(r["experiment_id"], r["metric"]): r["rel_err_pct"] for r in whole.iter_rows(named=True)}
+    for r in sat.sort("experiment_id").iter_rows(named=True):
+        e = r["experiment_id"]
+        t, e2 = err.get((e, "ttft_mean")), err.get((e, "e2e_mean"))
+        lines.append(
+            f"| {e} | {_num(t, '+.1f')} | {_num(e2, '+.1f')} | {_num(r['predicted_saturation_rate_rps'], '.1f')} | "
+            f"{_num(r['max_stage_rate_rps'], 'g')} | {bool(r['predicted_overloaded'])} | {e in saturated} |"
+        )
+    return lines + [""] + [f"* {x}" for x in goal_lines(table, sat, saturated, truth)] + [""]
