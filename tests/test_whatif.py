@@ -178,3 +178,17 @@ def test_the_studys_whatif_check_is_opt_in(monkeypatch):
     monkeypatch.setenv("STEPML_WHATIF_CHECK", "1")
     assert StepMLSettings().whatif_check is True and StepMLSettings(whatif_check_runs=False).whatif_check is False
     assert build_parser().parse_args(["run", "--whatif-check"]).whatif_check
+
+
+def test_a_load_over_the_request_limit_is_refused_at_once(monkeypatch):
+    """--rates 100000 (a typo) would simulate 6·10^7 requests for hours: refused before anything runs, naming the
+    load and the limit."""
+    from stepml_core.errors import UsageError
+    from stepml_core.whatif.workload import WorkloadDescription
+
+    d = WorkloadDescription(stages=((10.0, 600.0),))
+    with pytest.raises(UsageError, match=r"100000 req/s for 600 s: 60,000,000 requests, over the limit of 1,000,000"):
+        d.at_rate(100000.0)
+    monkeypatch.setenv("STEPML_WHATIF_MAX_REQUESTS", "5000")
+    with pytest.raises(UsageError, match="over the limit of 5,000"):
+        d.at_rate(10.0)

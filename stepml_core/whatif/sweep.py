@@ -151,6 +151,8 @@ def run_sweep(
     from stepml_core.parallel import process_workers
 
     dur = float(duration_s or max(d for _, d in desc.stages))
+    for p in points:  # each point's load is refused here (UsageError), before any process starts
+        desc.at_rate(p.rate_rps, dur)
     jobs = [(spec, desc, limits, p, int(seed), dur) for p in points]
     results: dict[SweepPoint, list[dict]] = {}
 

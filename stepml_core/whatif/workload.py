@@ -15,6 +15,7 @@ count rate × duration (sorted uniforms); the client's schedule delay and its 30
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
@@ -29,6 +30,18 @@ DEFAULT_GROUPS = 10
 DEFAULT_PROMPTS_PER_GROUP = 10
 DEFAULT_MAX_NUM_SEQS = 128  # vLLM's defaults, as replay.simulate uses them
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+# requests one described workload may send (Σ rate × duration): a real run sent ≤ 16,800; 10^6 is 20 h at the real
+# runs' highest rate. A typo (--rates 100000: 6·10^7 requests) is refused at once instead of simulating for hours.
+MAX_REQUESTS_DEFAULT = 1_000_000
+
+
+def max_requests() -> int:
+    """The limit on Σ rate × duration of a described workload: $STEPML_WHATIF_MAX_REQUESTS, else 10^6."""
+    v = os.environ.get("STEPML_WHATIF_MAX_REQUESTS", "").strip()
+    try:
+        return int(float(v)) if v else MAX_REQUESTS_DEFAULT
+    except ValueError:
+        raise UsageError(f"STEPML_WHATIF_MAX_REQUESTS={v!r}: not a number") from None
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,13 @@ class WorkloadDescription:
         for rate, dur in self.stages:
             if not (math.isfinite(rate) and rate > 0 and math.isfinite(dur) and dur > 0):
                 raise UsageError(f"load stage rate {rate} req/s for {dur} s: both must be positive numbers")
+        n = sum(rate * dur for rate, dur in self.stages)
+        if n > max_requests():
+            stages = ", ".join(f"{rate:g} req/s for {dur:g} s" for rate, dur in self.stages)
+            raise UsageError(
+                f"load {stages}: {n:,.0f} requests, over the limit of {max_requests():,} (STEPML_WHATIF_MAX_REQUESTS); "
+                "lower the rate or the duration (--duration-s)"
+            )
         for name in ("num_groups", "prompts_per_group", "output_tokens"):
             if int(getattr(self, name)) < 1:
                 raise UsageError(f"{name} must be ≥ 1, got {getattr(self, name)}")
