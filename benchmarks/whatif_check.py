@@ -1,6 +1,6 @@
 """The what-if checked against a study's recorded runs, out of sample (stepml_core.whatif.check; docs/whatif.md).
 
-    python benchmarks/whatif_check.py --study /work/out-real [--data data/real] [--out DIR] [--workers 2]
+    python benchmarks/whatif_check.py --study out-real [--data data/real] [--out DIR] [--workers 2]
 
 Each run's latencies predicted from its profile alone with the leave-one-workload-out calibration (fitted on the same
 LLM model's other workloads; template tokens from those runs), scored against its clients; the `general` runs per load

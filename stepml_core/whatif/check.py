@@ -21,24 +21,13 @@ from dataclasses import replace
 import numpy as np
 import polars as pl
 
+from stepml_core.replay.simulate import REPLAY_METRICS
 from stepml_core.whatif.study import StudyRun, template_tokens
 from stepml_core.whatif.workload import whatif_workload
 
 SATURATION_SEARCH_RPS = (0.5, 40.0)
 SATURATION_STEPS = 8  # bisection steps in log-rate: the rate to a factor (40/0.5)^(1/2^8) ≈ 1.02
-CHECK_METRICS = (
-    "ttft_mean",
-    "ttft_p50",
-    "ttft_p90",
-    "ttft_p99",
-    "e2e_mean",
-    "e2e_p50",
-    "e2e_p90",
-    "e2e_p99",
-    "decode_time_per_token_mean",
-    "throughput_rps",
-    "successes",
-)
+CHECK_METRICS = REPLAY_METRICS  # the metrics of replay.csv
 CHECK_COLUMNS = {
     "experiment_id": pl.Utf8,
     "llm_model": pl.Utf8,

@@ -13,18 +13,9 @@ import re
 from dataclasses import dataclass
 
 from stepml_core.errors import UsageError
+from stepml_core.replay.simulate import REPLAY_METRICS
 
-LATENCY_METRICS = (
-    "ttft_mean",
-    "ttft_p50",
-    "ttft_p90",
-    "ttft_p99",
-    "e2e_mean",
-    "e2e_p50",
-    "e2e_p90",
-    "e2e_p99",
-    "decode_time_per_token_mean",
-)
+LATENCY_METRICS = tuple(m for m in REPLAY_METRICS if m not in ("throughput_rps", "successes"))  # seconds
 SLO_METRICS = (*LATENCY_METRICS, "throughput_rps")
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 _TERM = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|>=|<|>)\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-z]*)\s*$")
