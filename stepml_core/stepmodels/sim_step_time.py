@@ -184,6 +184,7 @@ class LinearStepTime:
                 )
                 for c, m in models
             )
+        self._reads_values = self._terms is not None or self._regime_terms is not None  # step_time_us, per step
 
     @staticmethod
     def _holds(cond: dict | None, f: dict) -> bool:
@@ -211,8 +212,9 @@ class LinearStepTime:
 
     def predict_values_us(self, v: tuple) -> float:
         """predict_features_us on blis_feature_values' tuple (a model without per-request features)."""
-        if self._terms is not None:
-            m, terms = self.step, self._terms
+        terms = self._terms
+        if terms is not None:  # one linear model (every linear calibrated model): the hot path
+            m = self.step
         else:
             m, terms = None, ()
             for cond, mm, tt in self._regime_terms:
@@ -239,7 +241,7 @@ class LinearStepTime:
         return self._terms is not None or self._regime_terms is not None
 
     def step_time_us(self, b) -> float:
-        if self.reads_values:
+        if self._reads_values:
             return self.predict_values_us(blis_feature_values(b))
         return self.predict_features_us(blis_features(b, self.needs_requests))
 
