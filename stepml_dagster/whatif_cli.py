@@ -133,7 +133,7 @@ def run(a: argparse.Namespace) -> int:
         seed=a.seed,
         duration_s=a.duration_s,
         workers=a.workers if a.workers is not None else min(2, os.cpu_count() or 1),
-        progress_factory=lambda n, label: make_progress(n, label),
+        progress_factory=make_progress,
         defaults_from=from_run,
     )
     print(
