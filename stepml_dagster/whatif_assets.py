@@ -17,6 +17,7 @@ class WhatIfConfig(dg.Config):
     rates: list[float] = []  # offered rates to sweep (req/s); empty: the profile's stage rates
     max_num_seqs: list[int] = []  # empty: each model's run's own
     max_num_batched_tokens: list[int] = []
+    tps: list[int] = []  # tensor-parallel degrees; empty: each model's run's own (others: stepml_core.whatif.tp)
     slo: str = ""  # e.g. "ttft_p99<2s,e2e_p99<30s"
     seed: int = 0
     duration_s: float = 0.0  # seconds of load per point; 0: the profile's longest stage
@@ -25,7 +26,7 @@ class WhatIfConfig(dg.Config):
 @dg.asset(
     group_name="whatif",
     description="What if: each LLM model's calibrated model (the one `stepml export` ships) replayed over a sweep of "
-    "rate × max_num_seqs × max_num_batched_tokens for its runs' profile, with intervals from its parameter draws; "
+    "rate × max_num_seqs × max_num_batched_tokens (× TP, carried through the architecture) for its runs' profile, with intervals from its parameter draws; "
     "the saturation rate and the largest rate meeting an SLO. Files under <out>/whatif/<model>/.",
 )
 def whatif(
@@ -48,6 +49,7 @@ def whatif(
         rates=config.rates or None,
         max_num_seqs=config.max_num_seqs or None,
         max_num_batched_tokens=config.max_num_batched_tokens or None,
+        tps=config.tps or None,
         slo=config.slo or None,
         seed=config.seed,
         duration_s=config.duration_s or None,
@@ -56,7 +58,9 @@ def whatif(
     )
     context.add_output_metadata(
         {
-            "points": value["table"].select("model", "rate_rps", "max_num_seqs", "max_num_batched_tokens").n_unique()
+            "points": value["table"]
+            .select("model", "tp", "rate_rps", "max_num_seqs", "max_num_batched_tokens")
+            .n_unique()
             if value["table"].height
             else 0,
             "summary": dg.MetadataValue.json(value["summary"]),

@@ -1,7 +1,7 @@
 """`stepml whatif`: capacity answers from a study's calibrated model for a described workload (stepml_core.whatif).
 
   stepml whatif --study OUT --model llama-2-70b --rates 2,4,8,16 --out DIR [--slo 'ttft_p99<2s,e2e_p99<30s']
-                [--max-num-seqs 64,128] [--max-num-batched-tokens 1024,2048] [--seed N] [--duration-s S]
+                [--max-num-seqs 64,128] [--max-num-batched-tokens 1024,2048] [--tps 2,4,8] [--seed N] [--duration-s S]
                 [--profile PROFILE.yaml] [--prompt-tokens N] [--output-tokens N] [--system-prompt-tokens N]
                 [--groups N] [--prompts-per-group N]
 
@@ -49,6 +49,9 @@ def add_parser(sub, parents=()) -> None:
     rates.add_argument("--rate", type=_numbers(float), help="one offered rate, req/s")
     w.add_argument("--max-num-seqs", type=_numbers(int), help="max_num_seqs values to sweep (default: the run's)")
     w.add_argument("--max-num-batched-tokens", type=_numbers(int), help="max_num_batched_tokens values to sweep")
+    w.add_argument(
+        "--tps", type=_numbers(int), help="tensor-parallel degrees to sweep (default: the run's; others carried over)"
+    )
     w.add_argument("--slo", help="e.g. 'ttft_p99<2s,e2e_p99<30s' (metrics of replay.csv; s or ms)")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--duration-s", type=float, help="seconds of load per point (default: the profile's longest stage)")
@@ -129,6 +132,7 @@ def run(a: argparse.Namespace) -> int:
         rates=rates,
         max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens,
+        tps=a.tps,
         slo=a.slo,
         seed=a.seed,
         duration_s=a.duration_s,
@@ -142,7 +146,7 @@ def run(a: argparse.Namespace) -> int:
     )
     for s in res["summary"]:
         print(
-            f"  max_num_seqs {s['max_num_seqs']}, max_num_batched_tokens {s['max_num_batched_tokens']}: {summary_line(s)}"
+            f"  TP {s['tp']}, max_num_seqs {s['max_num_seqs']}, max_num_batched_tokens {s['max_num_batched_tokens']}: {summary_line(s)}"
         )
     print(f"wrote {', '.join(p.name for p in res['paths'])} under {a.out} ({res['seconds']:.1f} s)")
     return 0

@@ -82,7 +82,9 @@ def test_export_ships_the_calibrated_model_in_blis_format(study, tmp_path):
 
 # ---------------------------------------------------------------------------- what if (stepml_core.whatif) on this study
 
-WHATIF_CSV_COLUMNS = ["model", "rate_rps", "max_num_seqs", "max_num_batched_tokens", "metric", "predicted", "lo", "hi"]
+WHATIF_CSV_COLUMNS = [  # the issue's form, then the TP
+    *("model", "rate_rps", "max_num_seqs", "max_num_batched_tokens", "metric", "predicted", "lo", "hi", "tp")
+]
 
 
 def test_whatif_minimum_form_writes_table_plot_and_summary(study, tmp_path):
@@ -119,13 +121,20 @@ def test_whatif_asset_materializes_with_its_run_config(study):
 
     _, data, out, instance = study
     job = build_definitions(StepMLSettings(data_dir=str(data), out_dir=str(out))).resolve_job_def("whatif_job")
-    config = {"models": ["llama-2-7b"], "rates": [2.0, 8.0], "max_num_seqs": [32, 128], "slo": "e2e_p99<30s"}
+    config = {
+        "models": ["llama-2-7b"],
+        "rates": [2.0, 8.0],
+        "max_num_seqs": [32, 128],
+        "tps": [1, 2],
+        "slo": "e2e_p99<30s",
+    }
     res = job.execute_in_process(instance=instance, run_config={"ops": {"whatif": {"config": config}}})
     assert res.success
     t = pl.read_csv(out / "whatif" / "llama-2-7b" / "whatif.csv")
     assert t.columns == WHATIF_CSV_COLUMNS and sorted(t["max_num_seqs"].unique().to_list()) == [32, 128]
+    assert sorted(t["tp"].unique().to_list()) == [1, 2]  # TP 2: the TP 1 calibration carried over (whatif.tp)
     meta = instance.fetch_materializations(dg.AssetKey("whatif"), limit=1).records[0].asset_materialization.metadata
-    assert meta["points"].value == 4 and meta["summary"].value[0]["slo"] == "e2e_p99<30s"
+    assert meta["points"].value == 8 and meta["summary"].value[0]["slo"] == "e2e_p99<30s"
 
 
 def _blis_or_skip():

@@ -192,3 +192,67 @@ def test_a_load_over_the_request_limit_is_refused_at_once(monkeypatch):
     monkeypatch.setenv("STEPML_WHATIF_MAX_REQUESTS", "5000")
     with pytest.raises(UsageError, match="over the limit of 5,000"):
         d.at_rate(10.0)
+
+
+# ---------------------------------------------------------------------------- another TP (stepml_core.whatif.tp)
+
+
+def test_another_tp_divides_the_gpu_terms_and_gives_the_kv_cache_the_weights_leave():
+    """TP 1 → 2 for Llama-2-7B: β0, β_dec, β_kv, β_pf and every draw halve; β_npf, α0, α1 stay; the KV blocks come
+    from the TP 1 engine's per-GPU budget (weights 13.5 GB + 7,462 blocks) less half the weights; back to TP 1 gives
+    the blocks it started from."""
+    from stepml_core.calibration.fit import arch_prior
+    from stepml_core.whatif.tp import kv_budget_bytes, limits_at_tp, spec_at_tp
+
+    spec = _spec(PARAMS)
+    two = spec_at_tp(spec, LIMITS, 2)
+    p1, p2 = spec["params"], two["params"]
+    for k in ("b0_us", "b_dec_us", "b_kv_us", "b_pf_us"):
+        assert p2[k] == pytest.approx(p1[k] / 2)
+    for k in ("b_npf_us", "q0_us", "q1_us"):
+        assert p2[k] == p1[k]
+    rows1, rows2 = np.array(spec["bootstrap"]["rows"]), np.array(two["bootstrap"]["rows"])
+    assert np.allclose(rows2[:, :4], rows1[:, :4] / 2) and np.array_equal(rows2[:, 4:], rows1[:, 4:])
+    assert two["calibration"]["tp_transfer"]["from_tp"] == 1 and "TP 2" in two["basis"]
+    assert spec_at_tp(spec, LIMITS, 1) is spec and "tp_transfer" not in (spec.get("calibration") or {})
+    at2 = limits_at_tp(LIMITS, 2)
+    a1, a2 = arch_prior("llama-2-7b", 1), arch_prior("llama-2-7b", 2)
+    budget = a1.weights_bytes + 7462 * 16 * a1.kv_bytes_per_token
+    assert kv_budget_bytes(LIMITS) == pytest.approx(budget)
+    assert at2.tp == 2 and at2.kv_blocks_total == int((budget - a2.weights_bytes) // (16 * a2.kv_bytes_per_token))
+    assert at2.kv_blocks_total > 2 * LIMITS.kv_blocks_total  # half the weights per GPU, half the KV bytes per token
+    assert abs(limits_at_tp(at2, 1).kv_blocks_total - LIMITS.kv_blocks_total) <= 1
+
+
+def test_a_tp_the_model_cannot_run_at_is_refused_with_the_reason():
+    from stepml_core.errors import UsageError
+    from stepml_core.whatif.tp import limits_at_tp, spec_at_tp
+
+    with pytest.raises(UsageError, match="TP 3 for llama-2-7b: vLLM shards its 32 attention heads"):
+        limits_at_tp(LIMITS, 3)
+    mixtral = ServingLimits("mixtral-8x7b", 2, kv_blocks_total=27510, max_model_len=4096)  # the real run's engine
+    with pytest.raises(UsageError, match=r"TP 1 for mixtral-8x7b: 93\.4 GB of weights per GPU leave 0\.0 GB"):
+        limits_at_tp(mixtral, 1)
+    tree = {"name": "xgboost", "kind": "trees", "llm_model": "llama-2-7b", "fitted_on": ["a"]}
+    with pytest.raises(UsageError, match="not calibrated in BLIS's terms"):
+        spec_at_tp(tree, LIMITS, 2)
+
+
+def test_a_tp_sweep_replays_each_tp_with_its_model_and_says_where_they_come_from(tmp_path):
+    """`--tps 1,2` on one rate: the TP 2 point is the TP 1 model carried over, faster per token; whatif.json names
+    the calibrated TP's model and the carried one with its KV blocks."""
+    import json
+
+    from stepml_core.whatif.run import run_whatif
+
+    d = WorkloadDescription(stages=((4.0, 30.0),), output_tokens=64)
+    res = run_whatif(_spec(PARAMS), {"step_model": "requests_all"}, d, LIMITS, tmp_path, tps=[2, 1])
+    t = res["table"]
+    assert sorted(t["tp"].unique().to_list()) == [1, 2] and t.columns[-1] == "tp"
+    dec = {r["tp"]: r["predicted"] for r in t.filter(pl.col("metric") == "decode_time_per_token_mean").to_dicts()}
+    assert dec[2] < dec[1]
+    doc = json.loads((tmp_path / "whatif.json").read_text())
+    notes = {n["tp"]: n for n in doc["tp"]}
+    assert notes[1]["step_model"] == "as calibrated" and notes[1]["kv_blocks_total"] == LIMITS.kv_blocks_total
+    assert notes[2]["step_model"].startswith("carried from TP 1") and notes[2]["kv_blocks_total"] > 7462
+    assert {s["tp"] for s in doc["summary"]} == {1, 2}

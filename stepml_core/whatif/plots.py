@@ -1,5 +1,5 @@
 """The what-if figure: TTFT and E2E percentiles, decode time per token and throughput against the swept value, one
-line per (max_num_seqs, max_num_batched_tokens) pair, the interval (lo–hi) as a band."""
+line per (TP, max_num_seqs, max_num_batched_tokens), the interval (lo–hi) as a band."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
+SWEPT = ("rate_rps", "max_num_seqs", "max_num_batched_tokens", "tp")  # the columns a sweep may vary
 PANELS = (
     ("TTFT (s)", ("ttft_p50", "ttft_p90", "ttft_p99")),
     ("E2E (s)", ("e2e_p50", "e2e_p90", "e2e_p99")),
@@ -16,8 +17,8 @@ PANELS = (
 
 
 def swept_axis(table: pl.DataFrame) -> str:
-    """The column with the most distinct values among rate, max_num_seqs, max_num_batched_tokens (rate on a tie)."""
-    cols = ("rate_rps", "max_num_seqs", "max_num_batched_tokens")
+    """The column with the most distinct values among rate, max_num_seqs, max_num_batched_tokens, tp (rate on a tie)."""
+    cols = SWEPT
     return max(cols, key=lambda c: (table[c].n_unique(), c == "rate_rps"))
 
 
@@ -29,7 +30,7 @@ def figure_whatif(table: pl.DataFrame, title: str = "", saturation: list[dict] |
     import matplotlib.pyplot as plt
 
     x = swept_axis(table)
-    others = [c for c in ("rate_rps", "max_num_seqs", "max_num_batched_tokens") if c != x]
+    others = [c for c in SWEPT if c != x]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=110)
     for ax, (ylabel, metrics) in zip(axes.flat, PANELS):
         for gi, (key, g) in enumerate(table.group_by(others, maintain_order=True)):

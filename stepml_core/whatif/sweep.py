@@ -42,6 +42,7 @@ WHATIF_COLUMNS = {
     "predicted": pl.Float64,
     "lo": pl.Float64,
     "hi": pl.Float64,
+    "tp": pl.Int64,  # last: the columns before it are the form `stepml whatif` has written from the start
 }
 
 
@@ -50,13 +51,14 @@ class SweepPoint:
     rate_rps: float  # constant offered rate (req/s)
     max_num_seqs: int
     max_num_batched_tokens: int
+    tp: int = 0  # 0: the TP of the engine the sweep is given; else one of its ``engines`` (run_sweep)
 
 
-def sweep_points(rates, max_num_seqs, max_num_batched_tokens, limits: ServingLimits) -> list[SweepPoint]:
-    """The grid rates × max_num_seqs × max_num_batched_tokens (an empty list: the engine's own limit)."""
+def sweep_points(rates, max_num_seqs, max_num_batched_tokens, limits: ServingLimits, tp: int = 0) -> list[SweepPoint]:
+    """The grid rates × max_num_seqs × max_num_batched_tokens (an empty list: the engine's own limit) at ``tp``."""
     seqs = [int(x) for x in (max_num_seqs or [limits.max_num_seqs])]
     toks = [int(x) for x in (max_num_batched_tokens or [limits.max_num_batched_tokens])]
-    return [SweepPoint(float(r), s, t) for s, t, r in itertools.product(seqs, toks, [float(x) for x in rates])]
+    return [SweepPoint(float(r), s, t, int(tp)) for s, t, r in itertools.product(seqs, toks, [float(x) for x in rates])]
 
 
 def _truthless(index: np.ndarray) -> pl.DataFrame:
@@ -116,6 +118,7 @@ def predict_point(
     sat = [float(is_saturated(n - int(r["successes"]), r["ttft_mean"])) for r in runs]
     head = {
         "model": limits.model,
+        "tp": int(limits.tp),
         "rate_rps": point.rate_rps,
         "max_num_seqs": point.max_num_seqs,
         "max_num_batched_tokens": point.max_num_batched_tokens,
@@ -130,7 +133,7 @@ def predict_point(
 
 
 def _point_job(args) -> tuple[SweepPoint, list[dict]]:
-    spec, desc, limits, point, seed, duration_s = args
+    spec, limits, desc, point, seed, duration_s = args
     return point, predict_point(spec, desc, limits, point, seed=seed, duration_s=duration_s)
 
 
@@ -144,23 +147,26 @@ def run_sweep(
     duration_s: float | None = None,
     workers: int = 1,
     progress=None,
+    engines: dict | None = None,
 ) -> list[dict]:
     """Every point's rows (in the order of ``points``), points in parallel over ``workers`` processes (where a
     process may start them: stepml_core.parallel); ``progress.advance(label)`` per finished point. Each point's
-    requests are drawn with the same ``seed``: the points differ by their load and limits only."""
+    requests are drawn with the same ``seed``: the points differ by their load and limits only. A point with
+    ``tp`` ≠ 0 is replayed with ``engines[tp]`` = (its spec, its serving limits: stepml_core.whatif.tp)."""
     from stepml_core.parallel import process_workers
 
     dur = float(duration_s or max(d for _, d in desc.stages))
     for p in points:  # each point's load is refused here (UsageError), before any process starts
         desc.at_rate(p.rate_rps, dur)
-    jobs = [(spec, desc, limits, p, int(seed), dur) for p in points]
+    at = {0: (spec, limits), **(engines or {})}
+    jobs = [(*at[p.tp], desc, p, int(seed), dur) for p in points]
     results: dict[SweepPoint, list[dict]] = {}
 
     def done(point: SweepPoint, rows: list[dict]) -> None:
         results[point] = rows
         if progress is not None:
             progress.advance(
-                f"{point.rate_rps:g} req/s, max_num_seqs {point.max_num_seqs}, "
+                f"{point.rate_rps:g} req/s, {'' if not point.tp else f'TP {point.tp}, '}max_num_seqs {point.max_num_seqs}, "
                 f"max_num_batched_tokens {point.max_num_batched_tokens}"
             )
 
@@ -199,16 +205,17 @@ def _largest_meeting(rates: list[float], ok: list[bool]) -> float | None:
 
 
 def summarize(table: pl.DataFrame, slo: tuple[SLOTerm, ...] = ()) -> list[dict]:
-    """Per (max_num_seqs, max_num_batched_tokens): the saturation rate and its range, and with an SLO the largest rate
+    """Per (tp, max_num_seqs, max_num_batched_tokens): the saturation rate and its range, and with an SLO the largest rate
     meeting it (central, and at the unfavourable bounds); see the module docstring."""
     out = []
-    for (seqs, toks), g in table.group_by(["max_num_seqs", "max_num_batched_tokens"], maintain_order=True):
+    for (tp, seqs, toks), g in table.group_by(["tp", "max_num_seqs", "max_num_batched_tokens"], maintain_order=True):
         wide = {
             m: {r["rate_rps"]: r for r in g.filter(pl.col("metric") == m).iter_rows(named=True)} for m in WHATIF_METRICS
         }
         rates = sorted(wide["saturated"])
         sat = wide["saturated"]
         row = {
+            "tp": int(tp),
             "max_num_seqs": int(seqs),
             "max_num_batched_tokens": int(toks),
             "rates_rps": rates,
