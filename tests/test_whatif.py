@@ -256,3 +256,31 @@ def test_a_tp_sweep_replays_each_tp_with_its_model_and_says_where_they_come_from
     assert notes[1]["step_model"] == "as calibrated" and notes[1]["kv_blocks_total"] == LIMITS.kv_blocks_total
     assert notes[2]["step_model"].startswith("carried from TP 1") and notes[2]["kv_blocks_total"] > 7462
     assert {s["tp"] for s in doc["summary"]} == {1, 2}
+
+
+def test_inter_token_latencies_are_the_per_token_gaps_of_the_replay():
+    """Every successful request of a what-if generates the same tokens, so the token-weighted mean of the ITLs is the
+    mean of (E2E − TTFT)/(tokens − 1) exactly; the percentiles are ordered and the p50 is a step duration; a small
+    KV cache that preempts adds gaps longer than any step."""
+    from stepml_core.replay.simulate import replay, weighted_percentile
+    from stepml_core.replay.specs import serving_model
+
+    d = WorkloadDescription(stages=((6.0, 30.0),), output_tokens=64)
+    w, ctx = whatif_workload(d, LIMITS, seed=2)
+    r = replay(w, serving_model(_spec(PARAMS)), ctx, seed=0, itl=True)
+    v, wt = r.itl_s
+    t = r.per_request.filter(pl.col("success"))
+    per_req = ((t["e2e_s"] - t["ttft_s"]) / (t["output_tokens"] - 1)).mean()
+    assert t.height == w.index.size and float((v * wt).sum() / wt.sum()) == pytest.approx(per_req, rel=1e-9)
+    assert wt.sum() == t.height * 63
+    p = [weighted_percentile(v, wt, q) for q in (50, 90, 99)]
+    assert 0 < p[0] <= p[1] <= p[2] and p[0] in set(np.diff(np.sort(v)).tolist()) | set(v.tolist())
+    assert replay(w, serving_model(_spec(PARAMS)), ctx, seed=0).itl_s is None  # only when asked: no cost otherwise
+    tight, tctx = whatif_workload(d, ServingLimits("llama-2-7b", 1, kv_blocks_total=80), seed=2)
+    rt = replay(tight, serving_model(_spec(PARAMS)), tctx, seed=0, itl=True)
+    assert rt.counters["preemptions"] > 0, rt.counters
+    v, wt = rt.itl_s  # the gaps across preemptions are there: every successful request's 63 gaps, same mean
+    t = rt.per_request.filter(pl.col("success"))
+    assert t.height > 0 and wt.sum() == t.height * 63
+    per_req = ((t["e2e_s"] - t["ttft_s"]) / (t["output_tokens"] - 1)).mean()
+    assert float((v * wt).sum() / wt.sum()) == pytest.approx(per_req, rel=1e-9)

@@ -288,10 +288,54 @@ class ReplayResult:
     # per request (the per_request table's order): the time of the step that emitted its last token (s; NaN without
     # one). BLIS appends that step once more to a finished request (blis-stepml-format.md §1): its E2E = this E2E + it
     final_step_s: np.ndarray | None = None
+    # replay(itl=True): the inter-token latencies of the successful requests as (values s, weights) — every step
+    # duration weighted by the tokens it emitted after one of the previous step, and each gap across a preemption
+    itl_s: tuple[np.ndarray, np.ndarray] | None = None
 
 
-def replay(w: ReplayWorkload, model, ctx: RunContext, *, seed: int = 0, progress=None) -> ReplayResult:
-    """Simulate the workload with a serving model; per-request predicted TTFT and E2E (s, client side)."""
+ITL_METRICS = ("itl_p50", "itl_p90", "itl_p99")  # percentiles of inter_token_latencies (s): what-if metrics
+
+
+def inter_token_latencies(reqs, update_s: np.ndarray, success: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(values, weights) of the per-token inter-token latencies of the ``success`` requests: token k of a decode
+    segment (F, L) is emitted by step F + k at update_s[F + k − 1], so inside a segment token k ≥ 1 follows its
+    predecessor by step F + k's duration (a difference array counts them per step, no per-token loop); the first
+    token of a later segment follows the last of the one before by the gap between their steps (a preemption)."""
+    U = np.asarray(update_s, dtype=np.float64)
+    per_step = np.zeros(U.size + 2, dtype=np.int64)
+    gaps = []
+    for R, ok in zip(reqs, success):
+        if not ok:
+            continue
+        prev_last = 0
+        for F, L in R.segments:
+            if L > 1:
+                per_step[F + 1] += 1
+                per_step[F + L] -= 1
+            if prev_last:
+                gaps.append(U[F - 1] - U[prev_last - 1])
+            prev_last = F + L - 1
+    counts = np.cumsum(per_step)[2 : U.size + 1]  # steps 2..S: step s lasted U[s-1] − U[s-2]
+    values = np.concatenate([np.diff(U), np.asarray(gaps, dtype=np.float64)])
+    weights = np.concatenate([counts.astype(np.float64), np.ones(len(gaps))])
+    keep = weights > 0
+    return values[keep], weights[keep]
+
+
+def weighted_percentile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    """The smallest value whose cumulative weight reaches q % of the total (NaN without weight)."""
+    if values.size == 0 or weights.sum() <= 0:
+        return float("nan")
+    order = np.argsort(values, kind="stable")
+    cum = np.cumsum(weights[order])
+    return float(values[order][min(int(np.searchsorted(cum, q / 100.0 * cum[-1])), values.size - 1)])
+
+
+def replay(
+    w: ReplayWorkload, model, ctx: RunContext, *, seed: int = 0, progress=None, itl: bool = False
+) -> ReplayResult:
+    """Simulate the workload with a serving model; per-request predicted TTFT and E2E (s, client side); with ``itl``
+    the inter-token latencies too (:func:`inter_token_latencies`)."""
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x2E91A7])
     nsh = w.nshared_blk
     ids, plen, gen, grp = w.prompt_id.tolist(), w.prompt_tokens.tolist(), w.max_tokens.tolist(), w.group.tolist()
@@ -340,6 +384,7 @@ def replay(w: ReplayWorkload, model, ctx: RunContext, *, seed: int = 0, progress
         counters=counters,
         sim_seconds=span,
         final_step_s=final_step,
+        itl_s=inter_token_latencies(reqs, U, success) if itl else None,
     )
 
 

@@ -1,4 +1,4 @@
-"""The what-if figure: TTFT and E2E percentiles, decode time per token and throughput against the swept value, one
+"""The what-if figure: TTFT, E2E and inter-token latency percentiles (with the decode time per token) and throughput against the swept value, one
 line per (TP, max_num_seqs, max_num_batched_tokens), the interval (lo–hi) as a band."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ SWEPT = ("rate_rps", "max_num_seqs", "max_num_batched_tokens", "tp")  # the colu
 PANELS = (
     ("TTFT (s)", ("ttft_p50", "ttft_p90", "ttft_p99")),
     ("E2E (s)", ("e2e_p50", "e2e_p90", "e2e_p99")),
-    ("decode time per token (s)", ("decode_time_per_token_mean",)),
+    ("inter-token latency (s)", ("itl_p50", "itl_p90", "itl_p99", "decode_time_per_token_mean")),
     ("throughput (req/s)", ("throughput_rps",)),
 )
 

@@ -1,6 +1,6 @@
 """Service-level objectives over a what-if's predicted metrics: ``ttft_p99<2s,e2e_p99<30s``.
 
-A term is ``<metric><op><number><unit>``: metric one of the replay metrics in seconds or 1/s
+A term is ``<metric><op><number><unit>``: metric one of the replay metrics or ITL percentiles in seconds or 1/s
 (:data:`SLO_METRICS`), op ``<``, ``<=``, ``>``, ``>=``; unit ``s`` or ``ms`` for latencies (none means s),
 ``rps`` (or none) for ``throughput_rps``. A point meets the SLO when every term holds for its predicted value.
 """
@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass
 
 from stepml_core.errors import UsageError
-from stepml_core.replay.simulate import REPLAY_METRICS
+from stepml_core.replay.simulate import ITL_METRICS, REPLAY_METRICS
 
-LATENCY_METRICS = tuple(m for m in REPLAY_METRICS if m not in ("throughput_rps", "successes"))  # seconds
+LATENCY_METRICS = (*(m for m in REPLAY_METRICS if m not in ("throughput_rps", "successes")), *ITL_METRICS)  # seconds
 SLO_METRICS = (*LATENCY_METRICS, "throughput_rps")
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 _TERM = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|>=|<|>)\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([a-z]*)\s*$")

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from stepml_core.replay.simulate import REPLAY_METRICS
+from stepml_core.replay.simulate import ITL_METRICS, REPLAY_METRICS
 from stepml_core.whatif.slo import SLOTerm, meets
 from stepml_core.whatif.workload import ServingLimits, WorkloadDescription, whatif_workload
 
-WHATIF_METRICS = (*REPLAY_METRICS, "saturated")
+WHATIF_METRICS = (*REPLAY_METRICS, *ITL_METRICS, "saturated")
 WHATIF_COLUMNS = {
     "model": pl.Utf8,
     "rate_rps": pl.Float64,
@@ -93,7 +93,7 @@ def predict_point(
     """WHATIF_COLUMNS rows of one point (see the module docstring): the central replay and one per bound model."""
     from stepml_core.calibration.params import serving_model as params_model
     from stepml_core.replay.intervals import FeatureSums
-    from stepml_core.replay.simulate import replay, score_replay
+    from stepml_core.replay.simulate import replay, score_replay, weighted_percentile
     from stepml_core.replay.specs import serving_model
     from stepml_core.runs.rules import is_saturated
 
@@ -109,7 +109,9 @@ def predict_point(
     table = _truthless(w.index)
 
     def scores(m) -> dict[str, float]:
-        return {r["metric"]: r["predicted"] for r in score_replay(replay(w, m, ctx, seed=seed).per_request, table)[0]}
+        r = replay(w, m, ctx, seed=seed, itl=True)
+        out = {x["metric"]: x["predicted"] for x in score_replay(r.per_request, table)[0]}
+        return out | {f"itl_p{q}": weighted_percentile(*r.itl_s, q) for q in (50, 90, 99)}
 
     central = scores(model)
     bounds = [scores(params_model(p, spec["name"])) for p in (bound_models(spec, sums, w) if sums else [])]
