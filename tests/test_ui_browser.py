@@ -140,7 +140,27 @@ def test_ui_shows_assets_and_materializes_a_partition(webserver, browser):
     time.sleep(1)
     browser.screenshot(ARTIFACTS / "ui-run.png")
     _check_lineage_metadata(ws, browser)
+    _whatif_launchpad_shows_its_typed_config(ws, browser)
     assert (ARTIFACTS / "ui-asset-graph.png").stat().st_size > 10_000
+
+
+def _whatif_launchpad_shows_its_typed_config(ws, browser) -> None:
+    """whatif_job's launchpad renders the WhatIfConfig form with its defaults and no errors; the webserver accepts a
+    sweep's config (rates, TPs, SLO) and refuses a mistyped one, naming the path (the launch itself, on a finished
+    study, is test_calibration_pipeline.py::test_whatif_asset_materializes_with_its_run_config)."""
+    q = """query($p: PipelineSelector!, $c: RunConfigData) {
+      isPipelineConfigValid(pipeline: $p, mode: "default", runConfigData: $c) {
+        __typename ... on RunConfigValidationInvalid { errors { message } } } }"""
+    sel = {**REPO_SELECTOR, "pipelineName": "whatif_job"}
+    sweep = {"models": ["llama-2-7b"], "rates": [2.0, 8.0], "tps": [1, 2], "slo": "ttft_p99<2s,itl_p99<100ms"}
+    ok = ws.gql(q, p=sel, c={"ops": {"whatif": {"config": sweep}}})["isPipelineConfigValid"]
+    assert ok["__typename"] == "PipelineConfigValidationValid", ok
+    bad = ws.gql(q, p=sel, c={"ops": {"whatif": {"config": {"rates": "fast"}}}})["isPipelineConfigValid"]
+    assert bad["__typename"] == "RunConfigValidationInvalid"
+    assert "root:ops:whatif:config:rates must be list" in bad["errors"][0]["message"], bad
+    browser.goto(f"{ws.url}/locations/stepml/jobs/whatif_job/playground")
+    browser.wait_text(["whatif", "rates:", "tps:", "slo:", "max_num_seqs:", "No errors", "Launch Run"], 90)
+    browser.screenshot(ARTIFACTS / "ui-whatif-launchpad.png")
 
 
 def _see_every_asset_in_the_graph(ws, browser) -> None:
