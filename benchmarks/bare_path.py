@@ -148,7 +148,7 @@ def bare_report(
     parts: dict[str, dict], models: dict, replays: dict[str, dict], out_dir: Path, seed: int = 0
 ) -> tuple[dict, dict]:
     """The report phase (study_job): replay_fidelity, calibration_fidelity, then study_report (pipeline.assemble_study)."""
-    from stepml_core.replay.scores import replay_section, replay_summary
+    from stepml_core.replay.scores_text import replay_section, replay_summary
 
     t = Timer()
     present = sorted(parts)

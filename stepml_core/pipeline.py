@@ -19,6 +19,9 @@ Each function takes the run's metadata and only the tables it reads, so each ass
 report's assembly over all runs (filtering to the runs present, concatenation, verdict, findings, report).
 """
 
+# long module: the chain as one plain function per asset in the graph's order, so the whole flow reads in one place
+# (docs/architecture.md); each function is a few lines over the packages
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -509,7 +512,7 @@ def calibration_fidelity(calibrated: dict, replay_fidelity: dict, step_table: Ma
     """The request-calibrated models against the real steps and their replays per protocol beside BLIS 4a
     (calibration_report.calibration_fidelity) and the report's section: {"lines", tables..., "goals"}."""
     from stepml_core.report.calibration import calibration_fidelity as gather
-    from stepml_core.report.calibration import calibration_section
+    from stepml_core.report.calibration_text import calibration_section
     from stepml_core.runs.folders import parse_run_id
 
     steps = {e: step_table[e] for e in step_table}

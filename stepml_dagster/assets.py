@@ -7,7 +7,7 @@ import dagster as dg
 import polars as pl
 
 from stepml_core import pipeline
-from stepml_core.replay.scores import replay_section, replay_summary, requests_only_report
+from stepml_core.replay.scores_text import replay_section, replay_summary, requests_only_report
 from stepml_core.runs.folders import find_trace_file
 from stepml_core.study import h1 as study
 from stepml_core.tables import data_checks as checks

@@ -33,6 +33,9 @@ A fresh worker every PARTITIONS_PER_WORKER partitions keeps the peak memory of a
 (see _run_partitions).
 """
 
+# long module: the local runner's phases, worker pool and its supervision share one run's state (which partitions are
+# done, which worker died)
+
 from __future__ import annotations
 
 import sys

@@ -12,6 +12,8 @@ why. Operational cases (sensor time budget, dead workers, two runs on one output
 test_bad_input_ops.py.
 """
 
+# long module: the hostile-input corpus: one fixture builds every case and both studies, the tests read it
+
 import gzip
 import hashlib
 import json

@@ -2,6 +2,8 @@
 recover a known model, folds never calibrate on a run they score, a scored run's ground truth cannot change
 its predictions, leave-one-model-out transfer and intervals."""
 
+# long module: the calibration's tests share the synthetic-timeline builders
+
 from __future__ import annotations
 
 import dataclasses

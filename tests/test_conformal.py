@@ -145,7 +145,8 @@ def test_widened_intervals_cover_exchangeable_runs():
 def test_an_unbounded_interval_is_not_counted_as_covered():
     """With fewer than 9 other runs' scores the widened interval is unbounded: it contains every value, so the coverage
     table counts it apart (unbounded) instead of as a covered prediction, and the run's row says 'unbounded'."""
-    from stepml_core.report.calibration import _coverage, _interval_cell
+    from stepml_core.report.calibration import _coverage
+    from stepml_core.report.calibration_text import _interval_cell
 
     specs = [(f"r{i}", "test", "lowo", f"t{i}", 100.0, 95.0, 105.0, 100.0 + 3.0 * i) for i in range(4)]
     runs = {f"r{i}": {"llm_model": f"m{i}", "workload": "codegen"} for i in range(4)}

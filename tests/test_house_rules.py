@@ -1,5 +1,6 @@
 """House rules that a machine can check (issue 14): the linter and the formatter pass, and no function is over ~80 lines
-without a reason written above it (tools/long_functions.py), no import cycles (tools/import_cycles.py)."""
+without a reason written above it nor a module over 600 lines without one in it (tools/long_functions.py), no import
+cycles (tools/import_cycles.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from import_cycles import import_cycles  # tools/ (on the path by conftest.py)
-from long_functions import long_functions
+from long_functions import long_functions, long_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +31,23 @@ def test_the_length_check_finds_a_long_function(tmp_path):
     (pkg / "m.py").write_text(f"def big():\n{body}\n\n# long: one table of constants\ndef big2():\n{body}")
     found = {f["name"]: f["reason"] for f in long_functions(tmp_path)}
     assert found == {"big": None, "big2": "one table of constants"}
+
+
+def test_every_long_module_has_a_written_reason():
+    missing = [f"{m['file']} ({m['lines']} lines)" for m in long_modules(ROOT) if not m["reason"]]
+    assert not missing, "modules over 600 lines without a '# long module: <reason>' line: " + "; ".join(missing)
+
+
+def test_the_module_length_check_finds_a_long_module(tmp_path):
+    """A 650-line module without a reason is listed without one; with the line, with its reason; 500 lines: not."""
+    pkg = tmp_path / "stepml_core"
+    pkg.mkdir()
+    body = "".join(f"x{i} = {i}\n" for i in range(650))
+    (pkg / "big.py").write_text('"""A module."""\n' + body)
+    (pkg / "told.py").write_text('"""A module."""\n\n# long module: one table of constants\n' + body)
+    (pkg / "small.py").write_text(body[: body.index("x500 ")])
+    found = {m["file"]: m["reason"] for m in long_modules(tmp_path)}
+    assert found == {"stepml_core/big.py": None, "stepml_core/told.py": "one table of constants"}
 
 
 def test_ruff_passes():

@@ -1,5 +1,7 @@
 """The simulator as a replay engine: request logs, step-model clocks, scoring, determinism, real request logs."""
 
+# long module: the replay's tests share one small study fixture (built once per session)
+
 from __future__ import annotations
 
 import gzip

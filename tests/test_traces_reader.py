@@ -1,5 +1,7 @@
 """stepml_core.traces: the streaming OTLP reader (fast canonical path + general orjson path)."""
 
+# long module: the two trace readers tested against each other over shared trace-building fixtures
+
 from __future__ import annotations
 
 import gzip

@@ -1,5 +1,6 @@
 """Functions longer than a limit (default 80 lines) in the project's own code, and whether a reason is written
-above each: a comment line starting with `# long:` directly above the `def` (or above its decorators).
+above each: a comment line starting with `# long:` directly above the `def` (or above its decorators); and modules
+longer than 600 lines, each with a line starting with `# long module:` (the reason) among its top-level lines.
 
     python tools/long_functions.py [--limit N]    lists them; exit 1 if one has no reason
 """
@@ -15,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("stepml_core", "stepml_dagster", "benchmarks", "tests", "tools", "scripts")
 LIMIT = 80
 REASON = "# long:"
+MODULE_LIMIT = 600
+MODULE_REASON = "# long module:"
 
 
 def long_functions(root: Path = ROOT, limit: int = LIMIT) -> list[dict]:
@@ -44,6 +47,19 @@ def long_functions(root: Path = ROOT, limit: int = LIMIT) -> list[dict]:
     return sorted(out, key=lambda f: -f["lines"])
 
 
+def long_modules(root: Path = ROOT, limit: int = MODULE_LIMIT) -> list[dict]:
+    """[{file, lines, reason}] for every module of the project's packages over ``limit`` lines."""
+    out = []
+    for pkg in PACKAGES:
+        for path in sorted((root / pkg).rglob("*.py")):
+            src = path.read_text().splitlines()
+            if len(src) <= limit:
+                continue
+            reason = next((x[len(MODULE_REASON) :].strip() for x in src if x.startswith(MODULE_REASON)), None)
+            out.append({"file": str(path.relative_to(root)), "lines": len(src), "reason": reason})
+    return sorted(out, key=lambda f: -f["lines"])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=LIMIT)
@@ -55,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     missing = sum(1 for f in found if f["reason"] is None)
     print(f"{len(found)} function(s) over {a.limit} lines, {missing} without a reason")
-    return 1 if missing else 0
+    modules = long_modules()
+    for m in modules:
+        print(f"{m['lines']:5d}  {m['file']}  {'reason: ' + m['reason'] if m['reason'] else 'NO REASON'}")
+    missing_m = sum(1 for m in modules if m["reason"] is None)
+    print(f"{len(modules)} module(s) over {MODULE_LIMIT} lines, {missing_m} without a reason")
+    return 1 if missing or missing_m else 0
 
 
 if __name__ == "__main__":

@@ -44,6 +44,9 @@ are never passed to it (:mod:`stepml_core.calibration.protocols` builds the fold
 stepml_core.calibration.params; the intervals of a calibrated model's replay are stepml_core.replay.intervals.
 """
 
+# long module: its stages (closed form, saturated-run setting, break, bootstrap, between-run errors, calibrate) all
+# refit stage 1's closed form; apart, each would import it back (a cycle)
+
 from __future__ import annotations
 
 import math

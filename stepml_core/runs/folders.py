@@ -5,6 +5,9 @@ A run id is ``YYYYMMDD-HHMMSS-<model>-tp<N>-<workload>`` (real runs) with an opt
 Ids are validated before they become paths or Dagster partition keys.
 """
 
+# long module: a run folder's whole contract in one place: discovery, run ids, metadata files, their size and YAML
+# limits
+
 from __future__ import annotations
 
 import hashlib

@@ -25,6 +25,9 @@ to the requests by index (match_truth). A file that cannot be used raises Reques
 file and the key, record or limit: that run fails alone.
 """
 
+# long module: one reader for the request-log formats and their validation, which share the column rules
+# (RequestLogSchema) and the kept/quarantined accounting
+
 from __future__ import annotations
 
 import json

@@ -21,6 +21,9 @@ next needs a block are kept incrementally; per-request lists are built only for 
 that ask for them and for sampled trace records.
 """
 
+# long module: the engine core's step loop and its scheduler are one state machine (vLLM v1's EngineCore.step +
+# Scheduler.schedule); split, the hot path would pass its state across modules
+
 from __future__ import annotations
 
 import heapq

@@ -1,6 +1,9 @@
 """Fast path: numpy template matching on lines in the compact canonical form (stepml_core.traces); gives
 the same tables as the general path on those lines (tests/test_traces_reader.py)."""
 
+# long module: the lock-step matcher's stages hand private structures (_Lines, _Events, _Spans, _Chain) along; its
+# line templates and value decoding are already their own modules (templates.py, values.py)
+
 from __future__ import annotations
 
 from dataclasses import dataclass
