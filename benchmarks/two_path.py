@@ -17,7 +17,6 @@ out-of-sample figure — it says what the two-path form reaches when the CPU lev
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import sys
@@ -25,24 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("STEPML_SHARED", str(REPO.parent / "shared")))
-METRICS = ("ttft_mean", "e2e_mean", "successes", "throughput_rps")
-
-
-def test_steps() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    import polars as pl
-
-    with gzip.open(SHARED / "real" / "xgboost_round1_test_predictions.csv.gz", "rb") as f:
-        t = pl.read_csv(f.read())
-    return {
-        eid: (g["step.id"].to_numpy(), g["step.duration_us"].to_numpy().astype(np.float64))
-        for (eid,), g in t.sort("step.id").group_by("experiment_id", maintain_order=True)
-    }
 
 
 def load_runs(root: Path, study: Path) -> tuple[dict, object]:
@@ -52,14 +37,14 @@ def load_runs(root: Path, study: Path) -> tuple[dict, object]:
 
     from stepml_core.pipeline import replay_context
     from stepml_core.replay.specs import ReplaySpec, specs_for_run
-    from stepml_core.replay.two_path import TwoPathRun
+    from stepml_core.replay.two_path import TwoPathRun, read_test_steps
     from stepml_core.runs.folders import read_run_metadata
     from stepml_core.runs.request_log import read_request_log
 
     specs = json.loads((study / "assets" / "replay_models" / "__all__.json").read_text())
     replay_csv = pl.read_csv(study / "replay.csv", infer_schema_length=100000)
     rec = dict(replay_csv.filter(pl.col("recommended")).select("experiment_id", "step_model").unique().iter_rows())
-    steps = test_steps()
+    steps = read_test_steps(SHARED / "real" / "xgboost_round1_test_predictions.csv.gz")
     runs = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         meta = read_run_metadata(folder)
@@ -93,35 +78,21 @@ def ceiling_rows(runs: dict, plateaus: list, template, seed: int = 0):
     return pl.concat(out) if out else None
 
 
-def comparison_table(rows, replay_csv, blis: Path):
-    """One row per run and metric: observed and the relative error of each variant, the physics (study) and BLIS 4a."""
-    import polars as pl
+def write_blis_forms(runs: dict, res: dict, folder: Path) -> None:
+    """Each saturated run's two-path model in BLIS's regimes (stepmodels.two_path.two_path_blis_form), with what it
+    loses, as DIR/blis/<run>.json."""
+    from stepml_core.stepmodels.two_path import two_path_blis_form
 
-    ours = rows.filter(pl.col("metric").is_in(METRICS)).select(
-        "experiment_id", "variant", "metric", "predicted", "observed", "rel_err_pct"
-    )
-    wide = ours.pivot(on="variant", index=["experiment_id", "metric"], values="rel_err_pct")
-    obs = ours.group_by("experiment_id", "metric").agg(pl.col("observed").first())
-    phys = replay_csv.filter((pl.col("step_model") == "physics") & pl.col("metric").is_in(METRICS)).select(
-        "experiment_id", "metric", physics_in_sample=pl.col("rel_err_pct")
-    )
-    b = pl.read_csv(blis)
-    bl = pl.concat(
-        [
-            b.select("experiment_id", metric=pl.lit(m), blis_4a=pl.col(c).cast(pl.Float64))
-            for m, c in (
-                ("ttft_mean", "ttft_mean_re_pct"),
-                ("e2e_mean", "e2e_mean_re_pct"),
-                ("throughput_rps", "throughput_re_pct"),
-            )
-        ]
-    )
-    return (
-        wide.join(obs, on=["experiment_id", "metric"])
-        .join(phys, on=["experiment_id", "metric"], how="left")
-        .join(bl, on=["experiment_id", "metric"], how="left")
-        .sort("experiment_id", "metric")
-    )
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in res["plateaus"]:
+        r, cpu = runs[p.experiment_id], res["cpu_paths"].get(p.experiment_id)
+        if p.plateau_us is None or cpu is None or r.gpu_spec.kind != "blis_linear":
+            continue
+        try:
+            doc, lost = two_path_blis_form(r.gpu_spec.doc, cpu[0], int(r.ctx.max_num_seqs or 128))
+        except ValueError as e:
+            doc, lost = None, [str(e)]
+        (folder / f"{p.experiment_id}.json").write_text(json.dumps({"model": doc, "lost": lost}, indent=1))
 
 
 def main(argv=None) -> int:
@@ -139,7 +110,8 @@ def main(argv=None) -> int:
         return 0
     import polars as pl
 
-    from stepml_core.replay.two_path import two_path_study
+    from stepml_core.replay.scores import load_blis4a
+    from stepml_core.replay.two_path import comparison_table, transfer_errors, two_path_study
     from stepml_core.report.two_path import two_path_markdown, write_queue_plots
     from stepml_core.runs.real_data import assemble_real_runs
     from stepml_core.stepmodels.two_path import CpuPath
@@ -156,7 +128,7 @@ def main(argv=None) -> int:
     rows.write_csv(a.out / "two_path.csv")
     pl.DataFrame([p.__dict__ for p in res["plateaus"]]).write_csv(a.out / "two_path_plateaus.csv")
     pl.DataFrame(res["details"]).write_csv(a.out / "two_path_replays.csv")
-    table = comparison_table(rows, replay_csv, SHARED / "reference" / "anchors" / "blis_iter4a_replay.csv")
+    table = comparison_table(rows, replay_csv, load_blis4a())
     table.write_csv(a.out / "two_path_table.csv")
     q = [
         {"experiment_id": eid, "variant": v, "t_s": float(t), "observed": int(o), "predicted": int(p)}
@@ -166,7 +138,10 @@ def main(argv=None) -> int:
     ]
     pl.DataFrame(q).write_csv(a.out / "two_path_queue.csv")
     plots = write_queue_plots(res["queues"], res["plateaus"], a.out)
-    md = two_path_markdown(table, res["plateaus"], res["cpu_paths"], plots, out_dir=a.out)
+    transfers = pl.DataFrame(transfer_errors(res["plateaus"]))
+    transfers.write_csv(a.out / "two_path_transfer.csv")
+    write_blis_forms(runs, res, a.out / "blis")
+    md = two_path_markdown(table, res["plateaus"], res["cpu_paths"], plots, out_dir=a.out, transfers=transfers)
     (a.out / "two_path.md").write_text(md)
     print(md)
     print(f"\n{time.perf_counter() - t0:.0f} s; wrote {a.out}")

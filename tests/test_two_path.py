@@ -189,3 +189,35 @@ def test_the_cpu_path_reads_other_runs_steps(study_runs):
     assert after["cpu_paths"][eid][0].plateau_us != cpu[0].plateau_us
     bound = [d for d in base["details"] if d["experiment_id"] == eid and d["variant"] == "two_path"]
     assert bound and bound[0]["cpu_bound_steps"] > 0  # the CPU path sets the cycle of the saturated replay
+
+
+def test_blis_form_is_the_two_paths_where_blis_can_see_them():
+    """BLIS's regimes reproduce max(GPU, CPU) on decode-only batches with the running set at the cap (a queue assumed)
+    and the GPU path below the cap; what is lost is said."""
+    from stepml_core.stepmodels.sim_step_time import BLIS_STEP_FEATURES, LinearStepTime
+    from stepml_core.stepmodels.two_path import two_path_blis_form
+
+    gpu = gpu_spec("llama-2-7b", "a", b0_us=5000.0).doc | {
+        "step_time": {
+            "model_type": "linear",
+            "intercept": 5000.0,
+            "feature_coefficients": {"prefill_tokens": 20.0, "num_prefill_reqs": 500.0, "kv_sum": 0.1},
+        }
+    }
+    cpu = CpuPath(20000.0, cap_frac=1.0)
+    doc, lost = two_path_blis_form(gpu, cpu, max_num_seqs=128)
+    blis, g = LinearStepTime(doc), LinearStepTime(gpu)
+    assert any("waiting" in x for x in lost)
+
+    def batch(n_dec, kv, prefill=0, n_pf=0):
+        f = dict.fromkeys(BLIS_STEP_FEATURES, 0.0)
+        f |= {"num_decode_reqs": n_dec, "decode_tokens": n_dec, "kv_sum": kv, "prefill_tokens": prefill}
+        return f | {"num_prefill_reqs": n_pf, "scheduled_tokens": n_dec + prefill}
+
+    for kv in (1e4, 1e5, 1.4e5, 1.6e5, 4e5):  # the crossing at kv_sum = 150,000
+        at_cap = batch(128, kv)
+        assert blis.predict_features_us(at_cap) == pytest.approx(max(g.predict_features_us(at_cap), 20000.0))
+        below = batch(100, kv)
+        assert blis.predict_features_us(below) == pytest.approx(g.predict_features_us(below))
+    with pytest.raises(ValueError):
+        two_path_blis_form({"version": 1, "step_time_regimes": [{"condition": None, "model": {}}]}, cpu, 128)

@@ -140,6 +140,37 @@ def transfer(per_model: dict[str, float], declared: dict[str, dict[str, float]],
     return value, {"scaling": best, "loo_abs_log_err": errs, "from_models": others}
 
 
+def transfer_errors(plateaus: list[RunPlateau]) -> list[dict]:
+    """Per LLM model with a plateau, each scaling's transfer from the other models (x(A) · gmean_B(plateau_B / x(B)))
+    against the model's own plateau: rows of llm_model, scaling, transferred_us, own_us, rel_err_pct, chosen (the
+    scaling the leave-one-model-out rule picks without A). What the transfer can reach, scaling by scaling."""
+    by_model: dict[str, list[RunPlateau]] = {}
+    for p in plateaus:
+        if p.plateau_us is not None:
+            by_model.setdefault(p.llm_model, []).append(p)
+    per_model = {m: float(np.median([p.plateau_us for p in v])) for m, v in by_model.items()}
+    declared = {m: declared_quantities(m, v[0].tp) for m, v in by_model.items()}
+    rows = []
+    for a in sorted(per_model):
+        others = [m for m in per_model if m != a]
+        if not others:
+            continue
+        chosen = transfer(per_model, declared, a)[1]["scaling"]
+        for s in SCALINGS:
+            v = declared[a][s] * _gmean(per_model[c] / declared[c][s] for c in others)
+            rows.append(
+                {
+                    "llm_model": a,
+                    "scaling": s,
+                    "transferred_us": v,
+                    "own_us": per_model[a],
+                    "rel_err_pct": 100 * (v - per_model[a]) / per_model[a],
+                    "chosen": s == chosen,
+                }
+            )
+    return rows
+
+
 def declared_quantities(llm_model: str, tp: int) -> dict[str, float]:
     """x(model, tp) of every scaling, from the model catalogue (data/catalog/models.json) and the run's TP."""
     from stepml_core.catalog import model_spec
@@ -302,3 +333,60 @@ def two_path_study(
         "queues": queues,
         "details": details,
     }
+
+
+# ---------------------------------------------------------------------------- inputs and the side-by-side table
+
+REPORT_METRICS = ("ttft_mean", "e2e_mean", "successes", "throughput_rps")
+BLIS_4A_COLUMNS = {
+    "ttft_mean": "ttft_mean_re_pct",
+    "e2e_mean": "e2e_mean_re_pct",
+    "throughput_rps": "throughput_re_pct",
+}
+
+
+def read_test_steps(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{run: (step ids, schedule() µs)} from a CSV (gzipped or not) with ``experiment_id``, ``step.id`` and
+    ``step.duration_us`` (e.g. ../shared/real/xgboost_round1_test_predictions.csv.gz: each run's test split)."""
+    import gzip
+    from pathlib import Path
+
+    import polars as pl
+
+    raw = Path(path).read_bytes()
+    t = pl.read_csv(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw, infer_schema_length=10000)
+    missing = {"experiment_id", "step.id", "step.duration_us"} - set(t.columns)
+    if missing:
+        raise ValueError(f"{path}: no column(s) {sorted(missing)} (the runs' step ids and schedule() times)")
+    return {
+        eid: (g["step.id"].to_numpy(), g["step.duration_us"].to_numpy().astype(np.float64))
+        for (eid,), g in t.sort("step.id").group_by("experiment_id", maintain_order=True)
+    }
+
+
+def comparison_table(rows, study_rows, blis4a):
+    """One row per run and REPORT_METRICS metric: observed, the relative error (%) of each variant in ``rows``
+    (two_path_study's, plus any more variants), of the study's physics replay (``study_rows``: replay.csv rows) and
+    of BLIS 4a (its anchors table; no successes there)."""
+    import polars as pl
+
+    ours = rows.filter(pl.col("metric").is_in(REPORT_METRICS))
+    wide = ours.pivot(on="variant", index=["experiment_id", "metric"], values="rel_err_pct")
+    obs = ours.group_by("experiment_id", "metric").agg(pl.col("observed").first())
+    out = wide.join(obs, on=["experiment_id", "metric"])
+    if study_rows is not None and study_rows.height:
+        phys = study_rows.filter((pl.col("step_model") == "physics") & pl.col("metric").is_in(REPORT_METRICS))
+        out = out.join(
+            phys.select("experiment_id", "metric", physics_in_sample=pl.col("rel_err_pct")),
+            on=["experiment_id", "metric"],
+            how="left",
+        )
+    if blis4a is not None and blis4a.height:
+        bl = pl.concat(
+            [
+                blis4a.select("experiment_id", metric=pl.lit(m), blis_4a=pl.col(c).cast(pl.Float64))
+                for m, c in BLIS_4A_COLUMNS.items()
+            ]
+        )
+        out = out.join(bl, on=["experiment_id", "metric"], how="left")
+    return out.sort("experiment_id", "metric")

@@ -60,9 +60,12 @@ def _fmt(v) -> str:
     return "—" if v is None or v != v else f"{v:+.1f} %"
 
 
-def two_path_markdown(table, plateaus: list, cpu_paths: dict, plots: dict, *, out_dir: Path | None = None) -> str:
+def two_path_markdown(
+    table, plateaus: list, cpu_paths: dict, plots: dict, *, out_dir: Path | None = None, transfers=None
+) -> str:
     """The section: per saturated run and metric, observed and each variant's relative error; the CPU paths (value,
-    what set it); the non-saturated runs' largest change; the queue plots (paths relative to ``out_dir``)."""
+    what set it); each scaling's transfer error (``transfers``: replay.two_path.transfer_errors rows); the
+    non-saturated runs' largest change; the queue plots (paths relative to ``out_dir``)."""
     import polars as pl
 
     saturated = [p for p in plateaus if p.plateau_us is not None]
@@ -92,6 +95,7 @@ def two_path_markdown(table, plateaus: list, cpu_paths: dict, plots: dict, *, ou
             lines.append(
                 f"| {short_run_name(p.experiment_id)} | {cpu[0].plateau_us:.0f} | {p.plateau_us:.0f} | {cpu[0].basis} |"
             )
+    lines += _transfer_lines(transfers)
     lines += ["", _calm_runs_line(table, {p.experiment_id for p in saturated}), ""]
     for eid, path in sorted(plots.items()):
         rel = Path(path).relative_to(out_dir) if out_dir is not None else Path(path).name
@@ -115,3 +119,26 @@ def _calm_runs_line(table, saturated: set[str]) -> str:
         f"The {calm['experiment_id'].n_unique()} other scored runs: the largest increase of |error| of mean TTFT or "
         f"E2E with two paths is {d:+.2f} points (the goal: no more than +0.5)."
     )
+
+
+def _transfer_lines(transfers) -> list[str]:
+    """Each scaling's transferred plateau against each model's own, relative error (the rule's choice in bold)."""
+    if transfers is None or not len(transfers):
+        return []
+    models = sorted(set(transfers["llm_model"]))
+    out = [
+        "",
+        "Transfer of the plateau across LLM models, per declared scaling (relative error against the model's own "
+        "plateau; **bold**: the scaling the leave-one-model-out rule chose without the model):",
+        "",
+        "| scaling | " + " | ".join(models) + " |",
+        "|---|" + "---|" * len(models),
+    ]
+    for s in dict.fromkeys(transfers["scaling"]):
+        cells = []
+        for m in models:
+            r = transfers.filter((transfers["llm_model"] == m) & (transfers["scaling"] == s)).row(0, named=True)
+            v = f"{r['rel_err_pct']:+.0f} %"
+            cells.append(f"**{v}**" if r["chosen"] else v)
+        out.append(f"| {s} | " + " | ".join(cells) + " |")
+    return out

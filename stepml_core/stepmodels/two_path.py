@@ -16,7 +16,10 @@ any step-time model (``step_time_us(batch)``) with it. Nothing here is fitted: `
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+
+DECODE_TERMS = frozenset({"decode_tokens", "num_decode_reqs", "scheduled_tokens"})  # each = the decoders, decode-only
 
 
 @dataclass(frozen=True)
@@ -76,3 +79,58 @@ class TwoPathStepTime:
             self.cpu_bound_steps += 1
             return c
         return g
+
+
+def two_path_blis_form(gpu_doc: dict, cpu: CpuPath, max_num_seqs: int) -> tuple[dict, list[str]]:
+    """BLIS's model file (``step_time_regimes``, first match wins, one-feature conditions) for max(GPU, CPU) where
+    the GPU path is one linear ``step_time`` g; (document, what it loses). Regimes, in order:
+
+    1. ``below_cap``: num_decode_reqs < c (c = ⌈cap_frac · max_num_seqs⌉) → g;
+    2. ``mixed_at_cap``: prefill_tokens > 0 → g (a prompt chunk makes the GPU path longer; where it is still shorter
+       than the plateau, BLIS gives g: lost);
+    3. ``gpu_bound_at_cap``: kv_sum ≥ k* → g, k* = the kv_sum where a decode-only batch of c requests costs the plateau
+       under g (only when g reads kv_sum);
+    4. ``cpu_bound_at_cap``: → the plateau (less the per-request overhead BLIS adds after the regimes).
+
+    Lost: the waiting queue (BLIS's features do not see it: a full running set with nothing waiting gets the plateau
+    too); between c and max_num_seqs decoders, g grows by its decode terms while k* is set at c."""
+    st = gpu_doc.get("step_time")
+    if gpu_doc.get("step_time_regimes") or st is None:
+        raise ValueError("two_path_blis_form: the GPU path must be one linear step_time (regimes cannot be nested)")
+    if st.get("output_transform"):
+        raise ValueError("two_path_blis_form: a transformed (expm1) GPU path has no linear crossing with the plateau")
+    coef = dict(st.get("feature_coefficients") or {})
+    c = math.ceil(cpu.cap_frac * max_num_seqs)
+    per_req = float(gpu_doc.get("step_overhead_per_req_us") or 0.0)
+    g = {"model_type": "linear", "intercept": st["intercept"], "feature_coefficients": coef}
+    plateau = {
+        "model_type": "linear",
+        "intercept": cpu.plateau_us,
+        "feature_coefficients": {"num_decode_reqs": -per_req, "num_prefill_reqs": -per_req} if per_req else {},
+    }
+    regimes = [
+        {"name": "below_cap", "condition": {"feature": "num_decode_reqs", "op": "<", "value": c}, "model": g},
+        {"name": "mixed_at_cap", "condition": {"feature": "prefill_tokens", "op": ">", "value": 0}, "model": g},
+    ]
+    b_kv = float(coef.get("kv_sum", 0.0))
+    lost = ["the waiting queue: BLIS gives the plateau to any step with a full running set"]
+    # g of a decode-only batch of c requests, without kv_sum: intercept + c · (decode terms)
+    at_c = float(st["intercept"]) + c * sum(float(coef.get(f, 0.0)) for f in sorted(DECODE_TERMS))
+    zero_when_decoding = {"prefill_tokens", "num_prefill_reqs", "prefill_sq", "prefill_x_decode"}
+    other = sorted(f for f, w in coef.items() if w and f not in DECODE_TERMS | zero_when_decoding | {"kv_sum"})
+    if other:
+        lost.append(f"decode-only terms {other} of the GPU path are not in the crossing")
+    if b_kv > 0:
+        k_star = (cpu.plateau_us - at_c) / b_kv
+        regimes.append(
+            {"name": "gpu_bound_at_cap", "condition": {"feature": "kv_sum", "op": ">=", "value": k_star}, "model": g}
+        )
+    elif at_c >= cpu.plateau_us:
+        regimes.append({"name": "gpu_bound_at_cap", "condition": None, "model": g})
+    regimes.append({"name": "cpu_bound_at_cap", "condition": None, "model": plateau})
+    if c < max_num_seqs:
+        lost.append(f"between {c} and {max_num_seqs} decoders the crossing is set at {c}")
+    doc = {k: v for k, v in gpu_doc.items() if k != "step_time"} | {"version": 2, "step_time_regimes": regimes}
+    if float(doc.get("step_overhead_us") or 0) > 0:
+        lost.append("step_overhead_us clamps the plateau too")
+    return doc, lost
