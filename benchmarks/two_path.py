@@ -58,43 +58,6 @@ def load_runs(root: Path, study: Path) -> tuple[dict, object]:
     return runs, replay_csv
 
 
-def ceiling_rows(runs: dict, plateaus: list, template, seed: int = 0):
-    """The saturated runs replayed with their OWN plateau (in sample, the ceiling of the two-path form)."""
-    import polars as pl
-
-    from stepml_core.replay.specs import replay_run
-    from stepml_core.replay.two_path import two_path_spec
-    from stepml_core.stepmodels.two_path import CpuPath
-
-    out = []
-    for p in plateaus:
-        r = runs[p.experiment_id]
-        if p.plateau_us is None or r.gpu_spec is None:
-            continue
-        cpu = CpuPath(p.plateau_us, template.cap_frac, template.queue_frac, "the run's own plateau (in sample)")
-        spec = two_path_spec(r.gpu_spec, cpu, (p.experiment_id,), p.experiment_id)
-        res = replay_run(r.log, r.ctx, [spec], source="real", seed=seed, intervals=False)
-        out.append(res["rows"].with_columns(variant=pl.lit("two_path_own_plateau")))
-    return pl.concat(out) if out else None
-
-
-def write_blis_forms(runs: dict, res: dict, folder: Path) -> None:
-    """Each saturated run's two-path model in BLIS's regimes (stepmodels.two_path.two_path_blis_form), with what it
-    loses, as DIR/blis/<run>.json."""
-    from stepml_core.stepmodels.two_path import two_path_blis_form
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for p in res["plateaus"]:
-        r, cpu = runs[p.experiment_id], res["cpu_paths"].get(p.experiment_id)
-        if p.plateau_us is None or cpu is None or r.gpu_spec.kind != "blis_linear":
-            continue
-        try:
-            doc, lost = two_path_blis_form(r.gpu_spec.doc, cpu[0], int(r.ctx.max_num_seqs or 128))
-        except ValueError as e:
-            doc, lost = None, [str(e)]
-        (folder / f"{p.experiment_id}.json").write_text(json.dumps({"model": doc, "lost": lost}, indent=1))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--study", type=Path, default=None, help="a `stepml run` output folder over the 16 real runs")
@@ -111,7 +74,7 @@ def main(argv=None) -> int:
     import polars as pl
 
     from stepml_core.replay.scores import load_blis4a
-    from stepml_core.replay.two_path import comparison_table, transfer_errors, two_path_study
+    from stepml_core.replay.two_path import blis_forms, comparison_table, transfer_errors, two_path_study
     from stepml_core.report.two_path import two_path_markdown, write_queue_plots
     from stepml_core.runs.real_data import assemble_real_runs
     from stepml_core.stepmodels.two_path import CpuPath
@@ -122,8 +85,7 @@ def main(argv=None) -> int:
         runs, replay_csv = load_runs(Path(tmp), a.study)
         template = CpuPath(0.0, queue_frac=a.queue_frac)
         res = two_path_study(runs, seed=a.seed, template=template)
-        ceil = ceiling_rows(runs, res["plateaus"], template, seed=a.seed)
-    rows = pl.concat([res["rows"], ceil], how="diagonal_relaxed") if ceil is not None else res["rows"]
+    rows = res["rows"]
     a.out.mkdir(parents=True, exist_ok=True)
     rows.write_csv(a.out / "two_path.csv")
     pl.DataFrame([p.__dict__ for p in res["plateaus"]]).write_csv(a.out / "two_path_plateaus.csv")
@@ -140,7 +102,9 @@ def main(argv=None) -> int:
     plots = write_queue_plots(res["queues"], res["plateaus"], a.out)
     transfers = pl.DataFrame(transfer_errors(res["plateaus"]))
     transfers.write_csv(a.out / "two_path_transfer.csv")
-    write_blis_forms(runs, res, a.out / "blis")
+    (a.out / "blis").mkdir(exist_ok=True)
+    for eid, form in blis_forms(runs, res).items():
+        (a.out / "blis" / f"{eid}.json").write_text(json.dumps(form, indent=1))
     md = two_path_markdown(table, res["plateaus"], res["cpu_paths"], plots, out_dir=a.out, transfers=transfers)
     (a.out / "two_path.md").write_text(md)
     print(md)

@@ -299,9 +299,11 @@ def two_path_study(
     seed: int = 0,
     template: CpuPath = SATURATION,
     min_steps: int = MIN_SATURATED_STEPS,
+    own_plateau: bool = True,
 ) -> dict:
     """Replay every run that has a gpu_spec with it (GPU path only) and with its two-path spec (the CPU path from the
-    other runs: cpu_path_for). Returns {'rows': replay.csv-style rows with ``variant`` (gpu_path | two_path),
+    other runs: cpu_path_for); with ``own_plateau``, a run with a plateau of its own also with that plateau
+    (variant two_path_own_plateau: in sample, what the two-path form reaches when the CPU level is known). Returns {'rows': replay.csv-style rows with ``variant`` (gpu_path | two_path),
     'plateaus': RunPlateau list, 'cpu_paths': {run: (CpuPath, runs, how)}, 'queues': {run: {variant: (grid, obs,
     pred)}}, 'details': replay details}."""
     import polars as pl
@@ -310,6 +312,7 @@ def two_path_study(
     from stepml_core.replay.specs import replay_run
 
     plateaus = training_plateaus(runs, template=template, seed=seed, min_steps=min_steps)
+    own = {p.experiment_id: p.plateau_us for p in plateaus if p.plateau_us is not None}
     rows, cpu_paths, queues, details = [], {}, {}, []
     for eid in sorted(runs):
         r = runs[eid]
@@ -318,7 +321,11 @@ def two_path_study(
         cpu, cpu_runs, how = cpu_path_for(eid, r.llm_model, r.tp, plateaus, template=template)
         cpu_paths[eid] = (cpu, cpu_runs, how)
         w = replay_workload(r.log.table, r.ctx, seed=seed)
-        for variant, spec in (("gpu_path", r.gpu_spec), ("two_path", two_path_spec(r.gpu_spec, cpu, cpu_runs, eid))):
+        variants = [("gpu_path", r.gpu_spec), ("two_path", two_path_spec(r.gpu_spec, cpu, cpu_runs, eid))]
+        if own_plateau and eid in own:  # in sample: the form's ceiling, never an out-of-sample figure
+            mine = CpuPath(own[eid], template.cap_frac, template.queue_frac, "the run's own plateau (in sample)")
+            variants.append(("two_path_own_plateau", two_path_spec(r.gpu_spec, mine, (eid,), eid)))
+        for variant, spec in variants:
             res = replay_run(r.log, r.ctx, [spec], source="real", seed=seed, workload=w, intervals=False)
             rows.append(res["rows"].with_columns(variant=pl.lit(variant)))
             details += [d | {"experiment_id": eid, "variant": variant} for d in res["runs"]]
@@ -343,6 +350,24 @@ BLIS_4A_COLUMNS = {
     "e2e_mean": "e2e_mean_re_pct",
     "throughput_rps": "throughput_re_pct",
 }
+
+
+TWO_PATH_ENV = "STEPML_TWO_PATH"  # 1 (the shared real runs' step times) or a step-times CSV: `stepml run --two-path`
+SHARED_TEST_STEPS = ("shared", "real", "xgboost_round1_test_predictions.csv.gz")  # beside the project
+
+
+def steps_file(value: str | None, project_root) -> object | None:
+    """The step-times CSV a two-path study reads (None: not asked): ``value`` "", "0", "off" or None → None; "1",
+    "true", "yes", "on", "auto" → ../shared/real/xgboost_round1_test_predictions.csv.gz beside the project; else the
+    path given."""
+    from pathlib import Path
+
+    v = (value or "").strip()
+    if v.lower() in ("", "0", "off", "false", "no"):
+        return None
+    if v.lower() in ("1", "true", "yes", "on", "auto"):
+        return Path(project_root).parent.joinpath(*SHARED_TEST_STEPS)
+    return Path(v)
 
 
 def read_test_steps(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -390,3 +415,24 @@ def comparison_table(rows, study_rows, blis4a):
         )
         out = out.join(bl, on=["experiment_id", "metric"], how="left")
     return out.sort("experiment_id", "metric")
+
+
+def blis_forms(runs: dict[str, TwoPathRun], study: dict) -> dict[str, dict]:
+    """{run: {'model': BLIS model file or None, 'lost': [what it loses or why there is none]}} of each saturated run's
+    two-path model (stepmodels.two_path.two_path_blis_form; a GPU path BLIS reads as one linear step_time)."""
+    from stepml_core.stepmodels.two_path import two_path_blis_form
+
+    out = {}
+    for p in study["plateaus"]:
+        r, cpu = runs[p.experiment_id], study["cpu_paths"].get(p.experiment_id)
+        if p.plateau_us is None or cpu is None:
+            continue
+        if r.gpu_spec.kind != "blis_linear":
+            out[p.experiment_id] = {"model": None, "lost": [f"the GPU path is a {r.gpu_spec.kind} model, not BLIS's"]}
+            continue
+        try:
+            doc, lost = two_path_blis_form(r.gpu_spec.doc, cpu[0], int(r.ctx.max_num_seqs or 128))
+        except ValueError as e:
+            doc, lost = None, [str(e)]
+        out[p.experiment_id] = {"model": doc, "lost": lost}
+    return out
