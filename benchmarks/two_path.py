@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--study", type=Path, default=None, help="a `stepml run` output folder over the 16 real runs")
     ap.add_argument("--out", type=Path, default=Path("two_path_out"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--queue-frac", type=float, default=1.0, help="saturated: waiting >= this x max_num_seqs")
+    ap.add_argument("--queue-frac", type=float, default=1.0, help="saturation entered: waiting >= this x max_num_seqs")
+    ap.add_argument("--no-hold", action="store_true", help="saturation not held at the cap while anything waits")
     a = ap.parse_args(argv)
     if not (SHARED / "real" / "requests").is_dir():
         print(f"skipped: no real data under {SHARED / 'real'}")
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         assemble_real_runs(SHARED, Path(tmp))
         runs, replay_csv = load_runs(Path(tmp), a.study)
-        template = CpuPath(0.0, queue_frac=a.queue_frac)
+        template = CpuPath(0.0, queue_frac=a.queue_frac, hold=not a.no_hold)
         res = two_path_study(runs, seed=a.seed, template=template)
     rows = res["rows"]
     a.out.mkdir(parents=True, exist_ok=True)

@@ -110,13 +110,21 @@ def study_runs():
     return runs, two_path_study(runs, template=CpuPath(0.0, 0.97, 1.0), min_steps=MIN_STEPS)
 
 
-def test_cycle_is_the_longer_path_and_the_cpu_path_needs_a_full_queue():
+def test_cycle_is_the_longer_path_the_cpu_path_entered_with_a_full_queue_and_held_at_the_cap():
     gpu = SimpleNamespace(step_time_us=lambda b: 1000.0)
-    tp = TwoPathStepTime(gpu, CpuPath(5000.0, cap_frac=1.0, queue_frac=1.0), max_num_seqs=4)
-    assert tp.step_time_us(SimpleNamespace(num_running=4, num_waiting=4)) == 5000.0
-    assert tp.step_time_us(SimpleNamespace(num_running=4, num_waiting=3)) == 1000.0  # less than a full queue
-    assert tp.step_time_us(SimpleNamespace(num_running=3, num_waiting=9)) == 1000.0  # below the cap
-    assert tp.cpu_bound_steps == 1 and tp.max_waiting == 9
+
+    def cycles(cpu, states):
+        tp = TwoPathStepTime(gpu, cpu, max_num_seqs=4)
+        return [tp.step_time_us(SimpleNamespace(num_running=r, num_waiting=w)) for r, w in states], tp
+
+    states = [(4, 3), (4, 4), (4, 1), (3, 9), (4, 3), (4, 0)]
+    got, tp = cycles(CpuPath(5000.0, cap_frac=1.0, queue_frac=1.0), states)
+    # less than a full queue: calm; a full one: saturated; held at the cap while anything waits; left below the cap
+    assert got == [1000.0, 5000.0, 5000.0, 1000.0, 1000.0, 1000.0]
+    assert tp.cpu_bound_steps == 2 and tp.max_waiting == 9
+    got, _ = cycles(CpuPath(5000.0, cap_frac=1.0, queue_frac=1.0, hold=False), states)
+    assert got == [1000.0, 5000.0, 1000.0, 1000.0, 1000.0, 1000.0]
+    assert CpuPath(1.0, cap_frac=1.0).saturated_mask([4, 4, 4, 3], [4, 1, 0, 5], 4) == [True, True, False, False]
     fast = TwoPathStepTime(SimpleNamespace(step_time_us=lambda b: 9000.0), CpuPath(5000.0), max_num_seqs=4)
     assert fast.step_time_us(SimpleNamespace(num_running=4, num_waiting=4)) == 9000.0  # the GPU path binds
     assert CpuPath.from_json(CpuPath(5000.0, basis="x").to_json()) == CpuPath(5000.0, basis="x")
@@ -221,3 +229,40 @@ def test_blis_form_is_the_two_paths_where_blis_can_see_them():
         assert blis.predict_features_us(below) == pytest.approx(g.predict_features_us(below))
     with pytest.raises(ValueError):
         two_path_blis_form({"version": 1, "step_time_regimes": [{"condition": None, "model": {}}]}, cpu, 128)
+
+
+def test_the_studys_two_path_section_is_opt_in(monkeypatch, tmp_path):
+    from stepml_core.report.two_path import two_path_not_run
+    from stepml_dagster.cli import build_parser
+    from stepml_dagster.resources import StepMLSettings
+
+    monkeypatch.delenv("STEPML_TWO_PATH", raising=False)
+    assert StepMLSettings().two_path_steps_file() is None
+    assert "Not run" in two_path_not_run() and "--two-path" in two_path_not_run()
+    monkeypatch.setenv("STEPML_TWO_PATH", "1")
+    assert StepMLSettings().two_path_steps_file().parts[-3:] == (
+        "shared",
+        "real",
+        "xgboost_round1_test_predictions.csv.gz",
+    )
+    monkeypatch.setenv("STEPML_TWO_PATH", str(tmp_path / "steps.csv"))
+    assert StepMLSettings().two_path_steps_file() == tmp_path / "steps.csv"
+    assert StepMLSettings(two_path_steps="off").two_path_steps_file() is None
+    assert build_parser().parse_args(["run", "--two-path"]).two_path == "1"
+    assert build_parser().parse_args(["run"]).two_path is None
+
+
+def test_step_times_are_read_plain_or_gzipped_and_a_missing_column_is_named(tmp_path):
+    import gzip
+
+    from stepml_core.replay.two_path import read_test_steps
+
+    text = b"experiment_id,step.id,step.duration_us\nr,3,300\nr,1,100\nq,2,50\n"
+    (tmp_path / "s.csv").write_bytes(text)
+    (tmp_path / "s.csv.gz").write_bytes(gzip.compress(text))
+    for name in ("s.csv", "s.csv.gz"):
+        steps = read_test_steps(tmp_path / name)
+        assert steps["r"][0].tolist() == [1, 3] and steps["r"][1].tolist() == [100.0, 300.0]
+    (tmp_path / "bad.csv").write_bytes(b"experiment_id,step.id\nr,1\n")
+    with pytest.raises(ValueError, match="step.duration_us"):
+        read_test_steps(tmp_path / "bad.csv")

@@ -22,7 +22,7 @@ Every run whose data reached the plateau is in the two-path spec's ``fitted_on``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -109,7 +109,7 @@ def saturated_plateau(
     if n_sim == 0 or len(step_ids) == 0:
         return None, 0
     k = np.clip(np.rint(step_ids / float(step_ids.max()) * n_sim).astype(np.int64) - 1, 0, n_sim - 1)
-    sat = np.array([template.saturated(r, q, max_num_seqs) for r, q in zip(running[k], waiting[k])], dtype=bool)
+    sat = np.asarray(template.saturated_mask(running, waiting, max_num_seqs), dtype=bool)[k]
     n = int(sat.sum())
     return (float(np.median(sched_us[sat])) if n >= min_steps else None), n
 
@@ -211,15 +211,13 @@ def cpu_path_for(
             f"transfer from {', '.join(how['from_models'])} scaled by {how['scaling']} "
             f"(chosen by leave-one-model-out among them)"
         )
-    cpu = CpuPath(value, cap_frac=template.cap_frac, queue_frac=template.queue_frac, basis=basis)
+    cpu = replace(template, plateau_us=value, basis=basis)
     return cpu, runs, how
 
 
 def two_path_spec(gpu: ReplaySpec, cpu: CpuPath, cpu_runs: tuple[str, ...], scored_run: str) -> ReplaySpec:
     """``gpu`` with the CPU path, for ``scored_run`` only: named ``two_path``, fitted on the GPU spec's runs and the
     CPU path's; no bootstrap (no interval)."""
-    from dataclasses import replace
-
     return replace(
         gpu,
         name="two_path",
@@ -323,7 +321,7 @@ def two_path_study(
         w = replay_workload(r.log.table, r.ctx, seed=seed)
         variants = [("gpu_path", r.gpu_spec), ("two_path", two_path_spec(r.gpu_spec, cpu, cpu_runs, eid))]
         if own_plateau and eid in own:  # in sample: the form's ceiling, never an out-of-sample figure
-            mine = CpuPath(own[eid], template.cap_frac, template.queue_frac, "the run's own plateau (in sample)")
+            mine = replace(template, plateau_us=own[eid], basis="the run's own plateau (in sample)")
             variants.append(("two_path_own_plateau", two_path_spec(r.gpu_spec, mine, (eid,), eid)))
         for variant, spec in variants:
             res = replay_run(r.log, r.ctx, [spec], source="real", seed=seed, workload=w, intervals=False)

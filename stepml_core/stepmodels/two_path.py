@@ -6,8 +6,9 @@ model) carries their CPU time inside its GPU path; what it cannot carry is the p
 overloaded engine, where the running set sits at ``max_num_seqs`` with requests waiting:
 
     cycle_us(b) = max(gpu_us(b), cpu_us(b)),
-    cpu_us(b)   = plateau_us  if b.num_running ≥ cap_frac · max_num_seqs and b.num_waiting ≥ queue_frac · max_num_seqs,
-                  0           otherwise (the GPU path alone).
+    cpu_us(b)   = plateau_us  while saturated, 0 otherwise (the GPU path alone);
+    saturated   : entered when b.num_running ≥ cap_frac · max_num_seqs and b.num_waiting ≥ queue_frac · max_num_seqs,
+                  held (``hold``) while the running set stays at the cap with anything waiting, left otherwise.
 
 :class:`CpuPath` is the CPU path (stored as JSON in a replay spec's ``cpu_path``); :class:`TwoPathStepTime` wraps
 any step-time model (``step_time_us(batch)``) with it. Nothing here is fitted: ``plateau_us`` comes from
@@ -24,23 +25,35 @@ DECODE_TERMS = frozenset({"decode_tokens", "num_decode_reqs", "scheduled_tokens"
 
 @dataclass(frozen=True)
 class CpuPath:
-    """cpu_us = ``plateau_us`` while the engine is saturated (running ≥ cap_frac · max_num_seqs and waiting ≥
-    queue_frac · max_num_seqs: a full running set and at least ``queue_frac`` of one more waiting), else 0.
-    ``basis``: what set the plateau, in words (runs, scaling).
+    """cpu_us = ``plateau_us`` while the engine is saturated, else 0. Saturation is entered with the running set at
+    the cap (≥ cap_frac · max_num_seqs) and a queue of at least queue_frac · max_num_seqs, and, with ``hold``, kept
+    while the running set stays at the cap with anything waiting (the plateau falls only when the running set leaves
+    the cap: docs/cpu_path.md). ``basis``: what set the plateau, in words (runs, scaling).
 
-    ``queue_frac`` = 1 by default, set before any replay: with a queue of a few requests (1 waiting) the step function
-    turned a calm run's brief crowding into a runaway (Mixtral ``general``, docs/cpu_path.md)."""
+    Why a full queue to enter (queue_frac = 1): entered with 1 waiting, the plateau turned a calm run's brief crowding
+    into a runaway (Mixtral ``general``, docs/cpu_path.md, *Two paths*)."""
 
     plateau_us: float
     cap_frac: float = 0.97
     queue_frac: float = 1.0
     basis: str = ""
+    hold: bool = True
 
-    def saturated(self, num_running: int, num_waiting: int, max_num_seqs: int) -> bool:
-        return num_running >= self.cap_frac * max_num_seqs and num_waiting >= self.queue_frac * max_num_seqs
+    def next_state(self, on: bool, num_running: int, num_waiting: int, max_num_seqs: int) -> bool:
+        """Whether the engine is saturated at this step, given whether it was at the previous one."""
+        if num_running < self.cap_frac * max_num_seqs:
+            return False
+        if num_waiting >= self.queue_frac * max_num_seqs:
+            return True
+        return on and self.hold and num_waiting >= 1
 
-    def cpu_us(self, num_running: int, num_waiting: int, max_num_seqs: int) -> float:
-        return self.plateau_us if self.saturated(num_running, num_waiting, max_num_seqs) else 0.0
+    def saturated_mask(self, running, waiting, max_num_seqs: int) -> list[bool]:
+        """next_state over a run's steps in order (the engine starts calm)."""
+        on, out = False, []
+        for r, w in zip(running, waiting):
+            on = self.next_state(on, r, w, max_num_seqs)
+            out.append(on)
+        return out
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -55,11 +68,12 @@ class CpuPath:
             cap_frac=float(d.get("cap_frac", 0.97)),
             queue_frac=float(d.get("queue_frac", 1.0)),
             basis=str(d.get("basis", "")),
+            hold=bool(d.get("hold", True)),
         )
 
 
 class TwoPathStepTime:
-    """step_time_us(b) = max(gpu.step_time_us(b), cpu.cpu_us(b.num_running, b.num_waiting, max_num_seqs)).
+    """step_time_us(b) = max(gpu.step_time_us(b), plateau_us while saturated (CpuPath.next_state, step by step)).
     ``cpu_bound_steps`` counts the steps where the CPU path was the longer one, ``max_waiting`` the longest queue."""
 
     def __init__(self, gpu, cpu: CpuPath, max_num_seqs: int, name: str = "two_path"):
@@ -69,12 +83,14 @@ class TwoPathStepTime:
         self.name = name
         self.cpu_bound_steps = 0
         self.max_waiting = 0
+        self._saturated = False
 
     def step_time_us(self, b) -> float:
         g = self.gpu.step_time_us(b)
         if b.num_waiting > self.max_waiting:
             self.max_waiting = b.num_waiting
-        c = self.cpu.cpu_us(b.num_running, b.num_waiting, self.max_num_seqs)
+        self._saturated = on = self.cpu.next_state(self._saturated, b.num_running, b.num_waiting, self.max_num_seqs)
+        c = self.cpu.plateau_us if on else 0.0
         if c > g:
             self.cpu_bound_steps += 1
             return c
