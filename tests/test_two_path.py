@@ -266,3 +266,25 @@ def test_step_times_are_read_plain_or_gzipped_and_a_missing_column_is_named(tmp_
     (tmp_path / "bad.csv").write_bytes(b"experiment_id,step.id\nr,1\n")
     with pytest.raises(ValueError, match="step.duration_us"):
         read_test_steps(tmp_path / "bad.csv")
+
+
+def test_side_by_side_table_reads_the_projects_blis_4a_anchors():
+    """BLIS 4a's figures come from the project's copy of its anchors (replay.scores.load_blis4a: *_err_pct)."""
+    from stepml_core.replay.scores import load_blis4a
+    from stepml_core.replay.two_path import comparison_table
+
+    blis = load_blis4a()
+    eid = blis["experiment_id"][0]
+    rows = pl.DataFrame(
+        {
+            "experiment_id": [eid] * 2,
+            "variant": ["gpu_path", "two_path"],
+            "metric": ["ttft_mean"] * 2,
+            "predicted": [1.0, 2.0],
+            "observed": [1.0, 1.0],
+            "rel_err_pct": [0.0, 100.0],
+        }
+    )
+    t = comparison_table(rows, None, blis)
+    assert t.row(0, named=True)["blis_4a"] == pytest.approx(blis["ttft_mean_err_pct"][0])
+    assert t.row(0, named=True)["two_path"] == 100.0

@@ -344,9 +344,9 @@ def two_path_study(
 
 REPORT_METRICS = ("ttft_mean", "e2e_mean", "successes", "throughput_rps")
 BLIS_4A_COLUMNS = {
-    "ttft_mean": "ttft_mean_re_pct",
-    "e2e_mean": "e2e_mean_re_pct",
-    "throughput_rps": "throughput_re_pct",
+    "ttft_mean": "ttft_mean_err_pct",
+    "e2e_mean": "e2e_mean_err_pct",
+    "throughput_rps": "throughput_err_pct",
 }
 
 
