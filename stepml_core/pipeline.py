@@ -835,4 +835,4 @@ def two_path(
     plots = write_queue_plots(res["queues"], res["plateaus"], folder)
     transfers = pl.DataFrame(tp.transfer_errors(res["plateaus"]))
     md = two_path_markdown(table, res["plateaus"], res["cpu_paths"], plots, out_dir=out_dir, transfers=transfers)
-    return {"table": table, "plateaus": [p.__dict__ for p in res["plateaus"]], "lines": md.splitlines()}
+    return {"table": table, "plateaus": [p.__dict__ for p in res["plateaus"]], "lines": [*md.splitlines(), ""]}

@@ -289,7 +289,7 @@ def two_path(
 
     steps = settings.two_path_steps_file()
     if steps is None:
-        return {"table": None, "plateaus": [], "lines": two_path_not_run().splitlines()}
+        return {"table": None, "plateaus": [], "lines": two_path_not_run()}
     if not steps.is_file():
         raise FileNotFoundError(f"two paths: no step-times file {steps} (STEPML_TWO_PATH / --two-path)")
     out = pipeline.two_path(

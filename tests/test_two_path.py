@@ -238,7 +238,7 @@ def test_the_studys_two_path_section_is_opt_in(monkeypatch, tmp_path):
 
     monkeypatch.delenv("STEPML_TWO_PATH", raising=False)
     assert StepMLSettings().two_path_steps_file() is None
-    assert "Not run" in two_path_not_run() and "--two-path" in two_path_not_run()
+    assert "not run" in "".join(two_path_not_run()) and "--two-path" in "".join(two_path_not_run())
     monkeypatch.setenv("STEPML_TWO_PATH", "1")
     assert StepMLSettings().two_path_steps_file().parts[-3:] == (
         "shared",

@@ -27,12 +27,14 @@ METRIC_NAMES = {
     "successes": "successes",
     "throughput_rps": "throughput",
 }
-HOW_TO_ASK = "`stepml run --two-path` or STEPML_TWO_PATH=1; or `python benchmarks/two_path.py --study OUT`"
+HOW_TO_ASK = (
+    "opt-in: `stepml run --two-path [STEPS]` or STEPML_TWO_PATH=1|STEPS, or `python benchmarks/two_path.py --study OUT`"
+)
 
 
-def two_path_not_run() -> str:
-    """The report's line when the two-path section was not asked for."""
-    return f"## Two paths: the saturated runs\n\nNot run (a replay of every run twice); ask with {HOW_TO_ASK}.\n"
+def two_path_not_run() -> list[str]:
+    """The report's lines when the two-path section was not asked for."""
+    return ["## Two paths: the saturated runs", "", f"**not run in this study ({HOW_TO_ASK})**", ""]
 
 
 def write_queue_plots(queues: dict, plateaus: list, out_dir: Path) -> dict[str, Path]:
