@@ -192,6 +192,8 @@ def cpu_path_for(
     whose steps set it, how it was set). ``exclude``: more runs that are the scored run's data (a synthetic twin)."""
     usable = [p for p in plateaus if p.plateau_us is not None and p.experiment_id not in {scored_run, *exclude}]
     own = [p for p in usable if p.llm_model == llm_model]
+    if not usable:  # nothing to learn the level from: the GPU path alone
+        return replace(template, plateau_us=0.0, basis="no other run reaches the saturated state"), (), {"source": None}
     if own:
         value = float(np.median([p.plateau_us for p in own]))
         runs = tuple(sorted(p.experiment_id for p in own))
