@@ -49,7 +49,7 @@ def write_queue_plots(queues: dict, plateaus: list, out_dir: Path) -> dict[str, 
         ax.plot(grid, obs, color="black", lw=1.6, label="observed (request log)")
         styles = (("tab:blue", "-"), ("tab:orange", "--"), ("tab:green", ":"))
         for (variant, (g, _o, pred)), (color, ls) in zip(sorted(per.items()), styles):
-            ax.plot(g, pred, color=color, ls=ls, lw=1.3, label=f"predicted, {variant}")
+            ax.plot(g, pred, color=color, ls=ls, lw=1.3, label=f"predicted, {dict(VARIANTS).get(variant, variant)}")
         ax.set_xlabel("time since the first request (s)")
         ax.set_ylabel("requests without a first token")
         ax.set_title(short_run_name(eid), fontsize=9)
