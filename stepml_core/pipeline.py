@@ -824,7 +824,7 @@ def two_path(
             continue
         cands = [ReplaySpec.of(s) for s in specs_for_run(list(specs), e, meta.model)] if e in rec else []
         gpu = next((s for s in cands if s.name == rec[e]), None)
-        runs[e] = tp.TwoPathRun(log, ctx, meta.model, int(meta.tp), steps.get(e), gpu)
+        runs[e] = tp.TwoPathRun(log, ctx, meta.model, int(meta.tp), steps.get(e), gpu, meta.stands_for)
     res = tp.two_path_study(runs, seed=seed)
     table = tp.comparison_table(res["rows"], rows, replay_fidelity.get("blis4a"))
     folder = Path(out_dir) / "two_path"

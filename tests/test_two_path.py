@@ -170,6 +170,8 @@ def test_own_model_runs_first_then_transfer():
     assert how["source"] == "own_model" and cpu.plateau_us == 10000.0 and runs == ("r2",)
     cpu, runs, how = cpu_path_for("x", "llama-2-70b", 4, [p for p in plats if p.experiment_id != "r2"])
     assert how["source"] == "transfer" and runs == ("r1", "r3") and "x" not in runs
+    cpu, runs, how = cpu_path_for("x-synth", "llama-2-70b", 4, plats, exclude=("x",))  # x: the real run it stands for
+    assert runs == ("r2",) and cpu.plateau_us == 10000.0
     cpu, runs, how = cpu_path_for("x", "llama-2-70b", 4, [plats[-1]])  # no other run reaches it: the GPU path alone
     assert cpu.plateau_us == 0.0 and runs == () and how["source"] is None
 

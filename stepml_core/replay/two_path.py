@@ -238,8 +238,8 @@ def two_path_spec(gpu: ReplaySpec, cpu: CpuPath, cpu_runs: tuple[str, ...], scor
 @dataclass
 class TwoPathRun:
     """What a two-path replay of a run needs: its request log (``table``, ``role``, ``has_ground_truth``), its
-    RunContext, LLM model and TP, its test-split steps (real step ids and schedule() µs; None: none) and the GPU-path
-    spec it is predicted with (None: not replayed)."""
+    RunContext, LLM model and TP, its test-split steps (real step ids and schedule() µs; None: none), the GPU-path
+    spec it is predicted with (None: not replayed) and, for a synthetic run, the real run it stands for."""
 
     log: object
     ctx: object
@@ -247,6 +247,7 @@ class TwoPathRun:
     tp: int
     test_steps: tuple[np.ndarray, np.ndarray] | None = None
     gpu_spec: ReplaySpec | None = None
+    stands_for: str | None = None  # a synthetic run: the real run it was built from (its steps are the run's data)
 
 
 def training_plateaus(
@@ -318,7 +319,8 @@ def two_path_study(
         r = runs[eid]
         if r.gpu_spec is None:
             continue
-        cpu, cpu_runs, how = cpu_path_for(eid, r.llm_model, r.tp, plateaus, template=template)
+        twin = (r.stands_for,) if r.stands_for else ()
+        cpu, cpu_runs, how = cpu_path_for(eid, r.llm_model, r.tp, plateaus, exclude=twin, template=template)
         cpu_paths[eid] = (cpu, cpu_runs, how)
         w = replay_workload(r.log.table, r.ctx, seed=seed)
         variants = [("gpu_path", r.gpu_spec), ("two_path", two_path_spec(r.gpu_spec, cpu, cpu_runs, eid))]
