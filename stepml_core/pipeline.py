@@ -801,3 +801,41 @@ def whatif_check(
         progress=progress,
     )
     return {"table": table, "saturation": sat, "lines": check_section(table, sat, saturated, truth)}
+
+
+def two_path(
+    logs: Mapping, specs: list, replay_fidelity: Mapping, data_root: Path, steps_path: Path, out_dir: Path, *, seed=0
+) -> dict:
+    """Every replayable run predicted with its recommended model (GPU path only) and with two paths (the CPU path
+    from the other runs' test-split schedule() times in ``steps_path``: stepml_core.replay.two_path); the table,
+    queue plots and BLIS forms under out_dir/two_path. Returns {"table", "plateaus", "lines"} (the report's section)."""
+    import json
+
+    from stepml_core.replay import two_path as tp
+    from stepml_core.replay.specs import ReplaySpec, specs_for_run
+    from stepml_core.report.two_path import two_path_markdown, write_queue_plots
+
+    steps = tp.read_test_steps(steps_path)
+    rows = replay_fidelity["replay"]
+    rec = dict(rows.filter(pl.col("recommended")).select("experiment_id", "step_model").unique().iter_rows())
+    runs = {}
+    for e in sorted(logs):
+        meta = stored_run_metadata(e, logs[e], data_root)
+        log = log_from_stored(logs[e])
+        ctx = replay_context(e, meta, log.header)
+        if replayable(ctx) is not None:
+            continue
+        cands = [ReplaySpec.of(s) for s in specs_for_run(list(specs), e, meta.model)] if e in rec else []
+        gpu = next((s for s in cands if s.name == rec[e]), None)
+        runs[e] = tp.TwoPathRun(log, ctx, meta.model, int(meta.tp), steps.get(e), gpu, meta.stands_for)
+    res = tp.two_path_study(runs, seed=seed)
+    table = tp.comparison_table(res["rows"], rows, replay_fidelity.get("blis4a"))
+    folder = Path(out_dir) / "two_path"
+    (folder / "blis").mkdir(parents=True, exist_ok=True)
+    table.write_csv(folder / "two_path.csv")
+    for e, form in tp.blis_forms(runs, res).items():
+        (folder / "blis" / f"{e}.json").write_text(json.dumps(form, indent=1))
+    plots = write_queue_plots(res["queues"], res["plateaus"], folder)
+    transfers = pl.DataFrame(tp.transfer_errors(res["plateaus"]))
+    md = two_path_markdown(table, res["plateaus"], res["cpu_paths"], plots, out_dir=out_dir, transfers=transfers)
+    return {"table": table, "plateaus": [p.__dict__ for p in res["plateaus"]], "lines": [*md.splitlines(), ""]}

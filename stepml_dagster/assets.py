@@ -26,6 +26,7 @@ from .replay_assets import (
     replay_status,
     request_calibration,
     request_log,
+    two_path,
 )
 from .resources import StepMLSettings
 from .status import FAILED, all_current_check, not_current, run_statuses, status_metadata, stored_fingerprints
@@ -476,6 +477,7 @@ def study_report(
     calibration_fidelity,
     blis_round_trip,
     whatif_check,
+    two_path,
     run_status: dict,
 ) -> dict:
     # failed or stale: results not current (a stale run without step results is the replay's to list)
@@ -488,6 +490,7 @@ def study_report(
         + list(calibration_fidelity["lines"])
         + list(blis_round_trip["lines"])
         + list(whatif_check["lines"])
+        + list(two_path["lines"])
     )
     if not present:  # request logs only: no step data, no H1 study; the replay is the report
         md = requests_only_report(replay_fidelity, replay_lines, settings.out_dir)
@@ -544,6 +547,7 @@ REPORT_ASSETS = [
     calibration_fidelity,
     blis_round_trip,
     whatif_check,
+    two_path,
     study_report,
 ]  # study_job
 STUDY_ASSETS = [*MODEL_ASSETS, *REPORT_ASSETS]  # every unpartitioned asset

@@ -111,6 +111,16 @@ def _add_run(sub, common) -> None:
         help="also predict every run from its profile alone with its leave-one-workload-out model and score it "
         "(report section; same as STEPML_WHATIF_CHECK=1; docs/whatif.md)",
     )
+    r.add_argument(
+        "--two-path",
+        nargs="?",
+        const="1",
+        default=None,
+        metavar="STEPS",
+        help="also replay every run with two paths, cycle = max(GPU path, CPU path learned from the other runs' "
+        "test-split schedule() times in STEPS, default ../shared/real/xgboost_round1_test_predictions.csv.gz) "
+        "(report section; same as STEPML_TWO_PATH=1|STEPS; docs/cpu_path.md)",
+    )
     r.add_argument("--experiment", action="append", help="only these experiment ids (repeatable)")
     r.add_argument(
         "--workers", type=int, default=None, help="partitions processed in parallel (default: min(2, cores))"
@@ -209,6 +219,8 @@ def _dispatch(a) -> int:
             os.environ["STEPML_BLIS"] = a.blis
         if a.whatif_check:  # read by StepMLSettings.whatif_check
             os.environ["STEPML_WHATIF_CHECK"] = "1"
+        if a.two_path:  # read by StepMLSettings.two_path_steps_file
+            os.environ["STEPML_TWO_PATH"] = a.two_path
         if a.piecewise_decode:  # read by StepMLSettings.piecewise_decode, here and in the partition workers
             os.environ["STEPML_PIECEWISE_DECODE"] = "1"
         synth = not a.no_synth and (a.synth or _is_default(a.data, DEFAULT_EXPERIMENTS_DIR))

@@ -273,3 +273,33 @@ REQUEST_ASSETS = [request_log]
 REQUEST_CHECKS = [records_balance]
 MODEL_ASSETS = [request_calibration, replay_models]
 REPLAY_ASSETS = [replay]
+
+
+@dg.asset(
+    group_name="replay",
+    description="Two paths (opt-in: `stepml run --two-path [STEPS]` or STEPML_TWO_PATH=1|STEPS): every run replayed "
+    "with its recommended model alone and with cycle = max(that model, a CPU path learned from the other runs' "
+    "test-split schedule() times); per saturated run beside the physics and BLIS 4a, queue plots, BLIS forms under "
+    "out/two_path/; the report's section (docs/cpu_path.md). Otherwise the section says how to ask.",
+)
+def two_path(
+    context: dg.AssetExecutionContext, settings: StepMLSettings, request_log, replay_models, replay_fidelity
+) -> dict:
+    from stepml_core.report.two_path import two_path_not_run
+
+    steps = settings.two_path_steps_file()
+    if steps is None:
+        return {"table": None, "plateaus": [], "lines": two_path_not_run()}
+    if not steps.is_file():
+        raise FileNotFoundError(f"two paths: no step-times file {steps} (STEPML_TWO_PATH / --two-path)")
+    out = pipeline.two_path(
+        request_log,
+        replay_models,
+        replay_fidelity,
+        settings.data_root(),
+        steps,
+        settings.out_dir_path(),
+        seed=settings.seed,
+    )
+    context.add_output_metadata({"runs": out["table"]["experiment_id"].n_unique() if out["table"].height else 0})
+    return out

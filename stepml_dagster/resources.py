@@ -79,6 +79,17 @@ class StepMLSettings(dg.ConfigurableResource):
     # check the what-if against the recorded runs in the study (None: STEPML_WHATIF_CHECK=1 from the environment)
     whatif_check_runs: bool | None = None
 
+    # replay every run with two paths too (None: STEPML_TWO_PATH from the environment: 1, or a step-times CSV)
+    two_path_steps: str | None = None
+
+    def two_path_steps_file(self):
+        """The step-times CSV the study's two_path asset reads; None: not asked (opt-in; stepml_core.replay.two_path)."""
+        from stepml_core.paths import PROJECT_ROOT
+        from stepml_core.replay.two_path import TWO_PATH_ENV, steps_file
+
+        given = self.two_path_steps if self.two_path_steps is not None else os.environ.get(TWO_PATH_ENV, "")
+        return steps_file(given, PROJECT_ROOT)
+
     @property
     def whatif_check(self) -> bool:
         """Whether the study's whatif_check asset predicts every run from its profile alone (opt-in)."""

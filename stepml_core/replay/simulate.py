@@ -378,6 +378,9 @@ def replay(
     counters = dict(sim.counters)
     if isinstance(clock, CycleClock):
         counters.update({f"step_time_{k}": v for k, v in clock.clamped.items()})
+        if hasattr(clock.model, "cpu_bound_steps"):  # a two-path step time (stepmodels.two_path)
+            counters["cpu_bound_steps"] = clock.model.cpu_bound_steps
+            counters["max_waiting"] = clock.model.max_waiting
     return ReplayResult(
         per_request=table.with_columns(pl.col("ttft_s").fill_nan(None)),
         steps=sim.steps,

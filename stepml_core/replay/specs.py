@@ -14,6 +14,10 @@ built it), and what its kind needs; ``kind``:
   the BLIS blackbox form);
 * request-calibrated models (``stepml_core.calibration.fit``) are ``blis_linear`` specs too.
 
+Any spec but ``physics`` may carry a ``cpu_path`` (``stepml_core.stepmodels.two_path.CpuPath`` as JSON): its replay
+then runs the cycle max(GPU path = the spec's model, CPU path(the engine's running and waiting sets)), with the
+run's ``max_num_seqs`` (``stepml_core.replay.two_path`` builds such specs, docs/cpu_path.md).
+
 ``sample`` of a replay row is ``in_sample`` when the scored run's data built the model: the run is among
 ``fitted_on`` (its steps, its requests or its aggregates), or among the real runs the synthetic runs in
 ``fitted_on`` stand for (``stands_for``: a synthetic twin is built from its real run's aggregates), or the
@@ -36,9 +40,11 @@ from stepml_core.replay.simulate import (
     replay_workload,
     score_replay,
 )
+from stepml_core.sim.timing import CycleClock
 from stepml_core.stepmodels.fitted import FittedStepModel
 from stepml_core.stepmodels.recipes import REGISTRY, replayed_names
 from stepml_core.stepmodels.sim_step_time import LinearStepTime
+from stepml_core.stepmodels.two_path import CpuPath, TwoPathStepTime
 
 # which fits are replayed is each recipe's `replayed_on` (stepml_core.stepmodels.recipes): of synthetic runs, the BLIS
 # blackbox form and the H1 model only (a replay of a full-size run costs 3-5 CPU-s with a linear model, 6-9 with the
@@ -108,11 +114,14 @@ class ReplaySpec:
     params: dict | None = None
     calibration: dict | None = None
     bootstrap: dict | None = None  # {'names', 'rows'}: parameter draws for the replay interval
+    cpu_path: dict | None = None  # two paths: stepmodels.two_path.CpuPath as JSON (cycle = max(GPU, CPU path))
     stored_nulls: frozenset[str] = field(default=frozenset(), compare=False, repr=False)  # keys stored as null
 
     def __post_init__(self):
         if self.kind not in REPLAY_KINDS:
             raise ValueError(f"unknown replay model kind {self.kind!r}")
+        if self.cpu_path is not None and self.kind == "physics":
+            raise ValueError("a physics spec has its own CPU path; cpu_path applies to step-time models")
 
     @classmethod
     def from_json(cls, d: dict) -> ReplaySpec:
@@ -189,9 +198,37 @@ def step_trained_specs(
     return out
 
 
+class TwoPathServingModel(StepServingModel):
+    """A step serving model whose clock runs max(its step model, a CPU path) (stepmodels.two_path), the CPU path
+    seeing the run's ``max_num_seqs``."""
+
+    def __init__(self, base: StepServingModel, cpu: CpuPath):
+        super().__init__(
+            base.name,
+            base.step_model,
+            queueing_us=base.queueing_us,
+            fitted_on=base.fitted_on,
+            llm_model=base.llm_model,
+            kind=base.kind,
+            detail=base.detail,
+        )
+        self.token_delay_s = base.token_delay_s
+        self.cpu = cpu
+        self.two_path = None  # the last clock's TwoPathStepTime (its cpu_bound_steps)
+
+    def clock(self, ctx: RunContext, rng):
+        self.two_path = TwoPathStepTime(self.step_model, self.cpu, int(ctx.max_num_seqs or 128), name=self.name)
+        return CycleClock(self.two_path)
+
+
 def serving_model(spec: ReplaySpec | dict):
-    """A spec → a serving model the replay runs."""
+    """A spec → a serving model the replay runs (with a ``cpu_path``: TwoPathServingModel around it)."""
     spec = ReplaySpec.of(spec)
+    base = _serving_model(spec)
+    return base if spec.cpu_path is None else TwoPathServingModel(base, CpuPath.from_json(spec.cpu_path))
+
+
+def _serving_model(spec: ReplaySpec):
     if spec.kind == "physics":
         return PhysicsServingModel(spec.name, fitted_on=list(spec.fitted_on))
     if spec.kind == "blis_linear":
@@ -272,6 +309,7 @@ def _replay_detail(spec: ReplaySpec, label: str, sample: str, r, secs: float, pe
         "real_time_ratio": round(r.sim_seconds / secs, 1) if secs > 0 else None,
         "preemptions": r.counters.get("preemptions", 0),
         "steps_clamped": sum(v for k, v in r.counters.items() if k.startswith("step_time_")),
+        **{k: r.counters[k] for k in ("cpu_bound_steps", "max_waiting") if k in r.counters},  # two paths only
         **per_req,
     }
 
