@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from stepml_core.gc_pause import gc_paused
 from stepml_core.runs.rules import CLIENT_TIMEOUT_S, client_limits_s
 from stepml_core.sim.arrivals import FixedArrivals
-from stepml_core.sim.engine import EngineCore, SchedulerConfig, gc_paused
+from stepml_core.sim.engine import EngineCore, SchedulerConfig
 from stepml_core.sim.request import SimRequest
 from stepml_core.sim.timing import CycleClock
 
@@ -295,7 +296,7 @@ def replay(w: ReplayWorkload, model, ctx: RunContext, *, seed: int = 0, progress
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x2E91A7])
     nsh = w.nshared_blk
     ids, plen, gen, grp = w.prompt_id.tolist(), w.prompt_tokens.tolist(), w.max_tokens.tolist(), w.group.tolist()
-    with gc_paused():  # the requests and the run: millions of small objects, no cycles (engine.gc_paused)
+    with gc_paused():  # the requests and the run: millions of small objects, no cycles (stepml_core.gc_pause)
         reqs = [SimRequest(i, ids[i], grp[i], plen[i], gen[i], nsh) for i in range(len(ids))]
         clock = model.clock(ctx, rng)
         arrivals = FixedArrivals(w.arrival_s, w.timeout_s, model.ingress_s)

@@ -23,13 +23,12 @@ that ask for them and for sampled trace records.
 
 from __future__ import annotations
 
-import gc
 import heapq
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from stepml_core.errors import StepMLError
+from stepml_core.gc_pause import gc_paused
 from stepml_core.sim.kv_cache import BLOCK_TOKENS, BlockPool
 from stepml_core.sim.request import (
     DECODE,
@@ -54,24 +53,6 @@ class SchedulerConfig:
     max_num_seqs: int = 128
     kv_blocks_total: int = 7300  # usable GPU KV blocks of 16 tokens
     max_model_len: int | None = None  # tokens of prompt + output one request may have (None: the KV cache's)
-
-
-@contextmanager
-def gc_paused():
-    """Python's cyclic garbage collector off for the block (restored after; nesting is fine).
-
-    A simulation allocates millions of small objects (requests, their event tuples, the step-keyed queue entries) and
-    frees them by reference counting; none of them forms a cycle. Each allocation burst still triggers the collector,
-    whose full passes walk every live object of the process (the simulator's, and the libraries' in a Dagster worker):
-    13-25 % of a replay's CPU time (benchmarks/bench_engine.py). Nothing the simulation computes depends on when (or
-    whether) the collector runs; cycles made meanwhile are collected at the next pass after the block."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _seq_of(entry: tuple) -> int:

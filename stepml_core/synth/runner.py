@@ -14,9 +14,9 @@ import numpy as np
 import orjson
 import yaml
 
+from stepml_core.gc_pause import gc_paused
 from stepml_core.parallel import process_workers
 from stepml_core.runs.folders import PROVENANCE_FILE
-from stepml_core.sim.engine import gc_paused
 from stepml_core.synth.client import client_records, public_records, summarize
 from stepml_core.synth.run_engine import simulate_synthetic_run
 from stepml_core.synth.schedtime import ScheduleTimeModel
@@ -290,7 +290,7 @@ def synthesize_run(
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "results").mkdir(parents=True)
-    with gc_paused():  # the simulation and its records: millions of small objects, no cycles (sim.engine.gc_paused)
+    with gc_paused():  # the simulation and its records: millions of small objects, no cycles (stepml_core.gc_pause)
         sim, recs, counts = _simulate(spec, scale, seed, tmp / "traces.json.gz", progress, compresslevel)
         summary = _write_client_files(tmp, spec, scale, recs)
     _write_json(tmp / PROVENANCE_FILE, _provenance(spec, scale, seed, sim, summary, counts))
