@@ -20,7 +20,8 @@ def gc_paused():
     A simulation allocates millions of small objects (requests, their event tuples, the step-keyed queue entries) and
     frees them by reference counting; none of them forms a cycle. Each allocation burst still triggers the collector,
     whose full passes walk every live object of the process (the simulator's, and the libraries' in a Dagster worker):
-    13-25 % of a replay's CPU time (benchmarks/bench_engine.py). Nothing the simulation computes depends on when (or
+    13-25 % of a replay's CPU time (the largest synthetic run's requests_lowo replay, collector on and off in one
+    process). Nothing the simulation computes depends on when (or
     whether) the collector runs; cycles made meanwhile are collected at the next pass after the block."""
     was_enabled = gc.isenabled()
     gc.disable()
