@@ -128,3 +128,38 @@ def test_compiled_tree_walk_equals_the_format_rule():
         for t in trees:
             s += _tree_value(t, x)
         assert _trees_sum(trees, x, 0.25) == s
+
+
+def test_the_simulators_per_step_predictor_gives_the_reference_predictors_floats():
+    """reference_predictor.feature_predictor (the model's numbers read once; what a replay calls per step) returns
+    exactly predict_from_features' float for the linear kinds, with and without a floor, and for trees."""
+    import random
+
+    from stepml_core.stepmodels.reference_predictor import feature_predictor, predict_from_features
+
+    rng = random.Random(7)
+    names = ["a", "b", "c"]
+    for kind, floor in (("linear", None), ("linear", 50.0), ("log_linear", 1.0), ("log_linear", None)):
+        exp = {
+            "kind": kind,
+            "features": names,
+            "intercept": rng.uniform(-5, 5),
+            "mean": [rng.uniform(-3, 3) for _ in names],
+            "scale": [rng.uniform(0.1, 3) for _ in names],
+            "coef": [rng.uniform(-2, 2) / (10 if kind == "log_linear" else 1) for _ in names],
+            "smearing": 1.07,
+            "floor_us": floor,
+        }
+        fast = feature_predictor(exp)
+        for _ in range(200):
+            f = {k: rng.uniform(0, 4000) for k in names}
+            assert fast(f) == predict_from_features(f, exp)
+    trees = {
+        "kind": "trees",
+        "features": names,
+        "baseline": 3.0,
+        "trees": [[[0, 1.5, 1, 2, True], [-1, 1.0], [-1, 2.0]]],
+    }
+    assert feature_predictor(trees)({"a": 1.0, "b": 0, "c": 0}) == predict_from_features(
+        {"a": 1.0, "b": 0, "c": 0}, trees
+    )

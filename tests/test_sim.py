@@ -118,3 +118,33 @@ def test_an_engine_that_cannot_progress_stops_with_an_error_not_300k_empty_steps
     eng = _two([100], [10], [0.0], kv_blocks_total=100, max_num_batched_tokens=0)
     with pytest.raises(SimulationStalled, match=f"scheduled nothing for {MAX_EMPTY_STEPS + 1} steps in a row"):
         eng.run()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_simulation_pauses_the_garbage_collector_and_restores_it_even_when_it_fails(enabled):
+    """EngineCore.run runs with the cyclic collector off (engine.gc_paused: a speed-up, same results) and leaves it as
+    it found it, also when the simulation raises."""
+    import gc
+
+    from stepml_core.sim.engine import SimulationStalled
+
+    seen = []
+
+    class Watch(ConstantStep):
+        def step_time_us(self, b):
+            seen.append(gc.isenabled())
+            return super().step_time_us(b)
+
+    was = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        eng = _two([100, 50], [10, 10], [0.0, 0.01])
+        eng.clock = CycleClock(Watch(1000.0))
+        assert eng.run().requests[1].finish_status == "length"
+        assert seen and not any(seen) and gc.isenabled() is enabled
+        stalled = _two([100], [10], [0.0], kv_blocks_total=100, max_num_batched_tokens=0)
+        with pytest.raises(SimulationStalled):
+            stalled.run()
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable() if was else gc.disable()

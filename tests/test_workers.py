@@ -66,3 +66,16 @@ def _state(pid: int) -> str:
         return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "X"
+
+
+def test_partitions_start_biggest_run_folder_first(tmp_path):
+    """`stepml run --workers N` hands out the partitions by run-folder size, largest first (the phase's idle tail);
+    equal sizes and unreadable folders keep their order."""
+    from stepml_dagster.local import largest_first
+
+    for name, size in (("a", 10), ("b", 300), ("c", 10), ("d", 50)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "traces.json").write_bytes(b"x" * size)
+    (tmp_path / "b" / "results").mkdir()
+    (tmp_path / "b" / "results" / "more.json").write_bytes(b"x" * 5)
+    assert largest_first(tmp_path, ["a", "b", "c", "d", "missing"]) == ["b", "d", "a", "c", "missing"]

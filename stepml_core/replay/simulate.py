@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from stepml_core.gc_pause import gc_paused
 from stepml_core.runs.rules import CLIENT_TIMEOUT_S, client_limits_s
 from stepml_core.sim.arrivals import FixedArrivals
 from stepml_core.sim.engine import EngineCore, SchedulerConfig
@@ -339,10 +340,11 @@ def replay(
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x2E91A7])
     nsh = w.nshared_blk
     ids, plen, gen, grp = w.prompt_id.tolist(), w.prompt_tokens.tolist(), w.max_tokens.tolist(), w.group.tolist()
-    reqs = [SimRequest(i, ids[i], grp[i], plen[i], gen[i], nsh) for i in range(len(ids))]
-    clock = model.clock(ctx, rng)
-    arrivals = FixedArrivals(w.arrival_s, w.timeout_s, model.ingress_s)
-    sim = EngineCore(reqs, w.config, arrivals, clock, progress=progress).run()
+    with gc_paused():  # the requests and the run: millions of small objects, no cycles (stepml_core.gc_pause)
+        reqs = [SimRequest(i, ids[i], grp[i], plen[i], gen[i], nsh) for i in range(len(ids))]
+        clock = model.clock(ctx, rng)
+        arrivals = FixedArrivals(w.arrival_s, w.timeout_s, model.ingress_s)
+        sim = EngineCore(reqs, w.config, arrivals, clock, progress=progress).run()
     U = np.asarray(sim.update_s, dtype=np.float64)
     n = len(reqs)
     first = np.fromiter((R.first_token_step for R in reqs), dtype=np.int64, count=n)

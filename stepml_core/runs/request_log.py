@@ -41,6 +41,7 @@ import pandera.polars as pa
 import polars as pl
 
 from stepml_core.errors import StepMLError
+from stepml_core.gc_pause import gc_paused
 from stepml_core.runs.folders import (
     EXP_CONFIG_INT_KEYS,
     LIFECYCLE_FILE,
@@ -571,6 +572,7 @@ def _read_requests_json(files: dict, kw: dict, exp_config: dict | None) -> tuple
     return header, raw, bad, len(doc["requests"]), used, truth_file, truth_in
 
 
+@gc_paused()  # a run's records: many small objects, no cycles (stepml_core.gc_pause)
 def read_request_log(
     folder: Path,
     *,

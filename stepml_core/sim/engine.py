@@ -31,7 +31,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from stepml_core.errors import StepMLError
-from stepml_core.sim.kv_cache import BlockPool
+from stepml_core.gc_pause import gc_paused
+from stepml_core.sim.kv_cache import BLOCK_TOKENS, BlockPool
 from stepml_core.sim.request import (
     DECODE,
     DONE,
@@ -55,6 +56,11 @@ class SchedulerConfig:
     max_num_seqs: int = 128
     kv_blocks_total: int = 7300  # usable GPU KV blocks of 16 tokens
     max_model_len: int | None = None  # tokens of prompt + output one request may have (None: the KV cache's)
+
+
+def _seq_of(entry: tuple) -> int:
+    """Admission order of a (request, version) entry of a step-keyed queue."""
+    return entry[0].seq
 
 
 class SimulationStalled(StepMLError, RuntimeError):
@@ -160,7 +166,12 @@ class EngineCore:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> SimResult:
-        """Step until every request finished (or its client gave up) and the last output was processed."""
+        """Step until every request finished (or its client gave up) and the last output was processed (with the
+        garbage collector paused: gc_paused)."""
+        with gc_paused():
+            return self._run()
+
+    def _run(self) -> SimResult:
         n_req = len(self.reqs)
         self.arrivals.start(self)
         now_s = self.reqs[0].api_arrival if n_req else self.arrivals.mono0
@@ -372,22 +383,49 @@ class EngineCore:
         if not due:
             return
         if len(due) > 1:
-            due.sort(key=lambda e: e[0].seq)
-        pool, free_q, running = self.pool, self.pool.free_q, self.running
+            due.sort(key=_seq_of)
+        pool, running, blk_due = self.pool, self.running, self.blk_due
+        free_q, bkey, cache, ref = pool.free_q, pool.bkey, pool.cache, pool.ref
+        pop_free = free_q.popitem
         for R, ver in due:
             if R.dver != ver or R.state != DECODE:
                 continue
-            while not free_q:
-                V = running.pop()
-                self._n_pre += 1
-                self._preempt(V, N)
-                if V is R:
-                    break
-            if R.state != DECODE:
-                continue
-            pool.append_block(R, R.c0 + (N - R.s0))
-            nb = len(R.blist)
-            self.blk_due.setdefault(R.s0 + 16 * nb - R.c0, []).append((R, R.dver))
+            if not free_q:
+                while not free_q:
+                    V = running.pop()
+                    self._n_pre += 1
+                    self._preempt(V, N)
+                    if V is R:
+                        break
+                if R.state != DECODE:
+                    continue
+            # pool.append_block(R, context before the step), inlined: the hot path of a replay
+            bid = pop_free(last=False)[0]
+            k = bkey[bid]
+            if k is not None:
+                if cache.get(k) == bid:
+                    del cache[k]
+                bkey[bid] = None
+            ref[bid] = 1
+            bl = R.blist
+            bl.append(bid)
+            nb = len(bl)
+            nfull = (R.c0 + (N - R.s0)) // BLOCK_TOKENS
+            if nfull > R.nhashed:
+                n = nfull if nfull < nb else nb
+                for j in range(R.nhashed, n):
+                    key = R.key(j)
+                    if key not in cache:
+                        b = bl[j]
+                        cache[key] = b
+                        bkey[b] = key
+                R.nhashed = n
+            at = R.s0 + 16 * nb - R.c0
+            lst = blk_due.get(at)
+            if lst is None:
+                blk_due[at] = [(R, R.dver)]
+            else:
+                lst.append((R, R.dver))
 
     def _continue_prefills(self, N: int, budget: int) -> int:
         """Unfinished prompt chunks continue in running order under the token budget; returns the budget left."""

@@ -90,21 +90,25 @@ class BlockPool:
 
     def lookup(self, R: SimRequest, tokens: int) -> list[int]:
         """Prefix-cache hit blocks for R's first `tokens` tokens (whole blocks, at most tokens − 1)."""
-        cache = self.cache
-        hits = []
+        get = self.cache.get
+        hits: list[int] = []
         n = (tokens - 1) // BLOCK_TOKENS
-        # R.key(k) inlined: shared system-prompt blocks, then the prompt's own blocks, then its output blocks
-        ns, nf = R.nshared_blk, R.prompt_full_blk
-        g, pr, o = (
-            GROUP_BASE + R.group * BLK_STRIDE,
-            PROMPT_BASE + R.prompt_id * BLK_STRIDE,
-            OUT_BASE + R.idx * BLK_STRIDE,
-        )
-        for k in range(n):
-            bid = cache.get((g if k < ns else pr if k < nf else o) + k)
-            if bid is None:
-                break
-            hits.append(bid)
+        # R.key(k) by span: shared system-prompt blocks [0, a), the prompt's own blocks [a, b), its output blocks
+        # [b, n); each span's keys looked up at once, the hits kept up to the first miss
+        a = min(R.nshared_blk, n)
+        b = max(a, min(R.prompt_full_blk, n))
+        for base, lo, hi in (
+            (GROUP_BASE + R.group * BLK_STRIDE, 0, a),
+            (PROMPT_BASE + R.prompt_id * BLK_STRIDE, a, b),
+            (OUT_BASE + R.idx * BLK_STRIDE, b, n),
+        ):
+            if lo >= hi:
+                continue
+            found = list(map(get, range(base + lo, base + hi)))
+            if None in found:
+                hits += found[: found.index(None)]
+                return hits
+            hits += found
         return hits
 
     def take_hits(self, R: SimRequest, hits: list[int]) -> None:

@@ -113,6 +113,14 @@ class _ReferencePredicted(FittedStepModel):
 
         return predict_from_features(feats, self.doc)
 
+    def step_time_model(self, *, kv_source: str, name: str):
+        """FittedStepModel.step_time_model with the reference predictor's per-step function of this model
+        (reference_predictor.feature_predictor: the same floats)."""
+        from stepml_core.stepmodels.reference_predictor import feature_predictor
+        from stepml_core.stepmodels.sim_step_time import ExportedStepTime
+
+        return ExportedStepTime(self.doc, kv_source=kv_source, name=name, predict_features=feature_predictor(self.doc))
+
 
 @register_kind
 class LinearFit(_ReferencePredicted):

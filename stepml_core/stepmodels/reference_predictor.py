@@ -214,6 +214,26 @@ def predict_from_features(feats: dict, exported: dict) -> float:
     return y if floor is None else max(y, floor)
 
 
+def feature_predictor(exported: dict):
+    """predict_from_features(·, exported) as a function of the feature dict alone, the linear kinds' numbers read once
+    (the simulator predicts once per step): the same operations in the same order, so the same float."""
+    kind = exported["kind"]
+    if kind not in ("linear", "log_linear"):
+        return lambda feats: predict_from_features(feats, exported)
+    terms = tuple(zip(exported["features"], exported["mean"], exported["scale"], exported["coef"]))
+    intercept, floor = exported["intercept"], exported.get("floor_us")
+    log_linear, smearing = kind == "log_linear", exported.get("smearing", 1.0)
+
+    def predict(feats: dict) -> float:
+        s = intercept
+        for f, mu, sd, w in terms:
+            s += w * (feats[f] - mu) / sd
+        y = math.exp(min(s, 50.0)) * smearing if log_linear else s
+        return y if floor is None else max(y, floor)
+
+    return predict
+
+
 def predict_step_time(batch, exported: dict, model_spec: dict, gpu_spec: dict, tp: int) -> float:
     """Predicted step time (µs, the exported model's target) of one batch."""
     feats = batch_features(batch, model_spec, gpu_spec, tp, exported["model_names"])

@@ -14,6 +14,7 @@ import numpy as np
 import orjson
 import yaml
 
+from stepml_core.gc_pause import gc_paused
 from stepml_core.parallel import process_workers
 from stepml_core.runs.folders import PROVENANCE_FILE
 from stepml_core.synth.client import client_records, public_records, summarize
@@ -289,8 +290,9 @@ def synthesize_run(
     if tmp.exists():
         shutil.rmtree(tmp)
     (tmp / "results").mkdir(parents=True)
-    sim, recs, counts = _simulate(spec, scale, seed, tmp / "traces.json.gz", progress, compresslevel)
-    summary = _write_client_files(tmp, spec, scale, recs)
+    with gc_paused():  # the simulation and its records: millions of small objects, no cycles (stepml_core.gc_pause)
+        sim, recs, counts = _simulate(spec, scale, seed, tmp / "traces.json.gz", progress, compresslevel)
+        summary = _write_client_files(tmp, spec, scale, recs)
     _write_json(tmp / PROVENANCE_FILE, _provenance(spec, scale, seed, sim, summary, counts))
     if final.exists():
         shutil.rmtree(final)

@@ -19,6 +19,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from stepml_core.gc_pause import gc_paused
 from stepml_core.parallel import process_workers
 from stepml_core.runs.folders import open_input
 from stepml_core.runs.limits import DEFAULT_LIMITS, InputLimitError, InputLimits
@@ -349,6 +350,7 @@ def _auto_workers(est: int) -> int:
     return 2 if est >= (256 << 20) else 1
 
 
+@gc_paused()  # a run's records: many small objects, no cycles (stepml_core.gc_pause)
 def read_traces(
     path: str | Path,
     *,
