@@ -399,7 +399,8 @@ class EngineCore:
                         break
                 if R.state != DECODE:
                     continue
-            # pool.append_block(R, context before the step), inlined: the hot path of a replay
+            # pool.allocate(R, 1) then pool.register(R, context before the step), inlined: the hot path of a replay
+            # (kv_cache.BlockPool's two methods are the reference: a change there is a change here)
             bid = pop_free(last=False)[0]
             k = bkey[bid]
             if k is not None:

@@ -64,30 +64,6 @@ class BlockPool:
                 bkey[bid] = key
         R.nhashed = min(nfull, len(bl))
 
-    def append_block(self, R: SimRequest, upto_tokens: int) -> None:
-        """A decoder's next block: ``allocate(R, 1)`` then ``register(R, upto_tokens)`` in one call (the hot path)."""
-        bid, _ = self.free_q.popitem(last=False)
-        bkey, cache = self.bkey, self.cache
-        k = bkey[bid]
-        if k is not None:
-            if cache.get(k) == bid:
-                del cache[k]
-            bkey[bid] = None
-        self.ref[bid] = 1
-        bl = R.blist
-        bl.append(bid)
-        nfull = upto_tokens // BLOCK_TOKENS
-        if nfull <= R.nhashed:
-            return
-        n = nfull if nfull < len(bl) else len(bl)
-        for k in range(R.nhashed, n):
-            key = R.key(k)
-            if key not in cache:
-                b = bl[k]
-                cache[key] = b
-                bkey[b] = key
-        R.nhashed = n
-
     def lookup(self, R: SimRequest, tokens: int) -> list[int]:
         """Prefix-cache hit blocks for R's first `tokens` tokens (whole blocks, at most tokens − 1)."""
         get = self.cache.get
