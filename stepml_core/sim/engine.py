@@ -549,10 +549,12 @@ class EngineCore:
         return b
 
     def scheduled_requests(self, N: int) -> list[tuple[int, int, int]]:
-        """(progress index before step N, new tokens, prompt length) per scheduled request of step N."""
+        """(progress index before step N, new tokens, prompt length) per scheduled request of step N, also after
+        step N's prompt chunks were applied (a step model reads it then): a request whose prefill completed in N
+        decodes from N+1 on (s0 = N+1), in N it is its prompt chunk."""
         out = []
         for R in self.running:
-            if R.state == DECODE:
+            if R.state == DECODE and R.s0 <= N:
                 out.append((R.c0 + (N - R.s0), 1, R.prompt_len))
             elif R.sched_step == N and R.sched_q > 0:
                 out.append((R.computed_before, R.sched_q, R.prompt_len))
