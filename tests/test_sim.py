@@ -188,3 +188,31 @@ def test_the_step_models_view_of_a_batch_holds_every_scheduled_token_also_the_la
         assert sorted(r for r in reqs if r[1] > 1 or r[0] < r[2]) == [c for c in chunk_view if c[1] > 1 or c[0] < c[2]]
         completing += sum(c + q >= p for q, c, p in chunks)
     assert completing > 0
+
+
+class ComparingSums:
+    """Checks, every step, the incremental decode statistics against the reference loop over b.requests()."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def step_time_us(self, b):
+        from stepml_core.stepmodels.reference_predictor import batch_sums
+        from stepml_core.stepmodels.sim_step_time import sums_from_decode_stats
+
+        fast, ref = sums_from_decode_stats(b.decode_context_stats(), b.chunks), batch_sums(b.requests())
+        assert fast == ref and [type(x) for x in fast] == [type(x) for x in ref], (b.step, fast, ref)
+        self.steps += 1
+        return 1000.0 + 3.0 * b.scheduled_tokens
+
+
+@pytest.mark.parametrize("seed,kv_blocks", [(3, 200), (4, 120), (5, 2000)])
+def test_the_decoders_context_statistics_kept_incrementally_equal_the_loop_over_the_batch(seed, kv_blocks):
+    """EngineCore.decode_context_stats (DecodeContexts: heaps with lazy deletion, a pending list for decoders of
+    the next step) gives a step model the same sums as reference_predictor.batch_sums over b.requests(), with
+    chunked prefills, preemptions (decoders leave mid-run and return as recompute chunks) and client timeouts."""
+    model = ComparingSums()
+    sim = _mixed_engine(model, n=60, kv_blocks=kv_blocks, seed=seed).run()
+    assert model.steps == sim.steps and sim.steps > 50
+    if kv_blocks < 1000:
+        assert sim.counters["preemptions"] > 0

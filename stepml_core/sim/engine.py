@@ -17,8 +17,9 @@ One iteration of the busy loop per scheduler step N, in named phases (methods be
    step N: the one-step lag of async scheduling).
 
 Per-step work is O(1) for decoding requests: Σ context and the step at which each decoder
-next needs a block are kept incrementally; per-request lists are built only for step models
-that ask for them and for sampled trace records.
+next needs a block are kept incrementally, and so are the decoders' context statistics (n, Σc, Σc², max, min:
+``decode_contexts``) from the first step model that asks for them; per-request lists are built only for step
+models that ask for them and for sampled trace records.
 """
 
 # long module: the engine core's step loop and its scheduler are one state machine (vLLM v1's EngineCore.step +
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 
 from stepml_core.errors import StepMLError
 from stepml_core.gc_pause import gc_paused
+from stepml_core.sim.decode_contexts import DecodeContexts
 from stepml_core.sim.kv_cache import BLOCK_TOKENS, BlockPool
 from stepml_core.sim.request import (
     DECODE,
@@ -111,6 +113,11 @@ class BatchView:
         """(progress index before the step, new tokens, prompt length) of every scheduled request."""
         return self._engine.scheduled_requests(self.step)
 
+    def decode_context_stats(self) -> tuple[int, int, int, int, int]:
+        """(n, Σc, Σc², max c, min c) over the step's decoders' progress indices (EngineCore.decode_context_stats);
+        with ``chunks`` the same batch as requests(), in O(chunks) per step."""
+        return self._engine.decode_context_stats(self.step)
+
 
 @dataclass
 class SimResult:
@@ -150,6 +157,7 @@ class EngineCore:
         self.abort_heap: list = []  # (engine time of the client abort, idx)
         self.n_dec = 0
         self.A = 0  # Σ (c0 − s0 + 1) over decoders: Σ context at step N = A + n_dec·N
+        self.decode_contexts: DecodeContexts | None = None  # kept from the first decode_context_stats() on
         self.seq_counter = 0
         self.finished_since = 0
         self.n_done = 0
@@ -235,6 +243,8 @@ class EngineCore:
     def _schedule(self, N: int, ts0_ns: int) -> "BatchView":
         """schedule() of step N starting at ts0_ns: decode blocks, prompt chunks, admissions; the batch is computed."""
         self.clock.begin_step(N)
+        if self.decode_contexts is not None:
+            self.decode_contexts.flush(N)
         self._n_pre = 0
         self._sched_events = []  # (request, event type, kind)
         self._sched_list = None  # requests with a prompt chunk in this step
@@ -560,6 +570,13 @@ class EngineCore:
                 out.append((R.computed_before, R.sched_q, R.prompt_len))
         return out
 
+    def decode_context_stats(self, N: int) -> tuple[int, int, int, int, int]:
+        """(n, Σc, Σc², max c, min c) over step N's decoders' contexts c (progress index before the step), also
+        after step N's prompt chunks were applied; from the first call on kept incrementally (DecodeContexts)."""
+        if self.decode_contexts is None:
+            self.decode_contexts = DecodeContexts([R for R in self.running if R.state == DECODE], N)
+        return self.decode_contexts.stats(N)
+
     # ------------------------------------------------------------------ phases: after schedule()
     def _apply_scheduled(self, N: int) -> None:
         """The step's prompt chunks are computed; requests whose prefill completes start decoding at N+1."""
@@ -589,6 +606,8 @@ class EngineCore:
             R.dver += 1
             self.n_dec += 1
             self.A += R.c0 - R.s0 + 1
+            if self.decode_contexts is not None:
+                self.decode_contexts.started(R)
             if R.out_base == 0:
                 self.first_dec[N + 1] = self.first_dec.get(N + 1, 0) + 1
             nb = len(R.blist)
@@ -598,6 +617,8 @@ class EngineCore:
             self.pf_done.setdefault(N, []).append(R)
 
     def _remove_decoder(self, R: SimRequest, Ncur: int) -> None:
+        if self.decode_contexts is not None:
+            self.decode_contexts.removed(R)
         self.n_dec -= 1
         self.A -= R.c0 - R.s0 + 1
         if R.out_base == 0 and R.s0 >= Ncur:

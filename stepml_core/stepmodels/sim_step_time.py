@@ -256,6 +256,45 @@ def _holds_value(x: float, op: str, v: float) -> bool:
     return x == v if op == "==" else x < v if op == "<" else x <= v if op == "<=" else x > v if op == ">" else x >= v
 
 
+def sums_from_decode_stats(decode: tuple, chunks) -> tuple:
+    """reference_predictor.batch_sums of a batch given as its decoders' (n, Σc, Σc², max c, min c) and its prompt
+    chunks (q, c, prompt length): the same sums in O(chunks) (ints exact, the float sums of whole numbers exact, so
+    the same floats; a chunk from c ≥ prompt length — recomputed output — counts as a decode, as there)."""
+    n, s1, s2, kmax, kmin = decode
+    if not n:
+        kmax, kmin = -math.inf, math.inf
+    P, D, npf, ndc = 0, n, 0, n
+    pf_pairs = pf_ctx = 0.0
+    n_logit_pf = 0
+    for qi, ci, pi in chunks:
+        if qi <= 0:
+            continue
+        if ci >= pi:
+            D += qi
+            ndc += 1
+            s1 += ci
+            s2 += ci * ci
+            if ci > kmax:
+                kmax = ci
+            if ci < kmin:
+                kmin = ci
+        else:
+            P += qi
+            npf += 1
+            pf_pairs += qi * ci + qi * (qi + 1) / 2
+            pf_ctx += ci
+            if ci + qi >= pi:
+                n_logit_pf += 1
+    s1, s2 = float(s1), float(s2)
+    if ndc:
+        kv_mean = s1 / ndc
+        kv_std = math.sqrt(max(s2 / ndc - kv_mean * kv_mean, 0.0))
+        kv_max, kv_min, kv_sum = float(kmax), float(kmin), s1
+    else:
+        kv_mean = kv_std = kv_max = kv_min = kv_sum = 0.0
+    return P, D, npf, ndc, pf_pairs, pf_ctx, n_logit_pf + ndc, kv_mean, kv_std, kv_max, kv_min, kv_sum
+
+
 class ExportedStepTime:
     """A StepML export (30 features) through the stdlib reference predictor.
 
@@ -288,7 +327,7 @@ class ExportedStepTime:
     def sums(self, b) -> tuple:
         """The batch sums the features are computed from (reference_predictor.batch_sums' layout)."""
         if self.kv_source != "proxy_blocks":
-            return self._rp.batch_sums(b.requests())
+            return sums_from_decode_stats(b.decode_context_stats(), b.chunks)
         P, D, n_pf, n_dc = b.prefill_tokens, b.decode_tokens, b.num_prefill_reqs, b.num_decode_reqs
         pm = (b.kv_blocks_total - b.kv_blocks_free) * 16 / max(b.num_running, 1) if n_dc else 0.0
         q = P / n_pf if n_pf else 0.0
