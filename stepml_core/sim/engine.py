@@ -36,6 +36,7 @@ from stepml_core.gc_pause import gc_paused
 from stepml_core.sim.decode_contexts import DecodeContexts
 from stepml_core.sim.kv_cache import BLOCK_TOKENS, BlockPool
 from stepml_core.sim.request import (
+    BLK_STRIDE,
     DECODE,
     DONE,
     EV_FINISHED,
@@ -43,6 +44,7 @@ from stepml_core.sim.request import (
     EV_PREEMPTED,
     EV_QUEUED,
     EV_SCHEDULED,
+    OUT_BASE,
     PREFILL,
     WAITING,
     ZOMBIE,
@@ -422,14 +424,22 @@ class EngineCore:
             bl.append(bid)
             nb = len(bl)
             nfull = (R.c0 + (N - R.s0)) // BLOCK_TOKENS
-            if nfull > R.nhashed:
+            j = R.nhashed
+            if nfull > j:
                 n = nfull if nfull < nb else nb
-                for j in range(R.nhashed, n):
-                    key = R.key(j)
+                if n == j + 1 and j >= R.prompt_full_blk and j >= R.nshared_blk:  # one output block full: key inlined
+                    key = OUT_BASE + R.idx * BLK_STRIDE + j
                     if key not in cache:
                         b = bl[j]
                         cache[key] = b
                         bkey[b] = key
+                else:
+                    for jj in range(j, n):
+                        key = R.key(jj)
+                        if key not in cache:
+                            b = bl[jj]
+                            cache[key] = b
+                            bkey[b] = key
                 R.nhashed = n
             at = R.s0 + 16 * nb - R.c0
             lst = blk_due.get(at)
