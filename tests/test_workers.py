@@ -24,7 +24,8 @@ for key, res, err in run_in_workers(time.sleep, (), [60.0, 60.0], workers=2, tas
 
 
 def test_workers_die_with_a_killed_parent(tmp_path):
-    """A `stepml run` killed by SIGKILL (the OOM killer) leaves no worker computing on (Linux)."""
+    """A `stepml run` killed by SIGKILL (the OOM killer) leaves no worker computing on (Linux): the fork server
+    sees its parent gone and exits, its workers die with it (PR_SET_PDEATHSIG)."""
     import os
     import signal
     import subprocess
@@ -37,14 +38,19 @@ def test_workers_die_with_a_killed_parent(tmp_path):
         pytest.skip("PR_SET_PDEATHSIG is Linux-only")
     parent = subprocess.Popen([sys.executable, "-c", _PARENT])
 
-    def children() -> list[int]:
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent.pid)], capture_output=True, text=True).stdout
-        return [int(x) for x in out.split()]
+    def descendants() -> list[int]:  # workers are children of the fork server, itself a child of the parent
+        out, todo = [], [parent.pid]
+        while todo:
+            ps = subprocess.run(["ps", "-o", "pid=", "--ppid", str(todo.pop())], capture_output=True, text=True)
+            kids = [int(x) for x in ps.stdout.split()]
+            out += kids
+            todo += kids
+        return out
 
     deadline = time.monotonic() + 60
-    while len(kids := [k for k in children() if _is_worker(k)]) < 2 and time.monotonic() < deadline:
+    while len(kids := [k for k in descendants() if _is_worker(k)]) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert len(kids) == 2, "the two workers did not start"
+    assert len(kids) >= 2, "the two workers did not start"
     time.sleep(1.0)  # let them reach their task
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait()
@@ -56,7 +62,8 @@ def test_workers_die_with_a_killed_parent(tmp_path):
 
 def _is_worker(pid: int) -> bool:
     try:
-        return b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()
+        cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        return b"spawn_main" in cmd or b"forkserver" in cmd
     except OSError:
         return False
 
@@ -79,3 +86,41 @@ def test_partitions_start_biggest_run_folder_first(tmp_path):
     (tmp_path / "b" / "results").mkdir()
     (tmp_path / "b" / "results" / "more.json").write_bytes(b"x" * 5)
     assert largest_first(tmp_path, ["a", "b", "c", "d", "missing"]) == ["b", "d", "a", "c", "missing"]
+
+
+def test_workers_come_from_a_fork_server_with_stepml_imported():
+    """A worker starts with StepML and Dagster imported (the fork server imported them once): a study replaces its
+    workers every few partitions, and a spawned worker imported them again each time (≈ 3 CPU-s)."""
+    import multiprocessing as mp
+
+    import pytest
+
+    from stepml_dagster.workers import worker_context
+
+    if "forkserver" not in mp.get_all_start_methods():
+        pytest.skip("no fork server on this platform: workers are spawned")
+    got = list(run_in_workers(_imported_already, ("stepml_dagster.definitions",), ["a", "b"], 2, 1))
+    assert worker_context().get_start_method() == "forkserver"
+    assert [r for _, r, _ in got] == [True, True]
+
+
+def _imported_already(module: str, key: str) -> bool:
+    import sys
+
+    return module in sys.modules
+
+
+def test_a_worker_sees_the_environment_of_its_starter_now_not_the_fork_servers(monkeypatch):
+    """The fork server starts once per process with the environment of that moment; a study sets DAGSTER_HOME to its
+    own instance, so a later study's workers must see the later value (they would write to the first instance)."""
+    monkeypatch.setenv("STEPML_TEST_WORKER_ENV", "first")
+    list(run_in_workers(_env_of, ("STEPML_TEST_WORKER_ENV",), ["a"], 1, 1))  # the server is running from here on
+    monkeypatch.setenv("STEPML_TEST_WORKER_ENV", "second")
+    got = list(run_in_workers(_env_of, ("STEPML_TEST_WORKER_ENV",), ["a", "b"], 2, 1))
+    assert [r for _, r, _ in got] == ["second", "second"]
+
+
+def _env_of(name: str, key: str) -> str | None:
+    import os
+
+    return os.environ.get(name)
