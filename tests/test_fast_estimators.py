@@ -68,3 +68,42 @@ def test_predict_trees_matches_sklearn(n_rows):
     Xe = _data(7, n_rows)[0]
     Xe[::7, 2] = np.nan  # missing values follow missing_go_to_left
     np.testing.assert_allclose(predict_trees(m, Xe), est.predict(Xe), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("n_rows", [32769, 70000])  # the sizes predict_trees sends to the compiled walk
+def test_compiled_tree_walk_is_bit_identical_to_the_numpy_walk(n_rows):
+    """From 32 k rows predict_trees walks each tree with scikit-learn's compiled predictor: the same sums in the
+    same order as the numpy walk's one-tree groups, so every prediction is the same float (stored outputs unchanged)."""
+    from stepml_core.stepmodels.estimators import (
+        _predict_trees_compiled,
+        _predict_trees_walk,
+        fit_hgb_validated,
+        predict_trees,
+    )
+
+    X, y = _data(5, 4000)
+    Xv, yv = _data(6, 1000)
+    m = fit_hgb_validated("h", "t", [f"f{i}" for i in range(X.shape[1])], X, y, Xv, yv)
+    m.pop("_sklearn")
+    Xe = _data(8, n_rows)[0]
+    Xe[::5, 4] = np.nan
+    Xe[1::9, 0] = np.nan
+    walk = _predict_trees_walk(m["trees"], Xe, np.full(n_rows, m["baseline"]))
+    compiled = _predict_trees_compiled(m["trees"], Xe, np.full(n_rows, m["baseline"]))
+    assert np.array_equal(walk, compiled)
+    assert np.array_equal(predict_trees(m, Xe), walk)
+
+
+def test_single_threaded_limits_blas_and_openmp_and_restores_them():
+    """estimators.single_threaded (one ThreadpoolController per process) sets every library to one thread inside
+    the block and restores the settings after it, as threadpool_limits(1) did."""
+    from threadpoolctl import threadpool_info
+
+    from stepml_core.stepmodels.estimators import single_threaded
+
+    before = {d["filepath"]: d["num_threads"] for d in threadpool_info()}
+    with single_threaded():
+        inside = {d["filepath"]: d["num_threads"] for d in threadpool_info()}
+    assert inside and set(inside.values()) == {1}
+    assert {d["filepath"]: d["num_threads"] for d in threadpool_info()} == before
+    assert {d["internal_api"] for d in threadpool_info()} >= {"openblas", "openmp"}
