@@ -85,8 +85,13 @@ def build_feature_matrix(
     )
 
 
-def _xy(fm: pl.DataFrame, features: list[str], target: str, splits: tuple[str, ...]):
-    rows = fm.filter(pl.col("split").is_in(list(splits)) & pl.col(target).is_not_null() & pl.col(target).is_finite())
+def _target_rows(fm: pl.DataFrame, target: str, splits: tuple[str, ...]) -> pl.DataFrame:
+    """The rows of `splits` with a finite `target`: what a fit or a test of `target` reads."""
+    return fm.filter(pl.col("split").is_in(list(splits)) & pl.col(target).is_not_null() & pl.col(target).is_finite())
+
+
+def _xy_of(rows: pl.DataFrame, features: list[str], target: str):
+    """(X, y) of rows from _target_rows: the feature columns in order, the target as float."""
     X = rows.select(features).to_numpy() if features else np.zeros((rows.height, 0))
     return X, rows[target].to_numpy().astype(float)
 
@@ -96,13 +101,14 @@ def fit_models(
 ) -> list[dict]:
     """Fit the registered models (or `names`) for one target on a matrix with a `split` column; plain dicts out."""
     out = []
+    train, valid = _target_rows(fm, target, ("train",)), _target_rows(fm, target, ("valid",))  # once, not per model
     for name in names or tuple(MODELS):
         model = MODELS[name]
         feats = model.feature_columns()
-        X_tr, y_tr = _xy(fm, feats, target, ("train",))
+        X_tr, y_tr = _xy_of(train, feats, target)
         if len(y_tr) < 2:
             continue
-        X_va, y_va = _xy(fm, feats, target, ("valid",))
+        X_va, y_va = _xy_of(valid, feats, target)
         m = model.fit(target, X_tr, y_tr, X_va, y_va, seed=seed)
         m.setdefault("kind", "linear")
         m["name"], m["scope"] = name, scope
@@ -434,11 +440,12 @@ def feature_group_ablation(
     rows = []
     exp = fm_split["experiment_id"][0] if fm_split.height else ""
     for target in TARGETS:
+        train, valid, test = (_target_rows(fm_split, target, (s,)) for s in ("train", "valid", "test"))
 
         def test_ape(cols):
-            X_tr, y_tr = _xy(fm_split, cols, target, ("train",))
-            X_va, y_va = _xy(fm_split, cols, target, ("valid",))
-            X_te, y_te = _xy(fm_split, cols, target, ("test",))
+            X_tr, y_tr = _xy_of(train, cols, target)
+            X_va, y_va = _xy_of(valid, cols, target)
+            X_te, y_te = _xy_of(test, cols, target)
             ok = y_te != 0
             if len(y_tr) < 2 or not ok.any():
                 return None
