@@ -401,3 +401,16 @@ def test_e2e_basic_properties():
     res3 = e2e_fidelity(b, j, const.filter(pl.col("step.id") != 5))
     p3 = res3.per_request.sort("request.id")
     assert p3["pred_e2e_us"].to_list() == [4000.0, None] and res3.summary["e2e"]["n"] == 1
+
+
+def test_shared_batch_summary_counts_give_the_same_tables(truth_runs):
+    """h1.request_context computes batch_summary_counts once and hands it to the step table and the BATCH_SUMMARY
+    check: both come out as when each computed its own."""
+    from stepml_core.tables.batch_checks import batch_summary_counts
+
+    tt = truth_runs[[k for k in truth_runs if "codegen" in k][0]]
+    steps, snaps = as_collected(tt)
+    b = reconstruct(tt.journey, steps=steps, snapshots=snaps).batches
+    counts = batch_summary_counts(b)
+    assert step_inputs(b, tt.journey, steps=steps, counts=counts).equals(step_inputs(b, tt.journey, steps=steps))
+    assert compare_with_batch_summary(b, steps, counts=counts) == compare_with_batch_summary(b, steps)

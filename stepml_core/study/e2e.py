@@ -116,8 +116,10 @@ def step_table(
     kv_blocks_total: int | None = None,
     output_lag: int = 1,
     last_step: int | None = None,
+    counts: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
-    """BATCH_SUMMARY-like columns for every step id 1 … last step, from the reconstruction.
+    """BATCH_SUMMARY-like columns for every step id 1 … last step, from the reconstruction (``counts``:
+    batch_summary_counts(batches) where the caller has it already).
 
     * ``batch.*``: sums over the reconstructed batch with BATCH_SUMMARY's labels ("prefill"
       while ``num_output_tokens == 0``);
@@ -145,7 +147,7 @@ def step_table(
         last_step = max(cand)
     size = int(last_step) + 1
     ids = np.arange(1, size, dtype=np.int64)
-    cnt = batch_summary_counts(batches)
+    cnt = batch_summary_counts(batches) if counts is None else counts
     base = pl.DataFrame({"step.id": ids}).join(cnt, on="step.id", how="left").fill_null(0)
     # running and waiting depth
     ep, _ = journey_episodes(journey, last_step=last_step, output_lag=output_lag)

@@ -498,7 +498,7 @@ def request_context(
     Returns {"batches", "step_inputs", "agreement"}; empty tables when the run has no journey events.
     """
     from stepml_core.study.e2e import compare_step_table, step_inputs
-    from stepml_core.tables.batch_checks import compare_with_batch_summary, compare_with_snapshots
+    from stepml_core.tables.batch_checks import batch_summary_counts, compare_with_batch_summary, compare_with_snapshots
     from stepml_core.tables.reconstruct import reconstruct
 
     if journey.height == 0:
@@ -509,13 +509,14 @@ def request_context(
         }
     steps_ok = steps.filter(pl.col("parse_issue").is_null()) if "parse_issue" in steps.columns else steps
     rec = reconstruct(journey, steps=steps_ok, snapshots=snaps, max_num_batched_tokens=max_num_batched_tokens)
-    table = step_inputs(rec.batches, journey, steps=steps_ok)
+    counts = batch_summary_counts(rec.batches)  # once: the step table and the BATCH_SUMMARY check both read it
+    table = step_inputs(rec.batches, journey, steps=steps_ok, counts=counts)
     agreement = {
         "available": True,
         "pairs": rec.batches.height,
         "steps": table.height,
         "snapshots": compare_with_snapshots(rec.batches, snaps, steps=steps_ok) if snaps.height else None,
-        "batch_summary": compare_with_batch_summary(rec.batches, steps_ok) if steps_ok.height else None,
+        "batch_summary": compare_with_batch_summary(rec.batches, steps_ok, counts=counts) if steps_ok.height else None,
         "step_table": compare_step_table(table, steps_ok) if steps_ok.height else None,
         "diagnostics": rec.diagnostics,
     }

@@ -166,12 +166,15 @@ BATCH_COUNT_COLUMNS = [
 ]
 
 
-def compare_with_batch_summary(batches: pl.DataFrame, steps: pl.DataFrame) -> dict:
+def compare_with_batch_summary(
+    batches: pl.DataFrame, steps: pl.DataFrame, *, counts: pl.DataFrame | None = None
+) -> dict:
     """Exact-match rates of per-step token sums and request counts against BATCH_SUMMARY on every
     sampled step (BATCH_SUMMARY labels a request "prefill" while ``num_output_tokens == 0``, so
     the extra 1-token step after the last prompt chunk counts as prefill, and a resumed decode
-    request's recompute counts as decode). Steps without reconstructed rows count as zeros."""
-    cnt = batch_summary_counts(batches)
+    request's recompute counts as decode). Steps without reconstructed rows count as zeros. ``counts``:
+    batch_summary_counts(batches) where the caller has it already."""
+    cnt = batch_summary_counts(batches) if counts is None else counts
     st = steps.select(
         pl.col("step.id").cast(pl.Int64), *[pl.col(c).cast(pl.Int64) for c in BATCH_COUNT_COLUMNS]
     ).unique("step.id", keep="first")
