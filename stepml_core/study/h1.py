@@ -9,6 +9,7 @@ Scopes: per_experiment (fit on the experiment's own blocks) and pooled scopes (g
 model, leave-one-out), scored on each experiment's slice. The verdict is in stepml_core.study.verdict.
 """
 
+# long module: the per-run and pooled fits, their scores, the ablation and the request context share the matrix helpers
 from __future__ import annotations
 
 import functools
@@ -101,7 +102,7 @@ def fit_models(
 ) -> list[dict]:
     """Fit the registered models (or `names`) for one target on a matrix with a `split` column; plain dicts out."""
     out = []
-    train, valid = _target_rows(fm, target, ("train",)), _target_rows(fm, target, ("valid",))  # once, not per model
+    train, valid = (_target_rows(fm, target, (s,)) for s in ("train", "valid"))  # once per target, not per model
     for name in names or tuple(MODELS):
         model = MODELS[name]
         feats = model.feature_columns()
