@@ -107,3 +107,15 @@ def test_single_threaded_limits_blas_and_openmp_and_restores_them():
     assert inside and set(inside.values()) == {1}
     assert {d["filepath"]: d["num_threads"] for d in threadpool_info()} == before
     assert {d["internal_api"] for d in threadpool_info()} >= {"openblas", "openmp"}
+
+
+def test_linear_model_to_dict_equals_asdict():
+    """LinearStepModel.to_dict (lists copied, numbers shared) gives dataclasses.asdict's value, in field order."""
+    from dataclasses import asdict
+
+    X, y = _data(0)
+    Xv, yv = _data(1, 500)
+    m = fit_ridge_validated("r", "t", [f"f{i}" for i in range(X.shape[1])], X, y, Xv, yv)
+    d = m.to_dict()
+    assert d == asdict(m) and list(d) == list(asdict(m))
+    assert d["coef"] is not m.coef and d["features"] is not m.features  # a copy: editing it leaves the model alone

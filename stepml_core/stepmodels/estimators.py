@@ -15,7 +15,7 @@ to reproduce the published numbers, which were scored on unclamped predictions.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 from sklearn.linear_model import LinearRegression, Ridge
@@ -63,7 +63,9 @@ class LinearStepModel:
         return apply_floor(linear_score(self.to_dict(), np.asarray(X, float)), self.floor_us)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as a plain dict, lists copied: dataclasses.asdict's value without its deep copy of every
+        number (predict calls it on each prediction)."""
+        return {f.name: (list(v) if isinstance(v, list) else v) for f in fields(self) for v in (getattr(self, f.name),)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LinearStepModel":
