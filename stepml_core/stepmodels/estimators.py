@@ -341,8 +341,11 @@ def _predict_trees_compiled(trees: list, X: np.ndarray, out: np.ndarray) -> np.n
     goes to the ``missing_left`` side, else x ≤ threshold goes left) and the same additions in the same order
     as its one-tree-at-a-time groups, so the result is bit-identical to them, 3x faster on 100 k rows
     (tests/test_fast_estimators.py)."""
-    from sklearn.ensemble._hist_gradient_boosting._predictor import _predict_from_raw_data
-    from sklearn.ensemble._hist_gradient_boosting.common import PREDICTOR_RECORD_DTYPE
+    try:  # private to scikit-learn (pinned: pyproject.toml); where it moved, the numpy walk gives the same floats
+        from sklearn.ensemble._hist_gradient_boosting._predictor import _predict_from_raw_data
+        from sklearn.ensemble._hist_gradient_boosting.common import PREDICTOR_RECORD_DTYPE
+    except ImportError:
+        return _predict_trees_walk(trees, X, out)
 
     X = np.ascontiguousarray(X, dtype=np.float64)
     no_bitsets = np.zeros((0, 8), np.uint32)  # no categorical splits
