@@ -140,12 +140,22 @@ class Progress:
         self.stream.flush()
 
 
+_REPORTED = {"cpu_s": 0.0, "peak_rss_mb": 0.0}  # processes this one does not wait for (add_reported_usage)
+
+
+def add_reported_usage(cpu_s: float, peak_rss_mb: float = 0.0) -> None:
+    """CPU seconds (and peak RSS) a process that is not this one's waited-for child reports of itself: a worker
+    forked from a fork server is the server's child, so neither ``RUSAGE_CHILDREN`` nor ``/usr/bin/time`` sees it."""
+    _REPORTED["cpu_s"] += float(cpu_s)
+    _REPORTED["peak_rss_mb"] = max(_REPORTED["peak_rss_mb"], float(peak_rss_mb))
+
+
 class PhaseClock:
     """Wall and CPU seconds per phase of a long command (synth, runs, models, replay, study), and a summary line.
 
-    CPU seconds = user + system of this process and of its waited-for children (worker processes: their time
-    counts once they have exited, which every phase waits for), from ``resource.getrusage``; the sum over
-    phases is what ``/usr/bin/time`` reports for the command, less start-up.
+    CPU seconds = user + system of this process and of its waited-for children (their time counts once they have
+    exited, which every phase waits for), from ``resource.getrusage``, plus what fork-server workers reported
+    (add_reported_usage, after each partition); ``/usr/bin/time`` sees only the first part.
 
         clock = PhaseClock()
         with clock.phase("synth"):
@@ -162,7 +172,7 @@ class PhaseClock:
         import resource
 
         me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime + _REPORTED["cpu_s"]
 
     def phase(self, name: str):
         import contextlib
@@ -181,4 +191,6 @@ class PhaseClock:
     def summary(self) -> str:
         parts = [f"{n} {w:.1f} / {c:.1f}" for n, (w, c) in self.phases.items()]
         wall, cpu = sum(w for w, _ in self.phases.values()), sum(c for _, c in self.phases.values())
-        return f"phases (wall s / CPU s): {'; '.join(parts)}; total {wall:.1f} / {cpu:.1f}"
+        rss = _REPORTED["peak_rss_mb"]
+        workers = f"; worker peak RSS {rss / 1024:.2f} GB" if rss else ""
+        return f"phases (wall s / CPU s): {'; '.join(parts)}; total {wall:.1f} / {cpu:.1f}{workers}"

@@ -17,6 +17,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait
 
+from stepml_core.progress import add_reported_usage
+
 
 def _die_with_parent() -> None:
     """Linux: the kernel sends this worker SIGKILL when the process that started it dies, however it dies
@@ -65,7 +67,21 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def _own_cpu_s() -> float:
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _own_peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
 def _worker_main(conn, fn: Callable, common: tuple, max_tasks: int, env: dict | None = None) -> None:
+    used = 0.0
     _die_with_parent()
     _exit_with_parent()
     if env is not None and env != dict(os.environ):  # the starter's environment now (a fork server keeps its own)
@@ -78,7 +94,10 @@ def _worker_main(conn, fn: Callable, common: tuple, max_tasks: int, env: dict | 
             return
         if key is None:
             return
-        conn.send(fn(*common, key))
+        res = fn(*common, key)
+        now = _own_cpu_s()
+        conn.send((res, now - used, _own_peak_rss_mb()))  # a fork server's worker: its starter cannot wait for it
+        used = now
 
 
 def death_message(pid: int, exitcode: int | None) -> str:
@@ -121,6 +140,7 @@ def run_in_workers(
     """Yield (key, fn(*common, key), None) as partitions finish, or (key, None, message) for a partition
     whose worker died; on_death(key, pid, message) is called first. Every worker has exited on return."""
     ctx = worker_context()
+    reported = ctx.get_start_method() == "forkserver"
     todo = deque(keys)
     pool: list[_Worker] = []
     try:
@@ -146,10 +166,12 @@ def run_in_workers(
             for w in list(pool):
                 if w.key is not None and (w.conn in ready or w.proc.sentinel in ready) and w.conn.poll():
                     try:
-                        res = w.conn.recv()
+                        res, cpu_s, rss_mb = w.conn.recv()
                     except (EOFError, OSError):
                         res = None
                     else:
+                        if reported:  # not a waited-for child: its usage counts where it says so
+                            add_reported_usage(cpu_s, rss_mb)
                         key, w.key = w.key, None
                         yield key, res, None
                 if w.proc.sentinel in ready or not w.proc.is_alive():

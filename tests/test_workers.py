@@ -124,3 +124,26 @@ def _env_of(name: str, key: str) -> str | None:
     import os
 
     return os.environ.get(name)
+
+
+def test_a_phase_counts_the_cpu_of_fork_server_workers():
+    """A fork server's worker is not a waited-for child of `stepml run` (RUSAGE_CHILDREN and /usr/bin/time miss
+    it): each reports its CPU seconds with its result, and the phase line counts them (it said 0.0 before)."""
+    from stepml_core.progress import PhaseClock
+
+    clock = PhaseClock()
+    with clock.phase("work"):
+        got = list(run_in_workers(_burn_cpu, (0.4,), ["a", "b"], 2, 1))
+    assert [m for _, _, m in got] == [None, None]
+    wall_s, cpu_s = clock.phases["work"]
+    assert cpu_s >= 0.7  # two workers x 0.4 CPU-s each (the parent only waited)
+    assert "worker peak RSS" in clock.summary()
+
+
+def _burn_cpu(seconds: float, key: str) -> str:
+    import time
+
+    t = time.process_time()
+    while time.process_time() - t < seconds:
+        pass
+    return key
