@@ -47,14 +47,18 @@ def batch_features(batch, model: dict, gpu: dict, tp: int, model_names: list[str
     return features_from_sums(batch_sums(batch), _consts(model, tp), gpu, tp, model_names, model["name"])
 
 
-def batch_sums(batch) -> tuple:
+def batch_sums(batch, decoders: tuple = (0, 0, 0, 0, 0)) -> tuple:
     """(P, D, n_pf, n_dc, prefill pairs, prefill context, sequences sampling a token, kv_mean, kv_std, kv_max, kv_min,
-    kv_sum) of a batch: KV statistics over decode requests' context lengths (0 without decodes)."""
-    P = D = npf = ndc = 0
+    kv_sum) of a batch: KV statistics over decode requests' context lengths (0 without decodes). ``decoders``:
+    (n, Σc, Σc², max c, min c) of one-token decode requests summed already and not in ``batch`` (the simulator keeps
+    them incrementally: sim_step_time.sums_from_decode_stats) — the same numbers, the sums being exact."""
+    n, s1, s2, kmax, kmin = decoders  # Σ ctx, Σ ctx² over decode requests (ints: exact)
+    if not n:
+        kmax, kmin = -math.inf, math.inf
+    P = npf = 0
+    D = ndc = n
     pf_pairs = pf_ctx = 0.0
     n_logit_pf = 0
-    s1 = s2 = 0  # Σ ctx, Σ ctx² over decode requests (ints: exact)
-    kmax, kmin = -math.inf, math.inf
     for ci, qi, pi in batch:  # the hot loop: plain comparisons, no calls
         if qi <= 0:
             continue

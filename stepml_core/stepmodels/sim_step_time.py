@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from stepml_core.stepmodels.reference_predictor import batch_sums
+
 BLIS_STEP_FEATURES = (
     "prefill_tokens",
     "decode_tokens",
@@ -258,41 +260,9 @@ def _holds_value(x: float, op: str, v: float) -> bool:
 
 def sums_from_decode_stats(decode: tuple, chunks) -> tuple:
     """reference_predictor.batch_sums of a batch given as its decoders' (n, Σc, Σc², max c, min c) and its prompt
-    chunks (q, c, prompt length): the same sums in O(chunks) (ints exact, the float sums of whole numbers exact, so
-    the same floats; a chunk from c ≥ prompt length — recomputed output — counts as a decode, as there)."""
-    n, s1, s2, kmax, kmin = decode
-    if not n:
-        kmax, kmin = -math.inf, math.inf
-    P, D, npf, ndc = 0, n, 0, n
-    pf_pairs = pf_ctx = 0.0
-    n_logit_pf = 0
-    for qi, ci, pi in chunks:
-        if qi <= 0:
-            continue
-        if ci >= pi:
-            D += qi
-            ndc += 1
-            s1 += ci
-            s2 += ci * ci
-            if ci > kmax:
-                kmax = ci
-            if ci < kmin:
-                kmin = ci
-        else:
-            P += qi
-            npf += 1
-            pf_pairs += qi * ci + qi * (qi + 1) / 2
-            pf_ctx += ci
-            if ci + qi >= pi:
-                n_logit_pf += 1
-    s1, s2 = float(s1), float(s2)
-    if ndc:
-        kv_mean = s1 / ndc
-        kv_std = math.sqrt(max(s2 / ndc - kv_mean * kv_mean, 0.0))
-        kv_max, kv_min, kv_sum = float(kmax), float(kmin), s1
-    else:
-        kv_mean = kv_std = kv_max = kv_min = kv_sum = 0.0
-    return P, D, npf, ndc, pf_pairs, pf_ctx, n_logit_pf + ndc, kv_mean, kv_std, kv_max, kv_min, kv_sum
+    chunks (q, c, prompt length): the same sums in O(chunks) (a chunk from c ≥ prompt length — recomputed output —
+    counts as a decode, as there)."""
+    return batch_sums([(c, q, p) for q, c, p in chunks], decode)
 
 
 class ExportedStepTime:
