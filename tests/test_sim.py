@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from stepml_core.sim import CycleClock, EngineCore, FixedArrivals, SchedulerConfig, SimRequest
+from stepml_core.sim.kv_cache import BlockPool
 from stepml_core.synth import synthesize_runs
 
 # sha256 of every file of one small synthetic run (7B reasoning: preemptions and client timeouts), seed 11,
@@ -216,3 +217,56 @@ def test_the_decoders_context_statistics_kept_incrementally_equal_the_loop_over_
     assert model.steps == sim.steps and sim.steps > 50
     if kv_blocks < 1000:
         assert sim.counters["preemptions"] > 0
+
+
+def _resuming_engine(seed: int, kv_blocks: int):
+    """Shared system prompts, repeated prompts, long outputs and a KV cache that runs out: decoders are preempted
+    and resume with prefix-cache hits on their own output blocks, while other requests' blocks evict cached ones."""
+    rng = np.random.default_rng(seed)
+    n = 80
+    prompts, outs = rng.integers(40, 600, n), rng.integers(60, 500, n)
+    groups, prompt_ids = rng.integers(0, 3, n), rng.integers(0, 25, n)
+    reqs = [
+        SimRequest(i, int(prompt_ids[i]), int(groups[i]), int(prompts[i]), int(outs[i]), min(2, int(prompts[i]) // 16))
+        for i in range(n)
+    ]
+    arr = FixedArrivals(np.sort(rng.uniform(0, 0.5, n)), 1e6, lambda p, r: 0.0)
+    cfg = SchedulerConfig(kv_blocks_total=kv_blocks, max_num_batched_tokens=1024, max_num_seqs=32)
+    return EngineCore(reqs, cfg, arr, CycleClock(ConstantStep(1000.0)))
+
+
+class _CountingPool(BlockPool):
+    """Counts admissions whose prefix-cache hits reach into the request's own output blocks (a resumption)."""
+
+    own_output_hits = 0
+
+    def lookup(self, R, tokens):
+        hits = super().lookup(R, tokens)
+        self.own_output_hits += len(hits) > max(R.prompt_full_blk, R.nshared_blk)
+        return hits
+
+
+@pytest.mark.parametrize("seed,kv_blocks", [(1, 300), (2, 450), (3, 700)])
+def test_output_blocks_registered_on_preemption_give_the_same_run_as_registering_each_as_it_fills(
+    monkeypatch, seed, kv_blocks
+):
+    """engine.LAZY_OUTPUT_KEYS: a decoder's output blocks enter the prefix cache when it is preempted instead of
+    one by one as they fill. Every request's events, output segments and hit blocks, every step's time and the
+    counters are the same as with eager registration, under preemptions, resumptions that hit their own output
+    blocks, shared system prompts and evictions."""
+    from stepml_core.sim import engine as engine_module
+
+    runs = {}
+    for lazy in (True, False):
+        monkeypatch.setattr(engine_module, "LAZY_OUTPUT_KEYS", lazy)
+        eng = _resuming_engine(seed, kv_blocks)
+        eng.pool = _CountingPool(kv_blocks)
+        sim = eng.run()
+        runs[lazy] = (
+            [(R.events, R.segments, R.hit_blk, R.cached_tokens, R.finish_status) for R in sim.requests],
+            sim.ts_start_ns,
+            sim.counters,
+            eng.pool.own_output_hits,
+        )
+    assert runs[True] == runs[False]
+    assert runs[True][2]["preemptions"] > 0 and runs[True][3] > 0  # resumptions hit their own output blocks

@@ -39,6 +39,7 @@ class SimRequest:
         "target",
         "blist",
         "nhashed",
+        "lazy_out_keys",
         "hit_blk",
         "cached_tokens",
         "first_sched",
@@ -83,6 +84,9 @@ class SimRequest:
         self.target = prompt_len  # tokens to compute before decoding (prompt + recomputed output)
         self.blist = []  # KV block ids, in order
         self.nhashed = 0  # full blocks registered in the prefix cache
+        # this decode segment's full output blocks are registered only if the request is preempted (engine.py,
+        # _allocate_decode_blocks): only the request itself can hit its own output keys
+        self.lazy_out_keys = False
         self.hit_blk = 0
         self.cached_tokens = -1  # prefix-cache hit tokens at first admission
         self.first_sched = True
