@@ -256,7 +256,8 @@ class EngineCore:
         self._n_pre = 0
         self._sched_events = []  # (request, event type, kind)
         self._sched_list = None  # requests with a prompt chunk in this step
-        self._allocate_decode_blocks(N)
+        if N in self.blk_due:
+            self._allocate_decode_blocks(N)
         budget = self.cfg.max_num_batched_tokens - self.n_dec
         if self.prefillers:
             budget = self._continue_prefills(N, budget)
@@ -397,13 +398,11 @@ class EngineCore:
     # ------------------------------------------------------------------ phases: schedule()
     def _allocate_decode_blocks(self, N: int) -> None:
         """Decoders whose next token starts a new KV block get one, in running order (preempting if none is free)."""
-        due = self.blk_due.pop(N, None)
-        if not due:
-            return
-        if len(due) > 1:
-            due.sort(key=_seq_of)
+        due = self.blk_due.pop(N)
         pool, running, blk_due = self.pool, self.running, self.blk_due
         free_q, bkey, cache, ref = pool.free_q, pool.bkey, pool.cache, pool.ref
+        if len(due) > len(free_q):  # someone may be preempted: the most recently admitted first, so in running order
+            due.sort(key=_seq_of)  # (with a block for each, the order only relabels which block id each one gets)
         pop_free = free_q.popitem
         for R, ver in due:
             if R.dver != ver or R.state != DECODE:
