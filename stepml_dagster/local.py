@@ -534,6 +534,10 @@ def run_study(
 
     say = _say(quiet)
     clock = PhaseClock()
+    if (workers or 1) > 1:
+        from .workers import start_worker_server
+
+        start_worker_server()  # its imports overlap the synthesis or the scan of the run folders
     root, folders, rejected, keys, refused = _choose_runs(
         data_dir,
         experiments,

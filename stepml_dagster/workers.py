@@ -49,6 +49,16 @@ def worker_context():
     return ctx
 
 
+def start_worker_server() -> None:
+    """Start the fork server now, where workers come from one (worker_context): it imports PRELOAD (≈ 2 s) while the
+    caller goes on (`stepml run` synthesizes its runs meanwhile) instead of when the first worker is asked for."""
+    ctx = worker_context()
+    if ctx.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
 def _exit_with_parent() -> None:
     """A worker from the fork server is the server's child, so PR_SET_PDEATHSIG watches the server, and the server
     lives while its workers hold its liveness pipe: a thread here waits on the pipe to the process that started this
