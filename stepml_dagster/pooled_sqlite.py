@@ -13,7 +13,9 @@ Processes: engines are kept per process. A forked child starts with none: ``os.r
 moves the parent's engines into a keep-alive list in the child, never used and never closed there
 (closing a parent's sqlite3 connection in the child would act on the parent's database handles).
 Open files: at most ``MAX_ENGINES`` engines per process (the event log has one file per run); the
-least recently used one beyond that is disposed (its idle connections closed).
+least recently used one beyond that is disposed (its idle connections closed). At exit (and at the end of a
+multiprocessing child, a `stepml run` partition worker) a process closes its connections, so that the WAL files
+go into their databases as with Dagster's storages; ``instance.dispose()`` closes the instance's files' engines.
 
 ``PooledSqliteInstance`` is the DagsterInstance whose default storage (no ``storage:`` block in
 dagster.yaml) is ``PooledSqliteStorage`` on the instance folder, as Dagster's default is
@@ -22,7 +24,7 @@ dagster.yaml) is ``PooledSqliteStorage`` on the instance folder, as Dagster's de
 
 from __future__ import annotations
 
-import atexit
+import multiprocessing.util
 import os
 import threading
 from collections import OrderedDict
@@ -57,6 +59,7 @@ class _EngineCache:
         self.pid = os.getpid()
         self.lock = threading.Lock()
         self.engines: OrderedDict[str, sa.engine.Engine] = OrderedDict()
+        self.exit_hook = False  # _dispose_own_engines registered to run at this process's exit
 
 
 _cache = _EngineCache()
@@ -75,12 +78,11 @@ def _forget_inherited_engines() -> None:
 
 def _dispose_own_engines() -> None:
     """At exit: close this process's connections, so that the last one to close checkpoints each WAL file into its
-    database as Dagster's per-operation connections do (without this, exit leaves the -wal files to the next user)."""
+    database and removes the -wal/-shm files, as Dagster's per-operation connections do."""
     dispose_engines("")
 
 
 os.register_at_fork(after_in_child=_forget_inherited_engines)
-atexit.register(_dispose_own_engines)
 
 
 def engine_for(conn_string: str, connect_args: Mapping | None = None) -> sa.engine.Engine:
@@ -95,6 +97,10 @@ def engine_for(conn_string: str, connect_args: Mapping | None = None) -> sa.engi
                 conn_string, connect_args=dict(connect_args or {}), pool_size=POOL_SIZE, max_overflow=-1
             )
             cache.engines[conn_string] = engine
+            if not cache.exit_hook:  # multiprocessing's exit finalizers run at interpreter exit (atexit) and at the end
+                # of a multiprocessing child, which skips atexit; registered here, after such a child cleared them
+                multiprocessing.util.Finalize(None, _dispose_own_engines, exitpriority=0)
+                cache.exit_hook = True
             if len(cache.engines) > MAX_ENGINES:
                 evicted = cache.engines.popitem(last=False)[1]
         else:
@@ -235,3 +241,10 @@ class PooledSqliteInstance(DagsterInstance):
             __name__, PooledSqliteStorage.__name__, yaml.dump({"base_dir": base_dir}, default_flow_style=False)
         )
         return defaults
+
+    def dispose(self) -> None:
+        """DagsterInstance.dispose disposes the run and event-log storages only; the schedule storage's kept engine
+        goes too."""
+        super().dispose()
+        if self._schedule_storage is not None:
+            self._schedule_storage.dispose()

@@ -3,6 +3,7 @@ on the very files Dagster's default SQLite storage uses; forked children and oth
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import shutil
 import subprocess
@@ -54,6 +55,10 @@ def _materialize(instance, key: str) -> str:
     res = dg.materialize([tiny], instance=instance, partition_key=key)
     assert res.success
     return res.run_id
+
+
+def _wal_files(home: Path) -> list[str]:
+    return sorted(str(p.relative_to(home)) for p in home.rglob("*.db-wal"))
 
 
 def _latest_partitions(instance) -> set[str]:
@@ -172,6 +177,7 @@ def test_two_processes_write_at_once(tmp_path):
     ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
+    assert _wal_files(home) == []  # each writer's connections closed at its exit: the WAL went into the database
     default = dg.DagsterInstance.from_config(str(home), config_filename=DEFAULT_CONFIG)
     try:
         assert len(default.get_runs()) == 8
@@ -249,3 +255,18 @@ def test_an_unchanged_earlier_deploy_config_is_replaced(tmp_path):
     )
     ensure_instance_config(edited)
     assert "max_concurrent_runs: 4" in (edited / "dagster.yaml").read_text()
+
+
+def _materialize_in_child(home: str) -> None:
+    _materialize(dg.DagsterInstance.from_config(home), "p0")
+
+
+def test_a_multiprocessing_child_closes_its_connections_at_exit(tmp_path):
+    """A multiprocessing child (a `stepml run` partition worker) ends without atexit: its connections are closed by
+    multiprocessing's exit finalizers, so no -wal file of its run is left behind, as with Dagster's storages."""
+    home = _home(tmp_path)
+    child = mp.get_context("fork").Process(target=_materialize_in_child, args=(str(home),))
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0
+    assert _wal_files(home) == []
