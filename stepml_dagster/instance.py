@@ -4,12 +4,13 @@ A study is one data folder and one output folder. Its instance (runs, event log,
 sensor cursors) lives in ``<out>/dagster_home`` unless ``DAGSTER_HOME`` is set, so `stepml run`,
 `stepml backfill` and `stepml ui` on the same ``--out`` share one instance and the UI lists that
 study's runs only. ``deploy/dagster.yaml`` is the one source of the instance settings: it is copied
-into an instance that has no dagster.yaml (or still has the minimal file older versions wrote);
-a dagster.yaml the user wrote (PostgreSQL, say) is left alone.
+into an instance that has no dagster.yaml, or one that is an earlier deploy/dagster.yaml unchanged (or the
+minimal file older versions wrote); a dagster.yaml the user wrote or edited (PostgreSQL, say) is left alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -25,6 +26,8 @@ WORKSPACE_FILE = PROJECT_ROOT / "workspace.yaml"
 PARTITIONS_DEF_NAME = "experiment"
 # first line of the minimal dagster.yaml `stepml run` wrote before deploy/dagster.yaml was the source
 _LEGACY_CONFIG_LINE = "# StepML default: embedded SQLite storage under DAGSTER_HOME"
+# sha256 of the earlier versions of deploy/dagster.yaml (d20f88b: Dagster's default SQLite storage)
+_EARLIER_CONFIG_SHA256 = frozenset({"6747608a8f19426d213f67984fae1eecf5cfc0194bc86e05fadeb319da2b98af"})
 
 
 def study_dagster_home(out_dir: Path) -> Path:
@@ -34,10 +37,17 @@ def study_dagster_home(out_dir: Path) -> Path:
 
 
 def ensure_instance_config(home: Path) -> Path:
-    """Create the instance folder with deploy/dagster.yaml as its dagster.yaml, unless it has one of its own."""
+    """Create the instance folder with deploy/dagster.yaml as its dagster.yaml, unless it has one of its own
+    (an earlier deploy/dagster.yaml, unchanged, is replaced by the current one)."""
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "dagster.yaml"
-    if not cfg.exists() or cfg.read_text(errors="replace").startswith(_LEGACY_CONFIG_LINE):
+    if not cfg.exists():
+        shutil.copyfile(INSTANCE_CONFIG, cfg)
+        return cfg
+    text = cfg.read_bytes()
+    if text.decode(errors="replace").startswith(_LEGACY_CONFIG_LINE) or (
+        hashlib.sha256(text).hexdigest() in _EARLIER_CONFIG_SHA256
+    ):
         shutil.copyfile(INSTANCE_CONFIG, cfg)
     return cfg
 
