@@ -50,6 +50,8 @@ from stepml_core.errors import NoUsableRunsError, StepMLError, UsageError
 from stepml_core.progress import PhaseClock, make_progress
 from stepml_core.runs.folders import RUN_FOLDER_CONTENTS, find_trace_file
 
+from .workers import start_worker_server
+
 PARTITIONS_PER_WORKER = 4  # `stepml run --workers N`: partitions a worker process runs before it is replaced
 
 
@@ -535,8 +537,6 @@ def run_study(
     say = _say(quiet)
     clock = PhaseClock()
     if (workers or 1) > 1:
-        from .workers import start_worker_server
-
         start_worker_server()  # its imports overlap the synthesis or the scan of the run folders
     root, folders, rejected, keys, refused = _choose_runs(
         data_dir,
