@@ -135,38 +135,30 @@ def _transaction(engine: sa.engine.Engine) -> Iterator[sa.engine.Connection]:
         yield conn
 
 
-class PooledSqliteRunStorage(SqliteRunStorage):
+class _OneFilePooled:
+    """A SQLite storage of one file (``_conn_string``: runs.db, schedules.db) on this process's engine for it;
+    listed before the Dagster class it pools."""
+
+    @classmethod
+    def from_config_value(cls, inst_data, config_value):  # the base's returns its own class
+        return cls.from_local(inst_data=inst_data, **config_value)
+
+    @contextmanager
+    def connect(self) -> Iterator[sa.engine.Connection]:
+        with _transaction(engine_for(self._conn_string)) as conn:
+            yield conn
+
+    def dispose(self) -> None:
+        super().dispose()
+        dispose_engines(self._conn_string)
+
+
+class PooledSqliteRunStorage(_OneFilePooled, SqliteRunStorage):
     """SqliteRunStorage (history/runs.db) on this process's engine for the file."""
 
-    @classmethod
-    def from_config_value(cls, inst_data, config_value) -> PooledSqliteRunStorage:  # base returns its own class
-        return cls.from_local(inst_data=inst_data, **config_value)
 
-    @contextmanager
-    def connect(self) -> Iterator[sa.engine.Connection]:
-        with _transaction(engine_for(self._conn_string)) as conn:
-            yield conn
-
-    def dispose(self) -> None:
-        super().dispose()
-        dispose_engines(self._conn_string)
-
-
-class PooledSqliteScheduleStorage(SqliteScheduleStorage):
+class PooledSqliteScheduleStorage(_OneFilePooled, SqliteScheduleStorage):
     """SqliteScheduleStorage (schedules/schedules.db) on this process's engine for the file."""
-
-    @classmethod
-    def from_config_value(cls, inst_data, config_value) -> PooledSqliteScheduleStorage:
-        return cls.from_local(inst_data=inst_data, **config_value)
-
-    @contextmanager
-    def connect(self) -> Iterator[sa.engine.Connection]:
-        with _transaction(engine_for(self._conn_string)) as conn:
-            yield conn
-
-    def dispose(self) -> None:
-        super().dispose()
-        dispose_engines(self._conn_string)
 
 
 class PooledSqliteEventLogStorage(SqliteEventLogStorage):

@@ -51,6 +51,19 @@ def _home(tmp_path: Path) -> Path:
     return home
 
 
+@pytest.fixture
+def instances(tmp_path):
+    """(instance folder, a pooled instance from deploy/dagster.yaml, a default one on the same folder)."""
+    home = _home(tmp_path)
+    pooled = dg.DagsterInstance.from_config(str(home))
+    default = dg.DagsterInstance.from_config(str(home), config_filename=DEFAULT_CONFIG)
+    try:
+        yield home, pooled, default
+    finally:
+        pooled.dispose()
+        default.dispose()
+
+
 def _materialize(instance, key: str) -> str:
     res = dg.materialize([tiny], instance=instance, partition_key=key)
     assert res.success
@@ -66,64 +79,46 @@ def _latest_partitions(instance) -> set[str]:
     return {r.partition_key for r in recs}
 
 
-def test_deploy_config_makes_pooled_storages_on_the_default_files(tmp_path):
-    home = _home(tmp_path)
-    pooled = dg.DagsterInstance.from_config(str(home))
-    default = dg.DagsterInstance.from_config(str(home), config_filename=DEFAULT_CONFIG)
-    try:
-        assert isinstance(pooled, P.PooledSqliteInstance)
-        assert isinstance(pooled.run_storage, P.PooledSqliteRunStorage)
-        assert isinstance(pooled.event_log_storage, P.PooledSqliteEventLogStorage)
-        assert isinstance(pooled.schedule_storage, P.PooledSqliteScheduleStorage)
-        assert type(default.run_storage) is SqliteRunStorage  # the comparison below is with Dagster's own classes
-        assert type(default.event_log_storage) is SqliteEventLogStorage
-        assert type(default.schedule_storage) is SqliteScheduleStorage
-        assert pooled.run_storage._conn_string == default.run_storage._conn_string
-        assert pooled.schedule_storage._conn_string == default.schedule_storage._conn_string
-        assert pooled.event_log_storage._base_dir == default.event_log_storage._base_dir
-        for f in ("history/runs.db", "history/runs/index.db", "schedules/schedules.db"):
-            assert (home / f).is_file(), f
-    finally:
-        pooled.dispose()
-        default.dispose()
+def test_deploy_config_makes_pooled_storages_on_the_default_files(instances):
+    home, pooled, default = instances
+    assert isinstance(pooled, P.PooledSqliteInstance)
+    assert isinstance(pooled.run_storage, P.PooledSqliteRunStorage)
+    assert isinstance(pooled.event_log_storage, P.PooledSqliteEventLogStorage)
+    assert isinstance(pooled.schedule_storage, P.PooledSqliteScheduleStorage)
+    assert type(default.run_storage) is SqliteRunStorage  # the comparison below is with Dagster's own classes
+    assert type(default.event_log_storage) is SqliteEventLogStorage
+    assert type(default.schedule_storage) is SqliteScheduleStorage
+    assert pooled.run_storage._conn_string == default.run_storage._conn_string
+    assert pooled.schedule_storage._conn_string == default.schedule_storage._conn_string
+    assert pooled.event_log_storage._base_dir == default.event_log_storage._base_dir
+    for f in ("history/runs.db", "history/runs/index.db", "schedules/schedules.db"):
+        assert (home / f).is_file(), f
 
 
-def test_pooled_and_default_instances_see_each_others_writes(tmp_path):
-    home = _home(tmp_path)
-    pooled = dg.DagsterInstance.from_config(str(home))
-    default = dg.DagsterInstance.from_config(str(home), config_filename=DEFAULT_CONFIG)
-    try:
-        run_a = _materialize(pooled, "p0")  # the pooled instance's connections stay open from here on
-        assert default.get_run_by_id(run_a).is_success
-        assert _latest_partitions(default) == {"p0"}
-        assert len(default.all_logs(run_a)) == len(pooled.all_logs(run_a)) > 0
-        run_b = _materialize(default, "p1")
-        assert pooled.get_run_by_id(run_b).is_success  # read on a kept connection: sees the other writer's commit
-        assert _latest_partitions(pooled) == {"p0", "p1"}
-        assert len(pooled.all_logs(run_b)) == len(default.all_logs(run_b)) > 0
-        default.add_dynamic_partitions("experiment", ["a"])
-        pooled.add_dynamic_partitions("experiment", ["b"])
-        assert set(pooled.get_dynamic_partitions("experiment")) == set(default.get_dynamic_partitions("experiment"))
-        assert P.cached_engine_count() >= 3  # runs.db, index.db, schedules.db and the run files
-    finally:
-        pooled.dispose()
-        default.dispose()
+def test_pooled_and_default_instances_see_each_others_writes(instances):
+    home, pooled, default = instances
+    run_a = _materialize(pooled, "p0")  # the pooled instance's connections stay open from here on
+    assert default.get_run_by_id(run_a).is_success
+    assert _latest_partitions(default) == {"p0"}
+    assert len(default.all_logs(run_a)) == len(pooled.all_logs(run_a)) > 0
+    run_b = _materialize(default, "p1")
+    assert pooled.get_run_by_id(run_b).is_success  # read on a kept connection: sees the other writer's commit
+    assert _latest_partitions(pooled) == {"p0", "p1"}
+    assert len(pooled.all_logs(run_b)) == len(default.all_logs(run_b)) > 0
+    default.add_dynamic_partitions("experiment", ["a"])
+    pooled.add_dynamic_partitions("experiment", ["b"])
+    assert set(pooled.get_dynamic_partitions("experiment")) == set(default.get_dynamic_partitions("experiment"))
+    assert P.cached_engine_count() >= 3  # runs.db, index.db, schedules.db and the run files
 
 
-def test_wipe_then_write_reaches_the_new_files(tmp_path):
+def test_wipe_then_write_reaches_the_new_files(instances):
     """wipe() deletes the run files: an engine kept on one would go on writing to the deleted file."""
-    home = _home(tmp_path)
-    pooled = dg.DagsterInstance.from_config(str(home))
-    default = dg.DagsterInstance.from_config(str(home), config_filename=DEFAULT_CONFIG)
-    try:
-        run_id = dg.DagsterRun(job_name="j").run_id
-        pooled.report_engine_event("before", dg.DagsterRun(job_name="j", run_id=run_id))
-        pooled.wipe()
-        pooled.report_engine_event("after", dg.DagsterRun(job_name="j", run_id=run_id))
-        assert [e.message for e in default.all_logs(run_id)] == ["after"]
-    finally:
-        pooled.dispose()
-        default.dispose()
+    home, pooled, default = instances
+    run_id = dg.DagsterRun(job_name="j").run_id
+    pooled.report_engine_event("before", dg.DagsterRun(job_name="j", run_id=run_id))
+    pooled.wipe()
+    pooled.report_engine_event("after", dg.DagsterRun(job_name="j", run_id=run_id))
+    assert [e.message for e in default.all_logs(run_id)] == ["after"]
 
 
 def test_threads_share_one_instance(tmp_path):
