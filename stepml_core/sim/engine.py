@@ -428,9 +428,8 @@ class EngineCore:
             bl = R.blist
             bl.append(bid)
             nb = len(bl)
-            if R.lazy_out_keys:  # its full output blocks are registered if it is preempted (_preempt)
-                pass
-            elif (nfull := (R.c0 + (N - R.s0)) // BLOCK_TOKENS) > (j := R.nhashed):
+            # full blocks registered now, unless its output blocks are registered if it is preempted (_preempt)
+            if not R.lazy_out_keys and (nfull := (R.c0 + (N - R.s0)) // BLOCK_TOKENS) > (j := R.nhashed):
                 n = nfull if nfull < nb else nb
                 if n == j + 1 and j >= R.prompt_full_blk and j >= R.nshared_blk:  # one output block full: key inlined
                     key = OUT_BASE + R.idx * BLK_STRIDE + j
