@@ -172,7 +172,9 @@ def test_two_processes_write_at_once(tmp_path):
     ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    assert _wal_files(home) == []  # each writer's connections closed at its exit: the WAL went into the database
+    # no check of leftover -wal files here: two processes closing their last connections at the same moment may
+    # both fail to take the lock that checkpoints the WAL (so with Dagster's own storages); the next opener
+    # recovers it. The exit hook is checked alone: test_a_multiprocessing_child_closes_its_connections_at_exit.
     default = dg.DagsterInstance.from_config(str(home), config_filename=DEFAULT_CONFIG)
     try:
         assert len(default.get_runs()) == 8
