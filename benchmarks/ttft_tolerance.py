@@ -15,6 +15,8 @@ OUT: a `stepml run --data REAL` output folder (its stored request logs and reque
    non-saturated runs: the all-runs calibration's between-run term (each run's log step-time error under the pooled
    model, `calibration.between_runs`), and the leave-one-workload-out replay's E2E error (≈ its cycle error there);
    per load stage (arrivals before / from 600 s), the TTFT distribution (p5 / p50 / p75) of the in-sample replay against the observed one.
+3. **Profile alone.** Issue 24's check (stepml_core.whatif.check: the run's profile and serving limits, no request
+   of its own) with the same shipped model: what the what-if reaches when the model is not the limit.
 """
 
 from __future__ import annotations
@@ -141,7 +143,45 @@ def main(argv=None) -> int:
         tolerance.append((e, curve, band, own, stages))
     _print_ceiling(ceiling)
     _print_tolerance(tolerance, lowo, a.limit_pct)
+    _print_profile_alone(_profile_alone(a.study, a.data, shipped), {e for e, sat, _, _ in ceiling if not sat})
     return 0
+
+
+def _profile_alone(study: Path, data: Path, shipped: dict) -> list:
+    """Each run with ground truth predicted from its profile alone (stepml_core.whatif.check, no bound models) by the
+    shipped `requests_all` model: (run, TTFT %, E2E %, per-stage E2E %)."""
+    from stepml_core.runs.folders import parse_run_id
+    from stepml_core.whatif.check import observed_summaries, predicted_summaries
+    from stepml_core.whatif.study import template_tokens
+    from stepml_dagster.export_cli import _stored
+    from stepml_dagster.whatif_cli import study_runs
+
+    runs = {r.experiment_id: r for r in study_runs(study, data)}
+    rel = lambda p, o, m: (p[m] / o[m] - 1) * 100  # noqa: E731
+    out = []
+    for e, r in runs.items():
+        obs = observed_summaries(_stored(study / "assets" / "request_log" / e, e, True)["requests"], r)
+        if obs is None:
+            continue
+        spec = {**shipped[parse_run_id(e).model], "bootstrap": None}
+        template = template_tokens([runs[x] for x in spec["fitted_on"] if x in runs])
+        pred, _, _ = predicted_summaries(spec, r, template, 0)
+        stages = {k: rel(pred[k], obs[k], "e2e_mean") for k in pred if k != "all"}
+        out.append((e, rel(pred["all"], obs["all"], "ttft_mean"), rel(pred["all"], obs["all"], "e2e_mean"), stages))
+    return out
+
+
+def _print_profile_alone(rows, non_saturated: set) -> None:
+    print("\n## 3. Profile alone (issue 24's check), in sample: the shipped model, no request of the run\n")
+    print("| run | TTFT % | E2E % | E2E per load stage % |")
+    print("|---|---|---|---|")
+    for e, t, x, st in rows:
+        print(f"| {e[16:]} | {_fmt(t)} | {_fmt(x)} | {' / '.join(_fmt(v) for v in st.values()) or '–'} |")
+    ns = [(t, x) for e, t, x, _ in rows if e in non_saturated]
+    print(
+        f"* mean |TTFT| over {len(ns)} non-saturated runs {np.mean([abs(t) for t, _ in ns]):.1f} % (issue 24's goal < 15 %), "
+        f"mean |E2E| {np.mean([abs(x) for _, x in ns]):.1f} % (< 5 %)"
+    )
 
 
 def _fmt(x) -> str:
