@@ -473,6 +473,7 @@ def request_calibration(
     progress=None,
     warn=None,
     piecewise: bool = False,
+    load_delay: bool = False,
 ) -> dict:
     """Step-time models calibrated from the request logs alone (calibration_protocols.study_calibration) over the
     runs in `logs` less those `skipped` ({run: why}); a run whose metadata cannot be read is added to the skipped
@@ -503,6 +504,7 @@ def request_calibration(
         cache=cp.CalibrationCache(cache_dir) if cache_dir is not None else None,
         progress=progress,
         piecewise=piecewise,
+        **({"load_delay": True} if load_delay else {}),  # absent when off: the calibration cache keys stay
     )
     out["skipped_runs"] = skipped
     return out

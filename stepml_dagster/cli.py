@@ -96,6 +96,13 @@ def _add_run(sub, common) -> None:
         "and replay it beside the linear one; same as STEPML_PIECEWISE_DECODE=1 (docs/calibration.md)",
     )
     r.add_argument(
+        "--load-delay",
+        action="store_true",
+        help="calibrate with the load-delay stage (a client-visible delay per request in a token's step, fitted on "
+        "the calibration runs; StepML's replay only, BLIS's file cannot carry it); same as STEPML_LOAD_DELAY=1 "
+        "(docs/calibration.md)",
+    )
+    r.add_argument(
         "--blis",
         nargs="?",
         const="auto",
@@ -223,6 +230,8 @@ def _dispatch(a) -> int:
             os.environ["STEPML_TWO_PATH"] = a.two_path
         if a.piecewise_decode:  # read by StepMLSettings.piecewise_decode, here and in the partition workers
             os.environ["STEPML_PIECEWISE_DECODE"] = "1"
+        if a.load_delay:  # read by StepMLSettings.load_delay, here and in the partition workers
+            os.environ["STEPML_LOAD_DELAY"] = "1"
         synth = not a.no_synth and (a.synth or _is_default(a.data, DEFAULT_EXPERIMENTS_DIR))
         res = run_study(
             a.data or DEFAULT_EXPERIMENTS_DIR,

@@ -92,6 +92,7 @@ def request_calibration(
             cache_dir=settings.out_dir_path() / "cache" / "request_calibration",
             warn=lambda e, err: context.log.warning(f"{e}: not used for calibration: {err}"),
             piecewise=settings.piecewise_decode,
+            load_delay=settings.load_delay,
         )
     finally:
         if bar:

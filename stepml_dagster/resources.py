@@ -76,6 +76,9 @@ class StepMLSettings(dg.ConfigurableResource):
     # calibrate the piecewise decode form too (None: STEPML_PIECEWISE_DECODE=1 from the environment, else off;
     # docs/calibration.md, *The piecewise decode form*)
     piecewise_decode_form: bool | None = None
+    # calibrate with the load-delay stage (None: STEPML_LOAD_DELAY=1 from the environment, else off;
+    # docs/calibration.md, *What the TTFT goals ask of the cycle*, point 5)
+    load_delay_stage: bool | None = None
     # check the what-if against the recorded runs in the study (None: STEPML_WHATIF_CHECK=1 from the environment)
     whatif_check_runs: bool | None = None
 
@@ -103,6 +106,13 @@ class StepMLSettings(dg.ConfigurableResource):
         if self.piecewise_decode_form is not None:
             return bool(self.piecewise_decode_form)
         return os.environ.get("STEPML_PIECEWISE_DECODE", "").strip().lower() in ("1", "true", "yes", "on")
+
+    @property
+    def load_delay(self) -> bool:
+        """Whether request_calibration adds the load-delay stage (calibration.load_delay; opt-in)."""
+        if self.load_delay_stage is not None:
+            return bool(self.load_delay_stage)
+        return os.environ.get("STEPML_LOAD_DELAY", "").strip().lower() in ("1", "true", "yes", "on")
 
     def input_limits(self) -> InputLimits:
         """The limits a run folder is read under: these fields, else STEPML_<NAME>, else the defaults."""

@@ -79,8 +79,9 @@ def _requests(rate: float, seconds: float, prompt: int, seed: int) -> pl.DataFra
     )
 
 
-def _observed(table: pl.DataFrame, ctx: RunContext, truth: StepParams) -> pl.DataFrame:
-    """What a client of an engine whose steps follow ``truth`` would log (the simulator as ground truth)."""
+def _observed(table: pl.DataFrame, ctx: RunContext, truth: StepParams, load_delay: dict | None = None) -> pl.DataFrame:
+    """What a client of an engine whose steps follow ``truth`` would log (the simulator as ground truth; its tokens
+    reach the clients ``load_delay`` later, calibration.load_delay)."""
     r = replay(
         replay_workload(
             table.with_columns(
@@ -90,7 +91,7 @@ def _observed(table: pl.DataFrame, ctx: RunContext, truth: StepParams) -> pl.Dat
             ),
             ctx,
         ),
-        serving_model(truth),
+        serving_model(truth, load_delay=load_delay),
         ctx,
     ).per_request
     return table.join(
@@ -104,14 +105,16 @@ def _observed(table: pl.DataFrame, ctx: RunContext, truth: StepParams) -> pl.Dat
     )
 
 
-def _run(eid: str, rate: float, seconds: float, prompt: int, seed: int, role="train", truth=TRUTH) -> CalibrationRun:
+def _run(
+    eid: str, rate: float, seconds: float, prompt: int, seed: int, role="train", truth=TRUTH, load_delay=None
+) -> CalibrationRun:
     ctx = _ctx(eid, 64)
     return CalibrationRun(
         eid,
         "llama-2-7b",
         eid.rsplit("-", 1)[-1],
         role,
-        _observed(_requests(rate, seconds, prompt, seed), ctx, truth),
+        _observed(_requests(rate, seconds, prompt, seed), ctx, truth, load_delay),
         ctx,
     )
 
@@ -609,3 +612,84 @@ def test_between_run_bounds_widen_the_bootstrap_models():
     _, hi2, _ = between_run_bounds(spec, (c, up), 1000, sums, 200.0, 0.9)
     assert hi2.b0_us == pytest.approx(5000.0 * np.exp(np.hypot(np.log(1.05), z)))
     assert between_run_bounds({**spec, "calibration": {}}, (c, c), 1000, sums, 200.0, 0.9) is None
+
+
+# ---------------------------------------------------------------------------- the load delay (calibration.load_delay)
+
+
+def test_a_load_delay_moves_each_token_by_its_steps_requests_and_leaves_the_engine_alone():
+    r = _run("20260101-000000-llama-2-7b-tp1-codegen", 10.0, 30, 500, 3)
+    w = replay_workload(r.table, r.ctx)
+    ld = {"shift_us": -2000.0, "per_request_us": 150.0}
+    plain = replay(w, serving_model(TRUTH), r.ctx)
+    loaded = replay(w, serving_model(TRUTH, load_delay=ld), r.ctx)
+    assert loaded.steps == plain.steps and loaded.sim_seconds == plain.sim_seconds
+    n = plain.first_step_requests
+    assert n.min() >= 1 and n.max() > n.min()  # the steps that carried first tokens differ in size
+    dt = (loaded.per_request["ttft_s"] - plain.per_request["ttft_s"]).to_numpy()
+    np.testing.assert_allclose(dt, (-2000.0 + 150.0 * n) * 1e-6, rtol=0, atol=1e-12)
+    de = (loaded.per_request["e2e_s"] - plain.per_request["e2e_s"]).to_numpy()  # the last token's step's size
+    assert ((de > (-2000.0 + 150.0 * 0.5) * 1e-6) & (de < (-2000.0 + 150.0 * 129) * 1e-6)).all()
+    assert not np.allclose(de, dt)
+
+
+def test_the_load_delay_stage_recovers_a_delay_per_request_planted_in_the_logs():
+    """Logs of an engine whose tokens reach the clients 150 µs per request in their step later: stage 3 finds that
+    slope from the calibration runs' own replays (off: none, and the high-rate run's TTFT is missed)."""
+    ld = {"shift_us": 0.0, "per_request_us": 150.0}
+    runs = [
+        _run("20260101-000000-llama-2-7b-tp1-codegen", 6.0, 60, 500, 1, load_delay=ld),
+        _run("20260101-010000-llama-2-7b-tp1-general", 16.0, 60, 560, 2, load_delay=ld),
+    ]
+    from stepml_core.calibration.load_delay import fit_load_delay
+
+    exact = fit_load_delay(TRUTH, runs)  # with the engine's own step model the residuals are the delay alone
+    assert (exact.per_request_us, exact.shift_us) == pytest.approx((150.0, 0.0), abs=1e-3)
+    with_stage = calibrate(runs, refine_evals=4, n_boot=0, load_delay=True)
+    # after stages 1-2 (their step model a few % off where these runs operate) the slope is found within 30 %
+    assert with_stage.load_delay.per_request_us == pytest.approx(150.0, rel=0.3)
+    assert with_stage.load_delay.requests_used == sum(r.table.height for r in runs)
+    back = Calibration.from_summary(json.loads(json.dumps(with_stage.summary())))
+    assert back.load_delay == with_stage.load_delay
+    without = calibrate(runs, refine_evals=4, n_boot=0)
+    assert without.load_delay is None and "load_delay" not in without.summary()
+
+    def ttft_errors(cal) -> list[float]:  # each run's mean TTFT, replayed / observed − 1
+        out = []
+        for r in runs:
+            ld_spec = cal.load_delay.spec() if cal.load_delay else None
+            p = replay(replay_workload(r.table, r.ctx), serving_model(cal.params, load_delay=ld_spec), r.ctx)
+            out.append(p.per_request["ttft_s"].mean() / r.table["observed_ttft_s"].mean() - 1)
+        return out
+
+    # without the stage one α0 serves both loads: the low-rate run's TTFT over, the high-rate run's under
+    lo, hi = ttft_errors(without)
+    assert lo > 0.005 and hi < -0.005
+    assert max(map(abs, ttft_errors(with_stage))) < 0.5 * min(abs(lo), abs(hi))
+
+
+def test_no_planted_delay_no_slope():
+    runs = [
+        _run("20260101-000000-llama-2-7b-tp1-codegen", 6.0, 60, 500, 1),
+        _run("20260101-010000-llama-2-7b-tp1-general", 16.0, 60, 560, 2),
+    ]
+    assert calibrate(runs, refine_evals=4, n_boot=0, load_delay=True).load_delay.per_request_us < 15.0
+
+
+def test_a_spec_carries_its_load_delay_to_its_replays_and_its_bound_models():
+    from stepml_core.replay.specs import ReplaySpec
+    from stepml_core.replay.specs import serving_model as spec_model
+
+    ld = {"shift_us": -1000.0, "per_request_us": 100.0}
+    spec = {
+        "name": "requests_all",
+        "kind": "blis_linear",
+        "llm_model": "llama-2-7b",
+        "fitted_on": ["x"],
+        "doc": TRUTH.blis_doc(),
+        "params": dataclasses.asdict(TRUTH),
+        "load_delay": ld,
+    }
+    assert ReplaySpec.from_json(spec).to_json() == spec
+    assert spec_model(spec).load_delay == ld
+    assert "load_delay" not in spec["doc"]  # BLIS's file: the stage-2 model

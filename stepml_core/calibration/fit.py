@@ -56,6 +56,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from stepml_core.calibration.load_delay import LoadDelay, fit_load_delay
 from stepml_core.calibration.params import PARAM_NAMES, StepParams
 from stepml_core.calibration.refine import RefineReport, refine
 from stepml_core.calibration.timelines import CalibrationError, CalibrationRun, Timelines, request_timelines
@@ -549,29 +550,34 @@ class Calibration:
     between_runs: BetweenRunErrors | None = None  # leave one calibration run out (for intervals)
     form: str = "linear"  # FORMS
     break_choice: BreakChoice | None = None  # the piecewise form: where its break sits, what chose it
+    load_delay: LoadDelay | None = None  # the opt-in stage 3 (calibration.load_delay)
 
     def doc(self) -> dict:
         return self.params.blis_doc()
 
     def summary(self) -> dict:
-        return {
-            "llm_model": self.llm_model,
-            "fitted_on": list(self.fitted_on),
-            "params": asdict(self.params),
-            "closed_form": asdict(self.closed_form),
-            "prior": asdict(self.prior),
-            "refine": asdict(self.refine) if self.refine else None,
-            "seconds": self.seconds,
-            "requests_used": self.requests_used,
-            "closed_form_r2": self.r2,
-            "bounds_active": list(self.bounds_active),
-            "saturated_setting": self.saturated_setting.summary() if self.saturated_setting else {},
-            "bootstrap_params": {"names": list(PARAM_NAMES), "rows": self.bootstrap.round(6).tolist()},
-            "between_runs": self.between_runs.summary() if self.between_runs else None,
-        } | (
-            {"form": self.form, "break_choice": self.break_choice.summary() if self.break_choice else None}
-            if self.form != "linear"
-            else {}
+        return (
+            {
+                "llm_model": self.llm_model,
+                "fitted_on": list(self.fitted_on),
+                "params": asdict(self.params),
+                "closed_form": asdict(self.closed_form),
+                "prior": asdict(self.prior),
+                "refine": asdict(self.refine) if self.refine else None,
+                "seconds": self.seconds,
+                "requests_used": self.requests_used,
+                "closed_form_r2": self.r2,
+                "bounds_active": list(self.bounds_active),
+                "saturated_setting": self.saturated_setting.summary() if self.saturated_setting else {},
+                "bootstrap_params": {"names": list(PARAM_NAMES), "rows": self.bootstrap.round(6).tolist()},
+                "between_runs": self.between_runs.summary() if self.between_runs else None,
+            }
+            | (
+                {"form": self.form, "break_choice": self.break_choice.summary() if self.break_choice else None}
+                if self.form != "linear"
+                else {}
+            )
+            | ({"load_delay": self.load_delay.summary()} if self.load_delay is not None else {})
         )
 
     @classmethod
@@ -595,6 +601,7 @@ class Calibration:
             between_runs=BetweenRunErrors.from_summary(between) if between is not None else None,
             form=d.get("form", "linear"),
             break_choice=BreakChoice.from_summary(d["break_choice"]) if d.get("break_choice") else None,
+            load_delay=LoadDelay.from_summary(d["load_delay"]) if d.get("load_delay") else None,
         )
 
 
@@ -606,12 +613,14 @@ def calibrate(
     n_boot: int = 60,
     with_refine: bool = True,
     form: str = "linear",
+    load_delay: bool = False,
 ) -> Calibration:
     """Calibrate one LLM model's step-time model on these runs' request logs (and nothing else).
 
     ``runs`` must be of one LLM model and TP, each with ground truth. ``form``: ``linear``, or ``piecewise`` (a hinge
     in the decoders at the break choose_break places on these runs; stage 2 as for the linear form; no bootstrap and
-    no between-run errors, so its replays carry no interval)."""
+    no between-run errors, so its replays carry no interval). ``load_delay``: stage 3 after stage 2, the load delay
+    (calibration.load_delay; opt-in)."""
     if form not in FORMS:
         raise ValueError(f"form {form!r}: one of {FORMS}")
     if not runs:
@@ -643,6 +652,8 @@ def calibrate(
     t3 = time.perf_counter()
     between = between_run_errors(tls, prior, setting) if n_boot and len(tls) >= 2 else None
     t4 = time.perf_counter()
+    ld = fit_load_delay(params, runs, seed=seed) if load_delay else None
+    extra_seconds = {"load_delay": round(time.perf_counter() - t4, 3)} if load_delay else {}
     return Calibration(
         llm_model=llm,
         fitted_on=tuple(r.experiment_id for r in runs),
@@ -656,7 +667,8 @@ def calibrate(
             "refine": round(t2 - t1, 3),
             "bootstrap": round(t3 - t2, 3),
             "between_runs": round(t4 - t3, 3),
-        },
+        }
+        | extra_seconds,
         requests_used=cf.requests_by_run,
         r2=cf.r2,
         bounds_active=cf.bounds_active,
@@ -664,4 +676,5 @@ def calibrate(
         between_runs=between,
         form=form,
         break_choice=brk,
+        load_delay=ld,
     )

@@ -168,6 +168,9 @@ class StepParams:
         )
 
 
-def serving_model(params: StepParams, name: str = "calibrated") -> StepServingModel:
+def serving_model(params: StepParams, name: str = "calibrated", load_delay: dict | None = None) -> StepServingModel:
+    """The simulator's model of this file; ``load_delay``: a spec's load delay (calibration.load_delay), else none."""
     lin = LinearStepTime(params.blis_doc(), name=name)
-    return StepServingModel(name, lin, queueing_us=lin.queueing_us, token_delay_us=lin.otpt_us, kind="blis_linear")
+    return StepServingModel(
+        name, lin, queueing_us=lin.queueing_us, token_delay_us=lin.otpt_us, kind="blis_linear", load_delay=load_delay
+    )

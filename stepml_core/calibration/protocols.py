@@ -321,6 +321,9 @@ def fold_specs(
             continue
         spec = _spec(f, cal.params, list(cal.fitted_on), info, cal.summary(), cal.bootstrap)
         spec["basis"] = f"request logs of {len(cal.fitted_on)} run(s) ({f.protocol})"
+        if cal.load_delay is not None:
+            spec["load_delay"] = cal.load_delay.spec()
+            spec["basis"] += ", with the load delay"
         if f.form != "linear":
             spec["form"] = f.form
             spec["basis"] += f", {f.form} form"

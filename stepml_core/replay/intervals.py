@@ -260,7 +260,7 @@ def _bound_replays(models: list[StepParams], spec: dict, workload, ctx: RunConte
 
     out = []
     for p in models:
-        r = replay(workload, serving_model(p, spec["name"]), ctx, seed=seed)
+        r = replay(workload, serving_model(p, spec["name"], spec.get("load_delay")), ctx, seed=seed)
         out.append({x["metric"]: x["predicted"] for x in score_replay(r.per_request, table)[0]})
     return out
 

@@ -219,11 +219,15 @@ class StepServingModel:
         llm_model: str | None = None,
         kind: str = "step_model",
         detail: dict | None = None,
+        load_delay: dict | None = None,
     ):
         self.name = name
         self.step_model = step_model
         self.queueing_us = queueing_us or (lambda input_len: 0.0)
         self.token_delay_s = float(token_delay_us) * 1e-6
+        # the calibration's load-delay stage (docs/calibration.md): a token reaches its client
+        # shift_us + per_request_us · (requests in the step that emitted it) later; the engine's run is unchanged
+        self.load_delay = load_delay
         self.fitted_on = tuple(fitted_on)
         self.llm_model = llm_model
         self.kind = kind
@@ -292,6 +296,8 @@ class ReplayResult:
     # replay(itl=True): the inter-token latencies of the successful requests as (values s, weights) — every step
     # duration weighted by the tokens it emitted after one of the previous step, and each gap across a preemption
     itl_s: tuple[np.ndarray, np.ndarray] | None = None
+    # per request: the requests scheduled in the step whose output carried its first token (0 without one)
+    first_step_requests: np.ndarray | None = None
 
 
 ITL_METRICS = ("itl_p50", "itl_p90", "itl_p99")  # percentiles of inter_token_latencies (s): what-if metrics
@@ -353,9 +359,14 @@ def replay(
         (R.segments[-1][0] + R.segments[-1][1] - 1 if R.segments else -1 for R in reqs), dtype=np.int64, count=n
     )
     start = arrivals.mono0 + w.arrival_s
-    td = model.token_delay_s
-    ttft = np.where(first > 0, U[np.maximum(first, 1) - 1] + td - start, np.nan) if U.size else np.full(n, np.nan)
-    e2e = np.where(ok & (last > 0), U[np.maximum(last, 1) - 1] + td - start, np.nan) if U.size else np.full(n, np.nan)
+    nU = np.asarray(sim.update_n, dtype=np.int64) if sim.update_n is not None else np.zeros(U.size, dtype=np.int64)
+    n_first = np.where(first > 0, nU[np.maximum(first, 1) - 1], 0) if U.size else np.zeros(n, dtype=np.int64)
+    td = np.full(U.size, model.token_delay_s)  # per update: when its tokens reach the clients, after it
+    ld = getattr(model, "load_delay", None)
+    if ld:
+        td += (float(ld["shift_us"]) + float(ld["per_request_us"]) * nU) * 1e-6
+    ttft = np.where(first > 0, (U + td)[np.maximum(first, 1) - 1] - start, np.nan) if U.size else np.full(n, np.nan)
+    e2e = np.where(ok & (last > 0), (U + td)[np.maximum(last, 1) - 1] - start, np.nan) if U.size else np.full(n, np.nan)
     final_step = (
         np.where(last > 1, U[np.maximum(last, 2) - 1] - U[np.maximum(last, 2) - 2], np.nan)
         if U.size > 1
@@ -390,6 +401,7 @@ def replay(
         sim_seconds=span,
         final_step_s=final_step,
         itl_s=inter_token_latencies(reqs, U, success) if itl else None,
+        first_step_requests=n_first,
     )
 
 

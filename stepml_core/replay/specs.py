@@ -115,6 +115,7 @@ class ReplaySpec:
     calibration: dict | None = None
     bootstrap: dict | None = None  # {'names', 'rows'}: parameter draws for the replay interval
     cpu_path: dict | None = None  # two paths: stepmodels.two_path.CpuPath as JSON (cycle = max(GPU, CPU path))
+    load_delay: dict | None = None  # request-calibrated, load-delay stage: {"shift_us", "per_request_us"} (not in doc)
     stored_nulls: frozenset[str] = field(default=frozenset(), compare=False, repr=False)  # keys stored as null
 
     def __post_init__(self):
@@ -213,6 +214,7 @@ class TwoPathServingModel(StepServingModel):
             detail=base.detail,
         )
         self.token_delay_s = base.token_delay_s
+        self.load_delay = base.load_delay
         self.cpu = cpu
         self.two_path = None  # the last clock's TwoPathStepTime (its cpu_bound_steps)
 
@@ -241,6 +243,7 @@ def _serving_model(spec: ReplaySpec):
             fitted_on=list(spec.fitted_on),
             llm_model=spec.llm_model,
             kind=spec.kind,
+            load_delay=spec.load_delay,
         )
     st = FittedStepModel.from_json(spec.exported).step_time_model(
         kv_source=spec.kv_source or "proxy_blocks", name=spec.name

@@ -138,6 +138,7 @@ class SimResult:
     counters: dict = field(default_factory=dict)
     features: dict | None = None  # per-step feature arrays (trace recorder with record_all)
     start_abs: list | None = None  # client start of each request, s from run start (staged arrivals)
+    update_n: list | None = None  # per update_s entry: the requests scheduled in the step whose output it processed
 
 
 class EngineCore:
@@ -192,7 +193,7 @@ class EngineCore:
         self.arrivals.start(self)
         now_s = self.reqs[0].api_arrival if n_req else self.arrivals.mono0
         self.clock.start(now_s)
-        self.ts_start_ns, self.dur_us, self.update_s = [], [], []
+        self.ts_start_ns, self.dur_us, self.update_s, self.update_n = [], [], [], []
         self._inflight = None  # (step, GPU end s, requests scheduled) of the step whose output is pending
         self._gpu_end_prev_s = 0.0
         self._last_ts_ns = None
@@ -234,14 +235,16 @@ class EngineCore:
             counters=self.counters,
             features=rec.features if rec is not None else None,
             start_abs=getattr(self.arrivals, "start_abs", None),
+            update_n=self.update_n,
         )
 
     def _idle(self, now_s: float) -> float | None:
         """Nothing running or waiting: process the last step's output, else jump to the next arrival (None: done)."""
         if self._inflight is not None:  # the last step's output: FIRST_TOKEN / FINISHED
-            s_prev, g_prev_s, _n = self._inflight
+            s_prev, g_prev_s, n_prev = self._inflight
             update_s = g_prev_s if g_prev_s > now_s else now_s
             self.update_s.append(update_s)
+            self.update_n.append(n_prev)
             self._update(s_prev, update_s)
             self._inflight = None
             return self.clock.idle_after_update(update_s)
@@ -304,6 +307,7 @@ class EngineCore:
             s_prev, g_prev_s, n_prev = self._inflight
             update_s = g_prev_s if g_prev_s > launch_s else launch_s
             self.update_s.append(update_s)
+            self.update_n.append(n_prev)
             nfin = self._update(s_prev, update_s)
             now_s = clock.after_update(update_s, gpu_end_s, n_prev, nfin)
         else:

@@ -94,7 +94,7 @@ def _replay(spec: dict, desc, limits, seed: int, *, params=None, record: bool = 
     from stepml_core.replay.specs import serving_model
 
     w, ctx = whatif_workload(desc, limits, seed=seed)
-    model = serving_model(spec) if params is None else params_model(params, spec["name"])
+    model = serving_model(spec) if params is None else params_model(params, spec["name"], spec.get("load_delay"))
     sums = FeatureSums(model.step_model) if record else None
     if sums is not None:  # same step times, and the Σ features the bound models are chosen by
         model.step_model = sums

@@ -114,7 +114,10 @@ def predict_point(
         return out | {f"itl_p{q}": weighted_percentile(*r.itl_s, q) for q in (50, 90, 99)}
 
     central = scores(model)
-    bounds = [scores(params_model(p, spec["name"])) for p in (bound_models(spec, sums, w) if sums else [])]
+    bounds = [
+        scores(params_model(p, spec["name"], spec.get("load_delay")))
+        for p in (bound_models(spec, sums, w) if sums else [])
+    ]
     n = int(w.index.size)
     runs = [central, *bounds]
     sat = [float(is_saturated(n - int(r["successes"]), r["ttft_mean"])) for r in runs]
