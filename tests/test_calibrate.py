@@ -333,7 +333,7 @@ def _write_run(root: Path, eid: str, run: CalibrationRun, split: str) -> None:
     (f / "ground_truth.json.gz").write_bytes(gzip.compress(json.dumps(gt).encode()))
 
 
-def _predict(root: Path, scored: str) -> tuple[dict[str, pl.DataFrame], pl.DataFrame]:
+def _predict(root: Path, scored: str, **calibrate_kw) -> tuple[dict[str, pl.DataFrame], pl.DataFrame]:
     """The whole path of the pipeline for one scored run: read every log, calibrate the folds, replay every run with
     intervals, widen them (stepml_core.replay.intervals, at 50 % so that one other run's score bounds the widening).
     Returns the scored run's per-request predictions and its interval rows."""
@@ -349,7 +349,7 @@ def _predict(root: Path, scored: str) -> tuple[dict[str, pl.DataFrame], pl.DataF
         refine_evals=2,
         n_boot=6,
         lomo_models=[],
-        piecewise=True,
+        **({"piecewise": True} | calibrate_kw),
     )
     res = {
         e: replay_run(
@@ -693,3 +693,39 @@ def test_a_spec_carries_its_load_delay_to_its_replays_and_its_bound_models():
     assert ReplaySpec.from_json(spec).to_json() == spec
     assert spec_model(spec).load_delay == ld
     assert "load_delay" not in spec["doc"]  # BLIS's file: the stage-2 model
+
+
+def test_the_load_delay_reads_no_ground_truth_of_the_run_it_predicts(tmp_path, monkeypatch):
+    """With the load-delay stage on, the scored run's predictions still move when a calibration run's truth goes and
+    not at all when its own does (the stage fits on its fold's calibration runs only); the setting is opt-in."""
+    from stepml_dagster.cli import build_parser
+    from stepml_dagster.resources import StepMLSettings
+
+    ld = {"shift_us": 0.0, "per_request_us": 150.0}
+    runs = {
+        "20260101-000000-llama-2-7b-tp1-codegen": (5.0, 500, 3, "train"),
+        "20260101-010000-llama-2-7b-tp1-general": (12.0, 560, 4, "train"),
+        "20260101-020000-llama-2-7b-tp1-roleplay": (8.0, 760, 5, "validate"),
+    }
+    for eid, (rate, prompt, seed, split) in runs.items():
+        _write_run(tmp_path, eid, _run(eid, rate, 40, prompt, seed, load_delay=ld), split)
+    scored = "20260101-020000-llama-2-7b-tp1-roleplay"
+    plain, _ = _predict(tmp_path, scored, piecewise=False)
+    before, _ = _predict(tmp_path, scored, piecewise=False, load_delay=True)
+    assert set(before) == {"requests_roles", "requests_lowo"}
+    assert not before["requests_lowo"].equals(plain["requests_lowo"])  # the stage is in its replays
+    (tmp_path / scored / "ground_truth.json.gz").unlink()
+    after, _ = _predict(tmp_path, scored, piecewise=False, load_delay=True)
+    for name in before:
+        assert before[name].equals(after[name]), name
+    (tmp_path / "20260101-000000-llama-2-7b-tp1-codegen" / "ground_truth.json.gz").unlink()
+    changed, _ = _predict(tmp_path, scored, piecewise=False, load_delay=True)
+    assert not changed["requests_lowo"].equals(before["requests_lowo"])
+
+    monkeypatch.delenv("STEPML_LOAD_DELAY", raising=False)
+    assert StepMLSettings().load_delay is False
+    monkeypatch.setenv("STEPML_LOAD_DELAY", "1")
+    assert StepMLSettings().load_delay is True
+    assert StepMLSettings(load_delay_stage=False).load_delay is False
+    assert build_parser().parse_args(["run", "--load-delay"]).load_delay
+    assert not build_parser().parse_args(["run"]).load_delay
