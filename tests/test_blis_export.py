@@ -293,6 +293,18 @@ def test_recommended_calibrated_model_ships_as_requests_all(tmp_path):
     assert json.loads((tmp_path / "manifest.json").read_text())["models"]["m"]["step_model"] == "requests_all"
 
 
+def test_a_shipped_load_delay_is_named_in_the_note_and_left_out_of_the_file(tmp_path):
+    """calibration.load_delay: BLIS's file cannot say it; the file is the stage-2 model and the manifest says so."""
+    rows = _rows({"r1": {"requests_lowo": (1.0, 5.0, "out_of_sample")}}, {"r1": "requests_lowo"})
+    shipped = {"m": {**SHIPPED["m"], "load_delay": {"shift_us": -2000.0, "per_request_us": 150.0}}}
+    c = choose_exports(rows, SPECS, shipped, {"r1": "m"})
+    assert "load delay (-2000 µs + 150.0 µs per request" in c["m"]["note"]
+    paths = write_exports(c, tmp_path, source="test")
+    assert json.loads(paths[0].read_text()) == DOCS[0]
+    assert json.loads((tmp_path / "manifest.json").read_text())["models"]["m"]["note"] == c["m"]["note"]
+    assert choose_exports(rows, SPECS, SHIPPED, {"r1": "m"})["m"]["note"] == ""
+
+
 def test_manifest_quotes_errors_of_the_recipe_shipped_never_another_protocols():
     """A requests_lomo recommendation ships requests_all (the LLM model's own logs): the manifest's errors are not the
     transfer's; requests_all has no out-of-sample error, so it says so and quotes requests_lowo (same recipe, one

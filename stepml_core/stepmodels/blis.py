@@ -227,6 +227,13 @@ def choose_exports(
                 why = _no_blis_form_reason(llm, recommended, specs)
                 note = f"recommended {recommended} has no BLIS form ({why}); exported the best BLIS-form model"
         spec = exportable[pick]
+        if spec.get("load_delay"):  # calibration.load_delay: StepML's replay only
+            ld = spec["load_delay"]
+            left = (
+                f"its load delay ({ld['shift_us']:.0f} µs + {ld['per_request_us']:.1f} µs per request in a token's step) "
+                "is not in the file: BLIS's queueing_time reads input_len only; the file is the model without it"
+            )
+            note = f"{note}; {left}" if note else left
         basis = _evidence_model(spec, pick, err)
         cost = None
         if recommended and basis and basis != recommended:
