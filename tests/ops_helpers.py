@@ -76,3 +76,19 @@ def open_instance(home: Path):
         yield inst
     finally:
         inst.dispose()
+
+
+def assert_opt_in(monkeypatch, env: str, field: str, prop: str, flag: str) -> None:
+    """An opt-in study setting is off unless asked: the settings resource's ``field``, else ``env``=1 (which
+    `stepml run FLAG` sets); ``prop`` is what the assets read."""
+    from stepml_dagster.cli import build_parser
+    from stepml_dagster.resources import StepMLSettings
+
+    monkeypatch.delenv(env, raising=False)
+    assert getattr(StepMLSettings(), prop) is False
+    monkeypatch.setenv(env, "1")
+    assert getattr(StepMLSettings(), prop) is True
+    assert getattr(StepMLSettings(**{field: False}), prop) is False
+    dest = flag.lstrip("-").replace("-", "_")
+    assert getattr(build_parser().parse_args(["run", flag]), dest)
+    assert not getattr(build_parser().parse_args(["run"]), dest)

@@ -698,8 +698,7 @@ def test_a_spec_carries_its_load_delay_to_its_replays_and_its_bound_models():
 def test_the_load_delay_reads_no_ground_truth_of_the_run_it_predicts(tmp_path, monkeypatch):
     """With the load-delay stage on, the scored run's predictions still move when a calibration run's truth goes and
     not at all when its own does (the stage fits on its fold's calibration runs only); the setting is opt-in."""
-    from stepml_dagster.cli import build_parser
-    from stepml_dagster.resources import StepMLSettings
+    from ops_helpers import assert_opt_in
 
     ld = {"shift_us": 0.0, "per_request_us": 150.0}
     runs = {
@@ -722,10 +721,4 @@ def test_the_load_delay_reads_no_ground_truth_of_the_run_it_predicts(tmp_path, m
     changed, _ = _predict(tmp_path, scored, piecewise=False, load_delay=True)
     assert not changed["requests_lowo"].equals(before["requests_lowo"])
 
-    monkeypatch.delenv("STEPML_LOAD_DELAY", raising=False)
-    assert StepMLSettings().load_delay is False
-    monkeypatch.setenv("STEPML_LOAD_DELAY", "1")
-    assert StepMLSettings().load_delay is True
-    assert StepMLSettings(load_delay_stage=False).load_delay is False
-    assert build_parser().parse_args(["run", "--load-delay"]).load_delay
-    assert not build_parser().parse_args(["run"]).load_delay
+    assert_opt_in(monkeypatch, "STEPML_LOAD_DELAY", "load_delay_stage", "load_delay", "--load-delay")

@@ -222,13 +222,8 @@ def test_the_piecewise_form_is_a_candidate_unless_switched_off(monkeypatch):
 
 def test_the_piecewise_form_is_opt_in(monkeypatch):
     """Off unless asked: the settings field, else STEPML_PIECEWISE_DECODE (which `stepml run --piecewise-decode` sets)."""
-    from stepml_dagster.cli import build_parser
-    from stepml_dagster.resources import StepMLSettings
+    from ops_helpers import assert_opt_in
 
-    monkeypatch.delenv("STEPML_PIECEWISE_DECODE", raising=False)
-    assert StepMLSettings().piecewise_decode is False
-    monkeypatch.setenv("STEPML_PIECEWISE_DECODE", "1")
-    assert StepMLSettings().piecewise_decode is True
-    assert StepMLSettings(piecewise_decode_form=False).piecewise_decode is False
-    assert build_parser().parse_args(["run", "--piecewise-decode"]).piecewise_decode
-    assert not build_parser().parse_args(["run"]).piecewise_decode
+    assert_opt_in(
+        monkeypatch, "STEPML_PIECEWISE_DECODE", "piecewise_decode_form", "piecewise_decode", "--piecewise-decode"
+    )
