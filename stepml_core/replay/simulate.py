@@ -361,12 +361,13 @@ def replay(
     start = arrivals.mono0 + w.arrival_s
     nU = np.asarray(sim.update_n, dtype=np.int64) if sim.update_n is not None else np.zeros(U.size, dtype=np.int64)
     n_first = np.where(first > 0, nU[np.maximum(first, 1) - 1], 0) if U.size else np.zeros(n, dtype=np.int64)
-    td = np.full(U.size, model.token_delay_s)  # per update: when its tokens reach the clients, after it
+    td = np.full(U.size, model.token_delay_s)  # per update: how long after it its tokens reach the clients
     ld = getattr(model, "load_delay", None)
     if ld:
         td += (float(ld["shift_us"]) + float(ld["per_request_us"]) * nU) * 1e-6
-    ttft = np.where(first > 0, (U + td)[np.maximum(first, 1) - 1] - start, np.nan) if U.size else np.full(n, np.nan)
-    e2e = np.where(ok & (last > 0), (U + td)[np.maximum(last, 1) - 1] - start, np.nan) if U.size else np.full(n, np.nan)
+    seen = U + td  # per update: when the clients see its tokens
+    ttft = np.where(first > 0, seen[np.maximum(first, 1) - 1] - start, np.nan) if U.size else np.full(n, np.nan)
+    e2e = np.where(ok & (last > 0), seen[np.maximum(last, 1) - 1] - start, np.nan) if U.size else np.full(n, np.nan)
     final_step = (
         np.where(last > 1, U[np.maximum(last, 2) - 1] - U[np.maximum(last, 2) - 2], np.nan)
         if U.size > 1
