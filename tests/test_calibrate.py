@@ -722,3 +722,11 @@ def test_the_load_delay_reads_no_ground_truth_of_the_run_it_predicts(tmp_path, m
     assert not changed["requests_lowo"].equals(before["requests_lowo"])
 
     assert_opt_in(monkeypatch, "STEPML_LOAD_DELAY", "load_delay_stage", "load_delay", "--load-delay")
+
+
+def test_the_report_says_when_a_study_was_calibrated_with_the_load_delay():
+    from stepml_core.report.calibration_text import _load_delay_lines
+
+    assert _load_delay_lines({}) == []  # off: the report as before
+    text = " ".join(_load_delay_lines({"llama-2-7b": {"shift_us": -3218.0, "per_request_us": 171.9}}))
+    assert "llama-2-7b γ 171.9 µs per request, δα0 -3.22 ms" in text and "exported BLIS files do not" in text

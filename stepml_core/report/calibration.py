@@ -112,6 +112,7 @@ def calibration_fidelity(
         "mape": mape,
         "errors": errors,
         "piecewise": piecewise_table(specs, rows, runs),
+        "load_delay": {m: s["load_delay"] for m, s in sorted(shipped.items()) if s.get("load_delay")},
         "goals": goals,
         "coverage": coverage,
         "costs": _costs(cal),

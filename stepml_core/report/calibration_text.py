@@ -65,7 +65,25 @@ def calibration_section(t: dict) -> list[str]:
         "number of streams) has no BLIS feature: α0 is its average over the calibration runs.",
         "",
     ]
-    return lines
+    return lines + _load_delay_lines(t.get("load_delay") or {})
+
+
+def _load_delay_lines(per_model: dict) -> list[str]:
+    """The opt-in load delay (calibration.load_delay), when this study was calibrated with it."""
+    if not per_model:
+        return []
+    return [
+        "**Calibrated with the load delay** (opt-in, `stepml run --load-delay`; docs/calibration.md): a third stage "
+        "fits, on each calibration's own non-saturated runs, a delay before a token reaches its client of δα0 + γ·n "
+        "(n = the requests in the step that emitted it); every replay of a calibrated model above includes it, the "
+        "exported BLIS files do not (BLIS's `queueing_time` reads `input_len` only). As shipped (requests_all): "
+        + "; ".join(
+            f"{m} γ {_f(d['per_request_us'], 1)} µs per request, δα0 {_f(d['shift_us'] / 1e3, 2, sign=True)} ms"
+            for m, d in per_model.items()
+        )
+        + ".",
+        "",
+    ]
 
 
 def _cost_lines(t: dict) -> list[str]:
