@@ -17,6 +17,8 @@ OUT: a `stepml run --data REAL` output folder (its stored request logs and reque
    per load stage (arrivals before / from 600 s), the TTFT distribution (p5 / p50 / p75) of the in-sample replay against the observed one.
 3. **Profile alone.** Issue 24's check (stepml_core.whatif.check: the run's profile and serving limits, no request
    of its own) with the same shipped model: what the what-if reaches when the model is not the limit.
+4. **TTFT residual by load.** Per non-saturated run, the in-sample replay's TTFT residual (observed − replayed, median
+   ms) by the observed decoders at the request's arrival (docs/calibration.md, the load delay's evidence).
 """
 
 from __future__ import annotations
@@ -77,17 +79,41 @@ def _runs(study: Path, data: Path):
         yield p.name, log, pipeline.replay_context(p.name, meta, log["header"])
 
 
-def _errors(params, w, ctx, log, stages: list | None = None) -> dict:
+DECODER_BINS = (0, 20, 40, 60, 80, 100, 120, 200)
+
+
+def _residual_by_decoders(t) -> dict[str, tuple[float, int]]:
+    """Median TTFT residual (observed − replayed, ms) per bin of the observed decoders at arrival (requests between
+    their observed first token and their end), bins with ≥ 50 requests."""
+    a = t["arrival_time_us"].to_numpy() * 1e-6
+    first, end = np.sort(a + t["observed_ttft_s"].to_numpy()), np.sort(a + t["observed_e2e_s"].to_numpy())
+    n = np.searchsorted(first, a, side="right") - np.searchsorted(end, a, side="right")
+    res = (t["observed_ttft_s"] - t["ttft_s"]).to_numpy() * 1e3
+    k = np.digitize(n, DECODER_BINS)
+    out = {}
+    for b in range(1, len(DECODER_BINS)):
+        m = k == b
+        if m.sum() >= 50:
+            out[f"{DECODER_BINS[b - 1]}–{DECODER_BINS[b]}"] = (float(np.median(res[m])), int(m.sum()))
+    return out
+
+
+def _errors(params, w, ctx, log, stages: list | None = None, bins: dict | None = None) -> dict:
     """Relative errors (%) of METRICS; with ``stages`` (a list) also appends per load stage the
-    successes' TTFT median and 5th/75th percentiles (ms), predicted and observed: arrivals before 600 s, and from 600 s."""
+    successes' TTFT median and 5th/75th percentiles (ms), predicted and observed: arrivals before 600 s, and from 600 s;
+    with ``bins`` (a dict) fills it with :func:`_residual_by_decoders`."""
     from stepml_core.calibration.params import serving_model
     from stepml_core.replay.simulate import replay, score_replay
 
     pred = replay(w, serving_model(params), ctx, seed=0).per_request
     rows, _ = score_replay(pred, log["requests"])
-    if stages is not None:
-        t = pred.join(log["requests"].select("index", "observed_ttft_s", "observed_has_error"), on="index")
+    if stages is not None or bins is not None:
+        obs = log["requests"].select("index", "observed_ttft_s", "observed_e2e_s", "observed_has_error")
+        t = pred.join(obs, on="index")
         t = t.filter(t["success"] & ~t["observed_has_error"]).drop_nulls(["ttft_s", "observed_ttft_s"])
+    if bins is not None:
+        bins.update(_residual_by_decoders(t))
+    if stages is not None:
         k = np.minimum(t["arrival_time_us"].to_numpy() // 600_000_000, 1).astype(int)  # `general`: 8, then 20 req/s
         for stage in np.unique(k):
             sel = k == stage
@@ -127,12 +153,12 @@ def main(argv=None) -> int:
         spec = shipped[llm]
         params = StepParams(**spec["params"])
         w = replay_workload(log["requests"], ctx, seed=0)
-        stages: list = []
-        err = _errors(params, w, ctx, log, stages)
+        stages, bins = [], {}
+        err = _errors(params, w, ctx, log, stages, bins)
         t = log["requests"]
         ok = t.filter(~pl.col("observed_has_error"))
         sat = is_saturated(t.height - ok.height, ok["observed_ttft_s"].mean())
-        ceiling.append((e, sat, err, {m: lowo.get((e, m)) for m in METRICS}))
+        ceiling.append((e, sat, err, {m: lowo.get((e, m)) for m in METRICS}, bins))
         print(f"{e}: in sample {', '.join(f'{m} {err[m]:+.1f} %' for m in METRICS)}", flush=True)
         if parse_run_id(e).workload != "general":
             continue
@@ -143,7 +169,8 @@ def main(argv=None) -> int:
         tolerance.append((e, curve, band, own, stages))
     _print_ceiling(ceiling)
     _print_tolerance(tolerance, lowo, a.limit_pct)
-    _print_profile_alone(_profile_alone(a.study, a.data, shipped), {e for e, sat, _, _ in ceiling if not sat})
+    _print_profile_alone(_profile_alone(a.study, a.data, shipped), {e for e, sat, *_ in ceiling if not sat})
+    _print_residual_bins(ceiling)
     return 0
 
 
@@ -192,10 +219,10 @@ def _print_ceiling(ceiling) -> None:
     print("\n## 1. Ceiling: the shipped `requests_all` model (in sample) vs leave one workload out (replay.csv)\n")
     print("| run | saturated | TTFT in / LOWO % | E2E in / LOWO % | p99 E2E in / LOWO % |")
     print("|---|---|---|---|---|")
-    for e, sat, err, lw in ceiling:
+    for e, sat, err, lw, _ in ceiling:
         cells = " | ".join(f"{_fmt(err[m])} / {_fmt(lw[m])}" for m in METRICS)
         print(f"| {e[16:]} | {'yes' if sat else 'no'} | {cells} |")
-    ns = [(err, lw) for _, sat, err, lw in ceiling if not sat]
+    ns = [(err, lw) for _, sat, err, lw, _ in ceiling if not sat]
     for m, goal in zip(METRICS, ("< 10", "< 2.5", "< 6")):
         ins = np.mean([abs(err[m]) for err, _ in ns])
         out = [abs(lw[m]) for _, lw in ns if lw[m] is not None]
@@ -227,6 +254,17 @@ def _print_tolerance(tolerance, lowo, limit_pct) -> None:
                 f"{' / '.join(f'{x:.1f}' for x in p)}, observed {' / '.join(f'{x:.1f}' for x in o)}"
             )
         print()
+
+
+def _print_residual_bins(ceiling) -> None:
+    print("\n## 4. TTFT residual (observed − in-sample replay, median ms) by the observed decoders at arrival\n")
+    labels = [f"{DECODER_BINS[i]}–{DECODER_BINS[i + 1]}" for i in range(len(DECODER_BINS) - 1)]
+    print("| run | " + " | ".join(labels) + " |")
+    print("|---|" + "---|" * len(labels))
+    for e, sat, _, _, bins in ceiling:
+        if not sat:
+            cells = [f"{bins[b][0]:+.1f} ({bins[b][1]})" if b in bins else "–" for b in labels]
+            print(f"| {e[16:]} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
