@@ -130,12 +130,10 @@ def _lowo(study: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    import polars as pl
-
     from stepml_core.calibration.params import StepParams
+    from stepml_core.calibration.timelines import is_saturated
     from stepml_core.replay.simulate import replay_workload
     from stepml_core.runs.folders import parse_run_id
-    from stepml_core.runs.rules import is_saturated
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--study", type=Path, required=True)
@@ -155,9 +153,7 @@ def main(argv=None) -> int:
         w = replay_workload(log["requests"], ctx, seed=0)
         stages, bins = [], {}
         err = _errors(params, w, ctx, log, stages, bins)
-        t = log["requests"]
-        ok = t.filter(~pl.col("observed_has_error"))
-        sat = is_saturated(t.height - ok.height, ok["observed_ttft_s"].mean())
+        sat = is_saturated(log["requests"])
         ceiling.append((e, sat, err, {m: lowo.get((e, m)) for m in METRICS}, bins))
         print(f"{e}: in sample {', '.join(f'{m} {err[m]:+.1f} %' for m in METRICS)}", flush=True)
         if parse_run_id(e).workload != "general":

@@ -21,7 +21,7 @@ import polars as pl
 
 from stepml_core.calibration.params import StepParams, serving_model
 from stepml_core.calibration.timelines import CalibrationRun
-from stepml_core.replay.simulate import replay, replay_workload
+from stepml_core.replay.simulate import replay, replay_workload, weighted_percentile
 
 
 @dataclass(frozen=True)
@@ -43,13 +43,6 @@ class LoadDelay:
         return cls(float(d["shift_us"]), float(d["per_request_us"]), int(d["requests_used"]), tuple(d.get("runs", ())))
 
 
-def weighted_median(y: np.ndarray, w: np.ndarray) -> float:
-    """The smallest y at which the cumulative weight reaches half the total."""
-    o = np.argsort(y, kind="stable")
-    c = np.cumsum(w[o])
-    return float(y[o][np.searchsorted(c, 0.5 * c[-1])])
-
-
 def lad_line(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
     """(a, b ≥ 0) minimising Σ w·|y − a − b·x|. For a given b the best a is the weighted median of y − b·x, and the
     cost of that pair is convex in b (a partial minimum of a convex function): b by golden-section search on
@@ -65,7 +58,7 @@ def lad_line(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]
 
     def cost(b: float) -> float:
         r = y - b * x
-        return float(np.sum(w * np.abs(r - weighted_median(r, w))))
+        return float(np.sum(w * np.abs(r - weighted_percentile(r, w, 50))))
 
     dx = float(x.max() - x.min()) if x.size else 0.0
     lo, hi = 0.0, (float(y.max() - y.min()) / dx if dx > 0 else 0.0)
@@ -82,7 +75,7 @@ def lad_line(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]
             d = lo + g * (hi - lo)
             fd = cost(d)
     b_best = min((lo, hi, 0.0), key=cost)
-    return round(weighted_median(y - b_best * x, w), 6), round(b_best, 6)
+    return round(weighted_percentile(y - b_best * x, w, 50), 6), round(b_best, 6)
 
 
 def ttft_residuals(params: StepParams, run: CalibrationRun, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
